@@ -1,0 +1,121 @@
+"""Shared CLI plumbing: output format, errors, the network flags, the datastore."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..errors import ConfigError, OverlayCNIError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts.")]
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fail(message: str, *, code: int = 2, hint: str | None = None) -> None:
+    """Print a clear error (no traceback) and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err_console.print(f"[dim]hint:[/] {hint}", highlight=False)
+    raise typer.Exit(code)
+
+
+def report_error(exc: OverlayCNIError) -> int:
+    """Print an OverlayCNIError for a person; return the exit code."""
+    if isinstance(exc, ConfigError):
+        for e in exc.errors:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        for w in exc.warnings:
+            err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    else:
+        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        if exc.details:
+            err_console.print(f"[dim]{exc.details}[/]", highlight=False)
+    return 2
+
+
+# ----- the AKS network flags, added to a command by a decorator ----------------------
+
+_NETWORK_FLAGS: list[tuple[str, str, str]] = [
+    ("network_plugin", "--network-plugin", "azure or kubenet (AKS). Required when setting pod/service ranges."),
+    ("network_plugin_mode", "--network-plugin-mode", "overlay: pods get IPs from --pod-cidr, not the VNet."),
+    ("vnet_cidr", "--vnet-cidr", "VNet address space (default 10.224.0.0/12)."),
+    ("node_subnet_cidr", "--node-subnet-cidr", "Node subnet inside the VNet (default 10.224.0.0/16)."),
+    ("pod_cidr", "--pod-cidr", "Private pod range, outside the VNet (default 10.244.0.0/16)."),
+    ("service_cidr", "--service-cidr", "Service range, /12 or smaller (default 10.0.0.0/16)."),
+    ("dns_service_ip", "--dns-service-ip", "Cluster DNS IP inside --service-cidr (default 10.0.0.10)."),
+    ("max_pods", "--max-pods", "Max pods per node, 10..250 (default 250)."),
+    ("node_cidr_size", "--node-cidr-size", "Prefix length of each node's block (default 24)."),
+    ("backend", "--backend", "vxlan (encapsulate between node IPs) or direct (route via node IPs)."),
+    ("vni", "--vni", "VXLAN network identifier (default 4096)."),
+    ("vxlan_port", "--vxlan-port", "VXLAN UDP port (default 4789)."),
+    ("mtu", "--mtu", "Pod MTU, or auto: underlay MTU minus 50 for vxlan (default auto)."),
+    ("non_masquerade_cidrs", "--non-masquerade-cidrs", "Comma-separated destinations pods reach without SNAT."),
+]
+
+
+def with_network_flags(func: F) -> F:
+    """Add every AKS network flag to a typer command. The command receives
+    them as one ``network: dict`` of the flags the user gave (keys are the
+    flag names without dashes)."""
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.name != "network"]
+    extra = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Optional[str], typer.Option(flag, help=help_, rich_help_panel="Network (AKS flags)")],
+        )
+        for name, flag, help_ in _NETWORK_FLAGS
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        network = {flag[2:]: kwargs.pop(name) for name, flag, _ in _NETWORK_FLAGS if kwargs.get(name) is not None}
+        for name, _, _ in _NETWORK_FLAGS:
+            kwargs.pop(name, None)
+        return func(*args, network=network, **kwargs)
+
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=positional + [p.replace(kind=p.KEYWORD_ONLY) for p in keyword] + extra
+    )
+    return wrapper  # type: ignore[return-value]
+
+
+# ----- datastore from the global option --------------------------------------------------
+
+
+def datastore_url(ctx: typer.Context) -> str:
+    obj = ctx.find_root().obj or {}
+    return obj.get("datastore")
+
+
+def open_store(ctx: typer.Context):  # -> datastore.Store
+    """Open the datastore named by ``--datastore`` / OVERLAYCNI_DATASTORE."""
+    from ..datastore import open_datastore
+
+    return open_datastore(datastore_url(ctx))

@@ -1,0 +1,83 @@
+"""The ``overlaycni`` entry point: the global options and the command tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import OverlayCNIError
+from . import plan as plan_cmd
+from .common import report_error
+
+app = typer.Typer(
+    name="overlaycni",
+    help=(
+        "An overlay pod network for Kubernetes-style clusters, in the model of AKS "
+        "Azure CNI Overlay: pods get IPs from a private pod CIDR, one block per node; "
+        "cross-node traffic is VXLAN between node IPs; traffic leaving the pod CIDR is "
+        "SNATed to the node IP."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    datastore: Annotated[
+        Optional[str],
+        typer.Option(
+            "--datastore",
+            envvar="OVERLAYCNI_DATASTORE",
+            help="sqlite:///path/state.db (default sqlite:///var/lib/overlaycni/state.db) "
+            "or etcd://host:port[,host:port...]",
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = {"datastore": datastore}
+
+
+app.command("plan", epilog=plan_cmd.EPILOG)(plan_cmd.plan)
+
+# Command groups of the other layers; each module exposes ``register(app)``.
+_GROUPS = (
+    "overlaycni.cli.cluster",
+    "overlaycni.cli.ipam",
+    "overlaycni.cli.agent",
+    "overlaycni.cli.lab",
+    "overlaycni.cli.policy",
+)
+
+
+def _register_groups() -> None:
+    import importlib
+
+    for mod in _GROUPS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue  # that layer is not built yet
+            raise
+        module.register(app)
+
+
+_register_groups()
+
+
+def main() -> None:
+    try:
+        app()
+    except OverlayCNIError as exc:
+        sys.exit(report_error(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,465 @@
+"""The cluster network model and every validation rule (pure).
+
+A ``ClusterNetwork`` is parsed from AKS-style flags, a YAML/JSON file or a
+dict. Parsing collects *every* problem before it fails, so a user fixes a
+configuration in one round instead of one error at a time. Each error names
+the flag (without dashes) and, for overlaps, the conflicting range.
+
+The rules are AKS's (azure-cli ``_validators.py`` and the AKS overlay docs,
+summarised in shared/REFERENCE.md):
+
+* reserved ranges 169.254.0.0/16, 172.30.0.0/16, 172.31.0.0/16 and
+  192.0.2.0/24 may not overlap the pod CIDR, the service CIDR, the VNet or
+  the node subnet (a range that *contains* one is rejected too);
+* the pod CIDR may not overlap the VNet (NetworkProfileCIDROverlapVNET) or the
+  service CIDR; the service CIDR may not overlap the VNet
+  (ServiceCidrOverlapExistingSubnetsCidr); the node subnet lies in the VNet;
+* the service CIDR is no larger than /12; the DNS service IP lies inside it
+  and is not its network, first usable (kubernetes.default) or broadcast
+  address; ``--service-cidr`` and ``--dns-service-ip`` go together;
+* ``--pod-cidr`` with ``--network-plugin azure`` requires
+  ``--network-plugin-mode overlay``; ranges without ``--network-plugin`` are
+  an error;
+* max pods 10..250, and a node block must hold max pods plus its reserved
+  addresses (network, gateway ``.1``, broadcast);
+* a public (non RFC 1918 / RFC 6598) pod CIDR is a warning, not an error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, FieldError
+
+DEFAULT_POD_CIDR = "10.244.0.0/16"
+DEFAULT_SERVICE_CIDR = "10.0.0.0/16"
+DEFAULT_DNS_SERVICE_IP = "10.0.0.10"
+DEFAULT_VNET_CIDR = "10.224.0.0/12"
+DEFAULT_NODE_SUBNET_CIDR = "10.224.0.0/16"
+DEFAULT_MAX_PODS = 250
+DEFAULT_NODE_CIDR_SIZE = 24
+DEFAULT_VNI = 4096
+DEFAULT_VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
+AZURE_RESERVED_PER_SUBNET = 5  # network, gateway, 2 x DNS, broadcast
+BLOCK_RESERVED = 3  # network, gateway (.1), broadcast
+MAX_NODES_OVERLAY = 5000
+MAX_NODES_KUBENET = 400
+MIN_MAX_PODS, MAX_MAX_PODS = 10, 250
+
+RESERVED_RANGES = tuple(
+    IPv4Network(r) for r in ("169.254.0.0/16", "172.30.0.0/16", "172.31.0.0/16", "192.0.2.0/24")
+)
+PRIVATE_RANGES = tuple(
+    IPv4Network(r) for r in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
+NETWORK_PLUGINS = ("azure", "kubenet")
+PLUGIN_MODES = ("overlay",)
+BACKENDS = ("vxlan", "direct")
+
+# Every key the model accepts, spelled as the flag without dashes.
+FIELDS = (
+    "network-plugin",
+    "network-plugin-mode",
+    "vnet-cidr",
+    "node-subnet-cidr",
+    "pod-cidr",
+    "service-cidr",
+    "dns-service-ip",
+    "max-pods",
+    "node-cidr-size",
+    "backend",
+    "vni",
+    "vxlan-port",
+    "mtu",
+    "non-masquerade-cidrs",
+)
+
+
+@dataclass(frozen=True)
+class ClusterNetwork:
+    """A validated cluster network. Build it with ``parse_network``."""
+
+    network_plugin: str = "azure"
+    network_plugin_mode: str | None = "overlay"
+    vnet_cidr: IPv4Network = IPv4Network(DEFAULT_VNET_CIDR)
+    node_subnet_cidr: IPv4Network = IPv4Network(DEFAULT_NODE_SUBNET_CIDR)
+    pod_cidr: IPv4Network = IPv4Network(DEFAULT_POD_CIDR)
+    service_cidr: IPv4Network = IPv4Network(DEFAULT_SERVICE_CIDR)
+    dns_service_ip: IPv4Address = IPv4Address(DEFAULT_DNS_SERVICE_IP)
+    max_pods: int = DEFAULT_MAX_PODS
+    node_cidr_size: int = DEFAULT_NODE_CIDR_SIZE
+    backend: str = "vxlan"
+    vni: int = DEFAULT_VNI
+    vxlan_port: int = DEFAULT_VXLAN_PORT
+    mtu: int | None = None  # None: derive from the underlay device
+    non_masquerade_cidrs: tuple[IPv4Network, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    # ----- derived values -------------------------------------------------
+    @property
+    def is_overlay(self) -> bool:
+        return self.network_plugin == "kubenet" or self.network_plugin_mode == "overlay"
+
+    @property
+    def block_count(self) -> int:
+        return count_blocks(self.pod_cidr, self.node_cidr_size)
+
+    @property
+    def max_nodes(self) -> int:
+        return min(self.block_count, usable_subnet_ips(self.node_subnet_cidr), MAX_NODES_OVERLAY)
+
+    def pod_mtu(self, underlay_mtu: int) -> int:
+        """The MTU pods get: explicit ``mtu``, else underlay minus the
+        backend's encapsulation overhead."""
+        if self.mtu is not None:
+            return self.mtu
+        return underlay_mtu - (VXLAN_OVERHEAD if self.backend == "vxlan" else 0)
+
+    def with_pod_cidr(self, pod_cidr: IPv4Network) -> ClusterNetwork:
+        return replace(self, pod_cidr=pod_cidr)
+
+    # ----- serialisation ----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict keyed by flag names (round-trips through
+        ``parse_network``)."""
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            if k == "warnings":
+                continue
+            key = k.replace("_", "-")
+            if isinstance(v, (IPv4Network, IPv4Address)):
+                v = str(v)
+            elif isinstance(v, (tuple, list)):
+                v = [str(x) for x in v]
+            out[key] = v
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ----- CIDR arithmetic (pure, property-tested) ----------------------------------
+
+
+def count_blocks(cidr: IPv4Network, block_prefix: int) -> int:
+    """How many /block_prefix blocks fit in ``cidr`` (0 if the block is larger)."""
+    if block_prefix < cidr.prefixlen:
+        return 0
+    return 1 << (block_prefix - cidr.prefixlen)
+
+
+def usable_subnet_ips(subnet: IPv4Network) -> int:
+    """Addresses Azure lets VMs use in a subnet (5 are reserved)."""
+    return max(0, subnet.num_addresses - AZURE_RESERVED_PER_SUBNET)
+
+
+def overlaps(a: IPv4Network, b: IPv4Network) -> bool:
+    return a.overlaps(b)
+
+
+def contains(outer: IPv4Network, inner: IPv4Network) -> bool:
+    return inner.version == outer.version and inner.subnet_of(outer)
+
+
+def is_private(net: IPv4Network) -> bool:
+    return any(contains(p, net) for p in PRIVATE_RANGES)
+
+
+# ----- parsing ---------------------------------------------------------------------
+
+
+def _norm_key(key: str) -> str:
+    return key.strip().lstrip("-").replace("_", "-").lower()
+
+
+def _parse_cidr(name: str, raw: Any, errors: list[FieldError]) -> IPv4Network | None:
+    text = str(raw).strip()
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        errors.append(FieldError(name, f"{text!r} is not a valid CIDR (expected e.g. 10.244.0.0/16)"))
+        return None
+    if net.version != 4:
+        errors.append(FieldError(name, f"{text} is IPv6; an IPv4 CIDR is expected here"))
+        return None
+    if "/" not in text:
+        errors.append(FieldError(name, f"{text!r} has no prefix length (expected e.g. {net.network_address}/16)"))
+        return None
+    strict = ipaddress.ip_network(text, strict=False)
+    if IPv4Address(text.split("/")[0]) != strict.network_address:
+        errors.append(
+            FieldError(name, f"{text} has host bits set; did you mean {strict}?")
+        )
+        return None
+    return net  # type: ignore[return-value]
+
+
+def _parse_ip(name: str, raw: Any, errors: list[FieldError]) -> IPv4Address | None:
+    text = str(raw).strip()
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        errors.append(FieldError(name, f"{text!r} is not a valid IP address"))
+        return None
+    if ip.version != 4:
+        errors.append(FieldError(name, f"{text} is IPv6; an IPv4 address is expected here"))
+        return None
+    return ip  # type: ignore[return-value]
+
+
+def _parse_int(name: str, raw: Any, lo: int, hi: int, errors: list[FieldError]) -> int | None:
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = int(str(raw).strip())
+    except ValueError:
+        errors.append(FieldError(name, f"{raw!r} is not a whole number"))
+        return None
+    if not lo <= value <= hi:
+        errors.append(FieldError(name, f"{value} is out of range (allowed {lo}..{hi})"))
+        return None
+    return value
+
+
+def _parse_choice(name: str, raw: Any, choices: tuple[str, ...], errors: list[FieldError]) -> str | None:
+    value = str(raw).strip().lower()
+    if value not in choices:
+        errors.append(FieldError(name, f"{raw!r} is not one of: {', '.join(choices)}"))
+        return None
+    return value
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a network config from a YAML or JSON file (a mapping of flag
+    names to values; ``network:`` may wrap it)."""
+    import yaml  # local: the CNI hot path never needs it
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(FieldError("file", f"cannot read {path}: {exc.strerror}")) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(FieldError("file", f"{path} is not valid YAML/JSON: {exc}")) from None
+    if isinstance(data, dict) and isinstance(data.get("network"), dict):
+        data = data["network"]
+    if not isinstance(data, dict):
+        raise ConfigError(FieldError("file", f"{path} must hold a mapping of settings"))
+    return data
+
+
+def parse_network(raw: Mapping[str, Any] | None = None, /, **kwargs: Any) -> ClusterNetwork:
+    """Build and validate a ``ClusterNetwork``.
+
+    ``raw`` holds only what the user gave (keys are flag names, with or
+    without dashes/underscores; ``None`` values count as not given). Missing
+    values take AKS's defaults. Raises ``ConfigError`` listing every problem;
+    warnings ride on the result's ``warnings``.
+    """
+    given: dict[str, Any] = {}
+    errors: list[FieldError] = []
+    for key, value in {**(raw or {}), **kwargs}.items():
+        if value is None:
+            continue
+        k = _norm_key(key)
+        if k not in FIELDS:
+            errors.append(FieldError(k, f"unknown setting (known: {', '.join(FIELDS)})"))
+            continue
+        given[k] = value
+    net, warnings = _build(given, errors)
+    if errors or net is None:
+        raise ConfigError(errors, warnings=warnings)
+    return replace(net, warnings=tuple(warnings))
+
+
+def check_network(raw: Mapping[str, Any] | None = None) -> tuple[ClusterNetwork | None, list[FieldError], list[str]]:
+    """Like ``parse_network`` but returns (network or None, errors, warnings)."""
+    try:
+        net = parse_network(raw or {})
+    except ConfigError as exc:
+        return None, exc.errors, exc.warnings
+    return net, [], list(net.warnings)
+
+
+def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetwork | None, list[str]]:
+    warnings: list[str] = []
+    n_errors_before = len(errors)
+
+    # --- flag combinations (azure-cli semantics) ---
+    plugin = given.get("network-plugin")
+    mode = given.get("network-plugin-mode")
+    if plugin is not None:
+        plugin = _parse_choice("network-plugin", plugin, NETWORK_PLUGINS, errors)
+    if mode is not None:
+        mode = _parse_choice("network-plugin-mode", mode, PLUGIN_MODES, errors)
+    ranges_given = [k for k in ("pod-cidr", "service-cidr", "dns-service-ip") if k in given]
+    if "network-plugin" not in given:
+        if ranges_given:
+            errors.append(
+                FieldError(
+                    "network-plugin",
+                    "specify the network plugin type (--network-plugin azure --network-plugin-mode overlay) "
+                    f"when setting {', '.join('--' + k for k in ranges_given)}",
+                )
+            )
+        if mode is not None:
+            errors.append(FieldError("network-plugin", "--network-plugin-mode needs --network-plugin azure"))
+        plugin, mode = "azure", "overlay"
+    elif plugin == "azure" and "pod-cidr" in given and mode != "overlay":
+        errors.append(
+            FieldError(
+                "network-plugin-mode",
+                "--pod-cidr with --network-plugin azure requires --network-plugin-mode overlay "
+                "(flat Azure CNI takes pod IPs from the node subnet)",
+            )
+        )
+    elif plugin == "kubenet" and mode is not None:
+        errors.append(FieldError("network-plugin-mode", "--network-plugin-mode overlay applies to --network-plugin azure only"))
+    if ("service-cidr" in given) != ("dns-service-ip" in given):
+        missing = "dns-service-ip" if "service-cidr" in given else "service-cidr"
+        errors.append(FieldError(missing, "--service-cidr and --dns-service-ip must be given together"))
+
+    # --- individual values ---
+    def cidr(name: str, default: str) -> IPv4Network | None:
+        return _parse_cidr(name, given.get(name, default), errors)
+
+    vnet = cidr("vnet-cidr", DEFAULT_VNET_CIDR)
+    subnet = cidr("node-subnet-cidr", DEFAULT_NODE_SUBNET_CIDR)
+    pod = cidr("pod-cidr", DEFAULT_POD_CIDR)
+    svc = cidr("service-cidr", DEFAULT_SERVICE_CIDR)
+    dns = _parse_ip("dns-service-ip", given.get("dns-service-ip", DEFAULT_DNS_SERVICE_IP), errors)
+    max_pods = _parse_int("max-pods", given.get("max-pods", DEFAULT_MAX_PODS), MIN_MAX_PODS, MAX_MAX_PODS, errors)
+    block = _parse_int("node-cidr-size", given.get("node-cidr-size", DEFAULT_NODE_CIDR_SIZE), 8, 28, errors)
+    backend = _parse_choice("backend", given.get("backend", "vxlan"), BACKENDS, errors)
+    vni = _parse_int("vni", given.get("vni", DEFAULT_VNI), 1, 2**24 - 1, errors)
+    port = _parse_int("vxlan-port", given.get("vxlan-port", DEFAULT_VXLAN_PORT), 1, 65535, errors)
+    mtu_raw = given.get("mtu", "auto")
+    mtu = None if str(mtu_raw).strip().lower() == "auto" else _parse_int("mtu", mtu_raw, 576, 9000, errors)
+    nomasq_raw = given.get("non-masquerade-cidrs", [])
+    if isinstance(nomasq_raw, str):
+        nomasq_raw = [s for s in nomasq_raw.split(",") if s.strip()]
+    nomasq = tuple(n for n in (_parse_cidr("non-masquerade-cidrs", s, errors) for s in nomasq_raw) if n)
+
+    # --- reserved ranges ---
+    for name, net in (("vnet-cidr", vnet), ("node-subnet-cidr", subnet), ("pod-cidr", pod), ("service-cidr", svc)):
+        if net is None:
+            continue
+        for r in RESERVED_RANGES:
+            if overlaps(net, r):
+                how = "contains" if contains(net, r) and net != r else "overlaps"
+                errors.append(FieldError(name, f"--{name} {net} {how} the reserved range {r}, which AKS forbids"))
+
+    # --- overlaps between ranges ---
+    if vnet and subnet and not contains(vnet, subnet):
+        errors.append(FieldError("node-subnet-cidr", f"--node-subnet-cidr {subnet} is not inside --vnet-cidr {vnet}"))
+    if pod and vnet and overlaps(pod, vnet):
+        errors.append(
+            FieldError("pod-cidr", f"--pod-cidr {pod} overlaps --vnet-cidr {vnet} (NetworkProfileCIDROverlapVNET)")
+        )
+    if pod and svc and overlaps(pod, svc):
+        errors.append(FieldError("pod-cidr", f"--pod-cidr {pod} overlaps --service-cidr {svc}"))
+    if svc and vnet and overlaps(svc, vnet):
+        errors.append(
+            FieldError(
+                "service-cidr", f"--service-cidr {svc} overlaps --vnet-cidr {vnet} (ServiceCidrOverlapExistingSubnetsCidr)"
+            )
+        )
+
+    # --- service CIDR and DNS service IP ---
+    if svc is not None and svc.prefixlen < 12:
+        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is larger than /12 (prefix length must be >= 12)"))
+    if svc is not None and svc.prefixlen > 30:
+        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is too small (prefix length must be <= 30)"))
+    if svc is not None and dns is not None:
+        if dns not in svc:
+            errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} is not inside --service-cidr {svc}"))
+        elif dns == svc.network_address:
+            errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} is the network address of {svc}"))
+        elif dns == svc.network_address + 1:
+            errors.append(
+                FieldError(
+                    "dns-service-ip",
+                    f"--dns-service-ip {dns} is the first usable address of {svc}, reserved for kubernetes.default",
+                )
+            )
+        elif dns == svc.broadcast_address:
+            errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} is the broadcast address of {svc}"))
+
+    # --- pod CIDR, blocks and max pods ---
+    if pod is not None and block is not None:
+        if block < pod.prefixlen:
+            errors.append(
+                FieldError(
+                    "pod-cidr",
+                    f"--pod-cidr {pod} is smaller than one node block (/{block}); use a /{block} or larger",
+                )
+            )
+        if not is_private(pod):
+            warnings.append(
+                f"--pod-cidr {pod} is not an RFC 1918 or RFC 6598 range; public pod ranges are accepted but unsupported"
+            )
+    if block is not None and max_pods is not None:
+        capacity = (1 << (32 - block)) - BLOCK_RESERVED
+        if capacity < max_pods:
+            best = 32 - (max_pods + BLOCK_RESERVED - 1).bit_length()
+            errors.append(
+                FieldError(
+                    "node-cidr-size",
+                    f"a /{block} node block holds {capacity} pods, fewer than --max-pods {max_pods}; "
+                    f"use --node-cidr-size {best} or --max-pods {capacity}",
+                )
+            )
+
+    if len(errors) > n_errors_before or None in (vnet, subnet, pod, svc, dns, max_pods, block, backend, vni, port):
+        return None, warnings
+    assert plugin is not None
+    return (
+        ClusterNetwork(
+            network_plugin=plugin,
+            network_plugin_mode=mode,
+            vnet_cidr=vnet,  # type: ignore[arg-type]
+            node_subnet_cidr=subnet,  # type: ignore[arg-type]
+            pod_cidr=pod,  # type: ignore[arg-type]
+            service_cidr=svc,  # type: ignore[arg-type]
+            dns_service_ip=dns,  # type: ignore[arg-type]
+            max_pods=max_pods,  # type: ignore[arg-type]
+            node_cidr_size=block,  # type: ignore[arg-type]
+            backend=backend,  # type: ignore[arg-type]
+            vni=vni,  # type: ignore[arg-type]
+            vxlan_port=port,  # type: ignore[arg-type]
+            mtu=mtu,
+            non_masquerade_cidrs=nomasq,
+        ),
+        warnings,
+    )
+
+
+def validate_expansion(old: ClusterNetwork, new_pod_cidr: str) -> ClusterNetwork:
+    """Check a pod CIDR expansion: only to a contiguous superset of the old
+    range, validated like a new network. Returns the expanded network."""
+    errors: list[FieldError] = []
+    new = _parse_cidr("pod-cidr", new_pod_cidr, errors)
+    if new is not None:
+        if new == old.pod_cidr:
+            errors.append(FieldError("pod-cidr", f"--pod-cidr {new} is the current pod CIDR; nothing to expand"))
+        elif not contains(new, old.pod_cidr):
+            errors.append(
+                FieldError(
+                    "pod-cidr",
+                    f"--pod-cidr {new} is not a superset of the current {old.pod_cidr}; "
+                    "the pod CIDR can only grow to a range that contains it (existing blocks keep their place)",
+                )
+            )
+    if errors:
+        raise ConfigError(errors)
+    data = old.to_dict()
+    data["pod-cidr"] = str(new)
+    return parse_network(data)

@@ -1,0 +1,182 @@
+"""Every exception overlaycni raises, and the one mapping to CNI error codes.
+
+Lower layers map their backend's errors (sqlite, etcd, netlink, nft,
+subprocess) to one of these once, at their boundary. The CLI turns any
+``OverlayCNIError`` into a clear message and exit code 2 (or 1 for a failed
+check); the CNI layer turns it into the spec's error JSON with
+``cni_code()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# CNI spec 1.1.0 well-known error codes.
+CNI_INCOMPATIBLE_VERSION = 1
+CNI_UNSUPPORTED_FIELD = 2
+CNI_UNKNOWN_CONTAINER = 3
+CNI_INVALID_ENV = 4
+CNI_IO_FAILURE = 5
+CNI_DECODE_FAILURE = 6
+CNI_INVALID_CONFIG = 7
+CNI_TRY_AGAIN_LATER = 11
+CNI_NOT_AVAILABLE = 50
+CNI_NOT_AVAILABLE_AFFECTED = 51
+# Project codes (>= 100).
+CNI_IPAM_EXHAUSTED = 100
+CNI_IP_UNAVAILABLE = 101
+CNI_DATAPLANE_FAILURE = 102
+CNI_NOT_FOUND = 103
+CNI_INTERNAL = 199
+
+
+class OverlayCNIError(Exception):
+    """Base of every error overlaycni raises on purpose."""
+
+    cni_code: int = CNI_INTERNAL
+
+    def __init__(self, message: str, *, details: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.message
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one input field. ``field`` is the flag name without
+    dashes (``dns-service-ip``)."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"--{self.field}: {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class ConfigError(OverlayCNIError):
+    """Invalid cluster network configuration; carries every problem found."""
+
+    cni_code = CNI_INVALID_CONFIG
+
+    def __init__(self, errors: list[FieldError] | FieldError, *, warnings: list[str] | None = None) -> None:
+        if isinstance(errors, FieldError):
+            errors = [errors]
+        self.errors = list(errors)
+        self.warnings = list(warnings or [])
+        super().__init__("; ".join(str(e) for e in self.errors) or "invalid configuration")
+
+
+class UsageError(OverlayCNIError):
+    """Bad command-line usage not tied to the network model."""
+
+    cni_code = CNI_INVALID_CONFIG
+
+
+# --- datastore ---------------------------------------------------------------
+
+
+class DatastoreError(OverlayCNIError):
+    """The datastore failed in a way a retry will not fix."""
+
+    cni_code = CNI_IO_FAILURE
+
+
+class DatastoreURLError(DatastoreError):
+    cni_code = CNI_INVALID_CONFIG
+
+
+class DatastoreUnavailable(DatastoreError):
+    """The datastore cannot be reached now; a retry later may succeed."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+class NotFound(OverlayCNIError):
+    """A named object (cluster, node, pod allocation, lab) does not exist."""
+
+    cni_code = CNI_NOT_FOUND
+
+
+class AlreadyExists(OverlayCNIError):
+    cni_code = CNI_INVALID_CONFIG
+
+
+class Conflict(OverlayCNIError):
+    """A compare-and-swap lost too many times, or an object exists with
+    different settings."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+# --- IPAM --------------------------------------------------------------------
+
+
+class IPAMError(OverlayCNIError):
+    cni_code = CNI_IP_UNAVAILABLE
+
+
+class PoolExhausted(IPAMError):
+    """No free block in the pod CIDR, or no free address in a node's block."""
+
+    cni_code = CNI_IPAM_EXHAUSTED
+
+
+class AddressUnavailable(IPAMError):
+    """A specific requested address is taken or outside the node's block."""
+
+    cni_code = CNI_IP_UNAVAILABLE
+
+
+# --- data plane ----------------------------------------------------------------
+
+
+class DataplaneError(OverlayCNIError):
+    """The kernel refused an operation (netlink or nftables)."""
+
+    cni_code = CNI_DATAPLANE_FAILURE
+
+
+class NetnsNotFound(DataplaneError):
+    cni_code = CNI_UNKNOWN_CONTAINER
+
+
+class InterfaceExists(DataplaneError):
+    cni_code = CNI_INVALID_CONFIG
+
+
+class PermissionDenied(OverlayCNIError):
+    """Needs root / CAP_NET_ADMIN."""
+
+    cni_code = CNI_IO_FAILURE
+
+
+# --- agent / CNI ----------------------------------------------------------------
+
+
+class AgentUnavailable(OverlayCNIError):
+    """The node agent is not running or does not answer in time."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+class CNIError(OverlayCNIError):
+    """A CNI protocol error with an explicit spec code."""
+
+    def __init__(self, code: int, message: str, *, details: str = "") -> None:
+        super().__init__(message, details=details)
+        self.cni_code = code
+
+
+def cni_code(exc: BaseException) -> int:
+    """The CNI error code for any exception (the one mapping)."""
+    if isinstance(exc, OverlayCNIError):
+        return exc.cni_code
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return CNI_TRY_AGAIN_LATER
+    return CNI_INTERNAL
