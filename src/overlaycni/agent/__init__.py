@@ -1,0 +1,2 @@
+"""The node agent: registers the node, keeps its peers programmed from the
+datastore (reconcile, do not replay) and serves the CNI plugin."""

@@ -1,0 +1,66 @@
+"""Prometheus metrics and the /healthz endpoint of the agent."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "overlaycni_cni_requests", "CNI requests served, by command and outcome", ["command", "result"], registry=r
+        )
+        self.latency = Histogram(
+            "overlaycni_cni_request_seconds", "CNI request latency inside the agent", ["command"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.peers = Gauge("overlaycni_peers", "Peer nodes programmed on this node", registry=r)
+        self.allocated = Gauge("overlaycni_allocated_ips", "Pod IPs allocated on this node", registry=r)
+        self.reconciles = Counter("overlaycni_reconciles", "Full reconciles run", registry=r)
+        self.reconcile_changes = Counter("overlaycni_reconcile_changes", "Kernel changes made by reconciles", registry=r)
+        self.reconcile_errors = Counter("overlaycni_reconcile_errors", "Reconcile and watch errors", registry=r)
+        self.ready = Gauge("overlaycni_ready", "1 when the agent is ready to serve ADD", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve_http(addr: str, metrics: AgentMetrics, health: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on ``host:port`` (port 0: pick one)."""
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            if self.path.startswith("/metrics"):
+                body, ctype, code = metrics.exposition(), CONTENT_TYPE_LATEST, 200
+            elif self.path.startswith("/healthz"):
+                h = health()
+                body, ctype = json.dumps(h).encode(), "application/json"
+                code = 200 if h.get("ready") else 503
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, int(port or 0)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -1,0 +1,130 @@
+"""``overlaycni agent`` (the node daemon, and ``agent status``) and ``install-cni``."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket as socketlib
+from typing import Annotated, Optional
+
+import typer
+
+from ..cni.install import install_cni
+from ..errors import AgentUnavailable, UsageError
+from .common import Output, OutputOpt, console, datastore_url, print_json
+
+agent_app = typer.Typer(
+    help="The node agent: joins this node to the overlay, keeps peers programmed, serves the CNI plugin.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
+SocketOpt = Annotated[str, typer.Option("--socket", help="Unix socket the plugin talks to (mode 0600).")]
+
+
+@agent_app.callback()
+def agent(
+    ctx: typer.Context,
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Cluster name (created with `cluster create`).")] = None,
+    node: Annotated[Optional[str], typer.Option("--node", help="This node's name (re-claims its block on restart).")] = None,
+    node_ip: Annotated[Optional[str], typer.Option("--node-ip", help="This node's underlay (VNet) IP.")] = None,
+    socket: SocketOpt = DEFAULT_SOCKET,
+    metrics_addr: Annotated[
+        str, typer.Option("--metrics-addr", help="host:port for /metrics and /healthz ('' to disable; port 0 picks one).")
+    ] = "127.0.0.1:9161",
+    lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, max=3600, help="Seconds before peers drop a silent node.")] = 15,
+    resync_interval: Annotated[float, typer.Option("--resync-interval", min=0.5, help="Seconds between full reconciles.")] = 30.0,
+) -> None:
+    """Run the node agent in the foreground (for systemd or a DaemonSet).
+
+    Example: overlaycni --datastore etcd://10.224.0.4:2379 agent --cluster prod --node node-1 --node-ip 10.224.0.5
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [f for f, v in (("--cluster", cluster), ("--node", node), ("--node-ip", node_ip)) if not v]
+    if missing:
+        raise UsageError(f"agent needs {', '.join(missing)} (see overlaycni agent --help)")
+    try:
+        ip = ipaddress.IPv4Address(node_ip)
+    except ValueError:
+        raise UsageError(f"--node-ip {node_ip!r} is not an IPv4 address") from None
+    from ..agent.daemon import AgentOptions, run_agent  # heavy (pyroute2): only when running
+
+    opts = AgentOptions(
+        cluster=cluster,  # type: ignore[arg-type]
+        node=node,  # type: ignore[arg-type]
+        node_ip=ip,
+        datastore=datastore_url(ctx),
+        socket=socket,
+        metrics_addr=metrics_addr or None,
+        lease_ttl=lease_ttl,
+        resync_interval=resync_interval,
+    )
+    raise typer.Exit(run_agent(opts))
+
+
+def query_agent(path: str, timeout: float = 3.0) -> dict:
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps({"command": "AGENT_STATUS", "config": {}}).encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    except OSError as exc:
+        raise AgentUnavailable(f"no agent answers at {path}", details=str(exc.strerror or exc)) from None
+    finally:
+        s.close()
+    answer = json.loads(data or b"{}")
+    if "result" not in answer:
+        raise AgentUnavailable(f"agent at {path} did not report status: {answer}")
+    return answer["result"]
+
+
+@agent_app.command("status")
+def status(socket: SocketOpt = DEFAULT_SOCKET, output: OutputOpt = Output.table) -> None:
+    """Print the health of the agent behind --socket (exit 1 if not ready)."""
+    health = query_agent(socket)
+    if output is Output.json:
+        print_json(health)
+    else:
+        for k, v in health.items():
+            console.print(f"[bold]{k:16}[/] {v}", highlight=False)
+    if not health.get("ready"):
+        raise typer.Exit(1)
+
+
+def install_cni_cmd(
+    cluster: Annotated[str, typer.Option("--cluster", help="Cluster name the plugin serves.")],
+    bin_dir: Annotated[str, typer.Option("--bin-dir", help="CNI binary dir (e.g. /opt/cni/bin).")] = "/opt/cni/bin",
+    conf_dir: Annotated[str, typer.Option("--conf-dir", help="CNI config dir (e.g. /etc/cni/net.d).")] = "/etc/cni/net.d",
+    socket: SocketOpt = DEFAULT_SOCKET,
+    cni_version: Annotated[str, typer.Option("--cni-version", help="cniVersion of the conflist.")] = "1.0.0",
+    chain: Annotated[
+        str, typer.Option("--chain", help="Comma-separated reference plugins chained after ours: portmap,tuning,bandwidth.")
+    ] = "",
+    output: OutputOpt = Output.table,
+) -> None:
+    """Install the plugin executable and 10-overlaycni.conflist for the container runtime.
+
+    Example: overlaycni install-cni --cluster prod --chain portmap,bandwidth
+    """
+    result = install_cni(
+        cluster=cluster,
+        bin_dir=bin_dir,
+        conf_dir=conf_dir,
+        socket=socket,
+        cni_version=cni_version,
+        chain=tuple(c.strip() for c in chain.split(",") if c.strip()),
+    )
+    if output is Output.json:
+        print_json({"plugin": str(result.plugin), "conflist": str(result.conflist), "config": result.config})
+    else:
+        console.print(f"installed plugin [bold]{result.plugin}[/] and config [bold]{result.conflist}[/]", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(agent_app, name="agent")
+    app.command("install-cni")(install_cni_cmd)

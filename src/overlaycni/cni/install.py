@@ -1,0 +1,87 @@
+"""``install-cni``: put the plugin shim and a conflist where the runtime looks.
+
+The shim is copied verbatim from ``cni/shim.py`` with a ``#!<python> -IS``
+line (isolated mode, no site packages: it needs only the standard library
+and starts in a few milliseconds). Files are written to a temporary name and
+renamed, so a runtime never sees half a plugin or half a config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+
+PLUGIN_NAME = "overlaycni"
+CONFLIST_NAME = "10-overlaycni.conflist"
+CHAINABLE = ("portmap", "tuning", "bandwidth", "firewall")
+CONF_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+
+@dataclass(frozen=True)
+class Installed:
+    plugin: Path
+    conflist: Path
+    config: dict
+
+
+def _atomic_write(path: Path, data: str, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def shim_source(python: str | None = None) -> str:
+    interpreter = python or os.path.realpath(sys.executable)
+    body = (Path(__file__).with_name("shim.py")).read_text()
+    lines = body.splitlines(keepends=True)
+    if lines and lines[0].startswith("#!"):
+        lines = lines[1:]
+    return f"#!{interpreter} -IS\n" + "".join(lines)
+
+
+def conflist(*, cluster: str, socket: str, cni_version: str = "1.0.0", chain: tuple[str, ...] = ()) -> dict:
+    if cni_version not in CONF_VERSIONS:
+        raise UsageError(f"--cni-version {cni_version} is not supported (choose from {', '.join(CONF_VERSIONS)})")
+    plugins: list[dict] = [{"type": PLUGIN_NAME, "cluster": cluster, "socket": socket}]
+    for name in chain:
+        if name not in CHAINABLE:
+            raise UsageError(f"--chain {name} is not a supported chained plugin (choose from {', '.join(CHAINABLE)})")
+        entry: dict = {"type": name}
+        if name == "portmap":
+            entry["capabilities"] = {"portMappings": True}
+        elif name == "bandwidth":
+            entry["capabilities"] = {"bandwidth": True}
+        plugins.append(entry)
+    return {"cniVersion": cni_version, "name": PLUGIN_NAME, "plugins": plugins}
+
+
+def install_cni(
+    *,
+    cluster: str,
+    bin_dir: str,
+    conf_dir: str,
+    socket: str,
+    cni_version: str = "1.0.0",
+    chain: tuple[str, ...] = (),
+) -> Installed:
+    doc = conflist(cluster=cluster, socket=socket, cni_version=cni_version, chain=chain)
+    bdir, cdir = Path(bin_dir), Path(conf_dir)
+    for d, flag in ((bdir, "--bin-dir"), (cdir, "--conf-dir")):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{flag} {d}: cannot create directory ({exc.strerror})") from None
+    plugin = bdir / PLUGIN_NAME
+    conf = cdir / CONFLIST_NAME
+    try:
+        _atomic_write(plugin, shim_source(), 0o755)
+        _atomic_write(conf, json.dumps(doc, indent=2) + "\n", 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot write the plugin: {exc}") from None
+    return Installed(plugin=plugin, conflist=conf, config=doc)

@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""overlaycni CNI plugin shim (CNI spec 1.1.0). Standard library only.
+
+A container runtime runs this once per operation: ``CNI_*`` variables in the
+environment, the network config on stdin, the result (or an error) on
+stdout. Importing pyroute2 would cost ~200 ms per pod, so this shim only
+validates the request and forwards it to the node agent over a unix socket;
+the agent (warm, with open netlink sockets and datastore connections) does
+the work and answers with the result already in the requested cniVersion.
+
+``install-cni`` copies this file verbatim to ``<bin-dir>/overlaycni`` with a
+``#!<python> -IS`` line, so it must stay self-contained: no imports from the
+overlaycni package, nothing outside the standard library.
+
+Wire protocol (one request per connection, newline-terminated JSON both
+ways): request ``{"command", "container_id", "netns", "ifname", "args",
+"path", "config"}``; answer ``{"result": {...}}``, ``{"ok": true}`` (success
+with no output) or ``{"error": {"code", "msg", "details"}}``.
+"""
+
+import json
+import os
+import re
+import socket
+import sys
+
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
+CONNECT_TIMEOUT = 2.0
+REPLY_TIMEOUT = 4.5  # the agent answers 11 before this; never a hang
+# Spec codes.
+INCOMPATIBLE_VERSION, INVALID_ENV, DECODE_FAILURE, INVALID_CONFIG = 1, 4, 6, 7
+TRY_AGAIN_LATER, NOT_AVAILABLE = 11, 50
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
+
+
+class PluginError(Exception):
+    def __init__(self, code, msg, details=""):
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+def _write(doc):
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+def _error_doc(version, err):
+    doc = {"cniVersion": version, "code": err.code, "msg": err.msg}
+    if err.details:
+        doc["details"] = err.details
+    return doc
+
+
+def parse_cni_args(raw):
+    """``K=V;K2=V2`` -> dict. A malformed pair is an invalid-env error."""
+    out = {}
+    for part in (raw or "").split(";"):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise PluginError(INVALID_ENV, "CNI_ARGS: %r is not KEY=VALUE" % part)
+        out[key] = value
+    return out
+
+
+def _require(env, name, command):
+    value = env.get(name, "")
+    if not value:
+        raise PluginError(INVALID_ENV, "%s is required for %s" % (name, command))
+    return value
+
+
+def build_request(env, stdin_text):
+    """Validate env + config; return (cniVersion, request dict or None for
+    VERSION). Raises PluginError with the spec's code."""
+    command = env.get("CNI_COMMAND", "")
+    if command not in COMMANDS:
+        raise PluginError(INVALID_ENV, "CNI_COMMAND must be one of %s, got %r" % (", ".join(COMMANDS), command))
+    try:
+        config = json.loads(stdin_text) if stdin_text.strip() else None
+    except ValueError as exc:
+        raise PluginError(DECODE_FAILURE, "network config on stdin is not valid JSON", str(exc))
+    if command == "VERSION" and config is None:
+        return "1.1.0", None
+    if not isinstance(config, dict):
+        raise PluginError(DECODE_FAILURE, "network config on stdin must be a JSON object")
+    version = config.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise PluginError(INVALID_CONFIG, "network config: cniVersion is required")
+    if version not in SUPPORTED_VERSIONS:
+        raise PluginError(
+            INCOMPATIBLE_VERSION,
+            "cniVersion %s is not supported" % version,
+            "supported: " + ", ".join(SUPPORTED_VERSIONS),
+        )
+    if command == "VERSION":
+        return version, None
+    name = config.get("name")
+    if command != "STATUS" and command != "GC" and (not isinstance(name, str) or not name):
+        raise PluginError(INVALID_CONFIG, "network config: name is required")
+    socket_path = config.get("socket", DEFAULT_SOCKET)
+    if not isinstance(socket_path, str) or not socket_path:
+        raise PluginError(INVALID_CONFIG, "network config: socket must be a path string")
+    request = {"command": command, "config": config, "path": env.get("CNI_PATH", "")}
+    if command in ("ADD", "DEL", "CHECK"):
+        cid = _require(env, "CNI_CONTAINERID", command)
+        if not CONTAINER_ID_RE.match(cid):
+            raise PluginError(INVALID_ENV, "CNI_CONTAINERID %r must be alphanumeric plus '_', '.', '-'" % cid)
+        ifname = _require(env, "CNI_IFNAME", command)
+        if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n"):
+            raise PluginError(INVALID_ENV, "CNI_IFNAME %r is not a valid interface name (<= 15 chars, no '/', ':' or spaces)" % ifname)
+        netns = env.get("CNI_NETNS", "")
+        if command != "DEL" and not netns:
+            raise PluginError(INVALID_ENV, "CNI_NETNS is required for %s" % command)
+        request.update(
+            container_id=cid, ifname=ifname, netns=netns, args=parse_cni_args(env.get("CNI_ARGS", ""))
+        )
+    return version, request
+
+
+def call_agent(socket_path, request, *, connect_timeout=CONNECT_TIMEOUT, reply_timeout=REPLY_TIMEOUT):
+    """Send one request; return the decoded answer. Unreachable -> code 11."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(connect_timeout)
+        try:
+            sock.connect(socket_path)
+        except OSError as exc:
+            raise PluginError(
+                TRY_AGAIN_LATER,
+                "overlaycni agent is not reachable at %s" % socket_path,
+                "%s; is the agent running on this node?" % (exc.strerror or exc),
+            )
+        sock.settimeout(reply_timeout)
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            chunks = []
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except socket.timeout:
+            raise PluginError(TRY_AGAIN_LATER, "overlaycni agent did not answer within %.1f s" % reply_timeout)
+        except OSError as exc:
+            raise PluginError(TRY_AGAIN_LATER, "overlaycni agent connection failed", str(exc))
+    finally:
+        sock.close()
+    try:
+        return json.loads(b"".join(chunks).decode())
+    except ValueError:
+        raise PluginError(TRY_AGAIN_LATER, "overlaycni agent closed the connection without an answer")
+
+
+def run(env, stdin_text):
+    """Return (exit code, document to print or None)."""
+    version = "1.1.0"
+    try:
+        version, request = build_request(env, stdin_text)
+        if request is None:  # VERSION
+            return 0, {"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}
+        socket_path = request["config"].get("socket", DEFAULT_SOCKET)
+        try:
+            answer = call_agent(socket_path, request)
+        except PluginError as err:
+            if request["command"] == "STATUS":
+                err.code = NOT_AVAILABLE
+            raise
+        if "error" in answer:
+            e = answer["error"]
+            raise PluginError(int(e.get("code", 999)), str(e.get("msg", "agent error")), str(e.get("details", "")))
+        if "result" in answer:
+            return 0, answer["result"]
+        return 0, None
+    except PluginError as err:
+        return 1, _error_doc(version, err)
+    except Exception as exc:  # last resort: never a traceback on stdout
+        return 1, _error_doc(version, PluginError(999, "overlaycni plugin internal error", repr(exc)))
+
+
+def main():
+    try:
+        stdin_text = sys.stdin.read() if not sys.stdin.isatty() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        code, doc = 1, _error_doc("1.1.0", PluginError(DECODE_FAILURE, "cannot read stdin", str(exc)))
+    else:
+        code, doc = run(os.environ, stdin_text)
+    if doc is not None:
+        _write(doc)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
