@@ -131,8 +131,8 @@ class ClusterNetwork:
         ``parse_network``)."""
         out: dict[str, Any] = {}
         for k, v in asdict(self).items():
-            if k == "warnings":
-                continue
+            if k == "warnings" or (k == "pod_cidr" and not self.is_overlay):
+                continue  # flat Azure CNI has no pod CIDR; giving one is an error
             key = k.replace("_", "-")
             if isinstance(v, (IPv4Network, IPv4Address)):
                 v = str(v)
@@ -175,30 +175,42 @@ def is_private(net: IPv4Network) -> bool:
 # ----- parsing ---------------------------------------------------------------------
 
 
-def _norm_key(key: str) -> str:
-    return key.strip().lstrip("-").replace("_", "-").lower()
+def _norm_key(key: object) -> str:
+    return str(key).strip().lstrip("-").replace("_", "-").lower()
 
 
 def _parse_cidr(name: str, raw: Any, errors: list[FieldError]) -> IPv4Network | None:
+    """Parse one IPv4 CIDR strictly: a prefix length is required and host
+    bits must be clear (the error suggests the network the user meant)."""
     text = str(raw).strip()
+    addr_text, slash, prefix_text = text.partition("/")
     try:
+        addr = ipaddress.ip_address(addr_text)
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        errors.append(FieldError(name, f"{text!r} is not a valid CIDR (expected e.g. 10.244.0.0/16)"))
+        if prefix_text.isdigit() and _is_ipv4(addr_text):
+            problem = f"has prefix length /{prefix_text}; IPv4 allows /0 to /32"
+        else:
+            problem = "is not a valid CIDR (expected e.g. 10.244.0.0/16)"
+        errors.append(FieldError(name, f"--{name} {text!r} {problem}"))
         return None
     if net.version != 4:
-        errors.append(FieldError(name, f"{text} is IPv6; an IPv4 CIDR is expected here"))
+        errors.append(FieldError(name, f"--{name} {text} is IPv6; an IPv4 CIDR is expected here"))
         return None
-    if "/" not in text:
-        errors.append(FieldError(name, f"{text!r} has no prefix length (expected e.g. {net.network_address}/16)"))
+    if not slash:
+        errors.append(FieldError(name, f"--{name} {text} has no prefix length (expected e.g. {addr}/16)"))
         return None
-    strict = ipaddress.ip_network(text, strict=False)
-    if IPv4Address(text.split("/")[0]) != strict.network_address:
-        errors.append(
-            FieldError(name, f"{text} has host bits set; did you mean {strict}?")
-        )
+    if addr != net.network_address:
+        errors.append(FieldError(name, f"--{name} {text} has host bits set; did you mean {net}?"))
         return None
     return net  # type: ignore[return-value]
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 4
+    except ValueError:
+        return False
 
 
 def _parse_ip(name: str, raw: Any, errors: list[FieldError]) -> IPv4Address | None:
@@ -206,10 +218,10 @@ def _parse_ip(name: str, raw: Any, errors: list[FieldError]) -> IPv4Address | No
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
-        errors.append(FieldError(name, f"{text!r} is not a valid IP address"))
+        errors.append(FieldError(name, f"--{name} {text!r} is not a valid IP address (expected e.g. 10.0.0.10)"))
         return None
     if ip.version != 4:
-        errors.append(FieldError(name, f"{text} is IPv6; an IPv4 address is expected here"))
+        errors.append(FieldError(name, f"--{name} {text} is IPv6; an IPv4 address is expected here"))
         return None
     return ip  # type: ignore[return-value]
 
@@ -220,10 +232,10 @@ def _parse_int(name: str, raw: Any, lo: int, hi: int, errors: list[FieldError]) 
             raise ValueError
         value = int(str(raw).strip())
     except ValueError:
-        errors.append(FieldError(name, f"{raw!r} is not a whole number"))
+        errors.append(FieldError(name, f"--{name} {raw!r} is not a whole number"))
         return None
     if not lo <= value <= hi:
-        errors.append(FieldError(name, f"{value} is out of range (allowed {lo}..{hi})"))
+        errors.append(FieldError(name, f"--{name} {value} is out of range (allowed {lo}..{hi})"))
         return None
     return value
 
@@ -231,9 +243,21 @@ def _parse_int(name: str, raw: Any, lo: int, hi: int, errors: list[FieldError]) 
 def _parse_choice(name: str, raw: Any, choices: tuple[str, ...], errors: list[FieldError]) -> str | None:
     value = str(raw).strip().lower()
     if value not in choices:
-        errors.append(FieldError(name, f"{raw!r} is not one of: {', '.join(choices)}"))
+        errors.append(FieldError(name, f"--{name} {raw!r} is not one of: {', '.join(choices)}"))
         return None
     return value
+
+
+def _parse_cidr_list(name: str, raw: Any, errors: list[FieldError]) -> tuple[IPv4Network, ...]:
+    """A comma-separated string or a list of CIDRs."""
+    if isinstance(raw, str):
+        items: list[Any] = [s for s in raw.split(",") if s.strip()]
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        errors.append(FieldError(name, f"--{name} {raw!r} is not a list of CIDRs (expected e.g. 10.0.0.0/8,192.168.0.0/16)"))
+        return ()
+    return tuple(n for n in (_parse_cidr(name, s, errors) for s in items) if n)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -244,16 +268,31 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ConfigError(FieldError("file", f"cannot read {path}: {exc.strerror}")) from None
+        raise ConfigError(FieldError("file", f"--file {path}: cannot read it ({exc.strerror})")) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(FieldError("file", f"{path} is not valid YAML/JSON: {exc}")) from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(FieldError("file", f"--file {path} is not valid YAML/JSON{at}")) from None
     if isinstance(data, dict) and isinstance(data.get("network"), dict):
         data = data["network"]
     if not isinstance(data, dict):
-        raise ConfigError(FieldError("file", f"{path} must hold a mapping of settings"))
+        raise ConfigError(
+            FieldError("file", f"--file {path} must hold a mapping of settings (e.g. pod-cidr: 10.244.0.0/16)")
+        )
     return data
+
+
+def merge_settings(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge raw settings; later layers win (flags over a file). Keys are
+    normalised to flag names; ``None`` values count as not given."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if value is not None:
+                out[_norm_key(key)] = value
+    return out
 
 
 def parse_network(raw: Mapping[str, Any] | None = None, /, **kwargs: Any) -> ClusterNetwork:
@@ -265,15 +304,19 @@ def parse_network(raw: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Clu
     warnings ride on the result's ``warnings``.
     """
     given: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     errors: list[FieldError] = []
-    for key, value in {**(raw or {}), **kwargs}.items():
+    for key, value in [*(raw or {}).items(), *kwargs.items()]:
         if value is None:
             continue
         k = _norm_key(key)
         if k not in FIELDS:
-            errors.append(FieldError(k, f"unknown setting (known: {', '.join(FIELDS)})"))
+            errors.append(FieldError(k, f"--{k} is not a known setting (known: {', '.join(FIELDS)})"))
             continue
-        given[k] = value
+        if k in given:
+            errors.append(FieldError(k, f"--{k} is given twice (as {spelled[k]!r} and {key!r})"))
+            continue
+        given[k], spelled[k] = value, str(key)
     net, warnings = _build(given, errors)
     if errors or net is None:
         raise ConfigError(errors, warnings=warnings)
@@ -306,12 +349,13 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
             errors.append(
                 FieldError(
                     "network-plugin",
-                    "specify the network plugin type (--network-plugin azure --network-plugin-mode overlay) "
-                    f"when setting {', '.join('--' + k for k in ranges_given)}",
+                    f"--network-plugin is missing: specify the network plugin type when setting "
+                    f"{', '.join('--' + k for k in ranges_given)} (e.g. --network-plugin azure "
+                    "--network-plugin-mode overlay)",
                 )
             )
         if mode is not None:
-            errors.append(FieldError("network-plugin", "--network-plugin-mode needs --network-plugin azure"))
+            errors.append(FieldError("network-plugin", "--network-plugin is missing: --network-plugin-mode needs --network-plugin azure"))
         plugin, mode = "azure", "overlay"
     elif plugin == "azure" and "pod-cidr" in given and mode != "overlay":
         errors.append(
@@ -325,7 +369,7 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
         errors.append(FieldError("network-plugin-mode", "--network-plugin-mode overlay applies to --network-plugin azure only"))
     if ("service-cidr" in given) != ("dns-service-ip" in given):
         missing = "dns-service-ip" if "service-cidr" in given else "service-cidr"
-        errors.append(FieldError(missing, "--service-cidr and --dns-service-ip must be given together"))
+        errors.append(FieldError(missing, f"--{missing} is missing: --service-cidr and --dns-service-ip go together"))
 
     # --- individual values ---
     def cidr(name: str, default: str) -> IPv4Network | None:
@@ -343,10 +387,7 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
     port = _parse_int("vxlan-port", given.get("vxlan-port", DEFAULT_VXLAN_PORT), 1, 65535, errors)
     mtu_raw = given.get("mtu", "auto")
     mtu = None if str(mtu_raw).strip().lower() == "auto" else _parse_int("mtu", mtu_raw, 576, 9000, errors)
-    nomasq_raw = given.get("non-masquerade-cidrs", [])
-    if isinstance(nomasq_raw, str):
-        nomasq_raw = [s for s in nomasq_raw.split(",") if s.strip()]
-    nomasq = tuple(n for n in (_parse_cidr("non-masquerade-cidrs", s, errors) for s in nomasq_raw) if n)
+    nomasq = _parse_cidr_list("non-masquerade-cidrs", given.get("non-masquerade-cidrs", []), errors)
 
     # --- reserved ranges ---
     for name, net in (("vnet-cidr", vnet), ("node-subnet-cidr", subnet), ("pod-cidr", pod), ("service-cidr", svc)):
@@ -354,7 +395,14 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
             continue
         for r in RESERVED_RANGES:
             if overlaps(net, r):
-                how = "contains" if contains(net, r) and net != r else "overlaps"
+                if net == r:
+                    how = "is"
+                elif contains(net, r):
+                    how = "contains"
+                elif contains(r, net):
+                    how = "lies inside"
+                else:  # pragma: no cover - two CIDRs either nest or are disjoint
+                    how = "overlaps"
                 errors.append(FieldError(name, f"--{name} {net} {how} the reserved range {r}, which AKS forbids"))
 
     # --- overlaps between ranges ---
@@ -413,7 +461,8 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
             errors.append(
                 FieldError(
                     "node-cidr-size",
-                    f"a /{block} node block holds {capacity} pods, fewer than --max-pods {max_pods}; "
+                    f"--node-cidr-size {block}: a /{block} node block holds {capacity} pods "
+                    f"(after network, gateway and broadcast), fewer than --max-pods {max_pods}; "
                     f"use --node-cidr-size {best} or --max-pods {capacity}",
                 )
             )
@@ -447,7 +496,11 @@ def validate_expansion(old: ClusterNetwork, new_pod_cidr: str) -> ClusterNetwork
     range, validated like a new network. Returns the expanded network."""
     errors: list[FieldError] = []
     new = _parse_cidr("pod-cidr", new_pod_cidr, errors)
-    if new is not None:
+    if not old.is_overlay:
+        errors.append(
+            FieldError("pod-cidr", "--pod-cidr cannot be expanded: flat Azure CNI takes pod IPs from the node subnet")
+        )
+    elif new is not None:
         if new == old.pod_cidr:
             errors.append(FieldError("pod-cidr", f"--pod-cidr {new} is the current pod CIDR; nothing to expand"))
         elif not contains(new, old.pod_cidr):

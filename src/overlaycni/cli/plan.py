@@ -1,13 +1,19 @@
-"""``overlaycni plan``: validate a network and compare capacity per model."""
+"""``overlaycni plan``: validate a network and compare capacity per model.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: typer reads the options'
+``Annotated`` metadata from real annotation objects, and string annotations
+behind ``with_network_flags``'s rewritten signature would lose it.
+"""
 
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from ..config import check_network
+from ..config import check_network, load_file, merge_settings
+from ..errors import ConfigError, FieldError
 from ..plan import Plan, make_plan, plan_json
 from .common import Output, OutputOpt, console, err_console, print_json, with_network_flags
 
@@ -20,23 +26,34 @@ EPILOG = (
 
 @with_network_flags
 def plan(
-    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, help="Check whether this many nodes fit each model.")] = None,
+    nodes: Annotated[
+        Optional[int], typer.Option("--nodes", min=1, help="Check whether this many nodes fit each model.")
+    ] = None,
     output: OutputOpt = Output.table,
+    file: Annotated[
+        Optional[Path],
+        typer.Option("--file", "-f", help="YAML/JSON file of network settings (flag names as keys); flags override it."),
+    ] = None,
     *,
     network: dict[str, Any],
 ) -> None:
     """Validate a cluster network like AKS does, then show how many nodes and
     pods overlay, flat Azure CNI and kubenet can run on the same VNet.
 
-    Exit status: 0 valid, 2 invalid configuration.
+    Exit status: 0 valid, 2 invalid configuration or usage.
     """
-    net, errors, warnings = check_network(network)
+    try:
+        settings = merge_settings(load_file(file) if file is not None else None, network)
+    except ConfigError as exc:
+        net, errors, warnings = None, exc.errors, exc.warnings
+    else:
+        net, errors, warnings = check_network(settings)
     result = make_plan(net, nodes) if net else None
     if output is Output.json:
-        print_json(plan_json(result, errors, warnings))
+        print_json(plan_json(result, errors, warnings, nodes=nodes))
     else:
         for e in errors:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {error_line(e)}", highlight=False, markup=True)
         for w in warnings:
             err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
         if result:
@@ -45,28 +62,39 @@ def plan(
         raise typer.Exit(2)
 
 
-def render_plan(p: Plan) -> None:
+def error_line(e: FieldError) -> str:
+    """The message, prefixed with the flag unless it already names it."""
+    text = e.message if e.message.startswith(f"--{e.field}") else str(e)
+    return text.replace("[", r"\[")  # no rich markup from user input
+
+
+def render_plan(p: Plan, out: Console | None = None) -> None:
+    """Print the capacity table and the verdict (fits in 100 columns)."""
+    out = out or console
     n = p.network
-    console.print(
-        f"VNet [bold]{n.vnet_cidr}[/], node subnet [bold]{n.node_subnet_cidr}[/], "
-        f"pod CIDR [bold]{n.pod_cidr}[/] (/{n.node_cidr_size} per node), "
-        f"service CIDR [bold]{n.service_cidr}[/], DNS [bold]{n.dns_service_ip}[/], max pods {n.max_pods}",
+    out.print(
+        f"VNet {n.vnet_cidr}, node subnet {n.node_subnet_cidr}, pod CIDR {n.pod_cidr} "
+        f"({n.block_count:,} x /{n.node_cidr_size} blocks)",
         highlight=False,
     )
-    table = Table(title="Capacity on this VNet", title_justify="left")
+    out.print(
+        f"service CIDR {n.service_cidr}, DNS {n.dns_service_ip}, max pods {n.max_pods}, "
+        f"plugin {n.network_plugin}{' ' + n.network_plugin_mode if n.network_plugin_mode else ''}",
+        highlight=False,
+    )
+    table = Table(title="Capacity on the same VNet (flat: Azure CNI, pod IPs from the node subnet)", title_justify="left")
     table.add_column("model")
     table.add_column("max nodes", justify="right")
     table.add_column("max pods", justify="right")
-    table.add_column("VNet IPs / node", justify="right")
+    table.add_column("VNet IPs/node", justify="right")
     table.add_column("limited by")
     if p.nodes is not None:
-        table.add_column(f"{p.nodes} nodes fit?")
-        table.add_column("VNet IPs needed", justify="right")
-    names = {"overlay": "overlay (this)", "flat": "flat Azure CNI", "kubenet": "kubenet"}
+        table.add_column(f"{p.nodes:,} fit?")
+        table.add_column("VNet IPs", justify="right")
     for m in p.models():
-        row = [names[m.model], f"{m.max_nodes:,}", f"{m.max_pods:,}", f"{m.vnet_ips_per_node:,}", m.limited_by]
+        row = [m.model, f"{m.max_nodes:,}", f"{m.max_pods:,}", f"{m.vnet_ips_per_node:,}", m.limited_by]
         if p.nodes is not None:
             row += ["[green]yes[/]" if m.fits else "[red]no[/]", f"{m.vnet_ips_needed:,}"]
         table.add_row(*row)
-    console.print(table)
-    console.print(f"[bold]Verdict:[/] {p.verdict()}", highlight=False)
+    out.print(table)
+    out.print(f"[bold]Verdict:[/] {p.verdict()}", highlight=False)
