@@ -180,3 +180,44 @@ def cni_code(exc: BaseException) -> int:
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return CNI_TRY_AGAIN_LATER
     return CNI_INTERNAL
+
+
+# --- datastore (appended by the datastore/IPAM layer) ---------------------------
+
+
+class WatchCompacted(DatastoreError):
+    """A watch asked for events older than the store keeps; the watcher must
+    re-list and watch again from the current revision."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+    def __init__(self, message: str, *, revision: int = 0, details: str = "") -> None:
+        super().__init__(message, details=details)
+        self.revision = revision  # the compacted revision
+
+
+# --- network policy --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyFieldError(FieldError):
+    """One problem in a NetworkPolicy manifest. ``field`` is the JSON path
+    inside the object (``spec.ingress[0].ports[1].endPort``); ``document``
+    names the YAML document it came from (``document 2 (x/allow-a)``) when the
+    input held more than one."""
+
+    document: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.document}: " if self.document else ""
+        return f"{where}{self.field}: {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"field": self.field, "message": self.message}
+        if self.document:
+            out["document"] = self.document
+        return out
+
+
+class PolicyApplyError(DataplaneError):
+    """nft refused a rendered NetworkPolicy ruleset (or an incremental update)."""
