@@ -15,3 +15,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kernel" in item.keywords or "lab" in item.keywords:
             item.add_marker(skip)
+
+
+# etcd fixtures (etcd_server, etcd_url, etcd_cluster3) for every test package.
+pytest_plugins = ["tests.fixtures_etcd"]
