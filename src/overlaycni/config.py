@@ -361,7 +361,8 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
         errors.append(
             FieldError(
                 "network-plugin-mode",
-                "--pod-cidr with --network-plugin azure requires --network-plugin-mode overlay "
+                "--network-plugin-mode is missing: --pod-cidr with --network-plugin azure requires "
+                "--network-plugin-mode overlay "
                 "(flat Azure CNI takes pod IPs from the node subnet)",
             )
         )
