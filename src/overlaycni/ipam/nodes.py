@@ -1,0 +1,227 @@
+"""Node blocks: each node claims one block of the pod CIDR by compare-and-swap.
+
+A claim writes ``blocks/<cidr>`` (uniqueness of the block), ``nodeblocks/<name>``
+(uniqueness per node, and the way a re-registering node finds its block),
+the block cursor and the node record in one transaction that requires both
+claim keys to be absent. Candidates move forward from the cursor, so the
+common case costs two round trips (one read, one transaction); a lost race
+returns the fresh cursor in the failed transaction itself, and losers skip a
+random few blocks ahead to spread out. After many taken candidates in a row
+(a fragmented pool after deletions) one full scan finds a free block or
+proves exhaustion.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+from ..config import ClusterNetwork
+from ..datastore import KV, Store
+from ..errors import ConfigError, Conflict, FieldError, NotFound, PoolExhausted
+from . import addresses
+from .clusters import network_from_kv, not_found
+from .model import (
+    NodeRecord,
+    block_from_key,
+    block_key,
+    blockcursor_key,
+    blocks_prefix,
+    check_mac,
+    check_name,
+    config_key,
+    cursor_key,
+    handle_key,
+    ip_value,  # noqa: F401  (re-exported for callers building fixtures)
+    ips_prefix,
+    node_from_kv,
+    node_key,
+    nodeblock_key,
+    nodeblocks_prefix,
+    nodes_prefix,
+    parse_ip,
+)
+
+_ATTEMPTS = 200
+_SCAN_AFTER = 16  # taken candidates in a row before a full scan
+_TXN_CHUNK = 50  # deletes per transaction (etcd allows 128 ops by default)
+
+
+def _check_node_ip(net: ClusterNetwork, node_ip: IPv4Address) -> None:
+    problem = None
+    if node_ip.is_unspecified or node_ip.is_multicast or node_ip.is_loopback:
+        problem = "is not a unicast host address"
+    elif node_ip in net.pod_cidr:
+        problem = f"lies inside the pod CIDR {net.pod_cidr}"
+    elif node_ip in net.service_cidr:
+        problem = f"lies inside the service CIDR {net.service_cidr}"
+    if problem:
+        raise ConfigError(FieldError("node-ip", f"{node_ip} {problem}"))
+
+
+def _record(name: str, node_ip: IPv4Address, block: IPv4Network, vtep_mac: str | None) -> str:
+    return NodeRecord(name, node_ip, block, vtep_mac).to_json()
+
+
+def register_node(
+    store: Store,
+    cluster: str,
+    name: str,
+    node_ip: IPv4Address,
+    *,
+    vtep_mac: str | None = None,
+    lease: int | None = None,
+) -> NodeRecord:
+    """Claim (or re-claim: same name, same block) a block for node ``name``
+    and write its node record (under ``lease`` when given)."""
+    check_name("cluster", cluster)
+    check_name("name", name)
+    node_ip = parse_ip("node-ip", node_ip)
+    vtep_mac = check_mac(vtep_mac)
+    cfg_k, nb_k, cur_k = config_key(cluster), nodeblock_key(cluster, name), blockcursor_key(cluster)
+    snap = store.read([cfg_k, nb_k, cur_k])
+    taken_in_row = 0
+    skip = 0
+    for attempt in range(_ATTEMPTS):
+        cfg = snap.get(cfg_k)
+        if cfg is None:
+            raise not_found(cluster)
+        net = network_from_kv(cfg)
+        _check_node_ip(net, node_ip)
+        claimed = snap.get(nb_k)
+        if claimed is not None:  # re-register: keep the block, refresh the record
+            block = IPv4Network(claimed.value)
+            result = store.transact(
+                compare=[(nb_k, claimed.revision)],
+                put=[(node_key(cluster, name), _record(name, node_ip, block, vtep_mac), lease)],
+                read_keys=[cfg_k, nb_k, cur_k],
+            )
+            if result.succeeded:
+                return NodeRecord(name, node_ip, block, vtep_mac)
+            snap = result.snapshot()
+            continue
+        cursor_kv = snap.get(cur_k)
+        cursor = IPv4Network(cursor_kv.value) if cursor_kv else None
+        if taken_in_row >= _SCAN_AFTER:
+            candidate = _scan_free(store, cluster, net, cursor)
+            taken_in_row = 0
+        else:
+            candidate = addresses.next_block(net.pod_cidr, net.node_cidr_size, cursor, skip=skip)
+        b_k = block_key(cluster, candidate)
+        result = store.transact(
+            compare=[(b_k, 0), (nb_k, 0), (cfg_k, cfg.revision)],
+            put=[
+                (b_k, name, None),
+                (nb_k, str(candidate), None),
+                (cur_k, str(candidate), None),
+                (node_key(cluster, name), _record(name, node_ip, candidate, vtep_mac), lease),
+            ],
+            read_keys=[cfg_k, nb_k, cur_k, b_k],
+        )
+        if result.succeeded:
+            return NodeRecord(name, node_ip, candidate, vtep_mac)
+        snap = result.snapshot()
+        if snap.get(b_k) is not None:
+            taken_in_row += 1
+            new_cursor = snap.get(cur_k)
+            if new_cursor is None or new_cursor.value == (cursor_kv.value if cursor_kv else None):
+                # the cursor did not move: the pool is fragmented; walk on from the candidate
+                snap = _with_cursor(snap, cur_k, str(candidate))
+            skip = random.randrange(min(attempt + 1, 8))
+    raise Conflict(f"node {name!r}: could not claim a block after {_ATTEMPTS} attempts (heavy contention); try again")
+
+
+def _with_cursor(snap, cur_k: str, value: str):
+    from ..datastore import Snapshot
+
+    kvs = tuple(kv for kv in snap.kvs if kv.key != cur_k) + (KV(cur_k, value, 0),)
+    return Snapshot(kvs, snap.revision)
+
+
+def _scan_free(store: Store, cluster: str, net: ClusterNetwork, cursor: IPv4Network | None) -> IPv4Network:
+    taken = {block_from_key(kv.key) for kv in store.list(blocks_prefix(cluster))}
+    count = addresses.block_count(net.pod_cidr, net.node_cidr_size)
+    if len(taken) < count:
+        start = addresses.next_block(net.pod_cidr, net.node_cidr_size, cursor)
+        first = addresses.block_index(net.pod_cidr, start) or 0
+        for i in range(count):
+            block = addresses.block_at(net.pod_cidr, net.node_cidr_size, (first + i) % count)
+            if block not in taken:
+                return block
+    raise PoolExhausted(
+        f"cluster {cluster!r}: no free /{net.node_cidr_size} block left in pod CIDR {net.pod_cidr} "
+        f"({count} blocks, all claimed)",
+        details="grow it with `overlaycni cluster expand-pod-cidr`, or delete unused nodes",
+    )
+
+
+def get_node(store: Store, cluster: str, name: str) -> NodeRecord:
+    check_name("cluster", cluster)
+    check_name("name", name)
+    snap = store.read([config_key(cluster), node_key(cluster, name)])
+    if snap.get(config_key(cluster)) is None:
+        raise not_found(cluster)
+    kv = snap.get(node_key(cluster, name))
+    if kv is None:
+        raise NotFound(f"node {name!r} not found in cluster {cluster!r} (not registered, or its lease expired)")
+    return node_from_kv(kv)
+
+
+def list_nodes(store: Store, cluster: str) -> list[NodeRecord]:
+    """Live node records (those whose lease, if any, has not expired)."""
+    check_name("cluster", cluster)
+    snap = store.read([config_key(cluster)], [nodes_prefix(cluster)])
+    if snap.get(config_key(cluster)) is None:
+        raise not_found(cluster)
+    return [node_from_kv(kv) for kv in snap.prefixed(nodes_prefix(cluster))]
+
+
+def list_blocks(store: Store, cluster: str) -> dict[str, IPv4Network]:
+    """Every claimed block by node name, live or not."""
+    check_name("cluster", cluster)
+    snap = store.read([config_key(cluster)], [nodeblocks_prefix(cluster)])
+    if snap.get(config_key(cluster)) is None:
+        raise not_found(cluster)
+    prefix = nodeblocks_prefix(cluster)
+    return {kv.key[len(prefix):]: IPv4Network(kv.value) for kv in snap.prefixed(prefix)}
+
+
+def delete_node(store: Store, cluster: str, name: str) -> None:
+    """Free the node's block and release its pod addresses. Not-found is
+    success; re-running after a crash finishes the job."""
+    check_name("cluster", cluster)
+    check_name("name", name)
+    nb_k = nodeblock_key(cluster, name)
+    snap = store.read([config_key(cluster), nb_k])
+    if snap.get(config_key(cluster)) is None:
+        raise not_found(cluster)
+    claimed = snap.get(nb_k)
+    # 1. the claim first, so no allocation on this node can succeed after it
+    if claimed is not None:
+        b_k = block_key(cluster, IPv4Network(claimed.value))
+        ok = store.txn(
+            compare=[(nb_k, claimed.revision), (b_k, claimed.revision)],
+            delete=[nb_k, b_k, node_key(cluster, name), cursor_key(cluster, name)],
+        )
+        if not ok:  # half-written claim (should not happen): delete what is ours
+            kv = store.get(b_k)
+            store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name)])
+            if kv is not None and kv.value == name:
+                store.txn(compare=[(b_k, kv.revision)], delete=[b_k])
+    else:
+        store.txn(compare=[], delete=[node_key(cluster, name), cursor_key(cluster, name)])
+    # 2. the handles of its addresses (each written with its address, same revision)
+    ips = store.list(ips_prefix(cluster, name))  # after step 1: nothing can be added now
+
+    for i in range(0, len(ips), _TXN_CHUNK):
+        chunk = ips[i : i + _TXN_CHUNK]
+        handles = []
+        for kv in chunk:
+            data = json.loads(kv.value)
+            handles.append((handle_key(cluster, data["container_id"], data["ifname"]), kv.revision))
+        if not store.txn(compare=handles, delete=[k for k, _ in handles]):
+            for k, rev in handles:
+                store.txn(compare=[(k, rev)], delete=[k])
+    # 3. the addresses themselves
+    store.delete_prefix(ips_prefix(cluster, name))
