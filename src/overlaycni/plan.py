@@ -98,17 +98,15 @@ class Plan:
         if prefix is None or target <= o.max_nodes:
             return ""
         what = f"the VNet's limit of {limit:,} nodes" if target == limit else f"{target:,} nodes"
-        return f" A /{prefix} pod CIDR would reach {what}."
+        return f" A /{prefix} pod CIDR would lift overlay to {what}."
 
     def verdict(self) -> str:
         o, f, k = self.models()
         per_flat = f.vnet_ips_per_node
         if self.nodes is None:
-            flat_runs = f"{f.max_nodes:,}" if f.max_nodes else "not one"
             return (
-                f"Overlay uses 1 VNet IP per node, flat Azure CNI {per_flat} (1 + max pods): "
-                f"{o.max_nodes:,} overlay nodes (limit: {o.limited_by}) vs {flat_runs} flat."
-                + self.pod_cidr_hint()
+                f"Overlay: {o.max_nodes:,} nodes at 1 VNet IP each; flat Azure CNI: {f.max_nodes:,} nodes "
+                f"at {per_flat} each (1 + max pods)." + self.pod_cidr_hint()
             )
         n = self.nodes
         if not o.fits:

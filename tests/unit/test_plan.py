@@ -96,25 +96,26 @@ def test_pod_prefix_for_is_the_smallest_cidr_that_holds_the_nodes(nodes, block):
 
 def test_verdict_explains_vnet_ips_per_node_and_suggests_pod_cidr():
     v = make_plan(parse_network(SEED)).verdict()
-    assert "1 VNet IP per node, flat Azure CNI 251 (1 + max pods)" in v
-    assert "256 overlay nodes (limit: pod CIDR blocks) vs 261 flat" in v
-    assert "A /11 pod CIDR would reach the VNet's limit of 5,000 nodes." in v
+    assert v == (
+        "Overlay: 256 nodes at 1 VNet IP each; flat Azure CNI: 261 nodes at 251 each (1 + max pods). "
+        "A /11 pod CIDR would lift overlay to the VNet's limit of 5,000 nodes."
+    )
 
 
 def test_verdict_suggests_pod_cidr_for_the_asked_nodes():
     v = plan_for(300).verdict()
     assert "300 nodes do not fit in overlay: max 256" in v
-    assert "A /15 pod CIDR would reach 300 nodes." in v
+    assert "A /15 pod CIDR would lift overlay to 300 nodes." in v
 
 
 def test_verdict_without_hint_when_the_vnet_is_the_limit():
     v = plan_for(node_subnet_cidr="10.224.0.0/24").verdict()
-    assert "limit: node subnet IPs" in v and "pod CIDR would" not in v
+    assert "Overlay: 251 nodes at 1 VNet IP each" in v and "pod CIDR would" not in v
 
 
 def test_verdict_hint_stops_at_the_vnet_limit():
     v = plan_for(1000, node_subnet_cidr="10.224.0.0/23").verdict()  # 507 usable node IPs
-    assert "A /15 pod CIDR would reach the VNet's limit of 507 nodes." in v
+    assert "A /15 pod CIDR would lift overlay to the VNet's limit of 507 nodes." in v
 
 
 def test_verdict_when_overlay_fits_and_flat_does_not():
@@ -132,7 +133,7 @@ def test_verdict_when_kubenet_does_not_fit():
 
 def test_verdict_when_flat_fits_no_node():
     v = plan_for(node_subnet_cidr="10.224.0.0/28").verdict()
-    assert "vs not one flat" in v
+    assert "flat Azure CNI: 0 nodes at 251 each" in v
 
 
 # ----- properties across random valid networks ----------------------------------------------

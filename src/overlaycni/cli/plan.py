@@ -82,7 +82,7 @@ def render_plan(p: Plan, out: Console | None = None) -> None:
         f"plugin {n.network_plugin}{' ' + n.network_plugin_mode if n.network_plugin_mode else ''}",
         highlight=False,
     )
-    table = Table(title="Capacity on the same VNet (flat: Azure CNI, pod IPs from the node subnet)", title_justify="left")
+    table = Table(title="Capacity on the same VNet", title_justify="left")
     table.add_column("model")
     table.add_column("max nodes", justify="right")
     table.add_column("max pods", justify="right")
@@ -97,4 +97,5 @@ def render_plan(p: Plan, out: Console | None = None) -> None:
             row += ["[green]yes[/]" if m.fits else "[red]no[/]", f"{m.vnet_ips_needed:,}"]
         table.add_row(*row)
     out.print(table)
+    out.print("flat: Azure CNI without overlay; every pod IP is a node subnet IP.", highlight=False)
     out.print(f"[bold]Verdict:[/] {p.verdict()}", highlight=False)
