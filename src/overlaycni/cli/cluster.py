@@ -1,0 +1,206 @@
+"""``overlaycni cluster ...`` and ``overlaycni node ...``: cluster networks and
+node blocks in the datastore.
+
+No ``from __future__ import annotations``: typer must see the real
+``Annotated`` objects behind ``with_network_flags``'s rewritten signature.
+"""
+
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from .. import ipam
+from ..config import ClusterNetwork, load_file, merge_settings, parse_network
+from ..ipam.model import parse_ip
+from .common import Output, OutputOpt, console, err_console, open_store, print_json, with_network_flags
+
+cluster_app = typer.Typer(
+    help="Cluster networks in the datastore. Example: overlaycni --datastore sqlite:///tmp/s.db "
+    "cluster create --name dev --network-plugin azure --network-plugin-mode overlay",
+    no_args_is_help=True,
+)
+node_app = typer.Typer(
+    help="Nodes and their pod CIDR blocks. Example: overlaycni node register --cluster dev --name n1 --node-ip 10.224.0.4",
+    no_args_is_help=True,
+)
+
+NameOpt = Annotated[str, typer.Option("--name", help="Cluster name (letters, digits, '.', '_', '-').")]
+ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
+NodeNameOpt = Annotated[str, typer.Option("--name", help="Node name; re-registering it returns its block.")]
+
+
+def _network_json(name: str, net: ClusterNetwork) -> dict[str, Any]:
+    return {"name": name, **net.to_dict()}
+
+
+def _render_network(name: str, net: ClusterNetwork) -> None:
+    table = Table(title=f"cluster {name}", show_header=False)
+    for key, value in net.to_dict().items():
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    table.add_row("blocks", f"{net.block_count:,} x /{net.node_cidr_size} (max nodes {net.max_nodes:,})")
+    console.print(table)
+
+
+@cluster_app.command(
+    "create",
+    epilog="Example: overlaycni cluster create --name dev --network-plugin azure --network-plugin-mode overlay "
+    "--pod-cidr 10.244.0.0/16 --node-cidr-size 24",
+)
+@with_network_flags
+def cluster_create(
+    ctx: typer.Context,
+    name: NameOpt,
+    file: Annotated[
+        Optional[Path], typer.Option("--file", "-f", help="YAML/JSON file of network settings; flags override it.")
+    ] = None,
+    output: OutputOpt = Output.table,
+    *,
+    network: dict[str, Any],
+) -> None:
+    """Create a cluster network (validated like AKS). Creating it again with the
+    same settings is a no-op; with different settings it is an error."""
+    net = parse_network(merge_settings(load_file(file) if file is not None else None, network))
+    for w in net.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    store = open_store(ctx)
+    try:
+        net = ipam.create_cluster(store, name, net)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json(_network_json(name, net))
+    else:
+        _render_network(name, net)
+
+
+@cluster_app.command("show", epilog="Example: overlaycni cluster show --name dev -o json")
+def cluster_show(ctx: typer.Context, name: NameOpt, output: OutputOpt = Output.table) -> None:
+    """Show a cluster's network settings."""
+    store = open_store(ctx)
+    try:
+        net = ipam.get_cluster(store, name)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json(_network_json(name, net))
+    else:
+        _render_network(name, net)
+
+
+@cluster_app.command("list", epilog="Example: overlaycni --datastore etcd://127.0.0.1:2379 cluster list")
+def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """List the clusters in the datastore."""
+    store = open_store(ctx)
+    try:
+        clusters = ipam.list_clusters(store)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json([_network_json(n, net) for n, net in clusters])
+        return
+    table = Table("name", "plugin", "pod CIDR", "block", "service CIDR", "backend")
+    for n, net in clusters:
+        plugin = net.network_plugin + (f"/{net.network_plugin_mode}" if net.network_plugin_mode else "")
+        table.add_row(n, plugin, str(net.pod_cidr), f"/{net.node_cidr_size}", str(net.service_cidr), net.backend)
+    console.print(table)
+
+
+@cluster_app.command("delete", epilog="Example: overlaycni cluster delete --name dev")
+def cluster_delete(ctx: typer.Context, name: NameOpt, output: OutputOpt = Output.table) -> None:
+    """Delete a cluster and all its nodes, blocks and addresses (not-found is success)."""
+    store = open_store(ctx)
+    try:
+        ipam.delete_cluster(store, name)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json({"name": name, "deleted": True})
+    else:
+        console.print(f"cluster {name} deleted", highlight=False)
+
+
+@cluster_app.command(
+    "expand-pod-cidr", epilog="Example: overlaycni cluster expand-pod-cidr --name dev --pod-cidr 10.244.0.0/15"
+)
+def cluster_expand(
+    ctx: typer.Context,
+    name: NameOpt,
+    pod_cidr: Annotated[str, typer.Option("--pod-cidr", help="The new pod CIDR: a contiguous superset of the current one.")],
+    output: OutputOpt = Output.table,
+) -> None:
+    """Grow the pod CIDR to a range that contains it; every existing block keeps its place."""
+    store = open_store(ctx)
+    try:
+        net = ipam.expand_pod_cidr(store, name, pod_cidr)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json(_network_json(name, net))
+    else:
+        _render_network(name, net)
+
+
+# ----- nodes ---------------------------------------------------------------------------
+
+
+@node_app.command(
+    "register", epilog="Example: overlaycni node register --cluster dev --name node-1 --node-ip 10.224.0.4 -o json"
+)
+def node_register(
+    ctx: typer.Context,
+    cluster: ClusterOpt,
+    name: NodeNameOpt,
+    node_ip: Annotated[str, typer.Option("--node-ip", help="The node's underlay (VNet) IP.")],
+    vtep_mac: Annotated[Optional[str], typer.Option("--vtep-mac", help="VXLAN device MAC (the agent sets it).")] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Claim a pod CIDR block for a node (the same block again for a known name)."""
+    ip: IPv4Address = parse_ip("node-ip", node_ip)
+    store = open_store(ctx)
+    try:
+        rec = ipam.register_node(store, cluster, name, ip, vtep_mac=vtep_mac)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json({"name": rec.name, "node_ip": str(rec.node_ip), "block": str(rec.block)})
+    else:
+        console.print(f"node {rec.name} ({rec.node_ip}): block {rec.block}", highlight=False)
+
+
+@node_app.command("list", epilog="Example: overlaycni node list --cluster dev -o json")
+def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
+    """List the live nodes of a cluster with their blocks."""
+    store = open_store(ctx)
+    try:
+        nodes = ipam.list_nodes(store, cluster)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json([n.to_dict() for n in nodes])
+        return
+    table = Table("name", "node IP", "block", "VTEP MAC")
+    for n in nodes:
+        table.add_row(n.name, str(n.node_ip), str(n.block), n.vtep_mac or "-")
+    console.print(table)
+
+
+@node_app.command("delete", epilog="Example: overlaycni node delete --cluster dev --name node-1")
+def node_delete(ctx: typer.Context, cluster: ClusterOpt, name: NodeNameOpt, output: OutputOpt = Output.table) -> None:
+    """Delete a node: free its block and release its pod addresses (not-found is success)."""
+    store = open_store(ctx)
+    try:
+        ipam.delete_node(store, cluster, name)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json({"name": name, "deleted": True})
+    else:
+        console.print(f"node {name} deleted; its block is free", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cluster_app, name="cluster")
+    app.add_typer(node_app, name="node")

@@ -1,0 +1,213 @@
+"""``overlaycni ipam ...``: pod addresses (allocate, release, show, check, gc).
+
+No ``from __future__ import annotations`` (typer reads real annotations).
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .. import ipam
+from ..errors import ConfigError, FieldError
+from ..ipam import addresses
+from ..ipam.model import parse_ip, parse_pod
+from .common import Output, OutputOpt, console, open_store, print_json
+
+ipam_app = typer.Typer(
+    help="Pod IP addresses. Example: overlaycni ipam allocate --cluster dev --node n1 --container-id abc --ifname eth0",
+    no_args_is_help=True,
+)
+
+ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
+CidOpt = Annotated[str, typer.Option("--container-id", help="The container (sandbox) ID, as CNI_CONTAINERID.")]
+IfOpt = Annotated[str, typer.Option("--ifname", help="Interface name in the pod, as CNI_IFNAME.")]
+ValidOpt = Annotated[
+    Path,
+    typer.Option(
+        "--valid",
+        help="File of attachments still in use ('-' for stdin): JSON [{containerID, ifname}], "
+        "a CNI GC config, or lines 'CONTAINER_ID IFNAME'.",
+    ),
+]
+
+
+def parse_attachments(text: str, *, source: str = "--valid") -> list[tuple[str, str]]:
+    """Attachments from JSON (a list of {containerID, ifname}, or an object with
+    ``cni.dev/valid-attachments`` / ``cni.dev/attachments``) or text lines."""
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(FieldError("valid", f"{source} is not valid JSON: {exc}")) from None
+        if isinstance(data, dict):
+            data = data.get("cni.dev/valid-attachments", data.get("cni.dev/attachments"))
+        if not isinstance(data, list):
+            raise ConfigError(FieldError("valid", f"{source}: expected a list of {{containerID, ifname}}"))
+        out = []
+        for i, item in enumerate(data):
+            cid = item.get("containerID", item.get("container_id")) if isinstance(item, dict) else None
+            ifname = item.get("ifname") if isinstance(item, dict) else None
+            if not cid or not ifname:
+                raise ConfigError(FieldError("valid", f"{source}: entry {i} lacks containerID or ifname"))
+            out.append((str(cid), str(ifname)))
+        return out
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(FieldError("valid", f"{source} line {n}: expected 'CONTAINER_ID IFNAME', got {line!r}"))
+        out.append((parts[0], parts[1]))
+    return out
+
+
+def _read_valid(path: Path) -> list[tuple[str, str]]:
+    if str(path) == "-":
+        return parse_attachments(sys.stdin.read(), source="stdin")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(FieldError("valid", f"cannot read {path}: {exc.strerror}")) from None
+    return parse_attachments(text, source=str(path))
+
+
+@ipam_app.command(
+    "allocate",
+    epilog="Example: overlaycni ipam allocate --cluster dev --node n1 --container-id abc123 --ifname eth0 "
+    "--pod default/web-0 -o json",
+)
+def ipam_allocate(
+    ctx: typer.Context,
+    cluster: ClusterOpt,
+    node: Annotated[str, typer.Option("--node", help="The node whose block the address comes from.")],
+    container_id: CidOpt,
+    ifname: IfOpt = "eth0",
+    pod: Annotated[Optional[str], typer.Option("--pod", help="NAMESPACE/NAME of the pod (recorded).")] = None,
+    ip: Annotated[Optional[str], typer.Option("--ip", help="Ask for this address (must be free, in the block).")] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Allocate an address for a pod interface; the same one again for the same
+    container ID and interface."""
+    pod_ref = parse_pod(pod)
+    requested = parse_ip("ip", ip) if ip is not None else None
+    store = open_store(ctx)
+    try:
+        alloc = ipam.allocate(store, cluster, node, container_id, ifname, pod=pod_ref, requested_ip=requested)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json({"ip": str(alloc.ip), "gateway": str(alloc.gateway)})
+    else:
+        console.print(f"{alloc.ip} gateway {alloc.gateway} (node {alloc.node})", highlight=False)
+
+
+@ipam_app.command("release", epilog="Example: overlaycni ipam release --cluster dev --container-id abc123 --ifname eth0")
+def ipam_release(
+    ctx: typer.Context, cluster: ClusterOpt, container_id: CidOpt, ifname: IfOpt = "eth0", output: OutputOpt = Output.table
+) -> None:
+    """Release a pod interface's address (releasing twice is fine)."""
+    store = open_store(ctx)
+    try:
+        alloc = ipam.release(store, cluster, container_id, ifname)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json({"released": str(alloc.ip) if alloc else None})
+    else:
+        console.print(f"released {alloc.ip}" if alloc else "nothing to release", highlight=False)
+
+
+@ipam_app.command("show", epilog="Example: overlaycni ipam show --cluster dev")
+def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
+    """Per node: its block, addresses used and free."""
+    store = open_store(ctx)
+    try:
+        blocks = ipam.list_blocks(store, cluster)
+        live = {n.name for n in ipam.list_nodes(store, cluster)}
+        used: dict[str, int] = {}
+        for a in ipam.list_allocations(store, cluster):
+            used[a.node] = used.get(a.node, 0) + 1
+    finally:
+        store.close()
+    rows = [
+        {
+            "node": name,
+            "block": str(block),
+            "live": name in live,
+            "used": used.get(name, 0),
+            "free": addresses.capacity(block) - used.get(name, 0),
+        }
+        for name, block in sorted(blocks.items(), key=lambda item: int(item[1].network_address))
+    ]
+    if output is Output.json:
+        print_json({"cluster": cluster, "nodes": rows})
+        return
+    table = Table("node", "block", "live", "used", "free")
+    for r in rows:
+        table.add_row(r["node"], r["block"], "yes" if r["live"] else "no", str(r["used"]), str(r["free"]))
+    console.print(table)
+
+
+@ipam_app.command("check", epilog="Example: overlaycni ipam check --cluster dev || echo inconsistent")
+def ipam_check(
+    ctx: typer.Context,
+    cluster: ClusterOpt,
+    valid: Annotated[
+        Optional[Path], typer.Option("--valid", help="Also report allocations not in this attachment file.")
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Check the cluster's IPAM records: duplicates, leaks, addresses outside
+    their node's block. Exit 0 when consistent, 1 when not."""
+    attachments = _read_valid(valid) if valid is not None else None
+    store = open_store(ctx)
+    try:
+        report = ipam.check(store, cluster, valid=attachments)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json(report.to_dict())
+    else:
+        console.print(
+            f"cluster {cluster}: {report.nodes} live nodes, {report.blocks} blocks, {report.allocations} addresses",
+            highlight=False,
+        )
+        for p in report.problems:
+            console.print(f"[red]{p.kind}[/]: {p.message}", highlight=False)
+        console.print("consistent" if report.ok else f"{len(report.problems)} problems", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@ipam_app.command("gc", epilog="Example: overlaycni ipam gc --cluster dev --valid attachments.json")
+def ipam_gc(
+    ctx: typer.Context,
+    cluster: ClusterOpt,
+    valid: ValidOpt,
+    node: Annotated[Optional[str], typer.Option("--node", help="Only this node's addresses.")] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Release every address whose (container ID, ifname) is not in --valid."""
+    attachments = _read_valid(valid)
+    store = open_store(ctx)
+    try:
+        released = ipam.gc(store, cluster, attachments, node=node)
+    finally:
+        store.close()
+    if output is Output.json:
+        print_json({"released": [a.to_dict() for a in released]})
+    else:
+        for a in released:
+            console.print(f"released {a.ip} ({a.container_id} {a.ifname}, node {a.node})", highlight=False)
+        console.print(f"{len(released)} released", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ipam_app, name="ipam")
