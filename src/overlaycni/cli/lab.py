@@ -1,0 +1,345 @@
+"""``overlaycni lab``: a whole overlay cluster on one machine (parse, dispatch, format)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import NotFound
+from ..lab import check as lab_check
+from ..lab import lifecycle, members
+from ..lab import state as lab_state
+from ..lab import trace as lab_trace
+from ..lab.topology import parse_labels
+from .common import Output, OutputOpt, console, err_console, print_json, with_network_flags
+
+lab_app = typer.Typer(
+    help="A whole overlay cluster on this machine: a VNet, nodes with the real agent, pods through the real plugin.",
+    no_args_is_help=True,
+)
+pod_app = typer.Typer(help="Add or delete lab pods (through the real CNI plugin).", no_args_is_help=True)
+node_app = typer.Typer(help="Add or delete lab nodes (peers converge).", no_args_is_help=True)
+agent_app = typer.Typer(help="Restart or kill a node's agent.", no_args_is_help=True)
+lab_app.add_typer(pod_app, name="pod")
+lab_app.add_typer(node_app, name="node")
+lab_app.add_typer(agent_app, name="agent")
+
+NameOpt = Annotated[str, typer.Option("--name", help="Lab name: up to 12 of [a-z0-9-].")]
+LabDirOpt = Annotated[
+    Optional[str],
+    typer.Option("--lab-dir", envvar="OVERLAYCNI_LAB_DIR", help="Directory holding the labs (default /run/overlaycni/labs).", show_default=False),
+]
+PHASES = {"vnet": "VNet, external host, control plane", "nodes": "nodes and agents", "pods": "pods (CNI ADD)"}
+
+
+def _next_steps(name: str, pod: str | None, other: str | None) -> list[str]:
+    n = "" if name == "demo" else f" --name {name}"
+    steps = [f"overlaycni lab check{n}", f"overlaycni lab status{n}"]
+    if pod:
+        steps.append(f"overlaycni lab exec{n} {pod} -- ip route")
+        steps.append(f"overlaycni lab trace{n} {pod} {other or 'external'}")
+        steps.append(f"overlaycni lab trace{n} {pod} external")
+    steps += [f"overlaycni lab node add{n}", f"overlaycni lab down{n}"]
+    return steps
+
+
+def render_status(state: lab_state.LabState) -> None:
+    console.print(
+        f"lab [bold]{state.name}[/]: backend [bold]{state.backend}[/], store {state.store} ({state.datastore}), "
+        f"pod CIDR {state.network.get('pod-cidr')}, external host {state.external_ip.ip}",
+        highlight=False,
+    )
+    nodes = Table(title="nodes", title_justify="left")
+    for col in ("node", "IP", "block", "agent pid", "netns"):
+        nodes.add_column(col)
+    for n in state.nodes:
+        alive = members.agent_alive(n)
+        pid = f"{n.agent.pid}" if n.agent else "-"
+        nodes.add_row(n.name, str(n.ip.ip), str(n.block or "-"), pid if alive else f"[red]{pid} (down)[/]", n.netns)
+    console.print(nodes)
+    pods = Table(title="pods", title_justify="left")
+    for col in ("pod", "namespace", "node", "IP", "netns"):
+        pods.add_column(col)
+    for p in state.pods:
+        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", p.netns)
+    console.print(pods)
+
+
+@lab_app.command("up")
+@with_network_flags
+def up(
+    name: NameOpt = "demo",
+    nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes.")] = 3,
+    pods_per_node: Annotated[int, typer.Option("--pods-per-node", help="Pods per node (0 allowed).")] = 2,
+    store: Annotated[str, typer.Option("--store", help="sqlite (a file in the lab dir) or etcd (runs inside the lab).")] = "sqlite",
+    lease_ttl: Annotated[int, typer.Option("--lease-ttl", help="Seconds before peers drop a silent node.")] = lifecycle.DEFAULT_LEASE_TTL,
+    lab_dir: LabDirOpt = None,
+    *,
+    network: dict[str, Any],
+) -> None:
+    """Bring up a lab: VNet, nodes with agents, an external host, pods.
+
+    Example: overlaycni lab up --nodes 3 --pods-per-node 2 --backend vxlan
+    """
+    req = lifecycle.UpRequest(
+        name=name, nodes=nodes, pods_per_node=pods_per_node, store=store, network=network, lease_ttl=lease_ttl, root=lab_dir
+    )
+    lifecycle.validate(req)  # clear errors before any progress display
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(PHASES.get(phase, phase), total=max(total, 1))
+            progress.update(tasks[phase], completed=done if total else 1, total=max(total, 1))
+
+        state = lifecycle.up(req, report=report)
+    render_status(state)
+    first = state.pods[0] if state.pods else None
+    other = next((p.name for p in state.pods if first and p.node != first.node), None)
+    console.print("[bold]Try next:[/]")
+    for s in _next_steps(state.name, first.name if first else None, other):
+        console.print(f"  {s}", highlight=False)
+
+
+@lab_app.command("down")
+def down(name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+    """Stop the lab's processes and delete its namespaces and files (safe to repeat)."""
+    rep = lifecycle.down(name, root=lab_dir)
+    if not rep.found_anything:
+        console.print(f"lab {name}: nothing to remove", highlight=False)
+        return
+    console.print(
+        f"lab {name}: stopped {len(rep.stopped)} process(es), deleted {len(rep.namespaces)} namespace(s)"
+        + (f", removed {rep.removed_dir}" if rep.removed_dir else ""),
+        highlight=False,
+    )
+
+
+@lab_app.command("status")
+def status(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+    """Nodes (IP, block, agent) and pods (node, IP) of a lab."""
+    state = members.open_lab(name, lab_dir)
+    if output is Output.json:
+        print_json(state.status_json())
+    else:
+        render_status(state)
+
+
+@lab_app.command("list")
+def list_(output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+    """Every lab on this machine."""
+    found = lifecycle.labs(lab_dir)
+    rows = [
+        {"name": n, "backend": s.backend if s else None, "store": s.store if s else None,
+         "nodes": len(s.nodes) if s else None, "pods": len(s.pods) if s else None, "state_file": s is not None}
+        for n, s in found
+    ]  # fmt: skip
+    if output is Output.json:
+        print_json(rows)
+        return
+    table = Table(title="labs", title_justify="left")
+    for col in ("name", "backend", "store", "nodes", "pods"):
+        table.add_column(col)
+    for r in rows:
+        if r["state_file"]:
+            table.add_row(r["name"], r["backend"], r["store"], str(r["nodes"]), str(r["pods"]))
+        else:
+            table.add_row(r["name"], "[yellow]namespaces only (run lab down)[/]", "", "", "")
+    console.print(table)
+
+
+@lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_(
+    pod: Annotated[str, typer.Argument(help="A pod (or a node, or 'external').")],
+    cmd: Annotated[Optional[list[str]], typer.Argument(help="The command, after --.")] = None,
+    name: NameOpt = "demo",
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Run a command inside a pod, like kubectl exec: lab exec POD -- CMD..."""
+    state = members.open_lab(name, lab_dir)
+    if not cmd:
+        err_console.print("[bold red]error:[/] CMD: give the command after --, e.g. lab exec pod-1-1 -- ip addr")
+        raise typer.Exit(2)
+    if pod in ("external", "ext"):
+        ns = state.external_netns
+    elif any(n.name == pod for n in state.nodes):
+        ns = state.node(pod).netns
+    else:
+        try:
+            ns = state.pod(pod).netns
+        except NotFound:
+            raise NotFound(
+                f"POD: lab {name} has no pod or node {pod!r} (pods: {', '.join(p.name for p in state.pods) or 'none'})"
+            ) from None
+    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+
+
+@pod_app.command("add")
+def pod_add(
+    pod: Annotated[str, typer.Argument(help="Pod name.")],
+    name: NameOpt = "demo",
+    namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace.")] = "default",
+    node: Annotated[Optional[str], typer.Option("--node", help="Node (default: the one with the fewest pods).")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="k=v,k2=v2")] = None,
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Add a pod through the real plugin (CNI ADD, the way a runtime calls it)."""
+    p = members.add_pod(name, pod, namespace=namespace, node=node, labels=parse_labels(labels), root=lab_dir)
+    if output is Output.json:
+        print_json({"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns, "ip": str(p.ip.ip) if p.ip else None})
+    else:
+        console.print(f"pod {p.namespace}/{p.name} on {p.node}: {p.ip}", highlight=False)
+
+
+@pod_app.command("delete")
+def pod_delete(pod: Annotated[str, typer.Argument(help="Pod name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+    """Delete a pod (CNI DEL, then its namespace)."""
+    p = members.delete_pod(name, pod, root=lab_dir)
+    console.print(f"pod {p.namespace}/{p.name} deleted", highlight=False)
+
+
+@node_app.command("add")
+def node_add(
+    node: Annotated[Optional[str], typer.Argument(help="Node name (default nodeN).")] = None,
+    name: NameOpt = "demo",
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Add a node VM and start its agent; peers program it."""
+    n = members.add_node(name, node, root=lab_dir)
+    if output is Output.json:
+        print_json({"name": n.name, "netns": n.netns, "ip": str(n.ip.ip), "block": str(n.block), "agent_pid": n.agent.pid if n.agent else None})
+    else:
+        console.print(f"node {n.name}: IP {n.ip.ip}, block {n.block}, agent pid {n.agent.pid if n.agent else '-'}", highlight=False)
+
+
+@node_app.command("delete")
+def node_delete(node: Annotated[str, typer.Argument(help="Node name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+    """Delete a node: its pods, its agent, its VM; peers drop it."""
+    n = members.delete_node(name, node, root=lab_dir)
+    console.print(f"node {n.name} deleted", highlight=False)
+
+
+@agent_app.command("restart")
+def agent_restart(node: Annotated[str, typer.Argument(help="Node name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+    """Restart a node's agent (existing pods keep working)."""
+    n = members.restart_agent(name, node, root=lab_dir)
+    console.print(f"node {n.name}: agent restarted, pid {n.agent.pid if n.agent else '-'}", highlight=False)
+
+
+@agent_app.command("kill")
+def agent_kill(node: Annotated[str, typer.Argument(help="Node name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+    """SIGKILL a node's agent (see what a crash does; `lab agent restart` brings it back)."""
+    n = members.kill_agent(name, node, root=lab_dir)
+    console.print(f"node {n.name}: agent {n.agent.pid if n.agent else '-'} killed", highlight=False)
+
+
+@lab_app.command("check")
+def check(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+    """Ping every ordered pod pair and the external host; verify VXLAN/direct and SNAT on the wire.
+
+    Exit status: 0 all green, 1 any failure.
+    """
+    state = members.open_lab(name, lab_dir)
+    from ..lab.netns import require_privileges
+
+    require_privileges()
+    with console.status(f"checking lab {name}: {len(state.pods)} pods ..."):
+        rep = lab_check.run_check(state)
+    if output is Output.json:
+        print_json(rep.to_json())
+    else:
+        render_check(rep)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+def render_check(rep: lab_check.CheckReport) -> None:
+    mark = "V" if rep.backend == "vxlan" else "D"
+    cells = {(p.src, p.dst): p for p in rep.pairs}
+    table = Table(title=f"lab {rep.lab}: ping matrix (rows ping columns)", title_justify="left")
+    table.add_column("src \\ dst")
+    for d in rep.pods:
+        table.add_column(d, justify="center")
+    table.add_column("external", justify="center")
+    ext = {e.pod: e for e in rep.external}
+    for s in rep.pods:
+        row = [s]
+        for d in rep.pods:
+            p = cells.get((s, d))
+            if p is None:
+                row.append("·")
+            elif not p.ok:
+                row.append("[red]✗[/]")
+            else:
+                row.append("[green]✓[/]" if p.same_node else f"[green]✓{mark}[/]")
+        e = ext.get(s)
+        row.append("-" if e is None else ("[green]✓ SNAT[/]" if e.ok else "[red]✗[/]"))
+        table.add_row(*row)
+    console.print(table)
+    legend = "VXLAN between the node IPs seen on the underlay" if mark == "V" else "plain pod packet routed on the underlay"
+    console.print(f"✓ reply   ✓{mark} reply + {legend}   ✓ SNAT external host saw the node IP", highlight=False)
+    fails = rep.failures()
+    if fails:
+        for f in fails:
+            err_console.print(f"[bold red]FAIL[/] {f}", highlight=False)
+    else:
+        console.print(f"[bold green]all {len(rep.pairs)} pod pairs and {len(rep.external)} external paths OK[/]")
+
+
+@lab_app.command("trace")
+def trace(
+    src: Annotated[str, typer.Argument(help="Source pod.")],
+    dst: Annotated[str, typer.Argument(help="Destination pod, IP, or 'external'.")],
+    name: NameOpt = "demo",
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Send one packet from SRC to DST and show its path, captured from the kernel."""
+    state = members.open_lab(name, lab_dir)
+    t = lab_trace.run_trace(state, src, dst)
+    if output is Output.json:
+        print_json(t.to_json())
+    else:
+        render_trace(t)
+    if not t.replied:
+        raise typer.Exit(1)
+
+
+def render_trace(t: lab_trace.Trace) -> None:
+    console.print(f"[bold]{t.src} -> {t.dst}[/] ({t.dst_ip}): {'reply received' if t.replied else '[red]no reply[/]'}", highlight=False)
+    r = t.pod_route
+    console.print(f"  pod route:  {t.dst_ip} via {r.get('gateway', '-')} dev {r.get('dev')} src {r.get('prefsrc', '-')}", highlight=False)
+    r = t.node_route
+    flags = " onlink" if "onlink" in r.get("flags", []) else ""
+    console.print(f"  node route: {t.dst_ip} via {r.get('gateway', 'direct')} dev {r.get('dev')}{flags}", highlight=False)
+    for i, h in enumerate(t.hops, 1):
+        color = "green" if h.packet else "red"
+        console.print(f"  {i}. [bold]{h.where}[/]: [{color}]{h.note}[/]", highlight=False)
+        if h.packet:
+            for line in h.packet.text.splitlines():
+                console.print(f"       [dim]{line}[/]", highlight=False)
+    if t.snat:
+        console.print(f"  SNAT: inner source {t.snat[0]} -> {t.snat[1]}", highlight=False)
+
+
+@lab_app.command("tour")
+def tour(name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+    """A short tour of a running lab, from real output."""
+    state = members.open_lab(name, lab_dir)
+    for i, step in enumerate(lab_trace.run_tour(state), 1):
+        console.print(f"\n[bold]{i}. {step.title}[/]", highlight=False)
+        console.print(f"[cyan]$ {step.command}[/]", highlight=False)
+        console.print(step.output.rstrip(), highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lab_app, name="lab")

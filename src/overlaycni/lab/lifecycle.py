@@ -1,0 +1,265 @@
+"""``lab up`` and ``lab down``.
+
+Up, in order: validate everything (name, network like ``plan``, capacity,
+privileges) before touching the kernel -> lab dir + state file -> VNet
+bridge -> external host -> control plane (etcd, with ``--store etcd``) ->
+``cluster create`` -> per node: namespace, underlay veth, node IP,
+``install-cni``, agent (all agents start at once, then we wait for each
+ready line) -> pods through the real plugin (a small thread pool). The state
+file is saved after every step, and any failure runs ``down``: a failed
+``up`` leaves nothing behind.
+
+Down: stop the processes the state file names (by pid + start time), then
+for every namespace of the lab (from the state file *and* by the lab's
+unique prefix, so a lost state file is no obstacle) kill what still runs in
+it and delete it; pods first, the VNet last; finally remove the lab dir.
+Safe to repeat.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import ClusterNetwork, parse_network
+from ..errors import AlreadyExists, UsageError
+from . import control, netns, procs, topology
+from . import state as st
+from .state import LabState, NodeState, PodState
+
+Reporter = Callable[[str, int, int], None]  # (phase, done, total)
+STORES = ("sqlite", "etcd")
+DEFAULT_LEASE_TTL = 6
+POD_WORKERS = 4
+
+
+def _quiet(phase: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class UpRequest:
+    name: str = "demo"
+    nodes: int = 3
+    pods_per_node: int = 2
+    store: str = "sqlite"
+    network: dict[str, Any] = field(default_factory=dict)  # the AKS flags the user gave
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    root: str | None = None
+
+
+def validate(req: UpRequest) -> ClusterNetwork:
+    """Every check that needs no kernel; raises ConfigError / UsageError."""
+    topology.validate_lab_name(req.name)
+    net = parse_network(req.network)
+    if req.store not in STORES:
+        raise UsageError(f"--store: {req.store!r} is not one of: {', '.join(STORES)}")
+    if not 2 <= req.lease_ttl <= 3600:
+        raise UsageError(f"--lease-ttl: {req.lease_ttl} is out of range (allowed 2..3600)")
+    topology.check_capacity(net, nodes=req.nodes, pods_per_node=req.pods_per_node)
+    longest = topology.node_name(req.nodes + 99)
+    control.check_socket_path(str(st.lab_dir(req.name, req.root) / "nodes" / longest / "agent.sock"))
+    return net
+
+
+def up(req: UpRequest, *, report: Reporter = _quiet) -> LabState:
+    net = validate(req)
+    netns.require_privileges()
+    d = st.lab_dir(req.name, req.root)
+    if (d / st.STATE_FILE).exists() or netns.list_netns(topology.netns_prefix(req.name)):
+        raise AlreadyExists(
+            f"lab {req.name!r} already exists",
+            details=f"see `overlaycni lab status --name {req.name}`, or remove it with `overlaycni lab down --name {req.name}`",
+        )
+    if d.exists():
+        shutil.rmtree(d)  # leftovers without a state file or namespaces: nothing running uses them
+    addr = topology.addressing(net)
+    lab = req.name
+    state = LabState(
+        name=lab,
+        lab_dir=str(d),
+        backend=net.backend,
+        store=req.store,
+        datastore=topology.datastore_url(req.store, lab_dir=str(d), control_ip=addr.control_ip.ip),
+        network=net.to_dict(),
+        vnet_netns=topology.vnet_netns(lab),
+        external_netns=topology.ext_netns(lab),
+        external_ip=addr.external_ip,
+        control_netns=topology.ctl_netns(lab) if req.store == "etcd" else None,
+        control_ip=addr.control_ip if req.store == "etcd" else None,
+        lease_ttl=req.lease_ttl,
+    )
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        state = _build(state, req, net, report)
+    except BaseException:
+        down(lab, root=req.root)
+        raise
+    return state
+
+
+def _build(state: LabState, req: UpRequest, net: ClusterNetwork, report: Reporter) -> LabState:
+    steps = 3 + (1 if req.store == "etcd" else 0)
+    report("vnet", 0, steps)
+    state = state.with_namespace(state.vnet_netns)
+    st.save(state)
+    netns.setup_vnet(state.vnet_netns)
+    report("vnet", 1, steps)
+    state = state.with_namespace(state.external_netns)
+    st.save(state)
+    netns.setup_vm(state.vnet_netns, state.external_netns, port=topology.EXT_PORT, address=state.external_ip, forwarding=False)
+    report("vnet", 2, steps)
+    if req.store == "etcd":
+        assert state.control_netns and state.control_ip
+        state = state.with_namespace(state.control_netns)
+        st.save(state)
+        netns.setup_vm(state.vnet_netns, state.control_netns, port=topology.CTL_PORT, address=state.control_ip, forwarding=False)
+        state = replace(state, etcd=control.start_etcd(state))
+        st.save(state)
+        control.wait_etcd(state, state.etcd)  # type: ignore[arg-type]
+        report("vnet", 3, steps)
+    control.create_cluster(state, req.network)
+    report("vnet", steps, steps)
+
+    names = [(i, topology.node_name(i)) for i in range(1, req.nodes + 1)]
+    report("nodes", 0, len(names))
+    for i, name in names:
+        node = new_node(state, i, name)
+        state = state.with_namespace(node.netns).with_node(node)
+        st.save(state)
+        setup_node(state, node)
+        node = control.start_agent(state, node)
+        state = state.with_node(node)
+        st.save(state)
+    for k, (_, name) in enumerate(names, 1):
+        state = state.with_node(control.wait_agent(state, state.node(name)))
+        st.save(state)
+        report("nodes", k, len(names))
+
+    wanted = topology.default_pods(names, req.pods_per_node)
+    state = add_pods(state, [(p, n, "default", ()) for p, n in wanted], report=report)
+    return state
+
+
+def new_node(state: LabState, index: int, name: str) -> NodeState:
+    net = parse_network(state.network)
+    d = control.node_dir(state, name)
+    socket = str(d / "agent.sock")
+    control.check_socket_path(socket)
+    return NodeState(
+        name=name,
+        index=index,
+        netns=topology.node_netns(state.name, name),
+        ip=topology.addressing(net).node_ip(index),
+        socket=socket,
+        conf_dir=str(d / "net.d"),
+    )
+
+
+def setup_node(state: LabState, node: NodeState) -> None:
+    """The node VM: namespace, underlay on the VNet, the plugin's files."""
+    from ..cni.install import install_cni
+
+    netns.setup_vm(state.vnet_netns, node.netns, port=topology.node_port(node.name), address=node.ip, forwarding=True)
+    control.node_dir(state, node.name).mkdir(parents=True, exist_ok=True)
+    install_cni(cluster=state.name, bin_dir=str(control.cni_bin_dir(state)), conf_dir=node.conf_dir, socket=node.socket)
+
+
+def add_pods(
+    state: LabState, wanted: list[tuple[str, str, str, tuple[tuple[str, str], ...]]], *, report: Reporter = _quiet
+) -> LabState:
+    """ADD pods (name, node, k8s namespace, labels) in parallel; save each."""
+    pods = [
+        PodState(
+            name=name,
+            namespace=ns,
+            node=node,
+            netns=topology.pod_netns(state.name, name),
+            container_id=topology.container_id(state.name, name),
+            labels=labels,
+        )
+        for name, node, ns, labels in wanted
+    ]
+    for p in pods:
+        state = state.with_namespace(p.netns).with_pod(p)
+    st.save(state)
+    report("pods", 0, len(pods))
+    done = 0
+    with ThreadPoolExecutor(max_workers=POD_WORKERS) as pool:
+        futures = [pool.submit(control.cni_add, state, state.node(p.node), p) for p in pods]
+        try:
+            for fut in futures:
+                state = state.with_pod(fut.result())
+                done += 1
+                report("pods", done, len(pods))
+        finally:
+            for fut in futures:
+                fut.cancel()
+            st.save(state)
+    return state
+
+
+@dataclass(frozen=True)
+class DownReport:
+    name: str
+    stopped: tuple[int, ...]
+    namespaces: tuple[str, ...]
+    removed_dir: str | None
+
+    @property
+    def found_anything(self) -> bool:
+        return bool(self.stopped or self.namespaces or self.removed_dir)
+
+
+def _ns_order(lab: str, names: set[str]) -> list[str]:
+    prefix = topology.netns_prefix(lab)
+    last = [topology.ext_netns(lab), topology.ctl_netns(lab), topology.vnet_netns(lab)]
+    pods = sorted(n for n in names if n.startswith(prefix + "pod."))
+    others = sorted(n for n in names if n not in pods and n not in last)
+    return pods + others + [n for n in last if n in names]
+
+
+def down(name: str, *, root: str | None = None) -> DownReport:
+    topology.validate_lab_name(name)
+    netns.require_privileges()
+    d = st.lab_dir(name, root)
+    state = st.try_load(name, root)
+    stopped: list[int] = []
+    if state is not None:
+        for node in state.nodes:
+            if procs.stop(node.agent):
+                stopped.append(node.agent.pid)  # type: ignore[union-attr]
+        if procs.stop(state.etcd):
+            stopped.append(state.etcd.pid)  # type: ignore[union-attr]
+    found = set(netns.list_netns(topology.netns_prefix(name)))
+    if state is not None:
+        found |= {n for n in state.namespaces if netns.netns_exists(n)}
+    ordered = _ns_order(name, found)
+    for ns in ordered:
+        for pid in netns.netns_pids(ns):  # strays: an agent from a lost state file, a `lab exec` left running
+            procs.kill_pid(pid)
+            stopped.append(pid)
+    for ns in ordered:
+        netns.delete_netns(ns)
+    removed = None
+    if d.is_dir() and d.name == name:
+        shutil.rmtree(d, ignore_errors=True)
+        removed = str(d)
+    return DownReport(name=name, stopped=tuple(stopped), namespaces=tuple(ordered), removed_dir=removed)
+
+
+def labs(root: str | None = None) -> list[tuple[str, LabState | None]]:
+    """Every lab with a state file, plus labs known only by namespaces."""
+    names = set(st.list_labs(root))
+    for ns in netns.list_netns(topology.NETNS_PREFIX):
+        lab = ns[len(topology.NETNS_PREFIX) :].split(".", 1)[0]
+        names.add(lab)
+    return [(n, st.try_load(n, root)) for n in sorted(names)]
+
+
+def lab_path(name: str, root: str | None) -> Path:
+    return st.lab_dir(name, root)

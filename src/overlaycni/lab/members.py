@@ -1,0 +1,167 @@
+"""Changing a running lab: pods and nodes come and go, agents restart.
+
+Each operation loads the state, does its kernel/process work, then re-reads
+the state under the lab's lock and records its change, so concurrent
+commands (``pod add`` from two shells) do not lose each other's records.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import AlreadyExists, OverlayCNIError, UsageError
+from . import control, netns, procs, topology
+from . import state as st
+from .lifecycle import add_pods, new_node, setup_node
+from .state import LabState, NodeState, PodState
+
+
+def _update(name: str, root: str | None, change: Callable[[LabState], LabState]) -> LabState:
+    with st.locked(st.lab_dir(name, root)):
+        state = change(st.load(name, root))
+        st.save(state)
+        return state
+
+
+def open_lab(name: str, root: str | None = None) -> LabState:
+    topology.validate_lab_name(name)
+    return st.load(name, root)
+
+
+# --- pods ---------------------------------------------------------------------------------------
+
+
+def add_pod(
+    name: str,
+    pod: str,
+    *,
+    namespace: str = "default",
+    node: str | None = None,
+    labels: tuple[tuple[str, str], ...] = (),
+    root: str | None = None,
+) -> PodState:
+    netns.require_privileges()
+    state = open_lab(name, root)
+    topology.validate_pod_name(pod)
+    topology.validate_pod_name(namespace, field="--namespace")
+    if any(p.name == pod for p in state.pods):
+        raise AlreadyExists(f"lab {name}: pod {pod!r} already exists")
+    if not state.nodes:
+        raise UsageError(f"lab {name} has no nodes; add one with `overlaycni lab node add --name {name}`")
+    if node is None:  # the node with the fewest pods, like a naive scheduler
+        node = min(state.nodes, key=lambda n: (len(state.pods_on(n.name)), n.index)).name
+    state.node(node)  # raises NotFound naming the nodes
+    try:
+        added = add_pods(state, [(pod, node, namespace, labels)])
+    except BaseException:
+        p = PodState(pod, namespace, node, topology.pod_netns(name, pod), topology.container_id(name, pod))
+        control.cni_del(state, state.node(node), p, best_effort=True)
+        _update(name, root, lambda s: s.without_pod(pod).without_namespace(p.netns))
+        raise
+    result = added.pod(pod)
+    _update(name, root, lambda s: s.with_namespace(result.netns).with_pod(result))
+    return result
+
+
+def delete_pod(name: str, pod: str, *, root: str | None = None) -> PodState:
+    netns.require_privileges()
+    state = open_lab(name, root)
+    p = state.pod(pod)
+    node = next((n for n in state.nodes if n.name == p.node), None)
+    control.cni_del(state, node, p)
+    _update(name, root, lambda s: s.without_pod(pod).without_namespace(p.netns))
+    return p
+
+
+# --- nodes --------------------------------------------------------------------------------------
+
+
+def add_node(name: str, node: str | None = None, *, root: str | None = None) -> NodeState:
+    """A new node VM with its agent; returns once the agent is ready."""
+    netns.require_privileges()
+    state = open_lab(name, root)
+    used = {n.index for n in state.nodes}
+    index = topology.next_free_index(used)
+    node = topology.validate_node_name(node or topology.node_name(index))
+    if any(n.name == node for n in state.nodes):
+        raise AlreadyExists(f"lab {name}: node {node!r} already exists")
+    if netns.netns_exists(topology.node_netns(name, node)):
+        raise AlreadyExists(f"lab {name}: namespace {topology.node_netns(name, node)} already exists")
+    n = new_node(state, index, node)
+    state = _update(name, root, lambda s: s.with_namespace(n.netns).with_node(n))
+    try:
+        setup_node(state, n)
+        n = control.start_agent(state, n)
+        _update(name, root, lambda s: s.with_node(n))
+        n = control.wait_agent(state, n)
+    except BaseException:
+        _remove_node(state, n, deregister=True)
+        raise
+    _update(name, root, lambda s: s.with_node(n))
+    return n
+
+
+def delete_node(name: str, node: str, *, root: str | None = None) -> NodeState:
+    """Drain (DEL its pods through the plugin), stop the agent, remove the
+    node from the cluster so peers converge now, delete the VM."""
+    netns.require_privileges()
+    state = open_lab(name, root)
+    n = state.node(node)
+    for p in state.pods_on(node):
+        control.cni_del(state, n, p, best_effort=True)
+        _update(name, root, lambda s, p=p: s.without_pod(p.name).without_namespace(p.netns))
+    _remove_node(state, n, deregister=True)
+    return n
+
+
+def _remove_node(state: LabState, n: NodeState, *, deregister: bool) -> None:
+    procs.stop(n.agent)
+    for pid in netns.netns_pids(n.netns):
+        procs.kill_pid(pid)
+    if deregister:
+        deregister_node(state, n.name)
+    netns.delete_netns(n.netns)
+    shutil.rmtree(control.node_dir(state, n.name), ignore_errors=True)
+    _update(state.name, str(Path(state.lab_dir).parent), lambda s: s.without_node(n.name).without_namespace(n.netns))
+
+
+def deregister_node(state: LabState, node: str) -> bool:
+    """Delete the node's record (and its block) so peers drop it at once.
+    Without that, peers still drop it when its lease runs out."""
+    try:
+        control.cli(state, ["node", "delete", "--cluster", state.name, node])
+        return True
+    except OverlayCNIError:
+        return False
+
+
+# --- agents -------------------------------------------------------------------------------------
+
+
+def restart_agent(name: str, node: str, *, root: str | None = None) -> NodeState:
+    """Stop the node's agent if it still runs (SIGTERM: pods keep working),
+    start a new one, wait until it is ready."""
+    netns.require_privileges()
+    state = open_lab(name, root)
+    n = state.node(node)
+    procs.stop(n.agent)
+    n = control.start_agent(state, n)
+    _update(name, root, lambda s: s.with_node(n))
+    n = control.wait_agent(state, n)
+    _update(name, root, lambda s: s.with_node(n))
+    return n
+
+
+def kill_agent(name: str, node: str, *, root: str | None = None) -> NodeState:
+    """SIGKILL the node's agent (to see what a crash does)."""
+    netns.require_privileges()
+    n = open_lab(name, root).node(node)
+    procs.kill(n.agent, signal.SIGKILL)
+    return n
+
+
+def agent_alive(n: NodeState) -> bool:
+    return procs.alive(n.agent)

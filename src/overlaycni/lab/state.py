@@ -1,0 +1,280 @@
+"""The lab state file: one JSON document in the lab directory.
+
+It records exactly what a lab made (namespaces, processes by pid and start
+time, pods) so that ``lab down`` undoes exactly that. Writes are atomic
+(temp file + rename) and serialised by a lock file, so concurrent ``pod add``
+commands do not lose each other's records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotFound, OverlayCNIError
+
+STATE_FILE = "lab.json"
+DEFAULT_ROOTS = ("/run/overlaycni/labs", "/var/lib/overlaycni/labs")
+ENV_LAB_DIR = "OVERLAYCNI_LAB_DIR"
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A process the lab started: pid plus its kernel start time, so a
+    recycled pid is never mistaken for ours."""
+
+    pid: int
+    start_time: int
+    log: str = ""
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    index: int
+    netns: str
+    ip: IPv4Interface
+    block: IPv4Network | None = None
+    agent: Proc | None = None
+    socket: str = ""
+    conf_dir: str = ""
+
+
+@dataclass(frozen=True)
+class PodState:
+    name: str
+    namespace: str
+    node: str
+    netns: str
+    container_id: str
+    ip: IPv4Interface | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class LabState:
+    name: str
+    lab_dir: str
+    backend: str
+    store: str
+    datastore: str
+    network: dict[str, Any]  # ClusterNetwork.to_dict(), round-trips via parse_network
+    vnet_netns: str
+    external_netns: str
+    external_ip: IPv4Interface
+    control_netns: str | None = None
+    control_ip: IPv4Interface | None = None
+    etcd: Proc | None = None
+    lease_ttl: int = 6
+    nodes: tuple[NodeState, ...] = ()
+    pods: tuple[PodState, ...] = ()
+    namespaces: tuple[str, ...] = field(default_factory=tuple)  # every netns made, in order
+
+    # --- lookups -----------------------------------------------------------
+    def node(self, name: str) -> NodeState:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise NotFound(f"lab {self.name}: no node {name!r} (nodes: {', '.join(n.name for n in self.nodes) or 'none'})")
+
+    def pod(self, name: str) -> PodState:
+        for p in self.pods:
+            if p.name == name:
+                return p
+        raise NotFound(f"lab {self.name}: no pod {name!r} (pods: {', '.join(p.name for p in self.pods) or 'none'})")
+
+    def pods_on(self, node: str) -> tuple[PodState, ...]:
+        return tuple(p for p in self.pods if p.node == node)
+
+    # --- updates (return new states) ------------------------------------------
+    def with_node(self, node: NodeState) -> LabState:
+        nodes = [n for n in self.nodes if n.name != node.name] + [node]
+        return replace(self, nodes=tuple(sorted(nodes, key=lambda n: n.index)))
+
+    def without_node(self, name: str) -> LabState:
+        return replace(self, nodes=tuple(n for n in self.nodes if n.name != name))
+
+    def with_pod(self, pod: PodState) -> LabState:
+        pods = [p for p in self.pods if p.name != pod.name] + [pod]
+        return replace(self, pods=tuple(pods))
+
+    def without_pod(self, name: str) -> LabState:
+        return replace(self, pods=tuple(p for p in self.pods if p.name != name))
+
+    def with_namespace(self, ns: str) -> LabState:
+        if ns in self.namespaces:
+            return self
+        return replace(self, namespaces=self.namespaces + (ns,))
+
+    def without_namespace(self, ns: str) -> LabState:
+        return replace(self, namespaces=tuple(n for n in self.namespaces if n != ns))
+
+    # --- the public JSON of ``lab status`` --------------------------------------
+    def status_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "store": self.store,
+            "datastore": self.datastore,
+            "pod_cidr": self.network.get("pod-cidr"),
+            "lab_dir": self.lab_dir,
+            "nodes": [
+                {
+                    "name": n.name,
+                    "netns": n.netns,
+                    "ip": str(n.ip.ip),
+                    "block": str(n.block) if n.block else None,
+                    "agent_pid": n.agent.pid if n.agent else None,
+                }
+                for n in self.nodes
+            ],
+            "pods": [
+                {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "node": p.node,
+                    "netns": p.netns,
+                    "ip": str(p.ip.ip) if p.ip else None,
+                }
+                for p in self.pods
+            ],
+            "external": {"netns": self.external_netns, "ip": str(self.external_ip.ip)},
+        }
+
+
+# --- (de)serialisation --------------------------------------------------------------
+
+
+def _enc(v: Any) -> Any:
+    if isinstance(v, (IPv4Address, IPv4Interface, IPv4Network)):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _enc(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_enc(x) for x in v]
+    return v
+
+
+def to_json(state: LabState) -> str:
+    return json.dumps(_enc(asdict(state)), indent=2)
+
+
+def _proc(d: dict[str, Any] | None) -> Proc | None:
+    return Proc(**d) if d else None
+
+
+def from_json(text: str) -> LabState:
+    d = json.loads(text)
+    nodes = tuple(
+        NodeState(
+            name=n["name"],
+            index=n["index"],
+            netns=n["netns"],
+            ip=IPv4Interface(n["ip"]),
+            block=IPv4Network(n["block"]) if n.get("block") else None,
+            agent=_proc(n.get("agent")),
+            socket=n.get("socket", ""),
+            conf_dir=n.get("conf_dir", ""),
+        )
+        for n in d.get("nodes", [])
+    )
+    pods = tuple(
+        PodState(
+            name=p["name"],
+            namespace=p["namespace"],
+            node=p["node"],
+            netns=p["netns"],
+            container_id=p["container_id"],
+            ip=IPv4Interface(p["ip"]) if p.get("ip") else None,
+            labels=tuple(tuple(x) for x in p.get("labels", [])),  # type: ignore[misc]
+        )
+        for p in d.get("pods", [])
+    )
+    return LabState(
+        name=d["name"],
+        lab_dir=d["lab_dir"],
+        backend=d["backend"],
+        store=d["store"],
+        datastore=d["datastore"],
+        network=d["network"],
+        vnet_netns=d["vnet_netns"],
+        external_netns=d["external_netns"],
+        external_ip=IPv4Interface(d["external_ip"]),
+        control_netns=d.get("control_netns"),
+        control_ip=IPv4Interface(d["control_ip"]) if d.get("control_ip") else None,
+        etcd=_proc(d.get("etcd")),
+        lease_ttl=d.get("lease_ttl", 6),
+        nodes=nodes,
+        pods=pods,
+        namespaces=tuple(d.get("namespaces", [])),
+    )
+
+
+# --- where labs live ----------------------------------------------------------------------
+
+
+def labs_root(override: str | None = None) -> Path:
+    """The directory holding one sub-directory per lab: ``--lab-dir``, else
+    ``$OVERLAYCNI_LAB_DIR``, else /run/overlaycni/labs (tmpfs: a reboot
+    forgets labs, as it forgets their namespaces)."""
+    chosen = override or os.environ.get(ENV_LAB_DIR)
+    if chosen:
+        return Path(chosen)
+    run = Path(DEFAULT_ROOTS[0])
+    if run.parent.parent.is_dir():
+        return run
+    return Path(DEFAULT_ROOTS[1])
+
+
+def lab_dir(name: str, root: str | None = None) -> Path:
+    return labs_root(root) / name
+
+
+def load(name: str, root: str | None = None) -> LabState:
+    path = lab_dir(name, root) / STATE_FILE
+    try:
+        return from_json(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"no lab named {name!r} (looked in {path.parent}); start one with: overlaycni lab up --name {name}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OverlayCNIError(f"lab {name}: the state file {path} is damaged ({exc}); `overlaycni lab down --name {name}` still cleans up") from None
+
+
+def try_load(name: str, root: str | None = None) -> LabState | None:
+    try:
+        return load(name, root)
+    except OverlayCNIError:
+        return None
+
+
+def save(state: LabState) -> None:
+    path = Path(state.lab_dir) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_json(state))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(lab_path: Path) -> Iterator[None]:
+    """Serialise state updates of one lab across processes."""
+    lab_path.mkdir(parents=True, exist_ok=True)
+    with open(lab_path / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def list_labs(root: str | None = None) -> list[str]:
+    base = labs_root(root)
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / STATE_FILE).is_file())

@@ -1,0 +1,196 @@
+"""``lab trace SRC DST`` and ``lab tour``: one real packet, followed.
+
+Trace asks the kernel for the routes (``ip -j route get`` in the pod and in
+its node), then sends one echo request with a payload size nobody else uses
+while tcpdump listens at every hop: the source pod's ``eth0``, the source
+node's underlay, the destination node's underlay and the destination pod's
+``eth0`` (or the external host's). What is printed is what was captured:
+inner and outer addresses, the VNI, and for a destination outside the pod
+CIDR the source before (in the pod) and after SNAT (on the wire).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotFound, UsageError
+from . import netns
+from .capture import Capture, Packet
+from .check import ICMP_HEADER, ping, underlay_filter
+from .state import LabState, PodState
+
+
+@dataclass(frozen=True)
+class Hop:
+    where: str  # "pod-1-1 (eth0)", "node1 underlay", ...
+    netns: str
+    packet: Packet | None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.packet
+        return {
+            "where": self.where,
+            "netns": self.netns,
+            "seen": p is not None,
+            "src": str(p.src) if p else None,
+            "dst": str(p.dst) if p else None,
+            "outer_src": str(p.outer_src) if p and p.outer_src else None,
+            "outer_dst": str(p.outer_dst) if p and p.outer_dst else None,
+            "vni": p.vni if p else None,
+            "tcpdump": p.text if p else None,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class Trace:
+    src: str
+    dst: str
+    dst_ip: IPv4Address
+    replied: bool
+    pod_route: dict[str, Any]
+    node_route: dict[str, Any]
+    hops: tuple[Hop, ...]
+    snat: tuple[IPv4Address, IPv4Address] | None  # (inner source before, after)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "dst_ip": str(self.dst_ip),
+            "replied": self.replied,
+            "pod_route": self.pod_route,
+            "node_route": self.node_route,
+            "hops": [h.to_json() for h in self.hops],
+            "snat": {"before": str(self.snat[0]), "after": str(self.snat[1])} if self.snat else None,
+        }
+
+
+def route_get(ns: str, dst: IPv4Address) -> dict[str, Any]:
+    proc = netns.run(["ip", "-n", ns, "-j", "route", "get", str(dst)], check=False)
+    try:
+        routes = json.loads(proc.stdout or "[]")
+    except ValueError:
+        routes = []
+    return routes[0] if routes else {"error": proc.stderr.strip()}
+
+
+def resolve_dst(state: LabState, dst: str) -> tuple[IPv4Address, PodState | None, bool]:
+    """(address, pod or None, is the external host)."""
+    if dst in ("external", "ext"):
+        return state.external_ip.ip, None, True
+    for p in state.pods:
+        if p.name == dst and p.ip:
+            return p.ip.ip, p, False
+    try:
+        ip = ip_address(dst)
+    except ValueError:
+        raise NotFound(f"DST: {dst!r} is neither a pod of lab {state.name}, an IPv4 address, nor 'external'") from None
+    if ip.version != 4:
+        raise UsageError(f"DST: {dst} is IPv6; the lab is IPv4")
+    pod = next((p for p in state.pods if p.ip and p.ip.ip == ip), None)
+    return ip, pod, ip == state.external_ip.ip  # type: ignore[return-value]
+
+
+def _match(packets: list[Packet], length: int) -> Packet | None:
+    return next((p for p in packets if p.icmp_request and p.length == length), None)
+
+
+def run_trace(state: LabState, src: str, dst: str) -> Trace:
+    a = state.pod(src)
+    if a.ip is None:
+        raise NotFound(f"pod {src} has no IP")
+    dst_ip, b, is_ext = resolve_dst(state, dst)
+    na = state.node(a.node)
+    nb = state.node(b.node) if b else None
+    pod_route = route_get(a.netns, dst_ip)
+    node_route = route_get(na.netns, dst_ip)
+    size = random.randint(300, 999)
+    workdir = Path(state.lab_dir) / "captures"
+    underlay = f"({underlay_filter(state)}) or icmp" if state.backend == "vxlan" else "icmp"
+    points: list[tuple[str, str, Capture]] = [(f"{a.name} eth0", a.netns, Capture(a.netns, "eth0", "icmp", workdir=workdir))]
+    points.append((f"{na.name} underlay eth0 ({na.ip.ip})", na.netns, Capture(na.netns, "eth0", underlay, workdir=workdir)))
+    if nb and nb.name != na.name:
+        points.append((f"{nb.name} underlay eth0 ({nb.ip.ip})", nb.netns, Capture(nb.netns, "eth0", underlay, workdir=workdir)))
+    if b:
+        points.append((f"{b.name} eth0", b.netns, Capture(b.netns, "eth0", "icmp", workdir=workdir)))
+    elif is_ext:
+        points.append((f"external host eth0 ({state.external_ip.ip})", state.external_netns,
+                       Capture(state.external_netns, "eth0", "icmp", workdir=workdir)))  # fmt: skip
+    started = []
+    try:
+        for _, _, cap in points:
+            started.append(cap.start())
+        replied = ping(a.netns, dst_ip, size=size)
+    finally:
+        for cap in started:
+            cap.stop()
+    hops = []
+    for where, ns, cap in points:
+        pkt = _match(cap.packets, size + ICMP_HEADER)
+        hops.append(Hop(where, ns, pkt, _note(state, pkt)))
+    snat = None
+    pod_cidr = IPv4Network(state.network["pod-cidr"])
+    if dst_ip not in pod_cidr:
+        before = hops[0].packet.src if hops[0].packet else a.ip.ip
+        after = next((h.packet.src for h in hops[1:] if h.packet and h.packet.vni is None), None)
+        if after is not None:
+            snat = (before, after)
+    return Trace(a.name, dst, dst_ip, replied, pod_route, node_route, tuple(hops), snat)
+
+
+def _note(state: LabState, p: Packet | None) -> str:
+    if p is None:
+        return "not seen"
+    if p.vni is not None:
+        return f"VXLAN: outer {p.outer_src} -> {p.outer_dst}, VNI {p.vni}, inner {p.src} -> {p.dst}"
+    return f"{p.src} -> {p.dst}"
+
+
+# --- the tour: real output, a few commands ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TourStep:
+    title: str
+    command: str
+    output: str
+
+
+def run_tour(state: LabState) -> list[TourStep]:
+    steps: list[TourStep] = []
+    pods = [p for p in state.pods if p.ip]
+    if not pods:
+        raise UsageError(f"lab {state.name} has no pods; add one with `overlaycni lab pod add --name {state.name} web`")
+    p = pods[0]
+    for title, argv in (("the pod's interface", ["ip", "addr", "show", "eth0"]), ("the pod's routes", ["ip", "route"])):
+        out = netns.ns_run(p.netns, argv).stdout
+        steps.append(TourStep(f"{title} ({p.name} on {p.node})", f"overlaycni lab exec --name {state.name} {p.name} -- {' '.join(argv)}", out))
+    other = next((q for q in pods if q.node != p.node), None)
+    if other is not None:
+        t = run_trace(state, p.name, other.name)
+        wire = next((h for h in t.hops if h.packet and h.packet.outer_src is not None), None) or next(
+            (h for h in t.hops[1:2] if h.packet), None
+        )
+        label = "one VXLAN packet on the underlay" if state.backend == "vxlan" else "the pod packet routed over the underlay"
+        steps.append(
+            TourStep(
+                f"{label} ({p.name} -> {other.name})",
+                f"overlaycni lab trace --name {state.name} {p.name} {other.name}",
+                (wire.where + ":\n" + wire.packet.text) if wire and wire.packet else "(not captured)",
+            )
+        )
+    t = run_trace(state, p.name, "external")
+    ext_hop = t.hops[-1]
+    text = f"inside {p.name}: " + (t.hops[0].packet.text if t.hops[0].packet else "(not captured)")
+    text += f"\nat the external host: " + (ext_hop.packet.text if ext_hop.packet else "(not captured)")
+    if t.snat:
+        text += f"\nSNAT: source {t.snat[0]} -> {t.snat[1]} (the node IP of {p.node})"
+    steps.append(TourStep("the SNAT seen at the external host", f"overlaycni lab trace --name {state.name} {p.name} external", text))
+    return steps
