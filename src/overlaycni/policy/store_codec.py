@@ -20,6 +20,7 @@ from .model import (
     NamedPort,
     NamespaceInfo,
     NetworkPolicy,
+    API_VERSION,
     PROTOCOLS,
     Peer,
     PodInfo,

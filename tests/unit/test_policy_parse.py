@@ -1,0 +1,194 @@
+"""Parsing, API defaulting, validation (field paths) and the JSON round trip."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, ip_network
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from overlaycni.errors import ConfigError
+from overlaycni.policy import parse_policies, policy_from_dict, policy_to_dict
+from overlaycni.policy.model import IPBlock, NamespaceInfo, PodInfo, PolicyPort
+from overlaycni.policy.selectors import LabelSelector, Requirement, parse_selector
+from overlaycni.policy.store_codec import (
+    decode,
+    encode,
+    namespace_from_dict,
+    namespace_to_dict,
+    parse_named_port,
+    pod_from_dict,
+    pod_key,
+    pod_to_dict,
+    policy_key,
+)
+from tests.policy_cases import CASES
+
+HEAD = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: x\n"
+
+
+def errors_of(text: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_policies(text)
+    return {e.field: e.message for e in info.value.errors}
+
+
+def test_policy_types_default_ingress_only():
+    (p,) = parse_policies(HEAD + "spec:\n  podSelector: {}\n  ingress: [{}]\n")
+    assert p.policy_types == ("Ingress",)
+
+
+def test_policy_types_default_adds_egress_when_egress_non_empty():
+    (p,) = parse_policies(HEAD + "spec:\n  podSelector: {}\n  egress: [{}]\n")
+    assert p.policy_types == ("Ingress", "Egress")
+    (p,) = parse_policies(HEAD + "spec:\n  podSelector: {}\n  egress: []\n")
+    assert p.policy_types == ("Ingress",)
+
+
+def test_protocol_defaults_to_tcp_and_namespace_to_default():
+    text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress:\n  - ports: [{port: 80}]\n"
+    (p,) = parse_policies(text)
+    assert p.namespace == "default"
+    assert p.ingress[0].ports == (PolicyPort("TCP", 80, None),)
+    assert p.pod_selector.empty
+
+
+def test_multi_document_and_list_kind():
+    docs = HEAD + "spec: {}\n---\n---\n" + HEAD.replace("name: p", "name: q") + "spec: {}\n"
+    assert [p.name for p in parse_policies(docs)] == ["p", "q"]
+    lst = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: r, namespace: y}\n  spec: {}\n"
+    assert [p.key for p in parse_policies(lst)] == ["y/r"]
+    assert parse_policies("") == []
+
+
+@pytest.mark.parametrize(
+    "spec, field, words",
+    [
+        ("  ingress:\n  - ports:\n    - {port: 80}\n    - {port: 90, endPort: 85}\n", "spec.ingress[0].ports[1].endPort", "greater than or equal"),
+        ("  ingress:\n  - ports:\n    - {endPort: 85}\n", "spec.ingress[0].ports[0].endPort", "requires port"),
+        ("  ingress:\n  - ports:\n    - {port: http, endPort: 85}\n", "spec.ingress[0].ports[0].endPort", "named port"),
+        ("  ingress:\n  - ports:\n    - {port: 70000}\n", "spec.ingress[0].ports[0].port", "between 1 and 65535"),
+        ("  ingress:\n  - ports:\n    - {port: Bad_Name}\n", "spec.ingress[0].ports[0].port", "not a valid port name"),
+        ("  ingress:\n  - ports:\n    - {protocol: ICMP}\n", "spec.ingress[0].ports[0].protocol", "TCP, UDP, SCTP"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/33}\n", "spec.egress[0].to[0].ipBlock.cidr", "not a valid CIDR"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0}\n", "spec.egress[0].to[0].ipBlock.cidr", "not a CIDR"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}\n", "spec.egress[0].to[0].ipBlock.except[0]", "strict subset"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}\n", "spec.egress[0].to[0].ipBlock.except[0]", "strict subset"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8}\n      podSelector: {}\n", "spec.egress[0].to[0].ipBlock", "may not be combined"),
+        ("  ingress:\n  - from:\n    - {}\n", "spec.ingress[0].from[0]", "must set"),
+        ("  podSelector:\n    matchExpressions:\n    - {key: a, operator: Equals, values: [b]}\n", "spec.podSelector.matchExpressions[0].operator", "not one of"),
+        ("  podSelector:\n    matchExpressions:\n    - {key: a, operator: In}\n", "spec.podSelector.matchExpressions[0].values", "non-empty"),
+        ("  podSelector:\n    matchExpressions:\n    - {key: a, operator: Exists, values: [b]}\n", "spec.podSelector.matchExpressions[0].values", "must be empty"),
+        ("  podSelector:\n    matchLabels: {'bad key!': x}\n", "spec.podSelector.matchLabels.bad key!", "label key"),
+        ("  podSelector:\n    matchLabels: {app: 5}\n", "spec.podSelector.matchLabels.app", "must be a string"),
+        ("  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabel: {a: b}\n", "spec.ingress[0].from[0].namespaceSelector.matchLabel", "unknown field"),
+        ("  podselector: {}\n", "spec.podselector", "unknown field"),
+        ("  policyTypes: [Ingress, Sideways]\n", "spec.policyTypes[1]", "not Ingress or Egress"),
+        ("  policyTypes: [Ingress, Ingress]\n", "spec.policyTypes[1]", "twice"),
+    ],
+)
+def test_validation_names_the_field(spec, field, words):
+    errs = errors_of(HEAD + "spec:\n" + spec)
+    assert field in errs, errs
+    assert words in errs[field]
+
+
+def test_all_problems_reported_at_once_with_document_names():
+    text = HEAD + "spec:\n  ingress:\n  - ports: [{port: 0}]\n---\n" + HEAD.replace("name: p", "name: q") + "spec:\n  egress:\n  - to: [{ipBlock: {cidr: nope}}]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_policies(text)
+    errs = info.value.errors
+    assert [(e.document, e.field) for e in errs] == [
+        ("document 1 (x/p)", "spec.ingress[0].ports[0].port"),
+        ("document 2 (x/q)", "spec.egress[0].to[0].ipBlock.cidr"),
+    ]
+    assert str(errs[0]).startswith("document 1 (x/p): spec.ingress[0].ports[0].port: ")
+
+
+def test_bad_yaml_kind_metadata_and_duplicates():
+    assert "yaml" in errors_of("a: [")
+    assert "kind" in errors_of(HEAD.replace("NetworkPolicy", "Pod") + "spec: {}\n")
+    assert "apiVersion" in errors_of(HEAD.replace("networking.k8s.io/v1", "extensions/v1beta1") + "spec: {}\n")
+    assert "metadata.name" in errors_of("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nspec: {}\n")
+    assert "metadata.name" in errors_of(HEAD + "spec: {}\n---\n" + HEAD + "spec: {}\n")
+    assert "document" in errors_of("- 1\n- 2\n")
+
+
+def test_ipblock_host_bits_are_masked_like_the_api_server():
+    (p,) = parse_policies(HEAD + "spec:\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.1.2.3/16, except: [10.1.2.0/24]}\n")
+    assert p.egress[0].peers[0].ip_block == IPBlock(ip_network("10.1.0.0/16"), (ip_network("10.1.2.0/24"),))
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
+def test_round_trip_through_dict_and_json(c):
+    from tests.policy_cases import build_model
+
+    for p in parse_policies(c.manifest(build_model())):
+        again = policy_from_dict(decode(encode(policy_to_dict(p))))
+        assert again == p
+
+
+def test_pod_and_namespace_codec():
+    pod = PodInfo("x", "a", IPv4Address("10.244.1.5"), "n1", {"pod": "a"}, (parse_named_port("serve-80-udp=80/udp"),))
+    assert pod_from_dict(decode(encode(pod_to_dict(pod)))) == pod
+    ns = NamespaceInfo("x", {"ns": "x"})
+    assert ns.labels["kubernetes.io/metadata.name"] == "x"
+    assert namespace_from_dict(namespace_to_dict(ns)) == ns
+    assert pod_key("c1", "x", "a") == "/overlaycni/clusters/c1/pods/x/a"
+    assert policy_key("c1", "x", "p") == "/overlaycni/clusters/c1/policies/x/p"
+    with pytest.raises(ConfigError) as info:
+        pod_from_dict({"namespace": "x", "name": "a", "ip": "10.0.0.300", "ports": ["http=99999/TCP"], "labels": {"a": "b c"}})
+    assert {e.field for e in info.value.errors} == {"pod.ip", "pod.ports[0]", "pod.labels.a"}
+    with pytest.raises(ConfigError):
+        decode(b"[1]")
+
+
+# ----- matchExpressions against a straightforward reference --------------------------------
+
+KEYS = st.sampled_from(["a", "b", "c"])
+VALS = st.sampled_from(["1", "2", "3"])
+
+
+def reference(labels, match_labels, exprs):
+    for k, v in match_labels.items():
+        if k not in labels or labels[k] != v:
+            return False
+    for key, op, values in exprs:
+        has = key in labels
+        if op == "In" and not (has and labels[key] in values):
+            return False
+        if op == "NotIn" and has and labels[key] in values:
+            return False
+        if op == "Exists" and not has:
+            return False
+        if op == "DoesNotExist" and has:
+            return False
+    return True
+
+
+expr = st.one_of(
+    st.tuples(KEYS, st.sampled_from(["In", "NotIn"]), st.lists(VALS, min_size=1, max_size=3)),
+    st.tuples(KEYS, st.sampled_from(["Exists", "DoesNotExist"]), st.just([])),
+)
+
+
+@given(
+    labels=st.dictionaries(KEYS, VALS, max_size=3),
+    match_labels=st.dictionaries(KEYS, VALS, max_size=2),
+    exprs=st.lists(expr, max_size=3),
+)
+def test_selector_matches_like_reference(labels, match_labels, exprs):
+    raw = {"matchLabels": match_labels, "matchExpressions": [{"key": k, "operator": o, **({"values": v} if v else {})} for k, o, v in exprs]}
+    errors: list = []
+    sel = parse_selector(raw, "sel", errors)
+    assert not errors
+    assert sel.matches(labels) == reference(labels, match_labels, exprs)
+
+
+def test_equal_selectors_are_canonical():
+    e1: list = []
+    a = parse_selector({"matchExpressions": [{"key": "b", "operator": "In", "values": ["2", "1"]}, {"key": "a", "operator": "Exists"}]}, "s", e1)
+    b = parse_selector({"matchExpressions": [{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "In", "values": ["1", "2"]}]}, "s", e1)
+    assert a == b and hash(a) == hash(b) and not e1
+    assert a == LabelSelector((), (Requirement("a", "Exists"), Requirement("b", "In", ("1", "2"))))
