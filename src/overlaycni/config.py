@@ -333,140 +333,33 @@ def check_network(raw: Mapping[str, Any] | None = None) -> tuple[ClusterNetwork 
 
 
 def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetwork | None, list[str]]:
+    """Parse every value, then apply every rule; errors accumulate."""
     warnings: list[str] = []
     n_errors_before = len(errors)
+    plugin, mode = _check_flags(given, errors)
 
-    # --- flag combinations (azure-cli semantics) ---
-    plugin = given.get("network-plugin")
-    mode = given.get("network-plugin-mode")
-    if plugin is not None:
-        plugin = _parse_choice("network-plugin", plugin, NETWORK_PLUGINS, errors)
-    if mode is not None:
-        mode = _parse_choice("network-plugin-mode", mode, PLUGIN_MODES, errors)
-    ranges_given = [k for k in ("pod-cidr", "service-cidr", "dns-service-ip") if k in given]
-    if "network-plugin" not in given:
-        if ranges_given:
-            errors.append(
-                FieldError(
-                    "network-plugin",
-                    f"--network-plugin is missing: specify the network plugin type when setting "
-                    f"{', '.join('--' + k for k in ranges_given)} (e.g. --network-plugin azure "
-                    "--network-plugin-mode overlay)",
-                )
-            )
-        if mode is not None:
-            errors.append(FieldError("network-plugin", "--network-plugin is missing: --network-plugin-mode needs --network-plugin azure"))
-        plugin, mode = "azure", "overlay"
-    elif plugin == "azure" and "pod-cidr" in given and mode != "overlay":
-        errors.append(
-            FieldError(
-                "network-plugin-mode",
-                "--network-plugin-mode is missing: --pod-cidr with --network-plugin azure requires "
-                "--network-plugin-mode overlay "
-                "(flat Azure CNI takes pod IPs from the node subnet)",
-            )
-        )
-    elif plugin == "kubenet" and mode is not None:
-        errors.append(FieldError("network-plugin-mode", "--network-plugin-mode overlay applies to --network-plugin azure only"))
-    if ("service-cidr" in given) != ("dns-service-ip" in given):
-        missing = "dns-service-ip" if "service-cidr" in given else "service-cidr"
-        errors.append(FieldError(missing, f"--{missing} is missing: --service-cidr and --dns-service-ip go together"))
+    def value(name: str, default: Any) -> Any:
+        return given.get(name, default)
 
-    # --- individual values ---
-    def cidr(name: str, default: str) -> IPv4Network | None:
-        return _parse_cidr(name, given.get(name, default), errors)
-
-    vnet = cidr("vnet-cidr", DEFAULT_VNET_CIDR)
-    subnet = cidr("node-subnet-cidr", DEFAULT_NODE_SUBNET_CIDR)
-    pod = cidr("pod-cidr", DEFAULT_POD_CIDR)
-    svc = cidr("service-cidr", DEFAULT_SERVICE_CIDR)
-    dns = _parse_ip("dns-service-ip", given.get("dns-service-ip", DEFAULT_DNS_SERVICE_IP), errors)
-    max_pods = _parse_int("max-pods", given.get("max-pods", DEFAULT_MAX_PODS), MIN_MAX_PODS, MAX_MAX_PODS, errors)
-    block = _parse_int("node-cidr-size", given.get("node-cidr-size", DEFAULT_NODE_CIDR_SIZE), 8, 28, errors)
-    backend = _parse_choice("backend", given.get("backend", "vxlan"), BACKENDS, errors)
-    vni = _parse_int("vni", given.get("vni", DEFAULT_VNI), 1, 2**24 - 1, errors)
-    port = _parse_int("vxlan-port", given.get("vxlan-port", DEFAULT_VXLAN_PORT), 1, 65535, errors)
-    mtu_raw = given.get("mtu", "auto")
+    vnet = _parse_cidr("vnet-cidr", value("vnet-cidr", DEFAULT_VNET_CIDR), errors)
+    subnet = _parse_cidr("node-subnet-cidr", value("node-subnet-cidr", DEFAULT_NODE_SUBNET_CIDR), errors)
+    pod = _parse_cidr("pod-cidr", value("pod-cidr", DEFAULT_POD_CIDR), errors)
+    svc = _parse_cidr("service-cidr", value("service-cidr", DEFAULT_SERVICE_CIDR), errors)
+    dns = _parse_ip("dns-service-ip", value("dns-service-ip", DEFAULT_DNS_SERVICE_IP), errors)
+    max_pods = _parse_int("max-pods", value("max-pods", DEFAULT_MAX_PODS), MIN_MAX_PODS, MAX_MAX_PODS, errors)
+    block = _parse_int("node-cidr-size", value("node-cidr-size", DEFAULT_NODE_CIDR_SIZE), 8, 28, errors)
+    backend = _parse_choice("backend", value("backend", "vxlan"), BACKENDS, errors)
+    vni = _parse_int("vni", value("vni", DEFAULT_VNI), 1, 2**24 - 1, errors)
+    port = _parse_int("vxlan-port", value("vxlan-port", DEFAULT_VXLAN_PORT), 1, 65535, errors)
+    mtu_raw = value("mtu", "auto")
     mtu = None if str(mtu_raw).strip().lower() == "auto" else _parse_int("mtu", mtu_raw, 576, 9000, errors)
-    nomasq = _parse_cidr_list("non-masquerade-cidrs", given.get("non-masquerade-cidrs", []), errors)
+    nomasq = _parse_cidr_list("non-masquerade-cidrs", value("non-masquerade-cidrs", []), errors)
 
-    # --- reserved ranges ---
-    for name, net in (("vnet-cidr", vnet), ("node-subnet-cidr", subnet), ("pod-cidr", pod), ("service-cidr", svc)):
-        if net is None:
-            continue
-        for r in RESERVED_RANGES:
-            if overlaps(net, r):
-                if net == r:
-                    how = "is"
-                elif contains(net, r):
-                    how = "contains"
-                elif contains(r, net):
-                    how = "lies inside"
-                else:  # pragma: no cover - two CIDRs either nest or are disjoint
-                    how = "overlaps"
-                errors.append(FieldError(name, f"--{name} {net} {how} the reserved range {r}, which AKS forbids"))
-
-    # --- overlaps between ranges ---
-    if vnet and subnet and not contains(vnet, subnet):
-        errors.append(FieldError("node-subnet-cidr", f"--node-subnet-cidr {subnet} is not inside --vnet-cidr {vnet}"))
-    if pod and vnet and overlaps(pod, vnet):
-        errors.append(
-            FieldError("pod-cidr", f"--pod-cidr {pod} overlaps --vnet-cidr {vnet} (NetworkProfileCIDROverlapVNET)")
-        )
-    if pod and svc and overlaps(pod, svc):
-        errors.append(FieldError("pod-cidr", f"--pod-cidr {pod} overlaps --service-cidr {svc}"))
-    if svc and vnet and overlaps(svc, vnet):
-        errors.append(
-            FieldError(
-                "service-cidr", f"--service-cidr {svc} overlaps --vnet-cidr {vnet} (ServiceCidrOverlapExistingSubnetsCidr)"
-            )
-        )
-
-    # --- service CIDR and DNS service IP ---
-    if svc is not None and svc.prefixlen < 12:
-        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is larger than /12 (prefix length must be >= 12)"))
-    if svc is not None and svc.prefixlen > 30:
-        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is too small (prefix length must be <= 30)"))
-    if svc is not None and dns is not None:
-        if dns not in svc:
-            errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} is not inside --service-cidr {svc}"))
-        elif dns == svc.network_address:
-            errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} is the network address of {svc}"))
-        elif dns == svc.network_address + 1:
-            errors.append(
-                FieldError(
-                    "dns-service-ip",
-                    f"--dns-service-ip {dns} is the first usable address of {svc}, reserved for kubernetes.default",
-                )
-            )
-        elif dns == svc.broadcast_address:
-            errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} is the broadcast address of {svc}"))
-
-    # --- pod CIDR, blocks and max pods ---
-    if pod is not None and block is not None:
-        if block < pod.prefixlen:
-            errors.append(
-                FieldError(
-                    "pod-cidr",
-                    f"--pod-cidr {pod} is smaller than one node block (/{block}); use a /{block} or larger",
-                )
-            )
-        if not is_private(pod):
-            warnings.append(
-                f"--pod-cidr {pod} is not an RFC 1918 or RFC 6598 range; public pod ranges are accepted but unsupported"
-            )
-    if block is not None and max_pods is not None:
-        capacity = (1 << (32 - block)) - BLOCK_RESERVED
-        if capacity < max_pods:
-            best = 32 - (max_pods + BLOCK_RESERVED - 1).bit_length()
-            errors.append(
-                FieldError(
-                    "node-cidr-size",
-                    f"--node-cidr-size {block}: a /{block} node block holds {capacity} pods "
-                    f"(after network, gateway and broadcast), fewer than --max-pods {max_pods}; "
-                    f"use --node-cidr-size {best} or --max-pods {capacity}",
-                )
-            )
+    ranges = {"vnet-cidr": vnet, "node-subnet-cidr": subnet, "pod-cidr": pod, "service-cidr": svc}
+    _check_reserved({k: v for k, v in ranges.items() if v is not None}, errors)
+    _check_overlaps(vnet, subnet, pod, svc, errors)
+    _check_service(svc, dns, errors)
+    _check_blocks(pod, block, max_pods, errors, warnings)
 
     if len(errors) > n_errors_before or None in (vnet, subnet, pod, svc, dns, max_pods, block, backend, vni, port):
         return None, warnings
@@ -490,6 +383,143 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
         ),
         warnings,
     )
+
+
+def _check_flags(given: dict[str, Any], errors: list[FieldError]) -> tuple[str | None, str | None]:
+    """azure-cli's flag combinations; returns the (plugin, mode) to use."""
+    plugin = given.get("network-plugin")
+    mode = given.get("network-plugin-mode")
+    if plugin is not None:
+        plugin = _parse_choice("network-plugin", plugin, NETWORK_PLUGINS, errors)
+    if mode is not None:
+        mode = _parse_choice("network-plugin-mode", mode, PLUGIN_MODES, errors)
+    ranges_given = [k for k in ("pod-cidr", "service-cidr", "dns-service-ip") if k in given]
+    if "network-plugin" not in given:
+        if ranges_given:
+            errors.append(
+                FieldError(
+                    "network-plugin",
+                    f"--network-plugin is missing: specify the network plugin type when setting "
+                    f"{', '.join('--' + k for k in ranges_given)} (e.g. --network-plugin azure "
+                    "--network-plugin-mode overlay)",
+                )
+            )
+        if mode is not None:
+            errors.append(
+                FieldError("network-plugin", "--network-plugin is missing: --network-plugin-mode needs --network-plugin azure")
+            )
+        plugin, mode = "azure", "overlay"
+    elif plugin == "azure" and "pod-cidr" in given and mode != "overlay":
+        errors.append(
+            FieldError(
+                "network-plugin-mode",
+                "--network-plugin-mode is missing: --pod-cidr with --network-plugin azure requires "
+                "--network-plugin-mode overlay (flat Azure CNI takes pod IPs from the node subnet)",
+            )
+        )
+    elif plugin == "kubenet" and mode is not None:
+        errors.append(
+            FieldError("network-plugin-mode", "--network-plugin-mode overlay applies to --network-plugin azure only")
+        )
+    if ("service-cidr" in given) != ("dns-service-ip" in given):
+        missing = "dns-service-ip" if "service-cidr" in given else "service-cidr"
+        errors.append(FieldError(missing, f"--{missing} is missing: --service-cidr and --dns-service-ip go together"))
+    return plugin, mode
+
+
+def _check_reserved(ranges: dict[str, IPv4Network], errors: list[FieldError]) -> None:
+    """No range may touch a reserved range (equal, contain, or lie inside)."""
+    for name, net in ranges.items():
+        for r in RESERVED_RANGES:
+            if not overlaps(net, r):
+                continue
+            if net == r:
+                how = "is"
+            elif contains(net, r):
+                how = "contains"
+            else:  # two CIDRs that overlap are nested
+                how = "lies inside"
+            errors.append(FieldError(name, f"--{name} {net} {how} the reserved range {r}, which AKS forbids"))
+
+
+def _check_overlaps(
+    vnet: IPv4Network | None,
+    subnet: IPv4Network | None,
+    pod: IPv4Network | None,
+    svc: IPv4Network | None,
+    errors: list[FieldError],
+) -> None:
+    """The node subnet lies in the VNet; pod and service ranges stay out of
+    the VNet (and of a node subnet that strays outside it) and of each other."""
+    subnet_outside = bool(vnet and subnet and not contains(vnet, subnet))
+    if subnet_outside:
+        errors.append(FieldError("node-subnet-cidr", f"--node-subnet-cidr {subnet} is not inside --vnet-cidr {vnet}"))
+    codes = {"pod-cidr": "NetworkProfileCIDROverlapVNET", "service-cidr": "ServiceCidrOverlapExistingSubnetsCidr"}
+    for name, net in (("pod-cidr", pod), ("service-cidr", svc)):
+        if net is None:
+            continue
+        if vnet and overlaps(net, vnet):
+            errors.append(FieldError(name, f"--{name} {net} overlaps --vnet-cidr {vnet} ({codes[name]})"))
+        if subnet_outside and subnet and overlaps(net, subnet):
+            errors.append(FieldError(name, f"--{name} {net} overlaps --node-subnet-cidr {subnet} ({codes[name]})"))
+    if pod and svc and overlaps(pod, svc):
+        errors.append(FieldError("pod-cidr", f"--pod-cidr {pod} overlaps --service-cidr {svc}"))
+
+
+def _check_service(svc: IPv4Network | None, dns: IPv4Address | None, errors: list[FieldError]) -> None:
+    """Service CIDR size, and where the DNS service IP may sit in it."""
+    if svc is None:
+        return
+    if svc.prefixlen < 12:
+        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is larger than /12 (prefix length must be >= 12)"))
+    if svc.prefixlen > 30:
+        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is too small (prefix length must be <= 30)"))
+    if dns is None:
+        return
+    if dns not in svc:
+        problem = f"is not inside --service-cidr {svc}"
+    elif dns == svc.network_address:
+        problem = f"is the network address of {svc}"
+    elif dns == svc.network_address + 1:
+        problem = f"is the first usable address of {svc}, reserved for kubernetes.default"
+    elif dns == svc.broadcast_address:
+        problem = f"is the broadcast address of {svc}"
+    else:
+        return
+    errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} {problem}"))
+
+
+def _check_blocks(
+    pod: IPv4Network | None,
+    block: int | None,
+    max_pods: int | None,
+    errors: list[FieldError],
+    warnings: list[str],
+) -> None:
+    """The pod CIDR holds a block; a block holds max pods plus network,
+    gateway and broadcast; a public pod CIDR is only a warning."""
+    if pod is not None:
+        if block is not None and block < pod.prefixlen:
+            errors.append(
+                FieldError("pod-cidr", f"--pod-cidr {pod} is smaller than one node block (/{block}); use a /{block} or larger")
+            )
+        if not is_private(pod):
+            warnings.append(
+                f"--pod-cidr {pod} is not an RFC 1918 or RFC 6598 range; public pod ranges are accepted but unsupported"
+            )
+    if block is None or max_pods is None:
+        return
+    capacity = (1 << (32 - block)) - BLOCK_RESERVED
+    if capacity < max_pods:
+        best = 32 - (max_pods + BLOCK_RESERVED - 1).bit_length()
+        errors.append(
+            FieldError(
+                "node-cidr-size",
+                f"--node-cidr-size {block}: a /{block} node block holds {capacity} pods "
+                f"(after network, gateway and broadcast), fewer than --max-pods {max_pods}; "
+                f"use --node-cidr-size {best} or --max-pods {capacity}",
+            )
+        )
 
 
 def validate_expansion(old: ClusterNetwork, new_pod_cidr: str) -> ClusterNetwork:

@@ -171,6 +171,19 @@ def test_node_subnet_must_lie_inside_vnet(vnet, subnet):
     )
 
 
+@pytest.mark.parametrize(
+    "field,settings_",
+    [
+        ("pod-cidr", {"pod_cidr": "10.10.0.0/16"}),
+        ("service-cidr", svc("10.10.0.0/24", "10.10.0.10")),
+    ],
+)
+def test_ranges_overlapping_a_node_subnet_outside_the_vnet(field, settings_):
+    errors = problems(node_subnet_cidr="10.10.0.0/16", **settings_)
+    assert_error(errors, "node-subnet-cidr", "is not inside --vnet-cidr")
+    assert_error(errors, field, "overlaps --node-subnet-cidr 10.10.0.0/16")
+
+
 def test_node_subnet_equal_to_vnet_is_fine():
     assert problems(vnet_cidr="10.224.0.0/16", node_subnet_cidr="10.224.0.0/16") == []
 
