@@ -132,7 +132,7 @@ def deregister_node(state: LabState, node: str) -> bool:
     """Delete the node's record (and its block) so peers drop it at once.
     Without that, peers still drop it when its lease runs out."""
     try:
-        control.cli(state, ["node", "delete", "--cluster", state.name, node])
+        control.cli(state, ["node", "delete", "--cluster", state.name, "--name", node])
         return True
     except OverlayCNIError:
         return False

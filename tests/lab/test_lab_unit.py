@@ -1,0 +1,276 @@
+"""Unit tests of the lab's pure parts: topology, state file, tcpdump parsing,
+the runtime's conflist chain (with stand-in plugins), CLI validation.
+No root needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from overlaycni.cli.main import app
+from overlaycni.config import parse_network
+from overlaycni.errors import CNIError, UsageError
+from overlaycni.lab import lifecycle, runtime, topology
+from overlaycni.lab import state as st
+from overlaycni.lab.capture import parse_tcpdump
+
+# --- topology -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["demo", "a", "lab-1", "x" * 12, "0abc"])
+def test_lab_name_ok(name):
+    assert topology.validate_lab_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [("", "empty"), ("x" * 13, "13 characters"), ("Demo", "lowercase"), ("a.b", "lowercase"), ("-a", "lowercase"), ("a_b", "lowercase")],
+)
+def test_lab_name_bad(name, problem):
+    with pytest.raises(UsageError) as e:
+        topology.validate_lab_name(name)
+    assert "--name" in str(e.value) and problem in str(e.value)
+
+
+def test_names_are_prefixed_and_unambiguous():
+    # a lab name never holds a dot, so one lab's prefix never matches another's namespaces
+    assert topology.node_netns("demo", "node1") == "ocl-demo.node1"
+    assert topology.pod_netns("demo", "web") == "ocl-demo.pod.web"
+    assert not topology.node_netns("demo-x", "node1").startswith(topology.netns_prefix("demo"))
+    for node in ("node1", "x" * topology.MAX_NODE_NAME):
+        assert len(topology.node_port(node)) <= 15
+    assert len(topology.EXT_PORT) <= 15 and len(topology.CTL_PORT) <= 15
+
+
+def test_node_ips_skip_azure_reserved_and_stay_apart_from_ext_and_ctl():
+    a = topology.addressing(parse_network({}))
+    assert a.node_ip(1) == IPv4Interface("10.224.0.4/16")
+    assert a.node_ip(2) == IPv4Interface("10.224.0.5/16")
+    assert a.external_ip == IPv4Interface("10.224.255.254/16")
+    assert a.control_ip == IPv4Interface("10.224.255.253/16")
+    small = topology.Addressing(IPv4Network("10.224.0.0/28"))
+    ips = {small.node_ip(i).ip for i in range(1, small.max_nodes + 1)}
+    assert small.max_nodes == 16 - 4 - 1 - 2
+    assert IPv4Address("10.224.0.3") not in ips and small.external_ip.ip not in ips and small.control_ip.ip not in ips
+    assert max(ips) < small.control_ip.ip
+    with pytest.raises(UsageError, match="--nodes"):
+        small.node_ip(small.max_nodes + 1)
+
+
+def test_capacity_errors_name_the_flag():
+    net = parse_network({"node-subnet-cidr": "10.224.0.0/28"})
+    with pytest.raises(UsageError, match="--nodes: 10 nodes do not fit"):
+        topology.check_capacity(net, nodes=10, pods_per_node=1)
+    with pytest.raises(UsageError, match="--pods-per-node"):
+        topology.check_capacity(parse_network({"max-pods": 10}), nodes=1, pods_per_node=11)
+    with pytest.raises(UsageError, match="--nodes"):
+        topology.check_capacity(parse_network({}), nodes=0, pods_per_node=1)
+    topology.check_capacity(parse_network({}), nodes=20, pods_per_node=0)
+
+
+def test_labels():
+    assert topology.parse_labels("b=2,a=1") == (("a", "1"), ("b", "2"))
+    with pytest.raises(UsageError, match="--labels"):
+        topology.parse_labels("novalue")
+
+
+def test_container_id_stable_and_distinct():
+    assert topology.container_id("a", "p") == topology.container_id("a", "p")
+    assert topology.container_id("a", "p") != topology.container_id("b", "p")
+
+
+def test_validate_rejects_long_lab_dir(tmp_path):
+    root = tmp_path / ("d" * 90)
+    with pytest.raises(UsageError, match="unix socket"):
+        lifecycle.validate(lifecycle.UpRequest(name="x", root=str(root)))
+
+
+def test_validate_store_and_network(tmp_path):
+    with pytest.raises(UsageError, match="--store"):
+        lifecycle.validate(lifecycle.UpRequest(name="x", store="redis", root=str(tmp_path)))
+    from overlaycni.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pod-cidr"):
+        lifecycle.validate(lifecycle.UpRequest(name="x", network={"pod-cidr": "10.224.0.0/16"}, root=str(tmp_path)))
+
+
+# --- state file -----------------------------------------------------------------------------
+
+
+def _state(tmp_path: Path) -> st.LabState:
+    node = st.NodeState(
+        name="node1", index=1, netns="ocl-t.node1", ip=IPv4Interface("10.224.0.4/16"), block=IPv4Network("10.244.0.0/24"),
+        agent=st.Proc(pid=42, start_time=7, log="x"), socket="/s", conf_dir="/c",
+    )  # fmt: skip
+    pod = st.PodState("p1", "default", "node1", "ocl-t.pod.p1", "cid", IPv4Interface("10.244.0.2/24"), (("app", "web"),))
+    return st.LabState(
+        name="t", lab_dir=str(tmp_path / "t"), backend="vxlan", store="sqlite", datastore="sqlite:///x",
+        network=parse_network({}).to_dict(), vnet_netns="ocl-t.vnet", external_netns="ocl-t.ext",
+        external_ip=IPv4Interface("10.224.255.253/16"), nodes=(node,), pods=(pod,), namespaces=("ocl-t.vnet",),
+    )  # fmt: skip
+
+
+def test_state_round_trip_and_status_json(tmp_path):
+    s = _state(tmp_path)
+    assert st.from_json(st.to_json(s)) == s
+    j = s.status_json()
+    assert set(j) >= {"name", "backend", "pod_cidr", "nodes", "pods", "external"}
+    assert j["nodes"][0] == {"name": "node1", "netns": "ocl-t.node1", "ip": "10.224.0.4", "block": "10.244.0.0/24", "agent_pid": 42}
+    assert j["pods"][0] == {"name": "p1", "namespace": "default", "node": "node1", "netns": "ocl-t.pod.p1", "ip": "10.244.0.2"}
+    assert j["external"] == {"netns": "ocl-t.ext", "ip": "10.224.255.253"}
+    assert j["pod_cidr"] == "10.244.0.0/16"
+
+
+def test_state_save_load_list(tmp_path):
+    s = _state(tmp_path)
+    Path(s.lab_dir).mkdir()
+    st.save(s)
+    assert st.load("t", str(tmp_path)) == s
+    assert st.list_labs(str(tmp_path)) == ["t"]
+    from overlaycni.errors import NotFound
+
+    with pytest.raises(NotFound, match="lab up --name nope"):
+        st.load("nope", str(tmp_path))
+
+
+def test_state_updates():
+    s = _state(Path("/x"))
+    s2 = s.without_pod("p1").with_namespace("ocl-t.ext").with_namespace("ocl-t.ext")
+    assert s2.pods == () and s2.namespaces == ("ocl-t.vnet", "ocl-t.ext")
+    assert [p.name for p in s.pods_on("node1")] == ["p1"]
+
+
+# --- tcpdump parsing ---------------------------------------------------------------------------
+
+VXLAN_TEXT = """\
+10:13:44.622660 IP 10.224.0.4.52138 > 10.224.0.5.4789: VXLAN, flags [I] (0x08), vni 4096
+ARP, Request who-has 10.244.5.1 tell 10.244.4.1, length 28
+10:13:44.622698 IP 10.224.0.4.44879 > 10.224.0.5.4789: VXLAN, flags [I] (0x08), vni 4096
+IP 10.244.4.2 > 10.244.5.2: ICMP echo request, id 7399, seq 1, length 85
+10:13:44.622837 IP 10.224.0.5.44879 > 10.224.0.4.4789: VXLAN, flags [I] (0x08), vni 4096
+IP 10.244.5.2 > 10.244.4.2: ICMP echo reply, id 7399, seq 1, length 85
+10:13:44.8 IP6 :: > ff02::16: HBH ICMP6, multicast listener report v2, 1 group record(s), length 28
+10:13:45.000001 IP 10.224.0.4 > 10.224.255.253: ICMP echo request, id 3, seq 1, length 108
+"""
+
+
+def test_parse_tcpdump_vxlan_and_plain():
+    pk = parse_tcpdump(VXLAN_TEXT)
+    assert len(pk) == 3
+    req, rep, plain = pk
+    assert (req.outer_src, req.outer_dst, req.vni) == (IPv4Address("10.224.0.4"), IPv4Address("10.224.0.5"), 4096)
+    assert (req.src, req.dst, req.icmp_request, req.length) == (IPv4Address("10.244.4.2"), IPv4Address("10.244.5.2"), True, 85)
+    assert rep.icmp_reply and rep.outer_src == IPv4Address("10.224.0.5")
+    assert plain.vni is None and plain.src == IPv4Address("10.224.0.4") and plain.length == 108
+
+
+# --- the runtime (libcni emulation) with stand-in plugins ----------------------------------------
+
+
+def _plugin(bin_dir: Path, name: str, body: str) -> None:
+    p = bin_dir / name
+    p.write_text("#!/usr/bin/env python3\nimport json, os, sys\n" + body)
+    p.chmod(p.stat().st_mode | stat.S_IEXEC)
+
+
+RECORDER = """
+conf = json.load(sys.stdin)
+log = os.path.join(os.path.dirname(sys.argv[0]), "calls.jsonl")
+with open(log, "a") as fh:
+    fh.write(json.dumps({"type": conf["type"], "cmd": os.environ["CNI_COMMAND"], "prev": "prevResult" in conf,
+        "name": conf.get("name"), "ver": conf.get("cniVersion"), "args": os.environ["CNI_ARGS"],
+        "ifname": os.environ["CNI_IFNAME"]}) + "\\n")
+if os.environ["CNI_COMMAND"] == "ADD":
+    res = conf.get("prevResult") or {"cniVersion": conf["cniVersion"], "ips": [{"address": "10.244.1.7/24", "gateway": "10.244.1.1"}]}
+    if conf.get("fail"):
+        print(json.dumps({"cniVersion": "1.0.0", "code": 11, "msg": "try later"})); sys.exit(1)
+    print(json.dumps(res))
+"""
+
+
+def _conflist(tmp_path: Path, *, fail_second: bool = False) -> runtime.ConfList:
+    d = tmp_path / "net.d"
+    d.mkdir()
+    doc = {"cniVersion": "1.0.0", "name": "testnet", "plugins": [{"type": "first"}, {"type": "second", "fail": fail_second}]}
+    (d / "10-test.conflist").write_text(json.dumps(doc))
+    return runtime.load_conflist(d)
+
+
+def _calls(bin_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()]
+
+
+def test_runtime_chain_add_and_del(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for n in ("first", "second"):
+        _plugin(bin_dir, n, RECORDER)
+    conf = _conflist(tmp_path)
+    att = runtime.Attachment(container_id="c1", netns=str(tmp_path), pod_namespace="ns1", pod_name="p1")
+    res = runtime.add(conf, att, cni_path=[str(bin_dir)])
+    assert res.ip == IPv4Interface("10.244.1.7/24") and res.gateway == IPv4Address("10.244.1.1")
+    runtime.delete(conf, att, cni_path=[str(bin_dir)], prev_result=res.raw)
+    calls = _calls(bin_dir)
+    assert [(c["type"], c["cmd"], c["prev"]) for c in calls] == [
+        ("first", "ADD", False), ("second", "ADD", True), ("second", "DEL", True), ("first", "DEL", True),
+    ]  # fmt: skip
+    assert all(c["name"] == "testnet" and c["ver"] == "1.0.0" and c["ifname"] == "eth0" for c in calls)
+    assert "K8S_POD_NAMESPACE=ns1" in calls[0]["args"] and "K8S_POD_NAME=p1" in calls[0]["args"]
+
+
+def test_runtime_failure_undoes_and_carries_code(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for n in ("first", "second"):
+        _plugin(bin_dir, n, RECORDER)
+    conf = _conflist(tmp_path, fail_second=True)
+    att = runtime.Attachment(container_id="c1", netns=str(tmp_path))
+    with pytest.raises(CNIError) as e:
+        runtime.add(conf, att, cni_path=[str(bin_dir)])
+    assert e.value.cni_code == 11 and "try later" in e.value.message
+    assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == [("first", "ADD"), ("second", "ADD"), ("second", "DEL"), ("first", "DEL")]
+
+
+def test_runtime_missing_plugin_and_netns(tmp_path):
+    conf = _conflist(tmp_path)
+    with pytest.raises(CNIError, match="not found on CNI_PATH"):
+        runtime.add(conf, runtime.Attachment("c", str(tmp_path)), cni_path=[str(tmp_path)])
+    from overlaycni.errors import NetnsNotFound
+
+    with pytest.raises(NetnsNotFound):
+        runtime.add(conf, runtime.Attachment("c", str(tmp_path / "gone")), cni_path=[str(tmp_path)])
+
+
+# --- CLI: bad input is a clear error, never a traceback ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["lab", "up", "--name", "Bad_Name"], "--name"),
+        (["lab", "up", "--name", "x", "--store", "mongo"], "--store"),
+        (["lab", "up", "--name", "x", "--nodes", "0"], "--nodes"),
+        (["lab", "up", "--name", "x", "--network-plugin", "azure", "--network-plugin-mode", "overlay",
+          "--pod-cidr", "192.0.2.0/24"], "--pod-cidr"),  # fmt: skip
+        (["lab", "status", "--name", "nosuchlab"], "no lab named"),
+        (["lab", "down", "--name", "UPPER"], "--name"),
+    ],
+)
+def test_cli_errors_are_clear(tmp_path, args, needle):
+    res = CliRunner().invoke(app, args, env={"OVERLAYCNI_LAB_DIR": str(tmp_path)})
+    out = res.output + (str(res.exception) if res.exception and not isinstance(res.exception, SystemExit) else "")
+    assert res.exit_code != 0
+    assert needle in out
+    assert not list(tmp_path.iterdir())  # nothing made
+
+
+def test_lab_list_empty(tmp_path):
+    res = CliRunner().invoke(app, ["lab", "list", "-o", "json"], env={"OVERLAYCNI_LAB_DIR": str(tmp_path)})
+    assert res.exit_code == 0
+    assert all(not r["name"].startswith("nonexistent") for r in json.loads(res.output))
