@@ -266,9 +266,11 @@ def load_file(path: str | Path) -> dict[str, Any]:
     import yaml  # local: the CNI hot path never needs it
 
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(FieldError("file", f"--file {path}: cannot read it ({exc.strerror})")) from None
+    except UnicodeDecodeError:
+        raise ConfigError(FieldError("file", f"--file {path} is not UTF-8 text")) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -453,6 +453,27 @@ def test_malformed_and_rule_errors_are_collected_together():
     assert {e.field for e in errors} == {"pod-cidr", "vnet-cidr", "dns-service-ip"}
 
 
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.from_regex(r"\A[0-9]{1,3}(\.[0-9]{1,3}){3}(/[0-9]{1,2})?\Z"),
+    st.lists(st.text(max_size=20), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), ANY_VALUE, max_size=len(FIELDS)))
+def test_any_input_gives_errors_naming_known_fields_never_an_exception(raw):
+    net, errors, warnings = check_network(raw)
+    assert (net is None) == bool(errors)
+    for e in errors:
+        assert e.field in FIELDS and e.message.startswith(f"--{e.field}"), e
+
+
 def test_check_network_matches_parse_network():
     net, errors, warnings = check_network({**OVERLAY, "pod-cidr": "20.0.0.0/16"})
     assert net == parse_network({**OVERLAY, "pod-cidr": "20.0.0.0/16"}) and errors == [] and len(warnings) == 1
@@ -562,6 +583,27 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_file(tmp_path / "nope.yaml")
     assert_error(info.value.errors, "file", "cannot read it")
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "net.yaml"
+    path.write_bytes(b"\xff\xfe\x00pod-cidr")
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    assert_error(info.value.errors, "file", "is not UTF-8 text")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_file_content_loads_or_is_a_file_error(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("f") / "net.yaml"
+    path.write_bytes(content)
+    try:
+        data = load_file(path)
+    except ConfigError as exc:
+        assert [e.field for e in exc.errors] == ["file"]
+    else:
+        check_network(data)  # whatever it holds: errors, never an exception
 
 
 def test_merge_settings_later_layers_win():
