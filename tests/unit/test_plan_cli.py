@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -188,6 +190,30 @@ def test_usage_errors_exit_2(run, args, fragment):
 
 def test_short_output_option(run):
     assert json.loads(run("-o", "json").stdout)["valid"] is True
+
+
+NETWORK_FLAGS = [
+    "--network-plugin", "--network-plugin-mode", "--vnet-cidr", "--node-subnet-cidr", "--pod-cidr",
+    "--service-cidr", "--dns-service-ip", "--max-pods", "--node-cidr-size", "--backend", "--vni",
+    "--vxlan-port", "--mtu", "--non-masquerade-cidrs",
+]
+FLAG_VALUES = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20),
+    st.from_regex(r"\A[0-9]{1,3}(\.[0-9]{1,3}){3}(/[0-9]{1,2})?\Z"),
+    st.sampled_from(["azure", "kubenet", "overlay", "vxlan", "auto", "250", "24", "fd00::/64"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(NETWORK_FLAGS), FLAG_VALUES, max_size=6), st.sampled_from(["table", "json"]))
+def test_any_flag_values_exit_0_or_2_without_exception(flags, output):
+    args = [x for flag, value in flags.items() for x in (flag, value)]
+    result = CliRunner().invoke(make_app(), ["plan", *args, "--output", output])
+    assert result.exit_code in (0, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if output == "json" and (result.exit_code == 0 or result.stdout):  # a usage error prints no JSON
+        doc = json.loads(result.stdout)
+        assert doc["valid"] == (result.exit_code == 0)
 
 
 # ----- --file ---------------------------------------------------------------------------------------------
