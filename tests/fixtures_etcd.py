@@ -65,7 +65,7 @@ class EtcdCluster:
             if proc is None:
                 continue
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)

@@ -89,6 +89,11 @@ class EtcdStore:
         self._closed = False
         self.revision()  # fail now, clearly, when no endpoint answers
 
+    @property
+    def active_endpoint(self) -> tuple[str, int]:
+        """The endpoint that answered last (requests start there)."""
+        return self.endpoints[self._current]
+
     # ----- transport --------------------------------------------------------------
     def _client(self, index: int) -> Etcd3Client:
         clients = getattr(self._local, "clients", None)
