@@ -1,0 +1,338 @@
+"""Render NetworkPolicy for one node as an ``nft -j`` document (pure).
+
+Design note
+-----------
+One table, ``inet overlaycni`` (the data plane's ``ip overlaycni`` NAT /
+anti-spoofing table is a different table and never touched here). Pods hang
+off host veths with /32 routes, so every pod packet this node must judge —
+same node or cross node, VXLAN-decapsulated or routed — crosses the FORWARD
+hook. Matching is by address only, never by interface.
+
+Objects, all derived from the *policies* alone (so pods and labels never
+change the structure):
+- base chain ``egress`` (forward, priority 0) then base chain ``ingress``
+  (forward, priority 1). Each starts with ``ct state established,related
+  accept``, so replies of allowed connections always pass. An ``accept`` in
+  ``egress`` only ends that base chain; the packet still meets ``ingress``,
+  so both directions must allow a new connection. Policy ``accept``.
+- verdict maps ``egress-pods`` (key ip saddr) and ``ingress-pods`` (key ip
+  daddr) hold *this node's* pods that are isolated in that direction and
+  jump to the chain of the pod's namespace. Pods of other nodes and
+  non-isolated pods have no element and pass: egress is enforced at the
+  source's node, ingress at the destination's.
+- per namespace and direction, chain ``eg-ns-<ns>`` / ``in-ns-<ns>``: one
+  ``ip saddr|daddr @<target set> jump <policy chain>`` per policy of that
+  namespace, then ``drop`` (default deny: only isolated pods get here).
+- per policy and direction, chain ``eg-<hash>`` / ``in-<hash>``: one rule per
+  (peer, port group) of each rule, ``accept`` on match; the comment names
+  ``ns/policy ingress[i]``.
+- named sets ``sel-<hash>`` of pod IPs, one per distinct selection
+  (namespace or namespaceSelector, podSelector), shared by every policy that
+  uses it, cluster wide; named sets ``np-<proto>-<port name>`` of
+  ``ip . port`` for named ports, matched with ``ip daddr . <proto> dport``,
+  so a name resolves on the destination pod.
+
+Scaling: rules grow with the policies' rules (x peers x port groups), not
+with pods; set elements grow with pods x the selections that pick them; a
+new pod or a label change only adds or deletes set / map elements
+(``diff_render``), a policy change re-renders the table atomically. A
+connection costs its first packet one map lookup plus, per policy of the
+namespace, one set lookup; later packets stop at the conntrack rule.
+
+Rejected: per-pod chains (pods x policies jumps); one chain per node walked
+by every packet (cost grows with all policies); iptables-style
+interface matches (VXLAN and direct backends arrive on different devices).
+IPv6 ipBlocks are not rendered: pod addresses are IPv4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any
+
+from .engine import Cluster
+from .model import NamespaceInfo, NetworkPolicy, Peer, PodInfo, PolicyPort, Rule
+from .selectors import LabelSelector
+
+FAMILY = "inet"
+TABLE = "overlaycni"
+EGRESS_PRIORITY = 0
+INGRESS_PRIORITY = 1
+_T = {"family": FAMILY, "table": TABLE}
+_DIR = {"Ingress": ("in", "daddr", "saddr", "ingress"), "Egress": ("eg", "saddr", "daddr", "egress")}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Pods in ``namespace`` (or in namespaces matching ``namespace_selector``)
+    whose labels match ``pod_selector`` (None: every pod there)."""
+
+    namespace: str | None
+    namespace_selector: LabelSelector | None
+    pod_selector: LabelSelector | None
+
+    @property
+    def set_name(self) -> str:
+        return "sel-" + _digest(repr(self))
+
+    def describe(self) -> str:
+        where = f"ns={self.namespace}" if self.namespace is not None else f"ns~{self.namespace_selector.describe()}"  # type: ignore[union-attr]
+        return f"{where} pods~{self.pod_selector.describe() if self.pod_selector else '<all>'}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _addr(field: str) -> dict:
+    return {"payload": {"protocol": "ip", "field": field}}
+
+
+def _prefix(net: IPv4Network) -> dict:
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+class _Builder:
+    def __init__(self, cluster: Cluster, pods: list[PodInfo]) -> None:
+        self.cluster = cluster
+        self.pods = pods
+        self.sets: dict[str, Selection] = {}
+        self.named_ports: set[tuple[str, str]] = set()
+        self.chains: dict[str, list[dict]] = {}
+        self.by_ns: dict[str, list[PodInfo]] = defaultdict(list)
+        for p in pods:
+            self.by_ns[p.namespace].append(p)
+
+    def selection_set(self, sel: Selection) -> str:
+        self.sets.setdefault(sel.set_name, sel)
+        return "@" + sel.set_name
+
+    def members(self, sel: Selection) -> list[PodInfo]:
+        if sel.namespace is not None:
+            candidates = self.by_ns.get(sel.namespace, [])
+        else:
+            candidates = [
+                p
+                for ns, ps in self.by_ns.items()
+                if sel.namespace_selector.matches(self.cluster.namespace_labels(ns))  # type: ignore[union-attr]
+                for p in ps
+            ]
+        return [p for p in candidates if sel.pod_selector is None or sel.pod_selector.matches(p.labels)]
+
+    def peer_alternatives(self, peer: Peer, policy_ns: str, field: str) -> list[list[dict]]:
+        if peer.ip_block is not None:
+            block = peer.ip_block
+            if block.cidr.version != 4:
+                return []
+            exprs = [_match(_addr(field), _prefix(block.cidr))]  # type: ignore[arg-type]
+            if block.except_:
+                exprs.append(_match(_addr(field), {"set": [_prefix(e) for e in block.except_]}, "!="))  # type: ignore[arg-type]
+            return [exprs]
+        if peer.namespace_selector is None:
+            sel = Selection(policy_ns, None, peer.pod_selector)
+        else:
+            sel = Selection(None, peer.namespace_selector, peer.pod_selector)
+        return [[_match(_addr(field), self.selection_set(sel))]]
+
+    def port_alternatives(self, ports: tuple[PolicyPort, ...]) -> list[list[dict]]:
+        whole: set[str] = set()
+        numbers: dict[str, list[Any]] = defaultdict(list)
+        named: list[tuple[str, str]] = []
+        for pp in ports:
+            proto = pp.protocol.lower()
+            if pp.port is None:
+                whole.add(proto)
+            elif isinstance(pp.port, str):
+                named.append((proto, pp.port))
+            elif pp.end_port is not None and pp.end_port != pp.port:
+                numbers[proto].append({"range": [pp.port, pp.end_port]})
+            else:
+                numbers[proto].append(pp.port)
+        out = []
+        for proto in sorted(set(numbers) | whole):
+            if proto in whole:
+                out.append([_match({"meta": {"key": "l4proto"}}, proto)])
+                continue
+            values = sorted(dict.fromkeys(json.dumps(v) for v in numbers[proto]))
+            items = [json.loads(v) for v in values]
+            right = items[0] if len(items) == 1 else {"set": items}
+            out.append([_match({"payload": {"protocol": proto, "field": "dport"}}, right)])
+        for proto, name in sorted(set(named)):
+            if proto in whole:
+                continue
+            self.named_ports.add((proto, name))
+            left = {"concat": [_addr("daddr"), {"payload": {"protocol": proto, "field": "dport"}}]}
+            out.append([_match(left, f"@np-{proto}-{name}")])
+        return out
+
+    def rule_exprs(self, rule: Rule, policy_ns: str, peer_field: str) -> list[list[dict]]:
+        if rule.peers:
+            peers = [alt for p in rule.peers for alt in self.peer_alternatives(p, policy_ns, peer_field)]
+        else:
+            peers = [[]]
+        ports = self.port_alternatives(rule.ports) if rule.ports else [[]]
+        return [pe + po for pe in peers for po in ports]
+
+
+def render_node(
+    node: str, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+) -> dict:
+    """The whole ``inet overlaycni`` table for ``node`` as one atomic
+    ``nft -j`` transaction (add + delete + add the table, then its content)."""
+    pods = sorted(pods, key=lambda p: (p.namespace, p.name))
+    cluster = Cluster.of(pods, namespaces)
+    policies = sorted(policies, key=lambda p: p.key)
+    b = _Builder(cluster, pods)
+    isolated: dict[str, dict[str, str]] = {"Ingress": {}, "Egress": {}}  # pod ip -> namespace chain
+    ns_chains: dict[str, list[dict]] = {}
+
+    for direction, (tag, own_field, peer_field, _) in _DIR.items():
+        for pol in (p for p in policies if p.affects(direction)):
+            ns_chain = f"{tag}-ns-{pol.namespace}"
+            ns_rules = ns_chains.setdefault(ns_chain, [])
+            target = Selection(pol.namespace, None, pol.pod_selector)
+            for pod in b.members(target):
+                if pod.node == node:
+                    isolated[direction][str(pod.ip)] = ns_chain
+            pol_chain = f"{tag}-{_digest(pol.key)}"
+            body = []
+            for i, rule in enumerate(pol.rules(direction)):
+                comment = f"{pol.key} {direction.lower()}[{i}]"
+                for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
+                    body.append({"expr": exprs + [{"accept": None}], "comment": comment})
+            if body:
+                b.chains[pol_chain] = body
+                ns_rules.append(
+                    {
+                        "expr": [_match(_addr(own_field), b.selection_set(target)), {"jump": {"target": pol_chain}}],
+                        "comment": pol.key,
+                    }
+                )
+    for name, rules in ns_chains.items():
+        direction = "ingress" if name.startswith("in-") else "egress"
+        rules.append({"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction}"})
+        b.chains[name] = rules
+
+    cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    cmds.append({"delete": {"table": {"family": FAMILY, "name": TABLE}}})
+    cmds.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
+    for direction, prio in (("Egress", EGRESS_PRIORITY), ("Ingress", INGRESS_PRIORITY)):
+        base = _DIR[direction][3]
+        cmds.append(
+            {"add": {"chain": {**_T, "name": base, "type": "filter", "hook": "forward", "prio": prio, "policy": "accept"}}}
+        )
+    for name in sorted(b.chains):
+        cmds.append({"add": {"chain": {**_T, "name": name}}})
+    for name in sorted(b.sets):
+        elem = sorted({str(p.ip) for p in b.members(b.sets[name])}, key=_ip_key)
+        cmds.append({"add": {"set": _with_elem({**_T, "name": name, "type": "ipv4_addr"}, elem)}})
+    for proto, pname in sorted(b.named_ports):
+        elem = sorted(
+            {(str(p.ip), n) for p in pods if (n := p.named_port(pname, proto.upper())) is not None},
+            key=lambda e: (_ip_key(e[0]), e[1]),
+        )
+        cmds.append(
+            {
+                "add": {
+                    "set": _with_elem(
+                        {**_T, "name": f"np-{proto}-{pname}", "type": ["ipv4_addr", "inet_service"]},
+                        [{"concat": [ip, n]} for ip, n in elem],
+                    )
+                }
+            }
+        )
+    for direction in ("Egress", "Ingress"):
+        base = _DIR[direction][3]
+        elem = [[ip, {"jump": {"target": chain}}] for ip, chain in sorted(isolated[direction].items(), key=lambda e: _ip_key(e[0]))]
+        cmds.append({"add": {"map": _with_elem({**_T, "name": f"{base}-pods", "type": "ipv4_addr", "map": "verdict"}, elem)}})
+    for direction in ("Egress", "Ingress"):
+        _, own_field, _, base = _DIR[direction]
+        cmds.append(_rule(base, [_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}], "replies of allowed connections"))
+        cmds.append(_rule(base, [{"vmap": {"key": _addr(own_field), "data": f"@{base}-pods"}}], f"this node's pods isolated for {base}"))
+    for name in sorted(b.chains):
+        for r in b.chains[name]:
+            cmds.append(_rule(name, r["expr"], r["comment"]))
+    return {"nftables": cmds}
+
+
+def _rule(chain: str, expr: list[dict], comment: str) -> dict:
+    return {"add": {"rule": {**_T, "chain": chain, "expr": expr, "comment": comment[:128]}}}
+
+
+def _with_elem(obj: dict, elem: list) -> dict:
+    if elem:
+        obj["elem"] = elem
+    return obj
+
+
+def _ip_key(ip: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in ip.split("."))
+
+
+# ----- incremental updates and counts ------------------------------------------------------
+
+
+def _split(doc: dict) -> tuple[list[str], dict[str, list[Any]]]:
+    """(structure without elements, {set name: elements})."""
+    structure: list[str] = []
+    elements: dict[str, list[Any]] = {}
+    for cmd in doc["nftables"]:
+        obj = cmd.get("add", {})
+        kind = "set" if "set" in obj else "map" if "map" in obj else None
+        if kind is not None:
+            body = dict(obj[kind])
+            elements[body["name"]] = body.pop("elem", [])
+            structure.append(json.dumps({kind: body}, sort_keys=True))
+        else:
+            structure.append(json.dumps(cmd, sort_keys=True))
+    return structure, elements
+
+
+def diff_render(old: dict, new: dict) -> dict | None:
+    """An ``nft -j`` document of only element deletes and adds that turns the
+    applied ``old`` into ``new``; None when chains or sets differ (a policy
+    changed) and the whole table must be applied again. An empty command list
+    means nothing changed."""
+    old_structure, old_elems = _split(old)
+    new_structure, new_elems = _split(new)
+    if old_structure != new_structure:
+        return None
+    deletes, adds = [], []
+    for name in sorted(new_elems):
+        before = {_elem_key(e): e for e in old_elems[name]}
+        after = {_elem_key(e): e for e in new_elems[name]}
+        gone = [e for k, e in before.items() if k not in after]
+        if gone:
+            keys = [e[0] if isinstance(e, list) else e for e in gone]  # a map element is deleted by key
+            deletes.append({"delete": {"element": {**_T, "name": name, "elem": keys}}})
+        came = [e for k, e in after.items() if k not in before]
+        if came:
+            adds.append({"add": {"element": {**_T, "name": name, "elem": came}}})
+    return {"nftables": deletes + adds}
+
+
+def _elem_key(e: Any) -> str:
+    return json.dumps(e, sort_keys=True)
+
+
+def counts(render: dict) -> tuple[int, int]:
+    """(rules, set and map elements) of a render or a diff."""
+    rules = elements = 0
+    for cmd in render["nftables"]:
+        for verb in ("add", "delete"):
+            obj = cmd.get(verb, {})
+            if "rule" in obj:
+                rules += 1
+            for kind in ("set", "map", "element"):
+                if kind in obj:
+                    elements += len(obj[kind].get("elem", []))
+    return rules, elements
