@@ -1,0 +1,273 @@
+"""End-to-end lab tests: real agents, the real plugin, real packets.
+
+One vxlan+sqlite lab is shared by the checks that only read it, then put
+through node add/delete, agent crash/restart and a permanent agent death;
+the other store/backend combinations get their own lab each (up, check,
+trace, down). Everything asserts through independent tools: ``ip -j``,
+ping and tcpdump. No timing is asserted; waits poll with generous bounds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import OC, Lab, lab_namespaces, pid_alive
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+
+POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
+
+
+def wait_for(check, timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+@pytest.fixture(scope="module")
+def vx(make_lab) -> Lab:
+    return make_lab("vx", "--nodes", "3", "--pods-per-node", "2", "--backend", "vxlan", "--store", "sqlite")
+
+
+# --- the shared vxlan lab: read-only checks first -------------------------------------------------
+
+
+def test_status_shape_and_addresses(vx: Lab):
+    s = vx.status()
+    assert s["name"] == vx.name and s["backend"] == "vxlan" and s["pod_cidr"] == "10.244.0.0/16"
+    assert [n["ip"] for n in s["nodes"]] == ["10.224.0.4", "10.224.0.5", "10.224.0.6"]
+    blocks = [ipaddress.ip_network(n["block"]) for n in s["nodes"]]
+    assert len(set(blocks)) == 3 and all(b.subnet_of(POD_CIDR) and b.prefixlen == 24 for b in blocks)
+    assert all(pid_alive(n["agent_pid"]) for n in s["nodes"])
+    assert len(s["pods"]) == 6 and set(s["external"]) == {"netns", "ip"}
+    # every namespace the status names exists
+    for ns in [n["netns"] for n in s["nodes"]] + [p["netns"] for p in s["pods"]] + [s["external"]["netns"]]:
+        assert ns in lab_namespaces(vx.name)
+
+
+def test_pod_sees_ip_slash24_and_default_via_block_gateway(vx: Lab):
+    s = vx.status()
+    blocks = {n["name"]: ipaddress.ip_network(n["block"]) for n in s["nodes"]}
+    for p in s["pods"]:
+        addrs = vx.ip_j(p["netns"], "addr", "show", "eth0")[0]["addr_info"]
+        v4 = [a for a in addrs if a["family"] == "inet"]
+        assert [(a["local"], a["prefixlen"]) for a in v4] == [(p["ip"], 24)]
+        assert ipaddress.ip_address(p["ip"]) in blocks[p["node"]]
+        default = [r for r in vx.ip_j(p["netns"], "route", "show", "default")]
+        assert default and default[0]["gateway"] == str(blocks[p["node"]].network_address + 1)
+
+
+def test_underlay_is_only_inside_the_lab(vx: Lab):
+    s = vx.status()
+    root_addrs = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout
+    for n in s["nodes"]:
+        assert f'"{n["ip"]}"' not in root_addrs
+        eth0 = vx.ip_j(n["netns"], "addr", "show", "eth0")[0]["addr_info"]
+        assert any(a["local"] == n["ip"] and a["prefixlen"] == 16 for a in eth0)
+
+
+def test_check_matrix_green(vx: Lab):
+    rep = vx.json("check")
+    assert rep["ok"], rep["failures"]
+    assert len(rep["pairs"]) == 6 * 5
+    cross = [p for p in rep["pairs"] if not p["same_node"]]
+    assert len(cross) == 24 and all(p["path_ok"] for p in cross)
+    assert all(e["seen_source"] == e["expected_source"] for e in rep["external"])
+    table = vx.oc("check")
+    assert "✓" in table.stdout
+
+
+def test_vxlan_on_the_wire_independent_capture(vx: Lab):
+    """Our own tcpdump on node1's underlay while pod-1-1 pings pod-2-1."""
+    s = vx.status()
+    pods = {p["name"]: p for p in s["pods"]}
+    a, b = pods["pod-1-1"], pods["pod-2-1"]
+    n1, n2 = s["nodes"][0], s["nodes"][1]
+    cap = subprocess.Popen(
+        ["ip", "netns", "exec", n1["netns"], "timeout", "20", "tcpdump", "-i", "eth0", "-n", "-l", "-c", "4", "udp", "port", "4789"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.0)  # tcpdump needs a moment to attach; not a timing assertion
+    assert vx.pings(a["netns"], b["ip"])
+    out, _ = cap.communicate(timeout=30)
+    assert f"{n1['ip']}." in out and f"> {n2['ip']}.4789: VXLAN" in out and "vni 4096" in out
+    assert f"IP {a['ip']} > {b['ip']}: ICMP echo request" in out
+
+
+def test_trace_vxlan_and_snat(vx: Lab):
+    t = vx.json("trace", "pod-1-1", "pod-2-2")
+    assert t["replied"]
+    wire = [h for h in t["hops"] if h["vni"] is not None]
+    assert wire and wire[0]["outer_src"] == "10.224.0.4" and wire[0]["outer_dst"] == "10.224.0.5" and wire[0]["vni"] == 4096
+    ext = vx.json("trace", "pod-1-1", "external")
+    pod_ip = next(p["ip"] for p in vx.status()["pods"] if p["name"] == "pod-1-1")
+    assert ext["replied"] and ext["snat"] == {"before": pod_ip, "after": "10.224.0.4"}
+    assert ext["hops"][-1]["src"] == "10.224.0.4"  # what the external host saw
+
+
+def test_exec_like_kubectl(vx: Lab):
+    out = vx.oc("exec", "pod-2-1", "--", "ip", "-4", "-o", "addr", "show", "eth0").stdout
+    pod = next(p for p in vx.status()["pods"] if p["name"] == "pod-2-1")
+    assert f"inet {pod['ip']}/24" in out
+    bad = vx.oc("exec", "nosuchpod", "--", "true", check=False)
+    assert bad.returncode != 0 and "nosuchpod" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tour_prints_real_output(vx: Lab):
+    out = vx.oc("tour").stdout
+    assert "eth0" in out and "default via 10.244." in out and "VXLAN" in out and "SNAT" in out
+
+
+def test_list_shows_lab(vx: Lab):
+    rows = [r for r in __import__("json").loads(subprocess.run([OC, "lab", "list", "-o", "json"], env=vx.env, capture_output=True, text=True, check=True).stdout)]
+    assert any(r["name"] == vx.name and r["nodes"] == 3 and r["pods"] == 6 for r in rows)
+
+
+# --- the shared vxlan lab: changes ---------------------------------------------------------------------
+
+
+def test_pod_add_delete(vx: Lab):
+    p = vx.json("pod", "add", "web", "--node", "node3", "--namespace", "shop", "--labels", "app=web")
+    assert p["node"] == "node3" and ipaddress.ip_address(p["ip"]) in POD_CIDR
+    s = vx.status()
+    src = next(q for q in s["pods"] if q["name"] == "pod-1-1")
+    assert vx.pings(src["netns"], p["ip"])
+    dup = vx.oc("pod", "add", "web", check=False)
+    assert dup.returncode != 0 and "already exists" in dup.stderr
+    vx.oc("pod", "delete", "web")
+    assert p["netns"] not in lab_namespaces(vx.name)
+    assert not vx.pings(src["netns"], p["ip"])
+
+
+def test_agent_sigkill_then_restart_keeps_pods(vx: Lab):
+    s = vx.status()
+    n2 = s["nodes"][1]
+    pods = {p["name"]: p for p in s["pods"]}
+    os.kill(n2["agent_pid"], signal.SIGKILL)
+    assert wait_for(lambda: not pid_alive(n2["agent_pid"]), 10)
+    # the data plane outlives the agent
+    assert vx.pings(pods["pod-1-1"]["netns"], pods["pod-2-1"]["ip"])
+    vx.oc("agent", "restart", "node2")
+    after = vx.status()["nodes"][1]
+    assert after["agent_pid"] != n2["agent_pid"] and pid_alive(after["agent_pid"])
+    assert after["block"] == n2["block"]  # re-claimed its block
+    assert vx.pings(pods["pod-2-2"]["netns"], pods["pod-3-1"]["ip"])
+    rep = vx.json("check")
+    assert rep["ok"], rep["failures"]
+
+
+def _routes_to(lab: Lab, netns: str, block: str) -> list:
+    return [r for r in lab.ip_j(netns, "route", "show") if r.get("dst") == block]
+
+
+def test_node_add_and_delete_converge(vx: Lab):
+    n = vx.json("node", "add", "node4")
+    assert n["ip"] == "10.224.0.7"
+    s = vx.status()
+    for peer in s["nodes"][:3]:
+        assert wait_for(lambda peer=peer: _routes_to(vx, peer["netns"], n["block"]), 30), f"{peer['name']} has no route to {n['block']}"
+    vx.oc("pod", "add", "late", "--node", "node4")
+    rep = vx.json("check")
+    assert rep["ok"], rep["failures"]
+    assert "late" in rep["pods"]
+
+    vx.oc("node", "delete", "node4")
+    s = vx.status()
+    assert [x["name"] for x in s["nodes"]] == ["node1", "node2", "node3"]
+    assert "late" not in [p["name"] for p in s["pods"]]
+    assert not [x for x in lab_namespaces(vx.name) if x.endswith(".node4") or x.endswith(".late")]
+    for peer in s["nodes"]:
+        assert wait_for(lambda peer=peer: not _routes_to(vx, peer["netns"], n["block"]), 30), f"{peer['name']} still routes {n['block']}"
+    rep = vx.json("check")
+    assert rep["ok"], rep["failures"]
+
+
+def test_dead_agent_dropped_by_peers_within_lease_ttl(vx: Lab):
+    s = vx.status()
+    n3 = s["nodes"][2]
+    os.kill(n3["agent_pid"], signal.SIGKILL)
+    # lease TTL is 6 s in the lab; allow the TTL plus a resync period and slack
+    for peer in s["nodes"][:2]:
+        assert wait_for(lambda peer=peer: not _routes_to(vx, peer["netns"], n3["block"]), 40), f"{peer['name']} kept {n3['block']}"
+    pods = {p["name"]: p for p in s["pods"]}
+    assert vx.pings(pods["pod-1-1"]["netns"], pods["pod-2-1"]["ip"])
+
+
+def test_down_leaves_nothing(vx: Lab):
+    s = vx.status()
+    pids = [n["agent_pid"] for n in s["nodes"]]
+    vx.oc("down")
+    assert lab_namespaces(vx.name) == []
+    assert not any(pid_alive(p) for p in pids)
+    assert not (vx.root / vx.name).exists()
+    again = vx.oc("down")
+    assert "nothing to remove" in again.stdout
+
+
+# --- the other backend/store combinations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend, store",
+    [("direct", "sqlite"), pytest.param("vxlan", "etcd", marks=pytest.mark.etcd), pytest.param("direct", "etcd", marks=pytest.mark.etcd)],
+)
+def test_combination_up_check_down(make_lab, backend, store):
+    lab = make_lab(backend[0] + store[0], "--nodes", "3", "--pods-per-node", "2", "--backend", backend, "--store", store)
+    try:
+        s = lab.status()
+        assert s["backend"] == backend and len(s["pods"]) == 6
+        rep = lab.json("check")
+        assert rep["ok"], rep["failures"]
+        t = lab.json("trace", "pod-1-1", "pod-3-1")
+        assert t["replied"]
+        wire = [h for h in t["hops"] if "underlay" in h["where"] and h["seen"]]
+        assert wire
+        if backend == "direct":
+            assert all(h["vni"] is None and h["src"] == t["hops"][0]["src"] for h in wire)
+        else:
+            assert all(h["vni"] == 4096 for h in wire)
+        if store == "etcd":
+            assert any(x.endswith(".ctl") for x in lab_namespaces(lab.name))
+    finally:
+        lab.oc("down", check=False)
+    assert lab_namespaces(lab.name) == []
+
+
+def test_failed_up_cleans_up(tmp_path, monkeypatch):
+    """A failure half-way through `up` leaves no namespace, process or file."""
+    from overlaycni.errors import OverlayCNIError
+    from overlaycni.lab import control, lifecycle
+
+    name = f"tf{os.getpid() % 10000}"
+    started: list[int] = []
+    real_start = control.start_agent
+
+    def start_then_fail(state, node):
+        if node.index == 2:
+            raise OverlayCNIError("injected failure")
+        n = real_start(state, node)
+        started.append(n.agent.pid)
+        return n
+
+    monkeypatch.setattr(control, "start_agent", start_then_fail)
+    with pytest.raises(OverlayCNIError, match="injected"):
+        lifecycle.up(lifecycle.UpRequest(name=name, nodes=3, pods_per_node=1, root=str(tmp_path)))
+    assert lab_namespaces(name) == []
+    assert started and not any(pid_alive(p) for p in started)
+    assert not (tmp_path / name).exists()
+
+
+def test_up_refuses_existing_and_bad_flags(tmp_path):
+    env = {**os.environ, "OVERLAYCNI_LAB_DIR": str(tmp_path)}
+    bad = subprocess.run([OC, "lab", "up", "--name", "x1", "--backend", "geneve"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--backend" in bad.stderr and "Traceback" not in bad.stderr
+    assert lab_namespaces("x1") == []
