@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlaycni.config import check_network, count_blocks, parse_network
+from overlaycni.errors import FieldError
 from overlaycni.plan import (
     LIMIT_AKS,
     LIMIT_POD_CIDR,
@@ -205,3 +206,8 @@ def test_json_carries_warnings():
     net, errors, warnings = check_network({**OVERLAY, "pod-cidr": "20.0.0.0/16"})
     doc = plan_json(make_plan(net), errors, warnings)
     assert doc["valid"] is True and len(doc["warnings"]) == 1
+
+
+def test_json_with_errors_never_reports_capacity():
+    doc = plan_json(plan_for(10), [FieldError("vni", "--vni 0 is out of range")], [], nodes=10)
+    assert doc["valid"] is False and doc["overlay"] is None and doc["fits"] is None
