@@ -2,8 +2,10 @@
 
 A ``ClusterNetwork`` is parsed from AKS-style flags, a YAML/JSON file or a
 dict. Parsing collects *every* problem before it fails, so a user fixes a
-configuration in one round instead of one error at a time. Each error names
-the flag (without dashes) and, for overlaps, the conflicting range.
+configuration in one round instead of one error at a time. Each error's
+``field`` is the flag without dashes (``pod-cidr``), and its message starts
+with the flag and the value (``--pod-cidr 10.224.128.0/17 overlaps --vnet-cidr
+10.224.0.0/12``), naming the conflicting range where there is one.
 
 The rules are AKS's (azure-cli ``_validators.py`` and the AKS overlay docs,
 summarised in shared/REFERENCE.md):
@@ -13,7 +15,8 @@ summarised in shared/REFERENCE.md):
   the node subnet (a range that *contains* one is rejected too);
 * the pod CIDR may not overlap the VNet (NetworkProfileCIDROverlapVNET) or the
   service CIDR; the service CIDR may not overlap the VNet
-  (ServiceCidrOverlapExistingSubnetsCidr); the node subnet lies in the VNet;
+  (ServiceCidrOverlapExistingSubnetsCidr); the node subnet lies in the VNet
+  (and when it does not, pod and service ranges are also kept off it);
 * the service CIDR is no larger than /12; the DNS service IP lies inside it
   and is not its network, first usable (kubernetes.default) or broadcast
   address; ``--service-cidr`` and ``--dns-service-ip`` go together;
