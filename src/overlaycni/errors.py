@@ -221,3 +221,18 @@ class PolicyFieldError(FieldError):
 
 class PolicyApplyError(DataplaneError):
     """nft refused a rendered NetworkPolicy ruleset (or an incremental update)."""
+
+
+# --- data plane (appended by the data plane) -------------------------------------
+
+
+class UnderlayNotFound(DataplaneError):
+    """No interface in the node's namespace holds the node IP."""
+
+    cni_code = CNI_INVALID_CONFIG
+
+
+class PeerNotAdjacent(DataplaneError):
+    """The direct backend needs every peer node on the same L2 segment."""
+
+    cni_code = CNI_INVALID_CONFIG

@@ -1,0 +1,346 @@
+"""The data plane's logic, written once against the ports (no kernel access here).
+
+``NodeDataplane`` implements the ``Dataplane`` facade on top of any set of
+ports: ``fake.FakeDataplane`` wires in-memory ports, ``linux.LinuxDataplane``
+the netlink/nftables ones, so both run exactly this code.
+
+Reconcile is "desired state vs kernel" (Calico style): read the owned
+objects, compute the difference, program only that, in flannel's order
+(neighbour, FDB, route; removal route, FDB, neighbour). Pod routes and pod
+set elements are only removed when their host veth is gone: a CNI ADD that
+raced with a reconcile computed from an older pod list must not lose its
+route (leaked veths are found by ``list_pod_veths`` and removed by GC).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
+from . import nftmodel
+from .model import (
+    GATEWAY_LABEL,
+    VXLAN_IFNAME,
+    VXLAN_OVERHEAD,
+    NodeInfo,
+    NodeState,
+    Peer,
+    PodEndpoint,
+    PodInterface,
+    ReconcileReport,
+    Route,
+    VxlanSpec,
+    gateway_of,
+    host_veth_name,
+    is_pod_veth,
+    peer_objects,
+    pod_route,
+    validate_state,
+    vtep_mac,
+)
+from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls
+
+NODE_SYSCTLS = {
+    "net/ipv4/ip_forward": "1",
+    # Anti-spoofing is exact in nftables; strict rp_filter would only break
+    # asymmetric paths (and hide the nft rule from tests).
+    "net/ipv4/conf/all/rp_filter": "0",
+    "net/ipv4/conf/default/rp_filter": "0",
+}
+
+
+@dataclass(frozen=True)
+class Ports:
+    links: Links
+    addresses: Addresses
+    routes: Routes
+    neighbours: Neighbours
+    fdb: Fdb
+    nft: NftRuleset
+    sysctls: Sysctls
+    pods: PodLinks
+
+
+def _check_ifname(name: str, field: str) -> None:
+    if not name or len(name) > 15 or any(c in name for c in "/ \t\n:") or name in (".", ".."):
+        raise ConfigError(FieldError(field, f"{name!r} is not a valid interface name (1-15 chars, no '/', ':' or spaces)"))
+
+
+class NodeDataplane:
+    def __init__(self, ports: Ports) -> None:
+        self.p = ports
+        self._lock = threading.RLock()
+
+    # --- node -----------------------------------------------------------------
+
+    def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo:
+        link = self.p.links.link_with_address(node_ip)
+        if link is None:
+            raise UnderlayNotFound(f"node_ip: no interface in the node's network namespace has the address {node_ip}")
+        overhead = VXLAN_OVERHEAD if backend == "vxlan" else 0
+        max_mtu = link.mtu - overhead
+        if mtu is not None and mtu > max_mtu:
+            raise ConfigError(FieldError("mtu", f"{mtu} exceeds {max_mtu} ({link.name} MTU {link.mtu} - {overhead})"))
+        return NodeInfo(
+            underlay_ifname=link.name,
+            underlay_mtu=link.mtu,
+            pod_mtu=mtu if mtu is not None else max_mtu,
+            vtep_mac=vtep_mac(node_ip) if backend == "vxlan" else None,
+        )
+
+    def reconcile(self, state: NodeState) -> ReconcileReport:
+        validate_state(state)
+        with self._lock:
+            report = ReconcileReport()
+            info = self.node_info(state.node_ip, backend=state.backend, mtu=state.mtu)
+            for step in (self._sysctls, self._device, self._gateway, self._peers_and_routes, self._nft):
+                try:
+                    step(state, info, report)
+                except DataplaneError as exc:
+                    report.errors.append(f"{step.__name__.strip('_')}: {exc.message}")
+            return report
+
+    def _sysctls(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
+        wanted = dict(NODE_SYSCTLS)
+        for link in self.p.links.list_links():
+            if is_pod_veth(link.name):
+                wanted[f"net/ipv4/conf/{link.name}/proxy_arp"] = "1"
+        for key, value in wanted.items():
+            if self.p.sysctls.read(key) != value:
+                self.p.sysctls.write(key, value)
+                report.changes.append(f"sysctl {key}={value}")
+
+    def _device(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
+        if state.backend != "vxlan":
+            if self.p.links.delete_link(VXLAN_IFNAME):
+                report.changes.append(f"link {VXLAN_IFNAME} deleted (backend {state.backend})")
+            return
+        spec = VxlanSpec(
+            name=VXLAN_IFNAME,
+            vni=state.vni,
+            port=state.vxlan_port,
+            local=state.node_ip,
+            underlay=info.underlay_ifname,
+            mac=vtep_mac(state.node_ip),
+            mtu=info.underlay_mtu - VXLAN_OVERHEAD,
+        )
+        report.changes.extend(self.p.links.ensure_vxlan(spec))
+        self._only_address(VXLAN_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), None, report)
+
+    def _gateway(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
+        self._only_address("lo", IPv4Interface(f"{gateway_of(state.block)}/32"), GATEWAY_LABEL, report)
+
+    def _only_address(self, dev: str, addr: IPv4Interface, label: str | None, report: ReconcileReport) -> None:
+        for have in self.p.addresses.list_addresses(dev, label=label):
+            if have != addr and self.p.addresses.delete_address(dev, have):
+                report.changes.append(f"address {have} deleted from {dev}")
+        if self.p.addresses.ensure_address(dev, addr, label=label):
+            report.changes.append(f"address {addr} added to {dev}")
+
+    def _reachable_peers(self, state: NodeState, report: ReconcileReport | None) -> list[Peer]:
+        if state.backend != "direct":
+            return list(state.peers)
+        ok = []
+        for peer in state.peers:
+            try:
+                self._check_adjacent(peer)
+                ok.append(peer)
+            except PeerNotAdjacent as exc:
+                if report is None:
+                    raise
+                report.errors.append(exc.message)
+        return ok
+
+    def _check_adjacent(self, peer: Peer) -> None:
+        gateway, dev = self.p.routes.lookup_gateway(peer.node_ip)
+        if dev is None or gateway is not None:
+            how = f"via gateway {gateway}" if gateway is not None else "unreachable"
+            raise PeerNotAdjacent(
+                f"peer {peer.name}: node IP {peer.node_ip} is not on this node's L2 segment ({how}); "
+                "the direct backend needs all nodes in one subnet (use backend vxlan)"
+            )
+
+    def _peers_and_routes(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
+        peers = self._reachable_peers(state, report)
+        objs = [peer_objects(p, backend=state.backend) for p in peers]
+        live = {link.name for link in self.p.links.list_links()}
+        want_routes = {r.dst: r for r in [o.route for o in objs]}
+        want_routes[state.block] = Route(dst=state.block, unreachable=True)
+        for pod in state.pods:
+            if pod.host_veth in live:
+                want_routes[IPv4Network(f"{pod.ip}/32")] = pod_route(pod)
+        have_routes = {r.dst: r for r in self.p.routes.list_routes()}
+        stale_routes = [
+            r for dst, r in have_routes.items()
+            if dst not in want_routes and not (r.dev is not None and is_pod_veth(r.dev) and r.dev in live)
+        ]
+        if state.backend == "vxlan":
+            want_n = {o.neighbour.ip: o.neighbour for o in objs if o.neighbour}
+            want_f = {o.fdb.mac: o.fdb for o in objs if o.fdb}
+        else:
+            want_n, want_f = {}, {}
+        has_vxlan = self.p.links.get_link(VXLAN_IFNAME) is not None
+        have_n = {n.ip: n for n in self.p.neighbours.list_neighbours(VXLAN_IFNAME)} if has_vxlan else {}
+        have_f = {f.mac: f for f in self.p.fdb.list_fdb(VXLAN_IFNAME)} if has_vxlan else {}
+        # Removal first for routes whose destination changes meaning, then adds in flannel's order.
+        add_n = [n for ip, n in want_n.items() if have_n.get(ip) != n]
+        add_f = [f for mac, f in want_f.items() if have_f.get(mac) != f]
+        add_r = [r for dst, r in want_routes.items() if have_routes.get(dst) != r]
+        self._apply(report, "route", delete=stale_routes)
+        self._apply(report, "neighbour", replace=add_n)
+        self._apply(report, "fdb", replace=add_f)
+        self._apply(report, "route", replace=add_r)
+        self._apply(report, "fdb", delete=[f for mac, f in have_f.items() if mac not in want_f])
+        self._apply(report, "neighbour", delete=[n for ip, n in have_n.items() if ip not in want_n])
+
+    def _apply(self, report: ReconcileReport, kind: str, *, replace: list = (), delete: list = ()) -> None:  # type: ignore[assignment]
+        if not replace and not delete:
+            return
+        apply: Callable[..., None] = {
+            "route": self.p.routes.apply_routes,
+            "neighbour": self.p.neighbours.apply_neighbours,
+            "fdb": self.p.fdb.apply_fdb,
+        }[kind]
+        try:
+            apply(replace=replace, delete=delete)
+        finally:
+            report.changes.extend(f"{kind} {o} replaced" for o in replace)
+            report.changes.extend(f"{kind} {o} deleted" for o in delete)
+
+    def _pod_endpoints(self, state: NodeState, current: nftmodel.NftState | None) -> set[tuple[str, IPv4Address]]:
+        wanted = {(p.host_veth, p.ip) for p in state.pods}
+        named = {p.host_veth for p in state.pods}
+        live = {link.name for link in self.p.links.list_links()}
+        if current is not None:  # keep endpoints of live veths the state does not know yet (racing ADD)
+            wanted |= {e for e in current.sets.get(nftmodel.SET_POD_ENDPOINTS, ()) if e[0] in live and e[0] not in named}
+        return wanted
+
+    def _nft(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
+        current = self.p.nft.get_table()
+        table = nftmodel.table_for(state, pod_endpoints=self._pod_endpoints(state, current))
+        if current is None or current.fingerprint != nftmodel.fingerprint(table):
+            self.p.nft.apply(nftmodel.render_table(table))
+            report.changes.append(f"nftables table {nftmodel.FAMILY} {nftmodel.TABLE} replaced")
+            return
+        commands = nftmodel.diff_sets(current, table)
+        if commands:
+            self.p.nft.apply(commands)
+            for cmd in commands:
+                for verb, body in cmd.items():
+                    elems = ", ".join(map(str, body["element"]["elem"]))
+                    report.changes.append(f"nftables {verb} {body['element']['name']} {{ {elems} }}")
+
+    # --- peers (incremental) ------------------------------------------------------
+
+    def ensure_peer(self, state: NodeState, peer: Peer) -> None:
+        validate_state(replace(state, peers=(peer,), pods=()))
+        with self._lock:
+            objs = peer_objects(peer, backend=state.backend)
+            old = None
+            if objs.neighbour is not None:
+                old = self.p.neighbours.get_neighbour(VXLAN_IFNAME, objs.neighbour.ip)
+                self.p.neighbours.apply_neighbours(replace=[objs.neighbour])
+                self.p.fdb.apply_fdb(replace=[objs.fdb])  # type: ignore[list-item]
+            else:
+                self._check_adjacent(peer)
+            self.p.routes.apply_routes(replace=[objs.route])
+            if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
+                self.p.fdb.apply_fdb(delete=[objs.fdb.__class__(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
+            self.p.nft.apply(nftmodel.render_set_update(nftmodel.SET_NODE_IPS, add=[peer.node_ip]))
+
+    def delete_peer(self, state: NodeState, peer: Peer) -> None:
+        with self._lock:
+            objs = peer_objects(peer, backend=state.backend)
+            self.p.routes.apply_routes(delete=[objs.route])
+            if objs.neighbour is not None and self.p.links.get_link(VXLAN_IFNAME) is not None:
+                self.p.fdb.apply_fdb(delete=[objs.fdb])  # type: ignore[list-item]
+                self.p.neighbours.apply_neighbours(delete=[objs.neighbour])
+            in_use = {state.node_ip} | {p.node_ip for p in state.peers if p.name != peer.name}
+            if peer.node_ip not in in_use:
+                self._nft_discard(nftmodel.SET_NODE_IPS, [peer.node_ip])
+
+    def _nft_discard(self, name: str, elems: list) -> None:
+        """Delete set elements whether or not they exist (add + delete in one transaction)."""
+        if not elems:
+            return
+        cmds = nftmodel.element_commands("add", name, elems) + nftmodel.element_commands("delete", name, elems)
+        try:
+            self.p.nft.apply(cmds)
+        except DataplaneError:
+            if self.p.nft.list_set(name) is not None:
+                raise  # the table is there: a real failure
+
+    # --- pods -------------------------------------------------------------------------
+
+    def attach_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+    ) -> PodInterface:
+        if not container_id:
+            raise ConfigError(FieldError("container_id", "must not be empty"))
+        _check_ifname(ifname, "ifname")
+        if gateway not in ip.network or gateway == ip.ip:
+            raise ConfigError(FieldError("gateway", f"{gateway} is not another address inside {ip.network}"))
+        if not 576 <= mtu <= 65535:
+            raise ConfigError(FieldError("mtu", f"{mtu} is outside 576..65535"))
+        host = host_veth_name(container_id, ifname)
+        with self._lock:
+            result = self.p.pods.setup_pod_link(
+                host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu
+            )
+            try:
+                self.p.sysctls.write(f"net/ipv4/conf/{host}/proxy_arp", "1")
+                self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
+                self.p.nft.apply(nftmodel.render_set_update(nftmodel.SET_POD_ENDPOINTS, add=[(host, ip.ip)]))
+            except BaseException:
+                self._undo_attach(host, ip.ip)
+                raise
+            return result
+
+    def _undo_attach(self, host: str, ip: IPv4Address) -> None:
+        try:
+            self.p.pods.teardown_pod_link(host_veth=host)
+            self.p.routes.apply_routes(delete=[pod_route(PodEndpoint(ip, host))])
+            self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [(host, ip)])
+        except DataplaneError:
+            pass  # best effort: the original error is the one to report
+
+    def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
+        host = host_veth_name(container_id, ifname)
+        with self._lock:
+            self.p.pods.teardown_pod_link(host_veth=host)  # the kernel drops its /32 route with it
+            endpoints = self.p.nft.list_set(nftmodel.SET_POD_ENDPOINTS) or frozenset()
+            self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [e for e in endpoints if e[0] == host])
+
+    def check_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
+    ) -> list[str]:
+        host = host_veth_name(container_id, ifname)
+        problems: list[str] = []
+        with self._lock:
+            link = self.p.links.get_link(host)
+            if link is None:
+                problems.append(f"host veth {host} is missing")
+            elif not link.up:
+                problems.append(f"host veth {host} is down")
+            if pod_route(PodEndpoint(ip.ip, host)) not in self.p.routes.list_routes():
+                problems.append(f"node route {ip.ip}/32 dev {host} is missing")
+            view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname)
+            if view is None:
+                problems.append(f"interface {ifname} is missing in {netns_path}")
+                return problems
+            if ip not in view.addresses:
+                problems.append(f"{ifname} lacks address {ip} (has {', '.join(map(str, view.addresses)) or 'none'})")
+            if not view.up:
+                problems.append(f"{ifname} is down")
+            if Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway) not in view.routes:
+                problems.append(f"default route via {gateway} dev {ifname} is missing")
+        return problems
+
+    def list_pod_veths(self) -> list[str]:
+        return sorted(link.name for link in self.p.links.list_links() if is_pod_veth(link.name))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,317 @@
+"""In-memory implementations of every data plane port, and ``FakeDataplane``.
+
+``FakeKernel`` holds the objects one node namespace (and its pods'
+namespaces) would hold; each port edits it with the same semantics as the
+Linux adapter (replace is idempotent, deleting a missing object is success,
+nftables transactions are all-or-nothing). The contract tests run the same
+assertions against these ports and the Linux ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from ..errors import DataplaneError, InterfaceExists, NetnsNotFound
+from . import nftmodel
+from .engine import NodeDataplane, Ports
+from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
+
+
+@dataclass
+class FakePodNetns:
+    links: dict[str, PodView] = field(default_factory=dict)
+
+
+@dataclass
+class FakeKernel:
+    links: dict[str, Link] = field(default_factory=dict)
+    vxlan: dict[str, VxlanSpec] = field(default_factory=dict)
+    addresses: dict[str, dict[IPv4Interface, str | None]] = field(default_factory=dict)  # dev -> addr -> label
+    routes: dict[IPv4Network, Route] = field(default_factory=dict)  # owned routes only
+    neighbours: dict[tuple[str, IPv4Address], Neighbour] = field(default_factory=dict)
+    fdb: dict[tuple[str, str], FdbEntry] = field(default_factory=dict)
+    nft: nftmodel.NftState | None = None
+    sysctls: dict[str, str] = field(default_factory=dict)
+    netns: dict[str, FakePodNetns] = field(default_factory=dict)
+    auto_netns: bool = True  # any netns path exists unless removed
+    removed_netns: set[str] = field(default_factory=set)
+    default_gateway: IPv4Address | None = None
+    auto_underlay: bool = True  # link_with_address finds "eth0" for any IP
+    next_index: int = 10
+    fail_next: dict[str, Exception] = field(default_factory=dict)  # port method -> error (tests)
+
+    def add_link(self, name: str, *, kind: str = "", mtu: int = 1500, mac: str | None = None) -> Link:
+        self.next_index += 1
+        link = Link(name=name, index=self.next_index, kind=kind, mac=mac or vtep_mac(IPv4Address(self.next_index)), mtu=mtu, up=True)
+        self.links[name] = link
+        self.addresses.setdefault(name, {})
+        return link
+
+    def maybe_fail(self, op: str) -> None:
+        exc = self.fail_next.pop(op, None)
+        if exc is not None:
+            raise exc
+
+
+class FakeLinks:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def list_links(self) -> list[Link]:
+        return list(self.k.links.values())
+
+    def get_link(self, name: str) -> Link | None:
+        return self.k.links.get(name)
+
+    def link_with_address(self, ip: IPv4Address) -> Link | None:
+        for dev, addrs in self.k.addresses.items():
+            if any(a.ip == ip for a in addrs):
+                return self.k.links[dev]
+        if self.k.auto_underlay:
+            link = self.k.links.get("eth0") or self.k.add_link("eth0")
+            self.k.addresses["eth0"][IPv4Interface(f"{ip}/24")] = None
+            return link
+        return None
+
+    def ensure_vxlan(self, spec: VxlanSpec) -> list[str]:
+        if spec.underlay not in self.k.links:
+            raise DataplaneError(f"underlay: no link named {spec.underlay}")
+        have = self.k.vxlan.get(spec.name)
+        link = self.k.links.get(spec.name)
+        if have == spec and link is not None and link.up:
+            return []
+        if link is not None:
+            self.delete_link(spec.name)
+        self.k.add_link(spec.name, kind="vxlan", mtu=spec.mtu, mac=spec.mac)
+        self.k.vxlan[spec.name] = spec
+        return [f"link {spec.name} {'re' if have else ''}created (vni {spec.vni}, port {spec.port}, local {spec.local})"]
+
+    def delete_link(self, name: str) -> bool:
+        link = self.k.links.pop(name, None)
+        if link is None:
+            return False
+        self.k.vxlan.pop(name, None)
+        self.k.addresses.pop(name, None)
+        self.k.routes = {d: r for d, r in self.k.routes.items() if r.dev != name}
+        self.k.neighbours = {key: n for key, n in self.k.neighbours.items() if n.dev != name}
+        self.k.fdb = {key: f for key, f in self.k.fdb.items() if f.dev != name}
+        return True
+
+
+class FakeAddresses:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+        k.links.setdefault("lo", Link("lo", 1, "loopback", "00:00:00:00:00:00", 65536, True))
+        k.addresses.setdefault("lo", {IPv4Interface("127.0.0.1/8"): "lo"})
+
+    def list_addresses(self, dev: str, *, label: str | None = None) -> list[IPv4Interface]:
+        return [a for a, lab in self.k.addresses.get(dev, {}).items() if label is None or lab == label]
+
+    def ensure_address(self, dev: str, addr: IPv4Interface, *, label: str | None = None) -> bool:
+        if dev not in self.k.links:
+            raise DataplaneError(f"dev: no link named {dev}")
+        addrs = self.k.addresses.setdefault(dev, {})
+        if addrs.get(addr, "missing") == (label or dev) or (addr in addrs and label is None):
+            return False
+        addrs[addr] = label or dev
+        return True
+
+    def delete_address(self, dev: str, addr: IPv4Interface) -> bool:
+        return self.k.addresses.get(dev, {}).pop(addr, "missing") != "missing"
+
+
+class FakeRoutes:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def list_routes(self) -> list[Route]:
+        return list(self.k.routes.values())
+
+    def apply_routes(self, *, replace: Sequence[Route] = (), delete: Sequence[Route] = ()) -> None:
+        self.k.maybe_fail("apply_routes")
+        errors = [f"route {r.dst}: device {r.dev} not found" for r in replace if r.dev and r.dev not in self.k.links]
+        if errors:
+            raise DataplaneError("; ".join(errors))
+        for r in delete:
+            if self.k.routes.get(r.dst) == r:
+                del self.k.routes[r.dst]
+        for r in replace:
+            self.k.routes[r.dst] = r
+
+    def lookup_gateway(self, dst: IPv4Address) -> tuple[IPv4Address | None, str | None]:
+        for dev, addrs in self.k.addresses.items():
+            if dev != "lo" and any(dst in a.network for a in addrs):
+                return None, dev
+        if self.k.auto_underlay and not self.k.default_gateway:
+            return None, "eth0"
+        return (self.k.default_gateway, "eth0") if self.k.default_gateway else (None, None)
+
+
+class FakeNeighbours:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def list_neighbours(self, dev: str) -> list[Neighbour]:
+        return [n for n in self.k.neighbours.values() if n.dev == dev]
+
+    def get_neighbour(self, dev: str, ip: IPv4Address) -> Neighbour | None:
+        return self.k.neighbours.get((dev, ip))
+
+    def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None:
+        missing = [n for n in replace if n.dev not in self.k.links]
+        if missing:
+            raise DataplaneError("; ".join(f"neighbour {n.ip}: device {n.dev} not found" for n in missing))
+        for n in delete:
+            self.k.neighbours.pop((n.dev, n.ip), None)
+        for n in replace:
+            self.k.neighbours[(n.dev, n.ip)] = n
+
+
+class FakeFdb:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def list_fdb(self, dev: str) -> list[FdbEntry]:
+        return [f for f in self.k.fdb.values() if f.dev == dev]
+
+    def apply_fdb(self, *, replace: Sequence[FdbEntry] = (), delete: Sequence[FdbEntry] = ()) -> None:
+        missing = [f for f in replace if f.dev not in self.k.links]
+        if missing:
+            raise DataplaneError("; ".join(f"fdb {f.mac}: device {f.dev} not found" for f in missing))
+        for f in delete:
+            self.k.fdb.pop((f.dev, f.mac), None)
+        for f in replace:
+            self.k.fdb[(f.dev, f.mac)] = f
+
+
+class FakeNft:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+        self.transactions = 0
+
+    def get_table(self) -> nftmodel.NftState | None:
+        return copy.deepcopy(self.k.nft)
+
+    def list_set(self, name: str) -> frozenset | None:
+        return None if self.k.nft is None else self.k.nft.sets.get(name)
+
+    def apply(self, commands: list[dict[str, Any]]) -> None:
+        self.k.maybe_fail("nft")
+        state = copy.deepcopy(self.k.nft)
+        for cmd in commands:
+            (verb, body), = cmd.items()
+            (kind, obj), = body.items()
+            if kind == "table":
+                state = None if verb == "delete" else (state or nftmodel.NftState(None, {}))
+                continue
+            if state is None:
+                raise DataplaneError(f"nftables: table {nftmodel.FAMILY} {nftmodel.TABLE} does not exist")
+            if kind == "chain" and obj["name"].startswith("fp_"):
+                state = nftmodel.NftState(obj["name"][3:], state.sets)
+            elif kind == "set":
+                state.sets.setdefault(obj["name"], frozenset())
+            elif kind == "element":
+                name = obj["name"]
+                if name not in state.sets:
+                    raise DataplaneError(f"nftables: set {name} does not exist")
+                elems = {x for raw in obj["elem"] for x in nftmodel._decode_element(name, raw)}
+                if verb == "delete":
+                    if not elems <= state.sets[name]:
+                        raise DataplaneError(f"nftables: delete of missing elements from {name}")
+                    state.sets[name] = state.sets[name] - elems
+                else:
+                    state.sets[name] = state.sets[name] | elems
+        self.k.nft = state
+        self.transactions += 1
+
+
+class FakeSysctls:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def read(self, key: str) -> str | None:
+        return self.k.sysctls.get(key)
+
+    def write(self, key: str, value: str) -> None:
+        parts = key.split("/")
+        if len(parts) == 5 and parts[2] == "conf":
+            dev = parts[3]
+            if dev not in ("all", "default") and dev not in self.k.links:
+                raise DataplaneError(f"sysctl {key}: no device {dev}")
+        self.k.sysctls[key] = value
+
+
+class FakePodLinks:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def _ns(self, path: str) -> FakePodNetns:
+        if path in self.k.removed_netns or (not self.k.auto_netns and path not in self.k.netns):
+            raise NetnsNotFound(f"netns_path: {path} does not exist")
+        return self.k.netns.setdefault(path, FakePodNetns())
+
+    def setup_pod_link(
+        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+    ) -> PodInterface:
+        ns = self._ns(netns_path)
+        if ifname in ns.links:
+            raise InterfaceExists(f"ifname: {ifname} already exists in {netns_path}")
+        self.k.maybe_fail("setup_pod_link")
+        self.teardown_pod_link(host_veth=host_veth)
+        host = self.k.add_link(host_veth, kind="veth", mtu=mtu)
+        mac = vtep_mac(ip.ip)
+        ns.links[ifname] = PodView(
+            ifname=ifname, mac=mac, mtu=mtu, up=True, addresses=(ip,),
+            routes=(
+                Route(dst=IPv4Network(f"{gateway}/32"), dev=ifname, scope_link=True),
+                Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway),
+            ),
+        )
+        self.k.netns.setdefault("__peers__", FakePodNetns()).links[host_veth] = PodView(
+            ifname=f"{netns_path}|{ifname}", mac="", mtu=0, up=True, addresses=(), routes=()
+        )
+        return PodInterface(ifname=ifname, mac=mac, mtu=mtu, sandbox=netns_path, host_veth=host_veth,
+                            host_mac=host.mac, ip=ip, gateway=gateway)
+
+    def teardown_pod_link(self, *, host_veth: str) -> None:
+        FakeLinks(self.k).delete_link(host_veth)
+        peer = self.k.netns.get("__peers__", FakePodNetns()).links.pop(host_veth, None)
+        if peer is not None:
+            path, ifname = peer.ifname.split("|")
+            self.k.netns.get(path, FakePodNetns()).links.pop(ifname, None)
+
+    def inspect_pod(self, *, netns_path: str, ifname: str) -> PodView | None:
+        try:
+            return self._ns(netns_path).links.get(ifname)
+        except NetnsNotFound:
+            return None
+
+
+def fake_ports(kernel: FakeKernel) -> Ports:
+    return Ports(
+        links=FakeLinks(kernel), addresses=FakeAddresses(kernel), routes=FakeRoutes(kernel),
+        neighbours=FakeNeighbours(kernel), fdb=FakeFdb(kernel), nft=FakeNft(kernel),
+        sysctls=FakeSysctls(kernel), pods=FakePodLinks(kernel),
+    )
+
+
+class FakeDataplane(NodeDataplane):
+    """The whole data plane in memory: ``FakeDataplane().kernel`` is inspectable."""
+
+    def __init__(self, kernel: FakeKernel | None = None) -> None:
+        self.kernel = kernel or FakeKernel()
+        self._guard = threading.Lock()
+        super().__init__(fake_ports(self.kernel))
+
+    def remove_netns(self, path: str) -> None:
+        """Simulate a pod sandbox that vanished (its interfaces die with it)."""
+        self.kernel.removed_netns.add(path)
+        ns = self.kernel.netns.pop(path, None)
+        for host, peer in list(self.kernel.netns.get("__peers__", FakePodNetns()).links.items()):
+            if ns is not None and peer.ifname.startswith(path + "|"):
+                FakeLinks(self.kernel).delete_link(host)

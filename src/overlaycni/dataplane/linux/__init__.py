@@ -1,0 +1,112 @@
+"""The Linux data plane: the engine wired to netlink and nftables ports.
+
+Design note. ``LinuxDataplane(netns)`` starts one worker thread inside the
+node namespace (``netns.NetnsWorker``) and creates every kernel handle on
+it: a pyroute2 ``IPRoute`` for links, addresses and pod interfaces, one raw
+batched rtnetlink socket (``rtnl``) for the per-peer objects, and one
+libnftables context. Every facade call is handed to that thread, so the
+handles are used by one thread only (pyroute2 0.9 sockets are per thread,
+libnftables contexts are not thread safe) and concurrent CNI requests are
+serialised in arrival order. A fresh process adopts whatever the kernel
+holds: it owns objects by name/protocol/label (``ocni.vxlan``, ``oc*``
+veths, proto 119 routes, ``lo:ocni``, ``table ip overlaycni``) rather than
+by remembering them.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from ..engine import NodeDataplane, Ports
+from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
+from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
+from .netns import NetnsWorker
+from .nft import LinuxNft
+from .objects import LinuxFdb, LinuxNeighbours, LinuxRoutes
+from .pods import LinuxPodLinks
+from .rtnl import Rtnl
+
+__all__ = ["LinuxDataplane", "linux_ports"]
+
+
+def linux_ports(*, use_nft_library: bool = True) -> tuple[Ports, list[Any]]:
+    """Build the Linux ports on the calling thread (which must be in the node namespace)."""
+    ipr = IPRoute(groups=0)
+    nl = Rtnl()
+    nft = LinuxNft(use_library=use_nft_library)
+    ports = Ports(
+        links=LinuxLinks(ipr), addresses=LinuxAddresses(ipr), routes=LinuxRoutes(nl),
+        neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=nft, sysctls=LinuxSysctls(),
+        pods=LinuxPodLinks(ipr),
+    )
+    return ports, [ipr, nl, nft]
+
+
+class LinuxDataplane:
+    """The ``Dataplane`` facade for the node namespace ``netns`` (None: the current one)."""
+
+    def __init__(self, netns: str | None = None, *, use_nft_library: bool = True) -> None:
+        self.netns = netns
+        self._worker = NetnsWorker(netns)
+        try:
+            self._ports, self._handles = self._worker.call(lambda: linux_ports(use_nft_library=use_nft_library))
+        except BaseException:
+            self._worker.close()
+            raise
+        self._engine = NodeDataplane(self._ports)
+
+    @property
+    def ports(self) -> Ports:
+        return self._ports
+
+    def run(self, fn):  # type: ignore[no-untyped-def]
+        """Run ``fn()`` on the worker thread (inside the node namespace)."""
+        return self._worker.call(fn)
+
+    def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo:
+        return self._worker.call(lambda: self._engine.node_info(node_ip, backend=backend, mtu=mtu))
+
+    def reconcile(self, state: NodeState) -> ReconcileReport:
+        return self._worker.call(lambda: self._engine.reconcile(state))
+
+    def ensure_peer(self, state: NodeState, peer: Peer) -> None:
+        self._worker.call(lambda: self._engine.ensure_peer(state, peer))
+
+    def delete_peer(self, state: NodeState, peer: Peer) -> None:
+        self._worker.call(lambda: self._engine.delete_peer(state, peer))
+
+    def attach_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+    ) -> PodInterface:
+        return self._worker.call(lambda: self._engine.attach_pod(
+            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu))
+
+    def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
+        self._worker.call(lambda: self._engine.detach_pod(container_id=container_id, ifname=ifname, netns_path=netns_path))
+
+    def check_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
+    ) -> list[str]:
+        return self._worker.call(lambda: self._engine.check_pod(
+            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway))
+
+    def list_pod_veths(self) -> list[str]:
+        return self._worker.call(self._engine.list_pod_veths)
+
+    def close(self) -> None:
+        def _close() -> None:
+            for h in self._handles:
+                h.close()
+        try:
+            self._worker.call(_close)
+        finally:
+            self._worker.close()
+
+    def __enter__(self) -> LinuxDataplane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

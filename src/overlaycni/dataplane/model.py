@@ -1,0 +1,247 @@
+"""Pure value types of the data plane and the names of the kernel objects it owns.
+
+Nothing here touches the kernel: the agent, the fake and the Linux adapter
+all exchange these frozen dataclasses. ``desired_peer_objects`` turns a
+``NodeState`` into the exact per-peer kernel objects (neighbour, FDB entry,
+route) so that the fake and the Linux implementation program the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from ..errors import ConfigError, FieldError
+
+VXLAN_IFNAME = "ocni.vxlan"
+VETH_PREFIX = "oc"
+# Routes the project owns carry this rtnetlink protocol number ("proto 119").
+RT_PROTO = 119
+# The gateway address <block>.1/32 lives on lo with this label (ownership mark).
+GATEWAY_LABEL = "lo:ocni"
+VXLAN_OVERHEAD = 50
+BACKENDS = ("vxlan", "direct")
+KUBE_PROXY_MASQ_MARK = 0x4000
+
+
+def vtep_mac(node_ip: IPv4Address) -> str:
+    """A deterministic, locally administered unicast MAC for a node's VTEP."""
+    digest = bytearray(hashlib.sha256(b"overlaycni-vtep/" + node_ip.packed).digest()[:6])
+    digest[0] = (digest[0] & 0xFC) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """The host-side veth name: ``oc`` + 13 hex digits of sha256(cid/ifname)."""
+    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    return VETH_PREFIX + digest[:13]
+
+
+def is_pod_veth(ifname: str) -> bool:
+    rest = ifname[len(VETH_PREFIX):]
+    return ifname.startswith(VETH_PREFIX) and len(rest) == 13 and all(c in "0123456789abcdef" for c in rest)
+
+
+def normalize_mac(mac: str, *, field_name: str = "vtep_mac") -> str:
+    parts = mac.lower().replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
+        raise ConfigError(FieldError(field_name, f"{mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
+    return ":".join(parts)
+
+
+# --- the facade's value types --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    node_ip: IPv4Address
+    block: IPv4Network
+    vtep_mac: str
+
+
+@dataclass(frozen=True)
+class PodEndpoint:
+    ip: IPv4Address
+    host_veth: str
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """The full desired state of one node."""
+
+    node_ip: IPv4Address
+    block: IPv4Network
+    pod_cidr: IPv4Network
+    backend: str = "vxlan"
+    vni: int = 4096
+    vxlan_port: int = 4789
+    mtu: int | None = None  # None = auto from the underlay
+    peers: tuple[Peer, ...] = ()
+    pods: tuple[PodEndpoint, ...] = ()
+    non_masquerade_cidrs: tuple[IPv4Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    underlay_ifname: str
+    underlay_mtu: int
+    pod_mtu: int
+    vtep_mac: str | None
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    ifname: str
+    mac: str
+    mtu: int
+    sandbox: str
+    host_veth: str
+    host_mac: str
+    ip: IPv4Interface
+    gateway: IPv4Address
+
+
+@dataclass
+class ReconcileReport:
+    changes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+# --- kernel objects (what the ports speak) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    kind: str  # "veth", "vxlan", "bridge", "" (physical/unknown)
+    mac: str
+    mtu: int
+    up: bool
+
+
+@dataclass(frozen=True)
+class VxlanSpec:
+    name: str
+    vni: int
+    port: int
+    local: IPv4Address
+    underlay: str
+    mac: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route in the main table; ``gateway`` None means a device route."""
+
+    dst: IPv4Network
+    dev: str | None = None
+    gateway: IPv4Address | None = None
+    onlink: bool = False
+    scope_link: bool = False
+    unreachable: bool = False
+
+    def __str__(self) -> str:
+        parts = ["unreachable" if self.unreachable else "", str(self.dst)]
+        parts += [f"via {self.gateway}" if self.gateway else "", f"dev {self.dev}" if self.dev else ""]
+        parts += ["onlink" if self.onlink else "", "scope link" if self.scope_link else ""]
+        return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    dev: str
+    ip: IPv4Address
+    mac: str
+
+    def __str__(self) -> str:
+        return f"{self.ip} lladdr {self.mac} dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    dev: str
+    mac: str
+    dst: IPv4Address
+
+    def __str__(self) -> str:
+        return f"{self.mac} dst {self.dst} dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What a pod's interface looks like from inside its netns."""
+
+    ifname: str
+    mac: str
+    mtu: int
+    up: bool
+    addresses: tuple[IPv4Interface, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True)
+class PeerObjects:
+    neighbour: Neighbour | None
+    fdb: FdbEntry | None
+    route: Route
+
+
+def validate_state(state: NodeState) -> None:
+    """Reject a desired state the kernel cannot express, naming the field."""
+    errors: list[FieldError] = []
+    if state.backend not in BACKENDS:
+        errors.append(FieldError("backend", f"{state.backend!r} is not one of {', '.join(BACKENDS)}"))
+    if not state.block.subnet_of(state.pod_cidr):
+        errors.append(FieldError("block", f"{state.block} is not inside the pod CIDR {state.pod_cidr}"))
+    if state.block.prefixlen > 30:
+        errors.append(FieldError("block", f"{state.block} is too small for a node (needs /30 or larger)"))
+    if not 1 <= state.vni <= 0xFFFFFF:
+        errors.append(FieldError("vni", f"{state.vni} is outside 1..16777215"))
+    if not 1 <= state.vxlan_port <= 65535:
+        errors.append(FieldError("vxlan-port", f"{state.vxlan_port} is outside 1..65535"))
+    if state.mtu is not None and not 576 <= state.mtu <= 65535:
+        errors.append(FieldError("mtu", f"{state.mtu} is outside 576..65535"))
+    seen_blocks: dict[IPv4Network, str] = {state.block: "this node"}
+    for peer in state.peers:
+        if not peer.block.subnet_of(state.pod_cidr):
+            errors.append(FieldError("peers", f"peer {peer.name}: block {peer.block} is outside {state.pod_cidr}"))
+        other = next((n for b, n in seen_blocks.items() if b.overlaps(peer.block)), None)
+        if other is not None:
+            errors.append(FieldError("peers", f"peer {peer.name}: block {peer.block} overlaps {other}"))
+        seen_blocks[peer.block] = f"peer {peer.name}"
+        if peer.node_ip == state.node_ip:
+            errors.append(FieldError("peers", f"peer {peer.name}: node IP {peer.node_ip} is this node's"))
+        try:
+            normalize_mac(peer.vtep_mac)
+        except ConfigError as exc:
+            errors.append(FieldError("peers", f"peer {peer.name}: {exc.message}"))
+    for pod in state.pods:
+        if pod.ip not in state.block:
+            errors.append(FieldError("pods", f"pod {pod.ip} ({pod.host_veth}) is outside the block {state.block}"))
+    if errors:
+        raise ConfigError(errors)
+
+
+def gateway_of(block: IPv4Network) -> IPv4Address:
+    return block.network_address + 1
+
+
+def peer_objects(peer: Peer, *, backend: str) -> PeerObjects:
+    """The kernel objects for one peer, in programming order."""
+    if backend == "direct":
+        return PeerObjects(None, None, Route(dst=peer.block, gateway=peer.node_ip))
+    vtep_ip = peer.block.network_address
+    mac = normalize_mac(peer.vtep_mac)
+    return PeerObjects(
+        Neighbour(dev=VXLAN_IFNAME, ip=vtep_ip, mac=mac),
+        FdbEntry(dev=VXLAN_IFNAME, mac=mac, dst=peer.node_ip),
+        Route(dst=peer.block, dev=VXLAN_IFNAME, gateway=vtep_ip, onlink=True),
+    )
+
+
+def pod_route(pod: PodEndpoint) -> Route:
+    return Route(dst=IPv4Network(f"{pod.ip}/32"), dev=pod.host_veth, scope_link=True)

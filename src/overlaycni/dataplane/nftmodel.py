@@ -1,0 +1,239 @@
+"""The ``ip overlaycni`` nftables table, rendered from a model (pure).
+
+Static chains, dynamic sets. The chains depend only on the pod CIDR, the
+VXLAN port and the VXLAN device name; everything that changes at run time
+(node IPs, pod endpoints, non-masquerade CIDRs) lives in sets, so watch
+events and pod ADD/DEL touch set elements only. A regular, empty chain named
+``fp_<hash of the static part>`` fingerprints the chains: when it matches,
+reconciliation edits set elements; when it does not, the whole table is
+replaced in one atomic transaction. This table never touches ``inet
+overlaycni`` (NetworkPolicy, owned by the policy module).
+
+Chains:
+
+* ``prerouting`` (filter, priority raw): a packet entering from a pod's host
+  veth (``oc*`` but not the VXLAN device) whose ``iifname . saddr`` is not in
+  ``@pod_endpoints`` is dropped (anti-spoofing, before conntrack).
+* ``input`` (filter): VXLAN (UDP dport) from a pod source, or from a source
+  not in ``@node_ips``, is dropped.
+* ``forward`` (filter): VXLAN from a pod source to a node IP is dropped (it
+  would otherwise be SNATed to a node IP and accepted by the peer).
+* ``postrouting`` (nat, srcnat): RETURN for kube-proxy's mark 0x4000; RETURN
+  unless the source is in the pod CIDR; RETURN for pod CIDR, non-masquerade
+  and multicast destinations; otherwise masquerade with fully random ports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses, summarize_address_range
+from typing import Any
+
+from .model import KUBE_PROXY_MASQ_MARK, VETH_PREFIX, VXLAN_IFNAME, NodeState
+
+FAMILY = "ip"
+TABLE = "overlaycni"
+SET_NODE_IPS = "node_ips"
+SET_POD_ENDPOINTS = "pod_endpoints"
+SET_NON_MASQ = "non_masq"
+MULTICAST = IPv4Network("224.0.0.0/4")
+
+Element = Any  # an IPv4Address, IPv4Network or (ifname, IPv4Address)
+
+
+@dataclass(frozen=True)
+class NftTable:
+    pod_cidr: IPv4Network
+    vxlan_port: int
+    node_ips: frozenset[IPv4Address] = frozenset()
+    pod_endpoints: frozenset[tuple[str, IPv4Address]] = frozenset()
+    non_masquerade: frozenset[IPv4Network] = frozenset()
+    vxlan_ifname: str = VXLAN_IFNAME
+
+    def sets(self) -> dict[str, frozenset]:
+        return {
+            SET_NODE_IPS: self.node_ips,
+            SET_POD_ENDPOINTS: self.pod_endpoints,
+            SET_NON_MASQ: self.non_masquerade,
+        }
+
+
+@dataclass(frozen=True)
+class NftState:
+    """What the kernel holds: the fingerprint chain's hash and set elements."""
+
+    fingerprint: str | None
+    sets: dict[str, frozenset]
+
+
+def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Address]]) -> NftTable:
+    return NftTable(
+        pod_cidr=state.pod_cidr,
+        vxlan_port=state.vxlan_port,
+        node_ips=frozenset({state.node_ip, *(p.node_ip for p in state.peers)}),
+        pod_endpoints=frozenset(pod_endpoints),
+        non_masquerade=frozenset(collapse_addresses(state.non_masquerade_cidrs)),
+    )
+
+
+# --- rendering ---------------------------------------------------------------------
+
+
+def _obj(kind: str, **fields: Any) -> dict[str, Any]:
+    return {kind: {"family": FAMILY, "table": TABLE, **fields}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _prefix(net: IPv4Network) -> Any:
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _payload(proto: str, fld: str) -> dict[str, Any]:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+IIFNAME = {"meta": {"key": "iifname"}}
+SADDR = _payload("ip", "saddr")
+DADDR = _payload("ip", "daddr")
+COUNTER = {"counter": None}
+
+
+def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]]]]:
+    pod = _prefix(t.pod_cidr)
+    vx = _match(_payload("udp", "dport"), t.vxlan_port)
+    return [
+        (
+            {"name": "prerouting", "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"},
+            [[
+                _match(IIFNAME, VETH_PREFIX + "*"),
+                _match(IIFNAME, t.vxlan_ifname, "!="),
+                _match({"concat": [IIFNAME, SADDR]}, "@" + SET_POD_ENDPOINTS, "!="),
+                COUNTER,
+                {"drop": None},
+            ]],
+        ),
+        (
+            {"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
+            [
+                [vx, _match(SADDR, pod), COUNTER, {"drop": None}],
+                [vx, _match(SADDR, "@" + SET_NODE_IPS, "!="), COUNTER, {"drop": None}],
+            ],
+        ),
+        (
+            {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
+            [[_match(SADDR, pod), vx, _match(DADDR, "@" + SET_NODE_IPS), COUNTER, {"drop": None}]],
+        ),
+        (
+            {"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
+            [
+                [_match({"&": [{"meta": {"key": "mark"}}, KUBE_PROXY_MASQ_MARK]}, KUBE_PROXY_MASQ_MARK), {"return": None}],
+                [_match(SADDR, pod, "!="), {"return": None}],
+                [_match(DADDR, pod), {"return": None}],
+                [_match(DADDR, "@" + SET_NON_MASQ), {"return": None}],
+                [_match(DADDR, _prefix(MULTICAST)), {"return": None}],
+                [COUNTER, {"masquerade": {"flags": ["fully-random"]}}],
+            ],
+        ),
+    ]
+
+
+_SET_DEFS = {
+    SET_NODE_IPS: {"type": "ipv4_addr"},
+    SET_POD_ENDPOINTS: {"type": ["ifname", "ipv4_addr"]},
+    SET_NON_MASQ: {"type": "ipv4_addr", "flags": ["interval"]},
+}
+
+
+def fingerprint(t: NftTable) -> str:
+    static = json.dumps({"chains": _chains(t), "sets": _SET_DEFS}, sort_keys=True)
+    return hashlib.sha256(static.encode()).hexdigest()[:12]
+
+
+def encode_element(name: str, elem: Element) -> Any:
+    if name == SET_POD_ENDPOINTS:
+        ifname, ip = elem
+        return {"concat": [ifname, str(ip)]}
+    if name == SET_NON_MASQ:
+        return _prefix(elem)
+    return str(elem)
+
+
+def element_commands(verb: str, name: str, elems: Iterable[Element]) -> list[dict[str, Any]]:
+    encoded = [encode_element(name, e) for e in sorted(elems, key=_sort_key)]
+    if not encoded:
+        return []
+    return [{verb: _obj("element", name=name, elem=encoded)}]
+
+
+def _sort_key(elem: Element) -> Any:
+    return str(elem)
+
+
+def render_table(t: NftTable) -> list[dict[str, Any]]:
+    """Commands that atomically replace the table with ``t`` (one transaction)."""
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": _obj("chain", name="fp_" + fingerprint(t))},
+    ]
+    for name, spec in _SET_DEFS.items():
+        cmds.append({"add": _obj("set", name=name, **spec)})
+    for chain, rules in _chains(t):
+        cmds.append({"add": _obj("chain", **chain)})
+        for expr in rules:
+            cmds.append({"add": _obj("rule", chain=chain["name"], expr=expr)})
+    for name, elems in t.sets().items():
+        cmds.extend(element_commands("add", name, elems))
+    return cmds
+
+
+def render_set_update(name: str, *, add: Iterable[Element] = (), delete: Iterable[Element] = ()) -> list[dict[str, Any]]:
+    return element_commands("delete", name, delete) + element_commands("add", name, add)
+
+
+def diff_sets(current: NftState, desired: NftTable) -> list[dict[str, Any]]:
+    cmds: list[dict[str, Any]] = []
+    for name, want in desired.sets().items():
+        have = current.sets.get(name, frozenset())
+        cmds += render_set_update(name, add=want - have, delete=have - want)
+    return cmds
+
+
+# --- parsing `nft -j list table ip overlaycni` ----------------------------------------
+
+
+def _decode_element(name: str, raw: Any) -> list[Element]:
+    if isinstance(raw, dict) and "elem" in raw:  # element with attributes
+        raw = raw["elem"]["val"]
+    if name == SET_POD_ENDPOINTS:
+        ifname, ip = raw["concat"]
+        return [(ifname, IPv4Address(ip))]
+    if name == SET_NON_MASQ:
+        if isinstance(raw, dict) and "prefix" in raw:
+            return [IPv4Network(f"{raw['prefix']['addr']}/{raw['prefix']['len']}")]
+        if isinstance(raw, dict) and "range" in raw:
+            lo, hi = (IPv4Address(a) for a in raw["range"])
+            return list(summarize_address_range(lo, hi))
+        return [IPv4Network(f"{raw}/32")]
+    return [IPv4Address(raw)]
+
+
+def parse_listing(doc: dict[str, Any]) -> NftState:
+    fp: str | None = None
+    sets: dict[str, frozenset] = {}
+    for item in doc.get("nftables", []):
+        if "chain" in item and item["chain"]["name"].startswith("fp_"):
+            fp = item["chain"]["name"][3:]
+        elif "set" in item:
+            name = item["set"]["name"]
+            sets[name] = frozenset(x for e in item["set"].get("elem", []) for x in _decode_element(name, e))
+    return NftState(fp, sets)

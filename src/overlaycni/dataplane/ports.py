@@ -1,0 +1,99 @@
+"""The data plane's ports: one small ``Protocol`` per kind of kernel object.
+
+``fake.py`` implements each in memory, ``linux/`` with netlink and nftables.
+All calls act on one network namespace chosen when the adapter is built
+(the node's); the pod side (``PodLinks``) takes the pod's netns path per call.
+Lists return only objects this project owns (routes with ``RT_PROTO``,
+neighbours and FDB entries on the VXLAN device, ``lo:ocni`` addresses).
+``apply_*`` calls are batched and raise ``DataplaneError`` listing every
+failed object; deleting something that is not there is success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any, Protocol
+
+from .model import (
+    FdbEntry,
+    Link,
+    Neighbour,
+    NodeInfo,
+    NodeState,
+    Peer,
+    PodInterface,
+    PodView,
+    ReconcileReport,
+    Route,
+    VxlanSpec,
+)
+from .nftmodel import NftState
+
+
+class Links(Protocol):
+    def list_links(self) -> list[Link]: ...
+    def get_link(self, name: str) -> Link | None: ...
+    def link_with_address(self, ip: IPv4Address) -> Link | None: ...
+    def ensure_vxlan(self, spec: VxlanSpec) -> list[str]: ...  # changes made
+    def delete_link(self, name: str) -> bool: ...  # True if it existed
+
+
+class Addresses(Protocol):
+    def list_addresses(self, dev: str, *, label: str | None = None) -> list[IPv4Interface]: ...
+    def ensure_address(self, dev: str, addr: IPv4Interface, *, label: str | None = None) -> bool: ...
+    def delete_address(self, dev: str, addr: IPv4Interface) -> bool: ...
+
+
+class Routes(Protocol):
+    def list_routes(self) -> list[Route]: ...  # owned routes in the main table
+    def apply_routes(self, *, replace: Sequence[Route] = (), delete: Sequence[Route] = ()) -> None: ...
+    def lookup_gateway(self, dst: IPv4Address) -> tuple[IPv4Address | None, str | None]: ...  # (gateway, dev)
+
+
+class Neighbours(Protocol):
+    def list_neighbours(self, dev: str) -> list[Neighbour]: ...  # permanent entries
+    def get_neighbour(self, dev: str, ip: IPv4Address) -> Neighbour | None: ...
+    def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None: ...
+
+
+class Fdb(Protocol):
+    def list_fdb(self, dev: str) -> list[FdbEntry]: ...  # permanent entries with a remote
+    def apply_fdb(self, *, replace: Sequence[FdbEntry] = (), delete: Sequence[FdbEntry] = ()) -> None: ...
+
+
+class NftRuleset(Protocol):
+    def get_table(self) -> NftState | None: ...  # None: no ``ip overlaycni`` table
+    def list_set(self, name: str) -> frozenset | None: ...  # None: no table/set
+    def apply(self, commands: list[dict[str, Any]]) -> None: ...  # one atomic transaction
+
+
+class Sysctls(Protocol):
+    def read(self, key: str) -> str | None: ...  # "net/ipv4/ip_forward"; None if absent
+    def write(self, key: str, value: str) -> None: ...
+
+
+class PodLinks(Protocol):
+    def setup_pod_link(
+        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+    ) -> PodInterface: ...  # veth pair, pod side configured, host side up; rolls back on failure
+    def teardown_pod_link(self, *, host_veth: str) -> None: ...
+    def inspect_pod(self, *, netns_path: str, ifname: str) -> PodView | None: ...
+
+
+class Dataplane(Protocol):
+    """The facade the node agent calls (implemented by ``linux.LinuxDataplane`` and ``fake.FakeDataplane``)."""
+
+    def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo: ...
+    def reconcile(self, state: NodeState) -> ReconcileReport: ...
+    def ensure_peer(self, state: NodeState, peer: Peer) -> None: ...
+    def delete_peer(self, state: NodeState, peer: Peer) -> None: ...
+    def attach_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+    ) -> PodInterface: ...
+    def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None: ...
+    def check_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
+    ) -> list[str]: ...
+    def list_pod_veths(self) -> list[str]: ...
+    def close(self) -> None: ...
