@@ -320,13 +320,14 @@ def render_trace(t: lab_trace.Trace) -> None:
     console.print(f"  pod route:  {t.dst_ip} via {r.get('gateway', '-')} dev {r.get('dev')} src {r.get('prefsrc', '-')}", highlight=False)
     r = t.node_route
     flags = " onlink" if "onlink" in r.get("flags", []) else ""
-    console.print(f"  node route: {t.dst_ip} via {r.get('gateway', 'direct')} dev {r.get('dev')}{flags}", highlight=False)
+    via = f"via {r['gateway']}" if r.get("gateway") else "directly connected,"
+    console.print(f"  node route: {t.dst_ip} {via} dev {r.get('dev')}{flags}", highlight=False)
     for i, h in enumerate(t.hops, 1):
         color = "green" if h.packet else "red"
-        console.print(f"  {i}. [bold]{h.where}[/]: [{color}]{h.note}[/]", highlight=False)
+        console.print(f"  {i}. [bold]{h.where}[/]: [{color}]{h.note}[/]", highlight=False, soft_wrap=True)
         if h.packet:
             for line in h.packet.text.splitlines():
-                console.print(f"       [dim]{line}[/]", highlight=False)
+                console.print(f"       [dim]{line}[/]", highlight=False, soft_wrap=True)
     if t.snat:
         console.print(f"  SNAT: inner source {t.snat[0]} -> {t.snat[1]}", highlight=False)
 
@@ -338,7 +339,7 @@ def tour(name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     for i, step in enumerate(lab_trace.run_tour(state), 1):
         console.print(f"\n[bold]{i}. {step.title}[/]", highlight=False)
         console.print(f"[cyan]$ {step.command}[/]", highlight=False)
-        console.print(step.output.rstrip(), highlight=False, markup=False)
+        console.print(step.output.rstrip(), highlight=False, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

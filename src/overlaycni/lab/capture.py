@@ -122,7 +122,7 @@ class Capture:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = netns.in_ns(
             self.ns,
-            ["timeout", str(int(self.timeout)), "tcpdump", "-i", self.iface, "-n", "-U", "-c", str(self.max_packets),
+            ["timeout", str(int(self.timeout)), "tcpdump", "--immediate-mode", "-i", self.iface, "-n", "-U", "-c", str(self.max_packets),
              "-w", str(self._file), *self.bpf.split()],
         )  # fmt: skip
         with open(self._err, "wb") as err:
