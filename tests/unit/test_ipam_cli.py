@@ -1,0 +1,114 @@
+"""The cluster / node / ipam commands, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from overlaycni.cli.main import app
+from overlaycni.errors import OverlayCNIError
+
+NET = ["--network-plugin", "azure", "--network-plugin-mode", "overlay"]
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.delenv("OVERLAYCNI_DATASTORE", raising=False)
+    url = f"sqlite://{tmp_path}/state.db"
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):
+        result = runner.invoke(app, ["--datastore", url, *args])
+        exit_code = result.exit_code
+        if isinstance(result.exception, OverlayCNIError):
+            exit_code = 2  # what main() turns it into
+        assert exit_code == code, (result.output, result.exception)
+        return result
+
+    return run
+
+
+def js(result):
+    return json.loads(result.stdout)
+
+
+def test_cluster_lifecycle(cli):
+    out = js(cli("cluster", "create", "--name", "dev", *NET, "--pod-cidr", "10.244.0.0/16", "-o", "json"))
+    assert out["name"] == "dev" and out["pod-cidr"] == "10.244.0.0/16"
+    cli("cluster", "create", "--name", "dev", *NET)  # same settings again: fine
+    res = cli("cluster", "create", "--name", "dev", *NET, "--pod-cidr", "10.245.0.0/16", code=2)
+    assert "already exists with different settings" in str(res.exception)
+    assert [c["name"] for c in js(cli("cluster", "list", "-o", "json"))] == ["dev"]
+    assert js(cli("cluster", "show", "--name", "dev", "-o", "json"))["node-cidr-size"] == 24
+    out = js(cli("cluster", "expand-pod-cidr", "--name", "dev", "--pod-cidr", "10.244.0.0/15", "-o", "json"))
+    assert out["pod-cidr"] == "10.244.0.0/15"
+    cli("cluster", "delete", "--name", "dev")
+    assert js(cli("cluster", "list", "-o", "json")) == []
+
+
+def test_invalid_network_flags_are_rejected(cli):
+    res = cli("cluster", "create", "--name", "dev", *NET, "--pod-cidr", "10.224.0.0/16", code=2)
+    assert "NetworkProfileCIDROverlapVNET" in str(res.exception)
+
+
+def test_nodes_and_addresses(cli, tmp_path):
+    cli("cluster", "create", "--name", "dev", *NET)
+    node = js(cli("node", "register", "--cluster", "dev", "--name", "n1", "--node-ip", "10.224.0.4", "-o", "json"))
+    assert node == {"name": "n1", "node_ip": "10.224.0.4", "block": "10.244.0.0/24"}
+    assert js(cli("node", "list", "--cluster", "dev", "-o", "json"))[0]["block"] == "10.244.0.0/24"
+    args = ["ipam", "allocate", "--cluster", "dev", "--node", "n1", "--ifname", "eth0", "-o", "json"]
+    assert js(cli(*args, "--container-id", "abc", "--pod", "default/web-0")) == {
+        "ip": "10.244.0.2/24",
+        "gateway": "10.244.0.1",
+    }
+    assert js(cli(*args, "--container-id", "abc"))["ip"] == "10.244.0.2/24"
+    assert js(cli(*args, "--container-id", "def"))["ip"] == "10.244.0.3/24"
+    show = js(cli("ipam", "show", "--cluster", "dev", "-o", "json"))
+    assert show["nodes"] == [{"node": "n1", "block": "10.244.0.0/24", "live": True, "used": 2, "free": 251}]
+    assert js(cli("ipam", "check", "--cluster", "dev", "-o", "json"))["ok"] is True
+    valid = tmp_path / "valid.json"
+    valid.write_text(json.dumps({"cni.dev/valid-attachments": [{"containerID": "abc", "ifname": "eth0"}]}))
+    cli("ipam", "check", "--cluster", "dev", "--valid", str(valid), code=1)
+    released = js(cli("ipam", "gc", "--cluster", "dev", "--valid", str(valid), "-o", "json"))["released"]
+    assert [r["container_id"] for r in released] == ["def"]
+    cli("ipam", "check", "--cluster", "dev", "--valid", str(valid))
+    res = js(cli("ipam", "release", "--cluster", "dev", "--container-id", "abc", "--ifname", "eth0", "-o", "json"))
+    assert res == {"released": "10.244.0.2/24"}
+    cli("ipam", "release", "--cluster", "dev", "--container-id", "abc", "--ifname", "eth0")
+    cli("node", "delete", "--cluster", "dev", "--name", "n1")
+    assert js(cli("node", "list", "--cluster", "dev", "-o", "json")) == []
+
+
+def test_unknown_cluster_and_node(cli):
+    res = cli("node", "list", "--cluster", "nope", code=2)
+    assert "cluster 'nope' not found" in str(res.exception)
+    cli("cluster", "create", "--name", "dev", *NET)
+    res = cli("ipam", "allocate", "--cluster", "dev", "--node", "ghost", "--container-id", "a", code=2)
+    assert "node 'ghost' has no block" in str(res.exception)
+
+
+def test_bad_valid_file_names_the_option(cli, tmp_path):
+    cli("cluster", "create", "--name", "dev", *NET)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("only-one-field\n")
+    res = cli("ipam", "gc", "--cluster", "dev", "--valid", str(bad), code=2)
+    assert "--valid" in str(res.exception) and "line 1" in str(res.exception)
+
+
+@pytest.mark.parametrize(
+    "datastore, words",
+    [("etcd://127.0.0.1:1", "unreachable"), ("bogus", "not a datastore URL")],
+)
+def test_entry_point_prints_errors_without_traceback(datastore, words):
+    proc = subprocess.run(
+        [sys.executable, "-m", "overlaycni.cli.main", "--datastore", datastore, "cluster", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert words in proc.stderr and "Traceback" not in proc.stderr
