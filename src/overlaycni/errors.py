@@ -53,6 +53,8 @@ class FieldError:
     message: str
 
     def __str__(self) -> str:
+        if self.message.startswith(f"--{self.field}"):
+            return self.message
         return f"--{self.field}: {self.message}"
 
     def to_dict(self) -> dict[str, str]:

@@ -79,7 +79,7 @@ def with_network_flags(func: F) -> F:
     """Add every AKS network flag to a typer command. The command receives
     them as one ``network: dict`` of the flags the user gave (keys are the
     flag names without dashes)."""
-    sig = inspect.signature(func)
+    sig = inspect.signature(func, eval_str=True)
     params = [p for p in sig.parameters.values() if p.name != "network"]
     extra = [
         inspect.Parameter(
