@@ -33,7 +33,9 @@ class Lab:
 
     def oc(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess[str]:
         """Run ``overlaycni lab ARGS --name <lab>``."""
-        argv = [OC, "lab", *args, "--name", self.name]
+        args_ = list(args)
+        cut = args_.index("--") if "--" in args_ else len(args_)
+        argv = [OC, "lab", *args_[:cut], "--name", self.name, *args_[cut:]]
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
