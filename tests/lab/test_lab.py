@@ -271,3 +271,14 @@ def test_up_refuses_existing_and_bad_flags(tmp_path):
     bad = subprocess.run([OC, "lab", "up", "--name", "x1", "--backend", "geneve"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--backend" in bad.stderr and "Traceback" not in bad.stderr
     assert lab_namespaces("x1") == []
+
+
+def test_without_cap_net_admin_a_clear_error(tmp_path):
+    env = {**os.environ, "OVERLAYCNI_LAB_DIR": str(tmp_path / "labs")}
+    for cmd in (["up", "--name", "nocap"], ["down", "--name", "nocap"]):
+        proc = subprocess.run(
+            ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", OC, "lab", *cmd],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "CAP_NET_ADMIN" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "labs").exists() and lab_namespaces("nocap") == []
