@@ -135,10 +135,25 @@ def test_peers_follow_node_records(cluster, tmp_path):
         peer = next(p for p in a1.state.peers if p.name == "n2")
         assert peer.vtep_mac == vtep_mac(IPv4Address("10.224.0.5"))
         assert peer.block == ipam.get_node(store, "c1", "n2").block
+        a2.shutdown()  # a running agent would re-register its deleted record (like a kubelet)
         ipam.delete_node(store, "c1", "n2")
         assert wait_for(lambda: not any(p.name == "n2" for p in a1.state.peers))
     finally:
         a2.shutdown()
+        a1.shutdown()
+
+
+def test_a_silent_node_is_dropped_after_its_lease_ttl(cluster, tmp_path):
+    url, store = cluster
+    a1, _ = start_agent(url, tmp_path, "n1", "10.224.0.4")
+    a2, _ = start_agent(url, tmp_path, "n2", "10.224.0.5", ttl=2)
+    try:
+        assert wait_for(lambda: any(p.name == "n2" for p in a1.state.peers))
+        a2.shutdown()  # stops refreshing; the lease is not revoked
+        assert any(p.name == "n2" for p in a1.state.peers)
+        assert wait_for(lambda: not any(p.name == "n2" for p in a1.state.peers), timeout=15)
+        assert all(n.name != "n2" for n in ipam.list_nodes(store, "c1"))
+    finally:
         a1.shutdown()
 
 
