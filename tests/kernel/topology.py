@@ -52,6 +52,7 @@ class NodeNs:
     ns: str
     ip: IPv4Interface
     ifname: str = "eth0"
+    port: str = ""  # its bridge port in the vnet namespace (capture the wire there)
 
     @property
     def path(self) -> str:
@@ -84,7 +85,7 @@ class Topology:
         run("ip", "-n", self.vnet, "link", "set", "br0", "up")
         return self.vnet
 
-    def _plug(self, ns: str, ip: IPv4Interface, *, mtu: int, ifname: str = "eth0") -> None:
+    def _plug(self, ns: str, ip: IPv4Interface, *, mtu: int, ifname: str = "eth0") -> str:
         assert self.vnet is not None, "add_underlay() first"
         self._port += 1
         port = f"p{self._port}"
@@ -93,11 +94,12 @@ class Topology:
         run("ip", "-n", self.vnet, "link", "set", port, "master", "br0", "up")
         run("ip", "-n", ns, "link", "set", ifname, "mtu", str(mtu), "up")
         run("ip", "-n", ns, "addr", "add", str(ip), "dev", ifname)
+        return port
 
     def add_node(self, role: str, ip: str, *, mtu: int = 1500) -> NodeNs:
         self.add_netns(role)
         node = NodeNs(self.ns_name(role), IPv4Interface(ip))
-        self._plug(node.ns, node.ip, mtu=mtu)
+        node.port = self._plug(node.ns, node.ip, mtu=mtu)
         return node
 
     def add_host(self, role: str, ip: str, *, extra: tuple[str, ...] = (), mtu: int = 1500) -> NodeNs:

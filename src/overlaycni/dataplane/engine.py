@@ -64,6 +64,11 @@ class Ports:
     pods: PodLinks
 
 
+def _same_route(want: Route, have: Route | None) -> bool:
+    """A desired route without a device matches whatever device the kernel resolved."""
+    return have is not None and (want == have or (want.dev is None and replace(have, dev=None) == want))
+
+
 def _check_ifname(name: str, field: str) -> None:
     if not name or len(name) > 15 or any(c in name for c in "/ \t\n:") or name in (".", ".."):
         raise ConfigError(FieldError(field, f"{name!r} is not a valid interface name (1-15 chars, no '/', ':' or spaces)"))
@@ -188,7 +193,7 @@ class NodeDataplane:
         # Removal first for routes whose destination changes meaning, then adds in flannel's order.
         add_n = [n for ip, n in want_n.items() if have_n.get(ip) != n]
         add_f = [f for mac, f in want_f.items() if have_f.get(mac) != f]
-        add_r = [r for dst, r in want_routes.items() if have_routes.get(dst) != r]
+        add_r = [r for dst, r in want_routes.items() if not _same_route(r, have_routes.get(dst))]
         self._apply(report, "route", delete=stale_routes)
         self._apply(report, "neighbour", replace=add_n)
         self._apply(report, "fdb", replace=add_f)
@@ -210,17 +215,20 @@ class NodeDataplane:
             report.changes.extend(f"{kind} {o} replaced" for o in replace)
             report.changes.extend(f"{kind} {o} deleted" for o in delete)
 
-    def _pod_endpoints(self, state: NodeState, current: nftmodel.NftState | None) -> set[tuple[str, IPv4Address]]:
+    def _pod_endpoints(self, state: NodeState) -> set[tuple[str, IPv4Address]]:
+        """The state's pods, plus live pod veths the state does not know yet (a racing ADD),
+        whose IP the kernel's /32 route tells."""
         wanted = {(p.host_veth, p.ip) for p in state.pods}
         named = {p.host_veth for p in state.pods}
         live = {link.name for link in self.p.links.list_links()}
-        if current is not None:  # keep endpoints of live veths the state does not know yet (racing ADD)
-            wanted |= {e for e in current.sets.get(nftmodel.SET_POD_ENDPOINTS, ()) if e[0] in live and e[0] not in named}
+        for r in self.p.routes.list_routes():
+            if r.dev in live and r.dev not in named and is_pod_veth(r.dev) and r.dst.prefixlen == 32:
+                wanted.add((r.dev, r.dst.network_address))
         return wanted
 
     def _nft(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
         current = self.p.nft.get_table()
-        table = nftmodel.table_for(state, pod_endpoints=self._pod_endpoints(state, current))
+        table = nftmodel.table_for(state, pod_endpoints=self._pod_endpoints(state))
         if current is None or current.fingerprint != nftmodel.fingerprint(table):
             self.p.nft.apply(nftmodel.render_table(table))
             report.changes.append(f"nftables table {nftmodel.FAMILY} {nftmodel.TABLE} replaced")
@@ -249,7 +257,7 @@ class NodeDataplane:
             self.p.routes.apply_routes(replace=[objs.route])
             if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
                 self.p.fdb.apply_fdb(delete=[objs.fdb.__class__(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
-            self.p.nft.apply(nftmodel.render_set_update(nftmodel.SET_NODE_IPS, add=[peer.node_ip]))
+            self._nft_add(nftmodel.SET_NODE_IPS, [peer.node_ip])
 
     def delete_peer(self, state: NodeState, peer: Peer) -> None:
         with self._lock:
@@ -261,6 +269,14 @@ class NodeDataplane:
             in_use = {state.node_ip} | {p.node_ip for p in state.peers if p.name != peer.name}
             if peer.node_ip not in in_use:
                 self._nft_discard(nftmodel.SET_NODE_IPS, [peer.node_ip])
+
+    def _nft_add(self, name: str, elems: list) -> None:
+        """Add set elements; before the first reconcile (no table yet) there is nothing to add to."""
+        try:
+            self.p.nft.apply(nftmodel.render_set_update(name, add=elems))
+        except DataplaneError:
+            if self.p.nft.list_set(name) is not None:
+                raise
 
     def _nft_discard(self, name: str, elems: list) -> None:
         """Delete set elements whether or not they exist (add + delete in one transaction)."""
@@ -293,7 +309,7 @@ class NodeDataplane:
             try:
                 self.p.sysctls.write(f"net/ipv4/conf/{host}/proxy_arp", "1")
                 self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
-                self.p.nft.apply(nftmodel.render_set_update(nftmodel.SET_POD_ENDPOINTS, add=[(host, ip.ip)]))
+                self._nft_add(nftmodel.SET_POD_ENDPOINTS, [(host, ip.ip)])
             except BaseException:
                 self._undo_attach(host, ip.ip)
                 raise
