@@ -57,8 +57,8 @@ def namespaces_prefix(cluster: str) -> str:
     return f"{PREFIX}/{cluster}/namespaces/"
 
 
-def encode(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+def encode(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def decode(raw: bytes | str, *, what: str = "record") -> dict[str, Any]:
@@ -230,3 +230,43 @@ def namespace_from_dict(data: Mapping[str, Any], *, path: str = "namespace") -> 
     if errors:
         raise ConfigError(errors)
     return NamespaceInfo(data["name"], data.get("labels") or {})
+
+
+# ----- reading and writing a Store (anything with get/list/put/delete) ----------------
+
+
+def save_policies(store: Any, cluster: str, policies: list[NetworkPolicy]) -> list[str]:
+    """Create or replace each policy; returns the keys written."""
+    keys = []
+    for p in policies:
+        key = policy_key(cluster, p.namespace, p.name)
+        store.put(key, encode(policy_to_dict(p)))
+        keys.append(key)
+    return keys
+
+
+def delete_policy(store: Any, cluster: str, namespace: str, name: str) -> bool:
+    """Delete one policy; False when it did not exist."""
+    return bool(store.delete(policy_key(cluster, namespace, name)))
+
+
+def load_policies(store: Any, cluster: str) -> list[NetworkPolicy]:
+    return [policy_from_dict(decode(kv.value, what=kv.key)) for kv in store.list(policies_prefix(cluster))]
+
+
+def save_pod(store: Any, cluster: str, pod: PodInfo) -> None:
+    store.put(pod_key(cluster, pod.namespace, pod.name), encode(pod_to_dict(pod)))
+
+
+def load_pods(store: Any, cluster: str) -> list[PodInfo]:
+    return [pod_from_dict(decode(kv.value, what=kv.key), path=kv.key) for kv in store.list(pods_prefix(cluster))]
+
+
+def save_namespace(store: Any, cluster: str, ns: NamespaceInfo) -> None:
+    store.put(namespace_key(cluster, ns.name), encode(namespace_to_dict(ns)))
+
+
+def load_namespaces(store: Any, cluster: str) -> list[NamespaceInfo]:
+    return [
+        namespace_from_dict(decode(kv.value, what=kv.key), path=kv.key) for kv in store.list(namespaces_prefix(cluster))
+    ]

@@ -1,0 +1,202 @@
+"""``overlaycni policy``: validate NetworkPolicy manifests, explain a verdict,
+show the nftables a node would get.
+
+The datastore-backed verbs (apply / delete / list) are thin wrappers over
+``policy.store_codec`` (``save_policies``, ``delete_policy``,
+``load_policies``); the functions below take plain values so the integrator
+can wire them to ``open_store`` unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from ..errors import ConfigError, OverlayCNIError, PolicyFieldError
+from ..policy.engine import Verdict, allowed
+from ..policy.inventory import Inventory, load_inventory
+from ..policy.model import PROTOCOLS, NetworkPolicy, PodInfo, parse_policies
+from ..policy.render import counts, render_node
+from ..policy.store_codec import policy_to_dict
+from .common import Output, OutputOpt, console, print_json, report_error
+
+EPILOG = (
+    "Examples: overlaycni policy validate -f netpol.yaml; "
+    "overlaycni policy explain x/a y/b 80/TCP --from cluster.yaml"
+)
+
+
+def read_text(path: str) -> str:
+    """A file's text, or stdin for ``-``; ConfigError naming the file."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(PolicyFieldError("file", f"cannot read {path}: {exc.strerror}")) from None
+
+
+def parse_port(text: str) -> tuple[int, str]:
+    """``80``, ``80/TCP``, ``53/udp`` -> (port, PROTOCOL)."""
+    number, _, proto = text.partition("/")
+    proto = (proto or "TCP").upper()
+    if not number.isdigit() or not 1 <= int(number) <= 65535:
+        raise ConfigError(PolicyFieldError("port", f"{text!r}: expected PORT/PROTOCOL, e.g. 80/TCP (port 1-65535)"))
+    if proto not in PROTOCOLS:
+        raise ConfigError(PolicyFieldError("port", f"{text!r}: protocol must be TCP, UDP or SCTP"))
+    return int(number), proto
+
+
+def explain(inventory: Inventory, src: str, dst: str, port: str) -> tuple[Verdict, dict[str, Any]]:
+    """The verdict for SRC -> DST PORT/PROTO and its JSON form."""
+    s = inventory.endpoint(src, field="src")
+    d = inventory.endpoint(dst, field="dst")
+    number, proto = parse_port(port)
+    v = allowed(s, d, number, proto, pods=inventory.pods, namespaces=inventory.namespaces, policies=inventory.policies)
+    return v, verdict_json(v, s, d, number, proto)
+
+
+def _name(e: PodInfo | Any) -> str:
+    return e.key if isinstance(e, PodInfo) else str(e)
+
+
+def verdict_json(v: Verdict, src: Any, dst: Any, port: int, protocol: str) -> dict[str, Any]:
+    def decision(d) -> dict[str, Any]:
+        return {
+            "allowed": d.allowed,
+            "isolated": d.isolated,
+            "policy": d.policy,
+            "rule": f"{d.direction.lower()}[{d.rule}]" if d.rule is not None else None,
+            "policies": list(d.policies),
+            "reason": d.reason,
+        }
+
+    return {
+        "src": _name(src),
+        "dst": _name(dst),
+        "port": port,
+        "protocol": protocol,
+        "allowed": v.allowed,
+        "verdict": "allow" if v.allowed else "deny",
+        "policy": v.policy,
+        "rule": v.rule,
+        "reason": v.reason,
+        "egress": decision(v.egress),
+        "ingress": decision(v.ingress),
+    }
+
+
+def validate(text: str) -> list[NetworkPolicy]:
+    """Parse with defaulting; ConfigError with field paths when invalid."""
+    return parse_policies(text)
+
+
+def _errors_json(exc: ConfigError) -> dict[str, Any]:
+    return {"valid": False, "errors": [e.to_dict() for e in exc.errors]}
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(
+        name="policy",
+        help="Kubernetes NetworkPolicy: validate manifests, explain who may talk to whom, show the nftables.",
+        no_args_is_help=True,
+    )
+
+    @group.command("validate", epilog=EPILOG)
+    def validate_cmd(
+        file: Annotated[str, typer.Option("--file", "-f", help="YAML with one or more NetworkPolicy documents ('-': stdin).")],
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Parse NetworkPolicy manifests with the API server's defaulting and
+        validation; print the defaulted policies.
+
+        Exit status: 0 valid, 2 invalid (each error names the field path).
+        """
+        try:
+            policies = validate(read_text(file))
+        except ConfigError as exc:
+            if output is Output.json:
+                print_json(_errors_json(exc))
+            else:
+                report_error(exc)
+            raise typer.Exit(2)
+        docs = [policy_to_dict(p) for p in policies]
+        if output is Output.json:
+            print_json({"valid": True, "policies": docs})
+        else:
+            sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False) if docs else "# no policies\n")
+
+    @group.command("explain", epilog=EPILOG)
+    def explain_cmd(
+        src: Annotated[str, typer.Argument(help="Source: NAMESPACE/POD or an IPv4 address.")],
+        dst: Annotated[str, typer.Argument(help="Destination: NAMESPACE/POD or an IPv4 address.")],
+        port: Annotated[str, typer.Argument(help="PORT/PROTOCOL, e.g. 80/TCP (protocol defaults to TCP).")],
+        from_file: Annotated[str, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).")],
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """May SRC open a connection to DST on PORT/PROTOCOL? Prints the verdict
+        and the policy and rule that decided it (or the default).
+
+        Exit status: 0 allowed, 1 denied, 2 bad input.
+        """
+        try:
+            _, data = explain(load_inventory(read_text(from_file)), src, dst, port)
+        except OverlayCNIError as exc:
+            if output is Output.json and isinstance(exc, ConfigError):
+                print_json(_errors_json(exc))
+                raise typer.Exit(2)
+            raise typer.Exit(report_error(exc))
+        if output is Output.json:
+            print_json(data)
+        else:
+            _print_verdict(data)
+        if not data["allowed"]:
+            raise typer.Exit(1)
+
+    @group.command("render", epilog=EPILOG)
+    def render_cmd(
+        node: Annotated[str, typer.Option("--node", help="The node whose table to render.")],
+        from_file: Annotated[str, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).")],
+        output: OutputOpt = Output.json,
+    ) -> None:
+        """Print the nftables document (``nft -j``) NODE would apply, or its
+        size with ``--output table``."""
+        try:
+            inv = load_inventory(read_text(from_file))
+        except OverlayCNIError as exc:
+            raise typer.Exit(report_error(exc))
+        doc = render_node(node, pods=inv.pods, namespaces=inv.namespaces, policies=inv.policies)
+        if output is Output.json:
+            sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        else:
+            rules, elements = counts(doc)
+            console.print(f"table inet overlaycni for {node}: {rules} rules, {elements} set elements", highlight=False)
+
+    app.add_typer(group)
+
+
+def _print_verdict(data: dict[str, Any]) -> None:
+    word = "[bold green]ALLOW[/]" if data["allowed"] else "[bold red]DENY[/]"
+    console.print(f"{word} {data['src']} -> {data['dst']} {data['port']}/{data['protocol']}", highlight=False)
+    decided = f"{data['policy']} {data['rule']}" if data["policy"] else "default (no policy rule)"
+    console.print(f"decided by: {decided}", highlight=False)
+    console.print(f"reason: {data['reason']}", highlight=False)
+    table = Table(show_header=True, header_style="bold")
+    for col in ("direction", "isolated", "verdict", "policy / rule", "selecting policies"):
+        table.add_column(col)
+    for key in ("egress", "ingress"):
+        d = data[key]
+        table.add_row(
+            key,
+            "yes" if d["isolated"] else "no",
+            "allow" if d["allowed"] else "deny",
+            f"{d['policy']} {d['rule']}" if d["policy"] else "-",
+            ", ".join(d["policies"]) or "-",
+        )
+    console.print(table)

@@ -1,0 +1,100 @@
+"""A cluster described in one YAML file: namespaces, pods and policies.
+
+Used by ``policy explain --from FILE`` and ``policy render --from FILE`` (and
+by tests) before a datastore is involved::
+
+    namespaces:
+    - {name: x, labels: {ns: x}}
+    pods:
+    - {namespace: x, name: a, ip: 10.244.1.10, node: node-1, labels: {pod: a},
+       ports: [serve-80-tcp=80/TCP]}
+    policies:
+    - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, ...}
+
+Namespaces that pods or policies use but the file does not list exist with
+only their ``kubernetes.io/metadata.name`` label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError, PolicyFieldError
+from .model import NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
+from .store_codec import namespace_from_dict, pod_from_dict
+
+
+@dataclass(frozen=True)
+class Inventory:
+    namespaces: tuple[NamespaceInfo, ...]
+    pods: tuple[PodInfo, ...]
+    policies: tuple[NetworkPolicy, ...]
+
+    def endpoint(self, text: str, *, field: str) -> PodInfo | IPv4Address:
+        """``ns/pod`` or an IPv4 address (a pod's address means that pod)."""
+        if "/" in text:
+            for p in self.pods:
+                if p.key == text:
+                    return p
+            known = ", ".join(p.key for p in self.pods[:8]) or "none"
+            raise ConfigError(PolicyFieldError(field, f"no pod {text!r} in the inventory (pods: {known})"))
+        try:
+            ip = IPv4Address(text)
+        except ValueError:
+            raise ConfigError(PolicyFieldError(field, f"{text!r} is neither NAMESPACE/POD nor an IPv4 address")) from None
+        return next((p for p in self.pods if p.ip == ip), ip)
+
+
+def load_inventory(text: str) -> Inventory:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(PolicyFieldError("yaml", f"not valid YAML: {exc}")) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(PolicyFieldError("document", "must be a map with namespaces, pods and policies"))
+    errors: list[PolicyFieldError] = []
+    for key in data:
+        if key not in ("namespaces", "pods", "policies"):
+            errors.append(PolicyFieldError(str(key), "unknown field (expected namespaces, pods, policies)"))
+    sections: dict[str, list[Any]] = {}
+    for key in ("namespaces", "pods", "policies"):
+        value = data.get(key) or []
+        if not isinstance(value, list):
+            errors.append(PolicyFieldError(key, "must be a list"))
+            value = []
+        sections[key] = value
+    namespaces: dict[str, NamespaceInfo] = {}
+    for i, raw in enumerate(sections["namespaces"]):
+        try:
+            ns = namespace_from_dict(raw, path=f"namespaces[{i}]")
+            namespaces[ns.name] = ns
+        except ConfigError as exc:
+            errors.extend(exc.errors)  # type: ignore[arg-type]
+    pods: list[PodInfo] = []
+    for i, raw in enumerate(sections["pods"]):
+        try:
+            pods.append(pod_from_dict(raw, path=f"pods[{i}]"))
+        except ConfigError as exc:
+            errors.extend(exc.errors)  # type: ignore[arg-type]
+    seen_ips: dict[IPv4Address, str] = {}
+    for i, p in enumerate(pods):
+        if p.ip in seen_ips:
+            errors.append(PolicyFieldError(f"pods[{i}].ip", f"{p.ip} is already the address of {seen_ips[p.ip]}"))
+        seen_ips[p.ip] = p.key
+    policies: list[NetworkPolicy] = []
+    for i, raw in enumerate(sections["policies"]):
+        perrs: list[PolicyFieldError] = []
+        pol = policy_from_manifest(raw, errors=perrs, prefix=f"policies[{i}].")
+        errors.extend(perrs)
+        if pol is not None and not perrs:
+            policies.append(pol)
+    if errors:
+        raise ConfigError(errors)
+    for name in sorted({p.namespace for p in pods} | {p.namespace for p in policies}):
+        namespaces.setdefault(name, NamespaceInfo(name))
+    return Inventory(tuple(namespaces.values()), tuple(pods), tuple(policies))

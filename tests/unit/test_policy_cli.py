@@ -1,0 +1,112 @@
+"""``overlaycni policy validate / explain / render`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from overlaycni.cli.main import app
+from overlaycni.policy.store_codec import namespace_to_dict, pod_to_dict
+from tests.policy_cases import case
+
+runner = CliRunner()
+
+
+def inventory_file(tmp_path, name):
+    c = case(name)
+    m = c.model()
+    data = {
+        "namespaces": [namespace_to_dict(n) for n in m.namespaces],
+        "pods": [pod_to_dict(p) for p in m.pods],
+        "policies": list(yaml.safe_load_all(c.manifest(m))),
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path), m
+
+
+def test_validate_prints_defaulted_policies(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(case("egress-without-policy-types-isolates-ingress-too").policy)
+    res = runner.invoke(app, ["policy", "validate", "-f", str(f), "-o", "json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["valid"] and out["policies"][0]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert out["policies"][0]["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 81}]
+    res = runner.invoke(app, ["policy", "validate", "-f", str(f)])
+    assert res.exit_code == 0 and "policyTypes:\n  - Ingress\n  - Egress" in res.stdout
+
+
+def test_validate_errors_name_fields_and_exit_2(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n"
+        "spec:\n  ingress:\n  - ports: [{port: 80}, {port: 90, endPort: 80}]\n"
+    )
+    res = runner.invoke(app, ["policy", "validate", "-f", str(f), "-o", "json"])
+    assert res.exit_code == 2
+    assert json.loads(res.stdout) == {
+        "valid": False,
+        "errors": [{"field": "spec.ingress[0].ports[1].endPort", "message": "80 must be greater than or equal to port (90)"}],
+    }
+    res = runner.invoke(app, ["policy", "validate", "-f", str(f)])
+    assert res.exit_code == 2 and "spec.ingress[0].ports[1].endPort" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["policy", "validate", "-f", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 2 and "cannot read" in res.output
+
+
+def test_explain_allow_names_policy_and_rule(tmp_path):
+    path, _ = inventory_file(tmp_path, "pod-or-namespace")
+    res = runner.invoke(app, ["policy", "explain", "y/c", "x/a", "80/TCP", "--from", path, "-o", "json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["verdict"] == "allow" and out["policy"] == "x/x-a-pod-or-ns" and out["rule"] == "ingress[0]"
+    res = runner.invoke(app, ["policy", "explain", "y/c", "x/a", "80", "--from", path])
+    assert res.exit_code == 0 and "ALLOW" in res.stdout and "x/x-a-pod-or-ns ingress[0]" in res.stdout
+
+
+def test_explain_deny_by_default_exit_1(tmp_path):
+    path, m = inventory_file(tmp_path, "pod-or-namespace")
+    res = runner.invoke(app, ["policy", "explain", "z/a", str(m.pod("x/a").ip), "80/tcp", "--from", path, "-o", "json"])
+    assert res.exit_code == 1
+    out = json.loads(res.stdout)
+    assert out["verdict"] == "deny" and out["policy"] is None and out["dst"] == "x/a"
+    assert out["ingress"]["policies"] == ["x/x-a-pod-or-ns"]
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["x/nope", "x/a", "80/TCP"], "src"),
+        (["x/a", "bogus", "80/TCP"], "dst"),
+        (["x/a", "x/b", "80/ICMP"], "port"),
+        (["x/a", "x/b", "99999"], "port"),
+    ],
+)
+def test_explain_bad_input(tmp_path, args, field):
+    path, _ = inventory_file(tmp_path, "no-policies")
+    res = runner.invoke(app, ["policy", "explain", *args, "--from", path, "-o", "json"])
+    assert res.exit_code == 2
+    assert json.loads(res.stdout)["errors"][0]["field"] == field
+
+
+def test_explain_bad_inventory(tmp_path):
+    f = tmp_path / "inv.yaml"
+    f.write_text("pods:\n- {namespace: x, name: a, ip: 10.0.0.1, labels: {k: 'bad value!'}}\npolicies:\n- {kind: NetworkPolicy}\n")
+    res = runner.invoke(app, ["policy", "explain", "x/a", "x/a", "80", "--from", str(f), "-o", "json"])
+    assert res.exit_code == 2
+    fields = {e["field"] for e in json.loads(res.stdout)["errors"]}
+    assert {"pods[0].labels.k", "policies[0].apiVersion", "policies[0].metadata"} <= fields
+
+
+def test_render_prints_nft_json(tmp_path):
+    path, _ = inventory_file(tmp_path, "default-deny-all")
+    res = runner.invoke(app, ["policy", "render", "--node", "node-1", "--from", path])
+    assert res.exit_code == 0
+    doc = json.loads(res.stdout)
+    assert doc["nftables"][0] == {"add": {"table": {"family": "inet", "name": "overlaycni"}}}
+    res = runner.invoke(app, ["policy", "render", "--node", "node-1", "--from", path, "-o", "table"])
+    assert "rules" in res.stdout
