@@ -78,6 +78,7 @@ class NodeDataplane:
     def __init__(self, ports: Ports) -> None:
         self.p = ports
         self._lock = threading.RLock()
+        self._pod_routes: list[Route] | None = None  # pod routes seen by the running reconcile
 
     # --- node -----------------------------------------------------------------
 
@@ -101,11 +102,15 @@ class NodeDataplane:
         with self._lock:
             report = ReconcileReport()
             info = self.node_info(state.node_ip, backend=state.backend, mtu=state.mtu)
-            for step in (self._sysctls, self._device, self._gateway, self._peers_and_routes, self._nft):
-                try:
-                    step(state, info, report)
-                except DataplaneError as exc:
-                    report.errors.append(f"{step.__name__.strip('_')}: {exc.message}")
+            self._pod_routes = None
+            try:
+                for step in (self._sysctls, self._device, self._gateway, self._peers_and_routes, self._nft):
+                    try:
+                        step(state, info, report)
+                    except DataplaneError as exc:
+                        report.errors.append(f"{step.__name__.strip('_')}: {exc.message}")
+            finally:
+                self._pod_routes = None
             return report
 
     def _sysctls(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
@@ -177,7 +182,9 @@ class NodeDataplane:
         for pod in state.pods:
             if pod.host_veth in live:
                 want_routes[IPv4Network(f"{pod.ip}/32")] = pod_route(pod)
-        have_routes = {r.dst: r for r in self.p.routes.list_routes()}
+        listed = self.p.routes.list_routes()
+        self._pod_routes = [r for r in listed if r.dev is not None and is_pod_veth(r.dev)]
+        have_routes = {r.dst: r for r in listed}
         stale_routes = [
             r for dst, r in have_routes.items()
             if dst not in want_routes and not (r.dev is not None and is_pod_veth(r.dev) and r.dev in live)
@@ -221,7 +228,8 @@ class NodeDataplane:
         wanted = {(p.host_veth, p.ip) for p in state.pods}
         named = {p.host_veth for p in state.pods}
         live = {link.name for link in self.p.links.list_links()}
-        for r in self.p.routes.list_routes():
+        routes = self._pod_routes if self._pod_routes is not None else self.p.routes.list_routes()
+        for r in routes:
             if r.dev in live and r.dev not in named and is_pod_veth(r.dev) and r.dst.prefixlen == 32:
                 wanted.add((r.dev, r.dst.network_address))
         return wanted

@@ -205,20 +205,29 @@ def validate_state(state: NodeState) -> None:
         errors.append(FieldError("vxlan-port", f"{state.vxlan_port} is outside 1..65535"))
     if state.mtu is not None and not 576 <= state.mtu <= 65535:
         errors.append(FieldError("mtu", f"{state.mtu} is outside 576..65535"))
-    seen_blocks: dict[IPv4Network, str] = {state.block: "this node"}
+    owners: list[tuple[IPv4Network, str]] = [(state.block, "this node")]
+    seen_ips: dict[IPv4Address, str] = {}
     for peer in state.peers:
         if not peer.block.subnet_of(state.pod_cidr):
             errors.append(FieldError("peers", f"peer {peer.name}: block {peer.block} is outside {state.pod_cidr}"))
-        other = next((n for b, n in seen_blocks.items() if b.overlaps(peer.block)), None)
-        if other is not None:
-            errors.append(FieldError("peers", f"peer {peer.name}: block {peer.block} overlaps {other}"))
-        seen_blocks[peer.block] = f"peer {peer.name}"
+        owners.append((peer.block, f"peer {peer.name}"))
         if peer.node_ip == state.node_ip:
             errors.append(FieldError("peers", f"peer {peer.name}: node IP {peer.node_ip} is this node's"))
+        elif peer.node_ip in seen_ips:
+            errors.append(FieldError("peers", f"peer {peer.name}: node IP {peer.node_ip} is also {seen_ips[peer.node_ip]}'s"))
+        seen_ips[peer.node_ip] = peer.name
         try:
             normalize_mac(peer.vtep_mac)
         except ConfigError as exc:
             errors.append(FieldError("peers", f"peer {peer.name}: {exc.message}"))
+    # Overlaps in O(n log n): sorted by start, each block against the furthest-reaching one before it.
+    owners.sort(key=lambda o: (int(o[0].network_address), -o[0].prefixlen))
+    reach: tuple[IPv4Network, str] | None = None
+    for block, who in owners:
+        if reach is not None and int(block.network_address) <= int(reach[0].broadcast_address):
+            errors.append(FieldError("peers", f"{who}: block {block} overlaps {reach[1]}'s {reach[0]}"))
+        if reach is None or int(block.broadcast_address) > int(reach[0].broadcast_address):
+            reach = (block, who)
     for pod in state.pods:
         if pod.ip not in state.block:
             errors.append(FieldError("pods", f"pod {pod.ip} ({pod.host_veth}) is outside the block {state.block}"))

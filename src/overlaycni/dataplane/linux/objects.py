@@ -47,11 +47,11 @@ class LinuxRoutes:
             a = r._attrs(msg, 16 + r.RTMSG.size, len(msg))
             if RTA_TABLE_of(a, table) != r.RT_TABLE_MAIN:
                 continue
-            dst = IPv4Address(a.get(r.RTA_DST, b"\0\0\0\0"))
+            dst = int.from_bytes(a.get(r.RTA_DST, b"\0\0\0\0"), "big")
             oif = int.from_bytes(a[r.RTA_OIF], "little") if r.RTA_OIF in a else None
             gw = IPv4Address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
             out.append(Route(
-                dst=IPv4Network(f"{dst}/{dst_len}"),
+                dst=IPv4Network((dst, dst_len)),
                 dev=self.nl.name_of(oif) if oif else None,
                 gateway=gw,
                 onlink=bool(flags & r.RTNH_F_ONLINK),

@@ -1,0 +1,209 @@
+"""Bench: program N VXLAN peers into a namespace and remove them.
+
+Measured in one run, in one namespace made for the purpose (removed at the
+end; nothing in the root namespace):
+
+* overlaycni full reconcile to N peers (diff against the kernel, neighbour +
+  FDB + route per peer, node_ips nft set) and back to 0 peers;
+* the same objects through the ports only (no diff, no nft);
+* the baseline: ``ip -batch`` (neighbours, routes) + ``bridge -batch`` (FDB)
+  applying the same entries, and deleting them;
+* one incremental ``ensure_peer`` / ``delete_peer`` with N peers present,
+  against the same three objects added/removed by forked ``ip``/``bridge``.
+
+Prints ratios against the baseline. Usage (root)::
+
+    .venv/bin/python bench/peers.py [--peers 5000] [--repeat 3] [--incremental 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from overlaycni.dataplane.linux import LinuxDataplane  # noqa: E402
+from overlaycni.dataplane.model import VXLAN_IFNAME, NodeState, Peer, peer_objects, vtep_mac  # noqa: E402
+
+POD_CIDR = IPv4Network("10.64.0.0/10")  # room for 16k /24 blocks
+NODE_IP = IPv4Address("10.224.0.1")
+
+
+def sh(*cmd: str, stdin: str | None = None) -> str:
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def peers(n: int, *, offset: int = 0) -> tuple[Peer, ...]:
+    out = []
+    for i in range(offset + 1, offset + n + 1):
+        ip = IPv4Address(int(IPv4Address("10.224.0.10")) + i)
+        block = IPv4Network((int(POD_CIDR.network_address) + 256 * i, 24))
+        out.append(Peer(f"n{i}", ip, block, vtep_mac(ip)))
+    return tuple(out)
+
+
+def count(ns: str) -> tuple[int, int, int]:
+    routes = sh("ip", "-n", ns, "route", "show", "proto", "119").count("\n")
+    neigh = sh("ip", "-n", ns, "neigh", "show", "dev", VXLAN_IFNAME, "nud", "permanent").count("\n")
+    fdb = sh("bridge", "-n", ns, "fdb", "show", "dev", VXLAN_IFNAME).count(" dst ")
+    return routes, neigh, fdb
+
+
+def batches(ps: tuple[Peer, ...], verb: str) -> tuple[str, str, str]:
+    neigh, fdb, route = [], [], []
+    for p in ps:
+        o = peer_objects(p, backend="vxlan")
+        n, f, r = o.neighbour, o.fdb, o.route
+        assert n and f
+        if verb == "replace":
+            neigh.append(f"neigh replace {n.ip} lladdr {n.mac} dev {VXLAN_IFNAME} nud permanent")
+            fdb.append(f"fdb replace {f.mac} dev {VXLAN_IFNAME} dst {f.dst} self permanent")
+            route.append(f"route replace {r.dst} via {r.gateway} dev {VXLAN_IFNAME} onlink proto 119")
+        else:
+            neigh.append(f"neigh del {n.ip} dev {VXLAN_IFNAME}")
+            fdb.append(f"fdb del {f.mac} dev {VXLAN_IFNAME} self")
+            route.append(f"route del {r.dst} proto 119")
+    return "\n".join(neigh) + "\n", "\n".join(fdb) + "\n", "\n".join(route) + "\n"
+
+
+def baseline(ns: str, ps: tuple[Peer, ...], tmp: str) -> tuple[float, float]:
+    files = {}
+    for verb in ("replace", "del"):
+        for kind, text in zip(("neigh", "fdb", "route"), batches(ps, verb)):
+            path = os.path.join(tmp, f"{verb}-{kind}.batch")
+            with open(path, "w") as f:
+                f.write(text)
+            files[verb, kind] = path
+    t0 = time.perf_counter()
+    sh("ip", "-n", ns, "-batch", files["replace", "neigh"])
+    sh("bridge", "-n", ns, "-batch", files["replace", "fdb"])
+    sh("ip", "-n", ns, "-batch", files["replace", "route"])
+    add = time.perf_counter() - t0
+    assert count(ns) == (len(ps) + 1, len(ps), len(ps)), count(ns)  # + the own block's unreachable route
+    t0 = time.perf_counter()
+    sh("ip", "-n", ns, "-batch", files["del", "route"])
+    sh("bridge", "-n", ns, "-batch", files["del", "fdb"])
+    sh("ip", "-n", ns, "-batch", files["del", "neigh"])
+    delete = time.perf_counter() - t0
+    assert count(ns) == (1, 0, 0), count(ns)
+    return add, delete
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peers", type=int, default=5000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--incremental", type=int, default=50)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (creates a network namespace)")
+    ns = "oct-bench-" + secrets.token_hex(3)
+    sh("ip", "netns", "add", ns)
+    dp = None
+    try:
+        sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+        sh("ip", "-n", ns, "addr", "add", f"{NODE_IP}/16", "dev", "eth0")
+        for dev in ("lo", "eth0", "eth0p"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        dp = LinuxDataplane(ns)
+        block = IPv4Network((int(POD_CIDR.network_address), 24))
+        empty = NodeState(node_ip=NODE_IP, block=block, pod_cidr=POD_CIDR)
+        full = NodeState(node_ip=NODE_IP, block=block, pod_cidr=POD_CIDR, peers=peers(args.peers))
+        assert dp.reconcile(empty).errors == []
+        ports = dp.ports
+        objs = [peer_objects(p, backend="vxlan") for p in full.peers]
+        rows: dict[str, list[float]] = {k: [] for k in ("base_add", "base_del", "rec_add", "rec_del", "port_add", "port_del")}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.repeat):
+                a, d = baseline(ns, full.peers, tmp)
+                rows["base_add"].append(a)
+                rows["base_del"].append(d)
+
+                t0 = time.perf_counter()
+                rep = dp.reconcile(full)
+                rows["rec_add"].append(time.perf_counter() - t0)
+                assert rep.errors == [] and count(ns) == (args.peers + 1, args.peers, args.peers), (rep.errors, count(ns))
+                t0 = time.perf_counter()
+                rep = dp.reconcile(empty)
+                rows["rec_del"].append(time.perf_counter() - t0)
+                assert rep.errors == [] and count(ns) == (1, 0, 0), count(ns)
+
+                def port_apply(delete: bool) -> None:
+                    if delete:
+                        ports.routes.apply_routes(delete=[o.route for o in objs])
+                        ports.fdb.apply_fdb(delete=[o.fdb for o in objs])  # type: ignore[misc]
+                        ports.neighbours.apply_neighbours(delete=[o.neighbour for o in objs])  # type: ignore[misc]
+                    else:
+                        ports.neighbours.apply_neighbours(replace=[o.neighbour for o in objs])  # type: ignore[misc]
+                        ports.fdb.apply_fdb(replace=[o.fdb for o in objs])  # type: ignore[misc]
+                        ports.routes.apply_routes(replace=[o.route for o in objs])
+
+                for key, delete in (("port_add", False), ("port_del", True)):
+                    t0 = time.perf_counter()
+                    dp.run(lambda: port_apply(delete))
+                    rows[key].append(time.perf_counter() - t0)
+                assert count(ns) == (1, 0, 0), count(ns)
+
+        # Incremental: one peer added and removed with N present.
+        assert dp.reconcile(full).errors == []
+        extra = peers(args.incremental, offset=args.peers + 10)
+        inc_add, inc_del, fork_add, fork_del = [], [], [], []
+        for p in extra:
+            t0 = time.perf_counter()
+            dp.ensure_peer(full, p)
+            inc_add.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dp.delete_peer(full, p)
+            inc_del.append(time.perf_counter() - t0)
+        for p in extra[:10]:
+            o = peer_objects(p, backend="vxlan")
+            t0 = time.perf_counter()
+            sh("ip", "-n", ns, "neigh", "replace", str(o.neighbour.ip), "lladdr", o.neighbour.mac,  # type: ignore[union-attr]
+               "dev", VXLAN_IFNAME, "nud", "permanent")
+            sh("bridge", "-n", ns, "fdb", "replace", o.fdb.mac, "dev", VXLAN_IFNAME, "dst", str(o.fdb.dst),  # type: ignore[union-attr]
+               "self", "permanent")
+            sh("ip", "-n", ns, "route", "replace", str(o.route.dst), "via", str(o.route.gateway), "dev", VXLAN_IFNAME,
+               "onlink", "proto", "119")
+            fork_add.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sh("ip", "-n", ns, "route", "del", str(o.route.dst), "proto", "119")
+            sh("bridge", "-n", ns, "fdb", "del", o.fdb.mac, "dev", VXLAN_IFNAME, "self")  # type: ignore[union-attr]
+            sh("ip", "-n", ns, "neigh", "del", str(o.neighbour.ip), "dev", VXLAN_IFNAME)  # type: ignore[union-attr]
+            fork_del.append(time.perf_counter() - t0)
+        assert count(ns) == (args.peers + 1, args.peers, args.peers), count(ns)
+    finally:
+        if dp is not None:
+            dp.close()
+        sh("ip", "netns", "del", ns)
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    n = args.peers
+    print(f"{n} VXLAN peers (neighbour + FDB + route each), median of {args.repeat} runs, namespace {ns}")
+    print(f"  baseline ip -batch + bridge -batch: add {med['base_add']*1e3:8.1f} ms   remove {med['base_del']*1e3:8.1f} ms")
+    print(f"  overlaycni reconcile (diff + nft):  add {med['rec_add']*1e3:8.1f} ms   remove {med['rec_del']*1e3:8.1f} ms"
+          f"   ratio {med['rec_add']/med['base_add']:.2f}x / {med['rec_del']/med['base_del']:.2f}x")
+    print(f"  overlaycni ports only:              add {med['port_add']*1e3:8.1f} ms   remove {med['port_del']*1e3:8.1f} ms"
+          f"   ratio {med['port_add']/med['base_add']:.2f}x / {med['port_del']/med['base_del']:.2f}x")
+    print(f"incremental, {n} peers present (median of {len(inc_add)}; p90):")
+    p90 = lambda v: sorted(v)[int(len(v) * 0.9) - 1]  # noqa: E731
+    print(f"  ensure_peer {statistics.median(inc_add)*1e3:6.2f} ms (p90 {p90(inc_add)*1e3:.2f})   "
+          f"delete_peer {statistics.median(inc_del)*1e3:6.2f} ms (p90 {p90(inc_del)*1e3:.2f})")
+    print(f"  baseline forked ip/bridge x3: add {statistics.median(fork_add)*1e3:6.2f} ms   "
+          f"remove {statistics.median(fork_del)*1e3:6.2f} ms   ratio "
+          f"{statistics.median(inc_add)/statistics.median(fork_add):.2f}x / "
+          f"{statistics.median(inc_del)/statistics.median(fork_del):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
