@@ -281,9 +281,9 @@ def _ip_key(ip: str) -> tuple[int, ...]:
 # ----- incremental updates and counts ------------------------------------------------------
 
 
-def _split(doc: dict) -> tuple[list[str], dict[str, list[Any]]]:
-    """(structure without elements, {set name: elements})."""
-    structure: list[str] = []
+def _split(doc: dict) -> tuple[list[Any], dict[str, list[Any]]]:
+    """(commands with set/map elements removed, {set name: elements})."""
+    structure: list[Any] = []
     elements: dict[str, list[Any]] = {}
     for cmd in doc["nftables"]:
         obj = cmd.get("add", {})
@@ -291,9 +291,9 @@ def _split(doc: dict) -> tuple[list[str], dict[str, list[Any]]]:
         if kind is not None:
             body = dict(obj[kind])
             elements[body["name"]] = body.pop("elem", [])
-            structure.append(json.dumps({kind: body}, sort_keys=True))
+            structure.append((kind, body))
         else:
-            structure.append(json.dumps(cmd, sort_keys=True))
+            structure.append(cmd)
     return structure, elements
 
 
@@ -308,6 +308,8 @@ def diff_render(old: dict, new: dict) -> dict | None:
         return None
     deletes, adds = [], []
     for name in sorted(new_elems):
+        if old_elems[name] == new_elems[name]:
+            continue
         before = {_elem_key(e): e for e in old_elems[name]}
         after = {_elem_key(e): e for e in new_elems[name]}
         gone = [e for k, e in before.items() if k not in after]
@@ -320,8 +322,12 @@ def diff_render(old: dict, new: dict) -> dict | None:
     return {"nftables": deletes + adds}
 
 
-def _elem_key(e: Any) -> str:
-    return json.dumps(e, sort_keys=True)
+def _elem_key(e: Any) -> Any:
+    if isinstance(e, str):
+        return e
+    if isinstance(e, list):  # map element: [key, {"jump": {"target": chain}}]
+        return (e[0], e[1]["jump"]["target"])
+    return tuple(e["concat"])
 
 
 def counts(render: dict) -> tuple[int, int]:

@@ -1,0 +1,176 @@
+"""NetworkPolicy cost: compile + render, rule and set-element counts, apply
+time, and the incremental update for one pod label change.
+
+Two synthetic clusters in the same run: the baseline (1,000 pods, 250
+policies) and the target (2,000 pods, 500 policies); every number of the
+target is printed with its ratio to the baseline (2.0 = linear growth).
+The incremental label change is also shown as a ratio of the full apply.
+
+Runs as root: apply times are measured inside a scratch network namespace
+(``oct-bench-<hex>``) created here and deleted at the end; nothing touches
+the host's namespace. Without root only the pure part runs.
+
+    .venv/bin/python bench/policy.py [--nodes 10] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import time
+from dataclasses import replace
+from ipaddress import IPv4Address
+
+from overlaycni.policy import parse_policies
+from overlaycni.policy.apply import apply_document
+from overlaycni.policy.model import NamedPort, NamespaceInfo, PodInfo
+from overlaycni.policy.render import counts, diff_render, render_node
+
+PODS_PER_NS = 40
+POLICIES_PER_NS = 10
+APPS = 8
+
+
+def cluster(pods: int, policies: int, nodes: int):
+    """``pods`` pods in namespaces of 40, 10 policies per namespace, spread
+    over ``nodes`` nodes (10.244.<node>.x)."""
+    n_ns = pods // PODS_PER_NS
+    assert policies == n_ns * POLICIES_PER_NS, "keep 40 pods and 10 policies per namespace"
+    namespaces = [NamespaceInfo(f"team{n}", {"team": f"team{n}", "tier": ("web", "db", "batch")[n % 3]}) for n in range(n_ns)]
+    out_pods = []
+    for i in range(pods):
+        ns = namespaces[i // PODS_PER_NS].name
+        node = i % nodes
+        ip = IPv4Address(f"10.244.{node}.{2 + i // nodes}")
+        labels = {"app": f"app{i % APPS}", "version": f"v{i % 3}"}
+        ports = (NamedPort("http", 8080), NamedPort("metrics", 9090), NamedPort("dns", 53, "UDP"))
+        out_pods.append(PodInfo(ns, f"pod{i}", ip, f"node-{node}", labels, ports))
+    docs = []
+    for n, ns in enumerate(namespaces):
+        for k in range(POLICIES_PER_NS):
+            app, peer, other = f"app{k % APPS}", f"app{(k + 1) % APPS}", f"team{(n + 1) % n_ns}"
+            docs.append(
+                f"""apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: pol{k}, namespace: {ns.name}}}
+spec:
+  podSelector: {{matchLabels: {{app: {app}}}}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {{matchLabels: {{app: {peer}}}}}
+    - namespaceSelector: {{matchLabels: {{team: {other}}}}}
+      podSelector: {{matchExpressions: [{{key: version, operator: In, values: [v{k % 3}]}}]}}
+    ports: [{{port: http}}, {{port: {9000 + k}, endPort: {9010 + k}}}]
+  - from:
+    - ipBlock: {{cidr: 10.224.0.0/16, except: [10.224.{k}.0/24]}}
+    ports: [{{port: metrics}}]
+  egress:
+  - to:
+    - namespaceSelector: {{matchLabels: {{tier: {('web', 'db', 'batch')[k % 3]}}}}}
+    ports: [{{port: dns, protocol: UDP}}, {{port: 443}}]
+  - to:
+    - podSelector: {{}}
+"""
+            )
+    return namespaces, out_pods, "---\n".join(docs)
+
+
+def best(fn, repeat: int):
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def measure(pods: int, policies: int, *, nodes: int, repeat: int, netns: str | None) -> dict:
+    namespaces, pod_list, text = cluster(pods, policies, nodes)
+    t_parse, pols = best(lambda: parse_policies(text), repeat)
+    t_render, doc = best(lambda: render_node("node-0", pods=pod_list, namespaces=namespaces, policies=pols), repeat)
+    rules, elements = counts(doc)
+    r = {"pods": pods, "policies": policies, "parse_s": t_parse, "render_s": t_render, "rules": rules, "elements": elements}
+    # a label change of one pod on this node: app0 -> app1 (moves between selector sets)
+    idx = next(i for i, p in enumerate(pod_list) if p.node == "node-0" and p.labels["app"] == "app0")
+    changed = list(pod_list)
+    changed[idx] = replace(pod_list[idx], labels={**pod_list[idx].labels, "app": "app1"})
+
+    def incremental():
+        new = render_node("node-0", pods=changed, namespaces=namespaces, policies=pols)
+        return diff_render(doc, new)
+
+    t_diff, diff = best(incremental, repeat)
+    assert diff is not None, "a label change must not need a full apply"
+    r["diff_s"] = t_diff
+    r["diff_elements"] = counts(diff)[1]
+    if netns:
+        t_apply, _ = best(lambda: apply_document(doc, netns=netns), repeat)
+        r["apply_s"] = t_apply
+
+        def label_change_in_kernel():
+            apply_document(doc, netns=netns)
+            t0 = time.perf_counter()
+            update = incremental()  # what an agent does on the event: render, diff, apply
+            t1 = time.perf_counter()
+            apply_document(update, netns=netns)
+            t2 = time.perf_counter()
+            return t2 - t1, t2 - t0
+
+        results = [label_change_in_kernel() for _ in range(repeat)]
+        r["label_change_nft_s"] = min(a for a, _ in results)
+        r["label_change_s"] = min(b for _, b in results)
+        listed = subprocess.run(
+            ["ip", "netns", "exec", netns, "nft", "list", "table", "inet", "overlaycni"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        assert str(changed[idx].ip) in listed
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    netns = None
+    if os.geteuid() == 0:
+        netns = "oct-bench-" + secrets.token_hex(3)
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        base = measure(1000, 250, nodes=args.nodes, repeat=args.repeat, netns=netns)
+        big = measure(2000, 500, nodes=args.nodes, repeat=args.repeat, netns=netns)
+    finally:
+        if netns:
+            subprocess.run(["ip", "netns", "del", netns], check=False)
+    print(f"NetworkPolicy bench: render for one of {args.nodes} nodes; best of {args.repeat}")
+    print(f"{'metric':28} {'1000 pods/250 pol':>18} {'2000 pods/500 pol':>18} {'ratio':>7}")
+    rows = [
+        ("parse policies (s)", "parse_s"),
+        ("compile + render (s)", "render_s"),
+        ("rules", "rules"),
+        ("set + map elements", "elements"),
+        ("apply full table (s)", "apply_s"),
+        ("label change: render+diff (s)", "diff_s"),
+        ("label change: elements", "diff_elements"),
+        ("label change: nft apply (s)", "label_change_nft_s"),
+        ("label change: end to end (s)", "label_change_s"),
+    ]
+    for label, key in rows:
+        if key not in base:
+            continue
+        a, b = base[key], big[key]
+        fmt = (lambda v: f"{v:18.4f}") if isinstance(a, float) else (lambda v: f"{v:18d}")
+        print(f"{label:28} {fmt(a)} {fmt(b)} {b / a if a else float('nan'):7.2f}")
+    if "apply_s" in big:
+        print(
+            f"label change, nft part: {big['label_change_nft_s'] / big['apply_s']:.3f} x the full table apply "
+            f"({big['diff_elements']} elements vs {big['elements']})"
+        )
+    print("(ratio 2.00 = linear in pods + policies; pods x policies would give 4.00)")
+
+
+if __name__ == "__main__":
+    main()
