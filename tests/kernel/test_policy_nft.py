@@ -307,3 +307,53 @@ def test_every_case_render_is_accepted_by_nft(lab):
             apply_document(doc, netns=lab.node_ns[node])
         listed = lab.nft_json("node-1", "table", "inet", "overlaycni")["nftables"]
         assert any(o.get("chain", {}).get("hook") == "forward" for o in listed)
+
+
+@pytest.fixture
+def scratch_ns():
+    name = "oct-" + secrets.token_hex(4)
+    sh("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+def test_apply_errors_are_mapped(scratch_ns):
+    from overlaycni.errors import NetnsNotFound, PolicyApplyError
+
+    bad = {"nftables": [{"add": {"table": {"family": "inet", "name": "overlaycni"}}},
+                        {"add": {"rule": {"family": "inet", "table": "overlaycni", "chain": "nope", "expr": [{"accept": None}]}}}]}
+    with pytest.raises(PolicyApplyError) as info:
+        apply_document(bad, netns=scratch_ns)
+    assert "nope" in info.value.details or "No such file" in info.value.details
+    # the failed transaction left nothing behind
+    listed = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "ruleset").stdout)["nftables"]
+    assert not any("table" in o for o in listed)
+    with pytest.raises(NetnsNotFound):
+        apply_document(bad, netns=scratch_ns + "-missing")
+
+
+def test_apply_update_elements_then_full_and_drift(scratch_ns):
+    from overlaycni.policy.apply import apply_update, delete_table
+
+    c = case("updated-pod-labels")
+    before, after = build_model(), c.model()
+    pols = parse_policies(c.manifest(after))
+    old = render_node("node-1", pods=before.pods, namespaces=before.namespaces, policies=pols)
+    new = render_node("node-1", pods=after.pods, namespaces=after.namespaces, policies=pols)
+    assert apply_update(None, old, netns=scratch_ns) == "full"
+    assert apply_update(old, old, netns=scratch_ns) == "none"
+    assert apply_update(old, new, netns=scratch_ns) == "elements"
+    ip = str(after.pod("x/b").ip)
+    sets = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "sets", "table", "inet", "overlaycni").stdout)
+    assert any(ip in o["set"].get("elem", []) for o in sets["nftables"] if "set" in o)
+    assert apply_update(old, new, netns=scratch_ns) == "elements"  # adding a present element is harmless
+    assert apply_update(new, old, netns=scratch_ns) == "elements"
+    # the kernel drifted (the element to delete is gone already): the full table is applied instead
+    assert apply_update(new, old, netns=scratch_ns) == "full"
+    other = render_node("node-1", pods=after.pods, namespaces=after.namespaces, policies=parse_policies(case("default-deny-all").manifest(after)))
+    assert apply_update(new, other, netns=scratch_ns) == "full"
+    delete_table(netns=scratch_ns)
+    delete_table(netns=scratch_ns)  # already gone is fine
+    assert "overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout
