@@ -78,6 +78,15 @@ class LinuxRoutes:
         return (r.RTM_NEWROUTE, r.NLM_F_CREATE | r.NLM_F_REPLACE, body)
 
     def apply_routes(self, *, replace: Sequence[Route] = (), delete: Sequence[Route] = ()) -> None:
+        try:
+            self._apply_routes(replace=replace, delete=delete)
+        except DataplaneError:
+            # A pod veth re-created under the same name has a new ifindex: the
+            # name->index cache is stale. Refresh it once and retry.
+            self.nl.refresh_links()
+            self._apply_routes(replace=replace, delete=delete)
+
+    def _apply_routes(self, *, replace: Sequence[Route] = (), delete: Sequence[Route] = ()) -> None:
         msgs, objs, missing = [], [], []
         for i, route in enumerate([*delete, *replace]):
             deleting = i < len(delete)
