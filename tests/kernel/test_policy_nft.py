@@ -219,7 +219,7 @@ def test_real_packets_match_engine_and_table(lab, name):
     policies = parse_policies(c.manifest(model))
     lab.apply(lab.renders(model, policies))
     got = lab.probe(c.port, c.protocol)
-    engine = matrix(list(model.pods), c.port, c.protocol, namespaces=model.namespaces, policies=policies)
+    engine = matrix(list(model.pods), port=c.port, protocol=c.protocol, namespaces=model.namespaces, policies=policies)
     assert got == engine, f"probed:\n{_table(got)}\nengine:\n{_table(engine)}"
     assert got == c.expected(), f"probed:\n{_table(got)}\nexpected:\n{_table(c.expected())}"
 

@@ -18,7 +18,7 @@ def _show(diff, got):
 def test_engine_matches_hand_written_truth_table(c):
     model = c.model()
     policies = parse_policies(c.manifest(model))
-    got = matrix(list(model.pods), c.port, c.protocol, namespaces=model.namespaces, policies=policies)
+    got = matrix(list(model.pods), port=c.port, protocol=c.protocol, namespaces=model.namespaces, policies=policies)
     expected = c.expected()
     assert set(got) == set(expected) and len(got) == 81
     diff = [k for k in expected if expected[k] != got[k]]

@@ -135,8 +135,8 @@ def test_pod_and_namespace_codec():
     ns = NamespaceInfo("x", {"ns": "x"})
     assert ns.labels["kubernetes.io/metadata.name"] == "x"
     assert namespace_from_dict(namespace_to_dict(ns)) == ns
-    assert pod_key("c1", "x", "a") == "/overlaycni/clusters/c1/pods/x/a"
-    assert policy_key("c1", "x", "p") == "/overlaycni/clusters/c1/policies/x/p"
+    assert pod_key("c1", namespace="x", name="a") == "/overlaycni/clusters/c1/pods/x/a"
+    assert policy_key("c1", namespace="x", name="p") == "/overlaycni/clusters/c1/policies/x/p"
     with pytest.raises(ConfigError) as info:
         pod_from_dict({"namespace": "x", "name": "a", "ip": "10.0.0.300", "ports": ["http=99999/TCP"], "labels": {"a": "b c"}})
     assert {e.field for e in info.value.errors} == {"pod.ip", "pod.ports[0]", "pod.labels.a"}
@@ -181,14 +181,14 @@ expr = st.one_of(
 def test_selector_matches_like_reference(labels, match_labels, exprs):
     raw = {"matchLabels": match_labels, "matchExpressions": [{"key": k, "operator": o, **({"values": v} if v else {})} for k, o, v in exprs]}
     errors: list = []
-    sel = parse_selector(raw, "sel", errors)
+    sel = parse_selector(raw, "sel", errors=errors)
     assert not errors
     assert sel.matches(labels) == reference(labels, match_labels, exprs)
 
 
 def test_equal_selectors_are_canonical():
     e1: list = []
-    a = parse_selector({"matchExpressions": [{"key": "b", "operator": "In", "values": ["2", "1"]}, {"key": "a", "operator": "Exists"}]}, "s", e1)
-    b = parse_selector({"matchExpressions": [{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "In", "values": ["1", "2"]}]}, "s", e1)
+    a = parse_selector({"matchExpressions": [{"key": "b", "operator": "In", "values": ["2", "1"]}, {"key": "a", "operator": "Exists"}]}, "s", errors=e1)
+    b = parse_selector({"matchExpressions": [{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "In", "values": ["1", "2"]}]}, "s", errors=e1)
     assert a == b and hash(a) == hash(b) and not e1
     assert a == LabelSelector((), (Requirement("a", "Exists"), Requirement("b", "In", ("1", "2"))))

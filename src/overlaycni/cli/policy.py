@@ -53,20 +53,20 @@ def parse_port(text: str) -> tuple[int, str]:
     return int(number), proto
 
 
-def explain(inventory: Inventory, src: str, dst: str, port: str) -> tuple[Verdict, dict[str, Any]]:
+def explain(inventory: Inventory, *, src: str, dst: str, port: str) -> tuple[Verdict, dict[str, Any]]:
     """The verdict for SRC -> DST PORT/PROTO and its JSON form."""
     s = inventory.endpoint(src, field="src")
     d = inventory.endpoint(dst, field="dst")
     number, proto = parse_port(port)
     v = allowed(s, d, number, proto, pods=inventory.pods, namespaces=inventory.namespaces, policies=inventory.policies)
-    return v, verdict_json(v, s, d, number, proto)
+    return v, verdict_json(v, src=s, dst=d, port=number, protocol=proto)
 
 
 def _name(e: PodInfo | Any) -> str:
     return e.key if isinstance(e, PodInfo) else str(e)
 
 
-def verdict_json(v: Verdict, src: Any, dst: Any, port: int, protocol: str) -> dict[str, Any]:
+def verdict_json(v: Verdict, *, src: Any, dst: Any, port: int, protocol: str) -> dict[str, Any]:
     def decision(d) -> dict[str, Any]:
         return {
             "allowed": d.allowed,
@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 allowed, 1 denied, 2 bad input.
         """
         try:
-            _, data = explain(load_inventory(read_text(from_file)), src, dst, port)
+            _, data = explain(load_inventory(read_text(from_file)), src=src, dst=dst, port=port)
         except OverlayCNIError as exc:
             if output is Output.json and isinstance(exc, ConfigError):
                 print_json(_errors_json(exc))

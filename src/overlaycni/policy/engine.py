@@ -66,7 +66,7 @@ class Cluster:
 Endpoint = PodInfo | IPv4Address
 
 
-def peer_matches(peer: Peer, policy_ns: str, other: Endpoint, cluster: Cluster) -> bool:
+def peer_matches(peer: Peer, other: Endpoint, *, policy_ns: str, cluster: Cluster) -> bool:
     """Does ``peer`` (of a policy in ``policy_ns``) match the other end?"""
     ip = other.ip if isinstance(other, PodInfo) else other
     if peer.ip_block is not None:
@@ -81,7 +81,7 @@ def peer_matches(peer: Peer, policy_ns: str, other: Endpoint, cluster: Cluster) 
     return peer.pod_selector is None or peer.pod_selector.matches(other.labels)
 
 
-def port_matches(pp: PolicyPort, port: int, protocol: str, dst: Endpoint) -> bool:
+def port_matches(pp: PolicyPort, port: int, *, protocol: str, dst: Endpoint) -> bool:
     """Does a rule port match traffic to ``dst`` on ``port``/``protocol``?"""
     if pp.protocol != protocol:
         return False
@@ -94,13 +94,15 @@ def port_matches(pp: PolicyPort, port: int, protocol: str, dst: Endpoint) -> boo
     return pp.port == port
 
 
-def rule_matches(rule: Rule, policy_ns: str, peer: Endpoint, dst: Endpoint, port: int, protocol: str, cluster: Cluster) -> bool:
-    if rule.ports and not any(port_matches(pp, port, protocol, dst) for pp in rule.ports):
+def rule_matches(
+    rule: Rule, peer: Endpoint, *, policy_ns: str, dst: Endpoint, port: int, protocol: str, cluster: Cluster
+) -> bool:
+    if rule.ports and not any(port_matches(pp, port, protocol=protocol, dst=dst) for pp in rule.ports):
         return False
-    return not rule.peers or any(peer_matches(p, policy_ns, peer, cluster) for p in rule.peers)
+    return not rule.peers or any(peer_matches(p, peer, policy_ns=policy_ns, cluster=cluster) for p in rule.peers)
 
 
-def selecting(pod: PodInfo, direction: str, policies: Iterable[NetworkPolicy]) -> list[NetworkPolicy]:
+def selecting(pod: PodInfo, direction: str, *, policies: Iterable[NetworkPolicy]) -> list[NetworkPolicy]:
     """The policies that isolate ``pod`` in ``direction``, sorted by key."""
     return sorted(
         (
@@ -115,10 +117,10 @@ def selecting(pod: PodInfo, direction: str, policies: Iterable[NetworkPolicy]) -
 def decide(
     direction: str,
     subject: Endpoint,
+    *,
     peer: Endpoint,
     port: int,
     protocol: str,
-    *,
     dst: Endpoint,
     policies: Iterable[NetworkPolicy],
     cluster: Cluster,
@@ -127,13 +129,13 @@ def decide(
     with ``peer`` in ``direction``; ``dst`` resolves named ports."""
     if not isinstance(subject, PodInfo):
         return Decision(direction, True, False, reason=f"{subject} is not a pod: no {direction.lower()} policy applies")
-    chosen = selecting(subject, direction, policies)
+    chosen = selecting(subject, direction, policies=policies)
     keys = tuple(p.key for p in chosen)
     if not chosen:
         return Decision(direction, True, False, reason=f"{subject.key} is not isolated for {direction.lower()}")
     for pol in chosen:
         for i, rule in enumerate(pol.rules(direction)):
-            if rule_matches(rule, pol.namespace, peer, dst, port, protocol, cluster):
+            if rule_matches(rule, peer, policy_ns=pol.namespace, dst=dst, port=port, protocol=protocol, cluster=cluster):
                 return Decision(
                     direction, True, True, pol.key, i, keys, f"allowed by {pol.key} {direction.lower()}[{i}]"
                 )
@@ -174,8 +176,8 @@ def evaluate(
         d = Decision("Ingress", True, False, reason="loopback")
         e = Decision("Egress", True, False, reason="loopback")
         return Verdict(True, d, e, "a pod's traffic to itself never leaves its network namespace")
-    egress = decide("Egress", src, dst, port, protocol, dst=dst, policies=policies, cluster=cluster)
-    ingress = decide("Ingress", dst, src, port, protocol, dst=dst, policies=policies, cluster=cluster)
+    egress = decide("Egress", src, peer=dst, port=port, protocol=protocol, dst=dst, policies=policies, cluster=cluster)
+    ingress = decide("Ingress", dst, peer=src, port=port, protocol=protocol, dst=dst, policies=policies, cluster=cluster)
     if not egress.allowed:
         return Verdict(False, ingress, egress, f"egress denied: {egress.reason}")
     if not ingress.allowed:
@@ -188,7 +190,7 @@ def evaluate(
 
 
 def matrix(
-    pods: list[PodInfo], port: int, protocol: str, *, namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+    pods: list[PodInfo], *, port: int, protocol: str, namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
 ) -> dict[tuple[str, str], bool]:
     """Reachability of every ordered pair of pods: {(src key, dst key): allowed}."""
     cluster = Cluster.of(pods, namespaces)

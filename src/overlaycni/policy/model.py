@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, PolicyFieldError
-from .selectors import EVERYTHING, LabelSelector, label_key_problem, label_value_problem, parse_selector
+from .selectors import EVERYTHING, LabelSelector, parse_selector
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 POLICY_TYPES = ("Ingress", "Egress")
@@ -236,7 +236,7 @@ def policy_from_manifest(obj: Any, *, errors: list[PolicyFieldError], prefix: st
         spec = {}
     sp = f"{p}spec"
     _unknown(spec, ("podSelector", "policyTypes", "ingress", "egress"), sp, errors)
-    pod_selector = parse_selector(spec.get("podSelector"), f"{sp}.podSelector", errors)
+    pod_selector = parse_selector(spec.get("podSelector"), f"{sp}.podSelector", errors=errors)
     ingress = _parse_rules(spec.get("ingress"), f"{sp}.ingress", "from", errors)
     egress = _parse_rules(spec.get("egress"), f"{sp}.egress", "to", errors)
     types_raw = spec.get("policyTypes")
@@ -363,8 +363,8 @@ def _parse_peers(raw: Any, path: str, errors: list[PolicyFieldError]) -> tuple[P
             if block is not None:
                 out.append(Peer(ip_block=block))
             continue
-        pod = parse_selector(item["podSelector"], f"{pp}.podSelector", errors) if "podSelector" in has else None
-        ns = parse_selector(item["namespaceSelector"], f"{pp}.namespaceSelector", errors) if "namespaceSelector" in has else None
+        pod = parse_selector(item["podSelector"], f"{pp}.podSelector", errors=errors) if "podSelector" in has else None
+        ns = parse_selector(item["namespaceSelector"], f"{pp}.namespaceSelector", errors=errors) if "namespaceSelector" in has else None
         out.append(Peer(pod_selector=pod, namespace_selector=ns))
     return tuple(out)
 

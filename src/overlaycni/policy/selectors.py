@@ -119,7 +119,7 @@ class LabelSelector:
 EVERYTHING = LabelSelector()
 
 
-def parse_selector(raw: Any, path: str, errors: list[PolicyFieldError]) -> LabelSelector:
+def parse_selector(raw: Any, path: str, *, errors: list[PolicyFieldError]) -> LabelSelector:
     """Parse a ``LabelSelector`` object at JSON path ``path``; problems are
     appended to ``errors`` (the result is then only a best effort)."""
     if raw is None:

@@ -33,15 +33,15 @@ from .selectors import label_key_problem, label_value_problem
 PREFIX = "/overlaycni/clusters"
 
 
-def policy_key(cluster: str, namespace: str, name: str) -> str:
+def policy_key(cluster: str, *, namespace: str, name: str) -> str:
     return f"{PREFIX}/{cluster}/policies/{namespace}/{name}"
 
 
-def pod_key(cluster: str, namespace: str, name: str) -> str:
+def pod_key(cluster: str, *, namespace: str, name: str) -> str:
     return f"{PREFIX}/{cluster}/pods/{namespace}/{name}"
 
 
-def namespace_key(cluster: str, namespace: str) -> str:
+def namespace_key(cluster: str, *, namespace: str) -> str:
     return f"{PREFIX}/{cluster}/namespaces/{namespace}"
 
 
@@ -235,35 +235,35 @@ def namespace_from_dict(data: Mapping[str, Any], *, path: str = "namespace") -> 
 # ----- reading and writing a Store (anything with get/list/put/delete) ----------------
 
 
-def save_policies(store: Any, cluster: str, policies: list[NetworkPolicy]) -> list[str]:
+def save_policies(store: Any, cluster: str, *, policies: list[NetworkPolicy]) -> list[str]:
     """Create or replace each policy; returns the keys written."""
     keys = []
     for p in policies:
-        key = policy_key(cluster, p.namespace, p.name)
+        key = policy_key(cluster, namespace=p.namespace, name=p.name)
         store.put(key, encode(policy_to_dict(p)))
         keys.append(key)
     return keys
 
 
-def delete_policy(store: Any, cluster: str, namespace: str, name: str) -> bool:
+def delete_policy(store: Any, cluster: str, *, namespace: str, name: str) -> bool:
     """Delete one policy; False when it did not exist."""
-    return bool(store.delete(policy_key(cluster, namespace, name)))
+    return bool(store.delete(policy_key(cluster, namespace=namespace, name=name)))
 
 
 def load_policies(store: Any, cluster: str) -> list[NetworkPolicy]:
     return [policy_from_dict(decode(kv.value, what=kv.key)) for kv in store.list(policies_prefix(cluster))]
 
 
-def save_pod(store: Any, cluster: str, pod: PodInfo) -> None:
-    store.put(pod_key(cluster, pod.namespace, pod.name), encode(pod_to_dict(pod)))
+def save_pod(store: Any, cluster: str, *, pod: PodInfo) -> None:
+    store.put(pod_key(cluster, namespace=pod.namespace, name=pod.name), encode(pod_to_dict(pod)))
 
 
 def load_pods(store: Any, cluster: str) -> list[PodInfo]:
     return [pod_from_dict(decode(kv.value, what=kv.key), path=kv.key) for kv in store.list(pods_prefix(cluster))]
 
 
-def save_namespace(store: Any, cluster: str, ns: NamespaceInfo) -> None:
-    store.put(namespace_key(cluster, ns.name), encode(namespace_to_dict(ns)))
+def save_namespace(store: Any, cluster: str, *, ns: NamespaceInfo) -> None:
+    store.put(namespace_key(cluster, namespace=ns.name), encode(namespace_to_dict(ns)))
 
 
 def load_namespaces(store: Any, cluster: str) -> list[NamespaceInfo]:
