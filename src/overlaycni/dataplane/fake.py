@@ -137,8 +137,9 @@ class FakeRoutes:
         errors = [f"route {r.dst}: device {r.dev} not found" for r in replace if r.dev and r.dev not in self.k.links]
         if errors:
             raise DataplaneError("; ".join(errors))
-        for r in delete:
-            if self.k.routes.get(r.dst) == r:
+        for r in delete:  # like the kernel: matched by destination (and device, when given)
+            have = self.k.routes.get(r.dst)
+            if have is not None and (r.dev is None or have.dev == r.dev):
                 del self.k.routes[r.dst]
         for r in replace:
             self.k.routes[r.dst] = r

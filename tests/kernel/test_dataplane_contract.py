@@ -1,0 +1,193 @@
+"""One contract for every data plane port, run against the fake and against
+the Linux adapters inside a fresh namespace."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+import pytest
+
+from overlaycni.dataplane import nftmodel
+from overlaycni.dataplane.engine import Ports
+from overlaycni.dataplane.fake import FakeKernel, FakePodNetns, fake_ports
+from overlaycni.dataplane.linux import LinuxDataplane
+from overlaycni.dataplane.model import (
+    GATEWAY_LABEL,
+    VXLAN_IFNAME,
+    FdbEntry,
+    Neighbour,
+    Route,
+    VxlanSpec,
+    vtep_mac,
+)
+from overlaycni.errors import DataplaneError, InterfaceExists, NetnsNotFound
+
+pytestmark = pytest.mark.kernel
+
+ME = IPv4Address("10.224.0.1")
+SPEC = VxlanSpec(name=VXLAN_IFNAME, vni=4096, port=4789, local=ME, underlay="eth0", mac=vtep_mac(ME), mtu=1450)
+PEER_ROUTE = Route(dst=IPv4Network("10.244.2.0/24"), dev=VXLAN_IFNAME, gateway=IPv4Address("10.244.2.0"), onlink=True)
+BLOCK_ROUTE = Route(dst=IPv4Network("10.244.1.0/24"), unreachable=True)
+MISSING_NETNS = "/var/run/netns/oct-does-not-exist-7f3a"
+
+
+class OnWorker:
+    """Calls a Linux port on the data plane's worker thread (inside the node namespace)."""
+
+    def __init__(self, dp: LinuxDataplane, target: Any) -> None:
+        self._dp, self._target = dp, target
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._target, name)
+        return lambda *a, **kw: self._dp.run(lambda: fn(*a, **kw))
+
+
+@pytest.fixture(params=["fake", "linux"])
+def env(request, topo):
+    """(ports, pod netns path) for one implementation."""
+    if request.param == "fake":
+        k = FakeKernel(auto_underlay=False, auto_netns=False)
+        k.add_link("eth0")
+        k.addresses["eth0"][IPv4Interface("10.224.0.1/16")] = None
+        k.netns["/fake/pod"] = FakePodNetns()
+        yield fake_ports(k), "/fake/pod"
+        return
+    topo.add_underlay()
+    node = topo.add_node("n1", "10.224.0.1/16")
+    pod = topo.add_netns("pod")
+    dp = LinuxDataplane(node.ns)
+    try:
+        p = dp.ports
+        yield Ports(**{name: OnWorker(dp, getattr(p, name)) for name in p.__dataclass_fields__}), pod
+    finally:
+        dp.close()
+
+
+def test_links(env):
+    ports, _ = env
+    under = ports.links.link_with_address(ME)
+    assert under is not None and under.name == "eth0" and under.mtu == 1500
+    assert ports.links.link_with_address(IPv4Address("10.224.9.9")) is None
+    assert ports.links.ensure_vxlan(SPEC)
+    assert ports.links.ensure_vxlan(SPEC) == []
+    link = ports.links.get_link(VXLAN_IFNAME)
+    assert (link.kind, link.mac, link.mtu, link.up) == ("vxlan", SPEC.mac, 1450, True)
+    changed = ports.links.ensure_vxlan(VxlanSpec(**{**SPEC.__dict__, "vni": 4097}))
+    assert changed and ports.links.ensure_vxlan(VxlanSpec(**{**SPEC.__dict__, "vni": 4097})) == []
+    assert VXLAN_IFNAME in {link.name for link in ports.links.list_links()}
+    assert ports.links.delete_link(VXLAN_IFNAME) is True
+    assert ports.links.delete_link(VXLAN_IFNAME) is False
+    assert ports.links.get_link(VXLAN_IFNAME) is None
+
+
+def test_addresses(env):
+    ports, _ = env
+    gw = IPv4Interface("10.244.1.1/32")
+    assert ports.addresses.ensure_address("lo", gw, label=GATEWAY_LABEL) is True
+    assert ports.addresses.ensure_address("lo", gw, label=GATEWAY_LABEL) is False
+    assert ports.addresses.list_addresses("lo", label=GATEWAY_LABEL) == [gw]
+    assert gw in ports.addresses.list_addresses("lo")
+    assert ports.addresses.delete_address("lo", gw) is True
+    assert ports.addresses.delete_address("lo", gw) is False
+    assert ports.addresses.list_addresses("lo", label=GATEWAY_LABEL) == []
+    with pytest.raises(DataplaneError, match="nope0"):
+        ports.addresses.ensure_address("nope0", gw)
+
+
+def test_routes(env):
+    ports, _ = env
+    ports.links.ensure_vxlan(SPEC)
+    ports.routes.apply_routes(replace=[PEER_ROUTE, BLOCK_ROUTE])
+    ports.routes.apply_routes(replace=[PEER_ROUTE, BLOCK_ROUTE])
+    assert sorted(ports.routes.list_routes(), key=str) == sorted([PEER_ROUTE, BLOCK_ROUTE], key=str)
+    moved = Route(dst=PEER_ROUTE.dst, dev=VXLAN_IFNAME, gateway=IPv4Address("10.244.2.9"), onlink=True)
+    ports.routes.apply_routes(replace=[moved])  # replaced in place
+    assert sorted(ports.routes.list_routes(), key=str) == sorted([moved, BLOCK_ROUTE], key=str)
+    ports.routes.apply_routes(delete=[PEER_ROUTE, BLOCK_ROUTE])
+    ports.routes.apply_routes(delete=[PEER_ROUTE, BLOCK_ROUTE])  # not found is success
+    assert ports.routes.list_routes() == []
+    with pytest.raises(DataplaneError, match="nope0"):
+        ports.routes.apply_routes(replace=[Route(dst=IPv4Network("10.244.3.0/24"), dev="nope0", scope_link=True)])
+    assert ports.routes.lookup_gateway(IPv4Address("10.224.0.2")) == (None, "eth0")
+    assert ports.routes.lookup_gateway(IPv4Address("198.18.0.1")) == (None, None)
+
+
+def test_neighbours_and_fdb(env):
+    ports, _ = env
+    ports.links.ensure_vxlan(SPEC)
+    mac2, mac2b = vtep_mac(IPv4Address("10.224.0.2")), vtep_mac(IPv4Address("10.224.0.99"))
+    n = Neighbour(VXLAN_IFNAME, IPv4Address("10.244.2.0"), mac2)
+    f = FdbEntry(VXLAN_IFNAME, mac2, IPv4Address("10.224.0.2"))
+    ports.neighbours.apply_neighbours(replace=[n])
+    ports.fdb.apply_fdb(replace=[f])
+    assert ports.neighbours.list_neighbours(VXLAN_IFNAME) == [n]
+    assert ports.neighbours.get_neighbour(VXLAN_IFNAME, n.ip) == n
+    assert ports.neighbours.get_neighbour(VXLAN_IFNAME, IPv4Address("10.244.7.0")) is None
+    assert ports.fdb.list_fdb(VXLAN_IFNAME) == [f]
+    n2 = Neighbour(VXLAN_IFNAME, n.ip, mac2b)  # changed in place
+    f2 = FdbEntry(VXLAN_IFNAME, mac2, IPv4Address("10.224.0.20"))
+    ports.neighbours.apply_neighbours(replace=[n2])
+    ports.fdb.apply_fdb(replace=[f2])
+    assert ports.neighbours.list_neighbours(VXLAN_IFNAME) == [n2]
+    assert ports.fdb.list_fdb(VXLAN_IFNAME) == [f2]
+    for _ in range(2):
+        ports.fdb.apply_fdb(delete=[f2])
+        ports.neighbours.apply_neighbours(delete=[n2])
+    assert ports.fdb.list_fdb(VXLAN_IFNAME) == [] and ports.neighbours.list_neighbours(VXLAN_IFNAME) == []
+    with pytest.raises(DataplaneError):
+        ports.neighbours.apply_neighbours(replace=[Neighbour("nope0", n.ip, mac2)])
+
+
+def test_nft(env):
+    ports, _ = env
+    assert ports.nft.get_table() is None
+    assert ports.nft.list_set("node_ips") is None
+    table = nftmodel.NftTable(pod_cidr=IPv4Network("10.244.0.0/16"), vxlan_port=4789, node_ips=frozenset({ME}),
+                              pod_endpoints=frozenset({("oc0000000000001", IPv4Address("10.244.1.5"))}),
+                              non_masquerade=frozenset({IPv4Network("10.10.0.0/16")}))
+    ports.nft.apply(nftmodel.render_table(table))
+    ports.nft.apply(nftmodel.render_table(table))  # atomic replace, twice
+    got = ports.nft.get_table()
+    assert got.fingerprint == nftmodel.fingerprint(table) and got.sets == table.sets()
+    two = IPv4Address("10.224.0.2")
+    ports.nft.apply(nftmodel.render_set_update("node_ips", add=[two]))
+    assert ports.nft.list_set("node_ips") == {ME, two}
+    with pytest.raises(DataplaneError):  # one transaction: the add is not applied either
+        ports.nft.apply(nftmodel.render_set_update("node_ips", add=[IPv4Address("10.224.0.3")],
+                                                   delete=[IPv4Address("10.224.0.9")]))
+    assert ports.nft.list_set("node_ips") == {ME, two}
+
+
+def test_sysctls(env):
+    ports, _ = env
+    ports.sysctls.write("net/ipv4/ip_forward", "1")
+    assert ports.sysctls.read("net/ipv4/ip_forward") == "1"
+    ports.sysctls.write("net/ipv4/ip_forward", "0")
+    assert ports.sysctls.read("net/ipv4/ip_forward") == "0"
+    with pytest.raises(DataplaneError):
+        ports.sysctls.write("net/ipv4/conf/nope0/proxy_arp", "1")
+
+
+def test_pod_links(env):
+    ports, pod = env
+    ip, gw = IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1")
+    res = ports.pods.setup_pod_link(host_veth="oc0000000000001", ifname="eth0", netns_path=pod, ip=ip, gateway=gw, mtu=1400)
+    assert (res.ifname, res.mtu, res.host_veth, res.ip, res.gateway) == ("eth0", 1400, "oc0000000000001", ip, gw)
+    host = ports.links.get_link("oc0000000000001")
+    assert host is not None and host.up and host.mac == res.host_mac
+    view = ports.pods.inspect_pod(netns_path=pod, ifname="eth0")
+    assert view.mac == res.mac and view.mtu == 1400 and view.up and ip in view.addresses
+    assert Route(dst=IPv4Network("0.0.0.0/0"), dev="eth0", gateway=gw) in view.routes
+    assert Route(dst=IPv4Network("10.244.1.1/32"), dev="eth0", scope_link=True) in view.routes
+    with pytest.raises(InterfaceExists, match="eth0"):
+        ports.pods.setup_pod_link(host_veth="oc0000000000002", ifname="eth0", netns_path=pod, ip=ip, gateway=gw, mtu=1400)
+    assert ports.links.get_link("oc0000000000002") is None
+    ports.pods.teardown_pod_link(host_veth="oc0000000000001")
+    ports.pods.teardown_pod_link(host_veth="oc0000000000001")
+    assert ports.pods.inspect_pod(netns_path=pod, ifname="eth0") is None
+    assert ports.links.get_link("oc0000000000001") is None
+    with pytest.raises(NetnsNotFound):
+        ports.pods.setup_pod_link(host_veth="oc0000000000003", ifname="eth0", netns_path=MISSING_NETNS, ip=ip,
+                                  gateway=gw, mtu=1400)
+    assert ports.pods.inspect_pod(netns_path=MISSING_NETNS, ifname="eth0") is None
