@@ -94,7 +94,7 @@ class Bench:
         env = {
             "CNI_COMMAND": command, "CNI_CONTAINERID": pod_ns, "CNI_NETNS": f"/var/run/netns/{pod_ns}",
             "CNI_IFNAME": "eth0", "CNI_PATH": f"{self.tmp}/bin:{REF_PATH}", "PATH": os.environ["PATH"],
-            "CNI_ARGS": f"K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod_ns}",
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod_ns}",
         }
         start = time.perf_counter()
         p = subprocess.run(["nsenter", f"--net=/var/run/netns/{node_ns}", plugin], input=json.dumps(conf),

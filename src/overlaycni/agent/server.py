@@ -47,6 +47,7 @@ def answer_for(doc: Any, handle: Handler, observe: Callable[[str, str, float], N
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 512  # a burst of pod starts must not see EAGAIN
 
 
 def serve_unix(path: str, handle: Handler, observe: Callable[[str, str, float], None]) -> _Server:

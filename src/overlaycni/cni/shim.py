@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import sys
+import time
 
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
@@ -126,14 +127,21 @@ def call_agent(socket_path, request, *, connect_timeout=CONNECT_TIMEOUT, reply_t
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect_timeout)
-        try:
-            sock.connect(socket_path)
-        except OSError as exc:
-            raise PluginError(
-                TRY_AGAIN_LATER,
-                "overlaycni agent is not reachable at %s" % socket_path,
-                "%s; is the agent running on this node?" % (exc.strerror or exc),
-            )
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                sock.connect(socket_path)
+                break
+            except BlockingIOError:  # the agent's accept queue is full: a burst; retry briefly
+                if time.monotonic() > deadline:
+                    raise PluginError(TRY_AGAIN_LATER, "overlaycni agent at %s is overloaded" % socket_path)
+                time.sleep(0.005)
+            except OSError as exc:
+                raise PluginError(
+                    TRY_AGAIN_LATER,
+                    "overlaycni agent is not reachable at %s" % socket_path,
+                    "%s; is the agent running on this node?" % (exc.strerror or exc),
+                )
         sock.settimeout(reply_timeout)
         try:
             sock.sendall(json.dumps(request).encode() + b"\n")
