@@ -13,6 +13,7 @@ result must equal the engine's verdicts and the hand-written table.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -210,6 +211,10 @@ KERNEL_CASES = [
     "named-port-protocol-mismatch",
     "sctp-policy-isolates",
 ]
+
+
+if os.environ.get("OVERLAYCNI_POLICY_ALL_CASES"):  # every probe-able case (about 3 minutes)
+    KERNEL_CASES = [c.name for c in CASES if c.probe]
 
 
 @pytest.mark.parametrize("name", KERNEL_CASES)
