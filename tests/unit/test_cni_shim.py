@@ -250,3 +250,32 @@ def test_fuzz_subprocess_never_prints_a_traceback(sockpath):
     for stdin in ["", "{", "\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), json.dumps([None])]:
         code, doc, err = run_plugin(base_env(), stdin)
         assert code != 0 and "Traceback" not in err and doc["code"] in (4, 6, 7, 11)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_shim_codec_agrees_with_json(value):
+    text = json.dumps(value)
+    assert shim.json_loads(text) == json.loads(text)
+    assert json.loads(shim.json_dumps(value)) == value
+
+
+@given(text)
+def test_shim_decoder_rejects_what_json_rejects(s):
+    try:
+        expected = json.loads(s)
+    except ValueError:
+        with pytest.raises(ValueError):
+            shim.json_loads(s)
+    else:
+        got = shim.json_loads(s)
+        assert got == expected or (got != got and expected != expected)  # NaN
+
+
+def test_shim_does_not_import_the_slow_modules():
+    code = (
+        "import sys; src = open(%r).read(); exec(compile(src, 'shim', 'exec'), {'__name__': 'not_main'}); "
+        "print(sorted(m for m in ('json', 're', 'socket', 'enum') if m in sys.modules))" % str(SHIM)
+    )
+    out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True).stdout.strip()
+    assert out == "[]"
