@@ -14,8 +14,9 @@ x/a x/b x/c y/a y/b y/c z/a z/b z/c; ``.`` = connected, ``X`` = blocked.
 Loopback (a pod to itself) is always ``.``: it never leaves the pod's
 namespace (upstream ignores loopback for the same reason).
 
-Policies may name pod IPs as ``{ip:y/b}``; ``Case.manifest(model)`` fills
-them in, so a lab with other addresses can reuse the cases unchanged.
+Policies may name pod IPs as ``{ip:y/b}`` and the pod CIDR as ``{pod_cidr}``;
+``Case.manifest(model, pod_cidr=...)`` fills them in, so a lab with other
+addresses can reuse the cases unchanged (``build_model(ips=..., nodes=...)``).
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ class Case:
     def model(self, **kw) -> Model:
         return build_model(pod_labels=self.pod_labels or None, namespace_labels=self.namespace_labels or None, **kw)
 
-    def manifest(self, model: Model) -> str:
-        text = self.policy
+    def manifest(self, model: Model, *, pod_cidr: str = "10.244.0.0/16") -> str:
+        """The policy YAML with ``{ip:ns/pod}`` and ``{pod_cidr}`` filled in."""
+        text = self.policy.replace("{pod_cidr}", pod_cidr)
         for p in model.pods:
             text = text.replace("{ip:" + p.key + "}", str(p.ip))
         return text
@@ -618,7 +620,7 @@ CASES: list[Case] = [
     Case(
         "egress-cidr-except",
         "e2e: should enforce except clause while egress access to server in CIDR block",
-        np("x", "x-a-to-pods-except-y-b", SEL_XA + "  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock:\n        cidr: 10.244.0.0/16\n        except: ['{ip:y/b}/32']\n"),
+        np("x", "x-a-to-pods-except-y-b", SEL_XA + "  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock:\n        cidr: '{pod_cidr}'\n        except: ['{ip:y/b}/32']\n"),
         80, "TCP",
         """
         xa ....X....
