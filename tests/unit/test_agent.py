@@ -36,9 +36,20 @@ def start_agent(url, tmp_path, name, ip, **kw):
         socket=str(tmp_path / f"{name}.sock"), metrics_addr=None, lease_ttl=kw.get("ttl", 5),
         resync_interval=kw.get("resync", 60),
     )
-    agent = Agent(opts, store=open_datastore(url), dataplane=dp)
+    agent = Agent(opts, store=open_datastore(url), dataplane=dp, policy_apply=RecordingPolicy())
     agent.start()
     return agent, dp
+
+
+class RecordingPolicy:
+    """Stands in for nft: records the documents the agent would apply."""
+
+    def __init__(self) -> None:
+        self.docs: list[dict] = []
+
+    def __call__(self, old, new) -> str:
+        self.docs.append(new)
+        return "full"
 
 
 def _fake_takes_ip() -> bool:
@@ -167,5 +178,29 @@ def test_restart_keeps_block_and_status(cluster, tmp_path):
     try:
         assert ipam.get_node(store, "c1", "n1").block == block
         assert agent.health()["ready"] is True
+    finally:
+        agent.shutdown()
+
+
+def test_policy_inputs_reach_the_rendered_table(cluster, tmp_path):
+    from overlaycni.policy import parse_policies
+    from overlaycni.policy import store_codec as codec
+
+    url, store = cluster
+    agent, _ = start_agent(url, tmp_path, "n1", "10.224.0.4")
+    try:
+        assert cni(agent, "ADD", cid="web")[0] == 0
+        ip = ipam.get_allocation(store, "c1", "web", "eth0").ip.ip
+        store.put(codec.pod_key("c1", namespace="default", name="web"),
+                  codec.encode({"namespace": "default", "name": "web", "ip": str(ip), "node": "n1",
+                                "labels": {"app": "web"}, "ports": []}))
+        (pol,) = parse_policies(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\n"
+            "spec: {podSelector: {matchLabels: {app: web}}}\n"
+        )
+        codec.save_policies(store, "c1", policies=[pol])
+        recorder = agent._policy_apply
+        assert wait_for(lambda: recorder.docs and str(ip) in json.dumps(recorder.docs[-1]))
+        assert "deny" in json.dumps(recorder.docs[-1])
     finally:
         agent.shutdown()

@@ -43,6 +43,7 @@ from ..errors import DatastoreError, NotFound, OverlayCNIError
 from .cniops import CNIOps, NodeContext
 from .desired import node_state, peer_of
 from .metrics import AgentMetrics, serve_http
+from .policy import PolicyController
 from .server import serve_unix
 
 log = logging.getLogger("overlaycni.agent")
@@ -63,8 +64,22 @@ class AgentOptions:
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions, *, store: Store | None = None, dataplane: Dataplane | None = None) -> None:
+    def __init__(
+        self,
+        opts: AgentOptions,
+        *,
+        store: Store | None = None,
+        dataplane: Dataplane | None = None,
+        policy_apply: Any = None,
+    ) -> None:
+        """``dataplane`` and ``policy_apply`` are the kernel ports; both
+        default to the Linux implementations in the agent's own namespace.
+        Inject fakes together: a fake data plane with the real policy port
+        would program nftables in the caller's namespace."""
+        if dataplane is not None and policy_apply is None:
+            raise ValueError("inject policy_apply together with a fake dataplane")
         self.opts = opts
+        self._policy_apply = policy_apply
         self._store = store
         self._dp = dataplane
         self.metrics = AgentMetrics()
@@ -80,6 +95,7 @@ class Agent:
         self._server: Any = None
         self._http: Any = None
         self.ops: CNIOps | None = None
+        self.policy: PolicyController | None = None
 
     # ----- start ----------------------------------------------------------------
     @property
@@ -131,6 +147,14 @@ class Agent:
         self._spawn("lease", self._lease_loop)
         self._spawn("watch", self._watch_loop, start_rev)
         self._spawn("resync", self._resync_loop)
+        if self._policy_apply is None:
+            from ..policy.apply import apply_update
+
+            self._policy_apply = apply_update
+        self.policy = PolicyController(
+            self.store, cluster=o.cluster, node=o.node, stop=self.stop_event, apply=self._policy_apply
+        )
+        self._spawn("policy", self.policy.run)
         self.metrics.ready.set(1)
         ready = {
             "event": "ready",
@@ -188,6 +212,8 @@ class Agent:
             "datastore_ok": self.datastore_ok,
             "last_resync_age": round(time.time() - self.last_resync, 1) if self.last_resync else None,
             "last_error": self.last_error,
+            "policy_error": self.policy.last_error if self.policy else None,
+            "policy_passes": dict(self.policy.passes) if self.policy else {},
             "pid": os.getpid(),
         }
 
