@@ -207,3 +207,11 @@ def test_counts_grow_linearly(namespaces, pods, policies):
     _, elems_more_pols = measure(namespaces, pods, 2 * policies)
     # set elements are bounded by pods x distinct selectors, never pods x policies
     assert elems_more_pols <= elems + namespaces * pods * 2 + 2 * namespaces * pods
+
+
+def test_equal_selections_share_one_set():
+    # target "all pods of x" and peer "podSelector: {}" (all pods of x) are one set
+    doc = _render("deny-from-other-namespaces")
+    sets = [s for s in _cmds(doc, "add", "set") if s["name"].startswith("sel-")]
+    assert len(sets) == 1
+    assert sorted(sets[0]["elem"]) == sorted(str(p.ip) for p in build_model().pods if p.namespace == "x")

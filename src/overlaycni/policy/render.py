@@ -57,7 +57,7 @@ from typing import Any
 
 from .engine import Cluster
 from .model import NamespaceInfo, NetworkPolicy, Peer, PodInfo, PolicyPort, Rule
-from .selectors import LabelSelector
+from .selectors import EVERYTHING, LabelSelector
 
 FAMILY = "inet"
 TABLE = "overlaycni"
@@ -70,11 +70,11 @@ _DIR = {"Ingress": ("in", "daddr", "saddr", "ingress"), "Egress": ("eg", "saddr"
 @dataclass(frozen=True)
 class Selection:
     """Pods in ``namespace`` (or in namespaces matching ``namespace_selector``)
-    whose labels match ``pod_selector`` (None: every pod there)."""
+    whose labels match ``pod_selector``; equal selections share one set."""
 
     namespace: str | None
     namespace_selector: LabelSelector | None
-    pod_selector: LabelSelector | None
+    pod_selector: LabelSelector = EVERYTHING
 
     @property
     def set_name(self) -> str:
@@ -82,7 +82,7 @@ class Selection:
 
     def describe(self) -> str:
         where = f"ns={self.namespace}" if self.namespace is not None else f"ns~{self.namespace_selector.describe()}"  # type: ignore[union-attr]
-        return f"{where} pods~{self.pod_selector.describe() if self.pod_selector else '<all>'}"
+        return f"{where} pods~{self.pod_selector.describe()}"
 
 
 def _digest(text: str) -> str:
@@ -126,7 +126,7 @@ class _Builder:
                 if sel.namespace_selector.matches(self.cluster.namespace_labels(ns))  # type: ignore[union-attr]
                 for p in ps
             ]
-        return [p for p in candidates if sel.pod_selector is None or sel.pod_selector.matches(p.labels)]
+        return [p for p in candidates if sel.pod_selector.matches(p.labels)]
 
     def peer_alternatives(self, peer: Peer, policy_ns: str, field: str) -> list[list[dict]]:
         if peer.ip_block is not None:
@@ -137,10 +137,11 @@ class _Builder:
             if block.except_:
                 exprs.append(_match(_addr(field), {"set": [_prefix(e) for e in block.except_]}, "!="))  # type: ignore[arg-type]
             return [exprs]
+        pods = peer.pod_selector if peer.pod_selector is not None else EVERYTHING
         if peer.namespace_selector is None:
-            sel = Selection(policy_ns, None, peer.pod_selector)
+            sel = Selection(policy_ns, None, pods)
         else:
-            sel = Selection(None, peer.namespace_selector, peer.pod_selector)
+            sel = Selection(None, peer.namespace_selector, pods)
         return [[_match(_addr(field), self.selection_set(sel))]]
 
     def port_alternatives(self, ports: tuple[PolicyPort, ...]) -> list[list[dict]]:
