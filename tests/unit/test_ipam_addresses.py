@@ -81,3 +81,8 @@ def test_next_block_wraps_and_survives_expansion():
     assert A.next_block(IPv4Network("10.244.0.0/15"), 24, last) == IPv4Network("10.245.0.0/24")
     # a cursor from outside the pod CIDR starts from the beginning
     assert A.next_block(pod, 24, IPv4Network("10.9.0.0/24")) == IPv4Network("10.244.0.0/24")
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_ip_to_int_matches_ipaddress(n):
+    assert A.ip_to_int(str(IPv4Address(n))) == n

@@ -117,7 +117,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     # --- helpers beyond the contract (both backends implement them) ---------
-    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot: ...
+    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *, keys_only: bool = False) -> Snapshot: ...
 
     def transact(
         self,
@@ -128,6 +128,7 @@ class Store(Protocol):
         delete_prefix: Sequence[str] = (),
         read_keys: Sequence[str] = (),
         read_prefixes: Sequence[str] = (),
+        keys_only: bool = False,
     ) -> TxnResult: ...
 
     def delete_prefix(self, prefix: str) -> int: ...

@@ -62,10 +62,12 @@ def _kv(item: dict[str, Any]) -> KV:
     return KV(_unb64(item["key"]), _unb64(item.get("value")), int(item.get("mod_revision", 0)), lease or None)
 
 
-def _range_op(key: str, *, prefix: bool) -> dict[str, Any]:
+def _range_op(key: str, *, prefix: bool, keys_only: bool = False) -> dict[str, Any]:
     op: dict[str, Any] = {"key": _b64(key)}
     if prefix:
         op["range_end"] = _b64(prefix_end(key)) if prefix_end(key) else base64.b64encode(b"\0").decode()
+    if keys_only:
+        op["keys_only"] = True
     return op
 
 
@@ -173,9 +175,9 @@ class EtcdStore:
         payload = {**_range_op(prefix, prefix=True), "sort_order": "ASCEND", "sort_target": "KEY"}
         return [_kv(item) for item in self._post("/kv/range", payload).get("kvs") or []]
 
-    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot:
+    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *, keys_only: bool = False) -> Snapshot:
         ops = [{"request_range": _range_op(k, prefix=False)} for k in keys]
-        ops += [{"request_range": _range_op(p, prefix=True)} for p in prefixes]
+        ops += [{"request_range": _range_op(p, prefix=True, keys_only=keys_only)} for p in prefixes]
         result = self._post("/kv/txn", {"compare": [], "success": ops, "failure": []})
         return Snapshot(tuple(self._range_results(result)), int(result["header"]["revision"]))
 
@@ -217,6 +219,7 @@ class EtcdStore:
         delete_prefix: Sequence[str] = (),
         read_keys: Sequence[str] = (),
         read_prefixes: Sequence[str] = (),
+        keys_only: bool = False,
     ) -> TxnResult:
         cmp = [
             {"key": _b64(check_key(k)), "result": "EQUAL", "target": "MOD", "mod_revision": str(int(rev))}
@@ -230,7 +233,7 @@ class EtcdStore:
                 op["lease"] = str(lease)
             success.append({"request_put": op})
         failure = [{"request_range": _range_op(k, prefix=False)} for k in read_keys]
-        failure += [{"request_range": _range_op(p, prefix=True)} for p in read_prefixes]
+        failure += [{"request_range": _range_op(p, prefix=True, keys_only=keys_only)} for p in read_prefixes]
         result = self._post("/kv/txn", {"compare": cmp, "success": success, "failure": failure})
         revision = int(result["header"]["revision"])
         if result.get("succeeded"):

@@ -11,6 +11,11 @@ Design note.
   compare-and-swap reads and writes under one write lock. ``synchronous =
   NORMAL``: a crashed process loses nothing committed (power loss may drop
   the last transactions, never corrupts).
+* Writers queue on a lock file (``<db>.lock``, ``flock``, polled with a
+  short backoff up to the busy timeout) before ``BEGIN IMMEDIATE``: SQLite's
+  own busy handler sleeps up to 100 ms between tries, which under eight
+  concurrent allocators made the p99 latency 30x the median. A killed
+  process drops its flock with its file descriptors.
 * Threads: one connection per thread (``threading.local``); connections are
   tracked so ``close`` closes them all.
 * Leases really expire: every operation first checks (one indexed query)
@@ -26,7 +31,9 @@ Design note.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import secrets
 import sqlite3
 import threading
@@ -156,13 +163,19 @@ class SQLiteStore:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # threads of this process, before the flock
+        self._lock_fd: int | None = None
         self._closed = False
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatastoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from None
+        try:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DatastoreError(f"cannot open {self.path}.lock: {exc.strerror}") from None
         conn = self._conn()
-        with self._errors():
+        with self._flock(self), self._errors():
             conn.executescript(_SCHEMA)
 
     # ----- connections and error mapping ---------------------------------------
@@ -197,10 +210,44 @@ class SQLiteStore:
                 raise DatastoreError(f"sqlite datastore error: {exc}") from None
             return False
 
+    class _flock:
+        """Hold this process's write lock and the lock file's flock."""
+
+        def __init__(self, store: "SQLiteStore") -> None:
+            self.store = store
+
+        def __enter__(self) -> None:
+            store = self.store
+            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            if not store._write_lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+                raise DatastoreUnavailable(f"sqlite datastore {store.path} is busy (write lock held too long)")
+            delay = 0.00005
+            while True:
+                try:
+                    fcntl.flock(store._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        store._write_lock.release()
+                        raise DatastoreUnavailable(
+                            f"sqlite datastore {store.path} is busy: another process holds its write lock"
+                        ) from None
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 0.002)
+                except BaseException:
+                    store._write_lock.release()
+                    raise
+
+        def __exit__(self, *exc: object) -> None:
+            try:
+                fcntl.flock(self.store._lock_fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+            finally:
+                self.store._write_lock.release()
+
     def _write(self, fn):
         conn = self._conn()
         self.round_trips += 1
-        with self._errors():
+        with self._flock(self), self._errors():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 w = _Writer(conn)
@@ -230,7 +277,9 @@ class SQLiteStore:
         return conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
 
     @staticmethod
-    def _kvs(conn: sqlite3.Connection, keys: Sequence[str], prefixes: Sequence[str]) -> list[KV]:
+    def _kvs(
+        conn: sqlite3.Connection, keys: Sequence[str], prefixes: Sequence[str], keys_only: bool = False
+    ) -> list[KV]:
         out: dict[str, KV] = {}
         for key in keys:
             row = conn.execute("SELECT key, value, mod_rev, lease FROM kv WHERE key=?", (key,)).fetchone()
@@ -238,7 +287,8 @@ class SQLiteStore:
                 out[row[0]] = KV(*row)
         for prefix in prefixes:
             where, args = _range(prefix)
-            for row in conn.execute(f"SELECT key, value, mod_rev, lease FROM kv WHERE {where} ORDER BY key", args):
+            cols = "key, '', mod_rev, lease" if keys_only else "key, value, mod_rev, lease"
+            for row in conn.execute(f"SELECT {cols} FROM kv WHERE {where} ORDER BY key", args):
                 out[row[0]] = KV(*row)
         return [out[k] for k in sorted(out)]
 
@@ -251,9 +301,9 @@ class SQLiteStore:
     def list(self, prefix: str) -> list[KV]:
         return self._read(lambda c: self._kvs(c, [], [prefix]))
 
-    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot:
+    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *, keys_only: bool = False) -> Snapshot:
         def fn(c: sqlite3.Connection) -> Snapshot:
-            return Snapshot(tuple(self._kvs(c, keys, prefixes)), self._rev(c))
+            return Snapshot(tuple(self._kvs(c, keys, prefixes, keys_only)), self._rev(c))
 
         return self._read(fn)
 
@@ -288,6 +338,7 @@ class SQLiteStore:
         delete_prefix: Sequence[str] = (),
         read_keys: Sequence[str] = (),
         read_prefixes: Sequence[str] = (),
+        keys_only: bool = False,
     ) -> TxnResult:
         for key, _ in compare:
             check_key(key)
@@ -296,7 +347,7 @@ class SQLiteStore:
 
         def fn(w: _Writer) -> TxnResult:
             if any(w.mod_rev(key) != int(rev) for key, rev in compare):
-                kvs = self._kvs(w.conn, read_keys, read_prefixes)
+                kvs = self._kvs(w.conn, read_keys, read_prefixes, keys_only)
                 return TxnResult(False, w.current(), tuple(kvs))
             w.new_revision()
             for prefix in delete_prefix:
@@ -391,4 +442,7 @@ class SQLiteStore:
                 conn.close()
             except sqlite3.Error:
                 pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         self._local = threading.local()

@@ -162,8 +162,24 @@ def ip_value(container_id: str, ifname: str, pod: tuple[str, str] | None) -> str
     return json.dumps({"container_id": container_id, "ifname": ifname, "pod_namespace": ns, "pod_name": name})
 
 
-def handle_value(node: str, ip: IPv4Address, block: IPv4Network) -> str:
-    return json.dumps({"node": node, "ip": str(ip), "block": str(block)})
+def handle_value(node: str, ip: IPv4Address, block: IPv4Network, pod: tuple[str, str] | None = None) -> str:
+    ns, name = pod if pod else (None, None)
+    return json.dumps({"node": node, "ip": str(ip), "block": str(block), "pod_namespace": ns, "pod_name": name})
+
+
+def allocation_from_handle(container_id: str, ifname: str, value: str) -> Allocation:
+    """The allocation a handle describes (it carries everything a caller needs)."""
+    data = json.loads(value)
+    block = IPv4Network(data.get("block") or f"{data['ip']}/32")
+    return Allocation(
+        ip=IPv4Interface(f"{data['ip']}/{block.prefixlen}"),
+        gateway=block.network_address + 1,
+        container_id=container_id,
+        ifname=ifname,
+        node=data["node"],
+        pod_namespace=data.get("pod_namespace"),
+        pod_name=data.get("pod_name"),
+    )
 
 
 def allocation_from(node: str, ip: IPv4Address, block: IPv4Network, value: str) -> Allocation:

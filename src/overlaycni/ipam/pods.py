@@ -19,15 +19,16 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
-from ..datastore import Snapshot, Store
+from ..datastore import Store
 from ..errors import AddressUnavailable, Conflict, NotFound, OverlayCNIError, PoolExhausted
 from . import addresses
 from .clusters import get_cluster, not_found
 from .model import (
     Allocation,
     allocation_from,
+    allocation_from_handle,
     check_container_id,
     check_ifname,
     check_name,
@@ -46,19 +47,6 @@ from .model import (
 )
 
 _ATTEMPTS = 64
-
-
-def _existing(snap: Snapshot, cluster: str, h_k: str) -> Allocation | None:
-    handle = snap.get(h_k)
-    if handle is None:
-        return None
-    data = json.loads(handle.value)
-    node, ip = data["node"], IPv4Address(data["ip"])
-    claim = snap.get(nodeblock_key(cluster, node))
-    ip_kv = snap.get(ip_key(cluster, node, ip))
-    if claim is None or ip_kv is None:
-        return None
-    return allocation_from(node, ip, IPv4Network(claim.value), ip_kv.value)
 
 
 def allocate(
@@ -82,8 +70,8 @@ def allocate(
         requested_ip = parse_ip("ip", requested_ip)
     h_k, nb_k, cur_k = handle_key(cluster, container_id, ifname), nodeblock_key(cluster, node), cursor_key(cluster, node)
     used_prefix = ips_prefix(cluster, node)
-    reads = dict(read_keys=[h_k, nb_k, cur_k], read_prefixes=[used_prefix])
-    snap = store.read(reads["read_keys"], reads["read_prefixes"])
+    reads = dict(read_keys=[h_k, nb_k, cur_k], read_prefixes=[used_prefix], keys_only=True)
+    snap = store.read([h_k, nb_k, cur_k], [used_prefix], keys_only=True)
     for attempt in range(_ATTEMPTS):
         handle = snap.get(h_k)
         claim = snap.get(nb_k)
@@ -94,14 +82,13 @@ def allocate(
                     f"container {container_id} {ifname} already has address {data['ip']} on node {data['node']!r}, "
                     f"not on {node!r}; release it first"
                 )
-            ip_kv = snap.get(ip_key(cluster, node, IPv4Address(data["ip"])))
-            if claim is not None and ip_kv is not None:
-                return allocation_from(node, IPv4Address(data["ip"]), IPv4Network(claim.value), ip_kv.value)
+            if claim is not None and snap.get(ip_key(cluster, node, IPv4Address(data["ip"]))) is not None:
+                return allocation_from_handle(container_id, ifname, handle.value)
         if claim is None:
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
         block = IPv4Network(claim.value)
-        used = {int(IPv4Address(kv.key[len(used_prefix):])) for kv in snap.prefixed(used_prefix)}
+        used = {addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix)}
         if requested_ip is not None:
             if requested_ip not in block or addresses.is_reserved(block, requested_ip):
                 raise AddressUnavailable(
@@ -114,7 +101,7 @@ def allocate(
         else:
             cursor = snap.get(cur_k)
             after = IPv4Address(cursor.value) if cursor else None
-            skip = random.randrange(min(attempt, 8) + 1) if attempt else 0
+            skip = random.randrange(min(1 << attempt, 16)) if attempt else 0
             found = addresses.next_free(block, used, after, skip=skip)
             if found is None:
                 raise PoolExhausted(
@@ -125,12 +112,12 @@ def allocate(
             ip = found
         i_k = ip_key(cluster, node, ip)
         compare = [(h_k, handle.revision if handle else 0), (i_k, 0), (nb_k, claim.revision)]
-        put = [(i_k, ip_value(container_id, ifname, pod), None), (h_k, handle_value(node, ip, block), None)]
+        put = [(i_k, ip_value(container_id, ifname, pod), None), (h_k, handle_value(node, ip, block, pod), None)]
         if requested_ip is None:
             put.append((cur_k, str(ip), None))
-        result = store.transact(compare=compare, put=put, **reads)
+        result = store.transact(compare=compare, put=put, **reads)  # type: ignore[arg-type]
         if result.succeeded:
-            return allocation_from(node, ip, block, put[0][1])
+            return allocation_from_handle(container_id, ifname, put[1][1])
         snap = result.snapshot()
     raise Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
 
@@ -141,10 +128,7 @@ def get_allocation(store: Store, cluster: str, container_id: str, ifname: str) -
     handle = store.get(h_k)
     if handle is None:
         return None
-    data = json.loads(handle.value)
-    node, ip = data["node"], IPv4Address(data["ip"])
-    snap = store.read([h_k, nodeblock_key(cluster, node), ip_key(cluster, node, ip)])
-    return _existing(snap, cluster, h_k)
+    return allocation_from_handle(container_id, ifname, handle.value)
 
 
 def release(store: Store, cluster: str, container_id: str, ifname: str) -> Allocation | None:
@@ -172,13 +156,7 @@ def release(store: Store, cluster: str, container_id: str, ifname: str) -> Alloc
         )
         block = IPv4Network(data.get("block") or f"{ip}/32")
         if result.succeeded:
-            return Allocation(
-                ip=IPv4Interface(f"{ip}/{block.prefixlen}"),
-                gateway=block.network_address + 1,
-                container_id=container_id,
-                ifname=ifname,
-                node=node,
-            )
+            return allocation_from_handle(container_id, ifname, handle.value)
         snap = result.snapshot()
         ip_kv, handle_now = snap.get(i_k), snap.get(h_k)
         if handle_now is not None and handle_now.revision == handle.revision:
