@@ -133,6 +133,15 @@ def test_add_del_add_100_pods_leaves_nothing_behind(cluster):
     assert c.cli("ipam", "check", "--cluster", "t", check=False).returncode == 0
 
 
+def converged(c: Cluster, src: str, dst: str, timeout: float = 20) -> bool:
+    """Peers are programmed asynchronously (watch events): wait for the path."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.topo.ping(src, dst, count=1, wait=1):
+            return True
+    return False
+
+
 def continuous_ping(c: Cluster, src: str, dst: str, seconds: float) -> subprocess.Popen:
     count = int(seconds / 0.05)
     return subprocess.Popen(["ip", "netns", "exec", src, "ping", "-n", "-i", "0.05", "-c", str(count), "-W", "1", dst],
@@ -154,7 +163,7 @@ def test_agent_sigkill_and_restart_loses_no_packet(cluster):
     a, _ = c.pod("n1", "a")
     b, res_b = c.pod("n2", "b")
     dst = res_b["ips"][0]["address"].split("/")[0]
-    assert c.topo.ping(a, dst, count=3, wait=3)
+    assert converged(c, a, dst)
     pinger = continuous_ping(c, a, dst, 6)
     time.sleep(1)
     for name in ("n1", "n2"):
@@ -170,7 +179,7 @@ def test_etcd_down_add_says_try_again_and_pods_keep_working(cluster):
     a, _ = c.pod("n1", "a")
     b, res_b = c.pod("n2", "b")
     dst = res_b["ips"][0]["address"].split("/")[0]
-    assert c.topo.ping(a, dst, count=2, wait=3)
+    assert converged(c, a, dst)
     c.stop_etcd()
     pinger = continuous_ping(c, a, dst, 4)
     late = c.topo.add_netns("late").rsplit("/", 1)[1]
