@@ -258,3 +258,14 @@ def test_threads_share_one_store(store):
         t.join(60)
     assert sum(wins) == 60
     assert store.get("/t/counter").value == "60"
+
+
+def test_range_reads_with_limit(store):
+    for i in (1, 2, 3, 5, 8):
+        store.put(f"/r/{i:03d}", f"v{i}")
+    snap = store.read(ranges=[("/r/002", "/r/999", 2)])
+    assert [kv.key for kv in snap.kvs] == ["/r/002", "/r/003"]
+    snap = store.read(["/r/001"], ranges=[("/r/004", "/r/999", 0)], keys_only=True)
+    assert [(kv.key, kv.value) for kv in snap.kvs] == [("/r/001", "v1"), ("/r/005", ""), ("/r/008", "")]
+    res = store.transact(compare=[("/r/001", 0)], read_ranges=[("/r/003", "/r/006", 5)])
+    assert not res.succeeded and [kv.key for kv in res.kvs] == ["/r/003", "/r/005"]

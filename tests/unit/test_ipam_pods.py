@@ -10,6 +10,7 @@ import pytest
 from overlaycni import ipam
 from overlaycni.config import parse_network
 from overlaycni.datastore import open_datastore
+from overlaycni.ipam.model import ip_key
 from overlaycni.errors import AddressUnavailable, ConfigError, NotFound, PoolExhausted
 
 IP = IPv4Address
@@ -69,6 +70,26 @@ def test_moves_forward_so_a_released_ip_is_not_reused_at_once(store):
     assert released.ip == ips[2]
     assert ipam.release(store, "dev", "c2", "eth0") is None  # idempotent
     assert ipam.allocate(store, "dev", "n1", "c3", "eth0").ip == IPv4Interface("10.244.0.5/24")
+
+
+def test_keys_sort_in_address_order(store):
+    ipam.allocate(store, "dev", "n1", "a", "eth0", requested_ip=IP("10.244.0.100"))
+    ipam.allocate(store, "dev", "n1", "b", "eth0", requested_ip=IP("10.244.0.20"))
+    ipam.allocate(store, "dev", "n1", "c", "eth0", requested_ip=IP("10.244.0.3"))
+    keys = [kv.key for kv in store.list(ROOT + "ips/n1/")]
+    assert keys == sorted(keys) and keys[0].endswith("010.244.000.003")
+
+
+def test_dense_block_after_wrap_finds_the_holes(store):
+    for i in range(253):
+        ipam.allocate(store, "dev", "n1", f"c{i}", "eth0")
+    for i in (7, 100, 200):
+        ipam.release(store, "dev", f"c{i}", "eth0")
+    # the cursor sits at the end of the block: the next ones wrap and find the holes in order
+    got = [ipam.allocate(store, "dev", "n1", f"n{i}", "eth0").ip.ip for i in range(3)]
+    assert got == [IP("10.244.0.9"), IP("10.244.0.102"), IP("10.244.0.202")]
+    with pytest.raises(PoolExhausted):
+        ipam.allocate(store, "dev", "n1", "full", "eth0")
 
 
 def test_exhaustion_names_node_and_block_and_wraps(store):
@@ -131,8 +152,8 @@ def test_check_finds_duplicates_leaks_and_strays(store):
     assert ipam.check(store, "dev").ok
     # hand-written damage, as a buggy or crashed writer could leave it
     value = json.dumps({"container_id": "x", "ifname": "eth0", "pod_namespace": None, "pod_name": None})
-    store.put(ROOT + "ips/n2/10.244.0.2", value)  # same address on two nodes, outside n2's block
-    store.put(ROOT + "ips/n1/10.244.0.255", value.replace('"x"', '"y"'))  # broadcast, no handle
+    store.put(ip_key("dev", "n2", IP("10.244.0.2")), value)  # same address on two nodes, outside n2's block
+    store.put(ip_key("dev", "n1", IP("10.244.0.255")), value.replace('"x"', '"y"'))  # broadcast, no handle
     store.put(ROOT + "handles/z/eth0", json.dumps({"node": "n1", "ip": "10.244.0.9", "block": "10.244.0.0/24"}))
     report = ipam.check(store, "dev")
     kinds = {p.kind for p in report.problems}

@@ -72,6 +72,7 @@ class TxnResult:
         return Snapshot(self.kvs, self.revision)
 
 
+Range = tuple[str, str, int]  # [start, end), at most limit keys (0 = no limit)
 Compare = tuple[str, int]  # (key, expected mod_revision; 0 = must be absent)
 Put = tuple[str, str, "int | None"]  # (key, value, lease)
 
@@ -117,7 +118,14 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     # --- helpers beyond the contract (both backends implement them) ---------
-    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *, keys_only: bool = False) -> Snapshot: ...
+    def read(
+        self,
+        keys: Sequence[str] = (),
+        prefixes: Sequence[str] = (),
+        *,
+        ranges: Sequence[tuple[str, str, int]] = (),
+        keys_only: bool = False,
+    ) -> Snapshot: ...
 
     def transact(
         self,
@@ -128,6 +136,7 @@ class Store(Protocol):
         delete_prefix: Sequence[str] = (),
         read_keys: Sequence[str] = (),
         read_prefixes: Sequence[str] = (),
+        read_ranges: Sequence[tuple[str, str, int]] = (),
         keys_only: bool = False,
     ) -> TxnResult: ...
 

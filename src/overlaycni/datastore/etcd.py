@@ -71,6 +71,18 @@ def _range_op(key: str, *, prefix: bool, keys_only: bool = False) -> dict[str, A
     return op
 
 
+def _range_ops(ranges: Sequence[tuple[str, str, int]], keys_only: bool) -> list[dict[str, Any]]:
+    ops = []
+    for start, end, limit in ranges:
+        op: dict[str, Any] = {"key": _b64(start), "range_end": _b64(end)}
+        if limit:
+            op["limit"] = str(int(limit))
+        if keys_only:
+            op["keys_only"] = True
+        ops.append({"request_range": op})
+    return ops
+
+
 class _Retry(Exception):
     """An endpoint failed in a way another endpoint (or a retry) may fix."""
 
@@ -175,9 +187,17 @@ class EtcdStore:
         payload = {**_range_op(prefix, prefix=True), "sort_order": "ASCEND", "sort_target": "KEY"}
         return [_kv(item) for item in self._post("/kv/range", payload).get("kvs") or []]
 
-    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *, keys_only: bool = False) -> Snapshot:
+    def read(
+        self,
+        keys: Sequence[str] = (),
+        prefixes: Sequence[str] = (),
+        *,
+        ranges: Sequence[tuple[str, str, int]] = (),
+        keys_only: bool = False,
+    ) -> Snapshot:
         ops = [{"request_range": _range_op(k, prefix=False)} for k in keys]
         ops += [{"request_range": _range_op(p, prefix=True, keys_only=keys_only)} for p in prefixes]
+        ops += _range_ops(ranges, keys_only)
         result = self._post("/kv/txn", {"compare": [], "success": ops, "failure": []})
         return Snapshot(tuple(self._range_results(result)), int(result["header"]["revision"]))
 
@@ -219,6 +239,7 @@ class EtcdStore:
         delete_prefix: Sequence[str] = (),
         read_keys: Sequence[str] = (),
         read_prefixes: Sequence[str] = (),
+        read_ranges: Sequence[tuple[str, str, int]] = (),
         keys_only: bool = False,
     ) -> TxnResult:
         cmp = [
@@ -234,6 +255,7 @@ class EtcdStore:
             success.append({"request_put": op})
         failure = [{"request_range": _range_op(k, prefix=False)} for k in read_keys]
         failure += [{"request_range": _range_op(p, prefix=True, keys_only=keys_only)} for p in read_prefixes]
+        failure += _range_ops(read_ranges, keys_only)
         result = self._post("/kv/txn", {"compare": cmp, "success": success, "failure": failure})
         revision = int(result["header"]["revision"])
         if result.get("succeeded"):

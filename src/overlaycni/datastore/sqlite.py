@@ -278,7 +278,11 @@ class SQLiteStore:
 
     @staticmethod
     def _kvs(
-        conn: sqlite3.Connection, keys: Sequence[str], prefixes: Sequence[str], keys_only: bool = False
+        conn: sqlite3.Connection,
+        keys: Sequence[str],
+        prefixes: Sequence[str],
+        keys_only: bool = False,
+        ranges: Sequence[tuple[str, str, int]] = (),
     ) -> list[KV]:
         out: dict[str, KV] = {}
         for key in keys:
@@ -289,6 +293,11 @@ class SQLiteStore:
             where, args = _range(prefix)
             cols = "key, '', mod_rev, lease" if keys_only else "key, value, mod_rev, lease"
             for row in conn.execute(f"SELECT {cols} FROM kv WHERE {where} ORDER BY key", args):
+                out[row[0]] = KV(*row)
+        for start, end, limit in ranges:
+            cols = "key, '', mod_rev, lease" if keys_only else "key, value, mod_rev, lease"
+            sql = f"SELECT {cols} FROM kv WHERE key >= ? AND key < ? ORDER BY key"
+            for row in conn.execute(sql + (f" LIMIT {int(limit)}" if limit else ""), (start, end)):
                 out[row[0]] = KV(*row)
         return [out[k] for k in sorted(out)]
 
@@ -301,9 +310,16 @@ class SQLiteStore:
     def list(self, prefix: str) -> list[KV]:
         return self._read(lambda c: self._kvs(c, [], [prefix]))
 
-    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *, keys_only: bool = False) -> Snapshot:
+    def read(
+        self,
+        keys: Sequence[str] = (),
+        prefixes: Sequence[str] = (),
+        *,
+        ranges: Sequence[tuple[str, str, int]] = (),
+        keys_only: bool = False,
+    ) -> Snapshot:
         def fn(c: sqlite3.Connection) -> Snapshot:
-            return Snapshot(tuple(self._kvs(c, keys, prefixes, keys_only)), self._rev(c))
+            return Snapshot(tuple(self._kvs(c, keys, prefixes, keys_only, ranges)), self._rev(c))
 
         return self._read(fn)
 
@@ -338,6 +354,7 @@ class SQLiteStore:
         delete_prefix: Sequence[str] = (),
         read_keys: Sequence[str] = (),
         read_prefixes: Sequence[str] = (),
+        read_ranges: Sequence[tuple[str, str, int]] = (),
         keys_only: bool = False,
     ) -> TxnResult:
         for key, _ in compare:
@@ -347,7 +364,7 @@ class SQLiteStore:
 
         def fn(w: _Writer) -> TxnResult:
             if any(w.mod_rev(key) != int(rev) for key, rev in compare):
-                kvs = self._kvs(w.conn, read_keys, read_prefixes, keys_only)
+                kvs = self._kvs(w.conn, read_keys, read_prefixes, keys_only, read_ranges)
                 return TxnResult(False, w.current(), tuple(kvs))
             w.new_revision()
             for prefix in delete_prefix:

@@ -19,7 +19,7 @@ from typing import Any
 from ..datastore import Store
 from . import addresses
 from .clusters import network_from_kv, not_found
-from .model import check_name, config_key, root
+from .model import check_name, config_key, ip_from_part, ip_part, root
 
 KINDS = ("duplicate", "leak", "outside-block", "reserved", "unreferenced")
 
@@ -87,7 +87,7 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
             node_blocks[rest] = IPv4Network(kv.value)
         elif kind == "ips":
             owner, _, ip = rest.rpartition("/")
-            ips[(owner, IPv4Address(ip))] = json.loads(kv.value)
+            ips[(owner, ip_from_part(ip))] = json.loads(kv.value)
         elif kind == "handles":
             cid, _, ifname = rest.rpartition("/")
             data = json.loads(kv.value)
@@ -124,7 +124,7 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
     owners: dict[IPv4Address, list[str]] = defaultdict(list)
     for (node, ip), data in ips.items():
         owners[ip].append(node)
-        key = f"ips/{node}/{ip}"
+        key = f"ips/{node}/{ip_part(ip)}"
         block = node_blocks.get(node)
         if block is None:
             add("leak", f"address {ip} is allocated on node {node!r}, which has no block", key)
@@ -137,7 +137,7 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
             add("leak", f"address {ip} on node {node!r} ({attachment[0]} {attachment[1]}) has no matching handle", key)
     for ip, nodes in owners.items():
         if len(nodes) > 1:
-            add("duplicate", f"address {ip} is allocated on several nodes: {', '.join(sorted(nodes))}", f"ips/{nodes[0]}/{ip}")
+            add("duplicate", f"address {ip} is allocated on several nodes: {', '.join(sorted(nodes))}", f"ips/{nodes[0]}/{ip_part(ip)}")
     for (cid, ifname), (node, ip) in handles.items():
         data = ips.get((node, ip))
         if data is None or (data["container_id"], data["ifname"]) != (cid, ifname):
@@ -149,6 +149,6 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
         for (node, ip), data in sorted(ips.items(), key=lambda item: (item[0][0], int(item[0][1]))):
             if (data["container_id"], data["ifname"]) not in keep:
                 add("unreferenced", f"address {ip} on node {node!r} belongs to {data['container_id']} "
-                    f"{data['ifname']}, which is not a valid attachment", f"ips/{node}/{ip}")
+                    f"{data['ifname']}, which is not a valid attachment", f"ips/{node}/{ip_part(ip)}")
 
     return CheckReport(cluster, len(live_nodes), len(claims), len(ips), tuple(problems))

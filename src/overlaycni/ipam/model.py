@@ -8,12 +8,14 @@ Keys of a cluster ``C`` live under ``/overlaycni/clusters/C/``:
 ``nodeblocks/<node>``       node name -> its block (same transaction as the claim)
 ``blockcursor``             the block claimed last (claims move forward from it)
 ``nodes/<node>``            live node record (JSON), under the agent's lease
-``ips/<node>/<ip>``         pod address -> {container_id, ifname, pod}
+``ips/<node>/010.244.003.002``  pod address -> {container_id, ifname, pod}
 ``handles/<cid>/<ifname>``  (containerID, ifname) -> {node, ip}
 ``cursor/<node>``           the address allocated last on that node
 ==========================  =====================================================
 
-Plus ``/overlaycni/index/clusters/C`` so clusters are listed without reading
+Addresses in keys are zero-padded (``010.244.003.002``) so that key order is
+address order: an allocator reads a short window of used addresses after a
+candidate instead of the whole block. Plus ``/overlaycni/index/clusters/C`` so clusters are listed without reading
 their data. A claim and its reverse index, and an address and its handle, are
 always written and deleted in one transaction, with the same revision.
 """
@@ -25,8 +27,9 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from ..datastore import KV
+from ..datastore import KV, Event
 from ..errors import ConfigError, FieldError
+from .addresses import ip_to_int
 
 ROOT = "/overlaycni/clusters/"
 INDEX = "/overlaycni/index/clusters/"
@@ -128,8 +131,18 @@ def ips_prefix(cluster: str, node: str | None = None) -> str:
     return root(cluster) + "ips/" + (f"{node}/" if node is not None else "")
 
 
-def ip_key(cluster: str, node: str, ip: IPv4Address) -> str:
-    return ips_prefix(cluster, node) + str(ip)
+def ip_part(ip: IPv4Address | int) -> str:
+    """An address as a key part that sorts in address order."""
+    n = int(ip)
+    return f"{n >> 24:03d}.{(n >> 16) & 255:03d}.{(n >> 8) & 255:03d}.{n & 255:03d}"
+
+
+def ip_from_part(text: str) -> IPv4Address:
+    return IPv4Address(ip_to_int(text))
+
+
+def ip_key(cluster: str, node: str, ip: IPv4Address | int) -> str:
+    return ips_prefix(cluster, node) + ip_part(ip)
 
 
 def handles_prefix(cluster: str) -> str:
@@ -147,7 +160,10 @@ def cursor_key(cluster: str, node: str) -> str:
 # ----- record (de)serialisation ----------------------------------------------------
 
 
-def node_from_kv(kv: KV) -> NodeRecord:
+def node_from_kv(kv: KV | Event) -> NodeRecord:
+    """Parse a node record from a KV or a watch ``put`` event."""
+    if kv.value is None:
+        raise ValueError(f"{kv.key}: no value (a delete event carries no node record)")
     data = json.loads(kv.value)
     return NodeRecord(
         name=data["name"],

@@ -38,6 +38,7 @@ from .model import (
     handle_key,
     handle_value,
     handles_prefix,
+    ip_from_part,
     ip_key,
     ip_value,
     ips_prefix,
@@ -47,6 +48,7 @@ from .model import (
 )
 
 _ATTEMPTS = 64
+_WINDOW = 64  # used addresses returned by a failed allocation attempt
 
 
 def allocate(
@@ -70,8 +72,9 @@ def allocate(
         requested_ip = parse_ip("ip", requested_ip)
     h_k, nb_k, cur_k = handle_key(cluster, container_id, ifname), nodeblock_key(cluster, node), cursor_key(cluster, node)
     used_prefix = ips_prefix(cluster, node)
-    reads = dict(read_keys=[h_k, nb_k, cur_k], read_prefixes=[used_prefix], keys_only=True)
-    snap = store.read([h_k, nb_k, cur_k], [used_prefix], keys_only=True)
+    snap = store.read([h_k, nb_k, cur_k])
+    used: set[int] = set()  # addresses seen taken during this call (may go stale: only used to skip)
+    confirmed_full = False
     for attempt in range(_ATTEMPTS):
         handle = snap.get(h_k)
         claim = snap.get(nb_k)
@@ -82,20 +85,20 @@ def allocate(
                     f"container {container_id} {ifname} already has address {data['ip']} on node {data['node']!r}, "
                     f"not on {node!r}; release it first"
                 )
-            if claim is not None and snap.get(ip_key(cluster, node, IPv4Address(data["ip"]))) is not None:
+            if claim is not None:
                 return allocation_from_handle(container_id, ifname, handle.value)
         if claim is None:
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
         block = IPv4Network(claim.value)
-        used = {addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix)}
+        used.update(addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix))
         if requested_ip is not None:
             if requested_ip not in block or addresses.is_reserved(block, requested_ip):
                 raise AddressUnavailable(
                     f"requested IP {requested_ip} is not a usable address of node {node!r}'s block {block} "
                     f"(usable: {block.network_address + 2} - {block.broadcast_address - 1})"
                 )
-            if int(requested_ip) in used:
+            if attempt and snap.get(ip_key(cluster, node, requested_ip)) is not None:
                 raise AddressUnavailable(f"requested IP {requested_ip} is already in use on node {node!r}")
             ip = requested_ip
         else:
@@ -104,18 +107,29 @@ def allocate(
             skip = random.randrange(min(1 << attempt, 16)) if attempt else 0
             found = addresses.next_free(block, used, after, skip=skip)
             if found is None:
-                raise PoolExhausted(
-                    f"node {node!r} (cluster {cluster!r}): block {block} is full "
-                    f"({addresses.capacity(block)} addresses in use)",
-                    details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
-                )
+                if confirmed_full:
+                    raise PoolExhausted(
+                        f"node {node!r} (cluster {cluster!r}): block {block} is full "
+                        f"({addresses.capacity(block)} addresses in use)",
+                        details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
+                    )
+                # what this call saw says full; check against a fresh, complete read
+                snap = store.read([h_k, nb_k, cur_k], [used_prefix], keys_only=True)
+                used.clear()
+                confirmed_full = True
+                continue
             ip = found
+        confirmed_full = False
         i_k = ip_key(cluster, node, ip)
         compare = [(h_k, handle.revision if handle else 0), (i_k, 0), (nb_k, claim.revision)]
         put = [(i_k, ip_value(container_id, ifname, pod), None), (h_k, handle_value(node, ip, block, pod), None)]
         if requested_ip is None:
             put.append((cur_k, str(ip), None))
-        result = store.transact(compare=compare, put=put, **reads)  # type: ignore[arg-type]
+        # if it fails: the keys, and the next WINDOW used addresses from the candidate on
+        window = (i_k, ip_key(cluster, node, block.broadcast_address), _WINDOW)
+        result = store.transact(
+            compare=compare, put=put, read_keys=[h_k, nb_k, cur_k], read_ranges=[window], keys_only=True
+        )
         if result.succeeded:
             return allocation_from_handle(container_id, ifname, put[1][1])
         snap = result.snapshot()
@@ -183,7 +197,7 @@ def list_allocations(store: Store, cluster: str, *, node: str | None = None) -> 
     base = ips_prefix(cluster)
     for kv in snap.prefixed(prefix):
         owner, _, ip_text = kv.key[len(base):].rpartition("/")
-        ip = IPv4Address(ip_text)
+        ip = ip_from_part(ip_text)
         block = blocks.get(owner, IPv4Network(f"{ip}/32"))
         out.append(allocation_from(owner, ip, block, kv.value))
     return sorted(out, key=lambda a: (a.node, int(a.ip)))
