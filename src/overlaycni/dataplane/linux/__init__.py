@@ -50,6 +50,7 @@ class LinuxDataplane:
 
     def __init__(self, netns: str | None = None, *, use_nft_library: bool = True) -> None:
         self.netns = netns
+        self._closed = False
         self._worker = NetnsWorker(netns)
         try:
             self._ports, self._handles = self._worker.call(lambda: linux_ports(use_nft_library=use_nft_library))
@@ -97,6 +98,10 @@ class LinuxDataplane:
         return self._worker.call(self._engine.list_pod_veths)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def _close() -> None:
             for h in self._handles:
                 h.close()

@@ -85,6 +85,7 @@ class NetnsWorker:
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
+        self._closed = False
         self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future] | None] = queue.SimpleQueue()
         started: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(started,), name=f"ocni-dp-{netns or 'self'}", daemon=True)
@@ -115,11 +116,14 @@ class NetnsWorker:
     def call(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self._thread:
             return fn()
+        if self._closed:
+            raise DataplaneError("the data plane is closed")
         fut: Future = Future()
         self._jobs.put((fn, fut))
         return fut.result()
 
     def close(self) -> None:
+        self._closed = True
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join(timeout=10)

@@ -1,0 +1,218 @@
+"""Reconcile and pod attach on Linux, checked with ip -j / bridge -j / nft -j / sysctl."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
+
+from overlaycni.dataplane.linux import LinuxDataplane
+from overlaycni.dataplane.model import NodeState, Peer, PodEndpoint, host_veth_name, vtep_mac
+from overlaycni.errors import ConfigError, DataplaneError, InterfaceExists, NetnsNotFound, PeerNotAdjacent
+from tests.kernel.topology import ip_json, run
+
+pytestmark = pytest.mark.kernel
+
+ME = IPv4Address("10.224.0.1")
+BLOCK = IPv4Network("10.244.1.0/24")
+POD_CIDR = IPv4Network("10.244.0.0/16")
+GW = IPv4Address("10.244.1.1")
+
+
+def peer(i: int, ip: str | None = None) -> Peer:
+    node_ip = IPv4Address(ip or f"10.224.0.{i}")
+    return Peer(f"n{i}", node_ip, IPv4Network(f"10.244.{i}.0/24"), vtep_mac(node_ip))
+
+
+def state(*peers: Peer, **kw) -> NodeState:
+    return NodeState(node_ip=ME, block=BLOCK, pod_cidr=POD_CIDR, peers=peers, **kw)
+
+
+@pytest.fixture
+def node(node_ns):
+    topo, n = node_ns
+    dp = LinuxDataplane(n.ns)
+    try:
+        yield topo, n.ns, dp
+    finally:
+        dp.close()
+
+
+def kernel_view(ns: str) -> dict:
+    """The owned objects as the iproute2/nft tools report them."""
+    routes = {(r["dst"], r.get("gateway"), r.get("dev"), r.get("type", "unicast")) for r in
+              ip_json(ns, "route", "show", "proto", "119")}
+    neigh = {(n["dst"], n["lladdr"]) for n in ip_json(ns, "neigh", "show", "dev", "ocni.vxlan", "nud", "permanent")}
+    fdb = {(f["mac"], f["dst"]) for f in json.loads(run("bridge", "-n", ns, "-j", "fdb", "show", "dev", "ocni.vxlan").stdout)
+           if "dst" in f}
+    nodes = json.loads(run("ip", "netns", "exec", ns, "nft", "-j", "list", "set", "ip", "overlaycni", "node_ips").stdout)
+    node_ips = set(next(i["set"] for i in nodes["nftables"] if "set" in i).get("elem", []))
+    return {"routes": routes, "neigh": neigh, "fdb": fdb, "node_ips": node_ips}
+
+
+def test_reconcile_vxlan_node(node):
+    topo, ns, dp = node
+    report = dp.reconcile(state(peer(2), peer(3)))
+    assert report.errors == [] and report.changes
+    link = ip_json(ns, "-d", "link", "show", "ocni.vxlan")[0]
+    data = link["linkinfo"]["info_data"]
+    assert (data["id"], data["port"], data["local"], data["learning"], data["link"]) == (4096, 4789, "10.224.0.1", False, "eth0")
+    assert link["mtu"] == 1450 and link["address"] == vtep_mac(ME) and "UP" in link["flags"]
+    addrs = ip_json(ns, "addr", "show", "dev", "ocni.vxlan")[0]["addr_info"]
+    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == [("10.244.1.0", 32)]
+    lo = ip_json(ns, "addr", "show", "dev", "lo")[0]["addr_info"]
+    assert any(a["local"] == "10.244.1.1" and a.get("label") == "lo:ocni" for a in lo)
+    view = kernel_view(ns)
+    assert view["routes"] == {
+        ("10.244.2.0/24", "10.244.2.0", "ocni.vxlan", "unicast"),
+        ("10.244.3.0/24", "10.244.3.0", "ocni.vxlan", "unicast"),
+        ("10.244.1.0/24", None, None, "unreachable"),
+    }
+    assert view["neigh"] == {("10.244.2.0", peer(2).vtep_mac), ("10.244.3.0", peer(3).vtep_mac)}
+    assert view["fdb"] == {(peer(2).vtep_mac, "10.224.0.2"), (peer(3).vtep_mac, "10.224.0.3")}
+    assert view["node_ips"] == {"10.224.0.1", "10.224.0.2", "10.224.0.3"}
+    assert topo.exec(ns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    assert dp.reconcile(state(peer(2), peer(3))).changes == []
+
+
+def test_fresh_process_adopts_then_removes_stale_and_updates_changed_peer(node):
+    topo, ns, dp = node
+    dp.reconcile(state(peer(2), peer(3), peer(4)))
+    dp.close()
+    fresh = LinuxDataplane(ns)  # the agent restarted; node 3 was deleted and node 2 moved meanwhile
+    try:
+        assert fresh.reconcile(state(peer(2), peer(3), peer(4))).changes == []
+        moved = peer(2, ip="10.224.0.22")
+        report = fresh.reconcile(state(moved, peer(4)))
+        assert report.errors == []
+        view = kernel_view(ns)
+        assert {r[0] for r in view["routes"]} == {"10.244.2.0/24", "10.244.4.0/24", "10.244.1.0/24"}
+        assert view["neigh"] == {("10.244.2.0", moved.vtep_mac), ("10.244.4.0", peer(4).vtep_mac)}
+        assert view["fdb"] == {(moved.vtep_mac, "10.224.0.22"), (peer(4).vtep_mac, "10.224.0.4")}
+        assert view["node_ips"] == {"10.224.0.1", "10.224.0.22", "10.224.0.4"}
+        assert fresh.reconcile(state(moved, peer(4))).changes == []
+    finally:
+        fresh.close()
+
+
+def test_incremental_peer_add_and_remove(node):
+    topo, ns, dp = node
+    s = state(peer(2))
+    dp.reconcile(s)
+    dp.ensure_peer(s, peer(5))
+    view = kernel_view(ns)
+    assert ("10.244.5.0/24", "10.244.5.0", "ocni.vxlan", "unicast") in view["routes"]
+    assert (peer(5).vtep_mac, "10.224.0.5") in view["fdb"] and "10.224.0.5" in view["node_ips"]
+    dp.delete_peer(s, peer(5))
+    dp.delete_peer(s, peer(5))
+    view = kernel_view(ns)
+    assert all(r[0] != "10.244.5.0/24" for r in view["routes"])
+    assert all(f[1] != "10.224.0.5" for f in view["fdb"]) and "10.224.0.5" not in view["node_ips"]
+    assert all(n[0] != "10.244.5.0" for n in view["neigh"])
+
+
+def test_incompatible_vxlan_device_is_rebuilt(node):
+    topo, ns, dp = node
+    run("ip", "-n", ns, "link", "add", "ocni.vxlan", "type", "vxlan", "id", "77", "dstport", "4789", "local", "10.224.0.1",
+        "dev", "eth0", "learning")
+    report = dp.reconcile(state(peer(2)))
+    assert any("incompatible" in c for c in report.changes)
+    data = ip_json(ns, "-d", "link", "show", "ocni.vxlan")[0]["linkinfo"]["info_data"]
+    assert data["id"] == 4096 and data["learning"] is False
+    assert (peer(2).vtep_mac, "10.224.0.2") in kernel_view(ns)["fdb"]
+
+
+def test_direct_backend_and_non_adjacent_peer(node):
+    topo, ns, dp = node
+    dp.reconcile(state(peer(2)))
+    run("ip", "-n", ns, "route", "add", "10.225.0.0/16", "via", "10.224.0.254")
+    far = peer(5, ip="10.225.0.5")
+    report = dp.reconcile(state(peer(2), far, backend="direct"))
+    assert len(report.errors) == 1 and "10.225.0.5" in report.errors[0] and "L2 segment" in report.errors[0]
+    routes = {(r["dst"], r.get("gateway")) for r in ip_json(ns, "route", "show", "proto", "119")}
+    assert routes == {("10.244.2.0/24", "10.224.0.2"), ("10.244.1.0/24", None)}
+    assert ip_json(ns, "link", "show") and not any(l["ifname"] == "ocni.vxlan" for l in ip_json(ns, "link", "show"))
+    with pytest.raises(PeerNotAdjacent, match="10.225.0.5"):
+        dp.ensure_peer(state(backend="direct"), far)
+    assert dp.node_info(ME, backend="direct", mtu=None).pod_mtu == 1500
+
+
+def attach(dp, path, cid="c1", ifname="eth0", ip="10.244.1.5/24"):
+    return dp.attach_pod(container_id=cid, ifname=ifname, netns_path=path, ip=IPv4Interface(ip), gateway=GW, mtu=1450)
+
+
+def pod_veths(ns: str) -> list[str]:
+    return [l["ifname"] for l in ip_json(ns, "link", "show") if l["ifname"].startswith("oc") and l["ifname"] != "ocni.vxlan"]
+
+
+def test_attach_detach_check(node):
+    topo, ns, dp = node
+    dp.reconcile(state())
+    path = topo.add_netns("pod")
+    pod_ns = topo.ns_name("pod")
+    res = attach(dp, path)
+    host = host_veth_name("c1", "eth0")
+    assert res.host_veth == host and pod_veths(ns) == [host] and dp.list_pod_veths() == [host]
+    eth0 = ip_json(pod_ns, "addr", "show", "dev", "eth0")[0]
+    assert eth0["mtu"] == 1450 and eth0["address"] == res.mac
+    assert [(a["local"], a["prefixlen"]) for a in eth0["addr_info"] if a["family"] == "inet"] == [("10.244.1.5", 24)]
+    pod_routes = {(r["dst"], r.get("gateway"), r.get("scope")) for r in ip_json(pod_ns, "route", "show")}
+    assert ("default", "10.244.1.1", None) in pod_routes and ("10.244.1.1", None, "link") in pod_routes
+    assert {(r["dst"], r.get("dev")) for r in ip_json(ns, "route", "show", "proto", "119")} >= {("10.244.1.5", host)}
+    assert topo.exec(ns, "sysctl", "-n", f"net.ipv4.conf.{host}.proxy_arp").stdout.strip() == "1"
+    elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
+    assert {"concat": [host, "10.244.1.5"]} in next(i["set"] for i in elems["nftables"] if "set" in i)["elem"]
+    assert dp.check_pod(container_id="c1", ifname="eth0", netns_path=path, ip=IPv4Interface("10.244.1.5/24"), gateway=GW) == []
+    run("ip", "-n", pod_ns, "route", "del", "default")
+    problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path=path, ip=IPv4Interface("10.244.1.5/24"), gateway=GW)
+    assert any("default route" in p for p in problems)
+    with pytest.raises(InterfaceExists, match="eth0"):
+        attach(dp, path, cid="c2")
+    assert pod_veths(ns) == [host]
+    dp.detach_pod(container_id="c1", ifname="eth0", netns_path=path)
+    dp.detach_pod(container_id="c1", ifname="eth0", netns_path=path)
+    assert pod_veths(ns) == []
+    assert [l["ifname"] for l in ip_json(pod_ns, "link", "show")] == ["lo"]
+    assert not any(r["dst"] == "10.244.1.5" for r in ip_json(ns, "route", "show", "proto", "119"))
+    elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
+    assert "elem" not in next(i["set"] for i in elems["nftables"] if "set" in i)
+
+
+def test_detach_after_sandbox_vanished(node):
+    topo, ns, dp = node
+    dp.reconcile(state())
+    path = topo.add_netns("gone")
+    attach(dp, path)
+    run("ip", "netns", "del", topo.ns_name("gone"))
+    topo.namespaces.remove(topo.ns_name("gone"))
+    dp.detach_pod(container_id="c1", ifname="eth0", netns_path=path)
+    assert pod_veths(ns) == []
+
+
+def test_attach_errors_leave_nothing(node, monkeypatch):
+    topo, ns, dp = node
+    dp.reconcile(state())
+    with pytest.raises(NetnsNotFound, match="oct-no-such"):
+        attach(dp, "/var/run/netns/oct-no-such-netns")
+    with pytest.raises(ConfigError) as exc:
+        attach(dp, "/var/run/netns/x", ip="10.244.9.5/24")
+    assert exc.value.errors[0].field == "gateway"
+    path = topo.add_netns("pod")
+    monkeypatch.setattr(dp.ports.nft, "apply", lambda cmds: (_ for _ in ()).throw(DataplaneError("nft refused")))
+    with pytest.raises(DataplaneError, match="nft refused"):
+        attach(dp, path)
+    assert pod_veths(ns) == []
+    assert [l["ifname"] for l in ip_json(topo.ns_name("pod"), "link", "show")] == ["lo"]
+    assert not any(r["dst"] == "10.244.1.5" for r in ip_json(ns, "route", "show", "proto", "119"))
+
+
+def test_pods_from_state_survive_reconcile(node):
+    topo, ns, dp = node
+    dp.reconcile(state())
+    res = attach(dp, topo.add_netns("pod"))
+    s = state(pods=(PodEndpoint(IPv4Address("10.244.1.5"), res.host_veth),))
+    assert dp.reconcile(s).changes == []
+    run("ip", "-n", ns, "route", "del", "10.244.1.5/32")  # lost: the next reconcile restores it
+    assert dp.reconcile(s).changes
+    assert any(r["dst"] == "10.244.1.5" and r.get("dev") == res.host_veth for r in ip_json(ns, "route", "show", "proto", "119"))
