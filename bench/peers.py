@@ -9,7 +9,12 @@ end; nothing in the root namespace):
 * the baseline: ``ip -batch`` (neighbours, routes) + ``bridge -batch`` (FDB)
   applying the same entries, and deleting them;
 * one incremental ``ensure_peer`` / ``delete_peer`` with N peers present,
-  against the same three objects added/removed by forked ``ip``/``bridge``.
+  against the same three objects added/removed by forked ``ip``/``bridge``;
+* pod attach/detach latency (``--pods``): the data plane's ``attach_pod`` /
+  ``detach_pod`` (nft set element through libnftables, and through the
+  ``nft`` binary), against Debian's Go ``bridge`` + ``host-local`` CNI
+  plugins doing ADD/DEL into the same kind of pod namespace (their figure
+  includes process start; ours is the agent-side cost only).
 
 Prints ratios against the baseline. Usage (root)::
 
@@ -105,6 +110,7 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--incremental", type=int, default=50)
+    ap.add_argument("--pods", type=int, default=30, help="pod attach/detach rounds (0: skip)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates a network namespace)")
@@ -187,6 +193,7 @@ def main() -> None:
             dp.close()
         sh("ip", "netns", "del", ns)
 
+    pods = bench_pods(ns_prefix=ns, rounds=args.pods) if args.pods else None
     med = {k: statistics.median(v) for k, v in rows.items()}
     n = args.peers
     print(f"{n} VXLAN peers (neighbour + FDB + route each), median of {args.repeat} runs, namespace {ns}")
@@ -203,6 +210,66 @@ def main() -> None:
           f"remove {statistics.median(fork_del)*1e3:6.2f} ms   ratio "
           f"{statistics.median(inc_add)/statistics.median(fork_add):.2f}x / "
           f"{statistics.median(inc_del)/statistics.median(fork_del):.2f}x")
+    if pods:
+        print(f"pod attach/detach, median of {args.pods} rounds:")
+        for label, (add, delete) in pods.items():
+            print(f"  {label:38s} ADD {add*1e3:6.2f} ms   DEL {delete*1e3:6.2f} ms")
+        base = pods["go bridge+host-local (exec)"]
+        ours = pods["overlaycni attach (libnftables)"]
+        print(f"  ratio overlaycni/go: ADD {ours[0]/base[0]:.2f}x   DEL {ours[1]/base[1]:.2f}x")
+
+
+def bench_pods(*, ns_prefix: str, rounds: int) -> dict[str, tuple[float, float]]:
+    from ipaddress import IPv4Interface
+    import json
+
+    node, pod = ns_prefix + "-n", ns_prefix + "-p"
+    out: dict[str, tuple[float, float]] = {}
+    for ns in (node, pod):
+        sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", node, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+        sh("ip", "-n", node, "addr", "add", f"{NODE_IP}/16", "dev", "eth0")
+        for dev in ("lo", "eth0", "eth0p"):
+            sh("ip", "-n", node, "link", "set", dev, "up")
+        block = IPv4Network("10.244.1.0/24")
+        state = NodeState(node_ip=NODE_IP, block=block, pod_cidr=IPv4Network("10.244.0.0/16"))
+        for label, lib in (("overlaycni attach (libnftables)", True), ("overlaycni attach (nft binary)", False)):
+            dp = LinuxDataplane(node, use_nft_library=lib)
+            try:
+                assert dp.reconcile(state).errors == []
+                adds, dels = [], []
+                for i in range(rounds):
+                    t0 = time.perf_counter()
+                    dp.attach_pod(container_id=f"c{i}", ifname="eth0", netns_path=f"/var/run/netns/{pod}",
+                                  ip=IPv4Interface("10.244.1.5/24"), gateway=IPv4Address("10.244.1.1"), mtu=1450)
+                    adds.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    dp.detach_pod(container_id=f"c{i}", ifname="eth0", netns_path=f"/var/run/netns/{pod}")
+                    dels.append(time.perf_counter() - t0)
+                out[label] = (statistics.median(adds), statistics.median(dels))
+            finally:
+                dp.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            conf = json.dumps({"cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cnibr0",
+                               "isGateway": True, "mtu": 1450,
+                               "ipam": {"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": tmp}})
+            adds, dels = [], []
+            for i in range(rounds):
+                for cmd, acc in (("ADD", adds), ("DEL", dels)):
+                    env = {"CNI_COMMAND": cmd, "CNI_CONTAINERID": f"c{i}", "CNI_NETNS": f"/var/run/netns/{pod}",
+                           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "PATH": os.environ.get("PATH", "")}
+                    t0 = time.perf_counter()
+                    proc = subprocess.run(["ip", "netns", "exec", node, "/usr/lib/cni/bridge"], input=conf, env=env,
+                                          capture_output=True, text=True)
+                    acc.append(time.perf_counter() - t0)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"bridge plugin {cmd}: {proc.stdout} {proc.stderr}")
+            out["go bridge+host-local (exec)"] = (statistics.median(adds), statistics.median(dels))
+    finally:
+        for ns in (node, pod):
+            sh("ip", "netns", "del", ns)
+    return out
 
 
 if __name__ == "__main__":
