@@ -75,6 +75,8 @@ def allocate(
     snap = store.read([h_k, nb_k, cur_k])
     used: set[int] = set()  # addresses seen taken during this call (may go stale: only used to skip)
     confirmed_full = False
+    races = 0  # failed attempts where another allocator moved the cursor meanwhile
+    last_cursor: str | None = None
     for attempt in range(_ATTEMPTS):
         handle = snap.get(h_k)
         claim = snap.get(nb_k)
@@ -104,7 +106,11 @@ def allocate(
         else:
             cursor = snap.get(cur_k)
             after = IPv4Address(cursor.value) if cursor else None
-            skip = random.randrange(min(1 << attempt, 16)) if attempt else 0
+            if attempt and cursor is not None and cursor.value != last_cursor:
+                races += 1
+            last_cursor = cursor.value if cursor else None
+            # losers of a race spread out over the next few free addresses
+            skip = random.randrange(min(1 << races, 16)) if races else 0
             found = addresses.next_free(block, used, after, skip=skip)
             if found is None:
                 if confirmed_full:

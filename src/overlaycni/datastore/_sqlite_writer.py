@@ -1,0 +1,159 @@
+"""SQLite datastore internals: the schema, the writer that turns mutations
+into revisions and events, and the cross-process write lock (see the design
+note in ``sqlite.py``)."""
+
+from __future__ import annotations
+
+import fcntl
+import random
+import sqlite3
+import threading
+import time
+
+from ..errors import DatastoreUnavailable, NotFound
+from .base import prefix_end
+
+BUSY_TIMEOUT_MS = 10_000
+EVENT_HISTORY = 10_000  # revisions of events kept for watchers
+COMPACT_EVERY = 1_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL,
+    create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL, lease INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_lease ON kv(lease) WHERE lease IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    rev INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+    key TEXT NOT NULL, value TEXT, PRIMARY KEY (rev, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS leases_expires ON leases(expires);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
+"""
+
+
+def _range(prefix: str) -> tuple[str, tuple[str, ...]]:
+    end = prefix_end(prefix)
+    if end:
+        return "key >= ? AND key < ?", (prefix, end)
+    return "key >= ?", (prefix,)
+
+
+class _Writer:
+    """Mutations inside one BEGIN IMMEDIATE transaction; the first mutation
+    of a logical change takes the next revision."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.rev: int | None = None
+        self.seq = 0
+
+    def current(self) -> int:
+        return self.conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+
+    def new_revision(self) -> int:
+        self.rev = self.current() + 1
+        self.seq = 0
+        self.conn.execute("UPDATE meta SET value=? WHERE name='revision'", (self.rev,))
+        if self.rev % COMPACT_EVERY == 0:
+            self.compact(self.rev - EVENT_HISTORY)
+        return self.rev
+
+    def compact(self, upto: int) -> None:
+        compacted = self.conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
+        if upto > compacted:
+            self.conn.execute("DELETE FROM events WHERE rev <= ?", (upto,))
+            self.conn.execute("UPDATE meta SET value=? WHERE name='compacted'", (upto,))
+
+    def _event(self, kind: str, key: str, value: str | None) -> None:
+        if self.rev is None:
+            self.new_revision()
+        self.seq += 1
+        self.conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (self.rev, self.seq, kind, key, value))
+
+    def mod_rev(self, key: str) -> int:
+        row = self.conn.execute("SELECT mod_rev FROM kv WHERE key=?", (key,)).fetchone()
+        return row[0] if row else 0
+
+    def put(self, key: str, value: str, lease: int | None) -> None:
+        if lease is not None and not self.conn.execute("SELECT 1 FROM leases WHERE id=?", (lease,)).fetchone():
+            raise NotFound(f"lease {lease:x} not found (expired or revoked)")
+        if self.rev is None:
+            self.new_revision()
+        self.conn.execute(
+            "INSERT INTO kv VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "value=excluded.value, mod_rev=excluded.mod_rev, lease=excluded.lease",
+            (key, value, self.rev, self.rev, lease),
+        )
+        self._event("put", key, value)
+
+    def delete(self, key: str) -> bool:
+        if not self.conn.execute("SELECT 1 FROM kv WHERE key=?", (key,)).fetchone():
+            return False
+        if self.rev is None:
+            self.new_revision()
+        self.conn.execute("DELETE FROM kv WHERE key=?", (key,))
+        self._event("delete", key, None)
+        return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        where, args = _range(prefix)
+        keys = [r[0] for r in self.conn.execute(f"SELECT key FROM kv WHERE {where} ORDER BY key", args)]
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def expire(self, now: float) -> None:
+        """Delete expired leases and their keys, all in one revision."""
+        expired = [r[0] for r in self.conn.execute("SELECT id FROM leases WHERE expires <= ?", (now,))]
+        if not expired:
+            return
+        self.rev = None
+        for lease in expired:
+            self.revoke(lease)
+        self.rev = None
+
+    def revoke(self, lease: int) -> bool:
+        if not self.conn.execute("DELETE FROM leases WHERE id=?", (lease,)).rowcount:
+            return False
+        for (key,) in self.conn.execute("SELECT key FROM kv WHERE lease=? ORDER BY key", (lease,)).fetchall():
+            self.delete(key)
+        return True
+
+
+class WriteLock:
+    """Hold this process's write lock, then the lock file's flock (polled with a
+    short backoff up to the busy timeout)."""
+
+    def __init__(self, lock: threading.Lock, fd: int | None, path: str) -> None:
+        self.lock, self.fd, self.path = lock, fd, path
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        if not self.lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise DatastoreUnavailable(f"sqlite datastore {self.path} is busy (write lock held too long)")
+        delay = 0.00005
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.lock.release()
+                    raise DatastoreUnavailable(
+                        f"sqlite datastore {self.path} is busy: another process holds its write lock"
+                    ) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.002)
+            except BaseException:
+                self.lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+        finally:
+            self.lock.release()
+
