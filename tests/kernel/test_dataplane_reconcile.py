@@ -76,10 +76,16 @@ def test_reconcile_vxlan_node(node):
     assert dp.reconcile(state(peer(2), peer(3))).changes == []
 
 
+def chain_handles(topo, ns: str) -> dict[str, int]:
+    doc = json.loads(topo.exec(ns, "nft", "-j", "list", "table", "ip", "overlaycni").stdout)
+    return {i["chain"]["name"]: i["chain"]["handle"] for i in doc["nftables"] if "chain" in i}
+
+
 def test_fresh_process_adopts_then_removes_stale_and_updates_changed_peer(node):
     topo, ns, dp = node
     dp.reconcile(state(peer(2), peer(3), peer(4)))
     dp.close()
+    handles = chain_handles(topo, ns)
     fresh = LinuxDataplane(ns)  # the agent restarted; node 3 was deleted and node 2 moved meanwhile
     try:
         assert fresh.reconcile(state(peer(2), peer(3), peer(4))).changes == []
@@ -91,6 +97,7 @@ def test_fresh_process_adopts_then_removes_stale_and_updates_changed_peer(node):
         assert view["neigh"] == {("10.244.2.0", moved.vtep_mac), ("10.244.4.0", peer(4).vtep_mac)}
         assert view["fdb"] == {(moved.vtep_mac, "10.224.0.22"), (peer(4).vtep_mac, "10.224.0.4")}
         assert view["node_ips"] == {"10.224.0.1", "10.224.0.22", "10.224.0.4"}
+        assert chain_handles(topo, ns) == handles  # only set elements changed, the chains were not rebuilt
         assert fresh.reconcile(state(moved, peer(4))).changes == []
     finally:
         fresh.close()

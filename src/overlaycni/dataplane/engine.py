@@ -43,6 +43,8 @@ from .model import (
 )
 from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls
 
+SUMMARY_OVER = 20  # more changed objects of one kind than this are reported as one line
+
 NODE_SYSCTLS = {
     "net/ipv4/ip_forward": "1",
     # Anti-spoofing is exact in nftables; strict rp_filter would only break
@@ -219,8 +221,12 @@ class NodeDataplane:
         try:
             apply(replace=replace, delete=delete)
         finally:
-            report.changes.extend(f"{kind} {o} replaced" for o in replace)
-            report.changes.extend(f"{kind} {o} deleted" for o in delete)
+            for verb, objs in (("replaced", replace), ("deleted", delete)):
+                if len(objs) > SUMMARY_OVER:  # keep reports readable (and cheap) for thousands of peers
+                    shown = "; ".join(map(str, objs[:3]))
+                    report.changes.append(f"{len(objs)} {kind}s {verb} ({shown}; ...)")
+                else:
+                    report.changes.extend(f"{kind} {o} {verb}" for o in objs)
 
     def _pod_endpoints(self, state: NodeState) -> set[tuple[str, IPv4Address]]:
         """The state's pods, plus live pod veths the state does not know yet (a racing ADD),
@@ -246,8 +252,9 @@ class NodeDataplane:
             self.p.nft.apply(commands)
             for cmd in commands:
                 for verb, body in cmd.items():
-                    elems = ", ".join(map(str, body["element"]["elem"]))
-                    report.changes.append(f"nftables {verb} {body['element']['name']} {{ {elems} }}")
+                    elems = body["element"]["elem"]
+                    shown = ", ".join(map(str, elems[:SUMMARY_OVER])) + (", ..." if len(elems) > SUMMARY_OVER else "")
+                    report.changes.append(f"nftables {verb} {len(elems)} element(s) {body['element']['name']} {{ {shown} }}")
 
     # --- peers (incremental) ------------------------------------------------------
 

@@ -10,7 +10,6 @@ assertions against these ports and the Linux ones.
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -306,7 +305,6 @@ class FakeDataplane(NodeDataplane):
 
     def __init__(self, kernel: FakeKernel | None = None) -> None:
         self.kernel = kernel or FakeKernel()
-        self._guard = threading.Lock()
         super().__init__(fake_ports(self.kernel))
 
     def remove_netns(self, path: str) -> None:

@@ -80,11 +80,11 @@ def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
 
 
 def _mac_bytes(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
+    return bytes.fromhex(mac.replace(":", ""))
 
 
 def _mac_str(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
+    return raw.hex(":")
 
 
 class Rtnl:
