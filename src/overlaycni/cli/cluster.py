@@ -60,8 +60,9 @@ def cluster_create(
     *,
     network: dict[str, Any],
 ) -> None:
-    """Create a cluster network (validated like AKS). Creating it again with the
-    same settings is a no-op; with different settings it is an error."""
+    """Create a cluster network (validated like AKS).
+
+    Creating it again with the same settings is a no-op; with different settings it is an error."""
     net = parse_network(merge_settings(load_file(file) if file is not None else None, network))
     for w in net.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)

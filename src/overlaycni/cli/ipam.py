@@ -36,8 +36,9 @@ ValidOpt = Annotated[
 
 
 def parse_attachments(text: str, *, source: str = "--valid") -> list[tuple[str, str]]:
-    """Attachments from JSON (a list of {containerID, ifname}, or an object with
-    ``cni.dev/valid-attachments`` / ``cni.dev/attachments``) or text lines."""
+    """Attachments from JSON (a list of {containerID, ifname}, or an object
+    with ``cni.dev/valid-attachments`` / ``cni.dev/attachments``) or text
+    lines ``CONTAINER_ID IFNAME``."""
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
         try:
@@ -93,8 +94,7 @@ def ipam_allocate(
     ip: Annotated[Optional[str], typer.Option("--ip", help="Ask for this address (must be free, in the block).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Allocate an address for a pod interface; the same one again for the same
-    container ID and interface."""
+    """Allocate an address for a pod interface (the same one again for the same container ID and ifname)."""
     pod_ref = parse_pod(pod)
     requested = parse_ip("ip", ip) if ip is not None else None
     store = open_store(ctx)
@@ -164,8 +164,9 @@ def ipam_check(
     ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Check the cluster's IPAM records: duplicates, leaks, addresses outside
-    their node's block. Exit 0 when consistent, 1 when not."""
+    """Check the cluster's IPAM records: duplicates, leaks, addresses outside their node's block.
+
+    Exit 0 when consistent, 1 when not."""
     attachments = _read_valid(valid) if valid is not None else None
     store = open_store(ctx)
     try:
