@@ -169,3 +169,41 @@ def test_check_reports_unreferenced_when_given_valid(store):
     ipam.allocate(store, "dev", "n1", "gone", "eth0")
     report = ipam.check(store, "dev", valid=[])
     assert [p.kind for p in report.problems] == ["unreferenced"]
+
+
+# ----- property: any sequence of allocate/release keeps the invariants -------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "release"]), st.integers(0, 20)), max_size=60))
+def test_random_allocate_release_sequences(tmp_path_factory, ops):
+    s = open_datastore(f"sqlite://{tmp_path_factory.mktemp('prop')}/state.db")
+    try:
+        net = parse_network({"network-plugin": "azure", "network-plugin-mode": "overlay",
+                             "node-cidr-size": 28, "max-pods": 10})
+        ipam.create_cluster(s, "p", net)
+        block = ipam.register_node(s, "p", "n", IP("10.224.0.4")).block
+        live: dict[str, IPv4Interface] = {}
+        for op, n in ops:
+            cid = f"c{n}"
+            if op == "alloc":
+                if cid not in live and len(live) == 13:
+                    with pytest.raises(PoolExhausted):
+                        ipam.allocate(s, "p", "n", cid, "eth0")
+                    continue
+                ip = ipam.allocate(s, "p", "n", cid, "eth0").ip
+                assert live.setdefault(cid, ip) == ip  # idempotent
+            else:
+                released = ipam.release(s, "p", cid, "eth0")
+                assert (released.ip if released else None) == live.pop(cid, None)
+            ips = list(live.values())
+            assert len(set(ips)) == len(ips)
+            assert all(i.ip in block and i.ip not in (block.network_address, block.network_address + 1,
+                                                       block.broadcast_address) for i in ips)
+        assert {a.container_id: a.ip for a in ipam.list_allocations(s, "p")} == live
+        assert ipam.check(s, "p").ok
+    finally:
+        s.close()

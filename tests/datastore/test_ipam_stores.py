@@ -1,0 +1,52 @@
+"""IPAM flows on both stores (etcd limits transactions to 128 operations, so
+bulk deletes must be chunked; a lease's expiry must hide the node record)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from ipaddress import IPv4Address
+
+from overlaycni import ipam
+from overlaycni.config import parse_network
+
+
+def _net(**extra):
+    return parse_network({"network-plugin": "azure", "network-plugin-mode": "overlay", **extra})
+
+
+def test_delete_node_with_hundreds_of_addresses(store):
+    ipam.create_cluster(store, "c", _net(**{"node-cidr-size": 23}))
+    node = ipam.register_node(store, "c", "n1", IPv4Address("10.224.0.4"))
+    for i in range(300):
+        ipam.allocate(store, "c", "n1", f"p{i}", "eth0", pod=("default", f"p{i}"))
+    assert ipam.check(store, "c").ok
+    ipam.delete_node(store, "c", "n1")
+    assert ipam.list_allocations(store, "c") == []
+    assert store.list("/overlaycni/clusters/c/handles/") == []
+    assert store.list(f"/overlaycni/clusters/c/blocks/{node.block.network_address}-23") == []  # freed
+    n2 = ipam.register_node(store, "c", "n2", IPv4Address("10.224.0.5"))
+    assert ipam.list_blocks(store, "c") == {"n2": n2.block}
+    assert ipam.check(store, "c").ok
+    ipam.delete_cluster(store, "c")
+    assert store.list("/overlaycni/") == []
+
+
+def test_node_lease_expiry_and_watch(store):
+    ipam.create_cluster(store, "c", _net())
+    start = store.revision() + 1
+    lease = store.grant_lease(1)
+    rec = ipam.register_node(store, "c", "n1", IPv4Address("10.224.0.4"), vtep_mac="02:00:00:00:00:01", lease=lease)
+    deadline = time.monotonic() + 10
+    while ipam.list_nodes(store, "c") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ipam.list_nodes(store, "c") == []
+    stop = threading.Event()
+    events = []
+    for ev in store.watch(ipam.nodes_prefix("c"), start_revision=start, stop=stop):
+        events.append(ev)
+        if len(events) == 2:
+            break
+    assert [e.kind for e in events] == ["put", "delete"]
+    assert ipam.node_from_kv(events[0]) == rec
+    assert ipam.list_blocks(store, "c") == {"n1": rec.block}  # the claim outlives the lease
