@@ -269,3 +269,18 @@ def test_range_reads_with_limit(store):
     assert [(kv.key, kv.value) for kv in snap.kvs] == [("/r/001", "v1"), ("/r/005", ""), ("/r/008", "")]
     res = store.transact(compare=[("/r/001", 0)], read_ranges=[("/r/003", "/r/006", 5)])
     assert not res.succeeded and [kv.key for kv in res.kvs] == ["/r/003", "/r/005"]
+
+
+def test_short_lived_threads_leave_no_connections_behind(store):
+    """The agent serves each CNI request in a thread: the store must not keep
+    one connection per thread it has ever seen."""
+    import os
+
+    store.put("/t/a", "1")
+    store.get("/t/a")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(40):
+        t = threading.Thread(target=lambda: store.get("/t/a"))
+        t.start()
+        t.join()
+    assert len(os.listdir("/proc/self/fd")) - before < 10

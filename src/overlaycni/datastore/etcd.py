@@ -14,8 +14,9 @@ Design note.
 * Retries of a write whose answer was lost are safe for IPAM: its writes are
   compare-and-swaps keyed by the caller's identity, so a retry that finds
   its own write reports a failed compare and the caller re-reads.
-* Threads: one ``Etcd3Client`` (one ``requests.Session``) per thread and
-  endpoint.
+* Threads: a small pool of ``Etcd3Client`` sets (one ``requests.Session``
+  per endpoint each); a call checks one out, so sessions are never shared by
+  two threads at once and short-lived threads leave nothing behind.
 * Watch: our own streaming reader (etcd3gw's ``Watcher`` hides errors and
   compaction). A daemon thread reads the chunked JSON stream into a queue;
   the generator polls the queue every 0.25 s so ``stop`` is honoured. On a
@@ -45,6 +46,7 @@ CONNECT_TIMEOUT = 1.5
 REQUEST_TIMEOUT = 5.0
 RETRY_WINDOW = 6.0
 WATCH_POLL = 0.25
+MAX_IDLE = 8  # pooled client sets kept between calls
 
 
 class _Retry(Exception):
@@ -62,7 +64,8 @@ class EtcdStore:
         self.endpoints = list(endpoints)
         self.url = url or "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
         self.round_trips = 0  # HTTP requests sent (for benchmarks)
-        self._local = threading.local()
+        self._idle: list[dict[int, Etcd3Client]] = []  # pooled clients (one requests.Session each)
+        self._lock = threading.Lock()
         self._current = 0
         self._closed = False
         self.revision()  # fail now, clearly, when no endpoint answers
@@ -73,23 +76,30 @@ class EtcdStore:
         return self.endpoints[self._current]
 
     # ----- transport --------------------------------------------------------------
-    def _client(self, index: int) -> Etcd3Client:
-        clients = getattr(self._local, "clients", None)
-        if clients is None:
-            clients = self._local.clients = {}
-        client = clients.get(index)
-        if client is None:
-            host, port = self.endpoints[index]
-            client = Etcd3Client(host=host, port=port, timeout=(CONNECT_TIMEOUT, REQUEST_TIMEOUT), api_path="/v3/")
-            clients[index] = client
-        return client
+    def _new_client(self, index: int) -> Etcd3Client:
+        host, port = self.endpoints[index]
+        return Etcd3Client(host=host, port=port, timeout=(CONNECT_TIMEOUT, REQUEST_TIMEOUT), api_path="/v3/")
+
+    def _checkout(self) -> dict[int, Etcd3Client]:
+        with self._lock:
+            return self._idle.pop() if self._idle else {}
+
+    def _checkin(self, clients: dict[int, Etcd3Client]) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < MAX_IDLE:
+                self._idle.append(clients)
+                return
+        for client in clients.values():
+            client.session.close()
 
     def _order(self) -> list[int]:
         n = len(self.endpoints)
         return [(self._current + i) % n for i in range(n)]
 
-    def _post_one(self, index: int, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        client = self._client(index)
+    def _post_one(self, clients: dict[int, Etcd3Client], index: int, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        client = clients.get(index)
+        if client is None:
+            client = clients[index] = self._new_client(index)
         self.round_trips += 1
         try:
             return client.post(client.get_url(path), json=payload)
@@ -118,13 +128,20 @@ class EtcdStore:
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         if self._closed:
             raise DatastoreError(f"datastore {self.url} is closed")
+        clients = self._checkout()
+        try:
+            return self._post_with(clients, path, payload)
+        finally:
+            self._checkin(clients)
+
+    def _post_with(self, clients: dict[int, Etcd3Client], path: str, payload: dict[str, Any]) -> dict[str, Any]:
         deadline = time.monotonic() + RETRY_WINDOW
         last = ""
         while True:
             refused_all = True
             for index in self._order():
                 try:
-                    result = self._post_one(index, path, payload)
+                    result = self._post_one(clients, index, path, payload)
                 except _Refused as exc:
                     last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {exc}"
                     continue
@@ -263,7 +280,7 @@ class EtcdStore:
         last = ""
         while time.monotonic() < deadline:
             for index in self._order():
-                client = self._client(index)
+                client = self._new_client(index)  # its own session: the stream holds the connection
                 try:
                     resp = client.session.post(
                         client.get_url("/watch"), json=request, stream=True, timeout=(CONNECT_TIMEOUT, None)
@@ -336,5 +353,9 @@ class EtcdStore:
             _close(resp)
 
     def close(self) -> None:
-        self._closed = True
-        self._local = threading.local()
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for clients in idle:
+            for client in clients.values():
+                client.session.close()

@@ -16,8 +16,9 @@ Design note.
   own busy handler sleeps up to 100 ms between tries, which under eight
   concurrent allocators made the p99 latency 30x the median. A killed
   process drops its flock with its file descriptors.
-* Threads: one connection per thread (``threading.local``); connections are
-  tracked so ``close`` closes them all.
+* Threads: a small connection pool; each call checks a connection out and
+  back in, so any thread may use the store and short-lived request threads
+  leave nothing behind. ``close`` closes the pool.
 * Leases really expire: every operation first checks (one indexed query)
   for leases past their expiry and, if any, deletes them and their keys in
   one revision, producing delete events. So a dead agent's node record
@@ -37,6 +38,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
@@ -44,6 +46,7 @@ from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer
 from .base import KV, Event, Snapshot, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
+MAX_IDLE = 8  # pooled connections kept open
 
 
 class SQLiteStore:
@@ -51,8 +54,7 @@ class SQLiteStore:
         self.path = str(path)
         self.url = url or f"sqlite://{self.path}"
         self.round_trips = 0  # transactions run (for benchmarks)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []  # connection pool (threads check one out per call)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # threads of this process, before the flock
         self._lock_fd: int | None = None
@@ -65,17 +67,39 @@ class SQLiteStore:
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise DatastoreError(f"cannot open {self.path}.lock: {exc.strerror}") from None
-        conn = self._conn()
-        with WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
+        with self._connection() as conn, WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
             conn.executescript(_SCHEMA)
 
     # ----- connections and error mapping ---------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
-        if self._closed:
-            raise DatastoreError(f"datastore {self.url} is closed")
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A pooled connection for one call: any thread may use the store, and
+        short-lived threads leave no connection behind."""
+        with self._lock:
+            if self._closed:
+                raise DatastoreError(f"datastore {self.url} is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                conn.close()
+                conn = None  # type: ignore[assignment]
+            with self._lock:
+                if conn is None:
+                    return
+                if not self._closed and len(self._idle) < MAX_IDLE:
+                    self._idle.append(conn)
+                    conn = None  # type: ignore[assignment]
+            if conn is not None:
+                conn.close()
+
+    def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -85,9 +109,6 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
             raise DatastoreUnavailable(f"cannot open sqlite datastore {self.path}: {exc}") from None
-        self._local.conn = conn
-        with self._lock:
-            self._conns.append(conn)
         return conn
 
     class _errors:
@@ -102,9 +123,8 @@ class SQLiteStore:
             return False
 
     def _write(self, fn):
-        conn = self._conn()
         self.round_trips += 1
-        with WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
+        with self._connection() as conn, WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 w = _Writer(conn)
@@ -118,8 +138,7 @@ class SQLiteStore:
         return result
 
     def _read(self, fn):
-        conn = self._conn()
-        with self._errors():
+        with self._connection() as conn, self._errors():
             if conn.execute("SELECT 1 FROM leases WHERE expires <= ? LIMIT 1", (time.time(),)).fetchone():
                 self._write(lambda w: None)
             self.round_trips += 1
@@ -308,9 +327,9 @@ class SQLiteStore:
                 time.sleep(POLL_INTERVAL)
 
     def close(self) -> None:
-        self._closed = True
         with self._lock:
-            conns, self._conns = self._conns, []
+            self._closed = True
+            conns, self._idle = self._idle, []
         for conn in conns:
             try:
                 conn.close()
@@ -319,4 +338,3 @@ class SQLiteStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        self._local = threading.local()
