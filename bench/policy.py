@@ -8,7 +8,10 @@ The incremental label change is also shown as a ratio of the full apply.
 
 Runs as root: apply times are measured inside a scratch network namespace
 (``oct-bench-<hex>``) created here and deleted at the end; nothing touches
-the host's namespace. Without root only the pure part runs.
+the host's namespace. Without root only the pure part runs. With iperf3, the
+pod-to-pod throughput with the 500 policies applied is shown as a ratio of
+the throughput with no policies (two pod namespaces on one node
+namespace, veth; rounds alternate, medians compared).
 
     .venv/bin/python bench/policy.py [--nodes 10] [--repeat 3]
 """
@@ -16,14 +19,16 @@ the host's namespace. Without root only the pure part runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import secrets
 import subprocess
 import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
-from overlaycni.policy import parse_policies
+from overlaycni.policy import allowed, parse_policies
 from overlaycni.policy.apply import apply_document
 from overlaycni.policy.model import NamedPort, NamespaceInfo, PodInfo
 from overlaycni.policy.render import counts, diff_render, render_node
@@ -130,10 +135,64 @@ def measure(pods: int, policies: int, *, nodes: int, repeat: int, netns: str | N
     return r
 
 
+def _sh(*argv: str) -> str:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=True).stdout
+
+
+def throughput(prefix: str, *, nodes: int, seconds: int, rounds: int) -> dict:
+    """iperf3 between two pods of the 2,000-pod cluster on one node, with the
+    table holding no policies and with all 500 policies applied (both pods isolated in
+    both directions, the connection allowed by policy). Rounds alternate."""
+    namespaces, pods, text = cluster(2000, 500, nodes)
+    pols = parse_policies(text)
+    server = replace(pods[0], node="node-0")  # team0, app0: pol0 admits app1 on the named port http (8080)
+    client = replace(pods[1], node="node-0")  # team0, app1: egress to every pod of team0
+    pods = [server, client, *pods[2:]]
+    v = allowed(client, server, 8080, "TCP", pods=pods, namespaces=namespaces, policies=pols)
+    assert v.allowed and v.ingress.isolated and v.egress.isolated, v
+    doc = render_node("node-0", pods=pods, namespaces=namespaces, policies=pols)
+    node, ns_c, ns_s = f"{prefix}-node", f"{prefix}-cli", f"{prefix}-srv"
+    made = []
+    try:
+        for ns in (node, ns_c, ns_s):
+            _sh("ip", "netns", "add", ns)
+            made.append(ns)
+        _sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for ns, pod, host in ((ns_c, client, "hcli"), (ns_s, server, "hsrv")):
+            _sh("ip", "-n", node, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _sh("ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", host)
+            _sh("ip", "-n", node, "link", "set", host, "up")
+            _sh("ip", "-n", node, "route", "add", f"{pod.ip}/32", "dev", host)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{pod.ip}/32", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+            _sh("ip", "-n", ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        srv = subprocess.Popen(["ip", "netns", "exec", ns_s, "iperf3", "-s", "-p", "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            empty = render_node("node-0", pods=pods, namespaces=namespaces, policies=[])
+            results: dict[str, list[float]] = {"without policies": [], "with 500 policies": []}
+            for _ in range(rounds):
+                for label, table in (("without policies", empty), ("with 500 policies", doc)):
+                    apply_document(table, netns=node)
+                    out = _sh("ip", "netns", "exec", ns_c, "iperf3", "-c", str(server.ip), "-p", "8080", "-t", str(seconds), "-J")
+                    results[label].append(json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9)
+        finally:
+            srv.kill()
+            srv.wait()
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    return {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=3, help="iperf3 run length")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating iperf3 rounds (median reported)")
     args = ap.parse_args()
     netns = None
     if os.geteuid() == 0:
@@ -142,6 +201,9 @@ def main() -> None:
     try:
         base = measure(1000, 250, nodes=args.nodes, repeat=args.repeat, netns=netns)
         big = measure(2000, 500, nodes=args.nodes, repeat=args.repeat, netns=netns)
+        tput = None
+        if netns and shutil.which("iperf3"):
+            tput = throughput(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
     finally:
         if netns:
             subprocess.run(["ip", "netns", "del", netns], check=False)
@@ -170,6 +232,12 @@ def main() -> None:
             f"({big['diff_elements']} elements vs {big['elements']})"
         )
     print("(ratio 2.00 = linear in pods + policies; pods x policies would give 4.00)")
+    if tput:
+        a, b = tput["without policies"], tput["with 500 policies"]
+        print(
+            f"pod-to-pod TCP (iperf3, two pods on one node over veth, median of {args.rounds}): "
+            f"{a:.2f} Gbit/s with no policies (table present, conntrack on), {b:.2f} Gbit/s with 2000 pods / 500 policies: ratio {b / a:.3f}"
+        )
 
 
 if __name__ == "__main__":
