@@ -49,3 +49,13 @@ def test_env_var_chooses_the_store(tmp_path, monkeypatch):
         assert isinstance(store, SQLiteStore) and store.path == f"{tmp_path}/env.db"
     finally:
         store.close()
+
+
+def test_a_file_that_is_not_sqlite_is_a_clear_error_without_side_effects(tmp_path):
+    from overlaycni.errors import DatastoreError
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database, just some words that are long enough\n" * 10)
+    with pytest.raises(DatastoreError, match="not a database"):
+        open_datastore(f"sqlite://{text}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -63,6 +63,8 @@ class SQLiteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatastoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from None
+        with self._connection():
+            pass  # opens the file as SQLite first: a non-database file fails here, before any side effect
         try:
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
