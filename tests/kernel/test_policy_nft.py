@@ -397,3 +397,20 @@ def test_apply_update_elements_then_full_and_drift(scratch_ns):
     delete_table(netns=scratch_ns)
     delete_table(netns=scratch_ns)  # already gone is fine
     assert "overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout
+
+
+def test_node_policy_table_sync(scratch_ns):
+    from overlaycni.policy.apply import NodePolicyTable
+
+    c = case("updated-pod-labels")
+    before, after = build_model(), c.model()
+    pols = parse_policies(c.manifest(after))
+    table = NodePolicyTable("node-1", netns=scratch_ns)
+    assert table.sync(pods=before.pods, namespaces=before.namespaces, policies=pols) == "full"
+    assert table.sync(pods=before.pods, namespaces=before.namespaces, policies=pols) == "none"
+    assert table.sync(pods=after.pods, namespaces=after.namespaces, policies=pols) == "elements"
+    assert table.sync(pods=after.pods, namespaces=after.namespaces, policies=[]) == "full"
+    listed = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "table", "inet", "overlaycni").stdout)
+    assert not any(o.get("chain", {}).get("name", "").startswith("in-ns-") for o in listed["nftables"])
+    table.remove()
+    assert "overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import NetnsNotFound, PermissionDenied, PolicyApplyError
-from .render import FAMILY, TABLE, diff_render
+from .model import NamespaceInfo, NetworkPolicy, PodInfo
+from .render import FAMILY, TABLE, diff_render, render_node
 
 
 def _argv(netns: str | None, *nft_args: str) -> list[str]:
@@ -85,3 +87,38 @@ def list_table(*, netns: str | None = None) -> dict[str, Any]:
     """The kernel's view of the policy table (``nft -j list table``)."""
     out = _run(_argv(netns, "-j", "list", "table", FAMILY, TABLE), stdin=None, netns=netns, what="list policy table")
     return json.loads(out)
+
+
+class NodePolicyTable:
+    """One node's policy table kept in step with the cluster (for the agent).
+
+    ``sync`` renders the whole model and applies only the set / map element
+    changes since the last sync when the policies are the same, else the
+    whole table atomically. The first sync after start (or ``reset``) applies
+    the whole table, which also adopts whatever a previous agent left.
+    """
+
+    def __init__(self, node: str, *, netns: str | None = None) -> None:
+        self.node = node
+        self.netns = netns
+        self.applied: dict[str, Any] | None = None
+
+    def sync(
+        self, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+    ) -> str:
+        """Returns "none", "elements" or "full" (what reached the kernel)."""
+        new = render_node(self.node, pods=pods, namespaces=namespaces, policies=policies)
+        try:
+            how = apply_update(self.applied, new, netns=self.netns)
+        except Exception:
+            self.applied = None  # unknown kernel state: the next sync applies everything
+            raise
+        self.applied = new
+        return how
+
+    def reset(self) -> None:
+        self.applied = None
+
+    def remove(self) -> None:
+        delete_table(netns=self.netns)
+        self.applied = None
