@@ -148,3 +148,37 @@ def test_sigkilled_allocator_leaves_no_duplicate_and_gc_clears_leaks(store_url):
     assert ipam.check(store, "c", valid=valid).ok
     assert {a.container_id for a in ipam.list_allocations(store, "c")} == set(done)
     store.close()
+
+
+@pytest.mark.etcd
+def test_watch_raises_unavailable_when_etcd_is_gone(tmp_path):
+    from tests.fixtures_etcd import start_etcd
+
+    cluster = start_etcd(tmp_path / "solo")
+    try:
+        store = open_datastore(cluster.url)
+        start = store.put("/w/a", "1")
+        errors: list[BaseException] = []
+        seen = []
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                for ev in store.watch("/w/", start_revision=start, stop=stop):
+                    seen.append(ev)
+                    if len(seen) == 1:
+                        cluster.kill(0)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        stop.set()
+        assert [e.key for e in seen] == ["/w/a"]
+        assert len(errors) == 1 and isinstance(errors[0], DatastoreUnavailable), errors
+        with pytest.raises(DatastoreUnavailable):
+            store.get("/w/a")
+        store.close()
+    finally:
+        cluster.stop()
