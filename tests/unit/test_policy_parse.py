@@ -5,7 +5,8 @@ from __future__ import annotations
 from ipaddress import IPv4Address, ip_network
 
 import pytest
-from hypothesis import given
+import yaml
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlaycni.errors import ConfigError
@@ -192,3 +193,25 @@ def test_equal_selectors_are_canonical():
     b = parse_selector({"matchExpressions": [{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "In", "values": ["1", "2"]}]}, "s", errors=e1)
     assert a == b and hash(a) == hash(b) and not e1
     assert a == LabelSelector((), (Requirement("a", "Exists"), Requirement("b", "In", ("1", "2"))))
+
+
+# ----- bad input never escapes as a traceback ------------------------------------------------
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False), st.text(max_size=12),
+                    st.sampled_from(["TCP", "In", "Exists", "10.0.0.0/8", "0.0.0.0/0", "::/0", "serve-80-tcp", "Ingress", "Egress"]))
+KEYS_SEEN = ["podSelector", "namespaceSelector", "ipBlock", "cidr", "except", "ports", "port", "endPort", "protocol",
+             "from", "to", "ingress", "egress", "policyTypes", "matchLabels", "matchExpressions", "key", "operator", "values", "bogus"]
+junk = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS_SEEN), inner, max_size=4)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=junk, meta=st.one_of(st.none(), st.dictionaries(st.sampled_from(["name", "namespace", "labels"]), scalars, max_size=3)))
+def test_any_input_is_a_policy_or_a_config_error(spec, meta):
+    doc = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}
+    try:
+        policies = parse_policies(yaml.safe_dump(doc))
+    except ConfigError as exc:
+        assert exc.errors and all(e.field and e.message for e in exc.errors)
+    else:
+        for p in policies:  # whatever parses must survive the datastore round trip
+            assert policy_from_dict(decode(encode(policy_to_dict(p)))) == p

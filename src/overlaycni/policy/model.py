@@ -220,7 +220,8 @@ def policy_from_manifest(obj: Any, *, errors: list[PolicyFieldError], prefix: st
         meta = {}
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        errors.append(PolicyFieldError(f"{p}metadata.name", "required"))
+        why = "required" if name in (None, "") else f"{name!r} must be a string"
+        errors.append(PolicyFieldError(f"{p}metadata.name", why))
         name = ""
     elif len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
         errors.append(PolicyFieldError(f"{p}metadata.name", f"{name!r} must be a DNS subdomain (lowercase)"))
