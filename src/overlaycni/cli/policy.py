@@ -113,8 +113,9 @@ def register(app: typer.Typer) -> None:
         file: Annotated[str, typer.Option("--file", "-f", help="YAML with one or more NetworkPolicy documents ('-': stdin).")],
         output: OutputOpt = Output.table,
     ) -> None:
-        """Parse NetworkPolicy manifests with the API server's defaulting and
-        validation; print the defaulted policies.
+        """Validate NetworkPolicy manifests and print them defaulted.
+
+        Parsing applies the API server's defaulting and validation.
 
         Exit status: 0 valid, 2 invalid (each error names the field path).
         """
@@ -140,8 +141,10 @@ def register(app: typer.Typer) -> None:
         from_file: Annotated[str, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).")],
         output: OutputOpt = Output.table,
     ) -> None:
-        """May SRC open a connection to DST on PORT/PROTOCOL? Prints the verdict
-        and the policy and rule that decided it (or the default).
+        """Explain whether SRC may connect to DST on PORT/PROTOCOL.
+
+        Prints the verdict and the policy and rule that decided it, or the
+        default (allow when neither end is isolated, deny when one is).
 
         Exit status: 0 allowed, 1 denied, 2 bad input.
         """
@@ -165,8 +168,9 @@ def register(app: typer.Typer) -> None:
         from_file: Annotated[str, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).")],
         output: OutputOpt = Output.json,
     ) -> None:
-        """Print the nftables document (``nft -j``) NODE would apply, or its
-        size with ``--output table``."""
+        """Print the nftables document (nft -j) that NODE would apply.
+
+        With --output table, print its size (rules and set elements)."""
         try:
             inv = load_inventory(read_text(from_file))
         except OverlayCNIError as exc:
@@ -184,7 +188,13 @@ def register(app: typer.Typer) -> None:
 def _print_verdict(data: dict[str, Any]) -> None:
     word = "[bold green]ALLOW[/]" if data["allowed"] else "[bold red]DENY[/]"
     console.print(f"{word} {data['src']} -> {data['dst']} {data['port']}/{data['protocol']}", highlight=False)
-    decided = f"{data['policy']} {data['rule']}" if data["policy"] else "default (no policy rule)"
+    if data["policy"]:
+        decided = f"{data['policy']} {data['rule']}"
+    elif data["allowed"]:
+        decided = "default allow (no policy isolates either end)"
+    else:
+        side = "egress" if not data["egress"]["allowed"] else "ingress"
+        decided = f"default deny ({side}: isolated and no rule matches)"
     console.print(f"decided by: {decided}", highlight=False)
     console.print(f"reason: {data['reason']}", highlight=False)
     table = Table(show_header=True, header_style="bold")
