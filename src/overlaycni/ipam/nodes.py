@@ -33,7 +33,6 @@ from .model import (
     config_key,
     cursor_key,
     handle_key,
-    ip_value,  # noqa: F401  (re-exported for callers building fixtures)
     ips_prefix,
     node_from_kv,
     node_key,
