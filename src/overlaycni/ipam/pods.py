@@ -2,16 +2,21 @@
 
 One allocation is two keys written in one transaction: ``ips/<node>/<ip>``
 (no two pods share an address) and ``handles/<cid>/<ifname>`` (one address
-per attachment, so a repeated ADD gets the same address). The transaction
-also requires the node's claim (``nodeblocks/<node>``) to be unchanged, so
-no address is handed out from a block that was just freed.
+per attachment, so a repeated ADD gets the same address; the handle carries
+the whole allocation). The transaction also requires the node's claim
+(``nodeblocks/<node>``) to be unchanged, so no address is handed out from a
+block that was just freed, and it moves ``cursor/<node>`` forward.
 
-Round trips: one read (the handle, the claim, the cursor and the node's
-used addresses, at one revision) and one transaction. A lost race returns
-the fresh state in the failed transaction itself, so a retry costs one
-more round trip, not two; losers pick a random one of the next few free
-addresses to spread out. Addresses move forward from ``cursor/<node>`` and
-wrap, so a just-released address is not handed out again at once.
+Round trips: one small read (handle, claim, cursor) and one transaction that
+tries the first address after the cursor. Address keys sort in address
+order, so when the candidate is taken the failed transaction returns, in the
+same round trip, the next ``_WINDOW`` used addresses from the candidate on;
+the next try skips past them (a full block is confirmed by one complete
+read before ``PoolExhausted``). Losers of a race with another allocator
+(the cursor moved) pick a random one of the next few free addresses.
+Addresses move forward and wrap, so a just-released address is not handed
+out again at once. Rejected: reading the whole used set each time (payload
+grows with the block; 4x slower on etcd with 8 allocators).
 """
 
 from __future__ import annotations
