@@ -110,3 +110,47 @@ def test_render_prints_nft_json(tmp_path):
     assert doc["nftables"][0] == {"add": {"table": {"family": "inet", "name": "overlaycni"}}}
     res = runner.invoke(app, ["policy", "render", "--node", "node-1", "--from", path, "-o", "table"])
     assert "rules" in res.stdout
+
+
+def test_apply_list_delete_in_a_sqlite_datastore(tmp_path):
+    db = f"sqlite:///{tmp_path}/state.db"
+    base = ["--datastore", db]
+    res = runner.invoke(app, [*base, "cluster", "create", "--name", "dev", "--network-plugin", "azure", "--network-plugin-mode", "overlay"])
+    assert res.exit_code == 0, res.output
+    f = tmp_path / "p.yaml"
+    f.write_text(case("stacked-policies").policy)
+    res = runner.invoke(app, [*base, "policy", "apply", "-f", str(f), "--cluster", "dev", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["applied"] == [
+        {"policy": "x/x-a-81-from-y", "action": "created"},
+        {"policy": "x/x-a-80-from-z", "action": "created"},
+    ]
+    res = runner.invoke(app, [*base, "policy", "apply", "-f", str(f), "--cluster", "dev"])
+    assert res.exit_code == 0 and "x/x-a-80-from-z configured" in res.stdout
+    res = runner.invoke(app, [*base, "policy", "list", "--cluster", "dev", "-o", "json"])
+    names = [p["metadata"]["name"] for p in json.loads(res.stdout)["policies"]]
+    assert names == ["x-a-80-from-z", "x-a-81-from-y"]
+    # the stored value is the defaulted manifest under the documented key
+    from overlaycni.datastore import open_datastore
+
+    store = open_datastore(db)
+    try:
+        kv = store.get("/overlaycni/clusters/dev/policies/x/x-a-80-from-z")
+        assert json.loads(kv.value)["spec"]["policyTypes"] == ["Ingress"]
+    finally:
+        store.close()
+    res = runner.invoke(app, [*base, "policy", "delete", "x/x-a-80-from-z", "--cluster", "dev"])
+    assert res.exit_code == 0
+    res = runner.invoke(app, [*base, "policy", "delete", "x/x-a-80-from-z", "--cluster", "dev"])
+    assert res.exit_code == 2 and "not found" in res.output
+    res = runner.invoke(app, [*base, "policy", "list", "--cluster", "dev"])
+    assert res.exit_code == 0 and "NetworkPolicies in dev" in res.stdout
+    res = runner.invoke(app, [*base, "policy", "list", "--cluster", "dev", "-o", "json"])
+    assert [p["metadata"]["name"] for p in json.loads(res.stdout)["policies"]] == ["x-a-81-from-y"]
+    # invalid input stores nothing; an unknown cluster is a clear error
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(case("no-policies").policy + "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: q}\nspec: {ingress: 5}\n")
+    res = runner.invoke(app, [*base, "policy", "apply", "-f", str(bad), "--cluster", "dev"])
+    assert res.exit_code == 2 and "spec.ingress" in res.output
+    res = runner.invoke(app, [*base, "policy", "apply", "-f", str(f), "--cluster", "nope"])
+    assert res.exit_code == 2 and "Traceback" not in res.output

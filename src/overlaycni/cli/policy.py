@@ -1,10 +1,9 @@
 """``overlaycni policy``: validate NetworkPolicy manifests, explain a verdict,
 show the nftables a node would get.
 
-The datastore-backed verbs (apply / delete / list) are thin wrappers over
-``policy.store_codec`` (``save_policies``, ``delete_policy``,
-``load_policies``); the functions below take plain values so the integrator
-can wire them to ``open_store`` unchanged.
+The datastore-backed verbs (apply / delete / list, ``--cluster C`` in the
+global ``--datastore``) are thin wrappers over ``policy.store_codec``
+(``save_policies``, ``delete_policy``, ``load_policies``).
 """
 
 from __future__ import annotations
@@ -18,13 +17,15 @@ import typer
 import yaml
 from rich.table import Table
 
-from ..errors import ConfigError, OverlayCNIError, PolicyFieldError
+from ..errors import ConfigError, NotFound, OverlayCNIError, PolicyFieldError
 from ..policy.engine import Verdict, allowed
 from ..policy.inventory import Inventory, load_inventory
 from ..policy.model import PROTOCOLS, NetworkPolicy, PodInfo, parse_policies
 from ..policy.render import counts, render_node
-from ..policy.store_codec import policy_to_dict
-from .common import Output, OutputOpt, console, print_json, report_error
+from ..policy.store_codec import delete_policy, load_policies, policy_to_dict, save_policies
+from .common import Output, OutputOpt, console, open_store, print_json, report_error
+
+ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
 
 EPILOG = (
     "Examples: overlaycni policy validate -f netpol.yaml; "
@@ -181,6 +182,85 @@ def register(app: typer.Typer) -> None:
         else:
             rules, elements = counts(doc)
             console.print(f"table inet overlaycni for {node}: {rules} rules, {elements} set elements", highlight=False)
+
+    @group.command("apply", epilog="Example: overlaycni policy apply -f netpol.yaml --cluster dev")
+    def apply_cmd(
+        ctx: typer.Context,
+        file: Annotated[str, typer.Option("--file", "-f", help="YAML with one or more NetworkPolicy documents ('-': stdin).")],
+        cluster: ClusterOpt,
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Validate policies and store them (create or replace) in the cluster.
+
+        Nothing is stored unless every document is valid. Exit status: 0
+        stored, 2 invalid input or unknown cluster.
+        """
+        try:
+            policies = validate(read_text(file))
+            store = open_store(ctx)
+            try:
+                from ..ipam import get_cluster
+
+                get_cluster(store, cluster)  # NotFound for an unknown cluster
+                before = {p.key for p in load_policies(store, cluster)}
+                save_policies(store, cluster, policies=policies)
+            finally:
+                store.close()
+        except OverlayCNIError as exc:
+            if output is Output.json and isinstance(exc, ConfigError):
+                print_json(_errors_json(exc))
+                raise typer.Exit(2)
+            raise typer.Exit(report_error(exc))
+        done = [{"policy": p.key, "action": "configured" if p.key in before else "created"} for p in policies]
+        if output is Output.json:
+            print_json({"cluster": cluster, "applied": done})
+        else:
+            for d in done:
+                console.print(f"networkpolicy {d['policy']} {d['action']}", highlight=False)
+
+    @group.command("delete", epilog="Example: overlaycni policy delete x/deny-all --cluster dev")
+    def delete_cmd(
+        ctx: typer.Context,
+        ref: Annotated[str, typer.Argument(metavar="NAMESPACE/NAME", help="The policy to delete.")],
+        cluster: ClusterOpt,
+    ) -> None:
+        """Delete one policy. Exit status: 0 deleted, 2 not found."""
+        namespace, sep, name = ref.partition("/")
+        try:
+            if not sep or not namespace or not name:
+                raise ConfigError(PolicyFieldError("policy", f"{ref!r}: expected NAMESPACE/NAME, e.g. x/deny-all"))
+            store = open_store(ctx)
+            try:
+                if not delete_policy(store, cluster, namespace=namespace, name=name):
+                    raise NotFound(f"networkpolicy {ref} not found in cluster {cluster}")
+            finally:
+                store.close()
+        except OverlayCNIError as exc:
+            raise typer.Exit(report_error(exc))
+        console.print(f"networkpolicy {ref} deleted", highlight=False)
+
+    @group.command("list", epilog="Example: overlaycni policy list --cluster dev -o json")
+    def list_cmd(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
+        """List the cluster's policies."""
+        try:
+            store = open_store(ctx)
+            try:
+                policies = sorted(load_policies(store, cluster), key=lambda p: p.key)
+            finally:
+                store.close()
+        except OverlayCNIError as exc:
+            raise typer.Exit(report_error(exc))
+        if output is Output.json:
+            print_json({"cluster": cluster, "policies": [policy_to_dict(p) for p in policies]})
+            return
+        table = Table(title=f"NetworkPolicies in {cluster}", title_justify="left")
+        for col in ("namespace", "name", "pod selector", "policy types", "ingress rules", "egress rules"):
+            table.add_column(col)
+        for p in policies:
+            table.add_row(
+                p.namespace, p.name, p.pod_selector.describe(), ",".join(p.policy_types), str(len(p.ingress)), str(len(p.egress))
+            )
+        console.print(table)
 
     app.add_typer(group)
 
