@@ -236,13 +236,12 @@ def namespace_from_dict(data: Mapping[str, Any], *, path: str = "namespace") -> 
 
 
 def save_policies(store: Any, cluster: str, *, policies: list[NetworkPolicy]) -> list[str]:
-    """Create or replace each policy; returns the keys written."""
-    keys = []
-    for p in policies:
-        key = policy_key(cluster, namespace=p.namespace, name=p.name)
-        store.put(key, encode(policy_to_dict(p)))
-        keys.append(key)
-    return keys
+    """Create or replace every policy in one datastore transaction (all or
+    none); returns the keys written."""
+    puts = [(policy_key(cluster, namespace=p.namespace, name=p.name), encode(policy_to_dict(p)), None) for p in policies]
+    if puts and not store.txn(compare=[], put=puts):  # pragma: no cover - no compare cannot fail
+        raise ConfigError(PolicyFieldError("policies", "the datastore refused the transaction"))
+    return [k for k, _, _ in puts]
 
 
 def delete_policy(store: Any, cluster: str, *, namespace: str, name: str) -> bool:
