@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError, PolicyFieldError
+from ..errors import ConfigError, DatastoreError, PolicyFieldError
 from .model import (
     NamedPort,
     NamespaceInfo,
@@ -240,7 +240,7 @@ def save_policies(store: Any, cluster: str, *, policies: list[NetworkPolicy]) ->
     none); returns the keys written."""
     puts = [(policy_key(cluster, namespace=p.namespace, name=p.name), encode(policy_to_dict(p)), None) for p in policies]
     if puts and not store.txn(compare=[], put=puts):  # pragma: no cover - no compare cannot fail
-        raise ConfigError(PolicyFieldError("policies", "the datastore refused the transaction"))
+        raise DatastoreError("the datastore refused the policy transaction")
     return [k for k, _, _ in puts]
 
 
