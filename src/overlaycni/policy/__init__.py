@@ -3,6 +3,7 @@
 
 from .engine import Decision, Verdict, allowed, matrix
 from .model import IPBlock, NamedPort, NamespaceInfo, NetworkPolicy, Peer, PodInfo, PolicyPort, Rule, parse_policies
+from .render import counts, diff_render, render_node
 from .selectors import LabelSelector, Requirement
 from .store_codec import policy_from_dict, policy_to_dict
 
@@ -20,8 +21,11 @@ __all__ = [
     "Rule",
     "Verdict",
     "allowed",
+    "counts",
+    "diff_render",
     "matrix",
     "parse_policies",
     "policy_from_dict",
     "policy_to_dict",
+    "render_node",
 ]
