@@ -31,6 +31,7 @@ from ..errors import (
     CNI_UNKNOWN_CONTAINER,
     CNIError,
     DatastoreError,
+    InterfaceExists,
     OverlayCNIError,
 )
 from ..ipam import NodeRecord
@@ -106,7 +107,6 @@ class CNIOps:
     # ----- ADD ----------------------------------------------------------------
     def add(self, req: CNIRequest) -> dict[str, Any]:
         c = self.ctx
-        existed = ipam.get_allocation(self.store, c.cluster, req.container_id, req.ifname)
         alloc = ipam.allocate(
             self.store,
             c.cluster,
@@ -126,12 +126,13 @@ class CNIOps:
                     gateway=alloc.gateway,
                     mtu=c.pod_mtu,
                 )
-        except BaseException:
-            if existed is None:  # we made this allocation: give it back
-                try:
-                    ipam.release(self.store, c.cluster, req.container_id, req.ifname)
-                except OverlayCNIError:
-                    pass  # GC will find it; the original error matters more
+        except BaseException as exc:
+            if isinstance(exc, InterfaceExists) and host_veth_name(req.container_id, req.ifname) in self.dp.list_pod_veths():
+                raise  # a repeated ADD: the interface and its IP belong to the first, successful one
+            try:  # nothing usable was built for this attachment: give its IP back
+                ipam.release(self.store, c.cluster, req.container_id, req.ifname)
+            except OverlayCNIError:
+                pass  # GC will find it; the original error matters more
             raise
         self.on_change()
         dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
