@@ -109,6 +109,7 @@ class _Builder:
         self.named_ports: set[tuple[str, str]] = set()
         self.chains: dict[str, list[dict]] = {}
         self.by_ns: dict[str, list[PodInfo]] = defaultdict(list)
+        self._members: dict[Selection, list[PodInfo]] = {}
         for p in pods:
             self.by_ns[p.namespace].append(p)
 
@@ -117,6 +118,11 @@ class _Builder:
         return "@" + sel.set_name
 
     def members(self, sel: Selection) -> list[PodInfo]:
+        if sel not in self._members:
+            self._members[sel] = self._select(sel)
+        return self._members[sel]
+
+    def _select(self, sel: Selection) -> list[PodInfo]:
         if sel.namespace is not None:
             candidates = self.by_ns.get(sel.namespace, [])
         else:
