@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
@@ -83,21 +83,32 @@ def cluster(request):
         topo.cleanup()
 
 
-def capture(topo: Topology, ns: str, iface: str, bpf: str, action) -> str:  # type: ignore[no-untyped-def]
-    """Run ``action()`` while tcpdump listens on ``iface`` in ``ns``; returns the decoded packets."""
+def capture(topo: Topology, ns: str, iface: str, bpf: str, action, *, expect: int | None = 1) -> str:  # type: ignore[no-untyped-def]
+    """Run ``action()`` while tcpdump listens on ``iface`` in ``ns``; returns the decoded packets.
+
+    With ``expect``, tcpdump stops by itself after that many packets (so a busy machine
+    cannot make it miss them); with ``expect=None`` (checking that nothing passes) it
+    listens for a second after the action."""
     with tempfile.TemporaryDirectory() as tmp:
         pcap = os.path.join(tmp, "cap.pcap")
-        proc = topo.spawn(ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", "-w", pcap, bpf,
+        count = ["-c", str(expect)] if expect else []
+        proc = topo.spawn(ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", *count, "-w", pcap, bpf,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
         line = proc.stderr.readline()  # "listening on ..." once the capture is live
         assert "listening" in line, line
         try:
-            action()
+            for _ in range(3 if expect else 1):  # repeated while nothing was seen (shared ARP table, see topology.ping)
+                action()
+                try:
+                    proc.wait(timeout=3 if expect else 1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
-            time.sleep(0.3)
-            proc.terminate()
-            proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
         return run("tcpdump", "-n", "-r", pcap).stdout
 
 
@@ -140,6 +151,28 @@ def test_traffic_leaving_pod_cidr_is_snatted(cluster: Cluster):
     assert cluster.topo.ping(cluster.pa, INTERNET)  # replies are un-NATed back to the pod
 
 
+def test_non_masquerade_cidr_and_kube_proxy_mark_skip_snat(cluster: Cluster):
+    ping = lambda: cluster.topo.ping(cluster.pa, INTERNET, wait=1, attempts=1)  # noqa: E731 - no reply expected
+    exempt = replace(cluster.s1, non_masquerade_cidrs=(IPv4Network("203.0.113.0/24"),))
+    try:
+        assert cluster.d1.reconcile(exempt).errors == []
+        out = capture(cluster.topo, cluster.host, "eth0", "icmp", ping)
+        assert f"{POD_A.ip} > {INTERNET}: ICMP echo request" in out, out
+    finally:
+        assert cluster.d1.reconcile(cluster.s1).errors == []
+    # kube-proxy marks packets it wants masqueraded itself with 0x4000: our chain must RETURN for them.
+    cluster.topo.exec(cluster.n1, "nft", "add table ip octmark; add chain ip octmark pre "
+                      "{ type filter hook prerouting priority mangle; policy accept; }; "
+                      "add rule ip octmark pre ip saddr 10.244.0.0/16 meta mark set 0x4000")
+    try:
+        out = capture(cluster.topo, cluster.host, "eth0", "icmp", ping)
+        assert f"{POD_A.ip} > {INTERNET}: ICMP echo request" in out, out
+    finally:
+        cluster.topo.exec(cluster.n1, "nft", "delete", "table", "ip", "octmark")
+    out = capture(cluster.topo, cluster.host, "eth0", "icmp", ping)
+    assert f"{N1} > {INTERNET}: ICMP echo request" in out, out
+
+
 def test_pod_to_pod_is_not_natted(cluster: Cluster):
     out = capture(cluster.topo, cluster.pb, "eth0", "icmp", lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
     assert f"{POD_A.ip} > {POD_B.ip}: ICMP echo request" in out, out
@@ -152,7 +185,7 @@ def test_spoofed_pod_source_is_dropped(cluster: Cluster):
         before = nft_counter(cluster.n1, "prerouting", "pod_endpoints")
         out = capture(cluster.topo, cluster.pb, "eth0", "icmp",
                       lambda: cluster.topo.exec(cluster.pa, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1",
-                                                "-I", spoof, str(POD_B.ip), check=False))
+                                                "-I", spoof, str(POD_B.ip), check=False), expect=None)
         assert spoof not in out, out
         assert nft_counter(cluster.n1, "prerouting", "pod_endpoints") >= before + 2
         assert cluster.topo.ping(cluster.pa, str(POD_B.ip))  # the real source still passes
@@ -175,7 +208,7 @@ def test_vxlan_from_a_non_node_is_dropped(cluster: Cluster):
     try:
         before = nft_counter(cluster.n1, "input", "node_ips")
         out = capture(cluster.topo, cluster.pa, "eth0", "icmp",
-                      lambda: cluster.topo.ping(h, str(POD_A.ip), count=2, wait=1))
+                      lambda: cluster.topo.ping(h, str(POD_A.ip), count=2, wait=1, attempts=1), expect=None)
         assert "10.244.9.1" not in out, out
         assert nft_counter(cluster.n1, "input", "node_ips") >= before + 2
     finally:
@@ -216,12 +249,12 @@ def test_restart_adopts_state_without_packet_loss(cluster: Cluster):
         "from overlaycni.dataplane.linux import LinuxDataplane\n"
         "from overlaycni.dataplane.model import *\n"
         "s = eval(sys.argv[2])\n"
-        "d = LinuxDataplane(sys.argv[1])\n"
+        "d = LinuxDataplane()  # netns=None: the process already runs in the node namespace\n"
         "reports = [d.reconcile(s) for _ in range(3)]\n"
         "d.ensure_peer(s, s.peers[0])\n"
         "print(json.dumps([r.changes + r.errors for r in reports]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, cluster.n1, repr(cluster.s1)],
+    proc = subprocess.run(["ip", "netns", "exec", cluster.n1, sys.executable, "-c", script, cluster.n1, repr(cluster.s1)],
                           capture_output=True, text=True, timeout=60, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr
     first, *rest = json.loads(proc.stdout)

@@ -223,3 +223,20 @@ def test_pods_from_state_survive_reconcile(node):
     run("ip", "-n", ns, "route", "del", "10.244.1.5/32")  # lost: the next reconcile restores it
     assert dp.reconcile(s).changes
     assert any(r["dst"] == "10.244.1.5" and r.get("dev") == res.host_veth for r in ip_json(ns, "route", "show", "proto", "119"))
+
+
+def test_concurrent_attaches_from_many_threads(node):
+    """The agent serves one CNI request per thread: all of them must land, none interleave badly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    topo, ns, dp = node
+    dp.reconcile(state())
+    paths = [topo.add_netns(f"p{i}") for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda i: attach(dp, paths[i], cid=f"c{i}", ip=f"10.244.1.{10 + i}/24"), range(8)))
+    assert sorted(pod_veths(ns)) == sorted(r.host_veth for r in results)
+    routes = {(r["dst"], r.get("dev")) for r in ip_json(ns, "route", "show", "proto", "119")}
+    assert all((f"10.244.1.{10 + i}", results[i].host_veth) in routes for i in range(8))
+    for i in range(8):
+        assert topo.ping(topo.ns_name(f"p{i}"), "10.244.1.1")
+    assert topo.ping(topo.ns_name("p0"), "10.244.1.17")  # same-node pod to pod (proxy ARP on the host veths)

@@ -119,13 +119,19 @@ class Topology:
         return proc
 
     def ping(self, ns: str, dst: str, *, count: int = 1, size: int | None = None, df: bool = False,
-             wait: float = 2) -> bool:
+             wait: float = 2, attempts: int = 3) -> bool:
+        """True if ``dst`` answers. Retried ``attempts`` times: the kernel's ARP table is
+        shared by every namespace on the machine, and when other workloads fill it
+        (``neighbor table overflow``) a first ARP resolution can fail transiently."""
         cmd = ["ping", "-n", "-q", "-c", str(count), "-W", str(wait), "-i", "0.2"]
         if size is not None:
             cmd += ["-s", str(size)]
         if df:
             cmd += ["-M", "do"]
-        return self.exec(ns, *cmd, dst, check=False, timeout=wait * count + 10).returncode == 0
+        for _ in range(attempts):
+            if self.exec(ns, *cmd, dst, check=False, timeout=wait * count + 10).returncode == 0:
+                return True
+        return False
 
     def cleanup(self) -> None:
         for proc in self.processes:

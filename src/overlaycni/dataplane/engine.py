@@ -54,6 +54,15 @@ NODE_SYSCTLS = {
 }
 
 
+def pod_veth_sysctls(host_veth: str) -> dict[str, str]:
+    """Proxy ARP answers a pod's ARP for the other pods of its /24 (same node); without
+    proxy_delay=0 the kernel holds each proxied reply back by up to 0.8 s."""
+    return {
+        f"net/ipv4/conf/{host_veth}/proxy_arp": "1",
+        f"net/ipv4/neigh/{host_veth}/proxy_delay": "0",
+    }
+
+
 @dataclass(frozen=True)
 class Ports:
     links: Links
@@ -119,7 +128,7 @@ class NodeDataplane:
         wanted = dict(NODE_SYSCTLS)
         for link in self.p.links.list_links():
             if is_pod_veth(link.name):
-                wanted[f"net/ipv4/conf/{link.name}/proxy_arp"] = "1"
+                wanted.update(pod_veth_sysctls(link.name))
         for key, value in wanted.items():
             if self.p.sysctls.read(key) != value:
                 self.p.sysctls.write(key, value)
@@ -322,7 +331,8 @@ class NodeDataplane:
                 host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu
             )
             try:
-                self.p.sysctls.write(f"net/ipv4/conf/{host}/proxy_arp", "1")
+                for key, value in pod_veth_sysctls(host).items():
+                    self.p.sysctls.write(key, value)
                 self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
                 self._nft_add(nftmodel.SET_POD_ENDPOINTS, [(host, ip.ip)])
             except BaseException:

@@ -239,7 +239,7 @@ class FakeSysctls:
 
     def write(self, key: str, value: str) -> None:
         parts = key.split("/")
-        if len(parts) == 5 and parts[2] == "conf":
+        if len(parts) == 5 and parts[2] in ("conf", "neigh"):
             dev = parts[3]
             if dev not in ("all", "default") and dev not in self.k.links:
                 raise DataplaneError(f"sysctl {key}: no device {dev}")
