@@ -83,7 +83,8 @@ def cluster(request):
         topo.cleanup()
 
 
-def capture(topo: Topology, ns: str, iface: str, bpf: str, action, *, expect: int | None = 1) -> str:  # type: ignore[no-untyped-def]
+def capture(topo: Topology, ns: str, *, iface: str, bpf: str, action, expect: int | None = 1,  # type: ignore[no-untyped-def]
+            verbose: bool = False) -> str:
     """Run ``action()`` while tcpdump listens on ``iface`` in ``ns``; returns the decoded packets.
 
     With ``expect``, tcpdump stops by itself after that many packets (so a busy machine
@@ -109,7 +110,7 @@ def capture(topo: Topology, ns: str, iface: str, bpf: str, action, *, expect: in
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=10)
-        return run("tcpdump", "-n", "-r", pcap).stdout
+        return run("tcpdump", "-n", *(["-v"] if verbose else []), "-r", pcap).stdout
 
 
 def nft_counter(ns: str, chain: str, needle: str) -> int:
@@ -134,18 +135,17 @@ def test_pod_reaches_its_gateway(cluster: Cluster):
 def test_underlay_shows_encapsulation(cluster: Cluster):
     vnet = cluster.topo.ns_name("vnet")
     if cluster.backend == "vxlan":
-        out = capture(cluster.topo, vnet, cluster.wire, "udp port 4789",
-                      lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
+        out = capture(cluster.topo, vnet, iface=cluster.wire, bpf="udp port 4789", action=lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
         assert f"{N1}." in out and f"{N2}.4789" in out and "VXLAN" in out and "vni 4096" in out, out
         assert f"{POD_A.ip} > {POD_B.ip}: ICMP echo request" in out, out
     else:
-        out = capture(cluster.topo, vnet, cluster.wire, "icmp", lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
+        out = capture(cluster.topo, vnet, iface=cluster.wire, bpf="icmp", action=lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
         assert f"{POD_A.ip} > {POD_B.ip}: ICMP echo request" in out, out
         assert "VXLAN" not in out
 
 
 def test_traffic_leaving_pod_cidr_is_snatted(cluster: Cluster):
-    out = capture(cluster.topo, cluster.host, "eth0", "icmp", lambda: cluster.topo.ping(cluster.pa, INTERNET))
+    out = capture(cluster.topo, cluster.host, iface="eth0", bpf="icmp", action=lambda: cluster.topo.ping(cluster.pa, INTERNET))
     assert f"{N1} > {INTERNET}: ICMP echo request" in out, out
     assert "10.244." not in out, out
     assert cluster.topo.ping(cluster.pa, INTERNET)  # replies are un-NATed back to the pod
@@ -156,7 +156,7 @@ def test_non_masquerade_cidr_and_kube_proxy_mark_skip_snat(cluster: Cluster):
     exempt = replace(cluster.s1, non_masquerade_cidrs=(IPv4Network("203.0.113.0/24"),))
     try:
         assert cluster.d1.reconcile(exempt).errors == []
-        out = capture(cluster.topo, cluster.host, "eth0", "icmp", ping)
+        out = capture(cluster.topo, cluster.host, iface="eth0", bpf="icmp", action=ping)
         assert f"{POD_A.ip} > {INTERNET}: ICMP echo request" in out, out
     finally:
         assert cluster.d1.reconcile(cluster.s1).errors == []
@@ -165,16 +165,16 @@ def test_non_masquerade_cidr_and_kube_proxy_mark_skip_snat(cluster: Cluster):
                       "{ type filter hook prerouting priority mangle; policy accept; }; "
                       "add rule ip octmark pre ip saddr 10.244.0.0/16 meta mark set 0x4000")
     try:
-        out = capture(cluster.topo, cluster.host, "eth0", "icmp", ping)
+        out = capture(cluster.topo, cluster.host, iface="eth0", bpf="icmp", action=ping)
         assert f"{POD_A.ip} > {INTERNET}: ICMP echo request" in out, out
     finally:
         cluster.topo.exec(cluster.n1, "nft", "delete", "table", "ip", "octmark")
-    out = capture(cluster.topo, cluster.host, "eth0", "icmp", ping)
+    out = capture(cluster.topo, cluster.host, iface="eth0", bpf="icmp", action=ping)
     assert f"{N1} > {INTERNET}: ICMP echo request" in out, out
 
 
 def test_pod_to_pod_is_not_natted(cluster: Cluster):
-    out = capture(cluster.topo, cluster.pb, "eth0", "icmp", lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
+    out = capture(cluster.topo, cluster.pb, iface="eth0", bpf="icmp", action=lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip)))
     assert f"{POD_A.ip} > {POD_B.ip}: ICMP echo request" in out, out
 
 
@@ -183,9 +183,9 @@ def test_spoofed_pod_source_is_dropped(cluster: Cluster):
     run("ip", "-n", cluster.pa, "addr", "add", f"{spoof}/32", "dev", "eth0")
     try:
         before = nft_counter(cluster.n1, "prerouting", "pod_endpoints")
-        out = capture(cluster.topo, cluster.pb, "eth0", "icmp",
-                      lambda: cluster.topo.exec(cluster.pa, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1",
-                                                "-I", spoof, str(POD_B.ip), check=False), expect=None)
+        spoofed_ping = lambda: cluster.topo.exec(  # noqa: E731
+            cluster.pa, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-I", spoof, str(POD_B.ip), check=False)
+        out = capture(cluster.topo, cluster.pb, iface="eth0", bpf="icmp", action=spoofed_ping, expect=None)
         assert spoof not in out, out
         assert nft_counter(cluster.n1, "prerouting", "pod_endpoints") >= before + 2
         assert cluster.topo.ping(cluster.pa, str(POD_B.ip))  # the real source still passes
@@ -205,13 +205,22 @@ def test_vxlan_from_a_non_node_is_dropped(cluster: Cluster):
     run("ip", "-n", h, "route", "add", str(B1), "via", "10.244.9.254", "dev", "evil", "onlink")
     run("ip", "-n", h, "neigh", "add", "10.244.9.254", "lladdr", vtep_mac(N1), "dev", "evil")
     run("bridge", "-n", h, "fdb", "append", vtep_mac(N1), "dev", "evil", "dst", str(N1))
+    n1_mac = ip_json(cluster.n1, "link", "show", "eth0")[0]["address"]  # pinned: no dependence on underlay ARP
+    run("ip", "-n", h, "neigh", "replace", str(N1), "lladdr", n1_mac, "dev", "eth0", "nud", "permanent")
+    inject = lambda: cluster.topo.ping(h, str(POD_A.ip), count=2, wait=1, attempts=1)  # noqa: E731
     try:
         before = nft_counter(cluster.n1, "input", "node_ips")
-        out = capture(cluster.topo, cluster.pa, "eth0", "icmp",
-                      lambda: cluster.topo.ping(h, str(POD_A.ip), count=2, wait=1, attempts=1), expect=None)
+        out = capture(cluster.topo, cluster.pa, iface="eth0", bpf="icmp and host 10.244.9.1", action=inject, expect=None)
         assert "10.244.9.1" not in out, out
         assert nft_counter(cluster.n1, "input", "node_ips") >= before + 2
+        # Control: once 10.224.0.200 counts as a node, the very same injection reaches the pod.
+        cluster.topo.exec(cluster.n1, "nft", "add", "element", "ip", "overlaycni", "node_ips", "{ 10.224.0.200 }")
+        out = capture(cluster.topo, cluster.pa, iface="eth0", bpf="icmp and host 10.244.9.1", action=inject)
+        assert f"10.244.9.1 > {POD_A.ip}: ICMP echo request" in out, out
     finally:
+        cluster.topo.exec(cluster.n1, "nft", "delete", "element", "ip", "overlaycni", "node_ips", "{ 10.224.0.200 }",
+                          check=False)
+        run("ip", "-n", h, "neigh", "del", str(N1), "dev", "eth0", check=False)
         run("ip", "-n", h, "link", "del", "evil")
 
 
@@ -230,6 +239,11 @@ def test_mtu_df_ping(cluster: Cluster):
     links = ip_json(cluster.pa, "link", "show", "eth0")
     assert links[0]["mtu"] == expected
     assert cluster.topo.ping(cluster.pa, str(POD_B.ip), size=payload, df=True)
+    if cluster.backend == "vxlan":  # the full-size inner packet travels as one 1500-byte outer packet
+        out = capture(cluster.topo, cluster.topo.ns_name("vnet"), iface=cluster.wire, bpf="udp port 4789 and greater 1400",
+                      action=lambda: cluster.topo.ping(cluster.pa, str(POD_B.ip), size=payload, df=True), verbose=True)
+        assert "length 1500" in out and "offset 0" in out, out
+        assert "flags [+]" not in out and "frag" not in out.lower(), out
     proc = cluster.topo.exec(cluster.pa, "ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s", str(payload + 1),
                              str(POD_B.ip), check=False)
     assert proc.returncode != 0

@@ -149,12 +149,12 @@ class NodeDataplane:
             mtu=info.underlay_mtu - VXLAN_OVERHEAD,
         )
         report.changes.extend(self.p.links.ensure_vxlan(spec))
-        self._only_address(VXLAN_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), None, report)
+        self._only_address(VXLAN_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), label=None, report=report)
 
     def _gateway(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
-        self._only_address("lo", IPv4Interface(f"{gateway_of(state.block)}/32"), GATEWAY_LABEL, report)
+        self._only_address("lo", IPv4Interface(f"{gateway_of(state.block)}/32"), label=GATEWAY_LABEL, report=report)
 
-    def _only_address(self, dev: str, addr: IPv4Interface, label: str | None, report: ReconcileReport) -> None:
+    def _only_address(self, dev: str, addr: IPv4Interface, *, label: str | None, report: ReconcileReport) -> None:
         for have in self.p.addresses.list_addresses(dev, label=label):
             if have != addr and self.p.addresses.delete_address(dev, have):
                 report.changes.append(f"address {have} deleted from {dev}")

@@ -25,7 +25,7 @@ from . import rtnl as r
 from .rtnl import Rtnl
 
 
-def _raise_failures(kind: str, objs: Sequence[object], failures: list[tuple[int, int]], *, deleting: int) -> None:
+def _raise_failures(kind: str, failures: list[tuple[int, int]], *, objs: Sequence[object], deleting: int) -> None:
     """Objects [0, deleting) were deletes (not-found is fine), the rest replaces."""
     bad = [(objs[i], code) for i, code in failures if not (i < deleting and code in r.NOT_FOUND)]
     if bad:
@@ -44,7 +44,7 @@ class LinuxRoutes:
             fam, dst_len, _src, _tos, table, proto, scope, rtype, flags = r.RTMSG.unpack_from(msg, 16)
             if proto != RT_PROTO:
                 continue
-            a = r._attrs(msg, 16 + r.RTMSG.size, len(msg))
+            a = r._attrs(msg, 16 + r.RTMSG.size)
             if RTA_TABLE_of(a, table) != r.RT_TABLE_MAIN:
                 continue
             dst = int.from_bytes(a.get(r.RTA_DST, b"\0\0\0\0"), "big")
@@ -98,7 +98,7 @@ class LinuxRoutes:
             objs.append((deleting, route))
             msgs.append(m)
         failures = self.nl.transact(msgs)
-        _raise_failures("route", [o for _, o in objs], failures, deleting=sum(1 for d, _ in objs if d))
+        _raise_failures("route", failures, objs=[o for _, o in objs], deleting=sum(1 for d, _ in objs if d))
         if missing:
             raise DataplaneError("route: " + "; ".join(missing))
 
@@ -108,7 +108,7 @@ class LinuxRoutes:
         if msg is None:
             return None, None
         _f, _d, _s, _t, _table, _p, _scope, rtype, _fl = r.RTMSG.unpack_from(msg, 16)
-        a = r._attrs(msg, 16 + r.RTMSG.size, len(msg))
+        a = r._attrs(msg, 16 + r.RTMSG.size)
         if rtype != r.RTN_UNICAST or r.RTA_OIF not in a:
             return None, None
         gw = IPv4Address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
@@ -132,7 +132,7 @@ class LinuxNeighbours:
             fam, ifindex, state, _flags, _type = r.NDMSG.unpack_from(msg, 16)
             if ifindex != idx or not state & r.NUD_PERMANENT:
                 continue
-            a = r._attrs(msg, 16 + r.NDMSG.size, len(msg))
+            a = r._attrs(msg, 16 + r.NDMSG.size)
             if r.NDA_DST in a and r.NDA_LLADDR in a:
                 out.append(Neighbour(dev=dev, ip=IPv4Address(a[r.NDA_DST]), mac=r._mac_str(a[r.NDA_LLADDR])))
         return out
@@ -144,7 +144,7 @@ class LinuxNeighbours:
         msg = self.nl.request(r.RTM_GETNEIGH, r.NDMSG.pack(r.AF_INET, idx, 0, 0, 0) + r._attr(r.NDA_DST, ip.packed))
         if msg is None:
             return None
-        a = r._attrs(msg, 16 + r.NDMSG.size, len(msg))
+        a = r._attrs(msg, 16 + r.NDMSG.size)
         return Neighbour(dev=dev, ip=ip, mac=r._mac_str(a[r.NDA_LLADDR])) if r.NDA_LLADDR in a else None
 
     def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None:
@@ -162,7 +162,7 @@ class LinuxNeighbours:
                 msgs.append((r.RTM_NEWNEIGH, r.NLM_F_CREATE | r.NLM_F_REPLACE, body + r._attr(r.NDA_LLADDR, r._mac_bytes(n.mac))))
             objs.append((i < len(delete), n))
         failures = self.nl.transact(msgs)
-        _raise_failures("neighbour", [o for _, o in objs], failures, deleting=sum(1 for d, _ in objs if d))
+        _raise_failures("neighbour", failures, objs=[o for _, o in objs], deleting=sum(1 for d, _ in objs if d))
         if missing:
             raise DataplaneError("neighbour: " + "; ".join(missing))
 
@@ -180,7 +180,7 @@ class LinuxFdb:
             fam, ifindex, state, _flags, _type = r.NDMSG.unpack_from(msg, 16)
             if ifindex != idx or not state & r.NUD_PERMANENT:
                 continue
-            a = r._attrs(msg, 16 + r.NDMSG.size, len(msg))
+            a = r._attrs(msg, 16 + r.NDMSG.size)
             if r.NDA_DST in a and r.NDA_LLADDR in a and len(a[r.NDA_DST]) == 4:
                 out.append(FdbEntry(dev=dev, mac=r._mac_str(a[r.NDA_LLADDR]), dst=IPv4Address(a[r.NDA_DST])))
         return out
@@ -200,6 +200,6 @@ class LinuxFdb:
                 msgs.append((r.RTM_NEWNEIGH, r.NLM_F_CREATE | r.NLM_F_REPLACE, body + r._attr(r.NDA_DST, f.dst.packed)))
             objs.append((i < len(delete), f))
         failures = self.nl.transact(msgs)
-        _raise_failures("fdb", [o for _, o in objs], failures, deleting=sum(1 for d, _ in objs if d))
+        _raise_failures("fdb", failures, objs=[o for _, o in objs], deleting=sum(1 for d, _ in objs if d))
         if missing:
             raise DataplaneError("fdb: " + "; ".join(missing))

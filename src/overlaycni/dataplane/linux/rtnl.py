@@ -68,7 +68,9 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return RTA.pack(length, kind) + payload + b"\0" * (-length % 4)
 
 
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+def _attrs(buf: bytes, off: int) -> dict[int, bytes]:
+    """The rtattrs of one message ``buf`` from ``off`` to its end, by type."""
+    end = len(buf)
     out: dict[int, bytes] = {}
     while off + 4 <= end:
         length, kind = RTA.unpack_from(buf, off)
@@ -185,7 +187,7 @@ class Rtnl:
         index: dict[str, int] = {}
         for msg in self.dump(RTM_GETLINK, IFINFO.pack(0, 0, 0, 0, 0)):
             _fam, _type, idx, _flags, _change = IFINFO.unpack_from(msg, 16)
-            name = _attrs(msg, 16 + IFINFO.size, len(msg)).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
+            name = _attrs(msg, 16 + IFINFO.size).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
             index[name] = idx
         self._index = index
         self._names = {v: k for k, v in index.items()}
