@@ -186,6 +186,17 @@ def test_attach_detach_check(node):
     assert "elem" not in next(i["set"] for i in elems["nftables"] if "set" in i)
 
 
+def test_delete_pod_veth_for_gc(node):
+    topo, ns, dp = node
+    dp.reconcile(state())
+    res = attach(dp, topo.add_netns("pod"))
+    dp.delete_pod_veth(res.host_veth)
+    dp.delete_pod_veth(res.host_veth)
+    assert pod_veths(ns) == []
+    elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
+    assert "elem" not in next(i["set"] for i in elems["nftables"] if "set" in i)
+
+
 def test_detach_after_sandbox_vanished(node):
     topo, ns, dp = node
     dp.reconcile(state())

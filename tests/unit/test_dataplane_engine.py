@@ -182,3 +182,19 @@ def test_reconcile_rejects_bad_state_without_touching_anything(dp):
     with pytest.raises(ConfigError, match="backend"):
         dp.reconcile(replace(state(), backend="ipip"))
     assert dp.kernel.links.keys() <= {"lo"} and not dp.kernel.routes and dp.kernel.nft is None
+
+
+def test_delete_pod_veth_for_gc(dp):
+    dp.reconcile(state())
+    pod = attach(dp)
+    with pytest.raises(ConfigError, match="host_veth"):
+        dp.delete_pod_veth("eth0")
+    dp.delete_pod_veth(pod.host_veth)
+    dp.delete_pod_veth(pod.host_veth)
+    assert dp.list_pod_veths() == [] and dp.kernel.nft.sets["pod_endpoints"] == frozenset()
+
+
+def test_fake_with_an_underlay_address():
+    dp = FakeDataplane(underlay_ip=IPv4Address("10.224.0.7"), underlay_mtu=9000)
+    info = dp.node_info(IPv4Address("10.224.0.7"), backend="vxlan", mtu=None)
+    assert (info.underlay_ifname, info.underlay_mtu, info.pod_mtu) == ("eth0", 9000, 8950)

@@ -349,11 +349,17 @@ class NodeDataplane:
             pass  # best effort: the original error is the one to report
 
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
-        host = host_veth_name(container_id, ifname)
+        self.delete_pod_veth(host_veth_name(container_id, ifname))
+
+    def delete_pod_veth(self, host_veth: str) -> None:
+        """Remove one host veth this project owns (GC of leaked pods), its route and set element.
+        Not-found is success; a name that is not a pod veth is refused."""
+        if not is_pod_veth(host_veth):
+            raise ConfigError(FieldError("host_veth", f"{host_veth!r} is not a pod veth of this project (oc + 13 hex)"))
         with self._lock:
-            self.p.pods.teardown_pod_link(host_veth=host)  # the kernel drops its /32 route with it
+            self.p.pods.teardown_pod_link(host_veth=host_veth)  # the kernel drops its /32 route with it
             endpoints = self.p.nft.list_set(nftmodel.SET_POD_ENDPOINTS) or frozenset()
-            self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [e for e in endpoints if e[0] == host])
+            self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [e for e in endpoints if e[0] == host_veth])
 
     def check_pod(
         self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address

@@ -303,8 +303,13 @@ def fake_ports(kernel: FakeKernel) -> Ports:
 class FakeDataplane(NodeDataplane):
     """The whole data plane in memory: ``FakeDataplane().kernel`` is inspectable."""
 
-    def __init__(self, kernel: FakeKernel | None = None) -> None:
+    def __init__(self, kernel: FakeKernel | None = None, *, underlay_ip: IPv4Address | None = None,
+                 underlay_mtu: int = 1500) -> None:
+        """``underlay_ip``: give the fake node an ``eth0`` holding that address (/16)."""
         self.kernel = kernel or FakeKernel()
+        if underlay_ip is not None:
+            self.kernel.add_link("eth0", mtu=underlay_mtu)
+            self.kernel.addresses["eth0"][IPv4Interface(f"{underlay_ip}/16")] = None
         super().__init__(fake_ports(self.kernel))
 
     def remove_netns(self, path: str) -> None:

@@ -97,6 +97,9 @@ class LinuxDataplane:
     def list_pod_veths(self) -> list[str]:
         return self._worker.call(self._engine.list_pod_veths)
 
+    def delete_pod_veth(self, host_veth: str) -> None:
+        self._worker.call(lambda: self._engine.delete_pod_veth(host_veth))
+
     def close(self) -> None:
         if self._closed:
             return
