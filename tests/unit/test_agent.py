@@ -36,20 +36,25 @@ def start_agent(url, tmp_path, name, ip, **kw):
         socket=str(tmp_path / f"{name}.sock"), metrics_addr=None, lease_ttl=kw.get("ttl", 5),
         resync_interval=kw.get("resync", 60),
     )
-    agent = Agent(opts, store=open_datastore(url), dataplane=dp, policy_apply=RecordingPolicy())
+    agent = Agent(opts, store=open_datastore(url), dataplane=dp, policy_table=RecordingPolicy())
     agent.start()
     return agent, dp
 
 
 class RecordingPolicy:
-    """Stands in for nft: records the documents the agent would apply."""
+    """Stands in for the node's nft table: records what the agent renders."""
 
     def __init__(self) -> None:
         self.docs: list[dict] = []
 
-    def __call__(self, old, new) -> str:
-        self.docs.append(new)
+    def sync(self, *, pods, namespaces, policies) -> str:
+        from overlaycni.policy.render import render_node
+
+        self.docs.append(render_node("n1", pods=pods, namespaces=namespaces, policies=policies))
         return "full"
+
+    def reset(self) -> None:
+        pass
 
 
 def _fake_takes_ip() -> bool:
@@ -199,7 +204,7 @@ def test_policy_inputs_reach_the_rendered_table(cluster, tmp_path):
             "spec: {podSelector: {matchLabels: {app: web}}}\n"
         )
         codec.save_policies(store, "c1", policies=[pol])
-        recorder = agent._policy_apply
+        recorder = agent._policy_table
         assert wait_for(lambda: recorder.docs and str(ip) in json.dumps(recorder.docs[-1]))
         assert "deny" in json.dumps(recorder.docs[-1])
     finally:

@@ -70,16 +70,16 @@ class Agent:
         *,
         store: Store | None = None,
         dataplane: Dataplane | None = None,
-        policy_apply: Any = None,
+        policy_table: Any = None,
     ) -> None:
-        """``dataplane`` and ``policy_apply`` are the kernel ports; both
+        """``dataplane`` and ``policy_table`` are the kernel ports; both
         default to the Linux implementations in the agent's own namespace.
         Inject fakes together: a fake data plane with the real policy port
         would program nftables in the caller's namespace."""
-        if dataplane is not None and policy_apply is None:
-            raise ValueError("inject policy_apply together with a fake dataplane")
+        if dataplane is not None and policy_table is None:
+            raise ValueError("inject policy_table together with a fake dataplane")
         self.opts = opts
-        self._policy_apply = policy_apply
+        self._policy_table = policy_table
         self._store = store
         self._dp = dataplane
         self.metrics = AgentMetrics()
@@ -147,12 +147,8 @@ class Agent:
         self._spawn("lease", self._lease_loop)
         self._spawn("watch", self._watch_loop, start_rev)
         self._spawn("resync", self._resync_loop)
-        if self._policy_apply is None:
-            from ..policy.apply import apply_update
-
-            self._policy_apply = apply_update
         self.policy = PolicyController(
-            self.store, cluster=o.cluster, node=o.node, stop=self.stop_event, apply=self._policy_apply
+            self.store, cluster=o.cluster, node=o.node, stop=self.stop_event, table=self._policy_table
         )
         self._spawn("policy", self.policy.run)
         self.metrics.ready.set(1)

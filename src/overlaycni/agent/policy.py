@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from .. import ipam
@@ -35,8 +35,7 @@ from ..datastore import Store
 from ..errors import OverlayCNIError
 from ..policy import NamedPort, NamespaceInfo, PodInfo
 from ..policy import store_codec as codec
-from ..policy.apply import apply_update
-from ..policy.render import render_node
+from ..policy.apply import NodePolicyTable
 
 log = logging.getLogger("overlaycni.agent")
 DEBOUNCE = 0.05
@@ -69,16 +68,17 @@ class PolicyController:
         cluster: str,
         node: str,
         stop: threading.Event,
-        apply: Callable[[dict | None, dict], str] = apply_update,
+        table: Any = None,
         full_every: float = 60.0,
     ):
+        """``table`` is the kernel port: ``sync(pods=, namespaces=, policies=)``
+        and ``reset()``; by default the node's own ``inet overlaycni``."""
         self.store = store
-        self.apply = apply
+        self.table = table if table is not None else NodePolicyTable(node)
         self.cluster = cluster
         self.node = node
         self.stop = stop
         self.full_every = full_every
-        self.applied: dict | None = None
         self.dirty = threading.Event()
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "full": 0}
@@ -111,9 +111,9 @@ class PolicyController:
 
     def sync(self, *, full: bool = False) -> str:
         pods, namespaces, policies = self.load()
-        doc = render_node(self.node, pods=pods, namespaces=namespaces, policies=policies)
-        how = self.apply(None if full else self.applied, doc)
-        self.applied = doc
+        if full:
+            self.table.reset()  # re-apply everything: repairs a table changed behind our back
+        how = self.table.sync(pods=pods, namespaces=namespaces, policies=policies)
         self.passes[how] += 1
         if how != "none":
             log.info("policy: %s update (%d policies, %d pods)", how, len(policies), len(pods))
