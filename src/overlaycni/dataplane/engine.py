@@ -25,6 +25,7 @@ from .model import (
     GATEWAY_LABEL,
     VXLAN_IFNAME,
     VXLAN_OVERHEAD,
+    FdbEntry,
     NodeInfo,
     NodeState,
     Peer,
@@ -280,7 +281,7 @@ class NodeDataplane:
                 self._check_adjacent(peer)
             self.p.routes.apply_routes(replace=[objs.route])
             if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
-                self.p.fdb.apply_fdb(delete=[objs.fdb.__class__(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
+                self.p.fdb.apply_fdb(delete=[FdbEntry(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
             self._nft_add(nftmodel.SET_NODE_IPS, [peer.node_ip])
 
     def delete_peer(self, state: NodeState, peer: Peer) -> None:

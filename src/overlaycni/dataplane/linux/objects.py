@@ -14,7 +14,6 @@ and raised once as ``DataplaneError`` naming each object and the errno.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network

@@ -31,10 +31,8 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-from ipaddress import IPv4Address, IPv4Network
 
 from ...errors import DataplaneError, PermissionDenied
-from ..model import RT_PROTO, FdbEntry, Neighbour, Route
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
