@@ -251,3 +251,19 @@ def test_concurrent_attaches_from_many_threads(node):
     for i in range(8):
         assert topo.ping(topo.ns_name(f"p{i}"), "10.244.1.1")
     assert topo.ping(topo.ns_name("p0"), "10.244.1.17")  # same-node pod to pod (proxy ARP on the host veths)
+
+
+def test_batched_routes_report_the_failing_one(node):
+    """600 routes in one batch (three netlink chunks), one of them impossible: the error names
+    exactly that route and every other route is installed."""
+    from overlaycni.dataplane.model import Route
+
+    topo, ns, dp = node
+    good = [Route(dst=IPv4Network(f"10.250.{i // 256}.{i % 256}/32"), gateway=IPv4Address("10.224.0.9")) for i in range(600)]
+    bad = Route(dst=IPv4Network("10.251.0.0/24"), gateway=IPv4Address("10.99.0.1"))  # gateway not on any link
+    batch = good[:300] + [bad] + good[300:]
+    with pytest.raises(DataplaneError) as exc:
+        dp.run(lambda: dp.ports.routes.apply_routes(replace=batch))
+    assert "10.251.0.0/24 via 10.99.0.1" in exc.value.message and "1 change(s)" in exc.value.message
+    installed = {r["dst"] for r in ip_json(ns, "route", "show", "proto", "119")}
+    assert installed == {str(r.dst.network_address) for r in good}

@@ -11,8 +11,9 @@ onlink proto 119``; removal runs in reverse. The direct backend needs only
 Scaling: 5,000 peers are 15,000 objects. pyroute2 costs ~190 us per request
 (its asyncio round trip), ~3 s for 5,000 peers, so this module packs the
 fixed-layout messages itself with ``struct`` and writes up to ``CHUNK``
-requests per ``send``; the kernel processes them in order and acks each one
-(NLM_F_ACK), so a failure is mapped back to the object that caused it. Dumps
+requests per ``send``; the kernel processes them in order, reports each
+failure with the failing request's sequence number (mapped back to the
+object), and acks the last request of the chunk. Dumps
 are parsed with the same minimal decoder. One socket per data plane, opened
 in the node namespace by the worker thread and kept open; no multicast
 groups, so nothing queues up on it between calls.
@@ -158,25 +159,33 @@ class Rtnl:
                 return msg
 
     def transact(self, msgs: Sequence[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
-        """Send (type, flags, body) requests in chunks, each acked; return [(index, errno)] of failures."""
+        """Send (type, flags, body) requests in chunks; return [(index, errno)] of failures.
+
+        Only the last request of a chunk asks for an ACK: the kernel reports a
+        failed request with an error message whether or not it was asked to,
+        and handles requests in order, so when the last ACK arrives every
+        failure of the chunk has been seen."""
         failures: list[tuple[int, int]] = []
         for start in range(0, len(msgs), CHUNK):
             chunk = msgs[start : start + CHUNK]
             first = self.seq + 1
             parts = []
-            for kind, flags, body in chunk:
+            for i, (kind, flags, body) in enumerate(chunk):
                 seq = self._next_seq()
-                parts.append(HDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
+                ack = NLM_F_ACK if i == len(chunk) - 1 else 0
+                parts.append(HDR.pack(16 + len(body), kind, NLM_F_REQUEST | ack | flags, seq, 0) + body)
+            last = self.seq
             self.sock.send(b"".join(parts))
-            pending = len(chunk)
-            while pending:
+            done = False
+            while not done:
                 for mtype, mseq, msg, _ in self._recv():
-                    if mtype != NLMSG_ERROR or not first <= mseq < first + len(chunk):
+                    if mtype != NLMSG_ERROR or not first <= mseq <= last:
                         continue
-                    pending -= 1
                     code = -ERR.unpack_from(msg, 16)[0]
                     if code:
                         failures.append((start + mseq - first, code))
+                    if mseq == last:
+                        done = True
         return failures
 
     # --- links (names <-> indexes) ---------------------------------------------------
