@@ -120,6 +120,10 @@ def test_attach_check_detach(dp):
     assert dp.check_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1",
                         ip=IPv4Interface("10.244.1.5/24"), gateway=GW) == []
     assert dp.list_pod_veths() == [host]
+    dp.kernel.nft.sets["pod_endpoints"] = frozenset()
+    problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1",
+                            ip=IPv4Interface("10.244.1.5/24"), gateway=GW)
+    assert len(problems) == 1 and "anti-spoofing" in problems[0]
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1")
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path=None)
     assert dp.list_pod_veths() == [] and IPv4Network("10.244.1.5/32") not in dp.kernel.routes

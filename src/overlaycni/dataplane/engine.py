@@ -375,6 +375,9 @@ class NodeDataplane:
                 problems.append(f"host veth {host} is down")
             if pod_route(PodEndpoint(ip.ip, host)) not in self.p.routes.list_routes():
                 problems.append(f"node route {ip.ip}/32 dev {host} is missing")
+            endpoints = self.p.nft.list_set(nftmodel.SET_POD_ENDPOINTS)
+            if endpoints is not None and (host, ip.ip) not in endpoints:
+                problems.append(f"anti-spoofing element {host} . {ip.ip} is missing from {nftmodel.SET_POD_ENDPOINTS}")
             view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname)
             if view is None:
                 problems.append(f"interface {ifname} is missing in {netns_path}")
