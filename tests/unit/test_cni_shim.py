@@ -189,7 +189,7 @@ def test_installed_plugin_runs_standalone(tmp_path, sockpath):
     inst = install_cni(cluster="c1", bin_dir=str(tmp_path / "bin"), conf_dir=str(tmp_path / "net.d"), socket=sockpath)
     assert os.access(inst.plugin, os.X_OK)
     conflist = json.loads(inst.conflist.read_text())
-    assert conflist["plugins"][0] == {"type": "overlaycni", "cluster": "c1", "socket": sockpath}
+    assert conflist["plugins"][0] == {"type": "overlaycni", "cluster": "c1", "socket": sockpath, "capabilities": {"ips": True}}
     net = {**conflist["plugins"][0], "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
     agent = StandInAgent(sockpath, {"result": {"cniVersion": "1.0.0", "ips": []}})
     try:

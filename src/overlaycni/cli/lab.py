@@ -188,11 +188,26 @@ def pod_add(
     namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace.")] = "default",
     node: Annotated[Optional[str], typer.Option("--node", help="Node (default: the one with the fewest pods).")] = None,
     labels: Annotated[Optional[str], typer.Option("--labels", help="k=v,k2=v2")] = None,
+    port: Annotated[
+        Optional[list[str]],
+        typer.Option("--port", help="A named container port NAME=PORT/PROTO, e.g. serve-80-tcp=80/TCP (repeatable; NetworkPolicy can name it)."),
+    ] = None,
+    ip: Annotated[
+        Optional[str],
+        typer.Option("--ip", help="Request this address (CNI runtimeConfig.ips): free and inside the node's block, else an error."),
+    ] = None,
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
-    """Add a pod through the real plugin (CNI ADD, the way a runtime calls it)."""
-    p = members.add_pod(name, pod, namespace=namespace, node=node, labels=parse_labels(labels), root=lab_dir)
+    """Add a pod through the real plugin (CNI ADD, the way a runtime calls it).
+
+    Its labels, named ports, IP and node are written to the datastore for
+    NetworkPolicy. Example: overlaycni lab pod add web --namespace x
+    --labels app=web --port http=80/TCP --ip 10.244.1.50
+    """
+    p = members.add_pod(
+        name, pod, namespace=namespace, node=node, labels=parse_labels(labels), ports=tuple(port or ()), ip=ip, root=lab_dir
+    )
     if output is Output.json:
         print_json({"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns, "ip": str(p.ip.ip) if p.ip else None})
     else:

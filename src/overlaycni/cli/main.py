@@ -51,6 +51,7 @@ _GROUPS = (
     "overlaycni.cli.ipam",
     "overlaycni.cli.agent",
     "overlaycni.cli.lab",
+    "overlaycni.cli.lab_policy",
     "overlaycni.cli.policy",
 )
 

@@ -60,7 +60,8 @@ def shim_source(python: str | None = None) -> str:
 def conflist(*, cluster: str, socket: str, cni_version: str = "1.0.0", chain: tuple[str, ...] = ()) -> dict:
     if cni_version not in CONF_VERSIONS:
         raise UsageError(f"--cni-version {cni_version} is not supported (choose from {', '.join(CONF_VERSIONS)})")
-    plugins: list[dict] = [{"type": PLUGIN_NAME, "cluster": cluster, "socket": socket}]
+    # "ips": the runtime may request a pod address (runtimeConfig.ips), e.g. for a static pod IP
+    plugins: list[dict] = [{"type": PLUGIN_NAME, "cluster": cluster, "socket": socket, "capabilities": {"ips": True}}]
     for name in chain:
         if name not in CHAINABLE:
             raise UsageError(f"--chain {name} is not a supported chained plugin (choose from {', '.join(CHAINABLE)})")

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from dataclasses import replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +175,14 @@ def install_cni(state: LabState, node: NodeState) -> None:
 # --- pods through the real plugin -----------------------------------------------------------
 
 
-def _attachment(pod: PodState) -> runtime.Attachment:
+def _attachment(pod: PodState, ip: IPv4Address | None = None) -> runtime.Attachment:
     return runtime.Attachment(
         container_id=pod.container_id,
         netns=runtime.netns_path(pod.netns),
         ifname="eth0",
         pod_namespace=pod.namespace,
         pod_name=pod.name,
+        capability_args={"ips": [str(ip)]} if ip is not None else {},
     )
 
 
@@ -192,11 +194,12 @@ def _result_file(state: LabState, pod: PodState) -> Path:
     return Path(state.lab_dir) / "pods" / f"{pod.name}.json"
 
 
-def cni_add(state: LabState, node: NodeState, pod: PodState) -> PodState:
-    """Create the pod's namespace and ADD it like a container runtime."""
+def cni_add(state: LabState, node: NodeState, pod: PodState, *, ip: IPv4Address | None = None) -> PodState:
+    """Create the pod's namespace and ADD it like a container runtime
+    (``ip``: a requested address, passed as ``runtimeConfig.ips``)."""
     netns.ensure_netns(pod.netns)
     conf = runtime.load_conflist(node.conf_dir)
-    result = runtime.add(conf, _attachment(pod), cni_path=_cni_path(state))
+    result = runtime.add(conf, _attachment(pod, ip), cni_path=_cni_path(state))
     f = _result_file(state, pod)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(result.raw))

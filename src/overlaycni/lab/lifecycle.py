@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,14 @@ def setup_node(state: LabState, node: NodeState) -> None:
 
 
 def add_pods(
-    state: LabState, wanted: list[tuple[str, str, str, tuple[tuple[str, str], ...]]], *, report: Reporter = _quiet
+    state: LabState,
+    wanted: list[tuple[str, str, str, tuple[tuple[str, str], ...]]],
+    *,
+    report: Reporter = _quiet,
+    ips: dict[str, IPv4Address] | None = None,
 ) -> LabState:
-    """ADD pods (name, node, k8s namespace, labels) in parallel; save each."""
+    """ADD pods (name, node, k8s namespace, labels) in parallel; save each.
+    ``ips``: requested addresses by pod name (the CNI ``ips`` capability)."""
     pods = [
         PodState(
             name=name,
@@ -190,7 +196,7 @@ def add_pods(
     report("pods", 0, len(pods))
     done = 0
     with ThreadPoolExecutor(max_workers=POD_WORKERS) as pool:
-        futures = [pool.submit(control.cni_add, state, state.node(p.node), p) for p in pods]
+        futures = [pool.submit(control.cni_add, state, state.node(p.node), p, ip=(ips or {}).get(p.name)) for p in pods]
         try:
             for fut in futures:
                 state = state.with_pod(fut.result())

@@ -10,10 +10,12 @@ from __future__ import annotations
 import shutil
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import AlreadyExists, OverlayCNIError, UsageError
 from . import control, netns, procs, topology
+from . import policy as lab_policy
 from . import state as st
 from .lifecycle import add_pods, new_node, setup_node
 from .state import LabState, NodeState, PodState
@@ -41,27 +43,41 @@ def add_pod(
     namespace: str = "default",
     node: str | None = None,
     labels: tuple[tuple[str, str], ...] = (),
+    ports: tuple[str, ...] = (),
+    ip: str | None = None,
     root: str | None = None,
 ) -> PodState:
+    """ADD one pod; ``ports`` are its named ports (NAME=PORT/PROTO), ``ip``
+    a requested address (CNI ``runtimeConfig.ips``). The pod's record
+    (labels, ports, IP, node) is published to the datastore for policy."""
     netns.require_privileges()
     state = open_lab(name, root)
     topology.validate_pod_name(pod)
     topology.validate_pod_name(namespace, field="--namespace")
+    ports = lab_policy.parse_ports(ports)
+    wanted_ip = lab_policy.parse_ip(ip)
+    lab_policy.check_labels(dict(labels), field="--labels")
     if any(p.name == pod for p in state.pods):
         raise AlreadyExists(f"lab {name}: pod {pod!r} already exists")
     if not state.nodes:
         raise UsageError(f"lab {name} has no nodes; add one with `overlaycni lab node add --name {name}`")
+    if node is None and wanted_ip is not None:  # the node whose block holds the requested address
+        node = next((n.name for n in state.nodes if n.block and wanted_ip in n.block), None)
+        if node is None:
+            blocks = ", ".join(f"{n.name} {n.block}" for n in state.nodes if n.block) or "none yet"
+            raise UsageError(f"--ip: {wanted_ip} is in no node's block (blocks: {blocks})")
     if node is None:  # the node with the fewest pods, like a naive scheduler
         node = min(state.nodes, key=lambda n: (len(state.pods_on(n.name)), n.index)).name
     state.node(node)  # raises NotFound naming the nodes
     try:
-        added = add_pods(state, [(pod, node, namespace, labels)])
+        added = add_pods(state, [(pod, node, namespace, labels)], ips={pod: wanted_ip} if wanted_ip else None)
+        result = replace(added.pod(pod), ports=ports)
+        lab_policy.publish_pod(added, result)
     except BaseException:
         p = PodState(pod, namespace, node, topology.pod_netns(name, pod), topology.container_id(name, pod))
         control.cni_del(state, state.node(node), p, best_effort=True)
         _update(name, root, lambda s: s.without_pod(pod).without_namespace(p.netns))
         raise
-    result = added.pod(pod)
     _update(name, root, lambda s: s.with_namespace(result.netns).with_pod(result))
     return result
 
@@ -71,8 +87,14 @@ def delete_pod(name: str, pod: str, *, root: str | None = None) -> PodState:
     state = open_lab(name, root)
     p = state.pod(pod)
     node = next((n for n in state.nodes if n.name == p.node), None)
+    for pid in netns.netns_pids(p.netns):  # the pod's processes (probe servers, a `lab exec`) go first
+        procs.kill_pid(pid)
     control.cni_del(state, node, p)
     _update(name, root, lambda s: s.without_pod(pod).without_namespace(p.netns))
+    try:
+        lab_policy.unpublish_pod(state, p)
+    except OverlayCNIError:
+        pass  # a record without an IP allocation selects nothing; the agents ignore it
     return p
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_interface
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,17 @@ class ConfList:
     cni_version: str
     plugins: tuple[dict[str, Any], ...]
 
-    def plugin_config(self, i: int, prev_result: dict[str, Any] | None = None) -> dict[str, Any]:
+    def plugin_config(
+        self, i: int, prev_result: dict[str, Any] | None = None, capability_args: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         conf = dict(self.plugins[i])
         conf["name"] = self.name
         conf["cniVersion"] = self.cni_version
+        # libcni: runtimeConfig carries only the capabilities the plugin declares
+        declared = conf.get("capabilities") or {}
+        runtime_config = {k: v for k, v in (capability_args or {}).items() if declared.get(k)}
+        if runtime_config:
+            conf["runtimeConfig"] = runtime_config
         if prev_result is not None:
             conf["prevResult"] = prev_result
         return conf
@@ -50,6 +57,8 @@ class Attachment:
     ifname: str = "eth0"
     pod_namespace: str = "default"
     pod_name: str = ""
+    # libcni's CapabilityArgs, e.g. {"ips": ["10.244.1.50"]} (the ``ips`` capability)
+    capability_args: Mapping[str, Any] = field(default_factory=dict)
 
     def cni_args(self) -> str:
         parts = ["IgnoreUnknown=1", f"K8S_POD_NAMESPACE={self.pod_namespace}", f"K8S_POD_NAME={self.pod_name}"]
@@ -153,7 +162,7 @@ def add(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -> AddR
         raise NetnsNotFound(f"pod network namespace {att.netns} does not exist")
     prev: dict[str, Any] | None = None
     for i in range(len(conflist.plugins)):
-        conf = conflist.plugin_config(i, prev)
+        conf = conflist.plugin_config(i, prev, att.capability_args)
         try:
             prev = invoke("ADD", conf, att, cni_path=cni_path) or prev
         except CNIError:
@@ -179,7 +188,7 @@ def delete(
     first: CNIError | None = None
     for i in reversed(range(n)):
         try:
-            invoke("DEL", conflist.plugin_config(i, prev_result), att, cni_path=cni_path)
+            invoke("DEL", conflist.plugin_config(i, prev_result, att.capability_args), att, cni_path=cni_path)
         except CNIError as exc:
             first = first or exc
     if first is not None and not best_effort:

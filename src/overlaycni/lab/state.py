@@ -56,6 +56,7 @@ class PodState:
     container_id: str
     ip: IPv4Interface | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[str, ...] = ()  # named container ports, NAME=PORT/PROTO
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ def from_json(text: str) -> LabState:
             container_id=p["container_id"],
             ip=IPv4Interface(p["ip"]) if p.get("ip") else None,
             labels=tuple(tuple(x) for x in p.get("labels", [])),  # type: ignore[misc]
+            ports=tuple(p.get("ports", [])),
         )
         for p in d.get("pods", [])
     )

@@ -1,0 +1,179 @@
+"""``overlaycni lab namespace|pod label|probe``: the lab as a Kubernetes API
+for NetworkPolicy (namespace and pod labels) and a reachability matrix
+measured with real packets (parse, dispatch, format).
+
+The commands hang off the ``lab`` group of ``cli/lab.py``; this module only
+has to be imported (``_GROUPS`` in ``cli/main.py`` lists it after the lab).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError, PolicyFieldError
+from ..lab import members
+from ..lab import policy as lab_policy
+from .common import Output, OutputOpt, console, open_store, print_json
+from .lab import LabDirOpt, NameOpt, lab_app, pod_app
+
+ns_app = typer.Typer(
+    help="Kubernetes namespaces of a lab and their labels (what namespaceSelector matches).", no_args_is_help=True
+)
+lab_app.add_typer(ns_app, name="namespace")
+
+LabelsArg = Annotated[list[str], typer.Argument(metavar="LABELS...", help="KEY=VALUE sets a label, KEY- removes it (as in kubectl label).")]
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+@ns_app.command("add")
+def namespace_add(
+    namespace: Annotated[str, typer.Argument(metavar="NAMESPACE", help="Namespace name ([a-z0-9-]).")],
+    labels: Annotated[Optional[str], typer.Option("--labels", help="k=v,k2=v2")] = None,
+    name: NameOpt = "demo",
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Create a namespace with labels; kubernetes.io/metadata.name=NAMESPACE is always added.
+
+    Example: overlaycni lab namespace add x --labels ns=x
+    """
+    got = lab_policy.add_namespace(name, namespace, [labels] if labels else [], root=lab_dir)
+    _print_ns(namespace, dict(got), output, "created")
+
+
+@ns_app.command("label")
+def namespace_label(
+    namespace: Annotated[str, typer.Argument(metavar="NAMESPACE", help="An existing namespace of the lab.")],
+    labels: LabelsArg,
+    name: NameOpt = "demo",
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) namespace labels; agents re-render at once.
+
+    Example: overlaycni lab namespace label y team=blue env-
+    """
+    got = lab_policy.label_namespace(name, namespace, labels, root=lab_dir)
+    _print_ns(namespace, dict(got), output, "labelled")
+
+
+def _print_ns(namespace: str, labels: dict[str, str], output: Output, verb: str) -> None:
+    if output is Output.json:
+        print_json({"namespace": namespace, "labels": labels})
+    else:
+        console.print(f"namespace {namespace} {verb}: {_labels_text(labels)}", highlight=False)
+
+
+@ns_app.command("list")
+def namespace_list(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+    """The lab's namespaces, their labels and pods."""
+    state = members.open_lab(name, lab_dir)
+    known = lab_policy.load_namespaces(state)
+    rows = [
+        {"namespace": ns, "labels": {**labels, lab_policy.NAME_LABEL: ns}, "pods": [p.name for p in state.pods if p.namespace == ns]}
+        for ns, labels in sorted(known.items())
+    ]
+    if output is Output.json:
+        print_json(rows)
+        return
+    table = Table(title=f"lab {name}: namespaces", title_justify="left")
+    for col in ("namespace", "labels", "pods"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["namespace"], _labels_text(r["labels"]), ", ".join(r["pods"]) or "-")
+    console.print(table)
+
+
+@pod_app.command("label")
+def pod_label(
+    pod: Annotated[str, typer.Argument(help="A lab pod.")],
+    labels: LabelsArg,
+    name: NameOpt = "demo",
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) pod labels; agents re-render at once.
+
+    Example: overlaycni lab pod label web tier=frontend old-
+    """
+    p = lab_policy.label_pod(name, pod, labels, root=lab_dir)
+    if output is Output.json:
+        print_json({"pod": p.name, "namespace": p.namespace, "labels": dict(p.labels)})
+    else:
+        console.print(f"pod {p.namespace}/{p.name} labelled: {_labels_text(dict(p.labels))}", highlight=False)
+
+
+@lab_app.command("probe")
+def probe(
+    port: Annotated[int, typer.Option("--port", help="Destination port every pod serves (80 and 81 always run).")] = 80,
+    protocol: Annotated[str, typer.Option("--protocol", help="tcp or udp (this kernel has no SCTP).")] = "tcp",
+    pods: Annotated[Optional[str], typer.Option("--pods", help="Comma-separated pods to probe between (default all).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a probe counts as blocked.")] = 2.0,
+    retries: Annotated[int, typer.Option("--retries", help="Probe a blocked pair again up to this often (a busy machine can lose a first packet).")] = 1,
+    name: NameOpt = "demo",
+    output: OutputOpt = Output.table,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Reachability matrix with real packets: every pod connects to every pod on PORT/PROTOCOL.
+
+    Rows are sources, columns destinations; '.' connected, 'X' blocked (the
+    style of the upstream NetworkPolicy tests). Starts a TCP/UDP echo server
+    in each pod on first use. Exit status: 0 measured (whatever the matrix).
+
+    Example: overlaycni lab probe --port 81 --protocol udp -o json
+    """
+    from ..lab.netns import require_privileges
+
+    state = members.open_lab(name, lab_dir)
+    require_privileges()
+    if not 0.1 <= timeout <= 30:
+        raise ConfigError(PolicyFieldError("--timeout", f"{timeout} is out of range (0.1-30 seconds)"))
+    if not 0 <= retries <= 5:
+        raise ConfigError(PolicyFieldError("--retries", f"{retries} is out of range (0-5)"))
+    chosen = [p.strip() for p in pods.split(",") if p.strip()] if pods else None
+    with console.status(f"probing {protocol.upper()}/{port} between {len(chosen or state.pods)} pods ..."):
+        rep = lab_policy.probe_matrix(state, port=port, protocol=protocol, pods=chosen, retries=retries, timeout=timeout)
+    if output is Output.json:
+        print_json(rep.to_json())
+        return
+    table = Table(title=f"{rep.protocol}/{rep.port}, rows → columns", title_justify="left")
+    table.add_column("src \\ dst")
+    for k in rep.keys:
+        table.add_column(k, justify="center")
+    for s, k in zip(rep.pods, rep.keys):
+        table.add_row(k, *("[green].[/]" if rep.connected[(s, d)] else "[red]X[/]" for d in rep.pods))
+    console.print(table)
+    total = len(rep.connected)
+    console.print(f"{sum(rep.connected.values())} of {total} pairs connected, {total - sum(rep.connected.values())} blocked", highlight=False)
+
+
+@lab_app.command("publish-meta", hidden=True)
+def publish_meta(
+    ctx: typer.Context,
+    cluster: Annotated[str, typer.Option("--cluster", help="Cluster name.")],
+    file: Annotated[str, typer.Option("--file", "-f", help="JSON: {namespaces, pods, delete_pods}.")],
+) -> None:
+    """Internal: write pod/namespace records (the lab runs it inside the lab for an etcd store)."""
+    try:
+        doc = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(PolicyFieldError("--file", f"cannot read {file}: {exc}")) from None
+    store = open_store(ctx)
+    try:
+        done = lab_policy.apply_meta(store, cluster, doc)
+    finally:
+        store.close()
+    print_json(done)
+
+
+def register(app: typer.Typer) -> None:
+    """Nothing to add at the top: the commands above live in the ``lab`` group."""
+    return None

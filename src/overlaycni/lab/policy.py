@@ -1,0 +1,430 @@
+"""NetworkPolicy in the lab: pod and namespace metadata, probe servers, and
+the reachability matrix measured with real packets.
+
+Metadata. The lab plays the Kubernetes API server: it knows every pod's
+namespace, labels, named ports, IP and node, and every namespace's labels.
+Pod labels and ports live in the lab state (``PodState``); namespace labels
+in ``namespaces.json`` in the lab directory. After each change the lab
+writes the full records (``pods/<ns>/<name>``, ``namespaces/<ns>``, as
+``policy.store_codec`` encodes them) to the datastore with one internal
+command, ``overlaycni --datastore URL lab publish-meta -f FILE``, run the
+way the lab runs all its commands (``control.cli``: inside the control
+namespace for an in-lab etcd), so the sqlite and etcd labs take one path.
+The agents watch those keys and re-render their tables.
+
+Probes. Every probed pod runs ``netprobe.py serve`` (TCP and UDP echo on 80
+and 81 by default) inside its namespace, started by ``procs.spawn`` and
+recorded in ``servers.json`` (pid + start time); ``lab down`` kills what
+still runs in the lab's namespaces, ``lab pod delete`` what runs in the
+pod's. A matrix runs one ``netprobe.py probe`` per source pod, all at once,
+each probing every destination in parallel. A blocked pair costs one
+timeout, so a matrix takes about one timeout however many pods there are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from ..errors import AlreadyExists, ConfigError, DataplaneError, NotFound, UsageError
+from ..policy.model import NamedPort, NamespaceInfo, PodInfo
+from ..policy import store_codec as codec
+from . import control, netns, procs, topology
+from . import state as st
+from .state import LabState, PodState, Proc
+
+NAMESPACES_FILE = "namespaces.json"
+SERVERS_FILE = "servers.json"
+DEFAULT_PORTS = (80, 81)
+NAME_LABEL = "kubernetes.io/metadata.name"
+NETPROBE = str(Path(__file__).with_name("netprobe.py"))
+SERVER_READY_TIMEOUT = 20.0
+
+
+# --- label edits (k=v sets, k- removes, like kubectl label) -----------------------------------
+
+
+def parse_label_edits(items: Sequence[str], *, field: str = "LABELS") -> tuple[dict[str, str], set[str]]:
+    """``["a=1", "b-", "c=2,d=3"]`` -> ({a: 1, c: 2, d: 3}, {b}); UsageError
+    naming the item; label keys and values are validated like the API server."""
+    sets: dict[str, str] = {}
+    removes: set[str] = set()
+    for raw in items:
+        for item in (x.strip() for x in raw.split(",")):
+            if not item:
+                continue
+            if "=" not in item and item.endswith("-"):
+                removes.add(item[:-1])
+                continue
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"{field}: {item!r} is neither key=value nor key- (to remove a label)")
+            sets[key.strip()] = value.strip()
+    check_labels(sets, field=field)
+    return sets, removes
+
+
+def check_labels(labels: Mapping[str, str], *, field: str) -> None:
+    """ConfigError naming ``field.key`` for a label the API server would refuse."""
+    problems = codec.validate_labels(labels, field)
+    if problems:
+        raise ConfigError(problems)
+
+
+def parse_ports(items: Sequence[str]) -> tuple[str, ...]:
+    """``--port NAME=PORT/PROTO`` values, normalised; UsageError naming it."""
+    out = []
+    for item in items:
+        try:
+            p = codec.parse_named_port(item)
+        except ValueError as exc:
+            raise UsageError(f"--port: {exc}") from None
+        out.append(f"{p.name}={p.port}/{p.protocol}")
+    names = [(p.split("=")[0], p.rsplit("/", 1)[1]) for p in out]
+    if len(set(names)) != len(names):
+        raise UsageError("--port: a port name is given twice for the same protocol")
+    return tuple(out)
+
+
+def parse_ip(text: str | None) -> IPv4Address | None:
+    if text is None:
+        return None
+    try:
+        return IPv4Address(text.strip())
+    except ValueError:
+        raise UsageError(f"--ip: {text!r} is not an IPv4 address") from None
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+def pod_info(pod: PodState) -> PodInfo:
+    assert pod.ip is not None
+    ports = tuple(codec.parse_named_port(p) for p in pod.ports)
+    return PodInfo(pod.namespace, pod.name, pod.ip.ip, pod.node, dict(pod.labels), ports)
+
+
+def load_namespaces(state: LabState) -> dict[str, dict[str, str]]:
+    """The lab's namespaces and their labels (without the automatic name label)."""
+    path = Path(state.lab_dir) / NAMESPACES_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        data = {}
+    except ValueError as exc:
+        raise UsageError(f"lab {state.name}: {path} is damaged ({exc})") from None
+    known = {str(k): {str(a): str(b) for a, b in v.items()} for k, v in data.items()}
+    for p in state.pods:  # a namespace a pod uses exists, like "default"
+        known.setdefault(p.namespace, {})
+    return known
+
+
+def _save_namespaces(state: LabState, namespaces: Mapping[str, Mapping[str, str]]) -> None:
+    path = Path(state.lab_dir) / NAMESPACES_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: dict(v) for k, v in sorted(namespaces.items())}, indent=2))
+    os.replace(tmp, path)
+
+
+def meta_document(
+    state: LabState,
+    *,
+    pods: Iterable[PodState] = (),
+    namespaces: Mapping[str, Mapping[str, str]] | None = None,
+    delete_pods: Iterable[PodState] = (),
+) -> dict[str, Any]:
+    return {
+        "cluster": state.name,
+        "namespaces": [codec.namespace_to_dict(NamespaceInfo(n, dict(l))) for n, l in (namespaces or {}).items()],
+        "pods": [codec.pod_to_dict(pod_info(p)) for p in pods if p.ip is not None],
+        "delete_pods": [f"{p.namespace}/{p.name}" for p in delete_pods],
+    }
+
+
+def publish(state: LabState, doc: dict[str, Any]) -> None:
+    """Write the records of ``doc`` to the lab's datastore (``lab
+    publish-meta`` run the way the lab runs its own commands)."""
+    if not (doc["namespaces"] or doc["pods"] or doc["delete_pods"]):
+        return
+    fd, path = tempfile.mkstemp(prefix="meta-", suffix=".json", dir=state.lab_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh)
+        control.cli(state, ["lab", "publish-meta", "--cluster", state.name, "--file", path])
+    finally:
+        os.unlink(path)
+
+
+def apply_meta(store: Any, cluster: str, doc: Mapping[str, Any]) -> dict[str, int]:
+    """The datastore side of ``publish``: validate every record, then write
+    (pods and namespaces replace their records; deleted pods lose theirs)."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(codec.PolicyFieldError("document", "must be a JSON object"))
+    namespaces = [codec.namespace_from_dict(d, path=f"namespaces[{i}]") for i, d in enumerate(doc.get("namespaces") or [])]
+    pods = [codec.pod_from_dict(d, path=f"pods[{i}]") for i, d in enumerate(doc.get("pods") or [])]
+    deletes = []
+    for i, ref in enumerate(doc.get("delete_pods") or []):
+        ns, sep, name = str(ref).partition("/")
+        if not sep or not ns or not name:
+            raise ConfigError(codec.PolicyFieldError(f"delete_pods[{i}]", f"{ref!r}: expected NAMESPACE/NAME"))
+        deletes.append(codec.pod_key(cluster, namespace=ns, name=name))
+    puts = [(codec.namespace_key(cluster, namespace=n.name), codec.encode(codec.namespace_to_dict(n)), None) for n in namespaces]
+    puts += [(codec.pod_key(cluster, namespace=p.namespace, name=p.name), codec.encode(codec.pod_to_dict(p)), None) for p in pods]
+    if puts or deletes:
+        store.txn(compare=[], put=puts, delete=deletes)
+    return {"namespaces": len(namespaces), "pods": len(pods), "deleted_pods": len(deletes)}
+
+
+def publish_pod(state: LabState, pod: PodState) -> None:
+    """After a successful ADD: the pod's record, and its namespace's record
+    if the lab did not know the namespace yet."""
+    with st.locked(Path(state.lab_dir)):
+        known = load_namespaces(state.without_pod(pod.name))
+        new_ns = {} if pod.namespace in known else {pod.namespace: {}}
+        if new_ns:
+            _save_namespaces(state, {**known, **new_ns})
+        publish(state, meta_document(state, pods=[pod], namespaces=new_ns))
+
+
+def unpublish_pod(state: LabState, pod: PodState) -> None:
+    publish(state, meta_document(state, delete_pods=[pod]))
+
+
+def add_namespace(name: str, namespace: str, labels: Sequence[str] = (), *, root: str | None = None) -> dict[str, str]:
+    """``lab namespace add``: a namespace with labels (plus the automatic
+    ``kubernetes.io/metadata.name``); AlreadyExists if the lab has it."""
+    topology.validate_pod_name(namespace, field="NAMESPACE")
+    sets, removes = parse_label_edits(labels, field="--labels")
+    if removes:
+        raise UsageError(f"--labels: {sorted(removes)[0]}- removes a label; a new namespace has none to remove")
+    state = st.load(topology.validate_lab_name(name), root)
+    with st.locked(Path(state.lab_dir)):
+        state = st.load(name, root)
+        known = load_namespaces(state)
+        if namespace in known:
+            raise AlreadyExists(
+                f"NAMESPACE: lab {name} already has namespace {namespace!r}",
+                details=f"change its labels with: overlaycni lab namespace label {namespace} KEY=VALUE --name {name}",
+            )
+        sets.pop(NAME_LABEL, None)
+        known[namespace] = sets
+        publish(state, meta_document(state, namespaces={namespace: sets}))
+        _save_namespaces(state, known)
+    return NamespaceInfo(namespace, sets).labels  # type: ignore[return-value]
+
+
+def _edit(labels: Mapping[str, str], sets: Mapping[str, str], removes: set[str], *, what: str) -> dict[str, str]:
+    out = dict(labels)
+    for k in removes:
+        if k not in out:
+            raise UsageError(f"LABELS: {what} has no label {k!r} to remove (labels: {_fmt(out)})")
+        del out[k]
+    out.update(sets)
+    return out
+
+
+def _fmt(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+
+
+def label_namespace(name: str, namespace: str, edits: Sequence[str], *, root: str | None = None) -> dict[str, str]:
+    sets, removes = parse_label_edits(edits)
+    if NAME_LABEL in sets or NAME_LABEL in removes:
+        raise UsageError(f"LABELS: {NAME_LABEL} is set by the API server to the namespace's name and cannot be changed")
+    state = st.load(topology.validate_lab_name(name), root)
+    with st.locked(Path(state.lab_dir)):
+        state = st.load(name, root)
+        known = load_namespaces(state)
+        if namespace not in known:
+            raise NotFound(f"NAMESPACE: lab {name} has no namespace {namespace!r} (namespaces: {', '.join(sorted(known)) or 'none'})")
+        known[namespace] = _edit(known[namespace], sets, removes, what=f"namespace {namespace}")
+        publish(state, meta_document(state, namespaces={namespace: known[namespace]}))
+        _save_namespaces(state, known)
+    return NamespaceInfo(namespace, known[namespace]).labels  # type: ignore[return-value]
+
+
+def label_pod(name: str, pod: str, edits: Sequence[str], *, root: str | None = None) -> PodState:
+    sets, removes = parse_label_edits(edits)
+    state = st.load(topology.validate_lab_name(name), root)
+    with st.locked(Path(state.lab_dir)):
+        state = st.load(name, root)
+        p = state.pod(pod)
+        p = replace(p, labels=tuple(sorted(_edit(dict(p.labels), sets, removes, what=f"pod {pod}").items())))
+        publish(state, meta_document(state, pods=[p]))
+        st.save(state.with_pod(p))
+    return p
+
+
+# --- probe servers -----------------------------------------------------------------------------
+
+
+def _python() -> str:
+    return os.path.realpath(sys.executable)
+
+
+def load_servers(state: LabState) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads((Path(state.lab_dir) / SERVERS_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _server_alive(rec: Mapping[str, Any] | None) -> bool:
+    return bool(rec) and procs.alive(Proc(pid=rec["pid"], start_time=rec["start_time"]))  # type: ignore[index]
+
+
+def ensure_servers(state: LabState, *, ports: Sequence[int] = DEFAULT_PORTS, pods: Sequence[PodState] | None = None) -> int:
+    """Every pod serves TCP and UDP on ``ports``; start what is missing.
+    Returns how many servers were started."""
+    pods = list(state.pods if pods is None else pods)
+    d = Path(state.lab_dir)
+    started = 0
+    with st.locked(d):
+        servers = load_servers(state)
+        todo = []
+        for p in pods:
+            recs = [r for r in servers.get(p.name, []) if _server_alive(r)]
+            served = {port for r in recs for port in r["ports"]}
+            missing = sorted(set(ports) - served)
+            servers[p.name] = recs
+            if missing:
+                todo.append((p, missing))
+        spawned = []
+        try:
+            for p, missing in todo:
+                log = d / "servers" / f"{p.name}.log"
+                out = d / "servers" / f"{p.name}.{missing[0]}.out"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text("")
+                proc = procs.spawn(p.netns, [_python(), "-I", "-S", NETPROBE, "serve", *map(str, missing)], log=log, out=out)
+                spawned.append((p, missing, proc, out))
+                servers[p.name].append({"pid": proc.pid, "start_time": proc.start_time, "ports": missing, "log": str(log)})
+            for p, missing, proc, out in spawned:
+                procs.wait_for_json_event(out, "ready", proc=proc, timeout=SERVER_READY_TIMEOUT, log=Path(proc.log))
+                started += 1
+        finally:
+            tmp = d / (SERVERS_FILE + ".tmp")
+            tmp.write_text(json.dumps(servers, indent=1))
+            os.replace(tmp, d / SERVERS_FILE)
+    return started
+
+
+# --- the matrix --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    lab: str
+    port: int
+    protocol: str  # TCP or UDP
+    pods: tuple[str, ...]  # lab pod names, in order
+    keys: tuple[str, ...]  # NAMESPACE/POD of each
+    connected: Mapping[tuple[str, str], bool]  # (src pod, dst pod)
+    retried: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lab": self.lab,
+            "port": self.port,
+            "protocol": self.protocol,
+            "pods": [{"name": p, "pod": k} for p, k in zip(self.pods, self.keys)],
+            "matrix": {s: {d: self.connected[(s, d)] for d in self.pods} for s in self.pods},
+            "connected": sum(self.connected.values()),
+            "blocked": sum(not v for v in self.connected.values()),
+            "retried": self.retried,
+        }
+
+    def rows(self) -> list[str]:
+        """``.`` connected, ``X`` blocked, one row per source (the upstream truth-table style)."""
+        return ["".join("." if self.connected[(s, d)] else "X" for d in self.pods) for s in self.pods]
+
+
+def _probe_round(
+    state: LabState, pairs: Sequence[tuple[PodState, PodState]], *, port: int, protocol: str, timeout: float
+) -> dict[tuple[str, str], bool]:
+    by_src: dict[str, list[PodState]] = {}
+    src_of: dict[str, PodState] = {}
+    for s, d in pairs:
+        by_src.setdefault(s.name, []).append(d)
+        src_of[s.name] = s
+    argv_of = {
+        name: netns.in_ns(
+            src_of[name].netns,
+            [_python(), "-I", "-S", NETPROBE, "probe", "--protocol", protocol.lower(), "--port", str(port),
+             "--timeout", str(timeout), *[str(d.ip.ip) for d in dsts if d.ip is not None]],
+        )
+        for name, dsts in by_src.items()
+    }  # fmt: skip
+
+    def run(name: str) -> tuple[str, list[bool]]:
+        proc = subprocess.run(argv_of[name], capture_output=True, text=True, timeout=timeout * 4 + 60)
+        if proc.returncode != 0:
+            raise DataplaneError(f"probe from pod {name} failed: {proc.stderr.strip()[-500:]}")
+        return name, json.loads(proc.stdout)
+
+    out: dict[tuple[str, str], bool] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(argv_of))) as pool:
+        for name, results in pool.map(run, list(argv_of)):
+            for d, ok in zip(by_src[name], results):
+                out[(name, d.name)] = bool(ok)
+    return out
+
+
+def probe_matrix(
+    state: LabState,
+    *,
+    port: int = 80,
+    protocol: str = "TCP",
+    pods: Sequence[str] | None = None,
+    expect: Mapping[tuple[str, str], bool] | None = None,
+    retries: int = 2,
+    timeout: float = 2.0,
+    start_servers: bool = True,
+) -> ProbeReport:
+    """Probe every ordered pair of ``pods`` (default: all pods with an IP)
+    on PORT/PROTOCOL with real packets. A blocked pair is probed again (at
+    most ``retries`` times) only when ``expect`` says it should connect (or
+    there is no ``expect``); a pair that connected is never probed again, so
+    a wrongly allowed pair is always reported."""
+    protocol = protocol.upper()
+    if protocol not in ("TCP", "UDP"):
+        raise UsageError(f"--protocol: {protocol!r} cannot be probed here (TCP or UDP; this kernel has no SCTP)")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port: {port} is out of range (1-65535)")
+    chosen = [state.pod(n) for n in pods] if pods is not None else [p for p in state.pods if p.ip is not None]
+    missing_ip = [p.name for p in chosen if p.ip is None]
+    if missing_ip:
+        raise UsageError(f"pods without an IP cannot be probed: {', '.join(missing_ip)}")
+    if start_servers:
+        ensure_servers(state, ports=sorted({*DEFAULT_PORTS, port}), pods=chosen)
+    pairs = [(s, d) for s in chosen for d in chosen]
+    got = _probe_round(state, pairs, port=port, protocol=protocol, timeout=timeout)
+    retried = 0
+    for _ in range(retries):
+        again = [(s, d) for s, d in pairs if not got[(s.name, d.name)] and (expect is None or expect.get((s.name, d.name), False))]
+        if not again:
+            break
+        retried += len(again)
+        got.update(_probe_round(state, again, port=port, protocol=protocol, timeout=timeout))
+    return ProbeReport(
+        lab=state.name,
+        port=port,
+        protocol=protocol,
+        pods=tuple(p.name for p in chosen),
+        keys=tuple(f"{p.namespace}/{p.name}" for p in chosen),
+        connected=got,
+        retried=retried,
+    )
+
+
+def named_ports(pod: PodState) -> tuple[NamedPort, ...]:
+    return tuple(codec.parse_named_port(p) for p in pod.ports)
