@@ -9,9 +9,11 @@ global ``--datastore``) are thin wrappers over ``policy.store_codec``
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 import yaml
@@ -22,10 +24,48 @@ from ..policy.engine import Verdict, allowed
 from ..policy.inventory import Inventory, load_inventory
 from ..policy.model import PROTOCOLS, NetworkPolicy, PodInfo, parse_policies
 from ..policy.render import counts, render_node
-from ..policy.store_codec import delete_policy, load_policies, policy_to_dict, save_policies
+from ..policy.store_codec import delete_policy, load_namespaces, load_pods, load_policies, policy_to_dict, save_policies
 from .common import Output, OutputOpt, console, open_store, print_json, report_error
 
-ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
+ClusterOpt = Annotated[
+    Optional[str], typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`), in --datastore.", show_default=False)
+]
+LabOpt = Annotated[
+    Optional[str],
+    typer.Option("--lab", help="A lab on this machine (`overlaycni lab list`): its datastore and cluster.", show_default=False),
+]
+
+
+def resolve_target(ctx: typer.Context, *, cluster: str | None, lab: str | None, rerun: Callable[[str], list[str]]) -> str:
+    """The cluster to act on. With ``--lab`` the lab's datastore is used; for
+    a lab whose store is its in-lab etcd, the command (``rerun(cluster)``)
+    runs again inside the lab's control namespace and this process exits
+    with its status: nothing talks to a lab address from outside the lab."""
+    if lab and cluster:
+        raise ConfigError(PolicyFieldError("--lab", "give --lab or --cluster, not both"))
+    if not lab:
+        if not cluster:
+            raise ConfigError(PolicyFieldError("--cluster", "required: the cluster name (or --lab NAME for a lab on this machine)"))
+        return cluster
+    from ..lab import policy as lab_policy
+
+    state = lab_policy.open_lab_state(lab)
+    if state.store == "etcd":
+        raise typer.Exit(lab_policy.run_in_lab(state, rerun(state.name)))
+    root = ctx.find_root()
+    root.obj = {**(root.obj or {}), "datastore": state.datastore}
+    return state.name
+
+
+def inventory_from_store(store: Any, cluster: str) -> Inventory:
+    """Pods (IP and node from the IPAM allocations, labels and ports from the
+    pod records), namespaces and policies of a cluster, as the agents see them."""
+    from ..agent.policy import inventory
+    from ..ipam import list_allocations
+
+    allocations = list_allocations(store, cluster)  # NotFound for an unknown cluster
+    pods, namespaces = inventory(allocations, load_pods(store, cluster), load_namespaces(store, cluster))
+    return Inventory(tuple(namespaces), tuple(pods), tuple(load_policies(store, cluster)))
 
 EPILOG = (
     "Examples: overlaycni policy validate -f netpol.yaml; "
@@ -139,18 +179,41 @@ def register(app: typer.Typer) -> None:
         src: Annotated[str, typer.Argument(help="Source: NAMESPACE/POD or an IPv4 address.")],
         dst: Annotated[str, typer.Argument(help="Destination: NAMESPACE/POD or an IPv4 address.")],
         port: Annotated[str, typer.Argument(help="PORT/PROTOCOL, e.g. 80/TCP (protocol defaults to TCP).")],
-        from_file: Annotated[str, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).")],
+        ctx: typer.Context,
+        from_file: Annotated[
+            Optional[str], typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
+        ] = None,
+        cluster: ClusterOpt = None,
+        lab: LabOpt = None,
         output: OutputOpt = Output.table,
     ) -> None:
         """Explain whether SRC may connect to DST on PORT/PROTOCOL.
 
         Prints the verdict and the policy and rule that decided it, or the
         default (allow when neither end is isolated, deny when one is).
+        The pods, namespaces and policies come from --from FILE, or from the
+        datastore of --cluster C / --lab N (pod IPs and nodes from IPAM).
 
         Exit status: 0 allowed, 1 denied, 2 bad input.
         """
         try:
-            _, data = explain(load_inventory(read_text(from_file)), src=src, dst=dst, port=port)
+            if from_file is not None:
+                if cluster or lab:
+                    raise ConfigError(PolicyFieldError("--from", "give --from FILE or --cluster/--lab, not both"))
+                inv = load_inventory(read_text(from_file))
+            else:
+                if not cluster and not lab:
+                    raise ConfigError(PolicyFieldError("--from", "required: --from FILE, or --cluster C / --lab N for a datastore"))
+                name = resolve_target(
+                    ctx, cluster=cluster, lab=lab,
+                    rerun=lambda c: ["policy", "explain", src, dst, port, "--cluster", c, "--output", output.value],
+                )  # fmt: skip
+                store = open_store(ctx)
+                try:
+                    inv = inventory_from_store(store, name)
+                finally:
+                    store.close()
+            _, data = explain(inv, src=src, dst=dst, port=port)
         except OverlayCNIError as exc:
             if output is Output.json and isinstance(exc, ConfigError):
                 print_json(_errors_json(exc))
@@ -183,11 +246,12 @@ def register(app: typer.Typer) -> None:
             rules, elements = counts(doc)
             console.print(f"table inet overlaycni for {node}: {rules} rules, {elements} set elements", highlight=False)
 
-    @group.command("apply", epilog="Example: overlaycni policy apply -f netpol.yaml --cluster dev")
+    @group.command("apply", epilog="Examples: overlaycni policy apply -f netpol.yaml --cluster dev; ... --lab demo")
     def apply_cmd(
         ctx: typer.Context,
         file: Annotated[str, typer.Option("--file", "-f", help="YAML with one or more NetworkPolicy documents ('-': stdin).")],
-        cluster: ClusterOpt,
+        cluster: ClusterOpt = None,
+        lab: LabOpt = None,
         output: OutputOpt = Output.table,
     ) -> None:
         """Validate policies and store them (create or replace) in the cluster.
@@ -196,6 +260,11 @@ def register(app: typer.Typer) -> None:
         stored, 2 invalid input or unknown cluster.
         """
         try:
+            cluster = resolve_target(
+                ctx, cluster=cluster, lab=lab,
+                rerun=lambda c: ["policy", "apply", "--file", file if file == "-" else os.path.abspath(file),
+                                 "--cluster", c, "--output", output.value],
+            )  # fmt: skip
             policies = validate(read_text(file))
             store = open_store(ctx)
             try:
@@ -222,13 +291,15 @@ def register(app: typer.Typer) -> None:
     def delete_cmd(
         ctx: typer.Context,
         ref: Annotated[str, typer.Argument(metavar="NAMESPACE/NAME", help="The policy to delete.")],
-        cluster: ClusterOpt,
+        cluster: ClusterOpt = None,
+        lab: LabOpt = None,
     ) -> None:
         """Delete one policy. Exit status: 0 deleted, 2 not found."""
         namespace, sep, name = ref.partition("/")
         try:
             if not sep or not namespace or not name:
                 raise ConfigError(PolicyFieldError("policy", f"{ref!r}: expected NAMESPACE/NAME, e.g. x/deny-all"))
+            cluster = resolve_target(ctx, cluster=cluster, lab=lab, rerun=lambda c: ["policy", "delete", ref, "--cluster", c])
             store = open_store(ctx)
             try:
                 if not delete_policy(store, cluster, namespace=namespace, name=name):
@@ -240,9 +311,12 @@ def register(app: typer.Typer) -> None:
         console.print(f"networkpolicy {ref} deleted", highlight=False)
 
     @group.command("list", epilog="Example: overlaycni policy list --cluster dev -o json")
-    def list_cmd(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
+    def list_cmd(ctx: typer.Context, cluster: ClusterOpt = None, lab: LabOpt = None, output: OutputOpt = Output.table) -> None:
         """List the cluster's policies."""
         try:
+            cluster = resolve_target(
+                ctx, cluster=cluster, lab=lab, rerun=lambda c: ["policy", "list", "--cluster", c, "--output", output.value]
+            )
             store = open_store(ctx)
             try:
                 policies = sorted(load_policies(store, cluster), key=lambda p: p.key)

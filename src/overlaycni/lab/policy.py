@@ -104,6 +104,29 @@ def parse_ip(text: str | None) -> IPv4Address | None:
         raise UsageError(f"--ip: {text!r} is not an IPv4 address") from None
 
 
+# --- running a command against a lab's datastore -----------------------------------------------
+
+
+def open_lab_state(name: str, root: str | None = None) -> LabState:
+    """The state of lab ``name`` (``--lab``); NotFound naming the labs."""
+    topology.validate_lab_name(name)
+    try:
+        return st.load(name, root)
+    except NotFound:
+        known = ", ".join(st.list_labs(root)) or "none"
+        raise NotFound(f"--lab: no lab named {name!r} (labs: {known}); start one with: overlaycni lab up --name {name}") from None
+
+
+def run_in_lab(state: LabState, args: Sequence[str]) -> int:
+    """Run ``overlaycni --datastore <lab store> ARGS`` inside the lab's
+    control namespace (an in-lab etcd is only reachable there), with this
+    process's stdin/stdout/stderr; returns its exit status."""
+    netns.require_privileges()
+    assert state.control_netns, "only an etcd lab has a control namespace"
+    argv = netns.in_ns(state.control_netns, [*control.overlaycni_argv(), "--datastore", state.datastore, *args])
+    return subprocess.run(argv).returncode
+
+
 # --- records -----------------------------------------------------------------------------------
 
 
@@ -400,7 +423,10 @@ def probe_matrix(
         raise UsageError(f"--protocol: {protocol!r} cannot be probed here (TCP or UDP; this kernel has no SCTP)")
     if not 1 <= port <= 65535:
         raise UsageError(f"--port: {port} is out of range (1-65535)")
-    chosen = [state.pod(n) for n in pods] if pods is not None else [p for p in state.pods if p.ip is not None]
+    if pods is not None:
+        chosen = [state.pod(n) for n in pods]
+    else:
+        chosen = sorted((p for p in state.pods if p.ip is not None), key=lambda p: (p.namespace, p.name))
     missing_ip = [p.name for p in chosen if p.ip is None]
     if missing_ip:
         raise UsageError(f"pods without an IP cannot be probed: {', '.join(missing_ip)}")
