@@ -6,7 +6,8 @@ DEL finds it without state); the pod end is created *directly inside* the
 pod's namespace with its final name (``IFLA_NET_NS_FD`` on the veth peer),
 so it never needs a temporary name or a rename and cannot collide with the
 node's own ``eth0``. In the pod: ``<ip>/<prefix>`` on the interface, lo up,
-``<gateway> dev <ifname> scope link`` and ``default via <gateway>``. On the
+``<gateway> dev <ifname> scope link`` and ``default via <gateway>`` (the
+address has ``noprefixroute``: no on-link route to the block). On the
 node (done by the engine through the other ports): proxy_arp=1 on the host
 veth, ``<ip>/32 dev <host veth> scope link proto 119`` and the
 ``pod_endpoints`` element. Order: create the pair, configure the pod side,
@@ -35,6 +36,13 @@ from .links import get_link_msg, nl_error, to_link
 from .netns import open_netns, pod_netns
 
 RT_SCOPE_LINK = 253
+# The pod keeps <ip>/<block prefix> but no connected <block> route: every
+# packet, even to a pod on the same node, goes to the gateway. The pod's ARP
+# table then holds one entry (the gateway) instead of one per same-node
+# peer. The kernel's neighbour table limit (gc_thresh3, 1024 by default) is
+# shared by every namespace on a machine, and a 20-node lab with 10 pods per
+# node overflowed it with per-peer entries.
+IFA_F_NOPREFIXROUTE = 0x200
 
 
 def _pod_socket(netns_path: str) -> IPRoute:
@@ -84,7 +92,8 @@ class LinuxPodLinks:
             lo = get_link_msg(pod, "lo")
             if lo is not None and not lo["flags"] & 1:
                 pod.link("set", index=lo["index"], state="up")
-            pod.addr("add", index=peer.index, address=str(ip.ip), prefixlen=ip.network.prefixlen)
+            pod.addr("add", index=peer.index, address=str(ip.ip), prefixlen=ip.network.prefixlen,
+                     flags=IFA_F_NOPREFIXROUTE)
             pod.link("set", index=peer.index, state="up")
             pod.route("add", dst=f"{gateway}/32", oif=peer.index, scope=RT_SCOPE_LINK)
             pod.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=peer.index)
