@@ -396,3 +396,47 @@ def test_pod_delete_stops_its_probe_server(np_lab: Lab):
     np_lab.oc("pod", "delete", "srv")
     assert not pid_alive(pid)
 
+
+
+# --- the same path against an in-lab etcd -------------------------------------------------------
+
+
+def _cli_matrix(lab: Lab, port: int, *, until: dict[str, dict[str, bool]], timeout: float = 30.0) -> dict[str, dict[str, bool]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = lab.json("probe", "--port", str(port), "--retries", "2")["matrix"]
+        if got == until or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def test_etcd_lab_metadata_policy_and_probe(make_lab):
+    """With --store etcd every metadata write, ``policy apply/explain/delete
+    --lab`` and the agents go through the etcd inside the lab (the CLI runs
+    inside the lab's control namespace); a named port and a label change
+    are enforced."""
+    lab = make_lab("npe", "--nodes", "2", "--pods-per-node", "0", "--store", "etcd")
+    lab.oc("namespace", "add", "x", "--labels", "ns=x")
+    lab.oc("pod", "add", "web", "--namespace", "x", "--node", "node1", "--labels", "app=web", "--port", "http=80/TCP")
+    lab.oc("pod", "add", "cli", "--namespace", "x", "--node", "node2", "--labels", "app=cli")
+    path = lab.root / "etcd-policy.yaml"
+    path.write_text(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-clients, namespace: x}\n"
+        "spec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {role: client}}\n"
+        "    ports: [{port: http}]\n"
+    )
+    policy_cli(lab, "apply", "-f", str(path))
+    closed = {"cli": {"cli": True, "web": False}, "web": {"cli": True, "web": True}}
+    opened = {"cli": {"cli": True, "web": True}, "web": {"cli": True, "web": True}}
+    assert _cli_matrix(lab, 80, until=closed) == closed
+    lab.oc("pod", "label", "cli", "role=client")
+    assert _cli_matrix(lab, 80, until=opened) == opened
+    assert _cli_matrix(lab, 81, until=closed) == closed  # the named port is 80 only
+    verdict = json.loads(policy_cli(lab, "explain", "x/cli", "x/web", "80/TCP", "--output", "json").stdout)
+    assert verdict["allowed"] and verdict["policy"] == "x/web-from-clients"
+    denied = policy_cli(lab, "explain", "x/cli", "x/web", "81/TCP", "--output", "json", check=False)
+    assert denied.returncode == 1 and json.loads(denied.stdout)["allowed"] is False
+    policy_cli(lab, "delete", "x/web-from-clients")
+    assert _cli_matrix(lab, 81, until=opened) == opened
+    gone = policy_cli(lab, "delete", "x/web-from-clients", check=False)
+    assert gone.returncode == 2 and "not found" in gone.stderr
