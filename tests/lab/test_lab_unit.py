@@ -122,7 +122,10 @@ def test_state_round_trip_and_status_json(tmp_path):
     j = s.status_json()
     assert set(j) >= {"name", "backend", "pod_cidr", "nodes", "pods", "external"}
     assert j["nodes"][0] == {"name": "node1", "netns": "ocl-t.node1", "ip": "10.224.0.4", "block": "10.244.0.0/24", "agent_pid": 42}
-    assert j["pods"][0] == {"name": "p1", "namespace": "default", "node": "node1", "netns": "ocl-t.pod.p1", "ip": "10.244.0.2"}
+    assert j["pods"][0] == {
+        "name": "p1", "namespace": "default", "node": "node1", "netns": "ocl-t.pod.p1", "ip": "10.244.0.2",
+        "labels": {"app": "web"}, "ports": [],
+    }  # fmt: skip
     assert j["external"] == {"netns": "ocl-t.ext", "ip": "10.224.255.253"}
     assert j["pod_cidr"] == "10.244.0.0/16"
 

@@ -62,10 +62,11 @@ def render_status(state: lab_state.LabState) -> None:
         nodes.add_row(n.name, str(n.ip.ip), str(n.block or "-"), pid if alive else f"[red]{pid} (down)[/]", n.netns)
     console.print(nodes)
     pods = Table(title="pods", title_justify="left")
-    for col in ("pod", "namespace", "node", "IP", "netns"):
+    for col in ("pod", "namespace", "node", "IP", "labels", "netns"):
         pods.add_column(col)
     for p in state.pods:
-        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", p.netns)
+        labels = ",".join(f"{k}={v}" for k, v in p.labels) or "-"
+        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", labels, p.netns)
     console.print(pods)
 
 

@@ -69,7 +69,8 @@ def inventory_from_store(store: Any, cluster: str) -> Inventory:
 
 EPILOG = (
     "Examples: overlaycni policy validate -f netpol.yaml; "
-    "overlaycni policy explain x/a y/b 80/TCP --from cluster.yaml"
+    "overlaycni policy explain x/a y/b 80/TCP --from cluster.yaml; "
+    "overlaycni policy explain x/web 10.244.1.7 80/TCP --lab demo"
 )
 
 

@@ -143,6 +143,8 @@ class LabState:
                     "node": p.node,
                     "netns": p.netns,
                     "ip": str(p.ip.ip) if p.ip else None,
+                    "labels": dict(p.labels),
+                    "ports": list(p.ports),
                 }
                 for p in self.pods
             ],
