@@ -133,8 +133,14 @@ def delete_node(name: str, node: str, *, root: str | None = None) -> NodeState:
     state = open_lab(name, root)
     n = state.node(node)
     for p in state.pods_on(node):
+        for pid in netns.netns_pids(p.netns):  # the pod's processes (probe servers) go first
+            procs.kill_pid(pid)
         control.cni_del(state, n, p, best_effort=True)
         _update(name, root, lambda s, p=p: s.without_pod(p.name).without_namespace(p.netns))
+    try:
+        lab_policy.publish(state, lab_policy.meta_document(state, delete_pods=state.pods_on(node)))
+    except OverlayCNIError:
+        pass  # records without an IP allocation select nothing
     _remove_node(state, n, deregister=True)
     return n
 
