@@ -80,6 +80,10 @@ class PolicyController:
         self.stop = stop
         self.full_every = full_every
         self.dirty = threading.Event()
+        # With no policy in the cluster the table is the same whatever the
+        # pods are: pod and namespace events then cost nothing (no render on
+        # the CNI ADD path). A policy event always triggers a pass.
+        self.has_policies = True
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "full": 0}
         self._last_full = 0.0
@@ -115,6 +119,7 @@ class PolicyController:
             self.table.reset()  # re-apply everything: repairs a table changed behind our back
         how = self.table.sync(pods=pods, namespaces=namespaces, policies=policies)
         self.passes[how] += 1
+        self.has_policies = bool(policies)
         if how != "none":
             log.info("policy: %s update (%d policies, %d pods)", how, len(policies), len(pods))
         return how
@@ -143,12 +148,13 @@ class PolicyController:
     def _watch(self) -> None:
         prefix = ipam_keys.root(self.cluster)
         wanted = self.prefixes()
+        policies = codec.policies_prefix(self.cluster)
         rev = self.store.revision()
         while not self.stop.is_set():
             try:
                 for ev in self.store.watch(prefix, start_revision=rev + 1, stop=self.stop):
                     rev = max(rev, ev.revision)
-                    if ev.key.startswith(wanted):
+                    if ev.key.startswith(policies) or (self.has_policies and ev.key.startswith(wanted)):
                         self.dirty.set()
             except OverlayCNIError as exc:
                 log.warning("policy watch interrupted (%s)", exc)
