@@ -205,6 +205,10 @@ def test_metadata_records_in_the_datastore(np_lab: Lab):
         assert set(rec.ports) == set(NAMED_PORTS)
     for ns in NAMESPACES:
         assert dict(namespaces[ns].labels) == {"ns": ns, "kubernetes.io/metadata.name": ns}
+    listed = {r["namespace"]: r for r in np_lab.json("namespace", "list")}
+    for ns in NAMESPACES:
+        assert listed[ns]["labels"] == {"ns": ns, "kubernetes.io/metadata.name": ns}
+        assert sorted(listed[ns]["pods"]) == [f"{ns}-{p}" for p in POD_NAMES]
     # the placement spreads every namespace over the three nodes
     assert {allocs[(ns, f"{ns}-{p}")].node for ns in NAMESPACES for p in POD_NAMES} == {"node1", "node2", "node3"}
     for ns in NAMESPACES:
