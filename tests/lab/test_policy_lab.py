@@ -294,6 +294,9 @@ def test_lab_probe_cli_and_policy_explain_agree(np_lab: Lab):
         listed = json.loads(policy_cli(np_lab, "list", "--output", "json").stdout)
         assert [p["metadata"]["name"] for p in listed["policies"]] == ["deny-egress"]
         wait_applied(np_lab, c, manifest)
+        for n in _state(np_lab).nodes:  # what `policy render --lab` says a node gets is what its agent applied
+            rendered = json.loads(policy_cli(np_lab, "render", "--node", n.name).stdout)
+            assert _rendered_shape(rendered) == _kernel_shape(n.netns)
         rep = np_lab.json("probe", "--port", "80", "--protocol", "udp", "--retries", "2")
         assert rep["port"] == 80 and rep["protocol"] == "UDP"
         keys = {p["name"]: p["pod"] for p in rep["pods"]}
@@ -440,6 +443,8 @@ def test_etcd_lab_metadata_policy_and_probe(make_lab):
     assert verdict["allowed"] and verdict["policy"] == "x/web-from-clients"
     denied = policy_cli(lab, "explain", "x/cli", "x/web", "81/TCP", "--output", "json", check=False)
     assert denied.returncode == 1 and json.loads(denied.stdout)["allowed"] is False
+    web_node = json.loads(policy_cli(lab, "render", "--node", "node1").stdout)
+    assert _rendered_shape(web_node) == _kernel_shape(f"ocl-{lab.name}.node1")
     policy_cli(lab, "delete", "x/web-from-clients")
     assert _cli_matrix(lab, 81, until=opened) == opened
     gone = policy_cli(lab, "delete", "x/web-from-clients", check=False)

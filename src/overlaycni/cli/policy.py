@@ -57,6 +57,25 @@ def resolve_target(ctx: typer.Context, *, cluster: str | None, lab: str | None, 
     return state.name
 
 
+def load_any_inventory(
+    ctx: typer.Context, *, from_file: str | None, cluster: str | None, lab: str | None, rerun: Callable[[str], list[str]]
+) -> Inventory:
+    """The inventory of ``--from FILE``, or of the datastore of ``--cluster``
+    / ``--lab`` (an etcd lab re-runs the command inside the lab)."""
+    if from_file is not None:
+        if cluster or lab:
+            raise ConfigError(PolicyFieldError("--from", "give --from FILE or --cluster/--lab, not both"))
+        return load_inventory(read_text(from_file))
+    if not cluster and not lab:
+        raise ConfigError(PolicyFieldError("--from", "required: --from FILE, or --cluster C / --lab N for a datastore"))
+    name = resolve_target(ctx, cluster=cluster, lab=lab, rerun=rerun)
+    store = open_store(ctx)
+    try:
+        return inventory_from_store(store, name)
+    finally:
+        store.close()
+
+
 def inventory_from_store(store: Any, cluster: str) -> Inventory:
     """Pods (IP and node from the IPAM allocations, labels and ports from the
     pod records), namespaces and policies of a cluster, as the agents see them."""
@@ -198,22 +217,10 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 allowed, 1 denied, 2 bad input.
         """
         try:
-            if from_file is not None:
-                if cluster or lab:
-                    raise ConfigError(PolicyFieldError("--from", "give --from FILE or --cluster/--lab, not both"))
-                inv = load_inventory(read_text(from_file))
-            else:
-                if not cluster and not lab:
-                    raise ConfigError(PolicyFieldError("--from", "required: --from FILE, or --cluster C / --lab N for a datastore"))
-                name = resolve_target(
-                    ctx, cluster=cluster, lab=lab,
-                    rerun=lambda c: ["policy", "explain", src, dst, port, "--cluster", c, "--output", output.value],
-                )  # fmt: skip
-                store = open_store(ctx)
-                try:
-                    inv = inventory_from_store(store, name)
-                finally:
-                    store.close()
+            inv = load_any_inventory(
+                ctx, from_file=from_file, cluster=cluster, lab=lab,
+                rerun=lambda c: ["policy", "explain", src, dst, port, "--cluster", c, "--output", output.value],
+            )  # fmt: skip
             _, data = explain(inv, src=src, dst=dst, port=port)
         except OverlayCNIError as exc:
             if output is Output.json and isinstance(exc, ConfigError):
@@ -229,15 +236,25 @@ def register(app: typer.Typer) -> None:
 
     @group.command("render", epilog=EPILOG)
     def render_cmd(
+        ctx: typer.Context,
         node: Annotated[str, typer.Option("--node", help="The node whose table to render.")],
-        from_file: Annotated[str, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).")],
+        from_file: Annotated[
+            Optional[str], typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
+        ] = None,
+        cluster: ClusterOpt = None,
+        lab: LabOpt = None,
         output: OutputOpt = Output.json,
     ) -> None:
         """Print the nftables document (nft -j) that NODE would apply.
 
-        With --output table, print its size (rules and set elements)."""
+        The inventory comes from --from FILE or the datastore of --cluster /
+        --lab (what the node's agent renders). With --output table, print
+        its size (rules and set elements)."""
         try:
-            inv = load_inventory(read_text(from_file))
+            inv = load_any_inventory(
+                ctx, from_file=from_file, cluster=cluster, lab=lab,
+                rerun=lambda c: ["policy", "render", "--node", node, "--cluster", c, "--output", output.value],
+            )  # fmt: skip
         except OverlayCNIError as exc:
             raise typer.Exit(report_error(exc))
         doc = render_node(node, pods=inv.pods, namespaces=inv.namespaces, policies=inv.policies)
