@@ -31,7 +31,7 @@ import pytest
 
 from overlaycni.datastore import open_datastore
 from overlaycni.ipam import list_allocations
-from overlaycni.lab import policy as lab_policy
+from overlaycni.lab import probe as lab_probe
 from overlaycni.lab import state as lab_state
 from overlaycni.policy import parse_policies
 from overlaycni.policy import store_codec as codec
@@ -61,6 +61,12 @@ def np_lab(make_lab) -> Lab:
     for i, ns in enumerate(NAMESPACES):
         for j, pod in enumerate(POD_NAMES):
             lab.oc("pod", "add", f"{ns}-{pod}", "--namespace", ns, "--node", _node_of(i, j), "--labels", f"pod={pod}", *PORT_FLAGS)
+    # every pod reaches every pod (servers up, neighbours resolved) before any case runs
+    everything = {(s, d): True for s in ORDER for d in ORDER}
+    deadline = time.monotonic() + 60
+    while not all((got := probe(lab, 80, "TCP", everything)).values()):
+        assert time.monotonic() < deadline, "the lab never became fully connected:\n" + _matrix(got)
+        time.sleep(1)
     return lab
 
 
@@ -176,7 +182,7 @@ def _matrix(got: dict[tuple[str, str], bool]) -> str:
 def probe(lab: Lab, port: int, protocol: str, want: dict[tuple[str, str], bool]) -> dict[tuple[str, str], bool]:
     """All 81 pairs by ``x/a`` keys; only pairs ``want`` allows are retried."""
     expect = {(LAB_POD[s], LAB_POD[d]): ok for (s, d), ok in want.items()}
-    rep = lab_policy.probe_matrix(
+    rep = lab_probe.probe_matrix(
         _state(lab), port=port, protocol=protocol, pods=[LAB_POD[k] for k in ORDER], expect=expect, retries=2
     )
     return {(KEY_OF[s], KEY_OF[d]): ok for (s, d), ok in rep.connected.items()}
@@ -395,8 +401,8 @@ def test_bad_metadata_input_is_a_clear_error(np_lab: Lab):
 def test_pod_delete_stops_its_probe_server(np_lab: Lab):
     np_lab.oc("pod", "add", "srv", "--namespace", "ipt", "--node", "node3")
     st = _state(np_lab)
-    lab_policy.ensure_servers(st, pods=[st.pod("srv")])
-    pid = lab_policy.load_servers(st)["srv"][0]["pid"]
+    lab_probe.ensure_servers(st, pods=[st.pod("srv")])
+    pid = lab_probe.load_servers(st)["srv"][0]["pid"]
     from .conftest import pid_alive
 
     assert pid_alive(pid)

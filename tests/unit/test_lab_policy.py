@@ -15,6 +15,7 @@ import pytest
 from overlaycni.datastore import open_datastore
 from overlaycni.errors import ConfigError, UsageError
 from overlaycni.lab import policy as lab_policy
+from overlaycni.lab import probe as lab_probe
 from overlaycni.lab import runtime
 from overlaycni.lab.state import LabState, PodState
 from overlaycni.policy import store_codec as codec
@@ -107,7 +108,7 @@ def test_runtime_config_only_for_declared_capabilities():
 
 
 def test_probe_report_json_and_rows():
-    rep = lab_policy.ProbeReport(
+    rep = lab_probe.ProbeReport(
         lab="t1", port=80, protocol="TCP", pods=("a", "b"), keys=("x/a", "x/b"),
         connected={("a", "a"): True, ("a", "b"): False, ("b", "a"): True, ("b", "b"): True},
     )  # fmt: skip

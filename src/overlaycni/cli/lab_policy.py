@@ -18,6 +18,7 @@ from rich.table import Table
 from ..errors import ConfigError, PolicyFieldError
 from ..lab import members
 from ..lab import policy as lab_policy
+from ..lab import probe as lab_probe
 from .common import Output, OutputOpt, console, open_store, print_json
 from .lab import LabDirOpt, NameOpt, lab_app, pod_app
 
@@ -140,7 +141,7 @@ def probe(
         raise ConfigError(PolicyFieldError("--retries", f"{retries} is out of range (0-5)"))
     chosen = [p.strip() for p in pods.split(",") if p.strip()] if pods else None
     with console.status(f"probing {protocol.upper()}/{port} between {len(chosen or state.pods)} pods ..."):
-        rep = lab_policy.probe_matrix(state, port=port, protocol=protocol, pods=chosen, retries=retries, timeout=timeout)
+        rep = lab_probe.probe_matrix(state, port=port, protocol=protocol, pods=chosen, retries=retries, timeout=timeout)
     if output is Output.json:
         print_json(rep.to_json())
         return

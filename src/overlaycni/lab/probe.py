@@ -1,0 +1,198 @@
+"""The lab's reachability matrix, measured with real packets.
+
+Every probed pod runs ``netprobe.py serve`` (TCP and UDP echo on 80 and 81
+by default) inside its namespace, started by ``procs.spawn`` and recorded in
+``servers.json`` in the lab directory (pid + start time); ``lab down`` kills
+what still runs in the lab's namespaces, ``lab pod delete`` and ``lab node
+delete`` what runs in the pod's. A matrix runs one ``netprobe.py probe`` per
+source pod, all at once, each probing every destination in parallel
+(threads). A blocked pair costs one timeout, so a matrix takes about one
+timeout however many pods there are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataplaneError, UsageError
+from . import netns, procs
+from . import state as st
+from .state import LabState, PodState, Proc
+
+SERVERS_FILE = "servers.json"
+DEFAULT_PORTS = (80, 81)
+NETPROBE = str(Path(__file__).with_name("netprobe.py"))
+SERVER_READY_TIMEOUT = 20.0
+
+
+# --- probe servers -----------------------------------------------------------------------------
+
+
+def _python() -> str:
+    return os.path.realpath(sys.executable)
+
+
+def load_servers(state: LabState) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads((Path(state.lab_dir) / SERVERS_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _server_alive(rec: Mapping[str, Any] | None) -> bool:
+    return bool(rec) and procs.alive(Proc(pid=rec["pid"], start_time=rec["start_time"]))  # type: ignore[index]
+
+
+def ensure_servers(state: LabState, *, ports: Sequence[int] = DEFAULT_PORTS, pods: Sequence[PodState] | None = None) -> int:
+    """Every pod serves TCP and UDP on ``ports``; start what is missing.
+    Returns how many servers were started."""
+    pods = list(state.pods if pods is None else pods)
+    d = Path(state.lab_dir)
+    started = 0
+    with st.locked(d):
+        servers = load_servers(state)
+        todo = []
+        for p in pods:
+            recs = [r for r in servers.get(p.name, []) if _server_alive(r)]
+            served = {port for r in recs for port in r["ports"]}
+            missing = sorted(set(ports) - served)
+            servers[p.name] = recs
+            if missing:
+                todo.append((p, missing))
+        spawned = []
+        try:
+            for p, missing in todo:
+                log = d / "servers" / f"{p.name}.log"
+                out = d / "servers" / f"{p.name}.{missing[0]}.out"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text("")
+                proc = procs.spawn(p.netns, [_python(), "-I", "-S", NETPROBE, "serve", *map(str, missing)], log=log, out=out)
+                spawned.append((p, missing, proc, out))
+                servers[p.name].append({"pid": proc.pid, "start_time": proc.start_time, "ports": missing, "log": str(log)})
+            for p, missing, proc, out in spawned:
+                procs.wait_for_json_event(out, "ready", proc=proc, timeout=SERVER_READY_TIMEOUT, log=Path(proc.log))
+                started += 1
+        finally:
+            tmp = d / (SERVERS_FILE + ".tmp")
+            tmp.write_text(json.dumps(servers, indent=1))
+            os.replace(tmp, d / SERVERS_FILE)
+    return started
+
+
+# --- the matrix --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    lab: str
+    port: int
+    protocol: str  # TCP or UDP
+    pods: tuple[str, ...]  # lab pod names, in order
+    keys: tuple[str, ...]  # NAMESPACE/POD of each
+    connected: Mapping[tuple[str, str], bool]  # (src pod, dst pod)
+    retried: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lab": self.lab,
+            "port": self.port,
+            "protocol": self.protocol,
+            "pods": [{"name": p, "pod": k} for p, k in zip(self.pods, self.keys)],
+            "matrix": {s: {d: self.connected[(s, d)] for d in self.pods} for s in self.pods},
+            "connected": sum(self.connected.values()),
+            "blocked": sum(not v for v in self.connected.values()),
+            "retried": self.retried,
+        }
+
+    def rows(self) -> list[str]:
+        """``.`` connected, ``X`` blocked, one row per source (the upstream truth-table style)."""
+        return ["".join("." if self.connected[(s, d)] else "X" for d in self.pods) for s in self.pods]
+
+
+def _probe_round(
+    state: LabState, pairs: Sequence[tuple[PodState, PodState]], *, port: int, protocol: str, timeout: float
+) -> dict[tuple[str, str], bool]:
+    by_src: dict[str, list[PodState]] = {}
+    src_of: dict[str, PodState] = {}
+    for s, d in pairs:
+        by_src.setdefault(s.name, []).append(d)
+        src_of[s.name] = s
+    argv_of = {
+        name: netns.in_ns(
+            src_of[name].netns,
+            [_python(), "-I", "-S", NETPROBE, "probe", "--protocol", protocol.lower(), "--port", str(port),
+             "--timeout", str(timeout), *[str(d.ip.ip) for d in dsts if d.ip is not None]],
+        )
+        for name, dsts in by_src.items()
+    }  # fmt: skip
+
+    def run(name: str) -> tuple[str, list[bool]]:
+        proc = subprocess.run(argv_of[name], capture_output=True, text=True, timeout=timeout * 4 + 60)
+        if proc.returncode != 0:
+            raise DataplaneError(f"probe from pod {name} failed: {proc.stderr.strip()[-500:]}")
+        return name, json.loads(proc.stdout)
+
+    out: dict[tuple[str, str], bool] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(argv_of))) as pool:
+        for name, results in pool.map(run, list(argv_of)):
+            for d, ok in zip(by_src[name], results):
+                out[(name, d.name)] = bool(ok)
+    return out
+
+
+def probe_matrix(
+    state: LabState,
+    *,
+    port: int = 80,
+    protocol: str = "TCP",
+    pods: Sequence[str] | None = None,
+    expect: Mapping[tuple[str, str], bool] | None = None,
+    retries: int = 2,
+    timeout: float = 2.0,
+    start_servers: bool = True,
+) -> ProbeReport:
+    """Probe every ordered pair of ``pods`` (default: all pods with an IP)
+    on PORT/PROTOCOL with real packets. A blocked pair is probed again (at
+    most ``retries`` times) only when ``expect`` says it should connect (or
+    there is no ``expect``); a pair that connected is never probed again, so
+    a wrongly allowed pair is always reported."""
+    protocol = protocol.upper()
+    if protocol not in ("TCP", "UDP"):
+        raise UsageError(f"--protocol: {protocol!r} cannot be probed here (TCP or UDP; this kernel has no SCTP)")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port: {port} is out of range (1-65535)")
+    if pods is not None:
+        chosen = [state.pod(n) for n in pods]
+    else:
+        chosen = sorted((p for p in state.pods if p.ip is not None), key=lambda p: (p.namespace, p.name))
+    missing_ip = [p.name for p in chosen if p.ip is None]
+    if missing_ip:
+        raise UsageError(f"pods without an IP cannot be probed: {', '.join(missing_ip)}")
+    if start_servers:
+        ensure_servers(state, ports=sorted({*DEFAULT_PORTS, port}), pods=chosen)
+    pairs = [(s, d) for s in chosen for d in chosen]
+    got = _probe_round(state, pairs, port=port, protocol=protocol, timeout=timeout)
+    retried = 0
+    for _ in range(retries):
+        again = [(s, d) for s, d in pairs if not got[(s.name, d.name)] and (expect is None or expect.get((s.name, d.name), False))]
+        if not again:
+            break
+        retried += len(again)
+        got.update(_probe_round(state, again, port=port, protocol=protocol, timeout=timeout))
+    return ProbeReport(
+        lab=state.name,
+        port=port,
+        protocol=protocol,
+        pods=tuple(p.name for p in chosen),
+        keys=tuple(f"{p.namespace}/{p.name}" for p in chosen),
+        connected=got,
+        retried=retried,
+    )
