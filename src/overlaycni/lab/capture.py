@@ -5,7 +5,9 @@ namespace, so it is bounded both in time and in packets; ``start`` returns
 once tcpdump reports it is listening, ``stop`` interrupts it and reads the
 file back with ``tcpdump -n -r`` (reading a file sends no packet). The
 parser is pure: tcpdump prints a VXLAN packet as the outer line followed by
-the inner packet on the next line without a timestamp.
+the inner packet on the next line without a timestamp. With ``vxlan=True``
+the file is read with ``-T vxlan``: tcpdump otherwise picks a decoder by
+port, and an outer source port such as 49152 is taken for another protocol.
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ class Capture:
     """``with Capture(ns, "eth0", "icmp", workdir=...) as cap: ...`` then
     ``cap.packets``."""
 
-    def __init__(self, ns: str, iface: str, bpf: str, *, workdir: Path, max_packets: int = 100000, timeout: float = 120) -> None:
+    def __init__(
+        self, ns: str, iface: str, bpf: str, *, workdir: Path, max_packets: int = 100000, timeout: float = 120, vxlan: bool = False
+    ) -> None:
         self.ns, self.iface, self.bpf = ns, iface, bpf
+        self.vxlan = vxlan  # decode UDP as VXLAN whatever its ports (tcpdump guesses by port otherwise)
         self.workdir = workdir
         self.max_packets, self.timeout = max_packets, timeout
         self.packets: list[Packet] = []
@@ -122,7 +127,7 @@ class Capture:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = netns.in_ns(
             self.ns,
-            ["timeout", str(int(self.timeout)), "tcpdump", "--immediate-mode", "-i", self.iface, "-n", "-U", "-c", str(self.max_packets),
+            ["timeout", str(int(self.timeout)), "tcpdump", "--immediate-mode", "-B", "8192", "-i", self.iface, "-n", "-U", "-c", str(self.max_packets),
              "-w", str(self._file), *self.bpf.split()],
         )  # fmt: skip
         with open(self._err, "wb") as err:
@@ -148,7 +153,8 @@ class Capture:
         time.sleep(0.1)  # let the last packets reach the capture buffer
         self._kill()
         if self._file.exists():
-            proc = netns.run(["tcpdump", "-n", "-r", str(self._file)], check=False)
+            decode = ["-T", "vxlan"] if self.vxlan else []
+            proc = netns.run(["tcpdump", "-n", *decode, "-r", str(self._file)], check=False)
             self.text = proc.stdout
             self.packets = parse_tcpdump(self.text)
         for f in (self._file, self._err):

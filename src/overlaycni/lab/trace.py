@@ -113,11 +113,12 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
     node_route = route_get(na.netns, dst_ip)
     size = random.randint(300, 999)
     workdir = Path(state.lab_dir) / "captures"
-    underlay = f"({underlay_filter(state)}) or icmp" if state.backend == "vxlan" else "icmp"
+    vx = state.backend == "vxlan"
+    underlay = f"({underlay_filter(state)}) or icmp" if vx else "icmp"
     points: list[tuple[str, str, Capture]] = [(f"{a.name} eth0", a.netns, Capture(a.netns, "eth0", "icmp", workdir=workdir))]
-    points.append((f"{na.name} underlay eth0 ({na.ip.ip})", na.netns, Capture(na.netns, "eth0", underlay, workdir=workdir)))
+    points.append((f"{na.name} underlay eth0 ({na.ip.ip})", na.netns, Capture(na.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if nb and nb.name != na.name:
-        points.append((f"{nb.name} underlay eth0 ({nb.ip.ip})", nb.netns, Capture(nb.netns, "eth0", underlay, workdir=workdir)))
+        points.append((f"{nb.name} underlay eth0 ({nb.ip.ip})", nb.netns, Capture(nb.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if b:
         points.append((f"{b.name} eth0", b.netns, Capture(b.netns, "eth0", "icmp", workdir=workdir)))
     elif is_ext:
