@@ -6,7 +6,8 @@
 2. Convergence: in the 10-node lab, time from ``lab node add`` until every
    peer has a route to the new node's block (polled with ``ip -j route``).
 3. Cross-node pod-to-pod TCP throughput (iperf3) per backend, as a ratio of
-   the node-to-node underlay throughput measured in the same lab, same run.
+   the node-to-node underlay throughput measured in the same lab, same run
+   (underlay and pod runs alternate; medians of ``--repeats``).
 
 Usage: .venv/bin/python bench/lab.py [--sizes 3,10,20] [--seconds 5] [--skip-throughput]
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,16 +79,19 @@ def iperf(server_ns: str, client_ns: str, server_ip: str, seconds: int) -> float
         srv.wait()
 
 
-def throughput(root: str, backend: str, seconds: int) -> tuple[float, float]:
+def throughput(root: str, backend: str, seconds: int, repeats: int) -> tuple[float, float]:
+    """Median of ``repeats`` alternating runs: underlay, pods, underlay, pods..."""
     name = f"bt{os.getpid() % 1000}{backend[0]}"
     try:
         _, state = up(name, root, nodes=2, pods=1, backend=backend)
         n1, n2 = state.nodes
         p1 = next(p for p in state.pods if p.node == n1.name)
         p2 = next(p for p in state.pods if p.node == n2.name)
-        underlay = iperf(n2.netns, n1.netns, str(n2.ip.ip), seconds)
-        pod = iperf(p2.netns, p1.netns, str(p2.ip.ip), seconds)
-        return underlay, pod
+        underlay, pod = [], []
+        for _ in range(repeats):
+            underlay.append(iperf(n2.netns, n1.netns, str(n2.ip.ip), seconds))
+            pod.append(iperf(p2.netns, p1.netns, str(p2.ip.ip), seconds))
+        return statistics.median(underlay), statistics.median(pod)
     finally:
         lifecycle.down(name, root=root)
 
@@ -96,6 +101,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="3,10,20")
     ap.add_argument("--pods-per-node", type=int, default=2)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -122,9 +128,10 @@ def main() -> int:
             finally:
                 lifecycle.down(name, root=root)
         if not args.skip_throughput:
-            print(f"== cross-node pod-to-pod TCP throughput (iperf3, {args.seconds} s, one stream), ratio to the underlay in the same lab")
+            print(f"== cross-node pod-to-pod TCP throughput (iperf3, {args.seconds} s, one stream, median of {args.repeats} "
+                  "alternating runs), ratio to the node-to-node underlay in the same lab")  # fmt: skip
             for backend, aim in (("vxlan", 0.85), ("direct", 0.95)):
-                underlay, pod = throughput(root, backend, args.seconds)
+                underlay, pod = throughput(root, backend, args.seconds, args.repeats)
                 print(f"  {backend:6s}: underlay {underlay:6.2f} Gbit/s, pod-to-pod {pod:6.2f} Gbit/s, ratio {pod / underlay:4.2f} (aim >= {aim})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
