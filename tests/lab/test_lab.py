@@ -282,3 +282,41 @@ def test_without_cap_net_admin_a_clear_error(tmp_path):
         )  # fmt: skip
         assert proc.returncode == 2 and "CAP_NET_ADMIN" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "labs").exists() and lab_namespaces("nocap") == []
+
+
+def test_down_without_state_file_finds_the_lab_by_prefix(tmp_path):
+    """The state file is lost: down still finds the namespaces by the lab's
+    prefix and stops the agents running inside them."""
+    lab = Lab(f"tl{os.getpid() % 10000}", tmp_path)
+    try:
+        lab.oc("up", "--nodes", "2", "--pods-per-node", "1")
+        s = lab.status()
+        pids = [n["agent_pid"] for n in s["nodes"]]
+        assert all(pid_alive(p) for p in pids)
+        (tmp_path / lab.name / "lab.json").unlink()
+        listed = subprocess.run([OC, "lab", "list", "-o", "json"], env=lab.env, capture_output=True, text=True, check=True)
+        assert any(r["name"] == lab.name and not r["state_file"] for r in __import__("json").loads(listed.stdout))
+        lab.oc("down")
+        assert lab_namespaces(lab.name) == []
+        assert wait_for(lambda: not any(pid_alive(p) for p in pids), 10)
+        assert not (tmp_path / lab.name).exists()
+    finally:
+        lab.oc("down", check=False)
+
+
+def test_twenty_nodes_ten_pods_each(tmp_path):
+    """The size the issue asks for on this 2-core machine: up, full check, down."""
+    lab = Lab(f"tb{os.getpid() % 10000}", tmp_path)
+    try:
+        lab.oc("up", "--nodes", "20", "--pods-per-node", "10", timeout=600)
+        s = lab.status()
+        assert len(s["nodes"]) == 20 and len(s["pods"]) == 200
+        assert len({p["ip"] for p in s["pods"]}) == 200 and len({n["block"] for n in s["nodes"]}) == 20
+        rep = lab.json("check")
+        assert rep["ok"], rep["failures"][:20]
+        assert len(rep["pairs"]) == 200 * 199
+        summary = lab.oc("check").stdout
+        assert "node20" in summary and "39800 pod pairs" in summary
+    finally:
+        lab.oc("down", check=False)
+    assert lab_namespaces(lab.name) == []

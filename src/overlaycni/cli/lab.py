@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import box
 from rich.table import Table
 
 from ..errors import NotFound
@@ -273,13 +274,47 @@ def check(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: Lab
     if output is Output.json:
         print_json(rep.to_json())
     else:
-        render_check(rep)
+        render_check(rep, {p.name: p.node for p in state.pods})
     if not rep.ok:
         raise typer.Exit(1)
 
 
-def render_check(rep: lab_check.CheckReport) -> None:
+MAX_POD_MATRIX = 12  # beyond this many pods the matrix is summarised per node pair
+
+
+def render_node_matrix(rep: lab_check.CheckReport, node_of: dict[str, str]) -> None:
+    """Large labs: one cell per (source node, destination node): ✓ when every
+    pod pair between them is OK, else OK/pairs in red. Columns by node number."""
+    nodes = sorted(set(node_of.values()), key=lambda n: (len(n), n))
+    ok: dict[tuple[str, str], list[int]] = {}
+    for p in rep.pairs:
+        cell = ok.setdefault((node_of[p.src], node_of[p.dst]), [0, 0])
+        cell[0] += p.ok
+        cell[1] += 1
+    table = Table(
+        title=f"lab {rep.lab}: pod pairs per node pair (rows ping columns; column k = the k-th node)",
+        title_justify="left", box=box.SIMPLE, pad_edge=False, padding=(0, 0, 0, 1),
+    )  # fmt: skip
+    table.add_column("src", no_wrap=True, min_width=max(len(n) for n in nodes))
+    for i, _ in enumerate(nodes, 1):
+        table.add_column(str(i), justify="right", no_wrap=True, min_width=len(str(i)))
+    for s in nodes:
+        row = [s]
+        for d in nodes:
+            good, total = ok.get((s, d), [0, 0])
+            row.append("·" if total == 0 else ("[green]✓[/]" if good == total else f"[red]{good}/{total}[/]"))
+        table.add_row(*row)
+    console.print(table)
+    bad_ext = [e for e in rep.external if not e.ok]
+    console.print(f"external host: {len(rep.external) - len(bad_ext)}/{len(rep.external)} pods reached it as their node IP", highlight=False)
+
+
+def render_check(rep: lab_check.CheckReport, node_of: dict[str, str] | None = None) -> None:
     mark = "V" if rep.backend == "vxlan" else "D"
+    if node_of and len(rep.pods) > MAX_POD_MATRIX:
+        render_node_matrix(rep, node_of)
+        _render_verdict(rep)
+        return
     cells = {(p.src, p.dst): p for p in rep.pairs}
     table = Table(title=f"lab {rep.lab}: ping matrix (rows ping columns)", title_justify="left")
     table.add_column("src \\ dst")
@@ -303,10 +338,16 @@ def render_check(rep: lab_check.CheckReport) -> None:
     console.print(table)
     legend = "VXLAN between the node IPs seen on the underlay" if mark == "V" else "plain pod packet routed on the underlay"
     console.print(f"✓ reply   ✓{mark} reply + {legend}   ✓ SNAT external host saw the node IP", highlight=False)
+    _render_verdict(rep)
+
+
+def _render_verdict(rep: lab_check.CheckReport) -> None:
     fails = rep.failures()
     if fails:
-        for f in fails:
+        for f in fails[:50]:
             err_console.print(f"[bold red]FAIL[/] {f}", highlight=False)
+        if len(fails) > 50:
+            err_console.print(f"... and {len(fails) - 50} more (see --output json)", highlight=False)
     else:
         console.print(f"[bold green]all {len(rep.pairs)} pod pairs and {len(rep.external)} external paths OK[/]")
 
