@@ -235,11 +235,17 @@ def test_combination_up_check_down(make_lab, backend, store):
             assert all(h["vni"] is None and h["src"] == t["hops"][0]["src"] for h in wire)
         else:
             assert all(h["vni"] == 4096 for h in wire)
+        pids = [n["agent_pid"] for n in s["nodes"]]
         if store == "etcd":
             assert any(x.endswith(".ctl") for x in lab_namespaces(lab.name))
+            etcd = __import__("json").loads((lab.root / lab.name / "lab.json").read_text())["etcd"]
+            pids.append(etcd["pid"])
+            assert pid_alive(etcd["pid"])
     finally:
         lab.oc("down", check=False)
     assert lab_namespaces(lab.name) == []
+    assert not any(pid_alive(p) for p in pids)
+    assert not (lab.root / lab.name).exists()
 
 
 def test_failed_up_cleans_up(tmp_path, monkeypatch):
