@@ -156,8 +156,10 @@ def test_agent_sigkill_then_restart_keeps_pods(vx: Lab):
     assert wait_for(lambda: not pid_alive(n2["agent_pid"]), 10)
     # the data plane outlives the agent
     assert vx.pings(pods["pod-1-1"]["netns"], pods["pod-2-1"]["ip"])
+    assert vx.status()["nodes"][1]["agent_alive"] is False
     vx.oc("agent", "restart", "node2")
     after = vx.status()["nodes"][1]
+    assert after["agent_alive"] is True
     assert after["agent_pid"] != n2["agent_pid"] and pid_alive(after["agent_pid"])
     assert after["block"] == n2["block"]  # re-claimed its block
     assert vx.pings(pods["pod-2-2"]["netns"], pods["pod-3-1"]["ip"])

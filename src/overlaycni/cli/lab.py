@@ -129,7 +129,10 @@ def status(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: La
     """Nodes (IP, block, agent) and pods (node, IP) of a lab."""
     state = members.open_lab(name, lab_dir)
     if output is Output.json:
-        print_json(state.status_json())
+        data = state.status_json()
+        for entry, n in zip(data["nodes"], state.nodes):
+            entry["agent_alive"] = members.agent_alive(n)
+        print_json(data)
     else:
         render_status(state)
 
