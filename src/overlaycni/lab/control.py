@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from dataclasses import replace
+from ipaddress import IPv4Network
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,6 @@ def wait_agent(state: LabState, node: NodeState, *, timeout: float = AGENT_READY
     d = node_dir(state, node.name)
     ready = procs.wait_for_json_event(d / "agent.out", "ready", proc=node.agent, timeout=timeout, log=d / "agent.log")
     block = ready.get("block")
-    from ipaddress import IPv4Network
-
     return replace(node, block=IPv4Network(block) if block else node.block)
 
 
