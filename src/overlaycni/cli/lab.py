@@ -98,8 +98,8 @@ def up(
 
         def report(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
-                tasks[phase] = progress.add_task(PHASES.get(phase, phase), total=max(total, 1))
-            progress.update(tasks[phase], completed=done if total else 1, total=max(total, 1))
+                tasks[phase] = progress.add_task(PHASES.get(phase, phase), total=total)
+            progress.update(tasks[phase], completed=done, total=total)
 
         state = lifecycle.up(req, report=report)
     render_status(state)
