@@ -145,6 +145,26 @@ class Store(Protocol):
     def compact(self, revision: int) -> None: ...
 
 
+
+class TransactMixin:
+    """``create`` and ``txn`` in terms of ``transact``, shared by both backends."""
+
+    def transact(self, **kwargs) -> TxnResult:  # pragma: no cover - provided by the backend
+        raise NotImplementedError
+
+    def create(self, key: str, value: str, *, lease: int | None = None) -> bool:
+        return self.transact(compare=[(key, 0)], put=[(key, value, lease)]).succeeded
+
+    def txn(
+        self,
+        *,
+        compare: Sequence[tuple[str, int]],
+        put: Sequence[tuple[str, str, int | None]] = (),
+        delete: Sequence[str] = (),
+    ) -> bool:
+        return self.transact(compare=compare, put=put, delete=delete).succeeded
+
+
 def prefix_end(prefix: str) -> str:
     """The first key after every key that starts with ``prefix`` ("" means
     no upper bound). Works on code points, which order like UTF-8 bytes."""

@@ -40,7 +40,7 @@ from etcd3gw.client import Etcd3Client
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._etcd_wire import _b64, _close, _kv, _range_op, _range_ops, _read_stream, _unb64
-from .base import Event, Snapshot, TxnResult, check_key
+from .base import Event, Snapshot, TransactMixin, TxnResult, check_key
 
 CONNECT_TIMEOUT = 1.5
 REQUEST_TIMEOUT = 5.0
@@ -57,7 +57,7 @@ class _Refused(_Retry):
     pass
 
 
-class EtcdStore:
+class EtcdStore(TransactMixin):
     def __init__(self, endpoints: Sequence[tuple[str, int]], *, url: str | None = None) -> None:
         if not endpoints:
             raise DatastoreError("etcd datastore needs at least one endpoint")
@@ -204,12 +204,6 @@ class EtcdStore:
     def delete_prefix(self, prefix: str) -> int:
         result = self._post("/kv/deleterange", _range_op(prefix, prefix=True))
         return int(result.get("deleted", 0))
-
-    def create(self, key: str, value: str, *, lease: int | None = None) -> bool:
-        return self.txn(compare=[(key, 0)], put=[(key, value, lease)])
-
-    def txn(self, *, compare, put=(), delete=()) -> bool:
-        return self.transact(compare=compare, put=put, delete=delete).succeeded
 
     def transact(
         self,

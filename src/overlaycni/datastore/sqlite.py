@@ -43,13 +43,13 @@ from pathlib import Path
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer
-from .base import KV, Event, Snapshot, TxnResult, check_key
+from .base import KV, Event, Snapshot, TransactMixin, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
 MAX_IDLE = 8  # pooled connections kept open
 
 
-class SQLiteStore:
+class SQLiteStore(TransactMixin):
     def __init__(self, path: str | os.PathLike[str], *, url: str | None = None) -> None:
         self.path = str(path)
         self.url = url or f"sqlite://{self.path}"
@@ -216,12 +216,6 @@ class SQLiteStore:
 
     def delete_prefix(self, prefix: str) -> int:
         return self._write(lambda w: w.delete_prefix(prefix))
-
-    def create(self, key: str, value: str, *, lease: int | None = None) -> bool:
-        return self.txn(compare=[(key, 0)], put=[(key, value, lease)])
-
-    def txn(self, *, compare, put=(), delete=()) -> bool:
-        return self.transact(compare=compare, put=put, delete=delete).succeeded
 
     def transact(
         self,
