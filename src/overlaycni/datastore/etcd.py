@@ -40,7 +40,7 @@ from etcd3gw.client import Etcd3Client
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._etcd_wire import _b64, _close, _kv, _range_op, _range_ops, _read_stream, _unb64
-from .base import Event, Snapshot, TransactMixin, TxnResult, check_key
+from .base import KV, Event, Snapshot, TransactMixin, TxnResult, check_key
 
 CONNECT_TIMEOUT = 1.5
 REQUEST_TIMEOUT = 5.0

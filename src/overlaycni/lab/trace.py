@@ -190,7 +190,7 @@ def run_tour(state: LabState) -> list[TourStep]:
     t = run_trace(state, p.name, "external")
     ext_hop = t.hops[-1]
     text = f"inside {p.name}: " + (t.hops[0].packet.text if t.hops[0].packet else "(not captured)")
-    text += f"\nat the external host: " + (ext_hop.packet.text if ext_hop.packet else "(not captured)")
+    text += "\nat the external host: " + (ext_hop.packet.text if ext_hop.packet else "(not captured)")
     if t.snat:
         text += f"\nSNAT: source {t.snat[0]} -> {t.snat[1]} (the node IP of {p.node})"
     steps.append(TourStep("the SNAT seen at the external host", f"overlaycni lab trace --name {state.name} {p.name} external", text))
