@@ -279,3 +279,11 @@ def test_shim_does_not_import_the_slow_modules():
     )
     out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True).stdout.strip()
     assert out == "[]"
+
+
+def test_shim_codec_falls_back_to_json_without_the_c_core(monkeypatch):
+    monkeypatch.setattr(shim, "_json", None)
+    assert shim.json_loads('{"a": [1, null]}') == {"a": [1, None]}
+    assert json.loads(shim.json_dumps({"b": "é"})) == {"b": "é"}
+    with pytest.raises(ValueError):
+        shim.json_loads("{")

@@ -66,7 +66,7 @@ def json_loads(text):
     if _json is None:
         import json
 
-        return json_loads(text)
+        return json.loads(text)
     _DecodeContext.memo = {}
     start = len(text) - len(text.lstrip(WHITESPACE))
     try:
@@ -88,7 +88,7 @@ def json_dumps(obj):
     if _json is None:
         import json
 
-        return json_dumps(obj)
+        return json.dumps(obj)
     encode = _json.make_encoder(
         None, _not_serialisable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
     )
