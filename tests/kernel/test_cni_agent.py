@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from tests.kernel.cni_harness import REF_PLUGINS, Cluster
+from tests.kernel.cni_harness import OVERLAYCNI, REF_PLUGINS, Cluster
 from tests.kernel.topology import Topology, ip_json, run
 
 pytestmark = pytest.mark.kernel
@@ -234,3 +235,27 @@ def test_chaining_with_reference_plugins(cluster):
         code, out, _ = c.plugin("n1", "DEL", ns, conf, plugin=binary)
         assert code == 0, (plugin["type"], out)
     assert all(l["ifname"] != host_if for l in ip_json(c.agents["n1"].node.ns, "link", "show"))
+
+
+def test_metrics_healthz_and_agent_status(cluster):
+    c = started(cluster, ("n1", "10.224.0.4"))
+    c.pod("n1", "m1")
+    agent = c.agents["n1"]
+    url = agent.ready["metrics"]
+    fetch = (
+        "import sys, urllib.request\n"
+        "for path in ('/healthz', '/metrics'):\n"
+        "    r = urllib.request.urlopen(sys.argv[1] + path, timeout=5)\n"
+        "    print(r.status)\n"
+        "    print(r.read().decode())\n"
+    )
+    # the metrics listener is on the node namespace's own loopback
+    out = run("ip", "netns", "exec", agent.node.ns, sys.executable, "-c", fetch, url).stdout
+    assert out.startswith("200\n")
+    assert '"ready": true' in out
+    assert 'overlaycni_cni_requests_total{command="ADD",result="ok"} 1.0' in out
+    assert "overlaycni_cni_request_seconds_bucket" in out
+    assert "overlaycni_peers 0.0" in out
+    status = run(OVERLAYCNI, "agent", "status", "--socket", agent.socket, "--output", "json").stdout
+    health = json.loads(status)
+    assert health["ready"] is True and health["node"] == "n1" and health["block"] == "10.244.0.0/24"
