@@ -36,6 +36,13 @@ def _network_json(name: str, net: ClusterNetwork) -> dict[str, Any]:
     return {"name": name, **net.to_dict()}
 
 
+def _emit_network(name: str, net: Any, output: Output) -> None:
+    if output is Output.json:
+        print_json(_network_json(name, net))
+    else:
+        _render_network(name, net)
+
+
 def _render_network(name: str, net: ClusterNetwork) -> None:
     table = Table(title=f"cluster {name}", show_header=False)
     for key, value in net.to_dict().items():
@@ -71,10 +78,7 @@ def cluster_create(
         net = ipam.create_cluster(store, name, net)
     finally:
         store.close()
-    if output is Output.json:
-        print_json(_network_json(name, net))
-    else:
-        _render_network(name, net)
+    _emit_network(name, net, output)
 
 
 @cluster_app.command("show", epilog="Example: overlaycni cluster show --name dev -o json")
@@ -85,10 +89,7 @@ def cluster_show(ctx: typer.Context, name: NameOpt, output: OutputOpt = Output.t
         net = ipam.get_cluster(store, name)
     finally:
         store.close()
-    if output is Output.json:
-        print_json(_network_json(name, net))
-    else:
-        _render_network(name, net)
+    _emit_network(name, net, output)
 
 
 @cluster_app.command("list", epilog="Example: overlaycni --datastore etcd://127.0.0.1:2379 cluster list")
@@ -138,10 +139,7 @@ def cluster_expand(
         net = ipam.expand_pod_cidr(store, name, pod_cidr)
     finally:
         store.close()
-    if output is Output.json:
-        print_json(_network_json(name, net))
-    else:
-        _render_network(name, net)
+    _emit_network(name, net, output)
 
 
 # ----- nodes ---------------------------------------------------------------------------
