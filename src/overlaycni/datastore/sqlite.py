@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer
@@ -47,6 +48,19 @@ from .base import KV, Event, Snapshot, TransactMixin, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
 MAX_IDLE = 8  # pooled connections kept open
+
+
+def _rollback(conn: sqlite3.Connection, exc: BaseException) -> None:
+    """Roll back after ``exc``; a ROLLBACK that fails too is noted on ``exc``
+    (the error the caller must see) and the connection is closed, so that
+    it never goes back to the pool with a transaction open."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as rollback_exc:
+        exc.add_note(f"and then ROLLBACK failed: {rollback_exc}")
+        conn.close()
 
 
 class SQLiteStore(TransactMixin):
@@ -86,20 +100,22 @@ class SQLiteStore(TransactMixin):
         try:
             yield conn
         finally:
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                conn.close()
-                conn = None  # type: ignore[assignment]
-            with self._lock:
-                if conn is None:
-                    return
-                if not self._closed and len(self._idle) < MAX_IDLE:
-                    self._idle.append(conn)
-                    conn = None  # type: ignore[assignment]
-            if conn is not None:
-                conn.close()
+            self._release(conn)  # never returns from here: the caller's exception goes on
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        """Back to the pool; closed instead when a transaction is left that
+        will not roll back, the pool is full or the store is closed."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            conn.close()
+            return
+        with self._lock:
+            if not self._closed and len(self._idle) < MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -117,12 +133,16 @@ class SQLiteStore(TransactMixin):
         def __enter__(self) -> None:
             return None
 
-        def __exit__(self, et, exc, tb) -> bool:
+        def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+            if not isinstance(exc, sqlite3.Error):
+                return  # not ours to map; it propagates as it is
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                raise DatastoreUnavailable(f"sqlite datastore is busy: {exc}") from None
-            if isinstance(exc, sqlite3.Error):
-                raise DatastoreError(f"sqlite datastore error: {exc}") from None
-            return False
+                err: DatastoreError = DatastoreUnavailable(f"sqlite datastore is busy: {exc}")
+            else:
+                err = DatastoreError(f"sqlite datastore error: {exc}")
+            for note in getattr(exc, "__notes__", ()):  # e.g. a ROLLBACK that failed after it
+                err.add_note(note)
+            raise err from None
 
     def _write(self, fn):
         self.round_trips += 1
@@ -133,9 +153,8 @@ class SQLiteStore(TransactMixin):
                 w.expire(time.time())
                 result = fn(w)
                 conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            except BaseException as exc:
+                _rollback(conn, exc)
                 raise
         return result
 
