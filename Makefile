@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 LAB_ARGS ?=
 
-.PHONY: help deps test unit lab lab-down bench clean
+.PHONY: help deps lint test unit lab lab-down bench clean
 
 help:
 	@echo "make lab      install everything, bring up the default lab, check it, print a tour"
+	@echo "make lint     ruff (src, tests, bench) and mypy (src), configured in pyproject.toml"
 	@echo "make test     install everything, run the whole test suite"
 	@echo "make unit     run the tests that need no root"
 	@echo "make lab-down tear the default lab down"
@@ -16,6 +17,12 @@ help:
 
 deps:
 	@scripts/install-deps.sh
+
+lint: deps
+	@echo "== ruff"
+	$(BIN)/ruff check src tests bench
+	@echo "== mypy"
+	$(BIN)/mypy
 
 test: deps
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -33,4 +40,4 @@ bench: deps
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache src/*.egg-info

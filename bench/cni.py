@@ -65,12 +65,12 @@ class Bench:
            "--network-plugin", "azure", "--network-plugin-mode", "overlay", "--pod-cidr", "10.244.0.0/16",
            "--service-cidr", "10.0.0.0/16", "--dns-service-ip", "10.0.0.10")
         self.sock = str(self.tmp / "agent.sock")
-        log = open(self.tmp / "agent.log", "w")
-        self.agent = subprocess.Popen(
-            ["ip", "netns", "exec", node_ns, OVERLAYCNI, "--datastore", store, "agent", "--cluster", "bench",
-             "--node", "n1", "--node-ip", "10.224.0.4", "--socket", self.sock, "--metrics-addr", ""],
-            stdout=subprocess.PIPE, stderr=log, text=True,
-        )
+        with open(self.tmp / "agent.log", "w") as log:  # the agent keeps its own copy of the fd
+            self.agent = subprocess.Popen(
+                ["ip", "netns", "exec", node_ns, OVERLAYCNI, "--datastore", store, "agent", "--cluster", "bench",
+                 "--node", "n1", "--node-ip", "10.224.0.4", "--socket", self.sock, "--metrics-addr", ""],
+                stdout=subprocess.PIPE, stderr=log, text=True,
+            )
         line = self.agent.stdout.readline()
         if not line:
             raise SystemExit(f"agent did not start; see {self.tmp}/agent.log:\n" + (self.tmp / "agent.log").read_text())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
-import statistics
 import sys
 import tempfile
 import time

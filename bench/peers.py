@@ -85,7 +85,7 @@ def batches(ps: tuple[Peer, ...], verb: str) -> tuple[str, str, str]:
 def baseline(ns: str, ps: tuple[Peer, ...], tmp: str) -> tuple[float, float]:
     files = {}
     for verb in ("replace", "del"):
-        for kind, text in zip(("neigh", "fdb", "route"), batches(ps, verb)):
+        for kind, text in zip(("neigh", "fdb", "route"), batches(ps, verb), strict=True):
             path = os.path.join(tmp, f"{verb}-{kind}.batch")
             with open(path, "w") as f:
                 f.write(text)
@@ -157,7 +157,7 @@ def main() -> None:
 
                 for key, delete in (("port_add", False), ("port_del", True)):
                     t0 = time.perf_counter()
-                    dp.run(lambda: port_apply(delete))
+                    dp.run(lambda delete=delete: port_apply(delete))
                     rows[key].append(time.perf_counter() - t0)
                 assert count(ns) == (1, 0, 0), count(ns)
 
@@ -220,8 +220,8 @@ def main() -> None:
 
 
 def bench_pods(*, ns_prefix: str, rounds: int) -> dict[str, tuple[float, float]]:
-    from ipaddress import IPv4Interface
     import json
+    from ipaddress import IPv4Interface
 
     node, pod = ns_prefix + "-n", ns_prefix + "-p"
     out: dict[str, tuple[float, float]] = {}

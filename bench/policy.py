@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import secrets
+import shutil
 import subprocess
 import time
 from dataclasses import replace

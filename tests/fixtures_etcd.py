@@ -121,9 +121,8 @@ def start_etcd(data_dir: str | Path | None = None, *, members: int = 1, timeout:
             "--logger", "zap",
             "--log-level", "error",
         ]
-        log = open(member_dir / "etcd.log", "wb")
-        cluster.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()
+        with open(member_dir / "etcd.log", "wb") as log:
+            cluster.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(_healthy(p) for p in cluster.client_ports):

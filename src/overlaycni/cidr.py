@@ -77,7 +77,7 @@ def _parse_cidr(name: str, raw: Any, errors: list[FieldError]) -> IPv4Network | 
     if addr != net.network_address:
         errors.append(FieldError(name, f"--{name} {text} has host bits set; did you mean {net}?"))
         return None
-    return net  # type: ignore[return-value]
+    return net
 
 
 def _is_ipv4(text: str) -> bool:
@@ -97,7 +97,7 @@ def _parse_ip(name: str, raw: Any, errors: list[FieldError]) -> IPv4Address | No
     if ip.version != 4:
         errors.append(FieldError(name, f"--{name} {text} is IPv6; an IPv4 address is expected here"))
         return None
-    return ip  # type: ignore[return-value]
+    return ip
 
 
 def _parse_int(name: str, raw: Any, lo: int, hi: int, errors: list[FieldError]) -> int | None:

@@ -9,6 +9,7 @@ check); the CNI layer turns it into the spec's error JSON with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # CNI spec 1.1.0 well-known error codes.
@@ -66,7 +67,7 @@ class ConfigError(OverlayCNIError):
 
     cni_code = CNI_INVALID_CONFIG
 
-    def __init__(self, errors: list[FieldError] | FieldError, *, warnings: list[str] | None = None) -> None:
+    def __init__(self, errors: Sequence[FieldError] | FieldError, *, warnings: Sequence[str] | None = None) -> None:
         if isinstance(errors, FieldError):
             errors = [errors]
         self.errors = list(errors)

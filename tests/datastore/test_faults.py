@@ -81,9 +81,8 @@ def test_three_member_etcd_keeps_allocating_while_the_leader_dies(etcd_cluster3)
 
 @pytest.mark.etcd
 def test_unreachable_etcd_is_a_clear_error():
-    with socket_port() as port:
-        with pytest.raises(DatastoreUnavailable) as info:
-            open_datastore(f"etcd://127.0.0.1:{port}")
+    with socket_port() as port, pytest.raises(DatastoreUnavailable) as info:
+        open_datastore(f"etcd://127.0.0.1:{port}")
     assert f"127.0.0.1:{port}" in str(info.value)
 
 

@@ -61,13 +61,13 @@ class Cluster:
     def _spawn_etcd(self) -> None:
         assert self.ctl is not None
         ip = str(self.ctl.ip.ip)
-        log = open(self.workdir / "etcd.log", "a")
-        self.etcd = self.topo.spawn(
-            self.ctl.ns, "etcd", "--name", "ctl", "--data-dir", str(self.workdir / "etcd"),
-            "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls", f"http://{ip}:2379",
-            "--listen-peer-urls", f"http://{ip}:2380", "--initial-advertise-peer-urls", f"http://{ip}:2380",
-            "--initial-cluster", f"ctl=http://{ip}:2380", stdout=log, stderr=log,
-        )
+        with open(self.workdir / "etcd.log", "a") as log:  # etcd keeps its own copy of the fd
+            self.etcd = self.topo.spawn(
+                self.ctl.ns, "etcd", "--name", "ctl", "--data-dir", str(self.workdir / "etcd"),
+                "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls", f"http://{ip}:2379",
+                "--listen-peer-urls", f"http://{ip}:2380", "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                "--initial-cluster", f"ctl=http://{ip}:2380", stdout=log, stderr=log,
+            )
         for _ in range(150):
             if self.cli("cluster", "list", check=False).returncode == 0:
                 return
@@ -97,13 +97,13 @@ class Cluster:
 
     def start_agent(self, name: str, node: NodeNs) -> AgentProc:
         sock = str(self.workdir / f"{name}.sock")
-        log = open(self.workdir / f"{name}.log", "a")
-        proc = self.topo.spawn(
-            node.ns, OVERLAYCNI, "--datastore", self.store, "agent", "--cluster", "t", "--node", name,
-            "--node-ip", str(node.ip.ip), "--socket", sock, "--metrics-addr", "127.0.0.1:0",
-            "--lease-ttl", str(self.lease_ttl), "--resync-interval", "5",
-            stdout=subprocess.PIPE, stderr=log, text=True,
-        )
+        with open(self.workdir / f"{name}.log", "a") as log:  # the agent keeps its own copy of the fd
+            proc = self.topo.spawn(
+                node.ns, OVERLAYCNI, "--datastore", self.store, "agent", "--cluster", "t", "--node", name,
+                "--node-ip", str(node.ip.ip), "--socket", sock, "--metrics-addr", "127.0.0.1:0",
+                "--lease-ttl", str(self.lease_ttl), "--resync-interval", "5",
+                stdout=subprocess.PIPE, stderr=log, text=True,
+            )
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"agent {name} failed: " + (self.workdir / f"{name}.log").read_text()[-3000:])

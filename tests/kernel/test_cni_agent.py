@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -78,7 +77,7 @@ def test_add_check_del_match_the_kernel(cluster, version):
     for _ in range(2):  # DEL is repeatable
         code, out, _ = c.plugin("n1", "DEL", ns, c.conf("n1", version))
         assert (code, out) == (0, None)
-    assert not any(l["ifname"] == host_if for l in ip_json(c.agents["n1"].node.ns, "link", "show"))
+    assert not any(link["ifname"] == host_if for link in ip_json(c.agents["n1"].node.ns, "link", "show"))
 
 
 def test_add_on_existing_interface_is_an_error_and_del_after_netns_is_gone(cluster):
@@ -106,7 +105,7 @@ def test_status_version_and_gc(cluster):
     code, out, _ = c.plugin("n1", "GC", "x", conf)
     assert (code, out) == (0, None), out
     assert ip_json(keep, "link", "show", "eth0")
-    assert not ip_json(gone, "link", "show") or all(l["ifname"] != "eth0" for l in ip_json(gone, "link", "show"))
+    assert not ip_json(gone, "link", "show") or all(link["ifname"] != "eth0" for link in ip_json(gone, "link", "show"))
     check = c.cli("ipam", "check", "--cluster", "t", check=False)
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -114,20 +113,20 @@ def test_status_version_and_gc(cluster):
 def test_add_del_add_100_pods_leaves_nothing_behind(cluster):
     c = started(cluster, ("n1", "10.224.0.4"))
     node = c.agents["n1"].node.ns
-    before_links = {l["ifname"] for l in ip_json(node, "link", "show")}
+    before_links = {link["ifname"] for link in ip_json(node, "link", "show")}
     before_routes = ip_json(node, "route", "show")
     pods = [c.topo.add_netns(f"q{i}").rsplit("/", 1)[1] for i in range(100)]
     seen: set[str] = set()
-    for round_ in range(2):
+    for _round in range(2):
         for ns in pods:
             code, res, _ = c.plugin("n1", "ADD", ns, c.conf("n1"))
             assert code == 0, res
             seen.add(res["ips"][0]["address"])
-        assert len({l["ifname"] for l in ip_json(node, "link", "show")} - before_links) == 100
+        assert len({link["ifname"] for link in ip_json(node, "link", "show")} - before_links) == 100
         for ns in pods:
             code, out, _ = c.plugin("n1", "DEL", ns, c.conf("n1"))
             assert code == 0, out
-    assert {l["ifname"] for l in ip_json(node, "link", "show")} == before_links
+    assert {link["ifname"] for link in ip_json(node, "link", "show")} == before_links
     assert ip_json(node, "route", "show") == before_routes
     shown = json.loads(c.cli("ipam", "show", "--cluster", "t", "--output", "json").stdout)
     assert [n["used"] for n in shown["nodes"]] == [0], shown
@@ -187,7 +186,7 @@ def test_etcd_down_add_says_try_again_and_pods_keep_working(cluster):
     code, out, took = c.plugin("n1", "ADD", late, c.conf("n1"))
     assert code != 0 and out["code"] == 11, out
     assert took < 5.5
-    assert all(l["ifname"] != "eth0" for l in ip_json(late, "link", "show"))
+    assert all(link["ifname"] != "eth0" for link in ip_json(late, "link", "show"))
     sent, recv, txt = ping_loss(pinger)
     assert sent > 20 and recv == sent, txt
     c.restart_etcd()
@@ -234,7 +233,7 @@ def test_chaining_with_reference_plugins(cluster):
         binary = None if plugin["type"] == "overlaycni" else f"{REF_PLUGINS}/{plugin['type']}"
         code, out, _ = c.plugin("n1", "DEL", ns, conf, plugin=binary)
         assert code == 0, (plugin["type"], out)
-    assert all(l["ifname"] != host_if for l in ip_json(c.agents["n1"].node.ns, "link", "show"))
+    assert all(link["ifname"] != host_if for link in ip_json(c.agents["n1"].node.ns, "link", "show"))
 
 
 def test_metrics_healthz_and_agent_status(cluster):

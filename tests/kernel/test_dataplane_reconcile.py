@@ -139,7 +139,7 @@ def test_direct_backend_and_non_adjacent_peer(node):
     assert len(report.errors) == 1 and "10.225.0.5" in report.errors[0] and "L2 segment" in report.errors[0]
     routes = {(r["dst"], r.get("gateway")) for r in ip_json(ns, "route", "show", "proto", "119")}
     assert routes == {("10.244.2.0/24", "10.224.0.2"), ("10.244.1.0/24", None)}
-    assert ip_json(ns, "link", "show") and not any(l["ifname"] == "ocni.vxlan" for l in ip_json(ns, "link", "show"))
+    assert ip_json(ns, "link", "show") and not any(link["ifname"] == "ocni.vxlan" for link in ip_json(ns, "link", "show"))
     with pytest.raises(PeerNotAdjacent, match="10.225.0.5"):
         dp.ensure_peer(state(backend="direct"), far)
     assert dp.node_info(ME, backend="direct", mtu=None).pod_mtu == 1500
@@ -150,7 +150,7 @@ def attach(dp, path, cid="c1", ifname="eth0", ip="10.244.1.5/24"):
 
 
 def pod_veths(ns: str) -> list[str]:
-    return [l["ifname"] for l in ip_json(ns, "link", "show") if l["ifname"].startswith("oc") and l["ifname"] != "ocni.vxlan"]
+    return [link["ifname"] for link in ip_json(ns, "link", "show") if link["ifname"].startswith("oc") and link["ifname"] != "ocni.vxlan"]
 
 
 def test_attach_detach_check(node):
@@ -180,7 +180,7 @@ def test_attach_detach_check(node):
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path=path)
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path=path)
     assert pod_veths(ns) == []
-    assert [l["ifname"] for l in ip_json(pod_ns, "link", "show")] == ["lo"]
+    assert [link["ifname"] for link in ip_json(pod_ns, "link", "show")] == ["lo"]
     assert not any(r["dst"] == "10.244.1.5" for r in ip_json(ns, "route", "show", "proto", "119"))
     elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
     assert "elem" not in next(i["set"] for i in elems["nftables"] if "set" in i)
@@ -221,7 +221,7 @@ def test_attach_errors_leave_nothing(node, monkeypatch):
     with pytest.raises(DataplaneError, match="nft refused"):
         attach(dp, path)
     assert pod_veths(ns) == []
-    assert [l["ifname"] for l in ip_json(topo.ns_name("pod"), "link", "show")] == ["lo"]
+    assert [link["ifname"] for link in ip_json(topo.ns_name("pod"), "link", "show")] == ["lo"]
     assert not any(r["dst"] == "10.244.1.5" for r in ip_json(ns, "route", "show", "proto", "119"))
 
 

@@ -140,7 +140,7 @@ class Lab:
         for src, proc in procs.items():
             stdout, stderr = proc.communicate(timeout=60)
             assert proc.returncode == 0, stderr
-            for dst, ok in zip(by_src[src], json.loads(stdout)):
+            for dst, ok in zip(by_src[src], json.loads(stdout), strict=True):
                 out[(src, dst)] = ok
         return out
 
@@ -174,7 +174,7 @@ def lab():
             made.append(ns)
         n1, n2 = node_ns["node-1"], node_ns["node-2"]
         sh("ip", "-n", n1, "link", "add", "u1", "type", "veth", "peer", "name", "u2", "netns", n2)
-        for node, dev, peer in (("node-1", "u1", "node-2"), ("node-2", "u2", "node-1")):
+        for node, dev, _peer in (("node-1", "u1", "node-2"), ("node-2", "u2", "node-1")):
             ns = node_ns[node]
             sh("ip", "-n", ns, "addr", "add", f"{NODES[node]}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")

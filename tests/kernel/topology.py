@@ -128,10 +128,7 @@ class Topology:
             cmd += ["-s", str(size)]
         if df:
             cmd += ["-M", "do"]
-        for _ in range(attempts):
-            if self.exec(ns, *cmd, dst, check=False, timeout=wait * count + 10).returncode == 0:
-                return True
-        return False
+        return any(self.exec(ns, *cmd, dst, check=False, timeout=wait * count + 10).returncode == 0 for _ in range(attempts))
 
     def cleanup(self) -> None:
         for proc in self.processes:

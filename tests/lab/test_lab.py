@@ -128,7 +128,8 @@ def test_tour_prints_real_output(vx: Lab):
 
 
 def test_list_shows_lab(vx: Lab):
-    rows = [r for r in __import__("json").loads(subprocess.run([OC, "lab", "list", "-o", "json"], env=vx.env, capture_output=True, text=True, check=True).stdout)]
+    out = subprocess.run([OC, "lab", "list", "-o", "json"], env=vx.env, capture_output=True, text=True, check=True).stdout
+    rows = __import__("json").loads(out)
     assert any(r["name"] == vx.name and r["nodes"] == 3 and r["pods"] == 6 for r in rows)
 
 

@@ -5,7 +5,6 @@ No root needed."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path

@@ -274,8 +274,8 @@ def test_shim_decoder_rejects_what_json_rejects(s):
 
 def test_shim_does_not_import_the_slow_modules():
     code = (
-        "import sys; src = open(%r).read(); exec(compile(src, 'shim', 'exec'), {'__name__': 'not_main'}); "
-        "print(sorted(m for m in ('json', 're', 'socket', 'enum') if m in sys.modules))" % str(SHIM)
+        f"import sys; src = open({str(SHIM)!r}).read(); exec(compile(src, 'shim', 'exec'), {{'__name__': 'not_main'}}); "
+        "print(sorted(m for m in ('json', 're', 'socket', 'enum') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True).stdout.strip()
     assert out == "[]"

@@ -92,9 +92,9 @@ def test_named_ports_resolve_on_the_destination_address():
 
 def test_sctp_and_port_ranges_render():
     doc = _render("sctp-allowed")
-    assert any({"payload": {"protocol": "sctp", "field": "dport"}} == e.get("match", {}).get("left") for r in _cmds(doc, "add", "rule") for e in r["expr"])
+    assert any(e.get("match", {}).get("left") == {"payload": {"protocol": "sctp", "field": "dport"}} for r in _cmds(doc, "add", "rule") for e in r["expr"])
     doc = _render("end-port-probe-in-range")
-    assert any({"range": [81, 82]} == e.get("match", {}).get("right") for r in _cmds(doc, "add", "rule") for e in r["expr"])
+    assert any(e.get("match", {}).get("right") == {"range": [81, 82]} for r in _cmds(doc, "add", "rule") for e in r["expr"])
 
 
 def test_label_change_is_an_element_diff():

@@ -112,10 +112,7 @@ class Table:
         return None
 
     def passes(self, pkt: dict) -> bool:
-        for _, name, policy in self.base:
-            if (self.run(name, pkt) or policy) == "drop":
-                return False
-        return True
+        return all((self.run(name, pkt) or policy) != "drop" for _, name, policy in self.base)
 
 
 def rendered_matrix(model, policies, port: int, protocol: str) -> dict[tuple[str, str], bool]:

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import ipam
+from ..cni.protocol import CNIRequest, add_result, prev_result_ip
 from ..config import ClusterNetwork
 from ..dataplane import Dataplane, host_veth_name
+from ..datastore import Store
 from ..errors import (
     CNI_NOT_AVAILABLE,
     CNI_UNKNOWN_CONTAINER,
@@ -35,8 +37,6 @@ from ..errors import (
     OverlayCNIError,
 )
 from ..ipam import NodeRecord
-from ..datastore import Store
-from ..cni.protocol import CNIRequest, add_result, prev_result_ip
 
 CNI_CHECK_FAILED = 104
 
@@ -99,9 +99,11 @@ class CNIOps:
             finally:
                 self.locks.release(key)
         if req.command == "GC":
-            return self.gc(req)
+            self.gc(req)
+            return None  # success with no output
         if req.command == "STATUS":
-            return self.status(req)
+            self.status(req)
+            return None
         raise CNIError(CNI_NOT_AVAILABLE, f"unsupported command {req.command}")
 
     # ----- ADD ----------------------------------------------------------------

@@ -37,8 +37,8 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from .. import ipam
-from ..datastore import Store, open_datastore
 from ..dataplane import Dataplane, NodeState
+from ..datastore import Store, open_datastore
 from ..errors import DatastoreError, NotFound, OverlayCNIError
 from .cniops import CNIOps, NodeContext
 from .desired import node_state, peer_of

@@ -30,9 +30,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import ipam
-from ..ipam import model as ipam_keys
 from ..datastore import Store
 from ..errors import OverlayCNIError
+from ..ipam import model as ipam_keys
 from ..policy import NamedPort, NamespaceInfo, PodInfo
 from ..policy import store_codec as codec
 from ..policy.apply import NodePolicyTable

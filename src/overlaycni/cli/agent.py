@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket as socketlib
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,9 +26,9 @@ SocketOpt = Annotated[str, typer.Option("--socket", help="Unix socket the plugin
 @agent_app.callback()
 def agent(
     ctx: typer.Context,
-    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Cluster name (created with `cluster create`).")] = None,
-    node: Annotated[Optional[str], typer.Option("--node", help="This node's name (re-claims its block on restart).")] = None,
-    node_ip: Annotated[Optional[str], typer.Option("--node-ip", help="This node's underlay (VNet) IP.")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster name (created with `cluster create`).")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="This node's name (re-claims its block on restart).")] = None,
+    node_ip: Annotated[str | None, typer.Option("--node-ip", help="This node's underlay (VNet) IP.")] = None,
     socket: SocketOpt = DEFAULT_SOCKET,
     metrics_addr: Annotated[
         str, typer.Option("--metrics-addr", help="host:port for /metrics and /healthz ('' to disable; port 0 picks one).")

@@ -7,7 +7,7 @@ No ``from __future__ import annotations``: typer must see the real
 
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -61,7 +61,7 @@ def cluster_create(
     ctx: typer.Context,
     name: NameOpt,
     file: Annotated[
-        Optional[Path], typer.Option("--file", "-f", help="YAML/JSON file of network settings; flags override it.")
+        Path | None, typer.Option("--file", "-f", help="YAML/JSON file of network settings; flags override it.")
     ] = None,
     output: OutputOpt = Output.table,
     *,
@@ -153,7 +153,7 @@ def node_register(
     cluster: ClusterOpt,
     name: NodeNameOpt,
     node_ip: Annotated[str, typer.Option("--node-ip", help="The node's underlay (VNet) IP.")],
-    vtep_mac: Annotated[Optional[str], typer.Option("--vtep-mac", help="VXLAN device MAC (the agent sets it).")] = None,
+    vtep_mac: Annotated[str | None, typer.Option("--vtep-mac", help="VXLAN device MAC (the agent sets it).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Claim a pod CIDR block for a node (the same block again for a known name)."""

@@ -7,13 +7,16 @@ import inspect
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
-from typing import Annotated, Any, Optional, TypeVar
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from ..errors import ConfigError, OverlayCNIError
+
+if TYPE_CHECKING:
+    from ..datastore import Store
 
 console = Console()
 err_console = Console(stderr=True)
@@ -21,7 +24,7 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     table = "table"
     json = "json"
 
@@ -86,7 +89,7 @@ def with_network_flags(func: F) -> F:
             name,
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=Annotated[Optional[str], typer.Option(flag, help=help_, rich_help_panel="Network (AKS flags)")],
+            annotation=Annotated[str | None, typer.Option(flag, help=help_, rich_help_panel="Network (AKS flags)")],
         )
         for name, flag, help_ in _NETWORK_FLAGS
     ]
@@ -109,12 +112,13 @@ def with_network_flags(func: F) -> F:
 # ----- datastore from the global option --------------------------------------------------
 
 
-def datastore_url(ctx: typer.Context) -> str:
+def datastore_url(ctx: typer.Context) -> str | None:
+    """``--datastore`` as given; None: OVERLAYCNI_DATASTORE or the default."""
     obj = ctx.find_root().obj or {}
     return obj.get("datastore")
 
 
-def open_store(ctx: typer.Context):  # -> datastore.Store
+def open_store(ctx: typer.Context) -> Store:
     """Open the datastore named by ``--datastore`` / OVERLAYCNI_DATASTORE."""
     from ..datastore import open_datastore
 

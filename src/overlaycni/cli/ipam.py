@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` (typer reads real annotations).
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -90,8 +90,8 @@ def ipam_allocate(
     node: Annotated[str, typer.Option("--node", help="The node whose block the address comes from.")],
     container_id: CidOpt,
     ifname: IfOpt = "eth0",
-    pod: Annotated[Optional[str], typer.Option("--pod", help="NAMESPACE/NAME of the pod (recorded).")] = None,
-    ip: Annotated[Optional[str], typer.Option("--ip", help="Ask for this address (must be free, in the block).")] = None,
+    pod: Annotated[str | None, typer.Option("--pod", help="NAMESPACE/NAME of the pod (recorded).")] = None,
+    ip: Annotated[str | None, typer.Option("--ip", help="Ask for this address (must be free, in the block).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Allocate an address for a pod interface (the same one again for the same container ID and ifname)."""
@@ -136,7 +136,7 @@ def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
             used[a.node] = used.get(a.node, 0) + 1
     finally:
         store.close()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "node": name,
             "block": str(block),
@@ -160,7 +160,7 @@ def ipam_check(
     ctx: typer.Context,
     cluster: ClusterOpt,
     valid: Annotated[
-        Optional[Path], typer.Option("--valid", help="Also report allocations not in this attachment file.")
+        Path | None, typer.Option("--valid", help="Also report allocations not in this attachment file.")
     ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
@@ -192,7 +192,7 @@ def ipam_gc(
     ctx: typer.Context,
     cluster: ClusterOpt,
     valid: ValidOpt,
-    node: Annotated[Optional[str], typer.Option("--node", help="Only this node's addresses.")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node's addresses.")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Release every address whose (container ID, ifname) is not in --valid."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..errors import NotFound
@@ -31,7 +31,7 @@ lab_app.add_typer(agent_app, name="agent")
 
 NameOpt = Annotated[str, typer.Option("--name", help="Lab name: up to 12 of [a-z0-9-].")]
 LabDirOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--lab-dir", envvar="OVERLAYCNI_LAB_DIR", help="Directory holding the labs (default /run/overlaycni/labs).", show_default=False),
 ]
 PHASES = {"vnet": "VNet, external host, control plane", "nodes": "nodes and agents", "pods": "pods (CNI ADD)"}
@@ -130,7 +130,7 @@ def status(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: La
     state = members.open_lab(name, lab_dir)
     if output is Output.json:
         data = state.status_json()
-        for entry, n in zip(data["nodes"], state.nodes):
+        for entry, n in zip(data["nodes"], state.nodes, strict=True):
             entry["agent_alive"] = members.agent_alive(n)
         print_json(data)
     else:
@@ -141,7 +141,7 @@ def status(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: La
 def list_(output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Every lab on this machine."""
     found = lifecycle.labs(lab_dir)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"name": n, "backend": s.backend if s else None, "store": s.store if s else None,
          "nodes": len(s.nodes) if s else None, "pods": len(s.pods) if s else None, "state_file": s is not None}
         for n, s in found
@@ -163,7 +163,7 @@ def list_(output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
 @lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def exec_(
     pod: Annotated[str, typer.Argument(help="A pod (or a node, or 'external').")],
-    cmd: Annotated[Optional[list[str]], typer.Argument(help="The command, after --.")] = None,
+    cmd: Annotated[list[str] | None, typer.Argument(help="The command, after --.")] = None,
     name: NameOpt = "demo",
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -191,14 +191,14 @@ def pod_add(
     pod: Annotated[str, typer.Argument(help="Pod name.")],
     name: NameOpt = "demo",
     namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace.")] = "default",
-    node: Annotated[Optional[str], typer.Option("--node", help="Node (default: the one with the fewest pods).")] = None,
-    labels: Annotated[Optional[str], typer.Option("--labels", help="k=v,k2=v2")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Node (default: the one with the fewest pods).")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="k=v,k2=v2")] = None,
     port: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--port", help="A named container port NAME=PORT/PROTO, e.g. serve-80-tcp=80/TCP (repeatable; NetworkPolicy can name it)."),
     ] = None,
     ip: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--ip", help="Request this address (CNI runtimeConfig.ips): free and inside the node's block, else an error."),
     ] = None,
     output: OutputOpt = Output.table,
@@ -228,7 +228,7 @@ def pod_delete(pod: Annotated[str, typer.Argument(help="Pod name.")], name: Name
 
 @node_app.command("add")
 def node_add(
-    node: Annotated[Optional[str], typer.Argument(help="Node name (default nodeN).")] = None,
+    node: Annotated[str | None, typer.Argument(help="Node name (default nodeN).")] = None,
     name: NameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,

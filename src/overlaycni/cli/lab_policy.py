@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -37,7 +37,7 @@ def _labels_text(labels: dict[str, str]) -> str:
 @ns_app.command("add")
 def namespace_add(
     namespace: Annotated[str, typer.Argument(metavar="NAMESPACE", help="Namespace name ([a-z0-9-]).")],
-    labels: Annotated[Optional[str], typer.Option("--labels", help="k=v,k2=v2")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="k=v,k2=v2")] = None,
     name: NameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
@@ -78,7 +78,7 @@ def namespace_list(name: NameOpt = "demo", output: OutputOpt = Output.table, lab
     """The lab's namespaces, their labels and pods."""
     state = members.open_lab(name, lab_dir)
     known = lab_policy.load_namespaces(state)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"namespace": ns, "labels": {**labels, lab_policy.NAME_LABEL: ns}, "pods": [p.name for p in state.pods if p.namespace == ns]}
         for ns, labels in sorted(known.items())
     ]
@@ -116,7 +116,7 @@ def pod_label(
 def probe(
     port: Annotated[int, typer.Option("--port", help="Destination port every pod serves (80 and 81 always run).")] = 80,
     protocol: Annotated[str, typer.Option("--protocol", help="tcp or udp (this kernel has no SCTP).")] = "tcp",
-    pods: Annotated[Optional[str], typer.Option("--pods", help="Comma-separated pods to probe between (default all).")] = None,
+    pods: Annotated[str | None, typer.Option("--pods", help="Comma-separated pods to probe between (default all).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a probe counts as blocked.")] = 2.0,
     retries: Annotated[int, typer.Option("--retries", help="Probe a blocked pair again up to this often (a busy machine can lose a first packet).")] = 1,
     name: NameOpt = "demo",
@@ -149,7 +149,7 @@ def probe(
     table.add_column("src \\ dst")
     for k in rep.keys:
         table.add_column(k, justify="center")
-    for s, k in zip(rep.pods, rep.keys):
+    for s, k in zip(rep.pods, rep.keys, strict=True):
         table.add_row(k, *("[green].[/]" if rep.connected[(s, d)] else "[red]X[/]" for d in rep.pods))
     console.print(table)
     total = len(rep.connected)

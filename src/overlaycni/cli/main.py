@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,7 +30,7 @@ app = typer.Typer(
 def root(
     ctx: typer.Context,
     datastore: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--datastore",
             envvar="OVERLAYCNI_DATASTORE",

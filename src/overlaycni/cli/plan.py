@@ -6,7 +6,7 @@ behind ``with_network_flags``'s rewritten signature would lose it.
 """
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,11 +27,11 @@ EPILOG = (
 @with_network_flags
 def plan(
     nodes: Annotated[
-        Optional[int], typer.Option("--nodes", min=1, help="Check whether this many nodes fit each model.")
+        int | None, typer.Option("--nodes", min=1, help="Check whether this many nodes fit each model.")
     ] = None,
     output: OutputOpt = Output.table,
     file: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--file", "-f", help="YAML/JSON file of network settings (flag names as keys); flags override it."),
     ] = None,
     *,

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -28,10 +28,10 @@ from ..policy.store_codec import delete_policy, load_namespaces, load_pods, load
 from .common import Output, OutputOpt, console, open_store, print_json, report_error
 
 ClusterOpt = Annotated[
-    Optional[str], typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`), in --datastore.", show_default=False)
+    str | None, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`), in --datastore.", show_default=False)
 ]
 LabOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--lab", help="A lab on this machine (`overlaycni lab list`): its datastore and cluster.", show_default=False),
 ]
 
@@ -187,7 +187,7 @@ def register(app: typer.Typer) -> None:
                 print_json(_errors_json(exc))
             else:
                 report_error(exc)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         docs = [policy_to_dict(p) for p in policies]
         if output is Output.json:
             print_json({"valid": True, "policies": docs})
@@ -201,7 +201,7 @@ def register(app: typer.Typer) -> None:
         port: Annotated[str, typer.Argument(help="PORT/PROTOCOL, e.g. 80/TCP (protocol defaults to TCP).")],
         ctx: typer.Context,
         from_file: Annotated[
-            Optional[str], typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
+            str | None, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
         ] = None,
         cluster: ClusterOpt = None,
         lab: LabOpt = None,
@@ -225,8 +225,8 @@ def register(app: typer.Typer) -> None:
         except OverlayCNIError as exc:
             if output is Output.json and isinstance(exc, ConfigError):
                 print_json(_errors_json(exc))
-                raise typer.Exit(2)
-            raise typer.Exit(report_error(exc))
+                raise typer.Exit(2) from None
+            raise typer.Exit(report_error(exc)) from None
         if output is Output.json:
             print_json(data)
         else:
@@ -239,7 +239,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         node: Annotated[str, typer.Option("--node", help="The node whose table to render.")],
         from_file: Annotated[
-            Optional[str], typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
+            str | None, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
         ] = None,
         cluster: ClusterOpt = None,
         lab: LabOpt = None,
@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
                 rerun=lambda c: ["policy", "render", "--node", node, "--cluster", c, "--output", output.value],
             )  # fmt: skip
         except OverlayCNIError as exc:
-            raise typer.Exit(report_error(exc))
+            raise typer.Exit(report_error(exc)) from None
         doc = render_node(node, pods=inv.pods, namespaces=inv.namespaces, policies=inv.policies)
         if output is Output.json:
             sys.stdout.write(json.dumps(doc, indent=1) + "\n")
@@ -296,8 +296,8 @@ def register(app: typer.Typer) -> None:
         except OverlayCNIError as exc:
             if output is Output.json and isinstance(exc, ConfigError):
                 print_json(_errors_json(exc))
-                raise typer.Exit(2)
-            raise typer.Exit(report_error(exc))
+                raise typer.Exit(2) from None
+            raise typer.Exit(report_error(exc)) from None
         done = [{"policy": p.key, "action": "configured" if p.key in before else "created"} for p in policies]
         if output is Output.json:
             print_json({"cluster": cluster, "applied": done})
@@ -325,7 +325,7 @@ def register(app: typer.Typer) -> None:
             finally:
                 store.close()
         except OverlayCNIError as exc:
-            raise typer.Exit(report_error(exc))
+            raise typer.Exit(report_error(exc)) from None
         console.print(f"networkpolicy {ref} deleted", highlight=False)
 
     @group.command("list", epilog="Example: overlaycni policy list --cluster dev -o json")
@@ -341,7 +341,7 @@ def register(app: typer.Typer) -> None:
             finally:
                 store.close()
         except OverlayCNIError as exc:
-            raise typer.Exit(report_error(exc))
+            raise typer.Exit(report_error(exc)) from None
         if output is Output.json:
             print_json({"cluster": cluster, "policies": [policy_to_dict(p) for p in policies]})
             return

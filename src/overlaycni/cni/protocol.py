@@ -51,7 +51,7 @@ class CNIRequest:
             except ValueError:
                 raise CNIError(CNI_INVALID_CONFIG, f"runtimeConfig.ips: {raw!r} is not an IP address") from None
             if ip.version == 4:
-                return ip  # type: ignore[return-value]
+                return ip
         return None
 
     @property
@@ -119,7 +119,7 @@ def add_result(
 ) -> dict[str, Any]:
     """The ADD result in the requested version."""
     legacy = not version.startswith("1.")
-    host = {"name": host_veth, "mac": host_mac}
+    host: dict[str, Any] = {"name": host_veth, "mac": host_mac}
     pod: dict[str, Any] = {"name": ifname, "mac": mac, "sandbox": sandbox}
     if version == "1.1.0":
         host["mtu"] = mtu
@@ -146,5 +146,5 @@ def prev_result_ip(prev: Mapping[str, Any]) -> tuple[IPv4Interface, IPv4Address 
             continue
         if ip.version == 4:
             gw = entry.get("gateway")
-            return ip, (ipaddress.IPv4Address(gw) if gw else None)  # type: ignore[return-value]
+            return ip, (ipaddress.IPv4Address(gw) if gw else None)
     return None

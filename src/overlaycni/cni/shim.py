@@ -31,8 +31,8 @@ try:
     import _json
     import _socket as socket
 except ImportError:  # pragma: no cover - not CPython
-    _json = None
-    import socket
+    _json = None  # type: ignore[assignment]  # the fallback: json and socket below
+    import socket  # type: ignore[no-redef]  # the same API as _socket
 
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
@@ -55,7 +55,7 @@ class _DecodeContext:
     parse_float = float
     parse_int = int
     parse_constant = float  # NaN, Infinity, -Infinity, as json.loads does
-    memo = {}
+    memo: dict = {}
 
 
 WHITESPACE = " \t\n\r"
@@ -70,18 +70,18 @@ def json_loads(text):
     _DecodeContext.memo = {}
     start = len(text) - len(text.lstrip(WHITESPACE))
     try:
-        value, end = _json.make_scanner(_DecodeContext)(text, start)
+        value, end = _json.make_scanner(_DecodeContext)(text, start)  # type: ignore[arg-type]  # reads only these attributes
     except StopIteration as exc:
-        raise ValueError("expecting a JSON value at char %s" % exc.value)
+        raise ValueError(f"expecting a JSON value at char {exc.value}") from None
     except Exception as exc:  # _json raises json.JSONDecodeError (a ValueError) or RecursionError
-        raise ValueError(str(exc))
+        raise ValueError(str(exc)) from exc
     if text[end:].strip(WHITESPACE):
-        raise ValueError("extra data at char %d" % end)
+        raise ValueError(f"extra data at char {end}")
     return value
 
 
 def _not_serialisable(obj):
-    raise TypeError("%r is not JSON serialisable" % (obj,))
+    raise TypeError(f"{obj!r} is not JSON serialisable")
 
 
 def json_dumps(obj):
@@ -125,7 +125,7 @@ def parse_cni_args(raw):
             continue
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise PluginError(INVALID_ENV, "CNI_ARGS: %r is not KEY=VALUE" % part)
+            raise PluginError(INVALID_ENV, f"CNI_ARGS: {part!r} is not KEY=VALUE")
         out[key] = value
     return out
 
@@ -133,7 +133,7 @@ def parse_cni_args(raw):
 def _require(env, name, command):
     value = env.get(name, "")
     if not value:
-        raise PluginError(INVALID_ENV, "%s is required for %s" % (name, command))
+        raise PluginError(INVALID_ENV, f"{name} is required for {command}")
     return value
 
 
@@ -142,11 +142,11 @@ def build_request(env, stdin_text):
     VERSION). Raises PluginError with the spec's code."""
     command = env.get("CNI_COMMAND", "")
     if command not in COMMANDS:
-        raise PluginError(INVALID_ENV, "CNI_COMMAND must be one of %s, got %r" % (", ".join(COMMANDS), command))
+        raise PluginError(INVALID_ENV, f"CNI_COMMAND must be one of {', '.join(COMMANDS)}, got {command!r}")
     try:
         config = json_loads(stdin_text) if stdin_text.strip() else None
     except ValueError as exc:
-        raise PluginError(DECODE_FAILURE, "network config on stdin is not valid JSON", str(exc))
+        raise PluginError(DECODE_FAILURE, "network config on stdin is not valid JSON", str(exc)) from exc
     if command == "VERSION" and config is None:
         return "1.1.0", None
     if not isinstance(config, dict):
@@ -157,7 +157,7 @@ def build_request(env, stdin_text):
     if version not in SUPPORTED_VERSIONS:
         raise PluginError(
             INCOMPATIBLE_VERSION,
-            "cniVersion %s is not supported" % version,
+            f"cniVersion {version} is not supported",
             "supported: " + ", ".join(SUPPORTED_VERSIONS),
         )
     if command == "VERSION":
@@ -172,13 +172,13 @@ def build_request(env, stdin_text):
     if command in ("ADD", "DEL", "CHECK"):
         cid = _require(env, "CNI_CONTAINERID", command)
         if not _valid_container_id(cid):
-            raise PluginError(INVALID_ENV, "CNI_CONTAINERID %r must be alphanumeric plus '_', '.', '-'" % cid)
+            raise PluginError(INVALID_ENV, f"CNI_CONTAINERID {cid!r} must be alphanumeric plus '_', '.', '-'")
         ifname = _require(env, "CNI_IFNAME", command)
         if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n"):
-            raise PluginError(INVALID_ENV, "CNI_IFNAME %r is not a valid interface name (<= 15 chars, no '/', ':' or spaces)" % ifname)
+            raise PluginError(INVALID_ENV, f"CNI_IFNAME {ifname!r} is not a valid interface name (<= 15 chars, no '/', ':' or spaces)")
         netns = env.get("CNI_NETNS", "")
         if command != "DEL" and not netns:
-            raise PluginError(INVALID_ENV, "CNI_NETNS is required for %s" % command)
+            raise PluginError(INVALID_ENV, f"CNI_NETNS is required for {command}")
         request.update(
             container_id=cid, ifname=ifname, netns=netns, args=parse_cni_args(env.get("CNI_ARGS", ""))
         )
@@ -197,14 +197,14 @@ def call_agent(socket_path, request, *, connect_timeout=CONNECT_TIMEOUT, reply_t
                 break
             except BlockingIOError:  # the agent's accept queue is full: a burst; retry briefly
                 if time.monotonic() > deadline:
-                    raise PluginError(TRY_AGAIN_LATER, "overlaycni agent at %s is overloaded" % socket_path)
+                    raise PluginError(TRY_AGAIN_LATER, f"overlaycni agent at {socket_path} is overloaded") from None
                 time.sleep(0.005)
             except OSError as exc:
                 raise PluginError(
                     TRY_AGAIN_LATER,
-                    "overlaycni agent is not reachable at %s" % socket_path,
-                    "%s; is the agent running on this node?" % (exc.strerror or exc),
-                )
+                    f"overlaycni agent is not reachable at {socket_path}",
+                    f"{exc.strerror or exc}; is the agent running on this node?",
+                ) from exc
         sock.settimeout(reply_timeout)
         try:
             sock.sendall(json_dumps(request).encode() + b"\n")
@@ -215,15 +215,15 @@ def call_agent(socket_path, request, *, connect_timeout=CONNECT_TIMEOUT, reply_t
                     break
                 chunks.append(data)
         except TimeoutError:
-            raise PluginError(TRY_AGAIN_LATER, "overlaycni agent did not answer within %.1f s" % reply_timeout)
+            raise PluginError(TRY_AGAIN_LATER, f"overlaycni agent did not answer within {reply_timeout:.1f} s") from None
         except OSError as exc:
-            raise PluginError(TRY_AGAIN_LATER, "overlaycni agent connection failed", str(exc))
+            raise PluginError(TRY_AGAIN_LATER, "overlaycni agent connection failed", str(exc)) from exc
     finally:
         sock.close()
     try:
         return json_loads(b"".join(chunks).decode())
     except ValueError:
-        raise PluginError(TRY_AGAIN_LATER, "overlaycni agent closed the connection without an answer")
+        raise PluginError(TRY_AGAIN_LATER, "overlaycni agent closed the connection without an answer") from None
 
 
 def run(env, stdin_text):

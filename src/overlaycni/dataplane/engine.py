@@ -15,9 +15,10 @@ route (leaked veths are found by ``list_pod_veths`` and removed by GC).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
 
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
 from . import nftmodel
@@ -220,14 +221,15 @@ class NodeDataplane:
         self._apply(report, "fdb", delete=[f for mac, f in have_f.items() if mac not in want_f])
         self._apply(report, "neighbour", delete=[n for ip, n in have_n.items() if ip not in want_n])
 
-    def _apply(self, report: ReconcileReport, kind: str, *, replace: list = (), delete: list = ()) -> None:  # type: ignore[assignment]
+    def _apply(self, report: ReconcileReport, kind: str, *, replace: Sequence[Any] = (), delete: Sequence[Any] = ()) -> None:
         if not replace and not delete:
             return
-        apply: Callable[..., None] = {
+        appliers: dict[str, Callable[..., None]] = {
             "route": self.p.routes.apply_routes,
             "neighbour": self.p.neighbours.apply_neighbours,
             "fdb": self.p.fdb.apply_fdb,
-        }[kind]
+        }
+        apply = appliers[kind]
         try:
             apply(replace=replace, delete=delete)
         finally:

@@ -13,10 +13,10 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DataplaneError, InterfaceExists, NetnsNotFound
-from . import nftmodel
+from . import nftmodel, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
 
@@ -319,3 +319,15 @@ class FakeDataplane(NodeDataplane):
         for host, peer in list(self.kernel.netns.get("__peers__", FakePodNetns()).links.items()):
             if ns is not None and peer.ifname.startswith(path + "|"):
                 FakeLinks(self.kernel).delete_link(host)
+
+
+if TYPE_CHECKING:  # mypy proves that each fake implements its port (the contract tests prove the semantics)
+    _links: type[ports.Links] = FakeLinks
+    _addresses: type[ports.Addresses] = FakeAddresses
+    _routes: type[ports.Routes] = FakeRoutes
+    _neighbours: type[ports.Neighbours] = FakeNeighbours
+    _fdb: type[ports.Fdb] = FakeFdb
+    _nft: type[ports.NftRuleset] = FakeNft
+    _sysctls: type[ports.Sysctls] = FakeSysctls
+    _pods: type[ports.PodLinks] = FakePodLinks
+    _dataplane: type[ports.Dataplane] = FakeDataplane

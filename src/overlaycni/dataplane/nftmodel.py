@@ -145,7 +145,7 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
     ]
 
 
-_SET_DEFS = {
+_SET_DEFS: dict[str, dict[str, Any]] = {
     SET_NODE_IPS: {"type": "ipv4_addr"},
     SET_POD_ENDPOINTS: {"type": ["ifname", "ipv4_addr"]},
     SET_NON_MASQ: {"type": "ipv4_addr", "flags": ["interval"]},

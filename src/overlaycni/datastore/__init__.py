@@ -32,7 +32,7 @@ __all__ = [
 _EXAMPLES = "expected sqlite:///path/state.db or etcd://host:port[,host:port...]"
 
 
-def parse_url(url: str) -> tuple[str, object]:
+def parse_url(url: str) -> tuple[str, str | list[tuple[str, int]]]:
     """Split a datastore URL into ("sqlite", path) or ("etcd", [(host, port)]).
     Raises ``DatastoreURLError`` naming the problem."""
     text = (url or "").strip()
@@ -82,11 +82,11 @@ def open_datastore(url: str | None) -> Store:
     and ``DatastoreUnavailable`` when the store cannot be reached."""
     if url is None or not str(url).strip():
         url = os.environ.get(ENV_VAR) or DEFAULT_URL
-    kind, where = parse_url(url)
-    if kind == "sqlite":
+    _, where = parse_url(url)
+    if isinstance(where, str):  # sqlite: a path (etcd: a list of endpoints)
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(where, url=url)  # type: ignore[arg-type]
+        return SQLiteStore(where, url=url)
     from .etcd import EtcdStore
 
-    return EtcdStore(where, url=url)  # type: ignore[arg-type]
+    return EtcdStore(where, url=url)

@@ -147,16 +147,14 @@ class Store(Protocol):
 
 
 class TransactMixin:
-    """``create`` and ``txn`` in terms of ``transact``, shared by both backends."""
+    """``create`` and ``txn`` in terms of the backend's ``transact`` (``self:
+    Store`` makes mypy check that the backend provides it), shared by both."""
 
-    def transact(self, **kwargs) -> TxnResult:  # pragma: no cover - provided by the backend
-        raise NotImplementedError
-
-    def create(self, key: str, value: str, *, lease: int | None = None) -> bool:
+    def create(self: Store, key: str, value: str, *, lease: int | None = None) -> bool:
         return self.transact(compare=[(key, 0)], put=[(key, value, lease)]).succeeded
 
     def txn(
-        self,
+        self: Store,
         *,
         compare: Sequence[tuple[str, int]],
         put: Sequence[tuple[str, str, int | None]] = (),

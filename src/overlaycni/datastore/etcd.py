@@ -33,14 +33,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etcd3gw import exceptions as gw_exc
 from etcd3gw.client import Etcd3Client
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._etcd_wire import _b64, _close, _kv, _range_op, _range_ops, _read_stream, _unb64
-from .base import KV, Event, Snapshot, TransactMixin, TxnResult, check_key
+from .base import KV, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
 
 CONNECT_TIMEOUT = 1.5
 REQUEST_TIMEOUT = 5.0
@@ -78,7 +78,8 @@ class EtcdStore(TransactMixin):
     # ----- transport --------------------------------------------------------------
     def _new_client(self, index: int) -> Etcd3Client:
         host, port = self.endpoints[index]
-        return Etcd3Client(host=host, port=port, timeout=(CONNECT_TIMEOUT, REQUEST_TIMEOUT), api_path="/v3/")
+        timeout = (CONNECT_TIMEOUT, REQUEST_TIMEOUT)  # etcd3gw hands it to requests, which takes (connect, read)
+        return Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/")  # type: ignore[arg-type]
 
     def _checkout(self) -> dict[int, Etcd3Client]:
         with self._lock:
@@ -183,7 +184,7 @@ class EtcdStore(TransactMixin):
         return Snapshot(tuple(self._range_results(result)), int(result["header"]["revision"]))
 
     @staticmethod
-    def _range_results(result: dict[str, Any]) -> list[KV]:
+    def _range_results(result: dict[str, Any]) -> Sequence[KV]:  # not list[KV]: `list` is a method here
         out: dict[str, KV] = {}
         for resp in result.get("responses") or []:
             for item in (resp.get("response_range") or {}).get("kvs") or []:
@@ -353,3 +354,7 @@ class EtcdStore(TransactMixin):
         for clients in idle:
             for client in clients.values():
                 client.session.close()
+
+
+if TYPE_CHECKING:  # mypy proves that the backend implements the Store port
+    _store: type[Store] = EtcdStore

@@ -41,10 +41,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer
-from .base import KV, Event, Snapshot, TransactMixin, TxnResult, check_key
+from .base import KV, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
 MAX_IDLE = 8  # pooled connections kept open
@@ -353,3 +354,7 @@ class SQLiteStore(TransactMixin):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+if TYPE_CHECKING:  # mypy proves that the backend implements the Store port
+    _store: type[Store] = SQLiteStore

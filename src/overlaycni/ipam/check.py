@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from itertools import pairwise
 from typing import Any
 
 from ..datastore import Store
@@ -86,8 +87,8 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
         elif kind == "nodeblocks":
             node_blocks[rest] = IPv4Network(kv.value)
         elif kind == "ips":
-            owner, _, ip = rest.rpartition("/")
-            ips[(owner, ip_from_part(ip))] = json.loads(kv.value)
+            owner, _, part = rest.rpartition("/")
+            ips[(owner, ip_from_part(part))] = json.loads(kv.value)
         elif kind == "handles":
             cid, _, ifname = rest.rpartition("/")
             data = json.loads(kv.value)
@@ -114,7 +115,7 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
             add("leak", f"block {block} is claimed by {node!r}, which does not point back at it",
                 f"blocks/{block.network_address}-{block.prefixlen}")
     ordered = sorted(claims, key=lambda b: int(b.network_address))
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if a.overlaps(b):
             add("duplicate", f"blocks {a} and {b} overlap", f"blocks/{b.network_address}-{b.prefixlen}")
     for node in sorted(live_nodes - set(node_blocks)):
@@ -125,13 +126,13 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
     for (node, ip), data in ips.items():
         owners[ip].append(node)
         key = f"ips/{node}/{ip_part(ip)}"
-        block = node_blocks.get(node)
-        if block is None:
+        node_block = node_blocks.get(node)
+        if node_block is None:
             add("leak", f"address {ip} is allocated on node {node!r}, which has no block", key)
-        elif ip not in block:
-            add("outside-block", f"address {ip} on node {node!r} is outside its block {block}", key)
-        elif addresses.is_reserved(block, ip):
-            add("reserved", f"address {ip} on node {node!r} is the network, gateway or broadcast address of {block}", key)
+        elif ip not in node_block:
+            add("outside-block", f"address {ip} on node {node!r} is outside its block {node_block}", key)
+        elif addresses.is_reserved(node_block, ip):
+            add("reserved", f"address {ip} on node {node!r} is the network, gateway or broadcast address of {node_block}", key)
         attachment = (data["container_id"], data["ifname"])
         if handles.get(attachment) != (node, ip):
             add("leak", f"address {ip} on node {node!r} ({attachment[0]} {attachment[1]}) has no matching handle", key)

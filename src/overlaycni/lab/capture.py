@@ -66,7 +66,7 @@ def _addr(text: str) -> IPv4Address | None:
         a = ip_address(".".join(parts))
     except ValueError:
         return None
-    return a if a.version == 4 else None  # type: ignore[return-value]
+    return a if a.version == 4 else None
 
 
 def _ip_line(line: str) -> tuple[IPv4Address, IPv4Address, str] | None:

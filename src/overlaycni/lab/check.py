@@ -190,7 +190,7 @@ def _pair_round(
             started.append(cap.start())
         with ThreadPoolExecutor(max_workers=workers) as pool:
             answered = dict(
-                zip(by_src, pool.map(lambda s: ping_many(srcs[s].netns, [b.ip.ip for b in by_src[s]]), by_src))  # type: ignore[union-attr]
+                zip(by_src, pool.map(lambda s: ping_many(srcs[s].netns, [b.ip.ip for b in by_src[s]]), by_src), strict=True)  # type: ignore[union-attr]
             )
     finally:
         for cap in started:
@@ -259,7 +259,7 @@ def _external(
             cap.stop()
         requests = [q for q in cap.packets if q.icmp_request and q.dst == state.external_ip.ip]
         leaked |= {q.src for q in cap.packets if q.src in pod_cidr}
-        for p, ok in zip(todo, pinged):
+        for p, ok in zip(todo, pinged, strict=True):
             want = sizes[p.name] + ICMP_HEADER
             seen = next((q.src for q in requests if q.length == want), None)
             results[p.name] = ExternalResult(p.name, ok, state.node(p.node).ip.ip, seen)

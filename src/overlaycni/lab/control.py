@@ -13,12 +13,11 @@ import os
 import shutil
 import sys
 from dataclasses import replace
-from ipaddress import IPv4Network
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..errors import CNIError, DatastoreUnavailable, DataplaneError, OverlayCNIError, UsageError
+from ..errors import CNIError, DataplaneError, DatastoreUnavailable, OverlayCNIError, UsageError
 from . import netns, procs, runtime
 from .state import LabState, NodeState, PodState, Proc
 from .topology import ETCD_CLIENT_PORT, ETCD_PEER_PORT

@@ -115,13 +115,15 @@ def _build(state: LabState, req: UpRequest, net: ClusterNetwork, report: Reporte
     netns.setup_vm(state.vnet_netns, state.external_netns, port=topology.EXT_PORT, address=state.external_ip, forwarding=False)
     report("vnet", 2, steps)
     if req.store == "etcd":
-        assert state.control_netns and state.control_ip
-        state = state.with_namespace(state.control_netns)
+        ctl_netns, ctl_ip = state.control_netns, state.control_ip
+        assert ctl_netns and ctl_ip
+        state = state.with_namespace(ctl_netns)
         st.save(state)
-        netns.setup_vm(state.vnet_netns, state.control_netns, port=topology.CTL_PORT, address=state.control_ip, forwarding=False)
-        state = replace(state, etcd=control.start_etcd(state))
+        netns.setup_vm(state.vnet_netns, ctl_netns, port=topology.CTL_PORT, address=ctl_ip, forwarding=False)
+        etcd = control.start_etcd(state)
+        state = replace(state, etcd=etcd)
         st.save(state)
-        control.wait_etcd(state, state.etcd)  # type: ignore[arg-type]
+        control.wait_etcd(state, etcd)
         report("vnet", 3, steps)
     control.create_cluster(state, req.network)
     report("vnet", steps, steps)

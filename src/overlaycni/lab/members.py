@@ -136,7 +136,11 @@ def delete_node(name: str, node: str, *, root: str | None = None) -> NodeState:
         for pid in netns.netns_pids(p.netns):  # the pod's processes (probe servers) go first
             procs.kill_pid(pid)
         control.cni_del(state, n, p, best_effort=True)
-        _update(name, root, lambda s, p=p: s.without_pod(p.name).without_namespace(p.netns))
+
+        def drop(s: LabState, p: PodState = p) -> LabState:
+            return s.without_pod(p.name).without_namespace(p.netns)
+
+        _update(name, root, drop)
     try:
         lab_policy.publish(state, lab_policy.meta_document(state, delete_pods=state.pods_on(node)))
     except OverlayCNIError:

@@ -86,7 +86,7 @@ def probe_udp(ip: str, port: int, timeout: float) -> bool:
                 s.sendto(b"hi", (ip, port))
                 data, _ = s.recvfrom(64)
                 return data == b"ok"
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # e.g. ICMP refused while starting

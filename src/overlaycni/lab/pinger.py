@@ -23,7 +23,6 @@ import struct
 import sys
 import time
 
-
 PACE_BATCH = 16
 PACE_PAUSE = 0.005
 
@@ -48,7 +47,7 @@ def ping_all(dsts: list[str], *, rounds: int = 3, wait: float = 1.0, size: int =
     payload = payload[:size]
     index = {d: i for i, d in enumerate(dsts)}
     reached: set[str] = set()
-    errors: dict[int, int] = {}
+    errors: dict[str, int] = {}  # reason -> count
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     # replies arrive while we still send: room for all of them (root may force it)
     want = max(1 << 20, 4096 * len(dsts))
@@ -67,7 +66,8 @@ def ping_all(dsts: list[str], *, rounds: int = 3, wait: float = 1.0, size: int =
                 try:
                     sock.sendto(echo_request(ident, index[d] & 0xFFFF, payload), (d, 0))
                 except OSError as exc:
-                    errors[exc.errno] = errors.get(exc.errno, 0) + 1  # e.g. no route: stays unreached
+                    reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+                    errors[reason] = errors.get(reason, 0) + 1  # e.g. no route: stays unreached
             deadline = time.monotonic() + wait * (1 + round_)
             while len(reached) < len(dsts):
                 left = deadline - time.monotonic()
@@ -83,7 +83,7 @@ def ping_all(dsts: list[str], *, rounds: int = 3, wait: float = 1.0, size: int =
     finally:
         sock.close()
     if errors:
-        print(json.dumps({"send_errors": {os.strerror(k): v for k, v in errors.items()}}), file=sys.stderr)
+        print(json.dumps({"send_errors": errors}), file=sys.stderr)
     return reached
 
 

@@ -154,7 +154,7 @@ def meta_document(
 ) -> dict[str, Any]:
     return {
         "cluster": state.name,
-        "namespaces": [codec.namespace_to_dict(NamespaceInfo(n, dict(l))) for n, l in (namespaces or {}).items()],
+        "namespaces": [codec.namespace_to_dict(NamespaceInfo(n, dict(labels))) for n, labels in (namespaces or {}).items()],
         "pods": [codec.pod_to_dict(pod_info(p)) for p in pods if p.ip is not None],
         "delete_pods": [f"{p.namespace}/{p.name}" for p in delete_pods],
     }
@@ -199,7 +199,7 @@ def publish_pod(state: LabState, pod: PodState) -> None:
     if the lab did not know the namespace yet."""
     with st.locked(Path(state.lab_dir)):
         known = load_namespaces(state.without_pod(pod.name))
-        new_ns = {} if pod.namespace in known else {pod.namespace: {}}
+        new_ns: dict[str, dict[str, str]] = {} if pod.namespace in known else {pod.namespace: {}}
         if new_ns:
             _save_namespaces(state, {**known, **new_ns})
         publish(state, meta_document(state, pods=[pod], namespaces=new_ns))

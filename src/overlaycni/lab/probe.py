@@ -40,7 +40,8 @@ def _python() -> str:
     return os.path.realpath(sys.executable)
 
 
-def load_servers(state: LabState) -> dict[str, dict[str, Any]]:
+def load_servers(state: LabState) -> dict[str, list[dict[str, Any]]]:
+    """The servers started in each pod: pod name -> records (pid, start_time, ports, log)."""
     try:
         return json.loads((Path(state.lab_dir) / SERVERS_FILE).read_text())
     except (FileNotFoundError, ValueError):
@@ -48,7 +49,9 @@ def load_servers(state: LabState) -> dict[str, dict[str, Any]]:
 
 
 def _server_alive(rec: Mapping[str, Any] | None) -> bool:
-    return bool(rec) and procs.alive(Proc(pid=rec["pid"], start_time=rec["start_time"]))  # type: ignore[index]
+    if not rec:
+        return False
+    return procs.alive(Proc(pid=rec["pid"], start_time=rec["start_time"]))
 
 
 def ensure_servers(state: LabState, *, ports: Sequence[int] = DEFAULT_PORTS, pods: Sequence[PodState] | None = None) -> int:
@@ -77,7 +80,7 @@ def ensure_servers(state: LabState, *, ports: Sequence[int] = DEFAULT_PORTS, pod
                 proc = procs.spawn(p.netns, [_python(), "-I", "-S", NETPROBE, "serve", *map(str, missing)], log=log, out=out)
                 spawned.append((p, missing, proc, out))
                 servers[p.name].append({"pid": proc.pid, "start_time": proc.start_time, "ports": missing, "log": str(log)})
-            for p, missing, proc, out in spawned:
+            for _p, _missing, proc, out in spawned:
                 procs.wait_for_json_event(out, "ready", proc=proc, timeout=SERVER_READY_TIMEOUT, log=Path(proc.log))
                 started += 1
         finally:
@@ -105,7 +108,7 @@ class ProbeReport:
             "lab": self.lab,
             "port": self.port,
             "protocol": self.protocol,
-            "pods": [{"name": p, "pod": k} for p, k in zip(self.pods, self.keys)],
+            "pods": [{"name": p, "pod": k} for p, k in zip(self.pods, self.keys, strict=True)],
             "matrix": {s: {d: self.connected[(s, d)] for d in self.pods} for s in self.pods},
             "connected": sum(self.connected.values()),
             "blocked": sum(not v for v in self.connected.values()),
@@ -143,7 +146,7 @@ def _probe_round(
     out: dict[tuple[str, str], bool] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(argv_of))) as pool:
         for name, results in pool.map(run, list(argv_of)):
-            for d, ok in zip(by_src[name], results):
+            for d, ok in zip(by_src[name], results, strict=False):
                 out[(name, d.name)] = bool(ok)
     return out
 

@@ -150,7 +150,7 @@ def parse_result(raw: dict[str, Any]) -> AddResult:
     for entry in raw.get("ips", []):
         iface = ip_interface(entry["address"])
         if iface.version == 4:
-            ips.append(iface)  # type: ignore[arg-type]
+            ips.append(iface)
             if gateway is None and entry.get("gateway"):
                 gateway = ip_address(entry["gateway"])
     return AddResult(ips=tuple(ips), gateway=gateway, raw=raw)  # type: ignore[arg-type]

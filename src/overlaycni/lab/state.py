@@ -196,7 +196,7 @@ def from_json(text: str) -> LabState:
             netns=p["netns"],
             container_id=p["container_id"],
             ip=IPv4Interface(p["ip"]) if p.get("ip") else None,
-            labels=tuple(tuple(x) for x in p.get("labels", [])),  # type: ignore[misc]
+            labels=tuple(tuple(x) for x in p.get("labels", [])),
             ports=tuple(p.get("ports", [])),
         )
         for p in d.get("pods", [])

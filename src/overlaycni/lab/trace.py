@@ -95,7 +95,7 @@ def resolve_dst(state: LabState, dst: str) -> tuple[IPv4Address, PodState | None
     if ip.version != 4:
         raise UsageError(f"DST: {dst} is IPv6; the lab is IPv4")
     pod = next((p for p in state.pods if p.ip and p.ip.ip == ip), None)
-    return ip, pod, ip == state.external_ip.ip  # type: ignore[return-value]
+    return ip, pod, ip == state.external_ip.ip
 
 
 def _match(packets: list[Packet], length: int) -> Packet | None:

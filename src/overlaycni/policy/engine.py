@@ -55,7 +55,7 @@ class Cluster:
     namespaces: Mapping[str, NamespaceInfo]
 
     @classmethod
-    def of(cls, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo]) -> "Cluster":
+    def of(cls, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo]) -> Cluster:
         return cls({p.ip: p for p in pods}, {n.name: n for n in namespaces})
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:

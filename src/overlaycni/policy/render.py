@@ -139,7 +139,7 @@ class _Builder:
             block = peer.ip_block
             if block.cidr.version != 4:
                 return []
-            exprs = [_match(_addr(field), _prefix(block.cidr))]  # type: ignore[arg-type]
+            exprs = [_match(_addr(field), _prefix(block.cidr))]
             if block.except_:
                 exprs.append(_match(_addr(field), {"set": [_prefix(e) for e in block.except_]}, "!="))  # type: ignore[arg-type]
             return [exprs]
@@ -243,7 +243,7 @@ def render_node(
         elem = sorted({str(p.ip) for p in b.members(b.sets[name])}, key=_ip_key)
         cmds.append({"add": {"set": _with_elem({**_T, "name": name, "type": "ipv4_addr"}, elem)}})
     for proto, pname in sorted(b.named_ports):
-        elem = sorted(
+        ports_elem = sorted(
             {(str(p.ip), n) for p in pods if (n := p.named_port(pname, proto.upper())) is not None},
             key=lambda e: (_ip_key(e[0]), e[1]),
         )
@@ -252,15 +252,15 @@ def render_node(
                 "add": {
                     "set": _with_elem(
                         {**_T, "name": f"np-{proto}-{pname}", "type": ["ipv4_addr", "inet_service"]},
-                        [{"concat": [ip, n]} for ip, n in elem],
+                        [{"concat": [ip, n]} for ip, n in ports_elem],
                     )
                 }
             }
         )
     for direction in ("Egress", "Ingress"):
         base = _DIR[direction][3]
-        elem = [[ip, {"jump": {"target": chain}}] for ip, chain in sorted(isolated[direction].items(), key=lambda e: _ip_key(e[0]))]
-        cmds.append({"add": {"map": _with_elem({**_T, "name": f"{base}-pods", "type": "ipv4_addr", "map": "verdict"}, elem)}})
+        map_elem = [[ip, {"jump": {"target": chain}}] for ip, chain in sorted(isolated[direction].items(), key=lambda e: _ip_key(e[0]))]
+        cmds.append({"add": {"map": _with_elem({**_T, "name": f"{base}-pods", "type": "ipv4_addr", "map": "verdict"}, map_elem)}})
     for direction in ("Egress", "Ingress"):
         _, own_field, _, base = _DIR[direction]
         cmds.append(_rule(base, [_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}], "replies of allowed connections"))

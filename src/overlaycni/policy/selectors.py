@@ -189,6 +189,6 @@ def _parse_requirement(item: Any, path: str, errors: list[PolicyFieldError]) -> 
         if problem:
             errors.append(PolicyFieldError(f"{path}.values[{j}]", problem))
             ok = False
-    if not ok:
+    if not ok or not isinstance(key, str):  # label_key_problem refused a non-string key above
         return None
     return Requirement(key, op, tuple(sorted(set(values))))

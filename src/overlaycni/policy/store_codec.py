@@ -17,11 +17,11 @@ from typing import Any
 
 from ..errors import ConfigError, DatastoreError, PolicyFieldError
 from .model import (
+    API_VERSION,
+    PROTOCOLS,
     NamedPort,
     NamespaceInfo,
     NetworkPolicy,
-    API_VERSION,
-    PROTOCOLS,
     Peer,
     PodInfo,
     PolicyPort,
@@ -202,7 +202,7 @@ def pod_from_dict(data: Mapping[str, Any], *, path: str = "pod") -> PodInfo:
             errors.append(PolicyFieldError(f"{pp}.protocol", f"{proto!r} is not one of TCP, UDP, SCTP"))
         else:
             ports.append(NamedPort(p["name"], port, proto))
-    if errors:
+    if errors or ip is None:  # a bad ip is among the errors
         raise ConfigError(errors)
     return PodInfo(data["namespace"], data["name"], ip, str(data.get("node") or ""), labels, tuple(ports))
 

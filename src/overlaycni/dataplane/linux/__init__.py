@@ -16,10 +16,11 @@ by remembering them.
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Interface
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
+from .. import ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
 from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
@@ -63,7 +64,7 @@ class LinuxDataplane:
     def ports(self) -> Ports:
         return self._ports
 
-    def run(self, fn):  # type: ignore[no-untyped-def]
+    def run(self, fn):
         """Run ``fn()`` on the worker thread (inside the node namespace)."""
         return self._worker.call(fn)
 
@@ -118,3 +119,15 @@ class LinuxDataplane:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+if TYPE_CHECKING:  # mypy proves that each Linux adapter implements its port
+    _links: type[ports.Links] = LinuxLinks
+    _addresses: type[ports.Addresses] = LinuxAddresses
+    _routes: type[ports.Routes] = LinuxRoutes
+    _neighbours: type[ports.Neighbours] = LinuxNeighbours
+    _fdb: type[ports.Fdb] = LinuxFdb
+    _nft: type[ports.NftRuleset] = LinuxNft
+    _sysctls: type[ports.Sysctls] = LinuxSysctls
+    _pods: type[ports.PodLinks] = LinuxPodLinks
+    _dataplane: type[ports.Dataplane] = LinuxDataplane

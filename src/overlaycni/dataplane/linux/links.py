@@ -38,13 +38,13 @@ from ..model import Link, VxlanSpec
 IFF_UP = 0x1
 
 
-def nl_error(what: str, exc: NetlinkError) -> DataplaneError:
+def nl_error(what: str, exc: NetlinkError) -> DataplaneError | PermissionDenied:
     if exc.code == errno.EPERM:
         return PermissionDenied(f"{what}: operation not permitted (needs root / CAP_NET_ADMIN)")
     return DataplaneError(f"{what}: {os.strerror(exc.code)}")
 
 
-def to_link(msg) -> Link:  # type: ignore[no-untyped-def]
+def to_link(msg) -> Link:
     info = msg.get_attr("IFLA_LINKINFO")
     kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
     return Link(
@@ -57,7 +57,7 @@ def to_link(msg) -> Link:  # type: ignore[no-untyped-def]
     )
 
 
-def get_link_msg(ipr: IPRoute, name: str):  # type: ignore[no-untyped-def]
+def get_link_msg(ipr: IPRoute, name: str):
     try:
         return ipr.link("get", ifname=name)[0]
     except NetlinkError as exc:
@@ -83,7 +83,7 @@ class LinuxLinks:
                 return to_link(self.ipr.link("get", index=msg["index"])[0])
         return None
 
-    def _compatible(self, msg, spec: VxlanSpec, underlay_index: int) -> bool:  # type: ignore[no-untyped-def]
+    def _compatible(self, msg, spec: VxlanSpec, underlay_index: int) -> bool:
         info = msg.get_attr("IFLA_LINKINFO")
         if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
             return False
