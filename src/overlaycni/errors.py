@@ -5,6 +5,10 @@ subprocess) to one of these once, at their boundary. The CLI turns any
 ``OverlayCNIError`` into a clear message and exit code 2 (or 1 for a failed
 check); the CNI layer turns it into the spec's error JSON with
 ``cni_code()``.
+
+Grouped by layer: the CNI codes, the base class, bad input (flags, network
+settings, policy manifests), named objects, then datastore, IPAM, data
+plane and agent/CNI errors, each with the code the plugin reports for it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# CNI spec 1.1.0 well-known error codes.
+# --- CNI error codes -------------------------------------------------------------
+# Well-known codes of the CNI spec 1.1.0 ("Error" section of
+# https://github.com/containernetworking/cni/blob/main/SPEC.md); 100 and up
+# are the plugin's own.
 CNI_INCOMPATIBLE_VERSION = 1
 CNI_UNSUPPORTED_FIELD = 2
 CNI_UNKNOWN_CONTAINER = 3
@@ -28,7 +35,11 @@ CNI_IPAM_EXHAUSTED = 100
 CNI_IP_UNAVAILABLE = 101
 CNI_DATAPLANE_FAILURE = 102
 CNI_NOT_FOUND = 103
+CNI_CHECK_FAILED = 104  # CHECK: the pod's network does not match its prevResult
 CNI_INTERNAL = 199
+
+
+# --- base --------------------------------------------------------------------------
 
 
 class OverlayCNIError(Exception):
@@ -43,6 +54,25 @@ class OverlayCNIError(Exception):
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message
+
+
+def cni_code(exc: BaseException) -> int:
+    """The CNI error code for any exception (the one mapping)."""
+    if isinstance(exc, OverlayCNIError):
+        return exc.cni_code
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return CNI_TRY_AGAIN_LATER
+    return CNI_INTERNAL
+
+
+# --- bad input: flags, network settings, policy manifests --------------------------
+
+
+def flag_name(field: str) -> str:
+    """How a person typed ``field``: ``--lease-ttl`` for a flag (given
+    without dashes), ``NODE`` as it is for an argument (its upper-case
+    metavar)."""
+    return field if field.isupper() or field.startswith("-") else f"--{field}"
 
 
 @dataclass(frozen=True)
@@ -60,146 +90,6 @@ class FieldError:
 
     def to_dict(self) -> dict[str, str]:
         return {"field": self.field, "message": self.message}
-
-
-class ConfigError(OverlayCNIError):
-    """Invalid cluster network configuration; carries every problem found."""
-
-    cni_code = CNI_INVALID_CONFIG
-
-    def __init__(self, errors: Sequence[FieldError] | FieldError, *, warnings: Sequence[str] | None = None) -> None:
-        if isinstance(errors, FieldError):
-            errors = [errors]
-        self.errors = list(errors)
-        self.warnings = list(warnings or [])
-        super().__init__("; ".join(str(e) for e in self.errors) or "invalid configuration")
-
-
-class UsageError(OverlayCNIError):
-    """Bad command-line usage not tied to the network model."""
-
-    cni_code = CNI_INVALID_CONFIG
-
-
-# --- datastore ---------------------------------------------------------------
-
-
-class DatastoreError(OverlayCNIError):
-    """The datastore failed in a way a retry will not fix."""
-
-    cni_code = CNI_IO_FAILURE
-
-
-class DatastoreURLError(DatastoreError):
-    cni_code = CNI_INVALID_CONFIG
-
-
-class DatastoreUnavailable(DatastoreError):
-    """The datastore cannot be reached now; a retry later may succeed."""
-
-    cni_code = CNI_TRY_AGAIN_LATER
-
-
-class NotFound(OverlayCNIError):
-    """A named object (cluster, node, pod allocation, lab) does not exist."""
-
-    cni_code = CNI_NOT_FOUND
-
-
-class AlreadyExists(OverlayCNIError):
-    cni_code = CNI_INVALID_CONFIG
-
-
-class Conflict(OverlayCNIError):
-    """A compare-and-swap lost too many times, or an object exists with
-    different settings."""
-
-    cni_code = CNI_TRY_AGAIN_LATER
-
-
-# --- IPAM --------------------------------------------------------------------
-
-
-class IPAMError(OverlayCNIError):
-    cni_code = CNI_IP_UNAVAILABLE
-
-
-class PoolExhausted(IPAMError):
-    """No free block in the pod CIDR, or no free address in a node's block."""
-
-    cni_code = CNI_IPAM_EXHAUSTED
-
-
-class AddressUnavailable(IPAMError):
-    """A specific requested address is taken or outside the node's block."""
-
-    cni_code = CNI_IP_UNAVAILABLE
-
-
-# --- data plane ----------------------------------------------------------------
-
-
-class DataplaneError(OverlayCNIError):
-    """The kernel refused an operation (netlink or nftables)."""
-
-    cni_code = CNI_DATAPLANE_FAILURE
-
-
-class NetnsNotFound(DataplaneError):
-    cni_code = CNI_UNKNOWN_CONTAINER
-
-
-class InterfaceExists(DataplaneError):
-    cni_code = CNI_INVALID_CONFIG
-
-
-class PermissionDenied(OverlayCNIError):
-    """Needs root / CAP_NET_ADMIN."""
-
-    cni_code = CNI_IO_FAILURE
-
-
-# --- agent / CNI ----------------------------------------------------------------
-
-
-class AgentUnavailable(OverlayCNIError):
-    """The node agent is not running or does not answer in time."""
-
-    cni_code = CNI_TRY_AGAIN_LATER
-
-
-class CNIError(OverlayCNIError):
-    """A CNI protocol error with an explicit spec code."""
-
-    def __init__(self, code: int, message: str, *, details: str = "") -> None:
-        super().__init__(message, details=details)
-        self.cni_code = code
-
-
-def cni_code(exc: BaseException) -> int:
-    """The CNI error code for any exception (the one mapping)."""
-    if isinstance(exc, OverlayCNIError):
-        return exc.cni_code
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return CNI_TRY_AGAIN_LATER
-    return CNI_INTERNAL
-
-
-# --- datastore (appended by the datastore/IPAM layer) ---------------------------
-
-
-class WatchCompacted(DatastoreError):
-    """A watch asked for events older than the store keeps; the watcher must
-    re-list and watch again from the current revision."""
-
-    cni_code = CNI_TRY_AGAIN_LATER
-
-    def __init__(self, message: str, *, revision: int = 0, details: str = "") -> None:
-        super().__init__(message, details=details)
-        self.revision = revision  # the compacted revision
-
-
-# --- network policy --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -222,11 +112,118 @@ class PolicyFieldError(FieldError):
         return out
 
 
-class PolicyApplyError(DataplaneError):
-    """nft refused a rendered NetworkPolicy ruleset (or an incremental update)."""
+class ConfigError(OverlayCNIError):
+    """Invalid cluster network configuration; carries every problem found."""
+
+    cni_code = CNI_INVALID_CONFIG
+
+    def __init__(self, errors: Sequence[FieldError] | FieldError, *, warnings: Sequence[str] | None = None) -> None:
+        if isinstance(errors, FieldError):
+            errors = [errors]
+        self.errors = list(errors)
+        self.warnings = list(warnings or [])
+        super().__init__("; ".join(str(e) for e in self.errors) or "invalid configuration")
 
 
-# --- data plane (appended by the data plane) -------------------------------------
+class UsageError(OverlayCNIError):
+    """Bad command-line usage not tied to the network model.
+
+    The idiom for a bad flag or argument: ``UsageError("is out of range
+    (2..3600)", field="lease-ttl")`` reads ``--lease-ttl: is out of range
+    (2..3600)``; ``field="NODE"`` names an argument. ``field`` stays on the
+    error for callers that report it on its own."""
+
+    cni_code = CNI_INVALID_CONFIG
+
+    def __init__(self, message: str, *, field: str | None = None, details: str = "") -> None:
+        self.field = field
+        super().__init__(f"{flag_name(field)}: {message}" if field else message, details=details)
+
+
+# --- named objects (clusters, nodes, allocations, labs) ----------------------------
+
+
+class NotFound(OverlayCNIError):
+    """A named object (cluster, node, pod allocation, lab) does not exist."""
+
+    cni_code = CNI_NOT_FOUND
+
+
+class AlreadyExists(OverlayCNIError):
+    cni_code = CNI_INVALID_CONFIG
+
+
+class Conflict(OverlayCNIError):
+    """A compare-and-swap lost too many times, or an object exists with
+    different settings."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+# --- datastore ---------------------------------------------------------------------
+
+
+class DatastoreError(OverlayCNIError):
+    """The datastore failed in a way a retry will not fix."""
+
+    cni_code = CNI_IO_FAILURE
+
+
+class DatastoreURLError(DatastoreError):
+    cni_code = CNI_INVALID_CONFIG
+
+
+class DatastoreUnavailable(DatastoreError):
+    """The datastore cannot be reached now; a retry later may succeed."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+class WatchCompacted(DatastoreError):
+    """A watch asked for events older than the store keeps; the watcher must
+    re-list and watch again from the current revision."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+    def __init__(self, message: str, *, revision: int = 0, details: str = "") -> None:
+        super().__init__(message, details=details)
+        self.revision = revision  # the compacted revision
+
+
+# --- IPAM --------------------------------------------------------------------------
+
+
+class IPAMError(OverlayCNIError):
+    cni_code = CNI_IP_UNAVAILABLE
+
+
+class PoolExhausted(IPAMError):
+    """No free block in the pod CIDR, or no free address in a node's block."""
+
+    cni_code = CNI_IPAM_EXHAUSTED
+
+
+class AddressUnavailable(IPAMError):
+    """A specific requested address is taken or outside the node's block."""
+
+    cni_code = CNI_IP_UNAVAILABLE
+
+
+# --- data plane (netlink, nftables, namespaces) -------------------------------------
+
+
+class DataplaneError(OverlayCNIError):
+    """The kernel refused an operation (netlink or nftables)."""
+
+    cni_code = CNI_DATAPLANE_FAILURE
+
+
+class NetnsNotFound(DataplaneError):
+    cni_code = CNI_UNKNOWN_CONTAINER
+
+
+class InterfaceExists(DataplaneError):
+    cni_code = CNI_INVALID_CONFIG
 
 
 class UnderlayNotFound(DataplaneError):
@@ -239,3 +236,31 @@ class PeerNotAdjacent(DataplaneError):
     """The direct backend needs every peer node on the same L2 segment."""
 
     cni_code = CNI_INVALID_CONFIG
+
+
+class PolicyApplyError(DataplaneError):
+    """nft refused a rendered NetworkPolicy ruleset (or an incremental update)."""
+
+
+class PermissionDenied(OverlayCNIError):
+    """Needs root / CAP_NET_ADMIN."""
+
+    cni_code = CNI_IO_FAILURE
+
+
+# --- agent / CNI -------------------------------------------------------------------
+
+
+class AgentUnavailable(OverlayCNIError):
+    """The node agent is not running or does not answer in time."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+class CNIError(OverlayCNIError):
+    """A CNI protocol error with an explicit spec code (one of the
+    ``CNI_*`` names above, never a bare number)."""
+
+    def __init__(self, code: int, message: str, *, details: str = "") -> None:
+        super().__init__(message, details=details)
+        self.cni_code = code

@@ -29,6 +29,9 @@ from ..config import ClusterNetwork
 from ..dataplane import Dataplane, host_veth_name
 from ..datastore import Store
 from ..errors import (
+    CNI_CHECK_FAILED,
+    CNI_INVALID_CONFIG,
+    CNI_IO_FAILURE,
     CNI_NOT_AVAILABLE,
     CNI_UNKNOWN_CONTAINER,
     CNIError,
@@ -37,8 +40,6 @@ from ..errors import (
     OverlayCNIError,
 )
 from ..ipam import NodeRecord
-
-CNI_CHECK_FAILED = 104
 
 
 @dataclass
@@ -163,7 +164,7 @@ class CNIOps:
     def check(self, req: CNIRequest) -> None:
         prev = req.prev_result
         if prev is None:
-            raise CNIError(7, "CHECK needs prevResult in the network config")
+            raise CNIError(CNI_INVALID_CONFIG, "CHECK needs prevResult in the network config")
         alloc = ipam.get_allocation(self.store, self.ctx.cluster, req.container_id, req.ifname)
         if alloc is None:
             raise CNIError(
@@ -213,7 +214,7 @@ class CNIOps:
                         errors.append(str(exc))
         self.on_change()
         if errors:
-            raise CNIError(5, "GC finished with errors", details="; ".join(errors))
+            raise CNIError(CNI_IO_FAILURE, "GC finished with errors", details="; ".join(errors))
         return None
 
     # ----- STATUS -------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..cni.protocol import parse_request
-from ..errors import CNI_INTERNAL, OverlayCNIError, cni_code
+from ..errors import CNI_DECODE_FAILURE, CNI_INTERNAL, OverlayCNIError, cni_code
 
 log = logging.getLogger("overlaycni.agent")
 MAX_REQUEST = 4 * 1024 * 1024
@@ -59,7 +59,7 @@ def serve_unix(path: str, handle: Handler, observe: Callable[[str, str, float], 
             try:
                 doc = json.loads(line)
             except ValueError:
-                answer = {"error": {"code": 6, "msg": "request is not valid JSON"}}
+                answer = {"error": {"code": CNI_DECODE_FAILURE, "msg": "request is not valid JSON"}}
             else:
                 answer = answer_for(doc, handle, observe)
             try:

@@ -48,7 +48,7 @@ def agent(
     try:
         ip = ipaddress.IPv4Address(node_ip)
     except ValueError:
-        raise UsageError(f"--node-ip {node_ip!r} is not an IPv4 address") from None
+        raise UsageError(f"{node_ip!r} is not an IPv4 address", field="node-ip") from None
     from ..agent.daemon import AgentOptions, run_agent  # heavy (pyroute2): only when running
 
     opts = AgentOptions(

@@ -59,12 +59,12 @@ def shim_source(python: str | None = None) -> str:
 
 def conflist(*, cluster: str, socket: str, cni_version: str = "1.0.0", chain: tuple[str, ...] = ()) -> dict:
     if cni_version not in CONF_VERSIONS:
-        raise UsageError(f"--cni-version {cni_version} is not supported (choose from {', '.join(CONF_VERSIONS)})")
+        raise UsageError(f"{cni_version} is not supported (choose from {', '.join(CONF_VERSIONS)})", field="cni-version")
     # "ips": the runtime may request a pod address (runtimeConfig.ips), e.g. for a static pod IP
     plugins: list[dict] = [{"type": PLUGIN_NAME, "cluster": cluster, "socket": socket, "capabilities": {"ips": True}}]
     for name in chain:
         if name not in CHAINABLE:
-            raise UsageError(f"--chain {name} is not a supported chained plugin (choose from {', '.join(CHAINABLE)})")
+            raise UsageError(f"{name} is not a supported chained plugin (choose from {', '.join(CHAINABLE)})", field="chain")
         entry: dict = {"type": name}
         if name == "portmap":
             entry["capabilities"] = {"portMappings": True}
@@ -85,11 +85,11 @@ def install_cni(
 ) -> Installed:
     doc = conflist(cluster=cluster, socket=socket, cni_version=cni_version, chain=chain)
     bdir, cdir = Path(bin_dir), Path(conf_dir)
-    for d, flag in ((bdir, "--bin-dir"), (cdir, "--conf-dir")):
+    for d, flag in ((bdir, "bin-dir"), (cdir, "conf-dir")):
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"{flag} {d}: cannot create directory ({exc.strerror})") from None
+            raise UsageError(f"{d}: cannot create directory ({exc.strerror})", field=flag) from None
     plugin = bdir / PLUGIN_NAME
     conf = cdir / CONFLIST_NAME
     try:

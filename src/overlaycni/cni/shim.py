@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - not CPython
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
 CONNECT_TIMEOUT = 2.0
-REPLY_TIMEOUT = 4.5  # the agent answers 11 before this; never a hang
+REPLY_TIMEOUT = 4.5  # the agent answers TRY_AGAIN_LATER before this; never a hang
 # Spec codes.
 INCOMPATIBLE_VERSION, INVALID_ENV, DECODE_FAILURE, INVALID_CONFIG = 1, 4, 6, 7
 TRY_AGAIN_LATER, NOT_AVAILABLE = 11, 50
@@ -186,7 +186,7 @@ def build_request(env, stdin_text):
 
 
 def call_agent(socket_path, request, *, connect_timeout=CONNECT_TIMEOUT, reply_timeout=REPLY_TIMEOUT):
-    """Send one request; return the decoded answer. Unreachable -> code 11."""
+    """Send one request; return the decoded answer. Unreachable: TRY_AGAIN_LATER."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect_timeout)

@@ -58,9 +58,9 @@ def validate(req: UpRequest) -> ClusterNetwork:
     topology.validate_lab_name(req.name)
     net = parse_network(req.network)
     if req.store not in STORES:
-        raise UsageError(f"--store: {req.store!r} is not one of: {', '.join(STORES)}")
+        raise UsageError(f"{req.store!r} is not one of: {', '.join(STORES)}", field="store")
     if not 2 <= req.lease_ttl <= 3600:
-        raise UsageError(f"--lease-ttl: {req.lease_ttl} is out of range (allowed 2..3600)")
+        raise UsageError(f"{req.lease_ttl} is out of range (allowed 2..3600)", field="lease-ttl")
     topology.check_capacity(net, nodes=req.nodes, pods_per_node=req.pods_per_node)
     longest = topology.node_name(req.nodes + 99)
     control.check_socket_path(str(st.lab_dir(req.name, req.root) / "nodes" / longest / "agent.sock"))

@@ -65,7 +65,7 @@ def add_pod(
         node = next((n.name for n in state.nodes if n.block and wanted_ip in n.block), None)
         if node is None:
             blocks = ", ".join(f"{n.name} {n.block}" for n in state.nodes if n.block) or "none yet"
-            raise UsageError(f"--ip: {wanted_ip} is in no node's block (blocks: {blocks})")
+            raise UsageError(f"{wanted_ip} is in no node's block (blocks: {blocks})", field="ip")
     if node is None:  # the node with the fewest pods, like a naive scheduler
         node = min(state.nodes, key=lambda n: (len(state.pods_on(n.name)), n.index)).name
     state.node(node)  # raises NotFound naming the nodes

@@ -74,11 +74,11 @@ def parse_ports(items: Sequence[str]) -> tuple[str, ...]:
         try:
             p = codec.parse_named_port(item)
         except ValueError as exc:
-            raise UsageError(f"--port: {exc}") from None
+            raise UsageError(str(exc), field="port") from None
         out.append(f"{p.name}={p.port}/{p.protocol}")
     names = [(p.split("=")[0], p.rsplit("/", 1)[1]) for p in out]
     if len(set(names)) != len(names):
-        raise UsageError("--port: a port name is given twice for the same protocol")
+        raise UsageError("a port name is given twice for the same protocol", field="port")
     return tuple(out)
 
 
@@ -88,7 +88,7 @@ def parse_ip(text: str | None) -> IPv4Address | None:
     try:
         return IPv4Address(text.strip())
     except ValueError:
-        raise UsageError(f"--ip: {text!r} is not an IPv4 address") from None
+        raise UsageError(f"{text!r} is not an IPv4 address", field="ip") from None
 
 
 # --- running a command against a lab's datastore -----------------------------------------------
@@ -215,7 +215,7 @@ def add_namespace(name: str, namespace: str, labels: Sequence[str] = (), *, root
     topology.validate_pod_name(namespace, field="NAMESPACE")
     sets, removes = parse_label_edits(labels, field="--labels")
     if removes:
-        raise UsageError(f"--labels: {sorted(removes)[0]}- removes a label; a new namespace has none to remove")
+        raise UsageError(f"{sorted(removes)[0]}- removes a label; a new namespace has none to remove", field="labels")
     state = st.load(topology.validate_lab_name(name), root)
     with st.locked(Path(state.lab_dir)):
         state = st.load(name, root)

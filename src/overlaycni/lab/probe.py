@@ -169,9 +169,9 @@ def probe_matrix(
     a wrongly allowed pair is always reported."""
     protocol = protocol.upper()
     if protocol not in ("TCP", "UDP"):
-        raise UsageError(f"--protocol: {protocol!r} cannot be probed here (TCP or UDP; this kernel has no SCTP)")
+        raise UsageError(f"{protocol!r} cannot be probed here (TCP or UDP; this kernel has no SCTP)", field="protocol")
     if not 1 <= port <= 65535:
-        raise UsageError(f"--port: {port} is out of range (1-65535)")
+        raise UsageError(f"{port} is out of range (1-65535)", field="port")
     if pods is not None:
         chosen = [state.pod(n) for n in pods]
     else:

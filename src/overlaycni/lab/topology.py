@@ -48,9 +48,9 @@ def validate_lab_name(name: str) -> str:
     """A lab name: 1..12 characters of [a-z0-9-], starting and ending with a
     letter or digit. Returns it; raises ``UsageError`` naming the problem."""
     if not name:
-        raise UsageError("--name: the lab name is empty")
+        raise UsageError("the lab name is empty", field="name")
     if len(name) > MAX_LAB_NAME:
-        raise UsageError(f"--name: {name!r} is {len(name)} characters long; at most {MAX_LAB_NAME} are allowed")
+        raise UsageError(f"{name!r} is {len(name)} characters long; at most {MAX_LAB_NAME} are allowed", field="name")
     if not _LAB_RE.match(name):
         raise UsageError(
             f"--name: {name!r} may only hold lowercase letters, digits and '-' (not at either end)"
@@ -178,7 +178,7 @@ def addressing(net: ClusterNetwork) -> Addressing:
 def check_capacity(net: ClusterNetwork, *, nodes: int, pods_per_node: int) -> None:
     """Fail with a clear message if the lab does not fit the network."""
     if nodes < 1:
-        raise UsageError(f"--nodes: {nodes} is too few; a lab needs at least one node")
+        raise UsageError(f"{nodes} is too few; a lab needs at least one node", field="nodes")
     room = min(addressing(net).max_nodes, net.max_nodes)
     if nodes > room:
         raise UsageError(
@@ -186,9 +186,9 @@ def check_capacity(net: ClusterNetwork, *, nodes: int, pods_per_node: int) -> No
             f"{net.pod_cidr} (/{net.node_cidr_size} blocks) leave room for {room}"
         )
     if pods_per_node < 0:
-        raise UsageError(f"--pods-per-node: {pods_per_node} is negative")
+        raise UsageError(f"{pods_per_node} is negative", field="pods-per-node")
     if pods_per_node > net.max_pods:
-        raise UsageError(f"--pods-per-node: {pods_per_node} is more than --max-pods {net.max_pods}")
+        raise UsageError(f"{pods_per_node} is more than --max-pods {net.max_pods}", field="pods-per-node")
 
 
 def datastore_url(store: str, *, lab_dir: str, control_ip: IPv4Address) -> str:
@@ -196,7 +196,7 @@ def datastore_url(store: str, *, lab_dir: str, control_ip: IPv4Address) -> str:
         return f"sqlite:///{lab_dir.rstrip('/')}/state.db"
     if store == "etcd":
         return f"etcd://{control_ip}:{ETCD_CLIENT_PORT}"
-    raise UsageError(f"--store: {store!r} is not one of: sqlite, etcd")
+    raise UsageError(f"{store!r} is not one of: sqlite, etcd", field="store")
 
 
 def next_free_index(used: set[int]) -> int:
