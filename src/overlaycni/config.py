@@ -7,8 +7,11 @@ configuration in one round instead of one error at a time. Each error's
 with the flag and the value (``--pod-cidr 10.224.128.0/17 overlaps --vnet-cidr
 10.224.0.0/12``), naming the conflicting range where there is one.
 
-The rules are AKS's (azure-cli ``_validators.py`` and the AKS overlay docs,
-summarised in shared/REFERENCE.md):
+The rules are AKS's, from the AKS docs
+(https://learn.microsoft.com/azure/aks/azure-cni-overlay,
+https://learn.microsoft.com/azure/aks/configure-azure-cni) and azure-cli's
+validators (``src/azure-cli/azure/cli/command_modules/acs/_validators.py``
+in https://github.com/Azure/azure-cli):
 
 * reserved ranges 169.254.0.0/16, 172.30.0.0/16, 172.31.0.0/16 and
   192.0.2.0/24 may not overlap the pod CIDR, the service CIDR, the VNet or

@@ -1,6 +1,9 @@
 """Capacity planning: overlay vs flat Azure CNI vs kubenet, on one VNet (pure).
 
-Formulas (shared/REFERENCE.md, from the AKS docs):
+Formulas from the AKS docs (IP address planning in
+https://learn.microsoft.com/azure/aks/azure-cni-overlay and
+https://learn.microsoft.com/azure/aks/configure-azure-cni; the kubenet route
+table limit in https://learn.microsoft.com/azure/aks/configure-kubenet):
 
 * overlay: the VNet holds node IPs only, pods come from the private pod CIDR:
   ``nodes = min(blocks in pod CIDR, usable node-subnet IPs, 5000)``.
@@ -11,7 +14,8 @@ Formulas (shared/REFERENCE.md, from the AKS docs):
   The blocks term is ours: kubenet also carves one block per node from the
   pod CIDR, so a small pod CIDR caps it too.
 
-"usable" is the node subnet's size minus the 5 addresses Azure reserves.
+"usable" is the node subnet's size minus the 5 addresses Azure reserves in
+every subnet (https://learn.microsoft.com/azure/virtual-network/virtual-networks-faq).
 
 Why overlay ends VNet IP exhaustion: a node costs the VNet 1 address in
 overlay but ``1 + max pods`` in flat mode. When the pod CIDR (not the VNet)

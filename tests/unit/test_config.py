@@ -1,5 +1,5 @@
-"""Unit tests of the cluster network model: one test per AKS rule
-(shared/REFERENCE.md, "AKS overlay network rules"), error collection,
+"""Unit tests of the cluster network model: one test per AKS rule (the AKS
+docs and azure-cli validators cited in overlaycni/config.py), error collection,
 round trips, pod CIDR expansion, config files, and property tests of the
 CIDR arithmetic against brute force."""
 

@@ -1,5 +1,6 @@
-"""Unit tests of the capacity planner (pure): the REFERENCE.md formulas per
-model, the verdict, the pod CIDR suggestion and the JSON contract."""
+"""Unit tests of the capacity planner (pure): the AKS docs' formulas per
+model (cited in overlaycni/plan.py), the verdict, the pod CIDR suggestion and
+the JSON contract."""
 
 from __future__ import annotations
 

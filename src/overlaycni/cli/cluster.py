@@ -1,9 +1,7 @@
 """``overlaycni cluster ...`` and ``overlaycni node ...``: cluster networks and
-node blocks in the datastore.
+node blocks in the datastore."""
 
-No ``from __future__ import annotations``: typer must see the real
-``Annotated`` objects behind ``with_network_flags``'s rewritten signature.
-"""
+from __future__ import annotations
 
 from ipaddress import IPv4Address
 from pathlib import Path

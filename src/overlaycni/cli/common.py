@@ -36,14 +36,6 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def fail(message: str, *, code: int = 2, hint: str | None = None) -> None:
-    """Print a clear error (no traceback) and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    if hint:
-        err_console.print(f"[dim]hint:[/] {hint}", highlight=False)
-    raise typer.Exit(code)
-
-
 def report_error(exc: OverlayCNIError) -> int:
     """Print an OverlayCNIError for a person; return the exit code."""
     if isinstance(exc, ConfigError):

@@ -1,7 +1,6 @@
-"""``overlaycni ipam ...``: pod addresses (allocate, release, show, check, gc).
+"""``overlaycni ipam ...``: pod addresses (allocate, release, show, check, gc)."""
 
-No ``from __future__ import annotations`` (typer reads real annotations).
-"""
+from __future__ import annotations
 
 import json
 import sys

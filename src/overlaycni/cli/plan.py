@@ -1,9 +1,6 @@
-"""``overlaycni plan``: validate a network and compare capacity per model.
+"""``overlaycni plan``: validate a network and compare capacity per model."""
 
-No ``from __future__ import annotations`` here: typer reads the options'
-``Annotated`` metadata from real annotation objects, and string annotations
-behind ``with_network_flags``'s rewritten signature would lose it.
-"""
+from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
