@@ -173,6 +173,20 @@ class DatastoreURLError(DatastoreError):
     cni_code = CNI_INVALID_CONFIG
 
 
+class DatastoreCredentialsError(DatastoreError):
+    """TLS files or etcd user settings are missing, unreadable or do not fit
+    together (named by flag); nothing was sent to the datastore."""
+
+    cni_code = CNI_INVALID_CONFIG
+
+
+class DatastoreAuthError(DatastoreError):
+    """The datastore and we did not accept each other: a TLS handshake failed
+    (untrusted server certificate, client certificate refused, TLS spoken to
+    a plain-HTTP server or the reverse) or etcd refused our user. A retry
+    with the same settings will not help."""
+
+
 class DatastoreUnavailable(DatastoreError):
     """The datastore cannot be reached now; a retry later may succeed."""
 

@@ -17,6 +17,7 @@ from ..errors import ConfigError, OverlayCNIError
 
 if TYPE_CHECKING:
     from ..datastore import Store
+    from ..datastore.tls import EtcdCredentials
 
 console = Console()
 err_console = Console(stderr=True)
@@ -101,7 +102,54 @@ def with_network_flags(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# ----- datastore from the global option --------------------------------------------------
+# ----- the datastore: global options, and the one place that opens it ---------------------
+
+DATASTORE_PANEL = "Datastore"
+EtcdCaOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--etcd-ca",
+        envvar="OVERLAYCNI_ETCD_CA",
+        help="etcds://: the CA certificate (PEM) that signed etcd's server certificate.",
+        rich_help_panel=DATASTORE_PANEL,
+    ),
+]
+EtcdCertOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--etcd-cert",
+        envvar="OVERLAYCNI_ETCD_CERT",
+        help="etcds://: this client's certificate (PEM); re-read when the file changes.",
+        rich_help_panel=DATASTORE_PANEL,
+    ),
+]
+EtcdKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--etcd-key",
+        envvar="OVERLAYCNI_ETCD_KEY",
+        help="etcds://: the private key of --etcd-cert (PEM, unencrypted, mode 0600).",
+        rich_help_panel=DATASTORE_PANEL,
+    ),
+]
+EtcdUserOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--etcd-user",
+        envvar="OVERLAYCNI_ETCD_USER",
+        help="etcd user, when the operator enabled etcd's authentication.",
+        rich_help_panel=DATASTORE_PANEL,
+    ),
+]
+EtcdPasswordFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--etcd-password-file",
+        envvar="OVERLAYCNI_ETCD_PASSWORD_FILE",
+        help="File holding --etcd-user's password (or set OVERLAYCNI_ETCD_PASSWORD); never on the command line.",
+        rich_help_panel=DATASTORE_PANEL,
+    ),
+]
 
 
 def datastore_url(ctx: typer.Context) -> str | None:
@@ -110,8 +158,29 @@ def datastore_url(ctx: typer.Context) -> str | None:
     return obj.get("datastore")
 
 
+def etcd_credentials(ctx: typer.Context) -> EtcdCredentials:
+    """The --etcd-* global options (typer has filled them from the
+    OVERLAYCNI_ETCD_* environment where not given)."""
+    from ..datastore.tls import EtcdCredentials
+
+    obj = ctx.find_root().obj or {}
+    creds: EtcdCredentials = obj.get("etcd") or EtcdCredentials()
+    return creds
+
+
+def warn_plain_etcd(url: str | None) -> None:
+    from ..datastore import plain_etcd_warning
+
+    warning = plain_etcd_warning(url)
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
 def open_store(ctx: typer.Context) -> Store:
-    """Open the datastore named by ``--datastore`` / OVERLAYCNI_DATASTORE."""
+    """Open the datastore named by ``--datastore`` / OVERLAYCNI_DATASTORE,
+    with the --etcd-* options: every command opens its store here."""
     from ..datastore import open_datastore
 
-    return open_datastore(datastore_url(ctx))
+    url = datastore_url(ctx)
+    warn_plain_etcd(url)
+    return open_datastore(url, credentials=etcd_credentials(ctx))

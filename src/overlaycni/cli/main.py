@@ -9,7 +9,7 @@ import typer
 
 from ..errors import OverlayCNIError
 from . import plan as plan_cmd
-from .common import report_error
+from .common import DATASTORE_PANEL, EtcdCaOpt, EtcdCertOpt, EtcdKeyOpt, EtcdPasswordFileOpt, EtcdUserOpt, report_error
 
 app = typer.Typer(
     name="overlaycni",
@@ -34,12 +34,22 @@ def root(
         typer.Option(
             "--datastore",
             envvar="OVERLAYCNI_DATASTORE",
-            help="sqlite:///path/state.db (default sqlite:///var/lib/overlaycni/state.db) "
-            "or etcd://host:port[,host:port...]",
+            help="sqlite:///path/state.db (default sqlite:///var/lib/overlaycni/state.db), "
+            "etcds://host:port[,host:port...] (etcd over TLS, with --etcd-ca/--etcd-cert/--etcd-key) "
+            "or etcd://127.0.0.1:port (plain HTTP, for a loopback etcd only)",
+            rich_help_panel=DATASTORE_PANEL,
         ),
     ] = None,
+    etcd_ca: EtcdCaOpt = None,
+    etcd_cert: EtcdCertOpt = None,
+    etcd_key: EtcdKeyOpt = None,
+    etcd_user: EtcdUserOpt = None,
+    etcd_password_file: EtcdPasswordFileOpt = None,
 ) -> None:
-    ctx.obj = {"datastore": datastore}
+    from ..datastore.tls import EtcdCredentials
+
+    creds = EtcdCredentials(ca=etcd_ca, cert=etcd_cert, key=etcd_key, user=etcd_user, password_file=etcd_password_file)
+    ctx.obj = {"datastore": datastore, "etcd": creds}
 
 
 app.command("plan", epilog=plan_cmd.EPILOG)(plan_cmd.plan)
@@ -52,6 +62,7 @@ _GROUPS = (
     "overlaycni.cli.lab",
     "overlaycni.cli.lab_policy",
     "overlaycni.cli.policy",
+    "overlaycni.cli.certs",
 )
 
 

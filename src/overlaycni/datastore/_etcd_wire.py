@@ -1,11 +1,13 @@
-"""etcd v3 JSON gateway wire helpers: base64 keys, range operations and the
-streaming watch reader (see the design note in ``etcd.py``)."""
+"""etcd v3 JSON gateway wire helpers: base64 keys, range operations, the
+streaming watch reader and TLS/auth refusals in words (see the design note
+in ``etcd.py``)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import queue
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -79,3 +81,75 @@ def _close(resp: Any) -> None:
         resp.close()
     except Exception:
         pass
+
+
+# ----- refusals, in words -----------------------------------------------------------
+
+# OpenSSL reasons (as Python's ssl module prints them) -> what they mean here.
+_TLS_REASONS = (
+    ("CERTIFICATE_VERIFY_FAILED", "server"),
+    ("WRONG_VERSION_NUMBER", "plain"),
+    ("RECORD_LAYER_FAILURE", "plain"),
+    ("PACKET_LENGTH_TOO_LONG", "plain"),
+    ("CERTIFICATE_REQUIRED", "client"),
+    ("BAD_CERTIFICATE", "client"),
+    ("UNKNOWN_CA", "client"),
+    ("CERTIFICATE_EXPIRED", "client"),
+    ("CERTIFICATE_REVOKED", "client"),
+    ("UNSUPPORTED_CERTIFICATE", "client"),
+    ("EOF OCCURRED IN VIOLATION OF PROTOCOL", "eof"),
+    ("UNEXPECTED_EOF", "eof"),
+)
+
+
+def tls_problem(text: str, *, credentials: Any, host: str) -> str | None:
+    """What a TLS failure in ``text`` (a requests/urllib3 error message)
+    means, in words that name the setting to fix; None if it is not one."""
+    upper = text.upper()
+    if "SSL" not in upper and "CERTIFICATE" not in upper:
+        return None
+    kind = next((k for reason, k in _TLS_REASONS if reason in upper), "other")
+    detail = re.search(r"certificate verify failed: ([^(')\"]+)", text)
+    if kind == "server":
+        why = detail.group(1).strip() if detail else "not trusted"
+        return (
+            f"etcd's server certificate was refused ({why}): it must be signed by the CA in --etcd-ca "
+            f"{credentials.ca} and name {host} in its subject alternative names"
+        )
+    if kind == "plain":
+        return "the server does not speak TLS on this port (a plain-HTTP etcd is etcd://, for loopback only)"
+    if kind == "client":
+        if not credentials.cert:
+            return "etcd requires a client certificate: give --etcd-cert and --etcd-key"
+        return (
+            f"etcd refused our client certificate --etcd-cert {credentials.cert} (not signed by a CA etcd trusts "
+            "in --trusted-ca-file, expired or revoked)"
+        )
+    if kind == "eof":
+        which = f"our client certificate --etcd-cert {credentials.cert}" if credentials.cert else "a client without certificate"
+        return (
+            f"etcd closed the connection during the TLS handshake: it refused {which} (not signed by a CA in "
+            "its --trusted-ca-file?), or it does not speak TLS on this port"
+        )
+    return f"TLS handshake failed: {text[-300:]}"
+
+
+def auth_problem(text: str, *, credentials: Any, url: str) -> str | None:
+    """``"expired"`` for a stale etcd auth token, a sentence for another
+    refusal of who we are (or of plain HTTP by a TLS port), else None."""
+    if "invalid auth token" in text or "invalid auth management" in text:
+        return "expired"
+    if "user name is empty" in text:
+        if credentials.user:
+            return "expired"
+        return (
+            f"etcd at {url} has authentication enabled: give --etcd-user and --etcd-password-file "
+            "(or OVERLAYCNI_ETCD_USER / OVERLAYCNI_ETCD_PASSWORD_FILE)"
+        )
+    if "authentication failed" in text:
+        return f"etcd refused --etcd-user {credentials.user!r}: wrong user name or password"
+    if "permission denied" in text:
+        return f"etcd denied --etcd-user {credentials.user!r} this request (its roles do not allow it)"
+    if "HTTP request to an HTTPS server" in text:
+        return f"etcd at {url} speaks only HTTPS: use etcds:// with --etcd-ca, --etcd-cert and --etcd-key"
+    return None

@@ -1,10 +1,25 @@
-"""etcd v3 datastore (``etcd://host:port[,host:port...]``) over the JSON gateway.
+"""etcd v3 datastore (``etcds://`` or ``etcd://host:port[,host:port...]``) over the JSON gateway.
 
 Design note.
 * Transport: etcd3gw's ``Etcd3Client`` (HTTP + JSON to the gRPC gateway);
   ``api_path`` is set to ``/v3/`` explicitly (etcd >= 3.4, Debian 12 ships
   3.4) so no discovery request is made. Keys and values are base64 on the
   wire; revisions are JSON strings (int64).
+* TLS (``etcds://``): etcd3gw's ``protocol="https"``, ``ca_cert``,
+  ``cert_cert`` and ``cert_key``, fed from ``tls.TLSFiles``: the server must
+  present a certificate signed by ``--etcd-ca`` that names the host we dialled
+  (IP SANs for IP endpoints), and we present ``--etcd-cert``. Every client set
+  and the watch stream belong to one TLS generation; when the files rotate,
+  pooled clients of the old generation are closed instead of reused and the
+  watch re-opens from its next revision. A failed handshake is reported as
+  ``DatastoreAuthError`` saying which side refused which certificate.
+  Sessions ignore the environment (``trust_env = False``): requests would
+  otherwise let ``REQUESTS_CA_BUNDLE`` replace ``--etcd-ca`` and send the
+  traffic through ``HTTPS_PROXY``.
+* etcd user auth (``--etcd-user``): a token from ``/v3/auth/authenticate``
+  travels in the ``Authorization`` header; an expired or revoked token is
+  replaced once per request. etcd maps a certificate's CN to a user only on
+  its gRPC port, not through the JSON gateway, so the token is the way.
 * Endpoints: tried in turn, starting with the one that last answered. A
   refused connection moves on at once; a timeout or a 503 ("no leader",
   "leader changed") is retried across the endpoints for ``RETRY_WINDOW``
@@ -29,135 +44,58 @@ Design note.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from etcd3gw import exceptions as gw_exc
-from etcd3gw.client import Etcd3Client
-
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
-from ._etcd_wire import _b64, _close, _kv, _range_op, _range_ops, _read_stream, _unb64
+from ._etcd_transport import RETRY_WINDOW, Transport
+from ._etcd_wire import _b64, _close, _kv, _range_op, _range_ops, _unb64
 from .base import KV, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
+from .tls import EtcdCredentials
 
-CONNECT_TIMEOUT = 1.5
-REQUEST_TIMEOUT = 5.0
-RETRY_WINDOW = 6.0
 WATCH_POLL = 0.25
-MAX_IDLE = 8  # pooled client sets kept between calls
-
-
-class _Retry(Exception):
-    """An endpoint failed in a way another endpoint (or a retry) may fix."""
-
-
-class _Refused(_Retry):
-    pass
 
 
 class EtcdStore(TransactMixin):
-    def __init__(self, endpoints: Sequence[tuple[str, int]], *, url: str | None = None) -> None:
-        if not endpoints:
-            raise DatastoreError("etcd datastore needs at least one endpoint")
-        self.endpoints = list(endpoints)
-        self.url = url or "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
-        self.round_trips = 0  # HTTP requests sent (for benchmarks)
-        self._idle: list[dict[int, Etcd3Client]] = []  # pooled clients (one requests.Session each)
-        self._lock = threading.Lock()
-        self._current = 0
-        self._closed = False
-        self.revision()  # fail now, clearly, when no endpoint answers
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        *,
+        url: str | None = None,
+        tls: bool = False,
+        credentials: EtcdCredentials | None = None,
+    ) -> None:
+        self._t = Transport(endpoints, url=url, tls=tls, credentials=credentials)
+        self.url = self._t.url
+        self._post = self._t.post
+        try:
+            self.revision()  # fail now, clearly, when no endpoint answers or accepts us
+        except BaseException:
+            self._t.close()
+            raise
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return self._t.endpoints
 
     @property
     def active_endpoint(self) -> tuple[str, int]:
         """The endpoint that answered last (requests start there)."""
-        return self.endpoints[self._current]
+        return self._t.active_endpoint
 
-    # ----- transport --------------------------------------------------------------
-    def _new_client(self, index: int) -> Etcd3Client:
-        host, port = self.endpoints[index]
-        timeout = (CONNECT_TIMEOUT, REQUEST_TIMEOUT)  # etcd3gw hands it to requests, which takes (connect, read)
-        return Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/")  # type: ignore[arg-type]
+    @property
+    def round_trips(self) -> int:
+        """HTTP requests sent (for benchmarks)."""
+        return self._t.round_trips
 
-    def _checkout(self) -> dict[int, Etcd3Client]:
-        with self._lock:
-            return self._idle.pop() if self._idle else {}
-
-    def _checkin(self, clients: dict[int, Etcd3Client]) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < MAX_IDLE:
-                self._idle.append(clients)
-                return
-        for client in clients.values():
-            client.session.close()
-
-    def _order(self) -> list[int]:
-        n = len(self.endpoints)
-        return [(self._current + i) % n for i in range(n)]
-
-    def _post_one(self, clients: dict[int, Etcd3Client], index: int, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        client = clients.get(index)
-        if client is None:
-            client = clients[index] = self._new_client(index)
-        self.round_trips += 1
-        try:
-            return client.post(client.get_url(path), json=payload)
-        except gw_exc.ConnectionTimeoutError as exc:
-            text = str(getattr(exc, "detail_text", "") or exc)
-            if "connect timeout" in text or "ConnectTimeout" in text:
-                raise _Refused("connect timed out") from None
-            raise _Retry(f"timed out: {text[:200]}") from None
-        except gw_exc.ConnectionFailedError as exc:
-            text = str(getattr(exc, "detail_text", "") or exc)
-            if "refused" in text or "Max retries" in text or "NewConnectionError" in text:
-                raise _Refused("connection refused") from None
-            raise _Retry(f"unavailable: {text[:200]}") from None
-        except gw_exc.Etcd3Exception as exc:
-            text = str(getattr(exc, "detail_text", "") or exc)
-            if "lease not found" in text:
-                raise NotFound("etcd lease not found (expired or revoked)") from None
-            if "compacted" in text:
-                raise WatchCompacted(f"etcd: {text[:200]}") from None
-            if "leader" in text or "timed out" in text or "unavailable" in text.lower():
-                raise _Retry(text[:200]) from None
-            raise DatastoreError(f"etcd {self.endpoints[index][0]}:{self.endpoints[index][1]} refused {path}: {text[:300]}") from None
-        except ValueError as exc:  # not JSON
-            raise _Retry(f"bad response: {exc}") from None
-
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        if self._closed:
-            raise DatastoreError(f"datastore {self.url} is closed")
-        clients = self._checkout()
-        try:
-            return self._post_with(clients, path, payload)
-        finally:
-            self._checkin(clients)
-
-    def _post_with(self, clients: dict[int, Etcd3Client], path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        deadline = time.monotonic() + RETRY_WINDOW
-        last = ""
-        while True:
-            refused_all = True
-            for index in self._order():
-                try:
-                    result = self._post_one(clients, index, path, payload)
-                except _Refused as exc:
-                    last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {exc}"
-                    continue
-                except _Retry as exc:
-                    refused_all = False
-                    last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {exc}"
-                    continue
-                self._current = index
-                return result
-            if refused_all or time.monotonic() >= deadline:
-                raise DatastoreUnavailable(
-                    f"etcd datastore {self.url} is unreachable ({last})",
-                    details="check that etcd runs and listens on the given host:port",
-                )
-            time.sleep(0.2)
+    @property
+    def tls_rotations(self) -> int:
+        """How often the TLS files were re-read after a change."""
+        return self._t.tls.rotations if self._t.tls is not None else 0
 
     # ----- key/value ----------------------------------------------------------------
     def get(self, key: str) -> KV | None:
@@ -269,31 +207,6 @@ class EtcdStore(TransactMixin):
             pass
 
     # ----- watch --------------------------------------------------------------------
-    def _open_watch(self, prefix: str, start: int) -> tuple[Any, queue.Queue]:
-        request = {"create_request": {**_range_op(prefix, prefix=True), "start_revision": str(start)}}
-        deadline = time.monotonic() + RETRY_WINDOW
-        last = ""
-        while time.monotonic() < deadline:
-            for index in self._order():
-                client = self._new_client(index)  # its own session: the stream holds the connection
-                try:
-                    resp = client.session.post(
-                        client.get_url("/watch"), json=request, stream=True, timeout=(CONNECT_TIMEOUT, None)
-                    )
-                except Exception as exc:  # requests' connection errors
-                    last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {type(exc).__name__}"
-                    continue
-                if resp.status_code != 200:
-                    last = f"HTTP {resp.status_code}"
-                    resp.close()
-                    continue
-                self._current = index
-                q: queue.Queue = queue.Queue()
-                threading.Thread(target=_read_stream, args=(resp, q), daemon=True).start()
-                return resp, q
-            time.sleep(0.2)
-        raise DatastoreUnavailable(f"etcd datastore {self.url}: cannot open a watch ({last})")
-
     def watch(
         self,
         prefix: str,
@@ -302,14 +215,21 @@ class EtcdStore(TransactMixin):
         stop: threading.Event | None = None,
     ) -> Iterator[Event]:
         next_rev = self.revision() + 1 if start_revision is None else int(start_revision)
-        resp, q = self._open_watch(prefix, next_rev)
+        request = {"create_request": {**_range_op(prefix, prefix=True), "start_revision": str(next_rev)}}
+        resp, q, gen = self._t.open_stream("/watch", request)
         lost_since: float | None = None
         try:
             while stop is None or not stop.is_set():
                 try:
                     kind, msg = q.get(timeout=WATCH_POLL)
                 except queue.Empty:
+                    if gen is not None and self._t.generation() is not gen:
+                        _close(resp)  # rotated TLS files: present the new certificate
+                        request["create_request"]["start_revision"] = str(next_rev)
+                        resp, q, gen = self._t.open_stream("/watch", request)
                     continue
+                if kind == "error" and isinstance(msg, dict):
+                    self._t.refusal(json.dumps(msg))
                 if kind == "msg" and "result" in msg:
                     result = msg["result"]
                     if int(result.get("compact_revision", 0) or 0) > 0:
@@ -343,17 +263,13 @@ class EtcdStore(TransactMixin):
                 if time.monotonic() - lost_since > RETRY_WINDOW:
                     raise DatastoreUnavailable(f"etcd datastore {self.url}: watch connection lost")
                 time.sleep(0.1)
-                resp, q = self._open_watch(prefix, next_rev)
+                request["create_request"]["start_revision"] = str(next_rev)
+                resp, q, gen = self._t.open_stream("/watch", request)
         finally:
             _close(resp)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for clients in idle:
-            for client in clients.values():
-                client.session.close()
+        self._t.close()
 
 
 if TYPE_CHECKING:  # mypy proves that the backend implements the Store port

@@ -1,0 +1,424 @@
+"""A small PKI for etcd: one CA, etcd's server certificate, client certificates.
+
+Layout of the directory (0700; every file 0600):
+
+    ca.crt, ca.key                  the cluster's etcd CA (keep ca.key off the nodes)
+    etcd-server.crt, .key           etcd's serving (and peer) certificate; SANs are
+                                    the etcd addresses plus 127.0.0.1 and localhost
+    operator.crt, .key              the operator's CLI client certificate
+    nodes/NAME.crt, nodes/NAME.key  one client certificate per node (its agent)
+
+Keys are ECDSA P-256, signatures SHA-256 (what etcd's own docs generate with
+cfssl). The CA is valid for ten years, the others for ``days``. One server
+certificate serves every member, as its client and peer certificate (EKU
+serverAuth + clientAuth): members are equally trusted, so per-member keys
+would add files without adding a boundary.
+
+``init_pki`` writes what is missing and keeps what is there (checking that
+kept certificates still match the request and the CA); ``force`` re-issues
+the leaf certificates it names from the existing CA. The CA is never
+replaced: new leaves stay trusted by every etcd and node already deployed. To
+start over, remove ``ca.crt`` and ``ca.key`` and re-run with ``force``.
+``renew`` re-issues named leaves with fresh keys (client rotation).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import UsageError
+
+CA_DAYS = 3650
+DEFAULT_DAYS = 365
+SKEW = timedelta(minutes=5)  # not-before in the past: nodes' clocks differ a little
+LOOPBACK = ("127.0.0.1", "localhost")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class CertFile:
+    """One certificate this module wrote or found (its key sits beside it)."""
+
+    kind: str  # ca | server | operator | node
+    name: str
+    cert: str
+    key: str
+    action: str  # written | reissued | kept | found
+    subject: str
+    sans: tuple[str, ...]
+    serial: str
+    not_after: datetime
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "cert": self.cert,
+            "key": self.key,
+            "action": self.action,
+            "subject": self.subject,
+            "sans": list(self.sans),
+            "serial": self.serial,
+            "not_after": self.not_after.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Layout:
+    dir: Path
+
+    @property
+    def ca(self) -> tuple[Path, Path]:
+        return self.dir / "ca.crt", self.dir / "ca.key"
+
+    @property
+    def server(self) -> tuple[Path, Path]:
+        return self.dir / "etcd-server.crt", self.dir / "etcd-server.key"
+
+    @property
+    def operator(self) -> tuple[Path, Path]:
+        return self.dir / "operator.crt", self.dir / "operator.key"
+
+    def node(self, name: str) -> tuple[Path, Path]:
+        return self.dir / "nodes" / f"{name}.crt", self.dir / "nodes" / f"{name}.key"
+
+
+# ----- inputs -------------------------------------------------------------------------
+
+
+def parse_addresses(values: Sequence[str]) -> list[str]:
+    """etcd addresses (IPs or DNS names), deduplicated, in order."""
+    out: list[str] = []
+    for raw in values:
+        for item in (x.strip() for x in raw.split(",")):
+            if not item:
+                continue
+            try:
+                item = str(ipaddress.ip_address(item))
+            except ValueError:
+                if not _NAME_RE.match(item.lower()):
+                    raise UsageError(f"--etcd-address {item!r} is neither an IP address nor a DNS name") from None
+                item = item.lower()
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def parse_names(values: Sequence[str], *, flag: str = "--node") -> list[str]:
+    out: list[str] = []
+    for raw in values:
+        for item in (x.strip() for x in raw.split(",")):
+            if not item:
+                continue
+            if len(item) > 253 or not _NAME_RE.match(item):
+                raise UsageError(
+                    f"{flag} {item!r} is not a valid node name (lowercase DNS name: [a-z0-9-] labels separated by dots)"
+                )
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def server_sans(addresses: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*addresses, *LOOPBACK]))
+
+
+# ----- issuing ------------------------------------------------------------------------
+
+
+def _name(common: str, org: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _san(values: Sequence[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for v in values:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(v)))
+        except ValueError:
+            entries.append(x509.DNSName(v))
+    return x509.SubjectAlternativeName(entries)
+
+
+def _sans_of(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(str(v) for v in ext.get_values_for_type(x509.IPAddress)) + tuple(ext.get_values_for_type(x509.DNSName))
+
+
+def _new_ca(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name("overlaycni etcd CA", "overlaycni")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - SKEW)
+        .not_valid_after(now + timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )  # keyCertSign, cRLSign
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _issue(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    *,
+    common: str,
+    org: str,
+    sans: Sequence[str],
+    server: bool,
+    days: int,
+    now: datetime,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common, org))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )  # digitalSignature (ECDSA)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(_san(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+# ----- files --------------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes, *, replace: bool) -> None:
+    """Write ``data`` to ``path`` (0600) atomically; without ``replace`` an
+    existing file is never touched (the link fails instead)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} appeared while writing; not overwritten (use --force)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save(paths: tuple[Path, Path], cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *, replace: bool) -> None:
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write(paths[1], key_pem, replace=replace)
+    _write(paths[0], cert.public_bytes(serialization.Encoding.PEM), replace=replace)
+
+
+def _load(paths: tuple[Path, Path]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    cert_path, key_path = paths
+    have = [p.exists() for p in paths]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = key_path if have[0] else cert_path
+        raise UsageError(f"{missing} is missing but {cert_path if have[1] else key_path} exists; remove both or restore it")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{cert_path} / {key_path}: not a PEM certificate and unencrypted key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"{key_path}: not an ECDSA key")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise UsageError(f"{key_path} does not belong to {cert_path}")
+    return cert, key
+
+
+def _record(kind: str, name: str, paths: tuple[Path, Path], cert: x509.Certificate, action: str) -> CertFile:
+    return CertFile(
+        kind=kind,
+        name=name,
+        cert=str(paths[0]),
+        key=str(paths[1]),
+        action=action,
+        subject=cert.subject.rfc4514_string(),
+        sans=_sans_of(cert),
+        serial=format(cert.serial_number, "x"),
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+# ----- the operations -------------------------------------------------------------------
+
+
+def _open_dir(directory: str | os.PathLike[str]) -> Layout:
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--dir {d} exists and is not a directory")
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    return Layout(d)
+
+
+def _leaf_plan(layout: Layout, addresses: Sequence[str], nodes: Sequence[str]) -> list[tuple[str, str, tuple[Path, Path]]]:
+    plan = [("operator", "operator", layout.operator)] + [("node", n, layout.node(n)) for n in nodes]
+    if addresses or layout.server[0].exists() or layout.server[1].exists():
+        plan.insert(0, ("server", "etcd", layout.server))
+    return plan
+
+
+def init_pki(
+    directory: str | os.PathLike[str],
+    *,
+    etcd_addresses: Sequence[str] = (),
+    nodes: Sequence[str] = (),
+    force: bool = False,
+    days: int = DEFAULT_DAYS,
+    now: datetime | None = None,
+) -> list[CertFile]:
+    """Create (or complete) the PKI in ``directory``; see the module note.
+    Raises ``UsageError`` naming the file and the conflict, having written
+    nothing, when a kept file does not fit the request."""
+    if days < 1:
+        raise UsageError(f"--days {days}: must be at least 1")
+    now = now or datetime.now(UTC)
+    layout = _open_dir(directory)
+    if not etcd_addresses and not layout.server[0].exists():
+        raise UsageError("--etcd-address is required to create etcd's server certificate (the IPs clients dial)")
+    wanted_sans = server_sans(etcd_addresses) if etcd_addresses else ()
+    ca = _load(layout.ca)
+    plan = _leaf_plan(layout, etcd_addresses, nodes)
+    # check everything first: a conflict writes nothing
+    existing: dict[Path, x509.Certificate] = {}
+    for kind, _name_, paths in plan:
+        found = _load(paths)
+        if found is None or force:
+            continue
+        cert = found[0]
+        if ca is None or not _signed_by(cert, ca[0]):
+            raise UsageError(f"{paths[0]} exists but is not signed by {layout.ca[0]}; --force re-issues it from that CA")
+        if kind == "server" and wanted_sans and set(_sans_of(cert)) != set(wanted_sans):
+            raise UsageError(
+                f"{paths[0]} names {', '.join(_sans_of(cert))}, not {', '.join(wanted_sans)}; "
+                "--force re-issues it for the new --etcd-address list"
+            )
+        existing[paths[0]] = cert
+    out: list[CertFile] = []
+    if ca is None:
+        ca = _new_ca(now)
+        _save(layout.ca, *ca, replace=False)
+        out.append(_record("ca", "ca", layout.ca, ca[0], "written"))
+    else:
+        out.append(_record("ca", "ca", layout.ca, ca[0], "kept"))
+    for kind, name, paths in plan:
+        if paths[0] in existing:
+            out.append(_record(kind, name, paths, existing[paths[0]], "kept"))
+            continue
+        had = paths[0].exists()
+        sans = wanted_sans or (_sans_of(x509.load_pem_x509_certificate(paths[0].read_bytes())) if had else ())
+        cert, key = _issue_kind(ca, kind=kind, name=name, sans=sans, days=days, now=now)
+        _save(paths, cert, key, replace=had)
+        out.append(_record(kind, name, paths, cert, "reissued" if had else "written"))
+    return out
+
+
+def _issue_kind(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, kind: str, name: str, sans: Sequence[str], days: int, now: datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if kind == "server":
+        return _issue(ca, common="etcd", org="overlaycni etcd", sans=sans, server=True, days=days, now=now)
+    if kind == "operator":
+        return _issue(ca, common="operator", org="overlaycni operators", sans=(), server=False, days=days, now=now)
+    return _issue(ca, common=name, org="overlaycni nodes", sans=(name,), server=False, days=days, now=now)
+
+
+def renew(
+    directory: str | os.PathLike[str],
+    *,
+    nodes: Sequence[str] = (),
+    operator: bool = False,
+    server: bool = False,
+    days: int = DEFAULT_DAYS,
+    now: datetime | None = None,
+) -> list[CertFile]:
+    """Re-issue the named certificates with new keys from the existing CA
+    (the server keeps its SANs). Each must exist already."""
+    now = now or datetime.now(UTC)
+    layout = Layout(Path(directory))
+    ca = _load(layout.ca)
+    if ca is None:
+        raise UsageError(f"no CA in {layout.dir} (ca.crt, ca.key): run `overlaycni certs init` first")
+    plan = ([("server", "etcd", layout.server)] if server else []) + ([("operator", "operator", layout.operator)] if operator else [])
+    plan += [("node", n, layout.node(n)) for n in nodes]
+    if not plan:
+        raise UsageError("name what to renew: --node NAME[,NAME...], --operator and/or --server")
+    olds = []
+    for _kind, name, paths in plan:
+        old = _load(paths)
+        if old is None:
+            raise UsageError(f"{paths[0]} does not exist; `overlaycni certs init --node {name}` creates it")
+        olds.append(old[0])
+    out = []
+    for (kind, name, paths), old in zip(plan, olds, strict=True):
+        cert, key = _issue_kind(ca, kind=kind, name=name, sans=_sans_of(old), days=days, now=now)
+        _save(paths, cert, key, replace=True)
+        out.append(_record(kind, name, paths, cert, "reissued"))
+    return out
+
+
+def show(directory: str | os.PathLike[str]) -> list[CertFile]:
+    """Every certificate of the layout in ``directory`` (action "found")."""
+    layout = Layout(Path(directory))
+    if not layout.dir.is_dir():
+        raise UsageError(f"--dir {layout.dir} is not a directory")
+    found: list[tuple[str, str, tuple[Path, Path]]] = [("ca", "ca", layout.ca), ("server", "etcd", layout.server)]
+    found.append(("operator", "operator", layout.operator))
+    found += [("node", p.stem, layout.node(p.stem)) for p in sorted((layout.dir / "nodes").glob("*.crt"))]
+    out = []
+    for kind, name, paths in found:
+        pair = _load(paths)
+        if pair is not None:
+            out.append(_record(kind, name, paths, pair[0], "found"))
+    return out
