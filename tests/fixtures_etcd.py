@@ -127,12 +127,18 @@ def _tls_flags(layout: pki.Layout) -> list[str]:
     ca, (cert, key) = str(layout.ca[0]), map(str, layout.server)
     return [
         "--cert-file", cert, "--key-file", key, "--client-cert-auth", "--trusted-ca-file", ca,
+        "--client-crl-file", str(layout.crl),
         "--peer-cert-file", cert, "--peer-key-file", key, "--peer-client-cert-auth", "--peer-trusted-ca-file", ca,
     ]  # fmt: skip
 
 
 def start_etcd(
-    data_dir: str | Path | None = None, *, members: int = 1, tls: bool = False, timeout: float = 20.0
+    data_dir: str | Path | None = None,
+    *,
+    members: int = 1,
+    tls: bool = False,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 20.0,
 ) -> EtcdCluster:
     """Start an etcd cluster of ``members`` on 127.0.0.1 and wait until it is
     healthy. With ``tls`` it speaks only HTTPS (clients and peers) and wants
@@ -170,6 +176,7 @@ def start_etcd(
             "--logger", "zap",
             "--log-level", "error",
             *extra,
+            *extra_args,
         ]
         with open(member_dir / "etcd.log", "wb") as log:
             cluster.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))

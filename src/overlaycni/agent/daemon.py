@@ -38,8 +38,8 @@ from typing import Any
 
 from .. import ipam
 from ..dataplane import Dataplane, NodeState
-from ..datastore import Store, open_datastore
-from ..errors import DatastoreError, NotFound, OverlayCNIError
+from ..datastore import EtcdCredentials, Store, open_datastore
+from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError, NotFound, OverlayCNIError
 from .cniops import CNIOps, NodeContext
 from .desired import node_state, peer_of
 from .metrics import AgentMetrics, serve_http
@@ -56,6 +56,7 @@ class AgentOptions:
     node: str
     node_ip: IPv4Address
     datastore: str | None = None
+    etcd: EtcdCredentials | None = None  # etcds:// TLS files and etcd user (None: the environment)
     socket: str = DEFAULT_SOCKET
     metrics_addr: str | None = "127.0.0.1:9161"
     lease_ttl: int = 15
@@ -113,10 +114,12 @@ class Agent:
         while True:
             try:
                 if self._store is None:
-                    self._store = open_datastore(self.opts.datastore)
+                    self._store = open_datastore(self.opts.datastore, credentials=self.opts.etcd)
                 ipam.get_cluster(self._store, self.opts.cluster)
                 self.datastore_ok = True
                 return
+            except (DatastoreURLError, DatastoreCredentialsError):
+                raise  # the settings are wrong: waiting will not fix them
             except DatastoreError as exc:  # not up yet (e.g. etcd starting)
                 if time.monotonic() > deadline:
                     raise
@@ -206,12 +209,18 @@ class Agent:
             "pods": len(self.state.pods) if self.state else 0,
             "datastore": getattr(self._store, "url", self.opts.datastore),
             "datastore_ok": self.datastore_ok,
+            "datastore_tls": self._tls_status(),
             "last_resync_age": round(time.time() - self.last_resync, 1) if self.last_resync else None,
             "last_error": self.last_error,
             "policy_error": self.policy.last_error if self.policy else None,
             "policy_passes": dict(self.policy.passes) if self.policy else {},
             "pid": os.getpid(),
         }
+
+    def _tls_status(self) -> dict[str, Any] | None:
+        """The client certificate in use (etcds://): rotations show here."""
+        status = getattr(self._store, "tls_status", None)
+        return status() if status is not None else None
 
     # ----- reconcile --------------------------------------------------------------
     def resync(self) -> None:

@@ -11,7 +11,16 @@ import typer
 
 from ..cni.install import install_cni
 from ..errors import AgentUnavailable, UsageError
-from .common import Output, OutputOpt, console, datastore_url, print_json
+from .common import (
+    Output,
+    OutputOpt,
+    console,
+    datastore_url,
+    etcd_credentials,
+    print_json,
+    warn_plain_etcd,
+    with_datastore_options,
+)
 
 agent_app = typer.Typer(
     help="The node agent: joins this node to the overlay, keeps peers programmed, serves the CNI plugin.",
@@ -24,6 +33,7 @@ SocketOpt = Annotated[str, typer.Option("--socket", help="Unix socket the plugin
 
 
 @agent_app.callback()
+@with_datastore_options
 def agent(
     ctx: typer.Context,
     cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster name (created with `cluster create`).")] = None,
@@ -38,7 +48,11 @@ def agent(
 ) -> None:
     """Run the node agent in the foreground (for systemd or a DaemonSet).
 
-    Example: overlaycni --datastore etcd://10.224.0.4:2379 agent --cluster prod --node node-1 --node-ip 10.224.0.5
+    Example: overlaycni agent --datastore etcds://10.224.0.4:2379 --etcd-ca /etc/overlaycni/pki/ca.crt
+    --etcd-cert /etc/overlaycni/pki/node-1.crt --etcd-key /etc/overlaycni/pki/node-1.key
+    --cluster prod --node node-1 --node-ip 10.224.0.5
+
+    The client certificate and key are re-read when their files change (no restart).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -51,11 +65,13 @@ def agent(
         raise UsageError(f"{node_ip!r} is not an IPv4 address", field="node-ip") from None
     from ..agent.daemon import AgentOptions, run_agent  # heavy (pyroute2): only when running
 
+    warn_plain_etcd(datastore_url(ctx))
     opts = AgentOptions(
         cluster=cluster,  # type: ignore[arg-type]
         node=node,  # type: ignore[arg-type]
         node_ip=ip,
         datastore=datastore_url(ctx),
+        etcd=etcd_credentials(ctx),
         socket=socket,
         metrics_addr=metrics_addr or None,
         lease_ttl=lease_ttl,

@@ -4,6 +4,7 @@ client certificates of nodes and operators (the work is in ``datastore.pki``).""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,6 +59,15 @@ A running agent notices new files within a second or two, checks that
 the key matches the certificate, and uses them for its next
 connections (its watch re-connects too): no restart. Install the
 certificate and key together (write each, then rename into place).
+With --revoke-old, etcd refuses the old certificates once crl.pem is
+copied to its members (--client-crl-file): do that after the nodes
+have their new files.
+"""
+
+REVOKE_EPILOG = """\
+etcd reads its --client-crl-file at every new connection: copy crl.pem
+to every member and the revoked certificates are refused from then on
+(connections already open stay until they close).
 """
 
 
@@ -113,14 +123,36 @@ def renew(
     ] = None,
     operator: Annotated[bool, typer.Option("--operator", help="Re-issue the operator's client certificate.")] = False,
     server: Annotated[bool, typer.Option("--server", help="Re-issue etcd's server certificate (same names).")] = False,
+    revoke_old: Annotated[
+        bool, typer.Option("--revoke-old", help="Add the replaced certificates to crl.pem (etcd's --client-crl-file).")
+    ] = False,
     days: DaysOpt = 365,
     output: OutputOpt = Output.table,
 ) -> None:
     """Re-issue certificates with new keys from the same CA (rotation)."""
     from ..datastore import pki
 
-    files = pki.renew(directory, nodes=pki.parse_names(node or []), operator=operator, server=server, days=days)
+    files = pki.renew(
+        directory, nodes=pki.parse_names(node or []), operator=operator, server=server, revoke_old=revoke_old, days=days
+    )
     _emit(directory, files, output, title=f"re-issued in {directory}")
+
+
+@certs_app.command("revoke", epilog=REVOKE_EPILOG)
+def revoke(
+    directory: DirOpt,
+    serial: Annotated[list[str], typer.Option("--serial", help="Serial(s) to revoke, hex as `certs show` prints them.")],
+    output: OutputOpt = Output.table,
+) -> None:
+    """Revoke client certificates: add them to crl.pem."""
+    from ..datastore import pki
+
+    serials = [x.strip() for raw in serial for x in raw.split(",") if x.strip()]
+    total = pki.revoke(directory, serials)
+    if output is Output.json:
+        print_json({"crl": str(pki.Layout(Path(directory)).crl), "revoked": total})
+    else:
+        console.print(f"{pki.Layout(Path(directory)).crl} now revokes {total} certificate(s); copy it to every etcd member")
 
 
 @certs_app.command("show")

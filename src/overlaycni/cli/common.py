@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -105,51 +106,89 @@ def with_network_flags(func: F) -> F:
 # ----- the datastore: global options, and the one place that opens it ---------------------
 
 DATASTORE_PANEL = "Datastore"
-EtcdCaOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--etcd-ca",
-        envvar="OVERLAYCNI_ETCD_CA",
-        help="etcds://: the CA certificate (PEM) that signed etcd's server certificate.",
-        rich_help_panel=DATASTORE_PANEL,
+
+# (parameter, flag, environment variable, help) of the datastore options, in help order
+_DATASTORE_OPTIONS = (
+    (
+        "datastore",
+        "--datastore",
+        "OVERLAYCNI_DATASTORE",
+        "sqlite:///path/state.db (default sqlite:///var/lib/overlaycni/state.db), "
+        "etcds://host:port[,host:port...] (etcd over TLS, with --etcd-ca/--etcd-cert/--etcd-key) "
+        "or etcd://127.0.0.1:port (plain HTTP, for a loopback etcd only).",
     ),
-]
-EtcdCertOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--etcd-cert",
-        envvar="OVERLAYCNI_ETCD_CERT",
-        help="etcds://: this client's certificate (PEM); re-read when the file changes.",
-        rich_help_panel=DATASTORE_PANEL,
-    ),
-]
-EtcdKeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--etcd-key",
-        envvar="OVERLAYCNI_ETCD_KEY",
-        help="etcds://: the private key of --etcd-cert (PEM, unencrypted, mode 0600).",
-        rich_help_panel=DATASTORE_PANEL,
-    ),
-]
-EtcdUserOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--etcd-user",
-        envvar="OVERLAYCNI_ETCD_USER",
-        help="etcd user, when the operator enabled etcd's authentication.",
-        rich_help_panel=DATASTORE_PANEL,
-    ),
-]
-EtcdPasswordFileOpt = Annotated[
-    str | None,
-    typer.Option(
+    ("etcd_ca", "--etcd-ca", "OVERLAYCNI_ETCD_CA", "etcds://: the CA certificate (PEM) that signed etcd's server certificate."),
+    ("etcd_cert", "--etcd-cert", "OVERLAYCNI_ETCD_CERT", "etcds://: this client's certificate (PEM); re-read when the file changes."),
+    ("etcd_key", "--etcd-key", "OVERLAYCNI_ETCD_KEY", "etcds://: the private key of --etcd-cert (PEM, unencrypted, mode 0600)."),
+    ("etcd_user", "--etcd-user", "OVERLAYCNI_ETCD_USER", "etcd user, when the operator enabled etcd's authentication."),
+    (
+        "etcd_password_file",
         "--etcd-password-file",
-        envvar="OVERLAYCNI_ETCD_PASSWORD_FILE",
-        help="File holding --etcd-user's password (or set OVERLAYCNI_ETCD_PASSWORD); never on the command line.",
-        rich_help_panel=DATASTORE_PANEL,
+        "OVERLAYCNI_ETCD_PASSWORD_FILE",
+        "File holding --etcd-user's password (or set OVERLAYCNI_ETCD_PASSWORD); never on the command line.",
     ),
-]
+)
+
+
+def _global_option(name: str) -> Any:
+    _, flag, env, help_ = next(o for o in _DATASTORE_OPTIONS if o[0] == name)
+    return Annotated[str | None, typer.Option(flag, envvar=env, help=help_, rich_help_panel=DATASTORE_PANEL)]
+
+
+# the global options (``overlaycni --datastore ... COMMAND``), read from the environment too
+DatastoreOpt = _global_option("datastore")
+EtcdCaOpt = _global_option("etcd_ca")
+EtcdCertOpt = _global_option("etcd_cert")
+EtcdKeyOpt = _global_option("etcd_key")
+EtcdUserOpt = _global_option("etcd_user")
+EtcdPasswordFileOpt = _global_option("etcd_password_file")
+
+
+def with_datastore_options(func: F) -> F:
+    """Accept the global datastore options after the command name too
+    (``overlaycni agent --datastore etcds://... --etcd-cert ...``, the way a
+    systemd unit writes it). Given values replace the global ones for this
+    command; the environment is read once, by the global options. The
+    command must take ``ctx: typer.Context``."""
+    sig = inspect.signature(func, eval_str=True)
+    if "ctx" not in sig.parameters:
+        raise TypeError(f"{func.__name__} needs a ctx: typer.Context parameter for with_datastore_options")
+    extra = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                str | None,
+                typer.Option(flag, help=f"{help_} Default: the global {flag} (or its environment variable).", rich_help_panel=DATASTORE_PANEL),
+            ],
+        )
+        for name, flag, _, help_ in _DATASTORE_OPTIONS
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name, None) for name, _, _, _ in _DATASTORE_OPTIONS}
+        if any(v is not None for v in given.values()):
+            root = sig.bind_partial(*args, **kwargs).arguments["ctx"].find_root()
+            obj = dict(root.obj or {})
+            if given["datastore"] is not None:
+                obj["datastore"] = given.pop("datastore")
+            given.pop("datastore", None)
+            creds = obj.get("etcd") or _credentials_type()()
+            changes = {name[5:]: value for name, value in given.items() if value is not None}
+            obj["etcd"] = dataclasses.replace(creds, **changes)
+            root.obj = obj
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def _credentials_type() -> type[EtcdCredentials]:
+    from ..datastore.tls import EtcdCredentials
+
+    return EtcdCredentials
 
 
 def datastore_url(ctx: typer.Context) -> str | None:

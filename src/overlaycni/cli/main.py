@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
 
 import typer
 
 from ..errors import OverlayCNIError
 from . import plan as plan_cmd
-from .common import DATASTORE_PANEL, EtcdCaOpt, EtcdCertOpt, EtcdKeyOpt, EtcdPasswordFileOpt, EtcdUserOpt, report_error
+from .common import DatastoreOpt, EtcdCaOpt, EtcdCertOpt, EtcdKeyOpt, EtcdPasswordFileOpt, EtcdUserOpt, report_error
 
 app = typer.Typer(
     name="overlaycni",
@@ -29,17 +28,7 @@ app = typer.Typer(
 @app.callback()
 def root(
     ctx: typer.Context,
-    datastore: Annotated[
-        str | None,
-        typer.Option(
-            "--datastore",
-            envvar="OVERLAYCNI_DATASTORE",
-            help="sqlite:///path/state.db (default sqlite:///var/lib/overlaycni/state.db), "
-            "etcds://host:port[,host:port...] (etcd over TLS, with --etcd-ca/--etcd-cert/--etcd-key) "
-            "or etcd://127.0.0.1:port (plain HTTP, for a loopback etcd only)",
-            rich_help_panel=DATASTORE_PANEL,
-        ),
-    ] = None,
+    datastore: DatastoreOpt = None,
     etcd_ca: EtcdCaOpt = None,
     etcd_cert: EtcdCertOpt = None,
     etcd_key: EtcdKeyOpt = None,

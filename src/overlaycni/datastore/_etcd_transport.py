@@ -90,7 +90,7 @@ class Transport:
         host, port = self.endpoints[index]
         timeout = (CONNECT_TIMEOUT, REQUEST_TIMEOUT)
         if gen is None:
-            client = Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/")
+            client = Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/")  # type: ignore[arg-type]
         else:
             client = Etcd3Client(
                 host=host,
@@ -99,7 +99,7 @@ class Transport:
                 ca_cert=gen.ca,
                 cert_cert=gen.cert,
                 cert_key=gen.key,
-                timeout=timeout,
+                timeout=timeout,  # type: ignore[arg-type]  # requests takes (connect, read)
                 api_path="/v3/",
             )
         # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the session's

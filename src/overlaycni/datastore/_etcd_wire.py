@@ -120,17 +120,17 @@ def tls_problem(text: str, *, credentials: Any, host: str) -> str | None:
         return "the server does not speak TLS on this port (a plain-HTTP etcd is etcd://, for loopback only)"
     if kind == "client":
         if not credentials.cert:
-            return "etcd requires a client certificate: give --etcd-cert and --etcd-key"
+            return "etcd requires a client certificate (give --etcd-cert and --etcd-key)"
         return (
             f"etcd refused our client certificate --etcd-cert {credentials.cert} (not signed by a CA etcd trusts "
             "in --trusted-ca-file, expired or revoked)"
         )
     if kind == "eof":
-        which = f"our client certificate --etcd-cert {credentials.cert}" if credentials.cert else "a client without certificate"
-        return (
-            f"etcd closed the connection during the TLS handshake: it refused {which} (not signed by a CA in "
-            "its --trusted-ca-file?), or it does not speak TLS on this port"
-        )
+        if not credentials.cert:
+            why = "it requires a client certificate (give --etcd-cert and --etcd-key)"
+        else:
+            why = f"it refused our client certificate --etcd-cert {credentials.cert} (not signed by a CA in its --trusted-ca-file, or revoked)"
+        return f"etcd closed the connection during the TLS handshake: {why}, or it does not speak TLS on this port"
     return f"TLS handshake failed: {text[-300:]}"
 
 

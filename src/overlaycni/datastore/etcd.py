@@ -92,10 +92,20 @@ class EtcdStore(TransactMixin):
         """HTTP requests sent (for benchmarks)."""
         return self._t.round_trips
 
-    @property
-    def tls_rotations(self) -> int:
-        """How often the TLS files were re-read after a change."""
-        return self._t.tls.rotations if self._t.tls is not None else 0
+    def tls_status(self) -> dict[str, Any] | None:
+        """The client certificate in use and how often the TLS files were
+        re-read (None without TLS)."""
+        tls = self._t.tls
+        if tls is None:
+            return None
+        gen = tls.current()
+        return {
+            "generation": gen.number,
+            "rotations": tls.rotations,
+            "subject": gen.subject,
+            "serial": gen.serial,
+            "not_after": gen.not_after.isoformat() if gen.not_after else None,
+        }
 
     # ----- key/value ----------------------------------------------------------------
     def get(self, key: str) -> KV | None:
@@ -177,7 +187,8 @@ class EtcdStore(TransactMixin):
         return TxnResult(False, revision, tuple(self._range_results(result)))
 
     def revision(self) -> int:
-        result = self._post("/kv/range", {"key": _b64("/"), "count_only": True})
+        # one key under overlaycni's prefix: an etcd user granted only that prefix may read it
+        result = self._post("/kv/range", {"key": _b64("/overlaycni/"), "count_only": True})
         return int(result["header"]["revision"])
 
     def compact(self, revision: int) -> None:

@@ -7,6 +7,8 @@ Layout of the directory (0700; every file 0600):
                                     the etcd addresses plus 127.0.0.1 and localhost
     operator.crt, .key              the operator's CLI client certificate
     nodes/NAME.crt, nodes/NAME.key  one client certificate per node (its agent)
+    crl.pem                         revoked client certificates (etcd's --client-crl-file,
+                                    read by etcd at every new connection)
 
 Keys are ECDSA P-256, signatures SHA-256 (what etcd's own docs generate with
 cfssl). The CA is valid for ten years, the others for ``days``. One server
@@ -19,7 +21,8 @@ kept certificates still match the request and the CA); ``force`` re-issues
 the leaf certificates it names from the existing CA. The CA is never
 replaced: new leaves stay trusted by every etcd and node already deployed. To
 start over, remove ``ca.crt`` and ``ca.key`` and re-run with ``force``.
-``renew`` re-issues named leaves with fresh keys (client rotation).
+``renew`` re-issues named leaves with fresh keys (client rotation) and, with
+``revoke_old``, adds the replaced serials to ``crl.pem``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ class Layout:
     @property
     def operator(self) -> tuple[Path, Path]:
         return self.dir / "operator.crt", self.dir / "operator.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.pem"
 
     def node(self, name: str) -> tuple[Path, Path]:
         return self.dir / "nodes" / f"{name}.crt", self.dir / "nodes" / f"{name}.key"
@@ -290,6 +297,30 @@ def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
         return False
 
 
+def write_crl(layout: Layout, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, add: Sequence[int] = (), now: datetime) -> int:
+    """(Re)write ``crl.pem``: the serials already in it plus ``add``. Returns
+    how many certificates it revokes."""
+    serials: dict[int, datetime] = {}
+    if layout.crl.exists():
+        old = x509.load_pem_x509_crl(layout.crl.read_bytes())
+        serials = {r.serial_number: r.revocation_date_utc for r in old}
+    for serial in add:
+        serials.setdefault(serial, now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca[0].subject)
+        .last_update(now - SKEW)
+        .next_update(ca[0].not_valid_after_utc)
+    )
+    for serial, when in sorted(serials.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca[1], hashes.SHA256())
+    _write(layout.crl, crl.public_bytes(serialization.Encoding.PEM), replace=True)
+    return len(serials)
+
+
 # ----- the operations -------------------------------------------------------------------
 
 
@@ -332,7 +363,7 @@ def init_pki(
     plan = _leaf_plan(layout, etcd_addresses, nodes)
     # check everything first: a conflict writes nothing
     existing: dict[Path, x509.Certificate] = {}
-    for kind, _name_, paths in plan:
+    for kind, _, paths in plan:
         found = _load(paths)
         if found is None or force:
             continue
@@ -352,6 +383,8 @@ def init_pki(
         out.append(_record("ca", "ca", layout.ca, ca[0], "written"))
     else:
         out.append(_record("ca", "ca", layout.ca, ca[0], "kept"))
+    if not layout.crl.exists():
+        write_crl(layout, ca, now=now)  # etcd's --client-crl-file must exist, even empty
     for kind, name, paths in plan:
         if paths[0] in existing:
             out.append(_record(kind, name, paths, existing[paths[0]], "kept"))
@@ -380,11 +413,13 @@ def renew(
     nodes: Sequence[str] = (),
     operator: bool = False,
     server: bool = False,
+    revoke_old: bool = False,
     days: int = DEFAULT_DAYS,
     now: datetime | None = None,
 ) -> list[CertFile]:
     """Re-issue the named certificates with new keys from the existing CA
-    (the server keeps its SANs). Each must exist already."""
+    (the server keeps its SANs). Each must exist already. ``revoke_old``
+    adds the replaced certificates to ``crl.pem``."""
     now = now or datetime.now(UTC)
     layout = Layout(Path(directory))
     ca = _load(layout.ca)
@@ -405,7 +440,26 @@ def renew(
         cert, key = _issue_kind(ca, kind=kind, name=name, sans=_sans_of(old), days=days, now=now)
         _save(paths, cert, key, replace=True)
         out.append(_record(kind, name, paths, cert, "reissued"))
+    if revoke_old:
+        write_crl(layout, ca, add=[old.serial_number for old in olds], now=now)
     return out
+
+
+def revoke(directory: str | os.PathLike[str], serials: Sequence[str], *, now: datetime | None = None) -> int:
+    """Add certificates (hex serials, as ``show`` prints them) to ``crl.pem``;
+    returns how many it revokes in all. etcd reads the file at each new
+    connection: copy it to every member's --client-crl-file."""
+    layout = Layout(Path(directory))
+    ca = _load(layout.ca)
+    if ca is None:
+        raise UsageError(f"no CA in {layout.dir} (ca.crt, ca.key): run `overlaycni certs init` first")
+    numbers = []
+    for text in serials:
+        try:
+            numbers.append(int(text.replace(":", ""), 16))
+        except ValueError:
+            raise UsageError(f"--serial {text!r} is not a hexadecimal serial number") from None
+    return write_crl(layout, ca, add=numbers, now=now or datetime.now(UTC))
 
 
 def show(directory: str | os.PathLike[str]) -> list[CertFile]:

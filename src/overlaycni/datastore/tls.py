@@ -144,6 +144,7 @@ class TLSGeneration:
     cert: str | None
     key: str | None
     subject: str | None = None
+    serial: str | None = None  # hex, as `overlaycni certs show` prints it
     not_after: datetime | None = None
 
 
@@ -205,11 +206,11 @@ class TLSFiles:
     def _load(self, number: int) -> TLSGeneration:
         data = {flag: _read(flag, path) for flag, path in self._paths() if path}
         _pem_certs("--etcd-ca", self.ca_path, data["--etcd-ca"])
-        subject = not_after = None
+        subject = serial = not_after = None
         if self.cert_path or self.key_path:
             if not (self.cert_path and self.key_path):
                 raise DatastoreCredentialsError("give both --etcd-cert and --etcd-key, or neither")
-            subject, not_after = _check_pair(self.cert_path, data["--etcd-cert"], self.key_path, data["--etcd-key"])
+            subject, serial, not_after = _check_pair(self.cert_path, data["--etcd-cert"], self.key_path, data["--etcd-key"])
             _warn_mode(self.key_path)
         fds = [_memfd(f"overlaycni{flag}", blob) for flag, blob in data.items()]
         paths = [f"/proc/self/fd/{fd}" for fd in fds]
@@ -218,7 +219,7 @@ class TLSFiles:
             for fd in self._fds.pop(0):
                 os.close(fd)
         cert, key = (paths[1], paths[2]) if len(paths) == 3 else (None, None)
-        return TLSGeneration(number, paths[0], cert, key, subject=subject, not_after=not_after)
+        return TLSGeneration(number, paths[0], cert, key, subject=subject, serial=serial, not_after=not_after)
 
     def close(self) -> None:
         with self._lock:
@@ -255,8 +256,8 @@ def _pem_certs(flag: str, path: str, data: bytes) -> list:
     return certs
 
 
-def _check_pair(cert_path: str, cert_data: bytes, key_path: str, key_data: bytes) -> tuple[str, datetime]:
-    """The certificate's subject and expiry, once it is checked to be a PEM
+def _check_pair(cert_path: str, cert_data: bytes, key_path: str, key_data: bytes) -> tuple[str, str, datetime]:
+    """The certificate's subject, serial and expiry, once it is checked to be a PEM
     certificate whose public key matches the unencrypted private key."""
     from cryptography.hazmat.primitives import serialization
 
@@ -274,7 +275,7 @@ def _check_pair(cert_path: str, cert_data: bytes, key_path: str, key_data: bytes
     not_after = leaf.not_valid_after_utc
     if not_after < datetime.now(UTC):
         raise DatastoreCredentialsError(f"--etcd-cert {cert_path} expired on {not_after:%Y-%m-%d %H:%M} UTC")
-    return leaf.subject.rfc4514_string(), not_after
+    return leaf.subject.rfc4514_string(), format(leaf.serial_number, "x"), not_after
 
 
 def _warn_mode(path: str) -> None:
