@@ -10,7 +10,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import NotFound
+from ..errors import NotFound, UsageError
 from ..lab import check as lab_check
 from ..lab import lifecycle, members
 from ..lab import state as lab_state
@@ -79,6 +79,14 @@ def up(
     pods_per_node: Annotated[int, typer.Option("--pods-per-node", help="Pods per node (0 allowed).")] = 2,
     store: Annotated[str, typer.Option("--store", help="sqlite (a file in the lab dir) or etcd (runs inside the lab).")] = "sqlite",
     lease_ttl: Annotated[int, typer.Option("--lease-ttl", help="Seconds before peers drop a silent node.")] = lifecycle.DEFAULT_LEASE_TTL,
+    etcd_tls: Annotated[
+        str,
+        typer.Option(
+            "--etcd-tls",
+            help="--store etcd: on (HTTPS only, client certificates from the lab's own CA in LAB_DIR/pki) "
+            "or off (plain HTTP, to compare).",
+        ),
+    ] = "on",
     lab_dir: LabDirOpt = None,
     *,
     network: dict[str, Any],
@@ -87,8 +95,17 @@ def up(
 
     Example: overlaycni lab up --nodes 3 --pods-per-node 2 --backend vxlan
     """
+    if etcd_tls not in ("on", "off"):
+        raise UsageError(f"--etcd-tls {etcd_tls!r}: expected on or off")
     req = lifecycle.UpRequest(
-        name=name, nodes=nodes, pods_per_node=pods_per_node, store=store, network=network, lease_ttl=lease_ttl, root=lab_dir
+        name=name,
+        nodes=nodes,
+        pods_per_node=pods_per_node,
+        store=store,
+        network=network,
+        lease_ttl=lease_ttl,
+        root=lab_dir,
+        etcd_tls=etcd_tls == "on",
     )
     lifecycle.validate(req)  # clear errors before any progress display
     with Progress(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CNIError, DataplaneError, DatastoreUnavailable, OverlayCNIError, UsageError
-from . import netns, procs, runtime
+from . import etcdtls, netns, procs, runtime
 from .state import LabState, NodeState, PodState, Proc
 from .topology import ETCD_CLIENT_PORT, ETCD_PEER_PORT
 
@@ -40,7 +40,7 @@ def overlaycni_argv() -> list[str]:
 def cli(state: LabState, args: list[str], *, timeout: float = 60) -> str:
     """Run ``overlaycni --datastore <lab store> ARGS``; inside the control
     namespace when the store is the in-lab etcd. Returns stdout."""
-    argv = [*overlaycni_argv(), "--datastore", state.datastore, *args]
+    argv = [*overlaycni_argv(), *etcdtls.store_args(state), *args]
     if state.store == "etcd":
         assert state.control_netns
         argv = netns.in_ns(state.control_netns, argv)
@@ -79,25 +79,39 @@ def start_etcd(state: LabState) -> Proc:
     binary = shutil.which("etcd")
     if not binary:
         raise UsageError("--store etcd: the etcd binary is not installed (Debian package etcd-server)")
+    tls = etcdtls.uses_tls(state)
+    scheme = "https" if tls else "http"
     argv = [
         binary,
         "--name", f"ocl-{state.name}",
         "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://{ip}:{ETCD_CLIENT_PORT}",
-        "--advertise-client-urls", f"http://{ip}:{ETCD_CLIENT_PORT}",
-        "--listen-peer-urls", f"http://{ip}:{ETCD_PEER_PORT}",
-        "--initial-advertise-peer-urls", f"http://{ip}:{ETCD_PEER_PORT}",
-        "--initial-cluster", f"ocl-{state.name}=http://{ip}:{ETCD_PEER_PORT}",
+        "--listen-client-urls", f"{scheme}://{ip}:{ETCD_CLIENT_PORT}",
+        "--advertise-client-urls", f"{scheme}://{ip}:{ETCD_CLIENT_PORT}",
+        "--listen-peer-urls", f"{scheme}://{ip}:{ETCD_PEER_PORT}",
+        "--initial-advertise-peer-urls", f"{scheme}://{ip}:{ETCD_PEER_PORT}",
+        "--initial-cluster", f"ocl-{state.name}={scheme}://{ip}:{ETCD_PEER_PORT}",
         "--initial-cluster-state", "new",
-        "--log-level", "warn",
+        # TLS: etcd warns on every gateway request that it ignores the client
+        # certificate's CN for auth (expected: see datastore/etcd.py)
+        "--log-level", "error" if tls else "warn",
+        *(etcdtls.etcd_flags(state) if tls else []),
     ]  # fmt: skip
     return procs.spawn(state.control_netns, argv, log=Path(state.lab_dir) / "etcd.log")
 
 
 def wait_etcd(state: LabState, proc: Proc, *, timeout: float = 30.0) -> None:
     assert state.control_netns and state.control_ip
-    endpoint = f"http://{state.control_ip.ip}:{ETCD_CLIENT_PORT}/health"
-    probe = [sys.executable, "-c", f"import urllib.request;urllib.request.urlopen({endpoint!r}, timeout=1).read()"]
+    if etcdtls.uses_tls(state):
+        c = etcdtls.credentials(state)
+        endpoint = f"https://{state.control_ip.ip}:{ETCD_CLIENT_PORT}/health"
+        code = (
+            f"import ssl,urllib.request;ctx=ssl.create_default_context(cafile={c.ca!r});"
+            f"ctx.load_cert_chain({c.cert!r},{c.key!r});urllib.request.urlopen({endpoint!r},timeout=1,context=ctx).read()"
+        )
+    else:
+        endpoint = f"http://{state.control_ip.ip}:{ETCD_CLIENT_PORT}/health"
+        code = f"import urllib.request;urllib.request.urlopen({endpoint!r}, timeout=1).read()"
+    probe = [sys.executable, "-c", code]
 
     def healthy() -> bool:
         if not procs.alive(proc):
@@ -133,10 +147,11 @@ def start_agent(state: LabState, node: NodeState) -> NodeState:
     d.mkdir(parents=True, exist_ok=True)
     out = d / "agent.out"
     out.write_text("")  # a fresh ready line per start
+    etcdtls.ensure_node(state, node.name)
     argv = [
         *overlaycni_argv(),
-        "--datastore", state.datastore,
         "agent",
+        *etcdtls.store_args(state, node.name),
         "--cluster", state.name,
         "--node", node.name,
         "--node-ip", str(node.ip.ip),

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import ClusterNetwork, parse_network
 from ..errors import AlreadyExists, UsageError
-from . import control, netns, procs, topology
+from . import control, etcdtls, netns, procs, topology
 from . import state as st
 from .state import LabState, NodeState, PodState
 
@@ -51,6 +51,7 @@ class UpRequest:
     network: dict[str, Any] = field(default_factory=dict)  # the AKS flags the user gave
     lease_ttl: int = DEFAULT_LEASE_TTL
     root: str | None = None
+    etcd_tls: bool = True  # --store etcd: HTTPS only, client certificates (lab/etcdtls.py)
 
 
 def validate(req: UpRequest) -> ClusterNetwork:
@@ -85,7 +86,7 @@ def up(req: UpRequest, *, report: Reporter = _quiet) -> LabState:
         lab_dir=str(d),
         backend=net.backend,
         store=req.store,
-        datastore=topology.datastore_url(req.store, lab_dir=str(d), control_ip=addr.control_ip.ip),
+        datastore=topology.datastore_url(req.store, lab_dir=str(d), control_ip=addr.control_ip.ip, tls=req.etcd_tls),
         network=net.to_dict(),
         vnet_netns=topology.vnet_netns(lab),
         external_netns=topology.ext_netns(lab),
@@ -120,6 +121,8 @@ def _build(state: LabState, req: UpRequest, net: ClusterNetwork, report: Reporte
         state = state.with_namespace(ctl_netns)
         st.save(state)
         netns.setup_vm(state.vnet_netns, ctl_netns, port=topology.CTL_PORT, address=ctl_ip, forwarding=False)
+        if etcdtls.uses_tls(state):
+            etcdtls.setup(state, [topology.node_name(i) for i in range(1, req.nodes + 1)])
         etcd = control.start_etcd(state)
         state = replace(state, etcd=etcd)
         st.save(state)

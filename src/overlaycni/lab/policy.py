@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import AlreadyExists, ConfigError, NotFound, UsageError
 from ..policy import store_codec as codec
 from ..policy.model import NamespaceInfo, PodInfo
-from . import control, netns, topology
+from . import control, etcdtls, netns, topology
 from . import state as st
 from .state import LabState, PodState
 
@@ -110,7 +110,7 @@ def run_in_lab(state: LabState, args: Sequence[str]) -> int:
     process's stdin/stdout/stderr; returns its exit status."""
     netns.require_privileges()
     assert state.control_netns, "only an etcd lab has a control namespace"
-    argv = netns.in_ns(state.control_netns, [*control.overlaycni_argv(), "--datastore", state.datastore, *args])
+    argv = netns.in_ns(state.control_netns, [*control.overlaycni_argv(), *etcdtls.store_args(state), *args])
     return subprocess.run(argv).returncode
 
 

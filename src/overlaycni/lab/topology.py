@@ -191,11 +191,11 @@ def check_capacity(net: ClusterNetwork, *, nodes: int, pods_per_node: int) -> No
         raise UsageError(f"{pods_per_node} is more than --max-pods {net.max_pods}", field="pods-per-node")
 
 
-def datastore_url(store: str, *, lab_dir: str, control_ip: IPv4Address) -> str:
+def datastore_url(store: str, *, lab_dir: str, control_ip: IPv4Address, tls: bool = True) -> str:
     if store == "sqlite":
         return f"sqlite:///{lab_dir.rstrip('/')}/state.db"
     if store == "etcd":
-        return f"etcd://{control_ip}:{ETCD_CLIENT_PORT}"
+        return f"{'etcds' if tls else 'etcd'}://{control_ip}:{ETCD_CLIENT_PORT}"
     raise UsageError(f"{store!r} is not one of: sqlite, etcd", field="store")
 
 
