@@ -429,12 +429,12 @@ def renew(
     plan += [("node", n, layout.node(n)) for n in nodes]
     if not plan:
         raise UsageError("name what to renew: --node NAME[,NAME...], --operator and/or --server")
-    olds = []
+    olds: list[x509.Certificate] = []
     for _kind, name, paths in plan:
-        old = _load(paths)
-        if old is None:
+        pair = _load(paths)
+        if pair is None:
             raise UsageError(f"{paths[0]} does not exist; `overlaycni certs init --node {name}` creates it")
-        olds.append(old[0])
+        olds.append(pair[0])
     out = []
     for (kind, name, paths), old in zip(plan, olds, strict=True):
         cert, key = _issue_kind(ca, kind=kind, name=name, sans=_sans_of(old), days=days, now=now)
