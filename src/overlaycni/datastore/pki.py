@@ -32,20 +32,17 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import UsageError
+from ._x509 import SKEW, issue, load_pair, new_ca, sans_of, signed_by
 
-CA_DAYS = 3650
 DEFAULT_DAYS = 365
-SKEW = timedelta(minutes=5)  # not-before in the past: nodes' clocks differ a little
 LOOPBACK = ("127.0.0.1", "localhost")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
@@ -142,87 +139,6 @@ def server_sans(addresses: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*addresses, *LOOPBACK]))
 
 
-# ----- issuing ------------------------------------------------------------------------
-
-
-def _name(common: str, org: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _san(values: Sequence[str]) -> x509.SubjectAlternativeName:
-    entries: list[x509.GeneralName] = []
-    for v in values:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(v)))
-        except ValueError:
-            entries.append(x509.DNSName(v))
-    return x509.SubjectAlternativeName(entries)
-
-
-def _sans_of(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return ()
-    return tuple(str(v) for v in ext.get_values_for_type(x509.IPAddress)) + tuple(ext.get_values_for_type(x509.DNSName))
-
-
-def _new_ca(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name("overlaycni etcd CA", "overlaycni")
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - SKEW)
-        .not_valid_after(now + timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )  # keyCertSign, cRLSign
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _issue(
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-    *,
-    common: str,
-    org: str,
-    sans: Sequence[str],
-    server: bool,
-    days: int,
-    now: datetime,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
-    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common, org))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
-        )  # digitalSignature (ECDSA)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    )
-    if sans:
-        builder = builder.add_extension(_san(sans), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
 # ----- files --------------------------------------------------------------------------
 
 
@@ -254,27 +170,6 @@ def _save(paths: tuple[Path, Path], cert: x509.Certificate, key: ec.EllipticCurv
     _write(paths[0], cert.public_bytes(serialization.Encoding.PEM), replace=replace)
 
 
-def _load(paths: tuple[Path, Path]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-    cert_path, key_path = paths
-    have = [p.exists() for p in paths]
-    if not any(have):
-        return None
-    if not all(have):
-        missing = key_path if have[0] else cert_path
-        raise UsageError(f"{missing} is missing but {cert_path if have[1] else key_path} exists; remove both or restore it")
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{cert_path} / {key_path}: not a PEM certificate and unencrypted key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise UsageError(f"{key_path}: not an ECDSA key")
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-        raise UsageError(f"{key_path} does not belong to {cert_path}")
-    return cert, key
-
-
 def _record(kind: str, name: str, paths: tuple[Path, Path], cert: x509.Certificate, action: str) -> CertFile:
     return CertFile(
         kind=kind,
@@ -283,18 +178,10 @@ def _record(kind: str, name: str, paths: tuple[Path, Path], cert: x509.Certifica
         key=str(paths[1]),
         action=action,
         subject=cert.subject.rfc4514_string(),
-        sans=_sans_of(cert),
+        sans=sans_of(cert),
         serial=format(cert.serial_number, "x"),
         not_after=cert.not_valid_after_utc,
     )
-
-
-def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-        return True
-    except (InvalidSignature, ValueError, TypeError):
-        return False
 
 
 def write_crl(layout: Layout, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, add: Sequence[int] = (), now: datetime) -> int:
@@ -359,26 +246,26 @@ def init_pki(
     if not etcd_addresses and not layout.server[0].exists():
         raise UsageError("--etcd-address is required to create etcd's server certificate (the IPs clients dial)")
     wanted_sans = server_sans(etcd_addresses) if etcd_addresses else ()
-    ca = _load(layout.ca)
+    ca = load_pair(layout.ca)
     plan = _leaf_plan(layout, etcd_addresses, nodes)
     # check everything first: a conflict writes nothing
     existing: dict[Path, x509.Certificate] = {}
     for kind, _, paths in plan:
-        found = _load(paths)
+        found = load_pair(paths)
         if found is None or force:
             continue
         cert = found[0]
-        if ca is None or not _signed_by(cert, ca[0]):
+        if ca is None or not signed_by(cert, ca[0]):
             raise UsageError(f"{paths[0]} exists but is not signed by {layout.ca[0]}; --force re-issues it from that CA")
-        if kind == "server" and wanted_sans and set(_sans_of(cert)) != set(wanted_sans):
+        if kind == "server" and wanted_sans and set(sans_of(cert)) != set(wanted_sans):
             raise UsageError(
-                f"{paths[0]} names {', '.join(_sans_of(cert))}, not {', '.join(wanted_sans)}; "
+                f"{paths[0]} names {', '.join(sans_of(cert))}, not {', '.join(wanted_sans)}; "
                 "--force re-issues it for the new --etcd-address list"
             )
         existing[paths[0]] = cert
     out: list[CertFile] = []
     if ca is None:
-        ca = _new_ca(now)
+        ca = new_ca(now)
         _save(layout.ca, *ca, replace=False)
         out.append(_record("ca", "ca", layout.ca, ca[0], "written"))
     else:
@@ -390,7 +277,7 @@ def init_pki(
             out.append(_record(kind, name, paths, existing[paths[0]], "kept"))
             continue
         had = paths[0].exists()
-        sans = wanted_sans or (_sans_of(x509.load_pem_x509_certificate(paths[0].read_bytes())) if had else ())
+        sans = wanted_sans or (sans_of(x509.load_pem_x509_certificate(paths[0].read_bytes())) if had else ())
         cert, key = _issue_kind(ca, kind=kind, name=name, sans=sans, days=days, now=now)
         _save(paths, cert, key, replace=had)
         out.append(_record(kind, name, paths, cert, "reissued" if had else "written"))
@@ -401,10 +288,10 @@ def _issue_kind(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, kind: str, name: str, sans: Sequence[str], days: int, now: datetime
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     if kind == "server":
-        return _issue(ca, common="etcd", org="overlaycni etcd", sans=sans, server=True, days=days, now=now)
+        return issue(ca, common="etcd", org="overlaycni etcd", sans=sans, server=True, days=days, now=now)
     if kind == "operator":
-        return _issue(ca, common="operator", org="overlaycni operators", sans=(), server=False, days=days, now=now)
-    return _issue(ca, common=name, org="overlaycni nodes", sans=(name,), server=False, days=days, now=now)
+        return issue(ca, common="operator", org="overlaycni operators", sans=(), server=False, days=days, now=now)
+    return issue(ca, common=name, org="overlaycni nodes", sans=(name,), server=False, days=days, now=now)
 
 
 def renew(
@@ -422,7 +309,7 @@ def renew(
     adds the replaced certificates to ``crl.pem``."""
     now = now or datetime.now(UTC)
     layout = Layout(Path(directory))
-    ca = _load(layout.ca)
+    ca = load_pair(layout.ca)
     if ca is None:
         raise UsageError(f"no CA in {layout.dir} (ca.crt, ca.key): run `overlaycni certs init` first")
     plan = ([("server", "etcd", layout.server)] if server else []) + ([("operator", "operator", layout.operator)] if operator else [])
@@ -431,13 +318,13 @@ def renew(
         raise UsageError("name what to renew: --node NAME[,NAME...], --operator and/or --server")
     olds: list[x509.Certificate] = []
     for _kind, name, paths in plan:
-        pair = _load(paths)
+        pair = load_pair(paths)
         if pair is None:
             raise UsageError(f"{paths[0]} does not exist; `overlaycni certs init --node {name}` creates it")
         olds.append(pair[0])
     out = []
     for (kind, name, paths), old in zip(plan, olds, strict=True):
-        cert, key = _issue_kind(ca, kind=kind, name=name, sans=_sans_of(old), days=days, now=now)
+        cert, key = _issue_kind(ca, kind=kind, name=name, sans=sans_of(old), days=days, now=now)
         _save(paths, cert, key, replace=True)
         out.append(_record(kind, name, paths, cert, "reissued"))
     if revoke_old:
@@ -450,7 +337,7 @@ def revoke(directory: str | os.PathLike[str], serials: Sequence[str], *, now: da
     returns how many it revokes in all. etcd reads the file at each new
     connection: copy it to every member's --client-crl-file."""
     layout = Layout(Path(directory))
-    ca = _load(layout.ca)
+    ca = load_pair(layout.ca)
     if ca is None:
         raise UsageError(f"no CA in {layout.dir} (ca.crt, ca.key): run `overlaycni certs init` first")
     numbers = []
@@ -472,7 +359,7 @@ def show(directory: str | os.PathLike[str]) -> list[CertFile]:
     found += [("node", p.stem, layout.node(p.stem)) for p in sorted((layout.dir / "nodes").glob("*.crt"))]
     out = []
     for kind, name, paths in found:
-        pair = _load(paths)
+        pair = load_pair(paths)
         if pair is not None:
             out.append(_record(kind, name, paths, pair[0], "found"))
     return out
