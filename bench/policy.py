@@ -28,8 +28,8 @@ import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.policy import allowed, parse_policies
-from overlaycni.policy.apply import apply_document
 from overlaycni.policy.model import NamedPort, NamespaceInfo, PodInfo
 from overlaycni.policy.render import counts, diff_render, render_node
 
@@ -90,6 +90,18 @@ def best(fn, repeat: int):
         result = fn()
         times.append(time.perf_counter() - t0)
     return min(times), result
+
+
+def apply_document(doc: dict, *, netns: str) -> None:
+    """One atomic nft transaction in ``netns``, the way the agent applies it
+    (the data plane's policy table port: libnftables on the namespace worker)."""
+    dp = _dataplanes.get(netns)
+    if dp is None:
+        dp = _dataplanes[netns] = LinuxDataplane(netns)
+    dp.run(lambda: dp.ports.policy_nft.apply(doc["nftables"]))
+
+
+_dataplanes: dict[str, LinuxDataplane] = {}
 
 
 def measure(pods: int, policies: int, *, nodes: int, repeat: int, netns: str | None) -> dict:
@@ -182,6 +194,9 @@ def throughput(prefix: str, *, nodes: int, seconds: int, rounds: int) -> dict:
             srv.kill()
             srv.wait()
     finally:
+        dp = _dataplanes.pop(node, None)
+        if dp is not None:
+            dp.close()
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], check=False)
     return {k: sorted(v)[len(v) // 2] for k, v in results.items()}
@@ -205,6 +220,8 @@ def main() -> None:
         if netns and shutil.which("iperf3"):
             tput = throughput(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
     finally:
+        for dp in _dataplanes.values():
+            dp.close()
         if netns:
             subprocess.run(["ip", "netns", "del", netns], check=False)
     print(f"NetworkPolicy bench: render for one of {args.nodes} nodes; best of {args.repeat}")

@@ -204,6 +204,21 @@ class WatchCompacted(DatastoreError):
         self.revision = revision  # the compacted revision
 
 
+class BadRecord(OverlayCNIError):
+    """A datastore record that does not decode (malformed or inconsistent):
+    ``key``, ``kind`` (cluster, node, block, allocation, pod, namespace,
+    policy) and ``problem``. Readers that can go on skip it and report it."""
+
+    cni_code = CNI_IO_FAILURE
+
+    def __init__(self, *, key: str, kind: str, problem: str, revision: int = 0) -> None:
+        super().__init__(f"bad {kind} record {key}: {problem}")
+        self.key = key
+        self.kind = kind
+        self.problem = problem
+        self.revision = revision
+
+
 # --- IPAM --------------------------------------------------------------------------
 
 

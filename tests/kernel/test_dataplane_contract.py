@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from overlaycni.dataplane import nftmodel
+from overlaycni.dataplane import nftables, nftmodel
 from overlaycni.dataplane.engine import Ports
 from overlaycni.dataplane.fake import FakeKernel, FakePodNetns, fake_ports
 from overlaycni.dataplane.linux import LinuxDataplane
@@ -21,7 +21,11 @@ from overlaycni.dataplane.model import (
     VxlanSpec,
     vtep_mac,
 )
+from overlaycni.dataplane.policytable import PolicyTableSync
 from overlaycni.errors import DataplaneError, InterfaceExists, NetnsNotFound
+from overlaycni.policy import parse_policies
+from overlaycni.policy.render import render_node
+from tests.policy_cases import build_model, case
 
 pytestmark = pytest.mark.kernel
 
@@ -157,6 +161,36 @@ def test_nft(env):
         ports.nft.apply(nftmodel.render_set_update("node_ips", add=[IPv4Address("10.224.0.3")],
                                                    delete=[IPv4Address("10.224.0.9")]))
     assert ports.nft.list_set("node_ips") == {ME, two}
+
+
+def test_policy_table(env):
+    """The NetworkPolicy table port over either ``inet overlaycni`` ruleset: whole
+    renders in, element updates when only pods or labels changed, the whole
+    table after drift; the kernel's listing decodes to what was rendered."""
+    ports, _ = env
+    c = case("updated-pod-labels")
+    before, after = build_model(), c.model()
+    pols = parse_policies(c.manifest(after))
+    old = render_node("node-1", pods=before.pods, namespaces=before.namespaces, policies=pols)
+    new = render_node("node-1", pods=after.pods, namespaces=after.namespaces, policies=pols)
+    table = PolicyTableSync(ports.policy_nft)
+    assert ports.policy_nft.get_table() is None
+    assert table.sync(old) == "full"
+    assert ports.policy_nft.get_table().sets == nftables.image(old).sets
+    assert table.sync(old) == "none"
+    assert table.sync(new) == "elements"
+    listed = ports.policy_nft.get_table().sets
+    assert listed == nftables.image(new).sets
+    assert any(isinstance(e, nftables.MapEntry) for e in listed["ingress-pods"])
+    # drift: the element the next update deletes is gone already; the element update is refused whole
+    (name, gone), = [(n, e) for n, elems in nftables.image(new).sets.items() for e in elems - nftables.image(old).sets[n]]
+    ports.policy_nft.apply(nftables.element_commands("delete", "inet", "overlaycni", name, [gone]))
+    assert table.sync(old) == "full"
+    assert ports.policy_nft.get_table().sets == nftables.image(old).sets
+    assert ports.nft.get_table() is None  # the node table is another table
+    table.remove()
+    table.remove()
+    assert ports.policy_nft.get_table() is None
 
 
 def test_sysctls(env):

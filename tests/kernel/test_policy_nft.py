@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.policy import matrix, parse_policies
-from overlaycni.policy.apply import apply_document
 from overlaycni.policy.render import diff_render, render_node
 from tests.policy_cases import CASES, ORDER, Model, build_model, case
 
@@ -100,10 +100,17 @@ class Lab:
     model: Model
     node_ns: dict[str, str]
     pod_ns: dict[str, str]
+    dataplanes: dict[str, LinuxDataplane]  # one per node namespace: its policy table is the port under test
+
+    def replace(self, node: str, doc: dict) -> None:
+        """The whole table, whatever was applied before."""
+        table = self.dataplanes[node].policy_table
+        table.reset()
+        assert table.sync(doc) == "full"
 
     def apply(self, docs: dict[str, dict]) -> None:
         for node, doc in docs.items():
-            apply_document(doc, netns=self.node_ns[node])
+            self.replace(node, doc)
             sh("ip", "netns", "exec", self.node_ns[node], "conntrack", "-F", check=False)
 
     def renders(self, model: Model, policies) -> dict[str, dict]:
@@ -168,6 +175,7 @@ def lab():
     pod_ns = {k: f"{prefix}-{k.replace('/', '')}" for k in ORDER}
     made: list[str] = []
     servers: list[subprocess.Popen] = []
+    dataplanes: dict[str, LinuxDataplane] = {}
     try:
         for ns in [*node_ns.values(), *pod_ns.values()]:
             sh("ip", "netns", "add", ns)
@@ -202,10 +210,14 @@ def lab():
             )
             servers.append(proc)
             assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        built = Lab(prefix, model, node_ns, pod_ns)
+        for node, ns in node_ns.items():
+            dataplanes[node] = LinuxDataplane(ns)
+        built = Lab(prefix, model, node_ns, pod_ns, dataplanes)
         built.wait_ready()
         yield built
     finally:
+        for dp in dataplanes.values():
+            dp.close()
         for proc in servers:
             proc.kill()
             proc.wait()
@@ -281,7 +293,7 @@ def test_label_change_applied_as_elements_only(lab):
         diff = diff_render(old[node], new[node])
         assert diff is not None and diff["nftables"], "a label change must be an element update"
         assert all(set(cmd[next(iter(cmd))]) == {"element"} for cmd in diff["nftables"])
-        apply_document(diff, netns=lab.node_ns[node])
+        assert lab.dataplanes[node].policy_table.sync(new[node]) == "elements"
     for node in NODES:
         assert _rule_handles(lab.nft_json(node, "table", "inet", "overlaycni")) == rules_before[node]
         sets = [o["set"] for o in lab.nft_json(node, "sets", "table", "inet", "overlaycni")["nftables"] if "set" in o]
@@ -291,7 +303,7 @@ def test_label_change_applied_as_elements_only(lab):
 
     # and back: the label goes away again, x/b loses access, still no rule rebuilt
     for node in NODES:
-        apply_document(diff_render(new[node], old[node]), netns=lab.node_ns[node])
+        assert lab.dataplanes[node].policy_table.sync(old[node]) == "elements"
         sh("ip", "netns", "exec", lab.node_ns[node], "conntrack", "-F", check=False)
     got = lab.probe(c.port, c.protocol, expect=closed)
     assert got == closed, _table(got)
@@ -321,7 +333,7 @@ def test_established_connection_survives_tightening(lab):
         model = c.model(nodes=PLACEMENT)
         docs = lab.renders(model, parse_policies(c.manifest(model)))
         for node, doc in docs.items():  # no conntrack flush here
-            apply_document(doc, netns=lab.node_ns[node])
+            lab.replace(node, doc)
         # the conntrack entry is there in the destination node, marked established
         ct = sh("ip", "netns", "exec", lab.node_ns["node-1"], "conntrack", "-L", "-p", "tcp", "--dst", str(lab.model.pod(dst).ip)).stdout
         assert "ESTABLISHED" in ct
@@ -344,7 +356,7 @@ def test_every_case_render_is_accepted_by_nft(lab):
         model = c.model(nodes=PLACEMENT)
         for node in NODES:
             doc = render_node(node, pods=model.pods, namespaces=model.namespaces, policies=parse_policies(c.manifest(model)))
-            apply_document(doc, netns=lab.node_ns[node])
+            lab.replace(node, doc)
         listed = lab.nft_json("node-1", "table", "inet", "overlaycni")["nftables"]
         assert any(o.get("chain", {}).get("hook") == "forward" for o in listed)
 
@@ -362,55 +374,67 @@ def scratch_ns():
 def test_apply_errors_are_mapped(scratch_ns):
     from overlaycni.errors import NetnsNotFound, PolicyApplyError
 
-    bad = {"nftables": [{"add": {"table": {"family": "inet", "name": "overlaycni"}}},
-                        {"add": {"rule": {"family": "inet", "table": "overlaycni", "chain": "nope", "expr": [{"accept": None}]}}}]}
-    with pytest.raises(PolicyApplyError) as info:
-        apply_document(bad, netns=scratch_ns)
+    bad = [{"add": {"table": {"family": "inet", "name": "overlaycni"}}},
+           {"add": {"rule": {"family": "inet", "table": "overlaycni", "chain": "nope", "expr": [{"accept": None}]}}}]
+    with LinuxDataplane(scratch_ns) as dp, pytest.raises(PolicyApplyError) as info:
+        dp.run(lambda: dp.ports.policy_nft.apply(bad))
     assert "nope" in info.value.details or "No such file" in info.value.details
     # the failed transaction left nothing behind
     listed = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "ruleset").stdout)["nftables"]
     assert not any("table" in o for o in listed)
     with pytest.raises(NetnsNotFound):
-        apply_document(bad, netns=scratch_ns + "-missing")
+        LinuxDataplane(scratch_ns + "-missing")
 
 
-def test_apply_update_elements_then_full_and_drift(scratch_ns):
-    from overlaycni.policy.apply import apply_update, delete_table
-
+def test_policy_table_elements_then_full_and_drift(scratch_ns):
     c = case("updated-pod-labels")
     before, after = build_model(), c.model()
     pols = parse_policies(c.manifest(after))
     old = render_node("node-1", pods=before.pods, namespaces=before.namespaces, policies=pols)
     new = render_node("node-1", pods=after.pods, namespaces=after.namespaces, policies=pols)
-    assert apply_update(None, old, netns=scratch_ns) == "full"
-    assert apply_update(old, old, netns=scratch_ns) == "none"
-    assert apply_update(old, new, netns=scratch_ns) == "elements"
     ip = str(after.pod("x/b").ip)
-    sets = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "sets", "table", "inet", "overlaycni").stdout)
-    assert any(ip in o["set"].get("elem", []) for o in sets["nftables"] if "set" in o)
-    assert apply_update(old, new, netns=scratch_ns) == "elements"  # adding a present element is harmless
-    assert apply_update(new, old, netns=scratch_ns) == "elements"
-    # the kernel drifted (the element to delete is gone already): the full table is applied instead
-    assert apply_update(new, old, netns=scratch_ns) == "full"
-    other = render_node("node-1", pods=after.pods, namespaces=after.namespaces, policies=parse_policies(case("default-deny-all").manifest(after)))
-    assert apply_update(new, other, netns=scratch_ns) == "full"
-    delete_table(netns=scratch_ns)
-    delete_table(netns=scratch_ns)  # already gone is fine
+    with LinuxDataplane(scratch_ns) as dp:
+        table = dp.policy_table
+        assert table.sync(old) == "full"
+        assert table.sync(old) == "none"
+        assert table.sync(new) == "elements"
+        sets = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "sets", "table", "inet", "overlaycni").stdout)
+        holding = [o["set"]["name"] for o in sets["nftables"] if "set" in o and ip in o["set"].get("elem", [])]
+        assert holding
+        adds = diff_render(old, new)["nftables"]
+        dp.run(lambda: dp.ports.policy_nft.apply(adds))  # adding a present element is harmless
+        assert table.sync(old) == "elements"
+        assert table.sync(new) == "elements"
+        # the kernel drifts behind the port's back (the element to delete is gone already): full table instead
+        sh("ip", "netns", "exec", scratch_ns, "nft", "delete", "element", "inet", "overlaycni", holding[0], f"{{ {ip} }}")
+        assert table.sync(old) == "full"
+        other = render_node("node-1", pods=after.pods, namespaces=after.namespaces,
+                            policies=parse_policies(case("default-deny-all").manifest(after)))
+        assert table.sync(other) == "full"
+        table.reset()
+        assert table.sync(other) == "full"
+        table.remove()
+        table.remove()  # already gone is fine
     assert "overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout
 
 
 def test_node_policy_table_sync(scratch_ns):
-    from overlaycni.policy.apply import NodePolicyTable
-
     c = case("updated-pod-labels")
     before, after = build_model(), c.model()
     pols = parse_policies(c.manifest(after))
-    table = NodePolicyTable("node-1", netns=scratch_ns)
-    assert table.sync(pods=before.pods, namespaces=before.namespaces, policies=pols) == "full"
-    assert table.sync(pods=before.pods, namespaces=before.namespaces, policies=pols) == "none"
-    assert table.sync(pods=after.pods, namespaces=after.namespaces, policies=pols) == "elements"
-    assert table.sync(pods=after.pods, namespaces=after.namespaces, policies=[]) == "full"
-    listed = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "table", "inet", "overlaycni").stdout)
-    assert not any(o.get("chain", {}).get("name", "").startswith("in-ns-") for o in listed["nftables"])
-    table.remove()
+
+    def render(m, policies):
+        return render_node("node-1", pods=m.pods, namespaces=m.namespaces, policies=policies)
+
+    with LinuxDataplane(scratch_ns) as dp:
+        table = dp.policy_table
+        assert table.sync(render(before, pols)) == "full"
+        assert table.sync(render(before, pols)) == "none"
+        assert table.sync(render(after, pols)) == "elements"
+        assert table.sync(render(after, [])) == "full"
+        listed = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "table", "inet", "overlaycni").stdout)
+        assert not any(o.get("chain", {}).get("name", "").startswith("in-ns-") for o in listed["nftables"])
+        # the node table of the same data plane is another table: the policy table never touches it
+        assert "table ip overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout
+        table.remove()
     assert "overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout

@@ -36,25 +36,9 @@ def start_agent(url, tmp_path, name, ip, **kw):
         socket=str(tmp_path / f"{name}.sock"), metrics_addr=None, lease_ttl=kw.get("ttl", 5),
         resync_interval=kw.get("resync", 60),
     )
-    agent = Agent(opts, store=open_datastore(url), dataplane=dp, policy_table=RecordingPolicy())
+    agent = Agent(opts, store=open_datastore(url), dataplane=dp)
     agent.start()
     return agent, dp
-
-
-class RecordingPolicy:
-    """Stands in for the node's nft table: records what the agent renders."""
-
-    def __init__(self) -> None:
-        self.docs: list[dict] = []
-
-    def sync(self, *, pods, namespaces, policies) -> str:
-        from overlaycni.policy.render import render_node
-
-        self.docs.append(render_node("n1", pods=pods, namespaces=namespaces, policies=policies))
-        return "full"
-
-    def reset(self) -> None:
-        pass
 
 
 def _fake_takes_ip() -> bool:
@@ -187,25 +171,45 @@ def test_restart_keeps_block_and_status(cluster, tmp_path):
         agent.shutdown()
 
 
-def test_policy_inputs_reach_the_rendered_table(cluster, tmp_path):
-    from overlaycni.policy import parse_policies
-    from overlaycni.policy import store_codec as codec
+def add_web_pod(agent, store):
+    """ADD pod default/web and publish its labels (app=web); its IP."""
+    from overlaycni.datastore.keys import pod_key
+    from overlaycni.policy import records
 
+    assert cni(agent, "ADD", cid="web")[0] == 0
+    ip = ipam.get_allocation(store, "c1", "web", "eth0").ip.ip
+    store.put(pod_key("c1", namespace="default", name="web"),
+              records.encode({"namespace": "default", "name": "web", "ip": str(ip), "node": "n1",
+                              "labels": {"app": "web"}, "ports": []}))
+    return ip
+
+
+def deny_web(store) -> None:
+    """Store a policy isolating app=web for ingress (allowing nothing)."""
+    from overlaycni.policy import parse_policies, records
+
+    (pol,) = parse_policies(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\n"
+        "spec: {podSelector: {matchLabels: {app: web}}}\n"
+    )
+    records.save_policies(store, "c1", policies=[pol])
+
+
+def isolated(dp, ip) -> bool:
+    """The fake kernel's inet overlaycni holds the pod in its ingress verdict map."""
+    table = dp.kernel.nft_table("inet", "overlaycni")
+    return table is not None and any(e.key == ip for e in table.sets.get("ingress-pods", ()))
+
+
+def test_policy_inputs_reach_the_policy_table(cluster, tmp_path):
     url, store = cluster
-    agent, _ = start_agent(url, tmp_path, "n1", "10.224.0.4")
+    agent, dp = start_agent(url, tmp_path, "n1", "10.224.0.4")
     try:
-        assert cni(agent, "ADD", cid="web")[0] == 0
-        ip = ipam.get_allocation(store, "c1", "web", "eth0").ip.ip
-        store.put(codec.pod_key("c1", namespace="default", name="web"),
-                  codec.encode({"namespace": "default", "name": "web", "ip": str(ip), "node": "n1",
-                                "labels": {"app": "web"}, "ports": []}))
-        (pol,) = parse_policies(
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\n"
-            "spec: {podSelector: {matchLabels: {app: web}}}\n"
-        )
-        codec.save_policies(store, "c1", policies=[pol])
-        recorder = agent._policy_table
-        assert wait_for(lambda: recorder.docs and str(ip) in json.dumps(recorder.docs[-1]))
-        assert "deny" in json.dumps(recorder.docs[-1])
+        ip = add_web_pod(agent, store)
+        deny_web(store)
+        assert wait_for(lambda: isolated(dp, ip))
+        table = dp.kernel.nft_table("inet", "overlaycni")
+        (entry,) = [e for e in table.sets["ingress-pods"] if e.key == ip]
+        assert entry.value.target == "in-ns-default" and table.chains["in-ns-default"][-1]["expr"] == [{"drop": None}]
     finally:
         agent.shutdown()

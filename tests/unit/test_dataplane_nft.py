@@ -6,7 +6,7 @@ import json
 import os
 from ipaddress import IPv4Address, IPv4Network
 
-from overlaycni.dataplane import nftmodel
+from overlaycni.dataplane import nftables, nftmodel
 from overlaycni.dataplane.model import NodeState, Peer, PodEndpoint, vtep_mac
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "test_dataplane_nft_golden.json")
@@ -78,7 +78,7 @@ def test_parse_listing_round_trips_elements():
         {"table": {"family": "ip", "name": "overlaycni"}},
         {"chain": {"family": "ip", "table": "overlaycni", "name": "fp_" + nftmodel.fingerprint(t)}},
         *({"set": {"family": "ip", "table": "overlaycni", "name": name,
-                   "elem": [nftmodel.encode_element(name, e) for e in elems]}} for name, elems in t.sets().items()),
+                   "elem": [nftables.encode(e) for e in elems]}} for name, elems in t.sets().items()),
     ]}
     state = nftmodel.parse_listing(listing)
     assert state.fingerprint == nftmodel.fingerprint(t)

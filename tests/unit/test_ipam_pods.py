@@ -10,8 +10,8 @@ import pytest
 from overlaycni import ipam
 from overlaycni.config import parse_network
 from overlaycni.datastore import open_datastore
+from overlaycni.datastore.keys import ip_key
 from overlaycni.errors import AddressUnavailable, ConfigError, NotFound, PoolExhausted
-from overlaycni.ipam.model import ip_key
 
 IP = IPv4Address
 ROOT = "/overlaycni/clusters/dev/"

@@ -9,22 +9,28 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlaycni.errors import ConfigError
-from overlaycni.policy import parse_policies, policy_from_dict, policy_to_dict
+from overlaycni.datastore import KV
+from overlaycni.datastore.keys import pod_key, policy_key
+from overlaycni.errors import BadRecord, ConfigError
+from overlaycni.policy import parse_policies, policy_to_dict
 from overlaycni.policy.model import IPBlock, NamespaceInfo, PodInfo, PolicyPort
-from overlaycni.policy.selectors import LabelSelector, Requirement, parse_selector
-from overlaycni.policy.store_codec import (
-    decode,
+from overlaycni.policy.records import (
+    decode_pod,
+    decode_policy,
     encode,
     namespace_from_dict,
     namespace_to_dict,
     parse_named_port,
     pod_from_dict,
-    pod_key,
     pod_to_dict,
-    policy_key,
 )
+from overlaycni.policy.selectors import LabelSelector, Requirement, parse_selector
 from tests.policy_cases import CASES
+
+
+def _stored(value: dict, key: str = "/overlaycni/clusters/c1/x") -> KV:
+    return KV(key, encode(value), 7)
+
 
 HEAD = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: x\n"
 
@@ -126,13 +132,13 @@ def test_round_trip_through_dict_and_json(c):
     from tests.policy_cases import build_model
 
     for p in parse_policies(c.manifest(build_model())):
-        again = policy_from_dict(decode(encode(policy_to_dict(p))))
+        again = decode_policy(_stored(policy_to_dict(p)))
         assert again == p
 
 
 def test_pod_and_namespace_codec():
     pod = PodInfo("x", "a", IPv4Address("10.244.1.5"), "n1", {"pod": "a"}, (parse_named_port("serve-80-udp=80/udp"),))
-    assert pod_from_dict(decode(encode(pod_to_dict(pod)))) == pod
+    assert decode_pod(_stored(pod_to_dict(pod))) == pod
     ns = NamespaceInfo("x", {"ns": "x"})
     assert ns.labels["kubernetes.io/metadata.name"] == "x"
     assert namespace_from_dict(namespace_to_dict(ns)) == ns
@@ -141,8 +147,13 @@ def test_pod_and_namespace_codec():
     with pytest.raises(ConfigError) as info:
         pod_from_dict({"namespace": "x", "name": "a", "ip": "10.0.0.300", "ports": ["http=99999/TCP"], "labels": {"a": "b c"}})
     assert {e.field for e in info.value.errors} == {"pod.ip", "pod.ports[0]", "pod.labels.a"}
-    with pytest.raises(ConfigError):
-        decode(b"[1]")
+    with pytest.raises(BadRecord) as bad:
+        decode_pod(KV(pod_key("c1", namespace="x", name="a"), "[1]", 9))
+    assert (bad.value.key, bad.value.kind, bad.value.problem, bad.value.revision) == (
+        "/overlaycni/clusters/c1/pods/x/a", "pod", "not a JSON object", 9)
+    with pytest.raises(BadRecord) as bad:
+        decode_pod(_stored({"namespace": "x", "name": "a", "ip": "10.0.0.300"}))
+    assert bad.value.kind == "pod" and "pod.ip" in bad.value.problem
 
 
 # ----- matchExpressions against a straightforward reference --------------------------------
@@ -214,4 +225,4 @@ def test_any_input_is_a_policy_or_a_config_error(spec, meta):
         assert exc.errors and all(e.field and e.message for e in exc.errors)
     else:
         for p in policies:  # whatever parses must survive the datastore round trip
-            assert policy_from_dict(decode(encode(policy_to_dict(p)))) == p
+            assert decode_policy(_stored(policy_to_dict(p))) == p

@@ -18,8 +18,8 @@ one lock with full reconciles (a reconcile must not see half a pod).
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,8 @@ from ..errors import (
     OverlayCNIError,
 )
 from ..ipam import NodeRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,14 +82,12 @@ class CNIOps:
         ctx: NodeContext,
         *,
         kernel_lock: threading.RLock,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.dp = dataplane
         self.ctx = ctx
         self.kernel_lock = kernel_lock
         self.locks = KeyedLocks()
-        self.on_change = on_change or (lambda: None)
 
     # ----- dispatch -----------------------------------------------------------
     def handle(self, req: CNIRequest) -> dict[str, Any] | None:
@@ -130,6 +130,7 @@ class CNIOps:
                     mtu=c.pod_mtu,
                 )
         except BaseException as exc:
+            log.debug("ADD %s %s failed after allocating %s: %s", req.container_id, req.ifname, alloc.ip, exc)
             if isinstance(exc, InterfaceExists) and host_veth_name(req.container_id, req.ifname) in self.dp.list_pod_veths():
                 raise  # a repeated ADD: the interface and its IP belong to the first, successful one
             try:  # nothing usable was built for this attachment: give its IP back
@@ -137,7 +138,6 @@ class CNIOps:
             except OverlayCNIError:
                 pass  # GC will find it; the original error matters more
             raise
-        self.on_change()
         dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
         return add_result(
             req.version,
@@ -157,7 +157,6 @@ class CNIOps:
         with self.kernel_lock:
             self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns or None)
         ipam.release(self.store, self.ctx.cluster, req.container_id, req.ifname)
-        self.on_change()
         return None
 
     # ----- CHECK --------------------------------------------------------------
@@ -212,7 +211,6 @@ class CNIOps:
                         self.dp.delete_pod_veth(veth)
                     except OverlayCNIError as exc:
                         errors.append(str(exc))
-        self.on_change()
         if errors:
             raise CNIError(CNI_IO_FAILURE, "GC finished with errors", details="; ".join(errors))
         return None

@@ -10,12 +10,15 @@ Inputs, all under the cluster's prefix:
                             for addresses, so a pod is covered even before
                             (or without) a metadata record.
 
-Every change under those prefixes marks the state dirty; a debounced loop
-renders the whole table for this node (pure: ``policy.render``) and applies
-only the set/map elements that changed when the chains are the same (a label
-change, a new pod), or the whole table atomically when they are not (a new
-or changed policy). A periodic full pass re-applies from scratch, so a table
-changed behind the agent's back is repaired.
+Every change under those prefixes marks the state dirty (one resumable
+watch, ``datastore.watch``); a debounced loop renders the whole table for
+this node (pure: ``policy.render``) and hands it to the data plane's
+``PolicyTable`` port, which applies only the set/map elements that changed
+when the chains are the same (a label change, a new pod), or the whole table
+atomically when they are not (a new or changed policy). A periodic full pass
+re-applies from scratch, so a table changed behind the agent's back is
+repaired. A record that does not decode is skipped and reported
+(``on_bad``); every other record is still programmed.
 
 A new pod is unprotected until the next pass (tens of milliseconds), as in
 Kubernetes, where policy programming is asynchronous to pod start-up too.
@@ -30,14 +33,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import ipam
-from ..datastore import Store
+from ..dataplane.ports import PolicyTable
+from ..datastore import Event, Store
+from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespaces_prefix, pods_prefix, policies_prefix
+from ..datastore.watch import watch_loop
 from ..errors import OverlayCNIError
-from ..ipam import model as ipam_keys
-from ..policy import NamedPort, NamespaceInfo, PodInfo
-from ..policy import store_codec as codec
-from ..policy.apply import NodePolicyTable
+from ..policy import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
 
-log = logging.getLogger("overlaycni.agent")
+log = logging.getLogger(__name__)
 DEBOUNCE = 0.05
 
 
@@ -68,16 +71,18 @@ class PolicyController:
         cluster: str,
         node: str,
         stop: threading.Event,
-        table: Any = None,
+        table: PolicyTable,
+        on_bad: BadRecordHandler,
         full_every: float = 60.0,
     ):
-        """``table`` is the kernel port: ``sync(pods=, namespaces=, policies=)``
-        and ``reset()``; by default the node's own ``inet overlaycni``."""
+        """``table`` is the node's ``inet overlaycni`` (the data plane's port);
+        ``on_bad`` hears of every record skipped because it does not decode."""
         self.store = store
-        self.table = table if table is not None else NodePolicyTable(node)
+        self.table = table
         self.cluster = cluster
         self.node = node
         self.stop = stop
+        self.on_bad = on_bad
         self.full_every = full_every
         self.dirty = threading.Event()
         # With no policy in the cluster the table is the same whatever the
@@ -87,37 +92,21 @@ class PolicyController:
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "full": 0}
         self._last_full = 0.0
+        self._inputs = (policies_prefix(cluster), pods_prefix(cluster), namespaces_prefix(cluster), ips_prefix(cluster))
 
-    def prefixes(self) -> tuple[str, ...]:
-        return (
-            codec.policies_prefix(self.cluster),
-            codec.pods_prefix(self.cluster),
-            codec.namespaces_prefix(self.cluster),
-            ipam_keys.ips_prefix(self.cluster),
-        )
-
-    def load(self) -> tuple[list[PodInfo], list[NamespaceInfo], list[Any]]:
-        policies = codec.load_policies(self.store, self.cluster)
-        pod_records = []
-        for kv in self.store.list(codec.pods_prefix(self.cluster)):
-            try:
-                pod_records.append(codec.pod_from_dict(codec.decode(kv.value, what=kv.key), path=kv.key))
-            except OverlayCNIError as exc:
-                log.warning("ignoring pod record %s: %s", kv.key, exc)
-        ns_records = []
-        for kv in self.store.list(codec.namespaces_prefix(self.cluster)):
-            try:
-                ns_records.append(codec.namespace_from_dict(codec.decode(kv.value, what=kv.key), path=kv.key))
-            except OverlayCNIError as exc:
-                log.warning("ignoring namespace record %s: %s", kv.key, exc)
-        pods, namespaces = inventory(ipam.list_allocations(self.store, self.cluster), pod_records, ns_records)
+    def load(self) -> tuple[list[PodInfo], list[NamespaceInfo], list[NetworkPolicy]]:
+        c, bad = self.cluster, self.on_bad
+        policies = records.load_policies(self.store, c, on_bad=bad)
+        pod_records = records.load_pods(self.store, c, on_bad=bad)
+        ns_records = records.load_namespaces(self.store, c, on_bad=bad)
+        pods, namespaces = inventory(ipam.list_allocations(self.store, c, on_bad=bad), pod_records, ns_records)
         return pods, namespaces, policies
 
     def sync(self, *, full: bool = False) -> str:
         pods, namespaces, policies = self.load()
         if full:
             self.table.reset()  # re-apply everything: repairs a table changed behind our back
-        how = self.table.sync(pods=pods, namespaces=namespaces, policies=policies)
+        how = self.table.sync(render_node(self.node, pods=pods, namespaces=namespaces, policies=policies))
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":
@@ -145,23 +134,11 @@ class PolicyController:
                 self.stop.wait(1.0)
                 self.dirty.set()
 
+    def _on_event(self, ev: Event) -> None:
+        if ev.key.startswith(self._inputs[0]) or (self.has_policies and ev.key.startswith(self._inputs)):
+            self.dirty.set()
+
     def _watch(self) -> None:
-        prefix = ipam_keys.root(self.cluster)
-        wanted = self.prefixes()
-        policies = codec.policies_prefix(self.cluster)
-        rev = self.store.revision()
-        while not self.stop.is_set():
-            try:
-                for ev in self.store.watch(prefix, start_revision=rev + 1, stop=self.stop):
-                    rev = max(rev, ev.revision)
-                    if ev.key.startswith(policies) or (self.has_policies and ev.key.startswith(wanted)):
-                        self.dirty.set()
-            except OverlayCNIError as exc:
-                log.warning("policy watch interrupted (%s)", exc)
-                if self.stop.wait(1.0):
-                    return
-                try:
-                    rev = self.store.revision()
-                except OverlayCNIError:
-                    continue
-                self.dirty.set()
+        watch_loop(
+            self.store, cluster_root(self.cluster), stop=self.stop, on_event=self._on_event, on_relist=self.dirty.set
+        )

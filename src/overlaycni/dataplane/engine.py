@@ -14,6 +14,7 @@ route (leaked veths are found by ``list_pod_veths`` and removed by GC).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,8 +44,10 @@ from .model import (
     validate_state,
     vtep_mac,
 )
+from .policytable import PolicyTableSync
 from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls
 
+log = logging.getLogger(__name__)
 SUMMARY_OVER = 20  # more changed objects of one kind than this are reported as one line
 
 NODE_SYSCTLS = {
@@ -72,9 +75,10 @@ class Ports:
     routes: Routes
     neighbours: Neighbours
     fdb: Fdb
-    nft: NftRuleset
+    nft: NftRuleset  # ip overlaycni
     sysctls: Sysctls
     pods: PodLinks
+    policy_nft: NftRuleset  # inet overlaycni (NetworkPolicy)
 
 
 def _same_route(want: Route, have: Route | None) -> bool:
@@ -90,6 +94,7 @@ def _check_ifname(name: str, field: str) -> None:
 class NodeDataplane:
     def __init__(self, ports: Ports) -> None:
         self.p = ports
+        self.policy_table = PolicyTableSync(ports.policy_nft)
         self._lock = threading.RLock()
         self._pod_routes: list[Route] | None = None  # pod routes seen by the running reconcile
 
@@ -230,6 +235,7 @@ class NodeDataplane:
             "fdb": self.p.fdb.apply_fdb,
         }
         apply = appliers[kind]
+        log.debug("%s batch: %d replace, %d delete", kind, len(replace), len(delete))
         try:
             apply(replace=replace, delete=delete)
         finally:

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataplaneError, InterfaceExists, NetnsNotFound
-from . import nftmodel, ports
+from . import nftables, nftmodel, policytable, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
 
@@ -34,7 +34,7 @@ class FakeKernel:
     routes: dict[IPv4Network, Route] = field(default_factory=dict)  # owned routes only
     neighbours: dict[tuple[str, IPv4Address], Neighbour] = field(default_factory=dict)
     fdb: dict[tuple[str, str], FdbEntry] = field(default_factory=dict)
-    nft: nftmodel.NftState | None = None
+    nft_tables: dict[tuple[str, str], FakeNftTable] = field(default_factory=dict)  # (family, name) -> table
     sysctls: dict[str, str] = field(default_factory=dict)
     netns: dict[str, FakePodNetns] = field(default_factory=dict)
     auto_netns: bool = True  # any netns path exists unless removed
@@ -50,6 +50,15 @@ class FakeKernel:
         self.links[name] = link
         self.addresses.setdefault(name, {})
         return link
+
+    @property
+    def nft(self) -> nftables.NftState | None:
+        """The node table ``ip overlaycni`` (None: absent)."""
+        t = self.nft_tables.get((nftmodel.FAMILY, nftmodel.TABLE))
+        return None if t is None else t.state()
+
+    def nft_table(self, family: str, name: str) -> FakeNftTable | None:
+        return self.nft_tables.get((family, name))
 
     def maybe_fail(self, op: str) -> None:
         exc = self.fail_next.pop(op, None)
@@ -189,44 +198,84 @@ class FakeFdb:
             self.k.fdb[(f.dev, f.mac)] = f
 
 
+@dataclass
+class FakeNftTable:
+    """One nftables table: chains with their rules, set/map declarations and elements."""
+
+    chains: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> rules ({expr, comment})
+    decls: dict[str, nftables.SetDecl] = field(default_factory=dict)
+    sets: dict[str, frozenset] = field(default_factory=dict)
+
+    def state(self) -> nftables.NftState:
+        fp = next((name[3:] for name in self.chains if name.startswith("fp_")), None)
+        return nftables.NftState(fp, self.sets)  # shares ``sets``: tests may edit the kernel through it
+
+
+def _elem_key(elem: Any) -> Any:
+    return elem.key if isinstance(elem, nftables.MapEntry) else elem
+
+
+def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[str, Any]]) -> None:
+    """Run one transaction on ``tables`` (a copy: the caller keeps it only on success)."""
+    for cmd in commands:
+        (verb, body), = cmd.items()
+        (kind, obj), = body.items()
+        key = (obj["family"], obj["name"] if kind == "table" else obj["table"])
+        if kind == "table":
+            if verb == "add":
+                tables.setdefault(key, FakeNftTable())
+            elif tables.pop(key, None) is None:
+                raise DataplaneError(f"nftables: delete table {' '.join(key)}: No such file or directory")
+            continue
+        t = tables.get(key)
+        if t is None:
+            raise DataplaneError(f"nftables: table {' '.join(key)} does not exist (No such file or directory)")
+        name = obj["chain"] if kind == "rule" else obj["name"]
+        if kind == "chain" and verb == "add":
+            t.chains.setdefault(name, [])
+        elif kind == "rule" and verb == "add":
+            if name not in t.chains:
+                raise DataplaneError(f"nftables: chain {name} does not exist (No such file or directory)")
+            t.chains[name].append({k: v for k, v in obj.items() if k not in ("family", "table", "chain")})
+        elif kind in ("set", "map") and verb == "add":
+            decl = t.decls.setdefault(name, nftables.SetDecl.of(obj))
+            t.sets[name] = t.sets.get(name, frozenset()) | {x for raw in obj.get("elem", []) for x in nftables.decode(decl, raw)}
+        elif kind == "element":
+            if name not in t.sets:
+                raise DataplaneError(f"nftables: set {name} does not exist (No such file or directory)")
+            decl = t.decls[name]
+            if verb == "add":
+                t.sets[name] = t.sets[name] | {x for raw in obj["elem"] for x in nftables.decode(decl, raw)}
+                continue
+            keys = {x for raw in obj["elem"] for x in nftables.decode(nftables.SetDecl(decl.type, decl.interval), raw)}
+            if not keys <= {_elem_key(x) for x in t.sets[name]}:
+                raise DataplaneError(f"nftables: delete of missing elements from {name} (No such file or directory)")
+            t.sets[name] = frozenset(x for x in t.sets[name] if _elem_key(x) not in keys)
+        else:
+            raise DataplaneError(f"nftables: the fake does not model {verb} {kind}")
+
+
 class FakeNft:
-    def __init__(self, k: FakeKernel) -> None:
+    """The ``NftRuleset`` port on one table of the fake kernel (all-or-nothing transactions)."""
+
+    def __init__(self, k: FakeKernel, *, family: str = nftmodel.FAMILY, table: str = nftmodel.TABLE) -> None:
         self.k = k
+        self.key = (family, table)
         self.transactions = 0
 
-    def get_table(self) -> nftmodel.NftState | None:
-        return copy.deepcopy(self.k.nft)
+    def get_table(self) -> nftables.NftState | None:
+        t = self.k.nft_tables.get(self.key)
+        return None if t is None else copy.deepcopy(t.state())
 
     def list_set(self, name: str) -> frozenset | None:
-        return None if self.k.nft is None else self.k.nft.sets.get(name)
+        t = self.k.nft_tables.get(self.key)
+        return None if t is None else t.sets.get(name)
 
     def apply(self, commands: list[dict[str, Any]]) -> None:
         self.k.maybe_fail("nft")
-        state = copy.deepcopy(self.k.nft)
-        for cmd in commands:
-            (verb, body), = cmd.items()
-            (kind, obj), = body.items()
-            if kind == "table":
-                state = None if verb == "delete" else (state or nftmodel.NftState(None, {}))
-                continue
-            if state is None:
-                raise DataplaneError(f"nftables: table {nftmodel.FAMILY} {nftmodel.TABLE} does not exist")
-            if kind == "chain" and obj["name"].startswith("fp_"):
-                state = nftmodel.NftState(obj["name"][3:], state.sets)
-            elif kind == "set":
-                state.sets.setdefault(obj["name"], frozenset())
-            elif kind == "element":
-                name = obj["name"]
-                if name not in state.sets:
-                    raise DataplaneError(f"nftables: set {name} does not exist")
-                elems = {x for raw in obj["elem"] for x in nftmodel._decode_element(name, raw)}
-                if verb == "delete":
-                    if not elems <= state.sets[name]:
-                        raise DataplaneError(f"nftables: delete of missing elements from {name}")
-                    state.sets[name] = state.sets[name] - elems
-                else:
-                    state.sets[name] = state.sets[name] | elems
-        self.k.nft = state
+        tables = copy.deepcopy(self.k.nft_tables)
+        _nft_apply(tables, commands)
+        self.k.nft_tables = tables
         self.transactions += 1
 
 
@@ -297,6 +346,7 @@ def fake_ports(kernel: FakeKernel) -> Ports:
         links=FakeLinks(kernel), addresses=FakeAddresses(kernel), routes=FakeRoutes(kernel),
         neighbours=FakeNeighbours(kernel), fdb=FakeFdb(kernel), nft=FakeNft(kernel),
         sysctls=FakeSysctls(kernel), pods=FakePodLinks(kernel),
+        policy_nft=FakeNft(kernel, family=policytable.FAMILY, table=policytable.TABLE),
     )
 
 
@@ -328,6 +378,7 @@ if TYPE_CHECKING:  # mypy proves that each fake implements its port (the contrac
     _neighbours: type[ports.Neighbours] = FakeNeighbours
     _fdb: type[ports.Fdb] = FakeFdb
     _nft: type[ports.NftRuleset] = FakeNft
+    _policy_table: type[ports.PolicyTable] = policytable.PolicyTableSync
     _sysctls: type[ports.Sysctls] = FakeSysctls
     _pods: type[ports.PodLinks] = FakePodLinks
     _dataplane: type[ports.Dataplane] = FakeDataplane

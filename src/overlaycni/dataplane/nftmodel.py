@@ -6,8 +6,9 @@ VXLAN port and the VXLAN device name; everything that changes at run time
 events and pod ADD/DEL touch set elements only. A regular, empty chain named
 ``fp_<hash of the static part>`` fingerprints the chains: when it matches,
 reconciliation edits set elements; when it does not, the whole table is
-replaced in one atomic transaction. This table never touches ``inet
-overlaycni`` (NetworkPolicy, owned by the policy module).
+replaced in one atomic transaction (the expressions, the element
+encoding and the diff are ``nftables``', shared with the NetworkPolicy table
+``inet overlaycni``, which this table never touches).
 
 Chains:
 
@@ -29,10 +30,12 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, collapse_addresses, summarize_address_range
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
+from . import nftables as nft
 from .model import KUBE_PROXY_MASQ_MARK, VETH_PREFIX, VXLAN_IFNAME, NodeState
+from .nftables import NftState
 
 FAMILY = "ip"
 TABLE = "overlaycni"
@@ -61,14 +64,6 @@ class NftTable:
         }
 
 
-@dataclass(frozen=True)
-class NftState:
-    """What the kernel holds: the fingerprint chain's hash and set elements."""
-
-    fingerprint: str | None
-    sets: dict[str, frozenset]
-
-
 def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Address]]) -> NftTable:
     return NftTable(
         pod_cidr=state.pod_cidr,
@@ -83,39 +78,25 @@ def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Addres
 
 
 def _obj(kind: str, **fields: Any) -> dict[str, Any]:
-    return {kind: {"family": FAMILY, "table": TABLE, **fields}}
+    return nft.obj(kind, FAMILY, TABLE, **fields)
 
 
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _prefix(net: IPv4Network) -> Any:
-    if net.prefixlen == 32:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-def _payload(proto: str, fld: str) -> dict[str, Any]:
-    return {"payload": {"protocol": proto, "field": fld}}
-
-
-IIFNAME = {"meta": {"key": "iifname"}}
-SADDR = _payload("ip", "saddr")
-DADDR = _payload("ip", "daddr")
+IIFNAME = nft.meta("iifname")
+SADDR = nft.payload("ip", "saddr")
+DADDR = nft.payload("ip", "daddr")
 COUNTER = {"counter": None}
 
 
 def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]]]]:
-    pod = _prefix(t.pod_cidr)
-    vx = _match(_payload("udp", "dport"), t.vxlan_port)
+    pod = nft.prefix(t.pod_cidr)
+    vx = nft.match(nft.payload("udp", "dport"), t.vxlan_port)
     return [
         (
             {"name": "prerouting", "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"},
             [[
-                _match(IIFNAME, VETH_PREFIX + "*"),
-                _match(IIFNAME, t.vxlan_ifname, "!="),
-                _match({"concat": [IIFNAME, SADDR]}, "@" + SET_POD_ENDPOINTS, "!="),
+                nft.match(IIFNAME, VETH_PREFIX + "*"),
+                nft.match(IIFNAME, t.vxlan_ifname, "!="),
+                nft.match({"concat": [IIFNAME, SADDR]}, "@" + SET_POD_ENDPOINTS, "!="),
                 COUNTER,
                 {"drop": None},
             ]],
@@ -123,22 +104,22 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
         (
             {"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
             [
-                [vx, _match(SADDR, pod), COUNTER, {"drop": None}],
-                [vx, _match(SADDR, "@" + SET_NODE_IPS, "!="), COUNTER, {"drop": None}],
+                [vx, nft.match(SADDR, pod), COUNTER, {"drop": None}],
+                [vx, nft.match(SADDR, "@" + SET_NODE_IPS, "!="), COUNTER, {"drop": None}],
             ],
         ),
         (
             {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
-            [[_match(SADDR, pod), vx, _match(DADDR, "@" + SET_NODE_IPS), COUNTER, {"drop": None}]],
+            [[nft.match(SADDR, pod), vx, nft.match(DADDR, "@" + SET_NODE_IPS), COUNTER, {"drop": None}]],
         ),
         (
             {"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
             [
-                [_match({"&": [{"meta": {"key": "mark"}}, KUBE_PROXY_MASQ_MARK]}, KUBE_PROXY_MASQ_MARK), {"return": None}],
-                [_match(SADDR, pod, "!="), {"return": None}],
-                [_match(DADDR, pod), {"return": None}],
-                [_match(DADDR, "@" + SET_NON_MASQ), {"return": None}],
-                [_match(DADDR, _prefix(MULTICAST)), {"return": None}],
+                [nft.match({"&": [nft.meta("mark"), KUBE_PROXY_MASQ_MARK]}, KUBE_PROXY_MASQ_MARK), {"return": None}],
+                [nft.match(SADDR, pod, "!="), {"return": None}],
+                [nft.match(DADDR, pod), {"return": None}],
+                [nft.match(DADDR, "@" + SET_NON_MASQ), {"return": None}],
+                [nft.match(DADDR, nft.prefix(MULTICAST)), {"return": None}],
                 [COUNTER, {"masquerade": {"flags": ["fully-random"]}}],
             ],
         ),
@@ -157,34 +138,13 @@ def fingerprint(t: NftTable) -> str:
     return hashlib.sha256(static.encode()).hexdigest()[:12]
 
 
-def encode_element(name: str, elem: Element) -> Any:
-    if name == SET_POD_ENDPOINTS:
-        ifname, ip = elem
-        return {"concat": [ifname, str(ip)]}
-    if name == SET_NON_MASQ:
-        return _prefix(elem)
-    return str(elem)
-
-
 def element_commands(verb: str, name: str, elems: Iterable[Element]) -> list[dict[str, Any]]:
-    encoded = [encode_element(name, e) for e in sorted(elems, key=_sort_key)]
-    if not encoded:
-        return []
-    return [{verb: _obj("element", name=name, elem=encoded)}]
-
-
-def _sort_key(elem: Element) -> Any:
-    return str(elem)
+    return nft.element_commands(verb, FAMILY, TABLE, name, elems)
 
 
 def render_table(t: NftTable) -> list[dict[str, Any]]:
     """Commands that atomically replace the table with ``t`` (one transaction)."""
-    cmds: list[dict[str, Any]] = [
-        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-        {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
-        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-        {"add": _obj("chain", name="fp_" + fingerprint(t))},
-    ]
+    cmds: list[dict[str, Any]] = [*nft.replace_table(FAMILY, TABLE), {"add": _obj("chain", name="fp_" + fingerprint(t))}]
     for name, spec in _SET_DEFS.items():
         cmds.append({"add": _obj("set", name=name, **spec)})
     for chain, rules in _chains(t):
@@ -201,39 +161,15 @@ def render_set_update(name: str, *, add: Iterable[Element] = (), delete: Iterabl
 
 
 def diff_sets(current: NftState, desired: NftTable) -> list[dict[str, Any]]:
-    cmds: list[dict[str, Any]] = []
-    for name, want in desired.sets().items():
-        have = current.sets.get(name, frozenset())
-        cmds += render_set_update(name, add=want - have, delete=have - want)
-    return cmds
+    """Element updates from ``current`` (the kernel's sets) to ``desired``;
+    the caller has checked that the fingerprints match."""
+    return nft.diff(FAMILY, TABLE, NftState(None, current.sets), NftState(None, dict(desired.sets()))) or []
 
 
 # --- parsing `nft -j list table ip overlaycni` ----------------------------------------
 
-
-def _decode_element(name: str, raw: Any) -> list[Element]:
-    if isinstance(raw, dict) and "elem" in raw:  # element with attributes
-        raw = raw["elem"]["val"]
-    if name == SET_POD_ENDPOINTS:
-        ifname, ip = raw["concat"]
-        return [(ifname, IPv4Address(ip))]
-    if name == SET_NON_MASQ:
-        if isinstance(raw, dict) and "prefix" in raw:
-            return [IPv4Network(f"{raw['prefix']['addr']}/{raw['prefix']['len']}")]
-        if isinstance(raw, dict) and "range" in raw:
-            lo, hi = (IPv4Address(a) for a in raw["range"])
-            return list(summarize_address_range(lo, hi))
-        return [IPv4Network(f"{raw}/32")]
-    return [IPv4Address(raw)]
+SET_DECLS = {name: nft.SetDecl.of(spec) for name, spec in _SET_DEFS.items()}
 
 
 def parse_listing(doc: dict[str, Any]) -> NftState:
-    fp: str | None = None
-    sets: dict[str, frozenset] = {}
-    for item in doc.get("nftables", []):
-        if "chain" in item and item["chain"]["name"].startswith("fp_"):
-            fp = item["chain"]["name"][3:]
-        elif "set" in item:
-            name = item["set"]["name"]
-            sets[name] = frozenset(x for e in item["set"].get("elem", []) for x in _decode_element(name, e))
-    return NftState(fp, sets)
+    return nft.parse_listing(doc, decls=SET_DECLS)

@@ -6,7 +6,8 @@ All calls act on one network namespace chosen when the adapter is built
 Lists return only objects this project owns (routes with ``RT_PROTO``,
 neighbours and FDB entries on the VXLAN device, ``lo:ocni`` addresses).
 ``apply_*`` calls are batched and raise ``DataplaneError`` listing every
-failed object; deleting something that is not there is success.
+failed object; deleting something that is not there is success. Both
+nftables tables (node and NetworkPolicy) go through ``NftRuleset``.
 """
 
 from __future__ import annotations
@@ -63,9 +64,20 @@ class Fdb(Protocol):
 
 
 class NftRuleset(Protocol):
-    def get_table(self) -> NftState | None: ...  # None: no ``ip overlaycni`` table
+    """One nftables table (the node's ``ip overlaycni``, or the policy table)."""
+
+    def get_table(self) -> NftState | None: ...  # None: no such table
     def list_set(self, name: str) -> frozenset | None: ...  # None: no table/set
     def apply(self, commands: list[dict[str, Any]]) -> None: ...  # one atomic transaction
+
+
+class PolicyTable(Protocol):
+    """The NetworkPolicy table ``inet overlaycni``: whole renders in
+    (``policy.render.render_node``), the least change to the kernel."""
+
+    def sync(self, render: dict[str, Any]) -> str: ...  # "none" | "elements" | "full": what reached the kernel
+    def reset(self) -> None: ...  # the next sync replaces the whole table (repairs drift)
+    def remove(self) -> None: ...  # delete the table; already gone is success
 
 
 class Sysctls(Protocol):
@@ -83,6 +95,9 @@ class PodLinks(Protocol):
 
 class Dataplane(Protocol):
     """The facade the node agent calls (implemented by ``linux.LinuxDataplane`` and ``fake.FakeDataplane``)."""
+
+    @property
+    def policy_table(self) -> PolicyTable: ...  # the node's NetworkPolicy table
 
     def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo: ...
     def reconcile(self, state: NodeState) -> ReconcileReport: ...

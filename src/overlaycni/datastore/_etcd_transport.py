@@ -3,6 +3,7 @@ etcd user tokens and retries (the design note is in ``etcd.py``)."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,10 @@ CONNECT_TIMEOUT = 1.5
 REQUEST_TIMEOUT = 5.0
 RETRY_WINDOW = 6.0
 MAX_IDLE = 8  # pooled client sets kept between calls
+
+# Debug lines name endpoints as host:port and the failure only: never a
+# password, a token, a request body or key material.
+log = logging.getLogger(__name__)
 
 
 class _Retry(Exception):
@@ -216,14 +221,19 @@ class Transport:
                     result = self._post_one(clients, index, path, payload, auth=auth)
                 except _TLSRefused as exc:
                     tls_failure = last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {exc}"
+                    log.debug("etcd %s (%s); trying the next endpoint", last, path)
                     continue
                 except _Refused as exc:
                     last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {exc}"
+                    log.debug("etcd %s (%s); trying the next endpoint", last, path)
                     continue
                 except _Retry as exc:
                     refused_all = False
                     last = f"{self.endpoints[index][0]}:{self.endpoints[index][1]}: {exc}"
+                    log.debug("etcd %s (%s); trying the next endpoint", last, path)
                     continue
+                if index != self._current:
+                    log.debug("etcd: failed over to %s:%d", *self.endpoints[index])
                 self._current = index
                 return result
             if refused_all and tls_failure:
@@ -267,11 +277,13 @@ class Transport:
                     if problem:
                         tls_failure = f"{where}: {problem}"
                     last = tls_failure or f"{where}: {type(exc).__name__}"
+                    log.debug("etcd watch: %s; trying the next endpoint", last)
                     continue
                 if resp.status_code != 200:
                     refused_all = False
                     self.refusal(resp.text)
                     last = f"{where}: HTTP {resp.status_code}"
+                    log.debug("etcd watch: %s; trying the next endpoint", last)
                     resp.close()
                     continue
                 self._current = index

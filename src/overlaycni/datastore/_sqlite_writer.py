@@ -5,6 +5,7 @@ note in ``sqlite.py``)."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import random
 import sqlite3
 import threading
@@ -16,6 +17,8 @@ from .base import prefix_end
 BUSY_TIMEOUT_MS = 10_000
 EVENT_HISTORY = 10_000  # revisions of events kept for watchers
 COMPACT_EVERY = 1_000
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -131,17 +134,24 @@ class WriteLock:
         self.lock, self.fd, self.path = lock, fd, path
 
     def __enter__(self) -> None:
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        start = time.monotonic()
+        deadline = start + BUSY_TIMEOUT_MS / 1000
         if not self.lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
             raise DatastoreUnavailable(f"sqlite datastore {self.path} is busy (write lock held too long)")
         delay = 0.00005
+        tries = 0
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+                if tries:
+                    log.debug("sqlite %s: waited %.1f ms (%d tries) for the write lock", self.path,
+                              (time.monotonic() - start) * 1000, tries)
                 return
             except BlockingIOError:
+                tries += 1
                 if time.monotonic() > deadline:
                     self.lock.release()
+                    log.debug("sqlite %s: gave up on the write lock after %d tries", self.path, tries)
                     raise DatastoreUnavailable(
                         f"sqlite datastore {self.path} is busy: another process holds its write lock"
                     ) from None

@@ -45,6 +45,7 @@ Design note.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -58,6 +59,7 @@ from .base import KV, Event, Snapshot, Store, TransactMixin, TxnResult, check_ke
 from .tls import EtcdCredentials
 
 WATCH_POLL = 0.25
+log = logging.getLogger(__name__)
 
 
 class EtcdStore(TransactMixin):
@@ -271,6 +273,7 @@ class EtcdStore(TransactMixin):
                 if stop is not None and stop.is_set():
                     return
                 lost_since = lost_since or time.monotonic()
+                log.debug("etcd watch of %s lost; reconnecting from revision %d", prefix, next_rev)
                 if time.monotonic() - lost_since > RETRY_WINDOW:
                     raise DatastoreUnavailable(f"etcd datastore {self.url}: watch connection lost")
                 time.sleep(0.1)

@@ -2,25 +2,35 @@
 
 Pure logic over a ``datastore.Store`` (no kernel, no sockets of its own);
 every write is one compare-and-swap transaction, so a crashed process never
-leaves a half-written record. Key layout: ``ipam.model``.
+leaves a half-written record. Key layout: ``datastore.keys``; record values
+and their decoders: ``ipam.records``.
 """
 
 from __future__ import annotations
 
+from ..datastore.keys import nodes_prefix
 from .check import CheckReport, Problem, check
 from .clusters import create_cluster, delete_cluster, expand_pod_cidr, get_cluster, list_clusters
-from .model import Allocation, NodeRecord, node_from_kv, nodes_prefix, parse_pod
+from .model import Allocation, NodeRecord, parse_pod
 from .nodes import delete_node, get_node, list_blocks, list_nodes, register_node
 from .pods import allocate, gc, get_allocation, list_allocations, release
+from .records import BlockClaim, decode_allocation, decode_block, decode_cluster, decode_node
+
+node_from_kv = decode_node  # the old name (callers outside ipam may still use it)
 
 __all__ = [
     "Allocation",
+    "BlockClaim",
     "CheckReport",
     "NodeRecord",
     "Problem",
     "allocate",
     "check",
     "create_cluster",
+    "decode_allocation",
+    "decode_block",
+    "decode_cluster",
+    "decode_node",
     "delete_cluster",
     "delete_node",
     "expand_pod_cidr",

@@ -1,6 +1,7 @@
 """Consistency check of a cluster's IPAM records (pure over one listing).
 
-Finds: duplicate blocks or addresses; leaks (half-written pairs: a claim
+Finds: records that do not decode (``bad-record``, each named by its key);
+duplicate blocks or addresses; leaks (half-written pairs: a claim
 without its reverse index, an address without its handle, a handle without
 its address, addresses on a node that has no block); addresses outside
 their node's block or on a reserved address (network, gateway, broadcast);
@@ -9,7 +10,6 @@ and, given the valid attachments, allocations nobody uses any more.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,11 +18,14 @@ from itertools import pairwise
 from typing import Any
 
 from ..datastore import Store
+from ..datastore.keys import cluster_root, config_key, ip_part
+from ..errors import BadRecord
 from . import addresses
-from .clusters import network_from_kv, not_found
-from .model import check_name, config_key, ip_from_part, ip_part, root
+from .clusters import not_found
+from .model import Allocation, check_name
+from .records import decode_allocation, decode_block, decode_cluster
 
-KINDS = ("duplicate", "leak", "outside-block", "reserved", "unreferenced")
+KINDS = ("bad-record", "duplicate", "leak", "outside-block", "reserved", "unreferenced")
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,12 @@ class CheckReport:
 
 def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None = None) -> CheckReport:
     check_name("cluster", cluster)
-    base = root(cluster)
+    base = cluster_root(cluster)
     kvs = {kv.key[len(base):]: kv for kv in store.list(base)}
     cfg = kvs.get("config")
     if cfg is None or cfg.key != config_key(cluster):
         raise not_found(cluster)
-    net = network_from_kv(cfg)
+    net = decode_cluster(cfg)
     problems: list[Problem] = []
 
     def add(kind: str, message: str, key: str) -> None:
@@ -76,25 +79,27 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
 
     claims: dict[IPv4Network, str] = {}
     node_blocks: dict[str, IPv4Network] = {}
-    ips: dict[tuple[str, IPv4Address], dict[str, Any]] = {}
+    ips: dict[tuple[str, IPv4Address], Allocation] = {}
     handles: dict[tuple[str, str], tuple[str, IPv4Address]] = {}
     live_nodes: set[str] = set()
     for rel, kv in kvs.items():
         kind, _, rest = rel.partition("/")
-        if kind == "blocks":
-            addr, _, plen = rest.partition("-")
-            claims[IPv4Network(f"{addr}/{plen}")] = kv.value
-        elif kind == "nodeblocks":
-            node_blocks[rest] = IPv4Network(kv.value)
-        elif kind == "ips":
-            owner, _, part = rest.rpartition("/")
-            ips[(owner, ip_from_part(part))] = json.loads(kv.value)
-        elif kind == "handles":
-            cid, _, ifname = rest.rpartition("/")
-            data = json.loads(kv.value)
-            handles[(cid, ifname)] = (data["node"], IPv4Address(data["ip"]))
-        elif kind == "nodes":
-            live_nodes.add(rest)
+        try:
+            if kind == "blocks":
+                claim = decode_block(kv)
+                claims[claim.block] = claim.node
+            elif kind == "nodeblocks":
+                node_blocks[rest] = decode_block(kv).block
+            elif kind == "ips":
+                held = decode_allocation(kv)
+                ips[(held.node, held.ip.ip)] = held
+            elif kind == "handles":
+                held = decode_allocation(kv)
+                handles[(held.container_id, held.ifname)] = (held.node, held.ip.ip)
+            elif kind == "nodes":
+                live_nodes.add(rest)
+        except BadRecord as exc:
+            problems.append(Problem("bad-record", f"{exc.kind} record: {exc.problem}", kv.key))
 
     # blocks: one per node, one node per block, inside the pod CIDR, no overlap
     by_block: dict[IPv4Network, list[str]] = defaultdict(list)
@@ -123,7 +128,7 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
 
     # addresses
     owners: dict[IPv4Address, list[str]] = defaultdict(list)
-    for (node, ip), data in ips.items():
+    for (node, ip), alloc in ips.items():
         owners[ip].append(node)
         key = f"ips/{node}/{ip_part(ip)}"
         node_block = node_blocks.get(node)
@@ -133,23 +138,23 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
             add("outside-block", f"address {ip} on node {node!r} is outside its block {node_block}", key)
         elif addresses.is_reserved(node_block, ip):
             add("reserved", f"address {ip} on node {node!r} is the network, gateway or broadcast address of {node_block}", key)
-        attachment = (data["container_id"], data["ifname"])
+        attachment = (alloc.container_id, alloc.ifname)
         if handles.get(attachment) != (node, ip):
             add("leak", f"address {ip} on node {node!r} ({attachment[0]} {attachment[1]}) has no matching handle", key)
     for ip, nodes in owners.items():
         if len(nodes) > 1:
             add("duplicate", f"address {ip} is allocated on several nodes: {', '.join(sorted(nodes))}", f"ips/{nodes[0]}/{ip_part(ip)}")
     for (cid, ifname), (node, ip) in handles.items():
-        data = ips.get((node, ip))
-        if data is None or (data["container_id"], data["ifname"]) != (cid, ifname):
+        owner = ips.get((node, ip))
+        if owner is None or (owner.container_id, owner.ifname) != (cid, ifname):
             add("leak", f"handle {cid} {ifname} points at {ip} on node {node!r}, which is not allocated to it",
                 f"handles/{cid}/{ifname}")
 
     if valid is not None:
         keep = {(c, i) for c, i in valid}
-        for (node, ip), data in sorted(ips.items(), key=lambda item: (item[0][0], int(item[0][1]))):
-            if (data["container_id"], data["ifname"]) not in keep:
-                add("unreferenced", f"address {ip} on node {node!r} belongs to {data['container_id']} "
-                    f"{data['ifname']}, which is not a valid attachment", f"ips/{node}/{ip_part(ip)}")
+        for (node, ip), alloc in sorted(ips.items(), key=lambda item: (item[0][0], int(item[0][1]))):
+            if (alloc.container_id, alloc.ifname) not in keep:
+                add("unreferenced", f"address {ip} on node {node!r} belongs to {alloc.container_id} "
+                    f"{alloc.ifname}, which is not a valid attachment", f"ips/{node}/{ip_part(ip)}")
 
     return CheckReport(cluster, len(live_nodes), len(claims), len(ips), tuple(problems))

@@ -3,18 +3,17 @@ CIDR. Pure logic over a ``Store``; every write is one transaction."""
 
 from __future__ import annotations
 
-import json
+import logging
 
-from ..config import ClusterNetwork, parse_network, validate_expansion
-from ..datastore import KV, Store
+from ..config import ClusterNetwork, validate_expansion
+from ..datastore import Store
+from ..datastore.keys import INDEX, BadRecordHandler, cluster_root, config_key, decode_all, index_key
 from ..errors import AlreadyExists, Conflict, NotFound
-from .model import INDEX, check_name, config_key, index_key, root
+from .model import check_name
+from .records import decode_cluster
 
 _CAS_ATTEMPTS = 16
-
-
-def network_from_kv(kv: KV) -> ClusterNetwork:
-    return parse_network(json.loads(kv.value))
+log = logging.getLogger(__name__)
 
 
 def not_found(name: str) -> NotFound:
@@ -33,11 +32,12 @@ def create_cluster(store: Store, name: str, net: ClusterNetwork) -> ClusterNetwo
             compare=[(config_key(name), 0)],
             put=[(config_key(name), net.to_json(), None), (index_key(name), "", None)],
         ):
+            log.debug("cluster %s created", name)
             return net
         kv = store.get(config_key(name))
         if kv is None:
             continue  # deleted meanwhile: try again
-        existing = network_from_kv(kv)
+        existing = decode_cluster(kv)
         if existing == net:
             return existing
         old, new = existing.to_dict(), net.to_dict()
@@ -54,10 +54,11 @@ def get_cluster(store: Store, name: str) -> ClusterNetwork:
     kv = store.get(config_key(name))
     if kv is None:
         raise not_found(name)
-    return network_from_kv(kv)
+    return decode_cluster(kv)
 
 
-def list_clusters(store: Store) -> list[tuple[str, ClusterNetwork]]:
+def list_clusters(store: Store, *, on_bad: BadRecordHandler | None = None) -> list[tuple[str, ClusterNetwork]]:
+    """Every cluster; a bad config raises ``BadRecord`` or, with ``on_bad``, is reported and skipped."""
     names = [kv.key[len(INDEX):] for kv in store.list(INDEX)]
     if not names:
         return []
@@ -65,15 +66,15 @@ def list_clusters(store: Store) -> list[tuple[str, ClusterNetwork]]:
     out = []
     for n in names:
         kv = snap.get(config_key(n))
-        if kv is not None:
-            out.append((n, network_from_kv(kv)))
+        for net in decode_all([kv] if kv is not None else [], decode_cluster, on_bad=on_bad):
+            out.append((n, net))
     return out
 
 
 def delete_cluster(store: Store, name: str) -> None:
     """Delete the cluster and everything under it. Not-found is success."""
     check_name("cluster", name)
-    store.transact(compare=[], delete=[index_key(name)], delete_prefix=[root(name)])
+    store.transact(compare=[], delete=[index_key(name)], delete_prefix=[cluster_root(name)])
 
 
 def expand_pod_cidr(store: Store, name: str, new_pod_cidr: str) -> ClusterNetwork:
@@ -84,7 +85,7 @@ def expand_pod_cidr(store: Store, name: str, new_pod_cidr: str) -> ClusterNetwor
         kv = store.get(config_key(name))
         if kv is None:
             raise not_found(name)
-        new = validate_expansion(network_from_kv(kv), new_pod_cidr)
+        new = validate_expansion(decode_cluster(kv), new_pod_cidr)
         if store.txn(compare=[(kv.key, kv.revision)], put=[(kv.key, new.to_json(), None)]):
             return new
     raise Conflict(f"cluster {name!r}: too many concurrent changes, try again")

@@ -13,38 +13,41 @@ proves exhaustion.
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
 
 from ..config import ClusterNetwork
-from ..datastore import KV, Store
-from ..errors import ConfigError, Conflict, FieldError, NotFound, PoolExhausted
-from . import addresses
-from .clusters import network_from_kv, not_found
-from .model import (
-    NodeRecord,
-    block_from_key,
+from ..datastore import KV, Snapshot, Store
+from ..datastore.keys import (
+    BadRecordHandler,
     block_key,
     blockcursor_key,
     blocks_prefix,
-    check_mac,
-    check_name,
     config_key,
     cursor_key,
+    decode_all,
     handle_key,
     ips_prefix,
-    node_from_kv,
     node_key,
     nodeblock_key,
     nodeblocks_prefix,
     nodes_prefix,
-    parse_ip,
 )
+from ..errors import BadRecord, ConfigError, Conflict, FieldError, NotFound, PoolExhausted
+from . import addresses
+from .clusters import not_found
+from .model import NodeRecord, check_mac, check_name, parse_ip
+from .records import decode_allocation, decode_block, decode_cluster, decode_cursor, decode_node
 
+log = logging.getLogger(__name__)
 _ATTEMPTS = 200
 _SCAN_AFTER = 16  # taken candidates in a row before a full scan
 _TXN_CHUNK = 50  # deletes per transaction (etcd allows 128 ops by default)
+
+
+def _skip(exc: BadRecord) -> None:
+    log.debug("skipping %s", exc)
 
 
 def _check_node_ip(net: ClusterNetwork, node_ip: IPv4Address) -> None:
@@ -86,22 +89,24 @@ def register_node(
         cfg = snap.get(cfg_k)
         if cfg is None:
             raise not_found(cluster)
-        net = network_from_kv(cfg)
+        net = decode_cluster(cfg)
         _check_node_ip(net, node_ip)
         claimed = snap.get(nb_k)
         if claimed is not None:  # re-register: keep the block, refresh the record
-            block = IPv4Network(claimed.value)
+            block = decode_block(claimed).block
             result = store.transact(
                 compare=[(nb_k, claimed.revision)],
                 put=[(node_key(cluster, name), _record(name, node_ip, block, vtep_mac), lease)],
                 read_keys=[cfg_k, nb_k, cur_k],
             )
             if result.succeeded:
+                log.debug("node %s re-registered with its block %s", name, block)
                 return NodeRecord(name, node_ip, block, vtep_mac)
             snap = result.snapshot()
             continue
         cursor_kv = snap.get(cur_k)
-        cursor = IPv4Network(cursor_kv.value) if cursor_kv else None
+        found = decode_cursor(cursor_kv)
+        cursor = found if isinstance(found, IPv4Network) else None
         if taken_in_row >= _SCAN_AFTER:
             candidate = _scan_free(store, cluster, net, cursor)
             taken_in_row = 0
@@ -119,6 +124,7 @@ def register_node(
             read_keys=[cfg_k, nb_k, cur_k, b_k],
         )
         if result.succeeded:
+            log.debug("node %s claimed block %s (attempt %d)", name, candidate, attempt + 1)
             return NodeRecord(name, node_ip, candidate, vtep_mac)
         snap = result.snapshot()
         if snap.get(b_k) is not None:
@@ -131,15 +137,13 @@ def register_node(
     raise Conflict(f"node {name!r}: could not claim a block after {_ATTEMPTS} attempts (heavy contention); try again")
 
 
-def _with_cursor(snap, cur_k: str, value: str):
-    from ..datastore import Snapshot
-
+def _with_cursor(snap: Snapshot, cur_k: str, value: str) -> Snapshot:
     kvs = tuple(kv for kv in snap.kvs if kv.key != cur_k) + (KV(cur_k, value, 0),)
     return Snapshot(kvs, snap.revision)
 
 
 def _scan_free(store: Store, cluster: str, net: ClusterNetwork, cursor: IPv4Network | None) -> IPv4Network:
-    taken = {block_from_key(kv.key) for kv in store.list(blocks_prefix(cluster))}
+    taken = {c.block for c in decode_all(store.list(blocks_prefix(cluster)), decode_block, on_bad=_skip)}
     count = addresses.block_count(net.pod_cidr, net.node_cidr_size)
     if len(taken) < count:
         start = addresses.next_block(net.pod_cidr, net.node_cidr_size, cursor)
@@ -164,26 +168,27 @@ def get_node(store: Store, cluster: str, name: str) -> NodeRecord:
     kv = snap.get(node_key(cluster, name))
     if kv is None:
         raise NotFound(f"node {name!r} not found in cluster {cluster!r} (not registered, or its lease expired)")
-    return node_from_kv(kv)
+    return decode_node(kv)
 
 
-def list_nodes(store: Store, cluster: str) -> list[NodeRecord]:
-    """Live node records (those whose lease, if any, has not expired)."""
+def list_nodes(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> list[NodeRecord]:
+    """Live node records (those whose lease, if any, has not expired). A bad
+    record raises ``BadRecord``, or with ``on_bad`` is reported and skipped."""
     check_name("cluster", cluster)
     snap = store.read([config_key(cluster)], [nodes_prefix(cluster)])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
-    return [node_from_kv(kv) for kv in snap.prefixed(nodes_prefix(cluster))]
+    return decode_all(snap.prefixed(nodes_prefix(cluster)), decode_node, on_bad=on_bad)
 
 
-def list_blocks(store: Store, cluster: str) -> dict[str, IPv4Network]:
+def list_blocks(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> dict[str, IPv4Network]:
     """Every claimed block by node name, live or not."""
     check_name("cluster", cluster)
     snap = store.read([config_key(cluster)], [nodeblocks_prefix(cluster)])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
-    prefix = nodeblocks_prefix(cluster)
-    return {kv.key[len(prefix):]: IPv4Network(kv.value) for kv in snap.prefixed(prefix)}
+    claims = decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block, on_bad=on_bad)
+    return {c.node: c.block for c in claims}
 
 
 def delete_node(store: Store, cluster: str, name: str) -> None:
@@ -197,8 +202,13 @@ def delete_node(store: Store, cluster: str, name: str) -> None:
         raise not_found(cluster)
     claimed = snap.get(nb_k)
     # 1. the claim first, so no allocation on this node can succeed after it
-    if claimed is not None:
-        b_k = block_key(cluster, IPv4Network(claimed.value))
+    try:
+        claim = decode_block(claimed) if claimed is not None else None
+    except BadRecord as exc:  # a corrupt reverse index: drop it with the node's other keys
+        log.debug("node %s: %s", name, exc)
+        claim = None
+    if claim is not None and claimed is not None:
+        b_k = block_key(cluster, claim.block)
         ok = store.txn(
             compare=[(nb_k, claimed.revision), (b_k, claimed.revision)],
             delete=[nb_k, b_k, node_key(cluster, name), cursor_key(cluster, name)],
@@ -209,7 +219,7 @@ def delete_node(store: Store, cluster: str, name: str) -> None:
             if kv is not None and kv.value == name:
                 store.txn(compare=[(b_k, kv.revision)], delete=[b_k])
     else:
-        store.txn(compare=[], delete=[node_key(cluster, name), cursor_key(cluster, name)])
+        store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name)])
     # 2. the handles of its addresses (each written with its address, same revision)
     ips = store.list(ips_prefix(cluster, name))  # after step 1: nothing can be added now
 
@@ -217,8 +227,12 @@ def delete_node(store: Store, cluster: str, name: str) -> None:
         chunk = ips[i : i + _TXN_CHUNK]
         handles = []
         for kv in chunk:
-            data = json.loads(kv.value)
-            handles.append((handle_key(cluster, data["container_id"], data["ifname"]), kv.revision))
+            try:
+                a = decode_allocation(kv)
+            except BadRecord as exc:  # no handle to find: the address goes in step 3
+                _skip(exc)
+                continue
+            handles.append((handle_key(cluster, a.container_id, a.ifname), kv.revision))
         if not store.txn(compare=handles, delete=[k for k, _ in handles]):
             for k, rev in handles:
                 store.txn(compare=[(k, rev)], delete=[k])

@@ -21,36 +21,32 @@ grows with the block; 4x slower on etcd with 8 allocators).
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from ..datastore import Store
-from ..errors import AddressUnavailable, Conflict, NotFound, OverlayCNIError, PoolExhausted
-from . import addresses
-from .clusters import get_cluster, not_found
-from .model import (
-    Allocation,
-    allocation_from,
-    allocation_from_handle,
-    check_container_id,
-    check_ifname,
-    check_name,
-    check_pod,
+from ..datastore import KV, Store
+from ..datastore.keys import (
+    BadRecordHandler,
+    Record,
     config_key,
     cursor_key,
+    decode_all,
     handle_key,
-    handle_value,
     handles_prefix,
-    ip_from_part,
     ip_key,
-    ip_value,
     ips_prefix,
     nodeblock_key,
     nodeblocks_prefix,
-    parse_ip,
 )
+from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError, PoolExhausted
+from . import addresses
+from .clusters import get_cluster, not_found
+from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_ip
+from .records import address_value, decode_allocation, decode_block, decode_cursor, handle_value
+
+log = logging.getLogger(__name__)
 
 _ATTEMPTS = 64
 _WINDOW = 64  # used addresses returned by a failed allocation attempt
@@ -86,18 +82,18 @@ def allocate(
         handle = snap.get(h_k)
         claim = snap.get(nb_k)
         if handle is not None:
-            data = json.loads(handle.value)
-            if data["node"] != node:
+            held = decode_allocation(handle)
+            if held.node != node:
                 raise AddressUnavailable(
-                    f"container {container_id} {ifname} already has address {data['ip']} on node {data['node']!r}, "
+                    f"container {container_id} {ifname} already has address {held.ip.ip} on node {held.node!r}, "
                     f"not on {node!r}; release it first"
                 )
             if claim is not None:
-                return allocation_from_handle(container_id, ifname, handle.value)
+                return held
         if claim is None:
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
-        block = IPv4Network(claim.value)
+        block = decode_block(claim).block
         used.update(addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix))
         if requested_ip is not None:
             if requested_ip not in block or addresses.is_reserved(block, requested_ip):
@@ -110,7 +106,8 @@ def allocate(
             ip = requested_ip
         else:
             cursor = snap.get(cur_k)
-            after = IPv4Address(cursor.value) if cursor else None
+            found = decode_cursor(cursor)
+            after = found if isinstance(found, IPv4Address) else None
             if attempt and cursor is not None and cursor.value != last_cursor:
                 races += 1
             last_cursor = cursor.value if cursor else None
@@ -133,7 +130,7 @@ def allocate(
         confirmed_full = False
         i_k = ip_key(cluster, node, ip)
         compare = [(h_k, handle.revision if handle else 0), (i_k, 0), (nb_k, claim.revision)]
-        put = [(i_k, ip_value(container_id, ifname, pod), None), (h_k, handle_value(node, ip, block, pod), None)]
+        put = [(i_k, address_value(container_id, ifname, pod), None), (h_k, handle_value(node, ip, block, pod), None)]
         if requested_ip is None:
             put.append((cur_k, str(ip), None))
         # if it fails: the keys, and the next WINDOW used addresses from the candidate on
@@ -142,9 +139,18 @@ def allocate(
             compare=compare, put=put, read_keys=[h_k, nb_k, cur_k], read_ranges=[window], keys_only=True
         )
         if result.succeeded:
-            return allocation_from_handle(container_id, ifname, put[1][1])
+            log.debug("allocated %s to %s %s on %s (attempt %d)", ip, container_id, ifname, node, attempt + 1)
+            return _allocation(node, ip, block, container_id, ifname, pod)
         snap = result.snapshot()
     raise Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
+
+
+def _allocation(
+    node: str, ip: IPv4Address, block: IPv4Network, container_id: str, ifname: str, pod: tuple[str, str] | None
+) -> Allocation:
+    ns, name = pod if pod else (None, None)
+    return Allocation(IPv4Interface(f"{ip}/{block.prefixlen}"), block.network_address + 1, container_id, ifname,
+                      node, ns, name)
 
 
 def get_allocation(store: Store, cluster: str, container_id: str, ifname: str) -> Allocation | None:
@@ -153,7 +159,7 @@ def get_allocation(store: Store, cluster: str, container_id: str, ifname: str) -
     handle = store.get(h_k)
     if handle is None:
         return None
-    return allocation_from_handle(container_id, ifname, handle.value)
+    return decode_allocation(handle)
 
 
 def release(store: Store, cluster: str, container_id: str, ifname: str) -> Allocation | None:
@@ -170,8 +176,8 @@ def release(store: Store, cluster: str, container_id: str, ifname: str) -> Alloc
         handle = snap.get(h_k)
         if handle is None:
             return None
-        data = json.loads(handle.value)
-        node, ip = data["node"], IPv4Address(data["ip"])
+        held = decode_allocation(handle)
+        node, ip = held.node, held.ip.ip
         i_k = ip_key(cluster, node, ip)
         # the address key was written in the handle's transaction: same revision
         result = store.transact(
@@ -179,23 +185,33 @@ def release(store: Store, cluster: str, container_id: str, ifname: str) -> Alloc
             delete=[h_k, i_k],
             read_keys=[h_k, i_k],
         )
-        block = IPv4Network(data.get("block") or f"{ip}/32")
         if result.succeeded:
-            return allocation_from_handle(container_id, ifname, handle.value)
+            log.debug("released %s of %s %s on %s", ip, container_id, ifname, node)
+            return held
         snap = result.snapshot()
         ip_kv, handle_now = snap.get(i_k), snap.get(h_k)
         if handle_now is not None and handle_now.revision == handle.revision:
             # half-written pair: drop the handle, and the address only if it is ours
             store.txn(compare=[(h_k, handle.revision)], delete=[h_k])
-            if ip_kv is not None:
-                owner = json.loads(ip_kv.value)
-                if (owner["container_id"], owner["ifname"]) == (container_id, ifname):
-                    store.txn(compare=[(i_k, ip_kv.revision)], delete=[i_k])
-            return allocation_from(node, ip, block, ip_value(container_id, ifname, None))
+            if ip_kv is not None and _held_by(ip_kv, container_id, ifname):
+                store.txn(compare=[(i_k, ip_kv.revision)], delete=[i_k])
+            return Allocation(held.ip, held.gateway, container_id, ifname, node)
     raise Conflict(f"release of {container_id} {ifname}: too many concurrent changes, try again")
 
 
-def list_allocations(store: Store, cluster: str, *, node: str | None = None) -> list[Allocation]:
+def _held_by(kv: Record, container_id: str, ifname: str) -> bool:
+    try:
+        a = decode_allocation(kv)
+    except BadRecord:
+        return False
+    return (a.container_id, a.ifname) == (container_id, ifname)
+
+
+def list_allocations(
+    store: Store, cluster: str, *, node: str | None = None, on_bad: BadRecordHandler | None = None
+) -> list[Allocation]:
+    """The allocations (of ``node``, if given). A bad record raises
+    ``BadRecord``, or with ``on_bad`` is reported and skipped."""
     check_name("cluster", cluster)
     if node is not None:
         check_name("node", node)
@@ -203,14 +219,15 @@ def list_allocations(store: Store, cluster: str, *, node: str | None = None) -> 
     snap = store.read([config_key(cluster)], [nodeblocks_prefix(cluster), prefix])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
-    blocks = {kv.key[len(nodeblocks_prefix(cluster)):]: IPv4Network(kv.value) for kv in snap.prefixed(nodeblocks_prefix(cluster))}
-    out = []
+    claims = decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block, on_bad=on_bad)
+    blocks = {c.node: c.block for c in claims}
     base = ips_prefix(cluster)
-    for kv in snap.prefixed(prefix):
-        owner, _, ip_text = kv.key[len(base):].rpartition("/")
-        ip = ip_from_part(ip_text)
-        block = blocks.get(owner, IPv4Network(f"{ip}/32"))
-        out.append(allocation_from(owner, ip, block, kv.value))
+
+    def decode(kv: KV) -> Allocation:
+        owner = kv.key[len(base):].partition("/")[0]
+        return decode_allocation(kv, block=blocks.get(owner))
+
+    out = decode_all(snap.prefixed(prefix), decode, on_bad=on_bad)
     return sorted(out, key=lambda a: (a.node, int(a.ip)))
 
 
@@ -223,7 +240,7 @@ def gc(
     keep = {(c, i) for c, i in valid}
     released: list[Allocation] = []
     errors: list[str] = []
-    for alloc in list_allocations(store, cluster, node=node):
+    for alloc in list_allocations(store, cluster, node=node, on_bad=lambda exc: errors.append(str(exc))):
         if (alloc.container_id, alloc.ifname) in keep:
             continue
         try:
@@ -238,17 +255,19 @@ def gc(
         except OverlayCNIError as exc:
             errors.append(f"{alloc.container_id} {alloc.ifname}: {exc}")
     # handles whose address is gone
-    prefix = handles_prefix(cluster)
-    for kv in store.list(prefix):
-        cid, _, ifname = kv.key[len(prefix):].rpartition("/")
-        data = json.loads(kv.value)
-        if (cid, ifname) in keep or (node is not None and data["node"] != node):
+    for kv in store.list(handles_prefix(cluster)):
+        try:
+            h = decode_allocation(kv)
+        except BadRecord as exc:
+            errors.append(str(exc))
             continue
-        if store.get(ip_key(cluster, data["node"], IPv4Address(data["ip"]))) is None:
+        if (h.container_id, h.ifname) in keep or (node is not None and h.node != node):
+            continue
+        if store.get(ip_key(cluster, h.node, h.ip.ip)) is None:
             try:
                 store.txn(compare=[(kv.key, kv.revision)], delete=[kv.key])
             except OverlayCNIError as exc:
-                errors.append(f"{cid} {ifname}: {exc}")
+                errors.append(f"{h.container_id} {h.ifname}: {exc}")
     if errors:
         # everything that could be released was; report the rest
         raise Conflict(f"gc released {len(released)} allocations but {len(errors)} failed: {'; '.join(errors[:5])}")

@@ -1,11 +1,12 @@
 """Kubernetes NetworkPolicy: parse -> model -> engine (who may talk to whom)
--> nftables render (pure); ``apply`` is the one module that runs nft."""
+-> nftables render (pure). The data plane's ``PolicyTable`` port puts a
+render into the kernel; ``records`` holds the datastore records."""
 
 from .engine import Decision, Verdict, allowed, matrix
-from .model import IPBlock, NamedPort, NamespaceInfo, NetworkPolicy, Peer, PodInfo, PolicyPort, Rule, parse_policies
+from .model import IPBlock, NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, PolicyPeer, PolicyPort, Rule, parse_policies
+from .records import decode_namespace, decode_pod, decode_policy, policy_from_dict, policy_to_dict
 from .render import counts, diff_render, render_node
 from .selectors import LabelSelector, Requirement
-from .store_codec import policy_from_dict, policy_to_dict
 
 __all__ = [
     "Decision",
@@ -14,7 +15,7 @@ __all__ = [
     "NamedPort",
     "NamespaceInfo",
     "NetworkPolicy",
-    "Peer",
+    "PolicyPeer",
     "PodInfo",
     "PolicyPort",
     "Requirement",
@@ -22,6 +23,9 @@ __all__ = [
     "Verdict",
     "allowed",
     "counts",
+    "decode_namespace",
+    "decode_pod",
+    "decode_policy",
     "diff_render",
     "matrix",
     "parse_policies",

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from .model import NamespaceInfo, NetworkPolicy, Peer, PodInfo, PolicyPort, Rule
+from .model import NamespaceInfo, NetworkPolicy, PodInfo, PolicyPeer, PolicyPort, Rule
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Cluster:
 Endpoint = PodInfo | IPv4Address
 
 
-def peer_matches(peer: Peer, other: Endpoint, *, policy_ns: str, cluster: Cluster) -> bool:
+def peer_matches(peer: PolicyPeer, other: Endpoint, *, policy_ns: str, cluster: Cluster) -> bool:
     """Does ``peer`` (of a policy in ``policy_ns``) match the other end?"""
     ip = other.ip if isinstance(other, PodInfo) else other
     if peer.ip_block is not None:

@@ -26,7 +26,7 @@ import yaml
 
 from ..errors import ConfigError, PolicyFieldError
 from .model import NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
-from .store_codec import namespace_from_dict, pod_from_dict
+from .records import namespace_from_dict, pod_from_dict
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class IPBlock:
 
 
 @dataclass(frozen=True)
-class Peer:
+class PolicyPeer:
     """One ``from``/``to`` entry. Exactly one of: selectors (either or both),
     or an ipBlock. ``pod_selector`` alone means "in the policy's namespace";
     with ``namespace_selector`` it means "in the selected namespaces"."""
@@ -130,7 +130,7 @@ class Rule:
     every source (ingress) or destination (egress), pods or not."""
 
     ports: tuple[PolicyPort, ...] = ()
-    peers: tuple[Peer, ...] = ()
+    peers: tuple[PolicyPeer, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ def _parse_ports(raw: Any, path: str, errors: list[PolicyFieldError]) -> tuple[P
     return tuple(out)
 
 
-def _parse_peers(raw: Any, path: str, errors: list[PolicyFieldError]) -> tuple[Peer, ...]:
+def _parse_peers(raw: Any, path: str, errors: list[PolicyFieldError]) -> tuple[PolicyPeer, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -362,11 +362,11 @@ def _parse_peers(raw: Any, path: str, errors: list[PolicyFieldError]) -> tuple[P
         if "ipBlock" in has:
             block = _parse_ip_block(item["ipBlock"], f"{pp}.ipBlock", errors)
             if block is not None:
-                out.append(Peer(ip_block=block))
+                out.append(PolicyPeer(ip_block=block))
             continue
         pod = parse_selector(item["podSelector"], f"{pp}.podSelector", errors=errors) if "podSelector" in has else None
         ns = parse_selector(item["namespaceSelector"], f"{pp}.namespaceSelector", errors=errors) if "namespaceSelector" in has else None
-        out.append(Peer(pod_selector=pod, namespace_selector=ns))
+        out.append(PolicyPeer(pod_selector=pod, namespace_selector=ns))
     return tuple(out)
 
 

@@ -52,15 +52,14 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 from typing import Any
 
+from ..dataplane import nftables as nft
+from ..dataplane.policytable import FAMILY, TABLE
 from .engine import Cluster
-from .model import NamespaceInfo, NetworkPolicy, Peer, PodInfo, PolicyPort, Rule
+from .model import NamespaceInfo, NetworkPolicy, PodInfo, PolicyPeer, PolicyPort, Rule
 from .selectors import EVERYTHING, LabelSelector
 
-FAMILY = "inet"
-TABLE = "overlaycni"
 EGRESS_PRIORITY = 0
 INGRESS_PRIORITY = 1
 _T = {"family": FAMILY, "table": TABLE}
@@ -89,16 +88,8 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _match(left: Any, right: Any, op: str = "==") -> dict:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
 def _addr(field: str) -> dict:
-    return {"payload": {"protocol": "ip", "field": field}}
-
-
-def _prefix(net: IPv4Network) -> dict:
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+    return nft.payload("ip", field)
 
 
 class _Builder:
@@ -134,21 +125,21 @@ class _Builder:
             ]
         return [p for p in candidates if sel.pod_selector.matches(p.labels)]
 
-    def peer_alternatives(self, peer: Peer, policy_ns: str, field: str) -> list[list[dict]]:
+    def peer_alternatives(self, peer: PolicyPeer, policy_ns: str, field: str) -> list[list[dict]]:
         if peer.ip_block is not None:
             block = peer.ip_block
             if block.cidr.version != 4:
                 return []
-            exprs = [_match(_addr(field), _prefix(block.cidr))]
+            exprs = [nft.match(_addr(field), nft.prefix(block.cidr))]
             if block.except_:
-                exprs.append(_match(_addr(field), {"set": [_prefix(e) for e in block.except_]}, "!="))  # type: ignore[arg-type]
+                exprs.append(nft.match(_addr(field), {"set": [nft.prefix(e) for e in block.except_]}, "!="))
             return [exprs]
         pods = peer.pod_selector if peer.pod_selector is not None else EVERYTHING
         if peer.namespace_selector is None:
             sel = Selection(policy_ns, None, pods)
         else:
             sel = Selection(None, peer.namespace_selector, pods)
-        return [[_match(_addr(field), self.selection_set(sel))]]
+        return [[nft.match(_addr(field), self.selection_set(sel))]]
 
     def port_alternatives(self, ports: tuple[PolicyPort, ...]) -> list[list[dict]]:
         whole: set[str] = set()
@@ -167,18 +158,18 @@ class _Builder:
         out = []
         for proto in sorted(set(numbers) | whole):
             if proto in whole:
-                out.append([_match({"meta": {"key": "l4proto"}}, proto)])
+                out.append([nft.match(nft.meta("l4proto"), proto)])
                 continue
             values = sorted(dict.fromkeys(json.dumps(v) for v in numbers[proto]))
             items = [json.loads(v) for v in values]
             right = items[0] if len(items) == 1 else {"set": items}
-            out.append([_match({"payload": {"protocol": proto, "field": "dport"}}, right)])
+            out.append([nft.match(nft.payload(proto, "dport"), right)])
         for proto, name in sorted(set(named)):
             if proto in whole:
                 continue
             self.named_ports.add((proto, name))
-            left = {"concat": [_addr("daddr"), {"payload": {"protocol": proto, "field": "dport"}}]}
-            out.append([_match(left, f"@np-{proto}-{name}")])
+            left = {"concat": [_addr("daddr"), nft.payload(proto, "dport")]}
+            out.append([nft.match(left, f"@np-{proto}-{name}")])
         return out
 
     def rule_exprs(self, rule: Rule, policy_ns: str, peer_field: str) -> list[list[dict]]:
@@ -220,7 +211,7 @@ def render_node(
                 b.chains[pol_chain] = body
                 ns_rules.append(
                     {
-                        "expr": [_match(_addr(own_field), b.selection_set(target)), {"jump": {"target": pol_chain}}],
+                        "expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(pol_chain)],
                         "comment": pol.key,
                     }
                 )
@@ -229,9 +220,7 @@ def render_node(
         rules.append({"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction}"})
         b.chains[name] = rules
 
-    cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
-    cmds.append({"delete": {"table": {"family": FAMILY, "name": TABLE}}})
-    cmds.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
+    cmds: list[dict] = nft.replace_table(FAMILY, TABLE)
     for direction, prio in (("Egress", EGRESS_PRIORITY), ("Ingress", INGRESS_PRIORITY)):
         base = _DIR[direction][3]
         cmds.append(
@@ -259,11 +248,11 @@ def render_node(
         )
     for direction in ("Egress", "Ingress"):
         base = _DIR[direction][3]
-        map_elem = [[ip, {"jump": {"target": chain}}] for ip, chain in sorted(isolated[direction].items(), key=lambda e: _ip_key(e[0]))]
+        map_elem = [[ip, nft.jump(chain)] for ip, chain in sorted(isolated[direction].items(), key=lambda e: _ip_key(e[0]))]
         cmds.append({"add": {"map": _with_elem({**_T, "name": f"{base}-pods", "type": "ipv4_addr", "map": "verdict"}, map_elem)}})
     for direction in ("Egress", "Ingress"):
         _, own_field, _, base = _DIR[direction]
-        cmds.append(_rule(base, [_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}], "replies of allowed connections"))
+        cmds.append(_rule(base, [nft.match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}], "replies of allowed connections"))
         cmds.append(_rule(base, [{"vmap": {"key": _addr(own_field), "data": f"@{base}-pods"}}], f"this node's pods isolated for {base}"))
     for name in sorted(b.chains):
         for r in b.chains[name]:
@@ -288,53 +277,13 @@ def _ip_key(ip: str) -> tuple[int, ...]:
 # ----- incremental updates and counts ------------------------------------------------------
 
 
-def _split(doc: dict) -> tuple[list[Any], dict[str, list[Any]]]:
-    """(commands with set/map elements removed, {set name: elements})."""
-    structure: list[Any] = []
-    elements: dict[str, list[Any]] = {}
-    for cmd in doc["nftables"]:
-        obj = cmd.get("add", {})
-        kind = "set" if "set" in obj else "map" if "map" in obj else None
-        if kind is not None:
-            body = dict(obj[kind])
-            elements[body["name"]] = body.pop("elem", [])
-            structure.append((kind, body))
-        else:
-            structure.append(cmd)
-    return structure, elements
-
-
 def diff_render(old: dict, new: dict) -> dict | None:
     """An ``nft -j`` document of only element deletes and adds that turns the
     applied ``old`` into ``new``; None when chains or sets differ (a policy
     changed) and the whole table must be applied again. An empty command list
-    means nothing changed."""
-    old_structure, old_elems = _split(old)
-    new_structure, new_elems = _split(new)
-    if old_structure != new_structure:
-        return None
-    deletes, adds = [], []
-    for name in sorted(new_elems):
-        if old_elems[name] == new_elems[name]:
-            continue
-        before = {_elem_key(e): e for e in old_elems[name]}
-        after = {_elem_key(e): e for e in new_elems[name]}
-        gone = [e for k, e in before.items() if k not in after]
-        if gone:
-            keys = [e[0] if isinstance(e, list) else e for e in gone]  # a map element is deleted by key
-            deletes.append({"delete": {"element": {**_T, "name": name, "elem": keys}}})
-        came = [e for k, e in after.items() if k not in before]
-        if came:
-            adds.append({"add": {"element": {**_T, "name": name, "elem": came}}})
-    return {"nftables": deletes + adds}
-
-
-def _elem_key(e: Any) -> Any:
-    if isinstance(e, str):
-        return e
-    if isinstance(e, list):  # map element: [key, {"jump": {"target": chain}}]
-        return (e[0], e[1]["jump"]["target"])
-    return tuple(e["concat"])
+    means nothing changed. (The data plane's ``nftables.diff``.)"""
+    commands = nft.diff(FAMILY, TABLE, nft.image(old), nft.image(new))
+    return None if commands is None else {"nftables": commands}
 
 
 def counts(render: dict) -> tuple[int, int]:

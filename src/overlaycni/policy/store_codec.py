@@ -1,271 +1,45 @@
-"""Datastore encoding of policies, pods and namespaces: keys and JSON values.
+"""The old name of ``policy.records`` (keys: ``datastore.keys``), kept for
+callers that have not switched yet; new code imports those two."""
 
-Keys (one record per object):
-  /overlaycni/clusters/<cluster>/policies/<ns>/<name>  -> policy_to_dict()
-  /overlaycni/clusters/<cluster>/pods/<ns>/<name>      -> pod_to_dict()
-  /overlaycni/clusters/<cluster>/namespaces/<ns>       -> namespace_to_dict()
-Values are JSON objects; ``encode``/``decode`` turn them into bytes. Decoding
-validates again, so a corrupt record is a ConfigError, not a traceback.
-"""
-
-from __future__ import annotations
-
-import ipaddress
-import json
-from collections.abc import Mapping
-from typing import Any
-
-from ..errors import ConfigError, DatastoreError, PolicyFieldError
-from .model import (
-    API_VERSION,
-    PROTOCOLS,
-    NamedPort,
-    NamespaceInfo,
-    NetworkPolicy,
-    Peer,
-    PodInfo,
-    PolicyPort,
-    Rule,
-    policy_from_manifest,
+from ..datastore.keys import namespace_key, namespaces_prefix, pod_key, pods_prefix, policies_prefix, policy_key
+from ..errors import PolicyFieldError
+from .records import (
+    delete_policy,
+    encode,
+    load_namespaces,
+    load_pods,
+    load_policies,
+    namespace_from_dict,
+    namespace_to_dict,
+    parse_named_port,
+    pod_from_dict,
+    pod_to_dict,
+    policy_from_dict,
+    policy_to_dict,
+    save_policies,
+    validate_labels,
 )
-from .selectors import label_key_problem, label_value_problem
 
-PREFIX = "/overlaycni/clusters"
-
-
-def policy_key(cluster: str, *, namespace: str, name: str) -> str:
-    return f"{PREFIX}/{cluster}/policies/{namespace}/{name}"
-
-
-def pod_key(cluster: str, *, namespace: str, name: str) -> str:
-    return f"{PREFIX}/{cluster}/pods/{namespace}/{name}"
-
-
-def namespace_key(cluster: str, *, namespace: str) -> str:
-    return f"{PREFIX}/{cluster}/namespaces/{namespace}"
-
-
-def policies_prefix(cluster: str) -> str:
-    return f"{PREFIX}/{cluster}/policies/"
-
-
-def pods_prefix(cluster: str) -> str:
-    return f"{PREFIX}/{cluster}/pods/"
-
-
-def namespaces_prefix(cluster: str) -> str:
-    return f"{PREFIX}/{cluster}/namespaces/"
-
-
-def encode(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def decode(raw: bytes | str, *, what: str = "record") -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(PolicyFieldError(what, f"not valid JSON: {exc}")) from None
-    if not isinstance(value, dict):
-        raise ConfigError(PolicyFieldError(what, "must be a JSON object"))
-    return value
-
-
-# ----- policies ----------------------------------------------------------------
-
-
-def policy_to_dict(policy: NetworkPolicy) -> dict[str, Any]:
-    """The defaulted manifest of ``policy`` (valid input for parsing again)."""
-
-    def peer(p: Peer) -> dict[str, Any]:
-        if p.ip_block is not None:
-            block: dict[str, Any] = {"cidr": str(p.ip_block.cidr)}
-            if p.ip_block.except_:
-                block["except"] = [str(e) for e in p.ip_block.except_]
-            return {"ipBlock": block}
-        out: dict[str, Any] = {}
-        if p.pod_selector is not None:
-            out["podSelector"] = p.pod_selector.to_dict()
-        if p.namespace_selector is not None:
-            out["namespaceSelector"] = p.namespace_selector.to_dict()
-        return out
-
-    def port(p: PolicyPort) -> dict[str, Any]:
-        out: dict[str, Any] = {"protocol": p.protocol}
-        if p.port is not None:
-            out["port"] = p.port
-        if p.end_port is not None:
-            out["endPort"] = p.end_port
-        return out
-
-    def rules(rs: tuple[Rule, ...], key: str) -> list[dict[str, Any]]:
-        out = []
-        for r in rs:
-            d: dict[str, Any] = {}
-            if r.ports:
-                d["ports"] = [port(p) for p in r.ports]
-            if r.peers:
-                d[key] = [peer(p) for p in r.peers]
-            out.append(d)
-        return out
-
-    spec: dict[str, Any] = {"podSelector": policy.pod_selector.to_dict(), "policyTypes": list(policy.policy_types)}
-    if policy.ingress:
-        spec["ingress"] = rules(policy.ingress, "from")
-    if policy.egress:
-        spec["egress"] = rules(policy.egress, "to")
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "NetworkPolicy",
-        "metadata": {"name": policy.name, "namespace": policy.namespace},
-        "spec": spec,
-    }
-
-
-def policy_from_dict(data: Mapping[str, Any]) -> NetworkPolicy:
-    """Inverse of ``policy_to_dict`` (validates again; ConfigError if bad)."""
-    errors: list[PolicyFieldError] = []
-    policy = policy_from_manifest(data, errors=errors)
-    if errors or policy is None:
-        raise ConfigError(errors or [PolicyFieldError("document", "not a NetworkPolicy")])
-    return policy
-
-
-def validate_labels(labels: Any, path: str) -> list[PolicyFieldError]:
-    """Problems with a pod's or namespace's labels (for the lab / CLI)."""
-    if not isinstance(labels, Mapping):
-        return [PolicyFieldError(path, "must be a map of label key to value")]
-    out = []
-    for k, v in labels.items():
-        problem = label_key_problem(k) or label_value_problem(v)
-        if problem:
-            out.append(PolicyFieldError(f"{path}.{k}", problem))
-    return out
-
-
-# ----- pods and namespaces -----------------------------------------------------------
-
-
-def pod_to_dict(pod: PodInfo) -> dict[str, Any]:
-    return {
-        "namespace": pod.namespace,
-        "name": pod.name,
-        "ip": str(pod.ip),
-        "node": pod.node,
-        "labels": dict(pod.labels),
-        "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in pod.ports],
-    }
-
-
-def pod_from_dict(data: Mapping[str, Any], *, path: str = "pod") -> PodInfo:
-    """A PodInfo from its stored/declared form; ConfigError naming the field."""
-    errors: list[PolicyFieldError] = []
-    if not isinstance(data, Mapping):
-        raise ConfigError(PolicyFieldError(path, "must be an object"))
-    for key in data:
-        if key not in ("namespace", "name", "ip", "node", "labels", "ports"):
-            errors.append(PolicyFieldError(f"{path}.{key}", "unknown field (expected namespace, name, ip, node, labels, ports)"))
-    for key in ("namespace", "name"):
-        if not isinstance(data.get(key), str) or not data.get(key):
-            errors.append(PolicyFieldError(f"{path}.{key}", "required"))
-    ip = None
-    try:
-        ip = ipaddress.IPv4Address(str(data.get("ip")))
-    except ValueError:
-        errors.append(PolicyFieldError(f"{path}.ip", f"{data.get('ip')!r} is not an IPv4 address"))
-    labels = data.get("labels") or {}
-    errors.extend(validate_labels(labels, f"{path}.labels"))
-    ports: list[NamedPort] = []
-    raw_ports = data.get("ports") or []
-    if not isinstance(raw_ports, list):
-        errors.append(PolicyFieldError(f"{path}.ports", "must be a list"))
-        raw_ports = []
-    for i, p in enumerate(raw_ports):
-        pp = f"{path}.ports[{i}]"
-        if isinstance(p, str):  # NAME=PORT/PROTO, the lab's flag syntax
-            try:
-                p = parse_named_port(p)
-            except ValueError as exc:
-                errors.append(PolicyFieldError(pp, str(exc)))
-                continue
-            ports.append(p)
-            continue
-        if not isinstance(p, Mapping):
-            errors.append(PolicyFieldError(pp, "must be {name, port, protocol} or NAME=PORT/PROTO"))
-            continue
-        port, proto = p.get("port"), p.get("protocol", "TCP")
-        if not isinstance(p.get("name"), str) or not p.get("name"):
-            errors.append(PolicyFieldError(f"{pp}.name", "required"))
-        elif isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            errors.append(PolicyFieldError(f"{pp}.port", f"{port!r} must be a number 1-65535"))
-        elif proto not in PROTOCOLS:
-            errors.append(PolicyFieldError(f"{pp}.protocol", f"{proto!r} is not one of TCP, UDP, SCTP"))
-        else:
-            ports.append(NamedPort(p["name"], port, proto))
-    if errors or ip is None:  # a bad ip is among the errors
-        raise ConfigError(errors)
-    return PodInfo(data["namespace"], data["name"], ip, str(data.get("node") or ""), labels, tuple(ports))
-
-
-def parse_named_port(text: str) -> NamedPort:
-    """``serve-80-tcp=80/TCP`` (protocol optional, default TCP)."""
-    name, sep, rest = text.partition("=")
-    number, _, proto = rest.partition("/")
-    proto = (proto or "TCP").upper()
-    if not sep or not name or not number.isdigit() or not 1 <= int(number) <= 65535:
-        raise ValueError(f"{text!r}: expected NAME=PORT/PROTO, e.g. serve-80-tcp=80/TCP")
-    if proto not in PROTOCOLS:
-        raise ValueError(f"{text!r}: protocol must be TCP, UDP or SCTP")
-    return NamedPort(name, int(number), proto)
-
-
-def namespace_to_dict(ns: NamespaceInfo) -> dict[str, Any]:
-    return {"name": ns.name, "labels": dict(ns.labels)}
-
-
-def namespace_from_dict(data: Mapping[str, Any], *, path: str = "namespace") -> NamespaceInfo:
-    if not isinstance(data, Mapping) or not isinstance(data.get("name"), str) or not data.get("name"):
-        raise ConfigError(PolicyFieldError(f"{path}.name", "required"))
-    errors = validate_labels(data.get("labels") or {}, f"{path}.labels")
-    if errors:
-        raise ConfigError(errors)
-    return NamespaceInfo(data["name"], data.get("labels") or {})
-
-
-# ----- reading and writing a Store (anything with get/list/put/delete) ----------------
-
-
-def save_policies(store: Any, cluster: str, *, policies: list[NetworkPolicy]) -> list[str]:
-    """Create or replace every policy in one datastore transaction (all or
-    none); returns the keys written."""
-    puts = [(policy_key(cluster, namespace=p.namespace, name=p.name), encode(policy_to_dict(p)), None) for p in policies]
-    if puts and not store.txn(compare=[], put=puts):  # pragma: no cover - no compare cannot fail
-        raise DatastoreError("the datastore refused the policy transaction")
-    return [k for k, _, _ in puts]
-
-
-def delete_policy(store: Any, cluster: str, *, namespace: str, name: str) -> bool:
-    """Delete one policy; False when it did not exist."""
-    return bool(store.delete(policy_key(cluster, namespace=namespace, name=name)))
-
-
-def load_policies(store: Any, cluster: str) -> list[NetworkPolicy]:
-    return [policy_from_dict(decode(kv.value, what=kv.key)) for kv in store.list(policies_prefix(cluster))]
-
-
-def save_pod(store: Any, cluster: str, *, pod: PodInfo) -> None:
-    store.put(pod_key(cluster, namespace=pod.namespace, name=pod.name), encode(pod_to_dict(pod)))
-
-
-def load_pods(store: Any, cluster: str) -> list[PodInfo]:
-    return [pod_from_dict(decode(kv.value, what=kv.key), path=kv.key) for kv in store.list(pods_prefix(cluster))]
-
-
-def save_namespace(store: Any, cluster: str, *, ns: NamespaceInfo) -> None:
-    store.put(namespace_key(cluster, namespace=ns.name), encode(namespace_to_dict(ns)))
-
-
-def load_namespaces(store: Any, cluster: str) -> list[NamespaceInfo]:
-    return [
-        namespace_from_dict(decode(kv.value, what=kv.key), path=kv.key) for kv in store.list(namespaces_prefix(cluster))
-    ]
+__all__ = [
+    "PolicyFieldError",
+    "delete_policy",
+    "encode",
+    "load_namespaces",
+    "load_pods",
+    "load_policies",
+    "namespace_from_dict",
+    "namespace_key",
+    "namespace_to_dict",
+    "namespaces_prefix",
+    "parse_named_port",
+    "pod_from_dict",
+    "pod_key",
+    "pod_to_dict",
+    "pods_prefix",
+    "policies_prefix",
+    "policy_from_dict",
+    "policy_key",
+    "policy_to_dict",
+    "save_policies",
+    "validate_labels",
+]

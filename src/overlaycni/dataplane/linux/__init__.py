@@ -4,7 +4,8 @@ Design note. ``LinuxDataplane(netns)`` starts one worker thread inside the
 node namespace (``netns.NetnsWorker``) and creates every kernel handle on
 it: a pyroute2 ``IPRoute`` for links, addresses and pod interfaces, one raw
 batched rtnetlink socket (``rtnl``) for the per-peer objects, and one
-libnftables context. Every facade call is handed to that thread, so the
+libnftables context for both nftables tables (the node table and the
+NetworkPolicy table, ``policy_table``). Every facade call is handed to that thread, so the
 handles are used by one thread only (pyroute2 0.9 sockets are per thread,
 libnftables contexts are not thread safe) and concurrent CNI requests are
 serialised in arrival order. A fresh process adopts whatever the kernel
@@ -20,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
-from .. import ports
+from ...errors import PolicyApplyError
+from .. import nftmodel, policytable, ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
 from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
 from .netns import NetnsWorker
-from .nft import LinuxNft
+from .nft import LinuxNft, NftRunner
 from .objects import LinuxFdb, LinuxNeighbours, LinuxRoutes
 from .pods import LinuxPodLinks
 from .rtnl import Rtnl
@@ -37,13 +39,30 @@ def linux_ports(*, use_nft_library: bool = True) -> tuple[Ports, list[Any]]:
     """Build the Linux ports on the calling thread (which must be in the node namespace)."""
     ipr = IPRoute(groups=0)
     nl = Rtnl()
-    nft = LinuxNft(use_library=use_nft_library)
+    runner = NftRunner(use_library=use_nft_library)
     ports = Ports(
         links=LinuxLinks(ipr), addresses=LinuxAddresses(ipr), routes=LinuxRoutes(nl),
-        neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=nft, sysctls=LinuxSysctls(),
-        pods=LinuxPodLinks(ipr),
+        neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=LinuxNft(runner, decls=nftmodel.SET_DECLS),
+        sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr),
+        policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError),
     )
-    return ports, [ipr, nl, nft]
+    return ports, [ipr, nl, runner]
+
+
+class WorkerPolicyTable:
+    """The ``PolicyTable`` port whose calls run on the data plane's worker thread."""
+
+    def __init__(self, worker: NetnsWorker, table: ports.PolicyTable) -> None:
+        self._worker, self._table = worker, table
+
+    def sync(self, render: dict[str, Any]) -> str:
+        return self._worker.call(lambda: self._table.sync(render))
+
+    def reset(self) -> None:
+        self._worker.call(self._table.reset)
+
+    def remove(self) -> None:
+        self._worker.call(self._table.remove)
 
 
 class LinuxDataplane:
@@ -59,6 +78,7 @@ class LinuxDataplane:
             self._worker.close()
             raise
         self._engine = NodeDataplane(self._ports)
+        self.policy_table: ports.PolicyTable = WorkerPolicyTable(self._worker, self._engine.policy_table)
 
     @property
     def ports(self) -> Ports:
@@ -128,6 +148,7 @@ if TYPE_CHECKING:  # mypy proves that each Linux adapter implements its port
     _neighbours: type[ports.Neighbours] = LinuxNeighbours
     _fdb: type[ports.Fdb] = LinuxFdb
     _nft: type[ports.NftRuleset] = LinuxNft
+    _policy_table: type[ports.PolicyTable] = WorkerPolicyTable
     _sysctls: type[ports.Sysctls] = LinuxSysctls
     _pods: type[ports.PodLinks] = LinuxPodLinks
     _dataplane: type[ports.Dataplane] = LinuxDataplane

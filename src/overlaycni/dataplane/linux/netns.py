@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import queue
 import threading
@@ -35,6 +36,7 @@ NETNS_RUN_DIR = "/var/run/netns"
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
 
 
 def netns_path(netns: str) -> str:
@@ -100,6 +102,7 @@ class NetnsWorker:
                     _setns(fd, netns_path(self.netns))
                 finally:
                     os.close(fd)
+                log.debug("data plane worker entered %s", netns_path(self.netns))
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor
             started.set_exception(exc)
             return

@@ -1,20 +1,22 @@
-"""nftables: the ``ip overlaycni`` table through libnftables' JSON interface.
+"""nftables: the node's tables through libnftables' JSON interface.
 
-Design note. The table (chains and sets) is rendered by the pure
-``nftmodel``; this adapter only runs JSON command lists, each as one
-nftables transaction (all or nothing), and lists the table back. Per node
-there is one table with four base chains; per peer one ``node_ips``
-element; per pod one ``pod_endpoints`` element (``ifname . ip``). Set
-updates are element adds/deletes, so chains are never rebuilt on pod or
-peer events.
+Design note. Two tables, one runner: ``ip overlaycni`` (rendered by the pure
+``nftmodel``: per node four base chains, per peer one ``node_ips`` element,
+per pod one ``pod_endpoints`` element ``ifname . ip``) and the NetworkPolicy
+table ``inet overlaycni`` (rendered by ``policy.render``, kept in step by
+``policytable``). This adapter only runs JSON command lists, each as one
+nftables transaction (all or nothing), and lists a table back. Set updates
+are element adds/deletes, so chains are never rebuilt on pod, peer or label
+events.
 
 Calls go to ``libnftables.so.1`` in-process via ctypes (the library the
 ``nft`` binary is built on): one context per data plane, created on the
 worker thread inside the node namespace, so a pod ADD pays ~0.3 ms for its
 set element instead of ~3-5 ms for forking ``nft``. When the library is
 missing, the ``nft -j -f -`` binary is used instead (same JSON). Rejected:
-pyroute2's nftables module (no set-element support worth relying on) and
-iptables (no atomic multi-set updates). Never touches ``inet overlaycni``.
+pyroute2's nftables module (no set-element support worth relying on),
+iptables (no atomic multi-set updates) and ``ip netns exec ... nft`` for the
+policy table (a fork per update, and a second way into the namespace).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import logging
 import subprocess
+from collections.abc import Mapping
 from typing import Any
 
 from ...errors import DataplaneError, PermissionDenied
-from .. import nftmodel
+from .. import nftables, nftmodel
+
+log = logging.getLogger(__name__)
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 
@@ -78,8 +84,10 @@ class _NftBinary:
         pass
 
 
-class LinuxNft:
-    """The ``NftRuleset`` port. Must be created and used on the worker thread."""
+class NftRunner:
+    """One way to nftables for every table: a libnftables context (the
+    ``nft`` binary when the library is missing), its JSON in and out, and
+    its failures mapped once. Create and use it on the worker thread."""
 
     def __init__(self, *, use_library: bool = True) -> None:
         self.backend: _LibNft | _NftBinary
@@ -88,37 +96,59 @@ class LinuxNft:
         except OSError:
             self.backend = _NftBinary()
 
-    def _run(self, doc: dict[str, Any]) -> str:
+    def run(self, doc: dict[str, Any], *, what: str, error: type[DataplaneError] = DataplaneError) -> str:
+        """Run one JSON document as one transaction; its JSON output."""
+        log.debug("nftables: %s: %d command(s)", what, len(doc.get("nftables", ())))
         rc, out, err = self.backend.run(json.dumps(doc))
         if rc != 0:
-            msg = err.strip().splitlines()
-            text = " | ".join(msg[:6]) or f"exit {rc}"
+            text = " | ".join(err.strip().splitlines()[:6]) or f"exit {rc}"
             if "Operation not permitted" in err:
-                raise PermissionDenied(f"nftables: {text} (needs root / CAP_NET_ADMIN)")
-            raise DataplaneError(f"nftables: {text}")
+                raise PermissionDenied(f"nftables: {what}: {text} (needs root / CAP_NET_ADMIN)", details=err)
+            raise error(f"nftables: {what}: {text}", details=err)
         return out
 
-    def get_table(self) -> nftmodel.NftState | None:
-        doc = {"nftables": [{"list": {"table": {"family": nftmodel.FAMILY, "name": nftmodel.TABLE}}}]}
+    def query(self, doc: dict[str, Any], *, what: str) -> dict[str, Any] | None:
+        """A listing; None when the object listed does not exist."""
         rc, out, err = self.backend.run(json.dumps(doc))
         if rc != 0:
             if "No such file or directory" in err:
                 return None
-            raise DataplaneError(f"nftables: listing {nftmodel.FAMILY} {nftmodel.TABLE}: {err.strip()}")
-        return nftmodel.parse_listing(json.loads(out)) if out.strip() else None
-
-    def list_set(self, name: str) -> frozenset | None:
-        doc = {"nftables": [{"list": {"set": {"family": nftmodel.FAMILY, "table": nftmodel.TABLE, "name": name}}}]}
-        rc, out, err = self.backend.run(json.dumps(doc))
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise DataplaneError(f"nftables: listing set {name}: {err.strip()}")
-        return nftmodel.parse_listing(json.loads(out)).sets.get(name) if out.strip() else None
-
-    def apply(self, commands: list[dict[str, Any]]) -> None:
-        if commands:
-            self._run({"nftables": commands})
+            raise DataplaneError(f"nftables: listing {what}: {err.strip()}", details=err)
+        return json.loads(out) if out.strip() else None
 
     def close(self) -> None:
         self.backend.close()
+
+
+class LinuxNft:
+    """The ``NftRuleset`` port on one table (``family name``) through a shared ``NftRunner``."""
+
+    def __init__(
+        self,
+        runner: NftRunner,
+        *,
+        family: str = nftmodel.FAMILY,
+        table: str = nftmodel.TABLE,
+        decls: Mapping[str, nftables.SetDecl] | None = None,
+        error: type[DataplaneError] = DataplaneError,
+    ) -> None:
+        self.runner = runner
+        self.family, self.table = family, table
+        self.decls = decls
+        self.error = error
+
+    def get_table(self) -> nftables.NftState | None:
+        doc = self.runner.query(
+            {"nftables": [{"list": {"table": {"family": self.family, "name": self.table}}}]},
+            what=f"{self.family} {self.table}",
+        )
+        return None if doc is None else nftables.parse_listing(doc, decls=self.decls)
+
+    def list_set(self, name: str) -> frozenset | None:
+        body = {"family": self.family, "table": self.table, "name": name}
+        doc = self.runner.query({"nftables": [{"list": {"set": body}}]}, what=f"set {name}")
+        return None if doc is None else nftables.parse_listing(doc, decls=self.decls).sets.get(name)
+
+    def apply(self, commands: list[dict[str, Any]]) -> None:
+        if commands:
+            self.runner.run({"nftables": commands}, what=f"{self.family} {self.table}", error=self.error)

@@ -28,6 +28,7 @@ mapping), pyroute2 for the bulk path (too slow, see above).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
@@ -60,6 +61,7 @@ IFINFO = struct.Struct("=BxHiII")
 RTA = struct.Struct("=HH")
 ERR = struct.Struct("=i")
 NOT_FOUND = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
+log = logging.getLogger(__name__)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -186,6 +188,8 @@ class Rtnl:
                         failures.append((start + mseq - first, code))
                     if mseq == last:
                         done = True
+        if msgs:
+            log.debug("rtnetlink: %d request(s) in %d batch(es), %d refused", len(msgs), -(-len(msgs) // CHUNK), len(failures))
         return failures
 
     # --- links (names <-> indexes) ---------------------------------------------------

@@ -1,0 +1,311 @@
+"""nftables JSON, written once for every table this project owns (pure).
+
+Two tables are rendered from these pieces: the node's ``ip overlaycni``
+(``nftmodel``: anti-spoofing, VXLAN filter, SNAT) and the NetworkPolicy
+table ``inet overlaycni`` (``policy.render``). Both are applied by the same
+runner (``linux/nft.py``, one libnftables transaction per command list) and
+kept up to date by the same diff: when a table's *structure* (chains, rules,
+set and map declarations) is unchanged, only the set and map elements that
+differ are deleted and added, in one transaction; when it changed, the
+caller replaces the whole table atomically (add + delete + add the table,
+then its content). The JSON schema is libnftables-json(5).
+
+Elements are Python values, encoded by their type, so that a rendered
+table, a kernel listing and a diff compare the same things:
+
+================================  =============================================
+``IPv4Address``                   ``"10.0.0.1"``
+``IPv4Network``                   ``{"prefix": ...}``; a /32 as its bare address,
+                                  which is how ``nft -j list`` shows it
+``int`` / ``str``                 a port / an interface name (as is)
+``tuple``                         a concatenation ``{"concat": [...]}``
+``MapEntry(key, value)``          a map element ``[key, value]``; a map element
+                                  is deleted by its key alone
+``Jump(chain)``                   the verdict ``{"jump": {"target": chain}}``
+================================  =============================================
+
+Decoding goes by the declared type of the set or map (``SetDecl``), taken
+from the render or the listing itself. A table that grows (per-peer map
+elements, ``log`` expressions in rules) needs no change here: rules are
+structure, and any map whose key and value types ``decode_value`` knows is
+diffed element by element.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, summarize_address_range
+from typing import Any
+
+Element = Any  # IPv4Address, IPv4Network, int, str, a tuple of those (concatenation), or MapEntry
+
+
+@dataclass(frozen=True)
+class Jump:
+    """A verdict that jumps to a chain (the value of a verdict map)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """An element of a map; a delete names its key alone."""
+
+    key: Any
+    value: Any
+
+
+@dataclass(frozen=True)
+class NftState:
+    """What a table holds, in the terms the diff compares: a fingerprint of
+    its structure (None when unknown) and the elements of each set and map.
+    The fingerprint is whatever compares equal exactly when the structures
+    are: the node table's ``fp_<hash>`` chain name, or a render's structure
+    itself (comparing two renders' structures is cheaper than hashing one)."""
+
+    fingerprint: Any
+    sets: dict[str, frozenset]
+
+
+# ----- expressions ---------------------------------------------------------------------
+
+
+def match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def payload(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def prefix(net: IPv4Network | IPv6Network) -> Any:
+    """A network as an expression; a host route (/32, /128) as its address,
+    the form nft itself lists."""
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def jump(chain: str) -> dict[str, Any]:
+    return {"jump": {"target": chain}}
+
+
+def obj(kind: str, family: str, table: str, **fields: Any) -> dict[str, Any]:
+    """``{kind: {family, table, ...}}`` for a chain, set, map, rule or element."""
+    return {kind: {"family": family, "table": table, **fields}}
+
+
+def replace_table(family: str, table: str) -> list[dict[str, Any]]:
+    """The head of an atomic replacement: the table exists, is deleted with
+    everything in it, and is created empty again, in one transaction."""
+    t = {"family": family, "name": table}
+    return [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}}, {"add": {"table": dict(t)}}]
+
+
+def delete_table(family: str, table: str) -> list[dict[str, Any]]:
+    """Delete a table whether or not it exists (add + delete in one transaction)."""
+    return replace_table(family, table)[:2]
+
+
+# ----- elements ------------------------------------------------------------------------
+
+
+def encode(elem: Element) -> Any:
+    if isinstance(elem, (IPv4Address, IPv6Address)):
+        return str(elem)
+    if isinstance(elem, (IPv4Network, IPv6Network)):
+        return prefix(elem)
+    if isinstance(elem, MapEntry):
+        return [encode(elem.key), encode(elem.value)]
+    if isinstance(elem, Jump):
+        return jump(elem.target)
+    if isinstance(elem, tuple):
+        return {"concat": [encode(x) for x in elem]}
+    return elem
+
+
+def encode_key(elem: Element) -> Any:
+    """What a delete names: a map element's key, any other element itself."""
+    return encode(elem.key if isinstance(elem, MapEntry) else elem)
+
+
+def sort_key(elem: Element) -> tuple[Any, ...]:
+    """Addresses in numeric order, then numbers, names and tuples of those."""
+    if isinstance(elem, (IPv4Address, IPv6Address)):
+        return (0, elem.version, int(elem), 0)
+    if isinstance(elem, (IPv4Network, IPv6Network)):
+        return (0, elem.version, int(elem.network_address), elem.prefixlen)
+    if isinstance(elem, bool) or not isinstance(elem, (int, str, tuple, MapEntry, Jump)):
+        return (9, repr(elem))
+    if isinstance(elem, int):
+        return (1, elem)
+    if isinstance(elem, str):
+        return (2, elem)
+    if isinstance(elem, MapEntry):
+        return (3, sort_key(elem.key), sort_key(elem.value))
+    if isinstance(elem, Jump):
+        return (4, elem.target)
+    return (5, tuple(sort_key(x) for x in elem))
+
+
+def element_commands(verb: str, family: str, table: str, name: str, elems: Iterable[Element]) -> list[dict[str, Any]]:
+    """One ``add``/``delete element`` command for ``elems`` (none when empty)."""
+    code = encode_key if verb == "delete" else encode
+    encoded = [code(e) for e in sorted(elems, key=sort_key)]
+    if not encoded:
+        return []
+    return [{verb: obj("element", family, table, name=name, elem=encoded)}]
+
+
+@dataclass(frozen=True)
+class SetDecl:
+    """The declared type of a set (``type``, ``flags``) or map (plus ``map``,
+    the type of its values), as in the ``add set`` / ``add map`` command."""
+
+    type: str | tuple[str, ...]
+    interval: bool = False
+    map: str | None = None
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> SetDecl:
+        kind = body.get("type", "ipv4_addr")
+        flags = body.get("flags") or ()
+        return cls(
+            type=tuple(kind) if isinstance(kind, list) else kind,
+            interval="interval" in (flags if isinstance(flags, (list, tuple)) else (flags,)),
+            map=body.get("map"),
+        )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _address(text: str) -> IPv4Address:
+    """Parsing dominates a diff of a large table, and the same pod addresses
+    recur in many sets and in every render: parse each once."""
+    return IPv4Address(text)
+
+
+def decode_value(kind: str, raw: Any, *, interval: bool = False) -> list[Any]:
+    """One listed value of nft type ``kind``; an interval may list as a
+    range, which becomes the prefixes that cover it."""
+    if kind == "ipv4_addr" and not interval and isinstance(raw, str):
+        return [_address(raw)]
+    if kind in ("ipv4_addr", "ipv6_addr"):
+        net_t, addr_t = (IPv4Network, IPv4Address) if kind == "ipv4_addr" else (IPv6Network, IPv6Address)
+        if isinstance(raw, dict) and "prefix" in raw:
+            return [net_t(f"{raw['prefix']['addr']}/{raw['prefix']['len']}")]
+        if isinstance(raw, dict) and "range" in raw:
+            lo, hi = (addr_t(a) for a in raw["range"])
+            return list(summarize_address_range(lo, hi))
+        return [net_t(raw)] if interval else [addr_t(raw)]
+    if kind == "inet_service":
+        return [int(raw)]
+    if kind == "verdict" and isinstance(raw, dict) and "jump" in raw:
+        return [Jump(raw["jump"]["target"])]
+    return [raw]
+
+
+def decode(decl: SetDecl, raw: Any) -> list[Element]:
+    """The elements one listed or rendered ``elem`` entry stands for."""
+    if isinstance(raw, dict) and "elem" in raw:  # an element with attributes (counter, timeout)
+        raw = raw["elem"]["val"]
+    if decl.map is not None:
+        key, value = raw
+        keys = decode(SetDecl(decl.type, decl.interval), key)
+        return [MapEntry(k, v) for k in keys for v in decode_value(decl.map, value)]
+    if isinstance(decl.type, tuple):
+        parts = [decode_value(t, v) for t, v in zip(decl.type, raw["concat"], strict=True)]
+        return [tuple(p[0] for p in parts)]
+    return decode_value(decl.type, raw, interval=decl.interval)
+
+
+def decode_all(decl: SetDecl, raws: Iterable[Any]) -> set[Element]:
+    """The elements of a listed or rendered ``elem`` list; the common shapes
+    (plain addresses, address-keyed verdict maps) without the general walk,
+    which is most of the cost of diffing a large table."""
+    if decl.type == "ipv4_addr" and not decl.interval:
+        out: set[Element] = set()
+        if decl.map is None:
+            for r in raws:
+                if type(r) is str:
+                    out.add(_address(r))
+                else:
+                    out.update(decode(decl, r))
+            return out
+        if decl.map == "verdict":
+            for r in raws:
+                if type(r) is list and type(r[0]) is str and "jump" in r[1]:
+                    out.add(MapEntry(_address(r[0]), Jump(r[1]["jump"]["target"])))
+                else:
+                    out.update(decode(decl, r))
+            return out
+    return {x for r in raws for x in decode(decl, r)}
+
+
+# ----- tables: their state, and the one diff -----------------------------------------------
+
+
+def parse_listing(doc: Mapping[str, Any], *, decls: Mapping[str, SetDecl] | None = None) -> NftState:
+    """The state of a table from ``nft -j list table``: the fingerprint chain
+    (``fp_<hash>``, when the table carries one) and every set's and map's
+    elements. ``decls`` stands in for a declaration the listing lacks."""
+    fp: str | None = None
+    sets: dict[str, frozenset] = {}
+    for item in doc.get("nftables", []):
+        if "chain" in item and item["chain"]["name"].startswith("fp_"):
+            fp = item["chain"]["name"][3:]
+            continue
+        kind = "set" if "set" in item else "map" if "map" in item else None
+        if kind is None:
+            continue
+        body = item[kind]
+        decl = SetDecl.of(body) if "type" in body or decls is None else decls.get(body["name"], SetDecl.of(body))
+        sets[body["name"]] = frozenset(decode_all(decl, body.get("elem", [])))
+    return NftState(fp, sets)
+
+
+def image(doc: Mapping[str, Any]) -> NftState:
+    """A rendered table split in two: everything but the elements (as its
+    fingerprint), and the elements of each set and map (``add set``/``add
+    map`` with ``elem``, and ``add element`` commands)."""
+    structure: list[Any] = []
+    decls: dict[str, SetDecl] = {}
+    sets: dict[str, set] = {}
+    for cmd in doc["nftables"]:
+        verb, body = next(iter(cmd.items()))
+        kind = "set" if "set" in body else "map" if "map" in body else "element" if "element" in body else None
+        if kind is None:
+            structure.append(cmd)
+            continue
+        spec = dict(body[kind])
+        elems = spec.pop("elem", [])
+        if kind == "element":
+            into = sets.setdefault(spec["name"], set())
+            (into.update if verb == "add" else into.difference_update)(decode_all(decls[spec["name"]], elems))
+            continue
+        decls[spec["name"]] = SetDecl.of(spec)
+        sets[spec["name"]] = decode_all(decls[spec["name"]], elems)
+        structure.append({verb: {kind: spec}})
+    return NftState(structure, {name: frozenset(v) for name, v in sets.items()})
+
+
+def diff(family: str, table: str, have: NftState, want: NftState) -> list[dict[str, Any]] | None:
+    """Element deletes, then element adds, that turn ``have`` into ``want``;
+    None when their structures differ (the whole table must be replaced).
+    An empty list means nothing changed."""
+    if have.fingerprint != want.fingerprint:
+        return None
+    deletes: list[dict[str, Any]] = []
+    adds: list[dict[str, Any]] = []
+    for name in sorted(want.sets):
+        before, after = have.sets.get(name, frozenset()), want.sets[name]
+        if before == after:
+            continue
+        deletes += element_commands("delete", family, table, name, before - after)
+        adds += element_commands("add", family, table, name, after - before)
+    return deletes + adds

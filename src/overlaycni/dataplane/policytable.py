@@ -1,0 +1,75 @@
+"""The NetworkPolicy table ``inet overlaycni``: the ``PolicyTable`` port,
+written once over an ``NftRuleset`` (the fake's and the Linux one).
+
+Design note. ``policy.render`` turns the cluster's policies, pods and
+namespaces into the whole table for one node (pure); this class brings the
+kernel there with the least change. It remembers the image (structure
+fingerprint + elements, ``nftables.image``) of the last render that reached
+the kernel. A new render with the same structure (a pod came or went, a
+label changed) becomes element deletes and adds in one transaction; a
+different structure (a policy changed), the first sync, or a sync after
+``reset`` replaces the whole table atomically, which also adopts whatever a
+previous agent left and repairs a table edited behind our back. If the
+element update is refused (the kernel drifted from the image), the whole
+table is applied instead. A failure leaves the image unknown, so the next
+sync replaces the table. Crash safety: the kernel is the only state; a
+restarted agent's first sync is a full replace.
+
+Rejected: listing the table back before each update (a dump of every set per
+label change) and per-pod chains (see ``policy.render``). The table never
+touches ``ip overlaycni`` (the node table), nor the other way round.
+
+Growth: rules (``log`` statements for flow logs, say) are structure and
+need nothing here; maps of any type ``nftables.decode_value`` knows are
+diffed element by element.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import DataplaneError
+from . import nftables
+from .nftables import NftState
+from .ports import NftRuleset
+
+FAMILY = "inet"
+TABLE = "overlaycni"
+
+log = logging.getLogger(__name__)
+
+
+class PolicyTableSync:
+    """Implements ``ports.PolicyTable``; call it from one thread at a time."""
+
+    def __init__(self, nft: NftRuleset) -> None:
+        self.nft = nft
+        self.applied: NftState | None = None  # image of the last render the kernel took
+
+    def sync(self, render: dict[str, Any]) -> str:
+        new = nftables.image(render)
+        commands = nftables.diff(FAMILY, TABLE, self.applied, new) if self.applied is not None else None
+        try:
+            if commands == []:
+                return "none"
+            if commands is not None:
+                try:
+                    self.nft.apply(commands)
+                    self.applied = new
+                    return "elements"
+                except DataplaneError as exc:
+                    log.debug("policy table: element update refused (%s); replacing the table", exc.message)
+            self.nft.apply(render["nftables"])
+        except BaseException:
+            self.applied = None  # unknown kernel state: the next sync applies everything
+            raise
+        self.applied = new
+        return "full"
+
+    def reset(self) -> None:
+        self.applied = None
+
+    def remove(self) -> None:
+        self.applied = None
+        self.nft.apply(nftables.delete_table(FAMILY, TABLE))
