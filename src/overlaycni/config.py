@@ -29,6 +29,13 @@ in https://github.com/Azure/azure-cli):
 * max pods 10..250, and a node block must hold max pods plus its reserved
   addresses (network, gateway ``.1``, broadcast);
 * a public (non RFC 1918 / RFC 6598) pod CIDR is a warning, not an error.
+
+Dual-stack (``--ip-families ipv4,ipv6``) adds an IPv6 side to the VNet, the
+node subnet, the pod and service CIDRs and the node blocks; its flags and
+rules are in ``dualstack``, the per-family model (``IPFamily``,
+``FamilyNetwork``) in ``families``. The IPv4 fields of ``ClusterNetwork``
+keep their names and meaning; ``ClusterNetwork.families`` gives both sides
+alike, and a single-stack network serialises exactly as before.
 """
 
 from __future__ import annotations
@@ -36,13 +43,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any
 
+from . import dualstack
 from .cidr import (  # noqa: F401 - re-exported: the model's public arithmetic
     AZURE_RESERVED_PER_SUBNET,
     PRIVATE_RANGES,
+    IPAddress,
+    IPNetwork,
     _norm_key,
     _parse_choice,
     _parse_cidr,
@@ -56,6 +66,17 @@ from .cidr import (  # noqa: F401 - re-exported: the model's public arithmetic
     usable_subnet_ips,
 )
 from .errors import ConfigError, FieldError
+from .families import (  # noqa: F401 - re-exported: the model's families
+    DEFAULT_NODE_CIDR_SIZE_V6,
+    DEFAULT_NODE_SUBNET_CIDR_V6,
+    DEFAULT_POD_CIDR_V6,
+    DEFAULT_SERVICE_CIDR_V6,
+    DEFAULT_VNET_CIDR_V6,
+    DUAL_STACK,
+    SINGLE_STACK,
+    FamilyNetwork,
+    IPFamily,
+)
 
 DEFAULT_POD_CIDR = "10.244.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.0.0.0/16"
@@ -95,6 +116,7 @@ FIELDS = (
     "vxlan-port",
     "mtu",
     "non-masquerade-cidrs",
+    *dualstack.FIELDS,
 )
 
 
@@ -116,6 +138,14 @@ class ClusterNetwork:
     vxlan_port: int = DEFAULT_VXLAN_PORT
     mtu: int | None = None  # None: derive from the underlay device
     non_masquerade_cidrs: tuple[IPv4Network, ...] = field(default_factory=tuple)
+    # dual-stack: the families, and the IPv6 side (all None when single-stack)
+    ip_families: tuple[IPFamily, ...] = SINGLE_STACK
+    vnet_cidr_v6: IPv6Network | None = None
+    node_subnet_cidr_v6: IPv6Network | None = None
+    pod_cidr_v6: IPv6Network | None = None
+    service_cidr_v6: IPv6Network | None = None
+    node_cidr_size_v6: int | None = None
+    non_masquerade_cidrs_v6: tuple[IPv6Network, ...] = field(default_factory=tuple)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     # ----- derived values -------------------------------------------------
@@ -125,11 +155,79 @@ class ClusterNetwork:
 
     @property
     def block_count(self) -> int:
+        """IPv4 node blocks in the pod CIDR (``families`` for every family)."""
         return count_blocks(self.pod_cidr, self.node_cidr_size)
 
     @property
     def max_nodes(self) -> int:
-        return min(self.block_count, usable_subnet_ips(self.node_subnet_cidr), MAX_NODES_OVERLAY)
+        """Nodes the network holds: a block of every family each, a node
+        subnet IP each, at most AKS's limit."""
+        blocks = min(f.block_count for f in self.families)
+        return min(blocks, usable_subnet_ips(self.node_subnet_cidr), MAX_NODES_OVERLAY)
+
+    # ----- families ------------------------------------------------------------
+    @property
+    def is_dual_stack(self) -> bool:
+        return self.ip_families == DUAL_STACK
+
+    @property
+    def families(self) -> tuple[FamilyNetwork, ...]:
+        """One ``FamilyNetwork`` per family, IPv4 first."""
+        v4 = FamilyNetwork(
+            IPFamily.ipv4,
+            vnet_cidr=self.vnet_cidr,
+            node_subnet_cidr=self.node_subnet_cidr,
+            pod_cidr=self.pod_cidr,
+            service_cidr=self.service_cidr,
+            node_cidr_size=self.node_cidr_size,
+            non_masquerade_cidrs=self.non_masquerade_cidrs,
+        )
+        if not self.is_dual_stack:
+            return (v4,)
+        assert self.vnet_cidr_v6 and self.node_subnet_cidr_v6 and self.pod_cidr_v6 and self.service_cidr_v6
+        assert self.node_cidr_size_v6 is not None
+        v6 = FamilyNetwork(
+            IPFamily.ipv6,
+            vnet_cidr=self.vnet_cidr_v6,
+            node_subnet_cidr=self.node_subnet_cidr_v6,
+            pod_cidr=self.pod_cidr_v6,
+            service_cidr=self.service_cidr_v6,
+            node_cidr_size=self.node_cidr_size_v6,
+            non_masquerade_cidrs=self.non_masquerade_cidrs_v6,
+        )
+        return (v4, v6)
+
+    def family(self, which: IPFamily | int) -> FamilyNetwork | None:
+        """The side of one family (``IPFamily.ipv6`` or 6); None when the
+        network does not have it."""
+        version = which.version if isinstance(which, IPFamily) else which
+        return next((f for f in self.families if f.version == version), None)
+
+    def family_of(self, value: IPAddress | IPNetwork | IPv4Interface | IPv6Interface) -> FamilyNetwork:
+        """The side an address, network or interface belongs to; ValueError
+        when the network does not have its family."""
+        side = self.family(value.version)
+        if side is None:
+            raise ValueError(f"{value} is {IPFamily.of(value).label}, and this network is IPv4 single-stack")
+        return side
+
+    def blocks_at(self, index: int) -> tuple[IPNetwork, ...]:
+        """Node ``index``'s blocks, one per family (IPv4 first)."""
+        return tuple(f.block_at(index) for f in self.families)
+
+    @property
+    def pods_per_node(self) -> int:
+        """Pods a node runs: max pods, limited by any family's block."""
+        return min(self.max_pods, *(f.pods_per_block for f in self.families))
+
+    def encap_overhead(self, underlay: IPFamily = IPFamily.ipv4) -> int:
+        """Bytes the backend adds to a pod packet of either family when the
+        outer header is ``underlay``'s: VXLAN is outer IP + UDP (8) + VXLAN
+        (8) + inner Ethernet (14), 50 over IPv4 and 70 over IPv6
+        (RFC 7348); ``direct`` adds nothing."""
+        if self.backend != "vxlan":
+            return 0
+        return VXLAN_OVERHEAD - IPFamily.ipv4.ip_header_bytes + underlay.ip_header_bytes
 
     def pod_mtu(self, underlay_mtu: int) -> int:
         """The MTU pods get: explicit ``mtu``, else underlay minus the
@@ -144,10 +242,13 @@ class ClusterNetwork:
     # ----- serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict keyed by flag names (round-trips through
-        ``parse_network``)."""
+        ``parse_network``). A single-stack network gives the keys it always
+        gave; a dual-stack one adds ``ip-families``, the per-family lists next
+        to the IPv4 flags (``pod-cidrs`` after ``pod-cidr``, which agree) and
+        ``node-cidr-size-v6``, and lists IPv6 non-masquerade CIDRs too."""
         out: dict[str, Any] = {}
         for k, v in asdict(self).items():
-            if k == "warnings" or (k == "pod_cidr" and not self.is_overlay):
+            if k == "warnings" or k in _DUAL_STACK_ATTRS or (k == "pod_cidr" and not self.is_overlay):
                 continue  # flat Azure CNI has no pod CIDR; giving one is an error
             key = k.replace("_", "-")
             if isinstance(v, (IPv4Network, IPv4Address)):
@@ -155,10 +256,36 @@ class ClusterNetwork:
             elif isinstance(v, (tuple, list)):
                 v = [str(x) for x in v]
             out[key] = v
-        return out
+        if not self.is_dual_stack:
+            return out
+        extra: dict[str, dict[str, Any]] = {
+            "network-plugin-mode": {"ip-families": [str(f) for f in self.ip_families]},
+            "node-cidr-size": {"node-cidr-size-v6": self.node_cidr_size_v6},
+        }
+        for single, plural, _, _ in dualstack.RANGE_FLAGS:
+            extra[single] = {plural: [str(getattr(f, single.replace("-", "_"))) for f in self.families]}
+        dual: dict[str, Any] = {}
+        for key, value in out.items():
+            dual[key] = value
+            dual.update(extra.get(key, {}))
+        dual["non-masquerade-cidrs"] = [str(n) for n in (*self.non_masquerade_cidrs, *self.non_masquerade_cidrs_v6)]
+        return dual
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_DUAL_STACK_ATTRS = frozenset(
+    (
+        "ip_families",
+        "vnet_cidr_v6",
+        "node_subnet_cidr_v6",
+        "pod_cidr_v6",
+        "service_cidr_v6",
+        "node_cidr_size_v6",
+        "non_masquerade_cidrs_v6",
+    )
+)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -244,11 +371,18 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
     def value(name: str, default: Any) -> Any:
         return given.get(name, default)
 
-    vnet = _parse_cidr("vnet-cidr", value("vnet-cidr", DEFAULT_VNET_CIDR), errors)
-    subnet = _parse_cidr("node-subnet-cidr", value("node-subnet-cidr", DEFAULT_NODE_SUBNET_CIDR), errors)
-    pod = _parse_cidr("pod-cidr", value("pod-cidr", DEFAULT_POD_CIDR), errors)
-    svc = _parse_cidr("service-cidr", value("service-cidr", DEFAULT_SERVICE_CIDR), errors)
-    dns = _parse_ip("dns-service-ip", value("dns-service-ip", DEFAULT_DNS_SERVICE_IP), errors)
+    families = dualstack.parse_families(given, errors)
+    dual = families == DUAL_STACK
+
+    def ranges_of(name: str, default_v4: str) -> tuple[IPv4Network | None, IPv6Network | None]:
+        return dualstack.resolve_range(given, name, default_v4=default_v4, families=families, errors=errors)
+
+    vnet, vnet6 = ranges_of("vnet-cidr", DEFAULT_VNET_CIDR)
+    subnet, subnet6 = ranges_of("node-subnet-cidr", DEFAULT_NODE_SUBNET_CIDR)
+    pod, pod6 = ranges_of("pod-cidr", DEFAULT_POD_CIDR)
+    svc, svc6 = ranges_of("service-cidr", DEFAULT_SERVICE_CIDR)
+    dns_v6_problem = dualstack.DNS_IPV6_PROBLEM if dual else ""
+    dns = _parse_ip("dns-service-ip", value("dns-service-ip", DEFAULT_DNS_SERVICE_IP), errors, ipv6_problem=dns_v6_problem)
     max_pods = _parse_int("max-pods", value("max-pods", DEFAULT_MAX_PODS), MIN_MAX_PODS, MAX_MAX_PODS, errors)
     block = _parse_int("node-cidr-size", value("node-cidr-size", DEFAULT_NODE_CIDR_SIZE), 8, 28, errors)
     backend = _parse_choice("backend", value("backend", "vxlan"), BACKENDS, errors)
@@ -256,14 +390,28 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
     port = _parse_int("vxlan-port", value("vxlan-port", DEFAULT_VXLAN_PORT), 1, 65535, errors)
     mtu_raw = value("mtu", "auto")
     mtu = None if str(mtu_raw).strip().lower() == "auto" else _parse_int("mtu", mtu_raw, 576, 9000, errors)
-    nomasq = _parse_cidr_list("non-masquerade-cidrs", value("non-masquerade-cidrs", []), errors)
+    nomasq, nomasq6 = dualstack.parse_non_masquerade(value("non-masquerade-cidrs", []), dual=dual, errors=errors)
+    v6 = dualstack.IPv6Side(
+        vnet_cidr=vnet6,
+        node_subnet_cidr=subnet6,
+        pod_cidr=pod6,
+        service_cidr=svc6,
+        node_cidr_size=dualstack.parse_node_cidr_size_v6(given, dual=dual, errors=errors),
+        non_masquerade_cidrs=nomasq6,
+    )
 
     ranges = {"vnet-cidr": vnet, "node-subnet-cidr": subnet, "pod-cidr": pod, "service-cidr": svc}
     _check_reserved({k: v for k, v in ranges.items() if v is not None}, errors)
     _check_overlaps(vnet, subnet, pod, svc, errors)
     _check_service(svc, dns, errors)
     _check_blocks(pod, block, max_pods, errors, warnings)
+    if dual:
+        dualstack.check_plugin(plugin, mode, errors=errors)
+        dualstack.check_mtu(mtu, errors=errors)
+        dualstack.check_ipv6(v6, max_pods=max_pods, errors=errors, warnings=warnings)
 
+    if families is None or (dual and not v6.complete):
+        return None, warnings
     if len(errors) > n_errors_before or None in (vnet, subnet, pod, svc, dns, max_pods, block, backend, vni, port):
         return None, warnings
     assert plugin is not None
@@ -283,6 +431,13 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
             vxlan_port=port,  # type: ignore[arg-type]
             mtu=mtu,
             non_masquerade_cidrs=nomasq,
+            ip_families=families,
+            vnet_cidr_v6=v6.vnet_cidr,
+            node_subnet_cidr_v6=v6.node_subnet_cidr,
+            pod_cidr_v6=v6.pod_cidr,
+            service_cidr_v6=v6.service_cidr,
+            node_cidr_size_v6=v6.node_cidr_size,
+            non_masquerade_cidrs_v6=v6.non_masquerade_cidrs,
         ),
         warnings,
     )
@@ -296,7 +451,7 @@ def _check_flags(given: dict[str, Any], errors: list[FieldError]) -> tuple[str |
         plugin = _parse_choice("network-plugin", plugin, NETWORK_PLUGINS, errors)
     if mode is not None:
         mode = _parse_choice("network-plugin-mode", mode, PLUGIN_MODES, errors)
-    ranges_given = [k for k in ("pod-cidr", "service-cidr", "dns-service-ip") if k in given]
+    ranges_given = [k for k in ("pod-cidr", "pod-cidrs", "service-cidr", "service-cidrs", "dns-service-ip") if k in given]
     if "network-plugin" not in given:
         if ranges_given:
             errors.append(
@@ -312,11 +467,12 @@ def _check_flags(given: dict[str, Any], errors: list[FieldError]) -> tuple[str |
                 FieldError("network-plugin", "--network-plugin is missing: --network-plugin-mode needs --network-plugin azure")
             )
         plugin, mode = "azure", "overlay"
-    elif plugin == "azure" and "pod-cidr" in given and mode != "overlay":
+    elif plugin == "azure" and ("pod-cidr" in given or "pod-cidrs" in given) and mode != "overlay":
+        flag = "--pod-cidr" if "pod-cidr" in given else "--pod-cidrs"
         errors.append(
             FieldError(
                 "network-plugin-mode",
-                "--network-plugin-mode is missing: --pod-cidr with --network-plugin azure requires "
+                f"--network-plugin-mode is missing: {flag} with --network-plugin azure requires "
                 "--network-plugin-mode overlay (flat Azure CNI takes pod IPs from the node subnet)",
             )
         )
@@ -324,9 +480,11 @@ def _check_flags(given: dict[str, Any], errors: list[FieldError]) -> tuple[str |
         errors.append(
             FieldError("network-plugin-mode", "--network-plugin-mode overlay applies to --network-plugin azure only")
         )
-    if ("service-cidr" in given) != ("dns-service-ip" in given):
-        missing = "dns-service-ip" if "service-cidr" in given else "service-cidr"
-        errors.append(FieldError(missing, f"--{missing} is missing: --service-cidr and --dns-service-ip go together"))
+    service_given = "service-cidr" in given or "service-cidrs" in given
+    if service_given != ("dns-service-ip" in given):
+        missing = "dns-service-ip" if service_given else "service-cidr"
+        given_flag = "--service-cidrs" if "service-cidrs" in given and "service-cidr" not in given else "--service-cidr"
+        errors.append(FieldError(missing, f"--{missing} is missing: {given_flag} and --dns-service-ip go together"))
     return plugin, mode
 
 
@@ -429,7 +587,9 @@ def validate_expansion(old: ClusterNetwork, new_pod_cidr: str) -> ClusterNetwork
     """Check a pod CIDR expansion: only to a contiguous superset of the old
     range, validated like a new network. Returns the expanded network."""
     errors: list[FieldError] = []
-    new = _parse_cidr("pod-cidr", new_pod_cidr, errors)
+    # AKS: "IPv6 pod CIDR expansion isn't supported" (pod CIDR expansion in
+    # https://learn.microsoft.com/azure/aks/azure-cni-overlay-pod-expand)
+    new = _parse_cidr("pod-cidr", new_pod_cidr, errors, ipv6_problem="only the IPv4 pod CIDR can be expanded (as in AKS)")
     if not old.is_overlay:
         errors.append(
             FieldError("pod-cidr", "--pod-cidr cannot be expanded: flat Azure CNI takes pod IPs from the node subnet")
@@ -449,4 +609,6 @@ def validate_expansion(old: ClusterNetwork, new_pod_cidr: str) -> ClusterNetwork
         raise ConfigError(errors)
     data = old.to_dict()
     data["pod-cidr"] = str(new)
+    if "pod-cidrs" in data:  # dual-stack: the IPv4 entry grows, the IPv6 one stays
+        data["pod-cidrs"] = [str(new), *data["pod-cidrs"][1:]]
     return parse_network(data)

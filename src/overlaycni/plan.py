@@ -21,6 +21,19 @@ Why overlay ends VNet IP exhaustion: a node costs the VNet 1 address in
 overlay but ``1 + max pods`` in flat mode. When the pod CIDR (not the VNet)
 is what caps overlay, the verdict names the pod CIDR size that would lift
 the cap to the VNet's own limit.
+
+Dual-stack (``--ip-families ipv4,ipv6``): a node needs a block of each
+family, so the node count is capped by the smaller of the two pod CIDRs'
+block counts, and a node's pods by the smaller block
+(``ClusterNetwork.pods_per_node``). kubenet programs two routes per node, one
+per family, so its 400-route table holds 200 nodes ("dual-stack clusters are
+limited to 200 nodes", https://learn.microsoft.com/azure/aks/configure-kubenet-dual-stack).
+"VNet IPs per node" stays the IPv4 count: the scarce family (a node also
+takes one address of its /64 IPv6 subnet). AKS offers dual-stack with
+overlay and kubenet only; the flat row shows what the same VNet would cost
+in IPv4 without overlay. The plan's JSON keeps its keys and, for a
+dual-stack network, adds ``ipv6``: the IPv6 pod CIDR, its blocks, and the
+nodes and pods that get an address of both families.
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ from .config import (
     MAX_NODES_KUBENET,
     MAX_NODES_OVERLAY,
     ClusterNetwork,
-    count_blocks,
+    FamilyNetwork,
+    IPFamily,
     usable_subnet_ips,
 )
 from .errors import FieldError
@@ -43,7 +57,11 @@ LIMIT_POD_CIDR = "pod CIDR blocks"
 LIMIT_SUBNET = "node subnet IPs"
 LIMIT_AKS = "AKS node limit"
 LIMIT_ROUTES = "route table (400)"
+# dual-stack: the pod CIDR blocks of each family; 2 routes per kubenet node
+LIMIT_POD_CIDR_FAMILY = {IPFamily.ipv4: "IPv4 pod CIDR blocks", IPFamily.ipv6: "IPv6 pod CIDR blocks"}
+LIMIT_ROUTES_DUAL = "route table (400/2)"  # 400 routes, 2 per node
 MIN_POD_PREFIX = 8  # no pod CIDR suggestion larger than a /8
+MIN_POD_PREFIX_FAMILY = {IPFamily.ipv4: MIN_POD_PREFIX, IPFamily.ipv6: 32}
 
 
 @dataclass(frozen=True)
@@ -68,11 +86,35 @@ class ModelCapacity:
         return out
 
 
-def pod_prefix_for(nodes: int, block_prefix: int) -> int | None:
+def pod_prefix_for(nodes: int, block_prefix: int, *, min_prefix: int = MIN_POD_PREFIX) -> int | None:
     """The longest prefix (smallest pod CIDR) holding ``nodes`` blocks of
-    /block_prefix; None if that would be larger than a /8."""
+    /block_prefix; None if that would be larger than a /min_prefix."""
     prefix = block_prefix - max(0, nodes - 1).bit_length()
-    return prefix if prefix >= MIN_POD_PREFIX else None
+    return prefix if prefix >= min_prefix else None
+
+
+@dataclass(frozen=True)
+class FamilyCapacity:
+    """The IPv6 side of a dual-stack plan: its pod CIDR and blocks, and the
+    overlay nodes and pods that hold an address of every family."""
+
+    side: FamilyNetwork
+    max_nodes: int
+    max_pods: int
+    limited_by: str
+
+    def to_dict(self) -> dict[str, object]:
+        s = self.side
+        return {
+            "pod_cidr": str(s.pod_cidr),
+            "service_cidr": str(s.service_cidr),
+            "node_cidr_size": s.node_cidr_size,
+            "blocks": s.block_count,
+            "addresses_per_block": s.block_addresses,
+            "max_nodes": self.max_nodes,
+            "max_pods": self.max_pods,
+            "limited_by": self.limited_by,
+        }
 
 
 @dataclass(frozen=True)
@@ -82,6 +124,7 @@ class Plan:
     flat: ModelCapacity
     kubenet: ModelCapacity
     nodes: int | None
+    ipv6: FamilyCapacity | None = None  # dual-stack only
 
     def models(self) -> tuple[ModelCapacity, ModelCapacity, ModelCapacity]:
         return (self.overlay, self.flat, self.kubenet)
@@ -92,17 +135,23 @@ class Plan:
         return min(usable_subnet_ips(self.network.node_subnet_cidr), MAX_NODES_OVERLAY)
 
     def pod_cidr_hint(self) -> str:
-        """When the pod CIDR caps overlay: the pod CIDR size that would not."""
+        """When a pod CIDR caps overlay: the pod CIDR size (of each family
+        that caps it) that would not."""
         o, n = self.overlay, self.network
-        if o.limited_by != LIMIT_POD_CIDR:
+        if o.limited_by not in (LIMIT_POD_CIDR, *LIMIT_POD_CIDR_FAMILY.values()):
             return ""
         limit = self.vnet_node_limit
         target = limit if self.nodes is None else min(self.nodes, limit)
-        prefix = pod_prefix_for(target, n.node_cidr_size)
-        if prefix is None or target <= o.max_nodes:
+        short = [f for f in n.families if f.block_count < target]
+        prefixes = [
+            pod_prefix_for(target, f.node_cidr_size, min_prefix=MIN_POD_PREFIX_FAMILY[f.family]) for f in short
+        ]
+        if not short or None in prefixes or target <= o.max_nodes:
             return ""
+        label = {f.family: f"{f.family.label} " if n.is_dual_stack else "" for f in short}
+        names = [f"/{prefix} {label[f.family]}pod CIDR" for f, prefix in zip(short, prefixes, strict=True)]
         what = f"the VNet's limit of {limit:,} nodes" if target == limit else f"{target:,} nodes"
-        return f" A /{prefix} pod CIDR would lift overlay to {what}."
+        return f" A {' and a '.join(names)} would lift overlay to {what}."
 
     def verdict(self) -> str:
         o, f, k = self.models()
@@ -138,22 +187,22 @@ def _min_with_reason(*terms: tuple[int, str]) -> tuple[int, str]:
 
 def make_plan(net: ClusterNetwork, nodes: int | None = None) -> Plan:
     usable = usable_subnet_ips(net.node_subnet_cidr)
-    blocks = count_blocks(net.pod_cidr, net.node_cidr_size)
-    per_node = net.max_pods
+    dual = net.is_dual_stack
+    blocks = tuple((f.block_count, LIMIT_POD_CIDR_FAMILY[f.family] if dual else LIMIT_POD_CIDR) for f in net.families)
+    per_node = net.pods_per_node
 
-    o_nodes, o_why = _min_with_reason(
-        (blocks, LIMIT_POD_CIDR), (usable, LIMIT_SUBNET), (MAX_NODES_OVERLAY, LIMIT_AKS)
-    )
+    o_nodes, o_why = _min_with_reason(*blocks, (usable, LIMIT_SUBNET), (MAX_NODES_OVERLAY, LIMIT_AKS))
     overlay = ModelCapacity("overlay", o_nodes, o_nodes * per_node, 1, o_why)
 
-    f_nodes = usable // (1 + per_node)
-    flat = ModelCapacity("flat", f_nodes, f_nodes * per_node, 1 + per_node, LIMIT_SUBNET)
+    f_nodes = usable // (1 + net.max_pods)  # flat: IPv4 VNet IPs, no IPv6 blocks
+    flat = ModelCapacity("flat", f_nodes, f_nodes * net.max_pods, 1 + net.max_pods, LIMIT_SUBNET)
 
-    k_nodes, k_why = _min_with_reason(
-        (usable, LIMIT_SUBNET), (MAX_NODES_KUBENET, LIMIT_ROUTES), (blocks, LIMIT_POD_CIDR)
-    )
+    routes = (MAX_NODES_KUBENET // 2, LIMIT_ROUTES_DUAL) if dual else (MAX_NODES_KUBENET, LIMIT_ROUTES)
+    k_nodes, k_why = _min_with_reason((usable, LIMIT_SUBNET), routes, *blocks)
     kubenet = ModelCapacity("kubenet", k_nodes, k_nodes * per_node, 1, k_why)
-    return Plan(net, _with_need(overlay, nodes), _with_need(flat, nodes), _with_need(kubenet, nodes), nodes)
+    v6 = net.family(IPFamily.ipv6)
+    ipv6 = FamilyCapacity(v6, o_nodes, o_nodes * per_node, o_why) if v6 is not None else None
+    return Plan(net, _with_need(overlay, nodes), _with_need(flat, nodes), _with_need(kubenet, nodes), nodes, ipv6)
 
 
 def plan_json(
@@ -161,8 +210,9 @@ def plan_json(
 ) -> dict[str, object]:
     """The ``plan --output json`` document. Its top-level keys are a public
     contract: ``valid``, ``errors``, ``warnings``, ``overlay``, ``flat``,
-    ``kubenet`` (null when invalid) and, only when a node count was asked
-    for, ``fits`` (null when invalid)."""
+    ``kubenet`` (null when invalid), only when a node count was asked for
+    ``fits`` (null when invalid), and only for a valid dual-stack network
+    ``ipv6`` (``FamilyCapacity.to_dict``)."""
     valid = plan is not None and not errors
     out: dict[str, object] = {
         "valid": valid,
@@ -174,4 +224,6 @@ def plan_json(
     asked = nodes if nodes is not None else (plan.nodes if plan else None)
     if asked is not None:
         out["fits"] = {m.model: bool(m.fits) for m in plan.models()} if valid and plan else None
+    if valid and plan and plan.ipv6 is not None:
+        out["ipv6"] = plan.ipv6.to_dict()
     return out

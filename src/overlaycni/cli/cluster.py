@@ -13,7 +13,7 @@ from rich.table import Table
 from .. import ipam
 from ..config import ClusterNetwork, load_file, merge_settings, parse_network
 from ..ipam.model import parse_ip
-from .common import Output, OutputOpt, console, err_console, open_store, print_json, with_network_flags
+from .common import Output, OutputOpt, console, err_console, open_store, print_json, with_dual_stack_network_flags
 
 cluster_app = typer.Typer(
     help="Cluster networks in the datastore. Example: overlaycni --datastore sqlite:///tmp/s.db "
@@ -31,7 +31,8 @@ NodeNameOpt = Annotated[str, typer.Option("--name", help="Node name; re-register
 
 
 def _network_json(name: str, net: ClusterNetwork) -> dict[str, Any]:
-    return {"name": name, **net.to_dict()}
+    # ip-families is in a dual-stack record; a single-stack record keeps its old keys
+    return {"name": name, "ip-families": [str(f) for f in net.ip_families], **net.to_dict()}
 
 
 def _emit_network(name: str, net: Any, output: Output) -> None:
@@ -43,9 +44,11 @@ def _emit_network(name: str, net: Any, output: Output) -> None:
 
 def _render_network(name: str, net: ClusterNetwork) -> None:
     table = Table(title=f"cluster {name}", show_header=False)
-    for key, value in net.to_dict().items():
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    table.add_row("blocks", f"{net.block_count:,} x /{net.node_cidr_size} (max nodes {net.max_nodes:,})")
+    for key, value in _network_json(name, net).items():
+        if key != "name":
+            table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    blocks = " and ".join(f"{f.block_count:,} x /{f.node_cidr_size}" for f in net.families)
+    table.add_row("blocks", f"{blocks} (max nodes {net.max_nodes:,})")
     console.print(table)
 
 
@@ -54,7 +57,7 @@ def _render_network(name: str, net: ClusterNetwork) -> None:
     epilog="Example: overlaycni cluster create --name dev --network-plugin azure --network-plugin-mode overlay "
     "--pod-cidr 10.244.0.0/16 --node-cidr-size 24",
 )
-@with_network_flags
+@with_dual_stack_network_flags
 def cluster_create(
     ctx: typer.Context,
     name: NameOpt,
@@ -104,7 +107,15 @@ def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
     table = Table("name", "plugin", "pod CIDR", "block", "service CIDR", "backend")
     for n, net in clusters:
         plugin = net.network_plugin + (f"/{net.network_plugin_mode}" if net.network_plugin_mode else "")
-        table.add_row(n, plugin, str(net.pod_cidr), f"/{net.node_cidr_size}", str(net.service_cidr), net.backend)
+        fams = net.families
+        table.add_row(
+            n,
+            plugin,
+            ", ".join(str(f.pod_cidr) for f in fams),
+            ", ".join(f"/{f.node_cidr_size}" for f in fams),
+            ", ".join(str(f.service_cidr) for f in fams),
+            net.backend,
+        )
     console.print(table)
 
 

@@ -72,10 +72,47 @@ _NETWORK_FLAGS: list[tuple[str, str, str]] = [
 ]
 
 
+# Dual-stack (``plan`` and ``cluster create``; the lab takes them once it builds IPv6).
+_DUAL_STACK_FLAGS: list[tuple[str, str, str]] = [
+    ("ip_families", "--ip-families", "ipv4 (default) or ipv4,ipv6: every pod and node gets an address of each family."),
+    ("vnet_cidrs", "--vnet-cidrs", "VNet ranges, one per family, IPv4 first (default 10.224.0.0/12,fd00:10:224::/48)."),
+    (
+        "node_subnet_cidrs",
+        "--node-subnet-cidrs",
+        "Node subnets, one per family, IPv4 first; IPv6 a /64 (default 10.224.0.0/16,fd00:10:224::/64).",
+    ),
+    (
+        "pod_cidrs",
+        "--pod-cidrs",
+        "Pod ranges, one per family, IPv4 first (default 10.244.0.0/16,fd12:3456:789a::/64). "
+        "--pod-cidr is the IPv4 entry: give either, or both when they agree.",
+    ),
+    (
+        "service_cidrs",
+        "--service-cidrs",
+        "Service ranges, one per family, IPv4 first; IPv6 /108 or smaller (default 10.0.0.0/16,fd12:3456:789a:1::/108).",
+    ),
+    ("node_cidr_size_v6", "--node-cidr-size-v6", "Prefix length of each node's IPv6 block (default 80, as AKS carves)."),
+]
+
+
 def with_network_flags(func: F) -> F:
     """Add every AKS network flag to a typer command. The command receives
     them as one ``network: dict`` of the flags the user gave (keys are the
     flag names without dashes)."""
+    return _add_flags(func, [(*f, "Network (AKS flags)") for f in _NETWORK_FLAGS])
+
+
+def with_dual_stack_network_flags(func: F) -> F:
+    """``with_network_flags`` plus the dual-stack flags (``--ip-families``,
+    ``--pod-cidrs``, ...), in their own help panel."""
+    return _add_flags(
+        func,
+        [(*f, "Network (AKS flags)") for f in _NETWORK_FLAGS] + [(*f, "Dual-stack (AKS flags)") for f in _DUAL_STACK_FLAGS],
+    )
+
+
+def _add_flags(func: F, flags: list[tuple[str, str, str, str]]) -> F:
     sig = inspect.signature(func, eval_str=True)
     params = [p for p in sig.parameters.values() if p.name != "network"]
     extra = [
@@ -83,15 +120,15 @@ def with_network_flags(func: F) -> F:
             name,
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=Annotated[str | None, typer.Option(flag, help=help_, rich_help_panel="Network (AKS flags)")],
+            annotation=Annotated[str | None, typer.Option(flag, help=help_, rich_help_panel=panel)],
         )
-        for name, flag, help_ in _NETWORK_FLAGS
+        for name, flag, help_, panel in flags
     ]
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        network = {flag[2:]: kwargs.pop(name) for name, flag, _ in _NETWORK_FLAGS if kwargs.get(name) is not None}
-        for name, _, _ in _NETWORK_FLAGS:
+        network = {flag[2:]: kwargs.pop(name) for name, flag, _, _ in flags if kwargs.get(name) is not None}
+        for name, _, _, _ in flags:
             kwargs.pop(name, None)
         return func(*args, network=network, **kwargs)
 

@@ -12,16 +12,18 @@ from rich.table import Table
 from ..config import check_network, load_file, merge_settings
 from ..errors import ConfigError, FieldError
 from ..plan import Plan, make_plan, plan_json
-from .common import Output, OutputOpt, console, err_console, print_json, with_network_flags
+from .common import Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
 
 EPILOG = (
     "Example (the AKS overlay default): overlaycni plan --network-plugin azure "
     "--network-plugin-mode overlay --pod-cidr 10.244.0.0/16 --service-cidr 10.0.0.0/24 "
-    "--dns-service-ip 10.0.0.10 --nodes 300"
+    "--dns-service-ip 10.0.0.10 --nodes 300. "
+    "Dual-stack with AKS's defaults: overlaycni plan --network-plugin azure --network-plugin-mode overlay "
+    "--ip-families ipv4,ipv6"
 )
 
 
-@with_network_flags
+@with_dual_stack_network_flags
 def plan(
     nodes: Annotated[
         int | None, typer.Option("--nodes", min=1, help="Check whether this many nodes fit each model.")
@@ -69,13 +71,15 @@ def render_plan(p: Plan, out: Console | None = None) -> None:
     """Print the capacity table and the verdict (fits in 100 columns)."""
     out = out or console
     n = p.network
+    for f in n.families:
+        out.print(
+            f"{f.family.label + ': ' if n.is_dual_stack else ''}VNet {f.vnet_cidr}, node subnet {f.node_subnet_cidr}, "
+            f"pod CIDR {f.pod_cidr} ({f.block_count:,} x /{f.node_cidr_size} blocks)",
+            highlight=False,
+        )
+    services = " and ".join(str(f.service_cidr) for f in n.families)
     out.print(
-        f"VNet {n.vnet_cidr}, node subnet {n.node_subnet_cidr}, pod CIDR {n.pod_cidr} "
-        f"({n.block_count:,} x /{n.node_cidr_size} blocks)",
-        highlight=False,
-    )
-    out.print(
-        f"service CIDR {n.service_cidr}, DNS {n.dns_service_ip}, max pods {n.max_pods}, "
+        f"service CIDR{'s' if n.is_dual_stack else ''} {services}, DNS {n.dns_service_ip}, max pods {n.max_pods}, "
         f"plugin {n.network_plugin}{' ' + n.network_plugin_mode if n.network_plugin_mode else ''}",
         highlight=False,
     )
@@ -94,5 +98,14 @@ def render_plan(p: Plan, out: Console | None = None) -> None:
             row += ["[green]yes[/]" if m.fits else "[red]no[/]", f"{m.vnet_ips_needed:,}"]
         table.add_row(*row)
     out.print(table)
-    out.print("flat: Azure CNI without overlay; every pod IP is a node subnet IP.", highlight=False)
+    if p.ipv6 is not None:
+        v6 = p.ipv6.side
+        out.print(
+            f"IPv6: each node also owns a /{v6.node_cidr_size} of {v6.pod_cidr} (2^{128 - v6.node_cidr_size} addresses); "
+            f"overlay: {p.ipv6.max_nodes:,} nodes x {n.pods_per_node} pods = {p.ipv6.max_pods:,} pods "
+            "with an address of each family.",
+            highlight=False,
+        )
+    flat_note = " (IPv4 only: AKS offers dual-stack with overlay and kubenet)" if n.is_dual_stack else ""
+    out.print(f"flat: Azure CNI without overlay; every pod IP is a node subnet IP{flat_note}.", highlight=False)
     out.print(f"[bold]Verdict:[/] {p.verdict()}", highlight=False)

@@ -1,9 +1,17 @@
 """Cluster records: create (idempotent), read, list, delete, expand the pod
-CIDR. Pure logic over a ``Store``; every write is one transaction."""
+CIDR. Pure logic over a ``Store``; every write is one transaction.
+
+The record is ``ClusterNetwork.to_json()``. A single-stack network stores the
+keys it always stored; a dual-stack one adds ``ip-families``, the per-family
+lists (``vnet-cidrs``, ``node-subnet-cidrs``, ``pod-cidrs``,
+``service-cidrs``; their IPv4 entries equal the single-family keys) and
+``node-cidr-size-v6``, and may list IPv6 ``non-masquerade-cidrs``. A record
+without them reads as single-stack."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ..config import ClusterNetwork, validate_expansion
 from ..datastore import Store
@@ -40,13 +48,26 @@ def create_cluster(store: Store, name: str, net: ClusterNetwork) -> ClusterNetwo
         existing = decode_cluster(kv)
         if existing == net:
             return existing
-        old, new = existing.to_dict(), net.to_dict()
-        diff = [f"--{k} {old[k]} (asked {new[k]})" for k in old if old[k] != new.get(k)]
         raise AlreadyExists(
-            f"cluster {name!r} already exists with different settings: {', '.join(diff)}",
+            f"cluster {name!r} already exists with different settings: {_differences(existing, net)}",
             details="delete it first, or use `overlaycni cluster expand-pod-cidr` to grow its pod CIDR",
         )
     raise Conflict(f"cluster {name!r}: too many concurrent changes, try again")
+
+
+def _differences(old: ClusterNetwork, new: ClusterNetwork) -> str:
+    """The settings two networks give differently, as flags. The IPv6 keys
+    of a dual-stack record follow from ``ip-families``, which is named."""
+
+    def settings(net: ClusterNetwork) -> dict[str, Any]:
+        return {"ip-families": [str(f) for f in net.ip_families], **net.to_dict()}
+
+    def show(value: Any) -> str:
+        return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+    a, b = settings(old), settings(new)
+    diff = [f"--{k} {show(a[k])} (asked {show(b[k])})" for k in a if k in b and a[k] != b[k]]
+    return ", ".join(diff) or "settings the flags do not show"
 
 
 def get_cluster(store: Store, name: str) -> ClusterNetwork:
