@@ -1,41 +1,19 @@
-"""The cluster network model and every validation rule (pure).
+"""The cluster network model and its parsing (pure).
 
 A ``ClusterNetwork`` is parsed from AKS-style flags, a YAML/JSON file or a
 dict. Parsing collects *every* problem before it fails, so a user fixes a
 configuration in one round instead of one error at a time. Each error's
 ``field`` is the flag without dashes (``pod-cidr``), and its message starts
 with the flag and the value (``--pod-cidr 10.224.128.0/17 overlaps --vnet-cidr
-10.224.0.0/12``), naming the conflicting range where there is one.
-
-The rules are AKS's, from the AKS docs
-(https://learn.microsoft.com/azure/aks/azure-cni-overlay,
-https://learn.microsoft.com/azure/aks/configure-azure-cni) and azure-cli's
-validators (``src/azure-cli/azure/cli/command_modules/acs/_validators.py``
-in https://github.com/Azure/azure-cli):
-
-* reserved ranges 169.254.0.0/16, 172.30.0.0/16, 172.31.0.0/16 and
-  192.0.2.0/24 may not overlap the pod CIDR, the service CIDR, the VNet or
-  the node subnet (a range that *contains* one is rejected too);
-* the pod CIDR may not overlap the VNet (NetworkProfileCIDROverlapVNET) or the
-  service CIDR; the service CIDR may not overlap the VNet
-  (ServiceCidrOverlapExistingSubnetsCidr); the node subnet lies in the VNet
-  (and when it does not, pod and service ranges are also kept off it);
-* the service CIDR is no larger than /12; the DNS service IP lies inside it
-  and is not its network, first usable (kubernetes.default) or broadcast
-  address; ``--service-cidr`` and ``--dns-service-ip`` go together;
-* ``--pod-cidr`` with ``--network-plugin azure`` requires
-  ``--network-plugin-mode overlay``; ranges without ``--network-plugin`` are
-  an error;
-* max pods 10..250, and a node block must hold max pods plus its reserved
-  addresses (network, gateway ``.1``, broadcast);
-* a public (non RFC 1918 / RFC 6598) pod CIDR is a warning, not an error.
+10.224.0.0/12``), naming the conflicting range where there is one. The rules
+are AKS's: ``rules`` holds (and its note lists, with sources) those of the
+flags and the IPv4 ranges, ``dualstack`` those of dual-stack.
 
 Dual-stack (``--ip-families ipv4,ipv6``) adds an IPv6 side to the VNet, the
-node subnet, the pod and service CIDRs and the node blocks; its flags and
-rules are in ``dualstack``, the per-family model (``IPFamily``,
-``FamilyNetwork``) in ``families``. The IPv4 fields of ``ClusterNetwork``
-keep their names and meaning; ``ClusterNetwork.families`` gives both sides
-alike, and a single-stack network serialises exactly as before.
+node subnet, the pod and service CIDRs and the node blocks. The IPv4 fields
+of ``ClusterNetwork`` keep their names and meaning; ``ClusterNetwork.families``
+gives each family's side alike (``families.FamilyNetwork``), and a
+single-stack network serialises exactly as before.
 """
 
 from __future__ import annotations
@@ -47,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IP
 from pathlib import Path
 from typing import Any
 
-from . import dualstack
+from . import dualstack, rules
 from .cidr import (  # noqa: F401 - re-exported: the model's public arithmetic
     AZURE_RESERVED_PER_SUBNET,
     PRIVATE_RANGES,
@@ -366,7 +344,7 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
     """Parse every value, then apply every rule; errors accumulate."""
     warnings: list[str] = []
     n_errors_before = len(errors)
-    plugin, mode = _check_flags(given, errors)
+    plugin, mode = rules.check_flags(given, errors, plugins=NETWORK_PLUGINS, modes=PLUGIN_MODES)
 
     def value(name: str, default: Any) -> Any:
         return given.get(name, default)
@@ -401,10 +379,10 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
     )
 
     ranges = {"vnet-cidr": vnet, "node-subnet-cidr": subnet, "pod-cidr": pod, "service-cidr": svc}
-    _check_reserved({k: v for k, v in ranges.items() if v is not None}, errors)
-    _check_overlaps(vnet, subnet, pod, svc, errors)
-    _check_service(svc, dns, errors)
-    _check_blocks(pod, block, max_pods, errors, warnings)
+    rules.check_reserved({k: v for k, v in ranges.items() if v is not None}, RESERVED_RANGES, errors)
+    rules.check_overlaps(vnet, subnet, pod, svc, errors)
+    rules.check_service(svc, dns, errors)
+    rules.check_blocks(pod, block, max_pods, errors, warnings)
     if dual:
         dualstack.check_plugin(plugin, mode, errors=errors)
         dualstack.check_mtu(mtu, errors=errors)
@@ -441,146 +419,6 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
         ),
         warnings,
     )
-
-
-def _check_flags(given: dict[str, Any], errors: list[FieldError]) -> tuple[str | None, str | None]:
-    """azure-cli's flag combinations; returns the (plugin, mode) to use."""
-    plugin = given.get("network-plugin")
-    mode = given.get("network-plugin-mode")
-    if plugin is not None:
-        plugin = _parse_choice("network-plugin", plugin, NETWORK_PLUGINS, errors)
-    if mode is not None:
-        mode = _parse_choice("network-plugin-mode", mode, PLUGIN_MODES, errors)
-    ranges_given = [k for k in ("pod-cidr", "pod-cidrs", "service-cidr", "service-cidrs", "dns-service-ip") if k in given]
-    if "network-plugin" not in given:
-        if ranges_given:
-            errors.append(
-                FieldError(
-                    "network-plugin",
-                    f"--network-plugin is missing: specify the network plugin type when setting "
-                    f"{', '.join('--' + k for k in ranges_given)} (e.g. --network-plugin azure "
-                    "--network-plugin-mode overlay)",
-                )
-            )
-        if mode is not None:
-            errors.append(
-                FieldError("network-plugin", "--network-plugin is missing: --network-plugin-mode needs --network-plugin azure")
-            )
-        plugin, mode = "azure", "overlay"
-    elif plugin == "azure" and ("pod-cidr" in given or "pod-cidrs" in given) and mode != "overlay":
-        flag = "--pod-cidr" if "pod-cidr" in given else "--pod-cidrs"
-        errors.append(
-            FieldError(
-                "network-plugin-mode",
-                f"--network-plugin-mode is missing: {flag} with --network-plugin azure requires "
-                "--network-plugin-mode overlay (flat Azure CNI takes pod IPs from the node subnet)",
-            )
-        )
-    elif plugin == "kubenet" and mode is not None:
-        errors.append(
-            FieldError("network-plugin-mode", "--network-plugin-mode overlay applies to --network-plugin azure only")
-        )
-    service_given = "service-cidr" in given or "service-cidrs" in given
-    if service_given != ("dns-service-ip" in given):
-        missing = "dns-service-ip" if service_given else "service-cidr"
-        given_flag = "--service-cidrs" if "service-cidrs" in given and "service-cidr" not in given else "--service-cidr"
-        errors.append(FieldError(missing, f"--{missing} is missing: {given_flag} and --dns-service-ip go together"))
-    return plugin, mode
-
-
-def _check_reserved(ranges: dict[str, IPv4Network], errors: list[FieldError]) -> None:
-    """No range may touch a reserved range (equal, contain, or lie inside)."""
-    for name, net in ranges.items():
-        for r in RESERVED_RANGES:
-            if not overlaps(net, r):
-                continue
-            if net == r:
-                how = "is"
-            elif contains(net, r):
-                how = "contains"
-            else:  # two CIDRs that overlap are nested
-                how = "lies inside"
-            errors.append(FieldError(name, f"--{name} {net} {how} the reserved range {r}, which AKS forbids"))
-
-
-def _check_overlaps(
-    vnet: IPv4Network | None,
-    subnet: IPv4Network | None,
-    pod: IPv4Network | None,
-    svc: IPv4Network | None,
-    errors: list[FieldError],
-) -> None:
-    """The node subnet lies in the VNet; pod and service ranges stay out of
-    the VNet (and of a node subnet that strays outside it) and of each other."""
-    subnet_outside = bool(vnet and subnet and not contains(vnet, subnet))
-    if subnet_outside:
-        errors.append(FieldError("node-subnet-cidr", f"--node-subnet-cidr {subnet} is not inside --vnet-cidr {vnet}"))
-    codes = {"pod-cidr": "NetworkProfileCIDROverlapVNET", "service-cidr": "ServiceCidrOverlapExistingSubnetsCidr"}
-    for name, net in (("pod-cidr", pod), ("service-cidr", svc)):
-        if net is None:
-            continue
-        if vnet and overlaps(net, vnet):
-            errors.append(FieldError(name, f"--{name} {net} overlaps --vnet-cidr {vnet} ({codes[name]})"))
-        if subnet_outside and subnet and overlaps(net, subnet):
-            errors.append(FieldError(name, f"--{name} {net} overlaps --node-subnet-cidr {subnet} ({codes[name]})"))
-    if pod and svc and overlaps(pod, svc):
-        errors.append(FieldError("pod-cidr", f"--pod-cidr {pod} overlaps --service-cidr {svc}"))
-
-
-def _check_service(svc: IPv4Network | None, dns: IPv4Address | None, errors: list[FieldError]) -> None:
-    """Service CIDR size, and where the DNS service IP may sit in it."""
-    if svc is None:
-        return
-    if svc.prefixlen < 12:
-        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is larger than /12 (prefix length must be >= 12)"))
-    if svc.prefixlen > 30:
-        errors.append(FieldError("service-cidr", f"--service-cidr {svc} is too small (prefix length must be <= 30)"))
-    if dns is None:
-        return
-    if dns not in svc:
-        problem = f"is not inside --service-cidr {svc}"
-    elif dns == svc.network_address:
-        problem = f"is the network address of {svc}"
-    elif dns == svc.network_address + 1:
-        problem = f"is the first usable address of {svc}, reserved for kubernetes.default"
-    elif dns == svc.broadcast_address:
-        problem = f"is the broadcast address of {svc}"
-    else:
-        return
-    errors.append(FieldError("dns-service-ip", f"--dns-service-ip {dns} {problem}"))
-
-
-def _check_blocks(
-    pod: IPv4Network | None,
-    block: int | None,
-    max_pods: int | None,
-    errors: list[FieldError],
-    warnings: list[str],
-) -> None:
-    """The pod CIDR holds a block; a block holds max pods plus network,
-    gateway and broadcast; a public pod CIDR is only a warning."""
-    if pod is not None:
-        if block is not None and block < pod.prefixlen:
-            errors.append(
-                FieldError("pod-cidr", f"--pod-cidr {pod} is smaller than one node block (/{block}); use a /{block} or larger")
-            )
-        if not is_private(pod):
-            warnings.append(
-                f"--pod-cidr {pod} is not an RFC 1918 or RFC 6598 range; public pod ranges are accepted but unsupported"
-            )
-    if block is None or max_pods is None:
-        return
-    capacity = (1 << (32 - block)) - BLOCK_RESERVED
-    if capacity < max_pods:
-        best = 32 - (max_pods + BLOCK_RESERVED - 1).bit_length()
-        errors.append(
-            FieldError(
-                "node-cidr-size",
-                f"--node-cidr-size {block}: a /{block} node block holds {capacity} pods "
-                f"(after network, gateway and broadcast), fewer than --max-pods {max_pods}; "
-                f"use --node-cidr-size {best} or --max-pods {capacity}",
-            )
-        )
 
 
 def validate_expansion(old: ClusterNetwork, new_pod_cidr: str) -> ClusterNetwork:

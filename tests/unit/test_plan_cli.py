@@ -46,6 +46,20 @@ CASES = {
         *OVERLAY, "--pod-cidr", "10.224.128.0/17", "--service-cidr", "10.0.0.0/16", "--dns-service-ip", "10.0.0.1",
         "--max-pods", "300", "--nodes", "10",
     ],
+    # dual-stack (--ip-families ipv4,ipv6)
+    "dual-stack": [*OVERLAY, "--ip-families", "ipv4,ipv6"],
+    "dual-stack-ipv6-limited": [
+        *OVERLAY, "--ip-families", "ipv4,ipv6", "--pod-cidrs", "10.240.0.0/12,fd12:3456:789a::/72", "--nodes", "3000",
+    ],
+    "dual-stack-kubenet": [
+        "--network-plugin", "kubenet", "--ip-families", "ipv4,ipv6", "--pod-cidr", "10.240.0.0/12",
+        "--service-cidrs", "10.0.0.0/16,fd12:3456:789a:1::/112", "--dns-service-ip", "10.0.0.10", "--nodes", "250",
+    ],
+    "invalid-dual-stack": [
+        *OVERLAY, "--ip-families", "ipv4,ipv6", "--pod-cidrs", "10.244.0.0/16,fe80::/64",
+        "--service-cidrs", "10.0.0.0/16,fd12:3456:789a:1::/100", "--dns-service-ip", "fd12:3456:789a:1::a",
+        "--node-cidr-size-v6", "124",
+    ],
 }
 
 
@@ -107,14 +121,14 @@ def check_golden(name: str, text: str) -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_json(run, name):
     result = run(*CASES[name], "--output", "json")
-    assert result.exit_code == (2 if name == "invalid" else 0), result.output
+    assert result.exit_code == (2 if name.startswith("invalid") else 0), result.output
     check_golden(f"{name}.json", result.stdout)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_table(run, name):
     result = run(*CASES[name])
-    assert result.exit_code == (2 if name == "invalid" else 0), result.output
+    assert result.exit_code == (2 if name.startswith("invalid") else 0), result.output
     check_golden(f"{name}.txt", result.stdout + ("--- stderr ---\n" + result.stderr if result.stderr else ""))
 
 
@@ -202,11 +216,13 @@ NETWORK_FLAGS = [
     "--network-plugin", "--network-plugin-mode", "--vnet-cidr", "--node-subnet-cidr", "--pod-cidr",
     "--service-cidr", "--dns-service-ip", "--max-pods", "--node-cidr-size", "--backend", "--vni",
     "--vxlan-port", "--mtu", "--non-masquerade-cidrs",
+    "--ip-families", "--vnet-cidrs", "--node-subnet-cidrs", "--pod-cidrs", "--service-cidrs", "--node-cidr-size-v6",
 ]
 FLAG_VALUES = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20),
     st.from_regex(r"\A[0-9]{1,3}(\.[0-9]{1,3}){3}(/[0-9]{1,2})?\Z"),
-    st.sampled_from(["azure", "kubenet", "overlay", "vxlan", "auto", "250", "24", "fd00::/64"]),
+    st.sampled_from(["azure", "kubenet", "overlay", "vxlan", "auto", "250", "24", "fd00::/64", "ipv4,ipv6", "80",
+                     "10.244.0.0/16,fd12:3456:789a::/64", "10.0.0.0/16,fd12:3456:789a:1::/108"]),
 )
 
 
