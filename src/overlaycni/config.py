@@ -294,12 +294,19 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def merge_settings(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     """Merge raw settings; later layers win (flags over a file). Keys are
-    normalised to flag names; ``None`` values count as not given."""
+    normalised to flag names; ``None`` values count as not given. A later
+    single-family flag (``--pod-cidr``) replaces the IPv4 entry of an earlier
+    list (``pod-cidrs``), and a later list replaces an earlier single flag;
+    within one layer both must agree (``parse_network`` checks)."""
     out: dict[str, Any] = {}
     for layer in layers:
-        for key, value in (layer or {}).items():
-            if value is not None:
-                out[_norm_key(key)] = value
+        given = {_norm_key(k): v for k, v in (layer or {}).items() if v is not None}
+        for single, plural in dualstack.LIST_FLAG.items():
+            if single in given and plural not in given and plural in out:
+                out[plural] = dualstack.replace_ipv4_entry(out[plural], given[single])
+            if plural in given and single not in given:
+                out.pop(single, None)
+        out.update(given)
     return out
 
 

@@ -188,6 +188,18 @@ def resolve_range(
     return v4, v6
 
 
+def replace_ipv4_entry(raw_list: Any, ipv4: Any) -> Any:
+    """A raw list setting with its first (IPv4) entry replaced; a value that
+    is not a list is left for the parser to report."""
+    if isinstance(raw_list, str):
+        items: list[Any] = [s.strip() for s in raw_list.split(",") if s.strip()]
+    elif isinstance(raw_list, (list, tuple)):
+        items = list(raw_list)
+    else:
+        return raw_list
+    return [ipv4, *items[1:]]
+
+
 def _parse_range_list(
     given: Mapping[str, Any], single: str, *, families: tuple[IPFamily, ...] | None, errors: list[FieldError]
 ) -> tuple[IPNetwork, ...] | None:
@@ -275,13 +287,8 @@ def check_mtu(mtu: int | None, *, errors: list[FieldError]) -> None:
 
 def check_ipv6(side: IPv6Side, *, max_pods: int | None, errors: list[FieldError], warnings: list[str]) -> None:
     """AKS's rules for the IPv6 ranges (see the module note)."""
-    ranges = (
-        ("vnet-cidrs", side.vnet_cidr, "VNet"),
-        ("node-subnet-cidrs", side.node_subnet_cidr, "node subnet"),
-        ("pod-cidrs", side.pod_cidr, "pod CIDR"),
-        ("service-cidrs", side.service_cidr, "service CIDR"),
-    )
-    for flag, net, what in ranges:
+    for single, flag, what, _ in RANGE_FLAGS:
+        net: IPv6Network | None = getattr(side, single.replace("-", "_"))
         problem = ipv6_scope_problem(net) if net is not None else None
         if problem:
             errors.append(

@@ -19,7 +19,7 @@ Bits 64..79 of the address are the node index, so AKS's default /64 pod CIDR
 holds 65,536 node blocks, more than the 5,000-node AKS limit (an IPv4 /16
 holds 256 /24 blocks), and each block still has 2^48 addresses for at most
 250 pods. A /64 per node (Kubernetes' default ``--node-cidr-mask-size-ipv6``)
-would need a pod CIDR of /52 or larger for 5,000 nodes and buys nothing here:
+would need a pod CIDR of /51 or larger for 5,000 nodes and buys nothing here:
 pods get addresses from IPAM, never by SLAAC. ``--node-cidr-size-v6``
 changes the size; ``dualstack`` checks that a block fits in the IPv6 pod
 CIDR and holds max pods, and the cluster's node limit is the smaller of the

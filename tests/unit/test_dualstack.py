@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlaycni.config import FIELDS, IPFamily, check_network, contains, overlaps, parse_network
+from overlaycni.config import FIELDS, IPFamily, check_network, contains, merge_settings, overlaps, parse_network
 from overlaycni.errors import ConfigError, FieldError
 
 OVERLAY = {"network-plugin": "azure", "network-plugin-mode": "overlay"}
@@ -514,3 +514,23 @@ def test_any_dual_stack_input_gives_named_errors_or_a_network(raw):
         assert [f.family for f in net.families] == list(net.ip_families)
         for side in net.families:
             assert side.block_count >= 1 and ip_network(side.block_at(0)).subnet_of(side.pod_cidr)  # type: ignore[arg-type]
+
+
+# ----- layers: a file, then flags ----------------------------------------------------------------------
+
+
+def test_a_later_single_flag_replaces_the_ipv4_entry_of_an_earlier_list():
+    file = {"ip-families": ["ipv4", "ipv6"], "pod-cidrs": "10.1.0.0/16,fd12:3456:789b::/64"}
+    net = parse_network(merge_settings(OVERLAY, file, {"pod-cidr": "10.2.0.0/16"}))
+    assert [str(f.pod_cidr) for f in net.families] == ["10.2.0.0/16", "fd12:3456:789b::/64"]
+
+
+def test_a_later_list_replaces_an_earlier_single_flag():
+    merged = merge_settings(DUAL, {"pod-cidr": "10.1.0.0/16"}, {"pod-cidrs": ["10.2.0.0/16", "fd12:3456:789b::/64"]})
+    assert "pod-cidr" not in merged
+    assert [str(f.pod_cidr) for f in parse_network(merged).families] == ["10.2.0.0/16", "fd12:3456:789b::/64"]
+
+
+def test_within_one_layer_both_spellings_must_agree():
+    merged = merge_settings(DUAL, {"pod-cidr": "10.1.0.0/16", "pod-cidrs": "10.2.0.0/16,fd12:3456:789b::/64"})
+    assert_error(problems({}, **merged), "pod-cidrs", "disagree")

@@ -124,3 +124,15 @@ def test_binary_dual_stack_cluster_create_and_conflict(tmp_path):
     conflict = run_binary(*store, "cluster", "create", "--name", "d", *OVERLAY)
     assert conflict.returncode == 2 and "Traceback" not in conflict.stderr
     assert "--ip-families ipv4,ipv6 (asked ipv4)" in flat(conflict.stderr)
+
+
+def test_dual_stack_settings_from_a_file_and_flags_over_it(tmp_path):
+    path = tmp_path / "net.yaml"
+    path.write_text(
+        "network:\n  network-plugin: azure\n  network-plugin-mode: overlay\n  ip-families: [ipv4, ipv6]\n"
+        "  pod-cidrs: [10.240.0.0/16, 'fd12:3456:789b::/64']\n  node-cidr-size-v6: 96\n"
+    )
+    doc = json.loads(plan("--file", str(path), "-o", "json").stdout)
+    assert doc["ipv6"]["pod_cidr"] == "fd12:3456:789b::/64" and doc["ipv6"]["node_cidr_size"] == 96
+    doc = json.loads(plan("--file", str(path), "--pod-cidr", "10.240.0.0/15", "-o", "json").stdout)
+    assert doc["valid"] is True and doc["overlay"]["max_nodes"] == 512 and doc["ipv6"]["pod_cidr"] == "fd12:3456:789b::/64"
