@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from .cidr import IPAddress, IPNetwork, count_blocks
 
@@ -129,7 +129,7 @@ class FamilyNetwork:
         if not 0 <= index < self.block_count:
             raise IndexError(f"block {index} is outside {self.pod_cidr} ({self.block_count} x /{self.node_cidr_size})")
         first = int(self.pod_cidr.network_address) + index * self.block_addresses
-        return ip_network((first, self.node_cidr_size))
+        return type(self.pod_cidr)((first, self.node_cidr_size))
 
     def block_index(self, block: IPNetwork) -> int | None:
         """The number of ``block`` in the pod CIDR; None when it is not one
@@ -144,7 +144,7 @@ class FamilyNetwork:
         """The node block holding ``ip``; None outside the pod CIDR."""
         if ip.version != self.version or ip not in self.pod_cidr:
             return None
-        return ip_network((int(ip), self.node_cidr_size), strict=False)
+        return type(self.pod_cidr)((int(ip), self.node_cidr_size), strict=False)
 
     def gateway(self, block: IPNetwork) -> IPAddress:
         """The pods' gateway in ``block``: its first address after the network."""

@@ -103,6 +103,7 @@ FAMILY_CASES = [
     ("10.0.0.0/26", 28, IPFamily.ipv4),
     ("fd12:3456:789a::/112", 120, IPFamily.ipv6),
     ("fd12:3456:789a::/116", 124, IPFamily.ipv6),
+    ("::100:0/112", 120, IPFamily.ipv6),  # small integers stay IPv6
 ]
 
 
