@@ -103,7 +103,6 @@ FAMILY_CASES = [
     ("10.0.0.0/26", 28, IPFamily.ipv4),
     ("fd12:3456:789a::/112", 120, IPFamily.ipv6),
     ("fd12:3456:789a::/116", 124, IPFamily.ipv6),
-    ("::100:0/112", 120, IPFamily.ipv6),  # small integers stay IPv6
 ]
 
 
@@ -124,6 +123,12 @@ def test_blocks_match_ipaddress_subnets(pod, size, family):
         first, last = s.pod_range(b)
         usable = [a for a in b if not s.is_reserved(a, b)]
         assert (usable[0], usable[-1], len(usable)) == (first, last, s.pods_per_block)
+
+
+def test_ipv6_blocks_at_small_integers_stay_ipv6():
+    s = side("::/20", 24, IPFamily.ipv6)  # block 0 starts at integer 0, and /24 would fit IPv4 too
+    assert s.block_at(0) == IPv6Network("::/24") and s.block_of(IPv6Address("::1")) == IPv6Network("::/24")
+    assert s.block_at(3) == IPv6Network("0:300::/24")
 
 
 @settings(max_examples=200, deadline=None)
