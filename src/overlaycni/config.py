@@ -66,6 +66,11 @@ DEFAULT_NODE_CIDR_SIZE = 24
 DEFAULT_VNI = 4096
 DEFAULT_VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
+DEFAULT_WIREGUARD_PORT = 51820
+# outer IPv4 (20) + UDP (8) + WireGuard data header (type/reserved 4, receiver 4,
+# counter 8) + Poly1305 tag (16); the inner IP packet is carried without an Ethernet
+# header (https://www.wireguard.com/protocol/). An IPv6 underlay would need 80.
+WIREGUARD_OVERHEAD = 60
 BLOCK_RESERVED = 3  # network, gateway (.1), broadcast
 MAX_NODES_OVERLAY = 5000
 MAX_NODES_KUBENET = 400
@@ -76,7 +81,9 @@ RESERVED_RANGES = tuple(
 )
 NETWORK_PLUGINS = ("azure", "kubenet")
 PLUGIN_MODES = ("overlay",)
-BACKENDS = ("vxlan", "direct")
+BACKENDS = ("vxlan", "direct", "wireguard")
+# Bytes each backend adds to a pod packet on an IPv4 underlay.
+BACKEND_OVERHEAD = {"vxlan": VXLAN_OVERHEAD, "direct": 0, "wireguard": WIREGUARD_OVERHEAD}
 
 # Every key the model accepts, spelled as the flag without dashes.
 FIELDS = (
@@ -92,6 +99,7 @@ FIELDS = (
     "backend",
     "vni",
     "vxlan-port",
+    "wireguard-port",
     "mtu",
     "non-masquerade-cidrs",
     *dualstack.FIELDS,
@@ -114,6 +122,7 @@ class ClusterNetwork:
     backend: str = "vxlan"
     vni: int = DEFAULT_VNI
     vxlan_port: int = DEFAULT_VXLAN_PORT
+    wireguard_port: int = DEFAULT_WIREGUARD_PORT
     mtu: int | None = None  # None: derive from the underlay device
     non_masquerade_cidrs: tuple[IPv4Network, ...] = field(default_factory=tuple)
     # dual-stack: the families, and the IPv6 side (all None when single-stack)
@@ -202,17 +211,23 @@ class ClusterNetwork:
         """Bytes the backend adds to a pod packet of either family when the
         outer header is ``underlay``'s: VXLAN is outer IP + UDP (8) + VXLAN
         (8) + inner Ethernet (14), 50 over IPv4 and 70 over IPv6
-        (RFC 7348); ``direct`` adds nothing."""
-        if self.backend != "vxlan":
+        (RFC 7348); WireGuard is outer IP + UDP (8) + its data header (16)
+        + tag (16), 60 over IPv4 and 80 over IPv6; ``direct`` adds nothing."""
+        if self.backend not in ("vxlan", "wireguard"):
             return 0
-        return VXLAN_OVERHEAD - IPFamily.ipv4.ip_header_bytes + underlay.ip_header_bytes
+        return BACKEND_OVERHEAD[self.backend] - IPFamily.ipv4.ip_header_bytes + underlay.ip_header_bytes
 
     def pod_mtu(self, underlay_mtu: int) -> int:
         """The MTU pods get: explicit ``mtu``, else underlay minus the
         backend's encapsulation overhead."""
         if self.mtu is not None:
             return self.mtu
-        return underlay_mtu - (VXLAN_OVERHEAD if self.backend == "vxlan" else 0)
+        return underlay_mtu - self.overhead
+
+    @property
+    def overhead(self) -> int:
+        """Bytes the backend adds to each pod packet (IPv4 underlay)."""
+        return self.encap_overhead()
 
     def with_pod_cidr(self, pod_cidr: IPv4Network) -> ClusterNetwork:
         return replace(self, pod_cidr=pod_cidr)
@@ -221,13 +236,16 @@ class ClusterNetwork:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict keyed by flag names (round-trips through
         ``parse_network``). A single-stack network gives the keys it always
-        gave; a dual-stack one adds ``ip-families``, the per-family lists next
+        gave (``wireguard-port`` only with backend wireguard or a port of its
+        own); a dual-stack one adds ``ip-families``, the per-family lists next
         to the IPv4 flags (``pod-cidrs`` after ``pod-cidr``, which agree) and
         ``node-cidr-size-v6``, and lists IPv6 non-masquerade CIDRs too."""
         out: dict[str, Any] = {}
         for k, v in asdict(self).items():
             if k == "warnings" or k in _DUAL_STACK_ATTRS or (k == "pod_cidr" and not self.is_overlay):
                 continue  # flat Azure CNI has no pod CIDR; giving one is an error
+            if k == "wireguard_port" and self.backend != "wireguard" and v == DEFAULT_WIREGUARD_PORT:
+                continue  # records of the other backends keep the keys they always had
             key = k.replace("_", "-")
             if isinstance(v, (IPv4Network, IPv4Address)):
                 v = str(v)
@@ -373,6 +391,7 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
     backend = _parse_choice("backend", value("backend", "vxlan"), BACKENDS, errors)
     vni = _parse_int("vni", value("vni", DEFAULT_VNI), 1, 2**24 - 1, errors)
     port = _parse_int("vxlan-port", value("vxlan-port", DEFAULT_VXLAN_PORT), 1, 65535, errors)
+    wg_port = _parse_int("wireguard-port", value("wireguard-port", DEFAULT_WIREGUARD_PORT), 1, 65535, errors)
     mtu_raw = value("mtu", "auto")
     mtu = None if str(mtu_raw).strip().lower() == "auto" else _parse_int("mtu", mtu_raw, 576, 9000, errors)
     nomasq, nomasq6 = dualstack.parse_non_masquerade(value("non-masquerade-cidrs", []), dual=dual, errors=errors)
@@ -397,7 +416,7 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
 
     if families is None or (dual and not v6.complete):
         return None, warnings
-    if len(errors) > n_errors_before or None in (vnet, subnet, pod, svc, dns, max_pods, block, backend, vni, port):
+    if len(errors) > n_errors_before or None in (vnet, subnet, pod, svc, dns, max_pods, block, backend, vni, port, wg_port):
         return None, warnings
     assert plugin is not None
     return (
@@ -414,6 +433,7 @@ def _build(given: dict[str, Any], errors: list[FieldError]) -> tuple[ClusterNetw
             backend=backend,  # type: ignore[arg-type]
             vni=vni,  # type: ignore[arg-type]
             vxlan_port=port,  # type: ignore[arg-type]
+            wireguard_port=wg_port,  # type: ignore[arg-type]
             mtu=mtu,
             non_masquerade_cidrs=nomasq,
             ip_families=families,

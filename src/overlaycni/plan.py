@@ -17,6 +17,12 @@ table limit in https://learn.microsoft.com/azure/aks/configure-kubenet):
 "usable" is the node subnet's size minus the 5 addresses Azure reserves in
 every subnet (https://learn.microsoft.com/azure/virtual-network/virtual-networks-faq).
 
+Data plane: each backend adds bytes to every pod packet on the underlay
+(IPv4): vxlan 50 (outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14), direct 0,
+wireguard 60 (outer IP 20, UDP 8, WireGuard data header 16, Poly1305 tag 16;
+https://www.wireguard.com/protocol/). The pod MTU is the underlay MTU minus
+that, unless ``--mtu`` sets it.
+
 Why overlay ends VNet IP exhaustion: a node costs the VNet 1 address in
 overlay but ``1 + max pods`` in flat mode. When the pod CIDR (not the VNet)
 is what caps overlay, the verdict names the pod CIDR size that would lift
@@ -86,6 +92,37 @@ class ModelCapacity:
         return out
 
 
+OVERHEAD_PARTS = {
+    "vxlan": "outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14",
+    "direct": "none: pod packets are routed as they are",
+    "wireguard": "outer IPv4 20 + UDP 8 + WireGuard header 16 + auth tag 16",
+}
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """What the backend does to a pod packet on an underlay of ``underlay_mtu``."""
+
+    backend: str
+    overhead: int
+    underlay_mtu: int
+    pod_mtu: int
+    encrypted: bool
+
+    @property
+    def parts(self) -> str:
+        return OVERHEAD_PARTS[self.backend]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"backend": self.backend, "overhead": self.overhead, "underlay_mtu": self.underlay_mtu,
+                "pod_mtu": self.pod_mtu, "encrypted": self.encrypted}  # fmt: skip
+
+
+def data_plane(net: ClusterNetwork, underlay_mtu: int = 1500) -> DataPlane:
+    """The data plane on an IPv4 underlay of ``underlay_mtu``."""
+    return DataPlane(net.backend, net.overhead, underlay_mtu, net.pod_mtu(underlay_mtu), net.backend == "wireguard")
+
+
 def pod_prefix_for(nodes: int, block_prefix: int, *, min_prefix: int = MIN_POD_PREFIX) -> int | None:
     """The longest prefix (smallest pod CIDR) holding ``nodes`` blocks of
     /block_prefix; None if that would be larger than a /min_prefix."""
@@ -125,6 +162,7 @@ class Plan:
     kubenet: ModelCapacity
     nodes: int | None
     ipv6: FamilyCapacity | None = None  # dual-stack only
+    data_plane: DataPlane | None = None
 
     def models(self) -> tuple[ModelCapacity, ModelCapacity, ModelCapacity]:
         return (self.overlay, self.flat, self.kubenet)
@@ -185,7 +223,7 @@ def _min_with_reason(*terms: tuple[int, str]) -> tuple[int, str]:
     return value, next(name for v, name in terms if v == value)
 
 
-def make_plan(net: ClusterNetwork, nodes: int | None = None) -> Plan:
+def make_plan(net: ClusterNetwork, nodes: int | None = None, *, underlay_mtu: int = 1500) -> Plan:
     usable = usable_subnet_ips(net.node_subnet_cidr)
     dual = net.is_dual_stack
     blocks = tuple((f.block_count, LIMIT_POD_CIDR_FAMILY[f.family] if dual else LIMIT_POD_CIDR) for f in net.families)
@@ -202,7 +240,8 @@ def make_plan(net: ClusterNetwork, nodes: int | None = None) -> Plan:
     kubenet = ModelCapacity("kubenet", k_nodes, k_nodes * per_node, 1, k_why)
     v6 = net.family(IPFamily.ipv6)
     ipv6 = FamilyCapacity(v6, o_nodes, o_nodes * per_node, o_why) if v6 is not None else None
-    return Plan(net, _with_need(overlay, nodes), _with_need(flat, nodes), _with_need(kubenet, nodes), nodes, ipv6)
+    return Plan(net, _with_need(overlay, nodes), _with_need(flat, nodes), _with_need(kubenet, nodes), nodes, ipv6,
+                data_plane(net, underlay_mtu))  # fmt: skip
 
 
 def plan_json(
@@ -221,6 +260,8 @@ def plan_json(
     }
     for name in MODELS:
         out[name] = getattr(plan, name).to_dict() if valid and plan else None
+    if valid and plan and plan.data_plane and isinstance(out["overlay"], dict):
+        out["overlay"]["data_plane"] = plan.data_plane.to_dict()  # the overlay's packets: backend, overhead, MTU
     asked = nodes if nodes is not None else (plan.nodes if plan else None)
     if asked is not None:
         out["fits"] = {m.model: bool(m.fits) for m in plan.models()} if valid and plan else None

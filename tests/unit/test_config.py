@@ -695,3 +695,15 @@ def test_parsed_cidr_round_trips_or_suggests_its_network(net, kind):
 
 def test_cluster_network_is_hashable_and_comparable():
     assert {parse_network({}), parse_network({})} == {ClusterNetwork()}
+
+
+def test_wireguard_backend_port_and_mtu():
+    net = parse_network({"backend": "wireguard"})
+    assert net.wireguard_port == 51820 and net.overhead == 60 and net.pod_mtu(1500) == 1440
+    assert parse_network({"backend": "wireguard", "wireguard-port": "51999"}).to_dict()["wireguard-port"] == 51999
+    with pytest.raises(ConfigError) as exc:
+        parse_network({"backend": "wireguard", "wireguard-port": "0"})
+    assert [e.field for e in exc.value.errors] == ["wireguard-port"]
+    with pytest.raises(ConfigError) as exc:
+        parse_network({"backend": "ipsec"})
+    assert "wireguard" in str(exc.value.errors[0])

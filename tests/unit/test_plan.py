@@ -212,3 +212,17 @@ def test_json_carries_warnings():
 def test_json_with_errors_never_reports_capacity():
     doc = plan_json(plan_for(10), [FieldError("vni", "--vni 0 is out of range")], [], nodes=10)
     assert doc["valid"] is False and doc["overlay"] is None and doc["fits"] is None
+
+
+@pytest.mark.parametrize(
+    "backend, underlay, overhead, pod_mtu",
+    [("vxlan", 1500, 50, 1450), ("direct", 1500, 0, 1500), ("wireguard", 1500, 60, 1440), ("wireguard", 9000, 60, 8940)],
+)
+def test_data_plane_overhead_and_pod_mtu(backend, underlay, overhead, pod_mtu):
+    from overlaycni.plan import data_plane
+
+    d = make_plan(parse_network(backend=backend), underlay_mtu=underlay).data_plane
+    assert d == data_plane(parse_network(backend=backend), underlay)
+    assert (d.overhead, d.pod_mtu, d.encrypted) == (overhead, pod_mtu, backend == "wireguard")
+    fixed = make_plan(parse_network(backend=backend, mtu="1300"), underlay_mtu=underlay).data_plane
+    assert fixed.pod_mtu == 1300 and fixed.overhead == overhead

@@ -42,6 +42,7 @@ CASES = {
     ],
     "small-subnet": [*OVERLAY, "--node-subnet-cidr", "10.224.0.0/28", "--max-pods", "30", "--node-cidr-size", "26"],
     "public-pod-cidr": [*OVERLAY, "--pod-cidr", "20.0.0.0/16"],
+    "wireguard-jumbo": [*OVERLAY, "--backend", "wireguard", "--underlay-mtu", "9000"],
     "invalid": [
         *OVERLAY, "--pod-cidr", "10.224.128.0/17", "--service-cidr", "10.0.0.0/16", "--dns-service-ip", "10.0.0.1",
         "--max-pods", "300", "--nodes", "10",

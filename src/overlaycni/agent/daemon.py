@@ -31,11 +31,12 @@ from typing import Any
 from .. import ipam
 from ..dataplane import Dataplane, NodeState
 from ..datastore import Store, open_datastore
-from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError
+from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError, OverlayCNIError
 from .cniops import NodeContext
 from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
 from .server import serve_unix
+from .wireguard import KeyRotator, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
 LOG_LEVEL_ENV = "OVERLAYCNI_LOG_LEVEL"  # DEBUG shows datastore fail-over, lock waits and data-plane batches
@@ -57,6 +58,7 @@ class Agent:
         self.metrics = AgentMetrics()
         self.stop_event = threading.Event()
         self.node: RunningNode | None = None
+        self.rotator: KeyRotator | None = None  # backend wireguard only
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self._http: Any = None
@@ -90,17 +92,19 @@ class Agent:
         o = self.opts
         store = self._open()
         net = ipam.get_cluster(store, o.cluster)
+        wg_key = NodeKey(o.wireguard_key) if net.backend == "wireguard" else None
         if self._dp is None:
-            from ..dataplane.linux import LinuxDataplane
+            from ..dataplane.linux import LinuxDataplane, WireGuardSettings
 
-            self._dp = LinuxDataplane()
+            self._dp = LinuxDataplane(wireguard=WireGuardSettings(mode=o.wireguard_mode, socket_dir=o.wireguard_socket_dir))
         info = self._dp.node_info(o.node_ip, backend=net.backend, mtu=net.mtu)
         lease = store.grant_lease(o.lease_ttl)
-        record = ipam.register_node(store, o.cluster, o.node, o.node_ip, vtep_mac=info.vtep_mac, lease=lease)
+        record = ipam.register_node(store, o.cluster, o.node, o.node_ip, vtep_mac=info.vtep_mac, lease=lease,
+                                    **record_identity(wg_key, net.wireguard_port))  # fmt: skip
         start_rev = store.revision()
         node = RunningNode(
             o, NodeContext(cluster=o.cluster, network=net, record=record, pod_mtu=info.pod_mtu),
-            store=store, dp=self._dp, lease=lease, metrics=self.metrics, stop=self.stop_event,
+            store=store, dp=self._dp, lease=lease, metrics=self.metrics, stop=self.stop_event, wg_key=wg_key,
         )
         self.node = node
         self._server = serve_unix(o.socket, functools.partial(self._handle, node), self._observe)
@@ -110,6 +114,12 @@ class Agent:
         self._spawn("watch", node.watch_loop, start_rev)
         self._spawn("resync", node.resync_loop)
         self._spawn("policy", node.policy.run)
+        if wg_key is not None:
+            self.rotator = KeyRotator(
+                store, cluster=o.cluster, node=o.node, node_key=wg_key,
+                reconcile=node.resync, publish=node.publish_record, stop=self.stop_event,
+            )  # fmt: skip
+            self._spawn("wgrotate", self.rotator.run)
         self.metrics.ready.set(1)
         return {
             "event": "ready",
@@ -120,6 +130,7 @@ class Agent:
             "vtep_mac": info.vtep_mac,
             "backend": net.backend,
             "pod_mtu": info.pod_mtu,
+            "wireguard_public_key": wg_key.key.public if wg_key else None,
             "underlay": info.underlay_ifname,
             "socket": o.socket,
             "metrics": self._metrics_url(),
@@ -167,8 +178,24 @@ class Agent:
             "policy_error": n.policy.last_error if n else None,
             "policy_passes": dict(n.policy.passes) if n else {},
             "bad_records": dict(n.bad.counts) if n else {},
+            "wireguard": self._wg_health(),
             "pid": os.getpid(),
         }
+
+    def _wg_health(self) -> dict[str, Any] | None:
+        """Backend wireguard: the public key, rotations, and the device as it reports itself."""
+        n = self.node
+        if n is None or n.wg_key is None:
+            return None
+        out: dict[str, Any] = {"public_key": n.wg_key.key.public, "rotations": self.rotator.rotations if self.rotator else 0}
+        try:
+            dev = n.dp.wireguard_device()
+        except OverlayCNIError as exc:
+            return {**out, "error": exc.message}
+        if dev is not None:
+            out.update(implementation=dev.implementation, pid=dev.pid, listen_port=dev.listen_port, peers=len(dev.peers),
+                       peers_with_handshake=sum(1 for p in dev.peers if p.last_handshake))  # fmt: skip
+        return out
 
     def _tls_status(self) -> dict[str, Any] | None:
         """The client certificate in use (etcds://): rotations show here."""

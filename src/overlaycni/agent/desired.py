@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from ..config import ClusterNetwork
 from ..dataplane import NodeState, Peer, PodEndpoint, host_veth_name, vtep_mac
+from ..dataplane.wgmodel import PrivateKey
 from ..ipam import Allocation, NodeRecord
 
 
@@ -20,6 +21,8 @@ def peer_of(record: NodeRecord) -> Peer:
         node_ip=record.node_ip,
         block=record.block,
         vtep_mac=record.vtep_mac or vtep_mac(record.node_ip),
+        wg_public_key=record.wireguard_public_key,
+        wg_port=record.wireguard_port,
     )
 
 
@@ -30,6 +33,7 @@ def node_state(
     allocations: Iterable[Allocation],
     *,
     present_veths: Iterable[str] | None = None,
+    wireguard_key: PrivateKey | None = None,
 ) -> NodeState:
     """Desired state of node ``me``. Pods whose host veth is not in
     ``present_veths`` (an ADD in flight, or a leak for GC to clear) are left
@@ -55,4 +59,6 @@ def node_state(
         peers=peers,
         pods=tuple(sorted(pods, key=lambda p: int(p.ip))),
         non_masquerade_cidrs=net.non_masquerade_cidrs,
+        wireguard_port=net.wireguard_port,
+        wireguard_key=wireguard_key,
     )

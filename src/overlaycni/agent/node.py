@@ -42,6 +42,7 @@ from .cniops import CNIOps, NodeContext
 from .desired import node_state, peer_of
 from .metrics import AgentMetrics
 from .policy import PolicyController
+from .wireguard import DEFAULT_KEY_FILE, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
@@ -61,6 +62,9 @@ class AgentOptions:
     lease_ttl: int = 15
     resync_interval: float = 30.0
     startup_timeout: float = 60.0
+    wireguard_key: str = DEFAULT_KEY_FILE  # backend wireguard: the node's private key file
+    wireguard_socket_dir: str = "/var/run/wireguard"  # wireguard-go's UAPI socket dir
+    wireguard_mode: str = "auto"  # auto | kernel | userspace
 
 
 class BadRecords:
@@ -94,9 +98,12 @@ class RunningNode:
         lease: int,
         metrics: AgentMetrics,
         stop: threading.Event,
+        wg_key: NodeKey | None = None,
     ) -> None:
-        """Reconciles the kernel once (raising if that fails: the agent does not start half-done)."""
+        """Reconciles the kernel once (raising if that fails: the agent does not start half-done).
+        ``wg_key``: the node's WireGuard key (backend wireguard)."""
         self.opts, self.ctx = opts, ctx
+        self.wg_key = wg_key
         self.store, self.dp, self.lease = store, dp, lease
         self.metrics, self.stop = metrics, stop
         self.kernel_lock = threading.RLock()
@@ -123,7 +130,8 @@ class RunningNode:
             nodes = ipam.list_nodes(self.store, c.cluster, on_bad=self.bad.report)
         allocations = ipam.list_allocations(self.store, c.cluster, node=c.record.name, on_bad=self.bad.report)
         with self.kernel_lock:
-            state = node_state(c.network, c.record, nodes, allocations, present_veths=self.dp.list_pod_veths())
+            state = node_state(c.network, c.record, nodes, allocations, present_veths=self.dp.list_pod_veths(),
+                               wireguard_key=self.wg_key.key if self.wg_key else None)  # fmt: skip
             report = self.dp.reconcile(state)
             self.state = state
         self.last_resync = time.time()
@@ -162,9 +170,14 @@ class RunningNode:
         except NotFound:
             self.lease = self.store.grant_lease(self.opts.lease_ttl)
         self.ctx.record = ipam.register_node(
-            self.store, o.cluster, c.name, c.node_ip, vtep_mac=c.vtep_mac, lease=self.lease
+            self.store, o.cluster, c.name, c.node_ip, vtep_mac=c.vtep_mac, lease=self.lease,
+            **record_identity(self.wg_key, self.ctx.network.wireguard_port),
         )
         log.info("node record re-registered (block %s)", self.ctx.record.block)
+
+    def publish_record(self) -> None:
+        """Write this node's record again (a rotated WireGuard key)."""
+        self._reregister()
 
     # ----- loops ------------------------------------------------------------------------
     def lease_loop(self) -> None:
@@ -216,11 +229,11 @@ class RunningNode:
             new = peer_of(record) if record is not None and record.name != me else None
             if old == new:
                 return
-            if old is not None:
-                self.dp.delete_peer(self.state, old)
+            if old is not None and (new is None or (old.block, old.node_ip) != (new.block, new.node_ip)):
+                self.dp.delete_peer(self.state, old)  # a changed MAC or WireGuard key is updated in place
                 self.state = _with_peers(self.state, tuple(p for p in self.state.peers if p.name != name))
             if new is not None:
-                self.state = _with_peers(self.state, (*self.state.peers, new))
+                self.state = _with_peers(self.state, (*(p for p in self.state.peers if p.name != name), new))
                 self.dp.ensure_peer(self.state, new)
         if new is not None:
             log.info("peer %s %s (%s, block %s)", name, "updated" if old else "added", new.node_ip, new.block)

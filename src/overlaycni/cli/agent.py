@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket as socketlib
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -29,6 +30,14 @@ agent_app = typer.Typer(
 )
 
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
+
+
+class WireGuardMode(StrEnum):
+    auto = "auto"
+    kernel = "kernel"
+    userspace = "userspace"
+
+
 SocketOpt = Annotated[str, typer.Option("--socket", help="Unix socket the plugin talks to (mode 0600).")]
 
 
@@ -45,6 +54,16 @@ def agent(
     ] = "127.0.0.1:9161",
     lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, max=3600, help="Seconds before peers drop a silent node.")] = 15,
     resync_interval: Annotated[float, typer.Option("--resync-interval", min=0.5, help="Seconds between full reconciles.")] = 30.0,
+    wireguard_key: Annotated[
+        str, typer.Option("--wireguard-key", help="Backend wireguard: this node's private key file (generated 0600 if missing).")
+    ] = "/var/lib/overlaycni/wireguard.key",
+    wireguard_socket_dir: Annotated[
+        str, typer.Option("--wireguard-socket-dir", help="Backend wireguard: wireguard-go's UAPI socket dir (one per node).")
+    ] = "/var/run/wireguard",
+    wireguard_mode: Annotated[
+        WireGuardMode,
+        typer.Option("--wireguard-mode", help="Backend wireguard: kernel (module), userspace (wireguard-go), or auto."),
+    ] = WireGuardMode.auto,
 ) -> None:
     """Run the node agent in the foreground (for systemd or a DaemonSet).
 
@@ -76,6 +95,9 @@ def agent(
         metrics_addr=metrics_addr or None,
         lease_ttl=lease_ttl,
         resync_interval=resync_interval,
+        wireguard_key=wireguard_key,
+        wireguard_socket_dir=wireguard_socket_dir,
+        wireguard_mode=wireguard_mode.value,
     )
     raise typer.Exit(run_agent(opts))
 

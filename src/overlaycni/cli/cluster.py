@@ -3,6 +3,7 @@ node blocks in the datastore."""
 
 from __future__ import annotations
 
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Annotated, Any
@@ -189,10 +190,63 @@ def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
     if output is Output.json:
         print_json([n.to_dict() for n in nodes])
         return
-    table = Table("name", "node IP", "block", "VTEP MAC")
+    wg = any(n.wireguard_public_key for n in nodes)
+    table = Table("name", "node IP", "block", "VTEP MAC", *(["WireGuard public key", "endpoint"] if wg else []))
     for n in nodes:
-        table.add_row(n.name, str(n.node_ip), str(n.block), n.vtep_mac or "-")
+        extra = [n.wireguard_public_key or "-", n.wireguard_endpoint or "-"] if wg else []
+        table.add_row(n.name, str(n.node_ip), str(n.block), n.vtep_mac or "-", *extra)
     console.print(table)
+
+
+@node_app.command(
+    "rotate-key",
+    epilog="Example: overlaycni node rotate-key node-1 --cluster prod  (the node's agent makes the new key; "
+    "the CLI never sees a private key)",
+)
+def node_rotate_key(
+    ctx: typer.Context,
+    node: Annotated[str, typer.Argument(help="The node whose WireGuard key to replace.", show_default=False)],
+    cluster: ClusterOpt,
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, help="Seconds to wait for the node's agent to publish the new key (0: do not wait).")
+    ] = 60.0,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Replace a node's WireGuard key pair (backend wireguard).
+
+    Writes a request to the datastore; the node's agent generates the new
+    pair on the node, uses it, and publishes the public key in its node
+    record; every peer then switches to it (about one handshake of loss).
+    Exit status 1 if the agent did not act within --wait (the request stays
+    pending and is acted on when the agent runs)."""
+    from ..ipam.rotation import pending_key_rotation, request_key_rotation
+
+    store = open_store(ctx)
+    try:
+        old = ipam.get_node(store, cluster, node).wireguard_public_key
+        req = request_key_rotation(store, cluster, node)
+        deadline = time.monotonic() + wait
+        new = old
+        while wait > 0 and time.monotonic() < deadline:
+            new = ipam.get_node(store, cluster, node).wireguard_public_key
+            if new != old and pending_key_rotation(store, cluster, node) is None:
+                break
+            time.sleep(0.1)
+        else:
+            new = ipam.get_node(store, cluster, node).wireguard_public_key
+    finally:
+        store.close()
+    rotated = new != old
+    if output is Output.json:
+        print_json({"node": node, "request": req.id, "old_public_key": old, "new_public_key": new if rotated else None,
+                    "rotated": rotated})  # fmt: skip
+    elif rotated:
+        console.print(f"node {node}: WireGuard key rotated; public key {old} -> {new}", highlight=False)
+    else:
+        console.print(f"node {node}: key rotation requested ({req.id})" + (
+            f"; its agent has not published a new key within {wait:g}s (is it running?)" if wait else ""), highlight=False)  # fmt: skip
+    if wait and not rotated:
+        raise typer.Exit(1)
 
 
 @node_app.command("delete", epilog="Example: overlaycni node delete --cluster dev --name node-1")

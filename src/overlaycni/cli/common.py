@@ -64,10 +64,11 @@ _NETWORK_FLAGS: list[tuple[str, str, str]] = [
     ("dns_service_ip", "--dns-service-ip", "Cluster DNS IP inside --service-cidr (default 10.0.0.10)."),
     ("max_pods", "--max-pods", "Max pods per node, 10..250 (default 250)."),
     ("node_cidr_size", "--node-cidr-size", "Prefix length of each node's block (default 24)."),
-    ("backend", "--backend", "vxlan (encapsulate between node IPs) or direct (route via node IPs)."),
+    ("backend", "--backend", "vxlan (encapsulate), direct (plain routing) or wireguard (encrypt) between node IPs."),
     ("vni", "--vni", "VXLAN network identifier (default 4096)."),
     ("vxlan_port", "--vxlan-port", "VXLAN UDP port (default 4789)."),
-    ("mtu", "--mtu", "Pod MTU, or auto: underlay MTU minus 50 for vxlan (default auto)."),
+    ("wireguard_port", "--wireguard-port", "WireGuard UDP port of every node (default 51820)."),
+    ("mtu", "--mtu", "Pod MTU, or auto: underlay MTU minus 50 for vxlan, 60 for wireguard (default auto)."),
     ("non_masquerade_cidrs", "--non-masquerade-cidrs", "Comma-separated destinations pods reach without SNAT."),
 ]
 

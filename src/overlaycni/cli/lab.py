@@ -330,7 +330,7 @@ def render_node_matrix(rep: lab_check.CheckReport, node_of: dict[str, str]) -> N
 
 
 def render_check(rep: lab_check.CheckReport, node_of: dict[str, str] | None = None) -> None:
-    mark = "V" if rep.backend == "vxlan" else "D"
+    mark = {"vxlan": "V", "wireguard": "W"}.get(rep.backend, "D")
     if node_of and len(rep.pods) > MAX_POD_MATRIX:
         render_node_matrix(rep, node_of)
         _render_verdict(rep)
@@ -356,7 +356,10 @@ def render_check(rep: lab_check.CheckReport, node_of: dict[str, str] | None = No
         row.append("-" if e is None else ("[green]✓ SNAT[/]" if e.ok else "[red]✗[/]"))
         table.add_row(*row)
     console.print(table)
-    legend = "VXLAN between the node IPs seen on the underlay" if mark == "V" else "plain pod packet routed on the underlay"
+    legend = {
+        "V": "VXLAN between the node IPs seen on the underlay",
+        "W": "WireGuard UDP between the node IPs on the underlay, no pod address in clear",
+    }.get(mark, "plain pod packet routed on the underlay")
     console.print(f"✓ reply   ✓{mark} reply + {legend}   ✓ SNAT external host saw the node IP", highlight=False)
     _render_verdict(rep)
 

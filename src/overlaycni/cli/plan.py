@@ -28,6 +28,9 @@ def plan(
     nodes: Annotated[
         int | None, typer.Option("--nodes", min=1, help="Check whether this many nodes fit each model.")
     ] = None,
+    underlay_mtu: Annotated[
+        int, typer.Option("--underlay-mtu", min=576, max=65535, help="MTU of the node network, for the pod MTU shown.")
+    ] = 1500,
     output: OutputOpt = Output.table,
     file: Annotated[
         Path | None,
@@ -47,7 +50,7 @@ def plan(
         net, errors, warnings = None, exc.errors, exc.warnings
     else:
         net, errors, warnings = check_network(settings)
-    result = make_plan(net, nodes) if net else None
+    result = make_plan(net, nodes, underlay_mtu=underlay_mtu) if net else None
     if output is Output.json:
         print_json(plan_json(result, errors, warnings, nodes=nodes))
     else:
@@ -108,4 +111,12 @@ def render_plan(p: Plan, out: Console | None = None) -> None:
         )
     flat_note = " (IPv4 only: AKS offers dual-stack with overlay and kubenet)" if n.is_dual_stack else ""
     out.print(f"flat: Azure CNI without overlay; every pod IP is a node subnet IP{flat_note}.", highlight=False)
+    if p.data_plane is not None:
+        d = p.data_plane
+        how = "encrypted between node IPs" if d.encrypted else ("encapsulated" if d.overhead else "routed")
+        out.print(
+            f"data plane: {d.backend} ({how}), {d.overhead} bytes per packet ({d.parts}); "
+            f"pod MTU {d.pod_mtu} on a {d.underlay_mtu}-byte underlay",
+            highlight=False,
+        )
     out.print(f"[bold]Verdict:[/] {p.verdict()}", highlight=False)

@@ -6,7 +6,9 @@ the netlink/nftables ones, so both run exactly this code.
 
 Reconcile is "desired state vs kernel" (Calico style): read the owned
 objects, compute the difference, program only that, in flannel's order
-(neighbour, FDB, route; removal route, FDB, neighbour). Pod routes and pod
+(neighbour, FDB, route; removal route, FDB, neighbour). The wireguard
+backend's device and peers are a strategy (``wireguard.py``) called at the
+same points: WireGuard peer before route, removal in reverse. Pod routes and pod
 set elements are only removed when their host veth is gone: a CNI ADD that
 raced with a reconcile computed from an older pod list must not lose its
 route (leaked veths are found by ``list_pod_veths`` and removed by GC).
@@ -24,6 +26,7 @@ from typing import Any
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
 from . import nftmodel
 from .model import (
+    BACKEND_OVERHEAD,
     GATEWAY_LABEL,
     VXLAN_IFNAME,
     VXLAN_OVERHEAD,
@@ -45,7 +48,9 @@ from .model import (
     vtep_mac,
 )
 from .policytable import PolicyTableSync
-from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls
+from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls, WireGuard
+from .wgmodel import WG_IFNAME, WgDevice
+from .wireguard import WireGuardBackend
 
 log = logging.getLogger(__name__)
 SUMMARY_OVER = 20  # more changed objects of one kind than this are reported as one line
@@ -79,6 +84,7 @@ class Ports:
     sysctls: Sysctls
     pods: PodLinks
     policy_nft: NftRuleset  # inet overlaycni (NetworkPolicy)
+    wireguard: WireGuard | None = None  # None: backend wireguard is not supported
 
 
 def _same_route(want: Route, have: Route | None) -> bool:
@@ -97,6 +103,8 @@ class NodeDataplane:
         self.policy_table = PolicyTableSync(ports.policy_nft)
         self._lock = threading.RLock()
         self._pod_routes: list[Route] | None = None  # pod routes seen by the running reconcile
+        self._wg = WireGuardBackend(ports.wireguard)
+        self.last_state: NodeState | None = None  # what the kernel was last reconciled to (for repairs)
 
     # --- node -----------------------------------------------------------------
 
@@ -104,7 +112,7 @@ class NodeDataplane:
         link = self.p.links.link_with_address(node_ip)
         if link is None:
             raise UnderlayNotFound(f"node_ip: no interface in the node's network namespace has the address {node_ip}")
-        overhead = VXLAN_OVERHEAD if backend == "vxlan" else 0
+        overhead = BACKEND_OVERHEAD.get(backend, 0)
         max_mtu = link.mtu - overhead
         if mtu is not None and mtu > max_mtu:
             raise ConfigError(FieldError("mtu", f"{mtu} exceeds {max_mtu} ({link.name} MTU {link.mtu} - {overhead})"))
@@ -121,6 +129,7 @@ class NodeDataplane:
             report = ReconcileReport()
             info = self.node_info(state.node_ip, backend=state.backend, mtu=state.mtu)
             self._pod_routes = None
+            self.last_state = state
             try:
                 for step in (self._sysctls, self._device, self._gateway, self._peers_and_routes, self._nft):
                     try:
@@ -142,9 +151,14 @@ class NodeDataplane:
                 report.changes.append(f"sysctl {key}={value}")
 
     def _device(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
+        if state.backend != "wireguard":
+            self._wg.teardown_device(report)
         if state.backend != "vxlan":
             if self.p.links.delete_link(VXLAN_IFNAME):
                 report.changes.append(f"link {VXLAN_IFNAME} deleted (backend {state.backend})")
+            if state.backend == "wireguard":
+                self._wg.setup_device(state, info, report)
+                self._only_address(WG_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), label=None, report=report)
             return
         spec = VxlanSpec(
             name=VXLAN_IFNAME,
@@ -169,6 +183,8 @@ class NodeDataplane:
             report.changes.append(f"address {addr} added to {dev}")
 
     def _reachable_peers(self, state: NodeState, report: ReconcileReport | None) -> list[Peer]:
+        if state.backend == "wireguard":
+            return self._wg.usable_peers(state, report)
         if state.backend != "direct":
             return list(state.peers)
         ok = []
@@ -197,6 +213,8 @@ class NodeDataplane:
         live = {link.name for link in self.p.links.list_links()}
         want_routes = {r.dst: r for r in [o.route for o in objs]}
         want_routes[state.block] = Route(dst=state.block, unreachable=True)
+        if state.backend == "wireguard":  # a pod packet without a peer never leaves in clear
+            want_routes.setdefault(state.pod_cidr, Route(dst=state.pod_cidr, unreachable=True))
         for pod in state.pods:
             if pod.host_veth in live:
                 want_routes[IPv4Network(f"{pod.ip}/32")] = pod_route(pod)
@@ -220,9 +238,11 @@ class NodeDataplane:
         add_f = [f for mac, f in want_f.items() if have_f.get(mac) != f]
         add_r = [r for dst, r in want_routes.items() if not _same_route(r, have_routes.get(dst))]
         self._apply(report, "route", delete=stale_routes)
+        stale_wg = self._wg.sync_peers(state, peers, report) if state.backend == "wireguard" else []
         self._apply(report, "neighbour", replace=add_n)
         self._apply(report, "fdb", replace=add_f)
         self._apply(report, "route", replace=add_r)
+        self._wg.remove_peers(stale_wg, report)
         self._apply(report, "fdb", delete=[f for mac, f in have_f.items() if mac not in want_f])
         self._apply(report, "neighbour", delete=[n for ip, n in have_n.items() if ip not in want_n])
 
@@ -281,7 +301,9 @@ class NodeDataplane:
         with self._lock:
             objs = peer_objects(peer, backend=state.backend)
             old = None
-            if objs.neighbour is not None:
+            if state.backend == "wireguard":
+                self._wg.ensure_peer(state, peer)
+            elif objs.neighbour is not None:
                 old = self.p.neighbours.get_neighbour(VXLAN_IFNAME, objs.neighbour.ip)
                 self.p.neighbours.apply_neighbours(replace=[objs.neighbour])
                 self.p.fdb.apply_fdb(replace=[objs.fdb])  # type: ignore[list-item]
@@ -291,6 +313,13 @@ class NodeDataplane:
             if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
                 self.p.fdb.apply_fdb(delete=[FdbEntry(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
             self._nft_add(nftmodel.SET_NODE_IPS, [peer.node_ip])
+            self._remember(state, peer, keep=True)
+
+    def _remember(self, state: NodeState, peer: Peer, *, keep: bool) -> None:
+        """Keep ``last_state`` current across incremental peer changes."""
+        base = self.last_state if self.last_state is not None else state
+        peers = tuple(p for p in base.peers if p.name != peer.name) + ((peer,) if keep else ())
+        self.last_state = replace(base, peers=tuple(sorted(peers, key=lambda p: p.name)))
 
     def delete_peer(self, state: NodeState, peer: Peer) -> None:
         with self._lock:
@@ -299,9 +328,12 @@ class NodeDataplane:
             if objs.neighbour is not None and self.p.links.get_link(VXLAN_IFNAME) is not None:
                 self.p.fdb.apply_fdb(delete=[objs.fdb])  # type: ignore[list-item]
                 self.p.neighbours.apply_neighbours(delete=[objs.neighbour])
+            if state.backend == "wireguard":
+                self._wg.delete_peer(peer)
             in_use = {state.node_ip} | {p.node_ip for p in state.peers if p.name != peer.name}
             if peer.node_ip not in in_use:
                 self._nft_discard(nftmodel.SET_NODE_IPS, [peer.node_ip])
+            self._remember(state, peer, keep=False)
 
     def _nft_add(self, name: str, elems: list) -> None:
         """Add set elements; before the first reconcile (no table yet) there is nothing to add to."""
@@ -397,6 +429,10 @@ class NodeDataplane:
             if Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway) not in view.routes:
                 problems.append(f"default route via {gateway} dev {ifname} is missing")
         return problems
+
+    def wireguard_device(self) -> WgDevice | None:
+        """The node's WireGuard device as it reports itself (None: no device or no port)."""
+        return self.p.wireguard.get_device(WG_IFNAME) if self.p.wireguard is not None else None
 
     def list_pod_veths(self) -> list[str]:
         return sorted(link.name for link in self.p.links.list_links() if is_pod_veth(link.name))

@@ -19,6 +19,7 @@ from ..errors import DataplaneError, InterfaceExists, NetnsNotFound
 from . import nftables, nftmodel, policytable, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
+from .wgmodel import WgDevice, WgPeer, WgPeerStatus, WireGuardSpec
 
 
 @dataclass
@@ -27,9 +28,21 @@ class FakePodNetns:
 
 
 @dataclass
+class FakeWgDevice:
+    """A WireGuard device as the UAPI/netlink would hold it; ``transactions`` counts sets."""
+
+    spec: WireGuardSpec
+    peers: dict[str, WgPeer] = field(default_factory=dict)  # by public key, in insertion order
+    transactions: int = 0
+    handshakes: list[str] = field(default_factory=list)  # keys whose handshake was started, in order
+
+
+@dataclass
 class FakeKernel:
     links: dict[str, Link] = field(default_factory=dict)
     vxlan: dict[str, VxlanSpec] = field(default_factory=dict)
+    wireguard: dict[str, FakeWgDevice] = field(default_factory=dict)
+    wireguard_starts: int = 0  # devices created (userspace: wireguard-go starts)
     addresses: dict[str, dict[IPv4Interface, str | None]] = field(default_factory=dict)  # dev -> addr -> label
     routes: dict[IPv4Network, Route] = field(default_factory=dict)  # owned routes only
     neighbours: dict[tuple[str, IPv4Address], Neighbour] = field(default_factory=dict)
@@ -104,11 +117,75 @@ class FakeLinks:
         if link is None:
             return False
         self.k.vxlan.pop(name, None)
+        self.k.wireguard.pop(name, None)
         self.k.addresses.pop(name, None)
         self.k.routes = {d: r for d, r in self.k.routes.items() if r.dev != name}
         self.k.neighbours = {key: n for key, n in self.k.neighbours.items() if n.dev != name}
         self.k.fdb = {key: f for key, f in self.k.fdb.items() if f.dev != name}
         return True
+
+
+class FakeWireGuard:
+    """The WireGuard port in memory, with UAPI semantics: a peer is keyed by
+    its public key; an allowed IP given to one peer is taken from any other."""
+
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def ensure_device(self, spec: WireGuardSpec) -> list[str]:
+        self.k.maybe_fail("wireguard")
+        dev = self.k.wireguard.get(spec.name)
+        link = self.k.links.get(spec.name)
+        changes: list[str] = []
+        if dev is None or link is None:
+            FakeLinks(self.k).delete_link(spec.name)
+            self.k.add_link(spec.name, kind="wireguard", mtu=spec.mtu, mac="00:00:00:00:00:00")
+            self.k.wireguard[spec.name] = FakeWgDevice(spec)
+            self.k.wireguard_starts += 1
+            return [f"wireguard device {spec.name} created (port {spec.listen_port}, public key {spec.key.public})"]
+        if dev.spec.key != spec.key:
+            changes.append(f"wireguard device {spec.name} private key set (public key {spec.key.public})")
+        if dev.spec.listen_port != spec.listen_port:
+            changes.append(f"wireguard device {spec.name} listen port {dev.spec.listen_port} -> {spec.listen_port}")
+        if link.mtu != spec.mtu:
+            self.k.links[spec.name] = Link(link.name, link.index, link.kind, link.mac, spec.mtu, link.up)
+            changes.append(f"link {spec.name} mtu {link.mtu} -> {spec.mtu}")
+        dev.spec = spec
+        return changes
+
+    def get_device(self, name: str) -> WgDevice | None:
+        dev = self.k.wireguard.get(name)
+        if dev is None or name not in self.k.links:
+            return None
+        peers = tuple(WgPeerStatus(p) for p in dev.peers.values())
+        return WgDevice(name, dev.spec.key.public, dev.spec.listen_port, peers, implementation="fake")
+
+    def apply_peers(self, name: str, *, replace: Sequence[WgPeer] = (), remove: Sequence[str] = ()) -> None:
+        self.k.maybe_fail("wireguard_peers")
+        dev = self.k.wireguard.get(name)
+        if dev is None:
+            raise DataplaneError(f"wireguard: device {name} not found")
+        dev.transactions += 1
+        for key in remove:
+            dev.peers.pop(key, None)
+        for p in replace:
+            for other in list(dev.peers.values()):
+                taken = [n for n in other.allowed_ips if n in p.allowed_ips]
+                if taken and other.public_key != p.public_key:
+                    rest = tuple(n for n in other.allowed_ips if n not in taken)
+                    dev.peers[other.public_key] = WgPeer(other.public_key, other.endpoint, rest)
+            dev.peers[p.public_key] = p
+
+    def start_handshakes(self, name: str, keys: Sequence[str]) -> None:
+        dev = self.k.wireguard.get(name)
+        if dev is None:
+            raise DataplaneError(f"wireguard: device {name} not found")
+        dev.handshakes.extend(k for k in keys if k in dev.peers)
+
+    def delete_device(self, name: str) -> bool:
+        existed = name in self.k.wireguard
+        self.k.wireguard.pop(name, None)
+        return FakeLinks(self.k).delete_link(name) or existed
 
 
 class FakeAddresses:
@@ -345,7 +422,7 @@ def fake_ports(kernel: FakeKernel) -> Ports:
     return Ports(
         links=FakeLinks(kernel), addresses=FakeAddresses(kernel), routes=FakeRoutes(kernel),
         neighbours=FakeNeighbours(kernel), fdb=FakeFdb(kernel), nft=FakeNft(kernel),
-        sysctls=FakeSysctls(kernel), pods=FakePodLinks(kernel),
+        sysctls=FakeSysctls(kernel), pods=FakePodLinks(kernel), wireguard=FakeWireGuard(kernel),
         policy_nft=FakeNft(kernel, family=policytable.FAMILY, table=policytable.TABLE),
     )
 

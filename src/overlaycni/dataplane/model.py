@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from ..errors import ConfigError, FieldError
+from .wgmodel import DEFAULT_WIREGUARD_PORT, WG_IFNAME, WIREGUARD_OVERHEAD, PrivateKey
 
 VXLAN_IFNAME = "ocni.vxlan"
 VETH_PREFIX = "oc"
@@ -21,7 +22,8 @@ RT_PROTO = 119
 # The gateway address <block>.1/32 lives on lo with this label (ownership mark).
 GATEWAY_LABEL = "lo:ocni"
 VXLAN_OVERHEAD = 50
-BACKENDS = ("vxlan", "direct")
+BACKENDS = ("vxlan", "direct", "wireguard")
+BACKEND_OVERHEAD = {"vxlan": VXLAN_OVERHEAD, "direct": 0, "wireguard": WIREGUARD_OVERHEAD}
 KUBE_PROXY_MASQ_MARK = 0x4000
 
 
@@ -59,6 +61,8 @@ class Peer:
     node_ip: IPv4Address
     block: IPv4Network
     vtep_mac: str
+    wg_public_key: str | None = None  # wireguard backend: the peer's published public key
+    wg_port: int | None = None  # its WireGuard UDP port (None: the cluster's)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class NodeState:
     peers: tuple[Peer, ...] = ()
     pods: tuple[PodEndpoint, ...] = ()
     non_masquerade_cidrs: tuple[IPv4Network, ...] = ()
+    wireguard_port: int = DEFAULT_WIREGUARD_PORT
+    wireguard_key: PrivateKey | None = field(default=None, repr=False)  # stays on the node
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,8 @@ def validate_state(state: NodeState) -> None:
         errors.append(FieldError("vni", f"{state.vni} is outside 1..16777215"))
     if not 1 <= state.vxlan_port <= 65535:
         errors.append(FieldError("vxlan-port", f"{state.vxlan_port} is outside 1..65535"))
+    if not 1 <= state.wireguard_port <= 65535:
+        errors.append(FieldError("wireguard-port", f"{state.wireguard_port} is outside 1..65535"))
     if state.mtu is not None and not 576 <= state.mtu <= 65535:
         errors.append(FieldError("mtu", f"{state.mtu} is outside 576..65535"))
     owners: list[tuple[IPv4Network, str]] = [(state.block, "this node")]
@@ -243,6 +251,8 @@ def peer_objects(peer: Peer, *, backend: str) -> PeerObjects:
     """The kernel objects for one peer, in programming order."""
     if backend == "direct":
         return PeerObjects(None, None, Route(dst=peer.block, gateway=peer.node_ip))
+    if backend == "wireguard":  # the WireGuard peer itself is programmed by dataplane/wireguard.py
+        return PeerObjects(None, None, Route(dst=peer.block, dev=WG_IFNAME, scope_link=True))
     vtep_ip = peer.block.network_address
     mac = normalize_mac(peer.vtep_mac)
     return PeerObjects(

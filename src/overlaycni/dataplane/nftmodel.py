@@ -13,8 +13,13 @@ encoding and the diff are ``nftables``', shared with the NetworkPolicy table
 Chains:
 
 * ``prerouting`` (filter, priority raw): a packet entering from a pod's host
-  veth (``oc*`` but not the VXLAN device) whose ``iifname . saddr`` is not in
-  ``@pod_endpoints`` is dropped (anti-spoofing, before conntrack).
+  veth (``oc*`` but not the tunnel device, ``ocni.vxlan`` or ``ocni.wg``)
+  whose ``iifname . saddr`` is not in ``@pod_endpoints`` is dropped
+  (anti-spoofing, before conntrack). With the wireguard backend a packet
+  with a pod-CIDR source is also dropped unless it arrives on the interface
+  the route back to that source uses (``fib saddr . iif oif missing``, a
+  strict reverse-path check for pod sources only): pod packets come from the
+  tunnel or a pod veth, never in clear from the underlay.
 * ``input`` (filter): VXLAN (UDP dport) from a pod source, or from a source
   not in ``@node_ips``, is dropped.
 * ``forward`` (filter): VXLAN from a pod source to a node IP is dropped (it
@@ -36,6 +41,7 @@ from typing import Any
 from . import nftables as nft
 from .model import KUBE_PROXY_MASQ_MARK, VETH_PREFIX, VXLAN_IFNAME, NodeState
 from .nftables import NftState
+from .wgmodel import WG_IFNAME
 
 FAMILY = "ip"
 TABLE = "overlaycni"
@@ -54,7 +60,8 @@ class NftTable:
     node_ips: frozenset[IPv4Address] = frozenset()
     pod_endpoints: frozenset[tuple[str, IPv4Address]] = frozenset()
     non_masquerade: frozenset[IPv4Network] = frozenset()
-    vxlan_ifname: str = VXLAN_IFNAME
+    vxlan_ifname: str = VXLAN_IFNAME  # the tunnel device (ocni.wg with backend wireguard)
+    pod_source_rpf: bool = False  # wireguard: drop pod-CIDR sources from the wrong interface
 
     def sets(self) -> dict[str, frozenset]:
         return {
@@ -71,6 +78,8 @@ def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Addres
         node_ips=frozenset({state.node_ip, *(p.node_ip for p in state.peers)}),
         pod_endpoints=frozenset(pod_endpoints),
         non_masquerade=frozenset(collapse_addresses(state.non_masquerade_cidrs)),
+        vxlan_ifname=WG_IFNAME if state.backend == "wireguard" else VXLAN_IFNAME,
+        pod_source_rpf=state.backend == "wireguard",
     )
 
 
@@ -87,6 +96,12 @@ DADDR = nft.payload("ip", "daddr")
 COUNTER = {"counter": None}
 
 
+def _rpf_rule(pod: Any) -> list[dict[str, Any]]:
+    """``ip saddr <pod CIDR> fib saddr . iif oif missing drop``."""
+    fib = {"fib": {"flags": ["saddr", "iif"], "result": "oif"}}
+    return [nft.match(SADDR, pod), nft.match(fib, False), COUNTER, {"drop": None}]
+
+
 def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]]]]:
     pod = nft.prefix(t.pod_cidr)
     vx = nft.match(nft.payload("udp", "dport"), t.vxlan_port)
@@ -99,7 +114,7 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
                 nft.match({"concat": [IIFNAME, SADDR]}, "@" + SET_POD_ENDPOINTS, "!="),
                 COUNTER,
                 {"drop": None},
-            ]],
+            ]] + ([_rpf_rule(pod)] if t.pod_source_rpf else []),
         ),
         (
             {"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"},

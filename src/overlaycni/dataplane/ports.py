@@ -30,6 +30,7 @@ from .model import (
     VxlanSpec,
 )
 from .nftmodel import NftState
+from .wgmodel import WgDevice, WgPeer, WireGuardSpec
 
 
 class Links(Protocol):
@@ -85,6 +86,17 @@ class Sysctls(Protocol):
     def write(self, key: str, value: str) -> None: ...
 
 
+class WireGuard(Protocol):
+    """The node's WireGuard device: the kernel module through netlink, or
+    ``wireguard-go`` through its UAPI socket (``linux/wireguard.py``)."""
+
+    def ensure_device(self, spec: WireGuardSpec) -> list[str]: ...  # device up, key/port/MTU set; changes made
+    def get_device(self, name: str) -> WgDevice | None: ...  # None: no such device
+    def apply_peers(self, name: str, *, replace: Sequence[WgPeer] = (), remove: Sequence[str] = ()) -> None: ...
+    def start_handshakes(self, name: str, keys: Sequence[str]) -> None: ...  # handshake with these peers now
+    def delete_device(self, name: str) -> bool: ...  # True if it existed
+
+
 class PodLinks(Protocol):
     def setup_pod_link(
         self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
@@ -111,5 +123,6 @@ class Dataplane(Protocol):
         self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
     ) -> list[str]: ...
     def list_pod_veths(self) -> list[str]: ...
+    def wireguard_device(self) -> WgDevice | None: ...
     def delete_pod_veth(self, host_veth: str) -> None: ...
     def close(self) -> None: ...

@@ -12,6 +12,7 @@ Everything lives under ``ROOT``. Per cluster ``C``:
 ``.../C/ips/<node>/010.244.003.002``                    pod address -> {container_id, ifname, pod}
 ``.../C/handles/<cid>/<ifname>``                        (containerID, ifname) -> {node, ip, block, pod}
 ``.../C/cursor/<node>``                                 the address allocated last on that node
+``.../C/wgrotate/<node>``                               key rotation request (wireguard)
 ``.../C/policies/<ns>/<name>``                          a NetworkPolicy (defaulted manifest, JSON)
 ``.../C/pods/<ns>/<name>``                              pod labels and named ports (JSON)
 ``.../C/namespaces/<ns>``                               namespace labels (JSON)
@@ -51,6 +52,7 @@ _KIND_OF_PART = {
     "ips": "allocation",
     "handles": "allocation",
     "cursor": "allocation",
+    "wgrotate": "node",
     "policies": "policy",
     "pods": "pod",
     "namespaces": "namespace",
@@ -131,6 +133,11 @@ def handle_key(cluster: str, container_id: str, ifname: str) -> str:
 
 def cursor_key(cluster: str, node: str) -> str:
     return cluster_root(cluster) + "cursor/" + node
+
+
+def wgrotate_key(cluster: str, node: str) -> str:
+    """A key-rotation request for ``node`` (``ipam.rotation``)."""
+    return cluster_root(cluster) + "wgrotate/" + node
 
 
 def policies_prefix(cluster: str) -> str:

@@ -25,13 +25,30 @@ class NodeRecord:
     node_ip: IPv4Address
     block: IPv4Network
     vtep_mac: str | None = None
+    wireguard_public_key: str | None = None  # backend wireguard: published by the node's agent
+    wireguard_endpoint: str | None = None  # "<node IP>:<port>"
 
     def to_json(self) -> str:
-        """The value of its ``nodes/<name>`` record."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The value of its ``nodes/<name>`` record (records of other backends
+        carry no WireGuard keys at all)."""
+        data = self.to_dict()
+        if self.wireguard_public_key is None:
+            del data["wireguard_public_key"], data["wireguard_endpoint"]
+        return json.dumps(data, sort_keys=True)
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"name": self.name, "node_ip": str(self.node_ip), "block": str(self.block), "vtep_mac": self.vtep_mac}
+        return {
+            "name": self.name, "node_ip": str(self.node_ip), "block": str(self.block), "vtep_mac": self.vtep_mac,
+            "wireguard_public_key": self.wireguard_public_key, "wireguard_endpoint": self.wireguard_endpoint,
+        }  # fmt: skip
+
+    @property
+    def wireguard_port(self) -> int | None:
+        """The port of ``wireguard_endpoint`` (None when absent or malformed)."""
+        if not self.wireguard_endpoint:
+            return None
+        port = self.wireguard_endpoint.rpartition(":")[2]
+        return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
 @dataclass(frozen=True)

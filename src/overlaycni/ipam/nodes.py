@@ -18,6 +18,7 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 from ..config import ClusterNetwork
+from ..dataplane.wgmodel import check_public_key
 from ..datastore import KV, Snapshot, Store
 from ..datastore.keys import (
     BadRecordHandler,
@@ -33,6 +34,7 @@ from ..datastore.keys import (
     nodeblock_key,
     nodeblocks_prefix,
     nodes_prefix,
+    wgrotate_key,
 )
 from ..errors import BadRecord, ConfigError, Conflict, FieldError, NotFound, PoolExhausted
 from . import addresses
@@ -62,8 +64,13 @@ def _check_node_ip(net: ClusterNetwork, node_ip: IPv4Address) -> None:
         raise ConfigError(FieldError("node-ip", f"{node_ip} {problem}"))
 
 
-def _record(name: str, node_ip: IPv4Address, block: IPv4Network, vtep_mac: str | None) -> str:
-    return NodeRecord(name, node_ip, block, vtep_mac).to_json()
+def _wireguard_identity(node_ip: IPv4Address, public_key: str | None, port: int | None) -> tuple[str | None, str | None]:
+    """(public key, endpoint) of a wireguard node record; (None, None) otherwise."""
+    if public_key is None:
+        return None, None
+    if port is None or not 1 <= port <= 65535:
+        raise ConfigError(FieldError("wireguard-port", f"{port} is outside 1..65535"))
+    return check_public_key(public_key), f"{node_ip}:{port}"
 
 
 def register_node(
@@ -73,14 +80,22 @@ def register_node(
     node_ip: IPv4Address,
     *,
     vtep_mac: str | None = None,
+    wireguard_public_key: str | None = None,
+    wireguard_port: int | None = None,
     lease: int | None = None,
 ) -> NodeRecord:
     """Claim (or re-claim: same name, same block) a block for node ``name``
-    and write its node record (under ``lease`` when given)."""
+    and write its node record (under ``lease`` when given). With the
+    wireguard backend the record carries the node's public key and its
+    endpoint ``<node IP>:<wireguard_port>``."""
     check_name("cluster", cluster)
     check_name("name", name)
     node_ip = parse_ip("node-ip", node_ip)
     vtep_mac = check_mac(vtep_mac)
+    wg_key, wg_endpoint = _wireguard_identity(node_ip, wireguard_public_key, wireguard_port)
+
+    def record(block: IPv4Network) -> NodeRecord:
+        return NodeRecord(name, node_ip, block, vtep_mac, wg_key, wg_endpoint)
     cfg_k, nb_k, cur_k = config_key(cluster), nodeblock_key(cluster, name), blockcursor_key(cluster)
     snap = store.read([cfg_k, nb_k, cur_k])
     taken_in_row = 0
@@ -96,12 +111,12 @@ def register_node(
             block = decode_block(claimed).block
             result = store.transact(
                 compare=[(nb_k, claimed.revision)],
-                put=[(node_key(cluster, name), _record(name, node_ip, block, vtep_mac), lease)],
+                put=[(node_key(cluster, name), record(block).to_json(), lease)],
                 read_keys=[cfg_k, nb_k, cur_k],
             )
             if result.succeeded:
                 log.debug("node %s re-registered with its block %s", name, block)
-                return NodeRecord(name, node_ip, block, vtep_mac)
+                return record(block)
             snap = result.snapshot()
             continue
         cursor_kv = snap.get(cur_k)
@@ -119,13 +134,13 @@ def register_node(
                 (b_k, name, None),
                 (nb_k, str(candidate), None),
                 (cur_k, str(candidate), None),
-                (node_key(cluster, name), _record(name, node_ip, candidate, vtep_mac), lease),
+                (node_key(cluster, name), record(candidate).to_json(), lease),
             ],
             read_keys=[cfg_k, nb_k, cur_k, b_k],
         )
         if result.succeeded:
             log.debug("node %s claimed block %s (attempt %d)", name, candidate, attempt + 1)
-            return NodeRecord(name, node_ip, candidate, vtep_mac)
+            return record(candidate)
         snap = result.snapshot()
         if snap.get(b_k) is not None:
             taken_in_row += 1
@@ -211,15 +226,15 @@ def delete_node(store: Store, cluster: str, name: str) -> None:
         b_k = block_key(cluster, claim.block)
         ok = store.txn(
             compare=[(nb_k, claimed.revision), (b_k, claimed.revision)],
-            delete=[nb_k, b_k, node_key(cluster, name), cursor_key(cluster, name)],
+            delete=[nb_k, b_k, node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name)],
         )
         if not ok:  # half-written claim (should not happen): delete what is ours
             kv = store.get(b_k)
-            store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name)])
+            store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name)])
             if kv is not None and kv.value == name:
                 store.txn(compare=[(b_k, kv.revision)], delete=[b_k])
     else:
-        store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name)])
+        store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name)])
     # 2. the handles of its addresses (each written with its address, same revision)
     ips = store.list(ips_prefix(cluster, name))  # after step 1: nothing can be added now
 

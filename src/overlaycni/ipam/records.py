@@ -19,6 +19,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, TypeVar
 
 from ..config import ClusterNetwork, parse_network
+from ..dataplane.wgmodel import check_public_key
 from ..datastore.keys import Record, ip_from_part, json_object, split_key
 from ..errors import BadRecord, ConfigError
 from .model import Allocation, NodeRecord, check_container_id, check_ifname, check_mac, check_name
@@ -91,7 +92,20 @@ def decode_node(kv: Record) -> NodeRecord:
         node_ip=_field(kv, "node", data, "node_ip", IPv4Address),
         block=_field(kv, "node", data, "block", IPv4Network),
         vtep_mac=_field(kv, "node", data, "vtep_mac", check_mac) if data.get("vtep_mac") is not None else None,
+        wireguard_public_key=_field(kv, "node", data, "wireguard_public_key", check_public_key)
+        if data.get("wireguard_public_key") is not None else None,
+        wireguard_endpoint=_field(kv, "node", data, "wireguard_endpoint", _endpoint)
+        if data.get("wireguard_endpoint") is not None else None,
     )
+
+
+def _endpoint(value: Any) -> str:
+    """``<IPv4 address>:<port>``, as the wireguard backend publishes it."""
+    host, sep, port = _str(value).rpartition(":")
+    IPv4Address(host)
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not ADDRESS:PORT")
+    return f"{host}:{int(port)}"
 
 
 # ----- block -------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ the external host. Afterwards, for a cross-node pair (a on A, b on B):
 * vxlan: A's underlay carried UDP from A's node IP to B's node IP with the
   cluster VNI, wrapping ``a -> b`` echo request (inner addresses untouched);
 * direct: A's underlay carried the plain ``a -> b`` echo request;
+* wireguard: ``a -> b`` entered A's ``ocni.wg`` (a capture on the tunnel
+  device), A's underlay carried UDP from A's node IP to B's node IP and
+  WireGuard port, and neither node's underlay carried a packet from or to
+  ``a`` or ``b`` in clear (the underlay capture also listens for the pod
+  CIDR, so a leak would be seen);
 
 and for each pod, the external host saw its echo request (recognised by a
 per-pod payload size) coming from the pod's node IP, never from a pod IP.
@@ -18,6 +23,7 @@ lost packet does not fail the matrix and a 200-pod lab checks in seconds.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -131,7 +137,54 @@ def underlay_filter(state: LabState) -> str:
     if state.backend == "vxlan":
         port = state.network.get("vxlan-port", 4789)
         return f"udp port {port}"
+    if state.backend == "wireguard":
+        return f"udp port {wireguard_port(state)} or net {state.network['pod-cidr']}"
     return f"icmp and net {state.network['pod-cidr']}"
+
+
+def wireguard_port(state: LabState) -> int:
+    return int(state.network.get("wireguard-port", 51820))
+
+
+_PORTS = re.compile(r"^IP \S+?\.(\d+) > \S+?\.(\d+): UDP")
+
+
+def udp_ports(p: Packet) -> tuple[int, int] | None:
+    """(source port, destination port) of a captured UDP packet."""
+    m = _PORTS.match(p.text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def index_wireguard(packets: list[Packet], pod_cidr: IPv4Network) -> dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]:
+    """An underlay capture, for the wireguard checks: UDP packets by (source,
+    destination) node IP, and every packet with a pod address (in clear)."""
+    udp: dict[tuple[IPv4Address, IPv4Address], list[Packet]] = {}
+    clear: dict[tuple[IPv4Address, IPv4Address], list[Packet]] = {}
+    for p in packets:
+        if p.src in pod_cidr or p.dst in pod_cidr:
+            clear.setdefault((p.src, p.dst), []).append(p)
+        elif udp_ports(p) is not None:
+            udp.setdefault((p.src, p.dst), []).append(p)
+    return {"udp": udp, "clear": clear}
+
+
+def verify_wireguard(
+    state: LabState, a: PodState, b: PodState, captured: dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]
+) -> tuple[bool, str]:
+    na, nb = state.node(a.node), state.node(b.node)
+    assert a.ip and b.ip
+    ai, bi, port = a.ip.ip, b.ip.ip, wireguard_port(state)
+    for n in (na, nb):
+        clear = captured.get(f"{n.name}|clear", {})
+        leaked = clear.get((ai, bi), []) + clear.get((bi, ai), [])
+        if leaked:
+            return False, f"pod packet seen in clear on {n.name}'s underlay: {leaked[0].text}"
+    if not captured.get(f"{na.name}|tunnel", {}).get((ai, bi)):
+        return False, f"no {ai} -> {bi} echo request entered {na.name}'s ocni.wg"
+    wire = [p for p in captured.get(f"{na.name}|udp", {}).get((na.ip.ip, nb.ip.ip), []) if (udp_ports(p) or (0, 0))[1] == port]
+    if not wire:
+        return False, f"no UDP {na.ip.ip} -> {nb.ip.ip}:{port} on {na.name}'s underlay"
+    return True, f"wireguard {na.ip.ip} -> {nb.ip.ip}:{port}, nothing in clear"
 
 
 def index_requests(packets: list[Packet]) -> dict[tuple[IPv4Address, IPv4Address], list[Packet]]:
@@ -147,6 +200,8 @@ def verify_path(
     state: LabState, a: PodState, b: PodState, captured: dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]
 ) -> tuple[bool, str]:
     """Did a's node underlay carry a -> b the way the backend promises?"""
+    if state.backend == "wireguard":
+        return verify_wireguard(state, a, b, captured)
     na, nb = state.node(a.node), state.node(b.node)
     assert a.ip and b.ip
     requests = captured.get(na.name, {}).get((a.ip.ip, b.ip.ip), [])
@@ -184,6 +239,8 @@ def _pair_round(
     bpf = underlay_filter(state)
     vx = state.backend == "vxlan"
     caps = {n.name: Capture(n.netns, "eth0", bpf, workdir=workdir, timeout=CAPTURE_LIMIT, vxlan=vx) for n in nodes}
+    if state.backend == "wireguard":  # what enters the tunnel, per pair
+        caps |= {f"{n.name}|tunnel": Capture(n.netns, "ocni.wg", "icmp", workdir=workdir, timeout=CAPTURE_LIMIT) for n in nodes}
     started: list[Capture] = []
     try:
         for cap in caps.values():
@@ -196,7 +253,13 @@ def _pair_round(
         for cap in started:
             cap.stop()
     got = {(a.name, b.name) for a, b in todo if b.ip and b.ip.ip in answered[a.name]}
-    return got, {name: index_requests(cap.packets) for name, cap in caps.items()}
+    captured = {name: index_requests(cap.packets) for name, cap in caps.items()}
+    if state.backend == "wireguard":
+        pod_cidr = IPv4Network(state.network["pod-cidr"])
+        for n in nodes:
+            for kind, index in index_wireguard(caps[n.name].packets, pod_cidr).items():
+                captured[f"{n.name}|{kind}"] = index
+    return got, captured
 
 
 def run_check(state: LabState, *, workers: int = WORKERS, external: bool = True, rounds: int = ROUNDS) -> CheckReport:

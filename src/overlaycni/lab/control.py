@@ -160,6 +160,8 @@ def start_agent(state: LabState, node: NodeState) -> NodeState:
         "--lease-ttl", str(state.lease_ttl),
         "--resync-interval", str(RESYNC_INTERVAL),
     ]  # fmt: skip
+    if state.backend == "wireguard":  # the key and wireguard-go's socket live in the node's dir
+        argv += ["--wireguard-key", str(d / "wireguard.key"), "--wireguard-socket-dir", str(d)]
     proc = procs.spawn(node.netns, argv, log=d / "agent.log", out=out)
     return replace(node, agent=proc)
 

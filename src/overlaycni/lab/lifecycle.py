@@ -65,6 +65,8 @@ def validate(req: UpRequest) -> ClusterNetwork:
     topology.check_capacity(net, nodes=req.nodes, pods_per_node=req.pods_per_node)
     longest = topology.node_name(req.nodes + 99)
     control.check_socket_path(str(st.lab_dir(req.name, req.root) / "nodes" / longest / "agent.sock"))
+    if net.backend == "wireguard":  # wireguard-go's UAPI socket sits next to it
+        control.check_socket_path(str(st.lab_dir(req.name, req.root) / "nodes" / longest / "ocni.wg.sock"))
     return net
 
 

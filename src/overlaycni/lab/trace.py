@@ -6,7 +6,10 @@ while tcpdump listens at every hop: the source pod's ``eth0``, the source
 node's underlay, the destination node's underlay and the destination pod's
 ``eth0`` (or the external host's). What is printed is what was captured:
 inner and outer addresses, the VNI, and for a destination outside the pod
-CIDR the source before (in the pod) and after SNAT (on the wire).
+CIDR the source before (in the pod) and after SNAT (on the wire). With the
+wireguard backend the packet is also caught entering ``ocni.wg``; on the
+underlay it is encrypted (no size to match), so the hop shows the WireGuard
+UDP packet between the two node IPs, or any pod packet seen in clear.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 from typing import Any
 
+from ..dataplane.wgmodel import WG_IFNAME as WG_DEV
 from ..errors import NotFound, UsageError
 from . import netns
 from .capture import Capture, Packet
-from .check import ICMP_HEADER, ping, underlay_filter
+from .check import ICMP_HEADER, ping, udp_ports, underlay_filter, wireguard_port
 from .state import LabState, PodState
 
 
@@ -102,6 +106,9 @@ def _match(packets: list[Packet], length: int) -> Packet | None:
     return next((p for p in packets if p.icmp_request and p.length == length), None)
 
 
+IP_HEADER = 20
+
+
 def run_trace(state: LabState, src: str, dst: str) -> Trace:
     a = state.pod(src)
     if a.ip is None:
@@ -114,8 +121,11 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
     size = random.randint(300, 999)
     workdir = Path(state.lab_dir) / "captures"
     vx = state.backend == "vxlan"
-    underlay = f"({underlay_filter(state)}) or icmp" if vx else "icmp"
+    wg = state.backend == "wireguard"
+    underlay = f"({underlay_filter(state)}) or icmp" if vx or wg else "icmp"
     points: list[tuple[str, str, Capture]] = [(f"{a.name} eth0", a.netns, Capture(a.netns, "eth0", "icmp", workdir=workdir))]
+    if wg and nb and nb.name != na.name:  # the pod packet enters the tunnel on the source node
+        points.append((f"{na.name} {WG_DEV} (tunnel)", na.netns, Capture(na.netns, WG_DEV, "icmp", workdir=workdir)))
     points.append((f"{na.name} underlay eth0 ({na.ip.ip})", na.netns, Capture(na.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if nb and nb.name != na.name:
         points.append((f"{nb.name} underlay eth0 ({nb.ip.ip})", nb.netns, Capture(nb.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
@@ -134,6 +144,10 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
             cap.stop()
     hops = []
     for where, ns, cap in points:
+        if wg and nb is not None and nb.name != na.name and "underlay" in where:  # encrypted: no size to match
+            pkt, note = _wireguard_hop(state, cap.packets, na.ip.ip, nb.ip.ip, inner=size + ICMP_HEADER + IP_HEADER)
+            hops.append(Hop(where, ns, pkt, note))
+            continue
         pkt = _match(cap.packets, size + ICMP_HEADER)
         hops.append(Hop(where, ns, pkt, _note(state, pkt)))
     snat = None
@@ -144,6 +158,32 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
         if after is not None:
             snat = (before, after)
     return Trace(a.name, dst, dst_ip, replied, pod_route, node_route, tuple(hops), snat)
+
+
+def wireguard_length(inner: int) -> int:
+    """UDP payload of a WireGuard data message carrying an ``inner``-byte IP
+    packet: 16 bytes of header, the packet padded to 16, a 16-byte tag."""
+    return 16 + -(-inner // 16) * 16 + 16
+
+
+def _wireguard_hop(
+    state: LabState, packets: list[Packet], src: IPv4Address, dst: IPv4Address, *, inner: int
+) -> tuple[Packet | None, str]:
+    """On the underlay the pod packet is encrypted: show the WireGuard packet
+    from ``src`` to ``dst`` whose length fits the traced packet (else any
+    between the two nodes), or any pod packet seen in clear."""
+    pod_cidr = IPv4Network(state.network["pod-cidr"])
+    port = wireguard_port(state)
+    clear = [p for p in packets if p.src in pod_cidr or p.dst in pod_cidr]
+    if clear:
+        return clear[0], f"pod packet IN CLEAR on the underlay: {clear[0].src} -> {clear[0].dst}"
+    wire = [p for p in packets if {p.src, p.dst} == {src, dst} and port in (udp_ports(p) or ())]
+    if not wire:
+        return None, f"no WireGuard packet between {src} and {dst}"
+    fits = [q for q in wire if q.src == src and q.length == wireguard_length(inner)]
+    p = fits[0] if fits else next((q for q in wire if q.src == src), wire[0])
+    what = f"{inner}-byte pod packet" if fits else "a packet"
+    return p, f"WireGuard: UDP {p.src} -> {p.dst} port {port} carrying {what}, encrypted; no pod address in clear"
 
 
 def _note(state: LabState, p: Packet | None) -> str:
@@ -176,10 +216,13 @@ def run_tour(state: LabState) -> list[TourStep]:
     other = next((q for q in pods if q.node != p.node), None)
     if other is not None:
         t = run_trace(state, p.name, other.name)
-        wire = next((h for h in t.hops if h.packet and h.packet.outer_src is not None), None) or next(
-            (h for h in t.hops[1:2] if h.packet), None
+        wire = (
+            next((h for h in t.hops if h.packet and h.packet.outer_src is not None), None)
+            or next((h for h in t.hops if h.packet and h.note.startswith("WireGuard")), None)
+            or next((h for h in t.hops[1:2] if h.packet), None)
         )
-        label = "one VXLAN packet on the underlay" if state.backend == "vxlan" else "the pod packet routed over the underlay"
+        label = {"vxlan": "one VXLAN packet on the underlay", "wireguard": "one encrypted WireGuard packet on the underlay"}.get(
+            state.backend, "the pod packet routed over the underlay")  # fmt: skip
         steps.append(
             TourStep(
                 f"{label} ({p.name} -> {other.name})",

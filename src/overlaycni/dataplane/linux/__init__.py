@@ -12,10 +12,19 @@ serialised in arrival order. A fresh process adopts whatever the kernel
 holds: it owns objects by name/protocol/label (``ocni.vxlan``, ``oc*``
 veths, proto 119 routes, ``lo:ocni``, ``table ip overlaycni``) rather than
 by remembering them.
+
+With the wireguard backend the WireGuard port (``wgkernel.AutoWireGuard``)
+is built on the same thread, so a wireguard-go it starts is born in the node
+namespace. A ``ProcessWatcher`` thread wakes when that process exits and
+reconciles the last desired state again through the worker (restarting it),
+pausing longer each time it dies again within a minute.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
@@ -25,28 +34,38 @@ from ...errors import PolicyApplyError
 from .. import nftmodel, policytable, ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
+from ..wgmodel import WgDevice
 from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
 from .netns import NetnsWorker
 from .nft import LinuxNft, NftRunner
 from .objects import LinuxFdb, LinuxNeighbours, LinuxRoutes
 from .pods import LinuxPodLinks
+from .procwatch import ProcessWatcher
 from .rtnl import Rtnl
+from .wgkernel import AutoWireGuard
+from .wireguard import WireGuardSettings
 
-__all__ = ["LinuxDataplane", "linux_ports"]
+__all__ = ["LinuxDataplane", "WireGuardSettings", "linux_ports"]
+log = logging.getLogger("overlaycni.dataplane")
+REPAIR_PAUSE_MAX = 30.0
 
 
-def linux_ports(*, use_nft_library: bool = True) -> tuple[Ports, list[Any]]:
+def linux_ports(
+    *, use_nft_library: bool = True, wireguard: WireGuardSettings | None = None, watcher: ProcessWatcher | None = None
+) -> tuple[Ports, list[Any]]:
     """Build the Linux ports on the calling thread (which must be in the node namespace)."""
     ipr = IPRoute(groups=0)
     nl = Rtnl()
     runner = NftRunner(use_library=use_nft_library)
+    wg = AutoWireGuard(ipr, wireguard or WireGuardSettings(), watcher=watcher)
     ports = Ports(
         links=LinuxLinks(ipr), addresses=LinuxAddresses(ipr), routes=LinuxRoutes(nl),
         neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=LinuxNft(runner, decls=nftmodel.SET_DECLS),
         sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr),
         policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError),
+        wireguard=wg,
     )
-    return ports, [ipr, nl, runner]
+    return ports, [wg, ipr, nl, runner]
 
 
 class WorkerPolicyTable:
@@ -68,17 +87,46 @@ class WorkerPolicyTable:
 class LinuxDataplane:
     """The ``Dataplane`` facade for the node namespace ``netns`` (None: the current one)."""
 
-    def __init__(self, netns: str | None = None, *, use_nft_library: bool = True) -> None:
+    def __init__(
+        self, netns: str | None = None, *, use_nft_library: bool = True, wireguard: WireGuardSettings | None = None
+    ) -> None:
         self.netns = netns
         self._closed = False
         self._worker = NetnsWorker(netns)
+        self._watcher = ProcessWatcher(self._wireguard_exited)
+        self._repairs: list[float] = []
+        self._closing = threading.Event()
+        self.repaired = threading.Event()  # set after each repair (tests wait on it)
         try:
-            self._ports, self._handles = self._worker.call(lambda: linux_ports(use_nft_library=use_nft_library))
+            self._ports, self._handles = self._worker.call(
+                lambda: linux_ports(use_nft_library=use_nft_library, wireguard=wireguard, watcher=self._watcher)
+            )
         except BaseException:
+            self._watcher.close()
             self._worker.close()
             raise
         self._engine = NodeDataplane(self._ports)
         self.policy_table: ports.PolicyTable = WorkerPolicyTable(self._worker, self._engine.policy_table)
+
+    def _wireguard_exited(self, pid: int) -> None:
+        """wireguard-go ``pid`` exited (watcher thread): reconcile the last state again."""
+        state = self._engine.last_state
+        if self._closed or state is None or state.backend != "wireguard":
+            return
+        now = time.monotonic()
+        self._repairs = [t for t in self._repairs if now - t < 60] + [now]
+        pause = min(REPAIR_PAUSE_MAX, 0.5 * 2 ** (len(self._repairs) - 1)) if len(self._repairs) > 1 else 0.0
+        log.warning("wireguard-go (pid %d) exited; restarting it%s", pid, f" in {pause:.1f}s" if pause else "")
+        if self._closing.wait(pause):
+            return
+        try:
+            report = self._worker.call(lambda: self._engine.reconcile(self._engine.last_state or state))
+        except Exception as exc:  # noqa: BLE001 - a repair must not kill the watcher thread
+            log.warning("wireguard repair failed: %s", exc)
+            return
+        log.info("wireguard repair: %s%s", "; ".join(report.changes[:10]) or "no changes",
+                 f" (errors: {'; '.join(report.errors[:3])})" if report.errors else "")  # fmt: skip
+        self.repaired.set()
 
     @property
     def ports(self) -> Ports:
@@ -115,6 +163,9 @@ class LinuxDataplane:
         return self._worker.call(lambda: self._engine.check_pod(
             container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway))
 
+    def wireguard_device(self) -> WgDevice | None:
+        return self._worker.call(self._engine.wireguard_device)
+
     def list_pod_veths(self) -> list[str]:
         return self._worker.call(self._engine.list_pod_veths)
 
@@ -125,6 +176,8 @@ class LinuxDataplane:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
+        self._watcher.close()
 
         def _close() -> None:
             for h in self._handles:
