@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..cni.install import install_cni
+from ..cni.install import Shim, install_cni
 from ..errors import AgentUnavailable, UsageError
 from .common import (
     Output,
@@ -143,9 +143,22 @@ def install_cni_cmd(
     chain: Annotated[
         str, typer.Option("--chain", help="Comma-separated reference plugins chained after ours: portmap,tuning,bandwidth.")
     ] = "",
+    shim: Annotated[
+        Shim,
+        typer.Option(
+            "--shim",
+            help="Which build of the plugin to install. native: build/overlaycni-shim, compiled from cni/shim.c by"
+            " `make` (starts in ~1 ms); python: cni/shim.py run by python3 -IS (starts in 6-9 ms, the floor of a pod"
+            " ADD); auto: native when it is built, up to date and built for this machine, else python (the output"
+            " says which, and why).",
+        ),
+    ] = Shim.auto,
     output: OutputOpt = Output.table,
 ) -> None:
     """Install the plugin executable and 10-overlaycni.conflist for the container runtime.
+
+    Both builds of the plugin behave alike (same checks, codes and messages);
+    the native one only starts faster.
 
     Example: overlaycni install-cni --cluster prod --chain portmap,bandwidth
     """
@@ -156,11 +169,18 @@ def install_cni_cmd(
         socket=socket,
         cni_version=cni_version,
         chain=tuple(c.strip() for c in chain.split(",") if c.strip()),
+        shim=shim,
     )
     if output is Output.json:
-        print_json({"plugin": str(result.plugin), "conflist": str(result.conflist), "config": result.config})
+        print_json(
+            {"plugin": str(result.plugin), "conflist": str(result.conflist), "config": result.config,
+             "shim": str(result.shim), "shim_reason": result.shim_reason}
+        )  # fmt: skip
     else:
-        console.print(f"installed plugin [bold]{result.plugin}[/] and config [bold]{result.conflist}[/]", highlight=False)
+        console.print(
+            f"installed plugin [bold]{result.plugin}[/] ({result.shim} shim: {result.shim_reason}) and config [bold]{result.conflist}[/]",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
