@@ -262,6 +262,20 @@ def test_bad_env_is_code_4(kind, env_change, code, sockpath):
     assert doc["cniVersion"] == "1.1.0"
 
 
+def test_whitespace_is_pythons_isspace(kind, sockpath):
+    """Every character str.isspace() knows (shim.c keeps a table of them):
+    refused in CNI_IFNAME, and stdin of only these is no config at all."""
+    spaces = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+    assert len(spaces) == 29
+    for c in spaces:
+        code, doc, _ = run_plugin({**base_env(), "CNI_IFNAME": f"e{c}0"}, conf(sockpath), plugin=kind)
+        assert code == 1 and doc["code"] == 4 and "CNI_IFNAME" in doc["msg"], repr(c)
+    code, doc, _ = run_plugin({"CNI_COMMAND": "VERSION"}, spaces, plugin=kind)
+    assert code == 0 and doc["cniVersion"] == "1.1.0"
+    code, doc, _ = run_plugin({"CNI_COMMAND": "VERSION"}, spaces + "\u200b", plugin=kind)  # not whitespace: a config
+    assert code == 1 and doc["code"] == 6
+
+
 def test_good_env_edges_reach_the_agent(kind, sockpath):
     """The control for the table above: the edges that are valid pass."""
     agent = StandInAgent(sockpath)

@@ -664,8 +664,12 @@ int main(void) {
     }
     for (size_t done = 0; done < out.len;) {
         ssize_t n = write(1, out.p + done, out.len - done);
-        if (n < 0 && errno != EINTR) return 1;
+        if (n < 0 && errno != EINTR) {
+            rc = -1; /* nobody reads our answer */
+            break;
+        }
         done += n > 0 ? (size_t)n : 0;
     }
+    free(in.p), free(out.p), free(req.p), free(socket_path.p), free(answer.p);
     return rc ? 1 : 0;
 }
