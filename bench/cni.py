@@ -7,7 +7,7 @@ one per plugin, and one namespace per pod); both plugins are launched the same
 way (``nsenter --net=<node netns>``, as a runtime on that node would run
 them), with the config on stdin. The figure is the ratio ours / reference.
 
-    .venv/bin/python bench/cni.py [--pods 100] [--burst 50]
+    .venv/bin/python bench/cni.py [--pods 100] [--burst 50] [--shim auto|native|python]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Bench:
         sh("ip", "-n", name, "link", "set", "ul0p", "up")
         return name
 
-    def start_agent(self, node_ns: str) -> dict:
+    def start_agent(self, node_ns: str, *, shim: str = "auto") -> dict:
         store = f"sqlite://{self.tmp}/state.db"
         sh(OVERLAYCNI, "--datastore", store, "cluster", "create", "--name", "bench",
            "--network-plugin", "azure", "--network-plugin-mode", "overlay", "--pod-cidr", "10.244.0.0/16",
@@ -74,8 +74,9 @@ class Bench:
         line = self.agent.stdout.readline()
         if not line:
             raise SystemExit(f"agent did not start; see {self.tmp}/agent.log:\n" + (self.tmp / "agent.log").read_text())
-        sh(OVERLAYCNI, "install-cni", "--cluster", "bench", "--bin-dir", str(self.tmp / "bin"),
-           "--conf-dir", str(self.tmp / "net.d"), "--socket", self.sock)
+        installed = sh(OVERLAYCNI, "install-cni", "--cluster", "bench", "--bin-dir", str(self.tmp / "bin"),
+                       "--conf-dir", str(self.tmp / "net.d"), "--socket", self.sock, "--shim", shim, "--output", "json")
+        self.shim = json.loads(installed.stdout)["shim"]
         return json.loads(line)
 
     def cleanup(self) -> None:
@@ -127,6 +128,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=100)
     ap.add_argument("--burst", type=int, default=50)
+    ap.add_argument("--shim", choices=("auto", "native", "python"), default="auto",
+                    help="which build of our plugin to install (install-cni --shim)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/cni.py needs root (network namespaces)", file=sys.stderr)
@@ -135,7 +138,7 @@ def main() -> int:
     try:
         ours_node = b.node("n1", "10.224.0.4")
         ref_node = b.node("ref", "10.224.0.5")
-        b.start_agent(ours_node)
+        b.start_agent(ours_node, shim=args.shim)
         pods = [b.ns(f"p{i}") for i in range(args.pods)]
         burst = [b.ns(f"b{i}") for i in range(args.burst)]
         ours_conf = {"cniVersion": "1.0.0", "name": "overlaycni", "type": "overlaycni", "socket": b.sock}
@@ -146,7 +149,8 @@ def main() -> int:
         ours = measure(b, ours_node, str(b.tmp / "bin/overlaycni"), ours_conf, pods, burst)
     finally:
         b.cleanup()
-    print(f"CNI latency over {args.pods} pods, burst of {args.burst} concurrent ADDs (seconds; ratio = ours / reference)")
+    print(f"CNI latency over {args.pods} pods, burst of {args.burst} concurrent ADDs, {b.shim} shim"
+          " (seconds; ratio = ours / reference)")
     print(f"{'metric':10} {'overlaycni':>11} {'bridge+host-local':>18} {'ratio':>7}")
     for k in ("add_p50", "add_p99", "del_p50", "del_p99", "burst"):
         print(f"{k:10} {ours[k]*1000:9.1f}ms {ref[k]*1000:16.1f}ms {ours[k]/ref[k]:7.2f}")

@@ -185,7 +185,7 @@ typedef struct {
     const char *s, *e; /* [s, e) of a JSON value */
 } span;
 
-static int err_code;
+static long long err_code;
 static buf err_msg, err_details;
 
 /* Appends fmt as JSON string contents: %s a C string, %r its repr(), %B a
@@ -339,7 +339,7 @@ static int parse(const char *s, const char *e, span *v) {
 }
 
 static int parse_error_detail(const char *s) {
-    return detail("expecting %s at byte %d", scan_why, (int)(scan_at - s));
+    return detail("at byte %d: expected %s", (int)(scan_at - s), scan_why);
 }
 
 /* Decodes a (scanned) JSON string into b, as Python's json does: escapes
@@ -582,6 +582,13 @@ unreachable:
     return detail("%s; is the agent running on this node?", strerror(e));
 }
 
+/* Appends a JSON value as string contents: a string's own, any other
+ * value its JSON text (shim.py's _as_text). */
+static void add_text(buf *b, span v) {
+    if (*v.s == '"') addn(b, v.s + 1, (size_t)(v.e - v.s - 2));
+    else esc(b, v.s, (size_t)(v.e - v.s));
+}
+
 /* The agent's answer: an error becomes ours; a result is printed verbatim
  * (shim.py's agent_outcome). */
 static int take_answer(span doc, buf *out) {
@@ -590,25 +597,17 @@ static int take_answer(span doc, buf *out) {
     if (member(doc, "error", &error)) {
         if (*error.s != '{') return fail(PLUGIN_INTERNAL, "overlaycni agent error is not a JSON object");
         long long code = PLUGIN_INTERNAL;
-        if (member(error, "code", &v)) {
+        if (member(error, "code", &v)) { /* the spec's code is an unsigned integer */
             const char *p = v.s;
             for (code = 0; p < v.e && *p >= '0' && *p <= '9' && code <= 0xffffffffLL; p++) code = code * 10 + (*p - '0');
             if (p == v.s || p != v.e || code > 0xffffffffLL)
                 return fail(PLUGIN_INTERNAL, "overlaycni agent error code is not an integer 0..4294967295");
         }
-        buf text = {0};
-        if (!member(error, "msg", &v)) add(&text, "\"agent error\"");
-        else if (*v.s == '"') addn(&text, v.s, (size_t)(v.e - v.s));
-        else add(&text, "\""), esc(&text, v.s, (size_t)(v.e - v.s)), add(&text, "\""); /* as text, like shim.py */
-        fail(0, ""), err_code = (int)code;
-        addn(&err_msg, text.p + 1, text.len - 2);
-        text.len = 0;
-        if (member(error, "details", &v) && *v.s != 'n') {
-            if (*v.s == '"') addn(&text, v.s, (size_t)(v.e - v.s));
-            else add(&text, "\""), esc(&text, v.s, (size_t)(v.e - v.s)), add(&text, "\"");
-            addn(&err_details, text.p + 1, text.len - 2);
-        }
-        return free(text.p), -1;
+        fail(0, ""), err_code = code;
+        if (member(error, "msg", &v)) add_text(&err_msg, v);
+        else add(&err_msg, "agent error");
+        if (member(error, "details", &v) && *v.s != 'n') add_text(&err_details, v);
+        return -1;
     }
     if (member(doc, "result", &v) && *v.s != 'n') addn(out, v.s, (size_t)(v.e - v.s)), add(out, "\n");
     return 0;
@@ -655,7 +654,7 @@ int main(void) {
     }
     if (rc) {
         char code[24];
-        snprintf(code, sizeof code, "%d", err_code);
+        snprintf(code, sizeof code, "%lld", err_code);
         out.len = 0;
         add(&out, "{\"cniVersion\": \""), add(&out, version), add(&out, "\", \"code\": "), add(&out, code);
         add(&out, ", \"msg\": \""), addn(&out, err_msg.p, err_msg.len), add(&out, "\"");
