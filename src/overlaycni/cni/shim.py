@@ -48,7 +48,7 @@ REPLY_TIMEOUT = 4.5  # the agent answers TRY_AGAIN_LATER before this; never a ha
 # Spec codes.
 INCOMPATIBLE_VERSION, INVALID_ENV, DECODE_FAILURE, INVALID_CONFIG = 1, 4, 6, 7
 TRY_AGAIN_LATER, NOT_AVAILABLE = 11, 50
-PLUGIN_INTERNAL = 999  # the agent's answer is broken: a bug, not a state to retry
+PLUGIN_INTERNAL = 999  # a bug (a broken agent answer, an unexpected exception), not a state to retry
 ID_FIRST = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 ID_REST = ID_FIRST | frozenset("_.-")
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
@@ -278,7 +278,7 @@ def run(env, stdin_text):
     except PluginError as err:
         return 1, _error_doc(version, err)
     except Exception as exc:  # last resort: never a traceback on stdout
-        return 1, _error_doc(version, PluginError(999, "overlaycni plugin internal error", repr(exc)))
+        return 1, _error_doc(version, PluginError(PLUGIN_INTERNAL, "overlaycni plugin internal error", repr(exc)))
 
 
 def read_stdin(stream):
