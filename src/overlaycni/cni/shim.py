@@ -198,8 +198,10 @@ def build_request(env, stdin_text):
     return version, request
 
 
-def call_agent(socket_path, request, *, connect_timeout=CONNECT_TIMEOUT, reply_timeout=REPLY_TIMEOUT):
+def call_agent(socket_path, request, *, connect_timeout=None, reply_timeout=None):
     """Send one request; return the decoded answer. Unreachable: TRY_AGAIN_LATER."""
+    connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout  # read at call time
+    reply_timeout = REPLY_TIMEOUT if reply_timeout is None else reply_timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect_timeout)
