@@ -55,7 +55,10 @@ class StandInAgent:
                 if self.silent:
                     threading.Event().wait(10)
                     continue
-                conn.sendall(self.answer.encode() + b"\n")
+                try:
+                    conn.sendall(self.answer.encode() + b"\n")
+                except OSError:
+                    pass  # the plugin stopped reading (an oversized answer)
 
     def close(self) -> None:
         self.sock.close()
@@ -190,6 +193,16 @@ def test_agent_answers_are_mapped_alike(kind, sockpath, answer, code, doc):
     finally:
         agent.close()
     assert (got, out) == (code, doc), err
+
+
+def test_oversized_agent_answer_is_an_error(kind, sockpath):
+    agent = StandInAgent(sockpath, '{"result": "' + "x" * shim.MAX_ANSWER + '"}')
+    try:
+        code, doc, _ = run_plugin(base_env(), conf(sockpath), plugin=kind)
+    finally:
+        agent.close()
+    assert (code, doc["code"]) == (1, 999)
+    assert doc["msg"] == "overlaycni agent answer is larger than 16777216 bytes"
 
 
 def test_del_success_prints_nothing(kind, sockpath):

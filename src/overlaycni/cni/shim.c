@@ -157,8 +157,9 @@ static void esc(buf *b, const char *s, size_t n) {
     }
 }
 
-/* Appends Python's repr() of s (shim.py's {value!r}), JSON-escaped. Other
- * non-ASCII characters than these repr() escapes are kept as they are. */
+/* Appends Python's repr() of s (shim.py's {value!r}), JSON-escaped. Of the
+ * non-ASCII characters, only C1 controls, U+00A0, U+00AD and undecodable
+ * bytes are escaped: repr() escapes a few more exotic ones. */
 static void repr(buf *b, const char *s) {
     size_t n = strlen(s);
     char q = memchr(s, '\'', n) && !memchr(s, '"', n) ? '"' : '\'', t[16];
@@ -202,7 +203,7 @@ static void vformat(buf *b, const char *fmt, va_list ap) {
         case 'r': repr(b, va_arg(ap, const char *)); break;
         case 'B': { const buf *x = va_arg(ap, const buf *); esc(b, x->p, x->len); break; }
         case 'j': { const span *x = va_arg(ap, const span *); addn(b, x->s + 1, (size_t)(x->e - x->s - 2)); break; }
-        default: snprintf(t, sizeof t, "%d", va_arg(ap, int)), add(b, t); break;
+        case 'd': snprintf(t, sizeof t, "%d", va_arg(ap, int)), add(b, t); break;
         }
     }
 }

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - not CPython
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
 MAX_CONFIG = 1 << 20  # bytes of stdin; a CNI config is a few KiB
+MAX_ANSWER = 16 << 20  # bytes of the agent's answer
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 4.5  # the agent answers TRY_AGAIN_LATER before this; never a hang
 # Spec codes.
@@ -223,11 +224,14 @@ def call_agent(socket_path, request, *, connect_timeout=None, reply_timeout=None
         sock.settimeout(reply_timeout)
         try:
             sock.sendall(json_dumps(request).encode() + b"\n")
-            chunks = []
+            chunks, size = [], 0
             while True:
                 data = sock.recv(65536)
                 if not data:
                     break
+                size += len(data)
+                if size > MAX_ANSWER:
+                    raise PluginError(PLUGIN_INTERNAL, f"overlaycni agent answer is larger than {MAX_ANSWER} bytes")
                 chunks.append(data)
         except TimeoutError:
             raise PluginError(TRY_AGAIN_LATER, f"overlaycni agent did not answer within {reply_timeout:.1f} s") from None
