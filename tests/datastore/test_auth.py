@@ -73,9 +73,10 @@ def test_user_and_password_file(auth_etcd, password_file, monkeypatch):
     store = open_datastore(auth_etcd.url, credentials=EtcdCredentials(user="ocni", password_file=password_file))
     stop = threading.Event()
     seen: list[str] = []
+    start = store.revision() + 1  # a watch from "now" could miss the first put on a loaded machine
 
     def watch() -> None:
-        for ev in store.watch("/overlaycni/t/", stop=stop):
+        for ev in store.watch("/overlaycni/t/", start_revision=start, stop=stop):
             seen.append(ev.value or "")
 
     t = threading.Thread(target=watch, daemon=True)
