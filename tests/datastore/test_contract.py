@@ -284,3 +284,15 @@ def test_short_lived_threads_leave_no_connections_behind(store):
         t.start()
         t.join()
     assert len(os.listdir("/proc/self/fd")) - before < 10
+
+
+def test_with_closes_the_store_and_lets_errors_through(store_url):
+    closed: list[str] = []
+    with pytest.raises(NotFound), open_datastore(store_url) as s:
+        real_close = s.close
+        s.close = lambda: (closed.append(s.url), real_close())  # type: ignore[method-assign]
+        s.put("/t/cm", "v")
+        raise NotFound("from the body")
+    assert closed == [store_url]
+    with open_datastore(store_url) as again:
+        assert again.get("/t/cm").value == "v"

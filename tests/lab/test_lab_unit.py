@@ -40,7 +40,7 @@ def test_lab_name_bad(name, problem):
 def test_names_are_prefixed_and_unambiguous():
     # a lab name never holds a dot, so one lab's prefix never matches another's namespaces
     assert topology.node_netns("demo", "node1") == "ocl-demo.node1"
-    assert topology.pod_netns("demo", "web") == "ocl-demo.pod.web"
+    assert topology.pod_netns("demo", "default", "web") == "ocl-demo.pod.default.web"
     assert not topology.node_netns("demo-x", "node1").startswith(topology.netns_prefix("demo"))
     for node in ("node1", "x" * topology.MAX_NODE_NAME):
         assert len(topology.node_port(node)) <= 15
@@ -80,8 +80,23 @@ def test_labels():
 
 
 def test_container_id_stable_and_distinct():
-    assert topology.container_id("a", "p") == topology.container_id("a", "p")
-    assert topology.container_id("a", "p") != topology.container_id("b", "p")
+    assert topology.container_id("a", "x", "p") == topology.container_id("a", "x", "p")
+    assert topology.container_id("a", "x", "p") != topology.container_id("b", "x", "p")
+    assert topology.container_id("a", "x", "p") != topology.container_id("a", "y", "p")
+
+
+def test_same_pod_name_in_two_namespaces_gets_two_netns():
+    """x/a and y/a (the upstream conformance model) never share a netns name,
+    nor with a node, and stay under the lab's prefix; the longest fits."""
+    lab = "x" * topology.MAX_LAB_NAME
+    names = {topology.pod_netns(lab, ns, "a") for ns in ("x", "y", "z")}
+    assert len(names) == 3 and all(n.startswith(topology.netns_prefix(lab) + "pod.") for n in names)
+    # (namespace, name) -> netns is one-to-one: the separator cannot occur in a name
+    assert topology.pod_netns(lab, "a-b", "c") != topology.pod_netns(lab, "a", "b-c")
+    longest = topology.pod_netns(lab, "n" * topology.MAX_POD_NAME, "p" * topology.MAX_POD_NAME)
+    assert len(longest.encode()) == 102 <= 255
+    with pytest.raises(UsageError, match="NODE"):
+        topology.validate_node_name("pod")
 
 
 def test_validate_rejects_long_lab_dir(tmp_path):
@@ -103,11 +118,11 @@ def test_validate_store_and_network(tmp_path):
 
 
 def _state(tmp_path: Path) -> st.LabState:
-    node = st.NodeState(
+    node = st.LabNode(
         name="node1", index=1, netns="ocl-t.node1", ip=IPv4Interface("10.224.0.4/16"), block=IPv4Network("10.244.0.0/24"),
         agent=st.Proc(pid=42, start_time=7, log="x"), socket="/s", conf_dir="/c",
     )  # fmt: skip
-    pod = st.PodState("p1", "default", "node1", "ocl-t.pod.p1", "cid", IPv4Interface("10.244.0.2/24"), (("app", "web"),))
+    pod = st.LabPod("p1", "default", "node1", "ocl-t.pod.default.p1", "cid", IPv4Interface("10.244.0.2/24"), (("app", "web"),))
     return st.LabState(
         name="t", lab_dir=str(tmp_path / "t"), backend="vxlan", store="sqlite", datastore="sqlite:///x",
         network=parse_network({}).to_dict(), vnet_netns="ocl-t.vnet", external_netns="ocl-t.ext",
@@ -122,7 +137,7 @@ def test_state_round_trip_and_status_json(tmp_path):
     assert set(j) >= {"name", "backend", "pod_cidr", "nodes", "pods", "external"}
     assert j["nodes"][0] == {"name": "node1", "netns": "ocl-t.node1", "ip": "10.224.0.4", "block": "10.244.0.0/24", "agent_pid": 42}
     assert j["pods"][0] == {
-        "name": "p1", "namespace": "default", "node": "node1", "netns": "ocl-t.pod.p1", "ip": "10.244.0.2",
+        "name": "p1", "namespace": "default", "node": "node1", "netns": "ocl-t.pod.default.p1", "ip": "10.244.0.2",
         "labels": {"app": "web"}, "ports": [],
     }  # fmt: skip
     assert j["external"] == {"netns": "ocl-t.ext", "ip": "10.224.255.253"}
@@ -143,9 +158,51 @@ def test_state_save_load_list(tmp_path):
 
 def test_state_updates():
     s = _state(Path("/x"))
-    s2 = s.without_pod("p1").with_namespace("ocl-t.ext").with_namespace("ocl-t.ext")
+    s2 = s.without_pod(s.pod("p1")).with_namespace("ocl-t.ext").with_namespace("ocl-t.ext")
     assert s2.pods == () and s2.namespaces == ("ocl-t.vnet", "ocl-t.ext")
     assert [p.name for p in s.pods_on("node1")] == ["p1"]
+
+
+def _pod(namespace: str, name: str) -> st.LabPod:
+    return st.LabPod(name, namespace, "node1", f"ocl-t.pod.{namespace}.{name}", f"c-{namespace}-{name}")
+
+
+def test_pods_are_named_per_namespace():
+    s = _state(Path("/x"))
+    s = s.with_pod(_pod("x", "a")).with_pod(_pod("y", "a")).with_pod(_pod("x", "b"))
+    assert [p.key for p in s.pods] == ["default/p1", "x/a", "y/a", "x/b"]
+    # NAMESPACE/NAME always; a bare NAME when one namespace has it
+    assert s.pod("y/a").namespace == "y" and s.pod("b").key == "x/b" and s.pod("p1").key == "default/p1"
+    with pytest.raises(UsageError) as e:
+        s.pod("a")
+    assert str(e.value).startswith("POD: pod 'a' is ambiguous") and "x/a, y/a" in str(e.value)
+    with pytest.raises(UsageError, match="^SRC: pod 'a' is ambiguous"):
+        s.pod("a", field="SRC")
+    from overlaycni.errors import NotFound
+
+    for missing in ("z/a", "c", "x/", "/a"):
+        with pytest.raises(NotFound, match=f"POD: lab t has no pod '{missing}'.*x/a, y/a, b"):
+            s.pod(missing)
+    # output names a pod by its bare name unless that is ambiguous
+    assert s.refs() == {"default/p1": "p1", "x/a": "x/a", "y/a": "y/a", "x/b": "b"}
+    assert s.ref(s.pod("x/b")) == "b" and s.ref(s.pod("x/a")) == "x/a"
+    # replacing and removing go by (namespace, name): y/a is untouched
+    s2 = s.with_pod(st.LabPod("a", "x", "node2", "n", "c")).without_pod(s.pod("x/b"))
+    assert [(p.key, p.node) for p in s2.pods] == [("default/p1", "node1"), ("y/a", "node1"), ("x/a", "node2")]
+    assert s2.without_pod(s2.pod("x/a")).refs() == {"default/p1": "p1", "y/a": "a"}
+
+
+def test_state_file_from_before_namespaced_pods_is_refused(tmp_path):
+    s = _state(tmp_path)
+    Path(s.lab_dir).mkdir()
+    old = json.loads(st.to_json(s))
+    del old["version"]
+    (Path(s.lab_dir) / st.STATE_FILE).write_text(json.dumps(old))
+    from overlaycni.errors import OverlayCNIError
+
+    with pytest.raises(OverlayCNIError, match="another overlaycni version.*lab down --name t"):
+        st.load("t", str(tmp_path))
+    assert st.try_load("t", str(tmp_path)) is None  # what `lab down` uses: it cleans up by prefix
 
 
 # --- tcpdump parsing ---------------------------------------------------------------------------
@@ -276,3 +333,25 @@ def test_lab_list_empty(tmp_path):
     res = CliRunner().invoke(app, ["lab", "list", "-o", "json"], env={"OVERLAYCNI_LAB_DIR": str(tmp_path)})
     assert res.exit_code == 0
     assert all(not r["name"].startswith("nonexistent") for r in json.loads(res.output))
+
+
+@pytest.mark.parametrize(
+    "pod, namespace, want",
+    [("a", None, ("default", "a")), ("a", "x", ("x", "a")), ("x/a", None, ("x", "a")), ("x/a", "x", ("x", "a"))],
+)
+def test_pod_add_takes_name_or_namespace_slash_name(pod, namespace, want):
+    from overlaycni.lab.members import split_pod_ref
+
+    assert split_pod_ref(pod, namespace) == want
+
+
+@pytest.mark.parametrize(
+    "pod, namespace, words",
+    [("x/a", "y", "names namespace 'x' but --namespace is 'y'"), ("X/a", None, "POD: 'X'"),
+     ("a", "Bad_NS", "--namespace: 'Bad_NS'"), ("x/a/b", None, "POD: 'x/a'"), ("x/", None, "POD: ''")],
+)  # fmt: skip
+def test_pod_add_bad_pod_or_namespace(pod, namespace, words):
+    from overlaycni.lab.members import split_pod_ref
+
+    with pytest.raises(UsageError, match=words.replace("(", r"\(")):
+        split_pod_ref(pod, namespace)

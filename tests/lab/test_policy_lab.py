@@ -33,8 +33,7 @@ from overlaycni.datastore import open_datastore
 from overlaycni.ipam import list_allocations
 from overlaycni.lab import probe as lab_probe
 from overlaycni.lab import state as lab_state
-from overlaycni.policy import parse_policies
-from overlaycni.policy import store_codec as codec
+from overlaycni.policy import parse_policies, records
 from overlaycni.policy.render import render_node
 from tests.policy_cases import CASES, NAMED_PORTS, NAMESPACES, ORDER, POD_NAMES, Case, case
 
@@ -196,8 +195,8 @@ def test_metadata_records_in_the_datastore(np_lab: Lab):
     st = _state(np_lab)
     store = open_datastore(st.datastore)
     try:
-        pods = {p.key: p for p in codec.load_pods(store, st.name)}
-        namespaces = {n.name: n for n in codec.load_namespaces(store, st.name)}
+        pods = {p.key: p for p in records.load_pods(store, st.name)}
+        namespaces = {n.name: n for n in records.load_namespaces(store, st.name)}
         allocs = {(a.pod_namespace, a.pod_name): a for a in list_allocations(store, st.name)}
     finally:
         store.close()

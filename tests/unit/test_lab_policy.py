@@ -1,10 +1,9 @@
 """The lab's NetworkPolicy plumbing without root: label edits, port flags,
-the metadata document, runtimeConfig capabilities, the probe report, and the
+the metadata records, runtimeConfig capabilities, the probe report, and the
 CLI errors of ``policy --lab`` / ``explain`` / ``lab probe``."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,8 +16,8 @@ from overlaycni.errors import ConfigError, UsageError
 from overlaycni.lab import policy as lab_policy
 from overlaycni.lab import probe as lab_probe
 from overlaycni.lab import runtime
-from overlaycni.lab.state import LabState, PodState
-from overlaycni.policy import store_codec as codec
+from overlaycni.lab.state import LabPod, LabState
+from overlaycni.policy import records
 
 OC = os.path.join(os.path.dirname(sys.executable), "overlaycni")
 
@@ -57,43 +56,48 @@ def _state(tmp_path) -> LabState:
     )  # fmt: skip
 
 
-def _pod(name="web", **kw) -> PodState:
+def _pod(name="web", **kw) -> LabPod:
     base = dict(
-        name=name, namespace="x", node="node1", netns=f"ocl-t1.pod.{name}", container_id="c" * 32,
+        name=name, namespace="x", node="node1", netns=f"ocl-t1.pod.x.{name}", container_id="c" * 32,
         ip=IPv4Interface("10.244.1.2/24"), labels=(("app", "web"),), ports=("http=80/TCP",),
     )  # fmt: skip
-    return PodState(**{**base, **kw})
+    return LabPod(**{**base, **kw})
 
 
-def test_meta_document_round_trips_through_the_store(tmp_path):
+def test_meta_records_round_trip_through_the_store(tmp_path):
+    """What the lab writes is what the agents' decoders read; sqlite labs
+    write in-process, right here (``with_store``)."""
     st = _state(tmp_path)
-    doc = lab_policy.meta_document(st, pods=[_pod()], namespaces={"x": {"ns": "x"}})
-    store = open_datastore(st.datastore)
-    try:
-        assert lab_policy.apply_meta(store, "t1", json.loads(json.dumps(doc))) == {"namespaces": 1, "pods": 1, "deleted_pods": 0}
-        (pod,) = codec.load_pods(store, "t1")
-        (ns,) = codec.load_namespaces(store, "t1")
+    change = lab_policy.meta_change(pods=[_pod(), _pod("noip", ip=None)], namespaces={"x": {"ns": "x"}})
+    assert [p.name for p in change.pods] == ["web"]  # a pod without an IP has no record yet
+    lab_policy.publish(st, change)
+    with open_datastore(st.datastore) as store:
+        (pod,) = records.load_pods(store, "t1")
+        (ns,) = records.load_namespaces(store, "t1")
         assert (pod.key, str(pod.ip), pod.node, dict(pod.labels)) == ("x/web", "10.244.1.2", "node1", {"app": "web"})
         assert [(p.name, p.port, p.protocol) for p in pod.ports] == [("http", 80, "TCP")]
         assert dict(ns.labels) == {"ns": "x", "kubernetes.io/metadata.name": "x"}
-        lab_policy.apply_meta(store, "t1", lab_policy.meta_document(st, delete_pods=[_pod()]))
-        assert codec.load_pods(store, "t1") == []
-    finally:
-        store.close()
+        # y/web is another pod: deleting x/web leaves it
+        lab_policy.write_meta(store, "t1", lab_policy.meta_change(pods=[_pod(namespace="y")]))
+        lab_policy.write_meta(store, "t1", lab_policy.meta_change(delete_pods=[_pod()]))
+        assert [p.key for p in records.load_pods(store, "t1")] == ["y/web"]
+    assert not lab_policy.meta_change()
 
 
 def test_a_bad_record_writes_nothing(tmp_path):
+    """A record the agents' decoder would skip is refused, naming its field,
+    and nothing of the change is written."""
     st = _state(tmp_path)
-    doc = lab_policy.meta_document(st, namespaces={"x": {}})
-    doc["pods"] = [{"namespace": "x", "name": "p", "ip": "not-an-ip"}]
-    store = open_datastore(st.datastore)
-    try:
+    from overlaycni.policy.model import NamespaceInfo
+
+    bad = lab_policy.MetaChange(
+        namespaces=(NamespaceInfo("x", {}),), pods=(lab_policy.pod_info(_pod(labels=(("app", "not ok!"),))),)
+    )
+    with open_datastore(st.datastore) as store:
         with pytest.raises(ConfigError) as err:
-            lab_policy.apply_meta(store, "t1", doc)
-        assert any(e.field == "pods[0].ip" for e in err.value.errors)
-        assert codec.load_namespaces(store, "t1") == []
-    finally:
-        store.close()
+            lab_policy.write_meta(store, "t1", bad)
+        assert any(e.field == "pods[0].labels.app" for e in err.value.errors), err.value.errors
+        assert records.load_namespaces(store, "t1") == [] and records.load_pods(store, "t1") == []
 
 
 def test_runtime_config_only_for_declared_capabilities():

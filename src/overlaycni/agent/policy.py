@@ -29,8 +29,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
 
 from .. import ipam
 from ..dataplane.ports import PolicyTable
@@ -38,29 +36,11 @@ from ..datastore import Event, Store
 from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespaces_prefix, pods_prefix, policies_prefix
 from ..datastore.watch import watch_loop
 from ..errors import OverlayCNIError
-from ..policy import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
+from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
+from ..policy.stored import join_inventory as inventory
 
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.05
-
-
-def inventory(
-    allocations: Iterable[ipam.Allocation], pod_records: Iterable[Any], ns_records: Iterable[Any]
-) -> tuple[list[PodInfo], list[NamespaceInfo]]:
-    """Join allocations (IP, node) with pod metadata (labels, ports) (pure)."""
-    meta: dict[tuple[str, str], tuple[dict, tuple[NamedPort, ...]]] = {}
-    for rec in pod_records:
-        meta[(rec.namespace, rec.name)] = (dict(rec.labels), rec.ports)
-    pods = []
-    for a in allocations:
-        if not a.pod_namespace or not a.pod_name:
-            continue  # not a Kubernetes pod (no K8S_POD_* args): no policy applies
-        labels, ports = meta.get((a.pod_namespace, a.pod_name), ({}, ()))
-        pods.append(PodInfo(a.pod_namespace, a.pod_name, a.ip.ip, a.node, labels, ports))
-    namespaces = {ns.name: ns for ns in ns_records}
-    for p in pods:
-        namespaces.setdefault(p.namespace, NamespaceInfo(p.namespace, {}))
-    return pods, list(namespaces.values())
 
 
 class PolicyController:

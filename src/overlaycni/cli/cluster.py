@@ -14,7 +14,17 @@ from rich.table import Table
 from .. import ipam
 from ..config import ClusterNetwork, load_file, merge_settings, parse_network
 from ..ipam.model import parse_ip
-from .common import Output, OutputOpt, console, err_console, open_store, print_json, with_dual_stack_network_flags
+from .common import (
+    ClusterNameOpt,
+    ClusterOpt,
+    Output,
+    OutputOpt,
+    console,
+    open_store,
+    print_json,
+    print_warning,
+    with_dual_stack_network_flags,
+)
 
 cluster_app = typer.Typer(
     help="Cluster networks in the datastore. Example: overlaycni --datastore sqlite:///tmp/s.db "
@@ -26,8 +36,6 @@ node_app = typer.Typer(
     no_args_is_help=True,
 )
 
-NameOpt = Annotated[str, typer.Option("--name", help="Cluster name (letters, digits, '.', '_', '-').")]
-ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
 NodeNameOpt = Annotated[str, typer.Option("--name", help="Node name; re-registering it returns its block.")]
 
 
@@ -61,7 +69,7 @@ def _render_network(name: str, net: ClusterNetwork) -> None:
 @with_dual_stack_network_flags
 def cluster_create(
     ctx: typer.Context,
-    name: NameOpt,
+    name: ClusterNameOpt,
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="YAML/JSON file of network settings; flags override it.")
     ] = None,
@@ -74,34 +82,25 @@ def cluster_create(
     Creating it again with the same settings is a no-op; with different settings it is an error."""
     net = parse_network(merge_settings(load_file(file) if file is not None else None, network))
     for w in net.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    store = open_store(ctx)
-    try:
+        print_warning(str(w))
+    with open_store(ctx) as store:
         net = ipam.create_cluster(store, name, net)
-    finally:
-        store.close()
     _emit_network(name, net, output)
 
 
 @cluster_app.command("show", epilog="Example: overlaycni cluster show --name dev -o json")
-def cluster_show(ctx: typer.Context, name: NameOpt, output: OutputOpt = Output.table) -> None:
+def cluster_show(ctx: typer.Context, name: ClusterNameOpt, output: OutputOpt = Output.table) -> None:
     """Show a cluster's network settings."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         net = ipam.get_cluster(store, name)
-    finally:
-        store.close()
     _emit_network(name, net, output)
 
 
 @cluster_app.command("list", epilog="Example: overlaycni --datastore etcd://127.0.0.1:2379 cluster list")
 def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
     """List the clusters in the datastore."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         clusters = ipam.list_clusters(store)
-    finally:
-        store.close()
     if output is Output.json:
         print_json([_network_json(n, net) for n, net in clusters])
         return
@@ -121,13 +120,10 @@ def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
 
 
 @cluster_app.command("delete", epilog="Example: overlaycni cluster delete --name dev")
-def cluster_delete(ctx: typer.Context, name: NameOpt, output: OutputOpt = Output.table) -> None:
+def cluster_delete(ctx: typer.Context, name: ClusterNameOpt, output: OutputOpt = Output.table) -> None:
     """Delete a cluster and all its nodes, blocks and addresses (not-found is success)."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         ipam.delete_cluster(store, name)
-    finally:
-        store.close()
     if output is Output.json:
         print_json({"name": name, "deleted": True})
     else:
@@ -139,16 +135,13 @@ def cluster_delete(ctx: typer.Context, name: NameOpt, output: OutputOpt = Output
 )
 def cluster_expand(
     ctx: typer.Context,
-    name: NameOpt,
+    name: ClusterNameOpt,
     pod_cidr: Annotated[str, typer.Option("--pod-cidr", help="The new pod CIDR: a contiguous superset of the current one.")],
     output: OutputOpt = Output.table,
 ) -> None:
     """Grow the pod CIDR to a range that contains it; every existing block keeps its place."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         net = ipam.expand_pod_cidr(store, name, pod_cidr)
-    finally:
-        store.close()
     _emit_network(name, net, output)
 
 
@@ -168,11 +161,8 @@ def node_register(
 ) -> None:
     """Claim a pod CIDR block for a node (the same block again for a known name)."""
     ip: IPv4Address = parse_ip("node-ip", node_ip)
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         rec = ipam.register_node(store, cluster, name, ip, vtep_mac=vtep_mac)
-    finally:
-        store.close()
     if output is Output.json:
         print_json({"name": rec.name, "node_ip": str(rec.node_ip), "block": str(rec.block)})
     else:
@@ -182,11 +172,8 @@ def node_register(
 @node_app.command("list", epilog="Example: overlaycni node list --cluster dev -o json")
 def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
     """List the live nodes of a cluster with their blocks."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         nodes = ipam.list_nodes(store, cluster)
-    finally:
-        store.close()
     if output is Output.json:
         print_json([n.to_dict() for n in nodes])
         return
@@ -252,11 +239,8 @@ def node_rotate_key(
 @node_app.command("delete", epilog="Example: overlaycni node delete --cluster dev --name node-1")
 def node_delete(ctx: typer.Context, cluster: ClusterOpt, name: NodeNameOpt, output: OutputOpt = Output.table) -> None:
     """Delete a node: free its block and release its pod addresses (not-found is success)."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         ipam.delete_node(store, cluster, name)
-    finally:
-        store.close()
     if output is Output.json:
         print_json({"name": name, "deleted": True})
     else:

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: output format, errors, the network flags, the datastore."""
+"""Shared CLI plumbing: output format, the one error printer, the options
+several command groups take, the network flags, the datastore."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from ..errors import ConfigError, OverlayCNIError
 
@@ -33,23 +36,74 @@ class Output(StrEnum):
 
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts.")]
 
+# ----- options shared by several command groups ---------------------------------------
+# (rich renders help text as markup: a literal "[" is written "\\[")
+
+ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
+ClusterNameOpt = Annotated[str, typer.Option("--name", help="Cluster name (letters, digits, '.', '_', '-').")]
+LabNameOpt = Annotated[str, typer.Option("--name", help="Lab name: up to 12 of \\[a-z0-9-].")]
+LabDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lab-dir", envvar="OVERLAYCNI_LAB_DIR", help="Directory holding the labs (default /run/overlaycni/labs).", show_default=False
+    ),
+]
+# ``policy`` acts on a cluster in --datastore, or on a lab on this machine
+TargetClusterOpt = Annotated[
+    str | None, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`), in --datastore.", show_default=False)
+]
+LabOpt = Annotated[
+    str | None,
+    typer.Option("--lab", help="A lab on this machine (`overlaycni lab list`): its datastore and cluster.", show_default=False),
+]
+FromOpt = Annotated[
+    str | None, typer.Option("--from", help="YAML with namespaces, pods and policies ('-': stdin).", show_default=False)
+]
+
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----- errors: one printer, one place that maps exceptions to exit codes ---------------
+
+
+def print_error(message: str, *, details: str | None = None, out: Console | None = None) -> None:
+    """``error: MESSAGE`` on stderr (or ``out``). The text is printed
+    literally: user input inside it (a name, a flag value) is never read as
+    rich markup."""
+    out = out or err_console
+    out.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    if details:
+        out.print(f"[dim]{escape(details)}[/]", highlight=False)
+
+
+def print_warning(message: str, *, out: Console | None = None) -> None:
+    (out or err_console).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def report_error(exc: OverlayCNIError) -> int:
     """Print an OverlayCNIError for a person; return the exit code."""
     if isinstance(exc, ConfigError):
         for e in exc.errors:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            print_error(str(e))
         for w in exc.warnings:
-            err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            print_warning(str(w))
     else:
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-        if exc.details:
-            err_console.print(f"[dim]{exc.details}[/]", highlight=False)
+        print_error(exc.message, details=exc.details)
     return 2
+
+
+class ReportingGroup(TyperGroup):
+    """The root command: an ``OverlayCNIError`` from any command is printed
+    by ``report_error`` and becomes its exit status (no traceback), however
+    the command is invoked (the console script, ``python -m``, a test runner)."""
+
+    def invoke(self, ctx: Any) -> Any:  # ctx: the vendored click Context
+        try:
+            return super().invoke(ctx)
+        except OverlayCNIError as exc:
+            raise typer.Exit(report_error(exc)) from None
 
 
 # ----- the AKS network flags, added to a command by a decorator ----------------------
@@ -250,7 +304,7 @@ def warn_plain_etcd(url: str | None) -> None:
 
     warning = plain_etcd_warning(url)
     if warning:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        print_warning(warning)
 
 
 def open_store(ctx: typer.Context) -> Store:

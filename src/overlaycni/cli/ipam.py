@@ -14,14 +14,13 @@ from .. import ipam
 from ..errors import ConfigError, FieldError
 from ..ipam import addresses
 from ..ipam.model import parse_ip, parse_pod
-from .common import Output, OutputOpt, console, open_store, print_json
+from .common import ClusterOpt, Output, OutputOpt, console, open_store, print_json
 
 ipam_app = typer.Typer(
     help="Pod IP addresses. Example: overlaycni ipam allocate --cluster dev --node n1 --container-id abc --ifname eth0",
     no_args_is_help=True,
 )
 
-ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name (see `overlaycni cluster list`).")]
 CidOpt = Annotated[str, typer.Option("--container-id", help="The container (sandbox) ID, as CNI_CONTAINERID.")]
 IfOpt = Annotated[str, typer.Option("--ifname", help="Interface name in the pod, as CNI_IFNAME.")]
 ValidOpt = Annotated[
@@ -96,11 +95,8 @@ def ipam_allocate(
     """Allocate an address for a pod interface (the same one again for the same container ID and ifname)."""
     pod_ref = parse_pod(pod)
     requested = parse_ip("ip", ip) if ip is not None else None
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         alloc = ipam.allocate(store, cluster, node, container_id, ifname, pod=pod_ref, requested_ip=requested)
-    finally:
-        store.close()
     if output is Output.json:
         print_json({"ip": str(alloc.ip), "gateway": str(alloc.gateway)})
     else:
@@ -112,11 +108,8 @@ def ipam_release(
     ctx: typer.Context, cluster: ClusterOpt, container_id: CidOpt, ifname: IfOpt = "eth0", output: OutputOpt = Output.table
 ) -> None:
     """Release a pod interface's address (releasing twice is fine)."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         alloc = ipam.release(store, cluster, container_id, ifname)
-    finally:
-        store.close()
     if output is Output.json:
         print_json({"released": str(alloc.ip) if alloc else None})
     else:
@@ -126,15 +119,12 @@ def ipam_release(
 @ipam_app.command("show", epilog="Example: overlaycni ipam show --cluster dev")
 def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
     """Per node: its block, addresses used and free."""
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         blocks = ipam.list_blocks(store, cluster)
         live = {n.name for n in ipam.list_nodes(store, cluster)}
         used: dict[str, int] = {}
         for a in ipam.list_allocations(store, cluster):
             used[a.node] = used.get(a.node, 0) + 1
-    finally:
-        store.close()
     rows: list[dict[str, Any]] = [
         {
             "node": name,
@@ -167,11 +157,8 @@ def ipam_check(
 
     Exit 0 when consistent, 1 when not."""
     attachments = _read_valid(valid) if valid is not None else None
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         report = ipam.check(store, cluster, valid=attachments)
-    finally:
-        store.close()
     if output is Output.json:
         print_json(report.to_dict())
     else:
@@ -196,11 +183,8 @@ def ipam_gc(
 ) -> None:
     """Release every address whose (container ID, ifname) is not in --valid."""
     attachments = _read_valid(valid)
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         released = ipam.gc(store, cluster, attachments, node=node)
-    finally:
-        store.close()
     if output is Output.json:
         print_json({"released": [a.to_dict() for a in released]})
     else:

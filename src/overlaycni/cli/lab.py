@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -15,8 +16,9 @@ from ..lab import check as lab_check
 from ..lab import lifecycle, members
 from ..lab import state as lab_state
 from ..lab import trace as lab_trace
+from ..lab.policy import format_labels
 from ..lab.topology import parse_labels
-from .common import Output, OutputOpt, console, err_console, print_json, with_network_flags
+from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_network_flags
 
 lab_app = typer.Typer(
     help="A whole overlay cluster on this machine: a VNet, nodes with the real agent, pods through the real plugin.",
@@ -29,11 +31,7 @@ lab_app.add_typer(pod_app, name="pod")
 lab_app.add_typer(node_app, name="node")
 lab_app.add_typer(agent_app, name="agent")
 
-NameOpt = Annotated[str, typer.Option("--name", help="Lab name: up to 12 of [a-z0-9-].")]
-LabDirOpt = Annotated[
-    str | None,
-    typer.Option("--lab-dir", envvar="OVERLAYCNI_LAB_DIR", help="Directory holding the labs (default /run/overlaycni/labs).", show_default=False),
-]
+PodArg = Annotated[str, typer.Argument(metavar="POD", help="NAMESPACE/NAME, or NAME if only one namespace has such a pod.")]
 PHASES = {"vnet": "VNet, external host, control plane", "nodes": "nodes and agents", "pods": "pods (CNI ADD)"}
 
 
@@ -66,15 +64,14 @@ def render_status(state: lab_state.LabState) -> None:
     for col in ("pod", "namespace", "node", "IP", "labels", "netns"):
         pods.add_column(col)
     for p in state.pods:
-        labels = ",".join(f"{k}={v}" for k, v in p.labels) or "-"
-        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", labels, p.netns)
+        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", format_labels(p.labels), p.netns)
     console.print(pods)
 
 
 @lab_app.command("up")
 @with_network_flags
 def up(
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes.")] = 3,
     pods_per_node: Annotated[int, typer.Option("--pods-per-node", help="Pods per node (0 allowed).")] = 2,
     store: Annotated[str, typer.Option("--store", help="sqlite (a file in the lab dir) or etcd (runs inside the lab).")] = "sqlite",
@@ -121,14 +118,14 @@ def up(
         state = lifecycle.up(req, report=report)
     render_status(state)
     first = state.pods[0] if state.pods else None
-    other = next((p.name for p in state.pods if first and p.node != first.node), None)
+    other = next((state.ref(p) for p in state.pods if first and p.node != first.node), None)
     console.print("[bold]Try next:[/]")
-    for s in _next_steps(state.name, first.name if first else None, other):
-        console.print(f"  {s}", highlight=False)
+    for step in _next_steps(state.name, state.ref(first) if first else None, other):
+        console.print(f"  {step}", highlight=False, markup=False)
 
 
 @lab_app.command("down")
-def down(name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def down(name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Stop the lab's processes and delete its namespaces and files (safe to repeat)."""
     rep = lifecycle.down(name, root=lab_dir)
     if not rep.found_anything:
@@ -142,7 +139,7 @@ def down(name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
 
 
 @lab_app.command("status")
-def status(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+def status(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Nodes (IP, block, agent) and pods (node, IP) of a lab."""
     state = members.open_lab(name, lab_dir)
     if output is Output.json:
@@ -179,35 +176,34 @@ def list_(output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
 
 @lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def exec_(
-    pod: Annotated[str, typer.Argument(help="A pod (or a node, or 'external').")],
+    pod: Annotated[str, typer.Argument(help="A pod (NAMESPACE/NAME, or NAME if unambiguous), a node, or 'external'.")],
     cmd: Annotated[list[str] | None, typer.Argument(help="The command, after --.")] = None,
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     lab_dir: LabDirOpt = None,
 ) -> None:
     """Run a command inside a pod, like kubectl exec: lab exec POD -- CMD..."""
     state = members.open_lab(name, lab_dir)
     if not cmd:
-        err_console.print("[bold red]error:[/] CMD: give the command after --, e.g. lab exec pod-1-1 -- ip addr")
-        raise typer.Exit(2)
+        raise UsageError("give the command after --, e.g. lab exec pod-1-1 -- ip addr", field="CMD")
     if pod in ("external", "ext"):
         ns = state.external_netns
     elif any(n.name == pod for n in state.nodes):
         ns = state.node(pod).netns
     else:
-        try:
-            ns = state.pod(pod).netns
-        except NotFound:
-            raise NotFound(
-                f"POD: lab {name} has no pod or node {pod!r} (pods: {', '.join(p.name for p in state.pods) or 'none'})"
-            ) from None
+        found = state.find_pod(pod)
+        if found is None:
+            raise NotFound(f"POD: lab {name} has no pod or node {pod!r} (pods: {', '.join(state.refs().values()) or 'none'})")
+        ns = found.netns
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
 
 
 @pod_app.command("add")
 def pod_add(
-    pod: Annotated[str, typer.Argument(help="Pod name.")],
-    name: NameOpt = "demo",
-    namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace.")] = "default",
+    pod: Annotated[str, typer.Argument(help="Pod name, or NAMESPACE/NAME.")],
+    name: LabNameOpt = "demo",
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", help="Kubernetes namespace (default: default).", show_default=False)
+    ] = None,
     node: Annotated[str | None, typer.Option("--node", help="Node (default: the one with the fewest pods).")] = None,
     labels: Annotated[str | None, typer.Option("--labels", help="k=v,k2=v2")] = None,
     port: Annotated[
@@ -223,9 +219,10 @@ def pod_add(
 ) -> None:
     """Add a pod through the real plugin (CNI ADD, the way a runtime calls it).
 
-    Its labels, named ports, IP and node are written to the datastore for
-    NetworkPolicy. Example: overlaycni lab pod add web --namespace x
-    --labels app=web --port http=80/TCP --ip 10.244.1.50
+    Pod names are unique per namespace, as in Kubernetes: x/web and y/web
+    are two pods. Its labels, named ports, IP and node are written to the
+    datastore for NetworkPolicy. Example: overlaycni lab pod add web
+    --namespace x --labels app=web --port http=80/TCP --ip 10.244.1.50
     """
     p = members.add_pod(
         name, pod, namespace=namespace, node=node, labels=parse_labels(labels), ports=tuple(port or ()), ip=ip, root=lab_dir
@@ -233,20 +230,20 @@ def pod_add(
     if output is Output.json:
         print_json({"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns, "ip": str(p.ip.ip) if p.ip else None})
     else:
-        console.print(f"pod {p.namespace}/{p.name} on {p.node}: {p.ip}", highlight=False)
+        console.print(f"pod {p.key} on {p.node}: {p.ip}", highlight=False)
 
 
 @pod_app.command("delete")
-def pod_delete(pod: Annotated[str, typer.Argument(help="Pod name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def pod_delete(pod: PodArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Delete a pod (CNI DEL, then its namespace)."""
     p = members.delete_pod(name, pod, root=lab_dir)
-    console.print(f"pod {p.namespace}/{p.name} deleted", highlight=False)
+    console.print(f"pod {p.key} deleted", highlight=False)
 
 
 @node_app.command("add")
 def node_add(
     node: Annotated[str | None, typer.Argument(help="Node name (default nodeN).")] = None,
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -259,28 +256,28 @@ def node_add(
 
 
 @node_app.command("delete")
-def node_delete(node: Annotated[str, typer.Argument(help="Node name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def node_delete(node: Annotated[str, typer.Argument(help="Node name.")], name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Delete a node: its pods, its agent, its VM; peers drop it."""
     n = members.delete_node(name, node, root=lab_dir)
     console.print(f"node {n.name} deleted", highlight=False)
 
 
 @agent_app.command("restart")
-def agent_restart(node: Annotated[str, typer.Argument(help="Node name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def agent_restart(node: Annotated[str, typer.Argument(help="Node name.")], name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Restart a node's agent (existing pods keep working)."""
     n = members.restart_agent(name, node, root=lab_dir)
     console.print(f"node {n.name}: agent restarted, pid {n.agent.pid if n.agent else '-'}", highlight=False)
 
 
 @agent_app.command("kill")
-def agent_kill(node: Annotated[str, typer.Argument(help="Node name.")], name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def agent_kill(node: Annotated[str, typer.Argument(help="Node name.")], name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """SIGKILL a node's agent (see what a crash does; `lab agent restart` brings it back)."""
     n = members.kill_agent(name, node, root=lab_dir)
     console.print(f"node {n.name}: agent {n.agent.pid if n.agent else '-'} killed", highlight=False)
 
 
 @lab_app.command("check")
-def check(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+def check(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Ping every ordered pod pair and the external host; verify VXLAN/direct and SNAT on the wire.
 
     Exit status: 0 all green, 1 any failure.
@@ -294,7 +291,8 @@ def check(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: Lab
     if output is Output.json:
         print_json(rep.to_json())
     else:
-        render_check(rep, {p.name: p.node for p in state.pods})
+        ref = state.refs()
+        render_check(rep, {ref[p.key]: p.node for p in state.pods})
     if not rep.ok:
         raise typer.Exit(1)
 
@@ -302,7 +300,7 @@ def check(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: Lab
 MAX_POD_MATRIX = 12  # beyond this many pods the matrix is summarised per node pair
 
 
-def render_node_matrix(rep: lab_check.CheckReport, node_of: dict[str, str]) -> None:
+def render_node_matrix(rep: lab_check.ConnectivityReport, node_of: dict[str, str]) -> None:
     """Large labs: one cell per (source node, destination node): ✓ when every
     pod pair between them is OK, else OK/pairs in red. Columns by node number."""
     nodes = sorted(set(node_of.values()), key=lambda n: (len(n), n))
@@ -329,7 +327,7 @@ def render_node_matrix(rep: lab_check.CheckReport, node_of: dict[str, str]) -> N
     console.print(f"external host: {len(rep.external) - len(bad_ext)}/{len(rep.external)} pods reached it as their node IP", highlight=False)
 
 
-def render_check(rep: lab_check.CheckReport, node_of: dict[str, str] | None = None) -> None:
+def render_check(rep: lab_check.ConnectivityReport, node_of: dict[str, str] | None = None) -> None:
     mark = {"vxlan": "V", "wireguard": "W"}.get(rep.backend, "D")
     if node_of and len(rep.pods) > MAX_POD_MATRIX:
         render_node_matrix(rep, node_of)
@@ -364,11 +362,11 @@ def render_check(rep: lab_check.CheckReport, node_of: dict[str, str] | None = No
     _render_verdict(rep)
 
 
-def _render_verdict(rep: lab_check.CheckReport) -> None:
+def _render_verdict(rep: lab_check.ConnectivityReport) -> None:
     fails = rep.failures()
     if fails:
         for f in fails[:50]:
-            err_console.print(f"[bold red]FAIL[/] {f}", highlight=False)
+            err_console.print(f"[bold red]FAIL[/] {escape(f)}", highlight=False)
         if len(fails) > 50:
             err_console.print(f"... and {len(fails) - 50} more (see --output json)", highlight=False)
     else:
@@ -377,9 +375,9 @@ def _render_verdict(rep: lab_check.CheckReport) -> None:
 
 @lab_app.command("trace")
 def trace(
-    src: Annotated[str, typer.Argument(help="Source pod.")],
-    dst: Annotated[str, typer.Argument(help="Destination pod, IP, or 'external'.")],
-    name: NameOpt = "demo",
+    src: Annotated[str, typer.Argument(help="Source pod: NAMESPACE/NAME, or NAME if unambiguous.")],
+    dst: Annotated[str, typer.Argument(help="Destination pod (as SRC), IP, or 'external'.")],
+    name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -413,7 +411,7 @@ def render_trace(t: lab_trace.Trace) -> None:
 
 
 @lab_app.command("tour")
-def tour(name: NameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def tour(name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """A short tour of a running lab, from real output."""
     state = members.open_lab(name, lab_dir)
     for i, step in enumerate(lab_trace.run_tour(state), 1):

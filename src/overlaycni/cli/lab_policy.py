@@ -8,8 +8,6 @@ has to be imported (``_GROUPS`` in ``cli/main.py`` lists it after the lab).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,8 +17,10 @@ from ..errors import ConfigError, PolicyFieldError
 from ..lab import members
 from ..lab import policy as lab_policy
 from ..lab import probe as lab_probe
-from .common import Output, OutputOpt, console, open_store, print_json
-from .lab import LabDirOpt, NameOpt, lab_app, pod_app
+from ..lab.policy import format_labels
+from ..policy.model import NAMESPACE_NAME_LABEL
+from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, print_json
+from .lab import PodArg, lab_app, pod_app
 
 ns_app = typer.Typer(
     help="Kubernetes namespaces of a lab and their labels (what namespaceSelector matches).", no_args_is_help=True
@@ -30,15 +30,11 @@ lab_app.add_typer(ns_app, name="namespace")
 LabelsArg = Annotated[list[str], typer.Argument(metavar="LABELS...", help="KEY=VALUE sets a label, KEY- removes it (as in kubectl label).")]
 
 
-def _labels_text(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
-
-
 @ns_app.command("add")
 def namespace_add(
-    namespace: Annotated[str, typer.Argument(metavar="NAMESPACE", help="Namespace name ([a-z0-9-]).")],
+    namespace: Annotated[str, typer.Argument(metavar="NAMESPACE", help="Namespace name (\\[a-z0-9-]).")],
     labels: Annotated[str | None, typer.Option("--labels", help="k=v,k2=v2")] = None,
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -54,7 +50,7 @@ def namespace_add(
 def namespace_label(
     namespace: Annotated[str, typer.Argument(metavar="NAMESPACE", help="An existing namespace of the lab.")],
     labels: LabelsArg,
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -70,16 +66,16 @@ def _print_ns(namespace: str, labels: dict[str, str], output: Output, verb: str)
     if output is Output.json:
         print_json({"namespace": namespace, "labels": labels})
     else:
-        console.print(f"namespace {namespace} {verb}: {_labels_text(labels)}", highlight=False)
+        console.print(f"namespace {namespace} {verb}: {format_labels(labels)}", highlight=False)
 
 
 @ns_app.command("list")
-def namespace_list(name: NameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
+def namespace_list(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """The lab's namespaces, their labels and pods."""
     state = members.open_lab(name, lab_dir)
     known = lab_policy.load_namespaces(state)
     rows: list[dict[str, Any]] = [
-        {"namespace": ns, "labels": {**labels, lab_policy.NAME_LABEL: ns}, "pods": [p.name for p in state.pods if p.namespace == ns]}
+        {"namespace": ns, "labels": {**labels, NAMESPACE_NAME_LABEL: ns}, "pods": [p.name for p in state.pods if p.namespace == ns]}
         for ns, labels in sorted(known.items())
     ]
     if output is Output.json:
@@ -89,37 +85,39 @@ def namespace_list(name: NameOpt = "demo", output: OutputOpt = Output.table, lab
     for col in ("namespace", "labels", "pods"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["namespace"], _labels_text(r["labels"]), ", ".join(r["pods"]) or "-")
+        table.add_row(r["namespace"], format_labels(r["labels"]), ", ".join(r["pods"]) or "-")
     console.print(table)
 
 
 @pod_app.command("label")
 def pod_label(
-    pod: Annotated[str, typer.Argument(help="A lab pod.")],
+    pod: PodArg,
     labels: LabelsArg,
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
     """Set (KEY=VALUE) or remove (KEY-) pod labels; agents re-render at once.
 
-    Example: overlaycni lab pod label web tier=frontend old-
+    Example: overlaycni lab pod label x/web tier=frontend old-
     """
     p = lab_policy.label_pod(name, pod, labels, root=lab_dir)
     if output is Output.json:
         print_json({"pod": p.name, "namespace": p.namespace, "labels": dict(p.labels)})
     else:
-        console.print(f"pod {p.namespace}/{p.name} labelled: {_labels_text(dict(p.labels))}", highlight=False)
+        console.print(f"pod {p.key} labelled: {format_labels(p.labels)}", highlight=False)
 
 
 @lab_app.command("probe")
 def probe(
     port: Annotated[int, typer.Option("--port", help="Destination port every pod serves (80 and 81 always run).")] = 80,
     protocol: Annotated[str, typer.Option("--protocol", help="tcp or udp (this kernel has no SCTP).")] = "tcp",
-    pods: Annotated[str | None, typer.Option("--pods", help="Comma-separated pods to probe between (default all).")] = None,
+    pods: Annotated[
+        str | None, typer.Option("--pods", help="Comma-separated pods to probe between, each NAMESPACE/NAME or NAME (default all).")
+    ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a probe counts as blocked.")] = 2.0,
     retries: Annotated[int, typer.Option("--retries", help="Probe a blocked pair again up to this often (a busy machine can lose a first packet).")] = 1,
-    name: NameOpt = "demo",
+    name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -154,25 +152,6 @@ def probe(
     console.print(table)
     total = len(rep.connected)
     console.print(f"{sum(rep.connected.values())} of {total} pairs connected, {total - sum(rep.connected.values())} blocked", highlight=False)
-
-
-@lab_app.command("publish-meta", hidden=True)
-def publish_meta(
-    ctx: typer.Context,
-    cluster: Annotated[str, typer.Option("--cluster", help="Cluster name.")],
-    file: Annotated[str, typer.Option("--file", "-f", help="JSON: {namespaces, pods, delete_pods}.")],
-) -> None:
-    """Internal: write pod/namespace records (the lab runs it inside the lab for an etcd store)."""
-    try:
-        doc = json.loads(Path(file).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(PolicyFieldError("--file", f"cannot read {file}: {exc}")) from None
-    store = open_store(ctx)
-    try:
-        done = lab_policy.apply_meta(store, cluster, doc)
-    finally:
-        store.close()
-    print_json(done)
 
 
 def register(app: typer.Typer) -> None:

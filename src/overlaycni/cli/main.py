@@ -6,9 +6,9 @@ import sys
 
 import typer
 
-from ..errors import OverlayCNIError
+from . import agent, certs, cluster, ipam, lab, lab_policy, policy
 from . import plan as plan_cmd
-from .common import DatastoreOpt, EtcdCaOpt, EtcdCertOpt, EtcdKeyOpt, EtcdPasswordFileOpt, EtcdUserOpt, report_error
+from .common import DatastoreOpt, EtcdCaOpt, EtcdCertOpt, EtcdKeyOpt, EtcdPasswordFileOpt, EtcdUserOpt, ReportingGroup
 
 app = typer.Typer(
     name="overlaycni",
@@ -19,6 +19,7 @@ app = typer.Typer(
         "SNATed to the node IP."
     ),
     no_args_is_help=True,
+    cls=ReportingGroup,
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -43,39 +44,14 @@ def root(
 
 app.command("plan", epilog=plan_cmd.EPILOG)(plan_cmd.plan)
 
-# Command groups of the other layers; each module exposes ``register(app)``.
-_GROUPS = (
-    "overlaycni.cli.cluster",
-    "overlaycni.cli.ipam",
-    "overlaycni.cli.agent",
-    "overlaycni.cli.lab",
-    "overlaycni.cli.lab_policy",
-    "overlaycni.cli.policy",
-    "overlaycni.cli.certs",
-)
-
-
-def _register_groups() -> None:
-    import importlib
-
-    for mod in _GROUPS:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod:
-                continue  # that layer is not built yet
-            raise
-        module.register(app)
-
-
-_register_groups()
+for group in (cluster, ipam, agent, lab, lab_policy, policy, certs):
+    group.register(app)
 
 
 def main() -> None:
+    """The console script (errors are printed by ``ReportingGroup``)."""
     try:
         app()
-    except OverlayCNIError as exc:
-        sys.exit(report_error(exc))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..config import check_network, load_file, merge_settings
 from ..errors import ConfigError, FieldError
 from ..plan import Plan, make_plan, plan_json
-from .common import Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
+from .common import Output, OutputOpt, console, err_console, print_error, print_json, print_warning, with_dual_stack_network_flags
 
 EPILOG = (
     "Example (the AKS overlay default): overlaycni plan --network-plugin azure "
@@ -55,9 +55,9 @@ def plan(
         print_json(plan_json(result, errors, warnings, nodes=nodes))
     else:
         for e in errors:
-            err_console.print(f"[bold red]error:[/] {error_line(e)}", highlight=False, markup=True)
+            print_error(error_line(e), out=err_console)
         for w in warnings:
-            err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            print_warning(str(w), out=err_console)
         if result:
             render_plan(result)
     if errors:
@@ -66,8 +66,7 @@ def plan(
 
 def error_line(e: FieldError) -> str:
     """The message, prefixed with the flag unless it already names it."""
-    text = e.message if e.message.startswith(f"--{e.field}") else str(e)
-    return text.replace("[", r"\[")  # no rich markup from user input
+    return e.message if e.message.startswith(f"--{e.field}") else str(e)
 
 
 def render_plan(p: Plan, out: Console | None = None) -> None:

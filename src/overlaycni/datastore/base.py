@@ -19,7 +19,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from types import TracebackType
+from typing import Literal, Protocol, Self, runtime_checkable
 
 DEFAULT_SQLITE_PATH = "/var/lib/overlaycni/state.db"
 DEFAULT_URL = f"sqlite://{DEFAULT_SQLITE_PATH}"
@@ -117,6 +118,12 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
     # --- helpers beyond the contract (both backends implement them) ---------
     def read(
         self,
@@ -144,6 +151,18 @@ class Store(Protocol):
 
     def compact(self, revision: int) -> None: ...
 
+
+class ClosingMixin:
+    """``with open_datastore(url) as store:`` closes the store on the way out
+    (the backend's ``close``), shared by both backends."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self: Store, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 class TransactMixin:

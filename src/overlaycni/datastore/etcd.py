@@ -55,14 +55,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._etcd_transport import RETRY_WINDOW, Transport
 from ._etcd_wire import _b64, _close, _kv, _range_op, _range_ops, _unb64
-from .base import KV, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
+from .base import KV, ClosingMixin, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
 from .tls import EtcdCredentials
 
 WATCH_POLL = 0.25
 log = logging.getLogger(__name__)
 
 
-class EtcdStore(TransactMixin):
+class EtcdStore(TransactMixin, ClosingMixin):
     def __init__(
         self,
         endpoints: Sequence[tuple[str, int]],

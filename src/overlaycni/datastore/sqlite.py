@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer
-from .base import KV, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
+from .base import KV, ClosingMixin, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
 MAX_IDLE = 8  # pooled connections kept open
@@ -64,7 +64,7 @@ def _rollback(conn: sqlite3.Connection, exc: BaseException) -> None:
         conn.close()
 
 
-class SQLiteStore(TransactMixin):
+class SQLiteStore(TransactMixin, ClosingMixin):
     def __init__(self, path: str | os.PathLike[str], *, url: str | None = None) -> None:
         self.path = str(path)
         self.url = url or f"sqlite://{self.path}"

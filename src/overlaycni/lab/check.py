@@ -33,7 +33,7 @@ from typing import Any
 
 from . import netns
 from .capture import Capture, Packet
-from .state import LabState, PodState
+from .state import LabPod, LabState
 
 WORKERS = 8  # mostly waiting on replies, not CPU
 ROUNDS = 3
@@ -70,7 +70,9 @@ class ExternalResult:
 
 
 @dataclass(frozen=True)
-class CheckReport:
+class ConnectivityReport:
+    """What ``lab check`` found; pods are named as the lab names them (``LabState.ref``)."""
+
     lab: str
     backend: str
     pods: tuple[str, ...]
@@ -169,7 +171,7 @@ def index_wireguard(packets: list[Packet], pod_cidr: IPv4Network) -> dict[str, d
 
 
 def verify_wireguard(
-    state: LabState, a: PodState, b: PodState, captured: dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]
+    state: LabState, a: LabPod, b: LabPod, captured: dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]
 ) -> tuple[bool, str]:
     na, nb = state.node(a.node), state.node(b.node)
     assert a.ip and b.ip
@@ -197,7 +199,7 @@ def index_requests(packets: list[Packet]) -> dict[tuple[IPv4Address, IPv4Address
 
 
 def verify_path(
-    state: LabState, a: PodState, b: PodState, captured: dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]
+    state: LabState, a: LabPod, b: LabPod, captured: dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]
 ) -> tuple[bool, str]:
     """Did a's node underlay carry a -> b the way the backend promises?"""
     if state.backend == "wireguard":
@@ -221,18 +223,18 @@ def verify_path(
 
 
 def _pair_round(
-    state: LabState, todo: list[tuple[PodState, PodState]], *, workers: int, workdir: Path
+    state: LabState, todo: list[tuple[LabPod, LabPod]], *, workers: int, workdir: Path
 ) -> tuple[set[tuple[str, str]], dict[str, dict[tuple[IPv4Address, IPv4Address], list[Packet]]]]:
     """Ping ``todo`` (one bulk pinger per source) while every involved node's
-    underlay is captured; returns (pairs that answered, captured requests)."""
-    by_src: dict[str, list[PodState]] = {}
-    srcs: dict[str, PodState] = {}
+    underlay is captured; returns (pod key pairs that answered, captured requests)."""
+    by_src: dict[str, list[LabPod]] = {}
+    srcs: dict[str, LabPod] = {}
     for a, b in todo:
-        by_src.setdefault(a.name, []).append(b)
-        srcs[a.name] = a
+        by_src.setdefault(a.key, []).append(b)
+        srcs[a.key] = a
     # interleave the sources across nodes: pingers that run at the same time
     # then sit on different nodes instead of all ARPing through one node's proxy
-    position = {p.name: i for n in state.nodes for i, p in enumerate(state.pods_on(n.name))}
+    position = {p.key: i for n in state.nodes for i, p in enumerate(state.pods_on(n.name))}
     order = sorted(by_src, key=lambda s: (position.get(s, 0), state.node(srcs[s].node).index))
     by_src = {n: by_src[n] for n in order}
     nodes = {state.node(a.node) for a in srcs.values()}
@@ -252,7 +254,7 @@ def _pair_round(
     finally:
         for cap in started:
             cap.stop()
-    got = {(a.name, b.name) for a, b in todo if b.ip and b.ip.ip in answered[a.name]}
+    got = {(a.key, b.key) for a, b in todo if b.ip and b.ip.ip in answered[a.key]}
     captured = {name: index_requests(cap.packets) for name, cap in caps.items()}
     if state.backend == "wireguard":
         pod_cidr = IPv4Network(state.network["pod-cidr"])
@@ -262,13 +264,13 @@ def _pair_round(
     return got, captured
 
 
-def run_check(state: LabState, *, workers: int = WORKERS, external: bool = True, rounds: int = ROUNDS) -> CheckReport:
+def run_check(state: LabState, *, workers: int = WORKERS, external: bool = True, rounds: int = ROUNDS) -> ConnectivityReport:
     """The matrix. A pair that got no reply, or whose packet a capture missed
     (tcpdump can drop under load), is tried again in a later round with
     fresh captures; only what fails every round is reported."""
     pods = [p for p in state.pods if p.ip is not None]
     workdir = Path(state.lab_dir) / "captures"
-    pairs = [(a, b) for a in pods for b in pods if a.name != b.name]
+    pairs = [(a, b) for a in pods for b in pods if a.key != b.key]
     replied: set[tuple[str, str]] = set()
     verdict: dict[tuple[str, str], tuple[bool | None, str]] = {}
     todo = pairs
@@ -278,23 +280,24 @@ def run_check(state: LabState, *, workers: int = WORKERS, external: bool = True,
         got, captured = _pair_round(state, todo, workers=workers, workdir=workdir)
         replied |= got
         for a, b in todo:
-            key = (a.name, b.name)
+            key = (a.key, b.key)
             verdict[key] = (None, "same node") if a.node == b.node else verify_path(state, a, b, captured)
-        todo = [(a, b) for a, b in todo if (a.name, b.name) not in replied or verdict[(a.name, b.name)][0] is False]
+        todo = [(a, b) for a, b in todo if (a.key, b.key) not in replied or verdict[(a.key, b.key)][0] is False]
+    ref = state.refs()
     results = []
     for a, b in pairs:
-        key = (a.name, b.name)
+        key = (a.key, b.key)
         path_ok, detail = verdict[key]
         ok = key in replied
-        results.append(PairResult(a.name, b.name, a.node == b.node, ok, path_ok, detail if ok else f"no reply; {detail}"))
+        results.append(PairResult(ref[a.key], ref[b.key], a.node == b.node, ok, path_ok, detail if ok else f"no reply; {detail}"))
     ext_results: list[ExternalResult] = []
     leaked: set[IPv4Address] = set()
     if external:
         ext_results, leaked = _external(state, pods, workers=workers, workdir=workdir, rounds=rounds)
-    return CheckReport(
+    return ConnectivityReport(
         lab=state.name,
         backend=state.backend,
-        pods=tuple(p.name for p in pods),
+        pods=tuple(ref[p.key] for p in pods),
         pairs=tuple(results),
         external=tuple(ext_results),
         leaked_pod_sources=tuple(sorted(leaked)),
@@ -302,12 +305,13 @@ def run_check(state: LabState, *, workers: int = WORKERS, external: bool = True,
 
 
 def _external(
-    state: LabState, pods: list[PodState], *, workers: int, workdir: Path, rounds: int
+    state: LabState, pods: list[LabPod], *, workers: int, workdir: Path, rounds: int
 ) -> tuple[list[ExternalResult], set[IPv4Address]]:
     """Each pod pings the external host with its own payload size; the
     external host's capture tells which source address it saw."""
-    sizes = {p.name: EXT_BASE_SIZE + i % 1300 for i, p in enumerate(pods)}
+    sizes = {p.key: EXT_BASE_SIZE + i % 1300 for i, p in enumerate(pods)}
     pod_cidr = IPv4Network(state.network["pod-cidr"])
+    ref = state.refs()
     results: dict[str, ExternalResult] = {}
     leaked: set[IPv4Address] = set()
     todo = pods
@@ -317,14 +321,14 @@ def _external(
         cap = Capture(state.external_netns, "eth0", "icmp", workdir=workdir, timeout=CAPTURE_LIMIT).start()
         try:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                pinged = list(pool.map(lambda p: ping(p.netns, state.external_ip.ip, size=sizes[p.name]), todo))
+                pinged = list(pool.map(lambda p: ping(p.netns, state.external_ip.ip, size=sizes[p.key]), todo))
         finally:
             cap.stop()
         requests = [q for q in cap.packets if q.icmp_request and q.dst == state.external_ip.ip]
         leaked |= {q.src for q in cap.packets if q.src in pod_cidr}
         for p, ok in zip(todo, pinged, strict=True):
-            want = sizes[p.name] + ICMP_HEADER
+            want = sizes[p.key] + ICMP_HEADER
             seen = next((q.src for q in requests if q.length == want), None)
-            results[p.name] = ExternalResult(p.name, ok, state.node(p.node).ip.ip, seen)
-        todo = [p for p in todo if not results[p.name].ok]
-    return [results[p.name] for p in pods], leaked
+            results[p.key] = ExternalResult(ref[p.key], ok, state.node(p.node).ip.ip, seen)
+        todo = [p for p in todo if not results[p.key].ok]
+    return [results[p.key] for p in pods], leaked

@@ -1,9 +1,21 @@
-"""The lab's control plane and node daemons: etcd, ``cluster create``, the
-agent per node, ``install-cni``, and pod ADD/DEL through the real plugin.
+"""The lab's control plane and node daemons: etcd, the lab's own datastore
+writes, the agent per node, and pod ADD/DEL through the real plugin.
 
-Every ``overlaycni`` command that talks to an in-lab etcd runs inside a lab
-namespace (the control-plane one), never in the root namespace. With the
-sqlite store the datastore is a file; commands then need no network.
+Design note. The lab writes to its datastore in-process (``with_store``),
+never by re-running its own CLI. With the sqlite store the datastore is a
+file and the call runs right here. With ``--store etcd`` etcd listens on a
+VNet address inside the lab's control namespace, which the root namespace
+must never send a packet to: the call runs on a thread that has entered the
+control namespace (``dataplane.linux.netns.NetnsWorker``, the one module
+that enters namespaces), and the store is opened, used and closed on that
+thread, so every socket it creates belongs to the control namespace (a
+socket keeps the namespace it was created in). Rejected: opening the store
+here and handing it to callers on other threads (an etcd client reconnects
+lazily, from whichever thread makes the next call), and ``ip netns exec
+overlaycni ...`` (a process and a hidden command per write).
+
+What stays a process: the agents and etcd (daemons, ``procs.spawn``) and
+the CNI plugin (a runtime runs it, ``runtime``).
 """
 
 from __future__ import annotations
@@ -12,24 +24,28 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from ..errors import CNIError, DataplaneError, DatastoreUnavailable, OverlayCNIError, UsageError
+from ..config import ClusterNetwork
+from ..datastore import Store, open_datastore
+from ..errors import CNIError, DataplaneError, DatastoreUnavailable, UsageError
 from . import etcdtls, netns, procs, runtime
-from .state import LabState, NodeState, PodState, Proc
+from .state import LabNode, LabPod, LabState, Proc
 from .topology import ETCD_CLIENT_PORT, ETCD_PEER_PORT
 
 MAX_UNIX_PATH = 107
 AGENT_READY_TIMEOUT = 90.0
 RESYNC_INTERVAL = 5.0
 SYSTEM_CNI_PATH = "/usr/lib/cni"
+T = TypeVar("T")
 
 
 def overlaycni_argv() -> list[str]:
-    """How to run this very overlaycni (the venv's console script)."""
+    """How to run this very overlaycni (the venv's console script) as a daemon."""
     script = Path(sys.executable).parent / "overlaycni"
     if script.is_file():
         return [str(script)]
@@ -37,36 +53,39 @@ def overlaycni_argv() -> list[str]:
     return [found] if found else [sys.executable, "-m", "overlaycni.cli.main"]
 
 
-def cli(state: LabState, args: list[str], *, timeout: float = 60) -> str:
-    """Run ``overlaycni --datastore <lab store> ARGS``; inside the control
-    namespace when the store is the in-lab etcd. Returns stdout."""
-    argv = [*overlaycni_argv(), *etcdtls.store_args(state), *args]
-    if state.store == "etcd":
-        assert state.control_netns
-        argv = netns.in_ns(state.control_netns, argv)
-    proc = netns.run(argv, check=False, timeout=timeout)
-    if proc.returncode != 0:
-        raise OverlayCNIError(
-            f"overlaycni {' '.join(args[:2])} failed (exit {proc.returncode})",
-            details=(proc.stderr.strip() or proc.stdout.strip())[-2000:],
-        )
-    return proc.stdout
+# --- the lab's datastore, in-process ----------------------------------------------------------
 
 
-def cluster_flags(network: dict[str, Any]) -> list[str]:
-    """The flags the user gave (validated like ``plan``) as CLI arguments."""
-    out: list[str] = []
-    for key, value in network.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        out += [f"--{key}", str(value)]
-    return out
+def with_store(state: LabState, use: Callable[[Store], T]) -> T:
+    """``use(store)`` with the lab's datastore open (a TLS etcd with the
+    lab operator's certificate); closed afterwards.
+
+    For an etcd lab everything (open, ``use``, close) runs on a thread
+    inside the control namespace; errors are raised here."""
+    credentials = etcdtls.credentials(state) if etcdtls.uses_tls(state) else None
+
+    def job() -> T:
+        with open_datastore(state.datastore, credentials=credentials) as store:
+            return use(store)
+
+    if state.store != "etcd":
+        return job()
+    if not state.control_netns:
+        raise UsageError(f"lab {state.name}: the state file names no control namespace for its etcd")
+    from ..dataplane.linux.netns import NetnsWorker
+
+    worker = NetnsWorker(netns.lab_ns(state.control_netns))
+    try:
+        return worker.call(job)
+    finally:
+        worker.close()
 
 
-def create_cluster(state: LabState, given: dict[str, Any]) -> None:
-    cli(state, ["cluster", "create", "--name", state.name, *cluster_flags(given)])
+def create_cluster(state: LabState, net: ClusterNetwork) -> None:
+    """The lab's cluster network in its datastore (``cluster create``)."""
+    from .. import ipam
+
+    with_store(state, lambda store: ipam.create_cluster(store, state.name, net))
 
 
 # --- etcd (the control plane) -------------------------------------------------------------
@@ -100,23 +119,18 @@ def start_etcd(state: LabState) -> Proc:
 
 
 def wait_etcd(state: LabState, proc: Proc, *, timeout: float = 30.0) -> None:
-    assert state.control_netns and state.control_ip
-    if etcdtls.uses_tls(state):
-        c = etcdtls.credentials(state)
-        endpoint = f"https://{state.control_ip.ip}:{ETCD_CLIENT_PORT}/health"
-        code = (
-            f"import ssl,urllib.request;ctx=ssl.create_default_context(cafile={c.ca!r});"
-            f"ctx.load_cert_chain({c.cert!r},{c.key!r});urllib.request.urlopen({endpoint!r},timeout=1,context=ctx).read()"
-        )
-    else:
-        endpoint = f"http://{state.control_ip.ip}:{ETCD_CLIENT_PORT}/health"
-        code = f"import urllib.request;urllib.request.urlopen({endpoint!r}, timeout=1).read()"
-    probe = [sys.executable, "-c", code]
+    """Until the lab's etcd answers a read the way every lab command reaches
+    it (``with_store``: from the control namespace, with the operator's
+    certificate for a TLS etcd). A refused certificate fails at once."""
 
     def healthy() -> bool:
         if not procs.alive(proc):
             raise DatastoreUnavailable("etcd exited while starting", details=procs.tail(Path(state.lab_dir) / "etcd.log"))
-        return netns.ns_run(state.control_netns, probe, check=False, timeout=10).returncode == 0  # type: ignore[arg-type]
+        try:
+            with_store(state, lambda store: store.revision())
+        except DatastoreUnavailable:
+            return False
+        return True
 
     if not procs.wait_until(healthy, timeout=timeout, interval=0.2):
         raise DatastoreUnavailable(f"etcd in {state.control_netns} was not healthy within {timeout:.0f}s")
@@ -141,7 +155,7 @@ def check_socket_path(path: str) -> None:
         )
 
 
-def start_agent(state: LabState, node: NodeState) -> NodeState:
+def start_agent(state: LabState, node: LabNode) -> LabNode:
     """Start the node's agent inside its namespace (not waiting)."""
     d = node_dir(state, node.name)
     d.mkdir(parents=True, exist_ok=True)
@@ -166,7 +180,7 @@ def start_agent(state: LabState, node: NodeState) -> NodeState:
     return replace(node, agent=proc)
 
 
-def wait_agent(state: LabState, node: NodeState, *, timeout: float = AGENT_READY_TIMEOUT) -> NodeState:
+def wait_agent(state: LabState, node: LabNode, *, timeout: float = AGENT_READY_TIMEOUT) -> LabNode:
     """Wait for the agent's ready line; record its block."""
     assert node.agent is not None
     d = node_dir(state, node.name)
@@ -175,22 +189,10 @@ def wait_agent(state: LabState, node: NodeState, *, timeout: float = AGENT_READY
     return replace(node, block=IPv4Network(block) if block else node.block)
 
 
-def install_cni(state: LabState, node: NodeState) -> None:
-    argv = [
-        *overlaycni_argv(),
-        "install-cni",
-        "--cluster", state.name,
-        "--bin-dir", str(cni_bin_dir(state)),
-        "--conf-dir", node.conf_dir,
-        "--socket", node.socket,
-    ]  # fmt: skip
-    netns.run(argv)
-
-
 # --- pods through the real plugin -----------------------------------------------------------
 
 
-def _attachment(pod: PodState, ip: IPv4Address | None = None) -> runtime.Attachment:
+def _attachment(pod: LabPod, ip: IPv4Address | None = None) -> runtime.Attachment:
     return runtime.Attachment(
         container_id=pod.container_id,
         netns=runtime.netns_path(pod.netns),
@@ -205,11 +207,11 @@ def _cni_path(state: LabState) -> list[str]:
     return [str(cni_bin_dir(state)), SYSTEM_CNI_PATH]
 
 
-def _result_file(state: LabState, pod: PodState) -> Path:
-    return Path(state.lab_dir) / "pods" / f"{pod.name}.json"
+def _result_file(state: LabState, pod: LabPod) -> Path:
+    return Path(state.lab_dir) / "pods" / pod.namespace / f"{pod.name}.json"
 
 
-def cni_add(state: LabState, node: NodeState, pod: PodState, *, ip: IPv4Address | None = None) -> PodState:
+def cni_add(state: LabState, node: LabNode, pod: LabPod, *, ip: IPv4Address | None = None) -> LabPod:
     """Create the pod's namespace and ADD it like a container runtime
     (``ip``: a requested address, passed as ``runtimeConfig.ips``)."""
     netns.ensure_netns(pod.netns)
@@ -221,7 +223,7 @@ def cni_add(state: LabState, node: NodeState, pod: PodState, *, ip: IPv4Address 
     return replace(pod, ip=result.ip)
 
 
-def cni_del(state: LabState, node: NodeState | None, pod: PodState, *, best_effort: bool = False) -> None:
+def cni_del(state: LabState, node: LabNode | None, pod: LabPod, *, best_effort: bool = False) -> None:
     """DEL the pod (while its namespace still exists), then delete the namespace."""
     f = _result_file(state, pod)
     try:

@@ -3,11 +3,11 @@
 Up, in order: validate everything (name, network like ``plan``, capacity,
 privileges) before touching the kernel -> lab dir + state file -> VNet
 bridge -> external host -> control plane (etcd, with ``--store etcd``) ->
-``cluster create`` -> per node: namespace, underlay veth, node IP,
-``install-cni``, agent (all agents start at once, then we wait for each
-ready line) -> pods through the real plugin (a small thread pool). The state
-file is saved after every step, and any failure runs ``down``: a failed
-``up`` leaves nothing behind.
+the cluster network (in-process, ``control.create_cluster``) -> per node:
+namespace, underlay veth, node IP, the plugin's files, agent (all agents
+start at once, then we wait for each ready line) -> pods through the real
+plugin (a small thread pool). The state file is saved after every step,
+and any failure runs ``down``: a failed ``up`` leaves nothing behind.
 
 Down: stop the processes the state file names (by pid + start time), then
 for every namespace of the lab (from the state file *and* by the lab's
@@ -23,14 +23,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any
 
 from ..config import ClusterNetwork, parse_network
 from ..errors import AlreadyExists, UsageError
 from . import control, etcdtls, netns, procs, topology
 from . import state as st
-from .state import LabState, NodeState, PodState
+from .state import LabNode, LabPod, LabState
 
 Reporter = Callable[[str, int, int], None]  # (phase, done, total)
 STORES = ("sqlite", "etcd")
@@ -130,7 +129,7 @@ def _build(state: LabState, req: UpRequest, net: ClusterNetwork, report: Reporte
         st.save(state)
         control.wait_etcd(state, etcd)
         report("vnet", 3, steps)
-    control.create_cluster(state, req.network)
+    control.create_cluster(state, net)
     report("vnet", steps, steps)
 
     names = [(i, topology.node_name(i)) for i in range(1, req.nodes + 1)]
@@ -149,16 +148,16 @@ def _build(state: LabState, req: UpRequest, net: ClusterNetwork, report: Reporte
         report("nodes", k, len(names))
 
     wanted = topology.default_pods(names, req.pods_per_node)
-    state = add_pods(state, [(p, n, "default", ()) for p, n in wanted], report=report)
+    state = add_pods(state, [new_pod(state, p, namespace="default", node=n) for p, n in wanted], report=report)
     return state
 
 
-def new_node(state: LabState, index: int, name: str) -> NodeState:
+def new_node(state: LabState, index: int, name: str) -> LabNode:
     net = parse_network(state.network)
     d = control.node_dir(state, name)
     socket = str(d / "agent.sock")
     control.check_socket_path(socket)
-    return NodeState(
+    return LabNode(
         name=name,
         index=index,
         netns=topology.node_netns(state.name, name),
@@ -168,7 +167,7 @@ def new_node(state: LabState, index: int, name: str) -> NodeState:
     )
 
 
-def setup_node(state: LabState, node: NodeState) -> None:
+def setup_node(state: LabState, node: LabNode) -> None:
     """The node VM: namespace, underlay on the VNet, the plugin's files."""
     from ..cni.install import install_cni
 
@@ -177,33 +176,34 @@ def setup_node(state: LabState, node: NodeState) -> None:
     install_cni(cluster=state.name, bin_dir=str(control.cni_bin_dir(state)), conf_dir=node.conf_dir, socket=node.socket)
 
 
+def new_pod(state: LabState, name: str, *, namespace: str, node: str, labels: tuple[tuple[str, str], ...] = ()) -> LabPod:
+    """A pod not yet added: its netns and container ID derive from (lab, namespace, name)."""
+    return LabPod(
+        name=name,
+        namespace=namespace,
+        node=node,
+        netns=topology.pod_netns(state.name, namespace, name),
+        container_id=topology.container_id(state.name, namespace, name),
+        labels=labels,
+    )
+
+
 def add_pods(
     state: LabState,
-    wanted: list[tuple[str, str, str, tuple[tuple[str, str], ...]]],
+    pods: list[LabPod],
     *,
     report: Reporter = _quiet,
     ips: dict[str, IPv4Address] | None = None,
 ) -> LabState:
-    """ADD pods (name, node, k8s namespace, labels) in parallel; save each.
-    ``ips``: requested addresses by pod name (the CNI ``ips`` capability)."""
-    pods = [
-        PodState(
-            name=name,
-            namespace=ns,
-            node=node,
-            netns=topology.pod_netns(state.name, name),
-            container_id=topology.container_id(state.name, name),
-            labels=labels,
-        )
-        for name, node, ns, labels in wanted
-    ]
+    """ADD ``pods`` in parallel; save each. ``ips``: requested addresses
+    by pod key (NAMESPACE/NAME), passed with the CNI ``ips`` capability."""
     for p in pods:
         state = state.with_namespace(p.netns).with_pod(p)
     st.save(state)
     report("pods", 0, len(pods))
     done = 0
     with ThreadPoolExecutor(max_workers=POD_WORKERS) as pool:
-        futures = [pool.submit(control.cni_add, state, state.node(p.node), p, ip=(ips or {}).get(p.name)) for p in pods]
+        futures = [pool.submit(control.cni_add, state, state.node(p.node), p, ip=(ips or {}).get(p.key)) for p in pods]
         try:
             for fut in futures:
                 state = state.with_pod(fut.result())
@@ -272,7 +272,3 @@ def labs(root: str | None = None) -> list[tuple[str, LabState | None]]:
         lab = ns[len(topology.NETNS_PREFIX) :].split(".", 1)[0]
         names.add(lab)
     return [(n, st.try_load(n, root)) for n in sorted(names)]
-
-
-def lab_path(name: str, root: str | None) -> Path:
-    return st.lab_dir(name, root)

@@ -17,8 +17,8 @@ from ..errors import AlreadyExists, OverlayCNIError, UsageError
 from . import control, netns, procs, topology
 from . import policy as lab_policy
 from . import state as st
-from .lifecycle import add_pods, new_node, setup_node
-from .state import LabState, NodeState, PodState
+from .lifecycle import add_pods, new_node, new_pod, setup_node
+from .state import LabNode, LabPod, LabState
 
 
 def _update(name: str, root: str | None, change: Callable[[LabState], LabState]) -> LabState:
@@ -40,25 +40,26 @@ def add_pod(
     name: str,
     pod: str,
     *,
-    namespace: str = "default",
+    namespace: str | None = None,
     node: str | None = None,
     labels: tuple[tuple[str, str], ...] = (),
     ports: tuple[str, ...] = (),
     ip: str | None = None,
     root: str | None = None,
-) -> PodState:
-    """ADD one pod; ``ports`` are its named ports (NAME=PORT/PROTO), ``ip``
-    a requested address (CNI ``runtimeConfig.ips``). The pod's record
-    (labels, ports, IP, node) is published to the datastore for policy."""
+) -> LabPod:
+    """ADD one pod: ``pod`` is ``NAME`` (in ``namespace``, default
+    ``default``) or ``NAMESPACE/NAME``; ``ports`` are its named ports
+    (NAME=PORT/PROTO), ``ip`` a requested address (CNI
+    ``runtimeConfig.ips``). The pod's record (labels, ports, IP, node) is
+    published to the datastore for policy."""
     netns.require_privileges()
     state = open_lab(name, root)
-    topology.validate_pod_name(pod)
-    topology.validate_pod_name(namespace, field="--namespace")
+    namespace, pod = split_pod_ref(pod, namespace)
     ports = lab_policy.parse_ports(ports)
     wanted_ip = lab_policy.parse_ip(ip)
     lab_policy.check_labels(dict(labels), field="--labels")
-    if any(p.name == pod for p in state.pods):
-        raise AlreadyExists(f"lab {name}: pod {pod!r} already exists")
+    if any(p.name == pod and p.namespace == namespace for p in state.pods):
+        raise AlreadyExists(f"lab {name}: pod {namespace}/{pod} already exists")
     if not state.nodes:
         raise UsageError(f"lab {name} has no nodes; add one with `overlaycni lab node add --name {name}`")
     if node is None and wanted_ip is not None:  # the node whose block holds the requested address
@@ -69,20 +70,33 @@ def add_pod(
     if node is None:  # the node with the fewest pods, like a naive scheduler
         node = min(state.nodes, key=lambda n: (len(state.pods_on(n.name)), n.index)).name
     state.node(node)  # raises NotFound naming the nodes
+    p = new_pod(state, pod, namespace=namespace, node=node, labels=labels)
     try:
-        added = add_pods(state, [(pod, node, namespace, labels)], ips={pod: wanted_ip} if wanted_ip else None)
-        result = replace(added.pod(pod), ports=ports)
+        added = add_pods(state, [p], ips={p.key: wanted_ip} if wanted_ip else None)
+        result = replace(added.pod(p.key), ports=ports)
         lab_policy.publish_pod(added, result)
     except BaseException:
-        p = PodState(pod, namespace, node, topology.pod_netns(name, pod), topology.container_id(name, pod))
         control.cni_del(state, state.node(node), p, best_effort=True)
-        _update(name, root, lambda s: s.without_pod(pod).without_namespace(p.netns))
+        _update(name, root, lambda s: s.without_pod(p).without_namespace(p.netns))
         raise
     _update(name, root, lambda s: s.with_namespace(result.netns).with_pod(result))
     return result
 
 
-def delete_pod(name: str, pod: str, *, root: str | None = None) -> PodState:
+def split_pod_ref(pod: str, namespace: str | None) -> tuple[str, str]:
+    """``lab pod add``'s POD and ``--namespace`` as (namespace, name), each
+    validated; ``NAMESPACE/NAME`` must agree with ``--namespace`` if given."""
+    ref_ns, sep, pod_name = pod.rpartition("/")
+    if sep:
+        if namespace is not None and namespace != ref_ns:
+            raise UsageError(f"{pod!r} names namespace {ref_ns!r} but --namespace is {namespace!r}", field="POD")
+        namespace = ref_ns
+    namespace = topology.validate_pod_name(namespace or "default", field="--namespace" if not sep else "POD")
+    return namespace, topology.validate_pod_name(pod_name)
+
+
+def delete_pod(name: str, pod: str, *, root: str | None = None) -> LabPod:
+    """DEL one pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``)."""
     netns.require_privileges()
     state = open_lab(name, root)
     p = state.pod(pod)
@@ -90,9 +104,9 @@ def delete_pod(name: str, pod: str, *, root: str | None = None) -> PodState:
     for pid in netns.netns_pids(p.netns):  # the pod's processes (probe servers, a `lab exec`) go first
         procs.kill_pid(pid)
     control.cni_del(state, node, p)
-    _update(name, root, lambda s: s.without_pod(pod).without_namespace(p.netns))
+    _update(name, root, lambda s: s.without_pod(p).without_namespace(p.netns))
     try:
-        lab_policy.unpublish_pod(state, p)
+        lab_policy.unpublish_pods(state, [p])
     except OverlayCNIError:
         pass  # a record without an IP allocation selects nothing; the agents ignore it
     return p
@@ -101,7 +115,7 @@ def delete_pod(name: str, pod: str, *, root: str | None = None) -> PodState:
 # --- nodes --------------------------------------------------------------------------------------
 
 
-def add_node(name: str, node: str | None = None, *, root: str | None = None) -> NodeState:
+def add_node(name: str, node: str | None = None, *, root: str | None = None) -> LabNode:
     """A new node VM with its agent; returns once the agent is ready."""
     netns.require_privileges()
     state = open_lab(name, root)
@@ -126,7 +140,7 @@ def add_node(name: str, node: str | None = None, *, root: str | None = None) -> 
     return n
 
 
-def delete_node(name: str, node: str, *, root: str | None = None) -> NodeState:
+def delete_node(name: str, node: str, *, root: str | None = None) -> LabNode:
     """Drain (DEL its pods through the plugin), stop the agent, remove the
     node from the cluster so peers converge now, delete the VM."""
     netns.require_privileges()
@@ -137,19 +151,19 @@ def delete_node(name: str, node: str, *, root: str | None = None) -> NodeState:
             procs.kill_pid(pid)
         control.cni_del(state, n, p, best_effort=True)
 
-        def drop(s: LabState, p: PodState = p) -> LabState:
-            return s.without_pod(p.name).without_namespace(p.netns)
+        def drop(s: LabState, p: LabPod = p) -> LabState:
+            return s.without_pod(p).without_namespace(p.netns)
 
         _update(name, root, drop)
     try:
-        lab_policy.publish(state, lab_policy.meta_document(state, delete_pods=state.pods_on(node)))
+        lab_policy.unpublish_pods(state, state.pods_on(node))
     except OverlayCNIError:
         pass  # records without an IP allocation select nothing
     _remove_node(state, n, deregister=True)
     return n
 
 
-def _remove_node(state: LabState, n: NodeState, *, deregister: bool) -> None:
+def _remove_node(state: LabState, n: LabNode, *, deregister: bool) -> None:
     procs.stop(n.agent)
     for pid in netns.netns_pids(n.netns):
         procs.kill_pid(pid)
@@ -163,8 +177,10 @@ def _remove_node(state: LabState, n: NodeState, *, deregister: bool) -> None:
 def deregister_node(state: LabState, node: str) -> bool:
     """Delete the node's record (and its block) so peers drop it at once.
     Without that, peers still drop it when its lease runs out."""
+    from .. import ipam
+
     try:
-        control.cli(state, ["node", "delete", "--cluster", state.name, "--name", node])
+        control.with_store(state, lambda store: ipam.delete_node(store, state.name, node))
         return True
     except OverlayCNIError:
         return False
@@ -173,7 +189,7 @@ def deregister_node(state: LabState, node: str) -> bool:
 # --- agents -------------------------------------------------------------------------------------
 
 
-def restart_agent(name: str, node: str, *, root: str | None = None) -> NodeState:
+def restart_agent(name: str, node: str, *, root: str | None = None) -> LabNode:
     """Stop the node's agent if it still runs (SIGTERM: pods keep working),
     start a new one, wait until it is ready."""
     netns.require_privileges()
@@ -187,7 +203,7 @@ def restart_agent(name: str, node: str, *, root: str | None = None) -> NodeState
     return n
 
 
-def kill_agent(name: str, node: str, *, root: str | None = None) -> NodeState:
+def kill_agent(name: str, node: str, *, root: str | None = None) -> LabNode:
     """SIGKILL the node's agent (to see what a crash does)."""
     netns.require_privileges()
     n = open_lab(name, root).node(node)
@@ -195,5 +211,5 @@ def kill_agent(name: str, node: str, *, root: str | None = None) -> NodeState:
     return n
 
 
-def agent_alive(n: NodeState) -> bool:
+def agent_alive(n: LabNode) -> bool:
     return procs.alive(n.agent)

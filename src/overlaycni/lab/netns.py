@@ -61,7 +61,9 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60, input: 
     return proc
 
 
-def _ns(ns: str) -> str:
+def lab_ns(ns: str) -> str:
+    """``ns`` if it is a lab namespace; anything else (the root namespace
+    above all) is refused with ``DataplaneError``."""
     if not ns or not ns.startswith(NETNS_PREFIX):
         raise DataplaneError(f"refusing to touch namespace {ns!r}: not a lab namespace")
     return ns
@@ -69,7 +71,7 @@ def _ns(ns: str) -> str:
 
 def in_ns(ns: str, argv: Sequence[str]) -> list[str]:
     """The argv that runs ``argv`` inside lab namespace ``ns``."""
-    return ["ip", "netns", "exec", _ns(ns), *argv]
+    return ["ip", "netns", "exec", lab_ns(ns), *argv]
 
 
 def ns_run(ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -77,12 +79,12 @@ def ns_run(ns: str, argv: Sequence[str], *, check: bool = True, timeout: float =
 
 
 def ip(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(["ip", "-n", _ns(ns), *args], check=check)
+    return run(["ip", "-n", lab_ns(ns), *args], check=check)
 
 
 def ip_batch(ns: str, commands: Sequence[str]) -> None:
     if commands:
-        run(["ip", "-n", _ns(ns), "-batch", "-"], input="\n".join(commands) + "\n")
+        run(["ip", "-n", lab_ns(ns), "-batch", "-"], input="\n".join(commands) + "\n")
 
 
 def list_netns(prefix: str = NETNS_PREFIX) -> list[str]:
@@ -99,21 +101,21 @@ def netns_exists(ns: str) -> bool:
 
 def ensure_netns(ns: str) -> None:
     """Create the namespace (with loopback up); reuse it if it exists."""
-    if not netns_exists(_ns(ns)):
+    if not netns_exists(lab_ns(ns)):
         run(["ip", "netns", "add", ns])
     ip(ns, "link", "set", "lo", "up")
 
 
 def delete_netns(ns: str) -> None:
     """Delete the namespace; already gone counts as success."""
-    if netns_exists(_ns(ns)):
+    if netns_exists(lab_ns(ns)):
         proc = run(["ip", "netns", "del", ns], check=False)
         if proc.returncode != 0 and netns_exists(ns):
             raise DataplaneError(f"ip netns del {ns} failed: {proc.stderr.strip()}")
 
 
 def netns_pids(ns: str) -> list[int]:
-    if not netns_exists(_ns(ns)):
+    if not netns_exists(lab_ns(ns)):
         return []
     proc = run(["ip", "netns", "pids", ns], check=False)
     return [int(x) for x in proc.stdout.split() if x.isdigit()]

@@ -2,14 +2,13 @@
 
 The lab plays the Kubernetes API server: it knows every pod's namespace,
 labels, named ports, IP and node, and every namespace's labels. Pod labels
-and ports live in the lab state (``PodState``); namespace labels in
+and ports live in the lab state (``LabPod``); namespace labels in
 ``namespaces.json`` in the lab directory. After each change the lab writes
-the full records (``pods/<ns>/<name>``, ``namespaces/<ns>``, as
-``policy.store_codec`` encodes them) to the datastore with one internal
-command, ``overlaycni --datastore URL lab publish-meta -f FILE``, run the
-way the lab runs all its commands (``control.cli``: inside the control
-namespace for an in-lab etcd), so the sqlite and etcd labs take one path.
-The agents watch those keys and re-render their tables.
+the full records (``pods/<ns>/<name>``, ``namespaces/<ns>`` as
+``datastore.keys`` names them, encoded by ``policy.records``) to the
+datastore in one transaction, in-process (``control.with_store``: inside
+the control namespace for an in-lab etcd), so the sqlite and etcd labs take
+one path. The agents watch those keys and re-render their tables.
 
 The reachability matrix measured with real packets is in ``lab.probe``.
 """
@@ -18,23 +17,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
+from ..datastore import Store, keys
 from ..errors import AlreadyExists, ConfigError, NotFound, UsageError
-from ..policy import store_codec as codec
-from ..policy.model import NamespaceInfo, PodInfo
-from . import control, etcdtls, netns, topology
+from ..policy import records
+from ..policy.model import NAMESPACE_NAME_LABEL, NamespaceInfo, PodInfo
+from . import control, topology
 from . import state as st
-from .state import LabState, PodState
+from .state import LabPod, LabState
 
 NAMESPACES_FILE = "namespaces.json"
-NAME_LABEL = "kubernetes.io/metadata.name"
 
 
 # --- label edits (k=v sets, k- removes, like kubectl label) -----------------------------------
@@ -62,7 +58,7 @@ def parse_label_edits(items: Sequence[str], *, field: str = "LABELS") -> tuple[d
 
 def check_labels(labels: Mapping[str, str], *, field: str) -> None:
     """ConfigError naming ``field.key`` for a label the API server would refuse."""
-    problems = codec.validate_labels(labels, field)
+    problems = records.validate_labels(labels, field)
     if problems:
         raise ConfigError(problems)
 
@@ -72,7 +68,7 @@ def parse_ports(items: Sequence[str]) -> tuple[str, ...]:
     out = []
     for item in items:
         try:
-            p = codec.parse_named_port(item)
+            p = records.parse_named_port(item)
         except ValueError as exc:
             raise UsageError(str(exc), field="port") from None
         out.append(f"{p.name}={p.port}/{p.protocol}")
@@ -91,9 +87,6 @@ def parse_ip(text: str | None) -> IPv4Address | None:
         raise UsageError(f"{text!r} is not an IPv4 address", field="ip") from None
 
 
-# --- running a command against a lab's datastore -----------------------------------------------
-
-
 def open_lab_state(name: str, root: str | None = None) -> LabState:
     """The state of lab ``name`` (``--lab``); NotFound naming the labs."""
     topology.validate_lab_name(name)
@@ -104,22 +97,12 @@ def open_lab_state(name: str, root: str | None = None) -> LabState:
         raise NotFound(f"--lab: no lab named {name!r} (labs: {known}); start one with: overlaycni lab up --name {name}") from None
 
 
-def run_in_lab(state: LabState, args: Sequence[str]) -> int:
-    """Run ``overlaycni --datastore <lab store> ARGS`` inside the lab's
-    control namespace (an in-lab etcd is only reachable there), with this
-    process's stdin/stdout/stderr; returns its exit status."""
-    netns.require_privileges()
-    assert state.control_netns, "only an etcd lab has a control namespace"
-    argv = netns.in_ns(state.control_netns, [*control.overlaycni_argv(), *etcdtls.store_args(state), *args])
-    return subprocess.run(argv).returncode
-
-
 # --- records -----------------------------------------------------------------------------------
 
 
-def pod_info(pod: PodState) -> PodInfo:
+def pod_info(pod: LabPod) -> PodInfo:
     assert pod.ip is not None
-    ports = tuple(codec.parse_named_port(p) for p in pod.ports)
+    ports = tuple(records.parse_named_port(p) for p in pod.ports)
     return PodInfo(pod.namespace, pod.name, pod.ip.ip, pod.node, dict(pod.labels), ports)
 
 
@@ -145,68 +128,69 @@ def _save_namespaces(state: LabState, namespaces: Mapping[str, Mapping[str, str]
     os.replace(tmp, path)
 
 
-def meta_document(
-    state: LabState,
+@dataclass(frozen=True)
+class MetaChange:
+    """Records to write (each replaces its key) and pods whose record goes."""
+
+    namespaces: tuple[NamespaceInfo, ...] = ()
+    pods: tuple[PodInfo, ...] = ()
+    delete_pods: tuple[tuple[str, str], ...] = ()  # (namespace, name)
+
+    def __bool__(self) -> bool:
+        return bool(self.namespaces or self.pods or self.delete_pods)
+
+
+def meta_change(
     *,
-    pods: Iterable[PodState] = (),
+    pods: Iterable[LabPod] = (),
     namespaces: Mapping[str, Mapping[str, str]] | None = None,
-    delete_pods: Iterable[PodState] = (),
-) -> dict[str, Any]:
-    return {
-        "cluster": state.name,
-        "namespaces": [codec.namespace_to_dict(NamespaceInfo(n, dict(labels))) for n, labels in (namespaces or {}).items()],
-        "pods": [codec.pod_to_dict(pod_info(p)) for p in pods if p.ip is not None],
-        "delete_pods": [f"{p.namespace}/{p.name}" for p in delete_pods],
-    }
+    delete_pods: Iterable[LabPod] = (),
+) -> MetaChange:
+    """The records of lab pods (those with an IP) and namespaces."""
+    return MetaChange(
+        namespaces=tuple(NamespaceInfo(n, dict(labels)) for n, labels in (namespaces or {}).items()),
+        pods=tuple(pod_info(p) for p in pods if p.ip is not None),
+        delete_pods=tuple((p.namespace, p.name) for p in delete_pods),
+    )
 
 
-def publish(state: LabState, doc: dict[str, Any]) -> None:
-    """Write the records of ``doc`` to the lab's datastore (``lab
-    publish-meta`` run the way the lab runs its own commands)."""
-    if not (doc["namespaces"] or doc["pods"] or doc["delete_pods"]):
-        return
-    fd, path = tempfile.mkstemp(prefix="meta-", suffix=".json", dir=state.lab_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-        control.cli(state, ["lab", "publish-meta", "--cluster", state.name, "--file", path])
-    finally:
-        os.unlink(path)
-
-
-def apply_meta(store: Any, cluster: str, doc: Mapping[str, Any]) -> dict[str, int]:
-    """The datastore side of ``publish``: validate every record, then write
-    (pods and namespaces replace their records; deleted pods lose theirs)."""
-    if not isinstance(doc, Mapping):
-        raise ConfigError(codec.PolicyFieldError("document", "must be a JSON object"))
-    namespaces = [codec.namespace_from_dict(d, path=f"namespaces[{i}]") for i, d in enumerate(doc.get("namespaces") or [])]
-    pods = [codec.pod_from_dict(d, path=f"pods[{i}]") for i, d in enumerate(doc.get("pods") or [])]
-    deletes = []
-    for i, ref in enumerate(doc.get("delete_pods") or []):
-        ns, sep, name = str(ref).partition("/")
-        if not sep or not ns or not name:
-            raise ConfigError(codec.PolicyFieldError(f"delete_pods[{i}]", f"{ref!r}: expected NAMESPACE/NAME"))
-        deletes.append(codec.pod_key(cluster, namespace=ns, name=name))
-    puts = [(codec.namespace_key(cluster, namespace=n.name), codec.encode(codec.namespace_to_dict(n)), None) for n in namespaces]
-    puts += [(codec.pod_key(cluster, namespace=p.namespace, name=p.name), codec.encode(codec.pod_to_dict(p)), None) for p in pods]
+def write_meta(store: Store, cluster: str, change: MetaChange) -> None:
+    """Write ``change`` in one transaction. Every record is first read back
+    through the decoder the agents use: one they would skip as bad is a
+    ``ConfigError`` naming its field, and nothing is written."""
+    puts = []
+    for i, ns in enumerate(change.namespaces):
+        doc = records.namespace_to_dict(ns)
+        records.namespace_from_dict(doc, path=f"namespaces[{i}]")
+        puts.append((keys.namespace_key(cluster, namespace=ns.name), records.encode(doc), None))
+    for i, pod in enumerate(change.pods):
+        doc = records.pod_to_dict(pod)
+        records.pod_from_dict(doc, path=f"pods[{i}]")
+        puts.append((keys.pod_key(cluster, namespace=pod.namespace, name=pod.name), records.encode(doc), None))
+    deletes = [keys.pod_key(cluster, namespace=ns, name=name) for ns, name in change.delete_pods]
     if puts or deletes:
         store.txn(compare=[], put=puts, delete=deletes)
-    return {"namespaces": len(namespaces), "pods": len(pods), "deleted_pods": len(deletes)}
 
 
-def publish_pod(state: LabState, pod: PodState) -> None:
+def publish(state: LabState, change: MetaChange) -> None:
+    """Write ``change`` to the lab's datastore."""
+    if change:
+        control.with_store(state, lambda store: write_meta(store, state.name, change))
+
+
+def publish_pod(state: LabState, pod: LabPod) -> None:
     """After a successful ADD: the pod's record, and its namespace's record
     if the lab did not know the namespace yet."""
     with st.locked(Path(state.lab_dir)):
-        known = load_namespaces(state.without_pod(pod.name))
+        known = load_namespaces(state.without_pod(pod))
         new_ns: dict[str, dict[str, str]] = {} if pod.namespace in known else {pod.namespace: {}}
         if new_ns:
             _save_namespaces(state, {**known, **new_ns})
-        publish(state, meta_document(state, pods=[pod], namespaces=new_ns))
+        publish(state, meta_change(pods=[pod], namespaces=new_ns))
 
 
-def unpublish_pod(state: LabState, pod: PodState) -> None:
-    publish(state, meta_document(state, delete_pods=[pod]))
+def unpublish_pods(state: LabState, pods: Iterable[LabPod]) -> None:
+    publish(state, meta_change(delete_pods=pods))
 
 
 def add_namespace(name: str, namespace: str, labels: Sequence[str] = (), *, root: str | None = None) -> dict[str, str]:
@@ -225,9 +209,9 @@ def add_namespace(name: str, namespace: str, labels: Sequence[str] = (), *, root
                 f"NAMESPACE: lab {name} already has namespace {namespace!r}",
                 details=f"change its labels with: overlaycni lab namespace label {namespace} KEY=VALUE --name {name}",
             )
-        sets.pop(NAME_LABEL, None)
+        sets.pop(NAMESPACE_NAME_LABEL, None)
         known[namespace] = sets
-        publish(state, meta_document(state, namespaces={namespace: sets}))
+        publish(state, meta_change(namespaces={namespace: sets}))
         _save_namespaces(state, known)
     return NamespaceInfo(namespace, sets).labels  # type: ignore[return-value]
 
@@ -236,20 +220,22 @@ def _edit(labels: Mapping[str, str], sets: Mapping[str, str], removes: set[str],
     out = dict(labels)
     for k in removes:
         if k not in out:
-            raise UsageError(f"LABELS: {what} has no label {k!r} to remove (labels: {_fmt(out)})")
+            raise UsageError(f"LABELS: {what} has no label {k!r} to remove (labels: {format_labels(out, empty='none')})")
         del out[k]
     out.update(sets)
     return out
 
 
-def _fmt(labels: Mapping[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+def format_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]], *, empty: str = "-") -> str:
+    """``a=1,b=2`` (sorted by key), or ``empty`` for no labels."""
+    pairs = labels.items() if isinstance(labels, Mapping) else labels
+    return ",".join(f"{k}={v}" for k, v in sorted(pairs)) or empty
 
 
 def label_namespace(name: str, namespace: str, edits: Sequence[str], *, root: str | None = None) -> dict[str, str]:
     sets, removes = parse_label_edits(edits)
-    if NAME_LABEL in sets or NAME_LABEL in removes:
-        raise UsageError(f"LABELS: {NAME_LABEL} is set by the API server to the namespace's name and cannot be changed")
+    if NAMESPACE_NAME_LABEL in sets or NAMESPACE_NAME_LABEL in removes:
+        raise UsageError(f"LABELS: {NAMESPACE_NAME_LABEL} is set by the API server to the namespace's name and cannot be changed")
     state = st.load(topology.validate_lab_name(name), root)
     with st.locked(Path(state.lab_dir)):
         state = st.load(name, root)
@@ -257,18 +243,19 @@ def label_namespace(name: str, namespace: str, edits: Sequence[str], *, root: st
         if namespace not in known:
             raise NotFound(f"NAMESPACE: lab {name} has no namespace {namespace!r} (namespaces: {', '.join(sorted(known)) or 'none'})")
         known[namespace] = _edit(known[namespace], sets, removes, what=f"namespace {namespace}")
-        publish(state, meta_document(state, namespaces={namespace: known[namespace]}))
+        publish(state, meta_change(namespaces={namespace: known[namespace]}))
         _save_namespaces(state, known)
     return NamespaceInfo(namespace, known[namespace]).labels  # type: ignore[return-value]
 
 
-def label_pod(name: str, pod: str, edits: Sequence[str], *, root: str | None = None) -> PodState:
+def label_pod(name: str, pod: str, edits: Sequence[str], *, root: str | None = None) -> LabPod:
+    """``lab pod label POD``: POD is ``NAMESPACE/NAME`` or an unambiguous ``NAME``."""
     sets, removes = parse_label_edits(edits)
     state = st.load(topology.validate_lab_name(name), root)
     with st.locked(Path(state.lab_dir)):
         state = st.load(name, root)
         p = state.pod(pod)
-        p = replace(p, labels=tuple(sorted(_edit(dict(p.labels), sets, removes, what=f"pod {pod}").items())))
-        publish(state, meta_document(state, pods=[p]))
+        p = replace(p, labels=tuple(sorted(_edit(dict(p.labels), sets, removes, what=f"pod {p.key}").items())))
+        publish(state, meta_change(pods=[p]))
         st.save(state.with_pod(p))
     return p

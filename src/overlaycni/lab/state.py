@@ -4,6 +4,14 @@ It records exactly what a lab made (namespaces, processes by pid and start
 time, pods) so that ``lab down`` undoes exactly that. Writes are atomic
 (temp file + rename) and serialised by a lock file, so concurrent ``pod add``
 commands do not lose each other's records.
+
+Pods are named as in Kubernetes: a name is unique within its namespace, not
+within the lab (``x/a`` and ``y/a`` coexist). Commands take ``NAMESPACE/NAME``
+or, when only one pod has that name, the bare ``NAME`` (``LabState.pod``);
+output names a pod the same way (``LabState.ref``: the bare name unless
+another namespace has a pod of that name). State files written before pods
+were keyed by namespace (version 1, no ``version`` key) are not read: take
+such a lab down with ``lab down`` (which finds it by its namespaces).
 """
 
 from __future__ import annotations
@@ -12,15 +20,17 @@ import contextlib
 import fcntl
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFound, OverlayCNIError
+from ..errors import NotFound, OverlayCNIError, UsageError
 
 STATE_FILE = "lab.json"
+STATE_VERSION = 2  # 2: pods keyed by (namespace, name), netns ocl-<lab>.pod.<ns>.<name>
 DEFAULT_ROOTS = ("/run/overlaycni/labs", "/var/lib/overlaycni/labs")
 ENV_LAB_DIR = "OVERLAYCNI_LAB_DIR"
 
@@ -36,7 +46,9 @@ class Proc:
 
 
 @dataclass(frozen=True)
-class NodeState:
+class LabNode:
+    """A node VM of the lab (not the data plane's ``NodeState``)."""
+
     name: str
     index: int
     netns: str
@@ -48,7 +60,7 @@ class NodeState:
 
 
 @dataclass(frozen=True)
-class PodState:
+class LabPod:
     name: str
     namespace: str
     node: str
@@ -57,6 +69,11 @@ class PodState:
     ip: IPv4Interface | None = None
     labels: tuple[tuple[str, str], ...] = ()
     ports: tuple[str, ...] = ()  # named container ports, NAME=PORT/PROTO
+
+    @property
+    def key(self) -> str:
+        """``NAMESPACE/NAME``: unique in the lab."""
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -74,40 +91,65 @@ class LabState:
     control_ip: IPv4Interface | None = None
     etcd: Proc | None = None
     lease_ttl: int = 6
-    nodes: tuple[NodeState, ...] = ()
-    pods: tuple[PodState, ...] = ()
+    nodes: tuple[LabNode, ...] = ()
+    pods: tuple[LabPod, ...] = ()
     namespaces: tuple[str, ...] = field(default_factory=tuple)  # every netns made, in order
 
     # --- lookups -----------------------------------------------------------
-    def node(self, name: str) -> NodeState:
+    def node(self, name: str) -> LabNode:
         for n in self.nodes:
             if n.name == name:
                 return n
         raise NotFound(f"lab {self.name}: no node {name!r} (nodes: {', '.join(n.name for n in self.nodes) or 'none'})")
 
-    def pod(self, name: str) -> PodState:
-        for p in self.pods:
-            if p.name == name:
-                return p
-        raise NotFound(f"lab {self.name}: no pod {name!r} (pods: {', '.join(p.name for p in self.pods) or 'none'})")
+    def find_pod(self, ref: str, *, field: str = "POD") -> LabPod | None:
+        """The pod ``NAMESPACE/NAME`` or, if exactly one pod has it, ``NAME``
+        (None if there is none). An ambiguous bare name is a ``UsageError``
+        naming ``field`` and listing the candidates."""
+        namespace, sep, name = ref.rpartition("/")
+        found = [p for p in self.pods if p.name == name and (not sep or p.namespace == namespace)]
+        if len(found) > 1:
+            raise UsageError(
+                f"pod {ref!r} is ambiguous in lab {self.name}: {', '.join(sorted(p.key for p in found))}; give NAMESPACE/NAME",
+                field=field,
+            )
+        return found[0] if found else None
 
-    def pods_on(self, node: str) -> tuple[PodState, ...]:
+    def pod(self, ref: str, *, field: str = "POD") -> LabPod:
+        """``find_pod``, with ``NotFound`` naming the lab's pods."""
+        found = self.find_pod(ref, field=field)
+        if found is None:
+            raise NotFound(f"{field}: lab {self.name} has no pod {ref!r} (pods: {', '.join(self.refs().values()) or 'none'})")
+        return found
+
+    def ref(self, pod: LabPod) -> str:
+        """How output names ``pod``: its bare name unless another pod of the
+        lab has that name too, then ``NAMESPACE/NAME``."""
+        same = sum(1 for p in self.pods if p.name == pod.name)
+        return pod.name if same <= 1 else pod.key
+
+    def refs(self) -> dict[str, str]:
+        """``ref`` of every pod, by key (for loops over many pods)."""
+        count = Counter(p.name for p in self.pods)
+        return {p.key: p.name if count[p.name] <= 1 else p.key for p in self.pods}
+
+    def pods_on(self, node: str) -> tuple[LabPod, ...]:
         return tuple(p for p in self.pods if p.node == node)
 
     # --- updates (return new states) ------------------------------------------
-    def with_node(self, node: NodeState) -> LabState:
+    def with_node(self, node: LabNode) -> LabState:
         nodes = [n for n in self.nodes if n.name != node.name] + [node]
         return replace(self, nodes=tuple(sorted(nodes, key=lambda n: n.index)))
 
     def without_node(self, name: str) -> LabState:
         return replace(self, nodes=tuple(n for n in self.nodes if n.name != name))
 
-    def with_pod(self, pod: PodState) -> LabState:
-        pods = [p for p in self.pods if p.name != pod.name] + [pod]
+    def with_pod(self, pod: LabPod) -> LabState:
+        pods = [p for p in self.pods if p.key != pod.key] + [pod]
         return replace(self, pods=tuple(pods))
 
-    def without_pod(self, name: str) -> LabState:
-        return replace(self, pods=tuple(p for p in self.pods if p.name != name))
+    def without_pod(self, pod: LabPod) -> LabState:
+        return replace(self, pods=tuple(p for p in self.pods if p.key != pod.key))
 
     def with_namespace(self, ns: str) -> LabState:
         if ns in self.namespaces:
@@ -166,7 +208,15 @@ def _enc(v: Any) -> Any:
 
 
 def to_json(state: LabState) -> str:
-    return json.dumps(_enc(asdict(state)), indent=2)
+    return json.dumps({"version": STATE_VERSION, **_enc(asdict(state))}, indent=2)
+
+
+class StateVersionError(ValueError):
+    """A state file of another format version (an older overlaycni wrote it)."""
+
+    def __init__(self, version: Any) -> None:
+        super().__init__(f"state file version {version}; this overlaycni reads version {STATE_VERSION}")
+        self.version = version
 
 
 def _proc(d: dict[str, Any] | None) -> Proc | None:
@@ -175,8 +225,10 @@ def _proc(d: dict[str, Any] | None) -> Proc | None:
 
 def from_json(text: str) -> LabState:
     d = json.loads(text)
+    if d.get("version") != STATE_VERSION:
+        raise StateVersionError(d.get("version", 1))
     nodes = tuple(
-        NodeState(
+        LabNode(
             name=n["name"],
             index=n["index"],
             netns=n["netns"],
@@ -189,7 +241,7 @@ def from_json(text: str) -> LabState:
         for n in d.get("nodes", [])
     )
     pods = tuple(
-        PodState(
+        LabPod(
             name=p["name"],
             namespace=p["namespace"],
             node=p["node"],
@@ -247,6 +299,11 @@ def load(name: str, root: str | None = None) -> LabState:
         return from_json(path.read_text())
     except FileNotFoundError:
         raise NotFound(f"no lab named {name!r} (looked in {path.parent}); start one with: overlaycni lab up --name {name}") from None
+    except StateVersionError as exc:
+        raise OverlayCNIError(
+            f"lab {name}: the state file {path} was written by another overlaycni version ({exc}); "
+            f"take the lab down with `overlaycni lab down --name {name}` and bring it up again"
+        ) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise OverlayCNIError(f"lab {name}: the state file {path} is damaged ({exc}); `overlaycni lab down --name {name}` still cleans up") from None
 

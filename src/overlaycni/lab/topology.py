@@ -7,11 +7,16 @@ A lab is one Linux machine pretending to be an AKS cluster:
   the node IP, plugged into the VNet bridge; the agent runs inside it;
 * ``ocl-<lab>.ext``   another VM of the VNet (the "external host");
 * ``ocl-<lab>.ctl``   the control plane (etcd), only with ``--store etcd``;
-* ``ocl-<lab>.pod.<pod>`` one namespace per pod, wired by the real plugin.
+* ``ocl-<lab>.pod.<namespace>.<pod>`` one namespace per pod, wired by the
+  real plugin (pod names are unique per Kubernetes namespace, so both are in
+  the name: ``x/a`` and ``y/a`` get ``...pod.x.a`` and ``...pod.y.a``).
 
-Lab names are ``[a-z0-9-]`` and never contain a dot, so ``ocl-<lab>.`` is a
-prefix no other lab shares: ``lab down`` can find a lab's namespaces even when
-its state file is lost. Link names only have to be unique inside the VNet
+Lab, node, namespace and pod names are ``[a-z0-9-]`` and never contain a dot,
+so ``ocl-<lab>.`` is a prefix no other lab shares (``lab down`` can find a
+lab's namespaces even when its state file is lost) and a pod's netns name
+cannot be another pod's or a node's (``pod`` is not a node name). The longest
+name, 4 + 12 + 1 + 4 + 40 + 1 + 40 = 102 bytes, is far below the 255 a file
+name in /var/run/netns may have. Link names only have to be unique inside the VNet
 namespace (``u-<node>``, ``x-ext``, ``c-ctl``), so several labs coexist
 without ever touching the root namespace.
 
@@ -23,6 +28,7 @@ address, the control plane the one before it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -114,8 +120,8 @@ def node_netns(lab: str, node: str) -> str:
     return f"{netns_prefix(lab)}{node}"
 
 
-def pod_netns(lab: str, pod: str) -> str:
-    return f"{netns_prefix(lab)}pod.{pod}"
+def pod_netns(lab: str, namespace: str, pod: str) -> str:
+    return f"{netns_prefix(lab)}pod.{namespace}.{pod}"
 
 
 def node_port(node: str) -> str:
@@ -135,11 +141,9 @@ def pod_name(node_index: int, pod_index: int) -> str:
     return f"pod-{node_index}-{pod_index}"
 
 
-def container_id(lab: str, pod: str) -> str:
-    """A runtime-style container ID, stable for (lab, pod)."""
-    import hashlib
-
-    return hashlib.sha256(f"{lab}/{pod}".encode()).hexdigest()[:32]
+def container_id(lab: str, namespace: str, pod: str) -> str:
+    """A runtime-style container ID, stable for (lab, namespace, pod)."""
+    return hashlib.sha256(f"{lab}/{namespace}/{pod}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

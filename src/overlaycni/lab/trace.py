@@ -26,7 +26,7 @@ from ..errors import NotFound, UsageError
 from . import netns
 from .capture import Capture, Packet
 from .check import ICMP_HEADER, ping, udp_ports, underlay_filter, wireguard_port
-from .state import LabState, PodState
+from .state import LabPod, LabState
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,14 @@ def route_get(ns: str, dst: IPv4Address) -> dict[str, Any]:
     return routes[0] if routes else {"error": proc.stderr.strip()}
 
 
-def resolve_dst(state: LabState, dst: str) -> tuple[IPv4Address, PodState | None, bool]:
-    """(address, pod or None, is the external host)."""
+def resolve_dst(state: LabState, dst: str) -> tuple[IPv4Address, LabPod | None, bool]:
+    """(address, pod or None, is the external host). DST is ``external``,
+    a pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``) or an address."""
     if dst in ("external", "ext"):
         return state.external_ip.ip, None, True
-    for p in state.pods:
-        if p.name == dst and p.ip:
-            return p.ip.ip, p, False
+    found = state.find_pod(dst, field="DST")
+    if found is not None and found.ip:
+        return found.ip.ip, found, False
     try:
         ip = ip_address(dst)
     except ValueError:
@@ -110,9 +111,10 @@ IP_HEADER = 20
 
 
 def run_trace(state: LabState, src: str, dst: str) -> Trace:
-    a = state.pod(src)
+    """SRC is a pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``); DST as ``resolve_dst``."""
+    a = state.pod(src, field="SRC")
     if a.ip is None:
-        raise NotFound(f"pod {src} has no IP")
+        raise NotFound(f"SRC: pod {a.key} has no IP")
     dst_ip, b, is_ext = resolve_dst(state, dst)
     na = state.node(a.node)
     nb = state.node(b.node) if b else None
@@ -123,14 +125,15 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
     vx = state.backend == "vxlan"
     wg = state.backend == "wireguard"
     underlay = f"({underlay_filter(state)}) or icmp" if vx or wg else "icmp"
-    points: list[tuple[str, str, Capture]] = [(f"{a.name} eth0", a.netns, Capture(a.netns, "eth0", "icmp", workdir=workdir))]
+    ref = state.refs()
+    points: list[tuple[str, str, Capture]] = [(f"{ref[a.key]} eth0", a.netns, Capture(a.netns, "eth0", "icmp", workdir=workdir))]
     if wg and nb and nb.name != na.name:  # the pod packet enters the tunnel on the source node
         points.append((f"{na.name} {WG_DEV} (tunnel)", na.netns, Capture(na.netns, WG_DEV, "icmp", workdir=workdir)))
     points.append((f"{na.name} underlay eth0 ({na.ip.ip})", na.netns, Capture(na.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if nb and nb.name != na.name:
         points.append((f"{nb.name} underlay eth0 ({nb.ip.ip})", nb.netns, Capture(nb.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if b:
-        points.append((f"{b.name} eth0", b.netns, Capture(b.netns, "eth0", "icmp", workdir=workdir)))
+        points.append((f"{ref[b.key]} eth0", b.netns, Capture(b.netns, "eth0", "icmp", workdir=workdir)))
     elif is_ext:
         points.append((f"external host eth0 ({state.external_ip.ip})", state.external_netns,
                        Capture(state.external_netns, "eth0", "icmp", workdir=workdir)))  # fmt: skip
@@ -157,7 +160,7 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
         after = next((h.packet.src for h in hops[1:] if h.packet and h.packet.vni is None), None)
         if after is not None:
             snat = (before, after)
-    return Trace(a.name, dst, dst_ip, replied, pod_route, node_route, tuple(hops), snat)
+    return Trace(ref[a.key], dst, dst_ip, replied, pod_route, node_route, tuple(hops), snat)
 
 
 def wireguard_length(inner: int) -> int:
@@ -210,12 +213,14 @@ def run_tour(state: LabState) -> list[TourStep]:
     if not pods:
         raise UsageError(f"lab {state.name} has no pods; add one with `overlaycni lab pod add --name {state.name} web`")
     p = pods[0]
+    ref = state.refs()
+    name = ref[p.key]
     for title, argv in (("the pod's interface", ["ip", "addr", "show", "eth0"]), ("the pod's routes", ["ip", "route"])):
         out = netns.ns_run(p.netns, argv).stdout
-        steps.append(TourStep(f"{title} ({p.name} on {p.node})", f"overlaycni lab exec --name {state.name} {p.name} -- {' '.join(argv)}", out))
+        steps.append(TourStep(f"{title} ({name} on {p.node})", f"overlaycni lab exec --name {state.name} {name} -- {' '.join(argv)}", out))
     other = next((q for q in pods if q.node != p.node), None)
     if other is not None:
-        t = run_trace(state, p.name, other.name)
+        t = run_trace(state, p.key, other.key)
         wire = (
             next((h for h in t.hops if h.packet and h.packet.outer_src is not None), None)
             or next((h for h in t.hops if h.packet and h.note.startswith("WireGuard")), None)
@@ -225,16 +230,16 @@ def run_tour(state: LabState) -> list[TourStep]:
             state.backend, "the pod packet routed over the underlay")  # fmt: skip
         steps.append(
             TourStep(
-                f"{label} ({p.name} -> {other.name})",
-                f"overlaycni lab trace --name {state.name} {p.name} {other.name}",
+                f"{label} ({name} -> {ref[other.key]})",
+                f"overlaycni lab trace --name {state.name} {name} {ref[other.key]}",
                 (wire.where + ":\n" + wire.packet.text) if wire and wire.packet else "(not captured)",
             )
         )
-    t = run_trace(state, p.name, "external")
+    t = run_trace(state, p.key, "external")
     ext_hop = t.hops[-1]
-    text = f"inside {p.name}: " + (t.hops[0].packet.text if t.hops[0].packet else "(not captured)")
+    text = f"inside {name}: " + (t.hops[0].packet.text if t.hops[0].packet else "(not captured)")
     text += "\nat the external host: " + (ext_hop.packet.text if ext_hop.packet else "(not captured)")
     if t.snat:
         text += f"\nSNAT: source {t.snat[0]} -> {t.snat[1]} (the node IP of {p.node})"
-    steps.append(TourStep("the SNAT seen at the external host", f"overlaycni lab trace --name {state.name} {p.name} external", text))
+    steps.append(TourStep("the SNAT seen at the external host", f"overlaycni lab trace --name {state.name} {name} external", text))
     return steps
