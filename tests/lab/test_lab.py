@@ -142,11 +142,45 @@ def test_pod_add_delete(vx: Lab):
     s = vx.status()
     src = next(q for q in s["pods"] if q["name"] == "pod-1-1")
     assert vx.pings(src["netns"], p["ip"])
-    dup = vx.oc("pod", "add", "web", check=False)
-    assert dup.returncode != 0 and "already exists" in dup.stderr
+    dup = vx.oc("pod", "add", "web", "--namespace", "shop", check=False)
+    assert dup.returncode != 0 and "pod shop/web already exists" in dup.stderr
     vx.oc("pod", "delete", "web")
     assert p["netns"] not in lab_namespaces(vx.name)
     assert not vx.pings(src["netns"], p["ip"])
+
+
+def test_same_pod_name_in_two_namespaces(vx: Lab):
+    """Pod names are unique per namespace (the upstream model has x/a, y/a):
+    both pods exist side by side, with their own netns and address; a bare
+    name that both have is refused listing them; NAMESPACE/NAME always works."""
+    a = vx.json("pod", "add", "a", "--namespace", "x", "--node", "node1", "--labels", "app=a")
+    b = vx.json("pod", "add", "y/a", "--node", "node2")
+    try:
+        assert (a["namespace"], b["namespace"]) == ("x", "y") and a["name"] == b["name"] == "a"
+        assert a["netns"] == f"ocl-{vx.name}.pod.x.a" and b["netns"] == f"ocl-{vx.name}.pod.y.a"
+        assert a["ip"] != b["ip"] and {a["netns"], b["netns"]} <= set(lab_namespaces(vx.name))
+        mine = [(p["namespace"], p["name"], p["ip"]) for p in vx.status()["pods"] if p["name"] == "a"]
+        assert sorted(mine) == [("x", "a", a["ip"]), ("y", "a", b["ip"])]
+        assert vx.pings(a["netns"], b["ip"]) and vx.pings(b["netns"], a["ip"])
+        for args in (["exec", "a", "--", "true"], ["pod", "label", "a", "k=v"], ["trace", "a", "pod-1-1"], ["pod", "delete", "a"]):
+            proc = vx.oc(*args, check=False)
+            said = " ".join(proc.stderr.split())
+            assert proc.returncode == 2 and "'a' is ambiguous" in said and "x/a, y/a" in said, (args, proc.stderr)
+            assert "Traceback" not in proc.stderr
+        out = vx.oc("exec", "y/a", "--", "ip", "-4", "-o", "addr", "show", "eth0").stdout
+        assert f"inet {b['ip']}/24" in out
+        t = vx.json("trace", "x/a", "y/a")
+        assert t["replied"] and t["src"] == "x/a" and t["dst_ip"] == b["ip"]
+        assert vx.json("pod", "label", "x/a", "tier=web")["labels"] == {"app": "a", "tier": "web"}
+        vx.oc("pod", "delete", "x/a")
+        assert a["netns"] not in lab_namespaces(vx.name) and b["netns"] in lab_namespaces(vx.name)
+        # the name is unambiguous again: the bare name reaches y/a
+        assert vx.json("pod", "label", "a", "k=v")["namespace"] == "y"
+        assert vx.pings(b["netns"], next(p["ip"] for p in vx.status()["pods"] if p["name"] == "pod-1-1"))
+    finally:
+        for ref in ("x/a", "y/a"):
+            vx.oc("pod", "delete", ref, check=False)
+    assert not [n for n in lab_namespaces(vx.name) if ".pod.x." in n or ".pod.y." in n]
 
 
 def test_agent_sigkill_then_restart_keeps_pods(vx: Lab):

@@ -355,3 +355,17 @@ def test_pod_add_bad_pod_or_namespace(pod, namespace, words):
 
     with pytest.raises(UsageError, match=words.replace("(", r"\(")):
         split_pod_ref(pod, namespace)
+
+
+def test_help_shows_the_allowed_characters():
+    """rich reads help text as markup; '[a-z0-9-]' must survive it."""
+    for args, words in ((["lab", "up", "--help"], "up to 12 of [a-z0-9-]"), (["lab", "namespace", "add", "--help"], "([a-z0-9-])")):
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and words in res.output, res.output
+
+
+def test_errors_print_user_input_literally(tmp_path):
+    """A name that looks like rich markup is printed as typed, once, without a traceback."""
+    res = CliRunner().invoke(app, ["lab", "status", "--name", "[bold]x"], env={"OVERLAYCNI_LAB_DIR": str(tmp_path), "COLUMNS": "200"})
+    assert res.exit_code == 2, res.output
+    assert "error: --name: '[bold]x' may only hold" in res.output and "Traceback" not in res.output

@@ -5,8 +5,9 @@ One lab (3 nodes, vxlan, sqlite) holds namespaces x, y, z (labelled
 ``ns=<name>``) and pods a, b, c in each (labelled ``pod=<name>``, named
 ports ``serve-80-tcp`` ... ``serve-81-udp``), placed like ``build_model``
 so every namespace has a pod on every node: same-node and cross-node
-(VXLAN) pairs are both probed. Lab pod names are ``<ns>-<pod>`` because a
-lab pod name is unique across namespaces; policies select by labels.
+(VXLAN) pairs are both probed. The lab pods are the model's own, ``x/a``
+... ``z/c``: a pod name is unique per namespace, as in Kubernetes, so
+three pods are named ``a`` and the lab names each ``NAMESPACE/NAME``.
 
 Per case of ``tests/policy_cases.py``: set the case's label overrides with
 ``lab pod label`` / ``lab namespace label``, ``policy apply --lab``, wait
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -30,7 +32,8 @@ from typing import Any
 import pytest
 
 from overlaycni.datastore import open_datastore
-from overlaycni.ipam import list_allocations
+from overlaycni.ipam import get_cluster, list_allocations
+from overlaycni.lab import control
 from overlaycni.lab import probe as lab_probe
 from overlaycni.lab import state as lab_state
 from overlaycni.policy import parse_policies, records
@@ -41,8 +44,6 @@ from .conftest import Lab, lab_namespaces
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
-LAB_POD = {key: key.replace("/", "-") for key in ORDER}  # x/a -> lab pod x-a
-KEY_OF = {v: k for k, v in LAB_POD.items()}
 PORT_FLAGS = [f for p in NAMED_PORTS for f in ("--port", f"{p.name}={p.port}/{p.protocol}")]
 PROBED = [c for c in CASES if c.probe]
 APPLY_TIMEOUT = 60.0
@@ -59,7 +60,7 @@ def np_lab(make_lab) -> Lab:
         lab.oc("namespace", "add", ns, "--labels", f"ns={ns}")
     for i, ns in enumerate(NAMESPACES):
         for j, pod in enumerate(POD_NAMES):
-            lab.oc("pod", "add", f"{ns}-{pod}", "--namespace", ns, "--node", _node_of(i, j), "--labels", f"pod={pod}", *PORT_FLAGS)
+            lab.oc("pod", "add", pod, "--namespace", ns, "--node", _node_of(i, j), "--labels", f"pod={pod}", *PORT_FLAGS)
     # every pod reaches every pod (servers up, neighbours resolved) before any case runs
     everything = {(s, d): True for s in ORDER for d in ORDER}
     deadline = time.monotonic() + 60
@@ -75,7 +76,7 @@ def _state(lab: Lab) -> lab_state.LabState:
 
 def _model(lab: Lab, c: Case):
     st = _state(lab)
-    pods = {KEY_OF[p.name]: p for p in st.pods if p.name in KEY_OF}
+    pods = {p.key: p for p in st.pods if p.key in ORDER}
     return c.model(ips={k: p.ip.ip for k, p in pods.items()}, nodes={k: p.node for k, p in pods.items()})
 
 
@@ -156,7 +157,7 @@ def set_case_labels(lab: Lab, c: Case, *, restore: bool = False) -> None:
         cur, new = (labels, default) if restore else (default, labels)
         edits = _label_edits(cur, new)
         if edits:
-            lab.oc("pod", "label", LAB_POD[key], *edits)
+            lab.oc("pod", "label", key, *edits)
     for ns, labels in c.namespace_labels.items():
         default = {"ns": ns}
         cur, new = (labels, default) if restore else (default, labels)
@@ -179,12 +180,11 @@ def _matrix(got: dict[tuple[str, str], bool]) -> str:
 
 
 def probe(lab: Lab, port: int, protocol: str, want: dict[tuple[str, str], bool]) -> dict[tuple[str, str], bool]:
-    """All 81 pairs by ``x/a`` keys; only pairs ``want`` allows are retried."""
-    expect = {(LAB_POD[s], LAB_POD[d]): ok for (s, d), ok in want.items()}
-    rep = lab_probe.probe_matrix(
-        _state(lab), port=port, protocol=protocol, pods=[LAB_POD[k] for k in ORDER], expect=expect, retries=2
-    )
-    return {(KEY_OF[s], KEY_OF[d]): ok for (s, d), ok in rep.connected.items()}
+    """All 81 pairs by ``x/a`` keys (the lab's names for them: every bare
+    name is ambiguous); only pairs ``want`` allows are retried."""
+    rep = lab_probe.probe_matrix(_state(lab), port=port, protocol=protocol, pods=list(ORDER), expect=want, retries=2)
+    assert rep.pods == tuple(ORDER)
+    return dict(rep.connected)
 
 
 # --- the tests -----------------------------------------------------------------------------------
@@ -200,11 +200,11 @@ def test_metadata_records_in_the_datastore(np_lab: Lab):
         allocs = {(a.pod_namespace, a.pod_name): a for a in list_allocations(store, st.name)}
     finally:
         store.close()
-    assert set(pods) == {f"{k.split('/')[0]}/{LAB_POD[k]}" for k in ORDER}
+    assert set(pods) == set(ORDER)
     for key in ORDER:
         ns, name = key.split("/")
-        rec = pods[f"{ns}/{LAB_POD[key]}"]
-        a = allocs[(ns, LAB_POD[key])]
+        rec = pods[key]
+        a = allocs[(ns, name)]
         assert rec.ip == a.ip.ip and rec.node == a.node
         assert dict(rec.labels) == {"pod": name}
         assert set(rec.ports) == set(NAMED_PORTS)
@@ -213,11 +213,13 @@ def test_metadata_records_in_the_datastore(np_lab: Lab):
     listed = {r["namespace"]: r for r in np_lab.json("namespace", "list")}
     for ns in NAMESPACES:
         assert listed[ns]["labels"] == {"ns": ns, "kubernetes.io/metadata.name": ns}
-        assert sorted(listed[ns]["pods"]) == [f"{ns}-{p}" for p in POD_NAMES]
-    # the placement spreads every namespace over the three nodes
-    assert {allocs[(ns, f"{ns}-{p}")].node for ns in NAMESPACES for p in POD_NAMES} == {"node1", "node2", "node3"}
+        assert sorted(listed[ns]["pods"]) == sorted(POD_NAMES)
+    # the placement spreads every namespace over the three nodes, and x/a, y/a, z/a are three pods
+    assert {allocs[(ns, p)].node for ns in NAMESPACES for p in POD_NAMES} == {"node1", "node2", "node3"}
     for ns in NAMESPACES:
-        assert len({allocs[(ns, f"{ns}-{p}")].node for p in POD_NAMES}) == 3
+        assert len({allocs[(ns, p)].node for p in POD_NAMES}) == 3
+    netns = {p.netns for p in st.pods if p.key in ORDER}
+    assert len(netns) == 9 and f"ocl-{st.name}.pod.y.a" in netns
 
 
 @pytest.mark.parametrize("c", PROBED, ids=[c.name for c in PROBED])
@@ -276,15 +278,15 @@ def test_pod_label_change_takes_effect(np_lab: Lab):
         policy_cli(np_lab, "apply", "-f", str(path))
         got = _poll_matrix(np_lab, closed)
         assert got == closed, _matrix(got)
-        np_lab.oc("pod", "label", "x-b", "role=client")
+        np_lab.oc("pod", "label", "x/b", "role=client")
         got = _poll_matrix(np_lab, opened)
         assert got == opened, _matrix(got)
-        np_lab.oc("pod", "label", "x-b", "role-")
+        np_lab.oc("pod", "label", "x/b", "role-")
         got = _poll_matrix(np_lab, closed)
         assert got == closed, _matrix(got)
     finally:
         policy_cli(np_lab, "delete", "x/x-a-clients", check=False)
-        np_lab.oc("pod", "label", "x-b", "role-", check=False)
+        np_lab.oc("pod", "label", "x/b", "role-", check=False)
 
 
 def test_lab_probe_cli_and_policy_explain_agree(np_lab: Lab):
@@ -305,30 +307,35 @@ def test_lab_probe_cli_and_policy_explain_agree(np_lab: Lab):
         rep = np_lab.json("probe", "--port", "80", "--protocol", "udp", "--retries", "2")
         assert rep["port"] == 80 and rep["protocol"] == "UDP"
         keys = {p["name"]: p["pod"] for p in rep["pods"]}
-        assert sorted(keys) == sorted(LAB_POD.values())
+        assert sorted(keys) == sorted(ORDER) and all(k == v for k, v in keys.items())
         want = c.expected()
         for s, row in rep["matrix"].items():
             for d, ok in row.items():
-                if ok != want[(KEY_OF[s], KEY_OF[d])]:
+                if ok != want[(s, d)]:
                     # a blocked-but-expected-open pair may be a lost packet on a busy machine; re-measure it alone
                     assert not ok, f"{s} -> {d} connected although the policy denies it"
                     again = np_lab.json("probe", "--port", "80", "--protocol", "udp", "--pods", f"{s},{d}", "--retries", "2")
                     assert again["matrix"][s][d], f"{s} -> {d} blocked although allowed"
-        for src, dst in (("x/x-a", "y/y-b"), ("y/y-b", "x/x-a"), ("x/x-b", "x/x-c")):
+        for src, dst in (("x/a", "y/b"), ("y/b", "x/a"), ("x/b", "x/c")):
             proc = policy_cli(np_lab, "explain", src, dst, "80/UDP", "--output", "json", check=False)
             verdict = json.loads(proc.stdout)
-            expected = want[(KEY_OF[src.split("/")[1]], KEY_OF[dst.split("/")[1]])]
+            expected = want[(src, dst)]
             assert verdict["allowed"] is expected and proc.returncode == (0 if expected else 1)
             if not expected:
                 assert verdict["egress"]["policies"] == ["x/deny-egress"]
-        by_ip = policy_cli(np_lab, "explain", "x/x-a", rep_ip(np_lab, "z-c"), "80/UDP", "--output", "json", check=False)
-        assert json.loads(by_ip.stdout)["dst"] == "z/z-c"
+        by_ip = policy_cli(np_lab, "explain", "x/a", rep_ip(np_lab, "z/c"), "80/UDP", "--output", "json", check=False)
+        assert json.loads(by_ip.stdout)["dst"] == "z/c"
+        # a bare name three namespaces have: a field error listing them
+        ambiguous = policy_cli(np_lab, "explain", "a", "x/b", "80/UDP", "--output", "json", check=False)
+        assert ambiguous.returncode == 2
+        (err,) = json.loads(ambiguous.stdout)["errors"]
+        assert err["field"] == "src" and "x/a, y/a, z/a" in err["message"]
     finally:
         policy_cli(np_lab, "delete", "x/deny-egress", check=False)
 
 
-def rep_ip(lab: Lab, pod: str) -> str:
-    return next(p["ip"] for p in lab.status()["pods"] if p["name"] == pod)
+def rep_ip(lab: Lab, key: str) -> str:
+    return next(p["ip"] for p in lab.status()["pods"] if f"{p['namespace']}/{p['name']}" == key)
 
 
 def test_requested_ip(np_lab: Lab):
@@ -362,13 +369,13 @@ def test_requested_ip(np_lab: Lab):
             proc = np_lab.oc("pod", "add", pod, "--namespace", "ipt", *args, check=False)
             assert proc.returncode != 0, proc.stdout
             assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-            assert f"ocl-{np_lab.name}.pod.{pod}" not in lab_namespaces(np_lab.name)
+            assert f"ocl-{np_lab.name}.pod.ipt.{pod}" not in lab_namespaces(np_lab.name)
             assert all(p["name"] != pod for p in np_lab.status()["pods"])
         assert _allocations(np_lab) == before
     finally:
         for pod in ("ipreq", "ipreq2"):
             np_lab.oc("pod", "delete", pod, check=False)
-    assert f"ocl-{np_lab.name}.pod.ipreq" not in lab_namespaces(np_lab.name)
+    assert f"ocl-{np_lab.name}.pod.ipt.ipreq" not in lab_namespaces(np_lab.name)
     assert str(free) not in {str(a) for a in _allocations(np_lab)}
 
 
@@ -387,21 +394,25 @@ def test_bad_metadata_input_is_a_clear_error(np_lab: Lab):
         (["namespace", "add", "Bad_NS"], "NAMESPACE"),
         (["namespace", "label", "nope", "a=b"], "no namespace 'nope'"),
         (["namespace", "label", "x", "kubernetes.io/metadata.name=y"], "kubernetes.io/metadata.name"),
-        (["pod", "label", "x-a", "bad key=1"], "LABELS"),
-        (["pod", "label", "x-a", "missing-"], "no label 'missing'"),
+        (["pod", "label", "x/a", "bad key=1"], "LABELS"),
+        (["pod", "label", "x/a", "missing-"], "no label 'missing'"),
         (["pod", "label", "nope", "a=b"], "no pod 'nope'"),
+        (["pod", "label", "a", "k=v"], "pod 'a' is ambiguous in lab"),
+        (["pod", "add", "a", "--namespace", "x"], "pod x/a already exists"),
+        (["probe", "--pods", "a,x/b"], "--pods: pod 'a' is ambiguous"),
         (["pod", "add", "pbad", "--port", "http=80/ICMP"], "--port"),
         (["probe", "--protocol", "sctp"], "--protocol"),
     ):
         proc = np_lab.oc(*args, check=False)
-        assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        said = " ".join(proc.stderr.split())  # rich wraps long lines
+        assert proc.returncode != 0 and words in said and "Traceback" not in proc.stderr, (args, proc.stderr)
 
 
 def test_pod_delete_stops_its_probe_server(np_lab: Lab):
     np_lab.oc("pod", "add", "srv", "--namespace", "ipt", "--node", "node3")
     st = _state(np_lab)
     lab_probe.ensure_servers(st, pods=[st.pod("srv")])
-    pid = lab_probe.load_servers(st)["srv"][0]["pid"]
+    pid = lab_probe.load_servers(st)["ipt/srv"][0]["pid"]
     from .conftest import pid_alive
 
     assert pid_alive(pid)
@@ -444,8 +455,8 @@ def test_etcd_lab_metadata_policy_and_probe(make_lab):
     lab.oc("pod", "label", "cli", "role=client")
     assert _cli_matrix(lab, 80, until=opened) == opened
     assert _cli_matrix(lab, 81, until=closed) == closed  # the named port is 80 only
-    verdict = json.loads(policy_cli(lab, "explain", "x/cli", "x/web", "80/TCP", "--output", "json").stdout)
-    assert verdict["allowed"] and verdict["policy"] == "x/web-from-clients"
+    verdict = json.loads(policy_cli(lab, "explain", "cli", "x/web", "80/TCP", "--output", "json").stdout)
+    assert verdict["allowed"] and verdict["policy"] == "x/web-from-clients" and verdict["src"] == "x/cli"
     denied = policy_cli(lab, "explain", "x/cli", "x/web", "81/TCP", "--output", "json", check=False)
     assert denied.returncode == 1 and json.loads(denied.stdout)["allowed"] is False
     web_node = json.loads(policy_cli(lab, "render", "--node", "node1").stdout)
@@ -454,3 +465,13 @@ def test_etcd_lab_metadata_policy_and_probe(make_lab):
     assert _cli_matrix(lab, 81, until=opened) == opened
     gone = policy_cli(lab, "delete", "x/web-from-clients", check=False)
     assert gone.returncode == 2 and "not found" in gone.stderr
+    # the lab reached its etcd from a thread inside the control namespace, never from this one
+    st = _state(lab)
+    seen = control.with_store(st, lambda store: (str(get_cluster(store, st.name).pod_cidr), _netns_inode()))
+    assert seen == ("10.244.0.0/16", os.stat(f"/var/run/netns/{st.control_netns}").st_ino)
+    assert _netns_inode() != seen[1]
+
+
+def _netns_inode() -> int:
+    """The network namespace of the calling thread."""
+    return os.stat("/proc/thread-self/ns/net").st_ino

@@ -154,3 +154,25 @@ def test_apply_list_delete_in_a_sqlite_datastore(tmp_path):
     assert res.exit_code == 2 and "spec.ingress" in res.output
     res = runner.invoke(app, [*base, "policy", "apply", "-f", str(f), "--cluster", "nope"])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_bare_pod_names_resolve_only_when_unambiguous(tmp_path):
+    """``policy explain --lab`` takes a bare NAME that one namespace has
+    (a lab names pods that way); here through the library, without a lab."""
+    from overlaycni.errors import ConfigError
+    from overlaycni.policy.explain import explain, qualify
+    from overlaycni.policy.inventory import load_inventory
+
+    path, m = inventory_file(tmp_path, "no-policies")
+    with open(path) as fh:
+        inv = load_inventory(fh.read())
+    assert qualify(inv, "x/a", field="src") == "x/a" and qualify(inv, str(m.pod("x/a").ip), field="src") == str(m.pod("x/a").ip)
+    with pytest.raises(ConfigError) as err:
+        qualify(inv, "a", field="src")
+    (e,) = err.value.errors
+    assert e.field == "src" and "x/a, y/a, z/a" in e.message
+    one = load_inventory(yaml.safe_dump({"pods": [{"namespace": "x", "name": "web", "ip": "10.244.0.5", "node": "n1"}]}))
+    verdict, data = explain(one, src="web", dst="x/web", port="80", bare_names=True)
+    assert verdict.allowed and data["src"] == data["dst"] == "x/web"
+    with pytest.raises(ConfigError):  # without bare_names (--from, --cluster) a NAME is not an endpoint
+        explain(one, src="web", dst="x/web", port="80")

@@ -31,6 +31,7 @@ lab_app.add_typer(pod_app, name="pod")
 lab_app.add_typer(node_app, name="node")
 lab_app.add_typer(agent_app, name="agent")
 
+NodeArg = Annotated[str, typer.Argument(help="Node name.")]
 PodArg = Annotated[str, typer.Argument(metavar="POD", help="NAMESPACE/NAME, or NAME if only one namespace has such a pod.")]
 PHASES = {"vnet": "VNet, external host, control plane", "nodes": "nodes and agents", "pods": "pods (CNI ADD)"}
 
@@ -256,21 +257,21 @@ def node_add(
 
 
 @node_app.command("delete")
-def node_delete(node: Annotated[str, typer.Argument(help="Node name.")], name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def node_delete(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Delete a node: its pods, its agent, its VM; peers drop it."""
     n = members.delete_node(name, node, root=lab_dir)
     console.print(f"node {n.name} deleted", highlight=False)
 
 
 @agent_app.command("restart")
-def agent_restart(node: Annotated[str, typer.Argument(help="Node name.")], name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def agent_restart(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Restart a node's agent (existing pods keep working)."""
     n = members.restart_agent(name, node, root=lab_dir)
     console.print(f"node {n.name}: agent restarted, pid {n.agent.pid if n.agent else '-'}", highlight=False)
 
 
 @agent_app.command("kill")
-def agent_kill(node: Annotated[str, typer.Argument(help="Node name.")], name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
+def agent_kill(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """SIGKILL a node's agent (see what a crash does; `lab agent restart` brings it back)."""
     n = members.kill_agent(name, node, root=lab_dir)
     console.print(f"node {n.name}: agent {n.agent.pid if n.agent else '-'} killed", highlight=False)
