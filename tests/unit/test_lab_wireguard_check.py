@@ -18,10 +18,10 @@ POD_CIDR = IPv4Network("10.244.0.0/16")
 
 def lab() -> st.LabState:
     net = parse_network({"backend": "wireguard"})
-    nodes = tuple(st.NodeState(f"node{i}", i, f"ocl-t.node{i}", IPv4Interface(f"10.224.0.{3 + i}/16")) for i in (1, 2))
+    nodes = tuple(st.LabNode(f"node{i}", i, f"ocl-t.node{i}", IPv4Interface(f"10.224.0.{3 + i}/16")) for i in (1, 2))
     pods = (
-        st.PodState("a", "default", "node1", "ocl-t.pod.a", "c1", IPv4Interface("10.244.0.2/24")),
-        st.PodState("b", "default", "node2", "ocl-t.pod.b", "c2", IPv4Interface("10.244.1.2/24")),
+        st.LabPod("a", "default", "node1", "ocl-t.pod.default.a", "c1", IPv4Interface("10.244.0.2/24")),
+        st.LabPod("b", "default", "node2", "ocl-t.pod.default.b", "c2", IPv4Interface("10.244.1.2/24")),
     )
     return st.LabState(
         name="t", lab_dir="/tmp/t", backend="wireguard", store="sqlite", datastore="sqlite:///tmp/t/state.db",
