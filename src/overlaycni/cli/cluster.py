@@ -208,8 +208,7 @@ def node_rotate_key(
     pending and is acted on when the agent runs)."""
     from ..ipam.rotation import pending_key_rotation, request_key_rotation
 
-    store = open_store(ctx)
-    try:
+    with open_store(ctx) as store:
         old = ipam.get_node(store, cluster, node).wireguard_public_key
         req = request_key_rotation(store, cluster, node)
         deadline = time.monotonic() + wait
@@ -221,8 +220,6 @@ def node_rotate_key(
             time.sleep(0.1)
         else:
             new = ipam.get_node(store, cluster, node).wireguard_public_key
-    finally:
-        store.close()
     rotated = new != old
     if output is Output.json:
         print_json({"node": node, "request": req.id, "old_public_key": old, "new_public_key": new if rotated else None,
