@@ -251,6 +251,21 @@ class NetnsNotFound(DataplaneError):
     cni_code = CNI_UNKNOWN_CONTAINER
 
 
+class NetnsRefused(DataplaneError):
+    """CNI_NETNS exists but is not a network namespace a pod may be given
+    (a FIFO, a device, another kind of namespace, the node's own or the
+    host's initial namespace). Nothing was opened for reading or changed."""
+
+    cni_code = CNI_INVALID_ENV
+
+
+class AttachmentConflict(DataplaneError):
+    """The (containerID, ifname) is already attached, in another network
+    namespace than the one this request names; the first attachment stays."""
+
+    cni_code = CNI_INVALID_ENV
+
+
 class InterfaceExists(DataplaneError):
     cni_code = CNI_INVALID_CONFIG
 
@@ -282,6 +297,14 @@ class PermissionDenied(OverlayCNIError):
 
 class AgentUnavailable(OverlayCNIError):
     """The node agent is not running or does not answer in time."""
+
+    cni_code = CNI_TRY_AGAIN_LATER
+
+
+class DeadlineExceeded(OverlayCNIError):
+    """A request ran out of its time inside the agent (waiting for a lock,
+    the datastore, the kernel worker or a policy pass); what it had done is
+    rolled back and the runtime may try again."""
 
     cni_code = CNI_TRY_AGAIN_LATER
 

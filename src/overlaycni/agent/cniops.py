@@ -1,32 +1,58 @@
 """The CNI operations the agent performs for the plugin shim.
 
-ADD:   allocate (IPAM, idempotent per containerID+ifname) -> attach the pod
-       (veth, address, routes, anti-spoofing element) -> result. A failure
-       after allocation detaches what was made and releases the IP, so a
-       failed ADD leaves nothing behind.
-DEL:   detach (a missing netns or veth is fine) -> release. Repeatable.
+ADD:   check CNI_NETNS (``Dataplane.open_pod_netns``: an nsfs network
+       namespace that is neither the node's own nor the host's; a bad one
+       is refused before anything else) -> reserve the address (IPAM,
+       idempotent per containerID+ifname; it says whether this ADD made the
+       reservation) -> attach the pod through the checked descriptor (veth,
+       address, routes, anti-spoofing element) -> with NetworkPolicy in the
+       cluster, wait until a policy pass holding the new address reached the
+       kernel -> result. A failure undoes exactly what this ADD made: the
+       veth if it may have made one, the address if it reserved it. An
+       attachment that existed before (a repeated ADD) keeps its address,
+       veth and routes: the same netns gives "interface exists", another
+       netns is refused.
+DEL:   remove the host veth (a missing netns or veth is fine) -> flush the
+       address's conntrack entries -> release the address, but only one held
+       by *this* node. A cluster, allocation or veth that is already gone is
+       success with nothing to do.
 CHECK: the allocation still exists and matches prevResult; the pod's
        interface, address and routes are as ADD left them.
-GC:    release every allocation of this node not in the valid attachments,
-       and remove project-owned host veths that no allocation accounts for.
+GC:    with the node lock (no request in flight): release every allocation
+       of this node not in the valid attachments, remove their veths and
+       conntrack entries, and remove project-owned host veths that no
+       allocation accounts for.
 STATUS: the datastore answers and the node is registered.
+Reaping (``reap``, driven by ``agent.reaper``): an allocation whose veth is
+       gone is released like a DEL, if no request holds its lock.
 
-Pod operations on one (containerID, ifname) are serialised by a per-key lock;
-different pods proceed in parallel, except for the kernel step, which shares
-one lock with full reconciles (a reconcile must not see half a pod).
+Each request runs under one deadline (``request_deadline``, shorter than the
+plugin's 4.5 s reply timeout) that bounds every wait below it: the
+attachment lock, the datastore, the kernel lock and worker, the policy
+pass. Past it the request fails with code 11; an ADD's rollback then gets a
+short budget of its own (``ROLLBACK_SECONDS``). Crash safety: the address is
+reserved before the kernel is touched and released after it is cleaned, so
+a crash in between leaves an allocation without a veth, which the reaper
+(or the runtime's DEL) releases.
+
+Locks (``agent.locks``): one per attachment (ADD/DEL/CHECK, and the reaper
+without waiting), the node lock for GC; the kernel steps also share
+``kernel_lock`` with full reconciles (a reconcile must not see half a pod).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .. import ipam
+from .. import deadline, ipam
 from ..cni.protocol import CNIRequest, add_result, prev_result_ip
 from ..config import ClusterNetwork
-from ..dataplane import Dataplane, host_veth_name
+from ..dataplane import Dataplane, PodInterface, host_veth_name
 from ..datastore import Store
 from ..errors import (
     CNI_CHECK_FAILED,
@@ -34,14 +60,20 @@ from ..errors import (
     CNI_IO_FAILURE,
     CNI_NOT_AVAILABLE,
     CNI_UNKNOWN_CONTAINER,
+    AttachmentConflict,
+    BadRecord,
     CNIError,
     DatastoreError,
-    InterfaceExists,
+    DeadlineExceeded,
+    NotFound,
     OverlayCNIError,
 )
-from ..ipam import NodeRecord
+from ..ipam import Allocation, NodeRecord
+from .locks import AttachmentLocks
 
 log = logging.getLogger(__name__)
+REQUEST_DEADLINE = 3.0  # seconds; the shim waits 4.5 s for an answer
+ROLLBACK_SECONDS = 1.0  # what a failed ADD may spend undoing itself past its deadline
 
 
 @dataclass
@@ -54,26 +86,6 @@ class NodeContext:
     pod_mtu: int
 
 
-class KeyedLocks:
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[tuple[str, str], list[Any]] = {}
-
-    def acquire(self, key: tuple[str, str]) -> None:
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        entry[0].acquire()
-
-    def release(self, key: tuple[str, str]) -> None:
-        with self._guard:
-            entry = self._locks[key]
-            entry[0].release()
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[key]
-
-
 class CNIOps:
     def __init__(
         self,
@@ -82,62 +94,71 @@ class CNIOps:
         ctx: NodeContext,
         *,
         kernel_lock: threading.RLock,
+        policy_programmed: Callable[[], None] | None = None,
+        request_deadline: float = REQUEST_DEADLINE,
+        on_bad: Callable[[BadRecord], None] | None = None,
     ) -> None:
+        """``policy_programmed``: blocks until the node's NetworkPolicy table
+        holds every allocation made so far (``PolicyController.programmed``)."""
         self.store = store
         self.dp = dataplane
         self.ctx = ctx
         self.kernel_lock = kernel_lock
-        self.locks = KeyedLocks()
+        self.policy_programmed = policy_programmed
+        self.request_deadline = request_deadline
+        self.on_bad = on_bad
+        self.locks = AttachmentLocks()
+
+    @property
+    def node(self) -> str:
+        return self.ctx.record.name
 
     # ----- dispatch -----------------------------------------------------------
     def handle(self, req: CNIRequest) -> dict[str, Any] | None:
-        if req.command in ("ADD", "DEL", "CHECK"):
-            key = (req.container_id, req.ifname)
-            self.locks.acquire(key)
-            op = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check}[req.command]
-            try:
-                return op(req)
-            finally:
-                self.locks.release(key)
-        if req.command == "GC":
-            self.gc(req)
-            return None  # success with no output
-        if req.command == "STATUS":
-            self.status(req)
-            return None
+        with deadline.within(self.request_deadline):
+            if req.command in ("ADD", "DEL", "CHECK"):
+                op = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check}[req.command]
+                with self.locks.attachment(host_veth_name(req.container_id, req.ifname)):
+                    return op(req)
+            if req.command == "GC":
+                self.gc(req)
+                return None  # success with no output
+            if req.command == "STATUS":
+                self.status(req)
+                return None
         raise CNIError(CNI_NOT_AVAILABLE, f"unsupported command {req.command}")
+
+    @contextmanager
+    def _kernel(self) -> Iterator[None]:
+        """The kernel lock, waited for no longer than the request's deadline."""
+        wait = deadline.remaining()
+        if not self.kernel_lock.acquire(timeout=-1 if wait is None else wait):
+            raise DeadlineExceeded("the node's kernel state is being reconciled; try again")
+        try:
+            yield
+        finally:
+            self.kernel_lock.release()
 
     # ----- ADD ----------------------------------------------------------------
     def add(self, req: CNIRequest) -> dict[str, Any]:
         c = self.ctx
-        alloc = ipam.allocate(
-            self.store,
-            c.cluster,
-            c.record.name,
-            req.container_id,
-            req.ifname,
-            pod=req.pod,
-            requested_ip=req.requested_ip,
-        )
-        try:
-            with self.kernel_lock:
-                pod_if = self.dp.attach_pod(
-                    container_id=req.container_id,
-                    ifname=req.ifname,
-                    netns_path=req.netns,
-                    ip=alloc.ip,
-                    gateway=alloc.gateway,
-                    mtu=c.pod_mtu,
-                )
-        except BaseException as exc:
-            log.debug("ADD %s %s failed after allocating %s: %s", req.container_id, req.ifname, alloc.ip, exc)
-            if isinstance(exc, InterfaceExists) and host_veth_name(req.container_id, req.ifname) in self.dp.list_pod_veths():
-                raise  # a repeated ADD: the interface and its IP belong to the first, successful one
-            try:  # nothing usable was built for this attachment: give its IP back
-                ipam.release(self.store, c.cluster, req.container_id, req.ifname)
-            except OverlayCNIError:
-                pass  # GC will find it; the original error matters more
-            raise
+        host = host_veth_name(req.container_id, req.ifname)
+        with self.dp.open_pod_netns(req.netns) as netns_fd:
+            alloc, fresh = ipam.reserve(
+                self.store, c.cluster, self.node, req.container_id, req.ifname,
+                pod=req.pod, requested_ip=req.requested_ip,
+            )
+            # A repeated ADD whose veth exists must not undo it: only what this ADD makes is ours.
+            ours = fresh or host not in self.dp.list_pod_veths()
+            try:
+                pod_if = self._attach(req, alloc, netns_fd, fresh=fresh)
+                if self.policy_programmed is not None:
+                    self.policy_programmed()
+            except BaseException as exc:
+                log.info("ADD %s %s failed (%s); undoing %s", req.container_id, req.ifname, exc,
+                         "the attachment" if fresh else "its veth" if ours else "nothing (it existed before)")
+                self._undo_add(req, alloc, release=fresh, detach=ours and not isinstance(exc, AttachmentConflict))
+                raise
         dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
         return add_result(
             req.version,
@@ -152,12 +173,66 @@ class CNIOps:
             dns=dns,
         )
 
+    def _attach(self, req: CNIRequest, alloc: Allocation, netns_fd: int | None, *, fresh: bool) -> PodInterface:
+        def attach() -> PodInterface:
+            return self.dp.attach_pod(
+                container_id=req.container_id, ifname=req.ifname, netns_path=req.netns, netns_fd=netns_fd,
+                ip=alloc.ip, gateway=alloc.gateway, mtu=self.ctx.pod_mtu,
+            )
+
+        with self._kernel():
+            try:
+                return attach()
+            except AttachmentConflict:
+                if not fresh:
+                    raise  # the veth of this attachment's existing allocation: a live pod
+                # No allocation accounted for that veth (a crash between release and cleanup): a leftover.
+                host = host_veth_name(req.container_id, req.ifname)
+                log.warning("ADD %s %s: removing leftover host veth %s first", req.container_id, req.ifname, host)
+                self.dp.delete_pod_veth(host)
+                return attach()
+
+    def _undo_add(self, req: CNIRequest, alloc: Allocation, *, release: bool, detach: bool) -> None:
+        """Best effort, on a budget of its own; what it cannot finish (the
+        datastore or the worker stalled) is left to the reaper or the DEL."""
+        with deadline.fresh(ROLLBACK_SECONDS):
+            try:
+                if detach:
+                    with self._kernel():
+                        # if the worker is still busy with our attach, this is queued behind it
+                        self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns)
+                    self.dp.flush_conntrack(alloc.ip.ip)
+                if release:
+                    ipam.release(self.store, self.ctx.cluster, req.container_id, req.ifname, node=self.node)
+            except OverlayCNIError as exc:
+                log.warning("ADD %s %s: rollback incomplete (%s); the leak reaper or the runtime's DEL finishes it",
+                            req.container_id, req.ifname, exc)
+
     # ----- DEL ----------------------------------------------------------------
     def delete(self, req: CNIRequest) -> None:
-        with self.kernel_lock:
+        try:
+            alloc = ipam.get_allocation(self.store, self.ctx.cluster, req.container_id, req.ifname)
+        except BadRecord as exc:
+            self.report_bad(exc)
+            alloc = None  # never release what cannot be read; `ipam check` shows it
+        with self._kernel():
             self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns or None)
-        ipam.release(self.store, self.ctx.cluster, req.container_id, req.ifname)
+        if alloc is None:
+            return None
+        if alloc.node != self.node:
+            log.info("DEL %s %s: its address %s is held by node %s, not by this node: not releasing it",
+                     req.container_id, req.ifname, alloc.ip.ip, alloc.node)
+            return None
+        self._forget(alloc)
         return None
+
+    def _forget(self, alloc: Allocation) -> Allocation | None:
+        """The kernel side is gone: flush the address's flows, then release it here."""
+        self.dp.flush_conntrack(alloc.ip.ip)
+        try:
+            return ipam.release(self.store, self.ctx.cluster, alloc.container_id, alloc.ifname, node=self.node)
+        except NotFound:
+            return None  # the cluster itself is gone: nothing left to release
 
     # ----- CHECK --------------------------------------------------------------
     def check(self, req: CNIRequest) -> None:
@@ -176,13 +251,15 @@ class CNIOps:
                 CNI_CHECK_FAILED,
                 f"prevResult address {expected[0] if expected else None} does not match the reservation {alloc.ip}",
             )
-        problems = self.dp.check_pod(
-            container_id=req.container_id,
-            ifname=req.ifname,
-            netns_path=req.netns,
-            ip=alloc.ip,
-            gateway=alloc.gateway,
-        )
+        with self.dp.open_pod_netns(req.netns) as netns_fd:
+            problems = self.dp.check_pod(
+                container_id=req.container_id,
+                ifname=req.ifname,
+                netns_path=req.netns,
+                netns_fd=netns_fd,
+                ip=alloc.ip,
+                gateway=alloc.gateway,
+            )
         for iface in prev.get("interfaces") or []:
             if iface.get("sandbox") and iface.get("name") != req.ifname:
                 problems.append(f"prevResult names interface {iface.get('name')}, not {req.ifname}")
@@ -195,32 +272,61 @@ class CNIOps:
         valid = req.valid_attachments
         c = self.ctx
         errors: list[str] = []
-        released = ipam.gc(self.store, c.cluster, valid, node=c.record.name)
-        keep = {host_veth_name(cid, ifn) for cid, ifn in valid}
-        for a in ipam.list_allocations(self.store, c.cluster, node=c.record.name):
-            keep.add(host_veth_name(a.container_id, a.ifname))
-        with self.kernel_lock:
-            for a in released:
-                try:
-                    self.dp.detach_pod(container_id=a.container_id, ifname=a.ifname, netns_path=None)
-                except OverlayCNIError as exc:
-                    errors.append(str(exc))
-            for veth in self.dp.list_pod_veths():
-                if veth not in keep:
+        with self.locks.node():
+            veths = set(self.dp.list_pod_veths())
+            before = ipam.list_allocations(self.store, c.cluster, node=self.node, on_bad=self.report_bad)
+            try:
+                ipam.gc(self.store, c.cluster, valid, node=self.node)
+            except OverlayCNIError as exc:
+                errors.append(str(exc))  # it released what it could: find out below what that was
+            after = ipam.list_allocations(self.store, c.cluster, node=self.node, on_bad=self.report_bad)
+            still = {(a.container_id, a.ifname) for a in after}
+            released = [a for a in before if (a.container_id, a.ifname) not in still]
+            keep = {host_veth_name(cid, ifn) for cid, ifn in valid} | {host_veth_name(*k) for k in still}
+            with self._kernel():
+                for a in released:
+                    try:
+                        self.dp.detach_pod(container_id=a.container_id, ifname=a.ifname, netns_path=None)
+                    except OverlayCNIError as exc:
+                        errors.append(str(exc))
+                for veth in sorted(veths - keep):
                     try:
                         self.dp.delete_pod_veth(veth)
                     except OverlayCNIError as exc:
                         errors.append(str(exc))
+            for a in released:
+                try:
+                    self.dp.flush_conntrack(a.ip.ip)
+                except OverlayCNIError as exc:
+                    errors.append(str(exc))
         if errors:
             raise CNIError(CNI_IO_FAILURE, "GC finished with errors", details="; ".join(errors))
         return None
 
+    # ----- reaping (agent.reaper) ---------------------------------------------
+    def reap(self, alloc: Allocation) -> Allocation | None:
+        """Release ``alloc`` if its veth is still gone and no request holds
+        its attachment (never waits for one). Returns what was released."""
+        host = host_veth_name(alloc.container_id, alloc.ifname)
+        with self.locks.attachment(host, wait=False) as held:
+            if not held:
+                return None  # an ADD, DEL or CHECK is in flight: not now
+            if host in self.dp.list_pod_veths():
+                return None  # (re)attached meanwhile
+            return self._forget(alloc)
+
     # ----- STATUS -------------------------------------------------------------
     def status(self, req: CNIRequest) -> None:
         try:
-            ipam.get_node(self.store, self.ctx.cluster, self.ctx.record.name)
+            ipam.get_node(self.store, self.ctx.cluster, self.node)
         except DatastoreError as exc:
             raise CNIError(CNI_NOT_AVAILABLE, "the datastore is not reachable", details=str(exc)) from None
         except OverlayCNIError as exc:
             raise CNIError(CNI_NOT_AVAILABLE, "this node is not registered", details=str(exc)) from None
         return None
+
+    def report_bad(self, exc: BadRecord) -> None:
+        if self.on_bad is not None:
+            self.on_bad(exc)
+        else:
+            log.warning("skipping %s", exc)

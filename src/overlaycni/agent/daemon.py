@@ -35,7 +35,7 @@ from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLErro
 from .cniops import NodeContext
 from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
-from .server import serve_unix
+from .server import claim_socket_path, serve_unix
 from .wireguard import KeyRotator, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Agent:
 
     def start(self) -> dict[str, Any]:
         o = self.opts
+        claim_socket_path(o.socket)  # before anything else: a path that is not our stale socket stops the start
         store = self._open()
         net = ipam.get_cluster(store, o.cluster)
         wg_key = NodeKey(o.wireguard_key) if net.backend == "wireguard" else None
@@ -120,6 +121,7 @@ class Agent:
                 reconcile=node.resync, publish=node.publish_record, stop=self.stop_event,
             )  # fmt: skip
             self._spawn("wgrotate", self.rotator.run)
+        self._spawn("reaper", node.reap_loop)
         self.metrics.ready.set(1)
         return {
             "event": "ready",
@@ -179,6 +181,7 @@ class Agent:
             "policy_passes": dict(n.policy.passes) if n else {},
             "bad_records": dict(n.bad.counts) if n else {},
             "wireguard": self._wg_health(),
+            "reaped": n.reaper.status() if n else None,
             "pid": os.getpid(),
         }
 
@@ -214,12 +217,7 @@ class Agent:
         self.stop_event.set()
         self.metrics.ready.set(0)
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            try:
-                os.unlink(self.opts.socket)
-            except FileNotFoundError:
-                pass
+            self._server.shutdown()  # removes the socket file
         if self._http is not None:
             self._http.shutdown()
         for t in self._threads:

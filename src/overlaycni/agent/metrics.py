@@ -31,6 +31,9 @@ class AgentMetrics:
         self.reconcile_changes = Counter("overlaycni_reconcile_changes", "Kernel changes made by reconciles", registry=r)
         self.reconcile_errors = Counter("overlaycni_reconcile_errors", "Reconcile and watch errors", registry=r)
         self.ready = Gauge("overlaycni_ready", "1 when the agent is ready to serve ADD", registry=r)
+        self.reaped = Counter(
+            "overlaycni_reaped", "Pod addresses the leak reaper released (their pod veth was gone)", registry=r
+        )
         self.bad_records = Counter(
             "overlaycni_bad_records",
             "Datastore records skipped because they do not decode (each version of a key once), by kind",

@@ -13,7 +13,10 @@ work of every loop and of CNI requests shares ``kernel_lock``):
 * resync: every ``resync_interval`` seconds the full desired state is
   recomputed from the datastore and the kernel reconciled to it (Calico
   style), which also catches anything an event missed;
-* the policy controller (``agent.policy``).
+* the policy controller (``agent.policy``);
+* the leak reaper: every ``reap_interval`` seconds, releases this node's
+  addresses whose pod veth has been gone for ``reap_grace`` seconds
+  (``agent.reaper``).
 
 A record that does not decode (``BadRecord``) is skipped wherever it is met
 and reported once per version (one log line naming the key and the problem,
@@ -38,10 +41,11 @@ from ..datastore import EtcdCredentials, Event, Store
 from ..datastore.keys import nodes_prefix, split_key
 from ..datastore.watch import watch_loop
 from ..errors import BadRecord, DatastoreError, NotFound, OverlayCNIError
-from .cniops import CNIOps, NodeContext
+from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
 from .desired import node_state, peer_of
 from .metrics import AgentMetrics
 from .policy import PolicyController
+from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
 from .wireguard import DEFAULT_KEY_FILE, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,9 @@ class AgentOptions:
     wireguard_key: str = DEFAULT_KEY_FILE  # backend wireguard: the node's private key file
     wireguard_socket_dir: str = "/var/run/wireguard"  # wireguard-go's UAPI socket dir
     wireguard_mode: str = "auto"  # auto | kernel | userspace
+    request_deadline: float = REQUEST_DEADLINE  # each CNI request's time inside the agent (< the shim's 4.5 s)
+    reap_interval: float = DEFAULT_INTERVAL  # 0: no leak reaper
+    reap_grace: float = DEFAULT_GRACE
 
 
 class BadRecords:
@@ -112,10 +119,14 @@ class RunningNode:
         self.last_error: str | None = None
         self.datastore_ok = True
         self.state = self._reconcile()
-        self.ops = CNIOps(store, dp, ctx, kernel_lock=self.kernel_lock)
         self.policy = PolicyController(
             store, cluster=ctx.cluster, node=ctx.record.name, stop=stop, table=dp.policy_table, on_bad=self.bad.report
         )
+        self.ops = CNIOps(
+            store, dp, ctx, kernel_lock=self.kernel_lock, policy_programmed=self.policy.programmed,
+            request_deadline=opts.request_deadline, on_bad=self.bad.report,
+        )
+        self.reaper = Reaper(self.ops, grace=opts.reap_grace, on_reaped=lambda _r: metrics.reaped.inc())
 
     # ----- full reconcile -----------------------------------------------------------
     def resync(self) -> None:
@@ -198,6 +209,16 @@ class RunningNode:
     def resync_loop(self) -> None:
         while not self.stop.wait(self.opts.resync_interval):
             self.safe_resync("periodic")
+
+    def reap_loop(self) -> None:
+        if self.opts.reap_interval <= 0:
+            return
+        while not self.stop.wait(self.opts.reap_interval):
+            try:
+                self.reaper.sweep()
+            except OverlayCNIError as exc:
+                self.reaper.last_error = str(exc)
+                log.warning("reaper pass failed: %s", exc)
 
     def watch_loop(self, start_revision: int) -> None:
         """Node records: one peer per event; a full resync whenever the watch re-lists."""

@@ -20,8 +20,16 @@ re-applies from scratch, so a table changed behind the agent's back is
 repaired. A record that does not decode is skipped and reported
 (``on_bad``); every other record is still programmed.
 
-A new pod is unprotected until the next pass (tens of milliseconds), as in
-Kubernetes, where policy programming is asynchronous to pod start-up too.
+A new pod is never unprotected: while the cluster has any NetworkPolicy, a
+CNI ADD calls ``programmed()`` after attaching the pod and returns only once
+a pass that *started* after the call has reached the kernel. Such a pass
+read the allocations after the ADD wrote its own, so the new address is in
+every set and verdict map the render puts it in. Passes are numbered when
+they start; waiters skip the debounce, and ADDs that arrive during a pass
+share the next one (one pass serves a burst). A pass that fails makes the
+waiting ADDs fail (the CNI layer rolls them back); the wait is bounded by
+the request's deadline. With no policy in the cluster ``programmed()``
+returns at once: a table without policies lets every pod through anyway.
 """
 
 from __future__ import annotations
@@ -30,12 +38,12 @@ import logging
 import threading
 import time
 
-from .. import ipam
+from .. import deadline, ipam
 from ..dataplane.ports import PolicyTable
 from ..datastore import Event, Store
 from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespaces_prefix, pods_prefix, policies_prefix
 from ..datastore.watch import watch_loop
-from ..errors import OverlayCNIError
+from ..errors import DeadlineExceeded, OverlayCNIError, PolicyApplyError
 from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
 from ..policy.stored import join_inventory as inventory
 
@@ -72,6 +80,11 @@ class PolicyController:
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "full": 0}
         self._last_full = 0.0
+        # pass numbering for programmed(): started, last applied, last failed (+ why)
+        self._passes = threading.Condition()
+        self._started = self._applied = self._failed = 0
+        self._failure = ""
+        self._waiters = 0
         self._inputs = (policies_prefix(cluster), pods_prefix(cluster), namespaces_prefix(cluster), ips_prefix(cluster))
 
     def load(self) -> tuple[list[PodInfo], list[NamespaceInfo], list[NetworkPolicy]]:
@@ -93,6 +106,28 @@ class PolicyController:
             log.info("policy: %s update (%d policies, %d pods)", how, len(policies), len(pods))
         return how
 
+    def programmed(self) -> None:
+        """Return once a pass that started after this call has reached the
+        kernel (at once when the cluster has no policy). Raises
+        ``PolicyApplyError`` if that pass failed, ``DeadlineExceeded`` when
+        the request's deadline passes first."""
+        if not self.has_policies:
+            return
+        with self._passes:
+            target = self._started + 1
+            self._waiters += 1
+        self.dirty.set()
+        try:
+            with self._passes:
+                done = self._passes.wait_for(lambda: max(self._applied, self._failed) >= target, deadline.remaining())
+                if not done:
+                    raise DeadlineExceeded("NetworkPolicy for the new pod was not programmed in time")
+                if self._applied < target:
+                    raise PolicyApplyError(f"NetworkPolicy for the new pod could not be programmed: {self._failure}")
+        finally:
+            with self._passes:
+                self._waiters -= 1
+
     def run(self) -> None:
         """Watch the inputs in one thread, apply in this one."""
         threading.Thread(target=self._watch, name="policy-watch", daemon=True).start()
@@ -101,15 +136,25 @@ class PolicyController:
             full = time.monotonic() - self._last_full > self.full_every
             if not self.dirty.wait(timeout=1.0) and not full:
                 continue
-            self.stop.wait(DEBOUNCE)  # let a burst of events collapse into one pass
+            if not self._waiters:
+                self.stop.wait(DEBOUNCE)  # let a burst of events collapse into one pass
             self.dirty.clear()
+            with self._passes:
+                self._started += 1
+                number = self._started
             try:
                 self.sync(full=full)
                 if full:
                     self._last_full = time.monotonic()
                 self.last_error = None
+                with self._passes:
+                    self._applied = number
+                    self._passes.notify_all()
             except OverlayCNIError as exc:
                 self.last_error = str(exc)
+                with self._passes:
+                    self._failed, self._failure = number, str(exc)
+                    self._passes.notify_all()
                 log.warning("policy pass failed (%s); retrying", exc)
                 self.stop.wait(1.0)
                 self.dirty.set()

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - not CPython
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
 MAX_CONFIG = 1 << 20  # bytes of stdin; a CNI config is a few KiB
+MAX_REQUEST = 1 << 20  # bytes of the request line; the agent refuses longer ones with the same code (7)
 MAX_ANSWER = 16 << 20  # bytes of the agent's answer
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 4.5  # the agent answers TRY_AGAIN_LATER before this; never a hang
@@ -203,6 +204,9 @@ def call_agent(socket_path, request, *, connect_timeout=None, reply_timeout=None
     """Send one request; return the decoded answer. Unreachable: TRY_AGAIN_LATER."""
     connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout  # read at call time
     reply_timeout = REPLY_TIMEOUT if reply_timeout is None else reply_timeout
+    line = json_dumps(request).encode() + b"\n"
+    if len(line) > MAX_REQUEST:  # the agent would refuse it the same way
+        raise PluginError(INVALID_CONFIG, f"request is {len(line)} bytes; the limit is {MAX_REQUEST}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect_timeout)
@@ -223,7 +227,10 @@ def call_agent(socket_path, request, *, connect_timeout=None, reply_timeout=None
                 ) from exc
         sock.settimeout(reply_timeout)
         try:
-            sock.sendall(json_dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(line)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the agent answered early (a refusal) and closed: its answer is still to be read
             chunks, size = [], 0
             while True:
                 data = sock.recv(65536)

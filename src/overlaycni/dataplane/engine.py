@@ -357,7 +357,8 @@ class NodeDataplane:
     # --- pods -------------------------------------------------------------------------
 
     def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
     ) -> PodInterface:
         if not container_id:
             raise ConfigError(FieldError("container_id", "must not be empty"))
@@ -369,7 +370,7 @@ class NodeDataplane:
         host = host_veth_name(container_id, ifname)
         with self._lock:
             result = self.p.pods.setup_pod_link(
-                host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu
+                host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu, netns_fd=netns_fd
             )
             try:
                 for key, value in pod_veth_sysctls(host).items():
@@ -403,7 +404,8 @@ class NodeDataplane:
             self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [e for e in endpoints if e[0] == host_veth])
 
     def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        netns_fd: int | None = None,
     ) -> list[str]:
         host = host_veth_name(container_id, ifname)
         problems: list[str] = []
@@ -418,7 +420,7 @@ class NodeDataplane:
             endpoints = self.p.nft.list_set(nftmodel.SET_POD_ENDPOINTS)
             if endpoints is not None and (host, ip.ip) not in endpoints:
                 problems.append(f"anti-spoofing element {host} . {ip.ip} is missing from {nftmodel.SET_POD_ENDPOINTS}")
-            view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname)
+            view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname, netns_fd=netns_fd)
             if view is None:
                 problems.append(f"interface {ifname} is missing in {netns_path}")
                 return problems

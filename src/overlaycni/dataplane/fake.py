@@ -10,12 +10,13 @@ assertions against these ports and the Linux ones.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataplaneError, InterfaceExists, NetnsNotFound
+from ..errors import AttachmentConflict, DataplaneError, InterfaceExists, NetnsNotFound, NetnsRefused
 from . import nftables, nftmodel, policytable, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
@@ -52,6 +53,8 @@ class FakeKernel:
     netns: dict[str, FakePodNetns] = field(default_factory=dict)
     auto_netns: bool = True  # any netns path exists unless removed
     removed_netns: set[str] = field(default_factory=set)
+    refused_netns: dict[str, str] = field(default_factory=dict)  # path -> why it is no pod's namespace
+    conntrack: set[tuple[IPv4Address, IPv4Address]] = field(default_factory=set)  # (orig source, orig destination)
     default_gateway: IPv4Address | None = None
     auto_underlay: bool = True  # link_with_address finds "eth0" for any IP
     next_index: int = 10
@@ -382,13 +385,15 @@ class FakePodLinks:
         return self.k.netns.setdefault(path, FakePodNetns())
 
     def setup_pod_link(
-        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
     ) -> PodInterface:
         ns = self._ns(netns_path)
         if ifname in ns.links:
             raise InterfaceExists(f"ifname: {ifname} already exists in {netns_path}")
+        if host_veth in self.k.links:
+            raise AttachmentConflict(f"CNI_NETNS {netns_path}: {ifname} is already attached elsewhere (host veth {host_veth})")
         self.k.maybe_fail("setup_pod_link")
-        self.teardown_pod_link(host_veth=host_veth)
         host = self.k.add_link(host_veth, kind="veth", mtu=mtu)
         mac = vtep_mac(ip.ip)
         ns.links[ifname] = PodView(
@@ -411,11 +416,21 @@ class FakePodLinks:
             path, ifname = peer.ifname.split("|")
             self.k.netns.get(path, FakePodNetns()).links.pop(ifname, None)
 
-    def inspect_pod(self, *, netns_path: str, ifname: str) -> PodView | None:
+    def inspect_pod(self, *, netns_path: str, ifname: str, netns_fd: int | None = None) -> PodView | None:
         try:
             return self._ns(netns_path).links.get(ifname)
         except NetnsNotFound:
             return None
+
+
+class FakeConntrack:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def flush_address(self, ip: IPv4Address) -> int:
+        gone = {e for e in self.k.conntrack if ip in e}
+        self.k.conntrack -= gone
+        return len(gone)
 
 
 def fake_ports(kernel: FakeKernel) -> Ports:
@@ -439,6 +454,17 @@ class FakeDataplane(NodeDataplane):
             self.kernel.addresses["eth0"][IPv4Interface(f"{underlay_ip}/16")] = None
         super().__init__(fake_ports(self.kernel))
 
+    @contextmanager
+    def open_pod_netns(self, path: str) -> Iterator[int | None]:
+        if path in self.kernel.removed_netns or (not self.kernel.auto_netns and path not in self.kernel.netns):
+            raise NetnsNotFound(f"CNI_NETNS {path}: the network namespace does not exist")
+        if path in self.kernel.refused_netns:
+            raise NetnsRefused(f"CNI_NETNS {path}: {self.kernel.refused_netns[path]}")
+        yield None
+
+    def flush_conntrack(self, ip: IPv4Address) -> int:
+        return FakeConntrack(self.kernel).flush_address(ip)
+
     def remove_netns(self, path: str) -> None:
         """Simulate a pod sandbox that vanished (its interfaces die with it)."""
         self.kernel.removed_netns.add(path)
@@ -458,4 +484,5 @@ if TYPE_CHECKING:  # mypy proves that each fake implements its port (the contrac
     _policy_table: type[ports.PolicyTable] = policytable.PolicyTableSync
     _sysctls: type[ports.Sysctls] = FakeSysctls
     _pods: type[ports.PodLinks] = FakePodLinks
+    _conntrack: type[ports.Conntrack] = FakeConntrack
     _dataplane: type[ports.Dataplane] = FakeDataplane

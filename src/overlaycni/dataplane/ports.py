@@ -13,6 +13,7 @@ nftables tables (node and NetworkPolicy) go through ``NftRuleset``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any, Protocol
 
@@ -98,11 +99,21 @@ class WireGuard(Protocol):
 
 
 class PodLinks(Protocol):
+    """``netns_fd``: the pod namespace, already opened and validated by the
+    caller (``Dataplane.open_pod_netns``); None: validate ``netns_path`` here."""
+
     def setup_pod_link(
-        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
     ) -> PodInterface: ...  # veth pair, pod side configured, host side up; rolls back on failure
     def teardown_pod_link(self, *, host_veth: str) -> None: ...
-    def inspect_pod(self, *, netns_path: str, ifname: str) -> PodView | None: ...
+    def inspect_pod(self, *, netns_path: str, ifname: str, netns_fd: int | None = None) -> PodView | None: ...
+
+
+class Conntrack(Protocol):
+    """The node namespace's connection tracking table."""
+
+    def flush_address(self, ip: IPv4Address) -> int: ...  # entries whose original tuple names ip; returns how many
 
 
 class Dataplane(Protocol):
@@ -112,17 +123,21 @@ class Dataplane(Protocol):
     def policy_table(self) -> PolicyTable: ...  # the node's NetworkPolicy table
 
     def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo: ...
+    def open_pod_netns(self, path: str) -> AbstractContextManager[int | None]: ...  # validated fd, in the caller's thread
     def reconcile(self, state: NodeState) -> ReconcileReport: ...
     def ensure_peer(self, state: NodeState, peer: Peer) -> None: ...
     def delete_peer(self, state: NodeState, peer: Peer) -> None: ...
     def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
     ) -> PodInterface: ...
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None: ...
     def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        netns_fd: int | None = None,
     ) -> list[str]: ...
     def list_pod_veths(self) -> list[str]: ...
     def wireguard_device(self) -> WgDevice | None: ...
     def delete_pod_veth(self, host_veth: str) -> None: ...
+    def flush_conntrack(self, ip: IPv4Address) -> int: ...  # a released pod address's flows
     def close(self) -> None: ...

@@ -13,6 +13,7 @@ from typing import Any
 from etcd3gw import exceptions as gw_exc
 from etcd3gw.client import Etcd3Client
 
+from .. import deadline
 from ..errors import DatastoreAuthError, DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
 from ._etcd_wire import _read_stream, auth_problem, tls_problem
 from .tls import EtcdCredentials, TLSFiles, TLSGeneration
@@ -158,6 +159,10 @@ class Transport:
         client = clients.by_index.get(index)
         if client is None:
             client = clients.by_index[index] = self._new_client(index, clients.gen)
+        left = deadline.remaining(REQUEST_TIMEOUT) or 0.0  # a request's deadline (CNI ADD) cuts the timeouts
+        if left <= 0:
+            raise _Retry("the request's deadline passed")
+        client.timeout = (min(CONNECT_TIMEOUT, left), left)  # type: ignore[assignment]  # requests takes (connect, read)
         self.round_trips += 1
         try:
             return client.post(client.get_url(path), json=payload, headers=self._headers() if auth else {})
@@ -211,7 +216,7 @@ class Transport:
             self._checkin(clients)
 
     def _post_with(self, clients: _Clients, path: str, payload: dict[str, Any], *, auth: bool = True) -> dict[str, Any]:
-        deadline = time.monotonic() + RETRY_WINDOW
+        until = time.monotonic() + (deadline.remaining(RETRY_WINDOW) or 0.0)
         last = ""
         tls_failure = ""
         while True:
@@ -238,7 +243,7 @@ class Transport:
                 return result
             if refused_all and tls_failure:
                 raise DatastoreAuthError(f"etcd datastore {self.url}: TLS handshake failed ({tls_failure})")
-            if refused_all or time.monotonic() >= deadline:
+            if refused_all or time.monotonic() >= until:
                 raise DatastoreUnavailable(
                     f"etcd datastore {self.url} is unreachable ({last})",
                     details="check that etcd runs and listens on the given host:port"

@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 
+from .. import deadline
 from ..errors import DatastoreUnavailable, NotFound
 from .base import prefix_end
 
@@ -126,6 +127,12 @@ class _Writer:
         return True
 
 
+def busy_wait() -> float:
+    """Seconds a writer may wait for the lock: the busy timeout, cut to the
+    request's deadline (``overlaycni.deadline``) when one is set."""
+    return deadline.remaining(BUSY_TIMEOUT_MS / 1000) or 0.0
+
+
 class WriteLock:
     """Hold this process's write lock, then the lock file's flock (polled with a
     short backoff up to the busy timeout)."""
@@ -135,8 +142,9 @@ class WriteLock:
 
     def __enter__(self) -> None:
         start = time.monotonic()
-        deadline = start + BUSY_TIMEOUT_MS / 1000
-        if not self.lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+        wait = busy_wait()  # the busy timeout, or less: what is left of the caller's request deadline
+        deadline = start + wait
+        if not self.lock.acquire(timeout=wait):
             raise DatastoreUnavailable(f"sqlite datastore {self.path} is busy (write lock held too long)")
         delay = 0.00005
         tries = 0

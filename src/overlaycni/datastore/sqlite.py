@@ -11,6 +11,9 @@ Design note.
   compare-and-swap reads and writes under one write lock. ``synchronous =
   NORMAL``: a crashed process loses nothing committed (power loss may drop
   the last transactions, never corrupts).
+* Waits for a lock never outlast the caller's request deadline
+  (``overlaycni.deadline``, e.g. a CNI ADD's 3 s): the flock poll and
+  SQLite's busy timeout are cut to what is left of it.
 * Writers queue on a lock file (``<db>.lock``, ``flock``, polled with a
   short backoff up to the busy timeout) before ``BEGIN IMMEDIATE``: SQLite's
   own busy handler sleeps up to 100 ms between tries, which under eight
@@ -44,7 +47,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
-from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer
+from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer, busy_wait
 from .base import KV, ClosingMixin, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
@@ -148,6 +151,8 @@ class SQLiteStore(TransactMixin, ClosingMixin):
     def _write(self, fn):
         self.round_trips += 1
         with self._connection() as conn, WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
+            # another process may hold SQLite's own lock (not our flock): wait no longer than the deadline
+            conn.execute(f"PRAGMA busy_timeout = {max(1, int(busy_wait() * 1000))}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 w = _Writer(conn)

@@ -13,7 +13,7 @@ from .check import CheckReport, Problem, check
 from .clusters import create_cluster, delete_cluster, expand_pod_cidr, get_cluster, list_clusters
 from .model import Allocation, NodeRecord, parse_pod
 from .nodes import delete_node, get_node, list_blocks, list_nodes, register_node
-from .pods import allocate, gc, get_allocation, list_allocations, release
+from .pods import allocate, gc, get_allocation, list_allocations, release, reserve
 from .records import BlockClaim, decode_allocation, decode_block, decode_cluster, decode_node
 
 node_from_kv = decode_node  # the old name (callers outside ipam may still use it)
@@ -47,4 +47,5 @@ __all__ = [
     "parse_pod",
     "register_node",
     "release",
+    "reserve",
 ]

@@ -64,6 +64,22 @@ def allocate(
 ) -> Allocation:
     """An address from ``node``'s block for (container_id, ifname); the same
     one again when that attachment already has one."""
+    return reserve(store, cluster, node, container_id, ifname, pod=pod, requested_ip=requested_ip)[0]
+
+
+def reserve(
+    store: Store,
+    cluster: str,
+    node: str,
+    container_id: str,
+    ifname: str,
+    *,
+    pod: tuple[str, str] | None = None,
+    requested_ip: IPv4Address | None = None,
+) -> tuple[Allocation, bool]:
+    """``allocate``, and whether this call made the allocation (True) or
+    found the attachment's existing one (False): only the first may be
+    released when the caller's later steps fail."""
     check_name("cluster", cluster)
     check_name("node", node)
     check_container_id(container_id)
@@ -89,7 +105,7 @@ def allocate(
                     f"not on {node!r}; release it first"
                 )
             if claim is not None:
-                return held
+                return held, False
         if claim is None:
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
@@ -140,7 +156,7 @@ def allocate(
         )
         if result.succeeded:
             log.debug("allocated %s to %s %s on %s (attempt %d)", ip, container_id, ifname, node, attempt + 1)
-            return _allocation(node, ip, block, container_id, ifname, pod)
+            return _allocation(node, ip, block, container_id, ifname, pod), True
         snap = result.snapshot()
     raise Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
 
@@ -162,9 +178,12 @@ def get_allocation(store: Store, cluster: str, container_id: str, ifname: str) -
     return decode_allocation(handle)
 
 
-def release(store: Store, cluster: str, container_id: str, ifname: str) -> Allocation | None:
+def release(
+    store: Store, cluster: str, container_id: str, ifname: str, *, node: str | None = None
+) -> Allocation | None:
     """Release the attachment's address; returns what was released (None when
-    there was nothing). Idempotent."""
+    there was nothing). Idempotent. With ``node``, only an allocation on that
+    node is released (one held on another node is left alone: None)."""
     check_name("cluster", cluster)
     check_container_id(container_id)
     check_ifname(ifname)
@@ -172,11 +191,16 @@ def release(store: Store, cluster: str, container_id: str, ifname: str) -> Alloc
     snap = store.read([h_k, config_key(cluster)])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
+    owner = node
     for _ in range(_ATTEMPTS):
         handle = snap.get(h_k)
         if handle is None:
             return None
         held = decode_allocation(handle)
+        if owner is not None and held.node != owner:
+            log.debug("not releasing %s of %s %s: it is held on node %s, not %s", held.ip.ip, container_id, ifname,
+                      held.node, owner)
+            return None
         node, ip = held.node, held.ip.ip
         i_k = ip_key(cluster, node, ip)
         # the address key was written in the handle's transaction: same revision

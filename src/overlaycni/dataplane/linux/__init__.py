@@ -8,7 +8,12 @@ libnftables context for both nftables tables (the node table and the
 NetworkPolicy table, ``policy_table``). Every facade call is handed to that thread, so the
 handles are used by one thread only (pyroute2 0.9 sockets are per thread,
 libnftables contexts are not thread safe) and concurrent CNI requests are
-serialised in arrival order. A fresh process adopts whatever the kernel
+serialised in arrival order. Two calls run on the caller's own thread,
+because they must never wait behind (or hold up) the queue:
+``open_pod_netns`` (the CNI_NETNS checks of ``netnscheck``, against the
+namespaces the worker saw at start) and ``flush_conntrack`` (a raw
+ctnetlink socket the worker opened in the node namespace; conntrack dumps
+walk the kernel's whole hash, see ``conntrack``). A fresh process adopts whatever the kernel
 holds: it owns objects by name/protocol/label (``ocni.vxlan``, ``oc*``
 veths, proto 119 routes, ``lo:ocni``, ``table ip overlaycni``) rather than
 by remembering them.
@@ -23,8 +28,11 @@ pausing longer each time it dies again within a minute.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +43,10 @@ from .. import nftmodel, policytable, ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
 from ..wgmodel import WgDevice
+from .conntrack import LinuxConntrack
 from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
-from .netns import NetnsWorker
+from .netns import NetnsWorker, forbidden_namespaces
+from .netnscheck import open_pod_netns
 from .nft import LinuxNft, NftRunner
 from .objects import LinuxFdb, LinuxNeighbours, LinuxRoutes
 from .pods import LinuxPodLinks
@@ -101,6 +111,9 @@ class LinuxDataplane:
             self._ports, self._handles = self._worker.call(
                 lambda: linux_ports(use_nft_library=use_nft_library, wireguard=wireguard, watcher=self._watcher)
             )
+            self._forbidden = self._worker.call(forbidden_namespaces)
+            self._conntrack = self._worker.call(LinuxConntrack)
+            self._handles.append(self._conntrack)
         except BaseException:
             self._watcher.close()
             self._worker.close()
@@ -139,6 +152,16 @@ class LinuxDataplane:
     def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo:
         return self._worker.call(lambda: self._engine.node_info(node_ip, backend=backend, mtu=mtu))
 
+    @contextmanager
+    def open_pod_netns(self, path: str) -> Iterator[int | None]:
+        """CNI_NETNS validated and opened (``netnscheck``) in the caller's
+        thread; the descriptor is valid for the body (``netns_fd=``)."""
+        fd = open_pod_netns(path, forbidden=self._forbidden)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def reconcile(self, state: NodeState) -> ReconcileReport:
         return self._worker.call(lambda: self._engine.reconcile(state))
 
@@ -149,19 +172,22 @@ class LinuxDataplane:
         self._worker.call(lambda: self._engine.delete_peer(state, peer))
 
     def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
     ) -> PodInterface:
         return self._worker.call(lambda: self._engine.attach_pod(
-            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu))
+            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu,
+            netns_fd=netns_fd))
 
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
         self._worker.call(lambda: self._engine.detach_pod(container_id=container_id, ifname=ifname, netns_path=netns_path))
 
     def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        netns_fd: int | None = None,
     ) -> list[str]:
         return self._worker.call(lambda: self._engine.check_pod(
-            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway))
+            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, netns_fd=netns_fd))
 
     def wireguard_device(self) -> WgDevice | None:
         return self._worker.call(self._engine.wireguard_device)
@@ -171,6 +197,9 @@ class LinuxDataplane:
 
     def delete_pod_veth(self, host_veth: str) -> None:
         self._worker.call(lambda: self._engine.delete_pod_veth(host_veth))
+
+    def flush_conntrack(self, ip: IPv4Address) -> int:
+        return self._conntrack.flush_address(ip)  # the caller's thread: see the design note
 
     def close(self) -> None:
         if self._closed:
@@ -204,4 +233,5 @@ if TYPE_CHECKING:  # mypy proves that each Linux adapter implements its port
     _policy_table: type[ports.PolicyTable] = WorkerPolicyTable
     _sysctls: type[ports.Sysctls] = LinuxSysctls
     _pods: type[ports.PodLinks] = LinuxPodLinks
+    _conntrack: type[ports.Conntrack] = LinuxConntrack
     _dataplane: type[ports.Dataplane] = LinuxDataplane

@@ -12,8 +12,18 @@ calls of a multithreaded agent without locks in the adapters.
 
 A pod's namespace is entered only for the few calls that configure the pod
 side: ``pod_netns()`` switches the worker thread, yields, and switches back
-(even on error). Rejected: a long-lived thread per pod namespace (one thread
-per pod), and ``ip netns exec`` (a fork per call).
+(even on error). The agent hands it a descriptor it has already validated
+(``netnscheck.open_pod_netns``, in the request's own thread), so no path
+chosen by a caller is ever opened on the worker: a FIFO or a device cannot
+stall it. Rejected: a long-lived thread per pod namespace (one thread per
+pod), and ``ip netns exec`` (a fork per call).
+
+Deadlines: ``call`` waits at most what is left of the caller's request
+deadline (``overlaycni.deadline``) and then raises ``DeadlineExceeded``;
+the work itself stays queued and runs in order (a thread cannot be
+interrupted, and cancelling would make "did it run?" a guess). Because the
+queue is first in, first out, a rollback the caller queues next always runs
+after it.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TypeVar
 
-from ...errors import DataplaneError, NetnsNotFound, PermissionDenied
+from ... import deadline
+from ...errors import DataplaneError, DeadlineExceeded, NetnsNotFound, PermissionDenied
+from .netnscheck import Identity, namespace_identity, open_pod_netns
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
@@ -64,12 +76,28 @@ def _setns(fd: int, what: str) -> None:
         raise DataplaneError(f"setns into {what} failed: {os.strerror(err)}")
 
 
+def forbidden_namespaces() -> dict[Identity, str]:
+    """The namespaces a pod never gets, as the calling thread sees them: its
+    own (the node's, for the worker), the process's and the host's initial one."""
+    out: dict[Identity, str] = {}
+    for path, why in (
+        ("/proc/1/ns/net", "the host's initial network namespace"),
+        ("/proc/self/ns/net", "the agent's own network namespace"),
+        ("/proc/thread-self/ns/net", "the node's network namespace (where the agent programs the node)"),
+    ):
+        ident = namespace_identity(path)
+        if ident is not None:
+            out[ident] = why
+    return out
+
+
 @contextmanager
-def pod_netns(path: str) -> Iterator[int]:
-    """Run the body with the calling thread inside the namespace at ``path``.
+def pod_netns(path: str, *, fd: int | None = None, forbidden: dict[Identity, str] | None = None) -> Iterator[int]:
+    """Run the body with the calling thread inside a pod's namespace: ``fd``
+    (already validated, stays open) or else ``path``, validated here.
 
     Yields the namespace's fd (valid for the body only)."""
-    target = open_netns(path)
+    target = fd if fd is not None else open_pod_netns(path, forbidden=forbidden or forbidden_namespaces())
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target, path)
@@ -79,7 +107,8 @@ def pod_netns(path: str) -> Iterator[int]:
             _setns(home, "the node namespace")
     finally:
         os.close(home)
-        os.close(target)
+        if fd is None:
+            os.close(target)
 
 
 class NetnsWorker:
@@ -123,7 +152,15 @@ class NetnsWorker:
             raise DataplaneError("the data plane is closed")
         fut: Future = Future()
         self._jobs.put((fn, fut))
-        return fut.result()
+        try:
+            return fut.result(deadline.remaining())
+        except TimeoutError:
+            if fut.done():  # finished just now (or fn itself raised TimeoutError)
+                return fut.result()
+            raise DeadlineExceeded(
+                f"data plane of {self.netns or 'this namespace'}: kernel work did not finish before the request's "
+                "deadline (the worker is busy); it stays queued and runs in order"
+            ) from None
 
     def close(self) -> None:
         self._closed = True

@@ -12,7 +12,17 @@ node (done by the engine through the other ports): proxy_arp=1 on the host
 veth, ``<ip>/32 dev <host veth> scope link proto 119`` and the
 ``pod_endpoints`` element. Order: create the pair, configure the pod side,
 bring the host side up; any failure deletes the host veth, which takes the
-pod end with it, so nothing is left half-made.
+pod end with it, so nothing is left half-made. A host veth of that name that
+already exists belongs to a live attachment (a veth pair dies with its pod
+namespace): an ADD for the same (containerID, ifname) is then refused, with
+``InterfaceExists`` if the pod already has the interface, with
+``AttachmentConflict`` if it names another namespace; the first pod's veth
+is never touched (the agent removes a leftover only when no allocation
+accounts for it).
+
+The pod's namespace arrives as a descriptor the agent has validated
+(``netns_fd``, see ``netnscheck``); without one the path is validated here
+the same way, never opened blindly.
 
 The pod side is programmed over a pyroute2 socket opened while the worker
 thread is briefly inside the pod namespace (``netns.pod_netns``); about ten
@@ -30,10 +40,11 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...errors import DataplaneError, InterfaceExists
+from ...errors import AttachmentConflict, DataplaneError, InterfaceExists
 from ..model import PodInterface, PodView, Route
 from .links import get_link_msg, nl_error, to_link
-from .netns import open_netns, pod_netns
+from .netns import forbidden_namespaces, pod_netns
+from .netnscheck import Identity, open_pod_netns
 
 RT_SCOPE_LINK = 253
 # The pod keeps <ip>/<block prefix> but no connected <block> route: every
@@ -45,26 +56,31 @@ RT_SCOPE_LINK = 253
 IFA_F_NOPREFIXROUTE = 0x200
 
 
-def _pod_socket(netns_path: str) -> IPRoute:
-    with pod_netns(netns_path):
-        return IPRoute(groups=0)
-
-
 class LinuxPodLinks:
     def __init__(self, ipr: IPRoute) -> None:
+        """Built on the worker thread, inside the node namespace."""
         self.ipr = ipr  # node namespace
+        self.forbidden: dict[Identity, str] = forbidden_namespaces()
+
+    def _pod_socket(self, netns_path: str, netns_fd: int | None) -> IPRoute:
+        with pod_netns(netns_path, fd=netns_fd, forbidden=self.forbidden):
+            return IPRoute(groups=0)
 
     def setup_pod_link(
-        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int
+        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
     ) -> PodInterface:
-        nsfd = open_netns(netns_path)
+        nsfd = netns_fd if netns_fd is not None else open_pod_netns(netns_path, forbidden=self.forbidden)
         pod = None
         try:
-            pod = _pod_socket(netns_path)
+            pod = self._pod_socket(netns_path, nsfd)
             if get_link_msg(pod, ifname) is not None:
                 raise InterfaceExists(f"ifname: {ifname} already exists in {netns_path}")
-            if get_link_msg(self.ipr, host_veth) is not None:  # left over from an earlier, failed ADD
-                self.teardown_pod_link(host_veth=host_veth)
+            if get_link_msg(self.ipr, host_veth) is not None:
+                raise AttachmentConflict(
+                    f"CNI_NETNS {netns_path}: this container's {ifname} is already attached to another network "
+                    f"namespace (host veth {host_veth}); DEL it first"
+                )
             try:
                 self.ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu,
                               peer={"ifname": ifname, "net_ns_fd": nsfd, "mtu": mtu})
@@ -81,7 +97,8 @@ class LinuxPodLinks:
         finally:
             if pod is not None:
                 pod.close()
-            os.close(nsfd)
+            if netns_fd is None:
+                os.close(nsfd)
 
     def _configure(
         self, pod: IPRoute, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface,
@@ -111,9 +128,9 @@ class LinuxPodLinks:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
                 raise nl_error(f"veth {host_veth}", exc) from None
 
-    def inspect_pod(self, *, netns_path: str, ifname: str) -> PodView | None:
+    def inspect_pod(self, *, netns_path: str, ifname: str, netns_fd: int | None = None) -> PodView | None:
         try:
-            pod = _pod_socket(netns_path)
+            pod = self._pod_socket(netns_path, netns_fd)
         except DataplaneError:
             return None
         try:
