@@ -193,20 +193,26 @@ class CNIOps:
                 return attach()
 
     def _undo_add(self, req: CNIRequest, alloc: Allocation, *, release: bool, detach: bool) -> None:
-        """Best effort, on a budget of its own; what it cannot finish (the
-        datastore or the worker stalled) is left to the reaper or the DEL."""
+        """Best effort, on a budget of its own. The address is released only
+        once nothing can hold it any more; what cannot be finished now (the
+        datastore or the kernel stalled) is left to the reaper or the DEL."""
         with deadline.fresh(ROLLBACK_SECONDS):
             try:
                 if detach:
-                    with self._kernel():
-                        # if the worker is still busy with our attach, this is queued behind it
-                        self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns)
-                    self.dp.flush_conntrack(alloc.ip.ip)
+                    self._undo_attach(req, alloc)
                 if release:
                     ipam.release(self.store, self.ctx.cluster, req.container_id, req.ifname, node=self.node)
             except OverlayCNIError as exc:
                 log.warning("ADD %s %s: rollback incomplete (%s); the leak reaper or the runtime's DEL finishes it",
                             req.container_id, req.ifname, exc)
+
+    def _undo_attach(self, req: CNIRequest, alloc: Allocation) -> None:
+        with self._kernel():  # raises (and keeps the address) if a reconcile holds the kernel too long
+            try:
+                self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns)
+            except DeadlineExceeded:
+                pass  # still queued behind our attach on the worker, and runs before any later attach
+        self.dp.flush_conntrack(alloc.ip.ip)
 
     # ----- DEL ----------------------------------------------------------------
     def delete(self, req: CNIRequest) -> None:

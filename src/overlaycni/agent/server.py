@@ -14,7 +14,9 @@ input, with limits (``SocketLimits``):
   answered 11 ("try again later") at once and closed.
 * A request longer than ``max_request`` bytes is answered 7 (invalid
   network config: a permanent error, retrying cannot help) as soon as that
-  many bytes have arrived, then closed. The shim checks the same limit
+  many bytes have arrived; the rest is read and dropped until the client
+  closes (or ``read_timeout`` passes), so that the client sees the answer
+  and a clean end of file, not a reset. The shim checks the same limit
   before it sends.
 * JSON nested deeper than ``max_depth`` (or too deep for the decoder) is
   answered 6 (decode failure).
@@ -158,10 +160,11 @@ def claim_socket_path(path: str) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "deadline")
+    __slots__ = ("sock", "buf", "deadline", "draining")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock, self.buf, self.deadline = sock, bytearray(), deadline
+        self.draining = False  # answered already; what still arrives is dropped
 
 
 class CNISocketServer:
@@ -233,13 +236,17 @@ class CNISocketServer:
         except OSError:
             data = b""
             conn.buf.clear()
+        if conn.draining:
+            if not data:
+                self._drop(conn, None)
+            return
         if data:
             conn.buf += data
         newline = conn.buf.find(b"\n")
         line_len = newline if newline >= 0 else len(conn.buf)
         if line_len > self.limits.max_request:
-            self._drop(conn, _error(CNI_INVALID_CONFIG, f"request is larger than {self.limits.max_request} bytes",
-                                    "a network config is a few KiB; this one cannot be a valid request"))
+            self._refuse(conn, _error(CNI_INVALID_CONFIG, f"request is larger than {self.limits.max_request} bytes",
+                                      "a network config is a few KiB; this one cannot be a valid request"))
             return
         if newline < 0 and data:
             return  # more to come
@@ -256,7 +263,7 @@ class CNISocketServer:
         now = time.monotonic()
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
             answer = None
-            if conn.buf.strip():
+            if conn.buf.strip() and not conn.draining:
                 answer = _error(CNI_DECODE_FAILURE, f"request incomplete after {self.limits.read_timeout:.1f} s")
             self._drop(conn, answer)
 
@@ -271,6 +278,18 @@ class CNISocketServer:
             self._reply_now(conn.sock, answer)
         else:
             conn.sock.close()
+
+    def _refuse(self, conn: _Conn, answer: dict[str, Any]) -> None:
+        """Answer now, then drop whatever else the client sends until it closes."""
+        try:
+            conn.sock.send(json.dumps(answer).encode() + b"\n")
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(conn, None)
+            return
+        conn.buf = bytearray()
+        conn.draining = True
+        conn.deadline = time.monotonic() + self.limits.read_timeout
 
     @staticmethod
     def _reply_now(sock: socket.socket, answer: dict[str, Any]) -> None:

@@ -64,6 +64,11 @@ def agent(
         WireGuardMode,
         typer.Option("--wireguard-mode", help="Backend wireguard: kernel (module), userspace (wireguard-go), or auto."),
     ] = WireGuardMode.auto,
+    reap_interval: Annotated[float, typer.Option(
+        "--reap-interval", min=0,
+        help="Seconds between leak-reaper passes, which release addresses whose pod veth is gone (0: off).")] = 120.0,
+    reap_grace: Annotated[float, typer.Option(
+        "--reap-grace", min=0, help="Seconds a pod's veth must stay gone before the reaper releases its address.")] = 60.0,
 ) -> None:
     """Run the node agent in the foreground (for systemd or a DaemonSet).
 
@@ -98,6 +103,8 @@ def agent(
         wireguard_key=wireguard_key,
         wireguard_socket_dir=wireguard_socket_dir,
         wireguard_mode=wireguard_mode.value,
+        reap_interval=reap_interval,
+        reap_grace=reap_grace,
     )
     raise typer.Exit(run_agent(opts))
 

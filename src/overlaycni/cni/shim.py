@@ -231,9 +231,15 @@ def call_agent(socket_path, request, *, connect_timeout=None, reply_timeout=None
                 sock.sendall(line)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the agent answered early (a refusal) and closed: its answer is still to be read
-            chunks, size = [], 0
+            chunks: list = []
+            size = 0
             while True:
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    if not chunks:
+                        raise
+                    break  # the agent closed before reading all we sent: its answer came first
                 if not data:
                     break
                 size += len(data)
