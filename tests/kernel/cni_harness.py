@@ -91,17 +91,17 @@ class Cluster:
                  *flags)
 
     # ----- nodes ---------------------------------------------------------------------
-    def add_node(self, name: str, ip: str) -> AgentProc:
+    def add_node(self, name: str, ip: str, *agent_flags: str) -> AgentProc:
         node = self.topo.add_node(name, f"{ip}/16")
-        return self.start_agent(name, node)
+        return self.start_agent(name, node, *agent_flags)
 
-    def start_agent(self, name: str, node: NodeNs) -> AgentProc:
+    def start_agent(self, name: str, node: NodeNs, *agent_flags: str) -> AgentProc:
         sock = str(self.workdir / f"{name}.sock")
         with open(self.workdir / f"{name}.log", "a") as log:  # the agent keeps its own copy of the fd
             proc = self.topo.spawn(
                 node.ns, OVERLAYCNI, "--datastore", self.store, "agent", "--cluster", "t", "--node", name,
                 "--node-ip", str(node.ip.ip), "--socket", sock, "--metrics-addr", "127.0.0.1:0",
-                "--lease-ttl", str(self.lease_ttl), "--resync-interval", "5",
+                "--lease-ttl", str(self.lease_ttl), "--resync-interval", "5", *agent_flags,
                 stdout=subprocess.PIPE, stderr=log, text=True,
             )
         line = proc.stdout.readline()
@@ -122,17 +122,20 @@ class Cluster:
                 "socket": self.agents[name].socket, **extra}
 
     # ----- plugins ---------------------------------------------------------------------
-    def plugin(self, node: str, command: str, pod_ns: str, conf: dict[str, Any], *, plugin: str | None = None,
-               cid: str | None = None, ifname: str = "eth0", timeout: float = 30) -> tuple[int, Any, float]:
-        """Run a plugin on ``node`` as a runtime would; returns (exit, stdout JSON, seconds)."""
+    def plugin(self, node: str, command: str, pod_ns: str, conf: dict[str, Any] | str, *, plugin: str | None = None,
+               cid: str | None = None, ifname: str = "eth0", timeout: float = 30, netns_path: str | None = None,
+               k8s_namespace: str = "default") -> tuple[int, Any, float]:
+        """Run a plugin on ``node`` as a runtime would; returns (exit, stdout JSON, seconds).
+        ``netns_path``: CNI_NETNS as given (default: the path of ``pod_ns``); ``conf``: a dict, or stdin as is."""
         binary = plugin or str(self.workdir / "bin/overlaycni")
         env = {"PATH": os.environ.get("PATH", ""), "CNI_COMMAND": command, "CNI_CONTAINERID": cid or pod_ns,
-               "CNI_NETNS": f"/var/run/netns/{pod_ns}", "CNI_IFNAME": ifname,
+               "CNI_NETNS": netns_path or f"/var/run/netns/{pod_ns}", "CNI_IFNAME": ifname,
                "CNI_PATH": f"{self.workdir}/bin:{REF_PLUGINS}",
-               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_ns}"}
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_namespace};K8S_POD_NAME={pod_ns}"}
         start = time.monotonic()
         p = subprocess.run(["nsenter", f"--net=/var/run/netns/{self.agents[node].node.ns}", binary],
-                           input=json.dumps(conf), env=env, capture_output=True, text=True, timeout=timeout)
+                           input=conf if isinstance(conf, str) else json.dumps(conf), env=env, capture_output=True,
+                           text=True, timeout=timeout)
         took = time.monotonic() - start
         out = json.loads(p.stdout) if p.stdout.strip() else None
         return p.returncode, out, took

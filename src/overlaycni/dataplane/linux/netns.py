@@ -80,10 +80,10 @@ def forbidden_namespaces() -> dict[Identity, str]:
     """The namespaces a pod never gets, as the calling thread sees them: its
     own (the node's, for the worker), the process's and the host's initial one."""
     out: dict[Identity, str] = {}
-    for path, why in (
+    for path, why in (  # the last of equal namespaces names it
+        ("/proc/thread-self/ns/net", "the node's network namespace, where the agent programs the node"),
+        ("/proc/self/ns/net", "the agent's own network namespace (the node itself)"),
         ("/proc/1/ns/net", "the host's initial network namespace"),
-        ("/proc/self/ns/net", "the agent's own network namespace"),
-        ("/proc/thread-self/ns/net", "the node's network namespace (where the agent programs the node)"),
     ):
         ident = namespace_identity(path)
         if ident is not None:
