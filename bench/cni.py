@@ -7,7 +7,12 @@ one per plugin, and one namespace per pod); both plugins are launched the same
 way (``nsenter --net=<node netns>``, as a runtime on that node would run
 them), with the config on stdin. The figure is the ratio ours / reference.
 
-    .venv/bin/python bench/cni.py [--pods 100] [--burst 50] [--shim auto|native|python]
+``--policy`` measures overlaycni once more with a NetworkPolicy in the
+cluster (deny-all ingress for the pods' namespace): an ADD then returns
+only after the node's policy table holds the new pod, and the ratio
+policy / no policy is the cost of that wait.
+
+    .venv/bin/python bench/cni.py [--pods 100] [--burst 50] [--shim auto|native|python] [--policy]
 """
 
 from __future__ import annotations
@@ -60,11 +65,12 @@ class Bench:
         return name
 
     def start_agent(self, node_ns: str, *, shim: str = "auto") -> dict:
-        store = f"sqlite://{self.tmp}/state.db"
+        store = self.store = f"sqlite://{self.tmp}/state.db"
         sh(OVERLAYCNI, "--datastore", store, "cluster", "create", "--name", "bench",
            "--network-plugin", "azure", "--network-plugin-mode", "overlay", "--pod-cidr", "10.244.0.0/16",
            "--service-cidr", "10.0.0.0/16", "--dns-service-ip", "10.0.0.10")
         self.sock = str(self.tmp / "agent.sock")
+        self.node_ns = node_ns
         with open(self.tmp / "agent.log", "w") as log:  # the agent keeps its own copy of the fd
             self.agent = subprocess.Popen(
                 ["ip", "netns", "exec", node_ns, OVERLAYCNI, "--datastore", store, "agent", "--cluster", "bench",
@@ -78,6 +84,19 @@ class Bench:
                        "--conf-dir", str(self.tmp / "net.d"), "--socket", self.sock, "--shim", shim, "--output", "json")
         self.shim = json.loads(installed.stdout)["shim"]
         return json.loads(line)
+
+    def deny_all(self) -> None:
+        """A deny-all ingress NetworkPolicy for the pods' namespace ("bench"); waits until the node has it."""
+        policy = self.tmp / "deny.yaml"
+        policy.write_text("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+                          "metadata: {name: deny-all, namespace: bench}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n")
+        sh(OVERLAYCNI, "--datastore", self.store, "policy", "apply", "-f", str(policy), "--cluster", "bench")
+        deadline = time.monotonic() + 30
+        while "in-ns-bench" not in sh("ip", "netns", "exec", self.node_ns, "nft", "list", "table", "inet", "overlaycni",
+                                      check=False).stdout:
+            if time.monotonic() > deadline:
+                raise SystemExit("the policy never reached the node")
+            time.sleep(0.1)
 
     def cleanup(self) -> None:
         if self.agent and self.agent.poll() is None:
@@ -130,6 +149,7 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=50)
     ap.add_argument("--shim", choices=("auto", "native", "python"), default="auto",
                     help="which build of our plugin to install (install-cni --shim)")
+    ap.add_argument("--policy", action="store_true", help="also measure overlaycni with a NetworkPolicy in the cluster")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/cni.py needs root (network namespaces)", file=sys.stderr)
@@ -147,6 +167,9 @@ def main() -> int:
                                              "dataDir": str(b.tmp / "host-local")}}
         ref = measure(b, ref_node, f"{REF_PATH}/bridge", ref_conf, pods, burst)
         ours = measure(b, ours_node, str(b.tmp / "bin/overlaycni"), ours_conf, pods, burst)
+        if args.policy:
+            b.deny_all()
+            policy = measure(b, ours_node, str(b.tmp / "bin/overlaycni"), ours_conf, pods, burst)
     finally:
         b.cleanup()
     print(f"CNI latency over {args.pods} pods, burst of {args.burst} concurrent ADDs, {b.shim} shim"
@@ -154,6 +177,11 @@ def main() -> int:
     print(f"{'metric':10} {'overlaycni':>11} {'bridge+host-local':>18} {'ratio':>7}")
     for k in ("add_p50", "add_p99", "del_p50", "del_p99", "burst"):
         print(f"{k:10} {ours[k]*1000:9.1f}ms {ref[k]*1000:16.1f}ms {ours[k]/ref[k]:7.2f}")
+    if args.policy:
+        print("\nwith a NetworkPolicy in the cluster (ADD waits for the pod's policy; ratio = policy / no policy)")
+        print(f"{'metric':10} {'policy':>11} {'no policy':>18} {'ratio':>7}")
+        for k in ("add_p50", "add_p99", "del_p50", "burst"):
+            print(f"{k:10} {policy[k]*1000:9.1f}ms {ours[k]*1000:16.1f}ms {policy[k]/ours[k]:7.2f}")
     return 0
 
 

@@ -250,3 +250,53 @@ def test_add_returns_only_after_the_pods_policy_is_programmed(c, tmp_path):
     assert connect_right_after_add(c, client, "npdenied", "np").startswith("failed")
     assert connect_right_after_add(c, client, "npopen2", "np-open") == "connected"  # control, with a policy in the cluster
     c.cli("policy", "delete", "np/deny-all", "--cluster", "t")
+
+
+# ----- the conntrack port on its own: both dump strategies ----------------------------------------
+
+NFT_CT = """table ip cttest {
+  chain in {
+    type filter hook input priority 0;
+    ct state new counter
+  }
+  chain out {
+    type filter hook output priority 0;
+    ct state new counter
+  }
+}
+"""  # a ct expression turns connection tracking on in the namespace
+
+
+@pytest.mark.parametrize("small_table", [1000, 0], ids=["one-unfiltered-walk", "two-filtered-walks"])
+def test_conntrack_flush_address_both_ways(monkeypatch, small_table):
+    from ipaddress import IPv4Address
+
+    from overlaycni.dataplane.linux import conntrack
+    from overlaycni.dataplane.linux.netns import NetnsWorker
+
+    monkeypatch.setattr(conntrack, "SMALL_TABLE", small_table)
+    with Topology() as topo:
+        r = os.path.basename(topo.add_netns("ctr"))
+        h = os.path.basename(topo.add_netns("cth"))
+        run("ip", "-n", r, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", h)
+        run("ip", "-n", r, "addr", "add", "10.9.0.1/24", "dev", "v0")
+        run("ip", "-n", r, "link", "set", "v0", "up")
+        for addr in ("10.9.0.2/24", "10.9.0.3/24"):
+            run("ip", "-n", h, "addr", "add", addr, "dev", "v1")
+        run("ip", "-n", h, "link", "set", "v1", "up")
+        subprocess.run(["ip", "netns", "exec", r, "nft", "-f", "-"], input=NFT_CT, text=True, check=True)
+        assert topo.ping(h, "10.9.0.1")  # 10.9.0.2 -> r: r's table names 10.9.0.2 as source
+        assert topo.ping(r, "10.9.0.2")  # r -> 10.9.0.2: as destination
+        assert topo.exec(h, "ping", "-c1", "-W2", "-I", "10.9.0.3", "10.9.0.1", check=False).returncode == 0
+        worker = NetnsWorker(r)
+        try:
+            ct = worker.call(conntrack.LinuxConntrack)
+            listed = run("ip", "netns", "exec", r, "conntrack", "-L").stdout
+            assert len(names(listed.splitlines(), "10.9.0.2")) == 2 and names(listed.splitlines(), "10.9.0.3")
+            assert ct.flush_address(IPv4Address("10.9.0.2")) == 2
+            listed = run("ip", "netns", "exec", r, "conntrack", "-L").stdout.splitlines()
+            assert names(listed, "10.9.0.2") == [] and names(listed, "10.9.0.3")  # control: the other one stays
+            assert ct.flush_address(IPv4Address("10.9.0.2")) == 0
+            worker.call(ct.close)
+        finally:
+            worker.close()

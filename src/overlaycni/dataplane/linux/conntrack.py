@@ -8,18 +8,21 @@ NAT binding sends them to the wrong place). Entries live in the namespace
 whose hooks saw the packets: for a pod, its node's namespace, where every
 one of its packets is forwarded. ``flush_address(ip)`` removes every entry
 whose original tuple has ``ip`` as source (the pod's own connections, SNATed
-or not) or destination (connections to the pod), in two dumps filtered by
-the kernel (``CTA_FILTER``, Linux 5.8+) and one batch of deletes by
-original tuple; each dumped entry is checked again here, so a kernel that
-ignores the filter costs time, never a wrong delete. An entry that expired
-meanwhile (``ENOENT``) counts as gone.
+or not) or destination (connections to the pod), then deletes each by its
+original tuple (and zone). An entry that expired meanwhile (``ENOENT``)
+counts as gone.
 
 Cost: a conntrack dump walks the kernel's whole conntrack hash, which is
-shared by every namespace (``nf_conntrack_buckets``, 262,144 here): ~10 ms
-per dump whatever the namespace holds, plus ~20 us per matching entry. So
-the socket is opened in the node namespace by the data plane's worker and
-then used on the caller's thread (under this adapter's lock): a DEL's flush
-never holds up the ADDs queued on the worker. Rejected: the ``conntrack``
+shared by every namespace (``nf_conntrack_buckets``, 262,144 here): 10-20 ms
+per dump whatever the namespace holds. So the number of walks follows the
+namespace's own entry count (``nf_conntrack_count``, a per-namespace file
+kept open from the node namespace): none when it is 0; one unfiltered dump,
+filtered here, up to ``SMALL_TABLE`` entries; otherwise two dumps filtered
+by the kernel (``CTA_FILTER``, Linux 5.8+: source, then destination), each
+entry checked again here, so a kernel that ignores the filter costs time,
+never a wrong delete. The socket is opened in the node namespace by the
+data plane's worker and then used on the caller's thread (under this
+adapter's lock): a DEL's flush never holds up the ADDs queued on the worker. Rejected: the ``conntrack``
 binary (a fork per DEL, and the same dumps), pyroute2's ``NFCTSocket``
 (the same netlink messages at ~3x the cost through its asyncio loop), and a
 filtered kernel flush (``IPCTNL_MSG_CT_DELETE`` without a tuple accepts only
@@ -29,6 +32,7 @@ mark/zone filters, not addresses).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import threading
@@ -50,6 +54,8 @@ FILTER_IP_SRC, FILTER_IP_DST = 1 << 0, 1 << 1
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, 0)
 NO_CONNTRACK = (errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT)
 TIMEOUT = 10.0  # a dump of a very large table; never a hang
+SMALL_TABLE = 1000  # entries: one unfiltered walk (parsed here) is cheaper than a second walk
+COUNT_FILE = "/proc/sys/net/netfilter/nf_conntrack_count"  # per namespace (of the opener)
 
 
 def _nested(kind: int, *children: bytes) -> bytes:
@@ -69,8 +75,14 @@ class LinuxConntrack:
     """One kept-open NETLINK_NETFILTER socket in the namespace it was created in."""
 
     def __init__(self) -> None:
+        """Call it inside the namespace whose table it flushes."""
         self._lock = threading.Lock()
         self.seq = 0
+        self._count_fd: int | None = None
+        try:
+            self._count_fd = os.open(COUNT_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # conntrack not loaded (yet): the count is unknown, the flush walks twice
         self.sock: socket.socket | None
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
@@ -87,6 +99,17 @@ class LinuxConntrack:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
+        if self._count_fd is not None:
+            os.close(self._count_fd)
+
+    def count(self) -> int | None:
+        """Entries in the namespace's table (None: unknown)."""
+        if self._count_fd is None:
+            return None
+        try:
+            return int(os.pread(self._count_fd, 32, 0))
+        except (OSError, ValueError):
+            return None
 
     def _header(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
         self.seq = (self.seq + 1) & 0x7FFFFFFF
@@ -118,11 +141,14 @@ class LinuxConntrack:
                 yield msg_type, body[NFGENMSG.size :]
 
     def _dump(self, ip: IPv4Address, flag: int) -> list[bytes]:
-        """CTA_TUPLE_ORIG payloads (and zone attributes) of the entries whose
-        original source (``FILTER_IP_SRC``) or destination is ``ip``."""
-        field = CTA_IP_V4_SRC if flag == FILTER_IP_SRC else CTA_IP_V4_DST
-        body = _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, _attr(field, ip.packed)))
-        body += _nested(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
+        """The delete keys (original tuple, zone) of the entries whose original
+        source (``FILTER_IP_SRC``), destination (``FILTER_IP_DST``) or either
+        (0: an unfiltered dump) is ``ip``."""
+        body = b""
+        if flag:
+            field = CTA_IP_V4_SRC if flag == FILTER_IP_SRC else CTA_IP_V4_DST
+            body = _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, _attr(field, ip.packed)))
+            body += _nested(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
         seq, msg = self._header(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, body)
         assert self.sock is not None
         self.sock.sendall(msg)
@@ -133,8 +159,8 @@ class LinuxConntrack:
             if orig is None:
                 continue
             src, dst = _addresses(orig)
-            if (src if flag == FILTER_IP_SRC else dst) != ip.packed:
-                continue  # the kernel did not filter (older than 5.8): check here
+            if not ((src == ip.packed and flag != FILTER_IP_DST) or (dst == ip.packed and flag != FILTER_IP_SRC)):
+                continue  # unfiltered, or a kernel that ignores the filter (older than 5.8)
             zone = attrs.get(CTA_ZONE)
             out.append(_nested(CTA_TUPLE_ORIG, orig) + (_attr(CTA_ZONE, zone) if zone is not None else b""))
         return out
@@ -156,10 +182,16 @@ class LinuxConntrack:
         """Delete every entry whose original tuple names ``ip``; the number deleted."""
         if self.sock is None:
             return 0
+        count = self.count()
+        if count == 0:
+            return 0
         with self._lock:
             try:
-                entries = dict.fromkeys(self._dump(ip, FILTER_IP_SRC) + self._dump(ip, FILTER_IP_DST))
-                return sum(self._delete(e) for e in entries)
+                if count is not None and count <= SMALL_TABLE:
+                    found = self._dump(ip, 0)
+                else:
+                    found = self._dump(ip, FILTER_IP_SRC) + self._dump(ip, FILTER_IP_DST)
+                return sum(self._delete(e) for e in dict.fromkeys(found))
             except TimeoutError:
                 raise DataplaneError(f"conntrack entries of {ip}: the kernel did not answer in {TIMEOUT:.0f} s") from None
             except OSError as exc:
