@@ -72,8 +72,8 @@ from ..ipam import Allocation, NodeRecord
 from .locks import AttachmentLocks
 
 log = logging.getLogger(__name__)
-REQUEST_DEADLINE = 3.0  # seconds; the shim waits 4.5 s for an answer
-ROLLBACK_SECONDS = 1.0  # what a failed ADD may spend undoing itself past its deadline
+REQUEST_DEADLINE = 3.5  # seconds; the shim waits 4.5 s for an answer
+ROLLBACK_SECONDS = 0.75  # what a failed ADD may spend undoing itself past its deadline (3.5 + 0.75 < 4.5)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class CNIOps:
             ours = fresh or host not in self.dp.list_pod_veths()
             try:
                 pod_if = self._attach(req, alloc, netns_fd, fresh=fresh)
-                if self.policy_programmed is not None:
+                if self.policy_programmed is not None and req.pod is not None:  # policies select Kubernetes pods only
                     self.policy_programmed()
             except BaseException as exc:
                 log.info("ADD %s %s failed (%s); undoing %s", req.container_id, req.ifname, exc,

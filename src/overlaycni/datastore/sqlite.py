@@ -12,7 +12,7 @@ Design note.
   NORMAL``: a crashed process loses nothing committed (power loss may drop
   the last transactions, never corrupts).
 * Waits for a lock never outlast the caller's request deadline
-  (``overlaycni.deadline``, e.g. a CNI ADD's 3 s): the flock poll and
+  (``overlaycni.deadline``, e.g. a CNI ADD's 3.5 s): the flock poll and
   SQLite's busy timeout are cut to what is left of it.
 * Writers queue on a lock file (``<db>.lock``, ``flock``, polled with a
   short backoff up to the busy timeout) before ``BEGIN IMMEDIATE``: SQLite's
