@@ -198,12 +198,16 @@ class CNISocketServer:
     # ----- the accept/read loop ----------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for key, _ in self._sel.select(timeout=0.2):
-                if key.fileobj is self._listener:
-                    self._accept()
-                else:
-                    self._read(self._conns[key.fd])
-            self._expire()
+            try:
+                for key, _ in self._sel.select(timeout=0.2):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fd in self._conns:
+                        self._read(self._conns[key.fd])
+                self._expire()
+            except Exception:  # a bug must not end the accept loop: the node would stop serving
+                log.exception("CNI socket loop")
+                self._stop.wait(0.1)
 
     def _open(self) -> int:
         with self._count_lock:
