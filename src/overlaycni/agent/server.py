@@ -337,6 +337,9 @@ class CNISocketServer:
         except FileNotFoundError:
             pass
 
+    def server_close(self) -> None:
+        """socketserver's name, for callers written against it: ``shutdown`` already closed everything."""
+
 
 def serve_unix(path: str, handle: Handler, observe: Observer, limits: SocketLimits | None = None) -> CNISocketServer:
     """Bind ``path`` (refusing anything but a stale socket there) and serve in a thread."""
