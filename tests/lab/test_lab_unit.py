@@ -247,16 +247,21 @@ with open(log, "a") as fh:
         "ifname": os.environ["CNI_IFNAME"]}) + "\\n")
 if os.environ["CNI_COMMAND"] == "ADD":
     res = conf.get("prevResult") or {"cniVersion": conf["cniVersion"], "ips": [{"address": "10.244.1.7/24", "gateway": "10.244.1.1"}]}
-    if conf.get("fail"):
-        print(json.dumps({"cniVersion": "1.0.0", "code": 11, "msg": "try later"})); sys.exit(1)
+    failures = os.path.join(os.path.dirname(sys.argv[0]), "failures")
+    if conf.get("fail") and (conf.get("fail_times") is None or os.path.getsize(failures) < conf["fail_times"]):
+        open(failures, "a").write("x")
+        print(json.dumps({"cniVersion": "1.0.0", "code": conf["fail"], "msg": "try later"})); sys.exit(1)
     print(json.dumps(res))
 """
 
 
-def _conflist(tmp_path: Path, *, fail_second: bool = False) -> runtime.ConfList:
+def _conflist(tmp_path: Path, *, fail_code: int = 0, fail_times: int | None = None) -> runtime.ConfList:
     d = tmp_path / "net.d"
     d.mkdir()
-    doc = {"cniVersion": "1.0.0", "name": "testnet", "plugins": [{"type": "first"}, {"type": "second", "fail": fail_second}]}
+    second = {"type": "second", "fail": fail_code, "fail_times": fail_times}
+    doc = {"cniVersion": "1.0.0", "name": "testnet", "plugins": [{"type": "first"}, second]}
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "failures").write_text("")
     (d / "10-test.conflist").write_text(json.dumps(doc))
     return runtime.load_conflist(d)
 
@@ -283,17 +288,46 @@ def test_runtime_chain_add_and_del(tmp_path):
     assert "K8S_POD_NAMESPACE=ns1" in calls[0]["args"] and "K8S_POD_NAME=p1" in calls[0]["args"]
 
 
+ONE_TRY = [("first", "ADD"), ("second", "ADD"), ("second", "DEL"), ("first", "DEL")]
+
+
 def test_runtime_failure_undoes_and_carries_code(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for n in ("first", "second"):
         _plugin(bin_dir, n, RECORDER)
-    conf = _conflist(tmp_path, fail_second=True)
+    conf = _conflist(tmp_path, fail_code=7)
     att = runtime.Attachment(container_id="c1", netns=str(tmp_path))
     with pytest.raises(CNIError) as e:
         runtime.add(conf, att, cni_path=[str(bin_dir)])
-    assert e.value.cni_code == 11 and "try later" in e.value.message
-    assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == [("first", "ADD"), ("second", "ADD"), ("second", "DEL"), ("first", "DEL")]
+    assert e.value.cni_code == 7 and "try later" in e.value.message
+    assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == ONE_TRY  # a permanent error: no retry
+
+
+def test_runtime_retries_try_again_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime.time, "sleep", lambda _s: None)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for n in ("first", "second"):
+        _plugin(bin_dir, n, RECORDER)
+    conf = _conflist(tmp_path, fail_code=11, fail_times=2)
+    att = runtime.Attachment(container_id="c1", netns=str(tmp_path))
+    res = runtime.add(conf, att, cni_path=[str(bin_dir)])  # two "try again later", then success
+    assert res.ip == IPv4Interface("10.244.1.7/24")
+    assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == ONE_TRY * 2 + [("first", "ADD"), ("second", "ADD")]
+
+
+def test_runtime_gives_up_after_its_attempts(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime.time, "sleep", lambda _s: None)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for n in ("first", "second"):
+        _plugin(bin_dir, n, RECORDER)
+    conf = _conflist(tmp_path, fail_code=11)
+    with pytest.raises(CNIError) as e:
+        runtime.add(conf, runtime.Attachment(container_id="c1", netns=str(tmp_path)), cni_path=[str(bin_dir)])
+    assert e.value.cni_code == 11
+    assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == ONE_TRY * runtime.ADD_ATTEMPTS
 
 
 def test_runtime_missing_plugin_and_netns(tmp_path):

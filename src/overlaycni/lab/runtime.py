@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_interface
 from pathlib import Path
 from typing import Any
 
-from ..errors import CNI_INVALID_CONFIG, CNI_IO_FAILURE, CNIError, NetnsNotFound
+from ..errors import CNI_INVALID_CONFIG, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CNIError, NetnsNotFound
 
 NETNS_DIR = "/var/run/netns"
 
@@ -156,8 +157,26 @@ def parse_result(raw: dict[str, Any]) -> AddResult:
     return AddResult(ips=tuple(ips), gateway=gateway, raw=raw)  # type: ignore[arg-type]
 
 
+ADD_ATTEMPTS = 4  # kubelet, too, retries a sandbox whose network setup failed
+
+
 def add(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -> AddResult:
-    """CNI ADD through the whole chain; on a failure, DEL what was added."""
+    """CNI ADD through the whole chain; on a failure, DEL what was added.
+
+    A "try again later" answer (code 11: the agent's deadline passed, say on a
+    loaded machine) is retried a few times after the DEL, with a growing
+    pause, as kubelet retries a pod sandbox; every other error is final."""
+    for attempt in range(1, ADD_ATTEMPTS + 1):
+        try:
+            return _add_once(conflist, att, cni_path=cni_path)
+        except CNIError as exc:
+            if exc.cni_code != CNI_TRY_AGAIN_LATER or attempt == ADD_ATTEMPTS:
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _add_once(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -> AddResult:
     if not os.path.exists(att.netns):
         raise NetnsNotFound(f"pod network namespace {att.netns} does not exist")
     prev: dict[str, Any] | None = None
