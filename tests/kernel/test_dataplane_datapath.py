@@ -10,116 +10,22 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from overlaycni.dataplane.linux import LinuxDataplane
-from overlaycni.dataplane.model import NodeState, Peer, PodEndpoint, vtep_mac
-from tests.kernel.topology import Topology, ip_json, run
+from overlaycni.dataplane.model import Peer, vtep_mac
+from tests.kernel.datapath import B1, INTERNET, N1, N2, POD_A, POD_B, Cluster, capture, drop_count, two_node_cluster
+from tests.kernel.topology import ip_json, run
 
 pytestmark = pytest.mark.kernel
-
-POD_CIDR = IPv4Network("10.244.0.0/16")
-B1, B2 = IPv4Network("10.244.1.0/24"), IPv4Network("10.244.2.0/24")
-N1, N2 = IPv4Address("10.224.0.1"), IPv4Address("10.224.0.2")
-POD_A, POD_B = IPv4Interface("10.244.1.5/24"), IPv4Interface("10.244.2.5/24")
-INTERNET = "203.0.113.10"
-
-
-@dataclass
-class Cluster:
-    topo: Topology
-    backend: str
-    n1: str
-    n2: str
-    host: str
-    pa: str
-    pb: str
-    wire: str  # node 2's bridge port in the vnet namespace
-    d1: LinuxDataplane
-    d2: LinuxDataplane
-    s1: NodeState
-    s2: NodeState
-    pod_mtu: int
-
-
-def _state(me: IPv4Address, block: IPv4Network, peer: Peer, backend: str, pods: tuple[PodEndpoint, ...]) -> NodeState:
-    return NodeState(node_ip=me, block=block, pod_cidr=POD_CIDR, backend=backend, peers=(peer,), pods=pods)
 
 
 @pytest.fixture(scope="module", params=["vxlan", "direct"])
 def cluster(request):
-    backend = request.param
-    topo = Topology()
-    dps: list[LinuxDataplane] = []
-    try:
-        topo.add_underlay()
-        n1 = topo.add_node("n1", "10.224.0.1/16")
-        n2 = topo.add_node("n2", "10.224.0.2/16")
-        host = topo.add_host("ext", "10.224.0.200/16", extra=("203.0.113.10/24",))
-        for n in (n1, n2):
-            run("ip", "-n", n.ns, "route", "add", "203.0.113.0/24", "via", "10.224.0.200")
-        pa, pb = topo.add_netns("pa"), topo.add_netns("pb")
-        d1, d2 = LinuxDataplane(n1.ns), LinuxDataplane(n2.ns)
-        dps += [d1, d2]
-        p1 = Peer("n1", N1, B1, vtep_mac(N1))
-        p2 = Peer("n2", N2, B2, vtep_mac(N2))
-        mtu = d1.node_info(N1, backend=backend, mtu=None).pod_mtu
-        a = d1.attach_pod(container_id="ca", ifname="eth0", netns_path=pa, ip=POD_A, gateway=IPv4Address("10.244.1.1"), mtu=mtu)
-        b = d2.attach_pod(container_id="cb", ifname="eth0", netns_path=pb, ip=POD_B, gateway=IPv4Address("10.244.2.1"), mtu=mtu)
-        s1 = _state(N1, B1, p2, backend, (PodEndpoint(POD_A.ip, a.host_veth),))
-        s2 = _state(N2, B2, p1, backend, (PodEndpoint(POD_B.ip, b.host_veth),))
-        for d, s in ((d1, s1), (d2, s2)):
-            report = d.reconcile(s)
-            assert report.errors == []
-        yield Cluster(topo, backend, n1.ns, n2.ns, host.ns, topo.ns_name("pa"), topo.ns_name("pb"), n2.port, d1, d2, s1, s2, mtu)
-    finally:
-        for d in dps:
-            d.close()
-        topo.cleanup()
-
-
-def capture(topo: Topology, ns: str, *, iface: str, bpf: str, action, expect: int | None = 1,  # type: ignore[no-untyped-def]
-            verbose: bool = False) -> str:
-    """Run ``action()`` while tcpdump listens on ``iface`` in ``ns``; returns the decoded packets.
-
-    With ``expect``, tcpdump stops by itself after that many packets (so a busy machine
-    cannot make it miss them); with ``expect=None`` (checking that nothing passes) it
-    listens for a second after the action."""
-    with tempfile.TemporaryDirectory() as tmp:
-        pcap = os.path.join(tmp, "cap.pcap")
-        count = ["-c", str(expect)] if expect else []
-        proc = topo.spawn(ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", *count, "-w", pcap, bpf,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        line = proc.stderr.readline()  # "listening on ..." once the capture is live
-        assert "listening" in line, line
-        try:
-            for _ in range(3 if expect else 1):  # repeated while nothing was seen (shared ARP table, see topology.ping)
-                action()
-                try:
-                    proc.wait(timeout=3 if expect else 1)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=10)
-        return run("tcpdump", "-n", *(["-v"] if verbose else []), "-r", pcap).stdout
-
-
-def nft_counter(ns: str, chain: str, needle: str) -> int:
-    """Packets counted by the rule in ``ip overlaycni``/``chain`` whose JSON contains ``needle``."""
-    doc = json.loads(run("ip", "netns", "exec", ns, "nft", "-j", "list", "chain", "ip", "overlaycni", chain).stdout)
-    for item in doc["nftables"]:
-        rule = item.get("rule")
-        if rule and needle in json.dumps(rule["expr"]):
-            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-    raise AssertionError(f"no rule with {needle} in {chain}")
+    with two_node_cluster(request.param) as c:
+        yield c
 
 
 def test_pod_to_pod_across_nodes(cluster: Cluster):
@@ -181,12 +87,12 @@ def test_spoofed_pod_source_is_dropped(cluster: Cluster):
     spoof = "10.244.1.99"
     run("ip", "-n", cluster.pa, "addr", "add", f"{spoof}/32", "dev", "eth0")
     try:
-        before = nft_counter(cluster.n1, "prerouting", "pod_endpoints")
+        before = drop_count(cluster.n1, "pod_source_spoofed")
         spoofed_ping = lambda: cluster.topo.exec(  # noqa: E731
             cluster.pa, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-I", spoof, str(POD_B.ip), check=False)
         out = capture(cluster.topo, cluster.pb, iface="eth0", bpf="icmp", action=spoofed_ping, expect=None)
         assert spoof not in out, out
-        assert nft_counter(cluster.n1, "prerouting", "pod_endpoints") >= before + 2
+        assert drop_count(cluster.n1, "pod_source_spoofed") >= before + 2
         assert cluster.topo.ping(cluster.pa, str(POD_B.ip))  # the real source still passes
     finally:
         run("ip", "-n", cluster.pa, "addr", "del", f"{spoof}/32", "dev", "eth0")
@@ -207,28 +113,29 @@ def test_vxlan_from_a_non_node_is_dropped(cluster: Cluster):
     n1_mac = ip_json(cluster.n1, "link", "show", "eth0")[0]["address"]  # pinned: no dependence on underlay ARP
     run("ip", "-n", h, "neigh", "replace", str(N1), "lladdr", n1_mac, "dev", "eth0", "nud", "permanent")
     inject = lambda: cluster.topo.ping(h, str(POD_A.ip), count=2, wait=1, attempts=1)  # noqa: E731
+    evil_mac = ip_json(h, "link", "show", "evil")[0]["address"]
     try:
-        before = nft_counter(cluster.n1, "input", "node_ips")
+        before = drop_count(cluster.n1, "vxlan_unknown_node")
         out = capture(cluster.topo, cluster.pa, iface="eth0", bpf="icmp and host 10.244.9.1", action=inject, expect=None)
         assert "10.244.9.1" not in out, out
-        assert nft_counter(cluster.n1, "input", "node_ips") >= before + 2
-        # Control: once 10.224.0.200 counts as a node, the very same injection reaches the pod.
-        cluster.topo.exec(cluster.n1, "nft", "add", "element", "ip", "overlaycni", "node_ips", "{ 10.224.0.200 }")
+        assert drop_count(cluster.n1, "vxlan_unknown_node") >= before + 2
+        # Control: once 10.224.0.200 is a node owning 10.244.9.0/24, the very same injection reaches the pod.
+        evil = Peer("evil", IPv4Address("10.224.0.200"), IPv4Network("10.244.9.0/24"), evil_mac)
+        assert cluster.d1.reconcile(replace(cluster.s1, peers=(*cluster.s1.peers, evil))).errors == []
         out = capture(cluster.topo, cluster.pa, iface="eth0", bpf="icmp and host 10.244.9.1", action=inject)
         assert f"10.244.9.1 > {POD_A.ip}: ICMP echo request" in out, out
     finally:
-        cluster.topo.exec(cluster.n1, "nft", "delete", "element", "ip", "overlaycni", "node_ips", "{ 10.224.0.200 }",
-                          check=False)
+        assert cluster.d1.reconcile(cluster.s1).errors == []
         run("ip", "-n", h, "neigh", "del", str(N1), "dev", "eth0", check=False)
         run("ip", "-n", h, "link", "del", "evil")
 
 
 def test_vxlan_sent_by_a_pod_is_dropped(cluster: Cluster):
-    before = nft_counter(cluster.n1, "input", "10.244.0.0")
+    before = drop_count(cluster.n1, "vxlan_from_pod")
     proc = subprocess.run(["ip", "netns", "exec", cluster.pa, "socat", "-u", "-", f"UDP:{N1}:4789"],
                           input=b"x" * 60, capture_output=True, timeout=10)
     assert proc.returncode == 0, proc.stderr
-    assert nft_counter(cluster.n1, "input", "10.244.0.0") >= before + 1
+    assert drop_count(cluster.n1, "vxlan_from_pod") >= before + 1
 
 
 def test_mtu_df_ping(cluster: Cluster):

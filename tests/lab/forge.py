@@ -1,14 +1,22 @@
-"""Forged packets for attack tests (stdlib only; run inside a lab's external host).
+"""Forged packets for attack tests (stdlib only; run inside a test's or lab's
+own namespace, e.g. the external host: ``ip netns exec NS python3 forge.py``).
 
-``python3 forge.py plain SRC DST ID``      an ICMP echo request from any source
-                                          (raw IP, routed by the sender's table)
-``python3 forge.py vxlan NODE SRC DST ID``  the same request wrapped in VXLAN
-                                          (VNI 4096) to NODE:4789
-``python3 forge.py udp NODE PORT SRC DST ID`` the bare IP packet as the payload
-                                          of a UDP datagram to NODE:PORT
+``plain SRC DST ID``                 an ICMP echo request from any source (raw
+                                     IP, routed by the sender's table)
+``vxlan NODE SRC DST ID [OUTER_SRC [INNER_DMAC]]``
+                                     the same request wrapped in VXLAN (VNI
+                                     4096) to NODE:4789; with OUTER_SRC the
+                                     outer IPv4 header is forged too (raw),
+                                     INNER_DMAC is the inner frame's
+                                     destination (the receiving VTEP's MAC)
+``udp NODE PORT SRC DST ID``         the bare IP packet as the payload of a
+                                     UDP datagram to NODE:PORT
+``arp IFACE OP SMAC SIP TIP``        one ARP frame (OP request or reply) sent
+                                     on IFACE: sender SMAC/SIP, target TIP,
+                                     to the broadcast MAC
 
-Each packet's ICMP identifier is ID, so a capture at the target can tell
-which one arrived.
+Each ICMP request carries ID as its identifier (and IP ID), so a capture at
+the target tells which one arrived. Every packet is sent three times.
 """
 
 from __future__ import annotations
@@ -17,49 +25,78 @@ import socket
 import struct
 import sys
 
+VNI = 4096
+VXLAN_PORT = 4789
+
 
 def checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
 
 
-def icmp_echo(ident: int) -> bytes:
-    payload = b"overlaycni-forged"
-    head = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-    return struct.pack("!BBHHH", 8, 0, checksum(head + payload), ident, 1) + payload
-
-
-def ip_packet(src: str, dst: str, ident: int) -> bytes:
-    body = icmp_echo(ident)
-    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), ident, 0, 64, socket.IPPROTO_ICMP, 0,
+def ipv4(src: str, dst: str, proto: int, body: bytes, ident: int) -> bytes:
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), ident & 0xFFFF, 0, 64, proto, 0,
                        socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
-    head = head[:10] + struct.pack("!H", checksum(head)) + head[12:]
-    return head + body
+    return head[:10] + struct.pack("!H", checksum(head)) + head[12:] + body
+
+
+def icmp_echo(src: str, dst: str, ident: int) -> bytes:
+    payload = b"overlaycni-forged"
+    head = struct.pack("!BBHHH", 8, 0, 0, ident & 0xFFFF, 1)
+    body = struct.pack("!BBHHH", 8, 0, checksum(head + payload), ident & 0xFFFF, 1) + payload
+    return ipv4(src, dst, socket.IPPROTO_ICMP, body, ident)
+
+
+def mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def vxlan_frame(inner: bytes, inner_dmac: str) -> bytes:
+    eth = mac(inner_dmac) + mac("02:00:00:00:00:02") + struct.pack("!H", 0x0800)
+    return struct.pack("!BBHI", 0x08, 0, 0, VNI << 8) + eth + inner
+
+
+def send_raw(packet: bytes, dst: str) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    for _ in range(3):
+        s.sendto(packet, (dst, 0))
 
 
 def main(argv: list[str]) -> None:
-    kind = argv[0]
+    kind, args = argv[0], argv[1:]
     if kind == "plain":
-        src, dst, ident = argv[1], argv[2], int(argv[3])
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        for _ in range(3):
-            s.sendto(ip_packet(src, dst, ident), (dst, 0))
+        src, dst, ident = args[0], args[1], int(args[2])
+        send_raw(icmp_echo(src, dst, ident), dst)
     elif kind == "vxlan":
-        node, src, dst, ident = argv[1], argv[2], argv[3], int(argv[4])
-        vxlan = struct.pack("!BBHI", 0x08, 0, 0, 4096 << 8)
-        eth = bytes.fromhex("020000000001" "020000000002") + struct.pack("!H", 0x0800)
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for _ in range(3):
-            s.sendto(vxlan + eth + ip_packet(src, dst, ident), (node, 4789))
+        node, src, dst, ident = args[0], args[1], args[2], int(args[3])
+        outer_src = args[4] if len(args) > 4 else None
+        frame = vxlan_frame(icmp_echo(src, dst, ident), args[5] if len(args) > 5 else "02:00:00:00:00:01")
+        if outer_src is None:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for _ in range(3):
+                s.sendto(frame, (node, VXLAN_PORT))
+        else:  # UDP checksum 0: allowed over IPv4 (RFC 768), and what VXLAN senders commonly use
+            udp = struct.pack("!HHHH", 49152 + ident % 1000, VXLAN_PORT, 8 + len(frame), 0) + frame
+            send_raw(ipv4(outer_src, node, socket.IPPROTO_UDP, udp, ident), node)
     elif kind == "udp":
-        node, port, src, dst, ident = argv[1], int(argv[2]), argv[3], argv[4], int(argv[5])
+        node, port, src, dst, ident = args[0], int(args[1]), args[2], args[3], int(args[4])
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for _ in range(3):
-            s.sendto(ip_packet(src, dst, ident), (node, port))
+            s.sendto(icmp_echo(src, dst, ident), (node, port))
+    elif kind == "arp":
+        iface, op, smac, sip, tip = args
+        code = {"request": 1, "reply": 2}[op]
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, code, mac(smac), socket.inet_aton(sip),
+                          b"\0" * 6, socket.inet_aton(tip))  # fmt: skip
+        frame = b"\xff" * 6 + mac(smac) + struct.pack("!H", 0x0806) + arp
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        s.bind((iface, 0))
+        for _ in range(3):
+            s.send(frame)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
 

@@ -19,6 +19,7 @@ def _table(**kw) -> nftmodel.NftTable:
         node_ips=frozenset({IPv4Address("10.224.0.1"), IPv4Address("10.224.0.2")}),
         pod_endpoints=frozenset({("oc0123456789abc", IPv4Address("10.244.1.5"))}),
         non_masquerade=frozenset({IPv4Network("10.10.0.0/16"), IPv4Network("10.20.0.1/32")}),
+        peer_blocks=frozenset({(IPv4Address("10.224.0.2"), IPv4Network("10.244.2.0/24"))}),
     )
     base.update(kw)
     return nftmodel.NftTable(**base)
@@ -58,9 +59,8 @@ def test_masquerade_rules_exempt_pod_cidr_mark_and_non_masq():
 
 def test_diff_sets_adds_and_deletes_only_the_difference():
     current = nftmodel.NftState(nftmodel.fingerprint(_table()), {
+        **_table().sets(),
         "node_ips": frozenset({IPv4Address("10.224.0.1"), IPv4Address("10.224.0.9")}),
-        "pod_endpoints": _table().pod_endpoints,
-        "non_masq": _table().non_masquerade,
     })
     cmds = nftmodel.diff_sets(current, _table())
     assert cmds == [

@@ -156,13 +156,14 @@ def test_a_dead_device_is_recreated_with_its_peers(dp):
 
 def test_nft_table_treats_ocni_wg_as_the_tunnel_and_drops_pod_sources_from_elsewhere():
     t = nftmodel.table_for(state(peer(2)), pod_endpoints=[])
-    assert t.vxlan_ifname == WG_IFNAME and t.pod_source_rpf
-    pre = dict((c["name"], rules) for c, rules in nftmodel._chains(t))["prerouting"]
+    assert t.vxlan_ifname == WG_IFNAME and not t.direct
+    chains = dict((c["name"], rules) for c, rules in nftmodel._chains(t))
+    pre = chains["prerouting"]
     assert any(m.get("match", {}).get("right") == WG_IFNAME for m in pre[0])
-    rpf = pre[1]
-    assert rpf[0]["match"]["right"] == {"prefix": {"addr": "10.244.0.0", "len": 16}}
-    assert rpf[1]["match"] == {"op": "==", "left": {"fib": {"flags": ["saddr", "iif"], "result": "oif"}}, "right": False}
-    assert rpf[-1] == {"drop": None}
+    underlay = pre[1]  # a pod-CIDR source from anywhere but lo, a pod veth or the tunnel (oc*)
+    assert underlay[0]["match"]["right"] == {"prefix": {"addr": "10.244.0.0", "len": 16}}
+    assert underlay[-1] == {"jump": {"target": "underlay_in"}}
+    assert chains["underlay_in"] == [[{"counter": "underlay_pod_source"}, {"drop": None}]]  # no peer is exempt
     vx = nftmodel.table_for(state(peer(2), backend="vxlan"), pod_endpoints=[])
-    assert not vx.pod_source_rpf and vx.vxlan_ifname == VXLAN_IFNAME
+    assert vx.vxlan_ifname == VXLAN_IFNAME
     assert nftmodel.fingerprint(vx) != nftmodel.fingerprint(t)

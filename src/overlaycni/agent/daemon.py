@@ -99,6 +99,7 @@ class Agent:
 
             self._dp = LinuxDataplane(wireguard=WireGuardSettings(mode=o.wireguard_mode, socket_dir=o.wireguard_socket_dir))
         info = self._dp.node_info(o.node_ip, backend=net.backend, mtu=net.mtu)
+        self.metrics.watch_drops(self._dp.drop_counters)
         lease = store.grant_lease(o.lease_ttl)
         record = ipam.register_node(store, o.cluster, o.node, o.node_ip, vtep_mac=info.vtep_mac, lease=lease,
                                     **record_identity(wg_key, net.wireguard_port))  # fmt: skip

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..errors import OverlayCNIError
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -17,6 +23,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._drops: _DropCollector | None = None
         r = self.registry
         self.requests = Counter(
             "overlaycni_cni_requests", "CNI requests served, by command and outcome", ["command", "result"], registry=r
@@ -40,8 +47,39 @@ class AgentMetrics:
             ["kind"], registry=r,
         )
 
+    def watch_drops(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``overlaycni_dropped_packets_total{rule}``: ``read()`` (the node's
+        nftables drop counters, read from the kernel at each scrape). Called again, the
+        new ``read`` replaces the old one."""
+        if self._drops is None:
+            self._drops = _DropCollector(read)
+            self.registry.register(self._drops)
+        self._drops.read = read
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DropCollector:
+    NAME = "overlaycni_dropped_packets"
+    HELP = "Packets dropped by the node's nftables filters (anti-spoofing, source validation, pods' ARP and IPv6), by rule"
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self.read = read
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["rule"])
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["rule"])
+        try:
+            counts = self.read()
+        except OverlayCNIError as exc:  # the scrape goes on without this family's samples
+            log.warning("reading the drop counters: %s", exc)
+            counts = {}
+        for rule, packets in sorted(counts.items()):
+            family.add_metric([rule], packets)
+        yield family
 
 
 def serve_http(addr: str, metrics: AgentMetrics, health: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:

@@ -12,6 +12,23 @@ same points: WireGuard peer before route, removal in reverse. Pod routes and pod
 set elements are only removed when their host veth is gone: a CNI ADD that
 raced with a reconcile computed from an older pod list must not lose its
 route (leaked veths are found by ``list_pod_veths`` and removed by GC).
+
+The node's nftables tables (``ip overlaycni``, and the pods' guards ``arp``
+and ``ip6 overlaycni``) are reconciled alike: replaced whole when their
+fingerprint differs, else brought to the desired elements. A pod ADD/DEL
+adds/removes its ``ifname . ip`` element in the ``ip`` and ``arp`` tables
+in one transaction; a peer event its ``node_ips``/``peer_blocks`` (and, on
+``direct``, ``peer_macs``) elements.
+
+Sysctls: only what the data path needs, on the devices it owns. The
+``all``/``default`` settings and the underlay's are the operator's. Per
+pod host veth ``rp_filter=1`` (strict: the only source a pod may use is
+routed back through its own veth; the kernel's check backs the nft rule)
+and proxy ARP (see ``pod_veth_sysctls``); on the VXLAN device
+``rp_filter=1`` (a decapsulated packet's source lies in a peer's block,
+routed back through the device). The kernel applies the larger of
+``all`` and the device's value, so a host that sets ``all`` to 2 (loose)
+keeps loose checks there; none of the data path needs ``rp_filter=0``.
 """
 
 from __future__ import annotations
@@ -24,7 +41,6 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
-from . import nftmodel
 from .model import (
     BACKEND_OVERHEAD,
     GATEWAY_LABEL,
@@ -47,6 +63,7 @@ from .model import (
     validate_state,
     vtep_mac,
 )
+from .nodetables import NodeTables
 from .policytable import PolicyTableSync
 from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls, WireGuard
 from .wgmodel import WG_IFNAME, WgDevice
@@ -55,22 +72,23 @@ from .wireguard import WireGuardBackend
 log = logging.getLogger(__name__)
 SUMMARY_OVER = 20  # more changed objects of one kind than this are reported as one line
 
-NODE_SYSCTLS = {
-    "net/ipv4/ip_forward": "1",
-    # Anti-spoofing is exact in nftables; strict rp_filter would only break
-    # asymmetric paths (and hide the nft rule from tests).
-    "net/ipv4/conf/all/rp_filter": "0",
-    "net/ipv4/conf/default/rp_filter": "0",
-}
+NODE_SYSCTLS = {"net/ipv4/ip_forward": "1"}
 
 
 def pod_veth_sysctls(host_veth: str) -> dict[str, str]:
     """Proxy ARP answers a pod's ARP for the other pods of its /24 (same node); without
-    proxy_delay=0 the kernel holds each proxied reply back by up to 0.8 s."""
+    proxy_delay=0 the kernel holds each proxied reply back by up to 0.8 s. Strict
+    reverse-path filtering: a pod's only source is routed back through its veth."""
     return {
         f"net/ipv4/conf/{host_veth}/proxy_arp": "1",
         f"net/ipv4/neigh/{host_veth}/proxy_delay": "0",
+        f"net/ipv4/conf/{host_veth}/rp_filter": "1",
     }
+
+
+def tunnel_sysctls(dev: str) -> dict[str, str]:
+    """Strict reverse-path filtering on the tunnel: decapsulated sources lie in peers' blocks."""
+    return {f"net/ipv4/conf/{dev}/rp_filter": "1"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,8 @@ class Ports:
     sysctls: Sysctls
     pods: PodLinks
     policy_nft: NftRuleset  # inet overlaycni (NetworkPolicy)
+    arp_nft: NftRuleset  # arp overlaycni (pods' ARP)
+    ip6_nft: NftRuleset  # ip6 overlaycni (pods' IPv6)
     wireguard: WireGuard | None = None  # None: backend wireguard is not supported
 
 
@@ -101,6 +121,7 @@ class NodeDataplane:
     def __init__(self, ports: Ports) -> None:
         self.p = ports
         self.policy_table = PolicyTableSync(ports.policy_nft)
+        self.tables = NodeTables(ip=ports.nft, arp=ports.arp_nft, ip6=ports.ip6_nft)
         self._lock = threading.RLock()
         self._pod_routes: list[Route] | None = None  # pod routes seen by the running reconcile
         self._wg = WireGuardBackend(ports.wireguard)
@@ -109,6 +130,8 @@ class NodeDataplane:
     # --- node -----------------------------------------------------------------
 
     def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo:
+        """``vtep_mac`` is the MAC peers see this node's pod traffic come from, published
+        in the node record: the VXLAN device's, or on ``direct`` the underlay's."""
         link = self.p.links.link_with_address(node_ip)
         if link is None:
             raise UnderlayNotFound(f"node_ip: no interface in the node's network namespace has the address {node_ip}")
@@ -120,7 +143,7 @@ class NodeDataplane:
             underlay_ifname=link.name,
             underlay_mtu=link.mtu,
             pod_mtu=mtu if mtu is not None else max_mtu,
-            vtep_mac=vtep_mac(node_ip) if backend == "vxlan" else None,
+            vtep_mac=vtep_mac(node_ip) if backend == "vxlan" else (link.mac or None) if backend == "direct" else None,
         )
 
     def reconcile(self, state: NodeState) -> ReconcileReport:
@@ -145,6 +168,9 @@ class NodeDataplane:
         for link in self.p.links.list_links():
             if is_pod_veth(link.name):
                 wanted.update(pod_veth_sysctls(link.name))
+        self._ensure_sysctls(wanted, report)
+
+    def _ensure_sysctls(self, wanted: dict[str, str], report: ReconcileReport) -> None:
         for key, value in wanted.items():
             if self.p.sysctls.read(key) != value:
                 self.p.sysctls.write(key, value)
@@ -158,6 +184,8 @@ class NodeDataplane:
                 report.changes.append(f"link {VXLAN_IFNAME} deleted (backend {state.backend})")
             if state.backend == "wireguard":
                 self._wg.setup_device(state, info, report)
+                if self.p.links.get_link(WG_IFNAME) is not None:
+                    self._ensure_sysctls(tunnel_sysctls(WG_IFNAME), report)
                 self._only_address(WG_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), label=None, report=report)
             return
         spec = VxlanSpec(
@@ -170,6 +198,7 @@ class NodeDataplane:
             mtu=info.underlay_mtu - VXLAN_OVERHEAD,
         )
         report.changes.extend(self.p.links.ensure_vxlan(spec))
+        self._ensure_sysctls(tunnel_sysctls(VXLAN_IFNAME), report)
         self._only_address(VXLAN_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), label=None, report=report)
 
     def _gateway(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
@@ -279,20 +308,7 @@ class NodeDataplane:
         return wanted
 
     def _nft(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
-        current = self.p.nft.get_table()
-        table = nftmodel.table_for(state, pod_endpoints=self._pod_endpoints(state))
-        if current is None or current.fingerprint != nftmodel.fingerprint(table):
-            self.p.nft.apply(nftmodel.render_table(table))
-            report.changes.append(f"nftables table {nftmodel.FAMILY} {nftmodel.TABLE} replaced")
-            return
-        commands = nftmodel.diff_sets(current, table)
-        if commands:
-            self.p.nft.apply(commands)
-            for cmd in commands:
-                for verb, body in cmd.items():
-                    elems = body["element"]["elem"]
-                    shown = ", ".join(map(str, elems[:SUMMARY_OVER])) + (", ..." if len(elems) > SUMMARY_OVER else "")
-                    report.changes.append(f"nftables {verb} {len(elems)} element(s) {body['element']['name']} {{ {shown} }}")
+        self.tables.reconcile(state, self._pod_endpoints(state), report)
 
     # --- peers (incremental) ------------------------------------------------------
 
@@ -312,7 +328,7 @@ class NodeDataplane:
             self.p.routes.apply_routes(replace=[objs.route])
             if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
                 self.p.fdb.apply_fdb(delete=[FdbEntry(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
-            self._nft_add(nftmodel.SET_NODE_IPS, [peer.node_ip])
+            self.tables.add_peer(state, peer)
             self._remember(state, peer, keep=True)
 
     def _remember(self, state: NodeState, peer: Peer, *, keep: bool) -> None:
@@ -330,29 +346,8 @@ class NodeDataplane:
                 self.p.neighbours.apply_neighbours(delete=[objs.neighbour])
             if state.backend == "wireguard":
                 self._wg.delete_peer(peer)
-            in_use = {state.node_ip} | {p.node_ip for p in state.peers if p.name != peer.name}
-            if peer.node_ip not in in_use:
-                self._nft_discard(nftmodel.SET_NODE_IPS, [peer.node_ip])
+            self.tables.remove_peer(state, peer)
             self._remember(state, peer, keep=False)
-
-    def _nft_add(self, name: str, elems: list) -> None:
-        """Add set elements; before the first reconcile (no table yet) there is nothing to add to."""
-        try:
-            self.p.nft.apply(nftmodel.render_set_update(name, add=elems))
-        except DataplaneError:
-            if self.p.nft.list_set(name) is not None:
-                raise
-
-    def _nft_discard(self, name: str, elems: list) -> None:
-        """Delete set elements whether or not they exist (add + delete in one transaction)."""
-        if not elems:
-            return
-        cmds = nftmodel.element_commands("add", name, elems) + nftmodel.element_commands("delete", name, elems)
-        try:
-            self.p.nft.apply(cmds)
-        except DataplaneError:
-            if self.p.nft.list_set(name) is not None:
-                raise  # the table is there: a real failure
 
     # --- pods -------------------------------------------------------------------------
 
@@ -376,7 +371,7 @@ class NodeDataplane:
                 for key, value in pod_veth_sysctls(host).items():
                     self.p.sysctls.write(key, value)
                 self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
-                self._nft_add(nftmodel.SET_POD_ENDPOINTS, [(host, ip.ip)])
+                self.tables.add_pod(host, ip.ip)
             except BaseException:
                 self._undo_attach(host, ip.ip)
                 raise
@@ -386,7 +381,7 @@ class NodeDataplane:
         try:
             self.p.pods.teardown_pod_link(host_veth=host)
             self.p.routes.apply_routes(delete=[pod_route(PodEndpoint(ip, host))])
-            self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [(host, ip)])
+            self.tables.remove_pod(host, ip)
         except DataplaneError:
             pass  # best effort: the original error is the one to report
 
@@ -400,8 +395,7 @@ class NodeDataplane:
             raise ConfigError(FieldError("host_veth", f"{host_veth!r} is not a pod veth of this project (oc + 13 hex)"))
         with self._lock:
             self.p.pods.teardown_pod_link(host_veth=host_veth)  # the kernel drops its /32 route with it
-            endpoints = self.p.nft.list_set(nftmodel.SET_POD_ENDPOINTS) or frozenset()
-            self._nft_discard(nftmodel.SET_POD_ENDPOINTS, [e for e in endpoints if e[0] == host_veth])
+            self.tables.remove_pod(host_veth)
 
     def check_pod(
         self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
@@ -417,9 +411,7 @@ class NodeDataplane:
                 problems.append(f"host veth {host} is down")
             if pod_route(PodEndpoint(ip.ip, host)) not in self.p.routes.list_routes():
                 problems.append(f"node route {ip.ip}/32 dev {host} is missing")
-            endpoints = self.p.nft.list_set(nftmodel.SET_POD_ENDPOINTS)
-            if endpoints is not None and (host, ip.ip) not in endpoints:
-                problems.append(f"anti-spoofing element {host} . {ip.ip} is missing from {nftmodel.SET_POD_ENDPOINTS}")
+            problems += self.tables.missing_pod_elements(host, ip.ip)
             view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname, netns_fd=netns_fd)
             if view is None:
                 problems.append(f"interface {ifname} is missing in {netns_path}")
@@ -438,6 +430,11 @@ class NodeDataplane:
 
     def list_pod_veths(self) -> list[str]:
         return sorted(link.name for link in self.p.links.list_links() if is_pod_veth(link.name))
+
+    def drop_counters(self) -> dict[str, int]:
+        """Packets dropped so far by each filter rule of the node's tables."""
+        with self._lock:
+            return self.tables.drop_counters()
 
     def close(self) -> None:
         pass

@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AttachmentConflict, DataplaneError, InterfaceExists, NetnsNotFound, NetnsRefused
-from . import nftables, nftmodel, policytable, ports
+from . import nftables, nftmodel, podguard, policytable, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
 from .wgmodel import WgDevice, WgPeer, WgPeerStatus, WireGuardSpec
@@ -285,6 +285,7 @@ class FakeNftTable:
     chains: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> rules ({expr, comment})
     decls: dict[str, nftables.SetDecl] = field(default_factory=dict)
     sets: dict[str, frozenset] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)  # named counters: packets
 
     def state(self) -> nftables.NftState:
         fp = next((name[3:] for name in self.chains if name.startswith("fp_")), None)
@@ -311,7 +312,9 @@ def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[
         if t is None:
             raise DataplaneError(f"nftables: table {' '.join(key)} does not exist (No such file or directory)")
         name = obj["chain"] if kind == "rule" else obj["name"]
-        if kind == "chain" and verb == "add":
+        if kind == "counter" and verb == "add":
+            t.counters.setdefault(name, 0)
+        elif kind == "chain" and verb == "add":
             t.chains.setdefault(name, [])
         elif kind == "rule" and verb == "add":
             if name not in t.chains:
@@ -350,6 +353,10 @@ class FakeNft:
     def list_set(self, name: str) -> frozenset | None:
         t = self.k.nft_tables.get(self.key)
         return None if t is None else t.sets.get(name)
+
+    def counters(self) -> dict[str, int]:
+        t = self.k.nft_tables.get(self.key)
+        return {} if t is None else dict(t.counters)
 
     def apply(self, commands: list[dict[str, Any]]) -> None:
         self.k.maybe_fail("nft")
@@ -439,6 +446,8 @@ def fake_ports(kernel: FakeKernel) -> Ports:
         neighbours=FakeNeighbours(kernel), fdb=FakeFdb(kernel), nft=FakeNft(kernel),
         sysctls=FakeSysctls(kernel), pods=FakePodLinks(kernel), wireguard=FakeWireGuard(kernel),
         policy_nft=FakeNft(kernel, family=policytable.FAMILY, table=policytable.TABLE),
+        arp_nft=FakeNft(kernel, family=podguard.ARP_FAMILY, table=podguard.TABLE),
+        ip6_nft=FakeNft(kernel, family=podguard.IP6_FAMILY, table=podguard.TABLE),
     )
 
 

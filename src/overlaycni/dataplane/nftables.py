@@ -22,6 +22,9 @@ table, a kernel listing and a diff compare the same things:
 ``MapEntry(key, value)``          a map element ``[key, value]``; a map element
                                   is deleted by its key alone
 ``Jump(chain)``                   the verdict ``{"jump": {"target": chain}}``
+``RawRange(lo, hi)``              ``{"range": [lo, hi]}``: a range of a raw
+                                  payload field (``@th,336,32``), which nft
+                                  can only type as an integer
 ================================  =============================================
 
 Decoding goes by the declared type of the set or map (``SetDecl``), taken
@@ -29,17 +32,25 @@ from the render or the listing itself. A table that grows (per-peer map
 elements, ``log`` expressions in rules) needs no change here: rules are
 structure, and any map whose key and value types ``decode_value`` knows is
 diffed element by element.
+
+``TableLayout`` is the structure of a table rendered whole (named counters,
+set declarations, chains and their rules) with a fingerprint chain
+``fp_<hash>`` among them, so that a listing tells in one look whether the
+kernel holds this structure: the node's tables (``nftmodel``, ``podguard``)
+are written through it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, summarize_address_range
 from typing import Any
 
-Element = Any  # IPv4Address, IPv4Network, int, str, a tuple of those (concatenation), or MapEntry
+Element = Any  # IPv4Address, IPv4Network, int, str, RawRange, a tuple of those (concatenation), or MapEntry
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,21 @@ class MapEntry:
 
     key: Any
     value: Any
+
+
+@dataclass(frozen=True)
+class RawRange:
+    """A range of values of a raw payload field (``@th,336,32``, say). nft
+    types such a field as a plain integer, so a set keyed by it takes and
+    lists integers: an IPv4 network is the range of its addresses as
+    numbers (network byte order on the wire, as the field is read)."""
+
+    lo: int
+    hi: int
+
+    @classmethod
+    def of(cls, net: IPv4Network | IPv6Network) -> RawRange:
+        return cls(int(net.network_address), int(net.broadcast_address))
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,11 @@ def match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
 
 def payload(protocol: str, field: str) -> dict[str, Any]:
     return {"payload": {"protocol": protocol, "field": field}}
+
+
+def payload_raw(base: str, offset: int, length: int) -> dict[str, Any]:
+    """A raw payload field: ``@base,offset,length`` (bits; base ``ll``, ``nh`` or ``th``)."""
+    return {"payload": {"base": base, "offset": offset, "len": length}}
 
 
 def meta(key: str) -> dict[str, Any]:
@@ -125,6 +156,8 @@ def encode(elem: Element) -> Any:
         return [encode(elem.key), encode(elem.value)]
     if isinstance(elem, Jump):
         return jump(elem.target)
+    if isinstance(elem, RawRange):
+        return {"range": [elem.lo, elem.hi]}
     if isinstance(elem, tuple):
         return {"concat": [encode(x) for x in elem]}
     return elem
@@ -141,7 +174,7 @@ def sort_key(elem: Element) -> tuple[Any, ...]:
         return (0, elem.version, int(elem), 0)
     if isinstance(elem, (IPv4Network, IPv6Network)):
         return (0, elem.version, int(elem.network_address), elem.prefixlen)
-    if isinstance(elem, bool) or not isinstance(elem, (int, str, tuple, MapEntry, Jump)):
+    if isinstance(elem, bool) or not isinstance(elem, (int, str, tuple, MapEntry, Jump, RawRange)):
         return (9, repr(elem))
     if isinstance(elem, int):
         return (1, elem)
@@ -151,6 +184,8 @@ def sort_key(elem: Element) -> tuple[Any, ...]:
         return (3, sort_key(elem.key), sort_key(elem.value))
     if isinstance(elem, Jump):
         return (4, elem.target)
+    if isinstance(elem, RawRange):
+        return (6, elem.lo, elem.hi)
     return (5, tuple(sort_key(x) for x in elem))
 
 
@@ -205,6 +240,10 @@ def decode_value(kind: str, raw: Any, *, interval: bool = False) -> list[Any]:
         return [net_t(raw)] if interval else [addr_t(raw)]
     if kind == "inet_service":
         return [int(raw)]
+    if kind == "integer" and interval:  # a raw payload field in an interval set
+        if isinstance(raw, dict) and "range" in raw:
+            return [RawRange(int(raw["range"][0]), int(raw["range"][1]))]
+        return [RawRange(int(raw), int(raw))]
     if kind == "verdict" and isinstance(raw, dict) and "jump" in raw:
         return [Jump(raw["jump"]["target"])]
     return [raw]
@@ -219,7 +258,7 @@ def decode(decl: SetDecl, raw: Any) -> list[Element]:
         keys = decode(SetDecl(decl.type, decl.interval), key)
         return [MapEntry(k, v) for k in keys for v in decode_value(decl.map, value)]
     if isinstance(decl.type, tuple):
-        parts = [decode_value(t, v) for t, v in zip(decl.type, raw["concat"], strict=True)]
+        parts = [decode_value(t, v, interval=decl.interval and t == "integer") for t, v in zip(decl.type, raw["concat"], strict=True)]
         return [tuple(p[0] for p in parts)]
     return decode_value(decl.type, raw, interval=decl.interval)
 
@@ -309,3 +348,59 @@ def diff(family: str, table: str, have: NftState, want: NftState) -> list[dict[s
         deletes += element_commands("delete", family, table, name, before - after)
         adds += element_commands("add", family, table, name, after - before)
     return deletes + adds
+
+
+# ----- a table rendered whole, with a fingerprint chain ---------------------------------------
+
+Rule = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """The static part of a table: named counters, set declarations (the
+    ``add set`` body without name and elements) and base or regular chains
+    (the ``add chain`` body) with their rules. What changes at run time are
+    the elements of the sets."""
+
+    family: str
+    name: str
+    counters: Sequence[str]
+    sets: Mapping[str, Mapping[str, Any]]
+    chains: Sequence[tuple[Mapping[str, Any], Sequence[Rule]]]
+
+    def fingerprint(self) -> str:
+        static = json.dumps(
+            {"counters": list(self.counters), "sets": dict(self.sets), "chains": [[c, list(r)] for c, r in self.chains]},
+            sort_keys=True,
+        )
+        return hashlib.sha256(static.encode()).hexdigest()[:12]
+
+    def decls(self) -> dict[str, SetDecl]:
+        return {name: SetDecl.of(spec) for name, spec in self.sets.items()}
+
+    def render(self, elements: Mapping[str, Iterable[Element]]) -> list[dict[str, Any]]:
+        """Commands that atomically replace the table with this layout holding ``elements``."""
+        o = functools.partial(obj, family=self.family, table=self.name)
+        cmds: list[dict[str, Any]] = [*replace_table(self.family, self.name)]
+        cmds.append({"add": o("chain", name="fp_" + self.fingerprint())})
+        cmds += [{"add": o("counter", name=name)} for name in self.counters]
+        cmds += [{"add": o("set", name=name, **spec)} for name, spec in self.sets.items()]
+        cmds += [{"add": o("chain", **chain)} for chain, _ in self.chains]  # every chain before a jump to it
+        for chain, rules in self.chains:
+            cmds += [{"add": o("rule", chain=chain["name"], expr=expr)} for expr in rules]
+        for name in self.sets:
+            cmds += element_commands("add", self.family, self.name, name, elements.get(name, ()))
+        return cmds
+
+    def diff(self, current: NftState, elements: Mapping[str, frozenset]) -> list[dict[str, Any]] | None:
+        """Element updates from the kernel's ``current`` state; None when its
+        structure is another (the table must be replaced)."""
+        if current.fingerprint != self.fingerprint():
+            return None
+        return diff(self.family, self.name, NftState(None, current.sets), NftState(None, dict(elements)))
+
+
+def counter_values(doc: Mapping[str, Any]) -> dict[str, int]:
+    """Packets counted by each named counter of a listing (``list counters table ...``)."""
+    return {item["counter"]["name"]: int(item["counter"].get("packets", 0))
+            for item in doc.get("nftables", []) if "counter" in item}

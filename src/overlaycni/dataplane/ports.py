@@ -6,8 +6,9 @@ All calls act on one network namespace chosen when the adapter is built
 Lists return only objects this project owns (routes with ``RT_PROTO``,
 neighbours and FDB entries on the VXLAN device, ``lo:ocni`` addresses).
 ``apply_*`` calls are batched and raise ``DataplaneError`` listing every
-failed object; deleting something that is not there is success. Both
-nftables tables (node and NetworkPolicy) go through ``NftRuleset``.
+failed object; deleting something that is not there is success. Every
+nftables table (the node's ``ip``, ``arp`` and ``ip6 overlaycni``, and the
+NetworkPolicy table) goes through ``NftRuleset``.
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ class Fdb(Protocol):
 
 
 class NftRuleset(Protocol):
-    """One nftables table (the node's ``ip overlaycni``, or the policy table)."""
+    """One nftables table (the node's ``ip``/``arp``/``ip6 overlaycni``, or the policy table).
+    ``apply`` runs any commands, so one transaction may span tables."""
 
     def get_table(self) -> NftState | None: ...  # None: no such table
     def list_set(self, name: str) -> frozenset | None: ...  # None: no table/set
+    def counters(self) -> dict[str, int]: ...  # packets per named counter; {} when no table
     def apply(self, commands: list[dict[str, Any]]) -> None: ...  # one atomic transaction
 
 
@@ -140,4 +143,5 @@ class Dataplane(Protocol):
     def wireguard_device(self) -> WgDevice | None: ...
     def delete_pod_veth(self, host_veth: str) -> None: ...
     def flush_conntrack(self, ip: IPv4Address) -> int: ...  # a released pod address's flows
+    def drop_counters(self) -> dict[str, int]: ...  # packets dropped per filter rule (the node's tables)
     def close(self) -> None: ...

@@ -4,8 +4,8 @@ Design note. ``LinuxDataplane(netns)`` starts one worker thread inside the
 node namespace (``netns.NetnsWorker``) and creates every kernel handle on
 it: a pyroute2 ``IPRoute`` for links, addresses and pod interfaces, one raw
 batched rtnetlink socket (``rtnl``) for the per-peer objects, and one
-libnftables context for both nftables tables (the node table and the
-NetworkPolicy table, ``policy_table``). Every facade call is handed to that thread, so the
+libnftables context for every nftables table (the node's ``ip``, ``arp``
+and ``ip6 overlaycni``, and the NetworkPolicy table, ``policy_table``). Every facade call is handed to that thread, so the
 handles are used by one thread only (pyroute2 0.9 sockets are per thread,
 libnftables contexts are not thread safe) and concurrent CNI requests are
 serialised in arrival order. Two calls run on the caller's own thread,
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pyroute2 import IPRoute
 
 from ...errors import PolicyApplyError
-from .. import nftmodel, policytable, ports
+from .. import nftmodel, podguard, policytable, ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
 from ..wgmodel import WgDevice
@@ -73,6 +73,8 @@ def linux_ports(
         neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=LinuxNft(runner, decls=nftmodel.SET_DECLS),
         sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr),
         policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError),
+        arp_nft=LinuxNft(runner, family=podguard.ARP_FAMILY, table=podguard.TABLE, decls=podguard.ARP_SET_DECLS),
+        ip6_nft=LinuxNft(runner, family=podguard.IP6_FAMILY, table=podguard.TABLE),
         wireguard=wg,
     )
     return ports, [wg, ipr, nl, runner]
@@ -200,6 +202,9 @@ class LinuxDataplane:
 
     def flush_conntrack(self, ip: IPv4Address) -> int:
         return self._conntrack.flush_address(ip)  # the caller's thread: see the design note
+
+    def drop_counters(self) -> dict[str, int]:
+        return self._worker.call(self._engine.drop_counters)
 
     def close(self) -> None:
         if self._closed:

@@ -1,12 +1,17 @@
 """nftables: the node's tables through libnftables' JSON interface.
 
-Design note. Two tables, one runner: ``ip overlaycni`` (rendered by the pure
-``nftmodel``: per node four base chains, per peer one ``node_ips`` element,
-per pod one ``pod_endpoints`` element ``ifname . ip``) and the NetworkPolicy
-table ``inet overlaycni`` (rendered by ``policy.render``, kept in step by
-``policytable``). This adapter only runs JSON command lists, each as one
-nftables transaction (all or nothing), and lists a table back. Set updates
-are element adds/deletes, so chains are never rebuilt on pod, peer or label
+Design note. Four tables, one runner: ``ip overlaycni`` (rendered by the
+pure ``nftmodel``: per node four base chains, per peer one ``node_ips`` and
+one ``peer_blocks`` element (plus one ``peer_macs`` element on ``direct``),
+per pod one ``pod_endpoints`` element ``ifname . ip``), the pods' guards
+``arp overlaycni`` and ``ip6 overlaycni`` (``podguard``: per pod one ARP
+``pod_endpoints`` element) and the NetworkPolicy table ``inet overlaycni``
+(rendered by ``policy.render``, kept in step by ``policytable``). This
+adapter only runs command lists, each as one nftables transaction (all or
+nothing), and lists a table and its named counters back. A list that
+declares a set by ``typeof`` (which nft 1.0.6 takes only in its native
+syntax) runs as text (``nfttext``), every other as JSON. Set updates are
+element adds/deletes, so chains are never rebuilt on pod, peer or label
 events.
 
 Calls go to ``libnftables.so.1`` in-process via ctypes (the library the
@@ -30,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...errors import DataplaneError, PermissionDenied
-from .. import nftables, nftmodel
+from .. import nftables, nftmodel, nfttext
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +101,14 @@ class NftRunner:
         except OSError:
             self.backend = _NftBinary()
 
-    def run(self, doc: dict[str, Any], *, what: str, error: type[DataplaneError] = DataplaneError) -> str:
-        """Run one JSON document as one transaction; its JSON output."""
-        log.debug("nftables: %s: %d command(s)", what, len(doc.get("nftables", ())))
-        rc, out, err = self.backend.run(json.dumps(doc))
+    def run(self, doc: dict[str, Any] | str, *, what: str, error: type[DataplaneError] = DataplaneError) -> str:
+        """Run one JSON document (or one native script) as one transaction; its output."""
+        if isinstance(doc, str):
+            log.debug("nftables: %s: native script of %d line(s)", what, doc.count("\n"))
+            rc, out, err = self.backend.run(doc)
+        else:
+            log.debug("nftables: %s: %d command(s)", what, len(doc.get("nftables", ())))
+            rc, out, err = self.backend.run(json.dumps(doc))
         if rc != 0:
             text = " | ".join(err.strip().splitlines()[:6]) or f"exit {rc}"
             if "Operation not permitted" in err:
@@ -149,6 +158,15 @@ class LinuxNft:
         doc = self.runner.query({"nftables": [{"list": {"set": body}}]}, what=f"set {name}")
         return None if doc is None else nftables.parse_listing(doc, decls=self.decls).sets.get(name)
 
+    def counters(self) -> dict[str, int]:
+        doc = self.runner.query(
+            {"nftables": [{"list": {"counters": {"family": self.family, "table": self.table}}}]},
+            what=f"counters of {self.family} {self.table}",
+        )
+        return {} if doc is None else nftables.counter_values(doc)
+
     def apply(self, commands: list[dict[str, Any]]) -> None:
-        if commands:
-            self.runner.run({"nftables": commands}, what=f"{self.family} {self.table}", error=self.error)
+        if not commands:
+            return
+        doc: dict[str, Any] | str = nfttext.script(commands) if nfttext.needs_text(commands) else {"nftables": commands}
+        self.runner.run(doc, what=f"{self.family} {self.table}", error=self.error)

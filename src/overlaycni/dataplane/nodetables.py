@@ -1,0 +1,169 @@
+"""The node's own nftables tables, kept on their ports (no kernel access here).
+
+Three tables, one per family the node filters: ``ip overlaycni``
+(``nftmodel``: anti-spoofing, underlay and VXLAN source validation, SNAT)
+and the pods' guards ``arp overlaycni`` and ``ip6 overlaycni``
+(``podguard``). The NetworkPolicy table ``inet overlaycni`` is
+``policytable``'s.
+
+* Reconcile: per table, a fingerprint that differs (or no table) replaces
+  the table whole in one transaction; a matching one gets the element
+  deletes and adds that bring it to the desired state, in one transaction.
+  Each table is reconciled even when another fails (its error is reported).
+* Events: a pod's ``ifname . ip`` goes into the ``ip`` and ``arp``
+  ``pod_endpoints`` sets in one transaction (the ports' ``apply`` runs any
+  table's commands); a peer's ``node_ips``, ``peer_blocks`` and (``direct``)
+  ``peer_macs`` elements likewise. Before the first reconcile a table may
+  be missing: the sets that exist are updated, the reconcile adds the rest.
+  Removals delete only the elements the kernel lists (a delete of an
+  absent element would fail the whole transaction).
+* ``drop_counters``: every drop rule's named counter, read from the kernel
+  (``overlaycni_dropped_packets_total{rule}``); a table that is missing
+  reads as no counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address
+from typing import Any, Protocol
+
+from ..errors import DataplaneError
+from . import nftables, nftmodel, podguard
+from .model import NodeState, Peer, ReconcileReport
+from .nftables import TableLayout
+from .ports import NftRuleset
+
+SUMMARY_OVER = 20  # elements shown per change line
+SetKey = tuple[str, str]  # (family, set name); every table is named "overlaycni"
+IP_PODS: SetKey = (nftmodel.FAMILY, nftmodel.SET_POD_ENDPOINTS)
+ARP_PODS: SetKey = (podguard.ARP_FAMILY, podguard.SET_POD_ENDPOINTS)
+DROP_RULES = (*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *podguard.IP6_DROP_RULES)
+
+
+class Table(Protocol):
+    def layout(self) -> TableLayout: ...
+    def sets(self) -> dict[str, frozenset]: ...
+
+
+class NodeTables:
+    def __init__(self, *, ip: NftRuleset, arp: NftRuleset, ip6: NftRuleset) -> None:
+        self.ports = {nftmodel.FAMILY: ip, podguard.ARP_FAMILY: arp, podguard.IP6_FAMILY: ip6}
+
+    # --- reconcile -----------------------------------------------------------------
+
+    def desired(self, state: NodeState, pod_endpoints: Iterable[tuple[str, IPv4Address]]) -> list[Table]:
+        endpoints = frozenset(pod_endpoints)
+        return [
+            nftmodel.table_for(state, pod_endpoints=endpoints),
+            podguard.arp_table_for(state.block, pod_endpoints=endpoints),
+            podguard.ip6_table_for(),
+        ]
+
+    def reconcile(self, state: NodeState, pod_endpoints: Iterable[tuple[str, IPv4Address]], report: ReconcileReport) -> None:
+        for table in self.desired(state, pod_endpoints):
+            layout = table.layout()
+            try:
+                self._sync(layout, table.sets(), report)
+            except DataplaneError as exc:
+                report.errors.append(f"nft {layout.family} {layout.name}: {exc.message}")
+
+    def _sync(self, layout: TableLayout, sets: dict[str, frozenset], report: ReconcileReport) -> None:
+        port = self.ports[layout.family]
+        current = port.get_table()
+        commands = None if current is None else layout.diff(current, sets)
+        if commands is None:
+            port.apply(layout.render(sets))
+            report.changes.append(f"nftables table {layout.family} {layout.name} replaced")
+            return
+        if not commands:
+            return
+        port.apply(commands)
+        where = "" if layout.family == nftmodel.FAMILY else f"{layout.family} "
+        for cmd in commands:
+            for verb, body in cmd.items():
+                elems = body["element"]["elem"]
+                shown = ", ".join(map(str, elems[:SUMMARY_OVER])) + (", ..." if len(elems) > SUMMARY_OVER else "")
+                report.changes.append(f"nftables {verb} {len(elems)} element(s) {where}{body['element']['name']} {{ {shown} }}")
+
+    # --- element updates --------------------------------------------------------------
+
+    def list_set(self, key: SetKey) -> frozenset | None:
+        return self.ports[key[0]].list_set(key[1])
+
+    def update(self, *, add: Mapping[SetKey, Iterable[Any]] = {}, remove: Mapping[SetKey, Iterable[Any]] = {}) -> None:
+        """Remove (those present) and add elements across the node's sets in one transaction."""
+        removals = {}
+        for key, elems in remove.items():
+            wanted = set(elems)
+            present = self.list_set(key) if wanted else None
+            if present:
+                removals[key] = wanted & present
+        keys = sorted(set(add) | set(removals))
+        if not keys:
+            return
+
+        def commands(only: list[SetKey]) -> list[dict[str, Any]]:
+            cmds: list[dict[str, Any]] = []
+            for family, name in only:
+                cmds += nftables.element_commands("delete", family, nftmodel.TABLE, name, removals.get((family, name), ()))
+                cmds += nftables.element_commands("add", family, nftmodel.TABLE, name, add.get((family, name), ()))
+            return cmds
+
+        runner = self.ports[nftmodel.FAMILY]
+        try:
+            runner.apply(commands(keys))
+            return
+        except DataplaneError:
+            present_keys = [k for k in keys if self.list_set(k) is not None]
+            if present_keys == keys:
+                raise  # every set is there: a real failure
+        runner.apply(commands(present_keys))
+
+    def add_pod(self, host_veth: str, ip: IPv4Address) -> None:
+        self.update(add={IP_PODS: [(host_veth, ip)], ARP_PODS: [(host_veth, ip)]})
+
+    def remove_pod(self, host_veth: str, ip: IPv4Address | None = None) -> None:
+        """Remove the pod's elements (``ip`` None: every element of ``host_veth``)."""
+        remove: dict[SetKey, list[Any]] = {}
+        for key in (IP_PODS, ARP_PODS):
+            present = self.list_set(key) or frozenset()
+            remove[key] = [e for e in present if e[0] == host_veth and (ip is None or e[1] == ip)]
+        self.update(remove=remove)
+
+    def missing_pod_elements(self, host_veth: str, ip: IPv4Address) -> list[str]:
+        problems = []
+        for family, name in (IP_PODS, ARP_PODS):
+            present = self.list_set((family, name))
+            if present is not None and (host_veth, ip) not in present:
+                problems.append(f"anti-spoofing element {host_veth} . {ip} is missing from {family} {name}")
+        return problems
+
+    def add_peer(self, state: NodeState, peer: Peer) -> None:
+        add: dict[SetKey, list[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): [peer.node_ip]}
+        for name, elems in nftmodel.peer_elements(peer, backend=state.backend).items():
+            add[(nftmodel.FAMILY, name)] = elems
+        self.update(add=add)
+
+    def remove_peer(self, state: NodeState, peer: Peer) -> None:
+        self.update(remove=self._peer_only(state, peer))
+
+    def _peer_only(self, state: NodeState, peer: Peer) -> dict[SetKey, list[Any]]:
+        """The elements of ``peer`` that no other peer of ``state`` (nor this node) also needs."""
+        others = [p for p in state.peers if p.name != peer.name]
+        keep: dict[str, set[Any]] = {nftmodel.SET_NODE_IPS: {state.node_ip, *(p.node_ip for p in others)}}
+        for p in others:
+            for name, elems in nftmodel.peer_elements(p, backend=state.backend).items():
+                keep.setdefault(name, set()).update(elems)
+        out: dict[SetKey, list[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): [peer.node_ip]}
+        for name, elems in nftmodel.peer_elements(peer, backend=state.backend).items():
+            out[(nftmodel.FAMILY, name)] = elems
+        return {key: [e for e in elems if e not in keep.get(key[1], set())] for key, elems in out.items()}
+
+    # --- counters ---------------------------------------------------------------------
+
+    def drop_counters(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for port in self.ports.values():
+            counts.update({k: v for k, v in port.counters().items() if k in DROP_RULES})
+        return counts
