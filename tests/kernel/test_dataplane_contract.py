@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from overlaycni.dataplane import nftables, nftmodel
+from overlaycni.dataplane import nftables, nftmodel, podguard
 from overlaycni.dataplane.engine import Ports
 from overlaycni.dataplane.fake import FakeKernel, FakePodNetns, fake_ports
 from overlaycni.dataplane.linux import LinuxDataplane
@@ -161,6 +161,32 @@ def test_nft(env):
         ports.nft.apply(nftmodel.render_set_update("node_ips", add=[IPv4Address("10.224.0.3")],
                                                    delete=[IPv4Address("10.224.0.9")]))
     assert ports.nft.list_set("node_ips") == {ME, two}
+
+
+def test_nft_peer_sets_counters_and_pod_guards(env):
+    """Peer sets (a raw-range concatenation, MAC ranges), named counters, the arp and ip6
+    tables, and one transaction across two tables through one port."""
+    ports, _ = env
+    assert ports.nft.counters() == {} and ports.arp_nft.counters() == {}
+    blocks = frozenset({(IPv4Address("10.224.0.2"), IPv4Network("10.244.2.0/24"))})
+    macs = frozenset({("02:00:00:00:00:02", IPv4Network("10.244.2.0/24"))})
+    table = nftmodel.NftTable(pod_cidr=IPv4Network("10.244.0.0/16"), vxlan_port=4789, node_ips=frozenset({ME}),
+                              peer_blocks=blocks, peer_macs=macs, direct=True)
+    arp = podguard.arp_table_for(IPv4Network("10.244.1.0/24"), pod_endpoints=[])
+    ports.nft.apply(nftmodel.render_table(table))
+    ports.arp_nft.apply(arp.layout().render(arp.sets()))
+    ports.ip6_nft.apply(podguard.ip6_table_for().layout().render({}))
+    assert ports.nft.get_table().sets == table.sets()
+    assert ports.nft.counters() == dict.fromkeys(nftmodel.DROP_RULES, 0)
+    assert ports.ip6_nft.counters() == dict.fromkeys(podguard.IP6_DROP_RULES, 0)
+    pod = ("oc0000000000001", IPv4Address("10.244.1.5"))
+    ports.nft.apply(nftables.element_commands("add", "ip", "overlaycni", "pod_endpoints", [pod])
+                    + nftables.element_commands("add", "arp", "overlaycni", "pod_endpoints", [pod]))
+    assert ports.nft.list_set("pod_endpoints") == {pod} and ports.arp_nft.list_set("pod_endpoints") == {pod}
+    moved = (IPv4Address("10.224.0.2"), nftables.RawRange.of(IPv4Network("10.244.2.0/25")))
+    ports.nft.apply(nftables.element_commands("delete", "ip", "overlaycni", "peer_blocks", table.sets()["peer_blocks"])
+                    + nftables.element_commands("add", "ip", "overlaycni", "peer_blocks", [moved]))
+    assert ports.nft.list_set("peer_blocks") == {moved}
 
 
 def test_policy_table(env):
