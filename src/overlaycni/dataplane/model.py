@@ -60,7 +60,7 @@ class Peer:
     name: str
     node_ip: IPv4Address
     block: IPv4Network
-    vtep_mac: str
+    vtep_mac: str  # the MAC its pod traffic comes from: its VTEP's (vxlan), its underlay's (direct)
     wg_public_key: str | None = None  # wireguard backend: the peer's published public key
     wg_port: int | None = None  # its WireGuard UDP port (None: the cluster's)
 

@@ -91,10 +91,12 @@ class NodeTables:
     def list_set(self, key: SetKey) -> frozenset | None:
         return self.ports[key[0]].list_set(key[1])
 
-    def update(self, *, add: Mapping[SetKey, Iterable[Any]] = {}, remove: Mapping[SetKey, Iterable[Any]] = {}) -> None:
+    def update(self, *, add: Mapping[SetKey, Iterable[Any]] | None = None,
+               remove: Mapping[SetKey, Iterable[Any]] | None = None) -> None:
         """Remove (those present) and add elements across the node's sets in one transaction."""
+        add = add or {}
         removals = {}
-        for key, elems in remove.items():
+        for key, elems in (remove or {}).items():
             wanted = set(elems)
             present = self.list_set(key) if wanted else None
             if present:

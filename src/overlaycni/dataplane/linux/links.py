@@ -8,11 +8,13 @@ peers' FDB entries never go stale), MTU = underlay MTU - 50, address
 ``<block network>/32``. Per node also ``<block>.1/32`` on ``lo`` labelled
 ``lo:ocni``: the pods' gateway is a local address of the node, so the host
 veth answers the pod's ARP for it (arp_ignore=0) and the node answers pings
-to it; proxy ARP on each host veth then answers for the other pods of the
-same /24 (the pod sees the whole block as on-link). Rejected: putting the
-gateway address on every host veth (one address per pod, and it moves with
-the pod lifecycle) and proxy ARP alone (answers for .1 only when the node
-happens to have a route for it).
+to it. Proxy ARP on each host veth would answer for any address routed
+elsewhere; the pods' ARP guard (``podguard``: ``arp overlaycni``) lets only
+requests for the gateway (or the pod's own address) reach it. Rejected:
+putting the gateway address on every host veth (one address per pod, and it
+moves with the pod lifecycle) and proxy ARP alone (answers for .1 only when
+the node happens to have a route for it). Which sysctls the data path sets
+(and why no ``rp_filter=0``) is in ``engine``'s design note.
 
 ``ensure_vxlan`` reuses a compatible device (same kind, VNI, port, local,
 underlay, learning off) and only fixes MAC/MTU/up state in place; an
