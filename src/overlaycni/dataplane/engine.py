@@ -24,9 +24,9 @@ Sysctls: only what the data path needs, on the devices it owns. The
 ``all``/``default`` settings and the underlay's are the operator's. Per
 pod host veth ``rp_filter=1`` (strict: the only source a pod may use is
 routed back through its own veth; the kernel's check backs the nft rule)
-and proxy ARP (see ``pod_veth_sysctls``); on the VXLAN device
-``rp_filter=1`` (a decapsulated packet's source lies in a peer's block,
-routed back through the device). The kernel applies the larger of
+and proxy ARP (see ``pod_veth_sysctls``); on the tunnel device
+(``ocni.vxlan``, ``ocni.wg``) ``rp_filter=1`` (a decapsulated or decrypted
+packet's source lies in a peer's block, routed back through the device). The kernel applies the larger of
 ``all`` and the device's value, so a host that sets ``all`` to 2 (loose)
 keeps loose checks there; none of the data path needs ``rp_filter=0``.
 """
