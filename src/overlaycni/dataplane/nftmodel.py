@@ -54,7 +54,12 @@ at ``@th,224,16``) whatever the outer header's options. nft 1.0.6 (Debian
 12) can neither type that raw field (so ``@peer_blocks`` is declared with
 ``typeof ip saddr . @th,336,32`` and holds each block as a range of
 integers, ``nftables.RawRange``) nor parse the inner headers itself (``vxlan
-ip saddr`` needs nft 1.0.7). A payload load past the end of a short packet
+ip saddr`` needs nft 1.0.7). Checked on this project's kernel (6.x) and nft
+1.0.6: a set typed ``ipv4_addr . ipv4_addr`` is refused for the raw field
+("datatype mismatch"), and nft's JSON parser knows no ``typeof`` and cannot
+size ``integer`` ("variable sized data types"), so the table's full
+replacement runs as native nft text (``nfttext``, still one transaction)
+while element updates stay JSON. A payload load past the end of a short packet
 ends the rule without a match, so the accept is the positive rule and the
 drop comes last. Packets arrive reassembled (conntrack's defragmentation,
 priority -400, runs before every chain here). Rejected: a per-peer VXLAN
