@@ -110,9 +110,10 @@ def test_rotated_client_certificate_is_used_without_reopening(etcd_tls_server, e
     store = open_datastore(etcd_tls_url, credentials=creds)
     seen: list[str] = []
     stop = threading.Event()
+    start = store.revision() + 1  # a watch from "now" could miss the first put on a loaded machine
 
     def watch() -> None:
-        for ev in store.watch("/t/rot/", stop=stop):
+        for ev in store.watch("/t/rot/", start_revision=start, stop=stop):
             seen.append(ev.key)
 
     watcher = threading.Thread(target=watch, daemon=True)
