@@ -29,12 +29,16 @@ Design note.
 * Watch polls the event table by revision (every 0.1 s); the event log keeps
   the last ``EVENT_HISTORY`` revisions; a watch from before that raises
   ``WatchCompacted`` (etcd's behaviour after compaction).
+* Files: the database, its ``-wal``/``-shm`` and ``.lock`` files are 0600
+  (``_prepare_files``), a directory it creates 0700: the state names
+  every node and pod of the cluster.
 * Rejected: an in-memory store (the lab needs several processes) and
   file locks around JSON (no transactions, no watch).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import sqlite3
@@ -52,6 +56,35 @@ from .base import KV, ClosingMixin, Event, Snapshot, Store, TransactMixin, TxnRe
 
 POLL_INTERVAL = 0.1
 MAX_IDLE = 8  # pooled connections kept open
+
+
+def _prepare_files(path: str) -> None:
+    """The database file exists, 0600, before SQLite opens it; a missing
+    directory is made 0700. SQLite creates the ``-wal`` and ``-shm`` files
+    with the database file's mode (its unix VFS copies it), so they are 0600
+    too; those left wider by an older version are narrowed. A directory that
+    already exists keeps its mode (it may be shared, like /tmp: the systemd
+    unit's ``StateDirectoryMode=0700`` sets /var/lib/overlaycni's). Symbolic
+    links at the file's name are refused (``O_NOFOLLOW``)."""
+    try:
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatastoreError(f"cannot create the directory of {path}: {exc.strerror}") from None
+    for name in (path, path + "-wal", path + "-shm"):
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if name == path else 0)
+        try:
+            fd = os.open(name, flags, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DatastoreError(f"{name} is a symbolic link; the datastore does not follow one (give the real path)") from None
+            raise DatastoreError(f"cannot open {name}: {exc.strerror}") from None
+        try:
+            if os.fstat(fd).st_uid == os.geteuid() and os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 def _rollback(conn: sqlite3.Connection, exc: BaseException) -> None:
@@ -77,14 +110,11 @@ class SQLiteStore(TransactMixin, ClosingMixin):
         self._write_lock = threading.Lock()  # threads of this process, before the flock
         self._lock_fd: int | None = None
         self._closed = False
-        try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatastoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from None
+        _prepare_files(self.path)
         with self._connection():
             pass  # opens the file as SQLite first: a non-database file fails here, before any side effect
         try:
-            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise DatastoreError(f"cannot open {self.path}.lock: {exc.strerror}") from None
         with self._connection() as conn, WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
