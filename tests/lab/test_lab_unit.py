@@ -146,7 +146,7 @@ def test_state_round_trip_and_status_json(tmp_path):
 
 def test_state_save_load_list(tmp_path):
     s = _state(tmp_path)
-    Path(s.lab_dir).mkdir()
+    st.create_lab_dir("t", str(tmp_path))
     st.save(s)
     assert st.load("t", str(tmp_path)) == s
     assert st.list_labs(str(tmp_path)) == ["t"]
@@ -194,7 +194,7 @@ def test_pods_are_named_per_namespace():
 
 def test_state_file_from_before_namespaced_pods_is_refused(tmp_path):
     s = _state(tmp_path)
-    Path(s.lab_dir).mkdir()
+    st.create_lab_dir("t", str(tmp_path))
     old = json.loads(st.to_json(s))
     del old["version"]
     (Path(s.lab_dir) / st.STATE_FILE).write_text(json.dumps(old))

@@ -9,16 +9,23 @@ start at once, then we wait for each ready line) -> pods through the real
 plugin (a small thread pool). The state file is saved after every step,
 and any failure runs ``down``: a failed ``up`` leaves nothing behind.
 
-Down: stop the processes the state file names (by pid + start time), then
-for every namespace of the lab (from the state file *and* by the lab's
-unique prefix, so a lost state file is no obstacle) kill what still runs in
-it and delete it; pods first, the VNet last; finally remove the lab dir.
-Safe to repeat.
+Down: refuse at once, deleting nothing, when the lab's directory exists
+but is not a lab (no marker, a symbolic link, not ours: ``state.open_lab_dir``).
+Then stop the processes the state file names (only where pid, start time
+and lab namespace all match: ``procs``), then for every namespace of the lab
+(from the state file *and* by the lab's unique prefix ``ocl-<lab>.``, so a
+lost state file is no obstacle) kill what still runs in it and delete it;
+pods first, the VNet last; finally remove the marked lab dir. Safe to
+repeat.
+
+``up`` over an existing directory of the lab's name: a lab's (marked)
+leftovers without state file or namespaces are removed; a directory that is
+not a lab is an error and is left as it is.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -73,13 +80,17 @@ def up(req: UpRequest, *, report: Reporter = _quiet) -> LabState:
     net = validate(req)
     netns.require_privileges()
     d = st.lab_dir(req.name, req.root)
-    if (d / st.STATE_FILE).exists() or netns.list_netns(topology.netns_prefix(req.name)):
-        raise AlreadyExists(
-            f"lab {req.name!r} already exists",
-            details=f"see `overlaycni lab status --name {req.name}`, or remove it with `overlaycni lab down --name {req.name}`",
-        )
-    if d.exists():
-        shutil.rmtree(d)  # leftovers without a state file or namespaces: nothing running uses them
+    exists = AlreadyExists(
+        f"lab {req.name!r} already exists",
+        details=f"see `overlaycni lab status --name {req.name}`, or remove it with `overlaycni lab down --name {req.name}`",
+    )
+    if netns.list_netns(topology.netns_prefix(req.name)):
+        raise exists
+    if os.path.lexists(d):
+        with st.open_lab_dir(d) as dfd:  # UsageError (nothing deleted) unless it is a lab directory
+            if _has(dfd, st.STATE_FILE):
+                raise exists
+        st.remove_lab_dir(d)  # a lab's leftovers without a state file or namespaces: nothing running uses them
     addr = topology.addressing(net)
     lab = req.name
     state = LabState(
@@ -97,7 +108,10 @@ def up(req: UpRequest, *, report: Reporter = _quiet) -> LabState:
         lease_ttl=req.lease_ttl,
     )
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        st.create_lab_dir(req.name, req.root)
+    except FileExistsError:  # made by someone else since the check above: not ours to touch
+        raise UsageError(f"{d} appeared while the lab was being made; nothing was changed", field="--lab-dir") from None
+    try:
         state = _build(state, req, net, report)
     except BaseException:
         down(lab, root=req.root)
@@ -237,32 +251,40 @@ def _ns_order(lab: str, names: set[str]) -> list[str]:
 
 
 def down(name: str, *, root: str | None = None) -> DownReport:
+    """Take lab ``name`` down. A directory of that name that is not a lab
+    (a symbolic link, not ours, no marker) is refused before anything is
+    touched: ``UsageError`` saying why, nothing deleted."""
     topology.validate_lab_name(name)
     netns.require_privileges()
     d = st.lab_dir(name, root)
+    if os.path.lexists(d):
+        with st.open_lab_dir(d):
+            pass  # refuses (UsageError) anything but this lab's own directory
     state = st.try_load(name, root)
     stopped: list[int] = []
     if state is not None:
-        for node in state.nodes:
-            if procs.stop(node.agent):
-                stopped.append(node.agent.pid)  # type: ignore[union-attr]
-        if procs.stop(state.etcd):
-            stopped.append(state.etcd.pid)  # type: ignore[union-attr]
-    found = set(netns.list_netns(topology.netns_prefix(name)))
+        for proc in [n.agent for n in state.nodes] + [state.etcd]:
+            if proc is not None and procs.stop(proc):  # only if pid, start time and lab namespace all match
+                stopped.append(proc.pid)
+    prefix = topology.netns_prefix(name)
+    found = set(netns.list_netns(prefix))
     if state is not None:
-        found |= {n for n in state.namespaces if netns.netns_exists(n)}
+        found |= {n for n in state.namespaces if n.startswith(prefix) and netns.netns_exists(n)}
     ordered = _ns_order(name, found)
-    for ns in ordered:
-        for pid in netns.netns_pids(ns):  # strays: an agent from a lost state file, a `lab exec` left running
-            procs.kill_pid(pid)
-            stopped.append(pid)
+    for ns in ordered:  # strays: an agent from a lost state file, a `lab exec` left running
+        stopped += procs.kill_strays(ns)
     for ns in ordered:
         netns.delete_netns(ns)
-    removed = None
-    if d.is_dir() and d.name == name:
-        shutil.rmtree(d, ignore_errors=True)
-        removed = str(d)
+    removed = str(d) if st.remove_lab_dir(d) else None
     return DownReport(name=name, stopped=tuple(stopped), namespaces=tuple(ordered), removed_dir=removed)
+
+
+def _has(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def labs(root: str | None = None) -> list[tuple[str, LabState | None]]:

@@ -101,8 +101,7 @@ def delete_pod(name: str, pod: str, *, root: str | None = None) -> LabPod:
     state = open_lab(name, root)
     p = state.pod(pod)
     node = next((n for n in state.nodes if n.name == p.node), None)
-    for pid in netns.netns_pids(p.netns):  # the pod's processes (probe servers, a `lab exec`) go first
-        procs.kill_pid(pid)
+    procs.kill_strays(p.netns)  # the pod's processes (probe servers, a `lab exec`) go first
     control.cni_del(state, node, p)
     _update(name, root, lambda s: s.without_pod(p).without_namespace(p.netns))
     try:
@@ -147,8 +146,7 @@ def delete_node(name: str, node: str, *, root: str | None = None) -> LabNode:
     state = open_lab(name, root)
     n = state.node(node)
     for p in state.pods_on(node):
-        for pid in netns.netns_pids(p.netns):  # the pod's processes (probe servers) go first
-            procs.kill_pid(pid)
+        procs.kill_strays(p.netns)  # the pod's processes (probe servers) go first
         control.cni_del(state, n, p, best_effort=True)
 
         def drop(s: LabState, p: LabPod = p) -> LabState:
@@ -165,8 +163,7 @@ def delete_node(name: str, node: str, *, root: str | None = None) -> LabNode:
 
 def _remove_node(state: LabState, n: LabNode, *, deregister: bool) -> None:
     procs.stop(n.agent)
-    for pid in netns.netns_pids(n.netns):
-        procs.kill_pid(pid)
+    procs.kill_strays(n.netns)
     if deregister:
         deregister_node(state, n.name)
     netns.delete_netns(n.netns)

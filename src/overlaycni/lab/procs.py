@@ -1,13 +1,28 @@
-"""Processes the lab starts (agents, etcd), tracked by pid + start time.
+"""Processes the lab starts (agents, etcd), tracked by pid + start time + netns.
 
 A daemon is started with ``ip netns exec NS CMD`` (which execs, so the pid we
 record is the daemon's own), in a new session, output to a log file in the
-lab directory. ``stop`` signals only a process whose kernel start time still
-matches the record, so a recycled pid is never killed by mistake.
+lab directory. The record (``state.Proc``) holds its pid, its kernel start
+time and the lab namespace it was started in.
+
+Signals go only to what the lab recorded, and race-free: ``stop``/``kill``
+open a pidfd for the pid first, then check through /proc that the process
+behind it still has the recorded start time *and* lives in the recorded lab
+namespace (same namespace inode as ``/var/run/netns/NS``), and only then
+signal through the pidfd (pidfd_send_signal(2)): a pid recycled between the
+check and the signal cannot be hit, because the pidfd pins the process that
+was checked. A recorded pid that now belongs to another process (after a
+reboot, with a lab dir on disk: small pids and start times come back) is in
+no lab namespace and is left alone. ``kill_strays`` kills what runs inside a
+lab namespace (a ``lab exec`` left running, an agent whose record was lost)
+with the same check against that namespace. A record without a namespace
+(a state file from before it was recorded) is never signalled: the strays
+sweep of the lab's namespaces still stops that process.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AgentUnavailable, DataplaneError
-from .netns import in_ns
+from .netns import NETNS_DIR, in_ns, lab_ns, netns_pids
 from .state import Proc
 
 
@@ -41,12 +56,56 @@ def _state(pid: int) -> str | None:
         return None
 
 
+def _netns_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a network namespace file (None if unreadable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def in_lab_netns(pid: int, ns: str) -> bool:
+    """Whether process ``pid`` lives in lab namespace ``ns`` (its
+    /proc/PID/ns/net is the namespace /var/run/netns/NS names)."""
+    want = _netns_id(os.path.join(NETNS_DIR, lab_ns(ns))) if ns else None
+    return want is not None and _netns_id(f"/proc/{pid}/ns/net") == want
+
+
 def alive(proc: Proc | None) -> bool:
-    """Running (not a zombie) and still the process we started."""
+    """Running (not a zombie) and still the process we started (same start
+    time and, when recorded, still in its lab namespace)."""
     if proc is None:
         return False
     st = start_time(proc.pid)
-    return st == proc.start_time and _state(proc.pid) not in (None, "Z", "X")
+    if st != proc.start_time or _state(proc.pid) in (None, "Z", "X"):
+        return False
+    return not proc.netns or in_lab_netns(proc.pid, proc.netns)
+
+
+def _ours(proc: Proc) -> bool:
+    """The recorded process, checked as ``stop`` and ``kill`` need it: the
+    start time matches and it is inside the lab namespace it was started in."""
+    return bool(proc.netns) and start_time(proc.pid) == proc.start_time and in_lab_netns(proc.pid, proc.netns)
+
+
+def _signal_checked(pid: int, sig: int, check: Callable[[], bool]) -> bool:
+    """Send ``sig`` to ``pid`` only if ``check()`` holds for the process a
+    pidfd pins (so a pid recycled after the check is never hit). False if
+    the process is gone or fails the check."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not check():
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def spawn(ns: str, argv: Sequence[str], *, log: Path, out: Path | None = None) -> Proc:
@@ -68,7 +127,7 @@ def spawn(ns: str, argv: Sequence[str], *, log: Path, out: Path | None = None) -
     # Popen would reap it in its destructor bookkeeping only; keep it from
     # warning and let ``stop`` reap it when it is our child.
     p.returncode = 0
-    return Proc(pid=p.pid, start_time=st, log=str(log))
+    return Proc(pid=p.pid, start_time=st, log=str(log), netns=ns)
 
 
 def _reap(pid: int) -> None:
@@ -80,13 +139,13 @@ def _reap(pid: int) -> None:
 
 def stop(proc: Proc | None, *, timeout: float = 5.0) -> bool:
     """SIGTERM, then SIGKILL after ``timeout``. Returns True if it was running.
-    A process that is gone (or whose pid was recycled) counts as stopped."""
-    if proc is None or start_time(proc.pid) != proc.start_time:
+    A process that is gone, or that is not the recorded one any more (pid
+    recycled, outside its lab namespace), counts as stopped and is not
+    signalled."""
+    if proc is None:
         return False
     was_alive = alive(proc)
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not _signal_checked(proc.pid, signal.SIGTERM, lambda: _ours(proc)):
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,12 +158,9 @@ def stop(proc: Proc | None, *, timeout: float = 5.0) -> bool:
 
 
 def kill(proc: Proc | None, sig: int = signal.SIGKILL) -> None:
-    """Send ``sig`` to our process (if it is still ours) and reap it."""
-    if proc is None or start_time(proc.pid) != proc.start_time:
-        return
-    try:
-        os.kill(proc.pid, sig)
-    except ProcessLookupError:
+    """Send ``sig`` to our process (if it is still ours, as ``stop``
+    checks) and reap it."""
+    if proc is None or not _signal_checked(proc.pid, sig, lambda: _ours(proc)):
         return
     if sig == signal.SIGKILL:
         for _ in range(100):
@@ -114,12 +170,15 @@ def kill(proc: Proc | None, sig: int = signal.SIGKILL) -> None:
             time.sleep(0.02)
 
 
-def kill_pid(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    _reap(pid)
+def kill_strays(ns: str) -> list[int]:
+    """SIGKILL every process inside lab namespace ``ns`` (each checked to
+    be in it through its pidfd, as ``stop`` checks); returns their pids."""
+    killed = []
+    for pid in netns_pids(ns):
+        if _signal_checked(pid, signal.SIGKILL, functools.partial(in_lab_netns, pid, ns)):
+            _reap(pid)
+            killed.append(pid)
+    return killed
 
 
 def wait_for_json_event(

@@ -12,14 +12,26 @@ output names a pod the same way (``LabState.ref``: the bare name unless
 another namespace has a pod of that name). State files written before pods
 were keyed by namespace (version 1, no ``version`` key) are not read: take
 such a lab down with ``lab down`` (which finds it by its namespaces).
+
+The lab directory is private and marked. ``lab up`` makes it (0700) and
+writes ``.overlaycni-lab`` into it; every later read or write goes through
+``open_lab_dir``, which refuses a directory that is a symbolic link, is not
+ours, is writable by others or carries no marker for this lab: ``lab
+down`` deletes nothing else, whatever ``--name``/``--lab-dir`` point at.
+The state and lock files are 0600 and opened relative to that checked
+directory without following symbolic links (``O_NOFOLLOW``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
+import stat
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +42,8 @@ from typing import Any
 from ..errors import NotFound, OverlayCNIError, UsageError
 
 STATE_FILE = "lab.json"
+MARKER_FILE = ".overlaycni-lab"  # written by `lab up` into the directory it made: the only kind `lab down` deletes
+LOCK_FILE = ".lock"
 STATE_VERSION = 2  # 2: pods keyed by (namespace, name), netns ocl-<lab>.pod.<ns>.<name>
 DEFAULT_ROOTS = ("/run/overlaycni/labs", "/var/lib/overlaycni/labs")
 ENV_LAB_DIR = "OVERLAYCNI_LAB_DIR"
@@ -37,12 +51,14 @@ ENV_LAB_DIR = "OVERLAYCNI_LAB_DIR"
 
 @dataclass(frozen=True)
 class Proc:
-    """A process the lab started: pid plus its kernel start time, so a
-    recycled pid is never mistaken for ours."""
+    """A process the lab started: pid plus its kernel start time and the lab
+    namespace it runs in, so a recycled pid is never mistaken for ours
+    (``procs`` signals only a process that matches all three)."""
 
     pid: int
     start_time: int
     log: str = ""
+    netns: str = ""
 
 
 @dataclass(frozen=True)
@@ -293,10 +309,129 @@ def lab_dir(name: str, root: str | None = None) -> Path:
     return labs_root(root) / name
 
 
-def load(name: str, root: str | None = None) -> LabState:
-    path = lab_dir(name, root) / STATE_FILE
+# --- the lab directory: made by ``lab up``, marked, private ---------------------------
+
+
+def _refusal(path: Path, problem: str) -> UsageError:
+    return UsageError(f"{path} {problem}; nothing there was read, changed or deleted", field="--lab-dir")
+
+
+def _check_dir(path: Path) -> os.stat_result:
+    """``lstat`` of a lab directory that is a real directory (not a
+    symbolic link), ours, and writable by nobody else."""
+    info = os.lstat(path)  # FileNotFoundError: the caller decides
+    if stat.S_ISLNK(info.st_mode):
+        raise _refusal(path, "is a symbolic link; a lab directory is never followed through one")
+    if not stat.S_ISDIR(info.st_mode):
+        raise _refusal(path, "is not a directory, so it is not a lab")
+    if info.st_uid != os.geteuid():
+        raise _refusal(path, f"is owned by uid {info.st_uid}, not by us (uid {os.geteuid()}), so it is not our lab")
+    if info.st_mode & 0o022:
+        raise _refusal(path, f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); a lab directory is 0700")
+    return info
+
+
+def _read_marker(dir_fd: int) -> str | None:
+    """The lab name in the marker file (None: no marker, or not ours)."""
     try:
-        return from_json(path.read_text())
+        fd = os.open(MARKER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            return None
+        data = json.loads(os.read(fd, 4096) or b"{}")
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+    lab = data.get("lab") if isinstance(data, dict) else None
+    return lab if isinstance(lab, str) else None
+
+
+@contextlib.contextmanager
+def open_lab_dir(path: Path) -> Iterator[int]:
+    """A file descriptor of lab directory ``path`` for ``dir_fd`` calls,
+    after checking that it is a lab: a real directory (``O_NOFOLLOW``), ours,
+    not writable by others, holding the marker that ``lab up`` wrote into it
+    naming this lab. Raises ``UsageError`` naming the problem;
+    ``FileNotFoundError`` when there is no such directory."""
+    info = _check_dir(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise _refusal(path, "changed while it was being checked")
+        if _read_marker(fd) != path.name:
+            raise _refusal(
+                path,
+                f"is not an overlaycni lab directory: it has no {MARKER_FILE} marker naming lab {path.name!r} "
+                "(`lab up` writes one into each directory it makes)",
+            )
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def is_lab_dir(path: Path) -> bool:
+    try:
+        with open_lab_dir(path):
+            return True
+    except (OSError, UsageError):
+        return False
+
+
+def create_lab_dir(name: str, root: str | None = None) -> Path:
+    """Make the lab's directory (0700) and write its marker. The directory
+    must not exist: ``FileExistsError`` otherwise (the caller says whether
+    it is a lab or something else). The labs root is made 0700 if missing;
+    an existing one must not be writable by others unless sticky (as /tmp
+    is), or anyone could swap a lab directory for their own."""
+    base = labs_root(root)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.stat(base)
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        raise UsageError(f"{base} is writable by everyone and not sticky; choose another --lab-dir", field="--lab-dir")
+    d = base / name
+    os.mkdir(d, 0o700)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(MARKER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"lab": name, "made_by": "overlaycni lab up"}) + "\n")
+    finally:
+        os.close(dfd)
+    return d
+
+
+def remove_lab_dir(path: Path) -> bool:
+    """Delete lab directory ``path`` with everything in it, only after
+    ``open_lab_dir``'s checks (``UsageError`` otherwise); False if there
+    is none. ``rmtree`` works through directory descriptors, never
+    following a symbolic link inside."""
+    try:
+        with open_lab_dir(path):
+            pass
+    except FileNotFoundError:
+        return False
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        shutil.rmtree(path.name, dir_fd=parent)
+    finally:
+        os.close(parent)
+    return True
+
+
+def load(name: str, root: str | None = None) -> LabState:
+    d = lab_dir(name, root)
+    path = d / STATE_FILE
+    try:
+        with open_lab_dir(d) as dfd:
+            fd = os.open(STATE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            with os.fdopen(fd) as fh:
+                text = fh.read()
+        return from_json(text)
     except FileNotFoundError:
         raise NotFound(f"no lab named {name!r} (looked in {path.parent}); start one with: overlaycni lab up --name {name}") from None
     except StateVersionError as exc:
@@ -304,7 +439,7 @@ def load(name: str, root: str | None = None) -> LabState:
             f"lab {name}: the state file {path} was written by another overlaycni version ({exc}); "
             f"take the lab down with `overlaycni lab down --name {name}` and bring it up again"
         ) from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise OverlayCNIError(f"lab {name}: the state file {path} is damaged ({exc}); `overlaycni lab down --name {name}` still cleans up") from None
 
 
@@ -316,26 +451,40 @@ def try_load(name: str, root: str | None = None) -> LabState | None:
 
 
 def save(state: LabState) -> None:
-    path = Path(state.lab_dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_json(state))
-    os.replace(tmp, path)
+    """Write the state file atomically (a 0600 temporary file, renamed),
+    inside the checked lab directory, following no symbolic link."""
+    with open_lab_dir(Path(state.lab_dir)) as dfd:
+        tmp = f"{STATE_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(to_json(state))
+            os.replace(tmp, STATE_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
 
 
 @contextlib.contextmanager
 def locked(lab_path: Path) -> Iterator[None]:
-    """Serialise state updates of one lab across processes."""
-    lab_path.mkdir(parents=True, exist_ok=True)
-    with open(lab_path / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    """Serialise state updates of one lab across processes (an ``flock`` on
+    the lab's 0600 lock file, in the checked lab directory)."""
+    with open_lab_dir(lab_path) as dfd:
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            problem = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened: {exc.strerror}"
+            raise _refusal(lab_path, f"holds a lock file {LOCK_FILE} that {problem}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def list_labs(root: str | None = None) -> list[str]:
     base = labs_root(root)
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / STATE_FILE).is_file())
+    return sorted(p.name for p in base.iterdir() if (p / STATE_FILE).is_file() and is_lab_dir(p))
