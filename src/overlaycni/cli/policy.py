@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -22,14 +23,15 @@ import yaml
 from rich.table import Table
 
 from ..datastore import Store
-from ..errors import ConfigError, NotFound, PolicyFieldError
+from ..datastore.keys import BadRecordHandler
+from ..errors import BadRecord, ConfigError, NotFound, PolicyFieldError
 from ..policy.explain import explain
 from ..policy.inventory import Inventory, load_inventory
 from ..policy.model import parse_policies
 from ..policy.records import delete_policy, load_policies, policy_to_dict, save_policies
 from ..policy.render import counts, render_node
 from ..policy.stored import inventory_from_store
-from .common import FromOpt, LabOpt, Output, OutputOpt, TargetClusterOpt, console, open_store, print_json
+from .common import FromOpt, LabOpt, Output, OutputOpt, TargetClusterOpt, console, open_store, print_json, print_warning
 
 T = TypeVar("T")
 
@@ -75,7 +77,21 @@ def load_any_inventory(ctx: typer.Context, *, from_file: str | None, cluster: st
         return load_inventory(read_text(from_file))
     if not cluster and not lab:
         raise ConfigError(PolicyFieldError("--from", "required: --from FILE, or --cluster C / --lab N for a datastore"))
-    return on_store(ctx, cluster=cluster, lab=lab, use=inventory_from_store)
+    with skipped_records() as on_bad:
+        return on_store(ctx, cluster=cluster, lab=lab, use=lambda store, name: inventory_from_store(store, name, on_bad=on_bad))
+
+
+@contextmanager
+def skipped_records() -> Iterator[BadRecordHandler]:
+    """A handler that collects the records a command skips because they do
+    not decode (as the agents skip them); one warning each, printed at the
+    end (the handler may run on a lab's control-namespace thread)."""
+    bad: list[BadRecord] = []
+    try:
+        yield bad.append
+    finally:
+        for exc in bad:
+            print_warning(f"skipped {exc} (the agents skip it too)")
 
 
 def read_text(path: str) -> str:
@@ -192,13 +208,14 @@ def apply_cmd(
 
     def store_all(store: Store, name: str) -> tuple[str, set[str]]:
         get_cluster(store, name)  # NotFound for an unknown cluster
-        before = {p.key for p in load_policies(store, name)}
+        before = {p.key for p in load_policies(store, name, on_bad=on_bad)}  # a bad record is replaced, not fatal
         save_policies(store, name, policies=policies)
         return name, before
 
     try:
         policies = parse_policies(read_text(file))
-        cluster, before = on_store(ctx, cluster=cluster, lab=lab, use=store_all)
+        with skipped_records() as on_bad:
+            cluster, before = on_store(ctx, cluster=cluster, lab=lab, use=store_all)
     except ConfigError as exc:
         _reraise(output, exc)
     done = [{"policy": p.key, "action": "configured" if p.key in before else "created"} for p in policies]
@@ -232,7 +249,10 @@ def delete_cmd(
 @policy_app.command("list", epilog="Example: overlaycni policy list --cluster dev -o json")
 def list_cmd(ctx: typer.Context, cluster: TargetClusterOpt = None, lab: LabOpt = None, output: OutputOpt = Output.table) -> None:
     """List the cluster's policies."""
-    cluster, policies = on_store(ctx, cluster=cluster, lab=lab, use=lambda store, name: (name, load_policies(store, name)))
+    with skipped_records() as on_bad:
+        cluster, policies = on_store(
+            ctx, cluster=cluster, lab=lab, use=lambda store, name: (name, load_policies(store, name, on_bad=on_bad))
+        )
     policies = sorted(policies, key=lambda p: p.key)
     if output is Output.json:
         print_json({"cluster": cluster, "policies": [policy_to_dict(p) for p in policies]})

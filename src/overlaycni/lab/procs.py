@@ -122,7 +122,10 @@ def spawn(ns: str, argv: Sequence[str], *, log: Path, out: Path | None = None) -
             close_fds=True,
         )
     st = start_time(p.pid)
-    if st is None:
+    # `ip netns exec` enters the namespace, then execs: wait for the first,
+    # so that ``alive`` (which checks the namespace) is true from here on
+    wait_until(lambda: in_lab_netns(p.pid, ns) or p.poll() is not None, timeout=10, interval=0.005)
+    if st is None or p.returncode is not None or not in_lab_netns(p.pid, ns):
         raise DataplaneError(f"{argv[0]} exited at once; see {log}")
     # Popen would reap it in its destructor bookkeeping only; keep it from
     # warning and let ``stop`` reap it when it is our child.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..datastore import Store
+from ..datastore.keys import BadRecordHandler
 from ..ipam import Allocation, list_allocations
 from .inventory import Inventory
 from .model import NamedPort, NamespaceInfo, PodInfo
@@ -38,8 +39,11 @@ def join_inventory(
     return pods, list(namespaces.values())
 
 
-def inventory_from_store(store: Store, cluster: str) -> Inventory:
-    """Pods, namespaces and policies of ``cluster`` (NotFound for an unknown cluster)."""
-    allocations = list_allocations(store, cluster)
-    pods, namespaces = join_inventory(allocations, load_pods(store, cluster), load_namespaces(store, cluster))
-    return Inventory(tuple(namespaces), tuple(pods), tuple(load_policies(store, cluster)))
+def inventory_from_store(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> Inventory:
+    """Pods, namespaces and policies of ``cluster`` (NotFound for an unknown
+    cluster). A record that does not decode raises ``BadRecord``, or with
+    ``on_bad`` is reported and skipped, as the agents skip it."""
+    allocations = list_allocations(store, cluster, on_bad=on_bad)
+    pod_records = load_pods(store, cluster, on_bad=on_bad)
+    pods, namespaces = join_inventory(allocations, pod_records, load_namespaces(store, cluster, on_bad=on_bad))
+    return Inventory(tuple(namespaces), tuple(pods), tuple(load_policies(store, cluster, on_bad=on_bad)))

@@ -161,3 +161,50 @@ def test_a_world_writable_labs_root_without_sticky_bit_is_refused(tmp_path):
     assert os.listdir(root) == []
     os.chmod(root, 0o1777)  # control: sticky, like /tmp
     assert st.is_lab_dir(st.create_lab_dir("t", str(root)))
+
+
+# --- processes: pid + start time + lab namespace ------------------------------------------------
+
+
+@pytest.fixture
+def lab_netns():
+    ns = f"ocl-hp{os.getpid() % 10000}.n1"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_recorded_pid_that_is_another_process_is_not_signalled(lab_netns, tmp_path):
+    from overlaycni.lab import procs
+
+    # an unrelated process outside the lab, recorded with its true pid and
+    # start time (what a reboot can make of a state file on disk)
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        start = procs.start_time(other.pid)
+        assert start is not None
+        rec = st.Proc(pid=other.pid, start_time=start, netns=lab_netns)
+        assert not procs.alive(rec)
+        assert procs.stop(rec, timeout=1) is False
+        procs.kill(rec)
+        assert other.poll() is None  # still running: never signalled
+        # a record without a namespace (older state files) is never signalled either
+        assert procs.stop(st.Proc(pid=other.pid, start_time=start), timeout=1) is False and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    # control: the lab's own process, started in its namespace, is stopped
+    ours = procs.spawn(lab_netns, ["sleep", "300"], log=tmp_path / "sleep.log")
+    assert ours.netns == lab_netns and procs.alive(ours)
+    assert procs.stop(ours, timeout=5) is True and not procs.alive(ours)
+    # and a stray in a lab namespace is killed by the sweep, nothing else
+    stray = procs.spawn(lab_netns, ["sleep", "300"], log=tmp_path / "sleep.log")
+    outside = subprocess.Popen(["sleep", "300"])
+    try:
+        assert procs.kill_strays(lab_netns) == [stray.pid]
+        assert outside.poll() is None
+    finally:
+        outside.kill()
+        outside.wait()
