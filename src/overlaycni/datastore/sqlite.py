@@ -38,10 +38,10 @@ Design note.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -64,27 +64,35 @@ def _prepare_files(path: str) -> None:
     with the database file's mode (its unix VFS copies it), so they are 0600
     too; those left wider by an older version are narrowed. A directory that
     already exists keeps its mode (it may be shared, like /tmp: the systemd
-    unit's ``StateDirectoryMode=0700`` sets /var/lib/overlaycni's). Symbolic
-    links at the file's name are refused (``O_NOFOLLOW``)."""
+    unit's ``StateDirectoryMode=0700`` sets /var/lib/overlaycni's). A symbolic
+    link at the file's name is refused. An existing file is never opened
+    here, only ``lstat``-ed and ``chmod``-ed: closing a descriptor of a
+    database file drops every POSIX lock this process holds on it, those of
+    SQLite's own connections included (sqlite.org/howtocorrupt.html, 2.2)."""
     try:
         Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise DatastoreError(f"cannot create the directory of {path}: {exc.strerror}") from None
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass  # already there (perhaps open in this process): checked below, never opened
+    except OSError as exc:
+        raise DatastoreError(f"cannot create {path}: {exc.strerror}") from None
     for name in (path, path + "-wal", path + "-shm"):
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if name == path else 0)
         try:
-            fd = os.open(name, flags, 0o600)
+            info = os.lstat(name)
         except FileNotFoundError:
             continue
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise DatastoreError(f"{name} is a symbolic link; the datastore does not follow one (give the real path)") from None
-            raise DatastoreError(f"cannot open {name}: {exc.strerror}") from None
-        try:
-            if os.fstat(fd).st_uid == os.geteuid() and os.fstat(fd).st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
+            raise DatastoreError(f"cannot stat {name}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise DatastoreError(f"{name} is a symbolic link; the datastore does not follow one (give the real path)")
+        if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            try:
+                os.chmod(name, 0o600)
+            except OSError as exc:
+                raise DatastoreError(f"cannot make {name} private (0600): {exc.strerror}") from None
 
 
 def _rollback(conn: sqlite3.Connection, exc: BaseException) -> None:
