@@ -53,7 +53,18 @@ def ask(path, payload: bytes, timeout=5.0):
 STATUS = json.dumps({"command": "STATUS", "config": {}}).encode() + b"\n"
 
 
-def test_idle_connections_do_not_block_a_request_and_the_cap_answers_11(server):
+@pytest.fixture()
+def patient_server(tmp_path):
+    """The same limits with a read timeout long enough that the idle connections
+    of a test on a loaded machine are still open when the cap is checked."""
+    srv = serve_unix(str(tmp_path / "p.sock"), ok_handler, lambda *a: None,
+                     SocketLimits(read_timeout=60.0, max_connections=16, max_request=4096, max_depth=8))
+    yield srv
+    srv.shutdown()
+
+
+def test_idle_connections_do_not_block_a_request_and_the_cap_answers_11(patient_server):
+    server = patient_server
     idle = []
     for _ in range(15):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
