@@ -68,6 +68,17 @@ def get_link_msg(ipr: IPRoute, name: str):
         raise nl_error(f"link {name}", exc) from None
 
 
+def delete_link(ipr: IPRoute, name: str) -> bool:
+    """Deletes link ``name``; False when it was already gone."""
+    try:
+        ipr.link("del", ifname=name)
+        return True
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):
+            return False
+        raise nl_error(f"link {name}", exc) from None
+
+
 class LinuxLinks:
     def __init__(self, ipr: IPRoute) -> None:
         self.ipr = ipr
@@ -133,13 +144,7 @@ class LinuxLinks:
         return changes
 
     def delete_link(self, name: str) -> bool:
-        try:
-            self.ipr.link("del", ifname=name)
-            return True
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return False
-            raise nl_error(f"link {name}", exc) from None
+        return delete_link(self.ipr, name)
 
 
 class LinuxAddresses:

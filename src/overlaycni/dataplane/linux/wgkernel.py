@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ...errors import DataplaneError
 from ..wgmodel import WgDevice, WgPeer, WgPeerStatus, WireGuardSpec
-from .links import get_link_msg, nl_error, to_link
+from .links import delete_link, get_link_msg, nl_error, to_link
 from .procwatch import ProcessWatcher
 from .wireguard import UserspaceWireGuard, WireGuardSettings, link_mtu_up
 
@@ -114,13 +114,7 @@ class KernelWireGuard:
                 wg.set(name, peer={"public_key": key, "update_only": True, "persistent_keepalive": seconds})
 
     def delete_device(self, name: str) -> bool:
-        try:
-            self.ipr.link("del", ifname=name)
-            return True
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return False
-            raise nl_error(f"link {name}", exc) from None
+        return delete_link(self.ipr, name)
 
     def close(self) -> None:
         if self._wg is not None:
