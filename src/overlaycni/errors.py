@@ -160,6 +160,14 @@ class Conflict(OverlayCNIError):
     cni_code = CNI_TRY_AGAIN_LATER
 
 
+class NodeConflict(OverlayCNIError):
+    """A node name, node IP or block is held by another (live) node: two
+    machines with one name, two nodes with one IP, a block taken while this
+    node was away. Waiting does not fix it; the message says what would."""
+
+    cni_code = CNI_NOT_AVAILABLE
+
+
 # --- datastore ---------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """IPAM flows on both stores (etcd limits transactions to 128 operations, so
-bulk deletes must be chunked; a lease's expiry must hide the node record)."""
+bulk deletes must be chunked; a lease's expiry must hide the liveness record)."""
 
 from __future__ import annotations
 
@@ -33,20 +33,22 @@ def test_delete_node_with_hundreds_of_addresses(store):
 
 
 def test_node_lease_expiry_and_watch(store):
+    """A lapsed lease takes the liveness record with it; the node record (and
+    so every peer's route to the node) and the block claim stay."""
     ipam.create_cluster(store, "c", _net())
     start = store.revision() + 1
     lease = store.grant_lease(1)
     rec = ipam.register_node(store, "c", "n1", IPv4Address("10.224.0.4"), vtep_mac="02:00:00:00:00:01", lease=lease)
     deadline = time.monotonic() + 10
-    while ipam.list_nodes(store, "c") and time.monotonic() < deadline:
+    while ipam.cluster_nodes(store, "c").live and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ipam.list_nodes(store, "c") == []
+    assert ipam.cluster_nodes(store, "c").live == {}
+    assert ipam.list_nodes(store, "c") == [rec]
     stop = threading.Event()
     events = []
-    for ev in store.watch(ipam.nodes_prefix("c"), start_revision=start, stop=stop):
+    for ev in store.watch("/overlaycni/clusters/c/leases/", start_revision=start, stop=stop):
         events.append(ev)
         if len(events) == 2:
             break
     assert [e.kind for e in events] == ["put", "delete"]
-    assert ipam.node_from_kv(events[0]) == rec
     assert ipam.list_blocks(store, "c") == {"n1": rec.block}  # the claim outlives the lease

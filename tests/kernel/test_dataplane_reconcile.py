@@ -68,6 +68,7 @@ def test_reconcile_vxlan_node(node):
         ("10.244.2.0/24", "10.244.2.0", "ocni.vxlan", "unicast"),
         ("10.244.3.0/24", "10.244.3.0", "ocni.vxlan", "unicast"),
         ("10.244.1.0/24", None, None, "unreachable"),
+        ("10.244.0.0/16", None, None, "unreachable"),  # the pod CIDR catch-all
     }
     assert view["neigh"] == {("10.244.2.0", peer(2).vtep_mac), ("10.244.3.0", peer(3).vtep_mac)}
     assert view["fdb"] == {(peer(2).vtep_mac, "10.224.0.2"), (peer(3).vtep_mac, "10.224.0.3")}
@@ -93,7 +94,7 @@ def test_fresh_process_adopts_then_removes_stale_and_updates_changed_peer(node):
         report = fresh.reconcile(state(moved, peer(4)))
         assert report.errors == []
         view = kernel_view(ns)
-        assert {r[0] for r in view["routes"]} == {"10.244.2.0/24", "10.244.4.0/24", "10.244.1.0/24"}
+        assert {r[0] for r in view["routes"]} == {"10.244.2.0/24", "10.244.4.0/24", "10.244.1.0/24", "10.244.0.0/16"}
         assert view["neigh"] == {("10.244.2.0", moved.vtep_mac), ("10.244.4.0", peer(4).vtep_mac)}
         assert view["fdb"] == {(moved.vtep_mac, "10.224.0.22"), (peer(4).vtep_mac, "10.224.0.4")}
         assert view["node_ips"] == {"10.224.0.1", "10.224.0.22", "10.224.0.4"}
@@ -138,7 +139,7 @@ def test_direct_backend_and_non_adjacent_peer(node):
     report = dp.reconcile(state(peer(2), far, backend="direct"))
     assert len(report.errors) == 1 and "10.225.0.5" in report.errors[0] and "L2 segment" in report.errors[0]
     routes = {(r["dst"], r.get("gateway")) for r in ip_json(ns, "route", "show", "proto", "119")}
-    assert routes == {("10.244.2.0/24", "10.224.0.2"), ("10.244.1.0/24", None)}
+    assert routes == {("10.244.2.0/24", "10.224.0.2"), ("10.244.1.0/24", None), ("10.244.0.0/16", None)}
     assert ip_json(ns, "link", "show") and not any(link["ifname"] == "ocni.vxlan" for link in ip_json(ns, "link", "show"))
     with pytest.raises(PeerNotAdjacent, match="10.225.0.5"):
         dp.ensure_peer(state(backend="direct"), far)

@@ -143,16 +143,23 @@ def test_peers_follow_node_records(cluster, tmp_path):
         a1.shutdown()
 
 
-def test_a_silent_node_is_dropped_after_its_lease_ttl(cluster, tmp_path):
+def test_a_silent_node_is_not_live_but_keeps_its_routes_until_deleted(cluster, tmp_path):
     url, store = cluster
-    a1, _ = start_agent(url, tmp_path, "n1", "10.224.0.4")
+    a1, dp1 = start_agent(url, tmp_path, "n1", "10.224.0.4")
     a2, _ = start_agent(url, tmp_path, "n2", "10.224.0.5", ttl=2)
     try:
         assert wait_for(lambda: any(p.name == "n2" for p in a1.state.peers))
-        a2.shutdown()  # stops refreshing; the lease is not revoked
-        assert any(p.name == "n2" for p in a1.state.peers)
-        assert wait_for(lambda: not any(p.name == "n2" for p in a1.state.peers), timeout=15)
-        assert all(n.name != "n2" for n in ipam.list_nodes(store, "c1"))
+        block = ipam.get_node(store, "c1", "n2").block
+        a2.node.datastore_ok = False  # as if cut off: the lease is neither refreshed nor revoked
+        a2.shutdown()
+        assert wait_for(lambda: "n2" not in ipam.cluster_nodes(store, "c1").live, timeout=15)  # the TTL lapses
+        a1.node.resync()
+        assert [p.name for p in a1.state.peers] == ["n2"] and block in dp1.kernel.routes  # the data path stays
+        assert a1.health()["peers_not_live"] == ["n2"]
+        assert a1.metrics.registry.get_sample_value("overlaycni_peers_not_live") == 1
+        ipam.delete_node(store, "c1", "n2")  # not live: no --force needed
+        assert wait_for(lambda: not a1.state.peers)
+        assert block not in dp1.kernel.routes
     finally:
         a1.shutdown()
 

@@ -18,6 +18,7 @@ from overlaycni.dataplane.model import (
     Peer,
     PodEndpoint,
     Route,
+    admit_peers,
     host_veth_name,
     is_pod_veth,
     peer_objects,
@@ -99,11 +100,6 @@ def test_valid_state_passes():
         ({"vni": 0}, "vni", "outside"),
         ({"vxlan_port": 70000}, "vxlan-port", "outside"),
         ({"mtu": 100}, "mtu", "outside"),
-        ({"peers": (_peer(1, node_ip=IPv4Address("10.224.0.1"), block=IPv4Network("10.244.9.0/24")),)}, "peers", "this node's"),
-        ({"peers": (_peer(2), _peer(3, block=IPv4Network("10.244.2.0/25")))}, "peers", "overlaps"),
-        ({"peers": (_peer(2, block=IPv4Network("10.244.1.0/24")),)}, "peers", "overlaps this node"),
-        ({"peers": (_peer(2), _peer(3, node_ip=IPv4Address("10.224.0.2")))}, "peers", "also n2"),
-        ({"peers": (_peer(2, vtep_mac="zz"),)}, "peers", "not a MAC"),
         ({"pods": (PodEndpoint(IPv4Address("10.244.2.5"), "ocabc"),)}, "pods", "outside the block"),
     ],
 )
@@ -113,17 +109,43 @@ def test_invalid_state_names_the_field(kw, field, words):
     assert any(e.field == field and words in e.message for e in exc.value.errors), exc.value.errors
 
 
+def test_peers_do_not_make_a_state_invalid():
+    """A bad peer never rejects the node's state: peers are admitted one by one."""
+    validate_state(_state(peers=(_peer(2), _peer(2), _peer(3, vtep_mac="zz"))))
+
+
+@pytest.mark.parametrize(
+    ("peers", "left_out", "words", "other"),
+    [
+        ((_peer(1, node_ip=IPv4Address("10.224.0.1"), block=IPv4Network("10.244.9.0/24")),), "n1", "is this node's", "this node"),
+        ((_peer(2), _peer(3, block=IPv4Network("10.244.2.0/25"))), "n3", "overlaps peer n2's block 10.244.2.0/24", "peer n2"),
+        ((_peer(2, block=IPv4Network("10.244.1.0/24")),), "n2", "overlaps this node's block", "this node"),
+        ((_peer(2), _peer(3, node_ip=IPv4Address("10.224.0.2"))), "n3", "node IP 10.224.0.2 is peer n2's", "peer n2"),
+        ((_peer(2, vtep_mac="zz"),), "n2", "not a MAC", None),
+        ((_peer(2, vtep_mac="01:00:5e:00:00:01"),), "n2", "multicast", None),
+        ((_peer(2), _peer(3, vtep_mac=_peer(2).vtep_mac)), "n3", "is peer n2's", "peer n2"),
+        ((_peer(2, block=IPv4Network("10.245.2.0/24")),), "n2", "outside the pod CIDR", None),
+    ],
+)
+def test_a_colliding_peer_is_left_out_alone(peers, left_out, words, other):
+    good = _peer(7)
+    admitted, problems = admit_peers(_state(peers=(*peers, good)))
+    assert good in admitted
+    assert {p.name for p in admitted} == {p.name for p in peers if p.name != left_out} | {"n7"}
+    (problem,) = problems
+    assert problem.peer == left_out and words in problem.message and problem.other == other, problem
+
+
 @given(st.lists(st.tuples(st.integers(0, 255), st.integers(24, 26)), min_size=1, max_size=30))
-def test_overlap_check_agrees_with_pairwise(blocks):
+def test_admitted_blocks_never_overlap_and_each_left_out_one_overlaps(blocks):
     nets = [IPv4Network((int(IPv4Address("10.244.0.0")) + (b << 8), p), strict=False) for b, p in blocks]
     peers = tuple(Peer(f"p{i}", IPv4Address(int(IPv4Address("10.224.1.0")) + i), n, vtep_mac(IPv4Address(i)))
                   for i, n in enumerate(nets))
     state = _state(block=IPv4Network("10.244.255.240/28"), peers=peers)
-    every = [state.block, *nets]
-    pairwise = any(a.overlaps(b) for i, a in enumerate(every) for b in every[i + 1:])
-    try:
-        validate_state(state)
-        found = False
-    except ConfigError as exc:
-        found = any("overlaps" in e.message for e in exc.errors)
-    assert found == pairwise
+    admitted, problems = admit_peers(state)
+    kept = [state.block, *(p.block for p in admitted)]
+    assert not any(a.overlaps(b) for i, a in enumerate(kept) for b in kept[i + 1:])
+    for problem in problems:  # left out only for an overlap with an earlier (kept) block
+        (peer,) = [p for p in peers if p.name == problem.peer]
+        assert "overlaps" in problem.message and any(peer.block.overlaps(b) for b in kept)
+    assert len(admitted) + len(problems) == len(peers)

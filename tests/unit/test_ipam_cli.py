@@ -71,7 +71,8 @@ def test_nodes_and_addresses(cli, tmp_path):
     assert js(cli(*args, "--container-id", "abc"))["ip"] == "10.244.0.2/24"
     assert js(cli(*args, "--container-id", "def"))["ip"] == "10.244.0.3/24"
     show = js(cli("ipam", "show", "--cluster", "dev", "-o", "json"))
-    assert show["nodes"] == [{"node": "n1", "block": "10.244.0.0/24", "live": True, "used": 2, "free": 251}]
+    # registered by hand, no agent holds its lease: not live
+    assert show["nodes"] == [{"node": "n1", "block": "10.244.0.0/24", "live": False, "used": 2, "free": 251}]
     assert js(cli("ipam", "check", "--cluster", "dev", "-o", "json"))["ok"] is True
     valid = tmp_path / "valid.json"
     valid.write_text(json.dumps({"cni.dev/valid-attachments": [{"containerID": "abc", "ifname": "eth0"}]}))

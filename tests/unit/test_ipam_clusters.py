@@ -124,17 +124,18 @@ def test_expand_pod_cidr_keeps_blocks_and_adds_room(store):
     assert ipam.check(store, "dev").ok
 
 
-def test_node_record_vanishes_with_its_lease_but_the_block_stays(store):
+def test_liveness_vanishes_with_its_lease_but_the_record_and_block_stay(store):
     ipam.create_cluster(store, "dev", net())
     lease = store.grant_lease(1)
-    rec = ipam.register_node(store, "dev", "n1", IP("10.224.0.4"), lease=lease)
+    rec = ipam.register_node(store, "dev", "n1", IP("10.224.0.4"), lease=lease, mtu=1500)
     kv = store.get(ipam.nodes_prefix("dev") + "n1")
-    assert ipam.node_from_kv(kv) == rec
+    assert ipam.node_from_kv(kv) == rec and rec.mtu == 1500 and kv.lease is None
+    assert set(ipam.cluster_nodes(store, "dev").live) == {"n1"}
     deadline = time.monotonic() + 10
-    while ipam.list_nodes(store, "dev") and time.monotonic() < deadline:
+    while ipam.cluster_nodes(store, "dev").live and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ipam.list_nodes(store, "dev") == []
-    with pytest.raises(NotFound, match="lease expired"):
-        ipam.get_node(store, "dev", "n1")
+    view = ipam.cluster_nodes(store, "dev")
+    assert view.live == {} and view.records == (rec,) and view.claims == {rec.block: "n1"}
+    assert ipam.get_node(store, "dev", "n1") == rec
     assert ipam.list_blocks(store, "dev") == {"n1": rec.block}
     assert ipam.register_node(store, "dev", "n1", IP("10.224.0.4")).block == rec.block

@@ -7,17 +7,24 @@ print one ``{"event": "ready"}`` line. ``start`` builds the running state in
 one object (``node.RunningNode``: the loops, the CNI operations, the policy
 controller); before it there is only configuration.
 
-Running: the loops of ``RunningNode`` and the CNI socket server (one thread
-per request).
+Running: the loops of ``RunningNode``, the repair loop (``repair.Repairer``:
+kernel events about our objects changed by others) and the CNI socket server
+(one thread per request).
 
 Stop (SIGTERM/SIGINT): the loops end, the socket goes away, the kernel state
 stays: pods keep working, and a restarted agent adopts what is there. The
-lease is *not* revoked, so peers keep this node until the TTL passes; a
-restart well within the TTL is invisible to them.
+lease is revoked (best effort), so the node shows as not live at once and
+``node delete`` needs no ``--force``; peers keep its routes (its node record
+and block stay), so a restart is invisible to the data path.
+
+Health (``/healthz``, ``agent status``): ready only while the datastore
+answers, this node's name and block are its own (``conflicts``) and its
+enforcement is in place (``repair``); ``reasons`` says what is wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -26,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from .. import ipam
@@ -35,6 +43,7 @@ from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLErro
 from .cniops import NodeContext
 from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
+from .repair import NoEvents, Repairer
 from .server import claim_socket_path, serve_unix
 from .wireguard import KeyRotator, NodeKey, record_identity
 
@@ -59,6 +68,8 @@ class Agent:
         self.stop_event = threading.Event()
         self.node: RunningNode | None = None
         self.rotator: KeyRotator | None = None  # backend wireguard only
+        self.repair: Repairer | None = None
+        self._events: Any = None
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self._http: Any = None
@@ -100,13 +111,24 @@ class Agent:
             self._dp = LinuxDataplane(wireguard=WireGuardSettings(mode=o.wireguard_mode, socket_dir=o.wireguard_socket_dir))
         info = self._dp.node_info(o.node_ip, backend=net.backend, mtu=net.mtu)
         self.metrics.watch_drops(self._dp.drop_counters)
+        # Pods of an earlier run use the block on the kernel's gateway address:
+        # claim exactly that one again (never a new block under live pods).
+        used = self._dp.adopted_block(net.node_cidr_size) if self._dp.list_pod_veths() else None
         lease = store.grant_lease(o.lease_ttl)
-        record = ipam.register_node(store, o.cluster, o.node, o.node_ip, vtep_mac=info.vtep_mac, lease=lease,
-                                    **record_identity(wg_key, net.wireguard_port))  # fmt: skip
+        try:
+            record = ipam.register_node(
+                store, o.cluster, o.node, o.node_ip, vtep_mac=info.vtep_mac, lease=lease, mtu=info.underlay_mtu,
+                block=used, **record_identity(wg_key, net.wireguard_port),
+            )
+        except OverlayCNIError:
+            with contextlib.suppress(OverlayCNIError):
+                store.revoke_lease(lease)
+            raise
         start_rev = store.revision()
         node = RunningNode(
             o, NodeContext(cluster=o.cluster, network=net, record=record, pod_mtu=info.pod_mtu),
-            store=store, dp=self._dp, lease=lease, metrics=self.metrics, stop=self.stop_event, wg_key=wg_key,
+            store=store, dp=self._dp, lease=lease, metrics=self.metrics, stop=self.stop_event,
+            local_pod_mtu=info.pod_mtu, wg_key=wg_key,
         )
         self.node = node
         self._server = serve_unix(o.socket, functools.partial(self._handle, node), self._observe)
@@ -123,6 +145,13 @@ class Agent:
             )  # fmt: skip
             self._spawn("wgrotate", self.rotator.run)
         self._spawn("reaper", node.reap_loop)
+        try:
+            self._events = self._dp.kernel_events()
+        except OSError as exc:  # no netlink multicast here: repairs wait for a resync or a poll
+            log.warning("kernel events unavailable (%s): changes to this node's objects are found by polling", exc)
+            self._events = NoEvents(self.stop_event)
+        self.repair = Repairer(node, self._events, interval=o.resync_interval)
+        self._spawn("repair", self.repair.run)
         self.metrics.ready.set(1)
         return {
             "event": "ready",
@@ -132,7 +161,7 @@ class Agent:
             "block": str(record.block),
             "vtep_mac": info.vtep_mac,
             "backend": net.backend,
-            "pod_mtu": info.pod_mtu,
+            "pod_mtu": node.ctx.pod_mtu,
             "wireguard_public_key": wg_key.key.public if wg_key else None,
             "underlay": info.underlay_ifname,
             "socket": o.socket,
@@ -155,23 +184,53 @@ class Agent:
     def _handle(self, node: RunningNode, req: Any) -> dict[str, Any] | None:
         if req.command == "AGENT_STATUS":
             return self.health()
-        return node.ops.handle(req)
+        result = node.ops.handle(req)
+        if req.command == "ADD" and result is not None:
+            ips = result.get("ips") or [{}]
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                ip = IPv4Interface(ips[0]["address"])
+                ns, name = req.pod if req.pod else (None, None)
+                node.attached(ipam.Allocation(
+                    ip=ip, gateway=IPv4Address(ips[0]["gateway"]), container_id=req.container_id, ifname=req.ifname,
+                    node=node.ctx.record.name, pod_namespace=ns, pod_name=name,
+                ))
+        elif req.command == "DEL":
+            node.detached(req.container_id, req.ifname)
+        return result
 
     def _observe(self, command: str, outcome: str, seconds: float) -> None:
         self.metrics.requests.labels(command, outcome).inc()
         self.metrics.latency.labels(command).observe(seconds)
 
+    def reasons(self) -> list[str]:
+        """Why this node is not ready (empty: it is)."""
+        n = self.node
+        if n is None or not self.metrics.ready._value.get():  # noqa: SLF001
+            return ["starting or stopping"]
+        out = [f"conflict: {message}" for message in n.conflicts.values()]
+        if self.repair is not None:
+            out += self.repair.missing
+        if not n.datastore_ok:
+            out.append(f"datastore unreachable: {n.last_error}")
+        return out
+
     def health(self) -> dict[str, Any]:
         n = self.node
         datastore_ok = n is not None and n.datastore_ok
+        reasons = self.reasons()
         return {
-            "ready": bool(self.metrics.ready._value.get()) and datastore_ok,  # noqa: SLF001
+            "ready": not reasons,
+            "reasons": reasons,
             "node": self.opts.node,
             "cluster": self.opts.cluster,
             "node_ip": str(self.opts.node_ip),
             "block": str(n.ctx.record.block) if n else None,
             "backend": n.ctx.network.backend if n else None,
             "peers": len(n.state.peers) if n else 0,
+            "peers_not_live": list(n.not_live) if n else [],
+            "peers_disabled": dict(n.disabled) if n else {},
+            "conflicts": dict(n.conflicts) if n else {},
+            "pod_mtu": n.ctx.pod_mtu if n else None,
             "pods": len(n.state.pods) if n else 0,
             "datastore": getattr(self._store, "url", self.opts.datastore),
             "datastore_ok": datastore_ok,
@@ -181,6 +240,7 @@ class Agent:
             "policy_error": n.policy.last_error if n else None,
             "policy_passes": dict(n.policy.passes) if n else {},
             "bad_records": dict(n.bad.counts) if n else {},
+            "last_repair": self.repair.last_repair if self.repair else None,
             "wireguard": self._wg_health(),
             "reaped": n.reaper.status() if n else None,
             "pid": os.getpid(),
@@ -223,6 +283,14 @@ class Agent:
             self._http.shutdown()
         for t in self._threads:
             t.join(timeout=2.0)
+        if self._events is not None:
+            self._events.close()
+        n = self.node
+        if n is not None and n.datastore_ok and self._store is not None:
+            try:  # not live from now on; the node record (and peers' routes) stay
+                self._store.revoke_lease(n.lease)
+            except OverlayCNIError as exc:
+                log.debug("lease not revoked: %s", exc)
         if self._dp is not None:
             self._dp.close()
         if self._store is not None:

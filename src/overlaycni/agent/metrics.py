@@ -33,6 +33,35 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.peers = Gauge("overlaycni_peers", "Peer nodes programmed on this node", registry=r)
+        self.peers_not_live = Gauge(
+            "overlaycni_peers_not_live",
+            "Programmed peers whose agent does not hold its lease (their routes stay while their block is theirs)",
+            registry=r,
+        )
+        self.peers_disabled = Gauge(
+            "overlaycni_peers_disabled", "Node records left out because they collide with another node", registry=r
+        )
+        self.peer_conflicts = Counter(
+            "overlaycni_peer_conflicts", "Peers disabled for a collision (each new collision once)", registry=r
+        )
+        self.repairs = Counter(
+            "overlaycni_repairs",
+            "Kernel objects restored after another process removed or changed them, by kind of object",
+            ["object"], registry=r,
+        )
+        self.foreign_changes = Counter(
+            "overlaycni_foreign_changes",
+            "Changes other processes made to this node's tables, device, addresses, routes or neighbours (seen as kernel events)",
+            registry=r,
+        )
+        self.enforcement_ok = Gauge(
+            "overlaycni_enforcement_ok", "0 while a change to this node's tables, device or routes is not repaired",
+            registry=r,
+        )
+        self.enforcement_ok.set(1)
+        self.node_conflict = Gauge(
+            "overlaycni_node_conflict", "1 while this node's name or block is held by another node", registry=r
+        )
         self.allocated = Gauge("overlaycni_allocated_ips", "Pod IPs allocated on this node", registry=r)
         self.reconciles = Counter("overlaycni_reconciles", "Full reconciles run", registry=r)
         self.reconcile_changes = Counter("overlaycni_reconcile_changes", "Kernel changes made by reconciles", registry=r)

@@ -5,14 +5,19 @@ Loops (each in its own thread, all ending when ``stop`` is set; the kernel
 work of every loop and of CNI requests shares ``kernel_lock``):
 
 * lease keeper: refreshes the lease every TTL/3; a lost lease (the store
-  expired it while we could not reach it) is replaced and the node record
-  written again;
-* node watch (``datastore.watch``): a put programs one peer
-  (``ensure_peer``), a delete removes one (``delete_peer``); a compacted or
-  broken watch, or a failed event, falls back to a full resync and resumes;
+  expired it while we could not reach it) is replaced and the liveness
+  record ``leases/<node>`` written again. The node record itself stays
+  (peers keep this node's routes through an outage of the control plane);
+* node watch (``datastore.watch``): a put or delete of a node record
+  re-selects the peers (``desired.select_peers``) and programs only the
+  difference (``ensure_peer`` / ``delete_peer``); a compacted or broken
+  watch, or a failed event, falls back to a full resync and resumes;
 * resync: every ``resync_interval`` seconds the full desired state is
   recomputed from the datastore and the kernel reconciled to it (Calico
-  style), which also catches anything an event missed;
+  style), which also catches anything an event missed, and refreshes which
+  peers are live;
+* repair (``agent.repair``): kernel events about our objects trigger a
+  reconcile from the last desired state, without the datastore;
 * the policy controller (``agent.policy``);
 * the leak reaper: every ``reap_interval`` seconds, releases this node's
   addresses whose pod veth has been gone for ``reap_grace`` seconds
@@ -23,8 +28,16 @@ and reported once per version (one log line naming the key and the problem,
 one count in ``overlaycni_bad_records_total{kind}``): a bad node record
 counts as absent (in the watch as in a resync), a bad allocation leaves its
 pod's kernel state alone (routes of live veths are never removed), a bad
-policy, pod or namespace is left out of the policy table. Every other
-record is still programmed.
+policy, pod or namespace is left out of the policy table. A peer that
+collides with another (``select_peers``) is left out, logged once and
+counted in ``overlaycni_peer_conflicts_total``. Every other record is still
+programmed.
+
+This node's own record: when it vanishes (``node delete --force`` under a
+running agent) the agent claims exactly its old block again and restores
+the allocations of its live pods; it never takes a new block while pods use
+the old one. If the block (or the name) is held by another node now, the
+conflict is reported (``/healthz`` 503, ``conflicts``) and nothing is claimed.
 """
 
 from __future__ import annotations
@@ -36,13 +49,13 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
 from .. import ipam
-from ..dataplane import Dataplane, NodeState, Peer
+from ..dataplane import Dataplane, NodeState, host_veth_name
 from ..datastore import EtcdCredentials, Event, Store
-from ..datastore.keys import nodes_prefix, split_key
+from ..datastore.keys import block_key, lease_key, nodes_prefix, split_key
 from ..datastore.watch import watch_loop
-from ..errors import BadRecord, DatastoreError, NotFound, OverlayCNIError
+from ..errors import BadRecord, DatastoreError, NodeConflict, NotFound, OverlayCNIError
 from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
-from .desired import node_state, peer_of
+from .desired import PeerSelection, node_state, peer_of, pod_mtu, select_peers, with_peers
 from .metrics import AgentMetrics
 from .policy import PolicyController
 from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
@@ -105,6 +118,7 @@ class RunningNode:
         lease: int,
         metrics: AgentMetrics,
         stop: threading.Event,
+        local_pod_mtu: int,
         wg_key: NodeKey | None = None,
     ) -> None:
         """Reconciles the kernel once (raising if that fails: the agent does not start half-done).
@@ -113,11 +127,20 @@ class RunningNode:
         self.wg_key = wg_key
         self.store, self.dp, self.lease = store, dp, lease
         self.metrics, self.stop = metrics, stop
+        self.local_pod_mtu = local_pod_mtu  # what the local underlay allows
         self.kernel_lock = threading.RLock()
         self.bad = BadRecords(metrics)
         self.last_resync = 0.0
         self.last_error: str | None = None
         self.datastore_ok = True
+        self.conflicts: dict[str, str] = {}  # "name" | "record" -> held by another node (why)
+        self.disabled: dict[str, str] = {}  # peer -> why it is not programmed
+        self.not_live: tuple[str, ...] = ()
+        self.view = ipam.ClusterNodes(records=(ctx.record,), live={}, claims={})
+        # this node's allocations as last read, and since then as ADD and DEL left them
+        # (what ``node delete`` released under a running agent is restored from here)
+        self.allocations: dict[tuple[str, str], ipam.Allocation] = {}
+        self.state = NodeState(node_ip=ctx.record.node_ip, block=ctx.record.block, pod_cidr=ctx.network.pod_cidr)
         self.state = self._reconcile()
         self.policy = PolicyController(
             store, cluster=ctx.cluster, node=ctx.record.name, stop=stop, table=dp.policy_table, on_bad=self.bad.report
@@ -135,22 +158,29 @@ class RunningNode:
 
     def _reconcile(self) -> NodeState:
         c = self.ctx
-        nodes = ipam.list_nodes(self.store, c.cluster, on_bad=self.bad.report)
-        if not any(n.name == c.record.name for n in nodes):
-            self._reregister()
-            nodes = ipam.list_nodes(self.store, c.cluster, on_bad=self.bad.report)
+        view = ipam.cluster_nodes(self.store, c.cluster, on_bad=self.bad.report)
+        if view.record(c.record.name) != c.record:
+            if not self._reclaim(view):
+                return self.state  # a conflict: keep the kernel as it is, say so in /healthz
+            view = ipam.cluster_nodes(self.store, c.cluster, on_bad=self.bad.report)
+        self._ensure_live(view)
         allocations = ipam.list_allocations(self.store, c.cluster, node=c.record.name, on_bad=self.bad.report)
+        selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
         with self.kernel_lock:
-            state = node_state(c.network, c.record, nodes, allocations, present_veths=self.dp.list_pod_veths(),
-                               wireguard_key=self.wg_key.key if self.wg_key else None)  # fmt: skip
+            state = node_state(
+                c.network, c.record, selection.records, allocations, present_veths=self.dp.list_pod_veths(),
+                wireguard_key=self.wg_key.key if self.wg_key else None,
+            )
             report = self.dp.reconcile(state)
-            self.state = state
+            self.state, self.view = state, view
+            self.allocations = {(a.container_id, a.ifname): a for a in allocations}
+            self._set_mtu(state)
         self.last_resync = time.time()
         self.datastore_ok = True
+        self._note(selection)
         m = self.metrics
         m.reconciles.inc()
         m.reconcile_changes.inc(len(report.changes))
-        m.peers.set(len(state.peers))
         m.allocated.set(len(allocations))
         if report.changes:
             log.info("reconcile: %d change(s): %s", len(report.changes), "; ".join(report.changes[:10]))
@@ -159,6 +189,25 @@ class RunningNode:
             self.last_error = "; ".join(report.errors[:3])
             log.warning("reconcile errors: %s", self.last_error)
         return state
+
+    def _set_mtu(self, state: NodeState) -> None:
+        self.ctx.pod_mtu = state.mtu if state.mtu is not None else self.local_pod_mtu
+
+    def _note(self, selection: PeerSelection) -> None:
+        """Log and count each newly disabled peer once; keep the gauges current."""
+        now = {p.peer: p.message for p in selection.problems}
+        for peer, message in sorted(now.items()):
+            if self.disabled.get(peer) != message:
+                log.warning("%s: not programmed", message)
+                self.metrics.peer_conflicts.inc()
+        for peer in sorted(self.disabled.keys() - now.keys()):
+            log.info("peer %s: no longer in conflict", peer)
+        self.disabled = now
+        self.not_live = selection.not_live
+        m = self.metrics
+        m.peers.set(len(selection.records))
+        m.peers_disabled.set(len(now))
+        m.peers_not_live.set(len(selection.not_live))
 
     def safe_resync(self, why: str) -> bool:
         try:
@@ -174,21 +223,93 @@ class RunningNode:
         self.last_error = f"{what}: {exc}"
         log.warning("%s failed: %s", what, exc)
 
-    def _reregister(self) -> None:
-        o, c = self.ctx, self.ctx.record
+    # ----- this node's own record ----------------------------------------------------
+    def _reclaim(self, view: ipam.ClusterNodes) -> bool:
+        """Our record is gone or not ours: write it again with exactly our
+        block. False (and ``conflict`` set) when another node holds the block
+        or the name."""
+        c, rec = self.ctx, self.ctx.record
         try:
-            self.store.refresh_lease(self.lease)
-        except NotFound:
-            self.lease = self.store.grant_lease(self.opts.lease_ttl)
-        self.ctx.record = ipam.register_node(
-            self.store, o.cluster, c.name, c.node_ip, vtep_mac=c.vtep_mac, lease=self.lease,
-            **record_identity(self.wg_key, self.ctx.network.wireguard_port),
-        )
-        log.info("node record re-registered (block %s)", self.ctx.record.block)
+            new = ipam.register_node(
+                self.store, c.cluster, rec.name, rec.node_ip, vtep_mac=rec.vtep_mac, lease=self.lease, mtu=rec.mtu,
+                block=rec.block, **record_identity(self.wg_key, c.network.wireguard_port),
+            )
+        except NodeConflict:
+            try:
+                if self._has_pods():
+                    raise
+                new = ipam.register_node(  # nothing uses the old block: a new one is fine
+                    self.store, c.cluster, rec.name, rec.node_ip, vtep_mac=rec.vtep_mac, lease=self.lease, mtu=rec.mtu,
+                    **record_identity(self.wg_key, c.network.wireguard_port),
+                )
+            except NodeConflict as exc2:
+                self._set_conflict("record", f"{exc2.message} ({exc2.details})" if exc2.details else exc2.message)
+                return False
+        had = view.record(rec.name)
+        log.warning("node record %s; written again (block %s)", "was deleted" if had is None else "was changed", new.block)
+        c.record = new
+        self._restore_allocations()
+        self._set_conflict("record", None)
+        return True
+
+    def _ensure_live(self, view: ipam.ClusterNodes) -> None:
+        """Our liveness record is ours (our lease, our node IP); write it again if
+        it is missing, report a conflict if another machine holds our name."""
+        c = self.ctx
+        mine = view.live.get(c.record.name)
+        if mine is not None and mine.lease == self.lease and mine.node_ip == c.record.node_ip:
+            self._set_conflict("name", None)
+            return
+        try:
+            ipam.renew_liveness(self.store, c.cluster, c.record.name, c.record.node_ip, self.lease)
+            self._set_conflict("name", None)
+        except NodeConflict as exc:
+            self._set_conflict("name", exc.message)
+        except NotFound:  # our lease lapsed: the lease keeper takes a new one
+            pass
+
+    def _has_pods(self) -> bool:
+        return bool(self.state.pods) or bool(self.dp.list_pod_veths())
+
+    def _restore_allocations(self) -> None:
+        """Re-reserve the addresses of live pods (``node delete`` released them)."""
+        c = self.ctx
+        live = set(self.dp.list_pod_veths())
+        for a in list(self.allocations.values()):
+            if host_veth_name(a.container_id, a.ifname) not in live:
+                continue
+            pod = (a.pod_namespace, a.pod_name) if a.pod_namespace and a.pod_name else None
+            try:
+                ipam.allocate(self.store, c.cluster, c.record.name, a.container_id, a.ifname, pod=pod, requested_ip=a.ip.ip)
+            except OverlayCNIError as exc:
+                log.warning("pod %s %s keeps %s, but its reservation could not be restored: %s",
+                            a.container_id, a.ifname, a.ip.ip, exc)
+
+    def attached(self, alloc: ipam.Allocation) -> None:
+        """An ADD succeeded (``Agent`` tells us)."""
+        self.allocations[(alloc.container_id, alloc.ifname)] = alloc
+
+    def detached(self, container_id: str, ifname: str) -> None:
+        """A DEL succeeded."""
+        self.allocations.pop((container_id, ifname), None)
+
+    def _set_conflict(self, kind: str, message: str | None) -> None:
+        if message is None:
+            if self.conflicts.pop(kind, None) is not None:
+                log.info("node conflict (%s) resolved", kind)
+        elif self.conflicts.get(kind) != message:
+            log.error("node conflict: %s", message)
+            self.conflicts[kind] = message
+        self.metrics.node_conflict.set(1 if self.conflicts else 0)
 
     def publish_record(self) -> None:
-        """Write this node's record again (a rotated WireGuard key)."""
-        self._reregister()
+        """Write this node's record again (a rotated WireGuard key), with its own block."""
+        c, rec = self.ctx, self.ctx.record
+        c.record = ipam.register_node(
+            self.store, c.cluster, rec.name, rec.node_ip, vtep_mac=rec.vtep_mac, lease=self.lease, mtu=rec.mtu,
+            block=rec.block, **record_identity(self.wg_key, c.network.wireguard_port),
+        )
+        log.info("node record written again (block %s)", c.record.block)
 
     # ----- loops ------------------------------------------------------------------------
     def lease_loop(self) -> None:
@@ -198,9 +319,14 @@ class RunningNode:
                 try:
                     self.store.refresh_lease(self.lease)
                 except NotFound:
-                    log.warning("lease expired; taking a new one")
-                    self._reregister()
+                    log.warning("lease expired; taking a new one (this node showed as not live meanwhile)")
+                    self.lease = self.store.grant_lease(self.opts.lease_ttl)
+                    c = self.ctx
+                    ipam.renew_liveness(self.store, c.cluster, c.record.name, c.record.node_ip, self.lease)
+                    self._set_conflict("name", None)
                 self.datastore_ok = True
+            except NodeConflict as exc:
+                self._set_conflict("name", exc.message)
             except OverlayCNIError as exc:
                 self.datastore_ok = False
                 self.last_error = f"lease: {exc}"
@@ -221,7 +347,7 @@ class RunningNode:
                 log.warning("reaper pass failed: %s", exc)
 
     def watch_loop(self, start_revision: int) -> None:
-        """Node records: one peer per event; a full resync whenever the watch re-lists."""
+        """Node records: the peers re-selected per event; a full resync whenever the watch re-lists."""
         watch_loop(
             self.store,
             nodes_prefix(self.ctx.cluster),
@@ -233,7 +359,8 @@ class RunningNode:
         )
 
     def on_node_event(self, ev: Event) -> None:
-        me = self.ctx.record.name
+        c = self.ctx
+        me = c.record.name
         parts = split_key(ev.key)
         name = parts.rest[0] if parts is not None and parts.rest else ev.key
         record = None
@@ -242,26 +369,53 @@ class RunningNode:
                 record = ipam.decode_node(ev)
             except BadRecord as exc:
                 self.bad.report(exc)  # and the node counts as absent, as in a resync
-        if record is None and name == me:
-            self.safe_resync("own record deleted")
+        if name == me:
+            if record != c.record:
+                self.safe_resync("own record changed")
+            return
+        claims, live = dict(self.view.claims), dict(self.view.live)
+        if record is not None:  # who claims its block now (records and claims change in one transaction), is it live
+            snap = self.store.read([block_key(c.cluster, record.block), lease_key(c.cluster, name)])
+            kv = snap.get(block_key(c.cluster, record.block))
+            if kv is None:
+                claims.pop(record.block, None)
+            else:
+                claims[record.block] = kv.value
+            lv = snap.get(lease_key(c.cluster, name))
+            live.pop(name, None)
+            if lv is not None:
+                try:
+                    live[name] = ipam.decode_liveness(lv)
+                except BadRecord as exc:
+                    self.bad.report(exc)
+        else:
+            live.pop(name, None)
+        records = [r for r in self.view.records if r.name != name] + ([record] if record is not None else [])
+        view = replace(self.view, records=tuple(records), claims=claims, live=live)
+        selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
+        if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
+            self.safe_resync(f"pod MTU changed with node {name}")  # the VXLAN device and new pods follow
             return
         with self.kernel_lock:
-            old = next((p for p in self.state.peers if p.name == name), None)
-            new = peer_of(record) if record is not None and record.name != me else None
-            if old == new:
-                return
-            if old is not None and (new is None or (old.block, old.node_ip) != (new.block, new.node_ip)):
-                self.dp.delete_peer(self.state, old)  # a changed MAC or WireGuard key is updated in place
-                self.state = _with_peers(self.state, tuple(p for p in self.state.peers if p.name != name))
-            if new is not None:
-                self.state = _with_peers(self.state, (*(p for p in self.state.peers if p.name != name), new))
-                self.dp.ensure_peer(self.state, new)
-        if new is not None:
-            log.info("peer %s %s (%s, block %s)", name, "updated" if old else "added", new.node_ip, new.block)
-        else:
-            log.info("peer %s removed", name)
-        self.metrics.peers.set(len(self.state.peers))
+            self.view = view
+            old = {p.name: p for p in self.state.peers}
+            new = {p.name: p for p in selection.peers}
+            changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+            for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
+                before, after = old.get(peer_name), new.get(peer_name)
+                if before is not None and (after is None or (before.block, before.node_ip) != (after.block, after.node_ip)):
+                    self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
+                    self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
+            for peer_name in changed:
+                after = new.get(peer_name)
+                if after is not None:
+                    self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name != peer_name), after))
+                    self.dp.ensure_peer(self.state, after)
+                    how = "updated" if peer_name in old else "added"
+                    log.info("peer %s %s (%s, block %s)", peer_name, how, after.node_ip, after.block)
+                else:
+                    log.info("peer %s removed", peer_name)
+        self._note(selection)
 
 
-def _with_peers(state: NodeState, peers: tuple[Peer, ...]) -> NodeState:
-    return replace(state, peers=tuple(sorted(peers, key=lambda p: p.name)))
+__all__ = ["AgentOptions", "BadRecords", "RunningNode", "peer_of"]

@@ -159,7 +159,9 @@ def node_register(
     vtep_mac: Annotated[str | None, typer.Option("--vtep-mac", help="VXLAN device MAC (the agent sets it).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Claim a pod CIDR block for a node (the same block again for a known name)."""
+    """Claim a pod CIDR block for a node (the same block again for a known name).
+
+    Refused when another live node holds --node-ip, or the name is live on another node IP."""
     ip: IPv4Address = parse_ip("node-ip", node_ip)
     with open_store(ctx) as store:
         rec = ipam.register_node(store, cluster, name, ip, vtep_mac=vtep_mac)
@@ -171,17 +173,22 @@ def node_register(
 
 @node_app.command("list", epilog="Example: overlaycni node list --cluster dev -o json")
 def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
-    """List the live nodes of a cluster with their blocks."""
+    """List the nodes of a cluster with their blocks, and whether each is live.
+
+    A node is live while its agent holds its lease. A node that is not live
+    keeps its block and its peers keep its routes (its pods may still be
+    running); `node delete` removes it."""
     with open_store(ctx) as store:
-        nodes = ipam.list_nodes(store, cluster)
+        view = ipam.cluster_nodes(store, cluster)
     if output is Output.json:
-        print_json([n.to_dict() for n in nodes])
+        print_json([{**n.to_dict(), "live": n.name in view.live} for n in view.records])
         return
-    wg = any(n.wireguard_public_key for n in nodes)
-    table = Table("name", "node IP", "block", "VTEP MAC", *(["WireGuard public key", "endpoint"] if wg else []))
-    for n in nodes:
+    wg = any(n.wireguard_public_key for n in view.records)
+    table = Table("name", "node IP", "block", "VTEP MAC", *(["WireGuard public key", "endpoint"] if wg else []), "MTU", "live")
+    for n in view.records:
         extra = [n.wireguard_public_key or "-", n.wireguard_endpoint or "-"] if wg else []
-        table.add_row(n.name, str(n.node_ip), str(n.block), n.vtep_mac or "-", *extra)
+        live = "yes" if n.name in view.live else "no"
+        table.add_row(n.name, str(n.node_ip), str(n.block), n.vtep_mac or "-", *extra, str(n.mtu or "-"), live)
     console.print(table)
 
 
@@ -234,10 +241,20 @@ def node_rotate_key(
 
 
 @node_app.command("delete", epilog="Example: overlaycni node delete --cluster dev --name node-1")
-def node_delete(ctx: typer.Context, cluster: ClusterOpt, name: NodeNameOpt, output: OutputOpt = Output.table) -> None:
-    """Delete a node: free its block and release its pod addresses (not-found is success)."""
+def node_delete(
+    ctx: typer.Context,
+    cluster: ClusterOpt,
+    name: NodeNameOpt,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete even a live node (its agent holds its lease; its pods lose their block).")
+    ] = False,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Delete a node: free its block and release its pod addresses; peers drop its routes (not-found is success).
+
+    A live node is refused: stop its agent first (it gives its lease up) or use --force."""
     with open_store(ctx) as store:
-        ipam.delete_node(store, cluster, name)
+        ipam.delete_node(store, cluster, name, force=force)
     if output is Output.json:
         print_json({"name": name, "deleted": True})
     else:

@@ -121,7 +121,7 @@ def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
     """Per node: its block, addresses used and free."""
     with open_store(ctx) as store:
         blocks = ipam.list_blocks(store, cluster)
-        live = {n.name for n in ipam.list_nodes(store, cluster)}
+        live = set(ipam.cluster_nodes(store, cluster).live)
         used: dict[str, int] = {}
         for a in ipam.list_allocations(store, cluster):
             used[a.node] = used.get(a.node, 0) + 1
@@ -163,7 +163,7 @@ def ipam_check(
         print_json(report.to_dict())
     else:
         console.print(
-            f"cluster {cluster}: {report.nodes} live nodes, {report.blocks} blocks, {report.allocations} addresses",
+            f"cluster {cluster}: {report.nodes} nodes, {report.blocks} blocks, {report.allocations} addresses",
             highlight=False,
         )
         for p in report.problems:

@@ -42,10 +42,8 @@ from typing import Any
 
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
 from .model import (
-    BACKEND_OVERHEAD,
     GATEWAY_LABEL,
     VXLAN_IFNAME,
-    VXLAN_OVERHEAD,
     FdbEntry,
     NodeInfo,
     NodeState,
@@ -55,6 +53,8 @@ from .model import (
     ReconcileReport,
     Route,
     VxlanSpec,
+    admit_peers,
+    backend_overhead,
     gateway_of,
     host_veth_name,
     is_pod_veth,
@@ -135,7 +135,7 @@ class NodeDataplane:
         link = self.p.links.link_with_address(node_ip)
         if link is None:
             raise UnderlayNotFound(f"node_ip: no interface in the node's network namespace has the address {node_ip}")
-        overhead = BACKEND_OVERHEAD.get(backend, 0)
+        overhead = backend_overhead(backend)
         max_mtu = link.mtu - overhead
         if mtu is not None and mtu > max_mtu:
             raise ConfigError(FieldError("mtu", f"{mtu} exceeds {max_mtu} ({link.name} MTU {link.mtu} - {overhead})"))
@@ -147,9 +147,16 @@ class NodeDataplane:
         )
 
     def reconcile(self, state: NodeState) -> ReconcileReport:
+        """Bring the kernel to ``state``. A peer the kernel cannot take (see
+        ``admit_peers``) is left out and named in the report's errors; every
+        other peer is programmed."""
         validate_state(state)
         with self._lock:
             report = ReconcileReport()
+            peers, problems = admit_peers(state)
+            if problems:
+                report.errors.extend(p.message for p in problems)
+                state = replace(state, peers=peers)
             info = self.node_info(state.node_ip, backend=state.backend, mtu=state.mtu)
             self._pod_routes = None
             self.last_state = state
@@ -195,7 +202,7 @@ class NodeDataplane:
             local=state.node_ip,
             underlay=info.underlay_ifname,
             mac=vtep_mac(state.node_ip),
-            mtu=info.underlay_mtu - VXLAN_OVERHEAD,
+            mtu=info.pod_mtu,  # the cluster's pod MTU: larger pod packets get "fragmentation needed" here
         )
         report.changes.extend(self.p.links.ensure_vxlan(spec))
         self._ensure_sysctls(tunnel_sysctls(VXLAN_IFNAME), report)
@@ -241,9 +248,13 @@ class NodeDataplane:
         objs = [peer_objects(p, backend=state.backend) for p in peers]
         live = {link.name for link in self.p.links.list_links()}
         want_routes = {r.dst: r for r in [o.route for o in objs]}
+        # Catch-alls (more specific routes win): the pod CIDR, so a packet to a
+        # block no (admitted) node owns, or to a peer without a tunnel yet, is
+        # refused here instead of leaving by the default route in clear; and
+        # this node's block, so a packet to a free address of it never loops
+        # back out.
+        want_routes[state.pod_cidr] = Route(dst=state.pod_cidr, unreachable=True)
         want_routes[state.block] = Route(dst=state.block, unreachable=True)
-        if state.backend == "wireguard":  # a pod packet without a peer never leaves in clear
-            want_routes.setdefault(state.pod_cidr, Route(dst=state.pod_cidr, unreachable=True))
         for pod in state.pods:
             if pod.host_veth in live:
                 want_routes[IPv4Network(f"{pod.ip}/32")] = pod_route(pod)
@@ -313,7 +324,14 @@ class NodeDataplane:
     # --- peers (incremental) ------------------------------------------------------
 
     def ensure_peer(self, state: NodeState, peer: Peer) -> None:
-        validate_state(replace(state, peers=(peer,), pods=()))
+        """Program one peer of ``state`` (which lists it); ``ConfigError`` if the
+        kernel cannot take it next to the others (``admit_peers``)."""
+        validate_state(replace(state, pods=()))
+        others = tuple(p for p in state.peers if p.name != peer.name)
+        _, problems = admit_peers(replace(state, peers=(*others, peer), pods=()))
+        mine = [p for p in problems if p.peer == peer.name]
+        if mine:
+            raise ConfigError(FieldError("peers", mine[0].message))
         with self._lock:
             objs = peer_objects(peer, backend=state.backend)
             old = None
@@ -435,6 +453,12 @@ class NodeDataplane:
         """Packets dropped so far by each filter rule of the node's tables."""
         with self._lock:
             return self.tables.drop_counters()
+    def adopted_block(self, prefixlen: int) -> IPv4Network | None:
+        """The /``prefixlen`` block whose gateway (``<block>.1`` on ``lo:ocni``)
+        the kernel holds: the block of an earlier run's pods (None: none)."""
+        for addr in self.p.addresses.list_addresses("lo", label=GATEWAY_LABEL):
+            return IPv4Network(f"{addr.ip}/{prefixlen}", strict=False)
+        return None
 
     def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ assertions against these ports and the Linux ones.
 from __future__ import annotations
 
 import copy
+import queue
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ class FakeKernel:
     auto_underlay: bool = True  # link_with_address finds "eth0" for any IP
     next_index: int = 10
     fail_next: dict[str, Exception] = field(default_factory=dict)  # port method -> error (tests)
+    watchers: list[FakeKernelEvents] = field(default_factory=list)
+
+    def notify(self, reason: str) -> None:
+        """A test changed the fake kernel as another process would: tell the watchers."""
+        for w in self.watchers:
+            w.queue.put(reason)
 
     def add_link(self, name: str, *, kind: str = "", mtu: int = 1500, mac: str | None = None) -> Link:
         self.next_index += 1
@@ -289,7 +296,10 @@ class FakeNftTable:
 
     def state(self) -> nftables.NftState:
         fp = next((name[3:] for name in self.chains if name.startswith("fp_")), None)
-        return nftables.NftState(fp, self.sets)  # shares ``sets``: tests may edit the kernel through it
+        structure = [{"chain": {"name": n, "rules": rules}} for n, rules in self.chains.items()]
+        structure += [{"set": {"name": n, "decl": repr(d)}} for n, d in sorted(self.decls.items())]
+        # shares ``sets``: tests may edit the kernel through it
+        return nftables.NftState(fp, self.sets, nftables.structure_digest(structure))
 
 
 def _elem_key(elem: Any) -> Any:
@@ -451,6 +461,25 @@ def fake_ports(kernel: FakeKernel) -> Ports:
     )
 
 
+class FakeKernelEvents:
+    """The ``KernelEvents`` port of the fake: what ``FakeKernel.notify`` says."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+
+    def wait(self, timeout: float) -> list[str]:
+        try:
+            out = [self.queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 class FakeDataplane(NodeDataplane):
     """The whole data plane in memory: ``FakeDataplane().kernel`` is inspectable."""
 
@@ -473,6 +502,10 @@ class FakeDataplane(NodeDataplane):
 
     def flush_conntrack(self, ip: IPv4Address) -> int:
         return FakeConntrack(self.kernel).flush_address(ip)
+    def kernel_events(self) -> FakeKernelEvents:
+        events = FakeKernelEvents()
+        self.kernel.watchers.append(events)
+        return events
 
     def remove_netns(self, path: str) -> None:
         """Simulate a pod sandbox that vanished (its interfaces die with it)."""
@@ -495,3 +528,4 @@ if TYPE_CHECKING:  # mypy proves that each fake implements its port (the contrac
     _pods: type[ports.PodLinks] = FakePodLinks
     _conntrack: type[ports.Conntrack] = FakeConntrack
     _dataplane: type[ports.Dataplane] = FakeDataplane
+    _events: type[ports.KernelEvents] = FakeKernelEvents

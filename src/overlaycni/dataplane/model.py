@@ -8,6 +8,7 @@ route) so that the fake and the Linux implementation program the same thing.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -197,7 +198,9 @@ class PeerObjects:
 
 
 def validate_state(state: NodeState) -> None:
-    """Reject a desired state the kernel cannot express, naming the field."""
+    """Reject a desired state the kernel cannot express, naming the field.
+    Only this node's own settings and pods count here: peers are admitted
+    one by one (``admit_peers``), so one bad peer never stops the node."""
     errors: list[FieldError] = []
     if state.backend not in BACKENDS:
         errors.append(FieldError("backend", f"{state.backend!r} is not one of {', '.join(BACKENDS)}"))
@@ -213,34 +216,118 @@ def validate_state(state: NodeState) -> None:
         errors.append(FieldError("wireguard-port", f"{state.wireguard_port} is outside 1..65535"))
     if state.mtu is not None and not 576 <= state.mtu <= 65535:
         errors.append(FieldError("mtu", f"{state.mtu} is outside 576..65535"))
-    owners: list[tuple[IPv4Network, str]] = [(state.block, "this node")]
-    seen_ips: dict[IPv4Address, str] = {}
-    for peer in state.peers:
-        if not peer.block.subnet_of(state.pod_cidr):
-            errors.append(FieldError("peers", f"peer {peer.name}: block {peer.block} is outside {state.pod_cidr}"))
-        owners.append((peer.block, f"peer {peer.name}"))
-        if peer.node_ip == state.node_ip:
-            errors.append(FieldError("peers", f"peer {peer.name}: node IP {peer.node_ip} is this node's"))
-        elif peer.node_ip in seen_ips:
-            errors.append(FieldError("peers", f"peer {peer.name}: node IP {peer.node_ip} is also {seen_ips[peer.node_ip]}'s"))
-        seen_ips[peer.node_ip] = peer.name
-        try:
-            normalize_mac(peer.vtep_mac)
-        except ConfigError as exc:
-            errors.append(FieldError("peers", f"peer {peer.name}: {exc.message}"))
-    # Overlaps in O(n log n): sorted by start, each block against the furthest-reaching one before it.
-    owners.sort(key=lambda o: (int(o[0].network_address), -o[0].prefixlen))
-    reach: tuple[IPv4Network, str] | None = None
-    for block, who in owners:
-        if reach is not None and int(block.network_address) <= int(reach[0].broadcast_address):
-            errors.append(FieldError("peers", f"{who}: block {block} overlaps {reach[1]}'s {reach[0]}"))
-        if reach is None or int(block.broadcast_address) > int(reach[0].broadcast_address):
-            reach = (block, who)
     for pod in state.pods:
         if pod.ip not in state.block:
             errors.append(FieldError("pods", f"pod {pod.ip} ({pod.host_veth}) is outside the block {state.block}"))
     if errors:
         raise ConfigError(errors)
+
+
+@dataclass(frozen=True)
+class PeerProblem:
+    """Why one peer is not programmed (``other``: the node it collides with)."""
+
+    peer: str
+    message: str
+    other: str | None = None
+
+
+def _mac_problem(mac: str) -> str | None:
+    try:
+        norm = normalize_mac(mac)
+    except ConfigError as exc:
+        return exc.message
+    first = int(norm[:2], 16)
+    if first & 1:
+        return f"VTEP MAC {norm} is a multicast address"
+    if norm == "00:00:00:00:00:00":
+        return "VTEP MAC 00:00:00:00:00:00 is not a unicast address"
+    return None
+
+
+class _Blocks:
+    """Blocks admitted so far, for overlap tests in O(log n): CIDR blocks
+    overlap only when one contains the other."""
+
+    def __init__(self) -> None:
+        self.exact: dict[IPv4Network, str] = {}
+        self.starts: list[tuple[int, int, str]] = []  # (first, last, owner), sorted
+
+    def add(self, block: IPv4Network, owner: str) -> None:
+        self.exact[block] = owner
+        bisect.insort(self.starts, (int(block.network_address), int(block.broadcast_address), owner))
+
+    def overlap(self, block: IPv4Network) -> tuple[IPv4Network, str] | None:
+        for plen in range(block.prefixlen, -1, -1):  # the block itself, or a block containing it
+            sup = block.supernet(new_prefix=plen) if plen < block.prefixlen else block
+            if sup in self.exact:
+                return sup, self.exact[sup]
+        first, last = int(block.network_address), int(block.broadcast_address)
+        i = bisect.bisect_left(self.starts, (first, -1, ""))  # a block inside it
+        if i < len(self.starts) and self.starts[i][0] <= last:
+            f, e, owner = self.starts[i]
+            return IPv4Network((f, 32 - (e - f + 1).bit_length() + 1)), owner
+        return None
+
+
+def admit_peers(state: NodeState) -> tuple[tuple[Peer, ...], tuple[PeerProblem, ...]]:
+    """The peers of ``state`` the kernel can take, in their order of priority
+    (the caller's order: earlier peers win a collision), and a problem for
+    each one left out. A peer is left out when its block is outside the pod
+    CIDR, its VTEP MAC is not a unicast MAC (VXLAN), or it collides with this
+    node or an admitted peer: the same node IP, the same VTEP MAC (VXLAN) or
+    WireGuard public key (WireGuard), an overlapping block. Deterministic, so every node leaves out the same ones."""
+    blocks = _Blocks()
+    blocks.add(state.block, "this node")
+    ips: dict[IPv4Address, str] = {state.node_ip: "this node"}
+    macs: dict[str, str] = {vtep_mac(state.node_ip): "this node"}
+    wg_keys: dict[str, str] = {state.wireguard_key.public: "this node"} if state.wireguard_key is not None else {}
+    ok: list[Peer] = []
+    problems: list[PeerProblem] = []
+    for peer in state.peers:
+        why: list[str] = []
+        other: str | None = None
+        mac = None
+        if not peer.block.subnet_of(state.pod_cidr):
+            why.append(f"block {peer.block} is outside the pod CIDR {state.pod_cidr}")
+        elif peer.block.prefixlen > 30:
+            why.append(f"block {peer.block} is too small for a node")
+        else:
+            hit = blocks.overlap(peer.block)
+            if hit is not None:
+                other = hit[1]
+                why.append(f"block {peer.block} overlaps {hit[1]}'s block {hit[0]}")
+        if peer.node_ip in ips:
+            other = other or ips[peer.node_ip]
+            why.append(f"node IP {peer.node_ip} is {ips[peer.node_ip]}'s")
+        if state.backend == "vxlan":
+            bad_mac = _mac_problem(peer.vtep_mac)
+            if bad_mac is not None:
+                why.append(bad_mac)
+            else:
+                mac = normalize_mac(peer.vtep_mac)
+                if mac in macs:
+                    other = other or macs[mac]
+                    why.append(f"VTEP MAC {mac} is {macs[mac]}'s")
+        if state.backend == "wireguard" and peer.wg_public_key and peer.wg_public_key in wg_keys:
+            other = other or wg_keys[peer.wg_public_key]
+            why.append(f"WireGuard public key {peer.wg_public_key} is {wg_keys[peer.wg_public_key]}'s")
+        if why:
+            problems.append(PeerProblem(peer.name, f"peer {peer.name}: " + "; ".join(why), other))
+            continue
+        ok.append(peer)
+        blocks.add(peer.block, f"peer {peer.name}")
+        ips[peer.node_ip] = f"peer {peer.name}"
+        if mac is not None:
+            macs[mac] = f"peer {peer.name}"
+        if peer.wg_public_key:
+            wg_keys[peer.wg_public_key] = f"peer {peer.name}"
+    return tuple(ok), tuple(problems)
+
+
+def backend_overhead(backend: str) -> int:
+    """Bytes a backend adds to every pod packet on the underlay."""
+    return BACKEND_OVERHEAD.get(backend, 0)
 
 
 def gateway_of(block: IPv4Network) -> IPv4Address:

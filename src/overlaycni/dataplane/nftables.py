@@ -93,6 +93,7 @@ class NftState:
 
     fingerprint: Any
     sets: dict[str, frozenset]
+    digest: str | None = None  # a hash of the listed structure (``structure_digest``); None: not listed
 
 
 # ----- expressions ---------------------------------------------------------------------
@@ -289,10 +290,34 @@ def decode_all(decl: SetDecl, raws: Iterable[Any]) -> set[Element]:
 # ----- tables: their state, and the one diff -----------------------------------------------
 
 
+_VOLATILE = ("handle", "elem", "packets", "bytes")
+
+
+def _stable(node: Any) -> Any:
+    """A listing without what changes on its own: handles, elements, counter values."""
+    if isinstance(node, dict):
+        return {k: _stable(v) for k, v in node.items() if k not in _VOLATILE}
+    if isinstance(node, list):
+        return [_stable(x) for x in node]
+    return node
+
+
+def structure_digest(items: Iterable[Mapping[str, Any]]) -> str:
+    """A hash of a table's structure as the kernel lists it (its chains,
+    rules and set declarations, not elements, handles or counters): the
+    same after every listing until something edits a chain, a rule or a set
+    declaration. Compared with the digest taken right after our own apply,
+    it tells a table edited behind our back (a flushed chain, a deleted
+    rule) from ours."""
+    kept = [_stable(item) for item in items if "metainfo" not in item]
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def parse_listing(doc: Mapping[str, Any], *, decls: Mapping[str, SetDecl] | None = None) -> NftState:
     """The state of a table from ``nft -j list table``: the fingerprint chain
-    (``fp_<hash>``, when the table carries one) and every set's and map's
-    elements. ``decls`` stands in for a declaration the listing lacks."""
+    (``fp_<hash>``, when the table carries one), every set's and map's
+    elements and the structure's digest. ``decls`` stands in for a
+    declaration the listing lacks."""
     fp: str | None = None
     sets: dict[str, frozenset] = {}
     for item in doc.get("nftables", []):
@@ -305,7 +330,7 @@ def parse_listing(doc: Mapping[str, Any], *, decls: Mapping[str, SetDecl] | None
         body = item[kind]
         decl = SetDecl.of(body) if "type" in body or decls is None else decls.get(body["name"], SetDecl.of(body))
         sets[body["name"]] = frozenset(decode_all(decl, body.get("elem", [])))
-    return NftState(fp, sets)
+    return NftState(fp, sets, structure_digest(doc.get("nftables", [])))
 
 
 def image(doc: Mapping[str, Any]) -> NftState:

@@ -10,6 +10,10 @@ and the pods' guards ``arp overlaycni`` and ``ip6 overlaycni``
   the table whole in one transaction; a matching one gets the element
   deletes and adds that bring it to the desired state, in one transaction.
   Each table is reconciled even when another fails (its error is reported).
+  A table edited behind our back keeps its fingerprint chain (a flushed
+  chain, a deleted rule): its listed structure (``NftState.digest``) then
+  differs from the one listed right after our last full apply, and it is
+  replaced too. A table found at start is adopted with its structure.
 * Events: a pod's ``ifname . ip`` goes into the ``ip`` and ``arp``
   ``pod_endpoints`` sets in one transaction (the ports' ``apply`` runs any
   table's commands); a peer's ``node_ips``, ``peer_blocks`` and (``direct``)
@@ -49,6 +53,7 @@ class Table(Protocol):
 class NodeTables:
     def __init__(self, *, ip: NftRuleset, arp: NftRuleset, ip6: NftRuleset) -> None:
         self.ports = {nftmodel.FAMILY: ip, podguard.ARP_FAMILY: arp, podguard.IP6_FAMILY: ip6}
+        self.digests: dict[str, str | None] = {}  # family -> structure as listed after our last full apply
 
     # --- reconcile -----------------------------------------------------------------
 
@@ -72,10 +77,17 @@ class NodeTables:
         port = self.ports[layout.family]
         current = port.get_table()
         commands = None if current is None else layout.diff(current, sets)
-        if commands is None:
+        known = self.digests.get(layout.family)
+        edited = current is not None and known is not None and current.digest is not None and current.digest != known
+        if commands is None or edited:
             port.apply(layout.render(sets))
-            report.changes.append(f"nftables table {layout.family} {layout.name} replaced")
+            listed = port.get_table()
+            self.digests[layout.family] = listed.digest if listed is not None else None
+            why = " (chains or rules changed behind our back)" if edited and commands is not None else ""
+            report.changes.append(f"nftables table {layout.family} {layout.name} replaced{why}")
             return
+        if known is None and current is not None:
+            self.digests[layout.family] = current.digest  # adopted from an earlier agent
         if not commands:
             return
         port.apply(commands)

@@ -46,6 +46,8 @@ class PolicyTableSync:
     def __init__(self, nft: NftRuleset) -> None:
         self.nft = nft
         self.applied: NftState | None = None  # image of the last render the kernel took
+        self.last: dict[str, Any] | None = None  # that render (repair re-applies it without the datastore)
+        self.digest: str | None = None  # the table's structure as listed after the last full apply
 
     def sync(self, render: dict[str, Any]) -> str:
         new = nftables.image(render)
@@ -56,19 +58,48 @@ class PolicyTableSync:
             if commands is not None:
                 try:
                     self.nft.apply(commands)
-                    self.applied = new
+                    self.applied, self.last = new, render
                     return "elements"
                 except DataplaneError as exc:
                     log.debug("policy table: element update refused (%s); replacing the table", exc.message)
-            self.nft.apply(render["nftables"])
+            self._full(render)
         except BaseException:
             self.applied = None  # unknown kernel state: the next sync applies everything
             raise
-        self.applied = new
+        self.applied, self.last = new, render
         return "full"
+
+    def _full(self, render: dict[str, Any]) -> None:
+        self.nft.apply(render["nftables"])
+        listed = self.nft.get_table()
+        self.digest = listed.digest if listed is not None else None
+
+    def repair(self) -> str | None:
+        """Re-apply the last render if the kernel's table is not what we left
+        (gone, its chains or rules edited, its elements changed): no datastore
+        needed. Returns why it was re-applied, None when it was intact (or
+        nothing was ever applied)."""
+        if self.last is None or self.applied is None:
+            return None
+        have = self.nft.get_table()
+        if have is None:
+            why = "missing"
+        elif self.digest is not None and have.digest is not None and have.digest != self.digest:
+            why = "chains or rules changed behind our back"
+        elif have.sets != self.applied.sets:
+            why = "set or map elements changed behind our back"
+        else:
+            return None
+        try:
+            self._full(self.last)
+        except BaseException:
+            self.applied = None
+            raise
+        return why
 
     def reset(self) -> None:
         self.applied = None
+        self.digest = None
 
     def remove(self) -> None:
         self.applied = None

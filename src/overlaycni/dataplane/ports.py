@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, Protocol
 
 from .model import (
@@ -82,7 +82,16 @@ class PolicyTable(Protocol):
 
     def sync(self, render: dict[str, Any]) -> str: ...  # "none" | "elements" | "full": what reached the kernel
     def reset(self) -> None: ...  # the next sync replaces the whole table (repairs drift)
+    def repair(self) -> str | None: ...  # re-apply the last render if the kernel drifted from it; why, or None
     def remove(self) -> None: ...  # delete the table; already gone is success
+
+
+class KernelEvents(Protocol):
+    """Changes another process made to the objects this node owns (its link,
+    addresses, routes, neighbours, FDB entries, nftables tables)."""
+
+    def wait(self, timeout: float) -> list[str]: ...  # what changed, in words; [] after ``timeout`` s of quiet
+    def close(self) -> None: ...
 
 
 class Sysctls(Protocol):
@@ -144,4 +153,6 @@ class Dataplane(Protocol):
     def delete_pod_veth(self, host_veth: str) -> None: ...
     def flush_conntrack(self, ip: IPv4Address) -> int: ...  # a released pod address's flows
     def drop_counters(self) -> dict[str, int]: ...  # packets dropped per filter rule (the node's tables)
+    def adopted_block(self, prefixlen: int) -> IPv4Network | None: ...  # the block of the pods already here
+    def kernel_events(self) -> KernelEvents: ...  # a new watcher of foreign changes
     def close(self) -> None: ...

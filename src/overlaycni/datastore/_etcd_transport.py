@@ -15,12 +15,13 @@ from etcd3gw.client import Etcd3Client
 
 from .. import deadline
 from ..errors import DatastoreAuthError, DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
-from ._etcd_wire import _read_stream, auth_problem, tls_problem
+from ._etcd_wire import _b64, _read_stream, auth_problem, keep_stream, tls_problem
 from .tls import EtcdCredentials, TLSFiles, TLSGeneration
 
 CONNECT_TIMEOUT = 1.5
 REQUEST_TIMEOUT = 5.0
 RETRY_WINDOW = 6.0
+STREAM_HEADERS_TIMEOUT = 3.0  # etcd answers a watch request at once; then the stream has no read timeout
 MAX_IDLE = 8  # pooled client sets kept between calls
 
 # Debug lines name endpoints as host:port and the failure only: never a
@@ -251,10 +252,35 @@ class Transport:
                 )
             time.sleep(0.2)
 
+    def probe(self, index: int, *, timeout: float) -> bool:
+        """Does endpoint ``index`` answer a trivial request within ``timeout``
+        seconds (one try, no fail-over)? Any HTTP answer counts: the server
+        is alive. Used on an idle watch stream, whose silence alone says
+        nothing."""
+        clients = self._checkout()
+        try:
+            client = clients.by_index.get(index)
+            if client is None:
+                client = clients.by_index[index] = self._new_client(index, clients.gen)
+            self.round_trips += 1
+            client.session.post(
+                client.get_url("/kv/range"),
+                json={"key": _b64("/overlaycni/"), "count_only": True},
+                timeout=(CONNECT_TIMEOUT, timeout),
+                headers=self._headers(),
+            )
+            return True
+        except Exception as exc:  # requests' connection errors and timeouts
+            log.debug("etcd %s:%d did not answer a probe: %s", *self.endpoints[index], type(exc).__name__)
+            return False
+        finally:
+            self._checkin(clients)
+
     # ----- streams (watch) ---------------------------------------------------------
-    def open_stream(self, path: str, request: dict[str, Any]) -> tuple[Any, queue.Queue, TLSGeneration | None]:
+    def open_stream(self, path: str, request: dict[str, Any]) -> tuple[Any, queue.Queue, TLSGeneration | None, int]:
         """POST ``request`` to a streaming endpoint (``/watch``); a daemon
-        thread reads its JSON lines into the returned queue."""
+        thread reads its JSON lines into the returned queue. Also returns the
+        endpoint's index (probe it when the stream is idle)."""
         deadline = time.monotonic() + RETRY_WINDOW
         last = ""
         while time.monotonic() < deadline:
@@ -274,7 +300,7 @@ class Transport:
                         client.get_url(path),
                         json=request,
                         stream=True,
-                        timeout=(CONNECT_TIMEOUT, None),
+                        timeout=(CONNECT_TIMEOUT, STREAM_HEADERS_TIMEOUT),  # a frozen server: on to the next
                         headers=self._headers(),
                     )
                 except Exception as exc:  # requests' connection errors
@@ -292,9 +318,11 @@ class Transport:
                     resp.close()
                     continue
                 self._current = index
+                if not keep_stream(resp, idle=10, interval=3, count=3):
+                    log.debug("etcd watch: stream socket not reachable; it keeps a %.0f s read timeout", STREAM_HEADERS_TIMEOUT)
                 q: queue.Queue = queue.Queue()
                 threading.Thread(target=_read_stream, args=(resp, q), daemon=True).start()
-                return resp, q, gen
+                return resp, q, gen, index
             if refused_all and tls_failure:
                 raise DatastoreAuthError(f"etcd datastore {self.url}: cannot open a watch: TLS handshake failed ({tls_failure})")
             time.sleep(0.2)

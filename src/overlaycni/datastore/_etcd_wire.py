@@ -67,6 +67,35 @@ def _read_stream(resp: Any, q: queue.Queue) -> None:
         q.put(("error", exc))
 
 
+def stream_socket(resp: Any) -> socket.socket | None:
+    """The socket under a streamed ``requests`` response (plain or TLS), or
+    None when the libraries' insides are not what we expect."""
+    try:
+        sock = resp.raw._fp.fp.raw._sock
+    except AttributeError:
+        return None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def keep_stream(resp: Any, *, idle: int, interval: int, count: int) -> bool:
+    """Once the response headers are in: no read timeout on the stream (an idle
+    watch is silent for as long as nothing changes; the caller probes instead),
+    and TCP keepalive, so a peer that vanished without a FIN is found by the
+    kernel. False when the socket could not be reached."""
+    sock = stream_socket(resp)
+    if sock is None:
+        return False
+    try:
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except OSError:
+        return False
+    return True
+
+
 def _close(resp: Any) -> None:
     try:
         fp = resp.raw._fp

@@ -33,9 +33,31 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS leases_expires ON leases(expires);
+CREATE TABLE IF NOT EXISTS clock (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
 """
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def lease_clock() -> float:
+    """Seconds on the clock lease expiries are kept in: ``CLOCK_BOOTTIME``,
+    one clock for every process of the machine (a time namespace aside),
+    never set by anyone, counting suspended time too (a machine that slept
+    past a TTL comes back with its leases expired, as etcd would have them).
+    It starts again at 0 on each boot: see ``boot_id``."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_id() -> str:
+    """This boot's random id (``lease_clock`` values of another boot mean nothing here)."""
+    try:
+        with open(BOOT_ID_PATH) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _range(prefix: str) -> tuple[str, tuple[str, ...]]:
@@ -108,6 +130,17 @@ class _Writer:
         for key in keys:
             self.delete(key)
         return len(keys)
+
+    def rebase_leases(self, boot: str, now: float) -> int:
+        """Leases written on another boot (or with the wall clock, by an older
+        version) get one full TTL from ``now``: their agents renew them if they
+        came back, the others lapse. Returns how many were rebased."""
+        row = self.conn.execute("SELECT value FROM clock WHERE name='boot_id'").fetchone()
+        if row is not None and row[0] == boot:
+            return 0
+        n = self.conn.execute("UPDATE leases SET expires = ? + ttl", (now,)).rowcount
+        self.conn.execute("INSERT OR REPLACE INTO clock VALUES ('boot_id', ?)", (boot,))
+        return n
 
     def expire(self, now: float) -> None:
         """Delete expired leases and their keys, all in one revision."""

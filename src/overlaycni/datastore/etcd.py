@@ -38,6 +38,19 @@ Design note.
   broken stream it reconnects (next endpoint) from the last revision seen + 1;
   a compacted start revision raises ``WatchCompacted``; no endpoint for
   ``RETRY_WINDOW`` seconds raises ``DatastoreUnavailable``.
+* A dead stream is found in seconds, not at the next periodic pass: the
+  watch asks for ``progress_notify`` (etcd then sends empty progress
+  responses, every ``--experimental-watch-progress-notify-interval``, 10
+  minutes by default: too rare to rely on); the response headers must come
+  within ``STREAM_HEADERS_TIMEOUT``; the stream's socket has TCP keepalive
+  (a vanished peer); and after ``WATCH_IDLE`` seconds of silence the stream's
+  endpoint is probed with a trivial request (a frozen or partitioned etcd
+  still completes TCP handshakes and keepalives, so only a request tells).
+  A stream silent for ``WATCH_REWATCH`` seconds is re-opened from its next
+  revision. Rejected: a read timeout that re-watches every few idle seconds
+  (a TLS handshake per watcher each time) and etcd's ``progress_request``
+  (it needs a bidirectional stream, which the JSON gateway over HTTP/1.1
+  with ``requests`` cannot give).
 * Limits: etcd allows 128 operations per transaction by default; callers
   (IPAM) chunk bulk deletes.
 """
@@ -59,6 +72,15 @@ from .base import KV, ClosingMixin, Event, Snapshot, Store, TransactMixin, TxnRe
 from .tls import EtcdCredentials
 
 WATCH_POLL = 0.25
+# An idle watch stream is silent: after WATCH_IDLE seconds without a message
+# its endpoint is probed (a trivial request, WATCH_PROBE_TIMEOUT to answer);
+# no answer means the stream is dead too (a frozen etcd, a partition), and it
+# is re-opened elsewhere. A stream silent for WATCH_REWATCH seconds is
+# re-opened anyway (from its next revision: nothing is lost), which bounds a
+# half-open stream behind an endpoint that still answers. None: no probes.
+WATCH_IDLE: float | None = 3.0
+WATCH_PROBE_TIMEOUT = 2.0
+WATCH_REWATCH = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -228,22 +250,45 @@ class EtcdStore(TransactMixin, ClosingMixin):
         stop: threading.Event | None = None,
     ) -> Iterator[Event]:
         next_rev = self.revision() + 1 if start_revision is None else int(start_revision)
-        request = {"create_request": {**_range_op(prefix, prefix=True), "start_revision": str(next_rev)}}
-        resp, q, gen = self._t.open_stream("/watch", request)
+        request = {
+            "create_request": {
+                **_range_op(prefix, prefix=True), "start_revision": str(next_rev), "progress_notify": True,
+            }
+        }
+        resp, q, gen, where = self._t.open_stream("/watch", request)
         lost_since: float | None = None
+        heard = probed = time.monotonic()  # the stream's last message; the last probe of its endpoint
         try:
             while stop is None or not stop.is_set():
                 try:
                     kind, msg = q.get(timeout=WATCH_POLL)
                 except queue.Empty:
+                    now = time.monotonic()
                     if gen is not None and self._t.generation() is not gen:
-                        _close(resp)  # rotated TLS files: present the new certificate
+                        why = "rotated TLS files: present the new certificate"
+                    elif WATCH_IDLE is None or now - max(heard, probed) < WATCH_IDLE:
+                        continue
+                    elif not self._t.probe(where, timeout=WATCH_PROBE_TIMEOUT):
+                        kind, msg = "lost", None  # the server is gone or frozen: the stream is dead too
+                        log.info("etcd watch of %s: %s:%d does not answer; reconnecting", prefix, *self.endpoints[where])
+                        why = ""
+                    elif now - heard >= WATCH_REWATCH:
+                        why = f"silent for {WATCH_REWATCH:.0f} s"
+                    else:
+                        probed = now
+                        continue
+                    if why:  # the stream may be fine: open the next one before dropping it
+                        log.debug("etcd watch of %s: re-watching from revision %d (%s)", prefix, next_rev, why)
                         request["create_request"]["start_revision"] = str(next_rev)
-                        resp, q, gen = self._t.open_stream("/watch", request)
-                    continue
+                        old = resp
+                        resp, q, gen, where = self._t.open_stream("/watch", request)
+                        _close(old)
+                        heard = probed = time.monotonic()
+                        continue
                 if kind == "error" and isinstance(msg, dict):
                     self._t.refusal(json.dumps(msg))
                 if kind == "msg" and "result" in msg:
+                    heard = time.monotonic()
                     result = msg["result"]
                     if int(result.get("compact_revision", 0) or 0) > 0:
                         raise WatchCompacted(
@@ -278,7 +323,8 @@ class EtcdStore(TransactMixin, ClosingMixin):
                     raise DatastoreUnavailable(f"etcd datastore {self.url}: watch connection lost")
                 time.sleep(0.1)
                 request["create_request"]["start_revision"] = str(next_rev)
-                resp, q, gen = self._t.open_stream("/watch", request)
+                resp, q, gen, where = self._t.open_stream("/watch", request)
+                heard = probed = time.monotonic()
         finally:
             _close(resp)
 

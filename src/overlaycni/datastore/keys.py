@@ -8,7 +8,8 @@ Everything lives under ``ROOT``. Per cluster ``C``:
 ``.../C/blocks/10.244.3.0-24``                          block claim -> node name (until node delete)
 ``.../C/nodeblocks/<node>``                             node -> its block (same transaction as the claim)
 ``.../C/blockcursor``                                   the block claimed last (claims move forward)
-``.../C/nodes/<node>``                                  live node record (JSON), under the agent's lease
+``.../C/nodes/<node>``                                  node record (JSON): IP, block, VTEP MAC, MTU (until node delete)
+``.../C/leases/<node>``                                 liveness (JSON: the node IP), under the agent's lease
 ``.../C/ips/<node>/010.244.003.002``                    pod address -> {container_id, ifname, pod}
 ``.../C/handles/<cid>/<ifname>``                        (containerID, ifname) -> {node, ip, block, pod}
 ``.../C/cursor/<node>``                                 the address allocated last on that node
@@ -46,6 +47,7 @@ KINDS = ("cluster", "node", "block", "allocation", "pod", "namespace", "policy")
 _KIND_OF_PART = {
     "config": "cluster",
     "nodes": "node",
+    "leases": "node",
     "blocks": "block",
     "nodeblocks": "block",
     "blockcursor": "block",
@@ -72,12 +74,21 @@ def index_key(cluster: str) -> str:
 
 
 def nodes_prefix(cluster: str) -> str:
-    """Key prefix of the live node records (watch it for node changes)."""
+    """Key prefix of the node records (watch it for node changes)."""
     return cluster_root(cluster) + "nodes/"
 
 
 def node_key(cluster: str, node: str) -> str:
     return nodes_prefix(cluster) + node
+
+
+def leases_prefix(cluster: str) -> str:
+    """Key prefix of the liveness records (one per node whose agent holds its lease)."""
+    return cluster_root(cluster) + "leases/"
+
+
+def lease_key(cluster: str, node: str) -> str:
+    return leases_prefix(cluster) + node
 
 
 def blocks_prefix(cluster: str) -> str:
@@ -170,7 +181,7 @@ class KeyParts:
     ``KeyParts("c1", "nodes", ("n1",))``."""
 
     cluster: str
-    part: str  # config, nodes, blocks, nodeblocks, blockcursor, ips, handles, cursor, policies, pods, namespaces
+    part: str  # config, nodes, leases, blocks, nodeblocks, blockcursor, ips, handles, cursor, policies, pods, namespaces
     rest: tuple[str, ...]
 
     @property

@@ -1,11 +1,21 @@
 """SQLite datastore: the embedded default (``sqlite:///path/state.db``).
 
 Design note.
-* Model: etcd's, in four tables: ``kv`` (key, value, create/mod revision,
+* Model: etcd's, in five tables: ``kv`` (key, value, create/mod revision,
   lease), ``events`` (one row per changed key, keyed by revision and a
-  sequence within it), ``leases`` (id, ttl, absolute expiry in wall-clock
-  seconds, since several processes share the file) and ``meta`` (current and
-  compacted revision).
+  sequence within it), ``leases`` (id, ttl, absolute expiry), ``meta``
+  (current and compacted revision) and ``clock`` (the boot the expiries
+  belong to).
+* Lease clock: expiries are absolute because several processes share the
+  file, so they must be on a clock that every process of the machine reads
+  alike and that nobody sets: ``CLOCK_BOOTTIME`` (monotonic, counts suspend;
+  ``CLOCK_MONOTONIC`` would not, and the wall clock jumps with NTP or an
+  operator, which used to expire every node at once). It restarts at 0 on
+  each boot, so the file records the boot id
+  (``/proc/sys/kernel/random/boot_id``) its expiries belong to; the first
+  process to open it on a new boot gives every lease one full TTL from now
+  (``rebase_leases``). Processes in different time namespaces
+  (``CLONE_NEWTIME``) must not share one file.
 * Several processes on one machine share the file: WAL journal, a busy
   timeout, and every write runs in ``BEGIN IMMEDIATE`` so that a
   compare-and-swap reads and writes under one write lock. ``synchronous =
@@ -51,7 +61,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ..errors import DatastoreError, DatastoreUnavailable, NotFound, WatchCompacted
-from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer, busy_wait
+from ._sqlite_writer import _SCHEMA, BUSY_TIMEOUT_MS, WriteLock, _range, _Writer, boot_id, busy_wait, lease_clock
 from .base import KV, ClosingMixin, Event, Snapshot, Store, TransactMixin, TxnResult, check_key
 
 POLL_INTERVAL = 0.1
@@ -127,6 +137,13 @@ class SQLiteStore(TransactMixin, ClosingMixin):
             raise DatastoreError(f"cannot open {self.path}.lock: {exc.strerror}") from None
         with self._connection() as conn, WriteLock(self._write_lock, self._lock_fd, self.path), self._errors():
             conn.executescript(_SCHEMA)
+            conn.execute("BEGIN IMMEDIATE")  # before any expiry: leases of another boot are rebased, not expired
+            try:
+                _Writer(conn).rebase_leases(boot_id(), lease_clock())
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(conn, exc)
+                raise
 
     # ----- connections and error mapping ---------------------------------------
     @contextmanager
@@ -194,7 +211,7 @@ class SQLiteStore(TransactMixin, ClosingMixin):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 w = _Writer(conn)
-                w.expire(time.time())
+                w.expire(lease_clock())
                 result = fn(w)
                 conn.execute("COMMIT")
             except BaseException as exc:
@@ -204,7 +221,7 @@ class SQLiteStore(TransactMixin, ClosingMixin):
 
     def _read(self, fn):
         with self._connection() as conn, self._errors():
-            if conn.execute("SELECT 1 FROM leases WHERE expires <= ? LIMIT 1", (time.time(),)).fetchone():
+            if conn.execute("SELECT 1 FROM leases WHERE expires <= ? LIMIT 1", (lease_clock(),)).fetchone():
                 self._write(lambda w: None)
             self.round_trips += 1
             conn.execute("BEGIN")
@@ -329,7 +346,7 @@ class SQLiteStore(TransactMixin, ClosingMixin):
             while True:
                 lease = secrets.randbits(62) + 1
                 try:
-                    w.conn.execute("INSERT INTO leases VALUES (?, ?, ?)", (lease, int(ttl), time.time() + int(ttl)))
+                    w.conn.execute("INSERT INTO leases VALUES (?, ?, ?)", (lease, int(ttl), lease_clock() + int(ttl)))
                     return lease
                 except sqlite3.IntegrityError:
                     continue
@@ -341,7 +358,7 @@ class SQLiteStore(TransactMixin, ClosingMixin):
             row = w.conn.execute("SELECT ttl FROM leases WHERE id=?", (lease,)).fetchone()
             if row is None:
                 return False
-            w.conn.execute("UPDATE leases SET expires=? WHERE id=?", (time.time() + row[0], lease))
+            w.conn.execute("UPDATE leases SET expires=? WHERE id=?", (lease_clock() + row[0], lease))
             return True
 
         if not self._write(fn):

@@ -11,10 +11,10 @@ from __future__ import annotations
 from ..datastore.keys import nodes_prefix
 from .check import CheckReport, Problem, check
 from .clusters import create_cluster, delete_cluster, expand_pod_cidr, get_cluster, list_clusters
-from .model import Allocation, NodeRecord, parse_pod
-from .nodes import delete_node, get_node, list_blocks, list_nodes, register_node
+from .model import Allocation, ClusterNodes, Liveness, NodeRecord, parse_pod
+from .nodes import cluster_nodes, delete_node, get_node, list_blocks, list_nodes, register_node, renew_liveness
 from .pods import allocate, gc, get_allocation, list_allocations, release, reserve
-from .records import BlockClaim, decode_allocation, decode_block, decode_cluster, decode_node
+from .records import BlockClaim, decode_allocation, decode_block, decode_cluster, decode_liveness, decode_node
 
 node_from_kv = decode_node  # the old name (callers outside ipam may still use it)
 
@@ -22,14 +22,18 @@ __all__ = [
     "Allocation",
     "BlockClaim",
     "CheckReport",
+    "ClusterNodes",
+    "Liveness",
     "NodeRecord",
     "Problem",
     "allocate",
     "check",
+    "cluster_nodes",
     "create_cluster",
     "decode_allocation",
     "decode_block",
     "decode_cluster",
+    "decode_liveness",
     "decode_node",
     "delete_cluster",
     "delete_node",
@@ -48,4 +52,5 @@ __all__ = [
     "register_node",
     "release",
     "reserve",
+    "renew_liveness",
 ]

@@ -1,7 +1,8 @@
 """Consistency check of a cluster's IPAM records (pure over one listing).
 
 Finds: records that do not decode (``bad-record``, each named by its key);
-duplicate blocks or addresses; leaks (half-written pairs: a claim
+duplicate blocks, addresses or node IPs (two node records with one IP);
+node records whose block is not their claim; leaks (half-written pairs: a claim
 without its reverse index, an address without its handle, a handle without
 its address, addresses on a node that has no block); addresses outside
 their node's block or on a reserved address (network, gateway, broadcast);
@@ -22,8 +23,8 @@ from ..datastore.keys import cluster_root, config_key, ip_part
 from ..errors import BadRecord
 from . import addresses
 from .clusters import not_found
-from .model import Allocation, check_name
-from .records import decode_allocation, decode_block, decode_cluster
+from .model import Allocation, NodeRecord, check_name
+from .records import decode_allocation, decode_block, decode_cluster, decode_liveness, decode_node
 
 KINDS = ("bad-record", "duplicate", "leak", "outside-block", "reserved", "unreferenced")
 
@@ -82,6 +83,7 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
     ips: dict[tuple[str, IPv4Address], Allocation] = {}
     handles: dict[tuple[str, str], tuple[str, IPv4Address]] = {}
     live_nodes: set[str] = set()
+    records: dict[str, NodeRecord] = {}
     for rel, kv in kvs.items():
         kind, _, rest = rel.partition("/")
         try:
@@ -97,7 +99,10 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
                 held = decode_allocation(kv)
                 handles[(held.container_id, held.ifname)] = (held.node, held.ip.ip)
             elif kind == "nodes":
-                live_nodes.add(rest)
+                live_nodes.add(rest)  # a record (counted even if it does not decode)
+                records[rest] = decode_node(kv)
+            elif kind == "leases":
+                decode_liveness(kv)
         except BadRecord as exc:
             problems.append(Problem("bad-record", f"{exc.kind} record: {exc.problem}", kv.key))
 
@@ -125,6 +130,16 @@ def check(store: Store, cluster: str, *, valid: Iterable[tuple[str, str]] | None
             add("duplicate", f"blocks {a} and {b} overlap", f"blocks/{b.network_address}-{b.prefixlen}")
     for node in sorted(live_nodes - set(node_blocks)):
         add("leak", f"node record {node!r} has no block claim", f"nodes/{node}")
+    by_ip: dict[IPv4Address, list[str]] = defaultdict(list)
+    for node, rec in sorted(records.items()):
+        by_ip[rec.node_ip].append(node)
+        if node in node_blocks and node_blocks[node] != rec.block:
+            add("duplicate", f"node record {node!r} says block {rec.block}, but it claims {node_blocks[node]}; "
+                "peers leave it out", f"nodes/{node}")
+    for ip, names in by_ip.items():
+        if len(names) > 1:
+            add("duplicate", f"node IP {ip} is in several node records: {', '.join(names)}; peers program one of them",
+                f"nodes/{names[1]}")
 
     # addresses
     owners: dict[IPv4Address, list[str]] = defaultdict(list)

@@ -19,14 +19,21 @@ _IFNAME_BAD = re.compile(r"[/:\s%]")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
+MIN_MTU, MAX_MTU = 576, 65535  # IPv4's minimum datagram a host must accept (RFC 791); the largest IPv4 packet
+
+
 @dataclass(frozen=True)
 class NodeRecord:
+    """A node as every peer sees it (``nodes/<name>``): it stays until ``node
+    delete``, whether or not the node's agent is live (``leases/<name>``)."""
+
     name: str
     node_ip: IPv4Address
     block: IPv4Network
     vtep_mac: str | None = None
     wireguard_public_key: str | None = None  # backend wireguard: published by the node's agent
     wireguard_endpoint: str | None = None  # "<node IP>:<port>"
+    mtu: int | None = None  # the node's underlay MTU (None: not published, an older agent)
 
     def to_json(self) -> str:
         """The value of its ``nodes/<name>`` record (records of other backends
@@ -36,10 +43,11 @@ class NodeRecord:
             del data["wireguard_public_key"], data["wireguard_endpoint"]
         return json.dumps(data, sort_keys=True)
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, str | int | None]:
         return {
             "name": self.name, "node_ip": str(self.node_ip), "block": str(self.block), "vtep_mac": self.vtep_mac,
             "wireguard_public_key": self.wireguard_public_key, "wireguard_endpoint": self.wireguard_endpoint,
+            "mtu": self.mtu,
         }  # fmt: skip
 
     @property
@@ -49,6 +57,33 @@ class NodeRecord:
             return None
         port = self.wireguard_endpoint.rpartition(":")[2]
         return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """``leases/<name>``: the node's agent holds a lease (it renewed it within
+    the TTL), from the machine with ``node_ip``."""
+
+    node: str
+    node_ip: IPv4Address
+    lease: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"node": self.node, "node_ip": str(self.node_ip)}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ClusterNodes:
+    """Every node record, which nodes are live and who claims which block, read
+    at one revision (``ipam.cluster_nodes``)."""
+
+    records: tuple[NodeRecord, ...]
+    live: dict[str, Liveness]  # node name -> its liveness record
+    claims: dict[IPv4Network, str]  # block -> the node that claimed it
+    revision: int = 0
+
+    def record(self, name: str) -> NodeRecord | None:
+        return next((r for r in self.records if r.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -122,6 +157,12 @@ def check_mac(value: str | None) -> str | None:
     if not _MAC.match(mac):
         raise ConfigError(FieldError("vtep-mac", f"{value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
     return mac
+
+
+def check_mtu(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_MTU <= value <= MAX_MTU:
+        raise ConfigError(FieldError("mtu", f"{value!r} is not an MTU ({MIN_MTU}..{MAX_MTU})"))
+    return value
 
 
 def parse_ip(field: str, value: object) -> IPv4Address:

@@ -9,6 +9,16 @@ returns the fresh cursor in the failed transaction itself, and losers skip a
 random few blocks ahead to spread out. After many taken candidates in a row
 (a fragmented pool after deletions) one full scan finds a free block or
 proves exhaustion.
+
+Records and liveness. The node record ``nodes/<name>`` (IP, block, VTEP MAC,
+underlay MTU) stays until ``node delete``: peers program their routes from
+it, so the data path outlives an outage of the control plane. Liveness is a
+separate record, ``leases/<name>`` (the agent's node IP), under the agent's
+lease: when the lease lapses the node shows as not live (``node list``,
+``ipam show``, the agents' metrics) and nothing else changes. Registering
+refuses a node name that is live from another node IP (two machines with one
+name) and a node IP that another live node holds; ``delete_node`` refuses a
+live node unless forced.
 """
 
 from __future__ import annotations
@@ -30,17 +40,19 @@ from ..datastore.keys import (
     decode_all,
     handle_key,
     ips_prefix,
+    lease_key,
+    leases_prefix,
     node_key,
     nodeblock_key,
     nodeblocks_prefix,
     nodes_prefix,
     wgrotate_key,
 )
-from ..errors import BadRecord, ConfigError, Conflict, FieldError, NotFound, PoolExhausted
+from ..errors import BadRecord, ConfigError, Conflict, FieldError, NodeConflict, NotFound, PoolExhausted
 from . import addresses
 from .clusters import not_found
-from .model import NodeRecord, check_mac, check_name, parse_ip
-from .records import decode_allocation, decode_block, decode_cluster, decode_cursor, decode_node
+from .model import ClusterNodes, Liveness, NodeRecord, check_mac, check_mtu, check_name, parse_ip
+from .records import decode_allocation, decode_block, decode_cluster, decode_cursor, decode_liveness, decode_node
 
 log = logging.getLogger(__name__)
 _ATTEMPTS = 200
@@ -71,6 +83,39 @@ def _wireguard_identity(node_ip: IPv4Address, public_key: str | None, port: int 
     if port is None or not 1 <= port <= 65535:
         raise ConfigError(FieldError("wireguard-port", f"{port} is outside 1..65535"))
     return check_public_key(public_key), f"{node_ip}:{port}"
+def _liveness(kv: KV | None) -> Liveness | None:
+    """A liveness record; one that does not decode counts as absent."""
+    if kv is None:
+        return None
+    try:
+        return decode_liveness(kv)
+    except BadRecord as exc:
+        _skip(exc)
+        return None
+
+
+def _check_free(snap: Snapshot, cluster: str, name: str, node_ip: IPv4Address, lease: int | None) -> None:
+    """Refuse a node name that is live from another node IP (two machines with
+    one name) and a node IP that another live node holds."""
+    mine = _liveness(snap.get(lease_key(cluster, name)))
+    if mine is not None and mine.node_ip != node_ip and (lease is None or mine.lease != lease):
+        raise NodeConflict(
+            f"node {name!r} is live on node IP {mine.node_ip}, not {node_ip}: two machines with one node name",
+            details="give this machine its own --node name, or stop the other agent and wait for its lease to lapse",
+        )
+    for kv in snap.prefixed(nodes_prefix(cluster)):
+        try:
+            other = decode_node(kv)
+        except BadRecord as exc:
+            _skip(exc)
+            continue
+        if other.name == name or other.node_ip != node_ip:
+            continue
+        if _liveness(snap.get(lease_key(cluster, other.name))) is not None:
+            raise NodeConflict(
+                f"--node-ip {node_ip} is held by live node {other.name!r} (block {other.block})",
+                details=f"give this node its own IP, or stop {other.name}'s agent and `overlaycni node delete` it",
+            )
 
 
 def register_node(
@@ -83,66 +128,90 @@ def register_node(
     wireguard_public_key: str | None = None,
     wireguard_port: int | None = None,
     lease: int | None = None,
+    mtu: int | None = None,
+    block: IPv4Network | None = None,
 ) -> NodeRecord:
     """Claim (or re-claim: same name, same block) a block for node ``name``
-    and write its node record (under ``lease`` when given). With the
-    wireguard backend the record carries the node's public key and its
-    endpoint ``<node IP>:<wireguard_port>``."""
+    and write its node record; with ``lease``, also its liveness record under
+    that lease. ``block``: the block this node's pods use; when the node has
+    no claim (it was deleted behind its agent's back) exactly that block is
+    claimed again, and ``NodeConflict`` names whoever holds it now. Raises
+    ``NodeConflict`` for a name live on another node IP or a node IP another
+    live node holds. With the wireguard backend the record carries the
+    node's public key and its endpoint ``<node IP>:<wireguard_port>``."""
     check_name("cluster", cluster)
     check_name("name", name)
     node_ip = parse_ip("node-ip", node_ip)
     vtep_mac = check_mac(vtep_mac)
+    if mtu is not None:
+        mtu = check_mtu(mtu)
     wg_key, wg_endpoint = _wireguard_identity(node_ip, wireguard_public_key, wireguard_port)
-
-    def record(block: IPv4Network) -> NodeRecord:
-        return NodeRecord(name, node_ip, block, vtep_mac, wg_key, wg_endpoint)
-    cfg_k, nb_k, cur_k = config_key(cluster), nodeblock_key(cluster, name), blockcursor_key(cluster)
-    snap = store.read([cfg_k, nb_k, cur_k])
+    cfg_k, nb_k, cur_k, lv_k = config_key(cluster), nodeblock_key(cluster, name), blockcursor_key(cluster), lease_key(cluster, name)
+    keys, prefixes = [cfg_k, nb_k, cur_k, lv_k], [nodes_prefix(cluster), leases_prefix(cluster)]
+    snap = store.read(keys, prefixes)
     taken_in_row = 0
     skip = 0
+
+    def record(block: IPv4Network) -> NodeRecord:
+        return NodeRecord(name, node_ip, block, vtep_mac, wireguard_public_key=wg_key, wireguard_endpoint=wg_endpoint, mtu=mtu)
+
+    def puts(block: IPv4Network) -> list[tuple[str, str, int | None]]:
+        out: list[tuple[str, str, int | None]] = [(node_key(cluster, name), record(block).to_json(), None)]
+        if lease is not None:
+            out.append((lv_k, Liveness(name, node_ip).to_json(), lease))
+        return out
+
     for attempt in range(_ATTEMPTS):
         cfg = snap.get(cfg_k)
         if cfg is None:
             raise not_found(cluster)
         net = decode_cluster(cfg)
         _check_node_ip(net, node_ip)
+        _check_free(snap, cluster, name, node_ip, lease)
+        lv = snap.get(lv_k)
+        fresh = [(lv_k, lv.revision if lv is not None else 0)]
         claimed = snap.get(nb_k)
         if claimed is not None:  # re-register: keep the block, refresh the record
-            block = decode_block(claimed).block
+            have = decode_block(claimed).block
+            if block is not None and have != block:
+                raise NodeConflict(f"node {name!r} now holds block {have}, but its pods use {block}")
             result = store.transact(
-                compare=[(nb_k, claimed.revision)],
-                put=[(node_key(cluster, name), record(block).to_json(), lease)],
-                read_keys=[cfg_k, nb_k, cur_k],
+                compare=[(nb_k, claimed.revision), *fresh], put=puts(have), read_keys=keys, read_prefixes=prefixes
             )
             if result.succeeded:
-                log.debug("node %s re-registered with its block %s", name, block)
-                return record(block)
+                log.debug("node %s re-registered with its block %s", name, have)
+                return record(have)
             snap = result.snapshot()
             continue
         cursor_kv = snap.get(cur_k)
         found = decode_cursor(cursor_kv)
         cursor = found if isinstance(found, IPv4Network) else None
-        if taken_in_row >= _SCAN_AFTER:
+        if block is not None:
+            candidate = block
+        elif taken_in_row >= _SCAN_AFTER:
             candidate = _scan_free(store, cluster, net, cursor)
             taken_in_row = 0
         else:
             candidate = addresses.next_block(net.pod_cidr, net.node_cidr_size, cursor, skip=skip)
         b_k = block_key(cluster, candidate)
         result = store.transact(
-            compare=[(b_k, 0), (nb_k, 0), (cfg_k, cfg.revision)],
-            put=[
-                (b_k, name, None),
-                (nb_k, str(candidate), None),
-                (cur_k, str(candidate), None),
-                (node_key(cluster, name), record(candidate).to_json(), lease),
-            ],
-            read_keys=[cfg_k, nb_k, cur_k, b_k],
+            compare=[(b_k, 0), (nb_k, 0), (cfg_k, cfg.revision), *fresh],
+            put=[(b_k, name, None), (nb_k, str(candidate), None), (cur_k, str(candidate), None), *puts(candidate)],
+            read_keys=[*keys, b_k],
+            read_prefixes=prefixes,
         )
         if result.succeeded:
             log.debug("node %s claimed block %s (attempt %d)", name, candidate, attempt + 1)
             return record(candidate)
         snap = result.snapshot()
-        if snap.get(b_k) is not None:
+        holder = snap.get(b_k)
+        if holder is not None and block is not None and snap.get(nb_k) is None:
+            raise NodeConflict(
+                f"node {name!r}: its block {block} was claimed by node {holder.value!r} while {name} was deleted; "
+                "its pods still use addresses from it",
+                details=f"delete the pods on {name} (or node {holder.value}) and restart {name}'s agent",
+            )
+        if holder is not None:
             taken_in_row += 1
             new_cursor = snap.get(cur_k)
             if new_cursor is None or new_cursor.value == (cursor_kv.value if cursor_kv else None):
@@ -150,6 +219,36 @@ def register_node(
                 snap = _with_cursor(snap, cur_k, str(candidate))
             skip = random.randrange(min(attempt + 1, 8))
     raise Conflict(f"node {name!r}: could not claim a block after {_ATTEMPTS} attempts (heavy contention); try again")
+
+
+def renew_liveness(store: Store, cluster: str, name: str, node_ip: IPv4Address, lease: int) -> None:
+    """Write ``leases/<name>`` under ``lease`` again (the old lease lapsed);
+    ``NodeConflict`` when the name went live from another node IP meanwhile."""
+    lv_k = lease_key(cluster, name)
+    for _ in range(_ATTEMPTS):
+        snap = store.read([lv_k], [nodes_prefix(cluster), leases_prefix(cluster)])
+        _check_free(snap, cluster, name, node_ip, lease)
+        kv = snap.get(lv_k)
+        if store.txn(compare=[(lv_k, kv.revision if kv else 0)], put=[(lv_k, Liveness(name, node_ip).to_json(), lease)]):
+            return
+    raise Conflict(f"node {name!r}: could not renew its liveness record (heavy contention); try again")
+
+
+def cluster_nodes(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> ClusterNodes:
+    """Every node record, the live ones and the block claims, at one revision.
+    A bad record raises ``BadRecord``, or with ``on_bad`` is reported and
+    skipped (a bad liveness record: the node counts as not live)."""
+    check_name("cluster", cluster)
+    snap = store.read([config_key(cluster)], [nodes_prefix(cluster), leases_prefix(cluster), blocks_prefix(cluster)])
+    if snap.get(config_key(cluster)) is None:
+        raise not_found(cluster)
+    records = decode_all(snap.prefixed(nodes_prefix(cluster)), decode_node, on_bad=on_bad)
+    live = decode_all(snap.prefixed(leases_prefix(cluster)), decode_liveness, on_bad=on_bad)
+    claims = decode_all(snap.prefixed(blocks_prefix(cluster)), decode_block, on_bad=on_bad)
+    return ClusterNodes(
+        records=tuple(records), live={lv.node: lv for lv in live}, claims={c.block: c.node for c in claims},
+        revision=snap.revision,
+    )
 
 
 def _with_cursor(snap: Snapshot, cur_k: str, value: str) -> Snapshot:
@@ -182,13 +281,13 @@ def get_node(store: Store, cluster: str, name: str) -> NodeRecord:
         raise not_found(cluster)
     kv = snap.get(node_key(cluster, name))
     if kv is None:
-        raise NotFound(f"node {name!r} not found in cluster {cluster!r} (not registered, or its lease expired)")
+        raise NotFound(f"node {name!r} not found in cluster {cluster!r} (not registered, or deleted)")
     return decode_node(kv)
 
 
 def list_nodes(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> list[NodeRecord]:
-    """Live node records (those whose lease, if any, has not expired). A bad
-    record raises ``BadRecord``, or with ``on_bad`` is reported and skipped."""
+    """Every node record, live or not (``cluster_nodes`` tells which are live).
+    A bad record raises ``BadRecord``, or with ``on_bad`` is reported and skipped."""
     check_name("cluster", cluster)
     snap = store.read([config_key(cluster)], [nodes_prefix(cluster)])
     if snap.get(config_key(cluster)) is None:
@@ -206,15 +305,24 @@ def list_blocks(store: Store, cluster: str, *, on_bad: BadRecordHandler | None =
     return {c.node: c.block for c in claims}
 
 
-def delete_node(store: Store, cluster: str, name: str) -> None:
-    """Free the node's block and release its pod addresses. Not-found is
-    success; re-running after a crash finishes the job."""
+def delete_node(store: Store, cluster: str, name: str, *, force: bool = False) -> None:
+    """Free the node's block and release its pod addresses: its peers drop
+    its routes. A live node (its agent holds its lease) is refused unless
+    ``force``: its pods still use the block. Not-found is success;
+    re-running after a crash finishes the job."""
     check_name("cluster", cluster)
     check_name("name", name)
-    nb_k = nodeblock_key(cluster, name)
-    snap = store.read([config_key(cluster), nb_k])
+    nb_k, lv_k = nodeblock_key(cluster, name), lease_key(cluster, name)
+    node_keys = [node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name), lv_k]
+    snap = store.read([config_key(cluster), nb_k, lv_k])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
+    live = _liveness(snap.get(lv_k))
+    if live is not None and not force:
+        raise NodeConflict(
+            f"node {name!r} is live: its agent on {live.node_ip} holds its lease, and its pods use its block",
+            details="stop its agent first (a stopped agent gives its lease up), or use --force",
+        )
     claimed = snap.get(nb_k)
     # 1. the claim first, so no allocation on this node can succeed after it
     try:
@@ -226,15 +334,15 @@ def delete_node(store: Store, cluster: str, name: str) -> None:
         b_k = block_key(cluster, claim.block)
         ok = store.txn(
             compare=[(nb_k, claimed.revision), (b_k, claimed.revision)],
-            delete=[nb_k, b_k, node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name)],
+            delete=[nb_k, b_k, *node_keys],
         )
         if not ok:  # half-written claim (should not happen): delete what is ours
             kv = store.get(b_k)
-            store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name)])
+            store.txn(compare=[], delete=[nb_k, *node_keys])
             if kv is not None and kv.value == name:
                 store.txn(compare=[(b_k, kv.revision)], delete=[b_k])
     else:
-        store.txn(compare=[], delete=[nb_k, node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name)])
+        store.txn(compare=[], delete=[nb_k, *node_keys])
     # 2. the handles of its addresses (each written with its address, same revision)
     ips = store.list(ips_prefix(cluster, name))  # after step 1: nothing can be added now
 

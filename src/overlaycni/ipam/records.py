@@ -1,7 +1,7 @@
 """IPAM's datastore records: their JSON values and the one decoder per kind (pure).
 
 Kinds (keys: ``datastore.keys``): ``cluster`` (the ClusterNetwork),
-``node`` (a live node record), ``block`` (a claim ``blocks/<cidr>`` -> node,
+``node`` (a node record, and its liveness record ``leases/<node>``), ``block`` (a claim ``blocks/<cidr>`` -> node,
 and its reverse index ``nodeblocks/<node>`` -> block) and ``allocation``
 (an address ``ips/<node>/<ip>`` and its handle ``handles/<cid>/<ifname>``).
 Each decoder validates what it reads and raises ``BadRecord`` naming the
@@ -22,7 +22,7 @@ from ..config import ClusterNetwork, parse_network
 from ..dataplane.wgmodel import check_public_key
 from ..datastore.keys import Record, ip_from_part, json_object, split_key
 from ..errors import BadRecord, ConfigError
-from .model import Allocation, NodeRecord, check_container_id, check_ifname, check_mac, check_name
+from .model import Allocation, Liveness, NodeRecord, check_container_id, check_ifname, check_mac, check_mtu, check_name
 
 T = TypeVar("T")
 
@@ -96,6 +96,7 @@ def decode_node(kv: Record) -> NodeRecord:
         if data.get("wireguard_public_key") is not None else None,
         wireguard_endpoint=_field(kv, "node", data, "wireguard_endpoint", _endpoint)
         if data.get("wireguard_endpoint") is not None else None,
+        mtu=_field(kv, "node", data, "mtu", check_mtu) if data.get("mtu") is not None else None,
     )
 
 
@@ -106,6 +107,16 @@ def _endpoint(value: Any) -> str:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not ADDRESS:PORT")
     return f"{host}:{int(port)}"
+
+
+def decode_liveness(kv: Record) -> Liveness:
+    """A liveness record ``leases/<name>`` (value: the node IP of the agent holding it)."""
+    data = json_object(kv, "node")
+    (name,) = _key_tail(kv, "node", "leases", 1)
+    node = _field(kv, "node", data, "node", _str)
+    if node != name:
+        raise _bad(kv, "node", f"node: {node!r} is not the key's node name {name!r}")
+    return Liveness(node=name, node_ip=_field(kv, "node", data, "node_ip", IPv4Address), lease=getattr(kv, "lease", None))
 
 
 # ----- block -------------------------------------------------------------------------------

@@ -172,12 +172,13 @@ def _remove_node(state: LabState, n: LabNode, *, deregister: bool) -> None:
 
 
 def deregister_node(state: LabState, node: str) -> bool:
-    """Delete the node's record (and its block) so peers drop it at once.
-    Without that, peers still drop it when its lease runs out."""
+    """Delete the node's record (and its block) so peers drop it. Without
+    that they keep routing to it. ``force``: the lab has stopped its agent
+    itself (a killed agent's lease would still be live for a TTL)."""
     from .. import ipam
 
     try:
-        control.with_store(state, lambda store: ipam.delete_node(store, state.name, node))
+        control.with_store(state, lambda store: ipam.delete_node(store, state.name, node, force=True))
         return True
     except OverlayCNIError:
         return False

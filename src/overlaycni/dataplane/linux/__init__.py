@@ -33,18 +33,20 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
-from ...errors import PolicyApplyError
+from ...errors import DataplaneError, PolicyApplyError
 from .. import nftmodel, podguard, policytable, ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
+from ..ports import KernelEvents
 from ..wgmodel import WgDevice
 from .conntrack import LinuxConntrack
 from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
+from .monitor import KernelMonitor, calibration_commands
 from .netns import NetnsWorker, forbidden_namespaces
 from .netnscheck import open_pod_netns
 from .nft import LinuxNft, NftRunner
@@ -91,6 +93,9 @@ class WorkerPolicyTable:
 
     def reset(self) -> None:
         self._worker.call(self._table.reset)
+
+    def repair(self) -> str | None:
+        return self._worker.call(self._table.repair)
 
     def remove(self) -> None:
         self._worker.call(self._table.remove)
@@ -205,6 +210,30 @@ class LinuxDataplane:
 
     def drop_counters(self) -> dict[str, int]:
         return self._worker.call(self._engine.drop_counters)
+    def adopted_block(self, prefixlen: int) -> IPv4Network | None:
+        return self._worker.call(lambda: self._engine.adopted_block(prefixlen))
+
+    def kernel_events(self) -> KernelEvents:
+        """A ``monitor.KernelMonitor`` in the node namespace that ignores this
+        data plane's own changes."""
+        return self._worker.call(self._open_monitor)
+
+    def _open_monitor(self) -> KernelMonitor:
+        ipr = next(h for h in self._handles if isinstance(h, IPRoute))
+        nl = next(h for h in self._handles if isinstance(h, Rtnl))
+        runner = next(h for h in self._handles if isinstance(h, NftRunner))
+        own = {nl.sock.getsockname()[0]}
+        try:  # pyroute2 keeps its socket behind an asyncio transport
+            own.add(ipr.asyncore.transport.get_extra_info("socket").getsockname()[0])
+        except (AttributeError, OSError):
+            pass  # its changes then show as foreign: a needless check, nothing worse
+        mon = KernelMonitor(own_ports=own)
+        mon.expect_calibration()
+        try:
+            runner.run({"nftables": calibration_commands(nftmodel.FAMILY, nftmodel.TABLE)}, what="calibration")
+        except DataplaneError:
+            pass  # no table yet: our pid as this process sees it is the fallback
+        return mon
 
     def close(self) -> None:
         if self._closed:
@@ -240,3 +269,4 @@ if TYPE_CHECKING:  # mypy proves that each Linux adapter implements its port
     _pods: type[ports.PodLinks] = LinuxPodLinks
     _conntrack: type[ports.Conntrack] = LinuxConntrack
     _dataplane: type[ports.Dataplane] = LinuxDataplane
+    _events: type[ports.KernelEvents] = KernelMonitor

@@ -15,7 +15,7 @@ and raised once as ``DataplaneError`` naming each object and the errno.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 from ...errors import DataplaneError
@@ -114,6 +114,16 @@ class LinuxRoutes:
         return gw, self.nl.name_of(int.from_bytes(a[r.RTA_OIF], "little"))
 
 
+def _with_fresh_links(nl: Rtnl, apply: Callable[..., None], **kw: Sequence[object]) -> None:
+    """``apply(**kw)``; refused once, again with a fresh name->index cache: a
+    VXLAN device deleted and re-created (by us, repairing) has a new ifindex."""
+    try:
+        apply(**kw)
+    except DataplaneError:
+        nl.refresh_links()
+        apply(**kw)
+
+
 def RTA_TABLE_of(a: dict[int, bytes], table: int) -> int:
     return int.from_bytes(a[r.RTA_TABLE], "little") if r.RTA_TABLE in a else table
 
@@ -147,6 +157,9 @@ class LinuxNeighbours:
         return Neighbour(dev=dev, ip=ip, mac=r._mac_str(a[r.NDA_LLADDR])) if r.NDA_LLADDR in a else None
 
     def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None:
+        _with_fresh_links(self.nl, self._apply, replace=replace, delete=delete)
+
+    def _apply(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None:
         msgs, objs, missing = [], [], []
         for i, n in enumerate([*delete, *replace]):
             idx = self.nl.index_of(n.dev)
@@ -185,6 +198,9 @@ class LinuxFdb:
         return out
 
     def apply_fdb(self, *, replace: Sequence[FdbEntry] = (), delete: Sequence[FdbEntry] = ()) -> None:
+        _with_fresh_links(self.nl, self._apply, replace=replace, delete=delete)
+
+    def _apply(self, *, replace: Sequence[FdbEntry] = (), delete: Sequence[FdbEntry] = ()) -> None:
         msgs, objs, missing = [], [], []
         for i, f in enumerate([*delete, *replace]):
             idx = self.nl.index_of(f.dev)
