@@ -22,11 +22,12 @@ was not made by this process:
 * rtnetlink sets a notification's ``nlmsg_pid`` to the port of the socket
   whose request caused it (0 for the kernel itself), so changes made through
   the data plane's own sockets (``own_ports``) are skipped; what remains and
-  concerns an address on the VXLAN device or the gateway address
-  (``lo:ocni``), a neighbour or FDB entry on it, or an IPv4 route of the
-  main table, is reported. Link notifications carry port 0 whoever asked,
-  so for the VXLAN device a deletion, going down or a new MTU is reported
-  whoever did it (when it was us, rarely, that costs one needless check);
+  concerns an address on the tunnel device (``ocni.vxlan`` or ``ocni.wg``)
+  or the gateway address (``lo:ocni``), a neighbour or FDB entry on it, or
+  an IPv4 route of the main table, is reported. Link notifications carry
+  port 0 whoever asked, so for the tunnel device a deletion, going down or
+  a new MTU is reported whoever did it (when it was us, rarely, that costs
+  one needless check);
 * nftables ends every committed transaction with ``NFT_MSG_NEWGEN``, which
   carries the committing process's pid (``NFTA_GEN_PROC_PID``); the messages
   before it name their table (attribute 1 of every table, chain, rule, set
@@ -50,6 +51,9 @@ import socket
 import struct
 
 from ..model import GATEWAY_LABEL, VXLAN_IFNAME
+from ..wgmodel import WG_IFNAME
+
+TUNNELS = (VXLAN_IFNAME, WG_IFNAME)  # the node's tunnel device, whichever the backend
 
 NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
@@ -110,7 +114,8 @@ class KernelMonitor:
         self.own_pids = {os.getpid()}
         self._calibrating = False
         self._touched: set[str] = set()
-        self._vxlan_seen: tuple[int, bytes | None] | None = None  # (up flag, MTU) of the last notification
+        self._seen: dict[str, tuple[int, bytes | None]] = {}  # tunnel -> (up flag, MTU) of its last notification
+        self.index: dict[str, int] = {}  # tunnel -> its ifindex
         self.rt = self._socket(NETLINK_ROUTE)
         self.nf = self._socket(NETLINK_NETFILTER)
         try:
@@ -120,10 +125,11 @@ class KernelMonitor:
         except OSError:
             self.close()
             raise
-        try:
-            self.vxlan_index: int | None = socket.if_nametoindex(VXLAN_IFNAME)
-        except OSError:
-            self.vxlan_index = None
+        for name in TUNNELS:
+            try:
+                self.index[name] = socket.if_nametoindex(name)
+            except OSError:
+                pass
 
     @staticmethod
     def _socket(proto: int) -> socket.socket:
@@ -184,13 +190,15 @@ class KernelMonitor:
             index, flags = struct.unpack_from("=iI", buf, body + 4)
             attrs = _attrs(buf, body + 16, end)
             name = _text(attrs.get(IFLA_IFNAME))
-            if name != VXLAN_IFNAME:
+            if name not in TUNNELS:
                 return None
             # The kernel sends link notifications with port 0 whoever asked: a
             # deletion always counts, and a change of the up flag or the MTU.
             seen = (flags & IFF_UP, attrs.get(IFLA_MTU))
-            before, self._vxlan_seen = self._vxlan_seen, (seen if kind == RTM_NEWLINK else None)
-            self.vxlan_index = index if kind == RTM_NEWLINK else None
+            before = self._seen.pop(name, None)
+            self.index.pop(name, None)
+            if kind == RTM_NEWLINK:
+                self._seen[name], self.index[name] = seen, index
             if kind == RTM_DELLINK:
                 return f"link {name} deleted" + (f" by {_who(pid)}" if foreign else "")
             went_down = before is not None and before[0] and not seen[0]
@@ -203,8 +211,9 @@ class KernelMonitor:
         if kind in (RTM_NEWADDR, RTM_DELADDR):
             (index,) = struct.unpack_from("=I", buf, body + 4)
             label = _text(_attrs(buf, body + 8, end).get(IFA_LABEL))
-            if label == GATEWAY_LABEL or (index and index == self.vxlan_index):
-                return f"address on {label or VXLAN_IFNAME} {verb} by {_who(pid)}"
+            tunnel = self._tunnel(index)
+            if label == GATEWAY_LABEL or tunnel:
+                return f"address on {label or tunnel} {verb} by {_who(pid)}"
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
             family, dst_len, _s, _t, table = struct.unpack_from("=BBBBB", buf, body)
             attrs = _attrs(buf, body + 12, end)
@@ -215,9 +224,13 @@ class KernelMonitor:
                 return f"route {dst}/{dst_len} {verb} by {_who(pid)}"
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
             (index,) = struct.unpack_from("=i", buf, body + 4)
-            if index and index == self.vxlan_index:
-                return f"neighbour or FDB entry on {VXLAN_IFNAME} {verb} by {_who(pid)}"
+            tunnel = self._tunnel(index)
+            if tunnel:
+                return f"neighbour or FDB entry on {tunnel} {verb} by {_who(pid)}"
         return None
+
+    def _tunnel(self, index: int) -> str | None:
+        return next((name for name, i in self.index.items() if index and i == index), None)
 
     # ----- nftables -----------------------------------------------------------------
     def _nft(self, data: bytes) -> list[str]:
