@@ -95,8 +95,8 @@ class Cluster:
         node = self.topo.add_node(name, f"{ip}/16")
         return self.start_agent(name, node, *agent_flags)
 
-    def start_agent(self, name: str, node: NodeNs, *agent_flags: str) -> AgentProc:
-        sock = str(self.workdir / f"{name}.sock")
+    def start_agent(self, name: str, node: NodeNs, *agent_flags: str, socket: str | None = None) -> AgentProc:
+        sock = socket or str(self.workdir / f"{name}.sock")
         with open(self.workdir / f"{name}.log", "a") as log:  # the agent keeps its own copy of the fd
             proc = self.topo.spawn(
                 node.ns, OVERLAYCNI, "--datastore", self.store, "agent", "--cluster", "t", "--node", name,

@@ -218,7 +218,7 @@ def test_a_live_node_deleted_under_its_agent_keeps_its_block_and_addresses(env):
 def test_the_same_node_name_from_a_second_machine_is_refused(env):
     other = env.c.topo.add_node("n1b", "10.224.0.9/16")
     with pytest.raises(RuntimeError, match=r"two machines\s+with one node name"):
-        env.c.start_agent("n1", other)
+        env.c.start_agent("n1", other, socket=str(env.c.workdir / "n1b.sock"))  # the other machine's own socket
     assert env.status("n1")["ready"] and env.ping("n1", env.ip("n2"))
     nodes = {n["name"]: n for n in env.cli_json("node", "list", "--cluster", "t")}
     assert nodes["n1"]["node_ip"] == "10.224.0.4" and nodes["n1"]["live"]
