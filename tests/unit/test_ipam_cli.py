@@ -87,6 +87,56 @@ def test_nodes_and_addresses(cli, tmp_path):
     assert js(cli("node", "list", "--cluster", "dev", "-o", "json")) == []
 
 
+def test_listings_skip_a_malformed_node_record_and_say_so(cli, tmp_path):
+    """`node list` and `ipam show` with one bad record: the others are listed,
+    the bad one is named on stderr (and under "skipped" in `ipam show -o json`)."""
+    from overlaycni.datastore import open_datastore
+    from overlaycni.datastore.keys import ip_key, lease_key, node_key
+
+    cli("cluster", "create", "--name", "dev", *NET)
+    for name, ip in (("n1", "10.224.0.4"), ("n2", "10.224.0.5")):
+        cli("node", "register", "--cluster", "dev", "--name", name, "--node-ip", ip)
+    cli("ipam", "allocate", "--cluster", "dev", "--node", "n1", "--container-id", "abc")
+    # control: every record decodes, nothing is skipped or warned about
+    res = cli("node", "list", "--cluster", "dev", "-o", "json")
+    assert [n["name"] for n in js(res)] == ["n1", "n2"] and "warning" not in res.stderr
+    res = cli("ipam", "show", "--cluster", "dev", "-o", "json")
+    assert js(res)["skipped"] == [] and "warning" not in res.stderr
+    rows = js(res)["nodes"]
+
+    store = open_datastore(f"sqlite://{tmp_path}/state.db")
+    try:
+        store.put(node_key("dev", "n2"), '{"name": "n2", "node_ip": "not-an-ip", "block": "10.244.1.0/24"}')
+        store.put(lease_key("dev", "n1"), "{not json")
+        store.put(ip_key("dev", "n1", 0x0AF40009), '{"ifname": "eth0"}')  # 10.244.0.9 without a container ID
+    finally:
+        store.close()
+    # the fault: each listing goes on without the bad records and names them
+    res = cli("node", "list", "--cluster", "dev", "-o", "json")
+    assert [(n["name"], n["live"]) for n in js(res)] == [("n1", False)]
+    assert f"skipped bad node record {node_key('dev', 'n2')}: node_ip:" in said_err(res)
+    assert f"skipped bad node record {lease_key('dev', 'n1')}" in said_err(res)
+    table = cli("node", "list", "--cluster", "dev")
+    assert "n1" in table.stdout and "n2" not in table.stdout and "warning" in table.stderr
+
+    res = cli("ipam", "show", "--cluster", "dev", "-o", "json")
+    out = js(res)
+    assert out["cluster"] == "dev" and out["nodes"] == rows  # the existing keys are unchanged
+    assert {(s["key"], s["kind"]) for s in out["skipped"]} == {
+        (node_key("dev", "n2"), "node"),
+        (lease_key("dev", "n1"), "node"),
+        (ip_key("dev", "n1", 0x0AF40009), "allocation"),
+    }
+    assert all(s["reason"] for s in out["skipped"])
+    assert said_err(res).count("warning: skipped") == 3
+    table = cli("ipam", "show", "--cluster", "dev")
+    assert "n1" in table.stdout and "n2" in table.stdout and said_err(table).count("warning: skipped") == 3
+
+
+def said_err(result) -> str:
+    return " ".join(result.stderr.split())
+
+
 def test_unknown_cluster_and_node(cli):
     res = cli("node", "list", "--cluster", "nope", code=2)
     assert "cluster 'nope' not found" in said(res)

@@ -19,6 +19,7 @@ from .common import (
     ClusterOpt,
     Output,
     OutputOpt,
+    SkippedRecords,
     console,
     open_store,
     print_json,
@@ -177,9 +178,15 @@ def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
 
     A node is live while its agent holds its lease. A node that is not live
     keeps its block and its peers keep its routes (its pods may still be
-    running); `node delete` removes it."""
+    running); `node delete` removes it.
+
+    A record that does not decode is skipped with a warning on stderr (the
+    agents skip it too); `ipam check` lists every such record. With -o json
+    the list of nodes on stdout keeps its shape."""
+    skipped = SkippedRecords()
     with open_store(ctx) as store:
-        view = ipam.cluster_nodes(store, cluster)
+        view = ipam.cluster_nodes(store, cluster, on_bad=skipped)
+    skipped.warn()
     if output is Output.json:
         print_json([{**n.to_dict(), "live": n.name in view.live} for n in view.records])
         return

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ..errors import ConfigError, OverlayCNIError
+from ..errors import BadRecord, ConfigError, OverlayCNIError
 
 if TYPE_CHECKING:
     from ..datastore import Store
@@ -80,6 +80,27 @@ def print_error(message: str, *, details: str | None = None, out: Console | None
 
 def print_warning(message: str, *, out: Console | None = None) -> None:
     (out or err_console).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+
+
+class SkippedRecords:
+    """Collects the datastore records a listing skips because they do not
+    decode (the agents skip them too): pass it as ``on_bad``. Each key is
+    kept once (one record can be read by several steps of one command)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, BadRecord] = {}
+
+    def __call__(self, exc: BadRecord) -> None:
+        self.records.setdefault(exc.key, exc)
+
+    def warn(self) -> None:
+        """One warning line on stderr per skipped record."""
+        for exc in self.records.values():
+            print_warning(f"skipped {exc} (the agents skip it too)")
+
+    def to_json(self) -> list[dict[str, str]]:
+        """``[{key, kind, reason}]`` for ``--output json``."""
+        return [{"key": e.key, "kind": e.kind, "reason": e.problem} for e in self.records.values()]
 
 
 def report_error(exc: OverlayCNIError) -> int:

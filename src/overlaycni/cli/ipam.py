@@ -14,7 +14,7 @@ from .. import ipam
 from ..errors import ConfigError, FieldError
 from ..ipam import addresses
 from ..ipam.model import parse_ip, parse_pod
-from .common import ClusterOpt, Output, OutputOpt, console, open_store, print_json
+from .common import ClusterOpt, Output, OutputOpt, SkippedRecords, console, open_store, print_json
 
 ipam_app = typer.Typer(
     help="Pod IP addresses. Example: overlaycni ipam allocate --cluster dev --node n1 --container-id abc --ifname eth0",
@@ -118,12 +118,17 @@ def ipam_release(
 
 @ipam_app.command("show", epilog="Example: overlaycni ipam show --cluster dev")
 def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
-    """Per node: its block, addresses used and free."""
+    """Per node: its block, whether it is live, addresses used and free.
+
+    A record that does not decode is skipped with a warning on stderr (the
+    agents skip it too) and listed under "skipped" ({key, kind, reason})
+    with -o json; `ipam check` reports it as a problem."""
+    skipped = SkippedRecords()
     with open_store(ctx) as store:
-        blocks = ipam.list_blocks(store, cluster)
-        live = set(ipam.cluster_nodes(store, cluster).live)
+        blocks = ipam.list_blocks(store, cluster, on_bad=skipped)
+        live = set(ipam.cluster_nodes(store, cluster, on_bad=skipped).live)
         used: dict[str, int] = {}
-        for a in ipam.list_allocations(store, cluster):
+        for a in ipam.list_allocations(store, cluster, on_bad=skipped):
             used[a.node] = used.get(a.node, 0) + 1
     rows: list[dict[str, Any]] = [
         {
@@ -135,8 +140,9 @@ def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
         }
         for name, block in sorted(blocks.items(), key=lambda item: int(item[1].network_address))
     ]
+    skipped.warn()
     if output is Output.json:
-        print_json({"cluster": cluster, "nodes": rows})
+        print_json({"cluster": cluster, "nodes": rows, "skipped": skipped.to_json()})
         return
     table = Table("node", "block", "live", "used", "free")
     for r in rows:
