@@ -131,6 +131,9 @@ def test_listings_skip_a_malformed_node_record_and_say_so(cli, tmp_path):
     assert said_err(res).count("warning: skipped") == 3
     table = cli("ipam", "show", "--cluster", "dev")
     assert "n1" in table.stdout and "n2" in table.stdout and said_err(table).count("warning: skipped") == 3
+    # ipam check lists the same records as problems (keys relative to the cluster's root)
+    bad = {p["key"] for p in js(cli("ipam", "check", "--cluster", "dev", "-o", "json", code=1))["problems"] if p["kind"] == "bad-record"}
+    assert len(bad) == 3 and all(any(s["key"].endswith(k) for s in out["skipped"]) for k in bad), bad
 
 
 def said_err(result) -> str:
