@@ -301,8 +301,12 @@ def test_a_failing_repair_makes_healthz_say_so(cluster, tmp_path):  # noqa: F811
     from overlaycni.errors import DataplaneError
 
     url, _ = cluster
+    from overlaycni.agent.metrics import serve_http
+
     a1, dp1 = start(url, tmp_path, "n1", "10.224.0.4")
+    http = serve_http("127.0.0.1:0", a1.metrics, a1.health)  # /healthz as a kubelet probe reads it
     try:
+        assert healthz(http)[0] == 200  # control: a healthy node answers 200
         k = dp1.kernel
         node_table = dp1.p.nft
         works = node_table.apply
@@ -316,11 +320,30 @@ def test_a_failing_repair_makes_healthz_say_so(cluster, tmp_path):  # noqa: F811
         assert wait_for(lambda: any("repair incomplete: nft" in r for r in a1.health()["reasons"]))
         assert not a1.health()["ready"]
         assert sample(a1, "overlaycni_enforcement_ok") == 0
+        code, body = healthz(http)
+        assert code == 503 and any("repair incomplete: nft" in r for r in body["reasons"]), body
         node_table.apply = works  # control: once it can be written, the next check repairs it
         k.notify("again")
         assert wait_for(lambda: a1.health()["ready"]) and k.nft is not None
+        code, body = healthz(http)
+        assert code == 200 and body["ready"] and body["reasons"] == [], body
     finally:
+        http.shutdown()
+        http.server_close()
         a1.shutdown()
+
+
+def healthz(server) -> tuple[int, dict]:
+    """GET /healthz from ``server`` (an agent's HTTP server on a random loopback port): (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 # ----- item 3: the CLI skips bad records too ------------------------------------------------------------------
