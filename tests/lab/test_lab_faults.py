@@ -79,7 +79,9 @@ def test_datastore_cli_reaches_the_labs_etcd_from_inside_the_lab(lab: Lab):
     assert sorted(n["key"].rsplit("/", 1)[1] for n in nodes) == ["node1", "node2"]
     backup = json.loads(ds(lab, "backup", "-").stdout)
     assert backup["source"].startswith("etcds://10.224.") and backup["revision"] > 0
-    assert {e["key"] for e in backup["keys"] if e["leased"]} >= {n["key"] for n in nodes}
+    leased = {e["key"] for e in backup["keys"] if e["leased"]}
+    assert leased >= {n["key"].replace("/nodes/", "/leases/") for n in nodes}  # each agent's liveness record
+    assert not leased & {n["key"] for n in nodes}  # node records outlive their agent's lease (issue 10, item 12)
 
 
 def test_malformed_records_are_skipped_counted_and_nothing_breaks(lab: Lab):

@@ -151,7 +151,7 @@ BACKUP_HELP = f"""Save every key under {ROOT} to FILE, read at one revision.
 The file is versioned JSON (format {bk.FORMAT!r}, version {bk.VERSION}) with
 the revision it was taken at and every key and value; it is written 0600
 and never over an existing file unless --force. FILE '-' writes to stdout.
-Keys under a lease (node records) are saved, marked "leased", but
+Keys under a lease (the nodes' liveness records) are saved, marked "leased", but
 `restore` does not write them back (see its --help).
 """
 
@@ -200,10 +200,11 @@ RESTORE_HELP = f"""Write the keys of a backup FILE back into the datastore.
 
 Into an empty store (no key under {ROOT}), or with --force into one that
 has keys: then keys that differ are replaced and keys the backup does not
-hold are deleted. Leases are not restored: node records (saved "leased")
-are skipped, and each node's record comes back when its agent re-registers
-(within its lease TTL; an agent that is not running re-registers when it
-starts). Live node records in the store are left alone. A restore is
+hold are deleted. Leases are not restored: the nodes' liveness records
+(leases/NODE, saved "leased") are skipped, and each comes back when its
+agent renews it (within its resync interval; an agent that is not running
+when it starts). Node records are restored; liveness records in the store
+are left alone. A restore is
 written in chunks, not one transaction: if it is interrupted, run it again
 with --force. FILE '-' reads stdin.
 """
@@ -231,8 +232,8 @@ def restore_cmd(
         return
     console.print(
         f"restored {rep.written + rep.unchanged} key(s) from revision {saved.revision} ({rep.written} written, "
-        f"{rep.unchanged} unchanged), deleted {rep.deleted}, skipped {rep.skipped_leased} node record(s) under a lease "
-        f"(their agents re-register); the store is at revision {rep.revision}",
+        f"{rep.unchanged} unchanged), deleted {rep.deleted}, skipped {rep.skipped_leased} key(s) under a lease "
+        f"(liveness records: their agents renew them); the store is at revision {rep.revision}",
         markup=False,
         highlight=False,
     )

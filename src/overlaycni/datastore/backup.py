@@ -11,10 +11,11 @@ Design note.
 * Format: versioned JSON, ``{"format": "overlaycni-datastore-backup",
   "version": 1, "revision", "prefix", "taken_at", "source", "keys": [{"key",
   "value", "leased"}]}``. ``leased`` marks keys that lived under a lease
-  (node records): they are kept in the file for the reader but never
-  restored, since a restored key would outlive the agent that owned it; the
-  node's agent writes its record again under a new lease when it
-  re-registers (within its lease TTL of the restore).
+  (the nodes' liveness records ``leases/<node>``): they are kept in the
+  file for the reader but never restored, since a restored key would
+  outlive the agent that owned it; each node's agent writes its liveness
+  record again under its own lease (at its next resync). Node records
+  carry no lease and are restored.
 * Restore into an empty prefix: puts in chunks of ``CHUNK`` keys, each a
   transaction that also requires its keys to be absent, so a concurrent
   writer is noticed, not overwritten. With ``force``: keys that differ or are
@@ -76,7 +77,7 @@ class RestoreReport:
     written: int  # keys put (new or changed)
     unchanged: int  # keys that already held the backup's value (force)
     deleted: int  # keys removed because the backup does not hold them (force)
-    skipped_leased: int  # node records: not restored
+    skipped_leased: int  # liveness records: not restored
     revision: int  # the store's revision afterwards
 
 
