@@ -34,7 +34,7 @@ def start_agent(url, tmp_path, name, ip, **kw):
     opts = AgentOptions(
         cluster="c1", node=name, node_ip=IPv4Address(ip), datastore=url,
         socket=str(tmp_path / f"{name}.sock"), metrics_addr=None, lease_ttl=kw.get("ttl", 5),
-        resync_interval=kw.get("resync", 60),
+        resync_interval=kw.get("resync", 60), flow_log=kw.get("flow_log"),
     )
     agent = Agent(opts, store=open_datastore(url), dataplane=dp)
     agent.start()

@@ -133,7 +133,7 @@ class Agent:
         self.node = node
         self._server = serve_unix(o.socket, functools.partial(self._handle, node), self._observe)
         if o.metrics_addr:
-            self._http = serve_http(o.metrics_addr, self.metrics, self.health)
+            self._http = serve_http(o.metrics_addr, self.metrics, self.health, flows=node.flows.buffer if node.flows else None)
         self._spawn("lease", node.lease_loop)
         self._spawn("watch", node.watch_loop, start_rev)
         self._spawn("resync", node.resync_loop)
@@ -152,6 +152,8 @@ class Agent:
             self._events = NoEvents(self.stop_event)
         self.repair = Repairer(node, self._events, interval=o.resync_interval)
         self._spawn("repair", self.repair.run)
+        if node.flows is not None:
+            self._spawn("flows", node.flows.run)
         self.metrics.ready.set(1)
         return {
             "event": "ready",
@@ -243,6 +245,7 @@ class Agent:
             "last_repair": self.repair.last_repair if self.repair else None,
             "wireguard": self._wg_health(),
             "reaped": n.reaper.status() if n else None,
+            "flow_log": n.flow_log_status() if n else None,
             "pid": os.getpid(),
         }
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the /healthz endpoint of the agent."""
+"""Prometheus metrics, /healthz and /flows (the flow log, ``agent.flows``) of the agent."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import OverlayCNIError
+
+if TYPE_CHECKING:
+    from .flows import FlowBuffer
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,18 @@ class AgentMetrics:
             "Datastore records skipped because they do not decode (each version of a key once), by kind",
             ["kind"], registry=r,
         )
+        self.policy_verdicts = Counter(
+            "overlaycni_policy_verdicts",
+            "New flows the policy table decided and logged, by direction, verdict and deciding policy "
+            "(a deny counts once per policy isolating the pod; policy is empty when none isolates it)",
+            ["direction", "verdict", "namespace", "policy"], registry=r,
+        )
+        self.flow_log_dropped = Counter(
+            "overlaycni_flow_log_dropped",
+            "Flow records not kept, by reason: ratelimit (kernel rules), socket (lost before the agent read them), "
+            "buffer (evicted from the full ring), malformed",
+            ["reason"], registry=r,
+        )
 
     def watch_drops(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Export ``overlaycni_dropped_packets_total{rule}``: ``read()`` (the node's
@@ -111,14 +127,23 @@ class _DropCollector:
         yield family
 
 
-def serve_http(addr: str, metrics: AgentMetrics, health: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on ``host:port`` (port 0: pick one)."""
+def serve_http(
+    addr: str, metrics: AgentMetrics, health: Callable[[], dict[str, Any]], *, flows: FlowBuffer | None = None
+) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /flows on ``host:port`` (port 0: pick one)."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            if self.path.startswith("/metrics"):
+            extra: tuple[tuple[str, str], ...] = ()
+            url = urlsplit(self.path)
+            if url.path == "/flows":
+                from .flows import answer_flows
+
+                a = answer_flows(flows, parse_qs(url.query))
+                body, ctype, code, extra = a.body, a.content_type, a.code, a.headers
+            elif self.path.startswith("/metrics"):
                 body, ctype, code = metrics.exposition(), CONTENT_TYPE_LATEST, 200
             elif self.path.startswith("/healthz"):
                 h = health()
@@ -129,6 +154,8 @@ def serve_http(addr: str, metrics: AgentMetrics, health: Callable[[], dict[str, 
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in extra:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 

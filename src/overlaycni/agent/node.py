@@ -22,6 +22,9 @@ work of every loop and of CNI requests shares ``kernel_lock``):
 * the leak reaper: every ``reap_interval`` seconds, releases this node's
   addresses whose pod veth has been gone for ``reap_grace`` seconds
   (``agent.reaper``).
+* the flow log collector (``agent.flowlog``), when flow logs are on and the
+  node's NFLOG group could be bound (otherwise the policy table is rendered
+  without log rules and ``/healthz`` says why).
 
 A record that does not decode (``BadRecord``) is skipped wherever it is met
 and reported once per version (one log line naming the key and the problem,
@@ -45,8 +48,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
+from typing import Any
 
 from .. import ipam
 from ..dataplane import Dataplane, NodeState, host_veth_name
@@ -56,6 +60,8 @@ from ..datastore.watch import watch_loop
 from ..errors import BadRecord, DatastoreError, NodeConflict, NotFound, OverlayCNIError
 from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
 from .desired import PeerSelection, node_state, peer_of, pod_mtu, select_peers, with_peers
+from .flowlog import FlowCollector, FlowLogOptions
+from .flows import FlowBuffer
 from .metrics import AgentMetrics
 from .policy import PolicyController
 from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
@@ -85,6 +91,7 @@ class AgentOptions:
     request_deadline: float = REQUEST_DEADLINE  # each CNI request's time inside the agent (< the shim's 4.5 s)
     reap_interval: float = DEFAULT_INTERVAL  # 0: no leak reaper
     reap_grace: float = DEFAULT_GRACE
+    flow_log: FlowLogOptions | None = field(default_factory=FlowLogOptions)  # None: flow logs off
 
 
 class BadRecords:
@@ -142,14 +149,40 @@ class RunningNode:
         self.allocations: dict[tuple[str, str], ipam.Allocation] = {}
         self.state = NodeState(node_ip=ctx.record.node_ip, block=ctx.record.block, pod_cidr=ctx.network.pod_cidr)
         self.state = self._reconcile()
+        self.flow_log_error: str | None = None
+        self.flows = self._open_flow_log()
         self.policy = PolicyController(
-            store, cluster=ctx.cluster, node=ctx.record.name, stop=stop, table=dp.policy_table, on_bad=self.bad.report
-        )
+            store, cluster=ctx.cluster, node=ctx.record.name, stop=stop, table=dp.policy_table, on_bad=self.bad.report,
+            flow_log=self.flows.options.spec if self.flows else None,
+            on_inventory=self.flows.update if self.flows else None,
+        )  # fmt: skip
         self.ops = CNIOps(
             store, dp, ctx, kernel_lock=self.kernel_lock, policy_programmed=self.policy.programmed,
             request_deadline=opts.request_deadline, on_bad=self.bad.report,
         )
         self.reaper = Reaper(self.ops, grace=opts.reap_grace, on_reaped=lambda _r: metrics.reaped.inc())
+
+    def _open_flow_log(self) -> FlowCollector | None:
+        """The flow log collector; None when off, or when the NFLOG group
+        cannot be bound (the node then works without flow logs)."""
+        opts = self.opts.flow_log
+        if opts is None:
+            return None
+        try:
+            source = self.dp.open_verdict_log(group=opts.spec.group)
+        except OverlayCNIError as exc:
+            self.flow_log_error = str(exc)
+            log.warning("flow logs off: %s", exc)
+            return None
+        return FlowCollector(
+            source, node=self.ctx.record.name, buffer=FlowBuffer(opts.buffer), metrics=self.metrics, stop=self.stop,
+            options=opts,
+        )  # fmt: skip
+
+    def flow_log_status(self) -> dict[str, Any]:
+        if self.flows is not None:
+            return self.flows.status()
+        return {"enabled": False, "error": self.flow_log_error}
 
     # ----- full reconcile -----------------------------------------------------------
     def resync(self) -> None:

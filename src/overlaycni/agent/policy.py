@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from .. import deadline, ipam
 from ..dataplane.ports import PolicyTable
@@ -45,10 +46,12 @@ from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespa
 from ..datastore.watch import watch_loop
 from ..errors import DeadlineExceeded, OverlayCNIError, PolicyApplyError
 from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
+from ..policy.flowlog import FlowLogSpec
 from ..policy.stored import join_inventory as inventory
 
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.05
+InventoryListener = Callable[[list[PodInfo], list[NamespaceInfo], list[NetworkPolicy]], None]
 
 
 class PolicyController:
@@ -62,9 +65,14 @@ class PolicyController:
         table: PolicyTable,
         on_bad: BadRecordHandler,
         full_every: float = 60.0,
+        flow_log: FlowLogSpec | None = None,
+        on_inventory: InventoryListener | None = None,
     ):
         """``table`` is the node's ``inet overlaycni`` (the data plane's port);
-        ``on_bad`` hears of every record skipped because it does not decode."""
+        ``on_bad`` hears of every record skipped because it does not decode.
+        ``flow_log`` renders the flow log rules (``policy.flowlog``);
+        ``on_inventory`` hears every inventory a pass loaded (the flow log
+        resolves addresses against it)."""
         self.store = store
         self.table = table
         self.cluster = cluster
@@ -72,10 +80,13 @@ class PolicyController:
         self.stop = stop
         self.on_bad = on_bad
         self.full_every = full_every
+        self.flow_log = flow_log
+        self.on_inventory = on_inventory
         self.dirty = threading.Event()
         # With no policy in the cluster the table is the same whatever the
         # pods are: pod and namespace events then cost nothing (no render on
-        # the CNI ADD path). A policy event always triggers a pass.
+        # the CNI ADD path). A policy event always triggers a pass. With flow
+        # logs on the table holds every local pod, so every event counts.
         self.has_policies = True
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "full": 0}
@@ -97,9 +108,13 @@ class PolicyController:
 
     def sync(self, *, full: bool = False) -> str:
         pods, namespaces, policies = self.load()
+        if self.on_inventory is not None:
+            self.on_inventory(pods, namespaces, policies)
         if full:
             self.table.reset()  # re-apply everything: repairs a table changed behind our back
-        how = self.table.sync(render_node(self.node, pods=pods, namespaces=namespaces, policies=policies))
+        how = self.table.sync(
+            render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+        )
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":
@@ -160,7 +175,8 @@ class PolicyController:
                 self.dirty.set()
 
     def _on_event(self, ev: Event) -> None:
-        if ev.key.startswith(self._inputs[0]) or (self.has_policies and ev.key.startswith(self._inputs)):
+        every = self.has_policies or self.flow_log is not None
+        if ev.key.startswith(self._inputs[0]) or (every and ev.key.startswith(self._inputs)):
             self.dirty.set()
 
     def _watch(self) -> None:

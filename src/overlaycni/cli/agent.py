@@ -69,6 +69,21 @@ def agent(
         help="Seconds between leak-reaper passes, which release addresses whose pod veth is gone (0: off).")] = 120.0,
     reap_grace: Annotated[float, typer.Option(
         "--reap-grace", min=0, help="Seconds a pod's veth must stay gone before the reaper releases its address.")] = 60.0,
+    flow_logs: Annotated[
+        bool, typer.Option("--flow-logs/--no-flow-logs", help="Log each new flow the NetworkPolicy table decides (GET /flows).")
+    ] = True,
+    flow_log_buffer: Annotated[
+        int, typer.Option("--flow-log-buffer", min=1, max=10_000_000, help="Flow records kept in memory (oldest dropped first).")
+    ] = 10_000,
+    flow_log_rate: Annotated[
+        int, typer.Option("--flow-log-rate", min=1, max=1_000_000, help="New flows logged per second per source address (burst: twice that).")
+    ] = 100,
+    flow_log_cap: Annotated[
+        int, typer.Option("--flow-log-cap", min=1, max=1_000_000, help="New flows logged per second on this node, all sources together.")
+    ] = 1000,
+    flow_log_group: Annotated[
+        int, typer.Option("--flow-log-group", min=0, max=65535, help="NFLOG group the policy table logs to (one per namespace).")
+    ] = 161,
 ) -> None:
     """Run the node agent in the foreground (for systemd or a DaemonSet).
 
@@ -77,6 +92,7 @@ def agent(
     --cluster prod --node node-1 --node-ip 10.224.0.5
 
     The client certificate and key are re-read when their files change (no restart).
+    Flow logs (on by default): GET /flows on --metrics-addr, or `overlaycni flows --agent URL`.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -88,6 +104,8 @@ def agent(
     except ValueError:
         raise UsageError(f"{node_ip!r} is not an IPv4 address", field="node-ip") from None
     from ..agent.daemon import AgentOptions, run_agent  # heavy (pyroute2): only when running
+    from ..agent.flowlog import FlowLogOptions
+    from ..policy.flowlog import FlowLogSpec
 
     warn_plain_etcd(datastore_url(ctx))
     opts = AgentOptions(
@@ -105,7 +123,11 @@ def agent(
         wireguard_mode=wireguard_mode.value,
         reap_interval=reap_interval,
         reap_grace=reap_grace,
-    )
+        flow_log=FlowLogOptions(
+            FlowLogSpec(group=flow_log_group, rate=flow_log_rate, burst=2 * flow_log_rate, cap=flow_log_cap),
+            buffer=flow_log_buffer,
+        ) if flow_logs else None,
+    )  # fmt: skip
     raise typer.Exit(run_agent(opts))
 
 

@@ -21,6 +21,7 @@ from ..errors import AttachmentConflict, DataplaneError, InterfaceExists, NetnsN
 from . import nftables, nftmodel, podguard, policytable, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
+from .nflog_fake import FakeVerdictLog
 from .wgmodel import WgDevice, WgPeer, WgPeerStatus, WireGuardSpec
 
 
@@ -66,6 +67,7 @@ class FakeKernel:
         """A test changed the fake kernel as another process would: tell the watchers."""
         for w in self.watchers:
             w.queue.put(reason)
+    verdict_logs: dict[int, FakeVerdictLog] = field(default_factory=dict)  # NFLOG group -> bound reader
 
     def add_link(self, name: str, *, kind: str = "", mtu: int = 1500, mac: str | None = None) -> Link:
         self.next_index += 1
@@ -290,6 +292,7 @@ class FakeNftTable:
     """One nftables table: chains with their rules, set/map declarations and elements."""
 
     chains: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> rules ({expr, comment})
+    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (counter|limit, name) -> body
     decls: dict[str, nftables.SetDecl] = field(default_factory=dict)
     sets: dict[str, frozenset] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # named counters: packets
@@ -330,6 +333,8 @@ def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[
             if name not in t.chains:
                 raise DataplaneError(f"nftables: chain {name} does not exist (No such file or directory)")
             t.chains[name].append({k: v for k, v in obj.items() if k not in ("family", "table", "chain")})
+        elif kind in ("counter", "limit") and verb == "add":
+            t.objects.setdefault((kind, name), {k: v for k, v in obj.items() if k not in ("family", "table")})
         elif kind in ("set", "map") and verb == "add":
             decl = t.decls.setdefault(name, nftables.SetDecl.of(obj))
             t.sets[name] = t.sets.get(name, frozenset()) | {x for raw in obj.get("elem", []) for x in nftables.decode(decl, raw)}
@@ -507,6 +512,15 @@ class FakeDataplane(NodeDataplane):
         self.kernel.watchers.append(events)
         return events
 
+    def open_verdict_log(self, *, group: int) -> FakeVerdictLog:
+        """Bind NFLOG ``group``; bound by an open reader is an error, as in the kernel (EBUSY)."""
+        self.kernel.maybe_fail("open_verdict_log")
+        held = self.kernel.verdict_logs.get(group)
+        if held is not None and not held.closed:
+            raise DataplaneError(f"NFLOG group {group}: bound by another process in this namespace")
+        self.kernel.verdict_logs[group] = FakeVerdictLog()
+        return self.kernel.verdict_logs[group]
+
     def remove_netns(self, path: str) -> None:
         """Simulate a pod sandbox that vanished (its interfaces die with it)."""
         self.kernel.removed_netns.add(path)
@@ -524,6 +538,7 @@ if TYPE_CHECKING:  # mypy proves that each fake implements its port (the contrac
     _fdb: type[ports.Fdb] = FakeFdb
     _nft: type[ports.NftRuleset] = FakeNft
     _policy_table: type[ports.PolicyTable] = policytable.PolicyTableSync
+    _verdict_log: type[ports.VerdictLog] = FakeVerdictLog
     _sysctls: type[ports.Sysctls] = FakeSysctls
     _pods: type[ports.PodLinks] = FakePodLinks
     _conntrack: type[ports.Conntrack] = FakeConntrack

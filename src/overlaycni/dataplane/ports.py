@@ -31,6 +31,7 @@ from .model import (
     Route,
     VxlanSpec,
 )
+from .nflog import CaptureStats, LoggedPacket
 from .nftmodel import NftState
 from .wgmodel import WgDevice, WgPeer, WireGuardSpec
 
@@ -91,6 +92,15 @@ class KernelEvents(Protocol):
     addresses, routes, neighbours, FDB entries, nftables tables)."""
 
     def wait(self, timeout: float) -> list[str]: ...  # what changed, in words; [] after ``timeout`` s of quiet
+    def close(self) -> None: ...
+
+
+class VerdictLog(Protocol):
+    """The packets the policy table's log rules hand to userspace (one NFLOG
+    group of the node namespace), and what did not make it."""
+
+    def receive(self, timeout: float) -> list[LoggedPacket]: ...  # waits up to timeout; one bounded batch
+    def stats(self) -> CaptureStats: ...  # cumulative since opened
     def close(self) -> None: ...
 
 
@@ -155,4 +165,5 @@ class Dataplane(Protocol):
     def drop_counters(self) -> dict[str, int]: ...  # packets dropped per filter rule (the node's tables)
     def adopted_block(self, prefixlen: int) -> IPv4Network | None: ...  # the block of the pods already here
     def kernel_events(self) -> KernelEvents: ...  # a new watcher of foreign changes
+    def open_verdict_log(self, *, group: int) -> VerdictLog: ...  # binds the NFLOG group (flow logs)
     def close(self) -> None: ...

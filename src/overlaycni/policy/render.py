@@ -39,6 +39,11 @@ new pod or a label change only adds or deletes set / map elements
 connection costs its first packet one map lookup plus, per policy of the
 namespace, one set lookup; later packets stop at the conntrack rule.
 
+Flow logs (``flow_log``, off by default): each decision ends in a log
+chain instead of its bare verdict, and the verdict maps also send this
+node's non-isolated pods to a logging chain; ``policy.flowlog`` has the
+design. Without ``flow_log`` the table is exactly the one described above.
+
 Rejected: per-pod chains (pods x policies jumps); one chain per node walked
 by every packet (cost grows with all policies); iptables-style
 interface matches (VXLAN and direct backends arrive on different devices).
@@ -56,7 +61,9 @@ from typing import Any
 
 from ..dataplane import nftables as nft
 from ..dataplane.policytable import FAMILY, TABLE
+from . import flowlog
 from .engine import Cluster
+from .flowlog import FlowLogSpec
 from .model import NamespaceInfo, NetworkPolicy, PodInfo, PolicyPeer, PolicyPort, Rule
 from .selectors import EVERYTHING, LabelSelector
 
@@ -182,16 +189,24 @@ class _Builder:
 
 
 def render_node(
-    node: str, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+    node: str,
+    *,
+    pods: Iterable[PodInfo],
+    namespaces: Iterable[NamespaceInfo],
+    policies: Iterable[NetworkPolicy],
+    flow_log: FlowLogSpec | None = None,
 ) -> dict:
     """The whole ``inet overlaycni`` table for ``node`` as one atomic
-    ``nft -j`` transaction (add + delete + add the table, then its content)."""
+    ``nft -j`` transaction (add + delete + add the table, then its content).
+    ``flow_log``: add the log rules (``policy.flowlog``); None renders the
+    table without them."""
     pods = sorted(pods, key=lambda p: (p.namespace, p.name))
     cluster = Cluster.of(pods, namespaces)
     policies = sorted(policies, key=lambda p: p.key)
     b = _Builder(cluster, pods)
-    isolated: dict[str, dict[str, str]] = {"Ingress": {}, "Egress": {}}  # pod ip -> namespace chain
+    isolated: dict[str, dict[str, str]] = {"Ingress": {}, "Egress": {}}  # pod ip -> namespace (or flow log) chain
     ns_chains: dict[str, list[dict]] = {}
+    allows: list[tuple[str, str, int]] = []  # (policy, direction, rule) with an allow rendered
 
     for direction, (tag, own_field, peer_field, _) in _DIR.items():
         for pol in (p for p in policies if p.affects(direction)):
@@ -205,8 +220,13 @@ def render_node(
             body = []
             for i, rule in enumerate(pol.rules(direction)):
                 comment = f"{pol.key} {direction.lower()}[{i}]"
+                verdict: dict = {"accept": None}
+                if flow_log is not None:
+                    verdict = {"goto": {"target": flowlog.allow_chain(pol.key, direction, i)}}
                 for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
-                    body.append({"expr": exprs + [{"accept": None}], "comment": comment})
+                    body.append({"expr": exprs + [verdict], "comment": comment})
+                    if flow_log is not None and (not allows or allows[-1] != (pol.key, direction, i)):
+                        allows.append((pol.key, direction, i))
             if body:
                 b.chains[pol_chain] = body
                 ns_rules.append(
@@ -217,8 +237,17 @@ def render_node(
                 )
     for name, rules in ns_chains.items():
         direction = "ingress" if name.startswith("in-") else "egress"
-        rules.append({"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction}"})
+        deny: dict = {"drop": None}
+        if flow_log is not None:
+            deny = {"goto": {"target": flowlog.deny_chain(direction.capitalize())}}
+        rules.append({"expr": [deny], "comment": f"default deny: isolated for {direction}"})
         b.chains[name] = rules
+    if flow_log is not None:
+        b.chains.update(flowlog.log_chains(flow_log, allows))
+        for direction in ("Ingress", "Egress"):  # local pods not isolated: logged, then allowed
+            for p in pods:
+                if p.node == node:
+                    isolated[direction].setdefault(str(p.ip), flowlog.default_chain(direction))
 
     cmds: list[dict] = nft.replace_table(FAMILY, TABLE)
     for direction, prio in (("Egress", EGRESS_PRIORITY), ("Ingress", INGRESS_PRIORITY)):
@@ -226,6 +255,8 @@ def render_node(
         cmds.append(
             {"add": {"chain": {**_T, "name": base, "type": "filter", "hook": "forward", "prio": prio, "policy": "accept"}}}
         )
+    if flow_log is not None:
+        cmds += flowlog.objects(flow_log, _T)
     for name in sorted(b.chains):
         cmds.append({"add": {"chain": {**_T, "name": name}}})
     for name in sorted(b.sets):

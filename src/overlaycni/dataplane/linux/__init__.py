@@ -13,7 +13,10 @@ because they must never wait behind (or hold up) the queue:
 ``open_pod_netns`` (the CNI_NETNS checks of ``netnscheck``, against the
 namespaces the worker saw at start) and ``flush_conntrack`` (a raw
 ctnetlink socket the worker opened in the node namespace; conntrack dumps
-walk the kernel's whole hash, see ``conntrack``). A fresh process adopts whatever the kernel
+walk the kernel's whole hash, see ``conntrack``). The NFLOG socket of
+``open_verdict_log`` (flow logs) is made on the worker, so it binds the
+node namespace's group, then read by the agent's own thread. A fresh
+process adopts whatever the kernel
 holds: it owns objects by name/protocol/label (``ocni.vxlan``, ``oc*``
 veths, proto 119 routes, ``lo:ocni``, ``table ip overlaycni``) rather than
 by remembering them.
@@ -49,6 +52,7 @@ from .links import LinuxAddresses, LinuxLinks, LinuxSysctls
 from .monitor import KernelMonitor, calibration_commands
 from .netns import NetnsWorker, forbidden_namespaces
 from .netnscheck import open_pod_netns
+from .nflog import LinuxVerdictLog
 from .nft import LinuxNft, NftRunner
 from .objects import LinuxFdb, LinuxNeighbours, LinuxRoutes
 from .pods import LinuxPodLinks
@@ -235,6 +239,11 @@ class LinuxDataplane:
             pass  # no table yet: our pid as this process sees it is the fallback
         return mon
 
+    def open_verdict_log(self, *, group: int) -> LinuxVerdictLog:
+        """Bind NFLOG ``group`` in the node namespace (``linux.nflog``)."""
+        runner = next(h for h in self._handles if isinstance(h, NftRunner))
+        return LinuxVerdictLog(self._worker, runner, group=group, family=policytable.FAMILY, table=policytable.TABLE)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -265,6 +274,7 @@ if TYPE_CHECKING:  # mypy proves that each Linux adapter implements its port
     _fdb: type[ports.Fdb] = LinuxFdb
     _nft: type[ports.NftRuleset] = LinuxNft
     _policy_table: type[ports.PolicyTable] = WorkerPolicyTable
+    _verdict_log: type[ports.VerdictLog] = LinuxVerdictLog
     _sysctls: type[ports.Sysctls] = LinuxSysctls
     _pods: type[ports.PodLinks] = LinuxPodLinks
     _conntrack: type[ports.Conntrack] = LinuxConntrack

@@ -1,0 +1,47 @@
+"""The ``VerdictLog`` port in memory (``FakeDataplane.open_verdict_log``)."""
+
+from __future__ import annotations
+
+import queue
+
+from .nflog import CaptureStats, LoggedPacket
+
+
+class FakeVerdictLog:
+    """The ``VerdictLog`` port in memory: tests ``push`` packets the kernel
+    would have logged, ``lose`` messages and ``ratelimit`` flows."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[LoggedPacket] = queue.SimpleQueue()
+        self.counts = {"received": 0, "lost": 0, "malformed": 0, "ratelimited": 0, "overruns": 0}
+        self.closed = False
+
+    def push(self, *packets: LoggedPacket) -> None:
+        for p in packets:
+            self.queue.put(p)
+
+    def lose(self, n: int) -> None:
+        self.counts["lost"] += n
+        self.counts["overruns"] += 1
+
+    def ratelimit(self, n: int) -> None:
+        self.counts["ratelimited"] += n
+
+    def receive(self, timeout: float) -> list[LoggedPacket]:
+        try:
+            out = [self.queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(out) < 256:
+            try:
+                out.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        self.counts["received"] += len(out)
+        return out
+
+    def stats(self) -> CaptureStats:
+        return CaptureStats(**self.counts)
+
+    def close(self) -> None:
+        self.closed = True
