@@ -33,7 +33,7 @@ def start_agent(url, tmp_path, name, ip, **kw):
     dp = FakeDataplane(underlay_ip=IPv4Address(ip)) if _fake_takes_ip() else FakeDataplane()
     opts = AgentOptions(
         cluster="c1", node=name, node_ip=IPv4Address(ip), datastore=url,
-        socket=str(tmp_path / f"{name}.sock"), metrics_addr=None, lease_ttl=kw.get("ttl", 5),
+        socket=str(tmp_path / f"{name}.sock"), metrics_addr=kw.get("metrics_addr"), lease_ttl=kw.get("ttl", 5),
         resync_interval=kw.get("resync", 60), flow_log=kw.get("flow_log"),
     )
     agent = Agent(opts, store=open_datastore(url), dataplane=dp)

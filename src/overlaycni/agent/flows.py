@@ -29,8 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlencode
+from urllib.request import urlopen
 
-from ..errors import UsageError
+from ..errors import AgentUnavailable, UsageError
 
 VERDICTS = ("allow", "deny")
 DIRECTIONS = ("ingress", "egress")
@@ -264,3 +267,39 @@ def _number(query: Mapping[str, list[str]], key: str, kind: type, default: Any) 
     if value < 0:
         raise UsageError(f"{values[-1]!r} is negative", field=key)
     return value
+
+
+# ----- the client side (``overlaycni flows``, ``overlaycni lab flows``) ----------------------
+
+
+def read_flows(
+    agent: str, flt: FlowFilter = FlowFilter(), *, after: int = 0, wait: float = 0.0, timeout: float = 10.0
+) -> tuple[list[FlowRecord], int]:
+    """One ``GET {agent}/flows``: (records, cursor for the next call).
+    Call it from the network namespace the agent listens in. ``agent`` is
+    a URL (``http://HOST:PORT``) or ``HOST:PORT``."""
+    if "://" not in agent:
+        agent = "http://" + agent
+    params = {**flt.to_query(), **({"after": str(after)} if after else {}), **({"wait": f"{wait:g}"} if wait else {})}
+    url = agent.rstrip("/") + "/flows" + (("?" + urlencode(params)) if params else "")
+    try:
+        with urlopen(url, timeout=timeout + wait) as resp:  # noqa: S310 - an http(s) URL the user gave
+            lines = resp.read().decode().splitlines()
+            cursor = int(resp.headers.get(CURSOR_HEADER) or after)
+    except HTTPError as exc:
+        text = exc.read().decode(errors="replace").strip() or exc.reason
+        if exc.code == 400:
+            raise UsageError(f"the agent at {agent} refused the query: {text}") from None
+        raise AgentUnavailable(f"{url}: HTTP {exc.code}: {text}") from None
+    except (URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise AgentUnavailable(f"no agent answers at {agent} ({reason})") from None
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(FlowRecord.from_json(json.loads(line)))
+        except ValueError as exc:
+            raise AgentUnavailable(f"{url}: line {i + 1} is not a flow record: {exc}") from None
+    return records, cursor
