@@ -113,6 +113,7 @@ class LinuxDataplane:
     ) -> None:
         self.netns = netns
         self._closed = False
+        self._use_nft_library = use_nft_library
         self._worker = NetnsWorker(netns)
         self._watcher = ProcessWatcher(self._wireguard_exited)
         self._repairs: list[float] = []
@@ -241,8 +242,10 @@ class LinuxDataplane:
 
     def open_verdict_log(self, *, group: int) -> LinuxVerdictLog:
         """Bind NFLOG ``group`` in the node namespace (``linux.nflog``)."""
-        runner = next(h for h in self._handles if isinstance(h, NftRunner))
-        return LinuxVerdictLog(self._worker, runner, group=group, family=policytable.FAMILY, table=policytable.TABLE)
+        return LinuxVerdictLog(
+            self._worker, group=group, family=policytable.FAMILY, table=policytable.TABLE,
+            use_nft_library=self._use_nft_library,
+        )  # fmt: skip
 
     def close(self) -> None:
         if self._closed:

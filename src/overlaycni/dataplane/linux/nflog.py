@@ -20,11 +20,14 @@ namespaces) so that it binds the node namespace's group, then read by the
 agent's collector thread (a socket keeps the namespace it was made in).
 Binding is ``NFULNL_CFG_CMD_BIND`` plus the copy mode, batching and
 ``NFULNL_CFG_F_SEQ`` (per-group sequence numbers) in one config request;
-a group bound by another socket answers EBUSY (another agent, ulogd). The
+a group bound by another socket answers EPERM (another agent, ulogd). The
 kernel counter of flows decided without logging (``flowlog-ratelimited``)
-is read and zeroed atomically (``reset counter``) through the data plane's
-libnftables runner on the same worker; a whole-table replace (a policy
-change) restarts it, so what it counted since the last read is lost.
+is read and zeroed atomically (``reset counter``) on the same worker, with
+a libnftables context of its own for each read: a context that already
+answered one ``reset`` answers the next from its cache (nftables 1.0.6:
+the ruleset generation does not change when a counter does), while the
+kernel still zeroes the counter. A whole-table replace (a policy change)
+restarts the counter, so what it counted since the last read is lost.
 
 Bounded: the socket's receive buffer (``RCVBUF``) is the only queue between
 the kernel and the agent. When it is full the kernel drops the batch and the
@@ -113,13 +116,13 @@ class NflogSocket:
                 code = nflog.error_code(reply)
                 if code == 0:
                     return
-                if code == errno.EBUSY:
+                if code == errno.EPERM and os.geteuid() != 0:
+                    raise PermissionDenied(f"NFLOG group {self.group}: {what}: needs CAP_NET_ADMIN")
+                if code in (errno.EPERM, errno.EBUSY):  # the kernel answers EPERM to a socket not holding the group
                     raise DataplaneError(
                         f"NFLOG group {self.group}: bound by another process in this namespace "
                         "(another agent, ulogd?); choose another with --flow-log-group"
                     )
-                if code == errno.EPERM:
-                    raise PermissionDenied(f"NFLOG group {self.group}: {what}: needs CAP_NET_ADMIN")
                 raise DataplaneError(f"NFLOG group {self.group}: {what}: {os.strerror(code)}")
 
     def receive(self, timeout: float, seqs: SeqTracker, stats: dict[str, int]) -> list[LoggedPacket]:
@@ -164,8 +167,8 @@ class LinuxVerdictLog:
     """The ``VerdictLog`` port: one NFLOG group of the node namespace, and
     the policy table's count of flows decided without logging."""
 
-    def __init__(self, worker: NetnsWorker, runner: NftRunner, *, group: int, family: str, table: str) -> None:
-        self._worker, self._runner = worker, runner
+    def __init__(self, worker: NetnsWorker, *, group: int, family: str, table: str, use_nft_library: bool = True) -> None:
+        self._worker, self._use_library = worker, use_nft_library
         self._counter = {"family": family, "table": table, "name": nflog.RATELIMITED_COUNTER}
         self._sock = worker.call(lambda: NflogSocket(group))
         self._seqs = SeqTracker()
@@ -189,7 +192,11 @@ class LinuxVerdictLog:
         )  # fmt: skip
 
     def _reset_counter(self) -> int:
-        doc = self._runner.query({"nftables": [{"reset": {"counter": self._counter}}]}, what="the flow log counter")
+        runner = NftRunner(use_library=self._use_library)  # a fresh context: see the design note
+        try:
+            doc = runner.query({"nftables": [{"reset": {"counter": self._counter}}]}, what="the flow log counter")
+        finally:
+            runner.close()
         for item in (doc or {}).get("nftables", []):
             if "counter" in item:
                 return int(item["counter"].get("packets", 0))
