@@ -8,10 +8,14 @@ The incremental label change is also shown as a ratio of the full apply.
 
 Runs as root: apply times are measured inside a scratch network namespace
 (``oct-bench-<hex>``) created here and deleted at the end; nothing touches
-the host's namespace. Without root only the pure part runs. With iperf3, the
-pod-to-pod throughput with the 500 policies applied is shown as a ratio of
-the throughput with no policies (two pod namespaces on one node
-namespace, veth; rounds alternate, medians compared).
+the host's namespace. Without root only the pure part runs. With iperf3,
+two pod namespaces on one node namespace (veth) measure throughput
+(iperf3) and new TCP connections per second (a Python client, RST close)
+under four tables: no policies, the 500 policies, and the same with flow
+logs (``policy.flowlog``) at the agent's default limits and with every new
+flow logged, while the agent's flow log collector reads the NFLOG group.
+Rounds alternate the tables; medians, per-round ratio spreads, and the
+on/off ratios (aims: throughput >= 0.95, connections >= 0.9) are printed.
 
     .venv/bin/python bench/policy.py [--nodes 10] [--repeat 3]
 """
@@ -21,15 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
+import statistics
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+from overlaycni.agent.flowlog import FlowCollector, FlowLogOptions
+from overlaycni.agent.flows import FlowBuffer
+from overlaycni.agent.metrics import AgentMetrics
 from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.policy import allowed, parse_policies
+from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.model import NamedPort, NamespaceInfo, PodInfo
 from overlaycni.policy.render import counts, diff_render, render_node
 
@@ -151,20 +163,31 @@ def _sh(*argv: str) -> str:
     return subprocess.run(list(argv), capture_output=True, text=True, check=True).stdout
 
 
-def throughput(prefix: str, *, nodes: int, seconds: int, rounds: int) -> dict:
-    """iperf3 between two pods of the 2,000-pod cluster on one node, with the
-    table holding no policies and with all 500 policies applied (both pods isolated in
-    both directions, the connection allowed by policy). Rounds alternate."""
-    namespaces, pods, text = cluster(2000, 500, nodes)
-    pols = parse_policies(text)
-    server = replace(pods[0], node="node-0")  # team0, app0: pol0 admits app1 on the named port http (8080)
-    client = replace(pods[1], node="node-0")  # team0, app1: egress to every pod of team0
-    pods = [server, client, *pods[2:]]
-    v = allowed(client, server, 8080, "TCP", pods=pods, namespaces=namespaces, policies=pols)
-    assert v.allowed and v.ingress.isolated and v.egress.isolated, v
-    doc = render_node("node-0", pods=pods, namespaces=namespaces, policies=pols)
+CONN_SERVER = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000)); s.listen(4096)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+CONN_CLIENT = """
+import json, resource, socket, struct, sys, time
+ip, secs = sys.argv[1], float(sys.argv[2])
+linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, the client never runs out of ports
+n, end = 0, time.monotonic() + secs
+while time.monotonic() < end:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    s.connect((ip, 9000)); s.close(); n += 1
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"n": n, "rate": n / secs, "cpu": ru.ru_utime + ru.ru_stime}))
+"""
+FLOW_GROUP = 161
+
+
+def _pod_pair(prefix: str, client, server) -> tuple[str, str, str, list[str]]:
+    """A node namespace with two pod namespaces on veths (the agent's layout)."""
     node, ns_c, ns_s = f"{prefix}-node", f"{prefix}-cli", f"{prefix}-srv"
-    made = []
+    made: list[str] = []
     try:
         for ns in (node, ns_c, ns_s):
             _sh("ip", "netns", "add", ns)
@@ -180,50 +203,147 @@ def throughput(prefix: str, *, nodes: int, seconds: int, rounds: int) -> dict:
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
             _sh("ip", "-n", ns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
             _sh("ip", "-n", ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-        srv = subprocess.Popen(["ip", "netns", "exec", ns_s, "iperf3", "-s", "-p", "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.5)
-            empty = render_node("node-0", pods=pods, namespaces=namespaces, policies=[])
-            results: dict[str, list[float]] = {"without policies": [], "with 500 policies": []}
-            for _ in range(rounds):
-                for label, table in (("without policies", empty), ("with 500 policies", doc)):
-                    apply_document(table, netns=node)
-                    out = _sh("ip", "netns", "exec", ns_c, "iperf3", "-c", str(server.ip), "-p", "8080", "-t", str(seconds), "-J")
-                    results[label].append(json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9)
-        finally:
+    except BaseException:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        raise
+    return node, ns_c, ns_s, made
+
+
+def datapath(prefix: str, *, nodes: int, seconds: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """iperf3 throughput and new TCP connections per second between two pods
+    of the 2,000-pod cluster on one node, under four tables: no policies,
+    the 500 policies (both pods isolated both ways, the connection allowed
+    by policy), the same with flow logs at the agent's default limits, and
+    with limits so high that every new flow is logged. A flow log collector
+    (the agent's, with its ring) reads the NFLOG group throughout. Each
+    round runs every table once, in a shuffled order; every round's numbers
+    are kept."""
+    namespaces, pods, text = cluster(2000, 500, nodes)
+    pols = parse_policies(text)
+    server = replace(pods[0], node="node-0")  # team0, app0: pol0 admits app1 on the named port http (8080) and 9000-9010
+    client = replace(pods[1], node="node-0")  # team0, app1: egress to every pod of team0
+    pods = [server, client, *pods[2:]]
+    for port in (8080, 9000):
+        v = allowed(client, server, port, "TCP", pods=pods, namespaces=namespaces, policies=pols)
+        assert v.allowed and v.ingress.isolated and v.egress.isolated, v
+    every = FlowLogSpec(group=FLOW_GROUP, rate=10**6, burst=10**6, cap=10**6)
+    tables = {
+        "no policies": render_node("node-0", pods=pods, namespaces=namespaces, policies=[]),
+        "500 policies": render_node("node-0", pods=pods, namespaces=namespaces, policies=pols),
+        "+ flow logs": render_node("node-0", pods=pods, namespaces=namespaces, policies=pols,
+                                   flow_log=FlowLogSpec(group=FLOW_GROUP)),
+        "+ flow logs, every flow": render_node("node-0", pods=pods, namespaces=namespaces, policies=pols, flow_log=every),
+    }  # fmt: skip
+    node, ns_c, ns_s, made = _pod_pair(prefix, client, server)
+    servers: list[subprocess.Popen] = []
+    stop = threading.Event()
+    collector = None
+    try:
+        for argv in (["iperf3", "-s", "-p", "8080"], [sys.executable, "-c", CONN_SERVER]):
+            servers.append(subprocess.Popen(["ip", "netns", "exec", ns_s, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        apply_document(tables["no policies"], netns=node)
+        source = _dataplanes[node].open_verdict_log(group=FLOW_GROUP)
+        collector = FlowCollector(source, node="node-0", buffer=FlowBuffer(10_000), metrics=AgentMetrics(), stop=stop,
+                                  options=FlowLogOptions())  # fmt: skip
+        collector.update(pods, namespaces, pols)
+        threading.Thread(target=collector.run, daemon=True).start()
+        time.sleep(0.5)
+        results: dict[str, dict[str, list[float]]] = {label: {"gbps": [], "conns": [], "per_cpu": []} for label in tables}
+        order = list(tables)
+        for metric in ("gbps", "conns"):  # one phase each: a round's runs are close in time
+            for r in range(rounds):
+                random.Random(r).shuffle(order)  # no table always runs after the same one
+                for label in order:
+                    apply_document(tables[label], netns=node)
+                    _sh("ip", "netns", "exec", node, "conntrack", "-F")
+                    _quiet(collector)  # the previous run's records are read: each run pays only for its own
+                    if metric == "gbps":
+                        out = _sh("ip", "netns", "exec", ns_c, "iperf3", "-c", str(server.ip), "-p", "8080", "-t", str(seconds), "-J")
+                        value = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+                    else:
+                        cpu0, srv0 = time.process_time(), _cpu(servers[1].pid)
+                        run = json.loads(_sh("ip", "netns", "exec", ns_c, sys.executable, "-c", CONN_CLIENT, str(server.ip), str(seconds)))
+                        _quiet(collector)  # the collector's work for this run counts for this run
+                        cpu = run["cpu"] + (_cpu(servers[1].pid) - srv0) + (time.process_time() - cpu0)
+                        results[label]["per_cpu"].append(run["n"] / cpu)
+                        value = run["rate"]
+                    results[label][metric].append(value)
+        collector.poll_stats()
+        results["collector"] = {"recorded": [collector.recorded], **{k: [v] for k, v in collector.dropped.items()}}
+    finally:
+        stop.set()
+        for srv in servers:
             srv.kill()
             srv.wait()
-    finally:
         dp = _dataplanes.pop(node, None)
         if dp is not None:
             dp.close()
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], check=False)
-    return {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    return results
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _quiet(collector: FlowCollector, *, idle: float = 0.5, limit: float = 30.0) -> None:
+    """Until the collector has read nothing new for ``idle`` seconds."""
+    end = time.monotonic() + limit
+    seen = -1
+    while time.monotonic() < end and seen != collector.recorded + sum(collector.dropped.values()):
+        seen = collector.recorded + sum(collector.dropped.values())
+        time.sleep(idle)
+
+
+def _median(v: list[float]) -> float:
+    return statistics.median(v)
+
+
+def _ratio(on: list[float], off: list[float]) -> str:
+    """The median of the per-round ratios (round i of each ran close in
+    time) and their spread; then the ratio of the medians."""
+    per_round = sorted(a / b for a, b in zip(on, off, strict=True) if b)
+    return (f"{_median(per_round):.3f} (rounds {per_round[0]:.3f}-{per_round[-1]:.3f}; "
+            f"ratio of medians {_median(on) / _median(off):.3f})")  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=3, help="iperf3 run length")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating iperf3 rounds (median reported)")
+    ap.add_argument("--seconds", type=int, default=2, help="length of one iperf3 or connection run")
+    ap.add_argument("--rounds", type=int, default=5, help="datapath rounds, each table once per round (median reported)")
+    ap.add_argument("--datapath-only", action="store_true", help="only the pod-to-pod throughput and connection rate")
     args = ap.parse_args()
     netns = None
     if os.geteuid() == 0:
         netns = "oct-bench-" + secrets.token_hex(3)
         subprocess.run(["ip", "netns", "add", netns], check=True)
+    base = big = None
     try:
-        base = measure(1000, 250, nodes=args.nodes, repeat=args.repeat, netns=netns)
-        big = measure(2000, 500, nodes=args.nodes, repeat=args.repeat, netns=netns)
-        tput = None
+        if not args.datapath_only:
+            base = measure(1000, 250, nodes=args.nodes, repeat=args.repeat, netns=netns)
+            big = measure(2000, 500, nodes=args.nodes, repeat=args.repeat, netns=netns)
+        paths = None
         if netns and shutil.which("iperf3"):
-            tput = throughput(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
+            paths = datapath(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
     finally:
         for dp in _dataplanes.values():
             dp.close()
         if netns:
             subprocess.run(["ip", "netns", "del", netns], check=False)
+    if base is not None and big is not None:
+        print_render(base, big, args)
+    if paths:
+        print_datapath(paths, args)
+
+
+def print_render(base: dict, big: dict, args: argparse.Namespace) -> None:
     print(f"NetworkPolicy bench: render for one of {args.nodes} nodes; best of {args.repeat}")
     print(f"{'metric':28} {'1000 pods/250 pol':>18} {'2000 pods/500 pol':>18} {'ratio':>7}")
     rows = [
@@ -249,13 +369,27 @@ def main() -> None:
             f"({big['diff_elements']} elements vs {big['elements']})"
         )
     print("(ratio 2.00 = linear in pods + policies; pods x policies would give 4.00)")
-    if tput:
-        a, b = tput["without policies"], tput["with 500 policies"]
-        print(
-            f"pod-to-pod TCP (iperf3, two pods on one node over veth, median of {args.rounds}): "
-            f"{a:.2f} Gbit/s with no policies (table present, conntrack on), {b:.2f} Gbit/s with 2000 pods / 500 policies: ratio {b / a:.3f}"
-        )
 
+
+def print_datapath(paths: dict, args: argparse.Namespace) -> None:
+    print(f"\npod to pod, two pods on one node over veth; {args.rounds} rounds of {args.seconds} s runs, "
+          "tables shuffled in each round; median (min-max)")  # fmt: skip
+    print(f"{'table':26} {'iperf3 Gbit/s':>22} {'new TCP conns/s':>22} {'conns per CPU second':>22}")
+    for label in ("no policies", "500 policies", "+ flow logs", "+ flow logs, every flow"):
+        g, c, u = paths[label]["gbps"], paths[label]["conns"], paths[label]["per_cpu"]
+        print(f"{label:26} {_median(g):8.2f} ({min(g):5.2f}-{max(g):5.2f}) {_median(c):8.0f} ({min(c):5.0f}-{max(c):5.0f})"
+              f" {_median(u):8.0f} ({min(u):5.0f}-{max(u):5.0f})")  # fmt: skip
+    off, on, every = paths["500 policies"], paths["+ flow logs"], paths["+ flow logs, every flow"]
+    print("ratios: median of the per-round ratios (min-max over rounds)")
+    print(f"500 policies vs none, throughput:       {_ratio(off['gbps'], paths['no policies']['gbps'])}")
+    print(f"flow logs on vs off, throughput:        {_ratio(on['gbps'], off['gbps'])}   (aim >= 0.95)")
+    print(f"flow logs on vs off, new conns/s:       {_ratio(on['conns'], off['conns'])}   (aim >= 0.9)")
+    print(f"flow logs on vs off, conns per CPU s:   {_ratio(on['per_cpu'], off['per_cpu'])}")
+    print(f"every flow logged vs off, new conns/s:  {_ratio(every['conns'], off['conns'])}")
+    print(f"every flow logged vs off, per CPU s:    {_ratio(every['per_cpu'], off['per_cpu'])}")
+    col = {k: int(v[0]) for k, v in paths["collector"].items()}
+    print(f"flow log collector: {col.pop('recorded')} records, not recorded: {col}")
+    print("(conns per CPU second: connections over the CPU time of client, server and flow log collector)")
 
 if __name__ == "__main__":
     main()

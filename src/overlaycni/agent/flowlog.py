@@ -55,9 +55,31 @@ class FlowLogOptions:
 
 @dataclass(frozen=True)
 class _View:
+    """One inventory, with what records derive from it memoised (a view is
+    replaced whole, never edited, so the memos stay true)."""
+
     pods: dict[IPv4Address, PodInfo]
     policies: tuple[NetworkPolicy, ...]
     rules: dict[str, RuleRef]
+    endpoints: dict[Any, FlowEndpoint] = field(default_factory=dict)
+    isolating: dict[tuple[Any, str], tuple[str, ...]] = field(default_factory=dict)
+
+    def endpoint(self, ip: Any) -> FlowEndpoint:
+        e = self.endpoints.get(ip)
+        if e is None:
+            pod = self.pods.get(ip)
+            e = self.endpoints[ip] = FlowEndpoint(str(ip), pod.name if pod else None, pod.namespace if pod else None)
+        return e
+
+    def isolated_by(self, ip: Any, direction: str) -> tuple[str, ...]:
+        """The policies isolating the pod at ``ip`` in ``direction`` (Ingress/Egress)."""
+        key = (ip, direction)
+        found = self.isolating.get(key)
+        if found is None:
+            pod = self.pods.get(ip)
+            found = tuple(p.key for p in selecting(pod, direction, policies=self.policies)) if pod else ()
+            self.isolating[key] = found
+        return found
 
 
 class FlowCollector:
@@ -75,6 +97,7 @@ class FlowCollector:
         self.metrics, self.stop, self.options = metrics, stop, options
         self._view = _View({}, (), {})
         self._previous_rules: dict[str, RuleRef] = {}
+        self._counters: dict[tuple[str, str, str, str], Any] = {}  # label values -> the counter child
         self._seen = CaptureStats()
         self._evicted = 0
         self.dropped = {"ratelimit": 0, "socket": 0, "buffer": 0, "malformed": 0}
@@ -97,14 +120,11 @@ class FlowCollector:
         if tag is None:
             return None
         view = self._view
-        src, dst = self._endpoint(pkt.src, view), self._endpoint(pkt.dst, view)
-        subject = view.pods.get(pkt.dst if tag.direction == "ingress" else pkt.src)  # type: ignore[arg-type]
-        direction = tag.direction.capitalize()
         policies: tuple[str, ...] = ()
         rule = None
         if tag.verdict == "deny":
-            if subject is not None:
-                policies = tuple(p.key for p in selecting(subject, direction, policies=view.policies))
+            subject = pkt.dst if tag.direction == "ingress" else pkt.src
+            policies = view.isolated_by(subject, tag.direction.capitalize())
         elif tag.digest is not None:
             ref = view.rules.get(tag.digest)
             if ref is not None:
@@ -114,19 +134,19 @@ class FlowCollector:
         when = pkt.time if pkt.time is not None and abs(pkt.time - now) < PLAUSIBLE_SKEW else now
         return FlowRecord(
             time=when, node=self.node, direction=tag.direction, verdict=tag.verdict, proto=pkt.proto,
-            dport=pkt.dport, src=src, dst=dst, policies=policies, rule=rule,
+            dport=pkt.dport, src=view.endpoint(pkt.src), dst=view.endpoint(pkt.dst), policies=policies, rule=rule,
         )  # fmt: skip
-
-    @staticmethod
-    def _endpoint(ip: Any, view: _View) -> FlowEndpoint:
-        pod = view.pods.get(ip)
-        return FlowEndpoint(str(ip), pod.name if pod else None, pod.namespace if pod else None)
 
     def _count(self, r: FlowRecord) -> None:
         subject = r.dst if r.direction == "ingress" else r.src
-        names = [p.split("/", 1) for p in r.policies] or [[subject.namespace or "", ""]]
-        for ns, name in names:
-            self.metrics.policy_verdicts.labels(r.direction, r.verdict, ns, name).inc()
+        for key in r.policies or (f"{subject.namespace or ''}/",):
+            ns, _, name = key.partition("/")
+            child = self._counters.get((r.direction, r.verdict, ns, name))
+            if child is None:
+                child = self._counters[(r.direction, r.verdict, ns, name)] = self.metrics.policy_verdicts.labels(
+                    r.direction, r.verdict, ns, name
+                )
+            child.inc()
 
     # ----- the loop -------------------------------------------------------------------------
     def handle(self, packets: list[LoggedPacket], *, now: float) -> None:

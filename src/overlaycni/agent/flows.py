@@ -192,7 +192,7 @@ class FlowBuffer:
         if capacity < 1:
             raise UsageError(f"{capacity} is not a positive number of records", field="flow-log-buffer")
         self.capacity = capacity
-        self._ring: deque[FlowRecord] = deque(maxlen=capacity)
+        self._ring: deque[tuple[int, FlowRecord]] = deque(maxlen=capacity)  # (seq, record)
         self._cond = threading.Condition()
         self.seq = 0  # of the newest record
         self.evicted = 0
@@ -200,21 +200,22 @@ class FlowBuffer:
     def __len__(self) -> int:
         return len(self._ring)
 
-    def append(self, record: FlowRecord) -> FlowRecord:
+    def append(self, record: FlowRecord) -> int:
+        """Keep ``record``; its sequence number."""
         with self._cond:
             self.seq += 1
-            stored = replace(record, seq=self.seq)
             if len(self._ring) == self.capacity:
                 self.evicted += 1
-            self._ring.append(stored)
+            self._ring.append((self.seq, record))
             self._cond.notify_all()
-        return stored
+            return self.seq
 
     def query(self, flt: FlowFilter = FlowFilter(), *, after: int = 0) -> tuple[list[FlowRecord], int]:
-        """(matching records newer than ``after``, oldest first; the cursor for the next call)."""
+        """(matching records newer than ``after``, oldest first, each with
+        its ``seq``; the cursor for the next call)."""
         with self._cond:
-            records, cursor = list(self._ring), self.seq
-        return [r for r in records if r.seq > after and flt.matches(r)], cursor
+            entries, cursor = list(self._ring), self.seq
+        return [replace(r, seq=seq) for seq, r in entries if seq > after and flt.matches(r)], cursor
 
     def wait(self, after: int, timeout: float) -> bool:
         """Until a record newer than ``after`` exists (True) or ``timeout`` passes."""
