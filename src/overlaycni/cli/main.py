@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from . import agent, certs, cluster, datastore, flows, ipam, lab, lab_policy, policy
+from . import agent, certs, cluster, datastore, flows, ipam, lab, lab_flows, lab_policy, policy
 from . import plan as plan_cmd
 from .common import DatastoreOpt, EtcdCaOpt, EtcdCertOpt, EtcdKeyOpt, EtcdPasswordFileOpt, EtcdUserOpt, ReportingGroup
 
@@ -44,7 +44,7 @@ def root(
 
 app.command("plan", epilog=plan_cmd.EPILOG)(plan_cmd.plan)
 
-for group in (cluster, ipam, agent, flows, lab, lab_policy, policy, certs, datastore):
+for group in (cluster, ipam, agent, flows, lab, lab_policy, lab_flows, policy, certs, datastore):
     group.register(app)
 
 
