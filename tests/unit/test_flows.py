@@ -182,9 +182,12 @@ def test_agent_serves_flows_from_its_verdict_log(cluster, tmp_path):  # noqa: F8
     agent, dp = start_agent(url, tmp_path, "n1", "10.224.0.4", flow_log=FlowLogOptions(), metrics_addr="127.0.0.1:0")
     try:
         ip = add_web_pod(agent, store)
-        deny_web(store)
         table = lambda: dp.kernel.nft_table("inet", "overlaycni")  # noqa: E731
-        assert wait_for(lambda: table() is not None and "fl-in-deny" in table().chains)
+        # no policy yet: the pod is logged as not isolated (flow logs render every local pod)
+        assert wait_for(lambda: table() is not None and any(
+            e.key == ip and e.value.target == "fl-in-default" for e in table().sets.get("ingress-pods", ())))
+        deny_web(store)
+        assert wait_for(lambda: "in-ns-default" in table().chains)
         assert wait_for(lambda: table().chains["in-ns-default"][-1]["expr"] == [{"goto": {"target": "fl-in-deny"}}])
         log = dp.kernel.verdict_logs[161]
         log.push(pkt("ocni:deny:in", src="203.0.113.5", dst=str(ip)), pkt("ocni:allow:eg:default", src=str(ip), dst="10.9.9.9"))
@@ -230,3 +233,16 @@ def test_follow_streams_json_lines(monkeypatch):
     lines = [json.loads(x) for x in out.stdout.splitlines()]
     assert [x["verdict"] for x in lines] == ["allow", "deny"] and all(tuple(x) == CONTRACT_KEYS for x in lines)
     assert calls[1] == (1, cli_flows.FOLLOW_WAIT) and calls[2][0] == 2
+
+
+def test_lab_reads_the_agents_last_ready_line_and_merges_by_time(tmp_path):
+    from overlaycni.lab.flows import _metrics_url, merge
+
+    out = tmp_path / "agent.out"
+    assert _metrics_url(out) is None  # no file: the agent never started
+    out.write_text('{"event": "ready", "metrics": "http://127.0.0.1:4001"}\nnot json\n'
+                   '{"event": "ready", "metrics": "http://127.0.0.1:4002"}\n{"event": "other"}\n')  # fmt: skip
+    assert _metrics_url(out) == "http://127.0.0.1:4002"  # a restarted agent's port
+    a = [rec(0), rec(5)]
+    b = [FlowRecord(1002.0, "n2", "egress", "allow", "UDP", 53, FlowEndpoint("10.244.1.2"), FlowEndpoint("10.244.0.2"))]
+    assert [(r.time, r.node) for r in merge([a, b])] == [(1000.0, "n1"), (1002.0, "n2"), (1005.0, "n1")]
