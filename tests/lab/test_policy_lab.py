@@ -37,6 +37,7 @@ from overlaycni.lab import control
 from overlaycni.lab import probe as lab_probe
 from overlaycni.lab import state as lab_state
 from overlaycni.policy import parse_policies, records
+from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.render import render_node
 from tests.policy_cases import CASES, NAMED_PORTS, NAMESPACES, ORDER, POD_NAMES, Case, case
 
@@ -128,7 +129,10 @@ def wait_applied(lab: Lab, c: Case, manifest: str) -> None:
     policies = parse_policies(manifest) if manifest.strip() else []
     st = _state(lab)
     want = {
-        n.netns: _rendered_shape(render_node(n.name, pods=model.pods, namespaces=model.namespaces, policies=policies))
+        # the lab's agents run with flow logs on, at their defaults
+        n.netns: _rendered_shape(
+            render_node(n.name, pods=model.pods, namespaces=model.namespaces, policies=policies, flow_log=FlowLogSpec())
+        )
         for n in st.nodes
     }
     deadline = time.monotonic() + APPLY_TIMEOUT
