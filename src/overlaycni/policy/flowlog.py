@@ -33,7 +33,8 @@ established traffic never reaches it):
    replies stays ``new`` for conntrack on every packet);
 3. ``update @flowlog-rl { ip saddr limit rate over R/second burst B }``
    -> count in ``flowlog-ratelimited``, the verdict, unlogged (a per-source
-   token bucket in a dynamic set with a timeout and a size bound);
+   token bucket in a dynamic set with a timeout and a size bound; when the
+   set is full, a new source falls through to the node cap);
 4. ``limit name "flowlog-cap"`` (over C/second, all sources of the node)
    -> count, the verdict, unlogged;
 5. allow only: ``ct mark set ct mark | <bit>``; then ``log group N prefix
