@@ -16,6 +16,11 @@ the packet carries one; forwarded packets usually do not, so the reader's
 receive time stands in). ``NFULNL_MSG_CONFIG`` binds a group and sets its
 copy mode, batching (queue threshold, flush timeout, buffer size) and flags.
 
+The rule side is nft(8): the ``log`` statement with ``group`` and
+``prefix`` (at most 127 bytes), the ``limit`` statement and named limit
+objects, and the set statement ``update @set { key limit ... }`` (a per-key
+meter); their JSON is libnftables-json(5).
+
 This module only turns bytes into values and back: the socket lives in
 ``linux/nflog.py`` (a kernel module, with the design note), and the fake
 (``fake.FakeVerdictLog``) hands tests ``LoggedPacket`` values directly.
