@@ -22,7 +22,7 @@ from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.dataplane.nflog import LoggedPacket
 from overlaycni.errors import DataplaneError
 from overlaycni.policy import parse_policies
-from overlaycni.policy.flowlog import FlowLogSpec, digest
+from overlaycni.policy.flowlog import FlowLogSpec, RuleRef
 from overlaycni.policy.model import NamespaceInfo, PodInfo
 from overlaycni.policy.render import render_node
 
@@ -127,7 +127,7 @@ def test_an_allowed_udp_stream_without_replies_is_logged_once(node):
     drain(log)
     code = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\nfor _ in range(5): s.sendto(b'x',('10.244.0.2',53))"
     in_pod(ns, "x/api", code)
-    rule = f"ocni:allow:in:{digest('x/web-udp', 'Ingress', 0)}"
+    rule = f"ocni:allow:in:{RuleRef('x/web-udp', 'Ingress', 0).digest}"
     got = collect(log, lambda g: any(p.prefix == rule for p in g), timeout=5)
     got += collect(log, lambda g: False, timeout=1.0)  # anything more that arrives
     assert [p.prefix for p in got if p.dport == 53].count(rule) == 1

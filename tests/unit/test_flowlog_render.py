@@ -19,8 +19,6 @@ from overlaycni.policy.flowlog import (
     FlowLogSpec,
     LogTag,
     RuleRef,
-    allow_chain,
-    digest,
     parse_prefix,
     rule_index,
 )
@@ -131,13 +129,13 @@ def test_prefixes_round_trip_and_foreign_ones_are_refused():
     pols = parse_policies(case("ingress-and-egress-together").manifest(build_model()))
     index = rule_index(pols)
     ref = next(iter(index.values()))
-    d = digest(ref.policy, ref.direction, ref.rule)
-    assert index[d] == ref and allow_chain(ref.policy, ref.direction, ref.rule).endswith(d)
+    d = ref.digest
+    assert index[d] == ref and ref.chain.endswith(d) and ref.prefix == f"ocni:allow:{'in' if ref.direction == 'Ingress' else 'eg'}:{d}"
     assert parse_prefix(f"ocni:allow:in:{d}") == LogTag("ingress", "allow", d)
     assert parse_prefix("ocni:allow:eg:default") == LogTag("egress", "allow", None)
     assert parse_prefix("ocni:deny:in") == LogTag("ingress", "deny")
     for bad in ("", "ocni", "ocni:deny:up", "ocni:deny:in:x", "ocni:allow:in", "ocni:allow:in:", "other:deny:in", "ocni:drop:in"):
         assert parse_prefix(bad) is None, bad
     # a digest depends on the policy, direction and rule only
-    assert digest("x/p", "Ingress", 0) == digest("x/p", "Ingress", 0) != digest("x/p", "Ingress", 1)
+    assert RuleRef("x/p", "Ingress", 0).digest == RuleRef("x/p", "Ingress", 0).digest != RuleRef("x/p", "Ingress", 1).digest
     assert RuleRef("x/p", "Egress", 2).name == "egress[2]"

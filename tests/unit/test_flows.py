@@ -30,7 +30,7 @@ from overlaycni.dataplane.nflog import LoggedPacket
 from overlaycni.dataplane.nflog_fake import FakeVerdictLog
 from overlaycni.errors import UsageError
 from overlaycni.policy import parse_policies
-from overlaycni.policy.flowlog import digest
+from overlaycni.policy.flowlog import RuleRef
 from overlaycni.policy.model import NamespaceInfo, PodInfo
 from tests.unit.test_agent import add_web_pod, cluster, cni, deny_web, start_agent, wait_for  # noqa: F401 - fixture
 
@@ -135,7 +135,7 @@ def test_records_name_pods_and_deciding_policies():
     assert deny is not None and (deny.direction, deny.verdict, deny.dport) == ("ingress", "deny", 80)
     assert deny.src == FlowEndpoint("10.244.1.2", "client", "y") and deny.dst == FlowEndpoint("10.244.0.2", "web", "x")
     assert deny.policies == ("x/deny-all", "x/web-from-y") and deny.rule is None and deny.time == 5000.0
-    d = digest("x/web-from-y", "Ingress", 0)
+    d = RuleRef("x/web-from-y", "Ingress", 0).digest
     allow = c.record(pkt(f"ocni:allow:in:{d}", t=4999.5), now=5000.0)
     assert allow is not None and allow.policies == ("x/web-from-y",) and allow.rule == "ingress[0]"
     assert allow.time == 4999.5  # the kernel's timestamp when plausible
@@ -150,7 +150,7 @@ def test_records_name_pods_and_deciding_policies():
 
 def test_rules_of_the_previous_inventory_still_resolve():
     c, _, _ = collector()
-    d = digest("x/web-from-y", "Ingress", 0)
+    d = RuleRef("x/web-from-y", "Ingress", 0).digest
     c.update([WEB, CLIENT], [], [p for p in POLICIES if p.name != "web-from-y"])
     assert c.record(pkt(f"ocni:allow:in:{d}"), now=1.0).policies == ("x/web-from-y",)  # type: ignore[union-attr]
     c.update([WEB, CLIENT], [], [])
@@ -160,7 +160,7 @@ def test_rules_of_the_previous_inventory_still_resolve():
 
 def test_counters_and_drops():
     c, source, metrics = collector(capacity=2)
-    source.push(pkt("ocni:deny:in"), pkt("ocni:deny:in"), pkt(f"ocni:allow:in:{digest('x/web-from-y', 'Ingress', 0)}"),
+    source.push(pkt("ocni:deny:in"), pkt("ocni:deny:in"), pkt(f"ocni:allow:in:{RuleRef('x/web-from-y', 'Ingress', 0).digest}"),
                 pkt("garbage"))  # fmt: skip
     c.handle(source.receive(1.0), now=1.0)
     source.lose(7)

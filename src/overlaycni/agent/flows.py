@@ -244,8 +244,8 @@ def answer_flows(buffer: FlowBuffer | None, query: Mapping[str, list[str]]) -> H
         return HttpAnswer(404, b"flow logs are off on this node (agent --no-flow-logs)\n", "text/plain")
     try:
         flt = FlowFilter.from_query(query)
-        after = _number(query, "after", int, 0)
-        wait = _number(query, "wait", float, 0.0)
+        after = _number(query, "after", kind=int, default=0)
+        wait = _number(query, "wait", kind=float, default=0.0)
     except UsageError as exc:
         return HttpAnswer(400, f"{exc}\n".encode(), "text/plain")
     if after > buffer.seq:
@@ -257,7 +257,7 @@ def answer_flows(buffer: FlowBuffer | None, query: Mapping[str, list[str]]) -> H
     return HttpAnswer(200, body, "application/x-ndjson", ((CURSOR_HEADER, str(cursor)),))
 
 
-def _number(query: Mapping[str, list[str]], key: str, kind: type, default: Any) -> Any:
+def _number(query: Mapping[str, list[str]], key: str, *, kind: type, default: Any) -> Any:
     values = query.get(key)
     if not values:
         return default

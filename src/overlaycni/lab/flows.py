@@ -120,14 +120,14 @@ class LabFlows:
         yield self.read(flt)
         inbox: queue.SimpleQueue[tuple[list[FlowRecord], dict[str, str]]] = queue.SimpleQueue()
         for a in self.agents:
-            threading.Thread(target=self._poll, args=(a, flt, inbox), name=f"flows-{a.node}", daemon=True).start()
+            threading.Thread(target=self._poll, args=(a, flt), kwargs={"inbox": inbox}, name=f"flows-{a.node}", daemon=True).start()
         while not self._stop.is_set():
             try:
                 yield inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
 
-    def _poll(self, a: NodeAgent, flt: FlowFilter, inbox: queue.SimpleQueue) -> None:
+    def _poll(self, a: NodeAgent, flt: FlowFilter, *, inbox: queue.SimpleQueue) -> None:
         cursor = self._cursors.get(a.node, 0)
         while not self._stop.is_set():
             try:

@@ -94,7 +94,8 @@ class FlowLogSpec:
 
 @dataclass(frozen=True)
 class RuleRef:
-    """The policy rule a log prefix's digest stands for."""
+    """One rule of one policy in one direction; its digest names its log
+    chain and prefix (and depends on these three values only)."""
 
     policy: str  # ns/name
     direction: str  # Ingress | Egress
@@ -103,6 +104,18 @@ class RuleRef:
     @property
     def name(self) -> str:
         return f"{self.direction.lower()}[{self.rule}]"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.policy} {self.direction} {self.rule}".encode()).hexdigest()[:12]
+
+    @property
+    def chain(self) -> str:
+        return f"fl-{TAGS[self.direction]}-{self.digest}"
+
+    @property
+    def prefix(self) -> str:
+        return f"{PREFIX}:allow:{TAGS[self.direction]}:{self.digest}"
 
 
 @dataclass(frozen=True)
@@ -116,19 +129,16 @@ class LogTag:
     digest: str | None = None
 
 
-def digest(policy: str, direction: str, rule: int) -> str:
-    return hashlib.sha256(f"{policy} {direction} {rule}".encode()).hexdigest()[:12]
-
-
 def rule_index(policies: Iterable[NetworkPolicy]) -> dict[str, RuleRef]:
     """digest -> the policy rule it names, for every rule of ``policies``."""
-    out: dict[str, RuleRef] = {}
-    for pol in policies:
-        for direction in ("Ingress", "Egress"):
-            if pol.affects(direction):
-                for i in range(len(pol.rules(direction))):
-                    out[digest(pol.key, direction, i)] = RuleRef(pol.key, direction, i)
-    return out
+    refs = (
+        RuleRef(pol.key, direction, i)
+        for pol in policies
+        for direction in ("Ingress", "Egress")
+        if pol.affects(direction)
+        for i in range(len(pol.rules(direction)))
+    )
+    return {ref.digest: ref for ref in refs}
 
 
 def parse_prefix(text: str) -> LogTag | None:
@@ -145,10 +155,6 @@ def parse_prefix(text: str) -> LogTag | None:
 
 
 # ----- rendering ------------------------------------------------------------------------
-
-
-def allow_chain(policy: str, direction: str, rule: int) -> str:
-    return f"fl-{TAGS[direction]}-{digest(policy, direction, rule)}"
 
 
 def deny_chain(direction: str) -> str:
@@ -170,24 +176,23 @@ def objects(spec: FlowLogSpec, t: dict[str, str]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def log_chains(spec: FlowLogSpec, allows: Iterable[tuple[str, str, int]]) -> dict[str, list[dict[str, Any]]]:
-    """Every log chain of a render: one per allowing (policy, direction,
-    rule) in ``allows``, and per direction the deny and the default chain."""
+def log_chains(spec: FlowLogSpec, allows: Iterable[RuleRef]) -> dict[str, list[dict[str, Any]]]:
+    """Every log chain of a render: one per allowing rule in ``allows``,
+    and per direction the deny and the default chain."""
     chains: dict[str, list[dict[str, Any]]] = {}
     for direction, tag in TAGS.items():
-        chains[deny_chain(direction)] = log_chain(spec, f"{PREFIX}:deny:{tag}", "drop", mark=None)
+        chains[deny_chain(direction)] = log_chain(spec, f"{PREFIX}:deny:{tag}", verdict="drop", mark=None)
         chains[default_chain(direction)] = log_chain(
-            spec, f"{PREFIX}:allow:{tag}:{DEFAULT}", "accept", mark=spec.mark(direction)
+            spec, f"{PREFIX}:allow:{tag}:{DEFAULT}", verdict="accept", mark=spec.mark(direction)
         )
-    for policy, direction, rule in allows:
-        chains[allow_chain(policy, direction, rule)] = log_chain(
-            spec, f"{PREFIX}:allow:{TAGS[direction]}:{digest(policy, direction, rule)}", "accept",
-            mark=spec.mark(direction), comment=f"{policy} {direction.lower()}[{rule}]",
-        )  # fmt: skip
+    for ref in allows:
+        chains[ref.chain] = log_chain(
+            spec, ref.prefix, verdict="accept", mark=spec.mark(ref.direction), comment=f"{ref.policy} {ref.name}"
+        )
     return chains
 
 
-def log_chain(spec: FlowLogSpec, prefix: str, verdict: str, *, mark: int | None, comment: str = "") -> list[dict[str, Any]]:
+def log_chain(spec: FlowLogSpec, prefix: str, *, verdict: str, mark: int | None, comment: str = "") -> list[dict[str, Any]]:
     """The rules of one log chain ({expr, comment}), ending in ``verdict``."""
     v = {verdict: None}
     ct_mark = {"ct": {"key": "mark"}}

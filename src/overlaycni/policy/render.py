@@ -206,7 +206,7 @@ def render_node(
     b = _Builder(cluster, pods)
     isolated: dict[str, dict[str, str]] = {"Ingress": {}, "Egress": {}}  # pod ip -> namespace (or flow log) chain
     ns_chains: dict[str, list[dict]] = {}
-    allows: list[tuple[str, str, int]] = []  # (policy, direction, rule) with an allow rendered
+    allows: list[flowlog.RuleRef] = []  # the rules with an allow rendered
 
     for direction, (tag, own_field, peer_field, _) in _DIR.items():
         for pol in (p for p in policies if p.affects(direction)):
@@ -220,13 +220,12 @@ def render_node(
             body = []
             for i, rule in enumerate(pol.rules(direction)):
                 comment = f"{pol.key} {direction.lower()}[{i}]"
-                verdict: dict = {"accept": None}
-                if flow_log is not None:
-                    verdict = {"goto": {"target": flowlog.allow_chain(pol.key, direction, i)}}
+                ref = flowlog.RuleRef(pol.key, direction, i)
+                verdict: dict = {"accept": None} if flow_log is None else {"goto": {"target": ref.chain}}
                 for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
                     body.append({"expr": exprs + [verdict], "comment": comment})
-                    if flow_log is not None and (not allows or allows[-1] != (pol.key, direction, i)):
-                        allows.append((pol.key, direction, i))
+                    if flow_log is not None and (not allows or allows[-1] != ref):
+                        allows.append(ref)
             if body:
                 b.chains[pol_chain] = body
                 ns_rules.append(
