@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from overlaycni.agent.flows import CONTRACT_KEYS
 from overlaycni.dataplane.linux.netns import NetnsWorker
 from overlaycni.lab import flows as lab_flows
 from overlaycni.lab import state as lab_state
@@ -101,6 +102,8 @@ def policy(lab: Lab, verb: str, arg: str) -> None:
 def flows(lab: Lab, *args: str) -> list[dict[str, Any]]:
     doc = lab.json("flows", *args)
     assert list(doc) == ["flows"]
+    for f in doc["flows"]:  # the contract, exactly
+        assert tuple(f) == CONTRACT_KEYS and list(f["src"]) == list(f["dst"]) == ["ip", "pod", "namespace"], f
     return doc["flows"]
 
 

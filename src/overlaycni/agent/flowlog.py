@@ -21,17 +21,19 @@ ones, so a packet logged just before a policy change still names its rule.
 
 On by default (``agent --no-flow-logs`` turns it off), because of what
 ``bench/policy.py`` measures on two pods of one node under the 500-policy
-table: established packets never reach a log rule (the base chains accept
-them first), so iperf3 throughput with flow logs is that without them
-(ratio 1.02, within the run's noise); a new connection costs the kernel one
-more chain of at most five rules and, when logged, one NFLOG message and
-about 30 us of this thread (decode 12, record 20). At the default limits
-(100 new flows a second per source, burst 200; 1,000 a second per node)
-connections per CPU second (client, server and collector together) stay at
-0.95 of no logging, and the collector's share is bounded whatever the
-traffic (at most about 3% of a core). Logging every flow instead halves
-connections per CPU second (0.46-0.59): the limits, not the capture, are
-what make it cheap enough to leave on.
+table (three runs of seven rounds, medians): established packets never
+reach a log rule (the base chains accept them first), so iperf3 throughput
+with flow logs is that without them (ratios 1.02-1.36, all within the
+runs' noise); a new connection costs the kernel one more chain of at most
+five rules and, when logged, one NFLOG message and about 30 us of this
+thread (decode 12, record 20). At the default limits (100 new flows a
+second per source, burst 200; 1,000 a second per node) new connections
+per second stay at 0.89-1.04 of no logging, and connections per CPU second
+(client, server and collector together, the steadier measure on a shared
+machine) at 0.944-0.949; the collector's share is bounded whatever the
+traffic (at most about 3% of a core). Logging every flow instead costs
+0.46-0.59 of the connections per CPU second: the limits, not the capture,
+are what make it cheap enough to leave on.
 """
 
 from __future__ import annotations
