@@ -16,10 +16,9 @@ ctnetlink socket the worker opened in the node namespace; conntrack dumps
 walk the kernel's whole hash, see ``conntrack``). The NFLOG socket of
 ``open_verdict_log`` (flow logs) is made on the worker, so it binds the
 node namespace's group, then read by the agent's own thread. A fresh
-process adopts whatever the kernel
-holds: it owns objects by name/protocol/label (``ocni.vxlan``, ``oc*``
-veths, proto 119 routes, ``lo:ocni``, ``table ip overlaycni``) rather than
-by remembering them.
+process adopts whatever the kernel holds: it owns objects by
+name/protocol/label (``ocni.vxlan``, ``oc*`` veths, proto 119 routes,
+``lo:ocni``, ``table ip overlaycni``) rather than by remembering them.
 
 With the wireguard backend the WireGuard port (``wgkernel.AutoWireGuard``)
 is built on the same thread, so a wireguard-go it starts is born in the node
