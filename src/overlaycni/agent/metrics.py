@@ -157,7 +157,10 @@ def serve_http(
             for name, value in extra:
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the reader left (a /flows follow stopped with Ctrl-C)
 
         def log_message(self, *args: Any) -> None:
             pass
