@@ -246,3 +246,32 @@ def test_lab_reads_the_agents_last_ready_line_and_merges_by_time(tmp_path):
     a = [rec(0), rec(5)]
     b = [FlowRecord(1002.0, "n2", "egress", "allow", "UDP", 53, FlowEndpoint("10.244.1.2"), FlowEndpoint("10.244.0.2"))]
     assert [(r.time, r.node) for r in merge([a, b])] == [(1000.0, "n1"), (1002.0, "n2"), (1005.0, "n1")]
+
+
+def test_the_controller_reads_the_flow_log_counters_right_before_it_applies(cluster):  # noqa: F811 - the fixture
+    """A whole-table replace restarts the kernel's counter: the controller
+    hands its inventory to the flow log, then lets it read the counter, then
+    applies."""
+    from overlaycni.agent.policy import PolicyController
+    from overlaycni.policy.flowlog import FlowLogSpec
+
+    url, store = cluster
+    calls: list[str] = []
+
+    class Table:
+        def sync(self, render):
+            calls.append("sync" + (":logged" if '"log"' in json.dumps(render) else ""))
+            return "full"
+
+        def reset(self):
+            calls.append("reset")
+
+        def remove(self):
+            pass
+
+    ctl = PolicyController(
+        store, cluster="c1", node="n1", stop=threading.Event(), table=Table(), on_bad=lambda exc: None,
+        flow_log=FlowLogSpec(), on_inventory=lambda *_: calls.append("inventory"), before_apply=lambda: calls.append("read"),
+    )  # fmt: skip
+    ctl.sync(full=True)
+    assert calls == ["inventory", "reset", "read", "sync:logged"]

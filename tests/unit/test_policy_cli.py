@@ -110,6 +110,10 @@ def test_render_prints_nft_json(tmp_path):
     assert doc["nftables"][0] == {"add": {"table": {"family": "inet", "name": "overlaycni"}}}
     res = runner.invoke(app, ["policy", "render", "--node", "node-1", "--from", path, "-o", "table"])
     assert "rules" in res.stdout
+    # by default what an agent applies (flow log rules included); --no-flow-logs: the table without them
+    assert '"log"' in json.dumps(doc)
+    bare = json.loads(runner.invoke(app, ["policy", "render", "--node", "node-1", "--from", path, "--no-flow-logs"]).stdout)
+    assert '"log"' not in json.dumps(bare) and len(bare["nftables"]) < len(doc["nftables"])
 
 
 def test_apply_list_delete_in_a_sqlite_datastore(tmp_path):

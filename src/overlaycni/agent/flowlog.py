@@ -117,6 +117,7 @@ class FlowCollector:
         self._seen = CaptureStats()
         self._evicted = 0
         self.dropped = {"ratelimit": 0, "socket": 0, "buffer": 0, "malformed": 0}
+        self._stats_lock = threading.Lock()
         self.recorded = 0
         self.last_error: str | None = None
 
@@ -169,22 +170,36 @@ class FlowCollector:
         for pkt in packets:
             r = self.record(pkt, now=now)
             if r is None:
-                self._drop("malformed", 1)
+                with self._stats_lock:
+                    self._drop("malformed", 1)
                 continue
             self.buffer.append(r)
             self.recorded += 1
             self._count(r)
 
     def poll_stats(self) -> None:
-        """Fold the capture's and the ring's losses into the drop counters."""
-        s = self.source.stats()
-        old, self._seen = self._seen, s
-        self._drop("ratelimit", s.ratelimited - old.ratelimited)
-        self._drop("socket", s.lost - old.lost)
-        self._drop("malformed", s.malformed - old.malformed)
-        evicted = self.buffer.evicted
-        self._drop("buffer", evicted - self._evicted)
-        self._evicted = evicted
+        """Fold the capture's and the ring's losses into the drop counters.
+        Called every second by ``run`` and by the policy controller right
+        before it applies a render (a whole-table replace restarts the
+        kernel's counter: what it counted must be read first)."""
+        with self._stats_lock:
+            s = self.source.stats()
+            old, self._seen = self._seen, s
+            self._drop("ratelimit", s.ratelimited - old.ratelimited)
+            self._drop("socket", s.lost - old.lost)
+            self._drop("malformed", s.malformed - old.malformed)
+            evicted = self.buffer.evicted
+            self._drop("buffer", evicted - self._evicted)
+            self._evicted = evicted
+
+    def before_apply(self) -> None:
+        """``poll_stats`` for the policy controller: a failure here is the
+        flow log's, never the policy pass's."""
+        try:
+            self.poll_stats()
+        except OverlayCNIError as exc:
+            self.last_error = str(exc)
+            log.debug("flow log: reading the counters before a policy pass failed: %s", exc)
 
     def _drop(self, reason: str, n: int) -> None:
         if n > 0:

@@ -155,6 +155,7 @@ class RunningNode:
             store, cluster=ctx.cluster, node=ctx.record.name, stop=stop, table=dp.policy_table, on_bad=self.bad.report,
             flow_log=self.flows.options.spec if self.flows else None,
             on_inventory=self.flows.update if self.flows else None,
+            before_apply=self.flows.before_apply if self.flows else None,
         )  # fmt: skip
         self.ops = CNIOps(
             store, dp, ctx, kernel_lock=self.kernel_lock, policy_programmed=self.policy.programmed,

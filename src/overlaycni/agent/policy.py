@@ -67,12 +67,15 @@ class PolicyController:
         full_every: float = 60.0,
         flow_log: FlowLogSpec | None = None,
         on_inventory: InventoryListener | None = None,
+        before_apply: Callable[[], None] | None = None,
     ):
         """``table`` is the node's ``inet overlaycni`` (the data plane's port);
         ``on_bad`` hears of every record skipped because it does not decode.
         ``flow_log`` renders the flow log rules (``policy.flowlog``);
         ``on_inventory`` hears every inventory a pass loaded (the flow log
-        resolves addresses against it)."""
+        resolves addresses against it); ``before_apply`` runs right before a
+        render goes to the kernel (the flow log reads its counter, which a
+        whole-table replace restarts)."""
         self.store = store
         self.table = table
         self.cluster = cluster
@@ -82,6 +85,7 @@ class PolicyController:
         self.full_every = full_every
         self.flow_log = flow_log
         self.on_inventory = on_inventory
+        self.before_apply = before_apply
         self.dirty = threading.Event()
         # With no policy in the cluster the table is the same whatever the
         # pods are: pod and namespace events then cost nothing (no render on
@@ -112,9 +116,10 @@ class PolicyController:
             self.on_inventory(pods, namespaces, policies)
         if full:
             self.table.reset()  # re-apply everything: repairs a table changed behind our back
-        how = self.table.sync(
-            render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
-        )
+        doc = render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+        if self.before_apply is not None:
+            self.before_apply()
+        how = self.table.sync(doc)
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":

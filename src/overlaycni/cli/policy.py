@@ -175,6 +175,9 @@ def render_cmd(
     from_file: FromOpt = None,
     cluster: TargetClusterOpt = None,
     lab: LabOpt = None,
+    flow_logs: Annotated[
+        bool, typer.Option("--flow-logs/--no-flow-logs", help="With the flow log rules of an agent at its defaults (as agents run).")
+    ] = True,
     output: OutputOpt = Output.json,
 ) -> None:
     """Print the nftables document (nft -j) that NODE would apply.
@@ -182,8 +185,12 @@ def render_cmd(
     The inventory comes from --from FILE or the datastore of --cluster /
     --lab (what the node's agent renders). With --output table, print
     its size (rules and set elements)."""
+    from ..policy.flowlog import FlowLogSpec
+
     inv = load_any_inventory(ctx, from_file=from_file, cluster=cluster, lab=lab)
-    doc = render_node(node, pods=inv.pods, namespaces=inv.namespaces, policies=inv.policies)
+    doc = render_node(
+        node, pods=inv.pods, namespaces=inv.namespaces, policies=inv.policies, flow_log=FlowLogSpec() if flow_logs else None
+    )
     if output is Output.json:
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:

@@ -26,8 +26,10 @@ is read and zeroed atomically (``reset counter``) on the same worker, with
 a libnftables context of its own for each read: a context that already
 answered one ``reset`` answers the next from its cache (nftables 1.0.6:
 the ruleset generation does not change when a counter does), while the
-kernel still zeroes the counter. A whole-table replace (a policy change)
-restarts the counter, so what it counted since the last read is lost.
+kernel still zeroes the counter. A whole-table replace (a policy change,
+the controller's periodic repair) restarts the counter; the agent reads it
+right before every policy pass, so a replace loses only what was counted
+between that read and the transaction.
 
 Bounded: the socket's receive buffer (``RCVBUF``) is the only queue between
 the kernel and the agent. When it is full the kernel drops the batch and the
