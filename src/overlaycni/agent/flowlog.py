@@ -21,19 +21,23 @@ ones, so a packet logged just before a policy change still names its rule.
 
 On by default (``agent --no-flow-logs`` turns it off), because of what
 ``bench/policy.py`` measures on two pods of one node under the 500-policy
-table (three runs of seven rounds, medians): established packets never
-reach a log rule (the base chains accept them first), so iperf3 throughput
-with flow logs is that without them (ratios 1.02-1.36, all within the
-runs' noise); a new connection costs the kernel one more chain of at most
-five rules and, when logged, one NFLOG message and about 30 us of this
-thread (decode 12, record 20). At the default limits (100 new flows a
-second per source, burst 200; 1,000 a second per node) new connections
-per second stay at 0.89-1.04 of no logging, and connections per CPU second
-(client, server and collector together, the steadier measure on a shared
-machine) at 0.944-0.949; the collector's share is bounded whatever the
-traffic (at most about 3% of a core). Logging every flow instead costs
-0.46-0.59 of the connections per CPU second: the limits, not the capture,
-are what make it cheap enough to leave on.
+table (two sessions of three runs, on a shared 2-core machine; medians of
+the runs, ranges over the runs): established packets never reach a log
+rule (the base chains accept them first), so iperf3 throughput with flow
+logs is that without them within the noise (ratios 1.02-1.36 in one
+session, 0.83-1.06, median 0.93, in the other at a load average of 7-17,
+where single rounds ranged 0.37-9.7); a new connection costs the kernel
+one more chain of at most five rules and, when logged, one NFLOG message
+and about 30 us of this thread (decode 12, record 20). At the default
+limits (100 new flows a second per source, burst 200; 1,000 a second per
+node), connections per CPU second (client, server and collector together,
+the steadier measure on a shared machine) stay at 0.94-0.95 and 1.01-1.06
+(median 1.02) of no logging, and new connections per second at 0.89-1.04
+and 1.20-2.14 (above 1: the noise of the load); the collector's share is
+bounded whatever the traffic (at most about 3% of a core). Logging every
+flow instead leaves 0.46-0.59 and 0.57-0.60 of the connections per CPU
+second: the limits, not the capture, are what make it cheap enough to
+leave on.
 """
 
 from __future__ import annotations
