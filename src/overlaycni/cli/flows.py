@@ -89,6 +89,9 @@ def flows(
     ingress at the destination's. A deny names the policies isolating the
     pod; an allow names the policy and rule that allowed it.
 
+    --output json prints {"flows": [...]}; with --follow, one flow object
+    a line (JSON lines) as they come.
+
     Example: overlaycni flows --agent http://127.0.0.1:9161 --verdict deny --pod x/web --follow
     """
     flt = flow_filter(verdict=verdict, pod=pod, since=since)

@@ -42,6 +42,9 @@ def lab_flows(
     source's node, ingress at the destination's. "Why was this blocked?":
     lab flows --verdict deny, then policy explain SRC DST PORT/PROTO --lab.
 
+    --output json prints {"flows": [...]}; with --follow, one flow object
+    a line (JSON lines) as they come.
+
     Example: overlaycni lab flows --verdict deny --pod x/web --since 60
     """
     from ..lab.netns import require_privileges
