@@ -159,3 +159,19 @@ def test_a_group_is_bound_once_per_namespace(node):
         other.open_verdict_log(group=GROUP).close()
     finally:
         other.close()
+
+
+def test_what_the_packet_path_writes_is_not_drift(node):
+    """The rate set's elements (``update @flowlog-rl`` from the packet path)
+    and the counters are the table's own doing: the repair check leaves the
+    table alone. Control: a verdict rule deleted behind our back is drift."""
+    ns, dp, log = node
+    in_pod(ns, "y/client", SEND_UDP, "10.244.0.3", "30000", "30100")
+    rate_set = sh("ip", "netns", "exec", ns["node"], "nft", "list", "set", "inet", "overlaycni", "flowlog-rl")
+    assert "10.244.0.4" in rate_set  # the packet path added the source
+    assert dp.policy_table.repair() is None
+    handle = sh("ip", "netns", "exec", ns["node"], "nft", "-a", "list", "chain", "inet", "overlaycni", "fl-in-default")
+    last = [line for line in handle.splitlines() if "# handle" in line][-1].rsplit(" ", 1)[-1]
+    sh("ip", "netns", "exec", ns["node"], "nft", "delete", "rule", "inet", "overlaycni", "fl-in-default", "handle", last)
+    assert dp.policy_table.repair() is not None
+    assert dp.policy_table.repair() is None

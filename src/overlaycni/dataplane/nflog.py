@@ -60,6 +60,9 @@ TIMESTAMP = struct.Struct(">QQ")  # nfulnl_msg_packet_timestamp: sec, usec
 # The policy table's named counter of packets its log rules decided without
 # logging (per-source rate and node cap, ``policy.flowlog``).
 RATELIMITED_COUNTER = "flowlog-ratelimited"
+# Its per-source rate set: the packet path adds and times out its elements
+# (``update @flowlog-rl``), so they are never drift (``policytable.repair``).
+RATE_SET = "flowlog-rl"
 
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 _PORTS = {6, 17, 132}  # TCP, UDP, SCTP: source and destination port are the first 4 bytes

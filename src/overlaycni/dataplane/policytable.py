@@ -21,7 +21,10 @@ touches ``ip overlaycni`` (the node table), nor the other way round.
 
 Growth: rules (``log`` statements for flow logs, say) are structure and
 need nothing here; maps of any type ``nftables.decode_value`` knows are
-diffed element by element.
+diffed element by element. A set the rules fill from the packet path (flow
+logs' per-source rate set, ``PACKET_PATH_SETS``) is declared empty by every
+render and never compared by ``repair``: its elements are the table's own
+doing, not drift.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from typing import Any
 
 from ..errors import DataplaneError
 from . import nftables
+from .nflog import RATE_SET
 from .nftables import NftState
 from .ports import NftRuleset
 
 FAMILY = "inet"
 TABLE = "overlaycni"
+PACKET_PATH_SETS = frozenset({RATE_SET})  # elements the rules themselves add (flow logs' per-source rates)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ class PolicyTableSync:
             why = "missing"
         elif self.digest is not None and have.digest is not None and have.digest != self.digest:
             why = "chains or rules changed behind our back"
-        elif have.sets != self.applied.sets:
+        elif _ours(have.sets) != _ours(self.applied.sets):
             why = "set or map elements changed behind our back"
         else:
             return None
@@ -104,3 +109,8 @@ class PolicyTableSync:
     def remove(self) -> None:
         self.applied = None
         self.nft.apply(nftables.delete_table(FAMILY, TABLE))
+
+
+def _ours(sets: dict[str, frozenset]) -> dict[str, frozenset]:
+    """The elements the agent writes: without the sets the packet path fills."""
+    return {name: elems for name, elems in sets.items() if name not in PACKET_PATH_SETS}

@@ -61,11 +61,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..dataplane import nftables as nft
-from ..dataplane.nflog import RATELIMITED_COUNTER
+from ..dataplane.nflog import RATE_SET, RATELIMITED_COUNTER
 from .model import NetworkPolicy
 
 PREFIX = "ocni"
-RATE_SET = "flowlog-rl"
 CAP_LIMIT = "flowlog-cap"
 TAGS = {"Ingress": "in", "Egress": "eg"}
 DIRECTIONS = {"in": "ingress", "eg": "egress"}
