@@ -45,11 +45,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .. import deadline, ipam
+from .. import deadline, ipam, trace
 from ..cni.protocol import CNIRequest, add_result, prev_result_ip
 from ..config import ClusterNetwork
 from ..dataplane import Dataplane, PodInterface, host_veth_name
@@ -118,7 +118,9 @@ class CNIOps:
         with deadline.within(self.request_deadline):
             if req.command in ("ADD", "DEL", "CHECK"):
                 op = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check}[req.command]
-                with self.locks.attachment(host_veth_name(req.container_id, req.ifname)):
+                with ExitStack() as held:
+                    with trace.phase("lock"):
+                        held.enter_context(self.locks.attachment(host_veth_name(req.container_id, req.ifname)))
                     return op(req)
             if req.command == "GC":
                 self.gc(req)
@@ -143,24 +145,29 @@ class CNIOps:
     def add(self, req: CNIRequest) -> dict[str, Any]:
         c = self.ctx
         host = host_veth_name(req.container_id, req.ifname)
-        with self.dp.open_pod_netns(req.netns) as netns_fd:
-            alloc, fresh = ipam.reserve(
-                self.store, c.cluster, self.node, req.container_id, req.ifname,
-                pod=req.pod, requested_ip=req.requested_ip,
-            )
+        with ExitStack() as stack:
+            with trace.phase("netns"):
+                netns_fd = stack.enter_context(self.dp.open_pod_netns(req.netns))
+            with trace.phase("ipam"):
+                alloc, fresh = ipam.reserve(
+                    self.store, c.cluster, self.node, req.container_id, req.ifname,
+                    pod=req.pod, requested_ip=req.requested_ip,
+                )
             # A repeated ADD whose veth exists must not undo it: only what this ADD makes is ours.
             ours = fresh or host not in self.dp.list_pod_veths()
             try:
-                pod_if = self._attach(req, alloc, netns_fd, fresh=fresh)
+                with trace.phase("kernel"):
+                    pod_if = self._attach(req, alloc, netns_fd, fresh=fresh)
                 if self.policy_programmed is not None and req.pod is not None:  # policies select Kubernetes pods only
-                    self.policy_programmed()
+                    with trace.phase("policy"):
+                        self.policy_programmed()
             except BaseException as exc:
                 log.info("ADD %s %s failed (%s); undoing %s", req.container_id, req.ifname, exc,
                          "the attachment" if fresh else "its veth" if ours else "nothing (it existed before)")
                 self._undo_add(req, alloc, release=fresh, detach=ours and not isinstance(exc, AttachmentConflict))
                 raise
         dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
-        return add_result(
+        result = add_result(
             req.version,
             host_veth=pod_if.host_veth,
             host_mac=pod_if.host_mac,
@@ -172,6 +179,10 @@ class CNIOps:
             gateway=pod_if.gateway,
             dns=dns,
         )
+        t = trace.request()
+        if t is not None and trace.wants_debug(req.args):
+            result["debug"] = t.to_debug()
+        return result
 
     def _attach(self, req: CNIRequest, alloc: Allocation, netns_fd: int | None, *, fresh: bool) -> PodInterface:
         def attach() -> PodInterface:
@@ -217,11 +228,12 @@ class CNIOps:
     # ----- DEL ----------------------------------------------------------------
     def delete(self, req: CNIRequest) -> None:
         try:
-            alloc = ipam.get_allocation(self.store, self.ctx.cluster, req.container_id, req.ifname)
+            with trace.phase("ipam"):
+                alloc = ipam.get_allocation(self.store, self.ctx.cluster, req.container_id, req.ifname)
         except BadRecord as exc:
             self.report_bad(exc)
             alloc = None  # never release what cannot be read; `ipam check` shows it
-        with self._kernel():
+        with trace.phase("kernel"), self._kernel():
             self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns or None)
         if alloc is None:
             return None
@@ -234,9 +246,11 @@ class CNIOps:
 
     def _forget(self, alloc: Allocation) -> Allocation | None:
         """The kernel side is gone: flush the address's flows, then release it here."""
-        self.dp.flush_conntrack(alloc.ip.ip)
+        with trace.phase("conntrack"):
+            self.dp.flush_conntrack(alloc.ip.ip)
         try:
-            return ipam.release(self.store, self.ctx.cluster, alloc.container_id, alloc.ifname, node=self.node)
+            with trace.phase("ipam"):
+                return ipam.release(self.store, self.ctx.cluster, alloc.container_id, alloc.ifname, node=self.node)
         except NotFound:
             return None  # the cluster itself is gone: nothing left to release
 

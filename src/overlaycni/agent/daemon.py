@@ -40,6 +40,7 @@ from .. import ipam
 from ..dataplane import Dataplane, NodeState
 from ..datastore import Store, open_datastore
 from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError, OverlayCNIError
+from ..trace import RequestTrace
 from .cniops import NodeContext
 from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
@@ -131,7 +132,7 @@ class Agent:
             local_pod_mtu=info.pod_mtu, wg_key=wg_key,
         )
         self.node = node
-        self._server = serve_unix(o.socket, functools.partial(self._handle, node), self._observe)
+        self._server = serve_unix(o.socket, functools.partial(self._handle, node), self._observe, on_trace=self._trace)
         if o.metrics_addr:
             self._http = serve_http(o.metrics_addr, self.metrics, self.health, flows=node.flows.buffer if node.flows else None)
         self._spawn("lease", node.lease_loop)
@@ -215,6 +216,11 @@ class Agent:
         if not n.datastore_ok:
             out.append(f"datastore unreachable: {n.last_error}")
         return out
+
+    def _trace(self, trace: RequestTrace) -> None:
+        """Each phase of an answered request into ``overlaycni_cni_phase_seconds``."""
+        for phase, seconds in trace.durations().items():
+            self.metrics.phases.labels(trace.command, phase).observe(seconds)
 
     def health(self) -> dict[str, Any]:
         n = self.node

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -35,6 +36,16 @@ class AgentMetrics:
         self.latency = Histogram(
             "overlaycni_cni_request_seconds", "CNI request latency inside the agent", ["command"],
             buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.phases = Histogram(
+            "overlaycni_cni_phase_seconds",
+            "Time a CNI request spent in each phase inside the agent (agent.trace: read, queue, lock, netns, "
+            "batch, ipam, kernel, conntrack, policy, reply)",
+            ["command", "phase"], buckets=PHASE_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "overlaycni_cni_batch_size", "Requests applied together in one batch (group commit), by command",
+            ["command"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
         )
         self.peers = Gauge("overlaycni_peers", "Peer nodes programmed on this node", registry=r)
         self.peers_not_live = Gauge(

@@ -56,12 +56,14 @@ from ..errors import (
     UsageError,
     cni_code,
 )
+from ..trace import RequestTrace, serving
 
 log = logging.getLogger("overlaycni.agent")
 MAX_REQUEST = 1 << 20  # bytes; a network config is a few KiB (the shim has the same limit)
 
 Handler = Callable[[Any], "dict[str, Any] | None"]
 Observer = Callable[[str, str, float], None]
+TraceSink = Callable[[RequestTrace], None]
 
 
 @dataclass(frozen=True)
@@ -160,19 +162,25 @@ def claim_socket_path(path: str) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "deadline", "draining")
+    __slots__ = ("sock", "buf", "deadline", "draining", "accepted")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, accepted: float) -> None:
         self.sock, self.buf, self.deadline = sock, bytearray(), deadline
         self.draining = False  # answered already; what still arrives is dropped
+        self.accepted = accepted  # monotonic (the request's trace starts here)
 
 
 class CNISocketServer:
     """Accepts and reads on one thread; serves complete requests on a pool."""
 
-    def __init__(self, path: str, handle: Handler, observe: Observer, limits: SocketLimits | None = None) -> None:
+    def __init__(
+        self, path: str, handle: Handler, observe: Observer, limits: SocketLimits | None = None,
+        *, on_trace: TraceSink | None = None,
+    ) -> None:
+        """``on_trace`` hears of every served request's ``RequestTrace`` once it is answered."""
         self.path = path
         self.handle, self.observe = handle, observe
+        self.on_trace = on_trace
         self.limits = limits or SocketLimits()
         self._conns: dict[int, _Conn] = {}
         self._serving = 0  # connections handed to the pool, not yet answered
@@ -227,7 +235,8 @@ class CNISocketServer:
                 self._reply_now(sock, _error(CNI_TRY_AGAIN_LATER,
                                              f"the agent has {self.limits.max_connections} connections open; try again"))
                 continue
-            conn = _Conn(sock, time.monotonic() + self.limits.read_timeout)
+            now = time.monotonic()
+            conn = _Conn(sock, now + self.limits.read_timeout, now)
             with self._count_lock:
                 self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ)
@@ -261,7 +270,7 @@ class CNISocketServer:
         self._detach(conn)
         with self._count_lock:
             self._serving += 1
-        self._pool.submit(self._serve, conn.sock, line)
+        self._pool.submit(self._serve, conn.sock, line, RequestTrace(conn.accepted, time.monotonic()))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -306,14 +315,19 @@ class CNISocketServer:
         sock.close()
 
     # ----- the pool ----------------------------------------------------------------
-    def _serve(self, sock: socket.socket, line: bytes) -> None:
+    def _serve(self, sock: socket.socket, line: bytes, trace: RequestTrace) -> None:
         try:
             doc, answer = decode(line, self.limits)
             if answer is None:
-                answer = answer_for(doc, self.handle, self.observe)
+                trace.command = str(doc.get("command", "?")) if isinstance(doc, dict) else "?"
+                with serving(trace):
+                    answer = answer_for(doc, self.handle, self.observe)
             sock.setblocking(True)
             sock.settimeout(self.limits.write_timeout)
             sock.sendall(json.dumps(answer).encode() + b"\n")
+            trace.sent = time.monotonic()
+            if self.on_trace is not None and trace.served:
+                self.on_trace(trace)
         except OSError:
             pass  # the shim gave up waiting; nothing to tell
         except Exception:  # never lose the pool thread's connection count
@@ -341,6 +355,9 @@ class CNISocketServer:
         """socketserver's name, for callers written against it: ``shutdown`` already closed everything."""
 
 
-def serve_unix(path: str, handle: Handler, observe: Observer, limits: SocketLimits | None = None) -> CNISocketServer:
+def serve_unix(
+    path: str, handle: Handler, observe: Observer, limits: SocketLimits | None = None,
+    *, on_trace: TraceSink | None = None,
+) -> CNISocketServer:
     """Bind ``path`` (refusing anything but a stale socket there) and serve in a thread."""
-    return CNISocketServer(path, handle, observe, limits)
+    return CNISocketServer(path, handle, observe, limits, on_trace=on_trace)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
+from .. import trace
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
 from .model import (
     GATEWAY_LABEL,
@@ -382,14 +383,19 @@ class NodeDataplane:
             raise ConfigError(FieldError("mtu", f"{mtu} is outside 576..65535"))
         host = host_veth_name(container_id, ifname)
         with self._lock:
-            result = self.p.pods.setup_pod_link(
-                host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu, netns_fd=netns_fd
-            )
+            with trace.phase("veth"):
+                result = self.p.pods.setup_pod_link(
+                    host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu,
+                    netns_fd=netns_fd,
+                )
             try:
-                for key, value in pod_veth_sysctls(host).items():
-                    self.p.sysctls.write(key, value)
-                self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
-                self.tables.add_pod(host, ip.ip)
+                with trace.phase("sysctl"):
+                    for key, value in pod_veth_sysctls(host).items():
+                        self.p.sysctls.write(key, value)
+                with trace.phase("route"):
+                    self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
+                with trace.phase("nft"):
+                    self.tables.add_pod(host, ip.ip)
             except BaseException:
                 self._undo_attach(host, ip.ip)
                 raise
@@ -412,8 +418,10 @@ class NodeDataplane:
         if not is_pod_veth(host_veth):
             raise ConfigError(FieldError("host_veth", f"{host_veth!r} is not a pod veth of this project (oc + 13 hex)"))
         with self._lock:
-            self.p.pods.teardown_pod_link(host_veth=host_veth)  # the kernel drops its /32 route with it
-            self.tables.remove_pod(host_veth)
+            with trace.phase("veth"):
+                self.p.pods.teardown_pod_link(host_veth=host_veth)  # the kernel drops its /32 route with it
+            with trace.phase("nft"):
+                self.tables.remove_pod(host_veth)
 
     def check_pod(
         self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,

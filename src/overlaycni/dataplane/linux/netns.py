@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TypeVar
 
-from ... import deadline
+from ... import deadline, trace
 from ...errors import DataplaneError, DeadlineExceeded, NetnsNotFound, PermissionDenied
 from .netnscheck import Identity, namespace_identity, open_pod_netns
 
@@ -151,7 +151,8 @@ class NetnsWorker:
         if self._closed:
             raise DataplaneError("the data plane is closed")
         fut: Future = Future()
-        self._jobs.put((fn, fut))
+        into = trace.current()  # the kernel steps time themselves into the caller's trace
+        self._jobs.put(((lambda: trace.run_under(into, fn)) if into is not None else fn, fut))
         try:
             return fut.result(deadline.remaining())
         except TimeoutError:
