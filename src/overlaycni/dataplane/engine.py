@@ -40,7 +40,6 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from .. import trace
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
 from .model import (
     GATEWAY_LABEL,
@@ -49,15 +48,12 @@ from .model import (
     NodeInfo,
     NodeState,
     Peer,
-    PodEndpoint,
-    PodInterface,
     ReconcileReport,
     Route,
     VxlanSpec,
     admit_peers,
     backend_overhead,
     gateway_of,
-    host_veth_name,
     is_pod_veth,
     peer_objects,
     pod_route,
@@ -65,6 +61,7 @@ from .model import (
     vtep_mac,
 )
 from .nodetables import NodeTables
+from .podops import PodOps, pod_veth_sysctls
 from .policytable import PolicyTableSync
 from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls, WireGuard
 from .wgmodel import WG_IFNAME, WgDevice
@@ -74,17 +71,6 @@ log = logging.getLogger(__name__)
 SUMMARY_OVER = 20  # more changed objects of one kind than this are reported as one line
 
 NODE_SYSCTLS = {"net/ipv4/ip_forward": "1"}
-
-
-def pod_veth_sysctls(host_veth: str) -> dict[str, str]:
-    """Proxy ARP answers a pod's ARP for the other pods of its /24 (same node); without
-    proxy_delay=0 the kernel holds each proxied reply back by up to 0.8 s. Strict
-    reverse-path filtering: a pod's only source is routed back through its veth."""
-    return {
-        f"net/ipv4/conf/{host_veth}/proxy_arp": "1",
-        f"net/ipv4/neigh/{host_veth}/proxy_delay": "0",
-        f"net/ipv4/conf/{host_veth}/rp_filter": "1",
-    }
 
 
 def tunnel_sysctls(dev: str) -> dict[str, str]:
@@ -113,12 +99,7 @@ def _same_route(want: Route, have: Route | None) -> bool:
     return have is not None and (want == have or (want.dev is None and replace(have, dev=None) == want))
 
 
-def _check_ifname(name: str, field: str) -> None:
-    if not name or len(name) > 15 or any(c in name for c in "/ \t\n:") or name in (".", ".."):
-        raise ConfigError(FieldError(field, f"{name!r} is not a valid interface name (1-15 chars, no '/', ':' or spaces)"))
-
-
-class NodeDataplane:
+class NodeDataplane(PodOps):
     def __init__(self, ports: Ports) -> None:
         self.p = ports
         self.policy_table = PolicyTableSync(ports.policy_nft)
@@ -368,94 +349,9 @@ class NodeDataplane:
             self.tables.remove_peer(state, peer)
             self._remember(state, peer, keep=False)
 
-    # --- pods -------------------------------------------------------------------------
-
-    def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
-        netns_fd: int | None = None,
-    ) -> PodInterface:
-        if not container_id:
-            raise ConfigError(FieldError("container_id", "must not be empty"))
-        _check_ifname(ifname, "ifname")
-        if gateway not in ip.network or gateway == ip.ip:
-            raise ConfigError(FieldError("gateway", f"{gateway} is not another address inside {ip.network}"))
-        if not 576 <= mtu <= 65535:
-            raise ConfigError(FieldError("mtu", f"{mtu} is outside 576..65535"))
-        host = host_veth_name(container_id, ifname)
-        with self._lock:
-            with trace.phase("veth"):
-                result = self.p.pods.setup_pod_link(
-                    host_veth=host, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu,
-                    netns_fd=netns_fd,
-                )
-            try:
-                with trace.phase("sysctl"):
-                    for key, value in pod_veth_sysctls(host).items():
-                        self.p.sysctls.write(key, value)
-                with trace.phase("route"):
-                    self.p.routes.apply_routes(replace=[pod_route(PodEndpoint(ip.ip, host))])
-                with trace.phase("nft"):
-                    self.tables.add_pod(host, ip.ip)
-            except BaseException:
-                self._undo_attach(host, ip.ip)
-                raise
-            return result
-
-    def _undo_attach(self, host: str, ip: IPv4Address) -> None:
-        try:
-            self.p.pods.teardown_pod_link(host_veth=host)
-            self.p.routes.apply_routes(delete=[pod_route(PodEndpoint(ip, host))])
-            self.tables.remove_pod(host, ip)
-        except DataplaneError:
-            pass  # best effort: the original error is the one to report
-
-    def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
-        self.delete_pod_veth(host_veth_name(container_id, ifname))
-
-    def delete_pod_veth(self, host_veth: str) -> None:
-        """Remove one host veth this project owns (GC of leaked pods), its route and set element.
-        Not-found is success; a name that is not a pod veth is refused."""
-        if not is_pod_veth(host_veth):
-            raise ConfigError(FieldError("host_veth", f"{host_veth!r} is not a pod veth of this project (oc + 13 hex)"))
-        with self._lock:
-            with trace.phase("veth"):
-                self.p.pods.teardown_pod_link(host_veth=host_veth)  # the kernel drops its /32 route with it
-            with trace.phase("nft"):
-                self.tables.remove_pod(host_veth)
-
-    def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
-        netns_fd: int | None = None,
-    ) -> list[str]:
-        host = host_veth_name(container_id, ifname)
-        problems: list[str] = []
-        with self._lock:
-            link = self.p.links.get_link(host)
-            if link is None:
-                problems.append(f"host veth {host} is missing")
-            elif not link.up:
-                problems.append(f"host veth {host} is down")
-            if pod_route(PodEndpoint(ip.ip, host)) not in self.p.routes.list_routes():
-                problems.append(f"node route {ip.ip}/32 dev {host} is missing")
-            problems += self.tables.missing_pod_elements(host, ip.ip)
-            view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname, netns_fd=netns_fd)
-            if view is None:
-                problems.append(f"interface {ifname} is missing in {netns_path}")
-                return problems
-            if ip not in view.addresses:
-                problems.append(f"{ifname} lacks address {ip} (has {', '.join(map(str, view.addresses)) or 'none'})")
-            if not view.up:
-                problems.append(f"{ifname} is down")
-            if Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway) not in view.routes:
-                problems.append(f"default route via {gateway} dev {ifname} is missing")
-        return problems
-
     def wireguard_device(self) -> WgDevice | None:
         """The node's WireGuard device as it reports itself (None: no device or no port)."""
         return self.p.wireguard.get_device(WG_IFNAME) if self.p.wireguard is not None else None
-
-    def list_pod_veths(self) -> list[str]:
-        return sorted(link.name for link in self.p.links.list_links() if is_pod_veth(link.name))
 
     def drop_counters(self) -> dict[str, int]:
         """Packets dropped so far by each filter rule of the node's tables."""

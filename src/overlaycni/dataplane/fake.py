@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AttachmentConflict, DataplaneError, InterfaceExists, NetnsNotFound, NetnsRefused
 from . import nftables, nftmodel, podguard, policytable, ports
 from .engine import NodeDataplane, Ports
-from .model import FdbEntry, Link, Neighbour, PodInterface, PodView, Route, VxlanSpec, vtep_mac
+from .model import FdbEntry, Link, Neighbour, PodAttachment, PodInterface, PodView, Route, VxlanSpec, vtep_mac
 from .nflog_fake import FakeVerdictLog
 from .wgmodel import WgDevice, WgPeer, WgPeerStatus, WireGuardSpec
 
@@ -62,6 +62,7 @@ class FakeKernel:
     next_index: int = 10
     fail_next: dict[str, Exception] = field(default_factory=dict)  # port method -> error (tests)
     watchers: list[FakeKernelEvents] = field(default_factory=list)
+    batches: list[tuple[str, int]] = field(default_factory=list)  # (batch call, pods in it), in order (tests)
 
     def notify(self, reason: str) -> None:
         """A test changed the fake kernel as another process would: tell the watchers."""
@@ -431,6 +432,24 @@ class FakePodLinks:
         return PodInterface(ifname=ifname, mac=mac, mtu=mtu, sandbox=netns_path, host_veth=host_veth,
                             host_mac=host.mac, ip=ip, gateway=gateway)
 
+    def setup_pod_links(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]:
+        """One pod at a time (a failure is that pod's answer), as the Linux batch answers."""
+        self.k.batches.append(("setup_pod_links", len(pods)))
+        out: list[PodInterface | Exception] = []
+        for p in pods:
+            try:
+                out.append(self.setup_pod_link(host_veth=p.host_veth, ifname=p.ifname, netns_path=p.netns_path, ip=p.ip,
+                                               gateway=p.gateway, mtu=p.mtu, netns_fd=p.netns_fd))
+            except Exception as exc:  # noqa: BLE001 - that pod's answer
+                out.append(exc)
+        return out
+
+    def teardown_pod_links(self, host_veths: Sequence[str]) -> None:
+        self.k.batches.append(("teardown_pod_links", len(host_veths)))
+        self.k.maybe_fail("teardown_pod_links")
+        for host in host_veths:
+            self.teardown_pod_link(host_veth=host)
+
     def teardown_pod_link(self, *, host_veth: str) -> None:
         FakeLinks(self.k).delete_link(host_veth)
         peer = self.k.netns.get("__peers__", FakePodNetns()).links.pop(host_veth, None)
@@ -451,6 +470,13 @@ class FakeConntrack:
 
     def flush_address(self, ip: IPv4Address) -> int:
         gone = {e for e in self.k.conntrack if ip in e}
+        self.k.conntrack -= gone
+        return len(gone)
+
+    def flush_addresses(self, ips: Sequence[IPv4Address]) -> int:
+        self.k.batches.append(("flush_addresses", len(ips)))
+        wanted = set(ips)
+        gone = {e for e in self.k.conntrack if wanted & set(e)}
         self.k.conntrack -= gone
         return len(gone)
 
@@ -520,6 +546,9 @@ class FakeDataplane(NodeDataplane):
             raise DataplaneError(f"NFLOG group {group}: bound by another process in this namespace")
         self.kernel.verdict_logs[group] = FakeVerdictLog()
         return self.kernel.verdict_logs[group]
+
+    def flush_conntrack_many(self, ips: Sequence[IPv4Address]) -> int:
+        return FakeConntrack(self.kernel).flush_addresses(ips)
 
     def remove_netns(self, path: str) -> None:
         """Simulate a pod sandbox that vanished (its interfaces die with it)."""

@@ -110,6 +110,25 @@ class PodInterface:
     gateway: IPv4Address
 
 
+@dataclass(frozen=True)
+class PodAttachment:
+    """One pod for ``Dataplane.attach_pods``: what ``attach_pod`` takes.
+    ``netns_fd``: the pod namespace, opened and validated by the caller (kept
+    open until the call returns); None: ``netns_path`` is validated here."""
+
+    container_id: str
+    ifname: str
+    netns_path: str
+    ip: IPv4Interface
+    gateway: IPv4Address
+    mtu: int
+    netns_fd: int | None = None
+
+    @property
+    def host_veth(self) -> str:
+        return host_veth_name(self.container_id, self.ifname)
+
+
 @dataclass
 class ReconcileReport:
     changes: list[str] = field(default_factory=list)

@@ -135,14 +135,23 @@ class NodeTables:
         runner.apply(commands(present_keys))
 
     def add_pod(self, host_veth: str, ip: IPv4Address) -> None:
-        self.update(add={IP_PODS: [(host_veth, ip)], ARP_PODS: [(host_veth, ip)]})
+        self.add_pods([(host_veth, ip)])
+
+    def add_pods(self, pods: Iterable[tuple[str, IPv4Address]]) -> None:
+        """Several pods' elements in one transaction (a batch of ADDs)."""
+        elems = list(pods)
+        self.update(add={IP_PODS: elems, ARP_PODS: elems})
 
     def remove_pod(self, host_veth: str, ip: IPv4Address | None = None) -> None:
         """Remove the pod's elements (``ip`` None: every element of ``host_veth``)."""
+        self.remove_pods({host_veth: ip})
+
+    def remove_pods(self, pods: Mapping[str, IPv4Address | None]) -> None:
+        """Several pods' elements (host veth -> its ip, or None: all of that veth) in one transaction."""
         remove: dict[SetKey, list[Any]] = {}
         for key in (IP_PODS, ARP_PODS):
             present = self.list_set(key) or frozenset()
-            remove[key] = [e for e in present if e[0] == host_veth and (ip is None or e[1] == ip)]
+            remove[key] = [e for e in present if e[0] in pods and (pods[e[0]] is None or e[1] == pods[e[0]])]
         self.update(remove=remove)
 
     def missing_pod_elements(self, host_veth: str, ip: IPv4Address) -> list[str]:

@@ -25,6 +25,7 @@ from .model import (
     NodeInfo,
     NodeState,
     Peer,
+    PodAttachment,
     PodInterface,
     PodView,
     ReconcileReport,
@@ -122,13 +123,17 @@ class WireGuard(Protocol):
 
 class PodLinks(Protocol):
     """``netns_fd``: the pod namespace, already opened and validated by the
-    caller (``Dataplane.open_pod_netns``); None: validate ``netns_path`` here."""
+    caller (``Dataplane.open_pod_netns``); None: validate ``netns_path`` here.
+    The batch calls (group commit) answer per pod, in order: a pod's failure
+    leaves nothing of that pod and does not stop the others."""
 
     def setup_pod_link(
         self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
         netns_fd: int | None = None,
     ) -> PodInterface: ...  # veth pair, pod side configured, host side up; rolls back on failure
+    def setup_pod_links(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]: ...
     def teardown_pod_link(self, *, host_veth: str) -> None: ...
+    def teardown_pod_links(self, host_veths: Sequence[str]) -> None: ...  # raises DataplaneError naming each failure
     def inspect_pod(self, *, netns_path: str, ifname: str, netns_fd: int | None = None) -> PodView | None: ...
 
 
@@ -136,6 +141,7 @@ class Conntrack(Protocol):
     """The node namespace's connection tracking table."""
 
     def flush_address(self, ip: IPv4Address) -> int: ...  # entries whose original tuple names ip; returns how many
+    def flush_addresses(self, ips: Sequence[IPv4Address]) -> int: ...  # the same for several, walking the table once
 
 
 class Dataplane(Protocol):
@@ -154,6 +160,9 @@ class Dataplane(Protocol):
         netns_fd: int | None = None,
     ) -> PodInterface: ...
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None: ...
+    # group commit: one pass for many pods, answered per pod in order (an error only fails its own pod)
+    def attach_pods(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]: ...
+    def detach_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]: ...  # (container_id, ifname)
     def check_pod(
         self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
         netns_fd: int | None = None,
@@ -166,4 +175,5 @@ class Dataplane(Protocol):
     def adopted_block(self, prefixlen: int) -> IPv4Network | None: ...  # the block of the pods already here
     def kernel_events(self) -> KernelEvents: ...  # a new watcher of foreign changes
     def open_verdict_log(self, *, group: int) -> VerdictLog: ...  # binds the NFLOG group (flow logs)
+    def flush_conntrack_many(self, ips: Sequence[IPv4Address]) -> int: ...  # several, in one walk of the table
     def close(self) -> None: ...

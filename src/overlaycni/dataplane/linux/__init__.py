@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from pyroute2 import IPRoute
 from ...errors import DataplaneError, PolicyApplyError
 from .. import nftmodel, podguard, policytable, ports
 from ..engine import NodeDataplane, Ports
-from ..model import NodeInfo, NodeState, Peer, PodInterface, ReconcileReport
+from ..model import NodeInfo, NodeState, Peer, PodAttachment, PodInterface, ReconcileReport
 from ..ports import KernelEvents
 from ..wgmodel import WgDevice
 from .conntrack import LinuxConntrack
@@ -76,7 +76,7 @@ def linux_ports(
     ports = Ports(
         links=LinuxLinks(ipr), addresses=LinuxAddresses(ipr), routes=LinuxRoutes(nl),
         neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=LinuxNft(runner, decls=nftmodel.SET_DECLS),
-        sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr),
+        sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr, nl),
         policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError),
         arp_nft=LinuxNft(runner, family=podguard.ARP_FAMILY, table=podguard.TABLE, decls=podguard.ARP_SET_DECLS),
         ip6_nft=LinuxNft(runner, family=podguard.IP6_FAMILY, table=podguard.TABLE),
@@ -190,6 +190,12 @@ class LinuxDataplane:
             container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu,
             netns_fd=netns_fd))
 
+    def attach_pods(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]:
+        return self._worker.call(lambda: self._engine.attach_pods(pods))  # one worker hop for the batch
+
+    def detach_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]:
+        return self._worker.call(lambda: self._engine.detach_pods(pods))
+
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
         self._worker.call(lambda: self._engine.detach_pod(container_id=container_id, ifname=ifname, netns_path=netns_path))
 
@@ -245,6 +251,9 @@ class LinuxDataplane:
             self._worker, group=group, family=policytable.FAMILY, table=policytable.TABLE,
             use_nft_library=self._use_nft_library,
         )  # fmt: skip
+
+    def flush_conntrack_many(self, ips: Sequence[IPv4Address]) -> int:
+        return self._conntrack.flush_addresses(ips)
 
     def close(self) -> None:
         if self._closed:

@@ -20,7 +20,9 @@ kept open from the node namespace): none when it is 0; one unfiltered dump,
 filtered here, up to ``SMALL_TABLE`` entries; otherwise two dumps filtered
 by the kernel (``CTA_FILTER``, Linux 5.8+: source, then destination), each
 entry checked again here, so a kernel that ignores the filter costs time,
-never a wrong delete. The socket is opened in the node namespace by the
+never a wrong delete. A batch of DELs (``flush_addresses``) shares one
+unfiltered walk while the table holds up to ``SMALL_TABLE`` entries per
+address. The socket is opened in the node namespace by the
 data plane's worker and then used on the caller's thread (under this
 adapter's lock): a DEL's flush never holds up the ADDs queued on the worker. Rejected: the ``conntrack``
 binary (a fork per DEL, and the same dumps), pyroute2's ``NFCTSocket``
@@ -36,7 +38,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 
 from ...errors import DataplaneError, PermissionDenied
@@ -140,14 +142,16 @@ class LinuxConntrack:
                     return
                 yield msg_type, body[NFGENMSG.size :]
 
-    def _dump(self, ip: IPv4Address, flag: int) -> list[bytes]:
+    def _dump(self, ips: frozenset[bytes], flag: int) -> list[bytes]:
         """The delete keys (original tuple, zone) of the entries whose original
         source (``FILTER_IP_SRC``), destination (``FILTER_IP_DST``) or either
-        (0: an unfiltered dump) is ``ip``."""
+        (0: an unfiltered dump) is one of ``ips`` (4 raw bytes each; a
+        filtered dump takes exactly one)."""
         body = b""
         if flag:
+            (ip,) = ips
             field = CTA_IP_V4_SRC if flag == FILTER_IP_SRC else CTA_IP_V4_DST
-            body = _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, _attr(field, ip.packed)))
+            body = _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, _attr(field, ip)))
             body += _nested(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
         seq, msg = self._header(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, body)
         assert self.sock is not None
@@ -159,7 +163,7 @@ class LinuxConntrack:
             if orig is None:
                 continue
             src, dst = _addresses(orig)
-            if not ((src == ip.packed and flag != FILTER_IP_DST) or (dst == ip.packed and flag != FILTER_IP_SRC)):
+            if not ((src in ips and flag != FILTER_IP_DST) or (dst in ips and flag != FILTER_IP_SRC)):
                 continue  # unfiltered, or a kernel that ignores the filter (older than 5.8)
             zone = attrs.get(CTA_ZONE)
             out.append(_nested(CTA_TUPLE_ORIG, orig) + (_attr(CTA_ZONE, zone) if zone is not None else b""))
@@ -180,21 +184,31 @@ class LinuxConntrack:
 
     def flush_address(self, ip: IPv4Address) -> int:
         """Delete every entry whose original tuple names ``ip``; the number deleted."""
-        if self.sock is None:
+        return self.flush_addresses([ip])
+
+    def flush_addresses(self, ips: Sequence[IPv4Address]) -> int:
+        """``flush_address`` for several addresses (a batch of DELs): one
+        unfiltered walk matches them all while the namespace's table is
+        small (up to ``SMALL_TABLE`` entries per address); a larger table
+        gets two filtered walks per address."""
+        wanted = sorted(set(ips))
+        if self.sock is None or not wanted:
             return 0
         count = self.count()
         if count == 0:
             return 0
+        what = ", ".join(map(str, wanted[:5])) + (", ..." if len(wanted) > 5 else "")
         with self._lock:
             try:
-                if count is not None and count <= SMALL_TABLE:
-                    found = self._dump(ip, 0)
+                if count is not None and count <= SMALL_TABLE * len(wanted):
+                    found = self._dump(frozenset(ip.packed for ip in wanted), 0)
                 else:
-                    found = self._dump(ip, FILTER_IP_SRC) + self._dump(ip, FILTER_IP_DST)
+                    found = [e for ip in wanted for flag in (FILTER_IP_SRC, FILTER_IP_DST)
+                             for e in self._dump(frozenset([ip.packed]), flag)]
                 return sum(self._delete(e) for e in dict.fromkeys(found))
             except TimeoutError:
-                raise DataplaneError(f"conntrack entries of {ip}: the kernel did not answer in {TIMEOUT:.0f} s") from None
+                raise DataplaneError(f"conntrack entries of {what}: the kernel did not answer in {TIMEOUT:.0f} s") from None
             except OSError as exc:
                 if exc.errno in NO_CONNTRACK:
                     return 0  # conntrack is not loaded in this namespace: nothing to flush
-                raise DataplaneError(f"conntrack entries of {ip}: {exc.strerror or exc}") from None
+                raise DataplaneError(f"conntrack entries of {what}: {exc.strerror or exc}") from None

@@ -91,21 +91,23 @@ def _mac_str(raw: bytes) -> str:
 
 
 class Rtnl:
-    """One kept-open NETLINK_ROUTE socket in the namespace it was created in."""
+    """One kept-open NETLINK_ROUTE socket in the namespace it was created in.
+    ``small``: a short-lived socket for a few requests (a pod's side of its
+    veth): the kernel's default buffers, a 64 KiB receive buffer."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, small: bool = False) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         except PermissionError:
             raise PermissionDenied("netlink: needs root / CAP_NET_ADMIN") from None
-        for opt, fallback in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE / SO_SNDBUFFORCE
+        for opt, fallback in () if small else ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # *BUFFORCE
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
             except OSError:
                 self.sock.setsockopt(socket.SOL_SOCKET, fallback, 8 << 20)
         self.sock.bind((0, 0))
         self.seq = 0
-        self.buf = bytearray(1 << 20)
+        self.buf = bytearray(1 << 16 if small else 1 << 20)
         self._index: dict[str, int] = {}
         self._names: dict[int, str] = {}
 
@@ -159,6 +161,25 @@ class Rtnl:
                         return None
                     raise DataplaneError(f"netlink request {kind} failed: {os.strerror(code)}")
                 return msg
+
+    def get_many(self, kind: int, bodies: Sequence[bytes]) -> list[bytes | int]:
+        """Several non-dump requests in one send; each one's reply message,
+        or the errno the kernel answered it with."""
+        out: list[bytes | int] = [errno.EIO] * len(bodies)
+        for start in range(0, len(bodies), CHUNK):
+            chunk = bodies[start : start + CHUNK]
+            first = self.seq + 1
+            parts = [HDR.pack(16 + len(body), kind, NLM_F_REQUEST, self._next_seq(), 0) + body for body in chunk]
+            last = self.seq
+            self.sock.send(b"".join(parts))
+            pending = len(chunk)
+            while pending:
+                for mtype, mseq, msg, _ in self._recv():
+                    if not first <= mseq <= last:
+                        continue
+                    out[start + mseq - first] = -ERR.unpack_from(msg, 16)[0] if mtype == NLMSG_ERROR else msg
+                    pending -= 1
+        return out
 
     def transact(self, msgs: Sequence[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
         """Send (type, flags, body) requests in chunks; return [(index, errno)] of failures.

@@ -1,0 +1,223 @@
+"""Pods on the node: attach, detach and check, written once against the ports.
+
+``NodeDataplane`` (``engine``) takes these methods from ``PodOps``, so the
+fake and the Linux data plane run this code. Per pod: the veth pair and the
+pod side (``PodLinks``), proxy ARP on the host veth (``Sysctls``), the
+node's ``<ip>/32`` route (``Routes``) and the ``pod_endpoints`` element
+(the anti-spoofing set, ``NftRuleset``), in that order; removal deletes the
+veth (the kernel drops its route) and the element.
+
+Group commit: ``attach_pods`` / ``delete_pod_veths`` take a batch of pods
+(the agent's batcher, ``agent.batch``, hands over the requests that arrived
+together) and run each step once for the batch: one ``setup_pod_links``
+(one netlink batch), one route batch, one nftables transaction. The answer
+is per pod, in order: a pod that fails (its namespace is gone, its interface
+exists) gets its own error and nothing of it is left, the others go on. A
+shared step that fails is retried pod by pod (``_each``), so a refused route
+or element is charged to its own pod only; that path is rare and costs one
+more round per pod. The single-pod calls are batches of one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import TYPE_CHECKING
+
+from .. import trace
+from ..errors import AttachmentConflict, ConfigError, DataplaneError, FieldError
+from .model import PodAttachment, PodEndpoint, PodInterface, Route, host_veth_name, is_pod_veth, pod_route
+
+if TYPE_CHECKING:
+    from .engine import Ports
+    from .nodetables import NodeTables
+
+
+def pod_veth_sysctls(host_veth: str) -> dict[str, str]:
+    """Proxy ARP answers a pod's ARP for the other pods of its /24 (same node); without
+    proxy_delay=0 the kernel holds each proxied reply back by up to 0.8 s. Strict
+    reverse-path filtering: a pod's only source is routed back through its veth."""
+    return {
+        f"net/ipv4/conf/{host_veth}/proxy_arp": "1",
+        f"net/ipv4/neigh/{host_veth}/proxy_delay": "0",
+        f"net/ipv4/conf/{host_veth}/rp_filter": "1",
+    }
+
+
+def _check_ifname(name: str, field: str) -> None:
+    if not name or len(name) > 15 or any(c in name for c in "/ \t\n:") or name in (".", ".."):
+        raise ConfigError(FieldError(field, f"{name!r} is not a valid interface name (1-15 chars, no '/', ':' or spaces)"))
+
+
+def _check_attachment(pod: PodAttachment) -> None:
+    if not pod.container_id:
+        raise ConfigError(FieldError("container_id", "must not be empty"))
+    _check_ifname(pod.ifname, "ifname")
+    if pod.gateway not in pod.ip.network or pod.gateway == pod.ip.ip:
+        raise ConfigError(FieldError("gateway", f"{pod.gateway} is not another address inside {pod.ip.network}"))
+    if not 576 <= pod.mtu <= 65535:
+        raise ConfigError(FieldError("mtu", f"{pod.mtu} is outside 576..65535"))
+
+
+def _each(todo: list[int], failed: dict[int, Exception], step: Callable[[list[int]], None]) -> None:
+    """Run ``step`` for every index of ``todo`` at once; if it fails, again
+    one index at a time, so that each failure is charged to its own pod."""
+    if not todo:
+        return
+    try:
+        step(todo)
+        return
+    except Exception as exc:  # noqa: BLE001 - recorded per pod below
+        if len(todo) == 1:
+            failed[todo[0]] = exc
+            return
+    for i in todo:
+        try:
+            step([i])
+        except Exception as exc:  # noqa: BLE001
+            failed[i] = exc
+
+
+class PodOps:
+    """The pod methods of ``NodeDataplane`` (a mixin: it brings ``p``, ``_lock`` and the nftables helpers)."""
+
+    p: Ports
+    _lock: threading.RLock
+
+    tables: NodeTables
+
+
+    def attach_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        netns_fd: int | None = None,
+    ) -> PodInterface:
+        (res,) = self.attach_pods([PodAttachment(container_id, ifname, netns_path, ip, gateway, mtu, netns_fd)])
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    def attach_pods(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]:
+        """Attach every pod in one pass (group commit): one batch of veth
+        pairs, one route batch, one nftables transaction for the set elements.
+        Answers per pod, in order; a pod that fails leaves nothing behind and
+        fails alone (a shared step that fails is retried pod by pod to find
+        whose it was)."""
+        out: list[PodInterface | Exception | None] = [None] * len(pods)
+        todo: list[int] = []
+        hosts: set[str] = set()
+        for i, pod in enumerate(pods):
+            try:
+                _check_attachment(pod)
+                if pod.host_veth in hosts:
+                    raise AttachmentConflict(f"container {pod.container_id} {pod.ifname}: attached twice in one batch")
+                hosts.add(pod.host_veth)
+                todo.append(i)
+            except Exception as exc:  # noqa: BLE001 - answered to its own pod
+                out[i] = exc
+        with self._lock:
+            with trace.phase("veth"):
+                try:
+                    links = self.p.pods.setup_pod_links([pods[i] for i in todo])
+                except Exception as exc:  # noqa: BLE001 - the whole step failed: every pod of it
+                    links = [exc] * len(todo)
+            made = []
+            for i, link in zip(todo, links, strict=True):
+                out[i] = link
+                if isinstance(link, PodInterface):
+                    made.append(i)
+            failed: dict[int, Exception] = {}
+            with trace.phase("sysctl"):
+                for i in made:
+                    try:
+                        for key, value in pod_veth_sysctls(pods[i].host_veth).items():
+                            self.p.sysctls.write(key, value)
+                    except Exception as exc:  # noqa: BLE001
+                        failed[i] = exc
+            with trace.phase("route"):
+                _each([i for i in made if i not in failed], failed, lambda idx: self.p.routes.apply_routes(
+                    replace=[pod_route(PodEndpoint(pods[i].ip.ip, pods[i].host_veth)) for i in idx]))
+            with trace.phase("nft"):
+                _each([i for i in made if i not in failed], failed, lambda idx: self.tables.add_pods(
+                    [(pods[i].host_veth, pods[i].ip.ip) for i in idx]))
+            if failed:
+                self._undo_attach([(pods[i].host_veth, pods[i].ip.ip) for i in failed])
+                for i, err in failed.items():
+                    out[i] = err
+        return [r if r is not None else DataplaneError("not attempted") for r in out]
+
+    def _undo_attach(self, pods: list[tuple[str, IPv4Address]]) -> None:
+        try:
+            self.p.pods.teardown_pod_links([host for host, _ in pods])
+            self.p.routes.apply_routes(delete=[pod_route(PodEndpoint(ip, host)) for host, ip in pods])
+            self.tables.remove_pods(dict(pods))
+        except DataplaneError:
+            pass  # best effort: the original error is the one to report
+
+    def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
+        self.delete_pod_veth(host_veth_name(container_id, ifname))
+
+    def detach_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]:
+        """``detach_pod`` for many (container_id, ifname) at once."""
+        return self.delete_pod_veths([host_veth_name(cid, ifname) for cid, ifname in pods])
+
+    def delete_pod_veth(self, host_veth: str) -> None:
+        """Remove one host veth this project owns (GC of leaked pods), its route and set element.
+        Not-found is success; a name that is not a pod veth is refused."""
+        (err,) = self.delete_pod_veths([host_veth])
+        if err is not None:
+            raise err
+
+    def delete_pod_veths(self, host_veths: Sequence[str]) -> list[Exception | None]:
+        """``delete_pod_veth`` for many, in one pass: one teardown batch (the
+        kernel unregisters the pairs together), one nftables transaction.
+        Answers per veth, in order."""
+        out: list[Exception | None] = [None] * len(host_veths)
+        todo: list[int] = []
+        for i, name in enumerate(host_veths):
+            if is_pod_veth(name):
+                todo.append(i)
+            else:
+                out[i] = ConfigError(FieldError("host_veth", f"{name!r} is not a pod veth of this project (oc + 13 hex)"))
+        if not todo:
+            return out
+        failed: dict[int, Exception] = {}
+        with self._lock:
+            with trace.phase("veth"):  # the kernel drops each pod's /32 route with its veth
+                _each(todo, failed, lambda idx: self.p.pods.teardown_pod_links([host_veths[i] for i in idx]))
+            with trace.phase("nft"):
+                _each([i for i in todo if i not in failed], failed, lambda idx: self.tables.remove_pods(
+                    dict.fromkeys(host_veths[i] for i in idx)))
+        for i, err in failed.items():
+            out[i] = err
+        return out
+
+    def check_pod(
+        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        netns_fd: int | None = None,
+    ) -> list[str]:
+        host = host_veth_name(container_id, ifname)
+        problems: list[str] = []
+        with self._lock:
+            link = self.p.links.get_link(host)
+            if link is None:
+                problems.append(f"host veth {host} is missing")
+            elif not link.up:
+                problems.append(f"host veth {host} is down")
+            if pod_route(PodEndpoint(ip.ip, host)) not in self.p.routes.list_routes():
+                problems.append(f"node route {ip.ip}/32 dev {host} is missing")
+            problems += self.tables.missing_pod_elements(host, ip.ip)
+            view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname, netns_fd=netns_fd)
+            if view is None:
+                problems.append(f"interface {ifname} is missing in {netns_path}")
+                return problems
+            if ip not in view.addresses:
+                problems.append(f"{ifname} lacks address {ip} (has {', '.join(map(str, view.addresses)) or 'none'})")
+            if not view.up:
+                problems.append(f"{ifname} is down")
+            if Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway) not in view.routes:
+                problems.append(f"default route via {gateway} dev {ifname} is missing")
+        return problems
+
+    def list_pod_veths(self) -> list[str]:
+        return sorted(link.name for link in self.p.links.list_links() if is_pod_veth(link.name))
