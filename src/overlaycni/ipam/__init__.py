@@ -13,6 +13,7 @@ from .check import CheckReport, Problem, check
 from .clusters import create_cluster, delete_cluster, expand_pod_cidr, get_cluster, list_clusters
 from .model import Allocation, ClusterNodes, Liveness, NodeRecord, parse_pod
 from .nodes import cluster_nodes, delete_node, get_node, list_blocks, list_nodes, register_node, renew_liveness
+from .podbatch import Reservation, get_allocations, release_many, reserve_many
 from .pods import allocate, gc, get_allocation, list_allocations, release, reserve
 from .records import BlockClaim, decode_allocation, decode_block, decode_cluster, decode_liveness, decode_node
 
@@ -26,6 +27,7 @@ __all__ = [
     "Liveness",
     "NodeRecord",
     "Problem",
+    "Reservation",
     "allocate",
     "check",
     "cluster_nodes",
@@ -40,6 +42,7 @@ __all__ = [
     "expand_pod_cidr",
     "gc",
     "get_allocation",
+    "get_allocations",
     "get_cluster",
     "get_node",
     "list_allocations",
@@ -51,6 +54,8 @@ __all__ = [
     "parse_pod",
     "register_node",
     "release",
-    "reserve",
+    "release_many",
     "renew_liveness",
+    "reserve",
+    "reserve_many",
 ]
