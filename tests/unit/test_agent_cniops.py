@@ -39,6 +39,12 @@ class WorkerFake(FakeDataplane):
     def detach_pod(self, **kw):
         return self.worker.call(lambda: super(WorkerFake, self).detach_pod(**kw))
 
+    def attach_pods(self, pods):
+        return self.worker.call(lambda: super(WorkerFake, self).attach_pods(pods))
+
+    def detach_pods(self, pods):
+        return self.worker.call(lambda: super(WorkerFake, self).detach_pods(pods))
+
     def list_pod_veths(self):
         return self.worker.call(lambda: super(WorkerFake, self).list_pod_veths())
 
@@ -242,7 +248,7 @@ def test_past_the_deadline_add_answers_11_and_leaves_nothing(cluster, tmp_path):
     agent, dp = start(url, tmp_path, request_deadline=0.5)
     try:
         entered, release = block_attach(dp)
-        threading.Timer(1.2, release.set).start()  # the attach finishes after the deadline
+        threading.Timer(0.8, release.set).start()  # the attach finishes after the deadline (0.5 s), within the rollback budget
         code, err = cni(agent, "ADD", "slow")
         assert code == 1 and err["code"] == 11 and "deadline" in err["msg"], err
         assert used(store) == {}

@@ -26,6 +26,15 @@ STATUS: the datastore answers and the node is registered.
 Reaping (``reap``, driven by ``agent.reaper``): an allocation whose veth is
        gone is released like a DEL, if no request holds its lock.
 
+ADD and DEL go through the node's batcher (``agent.batch``, group commit):
+this module checks each request in its own thread (the attachment lock,
+CNI_NETNS), hands it over as a ``Job``, and waits for its answer; the
+reservation, the attachment, the conntrack flush and the release happen
+there, for every request that arrived together at once, with the rules
+above applied per request. The policy wait runs here, in the request's
+thread (one policy pass serves every ADD waiting); if it fails, the ADD's
+rollback goes through the batcher as an ``UNDO`` job.
+
 Each request runs under one deadline (``request_deadline``, shorter than the
 plugin's 4.5 s reply timeout) that bounds every wait below it: the
 attachment lock, the datastore, the kernel lock and worker, the policy
@@ -42,7 +51,9 @@ without waiting), the node lock for GC; the kernel steps also share
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -52,7 +63,7 @@ from typing import Any
 from .. import deadline, ipam, trace
 from ..cni.protocol import CNIRequest, add_result, prev_result_ip
 from ..config import ClusterNetwork
-from ..dataplane import Dataplane, PodInterface, host_veth_name
+from ..dataplane import Dataplane, host_veth_name
 from ..datastore import Store
 from ..errors import (
     CNI_CHECK_FAILED,
@@ -60,7 +71,6 @@ from ..errors import (
     CNI_IO_FAILURE,
     CNI_NOT_AVAILABLE,
     CNI_UNKNOWN_CONTAINER,
-    AttachmentConflict,
     BadRecord,
     CNIError,
     DatastoreError,
@@ -69,11 +79,11 @@ from ..errors import (
     OverlayCNIError,
 )
 from ..ipam import Allocation, NodeRecord
+from .batch import ROLLBACK_SECONDS, Added, Batcher, Job
 from .locks import AttachmentLocks
 
 log = logging.getLogger(__name__)
 REQUEST_DEADLINE = 3.5  # seconds; the shim waits 4.5 s for an answer
-ROLLBACK_SECONDS = 0.75  # what a failed ADD may spend undoing itself past its deadline (3.5 + 0.75 < 4.5)
 
 
 @dataclass
@@ -97,9 +107,11 @@ class CNIOps:
         policy_programmed: Callable[[], None] | None = None,
         request_deadline: float = REQUEST_DEADLINE,
         on_bad: Callable[[BadRecord], None] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         """``policy_programmed``: blocks until the node's NetworkPolicy table
-        holds every allocation made so far (``PolicyController.programmed``)."""
+        holds every allocation made so far (``PolicyController.programmed``);
+        ``on_batch(command, size)`` hears of every batch the batcher applies."""
         self.store = store
         self.dp = dataplane
         self.ctx = ctx
@@ -108,20 +120,42 @@ class CNIOps:
         self.request_deadline = request_deadline
         self.on_bad = on_bad
         self.locks = AttachmentLocks()
+        self.batcher = Batcher(store, dataplane, cluster=ctx.cluster, node=ctx.record.name, kernel_lock=kernel_lock,
+                               on_bad=self.report_bad, on_batch=on_batch)
 
     @property
     def node(self) -> str:
         return self.ctx.record.name
 
+    def close(self) -> None:
+        self.batcher.close()
+
     # ----- dispatch -----------------------------------------------------------
     def handle(self, req: CNIRequest) -> dict[str, Any] | None:
         with deadline.within(self.request_deadline):
-            if req.command in ("ADD", "DEL", "CHECK"):
-                op = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check}[req.command]
+            if req.command in ("ADD", "DEL"):
+                key = host_veth_name(req.container_id, req.ifname)
+                with trace.phase("lock"):
+                    self.locks.acquire(key)
+                jobs: list[Job] = []
+                try:
+                    if req.command == "ADD":
+                        return self.add(req, jobs)
+                    self.delete(req, jobs)
+                    return None
+                finally:
+                    # a job the batcher still works on (its caller gave up) keeps the attachment until it settles
+                    release = functools.partial(self.locks.release, key)
+                    if jobs:
+                        jobs[-1].after_settled(release)
+                    else:
+                        release()
+            if req.command == "CHECK":
                 with ExitStack() as held:
                     with trace.phase("lock"):
                         held.enter_context(self.locks.attachment(host_veth_name(req.container_id, req.ifname)))
-                    return op(req)
+                    self.check(req)
+                    return None
             if req.command == "GC":
                 self.gc(req)
                 return None  # success with no output
@@ -142,30 +176,31 @@ class CNIOps:
             self.kernel_lock.release()
 
     # ----- ADD ----------------------------------------------------------------
-    def add(self, req: CNIRequest) -> dict[str, Any]:
-        c = self.ctx
-        host = host_veth_name(req.container_id, req.ifname)
-        with ExitStack() as stack:
-            with trace.phase("netns"):
-                netns_fd = stack.enter_context(self.dp.open_pod_netns(req.netns))
-            with trace.phase("ipam"):
-                alloc, fresh = ipam.reserve(
-                    self.store, c.cluster, self.node, req.container_id, req.ifname,
-                    pod=req.pod, requested_ip=req.requested_ip,
-                )
-            # A repeated ADD whose veth exists must not undo it: only what this ADD makes is ours.
-            ours = fresh or host not in self.dp.list_pod_veths()
+    def add(self, req: CNIRequest, jobs: list[Job]) -> dict[str, Any]:
+        key = host_veth_name(req.container_id, req.ifname)
+        with trace.phase("netns"), self.dp.open_pod_netns(req.netns) as netns_fd:
+            owned = os.dup(netns_fd) if netns_fd is not None else None  # the job's own: the batcher may outlive us
+        job = Job("ADD", req.container_id, req.ifname, key, netns=req.netns, netns_fd=owned, pod=req.pod,
+                  requested_ip=req.requested_ip, mtu=self.ctx.pod_mtu)
+        jobs.append(job)
+        added: Added = self.batcher.run(job)
+        if self.policy_programmed is not None and req.pod is not None:  # policies select Kubernetes pods only
             try:
-                with trace.phase("kernel"):
-                    pod_if = self._attach(req, alloc, netns_fd, fresh=fresh)
-                if self.policy_programmed is not None and req.pod is not None:  # policies select Kubernetes pods only
-                    with trace.phase("policy"):
-                        self.policy_programmed()
+                with trace.phase("policy"):
+                    self.policy_programmed()
             except BaseException as exc:
                 log.info("ADD %s %s failed (%s); undoing %s", req.container_id, req.ifname, exc,
-                         "the attachment" if fresh else "its veth" if ours else "nothing (it existed before)")
-                self._undo_add(req, alloc, release=fresh, detach=ours and not isinstance(exc, AttachmentConflict))
+                         "the attachment" if added.fresh else "its veth" if added.ours else "nothing (it existed before)")
+                undo = Job("UNDO", req.container_id, req.ifname, key, undo=added)
+                jobs.append(undo)
+                with deadline.fresh(ROLLBACK_SECONDS):
+                    try:
+                        self.batcher.run(undo)
+                    except OverlayCNIError as rollback:
+                        log.warning("ADD %s %s: rollback incomplete (%s); the leak reaper or the runtime's DEL "
+                                    "finishes it", req.container_id, req.ifname, rollback)
                 raise
+        pod_if = added.pod
         dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
         result = add_result(
             req.version,
@@ -184,73 +219,18 @@ class CNIOps:
             result["debug"] = t.to_debug()
         return result
 
-    def _attach(self, req: CNIRequest, alloc: Allocation, netns_fd: int | None, *, fresh: bool) -> PodInterface:
-        def attach() -> PodInterface:
-            return self.dp.attach_pod(
-                container_id=req.container_id, ifname=req.ifname, netns_path=req.netns, netns_fd=netns_fd,
-                ip=alloc.ip, gateway=alloc.gateway, mtu=self.ctx.pod_mtu,
-            )
-
-        with self._kernel():
-            try:
-                return attach()
-            except AttachmentConflict:
-                if not fresh:
-                    raise  # the veth of this attachment's existing allocation: a live pod
-                # No allocation accounted for that veth (a crash between release and cleanup): a leftover.
-                host = host_veth_name(req.container_id, req.ifname)
-                log.warning("ADD %s %s: removing leftover host veth %s first", req.container_id, req.ifname, host)
-                self.dp.delete_pod_veth(host)
-                return attach()
-
-    def _undo_add(self, req: CNIRequest, alloc: Allocation, *, release: bool, detach: bool) -> None:
-        """Best effort, on a budget of its own. The address is released only
-        once nothing can hold it any more; what cannot be finished now (the
-        datastore or the kernel stalled) is left to the reaper or the DEL."""
-        with deadline.fresh(ROLLBACK_SECONDS):
-            try:
-                if detach:
-                    self._undo_attach(req, alloc)
-                if release:
-                    ipam.release(self.store, self.ctx.cluster, req.container_id, req.ifname, node=self.node)
-            except OverlayCNIError as exc:
-                log.warning("ADD %s %s: rollback incomplete (%s); the leak reaper or the runtime's DEL finishes it",
-                            req.container_id, req.ifname, exc)
-
-    def _undo_attach(self, req: CNIRequest, alloc: Allocation) -> None:
-        with self._kernel():  # raises (and keeps the address) if a reconcile holds the kernel too long
-            try:
-                self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns)
-            except DeadlineExceeded:
-                pass  # still queued behind our attach on the worker, and runs before any later attach
-        self.dp.flush_conntrack(alloc.ip.ip)
-
     # ----- DEL ----------------------------------------------------------------
-    def delete(self, req: CNIRequest) -> None:
-        try:
-            with trace.phase("ipam"):
-                alloc = ipam.get_allocation(self.store, self.ctx.cluster, req.container_id, req.ifname)
-        except BadRecord as exc:
-            self.report_bad(exc)
-            alloc = None  # never release what cannot be read; `ipam check` shows it
-        with trace.phase("kernel"), self._kernel():
-            self.dp.detach_pod(container_id=req.container_id, ifname=req.ifname, netns_path=req.netns or None)
-        if alloc is None:
-            return None
-        if alloc.node != self.node:
-            log.info("DEL %s %s: its address %s is held by node %s, not by this node: not releasing it",
-                     req.container_id, req.ifname, alloc.ip.ip, alloc.node)
-            return None
-        self._forget(alloc)
+    def delete(self, req: CNIRequest, jobs: list[Job]) -> None:
+        job = Job("DEL", req.container_id, req.ifname, host_veth_name(req.container_id, req.ifname), netns=req.netns)
+        jobs.append(job)
+        self.batcher.run(job)
         return None
 
     def _forget(self, alloc: Allocation) -> Allocation | None:
         """The kernel side is gone: flush the address's flows, then release it here."""
-        with trace.phase("conntrack"):
-            self.dp.flush_conntrack(alloc.ip.ip)
+        self.dp.flush_conntrack(alloc.ip.ip)
         try:
-            with trace.phase("ipam"):
-                return ipam.release(self.store, self.ctx.cluster, alloc.container_id, alloc.ifname, node=self.node)
+            return ipam.release(self.store, self.ctx.cluster, alloc.container_id, alloc.ifname, node=self.node)
         except NotFound:
             return None  # the cluster itself is gone: nothing left to release
 

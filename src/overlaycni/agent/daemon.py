@@ -288,6 +288,8 @@ class Agent:
         self.metrics.ready.set(0)
         if self._server is not None:
             self._server.shutdown()  # removes the socket file
+        if self.node is not None:
+            self.node.ops.close()  # the batch in flight finishes
         if self._http is not None:
             self._http.shutdown()
         for t in self._threads:

@@ -2,7 +2,10 @@
 
 * ADD, DEL and CHECK of one attachment hold its lock: a repeated or racing
   request waits for the one in flight and then sees what it left. Different
-  attachments proceed in parallel.
+  attachments proceed in parallel. An ADD or DEL that gives up at its
+  deadline while the batcher still works on it leaves its lock to the
+  batcher, which releases it when that work (and its undoing) is done: the
+  next request on the attachment starts from a settled state.
 * The leak reaper takes an attachment's lock only if it is free (never
   waits, never touches an attachment with a request in flight).
 * GC holds the node lock: it waits until no attachment lock is held, and
@@ -38,10 +41,12 @@ class AttachmentLocks:
         with self._cond:
             return key in self._held
 
-    @contextmanager
-    def attachment(self, key: str, *, wait: bool = True) -> Iterator[bool]:
-        """Hold ``key``'s lock for the body. ``wait=False``: yields False at
-        once (holding nothing) when the attachment or the node is busy."""
+    def acquire(self, key: str, *, wait: bool = True) -> bool:
+        """Take ``key``'s lock (waiting no longer than the request's deadline:
+        then ``DeadlineExceeded``); ``wait=False``: False at once when the
+        attachment or the node is busy. Whoever took it releases it, on any
+        thread (the batcher releases an abandoned request's lock once its
+        work is settled)."""
         def free() -> bool:
             return not self._node_held and not self._node_waiting and key not in self._held
 
@@ -49,19 +54,26 @@ class AttachmentLocks:
             if not self._cond.wait_for(free, deadline.remaining() if wait else 0):
                 if wait:
                     raise DeadlineExceeded(f"attachment {key}: another request on it did not finish in time")
-                got = False
-            else:
-                self._held.add(key)
-                got = True
-        if not got:
+                return False
+            self._held.add(key)
+            return True
+
+    def release(self, key: str) -> None:
+        with self._cond:
+            self._held.discard(key)
+            self._cond.notify_all()
+
+    @contextmanager
+    def attachment(self, key: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold ``key``'s lock for the body. ``wait=False``: yields False at
+        once (holding nothing) when the attachment or the node is busy."""
+        if not self.acquire(key, wait=wait):
             yield False
             return
         try:
             yield True
         finally:
-            with self._cond:
-                self._held.discard(key)
-                self._cond.notify_all()
+            self.release(key)
 
     @contextmanager
     def node(self) -> Iterator[None]:

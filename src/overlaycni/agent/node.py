@@ -160,6 +160,7 @@ class RunningNode:
         self.ops = CNIOps(
             store, dp, ctx, kernel_lock=self.kernel_lock, policy_programmed=self.policy.programmed,
             request_deadline=opts.request_deadline, on_bad=self.bad.report,
+            on_batch=lambda command, size: metrics.batch_size.labels(command).observe(size),
         )
         self.reaper = Reaper(self.ops, grace=opts.reap_grace, on_reaped=lambda _r: metrics.reaped.inc())
 
