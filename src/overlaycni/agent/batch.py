@@ -152,6 +152,7 @@ class _Undo:
     alloc: Allocation | None
     detach: bool
     release: bool
+    error: BaseException | None = None  # the ADD's own error, answered once it is undone
 
 
 class Batcher:
@@ -192,6 +193,11 @@ class Batcher:
         if job.error is not None:
             raise job.error
         return job.answer
+
+    def queued(self) -> int:
+        """Jobs waiting for the next batch."""
+        with self._cond:
+            return len(self._queue)
 
     def close(self) -> None:
         with self._cond:
@@ -291,8 +297,8 @@ class Batcher:
                 continue
             log.info("ADD %s %s failed (%s); undoing %s", job.container_id, job.ifname, attached,
                      "the attachment" if fresh else "its veth" if ours else "nothing (it existed before)")
-            job.deliver(error=attached)
-            undo.append(_Undo(job, alloc, detach=ours and not isinstance(attached, AttachmentConflict), release=fresh))
+            undo.append(_Undo(job, alloc, detach=ours and not isinstance(attached, AttachmentConflict), release=fresh,
+                              error=attached))
         return out
 
     def _attach(self, reserved: list[tuple[Job, Allocation, bool]]) -> list[PodInterface | Exception]:
@@ -373,7 +379,7 @@ class Batcher:
             if err is not None:
                 log.warning("ADD %s %s: rollback incomplete (%s); the leak reaper or the runtime's DEL finishes it",
                             u.job.container_id, u.job.ifname, err)
-            u.job.deliver(None)  # an UNDO's caller hears that it is done
+            u.job.deliver(None, u.error)  # a failed ADD's error, once undone; an UNDO's caller hears it is done
 
     def _flush(self, items: list[tuple[Job, Allocation]]) -> dict[int, Exception]:
         if not items:
