@@ -158,6 +158,16 @@ def test_jobs_of_one_attachment_never_share_a_batch(cluster, tmp_path):  # noqa:
         agent.shutdown()
 
 
+def start_on(url, tmp_path, store, **opts):
+    """The agent of node n1 on ``store`` (a wrapper of the cluster's)."""
+    dp = WorkerFake(underlay_ip=IPv4Address("10.224.0.4"))
+    agent = Agent(AgentOptions(cluster="c1", node="n1", node_ip=IPv4Address("10.224.0.4"), datastore=url,
+                               socket=str(tmp_path / "n1.sock"), metrics_addr=None, lease_ttl=5, resync_interval=60,
+                               reap_interval=0, **opts), store=store, dataplane=dp)  # fmt: skip
+    agent.start()
+    return agent, dp
+
+
 class RacingStore:
     """The agent's store; just before the first batch transaction with several
     allocations, another node takes the handle of attachment ``victim``."""
@@ -178,12 +188,8 @@ class RacingStore:
 def test_a_conflicting_datastore_write_fails_one_attachment(cluster, tmp_path):  # noqa: F811
     url, store = cluster
     ipam.register_node(store, "c1", "n2", IPv4Address("10.224.0.5"))
-    dp = WorkerFake(underlay_ip=IPv4Address("10.224.0.4"))
     racing = RacingStore(open_datastore(url), "c2")
-    agent = Agent(AgentOptions(cluster="c1", node="n1", node_ip=IPv4Address("10.224.0.4"), datastore=url,
-                               socket=str(tmp_path / "n1.sock"), metrics_addr=None, lease_ttl=5, resync_interval=60,
-                               reap_interval=0), store=racing, dataplane=dp)  # fmt: skip
-    agent.start()
+    agent, dp = start_on(url, tmp_path, racing)
     try:
         burst, release = held(agent, dp)
         for i in range(4):
@@ -201,19 +207,40 @@ def test_a_conflicting_datastore_write_fails_one_attachment(cluster, tmp_path): 
         agent.shutdown()
 
 
+class StalledStore:
+    """The agent's store; the first reservation transaction waits for ``go`` (the batcher stalls in the datastore)."""
+
+    def __init__(self, inner):
+        self.inner, self.entered, self.go = inner, threading.Event(), threading.Event()
+
+    def transact(self, **kw):
+        if not self.entered.is_set() and any("/handles/" in k for k, *_ in kw.get("put", ())):
+            self.entered.set()
+            self.go.wait(10)
+        return self.inner.transact(**kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def test_given_up_jobs_are_skipped_or_undone_and_keep_their_lock(cluster, tmp_path):  # noqa: F811
     url, store = cluster
-    agent, dp = start(url, tmp_path, request_deadline=0.4)
+    stalled = StalledStore(open_datastore(url))
+    agent, dp = start_on(url, tmp_path, stalled, request_deadline=0.4)
+    locks = agent.node.ops.locks
     try:
-        burst, release = held(agent, dp)
+        burst = Burst(agent)
+        burst.send("first", "ADD", "first")
+        assert stalled.entered.wait(5)
         burst.send("queued", "ADD", "queued")
         burst.join()  # both answered 11: "first" inside its batch, "queued" before its batch started
         assert burst.results["first"][1]["code"] == 11 and burst.results["queued"][1]["code"] == 11
-        assert agent.node.ops.locks.busy(host_veth_name("first", "eth0"))  # the batcher still works on it
-        release.set()
-        assert wait_for(lambda: not agent.node.ops.locks.busy(host_veth_name("first", "eth0")))
-        assert used(store) == {} and dp.list_pod_veths() == []  # undone; the skipped one never started
-        assert setups(dp) == [1]  # "queued" never reached the data plane
+        assert locks.busy(host_veth_name("first", "eth0"))  # the batcher still works on it: it keeps the lock
+        assert not locks.busy(host_veth_name("queued", "eth0"))
+        stalled.go.set()  # the reservation is made after its caller left: the batcher takes it back
+        assert wait_for(lambda: not locks.busy(host_veth_name("first", "eth0")))
+        assert used(store) == {} and dp.list_pod_veths() == []
+        assert setups(dp) == []  # neither reached the data plane
         assert cni(agent, "ADD", "first")[0] == 0 and cni(agent, "ADD", "queued")[0] == 0  # control
         assert set(used(store)) == {"first", "queued"} and ipam.check(store, "c1").ok
     finally:

@@ -31,9 +31,9 @@ batch's steps add their time to each job's trace (``overlaycni.trace``).
 Deadlines: a caller waits for its job no longer than its request's
 deadline. Past it, it marks the job cancelled, waits up to
 ``ROLLBACK_SECONDS`` for the batcher to be done with it, and answers 11.
-A job cancelled before its batch starts is skipped; one cancelled while its
-batch runs is undone by the batcher (it owns what it made), and only then
-settled. Its attachment lock is released when the job settles, not when the
+A job cancelled before its batch starts leaves the queue at once; one
+cancelled while its batch runs is undone by the batcher (it owns what it
+made), and only then settled. Its attachment lock is released when the job settles, not when the
 caller leaves, so the next request on that attachment finds a settled
 state. The batcher's own waits are bounded by the latest deadline among
 the batch's jobs (undoing gets ``ROLLBACK_SECONDS`` of its own). Jobs for
@@ -185,6 +185,12 @@ class Batcher:
             self._queue.append(job)
             self._cond.notify()
         if not job._answered.wait(deadline.remaining()) and job.cancel():
+            with self._cond:
+                queued = job in self._queue
+                if queued:  # its batch has not started: nothing was made, nothing to wait for
+                    self._queue.remove(job)
+            if queued:
+                job.settle()
             job._settled.wait(ROLLBACK_SECONDS)
             raise DeadlineExceeded(
                 f"{job.kind} {job.container_id} {job.ifname}: not done before the request's deadline"
