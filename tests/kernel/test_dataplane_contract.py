@@ -251,3 +251,58 @@ def test_pod_links(env):
         ports.pods.setup_pod_link(host_veth="oc0000000000003", ifname="eth0", netns_path=MISSING_NETNS, ip=ip,
                                   gateway=gw, mtu=1400)
     assert ports.pods.inspect_pod(netns_path=MISSING_NETNS, ifname="eth0") is None
+
+
+@pytest.fixture(params=["fake", "linux"])
+def batch_env(request, topo):
+    """(ports, four pod netns paths) for one implementation."""
+    if request.param == "fake":
+        k = FakeKernel(auto_underlay=False, auto_netns=False)
+        paths = [f"/fake/pod{i}" for i in range(4)]
+        for p in paths:
+            k.netns[p] = FakePodNetns()
+        yield fake_ports(k), paths
+        return
+    topo.add_underlay()
+    node = topo.add_node("n1", "10.224.0.1/16")
+    paths = [topo.add_netns(f"pod{i}") for i in range(4)]
+    dp = LinuxDataplane(node.ns)
+    try:
+        p = dp.ports
+        yield Ports(**{name: OnWorker(dp, getattr(p, name)) for name in p.__dataclass_fields__}), paths
+    finally:
+        dp.close()
+
+
+def test_pod_links_batch(batch_env):
+    """``setup_pod_links`` answers per pod: an existing interface, a missing
+    namespace and a host veth held by another namespace fail alone; the
+    others are configured as ``setup_pod_link`` configures one."""
+    from overlaycni.dataplane import PodAttachment
+    from overlaycni.errors import AttachmentConflict
+
+    ports, (a, b, c, d) = batch_env
+    gw = IPv4Address("10.244.1.1")
+    ports.pods.setup_pod_link(host_veth="oc00000000000c0", ifname="eth0", netns_path=c, ip=IPv4Interface("10.244.1.9/24"),
+                              gateway=gw, mtu=1400)  # c already has its eth0
+    pods = [PodAttachment(f"cid{i}", "eth0", p, IPv4Interface(f"10.244.1.{20 + i}/24"), gw, 1400)
+            for i, p in enumerate([a, b, c, MISSING_NETNS])]
+    pods.append(PodAttachment("cid0", "eth0", d, IPv4Interface("10.244.1.30/24"), gw, 1400))  # cid0's veth: a's
+    res = ports.pods.setup_pod_links(pods[:4])
+    assert isinstance(res[2], InterfaceExists) and isinstance(res[3], NetnsNotFound)
+    for i, path in ((0, a), (1, b)):
+        assert res[i].host_veth == pods[i].host_veth and res[i].ip == pods[i].ip and res[i].sandbox == path
+        host = ports.links.get_link(pods[i].host_veth)
+        assert host is not None and host.up and host.mac == res[i].host_mac
+        view = ports.pods.inspect_pod(netns_path=path, ifname="eth0")
+        assert view.up and view.mac == res[i].mac and pods[i].ip in view.addresses and view.mtu == 1400
+        assert Route(dst=IPv4Network("0.0.0.0/0"), dev="eth0", gateway=gw) in view.routes
+    assert ports.links.get_link(pods[2].host_veth) is None and ports.links.get_link(pods[3].host_veth) is None
+    (conflict,) = ports.pods.setup_pod_links([pods[4]])
+    assert isinstance(conflict, AttachmentConflict) and ports.pods.inspect_pod(netns_path=d, ifname="eth0") is None
+    ports.pods.teardown_pod_links([pods[0].host_veth, pods[1].host_veth, "oc00000000dead0"])  # one never existed
+    ports.pods.teardown_pod_links([pods[0].host_veth, pods[1].host_veth])  # already gone: success
+    for path, host in ((a, pods[0].host_veth), (b, pods[1].host_veth)):
+        assert ports.links.get_link(host) is None and ports.pods.inspect_pod(netns_path=path, ifname="eth0") is None
+    assert ports.links.get_link("oc00000000000c0") is not None  # control: c's pod is untouched
+    assert ports.pods.inspect_pod(netns_path=c, ifname="eth0") is not None

@@ -268,3 +268,41 @@ def test_batched_routes_report_the_failing_one(node):
     assert "10.251.0.0/24 via 10.99.0.1" in exc.value.message and "1 change(s)" in exc.value.message
     installed = {r["dst"] for r in ip_json(ns, "route", "show", "proto", "119")}
     assert installed == {str(r.dst.network_address) for r in good}
+
+
+def test_attach_and_detach_a_batch(node):
+    """Group commit on the kernel: one ``attach_pods`` for five pods, one of which
+    already has an eth0 (it fails alone, leaving nothing), then one ``detach_pods``."""
+    from overlaycni.dataplane import PodAttachment
+
+    topo, ns, dp = node
+    dp.reconcile(state())
+    paths = [topo.add_netns(f"b{i}") for i in range(5)]
+    busy = topo.ns_name("b3")
+    run("ip", "-n", busy, "link", "add", "eth0", "type", "veth", "peer", "name", "other0")  # the pod's own eth0
+    pods = [PodAttachment(f"b{i}", "eth0", p, IPv4Interface(f"10.244.1.{10 + i}/24"), GW, 1450) for i, p in enumerate(paths)]
+    res = dp.attach_pods(pods)
+    assert isinstance(res[3], InterfaceExists) and "eth0" in str(res[3])
+    good = [i for i in range(5) if i != 3]
+    assert sorted(pod_veths(ns)) == sorted(host_veth_name(f"b{i}", "eth0") for i in good)
+    routes = {(r["dst"], r.get("dev")) for r in ip_json(ns, "route", "show", "proto", "119")}
+    elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
+    elems = next(i["set"] for i in elems["nftables"] if "set" in i)["elem"]
+    for i in good:
+        host, ip = host_veth_name(f"b{i}", "eth0"), f"10.244.1.{10 + i}"
+        assert res[i].host_veth == host and res[i].ip == pods[i].ip
+        pod = ip_json(topo.ns_name(f"b{i}"), "addr", "show", "dev", "eth0")[0]
+        assert pod["address"] == res[i].mac and "UP" in pod["flags"]
+        assert [(a["local"], a["prefixlen"]) for a in pod["addr_info"] if a["family"] == "inet"] == [(ip, 24)]
+        assert ip_json(ns, "link", "show", "dev", host)[0]["address"] == res[i].host_mac
+        assert (ip, host) in routes and {"concat": [host, ip]} in elems
+        assert topo.exec(ns, "sysctl", "-n", f"net.ipv4.conf.{host}.proxy_arp").stdout.strip() == "1"
+    assert ("10.244.1.13", host_veth_name("b3", "eth0")) not in routes
+    assert {link["ifname"] for link in ip_json(busy, "link", "show")} == {"lo", "other0", "eth0"}  # untouched
+    errs = dp.detach_pods([(f"b{i}", "eth0") for i in range(5)] + [("never", "eth0")])
+    assert errs == [None] * 6
+    assert pod_veths(ns) == [] and not any(r.get("dev", "").startswith("oc") for r in ip_json(ns, "route", "show"))
+    elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
+    assert "elem" not in next(i["set"] for i in elems["nftables"] if "set" in i)
+    for i in good:
+        assert [link["ifname"] for link in ip_json(topo.ns_name(f"b{i}"), "link", "show")] == ["lo"]
