@@ -11,6 +11,7 @@ from ipaddress import IPv4Address
 
 from overlaycni import ipam
 from overlaycni.agent.batch import Batcher, Job
+from overlaycni.agent.commit import Commit
 from overlaycni.agent.daemon import Agent, AgentOptions
 from overlaycni.dataplane import host_veth_name
 from overlaycni.datastore import open_datastore
@@ -134,7 +135,7 @@ def test_jobs_of_one_attachment_never_share_a_batch(cluster, tmp_path):  # noqa:
     agent, dp = start(url, tmp_path)
     try:
         ctx = agent.node.ctx
-        b = Batcher(store, dp, cluster="c1", node=ctx.record.name, kernel_lock=threading.RLock(), on_bad=print)
+        b = Batcher(Commit(store, dp, cluster="c1", node=ctx.record.name, kernel_lock=threading.RLock(), on_bad=print))
         entered, release = block_attach(dp)
         key = host_veth_name("z", "eth0")
         jobs = [Job("ADD", "w", "eth0", host_veth_name("w", "eth0"), netns="/var/run/netns/w", mtu=1450),

@@ -26,7 +26,8 @@ STATUS: the datastore answers and the node is registered.
 Reaping (``reap``, driven by ``agent.reaper``): an allocation whose veth is
        gone is released like a DEL, if no request holds its lock.
 
-ADD and DEL go through the node's batcher (``agent.batch``, group commit):
+ADD and DEL go through the node's batcher (``agent.batch`` and
+``agent.commit``, group commit):
 this module checks each request in its own thread (the attachment lock,
 CNI_NETNS), hands it over as a ``Job``, and waits for its answer; the
 reservation, the attachment, the conntrack flush and the release happen
@@ -80,6 +81,7 @@ from ..errors import (
 )
 from ..ipam import Allocation, NodeRecord
 from .batch import ROLLBACK_SECONDS, Added, Batcher, Job
+from .commit import Commit
 from .locks import AttachmentLocks
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,8 @@ class CNIOps:
         self.request_deadline = request_deadline
         self.on_bad = on_bad
         self.locks = AttachmentLocks()
-        self.batcher = Batcher(store, dataplane, cluster=ctx.cluster, node=ctx.record.name, kernel_lock=kernel_lock,
-                               on_bad=self.report_bad, on_batch=on_batch)
+        self.batcher = Batcher(Commit(store, dataplane, cluster=ctx.cluster, node=ctx.record.name,
+                                      kernel_lock=kernel_lock, on_bad=self.report_bad, on_batch=on_batch))
 
     @property
     def node(self) -> str:

@@ -1,0 +1,281 @@
+"""What one batch of CNI jobs does (group commit; the queue is ``batch``).
+
+A batch, in order, each step once for the whole batch:
+
+1. IPAM: ``reserve_many`` (one read and one transaction for every ADD) and
+   ``get_allocations`` (one read for every DEL);
+2. kernel, under the node's kernel lock: ``attach_pods`` (one data-plane
+   call: one netlink batch for the veth pairs, one route batch, one
+   nftables transaction); the ADDs that succeeded are answered now (their
+   callers wait for the NetworkPolicy pass in their own threads); then
+   ``detach_pods`` for the DELs and for what must be undone;
+3. conntrack: every released address flushed in one walk;
+4. IPAM: ``release_many`` (one read and one transaction); the DELs and the
+   failed ADDs are answered.
+
+Every answer is per job, with the rules of a request alone (``cniops``): a
+failed ADD undoes what it made (its veth if it may have made one, its
+address if it reserved it) and is answered once that is done; a repeated
+ADD never takes back a live pod's veth; a DEL releases only this node's
+allocation, after its veth and its conntrack entries are gone; a fresh
+reservation whose veth already exists (a leftover no allocation accounted
+for) has it removed and is attached again. A job whose caller gave up while
+the batch ran is undone like a failed ADD. Each step's time goes to the
+trace of every job it served (``overlaycni.trace``).
+
+Deadlines: the steps of the jobs' own work wait no longer than the latest
+deadline among them; undoing gets ``ROLLBACK_SECONDS`` of its own. A
+detach that meets the deadline while queued on the data plane's worker
+stays queued and runs before any later attach (the worker is first in,
+first out), so undoing counts it as done, as ``cniops`` always has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .. import deadline, ipam, trace
+from ..dataplane import Dataplane, PodAttachment, PodInterface
+from ..datastore import Store
+from ..errors import AttachmentConflict, BadRecord, DeadlineExceeded, NotFound, OverlayCNIError
+from ..ipam import Allocation
+from ..trace import Phases
+from .batch import ROLLBACK_SECONDS, Added, Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Undo:
+    """What a batch must take back for one job: its veth, its address."""
+
+    job: Job
+    alloc: Allocation | None
+    detach: bool
+    release: bool
+    error: BaseException | None = None  # the ADD's own error, answered once it is undone
+
+
+class Commit:
+    """``Batcher``'s ``apply`` for the node's CNI jobs."""
+
+    def __init__(
+        self, store: Store, dp: Dataplane, *, cluster: str, node: str, kernel_lock: threading.RLock,
+        on_bad: Callable[[BadRecord], None], on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.store, self.dp, self.cluster, self.node = store, dp, cluster, node
+        self.kernel_lock, self.on_bad, self.on_batch = kernel_lock, on_bad, on_batch
+
+    def __call__(self, batch: list[Job]) -> None:
+        live = [j for j in batch if j.kind == "UNDO" or not j.cancelled]  # given up before the start: skipped
+        adds = [j for j in live if j.kind == "ADD"]
+        dels = [j for j in live if j.kind == "DEL"]
+        undo = [_Undo(j, j.undo.alloc, j.undo.ours, j.undo.fresh) for j in live if j.kind == "UNDO" and j.undo]
+        if self.on_batch is not None:
+            for kind, jobs in (("ADD", adds), ("DEL", dels)):
+                if jobs:
+                    self.on_batch(kind, len(jobs))
+        with _until([j.end for j in adds + dels]):
+            answers = self._reserve_and_attach(adds, undo)
+            allocs = self._read(dels)
+        for job, added in answers:
+            if not job.deliver(added):  # its caller gave up meanwhile: take it back
+                undo.append(_Undo(job, added.alloc, detach=added.ours, release=added.fresh))
+        with _until([j.end for j in dels], floor=ROLLBACK_SECONDS if undo else None):
+            detached = self._detach(dels, undo)
+            self._forget(dels, allocs, detached, undo)
+
+    # ----- ADD ---------------------------------------------------------------------------
+    def _reserve_and_attach(self, adds: list[Job], undo: list[_Undo]) -> list[tuple[Job, Added]]:
+        if not adds:
+            return []
+        with self._step(adds, "ipam"):
+            try:
+                got = ipam.reserve_many(self.store, self.cluster, self.node, [
+                    ipam.Reservation(j.container_id, j.ifname, j.pod, j.requested_ip) for j in adds])
+            except OverlayCNIError as exc:
+                got = [exc] * len(adds)
+        reserved: list[tuple[Job, Allocation, bool]] = []
+        for job, res in zip(adds, got, strict=True):
+            if isinstance(res, OverlayCNIError):
+                job.deliver(error=res)
+            elif job.cancelled:
+                undo.append(_Undo(job, res[0], detach=False, release=res[1]))
+            else:
+                reserved.append((job, *res))
+        if not reserved:
+            return []
+        out: list[tuple[Job, Added]] = []
+        veths: set[str] | None = set()
+        try:
+            with self._step([j for j, _, _ in reserved], "kernel"), self._kernel():
+                if any(not fresh for _, _, fresh in reserved):
+                    # a repeated ADD whose veth exists must not undo it: only what this ADD makes is ours
+                    veths = None
+                    veths = set(self.dp.list_pod_veths())
+                results = self._attach(reserved)
+        except OverlayCNIError as exc:  # the kernel lock or the worker: every job of the step
+            results = [exc] * len(reserved)
+        for (job, alloc, fresh), attached in zip(reserved, results, strict=True):
+            ours = fresh or (veths is not None and job.key not in veths)  # unknown: never take a live veth
+            if isinstance(attached, PodInterface):
+                out.append((job, Added(attached, alloc, fresh, ours)))
+                continue
+            log.info("ADD %s %s failed (%s); undoing %s", job.container_id, job.ifname, attached,
+                     "the attachment" if fresh else "its veth" if ours else "nothing (it existed before)")
+            undo.append(_Undo(job, alloc, detach=ours and not isinstance(attached, AttachmentConflict), release=fresh,
+                              error=attached))
+        return out
+
+    def _attach(self, reserved: list[tuple[Job, Allocation, bool]]) -> list[PodInterface | Exception]:
+        def specs(items: Sequence[tuple[Job, Allocation, bool]]) -> list[PodAttachment]:
+            return [PodAttachment(j.container_id, j.ifname, j.netns, a.ip, a.gateway, j.mtu, j.netns_fd) for j, a, _ in items]
+
+        results = self.dp.attach_pods(specs(reserved))
+        # A fresh reservation whose veth exists: no allocation accounted for that veth (a crash between
+        # release and cleanup): a leftover, removed before attaching again.
+        again = [n for n, ((_j, _a, fresh), res) in enumerate(zip(reserved, results, strict=True))
+                 if fresh and isinstance(res, AttachmentConflict)]
+        if again:
+            for n in again:
+                log.warning("ADD %s %s: removing leftover host veth %s first", reserved[n][0].container_id,
+                            reserved[n][0].ifname, reserved[n][0].key)
+            self.dp.detach_pods([(reserved[n][0].container_id, reserved[n][0].ifname) for n in again])
+            for n, res in zip(again, self.dp.attach_pods(specs([reserved[n] for n in again])), strict=True):
+                results[n] = res
+        return results
+
+    # ----- DEL and undoing -----------------------------------------------------------------
+    def _read(self, dels: list[Job]) -> list[Allocation | None]:
+        if not dels:
+            return []
+        with self._step(dels, "ipam"):
+            got = ipam.get_allocations(self.store, self.cluster, [(j.container_id, j.ifname) for j in dels])
+        out: list[Allocation | None] = []
+        for res in got:
+            if isinstance(res, BadRecord):
+                self.on_bad(res)
+                res = None  # never release what cannot be read; `ipam check` shows it
+            out.append(res)
+        return out
+
+    def _detach(self, dels: list[Job], undo: list[_Undo]) -> dict[int, Exception | None]:
+        """Remove the veths of the DELs and of the undone ADDs; the error of each (by id of its job)."""
+        jobs = dels + [u.job for u in undo if u.detach]
+        if not jobs:
+            return {}
+        try:
+            with self._step(jobs, "kernel"), self._kernel():
+                try:
+                    errs = self.dp.detach_pods([(j.container_id, j.ifname) for j in jobs])
+                except DeadlineExceeded as exc:
+                    # queued behind the attach on the worker: it runs in order, before any later attach
+                    errs = [exc if j.kind == "DEL" else None for j in jobs]
+        except OverlayCNIError as exc:  # the kernel lock, or the data plane as a whole
+            errs = [exc] * len(jobs)
+        return {id(j): e for j, e in zip(jobs, errs, strict=True)}
+
+    def _forget(self, dels: list[Job], allocs: list[Allocation | None], detached: dict[int, Exception | None],
+                undo: list[_Undo]) -> None:
+        """Flush and release what is gone from the kernel, then answer the DELs."""
+        release: list[tuple[Job, Allocation]] = []
+        for job, alloc in zip(dels, allocs, strict=True):
+            err = detached.get(id(job))
+            if err is not None:
+                job.deliver(error=err)
+            elif alloc is None:
+                job.deliver(None)
+            elif alloc.node != self.node:
+                log.info("DEL %s %s: its address %s is held by node %s, not by this node: not releasing it",
+                         job.container_id, job.ifname, alloc.ip.ip, alloc.node)
+                job.deliver(None)
+            else:
+                release.append((job, alloc))
+        flush = release + [(u.job, u.alloc) for u in undo if u.detach and u.alloc is not None and detached.get(id(u.job)) is None]
+        free = release + [(u.job, u.alloc) for u in undo if u.release and u.alloc is not None
+                          and (not u.detach or detached.get(id(u.job)) is None)]
+        failed = self._flush(flush)
+        free = [(j, a) for j, a in free if id(j) not in failed]
+        released = self._release(free)
+        for job, _alloc in release:
+            err = failed.get(id(job)) or released.get(id(job))
+            job.deliver(error=err) if err is not None else job.deliver(None)
+        for u in undo:
+            err = failed.get(id(u.job)) or released.get(id(u.job)) or (detached.get(id(u.job)) if u.detach else None)
+            if err is not None:
+                log.warning("ADD %s %s: rollback incomplete (%s); the leak reaper or the runtime's DEL finishes it",
+                            u.job.container_id, u.job.ifname, err)
+            u.job.deliver(None, u.error)  # a failed ADD's error, once undone; an UNDO's caller hears it is done
+
+    def _flush(self, items: list[tuple[Job, Allocation]]) -> dict[int, Exception]:
+        if not items:
+            return {}
+        failed: dict[int, Exception] = {}
+        with self._step([j for j, _ in items], "conntrack"):
+            try:
+                self.dp.flush_conntrack_many([a.ip.ip for _, a in items])
+            except OverlayCNIError:
+                for job, alloc in items:  # one at a time, to charge the failure to its own address
+                    try:
+                        self.dp.flush_conntrack(alloc.ip.ip)
+                    except OverlayCNIError as exc:
+                        failed[id(job)] = exc
+        return failed
+
+    def _release(self, items: list[tuple[Job, Allocation]]) -> dict[int, Exception]:
+        if not items:
+            return {}
+        with self._step([j for j, _ in items], "ipam"):
+            try:
+                got = ipam.release_many(self.store, self.cluster, [(a.container_id, a.ifname) for _, a in items],
+                                        node=self.node)
+            except NotFound:
+                return {}  # the cluster itself is gone: nothing left to release
+            except OverlayCNIError as exc:
+                return {id(j): exc for j, _ in items}
+        return {id(j): r for (j, _), r in zip(items, got, strict=True) if isinstance(r, OverlayCNIError)}
+
+    # ----- helpers ---------------------------------------------------------------------------
+    @contextmanager
+    def _kernel(self) -> Iterator[None]:
+        """The kernel lock (shared with full reconciles), waited for no longer than the deadline."""
+        wait = deadline.remaining()
+        if not self.kernel_lock.acquire(timeout=-1 if wait is None else wait):
+            raise DeadlineExceeded("the node's kernel state is being reconciled; try again")
+        try:
+            yield
+        finally:
+            self.kernel_lock.release()
+
+    @contextmanager
+    def _step(self, jobs: Sequence[Job], name: str) -> Iterator[None]:
+        """Time one shared step: its phases (the data plane's too) go to every job's trace."""
+        rec = Phases()
+        start = time.monotonic()
+        try:
+            with trace.recording(rec):
+                yield
+        finally:
+            rec.add(name, time.monotonic() - start)
+            for job in jobs:
+                job.record(rec)
+
+
+@contextmanager
+def _until(ends: list[float | None], *, floor: float | None = None) -> Iterator[None]:
+    """The batcher's deadline for a step: the latest of its jobs' (none if one has none), at least ``floor`` from now."""
+    seconds = None if not ends or None in ends else max(e for e in ends if e is not None) - time.monotonic()
+    if floor is not None and ends and seconds is None:
+        floor = None  # a job without a deadline: no limit at all
+    if floor is not None:
+        seconds = floor if seconds is None else max(seconds, floor)
+    if seconds is None:
+        yield
+        return
+    with deadline.fresh(seconds):
+        yield
