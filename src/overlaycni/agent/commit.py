@@ -80,12 +80,13 @@ class Commit:
             for kind, jobs in (("ADD", adds), ("DEL", dels)):
                 if jobs:
                     self.on_batch(kind, len(jobs))
-        with _until([j.end for j in adds + dels]):
+        with _until([j.end for j in adds]):
             answers = self._reserve_and_attach(adds, undo)
-            allocs = self._read(dels)
         for job, added in answers:
             if not job.deliver(added):  # its caller gave up meanwhile: take it back
                 undo.append(_Undo(job, added.alloc, detach=added.ours, release=added.fresh))
+        with _until([j.end for j in dels]):
+            dels, allocs = self._read(dels)
         with _until([j.end for j in dels], floor=ROLLBACK_SECONDS if undo else None):
             detached = self._detach(dels, undo)
             self._forget(dels, allocs, detached, undo)
@@ -119,7 +120,7 @@ class Commit:
                     veths = None
                     veths = set(self.dp.list_pod_veths())
                 results = self._attach(reserved)
-        except OverlayCNIError as exc:  # the kernel lock or the worker: every job of the step
+        except Exception as exc:  # noqa: BLE001 - the kernel lock, the worker, a bug: every job of the step, undone
             results = [exc] * len(reserved)
         for (job, alloc, fresh), attached in zip(reserved, results, strict=True):
             ours = fresh or (veths is not None and job.key not in veths)  # unknown: never take a live veth
@@ -151,18 +152,24 @@ class Commit:
         return results
 
     # ----- DEL and undoing -----------------------------------------------------------------
-    def _read(self, dels: list[Job]) -> list[Allocation | None]:
+    def _read(self, dels: list[Job]) -> tuple[list[Job], list[Allocation | None]]:
+        """The DELs' allocations, in one read (a DEL whose read fails is answered with that error)."""
         if not dels:
-            return []
+            return [], []
         with self._step(dels, "ipam"):
-            got = ipam.get_allocations(self.store, self.cluster, [(j.container_id, j.ifname) for j in dels])
+            try:
+                got = ipam.get_allocations(self.store, self.cluster, [(j.container_id, j.ifname) for j in dels])
+            except OverlayCNIError as exc:
+                for job in dels:
+                    job.deliver(error=exc)
+                return [], []
         out: list[Allocation | None] = []
         for res in got:
             if isinstance(res, BadRecord):
                 self.on_bad(res)
                 res = None  # never release what cannot be read; `ipam check` shows it
             out.append(res)
-        return out
+        return dels, out
 
     def _detach(self, dels: list[Job], undo: list[_Undo]) -> dict[int, Exception | None]:
         """Remove the veths of the DELs and of the undone ADDs; the error of each (by id of its job)."""
@@ -176,7 +183,7 @@ class Commit:
                 except DeadlineExceeded as exc:
                     # queued behind the attach on the worker: it runs in order, before any later attach
                     errs = [exc if j.kind == "DEL" else None for j in jobs]
-        except OverlayCNIError as exc:  # the kernel lock, or the data plane as a whole
+        except Exception as exc:  # noqa: BLE001 - the kernel lock, or the data plane as a whole
             errs = [exc] * len(jobs)
         return {id(j): e for j, e in zip(jobs, errs, strict=True)}
 

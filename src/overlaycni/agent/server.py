@@ -22,7 +22,12 @@ input, with limits (``SocketLimits``):
   answered 6 (decode failure).
 * Complete requests are served by a pool of ``workers`` threads; the
   answers of requests the pool has not reached yet wait in its queue (the
-  connection cap bounds it).
+  connection cap bounds it). A pool thread checks its request and hands
+  ADD and DEL to the node's batcher (``agent.batch``), which applies the
+  requests that wait together in one batch: the pool is as large as a
+  burst a node should commit at once.
+* Each request's trace (``overlaycni.trace``) starts when its connection is
+  accepted; ``on_trace`` hears of it once the answer is written.
 
 Startup never removes what it does not own: a ``--socket`` path that exists
 and is not a socket (a file, a directory, a symlink) is refused; a socket
@@ -72,7 +77,7 @@ class SocketLimits:
     max_depth: int = 64  # JSON nesting (a chained netconf with prevResult is < 10 deep)
     read_timeout: float = 2.0  # seconds from connect to a complete request
     max_connections: int = 256
-    workers: int = 32
+    workers: int = 128  # requests in flight at once (a burst waits in the batcher, not in the pool's queue)
     write_timeout: float = 5.0
 
 

@@ -26,7 +26,9 @@ forward), in the same number of round trips as one:
 
 Every answer is per attachment, in order: an allocation (and whether this
 call made it), or the error of that attachment alone. A datastore failure
-(unreachable, the deadline) is the whole batch's and raises. A batch larger
+(unreachable, the deadline) is the answer of every attachment of that
+transaction (earlier transactions of the batch stand); ``release_many``
+raises ``NotFound`` for a cluster that is gone. A batch larger
 than ``TXN_ATTACHMENTS`` is split in transactions of that many, so that no
 transaction exceeds etcd's limit of operations per transaction
 (``--max-txn-ops``, 128 by default: an allocation is two compares and two
@@ -93,7 +95,11 @@ def reserve_many(store: Store, cluster: str, node: str, wanted: Sequence[Reserva
         valid.append((i, w))
     for start in range(0, len(valid), TXN_ATTACHMENTS):
         chunk = valid[start : start + TXN_ATTACHMENTS]
-        for (i, _w), res in zip(chunk, _reserve(store, cluster, node, [w for _, w in chunk]), strict=True):
+        try:
+            got = _reserve(store, cluster, node, [w for _, w in chunk])
+        except OverlayCNIError as exc:  # the datastore (or the node's claim): this transaction's attachments
+            got = [exc] * len(chunk)
+        for (i, _w), res in zip(chunk, got, strict=True):
             out[i] = res
     for i, w in enumerate(wanted):
         if out[i] is None:
@@ -264,7 +270,12 @@ def release_many(
             out[i] = exc
     for start in range(0, len(valid), TXN_ATTACHMENTS):
         chunk = list(dict.fromkeys(attachments[i] for i in valid[start : start + TXN_ATTACHMENTS]))
-        done = _release(store, cluster, chunk, node=node)
+        try:
+            done = _release(store, cluster, chunk, node=node)
+        except NotFound:
+            raise  # the cluster is gone: the caller decides (a DEL has nothing left to release)
+        except OverlayCNIError as exc:
+            done = dict.fromkeys(chunk, exc)
         for i in valid[start : start + TXN_ATTACHMENTS]:
             out[i] = done.pop(attachments[i], None)  # a duplicate releases nothing the second time
     return out

@@ -21,21 +21,21 @@ is never touched (the agent removes a leftover only when no allocation
 accounts for it).
 
 Batches (group commit, ``setup_pod_links``): the pods of a batch share each
-node-side step: one ``send`` of ``RTM_GETLINK`` finds host veths that already
-exist (conflicts), every pair is
-created by one ``send`` of ``RTM_NEWLINK`` requests (one per pair: the
-kernel makes one pair per request; failures come back per request, mapped
-to their pod), every host end is brought up by one more ``send``, and their
-MACs come back from one ``send`` of ``RTM_GETLINK``. The pod side needs a
-socket inside each pod's namespace (``netns.pod_netns`` switches the worker
-thread for the ``socket()`` call only): one request for the interface's
-index and MAC, then lo up, address, link up and both routes in one
-``send``. Removal (``teardown_pod_links``): one veth is deleted by name;
-several are put in one fresh link group (``IFLA_GROUP``, a random 32-bit
-number no link of the node namespace has) and deleted by one
-``RTM_DELLINK`` for the group, which the kernel unregisters together (one
-RCU grace period for the batch instead of one per pair, ~15 ms each; it
-refuses a group holding a device without link ops, such as a physical NIC).
+node-side step: one ``send`` of ``RTM_GETLINK`` finds host veths that
+already exist (conflicts), one ``send`` of ``RTM_NEWLINK`` requests creates
+every pair (one request per pair: the kernel makes one pair per request;
+failures come back per request, mapped to their pod), one more brings every
+host end up, and their MACs come back from one ``send`` of ``RTM_GETLINK``.
+The pod side needs a socket inside each pod's namespace
+(``netns.pod_netns`` switches the worker thread for the ``socket()`` call
+only): one request for the interface's index and MAC, then lo up, address,
+link up and both routes in one ``send``. Removal (``teardown_pod_links``):
+one veth is deleted by name; several are put in one fresh link group
+(``IFLA_GROUP``, a random 32-bit number no link of the node namespace has)
+and deleted by one ``RTM_DELLINK`` for the group, which the kernel
+unregisters together (one RCU grace period for the batch instead of one per
+pair, ~15 ms each; it refuses a group holding a device without link ops,
+such as a physical NIC).
 
 Messages are packed with ``struct`` (``rtnl``'s codec): pyroute2 costs
 ~1 ms per request here (its socket setup and asyncio round trip), about
