@@ -106,14 +106,17 @@ class NodeTables:
     def update(self, *, add: Mapping[SetKey, Iterable[Any]] | None = None,
                remove: Mapping[SetKey, Iterable[Any]] | None = None) -> None:
         """Remove (those present) and add elements across the node's sets in one transaction."""
-        add = add or {}
         removals = {}
         for key, elems in (remove or {}).items():
             wanted = set(elems)
             present = self.list_set(key) if wanted else None
             if present:
                 removals[key] = wanted & present
-        keys = sorted(set(add) | set(removals))
+        self._apply(add or {}, removals)
+
+    def _apply(self, add: Mapping[SetKey, Iterable[Any]], removals: Mapping[SetKey, Iterable[Any]]) -> None:
+        """Delete ``removals`` (elements the kernel lists) and add ``add``, in one transaction."""
+        keys = sorted(set(add) | {k for k, v in removals.items() if v})
         if not keys:
             return
 
@@ -147,12 +150,13 @@ class NodeTables:
         self.remove_pods({host_veth: ip})
 
     def remove_pods(self, pods: Mapping[str, IPv4Address | None]) -> None:
-        """Several pods' elements (host veth -> its ip, or None: all of that veth) in one transaction."""
+        """Several pods' elements (host veth -> its ip, or None: all of that veth) in one transaction
+        (each set listed once)."""
         remove: dict[SetKey, list[Any]] = {}
         for key in (IP_PODS, ARP_PODS):
             present = self.list_set(key) or frozenset()
             remove[key] = [e for e in present if e[0] in pods and (pods[e[0]] is None or e[1] == pods[e[0]])]
-        self.update(remove=remove)
+        self._apply({}, remove)
 
     def missing_pod_elements(self, host_veth: str, ip: IPv4Address) -> list[str]:
         problems = []
