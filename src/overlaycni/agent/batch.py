@@ -93,11 +93,13 @@ class Job:
             self._answered.set()
             return True
 
-    def record(self, phases: Phases) -> None:
-        """Add a shared step's time to the trace, while the caller still waits (it reads the trace after)."""
+    def record(self, phases: Phases, *, batch: int = 0) -> None:
+        """Add a shared step's time to the trace (and the batch's size), while
+        the caller still waits: it reads the trace once answered or gone."""
         with self._lock:
             if self.trace is not None and not self.cancelled and not self._answered.is_set():
                 self.trace.merge(phases)
+                self.trace.batch = batch or self.trace.batch
 
     def cancel(self) -> bool:
         """The caller gives up; False when the answer came first."""
@@ -204,9 +206,7 @@ class Batcher:
         while (batch := self._take()) is not None:
             started = time.monotonic()
             for job in batch:
-                if job.trace is not None:
-                    job.trace.add("batch", started - job.submitted)
-                    job.trace.batch = len(batch)
+                job.record(Phases({"batch": started - job.submitted}), batch=len(batch))
             try:
                 self.apply(batch)
             except BaseException as exc:  # noqa: BLE001 - a bug must not stop the node's CNI requests
