@@ -123,6 +123,44 @@ def test_forged_vxlan_from_a_node_speaks_for_its_block_only(cluster: Cluster):
         assert cluster.d1.reconcile(cluster.s1).errors == []
 
 
+def tracked(ns: str, *args: str) -> list[str]:
+    """conntrack's entries in ``ns`` that match ``args`` (conntrack -L filters), one line each."""
+    out = run("ip", "netns", "exec", ns, "conntrack", "-L", *args, check=False).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def test_outer_vxlan_between_nodes_is_untracked_and_pod_flows_stay_tracked(cluster: Cluster):
+    """Pod-to-pod traffic between the nodes leaves no conntrack entry for the outer VXLAN flow on
+    either node (the raw chains' notrack), while the inner pod flow stays tracked (the policy
+    table's ``ct state`` and the masquerade need it). Control: without the node table, the
+    same traffic creates the outer entries."""
+    if cluster.backend != "vxlan":
+        pytest.skip("the outer flow exists on the vxlan backend only")
+    outer = ("-p", "udp", "--dport", "4789")
+    for ns in (cluster.n1, cluster.n2):
+        run("ip", "netns", "exec", ns, "conntrack", "-D", *outer, check=False)
+    assert cluster.topo.ping(cluster.pb, str(POD_A.ip), count=3)
+    for ns in (cluster.n1, cluster.n2):
+        assert tracked(ns, *outer) == [], ns
+    inner = tracked(cluster.n1, "-p", "icmp", "-s", str(POD_B.ip), "-d", str(POD_A.ip))
+    assert inner, "the inner pod flow is tracked"
+    try:  # control: the same traffic with the two notrack rules deleted (the rest of the table stays)
+        nft = ("ip", "netns", "exec", cluster.n1, "nft")
+        run(*nft, "flush", "chain", "ip", "overlaycni", "output")
+        listing = run(*nft, "-a", "list", "chain", "ip", "overlaycni", "prerouting").stdout
+        handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines() if "notrack" in line)
+        run(*nft, "delete", "rule", "ip", "overlaycni", "prerouting", "handle", handle.strip())
+        assert cluster.topo.ping(cluster.pb, str(POD_A.ip), count=3)
+        entries = tracked(cluster.n1, *outer)
+        assert any(f"src={N2} dst={N1}" in e for e in entries) and any(f"src={N1} dst={N2}" in e for e in entries), entries
+    finally:  # the fingerprint still matches: only a missing table is replaced whole
+        run("ip", "netns", "exec", cluster.n1, "nft", "delete", "table", "ip", "overlaycni", check=False)
+        assert cluster.d1.reconcile(cluster.s1).errors == []
+        run("ip", "netns", "exec", cluster.n1, "conntrack", "-D", *outer, check=False)
+    assert cluster.topo.ping(cluster.pb, str(POD_A.ip), count=3)
+    assert tracked(cluster.n1, *outer) == []
+
+
 # --- IPv6 and ARP from a pod ------------------------------------------------------------------
 
 

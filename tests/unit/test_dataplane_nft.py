@@ -20,6 +20,7 @@ def _table(**kw) -> nftmodel.NftTable:
         pod_endpoints=frozenset({("oc0123456789abc", IPv4Address("10.244.1.5"))}),
         non_masquerade=frozenset({IPv4Network("10.10.0.0/16"), IPv4Network("10.20.0.1/32")}),
         peer_blocks=frozenset({(IPv4Address("10.224.0.2"), IPv4Network("10.244.2.0/24"))}),
+        notrack_vxlan=True,
     )
     base.update(kw)
     return nftmodel.NftTable(**base)
@@ -100,3 +101,24 @@ def test_table_for_collects_node_ips_and_collapses_non_masq():
     t = nftmodel.table_for(state, pod_endpoints=[("ocx", IPv4Address("10.244.1.5"))])
     assert t.node_ips == {me, peer.node_ip}
     assert t.non_masquerade == {IPv4Network("10.10.0.0/24")}
+
+
+def test_outer_vxlan_between_node_ips_is_not_tracked_on_the_vxlan_backend_only():
+    chains = {c["name"]: (c, rules) for c, rules in nftmodel._chains(_table())}
+    notrack = [r for r in chains["prerouting"][1] if {"notrack": None} in r]
+    assert len(notrack) == 1 and chains["prerouting"][1][-1] is notrack[0]  # after the drops
+    rule = json.dumps(notrack[0])
+    assert '"dport"' in rule and "4789" in rule and rule.count('"@node_ips"') == 2  # node IP to node IP only
+    out, out_rules = chains["output"]
+    assert (out["hook"], out["prio"]) == ("output", -300) and out_rules == [notrack[0]]  # raw: before conntrack (-200)
+    untracked = _table(notrack_vxlan=False)
+    assert "output" not in {c["name"] for c, _ in nftmodel._chains(untracked)}
+    assert "notrack" not in json.dumps(nftmodel.render_table(untracked))
+    assert nftmodel.fingerprint(untracked) != nftmodel.fingerprint(_table())
+
+
+def test_table_for_untracks_the_outer_flow_with_vxlan_only():
+    for backend, want in (("vxlan", True), ("direct", False), ("wireguard", False)):
+        state = NodeState(node_ip=IPv4Address("10.224.0.1"), block=IPv4Network("10.244.1.0/24"),
+                          pod_cidr=IPv4Network("10.244.0.0/16"), backend=backend)
+        assert nftmodel.table_for(state, pod_endpoints=()).notrack_vxlan is want, backend

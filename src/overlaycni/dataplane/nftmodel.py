@@ -43,6 +43,20 @@ Chains:
 * ``postrouting`` (nat, srcnat): RETURN for kube-proxy's mark 0x4000; RETURN
   unless the source is in the pod CIDR; RETURN for pod CIDR, non-masquerade
   and multicast destinations; otherwise masquerade with fully random ports.
+  A nat chain sees only a connection's first packet (nft(8), NAT
+  statements), so this costs nothing per packet of an established flow.
+* ``notrack`` (VXLAN backend): the outer VXLAN flow between two node IPs
+  (UDP to the VXLAN port, ``ip saddr`` and ``ip daddr`` in ``@node_ips``)
+  is not tracked by conntrack: a rule at the end of ``prerouting`` for what
+  arrives, and ``output`` (filter, priority raw) for what the VXLAN device
+  sends. Nothing needs a connection entry for it (no NAT between node IPs,
+  no ``ct`` match on it: ``vxlan_in`` matches headers), and each outer
+  packet otherwise costs a conntrack lookup on both nodes, on top of the
+  inner flow's own (which stays tracked: the policy table's ``ct state``
+  and the masquerade need it). Defragmentation still happens: it runs at
+  priority -400, before the raw chains mark the packet untracked. A pod's
+  own UDP to port 4789 (not node IP to node IP) keeps its tracking, so its
+  SNAT works. Measured in ``bench/lab.py`` (issue 14).
 
 Binding the outer to the inner source. The kernel keeps no trace of the
 outer header once it has decapsulated a packet (the VXLAN device's receive
@@ -132,6 +146,7 @@ class NftTable:
     peer_blocks: frozenset[tuple[IPv4Address, IPv4Network]] = frozenset()  # node IP . block
     peer_macs: frozenset[tuple[str, IPv4Network]] = frozenset()  # direct: underlay MAC . block
     direct: bool = False  # backend direct: plain pod packets from peers' MACs are accepted
+    notrack_vxlan: bool = False  # backend vxlan: the outer flow between node IPs skips conntrack
 
     def sets(self) -> dict[str, frozenset]:
         return {
@@ -170,6 +185,7 @@ def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Addres
         peer_blocks=frozenset((p.node_ip, p.block) for p in state.peers),
         peer_macs=frozenset((normalize_mac(p.vtep_mac), p.block) for p in state.peers) if direct else frozenset(),
         direct=direct,
+        notrack_vxlan=state.backend == "vxlan",
     )
 
 
@@ -189,7 +205,9 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
     pod = nft.prefix(t.pod_cidr)
     vx = nft.match(nft.payload("udp", "dport"), t.vxlan_port)
     from_peer = [nft.match({"concat": [nft.payload("ether", "saddr"), SADDR]}, "@" + SET_PEER_MACS), {"return": None}]
-    return [
+    # node IP to node IP VXLAN: the outer flow is not tracked (see the note)
+    notrack = [vx, nft.match(SADDR, "@" + SET_NODE_IPS), nft.match(DADDR, "@" + SET_NODE_IPS), {"notrack": None}]
+    chains: list[tuple[dict[str, Any], list[list[dict[str, Any]]]]] = [
         (
             {"name": "prerouting", "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"},
             [
@@ -205,6 +223,7 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
                     nft.match(IIFNAME, VETH_PREFIX + "*", "!="),
                     nft.jump("underlay_in"),
                 ],
+                *([notrack] if t.notrack_vxlan else []),
             ],
         ),
         ({"name": "underlay_in"}, [*([from_peer] if t.direct else []), _drop(UNDERLAY_POD_SOURCE)]),
@@ -241,6 +260,9 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
             ],
         ),
     ]
+    if t.notrack_vxlan:
+        chains.append(({"name": "output", "type": "filter", "hook": "output", "prio": -300, "policy": "accept"}, [notrack]))
+    return chains
 
 
 _SET_DEFS: dict[str, dict[str, Any]] = {

@@ -11,7 +11,7 @@ whose ``add set`` carries a ``typeof`` expression (the node table's
 Covers what this project renders, nothing more: tables, base and regular
 chains, named counters, sets, rules of ``match`` (payload, raw payload,
 meta, concatenations, ``&``, prefixes, set references), ``counter``,
-``drop``/``accept``/``return``, ``jump`` and ``masquerade``, and elements
+``drop``/``accept``/``return``, ``jump``, ``notrack`` and ``masquerade``, and elements
 (addresses, prefixes, ranges, names, concatenations, map entries). Every
 string is quoted (nft parses a quoted address or MAC by the field's type),
 so an interface name can never be taken for a keyword. Anything else raises
@@ -88,6 +88,8 @@ def statement(s: dict[str, Any]) -> str:
     if kind == "counter":
         return "counter" if v is None else f"counter name {_quote(v)}"
     if kind in VERDICTS and v is None:
+        return kind
+    if kind == "notrack" and v is None:
         return kind
     if kind == "jump":
         return f"jump {_name(v['target'])}"
