@@ -16,9 +16,26 @@ end; nothing in the root namespace):
   plugins doing ADD/DEL into the same kind of pod namespace (their figure
   includes process start; ours is the agent-side cost only).
 
+Control plane (issue 14), in labs (real agents in their node namespaces):
+
+* ``--learn-sizes 5,10,20``: in a lab of N nodes, the time from a new node
+  record entering the datastore (``ipam.register_node``, the first thing a
+  joining agent does) until *every* agent has programmed the route to its
+  block, read from ``ip -ts monitor route`` started in each node namespace
+  beforehand (so no polling skews it); then the same for its removal. The
+  aim is flat in N: each agent follows the node records with its own watch
+  (``datastore/watch.py``), so a join costs every agent the same. Medians of
+  ``--learn-repeats`` joins with the spread, per N, and t(N)/t(first N).
+* ``--memory-rounds 3``: one agent (a one-node lab) with ``--memory-pods``
+  pods added through the real plugin and ``--memory-peers`` synthetic node
+  records written into its datastore; once it has programmed every peer and
+  run a full resync, its RSS from ``/proc/<pid>/status`` (VmRSS, VmHWM,
+  RssAnon). Aim: VmRSS <= 100 MiB at 5,000 peers and 250 pods.
+
 Prints ratios against the baseline. Usage (root)::
 
     .venv/bin/python bench/peers.py [--peers 5000] [--repeat 3] [--incremental 50]
+    .venv/bin/python bench/peers.py --only-control-plane [--learn-sizes 5,10,20] [--memory-rounds 3]
 """
 
 from __future__ import annotations
@@ -111,9 +128,26 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--incremental", type=int, default=50)
     ap.add_argument("--pods", type=int, default=30, help="pod attach/detach rounds (0: skip)")
+    ap.add_argument("--only-control-plane", action="store_true", help="only the lab measurements (learn time, memory)")
+    ap.add_argument("--learn-sizes", default="5,10,20", help="lab sizes for the join time ('' skips)")
+    ap.add_argument("--learn-repeats", type=int, default=3)
+    ap.add_argument("--memory-rounds", type=int, default=3, help="agent memory runs (0 skips)")
+    ap.add_argument("--memory-peers", type=int, default=5000)
+    ap.add_argument("--memory-pods", type=int, default=250)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates a network namespace)")
+    if not args.only_control_plane:
+        kernel_side(args)
+    import controlplane  # bench/controlplane.py, beside this file
+
+    if args.learn_sizes:
+        controlplane.learn_time([int(x) for x in args.learn_sizes.split(",")], repeats=args.learn_repeats)
+    if args.memory_rounds:
+        controlplane.agent_memory(peers=args.memory_peers, pods=args.memory_pods, rounds=args.memory_rounds)
+
+
+def kernel_side(args: argparse.Namespace) -> None:
     ns = "oct-bench-" + secrets.token_hex(3)
     sh("ip", "netns", "add", ns)
     dp = None

@@ -1,0 +1,198 @@
+"""Control-plane scale in labs (issue 14 item 6), run from ``bench/peers.py``.
+
+* ``learn_time``: how long until every agent of an N-node lab has programmed
+  a node that joins, and forgotten one that leaves;
+* ``agent_memory``: one agent's RSS with thousands of peers and hundreds of pods.
+
+Every packet and kernel object stays in the labs' own namespaces; each lab is
+torn down before the next one comes up (one lab at a time: they are heavy).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from ipaddress import IPv4Address, IPv4Network
+
+from overlaycni import ipam
+from overlaycni.dataplane.model import vtep_mac
+from overlaycni.datastore import Store
+from overlaycni.lab import control, lifecycle
+from overlaycni.lab.state import LabState
+
+SYNTHETIC_BASE = IPv4Address("10.224.64.1")  # synthetic node IPs: inside the node subnet, far from the lab's own
+MEMORY_NETWORK = {"network_plugin": "azure", "network_plugin_mode": "overlay", "pod_cidr": "10.64.0.0/10"}  # 16,384 /24 blocks
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    return f"median {fmt.format(statistics.median(values))} (min {fmt.format(min(values))}, max {fmt.format(max(values))})"
+
+
+def wait(check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class RouteMonitor:
+    """``ip -ts monitor route`` in one namespace, written to a file: when did a route come or go."""
+
+    def __init__(self, netns: str, path: str) -> None:
+        self.path = path
+        self.out = open(path, "w")  # noqa: SIM115 - closed by close()
+        self.proc = subprocess.Popen(["ip", "-n", netns, "-ts", "monitor", "route"], stdout=self.out, stderr=subprocess.DEVNULL)
+
+    def first(self, dst: str, *, deleted: bool, after: float) -> float | None:
+        """Wall-clock time of the first route add (or delete) of ``dst`` after ``after``."""
+        self.out.flush()
+        with open(self.path) as fh:
+            for line in fh:
+                if not line.startswith("[") or "]" not in line:
+                    continue
+                stamp, text = line[1:].split("]", 1)
+                words = text.split()
+                if not words or (words[0] == "Deleted") != deleted or dst not in words[:2]:
+                    continue
+                t = datetime.fromisoformat(stamp).timestamp()  # local time, like time.time()
+                if t >= after:
+                    return t
+        return None
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        self.out.close()
+
+
+def _register(state: LabState, name: str, ip: IPv4Address) -> IPv4Network:
+    return control.with_store(state, lambda store: ipam.register_node(store, state.name, name, ip, vtep_mac=vtep_mac(ip)).block)
+
+
+def _deregister(state: LabState, name: str) -> None:
+    control.with_store(state, lambda store: ipam.delete_node(store, state.name, name))
+
+
+def one_join(state: LabState, monitors: list[RouteMonitor], r: int) -> tuple[float, float, float]:
+    """(last agent's join time, median agent's, last agent's leave time) for one synthetic node."""
+    ip = IPv4Address(int(SYNTHETIC_BASE) + r)
+    name = f"zz-join-{r}"
+    t0 = time.time()
+    block = str(_register(state, name, ip))
+    seen: list[float | None] = []
+
+    def all_seen(deleted: bool, after: float) -> bool:
+        seen[:] = [m.first(block, deleted=deleted, after=after) for m in monitors]
+        return all(t is not None for t in seen)
+
+    wait(lambda: all_seen(False, t0), timeout=60, what=f"every agent to route {block}")
+    times = [t - t0 for t in seen if t is not None]
+    t1 = time.time()
+    _deregister(state, name)
+    wait(lambda: all_seen(True, t1), timeout=60, what=f"every agent to drop {block}")
+    return max(times), statistics.median(times), max(t - t1 for t in seen if t is not None)
+
+
+def learn_time(sizes: list[int], *, repeats: int, store: str = "sqlite") -> None:
+    print(f"== a node joins and leaves an N-node lab ({store}): time until every agent has programmed "
+          f"(removed) the route to its block; {repeats} joins per N")  # fmt: skip
+    root = tempfile.mkdtemp(prefix="ocl-bench-")
+    base: float | None = None
+    try:
+        for n in sizes:
+            name = f"bl{os.getpid() % 1000}n{n}"
+            monitors: list[RouteMonitor] = []
+            try:
+                state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=n, pods_per_node=0, store=store, root=root,
+                                                         lease_ttl=30))  # fmt: skip
+                monitors = [RouteMonitor(node.netns, os.path.join(root, f"{name}-{node.name}.mon")) for node in state.nodes]
+                time.sleep(0.5)  # the monitors are listening
+                joins, means, leaves = [], [], []
+                for r in range(repeats):
+                    last, median, gone = one_join(state, monitors, r)
+                    joins.append(last)
+                    means.append(median)
+                    leaves.append(gone)
+                base = base or statistics.median(joins)
+                print(f"  {n:3d} nodes: join, last agent {spread(joins)} s (median agent {spread(means)} s); "
+                      f"leave, last agent {spread(leaves)} s; t/t({sizes[0]}) {statistics.median(joins) / base:.2f}")  # fmt: skip
+            finally:
+                for m in monitors:
+                    m.close()
+                lifecycle.down(name, root=root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of ``pid`` in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def _routes(netns: str) -> int:
+    out = subprocess.run(["ip", "-n", netns, "route", "show", "proto", "119"], capture_output=True, text=True).stdout
+    return out.count("\n")
+
+
+def _register_many(store: Store, cluster: str, count: int) -> None:
+    for i in range(count):
+        ip = IPv4Address(int(SYNTHETIC_BASE) + i)
+        ipam.register_node(store, cluster, f"zz-peer-{i}", ip, vtep_mac=vtep_mac(ip))
+
+
+def one_memory_run(name: str, root: str, *, peers: int, pods: int) -> dict[str, float]:
+    state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=1, pods_per_node=0, root=root, lease_ttl=30, network=MEMORY_NETWORK))
+    node = state.nodes[0]
+    assert node.agent is not None
+    pid = node.agent.pid
+    out: dict[str, float] = {}
+    time.sleep(2)
+    out["idle"] = _status(pid)["VmRSS"] / 1024
+    state = lifecycle.add_pods(state, [lifecycle.new_pod(state, f"m{i}", namespace="default", node=node.name) for i in range(pods)])
+    assert len(state.pods) == pods
+    out["pods"] = _status(pid)["VmRSS"] / 1024
+    t0 = time.monotonic()
+    control.with_store(state, lambda store: _register_many(store, state.name, peers))
+    want = peers + 1 + pods  # peers' blocks, the own block's unreachable route, one /32 per pod
+    wait(lambda: _routes(node.netns) >= want, timeout=600, what=f"{peers} peer routes", interval=1.0)
+    out["program"] = time.monotonic() - t0
+    time.sleep(2 * control.RESYNC_INTERVAL + 1)  # at least one full resync with every peer
+    st = _status(pid)
+    out.update(peers=st["VmRSS"] / 1024, hwm=st["VmHWM"] / 1024, anon=st["RssAnon"] / 1024)
+    print(f"  {name}: VmRSS {st['VmRSS'] / 1024:.1f} MiB (VmHWM {st['VmHWM'] / 1024:.1f}, RssAnon {st['RssAnon'] / 1024:.1f}, "
+          f"RssFile {st['RssFile'] / 1024:.1f}, {st['Threads']} threads)")  # fmt: skip
+    return out
+
+
+def agent_memory(*, peers: int, pods: int, rounds: int) -> None:
+    print(f"== one agent's memory with {peers} peers and {pods} pods (sqlite; {rounds} runs)")
+    root = tempfile.mkdtemp(prefix="ocl-bench-")
+    rows: dict[str, list[float]] = {"idle": [], "pods": [], "peers": [], "hwm": [], "anon": [], "program": []}
+    try:
+        for r in range(rounds):
+            name = f"bm{os.getpid() % 1000}r{r}"
+            try:
+                for key, value in one_memory_run(name, root, peers=peers, pods=pods).items():
+                    rows[key].append(value)
+            finally:
+                lifecycle.down(name, root=root)
+        print(f"  idle agent (1 node, 0 pods):         VmRSS {spread(rows['idle'], '{:.1f}')} MiB")
+        print(f"  + {pods} pods:                        VmRSS {spread(rows['pods'], '{:.1f}')} MiB")
+        print(f"  + {peers} peers (after a resync):   VmRSS {spread(rows['peers'], '{:.1f}')} MiB "
+              f"(aim <= 100); VmHWM {spread(rows['hwm'], '{:.1f}')}; RssAnon {spread(rows['anon'], '{:.1f}')}")  # fmt: skip
+        print(f"  {peers} node records written and programmed in {spread(rows['program'], '{:.1f}')} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
