@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -54,6 +55,18 @@ def ipam_state(c: Cluster) -> tuple[int, bool]:
     shown = json.loads(c.cli("ipam", "show", "--cluster", "t", "--output", "json").stdout)
     check = c.cli("ipam", "check", "--cluster", "t", "--output", "json", check=False)
     return sum(n["used"] for n in shown["nodes"]), check.returncode == 0
+
+
+def allocated_attachments(c: Cluster) -> set[tuple[str, str]]:
+    """(container ID, ifname) of every allocation, from ``ipam check --valid`` with no valid attachment."""
+    empty = c.workdir / "no-attachments.json"
+    empty.write_text("[]")
+    got = c.cli("ipam", "check", "--cluster", "t", "--valid", str(empty), "--output", "json", check=False)
+    problems = json.loads(got.stdout)["problems"]
+    found = [re.search(r" belongs to (\S+) (\S+), which is not a valid attachment", p["message"])
+             for p in problems if p["kind"] == "unreferenced"]
+    assert all(found), problems
+    return {(m.group(1), m.group(2)) for m in found if m}
 
 
 def burst(c: Cluster, requests: list[tuple[str, str, dict]]) -> dict[str, tuple[int, object]]:
@@ -150,6 +163,13 @@ def test_a_burst_interrupted_by_sigkill_leaves_nothing_half_done(c):
     c.kill_agent("n1")
     runner.join(60)
     assert len(results) == len(names)
+    # Frozen at the kill: the datastore is consistent, and every node veth has its address (a veth is made
+    # after its reservation and removed before its release); an address without a veth is the runtime's DEL's
+    # (or the leak reaper's) to release.
+    assert ipam_state(c)[1]
+    allocated = allocated_attachments(c)
+    assert pod_veths(c) <= {host_veth(cid, ifname) for cid, ifname in allocated}, (pod_veths(c), allocated)
+    assert {(n, "eth0") for n, (code, _) in results.items() if code == 0} <= allocated
     c.start_agent("n1", c.agents["n1"].node, *REAP_FLAGS)
     ok = {n for n, (code, _) in results.items() if code == 0}
     for n in set(names) - ok:
