@@ -62,6 +62,7 @@ from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
 from .desired import PeerSelection, node_state, peer_of, pod_mtu, select_peers, with_peers
 from .flowlog import FlowCollector, FlowLogOptions
 from .flows import FlowBuffer
+from .heap import release_free_memory
 from .metrics import AgentMetrics
 from .policy import PolicyController
 from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
@@ -369,7 +370,8 @@ class RunningNode:
 
     def resync_loop(self) -> None:
         while not self.stop.wait(self.opts.resync_interval):
-            self.safe_resync("periodic")
+            if self.safe_resync("periodic"):
+                release_free_memory()  # the reconcile's transient structures: back to the kernel (heap.py)
 
     def reap_loop(self) -> None:
         if self.opts.reap_interval <= 0:
