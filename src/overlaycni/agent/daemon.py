@@ -276,9 +276,13 @@ class Agent:
         return status() if status is not None else None
 
     # ----- stop -----------------------------------------------------------------
-    def run_forever(self) -> None:
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop the agent cleanly (its lease given up). Installed
+        before ``start``: a runtime may stop the agent as soon as it reads "ready"."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+
+    def run_forever(self) -> None:
         while not self.stop_event.wait(1.0):
             pass
         self.shutdown()
@@ -316,6 +320,7 @@ def run_agent(opts: AgentOptions) -> int:
         format="%(asctime)s %(levelname)s overlaycni-agent[" + opts.node + "] %(message)s",
     )
     agent = Agent(opts)
+    agent.handle_signals()
     try:
         ready = agent.start()
     except BaseException:
