@@ -179,8 +179,16 @@ def kill_strays(ns: str) -> list[int]:
     killed = []
     for pid in netns_pids(ns):
         if _signal_checked(pid, signal.SIGKILL, functools.partial(in_lab_netns, pid, ns)):
-            _reap(pid)
             killed.append(pid)
+    # SIGKILL is delivered asynchronously: wait (briefly) until each one is
+    # gone or a zombie, so that "lab down" returns with nothing running.
+    deadline = time.monotonic() + 2.0
+    for pid in killed:
+        while True:
+            _reap(pid)
+            if _state(pid) in (None, "Z", "X") or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
     return killed
 
 
