@@ -149,3 +149,23 @@ def test_admitted_blocks_never_overlap_and_each_left_out_one_overlaps(blocks):
         (peer,) = [p for p in peers if p.name == problem.peer]
         assert "overlaps" in problem.message and any(peer.block.overlaps(b) for b in kept)
     assert len(admitted) + len(problems) == len(peers)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**16 - 1), st.integers(16, 30)), max_size=40))
+def test_block_overlap_index_agrees_with_a_pairwise_check(raw):
+    """The peers' block index (used by admit_peers) admits a block exactly when
+    no admitted block overlaps it, and names one that does."""
+    from overlaycni.dataplane.model import _Blocks
+
+    index, admitted = _Blocks(), []
+    for n, plen in raw:
+        block = IPv4Network((int(IPv4Address("10.0.0.0")) + (n << 8), plen), strict=False)
+        hit = index.overlap(block)
+        overlapping = [b for b in admitted if b.overlaps(block)]
+        if overlapping:
+            assert hit is not None and hit[0] in overlapping
+            assert not any(b.supernet_of(block) for b in overlapping) or hit[0].supernet_of(block)  # a container first
+        else:
+            assert hit is None
+            index.add(block, f"n{n}")
+            admitted.append(block)

@@ -265,27 +265,31 @@ def _mac_problem(mac: str) -> str | None:
 
 
 class _Blocks:
-    """Blocks admitted so far, for overlap tests in O(log n): CIDR blocks
-    overlap only when one contains the other."""
+    """Blocks admitted so far, for overlap tests in O(log n) on integers.
+    Admitted blocks never overlap one another (an overlapping one is not
+    admitted), so they are disjoint intervals sorted by first address; and
+    CIDR blocks overlap only when one contains the other. A block overlaps
+    an admitted one exactly when the last interval starting at or before its
+    first address reaches it (that one contains it), or the next interval
+    starts before its last address (it contains that one)."""
 
     def __init__(self) -> None:
-        self.exact: dict[IPv4Network, str] = {}
-        self.starts: list[tuple[int, int, str]] = []  # (first, last, owner), sorted
+        self.firsts: list[int] = []
+        self.entries: list[tuple[int, IPv4Network, str]] = []  # (last address, block, owner), by first address
 
     def add(self, block: IPv4Network, owner: str) -> None:
-        self.exact[block] = owner
-        bisect.insort(self.starts, (int(block.network_address), int(block.broadcast_address), owner))
+        first = int(block.network_address)
+        i = bisect.bisect_right(self.firsts, first)
+        self.firsts.insert(i, first)
+        self.entries.insert(i, (int(block.broadcast_address), block, owner))
 
     def overlap(self, block: IPv4Network) -> tuple[IPv4Network, str] | None:
-        for plen in range(block.prefixlen, -1, -1):  # the block itself, or a block containing it
-            sup = block.supernet(new_prefix=plen) if plen < block.prefixlen else block
-            if sup in self.exact:
-                return sup, self.exact[sup]
         first, last = int(block.network_address), int(block.broadcast_address)
-        i = bisect.bisect_left(self.starts, (first, -1, ""))  # a block inside it
-        if i < len(self.starts) and self.starts[i][0] <= last:
-            f, e, owner = self.starts[i]
-            return IPv4Network((f, 32 - (e - f + 1).bit_length() + 1)), owner
+        i = bisect.bisect_right(self.firsts, first) - 1  # a block containing it (or the same block)
+        if i >= 0 and self.entries[i][0] >= first:
+            return self.entries[i][1], self.entries[i][2]
+        if i + 1 < len(self.firsts) and self.firsts[i + 1] <= last:  # a block inside it
+            return self.entries[i + 1][1], self.entries[i + 1][2]
         return None
 
 
