@@ -56,8 +56,8 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,14 +75,13 @@ from ..errors import (
     BadRecord,
     CNIError,
     DatastoreError,
-    DeadlineExceeded,
     NotFound,
     OverlayCNIError,
 )
 from ..ipam import Allocation, NodeRecord
 from .batch import ROLLBACK_SECONDS, Added, Batcher, Job
 from .commit import Commit
-from .locks import AttachmentLocks
+from .locks import AttachmentLocks, kernel_lock_within_deadline
 
 log = logging.getLogger(__name__)
 REQUEST_DEADLINE = 3.5  # seconds; the shim waits 4.5 s for an answer
@@ -166,16 +165,9 @@ class CNIOps:
                 return None
         raise CNIError(CNI_NOT_AVAILABLE, f"unsupported command {req.command}")
 
-    @contextmanager
-    def _kernel(self) -> Iterator[None]:
+    def _kernel(self) -> AbstractContextManager[None]:
         """The kernel lock, waited for no longer than the request's deadline."""
-        wait = deadline.remaining()
-        if not self.kernel_lock.acquire(timeout=-1 if wait is None else wait):
-            raise DeadlineExceeded("the node's kernel state is being reconciled; try again")
-        try:
-            yield
-        finally:
-            self.kernel_lock.release()
+        return kernel_lock_within_deadline(self.kernel_lock)
 
     # ----- ADD ----------------------------------------------------------------
     def add(self, req: CNIRequest, jobs: list[Job]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from .. import deadline, ipam, trace
@@ -46,6 +46,7 @@ from ..errors import AttachmentConflict, BadRecord, DeadlineExceeded, NotFound, 
 from ..ipam import Allocation
 from ..trace import Phases
 from .batch import ROLLBACK_SECONDS, Added, Job
+from .locks import kernel_lock_within_deadline
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +249,9 @@ class Commit:
         return {id(j): r for (j, _), r in zip(items, got, strict=True) if isinstance(r, OverlayCNIError)}
 
     # ----- helpers ---------------------------------------------------------------------------
-    @contextmanager
-    def _kernel(self) -> Iterator[None]:
+    def _kernel(self) -> AbstractContextManager[None]:
         """The kernel lock (shared with full reconciles), waited for no longer than the deadline."""
-        wait = deadline.remaining()
-        if not self.kernel_lock.acquire(timeout=-1 if wait is None else wait):
-            raise DeadlineExceeded("the node's kernel state is being reconciled; try again")
-        try:
-            yield
-        finally:
-            self.kernel_lock.release()
+        return kernel_lock_within_deadline(self.kernel_lock)
 
     @contextmanager
     def _step(self, jobs: Sequence[Job], name: str) -> Iterator[None]:

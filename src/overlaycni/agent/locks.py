@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from .. import deadline
 from ..errors import DeadlineExceeded
@@ -94,3 +95,22 @@ class AttachmentLocks:
             with self._cond:
                 self._node_held = False
                 self._cond.notify_all()
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+@contextmanager
+def kernel_lock_within_deadline(lock: _Lock) -> Iterator[None]:
+    """Hold the node's kernel lock (shared with full reconciles), waited for
+    no longer than the current request's deadline."""
+    wait = deadline.remaining()
+    if not lock.acquire(timeout=-1 if wait is None else wait):
+        raise DeadlineExceeded("the node's kernel state is being reconciled; try again")
+    try:
+        yield
+    finally:
+        lock.release()
