@@ -10,6 +10,7 @@ assertions against these ports and the Linux ones.
 from __future__ import annotations
 
 import copy
+import json
 import queue
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -336,6 +337,19 @@ def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[
             t.chains[name].append({k: v for k, v in obj.items() if k not in ("family", "table", "chain")})
         elif kind in ("counter", "limit") and verb == "add":
             t.objects.setdefault((kind, name), {k: v for k, v in obj.items() if k not in ("family", "table")})
+        elif kind == "chain" and verb == "flush":
+            _need(t.chains, name, "chain")
+            t.chains[name] = []
+        elif kind == "chain" and verb == "delete":
+            _need(t.chains, name, "chain")
+            if t.chains[name] or _referenced(t, {"jump": {"target": name}}) or _referenced(t, {"goto": {"target": name}}):
+                raise DataplaneError(f"nftables: delete chain {name}: Device or resource busy")
+            del t.chains[name]
+        elif kind in ("set", "map") and verb == "delete":
+            _need(t.sets, name, kind)
+            if _referenced(t, "@" + name):
+                raise DataplaneError(f"nftables: delete {kind} {name}: Device or resource busy")
+            del t.sets[name], t.decls[name]
         elif kind in ("set", "map") and verb == "add":
             decl = t.decls.setdefault(name, nftables.SetDecl.of(obj))
             t.sets[name] = t.sets.get(name, frozenset()) | {x for raw in obj.get("elem", []) for x in nftables.decode(decl, raw)}
@@ -344,7 +358,11 @@ def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[
                 raise DataplaneError(f"nftables: set {name} does not exist (No such file or directory)")
             decl = t.decls[name]
             if verb == "add":
-                t.sets[name] = t.sets[name] | {x for raw in obj["elem"] for x in nftables.decode(decl, raw)}
+                new = {x for raw in obj["elem"] for x in nftables.decode(decl, raw)}
+                for x in new:
+                    if isinstance(x, nftables.MapEntry) and isinstance(x.value, nftables.Jump):
+                        _need(t.chains, x.value.target, "chain")
+                t.sets[name] = t.sets[name] | new
                 continue
             keys = {x for raw in obj["elem"] for x in nftables.decode(nftables.SetDecl(decl.type, decl.interval), raw)}
             if not keys <= {_elem_key(x) for x in t.sets[name]}:
@@ -352,6 +370,24 @@ def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[
             t.sets[name] = frozenset(x for x in t.sets[name] if _elem_key(x) not in keys)
         else:
             raise DataplaneError(f"nftables: the fake does not model {verb} {kind}")
+
+
+def _need(objs: dict, name: str, kind: str) -> None:
+    if name not in objs:
+        raise DataplaneError(f"nftables: {kind} {name} does not exist (No such file or directory)")
+
+
+def _referenced(t: FakeNftTable, what: Any) -> bool:
+    """Does a rule or a verdict map element of ``t`` name ``what`` (a set
+    reference "@name", or a jump/goto verdict)? The kernel refuses to delete
+    what is still referenced."""
+    needle = json.dumps(what)
+    if any(needle in json.dumps(r) for rules in t.chains.values() for r in rules):
+        return True
+    if isinstance(what, dict):
+        verdict = next(iter(what.values()))["target"]
+        return any(isinstance(e, nftables.MapEntry) and e.value == nftables.Jump(verdict) for s in t.sets.values() for e in s)
+    return False
 
 
 class FakeNft:

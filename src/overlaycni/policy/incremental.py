@@ -1,0 +1,561 @@
+"""NetworkPolicy for one node, kept up to date by what changed (pure).
+
+Design note
+-----------
+``render.render_node`` turns the whole inventory into the whole table: the
+reference, and what a full pass applies. ``NodePolicy`` holds the same table
+as state and changes it by the change: a pod's labels, address or ports, a
+namespace's labels, one policy added, changed or removed. It recomputes only
+the selections that change can affect and yields the nftables commands that
+bring the applied table to the new state (``take_changes``): element deletes
+and adds, and for a policy change the chains it touches (``flush chain`` and
+its rules again), the sets and chains that appear or go. The table it
+describes is exactly the one ``render_node`` renders for the same inventory
+(same chains, rules in the same order, same sets and elements), which the
+tests check after random sequences of changes.
+
+Indexes (what makes a change cost what it touches):
+- a policy compiles once (its chains, jump rules, selections, named ports:
+  the render's own ``_Builder``), keyed by the policy itself;
+- a selection (``render.Selection``) is shared by every policy that uses it
+  and counted; its members are kept as addresses (counted, so two pods of
+  one address stay correct);
+- namespace-scoped selections are indexed by namespace; namespaceSelector
+  selections by their namespace selector, and each namespace keeps the
+  namespace selectors that match its labels, found through an index from a
+  selector's first ``matchLabels`` pair (selectors without one are tried on
+  every namespace). A pod's selections are then those of its own namespace
+  plus those of the namespace selectors matching it: a handful, whatever the
+  size of the cluster;
+- each pod remembers its selections, so its old place is known without
+  evaluating anything again.
+
+Costs: a pod change is O(selections of its namespace + namespace-selector
+selections matching its namespace + named ports in use); a namespace label
+change is O(namespace selectors + its pods x the selections that flipped);
+a policy change is O(its rules + the pods of its namespace + the members of
+a selection it is the first to use).
+
+Not modelled, so ``exact`` turns False and the caller renders whole: two pods
+of one address (IPAM never hands out one address twice; the render would keep
+only one verdict map entry).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from ..dataplane import nftables as nft
+from ..dataplane.policytable import FAMILY, TABLE
+from .engine import Cluster
+from .model import NAMESPACE_NAME_LABEL, NamespaceInfo, NetworkPolicy, PodInfo
+from .render import _DIR, Selection, _addr, _Builder, _digest
+from .selectors import LabelSelector
+
+_T = {"family": FAMILY, "table": TABLE}
+_ADDR = "ipv4_addr"
+_NP_TYPE = ["ipv4_addr", "inet_service"]
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One direction of one compiled policy."""
+
+    ns_chain: str  # eg-ns-<ns> / in-ns-<ns>
+    target: Selection  # the pods it isolates
+    chain: str  # its own chain (present only with a body)
+    body: tuple[dict, ...]  # {"expr", "comment"} rules; empty: no chain, no jump
+    jump: dict | None  # its rule in the namespace chain
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one policy contributes to the table (a pure function of it)."""
+
+    sides: dict[str, _Side]  # direction -> side, for the directions it affects
+    sets: dict[str, Selection]  # set name -> selection
+    named_ports: frozenset[tuple[str, str]]  # (proto, name)
+
+
+def compile_policy(pol: NetworkPolicy) -> _Part:
+    """The render's compile of one policy (same builder, same order)."""
+    b = _Builder(Cluster.of((), ()), [])
+    sides = {}
+    for direction, (tag, own_field, peer_field, _) in _DIR.items():
+        if not pol.affects(direction):
+            continue
+        target = Selection(pol.namespace, None, pol.pod_selector)
+        chain = f"{tag}-{_digest(pol.key)}"
+        body = []
+        for i, rule in enumerate(pol.rules(direction)):
+            comment = f"{pol.key} {direction.lower()}[{i}]"
+            for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
+                body.append({"expr": exprs + [{"accept": None}], "comment": comment})
+        jump = None
+        if body:
+            jump = {"expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(chain)], "comment": pol.key}
+        sides[direction] = _Side(f"{tag}-ns-{pol.namespace}", target, chain, tuple(body), jump)
+    return _Part(sides, dict(b.sets), frozenset(b.named_ports))
+
+
+def _ns_chain_rules(direction: str, jumps: list[dict]) -> tuple[dict, ...]:
+    deny = {"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction.lower()}"}
+    return (*jumps, deny)
+
+
+class NodePolicy:
+    """The policy table of ``node``: build it from an inventory, change it by
+    pods, namespaces and policies, take the nftables commands of each change."""
+
+    def __init__(
+        self, node: str, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+    ) -> None:
+        self.node = node
+        self.pods: dict[str, PodInfo] = {}
+        self.namespaces: dict[str, NamespaceInfo] = {}
+        self.policies: dict[str, NetworkPolicy] = {}
+        self._parts: dict[str, _Part] = {}
+        self._ip_pods: Counter[IPv4Address] = Counter()
+        self._pods_by_ns: dict[str, set[str]] = defaultdict(set)
+        # selections: uses by policies, members (address -> count), indexes
+        self._sel_uses: Counter[Selection] = Counter()
+        self._members: dict[Selection, Counter[IPv4Address]] = {}
+        self._pod_sels: dict[str, set[Selection]] = {}
+        self._by_ns: dict[str, set[Selection]] = defaultdict(set)
+        self._by_nsel: dict[LabelSelector, set[Selection]] = defaultdict(set)
+        self._nsel_index: dict[tuple[str, str] | None, set[LabelSelector]] = defaultdict(set)
+        self._ns_match: dict[str, set[LabelSelector]] = {}
+        self._targets: dict[str, Counter[Selection]] = {d: Counter() for d in _DIR}
+        # table objects: sets (name -> selection), named ports, chains, verdict maps
+        self._set_uses: Counter[str] = Counter()
+        self._set_sel: dict[str, Selection] = {}
+        self._np_uses: Counter[tuple[str, str]] = Counter()
+        self._np_elems: dict[tuple[str, str], Counter[tuple[IPv4Address, int]]] = {}
+        self._ns_pols: dict[tuple[str, str], set[str]] = defaultdict(set)  # (direction, ns) -> policy keys
+        self.chains: dict[str, tuple[dict, ...]] = {}
+        self._isolated: dict[str, dict[str, str]] = {d: {} for d in _DIR}  # direction -> local pod key -> ns chain
+        # what the applied table is, and what changed since
+        self._applied_chains: dict[str, tuple[dict, ...]] = {}
+        self._applied_sets: dict[str, bool] = {}  # the names of the applied sets and maps
+        self._touched_chains: set[str] = set()
+        self._touched_sets: set[str] = set()
+        self._adds: dict[str, set] = defaultdict(set)
+        self._dels: dict[str, set] = defaultdict(set)
+        self._remade: set[str] = set()  # applied sets that went and came back: replaced whole
+        self._set_names: dict[Selection, str] = {}
+        # Policies first (no pods: nothing to scan), then namespaces and pods
+        # (each finds its selections through the indexes), then the chains
+        # of each namespace and the verdict maps once.
+        self._building = True
+        for pol in policies:
+            self.set_policy(pol)
+        for ns in namespaces:
+            self.set_namespace(ns)
+        for pod in pods:
+            self.set_pod(pod)
+        self._building = False
+        for direction, namespace in list(self._ns_pols):
+            self._ns_chain(direction, namespace)
+        for key, pod in self.pods.items():
+            if pod.node == node:
+                self._isolate(key)
+        self.mark_applied()
+
+    # ----- what the table holds ---------------------------------------------------------
+
+    @property
+    def exact(self) -> bool:
+        """False when the inventory has what this model does not follow the
+        render in (two pods of one address): render the table whole."""
+        return all(n == 1 for n in self._ip_pods.values())
+
+    def set_names(self) -> list[str]:
+        """Every set and map of the table."""
+        return [*self._set_sel, *(f"np-{p}-{n}" for p, n in self._np_elems), *(f"{d[3]}-pods" for d in _DIR.values())]
+
+    def set_view(self, name: str) -> tuple[Any, frozenset] | None:
+        """Set or map ``name``: (declared type, elements); None: no such set."""
+        if name in self._set_sel:
+            return _ADDR, frozenset(self._members[self._set_sel[name]])
+        if name.startswith("np-"):
+            proto, _, pname = name[3:].partition("-")
+            elems = self._np_elems.get((proto, pname))
+            return None if elems is None else (_NP_TYPE, frozenset(elems))
+        for direction, (_, _, _, base) in _DIR.items():
+            if name == f"{base}-pods":
+                return "verdict", frozenset(self._map_entry(direction, k) for k in self._isolated[direction])
+        return None
+
+    def sets(self) -> dict[str, tuple[Any, frozenset]]:
+        """Every set and map: name -> (declared type, elements)."""
+        return {name: view for name in self.set_names() if (view := self.set_view(name)) is not None}
+
+    def _map_entry(self, direction: str, key: str) -> nft.MapEntry:
+        return nft.MapEntry(self.pods[key].ip, nft.Jump(self._isolated[direction][key]))
+
+    def _set_name(self, sel: Selection) -> str:
+        name = self._set_names.get(sel)
+        if name is None:
+            name = self._set_names[sel] = sel.set_name
+        return name
+
+    def _ns_labels(self, ns: str):
+        rec = self.namespaces.get(ns)
+        return rec.labels if rec is not None else {NAMESPACE_NAME_LABEL: ns}
+
+    # ----- element bookkeeping ----------------------------------------------------------
+
+    def _elem(self, name: str, elem: Any, *, add: bool) -> None:
+        if name in self._remade or (name in self._touched_sets and name not in self._applied_sets):
+            return  # a set new in this change is added whole
+        this, other = (self._adds, self._dels) if add else (self._dels, self._adds)
+        if elem in other[name]:
+            other[name].discard(elem)
+        else:
+            this[name].add(elem)
+
+    def _count(self, counter: Counter, key: Any, name: str | None, elem: Any, delta: int) -> None:
+        """Count ``key`` in ``counter`` by ``delta``; the element ``elem`` of
+        set ``name`` appears at the first count and goes with the last."""
+        before = counter[key]
+        counter[key] = before + delta
+        if counter[key] <= 0:
+            del counter[key]
+        if name is not None and (before == 0) != (counter[key] == 0):
+            self._elem(name, elem, add=before == 0)
+
+    # ----- namespaces and the namespace-selector index ------------------------------------
+
+    def _nsel_candidates(self, labels) -> set[LabelSelector]:
+        out = {s for s in self._nsel_index.get(None, ()) if s.matches(labels)}
+        for pair in labels.items():
+            out.update(s for s in self._nsel_index.get(pair, ()) if s.matches(labels))
+        return out
+
+    def _matching_nsels(self, ns: str) -> set[LabelSelector]:
+        got = self._ns_match.get(ns)
+        if got is None:
+            got = self._ns_match[ns] = self._nsel_candidates(self._ns_labels(ns))
+        return got
+
+    def set_namespace(self, ns: NamespaceInfo) -> None:
+        if self.namespaces.get(ns.name) == ns:
+            return
+        self.namespaces[ns.name] = ns
+        self._namespace_changed(ns.name)
+
+    def remove_namespace(self, name: str) -> None:
+        if self.namespaces.pop(name, None) is not None:
+            self._namespace_changed(name)
+
+    def _namespace_changed(self, name: str) -> None:
+        old = self._ns_match.pop(name, set())
+        new = self._matching_nsels(name)
+        flipped = [s for nsel in old ^ new for s in self._by_nsel.get(nsel, ())]
+        for key in self._pods_by_ns.get(name, ()):
+            pod = self.pods[key]
+            for sel in flipped:
+                self._place(key, pod, sel, sel.pod_selector.matches(pod.labels) and sel.namespace_selector in new)
+
+    # ----- pods ------------------------------------------------------------------------------
+
+    def _selections_of(self, pod: PodInfo) -> set[Selection]:
+        out = {s for s in self._by_ns.get(pod.namespace, ()) if s.pod_selector.matches(pod.labels)}
+        for nsel in self._matching_nsels(pod.namespace):
+            out.update(s for s in self._by_nsel[nsel] if s.pod_selector.matches(pod.labels))
+        return out
+
+    def _place(self, key: str, pod: PodInfo, sel: Selection, member: bool) -> None:
+        """Put ``pod`` in (or out of) ``sel``'s members."""
+        sels = self._pod_sels.setdefault(key, set())
+        if member == (sel in sels):
+            return
+        (sels.add if member else sels.discard)(sel)
+        name = self._set_name(sel)
+        self._count(self._members[sel], pod.ip, name if name in self._set_sel else None, pod.ip, 1 if member else -1)
+        if pod.node == self.node and not self._building and any(self._targets[d][sel] for d in _DIR):
+            self._isolate(key)
+
+    def _isolate(self, key: str) -> None:
+        """The verdict map entries of local pod ``key`` from its selections."""
+        pod = self.pods.get(key)
+        sels = self._pod_sels.get(key, set())
+        for direction, (tag, _, _, base) in _DIR.items():
+            now = self._isolated[direction]
+            was = now.get(key)
+            want = f"{tag}-ns-{pod.namespace}" if pod is not None and any(self._targets[direction][s] for s in sels) else None
+            if was == want:
+                continue
+            if was is not None:
+                self._elem(f"{base}-pods", self._map_entry(direction, key), add=False)
+                del now[key]
+            if want is not None:
+                now[key] = want
+                self._elem(f"{base}-pods", self._map_entry(direction, key), add=True)
+
+    def _named_ports(self, pod: PodInfo, np: tuple[str, str]) -> tuple[IPv4Address, int] | None:
+        port = pod.named_port(np[1], np[0].upper())
+        return None if port is None else (pod.ip, port)
+
+    def set_pod(self, pod: PodInfo) -> None:
+        if self.pods.get(pod.key) == pod:
+            return
+        self.remove_pod(pod.namespace, pod.name)
+        key = pod.key
+        self.pods[key] = pod
+        self._ip_pods[pod.ip] += 1
+        self._pods_by_ns[pod.namespace].add(key)
+        for sel in self._selections_of(pod):
+            self._place(key, pod, sel, True)
+        for np in self._np_uses:
+            if (e := self._named_ports(pod, np)) is not None:
+                self._count(self._np_elems[np], e, f"np-{np[0]}-{np[1]}", e, 1)
+        if pod.node == self.node and not self._building:
+            self._isolate(key)
+
+    def remove_pod(self, namespace: str, name: str) -> None:
+        key = f"{namespace}/{name}"
+        pod = self.pods.get(key)
+        if pod is None:
+            return
+        for sel in list(self._pod_sels.get(key, ())):
+            self._place(key, pod, sel, False)
+        for np in self._np_uses:
+            if (e := self._named_ports(pod, np)) is not None:
+                self._count(self._np_elems[np], e, f"np-{np[0]}-{np[1]}", e, -1)
+        if pod.node == self.node:
+            self._isolate_gone(key)
+        del self.pods[key]
+        self._pod_sels.pop(key, None)
+        self._ip_pods[pod.ip] -= 1
+        if not self._ip_pods[pod.ip]:
+            del self._ip_pods[pod.ip]
+        ns_pods = self._pods_by_ns[namespace]
+        ns_pods.discard(key)
+        if not ns_pods:
+            del self._pods_by_ns[namespace]
+
+    def _isolate_gone(self, key: str) -> None:
+        for direction, (_, _, _, base) in _DIR.items():
+            if key in self._isolated[direction]:
+                self._elem(f"{base}-pods", self._map_entry(direction, key), add=False)
+                del self._isolated[direction][key]
+
+    # ----- policies -------------------------------------------------------------------------
+
+    def set_policy(self, pol: NetworkPolicy) -> None:
+        old = self.policies.get(pol.key)
+        if old == pol:
+            return
+        part = compile_policy(pol)
+        self._use(part, 1)  # the new uses first, so that shared selections never drop to zero
+        if old is not None:
+            self._use(self._parts[pol.key], -1)
+        self.policies[pol.key], self._parts[pol.key] = pol, part
+        self._policy_changed(pol.key, pol.namespace)
+
+    def remove_policy(self, namespace: str, name: str) -> None:
+        key = f"{namespace}/{name}"
+        if self.policies.pop(key, None) is None:
+            return
+        self._use(self._parts.pop(key), -1)
+        self._policy_changed(key, namespace)
+
+    def _policy_changed(self, key: str, namespace: str) -> None:
+        """The policy's own chains, its namespace's chains, and the verdict map
+        entries of the namespace's local pods."""
+        part = self._parts.get(key)
+        for direction, (tag, _, _, _) in _DIR.items():
+            side = part.sides.get(direction) if part is not None else None
+            self._set_chain(f"{tag}-{_digest(key)}", side.body if side is not None and side.body else None)
+            pols = self._ns_pols[(direction, namespace)]
+            (pols.add if side is not None else pols.discard)(key)
+            if not self._building:
+                self._ns_chain(direction, namespace)
+        if not self._building:
+            for k in self._pods_by_ns.get(namespace, ()):
+                if self.pods[k].node == self.node:
+                    self._isolate(k)
+
+    def _ns_chain(self, direction: str, namespace: str) -> None:
+        keys = sorted(self._ns_pols.get((direction, namespace), ()))
+        name = f"{_DIR[direction][0]}-ns-{namespace}"
+        if not keys:
+            self._ns_pols.pop((direction, namespace), None)
+            self._set_chain(name, None)
+            return
+        jumps = [j for k in keys if (j := self._parts[k].sides[direction].jump) is not None]
+        deny = {"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction.lower()}"}
+        self._set_chain(name, (*jumps, deny))
+
+    def _use(self, part: _Part, delta: int) -> None:
+        """Count the selections, sets and named ports of ``part`` in (1) or out (-1)."""
+        for direction, side in part.sides.items():
+            self._use_selection(side.target, delta)
+            targets = self._targets[direction]
+            targets[side.target] += delta
+            if targets[side.target] <= 0:
+                del targets[side.target]
+        for name, sel in part.sets.items():
+            self._use_selection(sel, delta)
+            before = self._set_uses[name]
+            self._set_uses[name] = before + delta
+            if before == 0:
+                self._set_sel[name] = sel
+                self._set_changed(name)
+            elif self._set_uses[name] <= 0:
+                del self._set_uses[name]
+                del self._set_sel[name]
+                self._set_changed(name)
+        for np in part.named_ports:
+            before = self._np_uses[np]
+            self._np_uses[np] = before + delta
+            name = f"np-{np[0]}-{np[1]}"
+            if before == 0:
+                self._np_elems[np] = Counter(e for p in self.pods.values() if (e := self._named_ports(p, np)) is not None)
+                self._set_changed(name)
+            elif self._np_uses[np] <= 0:
+                del self._np_uses[np]
+                del self._np_elems[np]
+                self._set_changed(name)
+
+    def _set_changed(self, name: str) -> None:
+        """Set ``name`` appeared or went: it is added (or deleted) whole."""
+        self._touched_sets.add(name)
+        if name in self._applied_sets:
+            self._remade.add(name)
+        self._adds.pop(name, None)
+        self._dels.pop(name, None)
+
+    def _use_selection(self, sel: Selection, delta: int) -> None:
+        before = self._sel_uses[sel]
+        self._sel_uses[sel] = before + delta
+        if before == 0 and delta > 0:
+            self._track(sel)
+        elif self._sel_uses[sel] <= 0:
+            del self._sel_uses[sel]
+            self._untrack(sel)
+
+    def _track(self, sel: Selection) -> None:
+        """Start following ``sel``: index it and find its members."""
+        self._members[sel] = Counter()
+        if sel.namespace is not None:
+            self._by_ns[sel.namespace].add(sel)
+            spaces = [sel.namespace]
+        else:
+            nsel = sel.namespace_selector
+            assert nsel is not None
+            if nsel not in self._by_nsel:
+                pair = nsel.match_labels[0] if nsel.match_labels else None
+                self._nsel_index[pair].add(nsel)
+                for ns, matched in self._ns_match.items():
+                    if nsel.matches(self._ns_labels(ns)):
+                        matched.add(nsel)
+            self._by_nsel[nsel].add(sel)
+            spaces = [ns for ns in self._pods_by_ns if nsel in self._matching_nsels(ns)]
+        for ns in spaces:
+            for key in self._pods_by_ns.get(ns, ()):
+                pod = self.pods[key]
+                if sel.pod_selector.matches(pod.labels):
+                    self._pod_sels.setdefault(key, set()).add(sel)
+                    self._members[sel][pod.ip] += 1
+
+    def _untrack(self, sel: Selection) -> None:
+        members = self._members.pop(sel)
+        if sel.namespace is not None:
+            self._by_ns[sel.namespace].discard(sel)
+            spaces = [sel.namespace]
+        else:
+            nsel = sel.namespace_selector
+            assert nsel is not None
+            spaces = [ns for ns in self._pods_by_ns if nsel in self._matching_nsels(ns)]
+            self._by_nsel[nsel].discard(sel)
+            if not self._by_nsel[nsel]:
+                del self._by_nsel[nsel]
+                pair = nsel.match_labels[0] if nsel.match_labels else None
+                self._nsel_index[pair].discard(nsel)
+                for matched in self._ns_match.values():
+                    matched.discard(nsel)
+        if members:
+            for ns in spaces:
+                for key in self._pods_by_ns.get(ns, ()):
+                    self._pod_sels.get(key, set()).discard(sel)
+
+    def _set_chain(self, name: str, rules: tuple[dict, ...] | None) -> None:
+        if rules is None:
+            if self.chains.pop(name, None) is not None:
+                self._touched_chains.add(name)
+        elif self.chains.get(name) != rules:
+            self.chains[name] = rules
+            self._touched_chains.add(name)
+
+    # ----- the commands of a change ----------------------------------------------------------
+
+    def mark_applied(self) -> None:
+        """The kernel holds this state (a full render of it was applied)."""
+        self._applied_chains = dict(self.chains)
+        self._applied_sets = dict.fromkeys(self.set_names(), True)
+        self._touched_chains.clear()
+        self._touched_sets.clear()
+        self._remade.clear()
+        self._adds.clear()
+        self._dels.clear()
+
+    def take_changes(self) -> list[dict]:
+        """The commands (one transaction) from the applied table to this
+        state; afterwards this state counts as applied. Empty: no change.
+
+        Order: flush the chains that change or go (their rules drop their
+        references), delete elements, delete the chains and sets that go,
+        add the sets (whole) and chains that come, add the rules of the
+        chains that come or change, add elements."""
+        o = functools.partial(nft.obj, family=FAMILY, table=TABLE)
+        current = {n: view for n in self._touched_sets if (view := self.set_view(n)) is not None}
+        chains_gone = sorted(n for n in self._touched_chains if n in self._applied_chains and n not in self.chains)
+        chains_new = sorted(n for n in self._touched_chains if n in self.chains and n not in self._applied_chains)
+        chains_changed = sorted(
+            n
+            for n in self._touched_chains
+            if n in self.chains and n in self._applied_chains and self.chains[n] != self._applied_chains[n]
+        )
+        sets_gone = sorted(n for n in self._touched_sets if n in self._applied_sets and (n not in current or n in self._remade))
+        sets_new = sorted(n for n in self._touched_sets if n in current and (n not in self._applied_sets or n in self._remade))
+        cmds: list[dict] = [{"flush": o("chain", name=n)} for n in chains_changed + chains_gone]
+        for name in sorted(self._dels):
+            cmds += nft.element_commands("delete", FAMILY, TABLE, name, self._dels[name])
+        cmds += [{"delete": o("chain", name=n)} for n in chains_gone]
+        cmds += [{"delete": o("set", name=n)} for n in sets_gone]  # the verdict maps never go
+        for name in sets_new:
+            decl, elems = current[name]
+            cmds.append({"add": o("set", name=name, type=decl)})
+            cmds += nft.element_commands("add", FAMILY, TABLE, name, elems)
+        cmds += [{"add": o("chain", name=n)} for n in chains_new]
+        for name in sorted(chains_new + chains_changed):
+            cmds += [_rule(name, r) for r in self.chains[name]]
+        for name in sorted(self._adds):
+            cmds += nft.element_commands("add", FAMILY, TABLE, name, self._adds[name])
+        for n in self._touched_chains:
+            if n in self.chains:
+                self._applied_chains[n] = self.chains[n]
+            else:
+                self._applied_chains.pop(n, None)
+        for n in self._touched_sets:
+            if n in current:
+                self._applied_sets[n] = True
+            else:
+                self._applied_sets.pop(n, None)
+        self._touched_chains.clear()
+        self._touched_sets.clear()
+        self._remade.clear()
+        self._adds.clear()
+        self._dels.clear()
+        return cmds
+
+
+def _rule(chain: str, rule: dict) -> dict:
+    return {"add": {"rule": {**_T, "chain": chain, "expr": rule["expr"], "comment": rule["comment"][:128]}}}
