@@ -1,12 +1,25 @@
-"""NetworkPolicy cost: compile + render, rule and set-element counts, apply
-time, and the incremental update for one pod label change.
+"""NetworkPolicy cost at scale: a change re-rendered whole (the baseline)
+against the same change applied incrementally (``policy.incremental``).
 
-Two synthetic clusters in the same run: the baseline (1,000 pods, 250
-policies) and the target (2,000 pods, 500 policies); every number of the
-target is printed with its ratio to the baseline (2.0 = linear growth).
-The incremental label change is also shown as a ratio of the full apply.
+Synthetic clusters of 40 pods and 10 policies per namespace, from 1,000
+pods / 250 policies to 10,000 / 2,500, spread over ``--nodes`` nodes; the
+table is node-0's. For each size, in the same run:
 
-Runs as root: apply times are measured inside a scratch network namespace
+* full render: ``render_node`` of the whole inventory (compile + render), and
+  building the incremental state (``NodePolicy``) from the same inventory;
+* a pod label change (app0 -> app1, the pod moves between selector sets),
+  a namespace label change (tier, which namespaceSelectors pick) and a
+  policy change (one port more in one policy's ingress rule), each
+  end to end: baseline = render the whole table again, diff it against the
+  applied render, apply (a policy change is a whole-table apply: the chains
+  differ); incremental = tell the state what changed, take its commands,
+  apply them;
+
+every figure a median of ``--runs`` runs (min-max), ratios against the
+baseline of the same size in the same run. Each change is made and undone
+alternately, so every run starts from the same table.
+
+Runs as root: the tables are applied inside a scratch network namespace
 (``oct-bench-<hex>``) created here and deleted at the end; nothing touches
 the host's namespace. Without root only the pure part runs. With iperf3,
 two pod namespaces on one node namespace (veth) measure throughput
@@ -17,7 +30,7 @@ flow logged, while the agent's flow log collector reads the NFLOG group.
 Rounds alternate the tables; medians, per-round ratio spreads, and the
 on/off ratios (aims: throughput >= 0.95, connections >= 0.9) are printed.
 
-    .venv/bin/python bench/policy.py [--nodes 10] [--repeat 3]
+    .venv/bin/python bench/policy.py [--nodes 10] [--runs 3] [--sizes 1000,2000,5000,10000]
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -42,7 +56,8 @@ from overlaycni.agent.metrics import AgentMetrics
 from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.policy import allowed, parse_policies
 from overlaycni.policy.flowlog import FlowLogSpec
-from overlaycni.policy.model import NamedPort, NamespaceInfo, PodInfo
+from overlaycni.policy.incremental import NodePolicy
+from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, PolicyPort
 from overlaycni.policy.render import counts, diff_render, render_node
 
 PODS_PER_NS = 40
@@ -60,7 +75,7 @@ def cluster(pods: int, policies: int, nodes: int):
     for i in range(pods):
         ns = namespaces[i // PODS_PER_NS].name
         node = i % nodes
-        ip = IPv4Address(f"10.244.{node}.{2 + i // nodes}")
+        ip = IPv4Address(int(IPv4Address("10.244.0.0")) + node * 4096 + 2 + i // nodes)  # a /20 per node
         labels = {"app": f"app{i % APPS}", "version": f"v{i % 3}"}
         ports = (NamedPort("http", 8080), NamedPort("metrics", 9090), NamedPort("dns", 53, "UDP"))
         out_pods.append(PodInfo(ns, f"pod{i}", ip, f"node-{node}", labels, ports))
@@ -95,15 +110,6 @@ spec:
     return namespaces, out_pods, "---\n".join(docs)
 
 
-def best(fn, repeat: int):
-    times, result = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
-
-
 def apply_document(doc: dict, *, netns: str) -> None:
     """One atomic nft transaction in ``netns``, the way the agent applies it
     (the data plane's policy table port: libnftables on the namespace worker)."""
@@ -116,47 +122,93 @@ def apply_document(doc: dict, *, netns: str) -> None:
 _dataplanes: dict[str, LinuxDataplane] = {}
 
 
-def measure(pods: int, policies: int, *, nodes: int, repeat: int, netns: str | None) -> dict:
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | None) -> dict:
+    """Every figure of one size: {name: [seconds of each run]} plus counts."""
     namespaces, pod_list, text = cluster(pods, policies, nodes)
-    t_parse, pols = best(lambda: parse_policies(text), repeat)
-    t_render, doc = best(lambda: render_node("node-0", pods=pod_list, namespaces=namespaces, policies=pols), repeat)
+    pols = parse_policies(text)
+    node = "node-0"
+    kernel = (lambda doc: apply_document(doc, netns=netns)) if netns else (lambda doc: None)
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        out.setdefault(name, []).append(seconds)
+
+    doc = render_node(node, pods=pod_list, namespaces=namespaces, policies=pols)
     rules, elements = counts(doc)
-    r = {"pods": pods, "policies": policies, "parse_s": t_parse, "render_s": t_render, "rules": rules, "elements": elements}
-    # a label change of one pod on this node: app0 -> app1 (moves between selector sets)
-    idx = next(i for i, p in enumerate(pod_list) if p.node == "node-0" and p.labels["app"] == "app0")
-    changed = list(pod_list)
-    changed[idx] = replace(pod_list[idx], labels={**pod_list[idx].labels, "app": "app1"})
+    # the three changes, each with its undo
+    idx = next(i for i, p in enumerate(pod_list) if p.node == node and p.labels["app"] == "app0")
+    pod, moved = pod_list[idx], replace(pod_list[idx], labels={**pod_list[idx].labels, "app": "app1"})
+    ns_i = 0
+    ns_old = namespaces[ns_i]
+    ns_new = NamespaceInfo(ns_old.name, {**ns_old.labels, "tier": "db" if ns_old.labels["tier"] != "db" else "web"})
+    pol_i = next(i for i, p in enumerate(pols) if p.namespace == pod.namespace)
+    pol_old = pols[pol_i]
+    rule0 = pol_old.ingress[0]
+    pol_new = replace(pol_old, ingress=(replace(rule0, ports=(*rule0.ports, PolicyPort("TCP", 7070))), *pol_old.ingress[1:]))
 
-    def incremental():
-        new = render_node("node-0", pods=changed, namespaces=namespaces, policies=pols)
-        return diff_render(doc, new)
+    def inventory(p: PodInfo, ns: NamespaceInfo, pol: NetworkPolicy):
+        ps = list(pod_list)
+        ps[idx] = p
+        nss = list(namespaces)
+        nss[ns_i] = ns
+        qs = list(pols)
+        qs[pol_i] = pol
+        return ps, nss, qs
 
-    t_diff, diff = best(incremental, repeat)
-    assert diff is not None, "a label change must not need a full apply"
-    r["diff_s"] = t_diff
-    r["diff_elements"] = counts(diff)[1]
+    changes = {
+        "pod label": ((pod, ns_old, pol_old), (moved, ns_old, pol_old), lambda st, inv: st.set_pod(inv[0][idx])),
+        "namespace label": ((pod, ns_old, pol_old), (pod, ns_new, pol_old), lambda st, inv: st.set_namespace(inv[1][ns_i])),
+        "policy": ((pod, ns_old, pol_old), (pod, ns_old, pol_new), lambda st, inv: st.set_policy(inv[2][pol_i])),
+    }
+    for _ in range(runs):
+        add("full render", _timed(lambda: render_node(node, pods=pod_list, namespaces=namespaces, policies=pols)))
+        t0 = time.perf_counter()
+        state = NodePolicy(node, pods=pod_list, namespaces=namespaces, policies=pols)
+        add("incremental build", time.perf_counter() - t0)
+        if netns:
+            add("full apply", _timed(lambda: kernel(doc)))
+        for name, (before, after, tell) in changes.items():
+            # baseline: render whole, diff against the applied render, apply (whole when the chains differ)
+            kernel(doc)
+            applied = doc
+            for target in (after, before):
+                ps, nss, qs = inventory(*target)
+
+                def whole(ps=ps, nss=nss, qs=qs, applied=applied) -> dict:
+                    new = render_node(node, pods=ps, namespaces=nss, policies=qs)
+                    update = diff_render(applied, new)
+                    kernel(new if update is None else update)
+                    return new
+
+                t0 = time.perf_counter()
+                applied = whole()
+                add(f"{name}: re-render", time.perf_counter() - t0)
+            # incremental: tell the state, take its commands, apply them
+            for target in (after, before):
+                inv = inventory(*target)
+                t0 = time.perf_counter()
+                tell(state, inv)
+                cmds = state.take_changes()
+                if cmds:
+                    kernel({"nftables": cmds})
+                add(f"{name}: incremental", time.perf_counter() - t0)
+                add(f"{name}: commands", float(len(cmds)))
     if netns:
-        t_apply, _ = best(lambda: apply_document(doc, netns=netns), repeat)
-        r["apply_s"] = t_apply
-
-        def label_change_in_kernel():
-            apply_document(doc, netns=netns)
-            t0 = time.perf_counter()
-            update = incremental()  # what an agent does on the event: render, diff, apply
-            t1 = time.perf_counter()
-            apply_document(update, netns=netns)
-            t2 = time.perf_counter()
-            return t2 - t1, t2 - t0
-
-        results = [label_change_in_kernel() for _ in range(repeat)]
-        r["label_change_nft_s"] = min(a for a, _ in results)
-        r["label_change_s"] = min(b for _, b in results)
         listed = subprocess.run(
-            ["ip", "netns", "exec", netns, "nft", "list", "table", "inet", "overlaycni"],
-            capture_output=True, text=True, check=True,
+            ["ip", "netns", "exec", netns, "nft", "list", "table", "inet", "overlaycni"], capture_output=True, text=True, check=True
         ).stdout
-        assert str(changed[idx].ip) in listed
-    return r
+        assert str(pod.ip) in listed
+    return {"pods": pods, "policies": policies, "rules": rules, "elements": elements, "times": out}
 
 
 def _sh(*argv: str) -> str:
@@ -315,60 +367,71 @@ def _ratio(on: list[float], off: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="runs of every scale figure (median and min-max reported)")
+    ap.add_argument("--sizes", default="1000,2000,5000,10000", help="pod counts of the scale part (a quarter as many policies)")
     ap.add_argument("--seconds", type=int, default=2, help="length of one iperf3 or connection run")
     ap.add_argument("--rounds", type=int, default=5, help="datapath rounds, each table once per round (median reported)")
     ap.add_argument("--datapath-only", action="store_true", help="only the pod-to-pod throughput and connection rate")
+    ap.add_argument("--scale-only", action="store_true", help="only the render and change costs at scale")
     args = ap.parse_args()
     netns = None
     if os.geteuid() == 0:
         netns = "oct-bench-" + secrets.token_hex(3)
         subprocess.run(["ip", "netns", "add", netns], check=True)
-    base = big = None
+    results: list[dict] = []
     try:
         if not args.datapath_only:
-            base = measure(1000, 250, nodes=args.nodes, repeat=args.repeat, netns=netns)
-            big = measure(2000, 500, nodes=args.nodes, repeat=args.repeat, netns=netns)
+            sizes = [int(n) for n in args.sizes.split(",")]
+            results = [measure(n, n // 4, nodes=args.nodes, runs=args.runs, netns=netns) for n in sizes]
         paths = None
-        if netns and shutil.which("iperf3"):
+        if netns and shutil.which("iperf3") and not args.scale_only:
             paths = datapath(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
     finally:
         for dp in _dataplanes.values():
             dp.close()
         if netns:
             subprocess.run(["ip", "netns", "del", netns], check=False)
-    if base is not None and big is not None:
-        print_render(base, big, args)
+    if results:
+        print_scale(results, args, kernel=netns is not None)
     if paths:
         print_datapath(paths, args)
 
 
-def print_render(base: dict, big: dict, args: argparse.Namespace) -> None:
-    print(f"NetworkPolicy bench: render for one of {args.nodes} nodes; best of {args.repeat}")
-    print(f"{'metric':28} {'1000 pods/250 pol':>18} {'2000 pods/500 pol':>18} {'ratio':>7}")
-    rows = [
-        ("parse policies (s)", "parse_s"),
-        ("compile + render (s)", "render_s"),
-        ("rules", "rules"),
-        ("set + map elements", "elements"),
-        ("apply full table (s)", "apply_s"),
-        ("label change: render+diff (s)", "diff_s"),
-        ("label change: elements", "diff_elements"),
-        ("label change: nft apply (s)", "label_change_nft_s"),
-        ("label change: end to end (s)", "label_change_s"),
-    ]
-    for label, key in rows:
-        if key not in base:
-            continue
-        a, b = base[key], big[key]
-        fmt = (lambda v: f"{v:18.4f}") if isinstance(a, float) else (lambda v: f"{v:18d}")
-        print(f"{label:28} {fmt(a)} {fmt(b)} {b / a if a else float('nan'):7.2f}")
-    if "apply_s" in big:
-        print(
-            f"label change, nft part: {big['label_change_nft_s'] / big['apply_s']:.3f} x the full table apply "
-            f"({big['diff_elements']} elements vs {big['elements']})"
-        )
-    print("(ratio 2.00 = linear in pods + policies; pods x policies would give 4.00)")
+def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) -> None:
+    where = "end to end into a scratch namespace's kernel" if kernel else "pure part only (not root: nothing applied)"
+    print(f"NetworkPolicy at scale: node-0's table of {args.nodes} nodes; {where}; median of {args.runs} runs (min-max), ms")
+    head = "".join(f"{r['pods']:>7d}/{r['policies']:<5d}{'':12}" for r in results)
+    print(f"{'':30}{head}")
+    print(f"{'rules / set+map elements':30}" + "".join(f"{r['rules']:>12d} {r['elements']:<11d}" for r in results))
+
+    def row(label: str, key: str, *, ratio_to: str | None = None, scale: float = 1000.0, digits: int = 1) -> None:
+        cells = []
+        for r in results:
+            t = r["times"].get(key)
+            if not t:
+                return
+            med, lo, hi = _spread(t)
+            cell = f"{med * scale:.{digits}f} ({lo * scale:.{digits}f}-{hi * scale:.{digits}f})"
+            if ratio_to:
+                cell += f" {med / statistics.median(r['times'][ratio_to]):.3f}x"
+            cells.append(f"{cell:>24}")
+        print(f"{label:30}" + "".join(cells))
+
+    row("full render (compile+render)", "full render")
+    row("incremental build", "incremental build", ratio_to="full render")
+    row("full table apply", "full apply")
+    for change in ("pod label", "namespace label", "policy"):
+        row(f"{change}: re-render (baseline)", f"{change}: re-render")
+        row(f"{change}: incremental", f"{change}: incremental", ratio_to=f"{change}: re-render")
+        row(f"{change}: commands", f"{change}: commands", scale=1.0, digits=0)
+    first, last = results[0], results[-1]
+    grow = last["pods"] / first["pods"]
+    print(f"growth from {first['pods']} to {last['pods']} pods ({grow:.0f}x; linear = {grow:.2f}):")
+    for key in ("full render", "incremental build", "pod label: re-render", "pod label: incremental",
+                "namespace label: incremental", "policy: re-render", "policy: incremental"):  # fmt: skip
+        a, b = statistics.median(first["times"][key]), statistics.median(last["times"][key])
+        print(f"  {key:32} {b / a:6.2f}")
+    print("(x: the median as a ratio of the same change's baseline median at the same size, same run)")
 
 
 def print_datapath(paths: dict, args: argparse.Namespace) -> None:

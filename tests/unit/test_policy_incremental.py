@@ -10,6 +10,7 @@ missing set)."""
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -17,13 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlaycni.dataplane.fake import FakeNftTable, _nft_apply
-from overlaycni.dataplane.policytable import FAMILY, TABLE
+from overlaycni.agent.policy import PolicyController
+from overlaycni.dataplane.fake import FakeKernel, FakeNft, FakeNftTable, _nft_apply
+from overlaycni.dataplane.policytable import FAMILY, TABLE, PolicyTableSync
 from overlaycni.errors import DataplaneError
 from overlaycni.policy import parse_policies
 from overlaycni.policy.incremental import NodePolicy
 from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
 from overlaycni.policy.render import _digest, render_node
+from overlaycni.policy.selectors import LabelSelector
 from tests.policy_cases import CASES, build_model
 
 NODE = "node-1"
@@ -346,3 +349,71 @@ def test_fake_refuses_deleting_a_referenced_set_or_chain():
             },
             table,
         )
+
+
+# ----- the agent's policy controller: passes by what changed ------------------------------
+
+
+class Controller(PolicyController):
+    """The agent's controller with the inventory held here instead of a datastore."""
+
+    def __init__(self, inv: dict, kernel: FakeKernel) -> None:
+        super().__init__(
+            None,  # type: ignore[arg-type]
+            cluster="c1",
+            node=NODE,
+            stop=threading.Event(),
+            table=PolicyTableSync(FakeNft(kernel, family=FAMILY, table=TABLE)),
+            on_bad=lambda *a: None,
+        )
+        self.inv = inv
+
+    def load(self):
+        return list(self.inv["pods"].values()), list(self.inv["ns"].values()), list(self.inv["pol"].values())
+
+
+def test_controller_passes_follow_the_change():
+    inv = conformance("stacked-policies")
+    k = FakeKernel()
+    ctl = Controller(inv, k)
+
+    def pass_is(how: str) -> None:
+        assert ctl.sync() == how
+        same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))
+
+    pass_is("full")  # the first pass renders whole
+    pass_is("none")
+    pod = inv["pods"]["x/a"]
+    inv["pods"]["x/a"] = replace(pod, labels={"pod": "c"})
+    pass_is("elements")
+    inv["ns"]["y"] = NamespaceInfo("y", {"ns": "z"})
+    pass_is("elements")
+    extra = replace(next(iter(inv["pol"].values())), name="extra", pod_selector=LabelSelector((("pod", "b"),)))
+    inv["pol"][extra.key] = extra
+    pass_is("rules")
+    del inv["pol"][extra.key]
+    pass_is("rules")
+    assert ctl.passes == {"none": 1, "elements": 2, "rules": 2, "full": 1}
+    assert ctl.sync(full=True) == "full"  # the periodic pass replaces the table
+
+
+def test_controller_renders_whole_when_the_kernel_refuses_or_addresses_repeat():
+    inv = conformance("stacked-policies")
+    k = FakeKernel()
+    ctl = Controller(inv, k)
+    assert ctl.sync() == "full"
+    # drift: an element the next update deletes is gone already; the kernel refuses the update
+    pod = inv["pods"]["x/a"]
+    table = k.nft_table(FAMILY, TABLE)
+    holding = next(n for n, elems in table.sets.items() if pod.ip in elems)
+    table.sets[holding] = table.sets[holding] - {pod.ip}
+    inv["pods"]["x/a"] = replace(pod, ip=IPv4Address("10.244.1.77"))
+    assert ctl.sync() == "full"
+    same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))
+    # control: the same change without drift is an element update
+    inv["pods"]["x/a"] = pod
+    assert ctl.sync() == "elements"
+    # two pods of one address: the state does not follow the render there
+    inv["pods"]["x/twin"] = replace(pod, name="twin")
+    assert ctl.sync() == "full"
+    same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))

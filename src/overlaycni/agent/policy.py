@@ -11,14 +11,18 @@ Inputs, all under the cluster's prefix:
                             (or without) a metadata record.
 
 Every change under those prefixes marks the state dirty (one resumable
-watch, ``datastore.watch``); a debounced loop renders the whole table for
-this node (pure: ``policy.render``) and hands it to the data plane's
-``PolicyTable`` port, which applies only the set/map elements that changed
-when the chains are the same (a label change, a new pod), or the whole table
-atomically when they are not (a new or changed policy). A periodic full pass
-re-applies from scratch, so a table changed behind the agent's back is
-repaired. A record that does not decode is skipped and reported
-(``on_bad``); every other record is still programmed.
+watch, ``datastore.watch``); a debounced loop loads the inventory and hands
+it to the node's incremental table state (``policy.incremental.NodePolicy``),
+which changes only what the changed pods, namespaces and policies touch and
+yields the commands of that change: set and map elements for a label, an
+address or a new pod; the policy's chains and the sets it alone uses for a
+policy. They go to the data plane's ``PolicyTable`` port in one transaction
+(``update``). The first pass, a periodic full pass, a pass after a refused
+update and an inventory the state does not follow exactly (two pods of one
+address) render the whole table instead (``policy.render``) and replace it
+atomically, so a table changed behind the agent's back is repaired. A
+record that does not decode is skipped and reported (``on_bad``); every
+other record is still programmed.
 
 A new pod is never unprotected: while the cluster has any NetworkPolicy, a
 CNI ADD calls ``programmed()`` after attaching the pod and returns only once
@@ -44,9 +48,10 @@ from ..dataplane.ports import PolicyTable
 from ..datastore import Event, Store
 from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespaces_prefix, pods_prefix, policies_prefix
 from ..datastore.watch import watch_loop
-from ..errors import DeadlineExceeded, OverlayCNIError, PolicyApplyError
+from ..errors import DataplaneError, DeadlineExceeded, OverlayCNIError, PolicyApplyError
 from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
 from ..policy.flowlog import FlowLogSpec
+from ..policy.incremental import NodePolicy
 from ..policy.stored import join_inventory as inventory
 
 log = logging.getLogger(__name__)
@@ -93,7 +98,8 @@ class PolicyController:
         # logs on the table holds every local pod, so every event counts.
         self.has_policies = True
         self.last_error: str | None = None
-        self.passes = {"none": 0, "elements": 0, "full": 0}
+        self.passes = {"none": 0, "elements": 0, "rules": 0, "full": 0}
+        self.state: NodePolicy | None = None  # the table as the kernel holds it (None: unknown)
         self._last_full = 0.0
         # pass numbering for programmed(): started, last applied, last failed (+ why)
         self._passes = threading.Condition()
@@ -111,20 +117,44 @@ class PolicyController:
         return pods, namespaces, policies
 
     def sync(self, *, full: bool = False) -> str:
+        """One pass: "none", "elements" or "rules" (an incremental update),
+        or "full" (the whole table replaced)."""
         pods, namespaces, policies = self.load()
         if self.on_inventory is not None:
             self.on_inventory(pods, namespaces, policies)
-        if full:
+        how = None if full else self._incremental(pods, namespaces, policies)
+        if how is None:
+            self.state = None
             self.table.reset()  # re-apply everything: repairs a table changed behind our back
-        doc = render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
-        if self.before_apply is not None:
-            self.before_apply()
-        how = self.table.sync(doc)
+            doc = render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+            if self.before_apply is not None:
+                self.before_apply()  # a whole-table replace restarts the flow log's counter
+            how = self.table.sync(doc)
+            self.state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":
             log.info("policy: %s update (%d policies, %d pods)", how, len(policies), len(pods))
         return how
+
+    def _incremental(self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[NetworkPolicy]) -> str | None:
+        """Apply only what changed since the last pass; None: render whole instead."""
+        state = self.state
+        if state is None:
+            return None
+        state.update(pods=pods, namespaces=namespaces, policies=policies)
+        if not state.exact:
+            return None
+        commands = state.take_changes()
+        if not commands:
+            return "none"
+        try:
+            self.table.update(commands, render=lambda: render_node(self.node, pods=pods, namespaces=namespaces, policies=policies))
+        except DataplaneError as exc:
+            log.warning("policy: incremental update refused (%s); replacing the table", exc)
+            return None
+        only_elements = all("element" in body for cmd in commands for body in cmd.values())
+        return "elements" if only_elements else "rules"
 
     def programmed(self) -> None:
         """Return once a pass that started after this call has reached the

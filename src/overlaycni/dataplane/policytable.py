@@ -15,6 +15,15 @@ table is applied instead. A failure leaves the image unknown, so the next
 sync replaces the table. Crash safety: the kernel is the only state; a
 restarted agent's first sync is a full replace.
 
+An incremental caller (the agent's policy controller, ``policy.incremental``)
+keeps the table's state itself and hands ``update`` only the commands of a
+change: element deletes and adds, and for a policy change the chains and
+sets it touches. It replaces the table through ``sync`` after ``reset`` on
+its first pass, periodically, and whenever ``update`` is refused. An update
+that changes chains or sets lists the table back once (its structure's
+digest, for ``repair``); ``repair`` renders the table the updates built
+(``update`` is handed how) before comparing it with the kernel's.
+
 Rejected: listing the table back before each update (a dump of every set per
 label change) and per-pod chains (see ``policy.render``). The table never
 touches ``ip overlaycni`` (the node table), nor the other way round.
@@ -30,6 +39,7 @@ doing, not drift.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import DataplaneError
@@ -51,7 +61,8 @@ class PolicyTableSync:
     def __init__(self, nft: NftRuleset) -> None:
         self.nft = nft
         self.applied: NftState | None = None  # image of the last render the kernel took
-        self.last: dict[str, Any] | None = None  # that render (repair re-applies it without the datastore)
+        # that render (repair re-applies it without the datastore); a callable after incremental updates
+        self.last: dict[str, Any] | Callable[[], dict[str, Any]] | None = None
         self.digest: str | None = None  # the table's structure as listed after the last full apply
 
     def sync(self, render: dict[str, Any]) -> str:
@@ -86,6 +97,10 @@ class PolicyTableSync:
         nothing was ever applied)."""
         if self.last is None or self.applied is None:
             return None
+        if callable(self.last):  # incremental updates since the last whole render: render what they built
+            self.last = self.last()
+            self.applied = nftables.image(self.last)
+        last = self.last
         have = self.nft.get_table()
         if have is None:
             why = "missing"
@@ -96,11 +111,29 @@ class PolicyTableSync:
         else:
             return None
         try:
-            self._full(self.last)
+            self._full(last)
         except BaseException:
             self.applied = None
             raise
         return why
+
+    def update(self, commands: list[dict[str, Any]], *, render: Callable[[], dict[str, Any]]) -> None:
+        """Apply the changes an incremental state computed against what it
+        knows the kernel holds (``policy.incremental``), in one transaction.
+        ``render``: the whole table the kernel holds then (rendered only if a
+        repair needs it). Raises ``PolicyApplyError`` when the kernel refuses
+        (it drifted): the caller then applies a whole render."""
+        try:
+            self.nft.apply(commands)
+            if any("element" not in body for cmd in commands for body in cmd.values()):
+                listed = self.nft.get_table()  # chains or sets changed: the structure's new digest
+                self.digest = listed.digest if listed is not None else None
+        except BaseException:
+            self.applied = None  # unknown kernel state: the next sync applies everything
+            raise
+        self.last = render
+        if self.applied is not None:
+            self.applied = NftState(None, self.applied.sets)  # a later sync replaces the table; repair renders first
 
     def reset(self) -> None:
         self.applied = None

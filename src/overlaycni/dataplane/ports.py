@@ -13,7 +13,7 @@ NetworkPolicy table) goes through ``NftRuleset``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, Protocol
@@ -83,6 +83,8 @@ class PolicyTable(Protocol):
     (``policy.render.render_node``), the least change to the kernel."""
 
     def sync(self, render: dict[str, Any]) -> str: ...  # "none" | "elements" | "full": what reached the kernel
+    # one transaction of changes (policy.incremental); render: the whole table then (for repair)
+    def update(self, commands: list[dict[str, Any]], *, render: Callable[[], dict[str, Any]]) -> None: ...
     def reset(self) -> None: ...  # the next sync replaces the whole table (repairs drift)
     def repair(self) -> str | None: ...  # re-apply the last render if the kernel drifted from it; why, or None
     def remove(self) -> None: ...  # delete the table; already gone is success

@@ -166,6 +166,29 @@ class NodePolicy:
                 self._isolate(key)
         self.mark_applied()
 
+    def update(
+        self, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+    ) -> None:
+        """Bring the state to a whole inventory (what a caller that reloads
+        everything has): only what differs from the held one is changed."""
+        new_ns = {n.name: n for n in namespaces}
+        new_pols = {p.key: p for p in policies}
+        new_pods = {p.key: p for p in pods}
+        for name in [n for n in self.namespaces if n not in new_ns]:
+            self.remove_namespace(name)
+        for ns in new_ns.values():
+            self.set_namespace(ns)
+        for key in [k for k in self.policies if k not in new_pols]:
+            pol = self.policies[key]
+            self.remove_policy(pol.namespace, pol.name)
+        for pol in new_pols.values():
+            self.set_policy(pol)
+        for key in [k for k in self.pods if k not in new_pods]:
+            pod = self.pods[key]
+            self.remove_pod(pod.namespace, pod.name)
+        for pod in new_pods.values():
+            self.set_pod(pod)
+
     # ----- what the table holds ---------------------------------------------------------
 
     @property

@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
@@ -93,6 +93,9 @@ class WorkerPolicyTable:
 
     def sync(self, render: dict[str, Any]) -> str:
         return self._worker.call(lambda: self._table.sync(render))
+
+    def update(self, commands: list[dict[str, Any]], *, render: Callable[[], dict[str, Any]]) -> None:
+        self._worker.call(lambda: self._table.update(commands, render=render))
 
     def reset(self) -> None:
         self._worker.call(self._table.reset)
