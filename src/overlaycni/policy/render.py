@@ -110,6 +110,8 @@ class _Builder:
         self._members: dict[Selection, list[PodInfo]] = {}
         for p in pods:
             self.by_ns[p.namespace].append(p)
+        self._spaces: dict[LabelSelector, list[str]] = {}  # namespaceSelector -> namespaces with pods it matches
+        self._by_label: dict[tuple[str, str], list[str]] | None = None  # label pair -> namespaces with pods
 
     def selection_set(self, sel: Selection) -> str:
         self.sets.setdefault(sel.set_name, sel)
@@ -120,16 +122,30 @@ class _Builder:
             self._members[sel] = self._select(sel)
         return self._members[sel]
 
+    def _namespaces(self, nsel: LabelSelector) -> list[str]:
+        """The namespaces (with pods) that ``nsel`` matches, once per selector.
+        A selector with ``matchLabels`` tries only the namespaces carrying its
+        first pair (an index), so many selectors each naming one namespace
+        cost the namespaces once, not once per selector."""
+        got = self._spaces.get(nsel)
+        if got is None:
+            if nsel.match_labels:
+                if self._by_label is None:
+                    self._by_label = defaultdict(list)
+                    for ns in self.by_ns:
+                        for pair in self.cluster.namespace_labels(ns).items():
+                            self._by_label[pair].append(ns)
+                tried: Iterable[str] = self._by_label.get(nsel.match_labels[0], [])
+            else:
+                tried = self.by_ns
+            got = self._spaces[nsel] = [ns for ns in tried if nsel.matches(self.cluster.namespace_labels(ns))]
+        return got
+
     def _select(self, sel: Selection) -> list[PodInfo]:
         if sel.namespace is not None:
             candidates = self.by_ns.get(sel.namespace, [])
         else:
-            candidates = [
-                p
-                for ns, ps in self.by_ns.items()
-                if sel.namespace_selector.matches(self.cluster.namespace_labels(ns))  # type: ignore[union-attr]
-                for p in ps
-            ]
+            candidates = [p for ns in self._namespaces(sel.namespace_selector) for p in self.by_ns[ns]]  # type: ignore[arg-type]
         return [p for p in candidates if sel.pod_selector.matches(p.labels)]
 
     def peer_alternatives(self, peer: PolicyPeer, policy_ns: str, field: str) -> list[list[dict]]:
