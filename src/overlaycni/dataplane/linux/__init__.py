@@ -77,7 +77,7 @@ def linux_ports(
         links=LinuxLinks(ipr), addresses=LinuxAddresses(ipr), routes=LinuxRoutes(nl),
         neighbours=LinuxNeighbours(nl), fdb=LinuxFdb(nl), nft=LinuxNft(runner, decls=nftmodel.SET_DECLS),
         sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr, nl),
-        policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError),
+        policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError, direct_elements=True),
         arp_nft=LinuxNft(runner, family=podguard.ARP_FAMILY, table=podguard.TABLE, decls=podguard.ARP_SET_DECLS),
         ip6_nft=LinuxNft(runner, family=podguard.IP6_FAMILY, table=podguard.TABLE),
         wireguard=wg,

@@ -22,12 +22,16 @@ missing, the ``nft -j -f -`` binary is used instead (same JSON). Rejected:
 pyroute2's nftables module (no set-element support worth relying on),
 iptables (no atomic multi-set updates) and ``ip netns exec ... nft`` for the
 policy table (a fork per update, and a second way into the namespace).
+Element-only transactions skip libnftables (``nftelements``: its cache fill
+costs a dump of the ruleset per transaction); ``elements_direct=False``
+keeps them on libnftables too.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import logging
 import subprocess
@@ -36,6 +40,7 @@ from typing import Any
 
 from ...errors import DataplaneError, PermissionDenied
 from .. import nftables, nftmodel, nfttext
+from . import nftelements
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +99,25 @@ class NftRunner:
     ``nft`` binary when the library is missing), its JSON in and out, and
     its failures mapped once. Create and use it on the worker thread."""
 
-    def __init__(self, *, use_library: bool = True) -> None:
+    def __init__(self, *, use_library: bool = True, elements_direct: bool = True) -> None:
         self.backend: _LibNft | _NftBinary
         try:
             self.backend = _LibNft() if use_library else _NftBinary()
         except OSError:
             self.backend = _NftBinary()
+        self.elements_direct = elements_direct  # element-only transactions over nfnetlink (``nftelements``)
+        self._elements: nftelements.NftElements | None = None
+
+    def run_elements(self, batch: nftelements.Batch, *, what: str, error: type[DataplaneError] = DataplaneError) -> None:
+        """One element-only transaction over nfnetlink (no libnftables cache fill)."""
+        try:
+            if self._elements is None:
+                self._elements = nftelements.NftElements()
+            self._elements.apply(batch)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                raise PermissionDenied(f"nftables: {what}: {exc.strerror} (needs root / CAP_NET_ADMIN)") from None
+            raise error(f"nftables: {what}: {exc.strerror}", details=str(exc)) from None
 
     def run(self, doc: dict[str, Any] | str, *, what: str, error: type[DataplaneError] = DataplaneError) -> str:
         """Run one JSON document (or one native script) as one transaction; its output."""
@@ -127,6 +145,9 @@ class NftRunner:
 
     def close(self) -> None:
         self.backend.close()
+        if self._elements is not None:
+            self._elements.close()
+            self._elements = None
 
 
 class LinuxNft:
@@ -140,7 +161,12 @@ class LinuxNft:
         table: str = nftmodel.TABLE,
         decls: Mapping[str, nftables.SetDecl] | None = None,
         error: type[DataplaneError] = DataplaneError,
+        direct_elements: bool = False,
     ) -> None:
+        """``direct_elements``: element-only transactions go over nfnetlink
+        (``nftelements``); only for a table without interval sets, whose
+        elements nft would split into ranges (the policy table)."""
+        self.direct_elements = direct_elements
         self.runner = runner
         self.family, self.table = family, table
         self.decls = decls
@@ -167,6 +193,10 @@ class LinuxNft:
 
     def apply(self, commands: list[dict[str, Any]]) -> None:
         if not commands:
+            return
+        batch = nftelements.encode(commands) if self.direct_elements and self.runner.elements_direct else None
+        if batch is not None:
+            self.runner.run_elements(batch, what=f"{self.family} {self.table}", error=self.error)
             return
         doc: dict[str, Any] | str = nfttext.script(commands) if nfttext.needs_text(commands) else {"nftables": commands}
         self.runner.run(doc, what=f"{self.family} {self.table}", error=self.error)
