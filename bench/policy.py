@@ -15,9 +15,11 @@ table is node-0's. For each size, in the same run:
   differ); incremental = tell the state what changed, take its commands,
   apply them;
 
-every figure a median of ``--runs`` runs (min-max), ratios against the
-baseline of the same size in the same run. Each change is made and undone
-alternately, so every run starts from the same table.
+every figure a median of ``--runs`` runs (min-max over the runs; an
+incremental figure of one run is itself the median of 5 changes and 5
+undos), ratios against the baseline of the same size in the same run. Each
+change is made and undone alternately, so every run starts from the same
+table.
 
 Runs as root: the tables are applied inside a scratch network namespace
 (``oct-bench-<hex>``) created here and deleted at the end; nothing touches
@@ -193,16 +195,18 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
                 t0 = time.perf_counter()
                 applied = whole()
                 add(f"{name}: re-render", time.perf_counter() - t0)
-            # incremental: tell the state, take its commands, apply them
-            for target in (after, before):
+            # incremental: tell the state, take its commands, apply them (cheap: the median of 10 per run)
+            samples = []
+            for target in (after, before) * 5:
                 inv = inventory(*target)
                 t0 = time.perf_counter()
                 tell(state, inv)
                 cmds = state.take_changes()
                 if cmds:
                     kernel({"nftables": cmds})
-                add(f"{name}: incremental", time.perf_counter() - t0)
-                add(f"{name}: commands", float(len(cmds)))
+                samples.append(time.perf_counter() - t0)
+            add(f"{name}: incremental", statistics.median(samples))
+            add(f"{name}: commands", float(len(cmds)))
     if netns:
         listed = subprocess.run(
             ["ip", "netns", "exec", netns, "nft", "list", "table", "inet", "overlaycni"], capture_output=True, text=True, check=True
