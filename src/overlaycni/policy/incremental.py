@@ -45,67 +45,30 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
-from ipaddress import IPv4Address
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..cidr import IPAddress
 from ..dataplane import nftables as nft
 from ..dataplane.policytable import FAMILY, TABLE
-from .engine import Cluster
+from ..families import IPFamily
+from .compiled import Part, compile_policy, namespace_chain, policy_chain
 from .model import NAMESPACE_NAME_LABEL, NamespaceInfo, NetworkPolicy, PodInfo
-from .render import _DIR, Selection, _addr, _Builder, _digest
+from .render import _DIR, Selection
 from .selectors import LabelSelector
 
 _T = {"family": FAMILY, "table": TABLE}
-_ADDR = "ipv4_addr"
-_NP_TYPE = ["ipv4_addr", "inet_service"]
+# per family: the suffix of its objects' names and its address type (the render's naming)
+_SUFFIX = {IPFamily.ipv4: "", IPFamily.ipv6: "-v6"}
+_ADDR_TYPE = {IPFamily.ipv4: "ipv4_addr", IPFamily.ipv6: "ipv6_addr"}
 
 
-@dataclass(frozen=True)
-class _Side:
-    """One direction of one compiled policy."""
-
-    ns_chain: str  # eg-ns-<ns> / in-ns-<ns>
-    target: Selection  # the pods it isolates
-    chain: str  # its own chain (present only with a body)
-    body: tuple[dict, ...]  # {"expr", "comment"} rules; empty: no chain, no jump
-    jump: dict | None  # its rule in the namespace chain
+def _family(addr: IPAddress) -> IPFamily:
+    return IPFamily.ipv4 if addr.version == 4 else IPFamily.ipv6
 
 
-@dataclass(frozen=True)
-class _Part:
-    """What one policy contributes to the table (a pure function of it)."""
-
-    sides: dict[str, _Side]  # direction -> side, for the directions it affects
-    sets: dict[str, Selection]  # set name -> selection
-    named_ports: frozenset[tuple[str, str]]  # (proto, name)
-
-
-def compile_policy(pol: NetworkPolicy) -> _Part:
-    """The render's compile of one policy (same builder, same order)."""
-    b = _Builder(Cluster.of((), ()), [])
-    sides = {}
-    for direction, (tag, own_field, peer_field, _) in _DIR.items():
-        if not pol.affects(direction):
-            continue
-        target = Selection(pol.namespace, None, pol.pod_selector)
-        chain = f"{tag}-{_digest(pol.key)}"
-        body = []
-        for i, rule in enumerate(pol.rules(direction)):
-            comment = f"{pol.key} {direction.lower()}[{i}]"
-            for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
-                body.append({"expr": exprs + [{"accept": None}], "comment": comment})
-        jump = None
-        if body:
-            jump = {"expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(chain)], "comment": pol.key}
-        sides[direction] = _Side(f"{tag}-ns-{pol.namespace}", target, chain, tuple(body), jump)
-    return _Part(sides, dict(b.sets), frozenset(b.named_ports))
-
-
-def _ns_chain_rules(direction: str, jumps: list[dict]) -> tuple[dict, ...]:
-    deny = {"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction.lower()}"}
-    return (*jumps, deny)
+def _sfx(addr: IPAddress) -> str:
+    return "" if addr.version == 4 else "-v6"
 
 
 class NodePolicy:
@@ -116,29 +79,35 @@ class NodePolicy:
         self, node: str, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
     ) -> None:
         self.node = node
+        self.families: tuple[IPFamily, ...] = (IPFamily.ipv4,)
         self.pods: dict[str, PodInfo] = {}
         self.namespaces: dict[str, NamespaceInfo] = {}
         self.policies: dict[str, NetworkPolicy] = {}
-        self._parts: dict[str, _Part] = {}
-        self._ip_pods: Counter[IPv4Address] = Counter()
+        self._parts: dict[str, Part] = {}
+        self._ip_pods: Counter[IPAddress] = Counter()
         self._pods_by_ns: dict[str, set[str]] = defaultdict(set)
         # selections: uses by policies, members (address -> count), indexes
         self._sel_uses: Counter[Selection] = Counter()
-        self._members: dict[Selection, Counter[IPv4Address]] = {}
+        self._members: dict[Selection, Counter[IPAddress]] = {}
         self._pod_sels: dict[str, set[Selection]] = {}
         self._by_ns: dict[str, set[Selection]] = defaultdict(set)
         self._by_nsel: dict[LabelSelector, set[Selection]] = defaultdict(set)
         self._nsel_index: dict[tuple[str, str] | None, set[LabelSelector]] = defaultdict(set)
         self._ns_match: dict[str, set[LabelSelector]] = {}
         self._targets: dict[str, Counter[Selection]] = {d: Counter() for d in _DIR}
-        # table objects: sets (name -> selection), named ports, chains, verdict maps
-        self._set_uses: Counter[str] = Counter()
+        self._set_names: dict[Selection, str] = {}
+        # table objects: sets and maps by name -> (kind, what, family); chains; named ports; verdict maps
+        self._reg: dict[str, tuple[str, Any, IPFamily]] = {}
+        self._set_uses: Counter[str] = Counter()  # set name (IPv4 one) -> uses by policies
         self._set_sel: dict[str, Selection] = {}
         self._np_uses: Counter[tuple[str, str]] = Counter()
-        self._np_elems: dict[tuple[str, str], Counter[tuple[IPv4Address, int]]] = {}
+        self._np_elems: dict[tuple[str, str], Counter[tuple[IPAddress, int]]] = {}
         self._ns_pols: dict[tuple[str, str], set[str]] = defaultdict(set)  # (direction, ns) -> policy keys
         self.chains: dict[str, tuple[dict, ...]] = {}
         self._isolated: dict[str, dict[str, str]] = {d: {} for d in _DIR}  # direction -> local pod key -> ns chain
+        for direction, (_, _, _, base) in _DIR.items():
+            for f in self.families:
+                self._reg[f"{base}-pods{_SUFFIX[f]}"] = ("map", direction, f)
         # what the applied table is, and what changed since
         self._applied_chains: dict[str, tuple[dict, ...]] = {}
         self._applied_sets: dict[str, bool] = {}  # the names of the applied sets and maps
@@ -147,7 +116,6 @@ class NodePolicy:
         self._adds: dict[str, set] = defaultdict(set)
         self._dels: dict[str, set] = defaultdict(set)
         self._remade: set[str] = set()  # applied sets that went and came back: replaced whole
-        self._set_names: dict[Selection, str] = {}
         # Policies first (no pods: nothing to scan), then namespaces and pods
         # (each finds its selections through the indexes), then the chains
         # of each namespace and the verdict maps once.
@@ -199,27 +167,31 @@ class NodePolicy:
 
     def set_names(self) -> list[str]:
         """Every set and map of the table."""
-        return [*self._set_sel, *(f"np-{p}-{n}" for p, n in self._np_elems), *(f"{d[3]}-pods" for d in _DIR.values())]
+        return list(self._reg)
 
     def set_view(self, name: str) -> tuple[Any, frozenset] | None:
         """Set or map ``name``: (declared type, elements); None: no such set."""
-        if name in self._set_sel:
-            return _ADDR, frozenset(self._members[self._set_sel[name]])
-        if name.startswith("np-"):
-            proto, _, pname = name[3:].partition("-")
-            elems = self._np_elems.get((proto, pname))
-            return None if elems is None else (_NP_TYPE, frozenset(elems))
-        for direction, (_, _, _, base) in _DIR.items():
-            if name == f"{base}-pods":
-                return "verdict", frozenset(self._map_entry(direction, k) for k in self._isolated[direction])
-        return None
+        if name not in self._reg:
+            return None
+        kind, what, fam = self._reg[name]
+        if kind == "sel":
+            return _ADDR_TYPE[fam], frozenset(a for a in self._members[what] if a.version == fam.version)
+        if kind == "np":
+            return [_ADDR_TYPE[fam], "inet_service"], frozenset(e for e in self._np_elems[what] if e[0].version == fam.version)
+        entries = (e for k in self._isolated[what] for n, e in self._map_entries(what, k) if n == name)
+        return "verdict", frozenset(entries)
 
     def sets(self) -> dict[str, tuple[Any, frozenset]]:
         """Every set and map: name -> (declared type, elements)."""
         return {name: view for name in self.set_names() if (view := self.set_view(name)) is not None}
 
-    def _map_entry(self, direction: str, key: str) -> nft.MapEntry:
-        return nft.MapEntry(self.pods[key].ip, nft.Jump(self._isolated[direction][key]))
+    def _addresses(self, pod: PodInfo) -> tuple[IPAddress, ...]:
+        """The pod's addresses of the table's families."""
+        return (pod.ip,)
+
+    def _map_entries(self, direction: str, key: str) -> list[tuple[str, nft.MapEntry]]:
+        base, chain = _DIR[direction][3], nft.Jump(self._isolated[direction][key])
+        return [(f"{base}-pods{_sfx(a)}", nft.MapEntry(a, chain)) for a in self._addresses(self.pods[key])]
 
     def _set_name(self, sel: Selection) -> str:
         name = self._set_names.get(sel)
@@ -227,7 +199,7 @@ class NodePolicy:
             name = self._set_names[sel] = sel.set_name
         return name
 
-    def _ns_labels(self, ns: str):
+    def _ns_labels(self, ns: str) -> Mapping[str, str]:
         rec = self.namespaces.get(ns)
         return rec.labels if rec is not None else {NAMESPACE_NAME_LABEL: ns}
 
@@ -242,28 +214,26 @@ class NodePolicy:
         else:
             this[name].add(elem)
 
-    def _count(self, counter: Counter, key: Any, name: str | None, elem: Any, delta: int) -> None:
-        """Count ``key`` in ``counter`` by ``delta``; the element ``elem`` of
-        set ``name`` appears at the first count and goes with the last."""
+    def _count(self, counter: Counter, key: Any, name: str | None, delta: int) -> None:
+        """Count ``key`` in ``counter`` by ``delta``; as an element of set
+        ``name`` it appears with the first count and goes with the last."""
         before = counter[key]
         counter[key] = before + delta
         if counter[key] <= 0:
             del counter[key]
         if name is not None and (before == 0) != (counter[key] == 0):
-            self._elem(name, elem, add=before == 0)
+            self._elem(name, key, add=before == 0)
 
     # ----- namespaces and the namespace-selector index ------------------------------------
-
-    def _nsel_candidates(self, labels) -> set[LabelSelector]:
-        out = {s for s in self._nsel_index.get(None, ()) if s.matches(labels)}
-        for pair in labels.items():
-            out.update(s for s in self._nsel_index.get(pair, ()) if s.matches(labels))
-        return out
 
     def _matching_nsels(self, ns: str) -> set[LabelSelector]:
         got = self._ns_match.get(ns)
         if got is None:
-            got = self._ns_match[ns] = self._nsel_candidates(self._ns_labels(ns))
+            labels = self._ns_labels(ns)
+            got = {s for s in self._nsel_index.get(None, ()) if s.matches(labels)}
+            for pair in labels.items():
+                got.update(s for s in self._nsel_index.get(pair, ()) if s.matches(labels))
+            self._ns_match[ns] = got
         return got
 
     def set_namespace(self, ns: NamespaceInfo) -> None:
@@ -300,7 +270,9 @@ class NodePolicy:
             return
         (sels.add if member else sels.discard)(sel)
         name = self._set_name(sel)
-        self._count(self._members[sel], pod.ip, name if name in self._set_sel else None, pod.ip, 1 if member else -1)
+        is_set = name in self._set_sel
+        for a in self._addresses(pod):
+            self._count(self._members[sel], a, name + _sfx(a) if is_set else None, 1 if member else -1)
         if pod.node == self.node and not self._building and any(self._targets[d][sel] for d in _DIR):
             self._isolate(key)
 
@@ -308,22 +280,31 @@ class NodePolicy:
         """The verdict map entries of local pod ``key`` from its selections."""
         pod = self.pods.get(key)
         sels = self._pod_sels.get(key, set())
-        for direction, (tag, _, _, base) in _DIR.items():
+        for direction in _DIR:
             now = self._isolated[direction]
             was = now.get(key)
-            want = f"{tag}-ns-{pod.namespace}" if pod is not None and any(self._targets[direction][s] for s in sels) else None
+            want = None
+            if pod is not None and any(self._targets[direction][s] for s in sels):
+                want = namespace_chain(pod.namespace, direction)
             if was == want:
                 continue
             if was is not None:
-                self._elem(f"{base}-pods", self._map_entry(direction, key), add=False)
+                for name, entry in self._map_entries(direction, key):
+                    self._elem(name, entry, add=False)
                 del now[key]
             if want is not None:
                 now[key] = want
-                self._elem(f"{base}-pods", self._map_entry(direction, key), add=True)
+                for name, entry in self._map_entries(direction, key):
+                    self._elem(name, entry, add=True)
 
-    def _named_ports(self, pod: PodInfo, np: tuple[str, str]) -> tuple[IPv4Address, int] | None:
+    def _named_port_elems(self, pod: PodInfo, np: tuple[str, str]) -> list[tuple[IPAddress, int]]:
         port = pod.named_port(np[1], np[0].upper())
-        return None if port is None else (pod.ip, port)
+        return [] if port is None else [(a, port) for a in self._addresses(pod)]
+
+    def _count_named_ports(self, pod: PodInfo, delta: int) -> None:
+        for np in self._np_uses:
+            for e in self._named_port_elems(pod, np):
+                self._count(self._np_elems[np], e, f"np-{np[0]}-{np[1]}{_sfx(e[0])}", delta)
 
     def set_pod(self, pod: PodInfo) -> None:
         if self.pods.get(pod.key) == pod:
@@ -331,13 +312,11 @@ class NodePolicy:
         self.remove_pod(pod.namespace, pod.name)
         key = pod.key
         self.pods[key] = pod
-        self._ip_pods[pod.ip] += 1
+        self._ip_pods.update(self._addresses(pod))
         self._pods_by_ns[pod.namespace].add(key)
         for sel in self._selections_of(pod):
             self._place(key, pod, sel, True)
-        for np in self._np_uses:
-            if (e := self._named_ports(pod, np)) is not None:
-                self._count(self._np_elems[np], e, f"np-{np[0]}-{np[1]}", e, 1)
+        self._count_named_ports(pod, 1)
         if pod.node == self.node and not self._building:
             self._isolate(key)
 
@@ -348,26 +327,22 @@ class NodePolicy:
             return
         for sel in list(self._pod_sels.get(key, ())):
             self._place(key, pod, sel, False)
-        for np in self._np_uses:
-            if (e := self._named_ports(pod, np)) is not None:
-                self._count(self._np_elems[np], e, f"np-{np[0]}-{np[1]}", e, -1)
-        if pod.node == self.node:
-            self._isolate_gone(key)
+        self._count_named_ports(pod, -1)
+        for direction in _DIR:
+            if key in self._isolated[direction]:
+                for set_name, entry in self._map_entries(direction, key):
+                    self._elem(set_name, entry, add=False)
+                del self._isolated[direction][key]
         del self.pods[key]
         self._pod_sels.pop(key, None)
-        self._ip_pods[pod.ip] -= 1
-        if not self._ip_pods[pod.ip]:
-            del self._ip_pods[pod.ip]
+        for a in self._addresses(pod):
+            self._ip_pods[a] -= 1
+            if not self._ip_pods[a]:
+                del self._ip_pods[a]
         ns_pods = self._pods_by_ns[namespace]
         ns_pods.discard(key)
         if not ns_pods:
             del self._pods_by_ns[namespace]
-
-    def _isolate_gone(self, key: str) -> None:
-        for direction, (_, _, _, base) in _DIR.items():
-            if key in self._isolated[direction]:
-                self._elem(f"{base}-pods", self._map_entry(direction, key), add=False)
-                del self._isolated[direction][key]
 
     # ----- policies -------------------------------------------------------------------------
 
@@ -393,9 +368,9 @@ class NodePolicy:
         """The policy's own chains, its namespace's chains, and the verdict map
         entries of the namespace's local pods."""
         part = self._parts.get(key)
-        for direction, (tag, _, _, _) in _DIR.items():
+        for direction in _DIR:
             side = part.sides.get(direction) if part is not None else None
-            self._set_chain(f"{tag}-{_digest(key)}", side.body if side is not None and side.body else None)
+            self._set_chain(policy_chain(key, direction), side.body if side is not None and side.body else None)
             pols = self._ns_pols[(direction, namespace)]
             (pols.add if side is not None else pols.discard)(key)
             if not self._building:
@@ -407,16 +382,16 @@ class NodePolicy:
 
     def _ns_chain(self, direction: str, namespace: str) -> None:
         keys = sorted(self._ns_pols.get((direction, namespace), ()))
-        name = f"{_DIR[direction][0]}-ns-{namespace}"
+        name = namespace_chain(namespace, direction)
         if not keys:
             self._ns_pols.pop((direction, namespace), None)
             self._set_chain(name, None)
             return
-        jumps = [j for k in keys if (j := self._parts[k].sides[direction].jump) is not None]
+        jumps = [j for k in keys for j in self._parts[k].sides[direction].jumps]
         deny = {"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction.lower()}"}
         self._set_chain(name, (*jumps, deny))
 
-    def _use(self, part: _Part, delta: int) -> None:
+    def _use(self, part: Part, delta: int) -> None:
         """Count the selections, sets and named ports of ``part`` in (1) or out (-1)."""
         for direction, side in part.sides.items():
             self._use_selection(side.target, delta)
@@ -430,30 +405,35 @@ class NodePolicy:
             self._set_uses[name] = before + delta
             if before == 0:
                 self._set_sel[name] = sel
-                self._set_changed(name)
+                self._register(name, "sel", sel)
             elif self._set_uses[name] <= 0:
-                del self._set_uses[name]
-                del self._set_sel[name]
-                self._set_changed(name)
+                del self._set_uses[name], self._set_sel[name]
+                self._register(name, "sel", None)
         for np in part.named_ports:
             before = self._np_uses[np]
             self._np_uses[np] = before + delta
             name = f"np-{np[0]}-{np[1]}"
             if before == 0:
-                self._np_elems[np] = Counter(e for p in self.pods.values() if (e := self._named_ports(p, np)) is not None)
-                self._set_changed(name)
+                self._np_elems[np] = Counter(e for p in self.pods.values() for e in self._named_port_elems(p, np))
+                self._register(name, "np", np)
             elif self._np_uses[np] <= 0:
-                del self._np_uses[np]
-                del self._np_elems[np]
-                self._set_changed(name)
+                del self._np_uses[np], self._np_elems[np]
+                self._register(name, "np", None)
 
-    def _set_changed(self, name: str) -> None:
-        """Set ``name`` appeared or went: it is added (or deleted) whole."""
-        self._touched_sets.add(name)
-        if name in self._applied_sets:
-            self._remade.add(name)
-        self._adds.pop(name, None)
-        self._dels.pop(name, None)
+    def _register(self, name: str, kind: str, what: Any) -> None:
+        """Set ``name`` (and its twin of each other family) appears (``what``)
+        or goes (None): it is added, or deleted, whole."""
+        for f in self.families:
+            full = name + _SUFFIX[f]
+            if what is None:
+                del self._reg[full]
+            else:
+                self._reg[full] = (kind, what, f)
+            self._touched_sets.add(full)
+            if full in self._applied_sets:
+                self._remade.add(full)
+            self._adds.pop(full, None)
+            self._dels.pop(full, None)
 
     def _use_selection(self, sel: Selection, delta: int) -> None:
         before = self._sel_uses[sel]
@@ -464,50 +444,49 @@ class NodePolicy:
             del self._sel_uses[sel]
             self._untrack(sel)
 
+    def _spaces(self, sel: Selection) -> list[str]:
+        """The namespaces with pods whose pods ``sel`` may pick."""
+        if sel.namespace is not None:
+            return [sel.namespace]
+        return [ns for ns in self._pods_by_ns if sel.namespace_selector in self._matching_nsels(ns)]
+
     def _track(self, sel: Selection) -> None:
         """Start following ``sel``: index it and find its members."""
-        self._members[sel] = Counter()
+        members = self._members[sel] = Counter()
         if sel.namespace is not None:
             self._by_ns[sel.namespace].add(sel)
-            spaces = [sel.namespace]
         else:
             nsel = sel.namespace_selector
             assert nsel is not None
             if nsel not in self._by_nsel:
-                pair = nsel.match_labels[0] if nsel.match_labels else None
-                self._nsel_index[pair].add(nsel)
+                self._nsel_index[nsel.match_labels[0] if nsel.match_labels else None].add(nsel)
                 for ns, matched in self._ns_match.items():
                     if nsel.matches(self._ns_labels(ns)):
                         matched.add(nsel)
             self._by_nsel[nsel].add(sel)
-            spaces = [ns for ns in self._pods_by_ns if nsel in self._matching_nsels(ns)]
-        for ns in spaces:
+        for ns in self._spaces(sel):
             for key in self._pods_by_ns.get(ns, ()):
                 pod = self.pods[key]
                 if sel.pod_selector.matches(pod.labels):
                     self._pod_sels.setdefault(key, set()).add(sel)
-                    self._members[sel][pod.ip] += 1
+                    members.update(self._addresses(pod))
 
     def _untrack(self, sel: Selection) -> None:
-        members = self._members.pop(sel)
+        for ns in self._spaces(sel):
+            for key in self._pods_by_ns.get(ns, ()):
+                self._pod_sels.get(key, set()).discard(sel)
+        del self._members[sel]
         if sel.namespace is not None:
             self._by_ns[sel.namespace].discard(sel)
-            spaces = [sel.namespace]
-        else:
-            nsel = sel.namespace_selector
-            assert nsel is not None
-            spaces = [ns for ns in self._pods_by_ns if nsel in self._matching_nsels(ns)]
-            self._by_nsel[nsel].discard(sel)
-            if not self._by_nsel[nsel]:
-                del self._by_nsel[nsel]
-                pair = nsel.match_labels[0] if nsel.match_labels else None
-                self._nsel_index[pair].discard(nsel)
-                for matched in self._ns_match.values():
-                    matched.discard(nsel)
-        if members:
-            for ns in spaces:
-                for key in self._pods_by_ns.get(ns, ()):
-                    self._pod_sels.get(key, set()).discard(sel)
+            return
+        nsel = sel.namespace_selector
+        assert nsel is not None
+        self._by_nsel[nsel].discard(sel)
+        if not self._by_nsel[nsel]:
+            del self._by_nsel[nsel]
+            self._nsel_index[nsel.match_labels[0] if nsel.match_labels else None].discard(nsel)
+            for matched in self._ns_match.values():
+                matched.discard(nsel)
 
     def _set_chain(self, name: str, rules: tuple[dict, ...] | None) -> None:
         if rules is None:
