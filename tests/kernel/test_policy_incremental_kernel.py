@@ -150,3 +150,41 @@ def test_a_refused_element_batch_changes_nothing(scratch_ns):
         # control: without the bad delete the add goes through
         dp.policy_table.update(batch[:1])
         assert listing(scratch_ns)[0][name] == sets[name] | {fresh}
+
+
+def test_every_element_shape_over_nfnetlink(scratch_ns):
+    """Addresses of both families, address . port concatenations and jump map
+    entries, added and deleted over nfnetlink, list back as given."""
+    from ipaddress import IPv6Address
+
+    t = {"family": "inet", "table": "overlaycni"}
+    decls = {
+        "a4": {"type": "ipv4_addr"},
+        "a6": {"type": "ipv6_addr"},
+        "np4": {"type": ["ipv4_addr", "inet_service"]},
+        "np6": {"type": ["ipv6_addr", "inet_service"]},
+    }
+    maps = {"m4": "ipv4_addr", "m6": "ipv6_addr"}
+    v4, v6 = [IPv4Address("10.244.1.5"), IPv4Address("10.244.1.6")], [IPv6Address("fd00::5"), IPv6Address("fd00::6")]
+    want = {
+        "a4": set(v4),
+        "a6": set(v6),
+        "np4": {(a, 8080) for a in v4},
+        "np6": {(a, 53) for a in v6},
+        "m4": {nftables.MapEntry(a, nftables.Jump("c")) for a in v4},
+        "m6": {nftables.MapEntry(a, nftables.Jump("c")) for a in v6},
+    }
+    setup = [{"add": {"table": {"family": "inet", "name": "overlaycni"}}}, {"add": {"chain": {**t, "name": "c"}}}]
+    setup += [{"add": {"set": {**t, "name": n, **d}}} for n, d in decls.items()]
+    setup += [{"add": {"map": {**t, "name": n, "type": k, "map": "verdict"}}} for n, k in maps.items()]
+    adds = [c for n, elems in want.items() for c in nftables.element_commands("add", "inet", "overlaycni", n, elems)]
+    assert encode(adds) is not None
+    with LinuxDataplane(scratch_ns) as dp:
+        dp.run(lambda: dp.ports.policy_nft.apply(setup))
+        dp.policy_table.update(adds)
+        assert listing(scratch_ns)[0] == want
+        gone = {n: {next(iter(sorted(e, key=nftables.sort_key)))} for n, e in want.items()}
+        dels = [c for n, elems in gone.items() for c in nftables.element_commands("delete", "inet", "overlaycni", n, elems)]
+        assert encode(dels) is not None
+        dp.policy_table.update(dels)
+        assert listing(scratch_ns)[0] == {n: want[n] - gone[n] for n in want}

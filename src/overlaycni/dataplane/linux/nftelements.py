@@ -15,10 +15,10 @@ acknowledgement; the kernel answers a batch while ``sendmsg`` runs, so the
 answers are read (without waiting) and every message must have one.
 
 Only what can be encoded without the set's declaration is taken: element
-commands (``add``/``delete element``) whose values are IPv4 addresses, an
-IPv4 address . port concatenation (each field in a 32-bit register: the
-port big-endian, then two bytes of padding) or an IPv4-keyed map entry whose
-value is a ``jump``. Anything else (other commands, other element types, a
+commands (``add``/``delete element``) whose values are IPv4 or IPv6
+addresses, an address . port concatenation (each field padded to 32-bit
+registers: the port big-endian, then two bytes of padding) or an
+address-keyed map entry whose value is a ``jump``. Anything else (other commands, other element types, a
 batch larger than ``MAX_ELEMENTS``) returns None from ``encode`` and goes to
 libnftables as before. Wire format: ``linux/netfilter/nf_tables.h`` and
 ``nfnetlink.h`` (the uapi headers), netlink(7).
@@ -30,7 +30,7 @@ import errno
 import os
 import socket
 import struct
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Any
 
 NETLINK_NETFILTER = 12
@@ -67,11 +67,12 @@ def _string(kind: int, text: str) -> bytes:
     return _attr(kind, text.encode() + b"\0")
 
 
-def _ipv4(value: Any) -> bytes | None:
+def _address(value: Any) -> bytes | None:
+    """An IPv4 or IPv6 address in network order; None for anything else."""
     if not isinstance(value, str):
         return None
     try:
-        return IPv4Address(value).packed
+        return ip_address(value).packed
     except ValueError:
         return None
 
@@ -80,17 +81,17 @@ def _key(value: Any) -> bytes | None:
     """The key bytes of one element value; None: not ours to encode."""
     if isinstance(value, dict) and set(value) == {"concat"} and len(value["concat"]) == 2:
         ip, port = value["concat"]
-        packed = _ipv4(ip)
+        packed = _address(ip)
         if packed is None or type(port) is not int or not 0 <= port <= 0xFFFF:
             return None
         return packed + struct.pack("!H", port) + b"\0\0"
-    return _ipv4(value)
+    return _address(value)
 
 
 def _element(value: Any, *, delete: bool) -> bytes | None:
     if isinstance(value, list) and len(value) == 2:  # a map entry [key, verdict]
         key, verdict = value
-        packed = _ipv4(key)
+        packed = _address(key)
         if packed is None:
             return None
         if delete:
