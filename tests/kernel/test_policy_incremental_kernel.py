@@ -119,11 +119,29 @@ def run(ns: str, *, direct: bool) -> list[tuple[dict, dict]]:
             assert commands, what
             if what in ("pod label", "pod address", "new pod", "namespace label", "pod removal"):
                 assert encode(commands) is not None, what  # element updates take the nfnetlink path
-            table.update(commands)
+            snapshot = {k: dict(v) for k, v in inv.items()}
+            table.update(commands, render=lambda snapshot=snapshot: render_doc(snapshot))
             got = listing(ns)
             assert got == rendered(inv), what
+            assert table.repair() is None, what  # nothing drifted: the digest and the rendered table agree
             seen.append(got)
+        # drift behind the agent's back after incremental updates: repair renders what they built and re-applies it
+        name, elems = next((n, e) for n, e in got[0].items() if n.startswith("sel-") and e)
+        gone = next(iter(elems))
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "delete", "element", "inet", "overlaycni", name, f"{{ {gone} }}"], check=True
+        )
+        assert table.repair() == "set or map elements changed behind our back"
+        assert listing(ns) == rendered(inv)
     return seen
+
+
+def render_doc(inv: dict) -> dict:
+    return render_node(NODE, pods=inv["pods"].values(), namespaces=inv["ns"].values(), policies=inv["pol"].values())
+
+
+def unused() -> dict:
+    raise AssertionError("no repair in this test: the whole table is never rendered")
 
 
 def test_each_change_lists_back_as_the_full_render(scratch_ns):
@@ -145,10 +163,10 @@ def test_a_refused_element_batch_changes_nothing(scratch_ns):
     with LinuxDataplane(scratch_ns) as dp:
         dp.policy_table.sync(doc)
         with pytest.raises(PolicyApplyError, match="No such file"):
-            dp.policy_table.update(batch)
+            dp.policy_table.update(batch, render=unused)
         assert listing(scratch_ns)[0][name] == sets[name]  # the add of the same batch did not stay
         # control: without the bad delete the add goes through
-        dp.policy_table.update(batch[:1])
+        dp.policy_table.update(batch[:1], render=unused)
         assert listing(scratch_ns)[0][name] == sets[name] | {fresh}
 
 
@@ -181,10 +199,10 @@ def test_every_element_shape_over_nfnetlink(scratch_ns):
     assert encode(adds) is not None
     with LinuxDataplane(scratch_ns) as dp:
         dp.run(lambda: dp.ports.policy_nft.apply(setup))
-        dp.policy_table.update(adds)
+        dp.policy_table.update(adds, render=unused)
         assert listing(scratch_ns)[0] == want
         gone = {n: {next(iter(sorted(e, key=nftables.sort_key)))} for n, e in want.items()}
         dels = [c for n, elems in gone.items() for c in nftables.element_commands("delete", "inet", "overlaycni", n, elems)]
         assert encode(dels) is not None
-        dp.policy_table.update(dels)
+        dp.policy_table.update(dels, render=unused)
         assert listing(scratch_ns)[0] == {n: want[n] - gone[n] for n in want}
