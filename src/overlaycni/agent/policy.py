@@ -122,34 +122,39 @@ class PolicyController:
         pods, namespaces, policies = self.load()
         if self.on_inventory is not None:
             self.on_inventory(pods, namespaces, policies)
-        how = None if full else self._incremental(pods, namespaces, policies)
+        state = self.state
+        if state is not None:
+            state.update(pods=pods, namespaces=namespaces, policies=policies)  # the state follows every pass
+        how = None
+        if not full and state is not None and state.exact:
+            how = self._incremental(state, lambda: self._render(pods, namespaces, policies))
         if how is None:
-            self.state = None
+            self.state = None  # until the kernel took the whole table
             self.table.reset()  # re-apply everything: repairs a table changed behind our back
-            doc = render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+            doc = self._render(pods, namespaces, policies)
             if self.before_apply is not None:
                 self.before_apply()  # a whole-table replace restarts the flow log's counter
             how = self.table.sync(doc)
-            self.state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+            if state is None or not state.exact:
+                state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+            state.mark_applied()
+            self.state = state
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":
             log.info("policy: %s update (%d policies, %d pods)", how, len(policies), len(pods))
         return how
 
-    def _incremental(self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[NetworkPolicy]) -> str | None:
+    def _render(self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[NetworkPolicy]) -> dict:
+        return render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+
+    def _incremental(self, state: NodePolicy, render: Callable[[], dict]) -> str | None:
         """Apply only what changed since the last pass; None: render whole instead."""
-        state = self.state
-        if state is None:
-            return None
-        state.update(pods=pods, namespaces=namespaces, policies=policies)
-        if not state.exact:
-            return None
         commands = state.take_changes()
         if not commands:
             return "none"
         try:
-            self.table.update(commands, render=lambda: render_node(self.node, pods=pods, namespaces=namespaces, policies=policies))
+            self.table.update(commands, render=render)
         except DataplaneError as exc:
             log.warning("policy: incremental update refused (%s); replacing the table", exc)
             return None
