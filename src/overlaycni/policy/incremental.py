@@ -4,60 +4,66 @@ Design note
 -----------
 ``render.render_node`` turns the whole inventory into the whole table: the
 reference, and what a full pass applies. ``NodePolicy`` holds the same table
-as state and changes it by the change: a pod's labels, address or ports, a
-namespace's labels, one policy added, changed or removed. It recomputes only
-the selections that change can affect and yields the nftables commands that
-bring the applied table to the new state (``take_changes``): element deletes
-and adds, and for a policy change the chains it touches (``flush chain`` and
-its rules again), the sets and chains that appear or go. The table it
-describes is exactly the one ``render_node`` renders for the same inventory
-(same chains, rules in the same order, same sets and elements), which the
-tests check after random sequences of changes.
+as state and changes it by the change: a pod's labels, addresses or ports,
+a namespace's labels, one policy added, changed or removed. It recomputes
+only the selections that change can affect and records the result in a
+``policy.delta.Delta``, whose ``commands`` bring the kernel's table to the
+new state in one transaction: element deletes and adds, and for a policy
+change the chains it touches (``flush chain`` and its rules again) and the
+sets and chains that appear or go. The table it describes is exactly the
+one ``render_node`` renders for the same inventory (same chains, rules in
+the same order, same sets and elements): the tests check that after random
+sequences of changes, on the fake and on the kernel.
 
 Indexes (what makes a change cost what it touches):
-- a policy compiles once (its chains, jump rules, selections, named ports:
-  the render's own ``_Builder``), keyed by the policy itself;
+- a policy compiles when it appears or changes (``policy.compiled``: the
+  render's own builder) and its part is kept;
 - a selection (``render.Selection``) is shared by every policy that uses it
-  and counted; its members are kept as addresses (counted, so two pods of
-  one address stay correct);
+  and counted; its members are kept as addresses, counted too;
 - namespace-scoped selections are indexed by namespace; namespaceSelector
   selections by their namespace selector, and each namespace keeps the
   namespace selectors that match its labels, found through an index from a
   selector's first ``matchLabels`` pair (selectors without one are tried on
-  every namespace). A pod's selections are then those of its own namespace
-  plus those of the namespace selectors matching it: a handful, whatever the
+  every namespace). A pod's selections are those of its own namespace plus
+  those of the namespace selectors matching it: a handful, whatever the
   size of the cluster;
 - each pod remembers its selections, so its old place is known without
-  evaluating anything again.
+  evaluating anything again;
+- sets and maps are registered by name with their address family (the
+  render's names: ``sel-<hash>``, ``np-<proto>-<name>``, the verdict maps).
 
 Costs: a pod change is O(selections of its namespace + namespace-selector
 selections matching its namespace + named ports in use); a namespace label
-change is O(namespace selectors + its pods x the selections that flipped);
-a policy change is O(its rules + the pods of its namespace + the members of
-a selection it is the first to use).
+change is O(its labels + its pods x the selections that flipped); a policy
+change is O(its rules + the policies and pods of its namespace + the
+members of a selection it is the first to use). Measured (``bench/policy.py``):
+a pod label change takes ~0.1 ms here at 1,000 pods / 250 policies and at
+10,000 / 2,500; rendering the whole table again took 56 ms and 1.4 s.
 
 Not modelled, so ``exact`` turns False and the caller renders whole: two pods
-of one address (IPAM never hands out one address twice; the render would keep
+of one address (IPAM never hands out one address twice; the render keeps
 only one verdict map entry).
+
+Rejected: rendering whole and diffing the renders (what the agent did: every
+change cost the whole cluster); rendering a changed pod alone against all
+policies (every policy compiled per change).
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..cidr import IPAddress
 from ..dataplane import nftables as nft
-from ..dataplane.policytable import FAMILY, TABLE
 from ..families import IPFamily
 from .compiled import Part, compile_policy, namespace_chain, policy_chain
+from .delta import Delta
 from .model import NAMESPACE_NAME_LABEL, NamespaceInfo, NetworkPolicy, PodInfo
 from .render import _DIR, Selection
 from .selectors import LabelSelector
 
-_T = {"family": FAMILY, "table": TABLE}
 # per family: the suffix of its objects' names and its address type (the render's naming)
 _SUFFIX = {IPFamily.ipv4: "", IPFamily.ipv6: "-v6"}
 _ADDR_TYPE = {IPFamily.ipv4: "ipv4_addr", IPFamily.ipv6: "ipv6_addr"}
@@ -108,14 +114,7 @@ class NodePolicy:
         for direction, (_, _, _, base) in _DIR.items():
             for f in self.families:
                 self._reg[f"{base}-pods{_SUFFIX[f]}"] = ("map", direction, f)
-        # what the applied table is, and what changed since
-        self._applied_chains: dict[str, tuple[dict, ...]] = {}
-        self._applied_sets: dict[str, bool] = {}  # the names of the applied sets and maps
-        self._touched_chains: set[str] = set()
-        self._touched_sets: set[str] = set()
-        self._adds: dict[str, set] = defaultdict(set)
-        self._dels: dict[str, set] = defaultdict(set)
-        self._remade: set[str] = set()  # applied sets that went and came back: replaced whole
+        self.delta = Delta()  # what changed since the kernel took the table
         # Policies first (no pods: nothing to scan), then namespaces and pods
         # (each finds its selections through the indexes), then the chains
         # of each namespace and the verdict maps once.
@@ -205,15 +204,6 @@ class NodePolicy:
 
     # ----- element bookkeeping ----------------------------------------------------------
 
-    def _elem(self, name: str, elem: Any, *, add: bool) -> None:
-        if name in self._remade or (name in self._touched_sets and name not in self._applied_sets):
-            return  # a set new in this change is added whole
-        this, other = (self._adds, self._dels) if add else (self._dels, self._adds)
-        if elem in other[name]:
-            other[name].discard(elem)
-        else:
-            this[name].add(elem)
-
     def _count(self, counter: Counter, key: Any, name: str | None, delta: int) -> None:
         """Count ``key`` in ``counter`` by ``delta``; as an element of set
         ``name`` it appears with the first count and goes with the last."""
@@ -222,7 +212,7 @@ class NodePolicy:
         if counter[key] <= 0:
             del counter[key]
         if name is not None and (before == 0) != (counter[key] == 0):
-            self._elem(name, key, add=before == 0)
+            self.delta.element(name, key, add=before == 0)
 
     # ----- namespaces and the namespace-selector index ------------------------------------
 
@@ -290,12 +280,12 @@ class NodePolicy:
                 continue
             if was is not None:
                 for name, entry in self._map_entries(direction, key):
-                    self._elem(name, entry, add=False)
+                    self.delta.element(name, entry, add=False)
                 del now[key]
             if want is not None:
                 now[key] = want
                 for name, entry in self._map_entries(direction, key):
-                    self._elem(name, entry, add=True)
+                    self.delta.element(name, entry, add=True)
 
     def _named_port_elems(self, pod: PodInfo, np: tuple[str, str]) -> list[tuple[IPAddress, int]]:
         port = pod.named_port(np[1], np[0].upper())
@@ -331,7 +321,7 @@ class NodePolicy:
         for direction in _DIR:
             if key in self._isolated[direction]:
                 for set_name, entry in self._map_entries(direction, key):
-                    self._elem(set_name, entry, add=False)
+                    self.delta.element(set_name, entry, add=False)
                 del self._isolated[direction][key]
         del self.pods[key]
         self._pod_sels.pop(key, None)
@@ -429,11 +419,7 @@ class NodePolicy:
                 del self._reg[full]
             else:
                 self._reg[full] = (kind, what, f)
-            self._touched_sets.add(full)
-            if full in self._applied_sets:
-                self._remade.add(full)
-            self._adds.pop(full, None)
-            self._dels.pop(full, None)
+            self.delta.set_changed(full)
 
     def _use_selection(self, sel: Selection, delta: int) -> None:
         before = self._sel_uses[sel]
@@ -491,73 +477,19 @@ class NodePolicy:
     def _set_chain(self, name: str, rules: tuple[dict, ...] | None) -> None:
         if rules is None:
             if self.chains.pop(name, None) is not None:
-                self._touched_chains.add(name)
+                self.delta.chain_changed(name)
         elif self.chains.get(name) != rules:
             self.chains[name] = rules
-            self._touched_chains.add(name)
+            self.delta.chain_changed(name)
 
     # ----- the commands of a change ----------------------------------------------------------
 
     def mark_applied(self) -> None:
-        """The kernel holds this state (a full render of it was applied)."""
-        self._applied_chains = dict(self.chains)
-        self._applied_sets = dict.fromkeys(self.set_names(), True)
-        self._touched_chains.clear()
-        self._touched_sets.clear()
-        self._remade.clear()
-        self._adds.clear()
-        self._dels.clear()
+        """The kernel holds this state (a whole render of it was applied)."""
+        self.delta.applied(self.chains, self.set_names())
 
     def take_changes(self) -> list[dict]:
-        """The commands (one transaction) from the applied table to this
-        state; afterwards this state counts as applied. Empty: no change.
-
-        Order: flush the chains that change or go (their rules drop their
-        references), delete elements, delete the chains and sets that go,
-        add the sets (whole) and chains that come, add the rules of the
-        chains that come or change, add elements."""
-        o = functools.partial(nft.obj, family=FAMILY, table=TABLE)
-        current = {n: view for n in self._touched_sets if (view := self.set_view(n)) is not None}
-        chains_gone = sorted(n for n in self._touched_chains if n in self._applied_chains and n not in self.chains)
-        chains_new = sorted(n for n in self._touched_chains if n in self.chains and n not in self._applied_chains)
-        chains_changed = sorted(
-            n
-            for n in self._touched_chains
-            if n in self.chains and n in self._applied_chains and self.chains[n] != self._applied_chains[n]
-        )
-        sets_gone = sorted(n for n in self._touched_sets if n in self._applied_sets and (n not in current or n in self._remade))
-        sets_new = sorted(n for n in self._touched_sets if n in current and (n not in self._applied_sets or n in self._remade))
-        cmds: list[dict] = [{"flush": o("chain", name=n)} for n in chains_changed + chains_gone]
-        for name in sorted(self._dels):
-            cmds += nft.element_commands("delete", FAMILY, TABLE, name, self._dels[name])
-        cmds += [{"delete": o("chain", name=n)} for n in chains_gone]
-        cmds += [{"delete": o("set", name=n)} for n in sets_gone]  # the verdict maps never go
-        for name in sets_new:
-            decl, elems = current[name]
-            cmds.append({"add": o("set", name=name, type=decl)})
-            cmds += nft.element_commands("add", FAMILY, TABLE, name, elems)
-        cmds += [{"add": o("chain", name=n)} for n in chains_new]
-        for name in sorted(chains_new + chains_changed):
-            cmds += [_rule(name, r) for r in self.chains[name]]
-        for name in sorted(self._adds):
-            cmds += nft.element_commands("add", FAMILY, TABLE, name, self._adds[name])
-        for n in self._touched_chains:
-            if n in self.chains:
-                self._applied_chains[n] = self.chains[n]
-            else:
-                self._applied_chains.pop(n, None)
-        for n in self._touched_sets:
-            if n in current:
-                self._applied_sets[n] = True
-            else:
-                self._applied_sets.pop(n, None)
-        self._touched_chains.clear()
-        self._touched_sets.clear()
-        self._remade.clear()
-        self._adds.clear()
-        self._dels.clear()
-        return cmds
-
-
-def _rule(chain: str, rule: dict) -> dict:
-    return {"add": {"rule": {**_T, "chain": chain, "expr": rule["expr"], "comment": rule["comment"][:128]}}}
+        """The commands (one transaction, ``policy.delta``) from the table the
+        kernel was last given to this state, which then counts as applied.
+        Empty: nothing changed."""
+        return self.delta.commands(self.chains, self.set_view)
