@@ -43,16 +43,16 @@ import threading
 import time
 from collections.abc import Callable
 
-from .. import deadline, ipam
+from .. import deadline
 from ..dataplane.ports import PolicyTable
 from ..datastore import Event, Store
 from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespaces_prefix, pods_prefix, policies_prefix
 from ..datastore.watch import watch_loop
 from ..errors import DataplaneError, DeadlineExceeded, OverlayCNIError, PolicyApplyError
-from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, records, render_node
+from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, render_node
 from ..policy.flowlog import FlowLogSpec
 from ..policy.incremental import NodePolicy
-from ..policy.stored import join_inventory as inventory
+from ..policy.stored import InventoryCache
 
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.05
@@ -100,6 +100,7 @@ class PolicyController:
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "rules": 0, "full": 0}
         self.state: NodePolicy | None = None  # the table as the kernel holds it (None: unknown)
+        self._inventory = InventoryCache()
         self._last_full = 0.0
         # pass numbering for programmed(): started, last applied, last failed (+ why)
         self._passes = threading.Condition()
@@ -109,12 +110,9 @@ class PolicyController:
         self._inputs = (policies_prefix(cluster), pods_prefix(cluster), namespaces_prefix(cluster), ips_prefix(cluster))
 
     def load(self) -> tuple[list[PodInfo], list[NamespaceInfo], list[NetworkPolicy]]:
-        c, bad = self.cluster, self.on_bad
-        policies = records.load_policies(self.store, c, on_bad=bad)
-        pod_records = records.load_pods(self.store, c, on_bad=bad)
-        ns_records = records.load_namespaces(self.store, c, on_bad=bad)
-        pods, namespaces = inventory(ipam.list_allocations(self.store, c, on_bad=bad), pod_records, ns_records)
-        return pods, namespaces, policies
+        """The inventory at one store revision; records unchanged since the
+        last pass keep their decoded objects (``InventoryCache``)."""
+        return self._inventory.load(self.store, self.cluster, on_bad=self.on_bad)
 
     def sync(self, *, full: bool = False) -> str:
         """One pass: "none", "elements" or "rules" (an incremental update),

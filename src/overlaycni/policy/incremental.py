@@ -144,17 +144,20 @@ class NodePolicy:
         for name in [n for n in self.namespaces if n not in new_ns]:
             self.remove_namespace(name)
         for ns in new_ns.values():
-            self.set_namespace(ns)
+            if self.namespaces.get(ns.name) is not ns:  # an unchanged record keeps its object (InventoryCache)
+                self.set_namespace(ns)
         for key in [k for k in self.policies if k not in new_pols]:
             pol = self.policies[key]
             self.remove_policy(pol.namespace, pol.name)
         for pol in new_pols.values():
-            self.set_policy(pol)
+            if self.policies.get(pol.key) is not pol:
+                self.set_policy(pol)
         for key in [k for k in self.pods if k not in new_pods]:
             pod = self.pods[key]
             self.remove_pod(pod.namespace, pod.name)
         for pod in new_pods.values():
-            self.set_pod(pod)
+            if self.pods.get(pod.key) is not pod:
+                self.set_pod(pod)
 
     # ----- what the table holds ---------------------------------------------------------
 

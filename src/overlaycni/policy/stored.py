@@ -10,14 +10,27 @@ same way, so what they print is what the agents enforce.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from ..datastore import Store
-from ..datastore.keys import BadRecordHandler
+from ..datastore import KV, Store
+from ..datastore.keys import (
+    BadRecordHandler,
+    config_key,
+    decode_all,
+    ips_prefix,
+    namespaces_prefix,
+    nodeblocks_prefix,
+    pods_prefix,
+    policies_prefix,
+)
 from ..ipam import Allocation, list_allocations
+from ..ipam.clusters import not_found
+from ..ipam.records import decode_allocation, decode_block
 from .inventory import Inventory
-from .model import NamedPort, NamespaceInfo, PodInfo
-from .records import load_namespaces, load_pods, load_policies
+from .model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo
+from .records import decode_namespace, decode_pod, decode_policy, load_namespaces, load_pods, load_policies
 
 
 def join_inventory(
@@ -47,3 +60,94 @@ def inventory_from_store(store: Store, cluster: str, *, on_bad: BadRecordHandler
     pod_records = load_pods(store, cluster, on_bad=on_bad)
     pods, namespaces = join_inventory(allocations, pod_records, load_namespaces(store, cluster, on_bad=on_bad))
     return Inventory(tuple(namespaces), tuple(pods), tuple(load_policies(store, cluster, on_bad=on_bad)))
+
+
+class InventoryCache:
+    """``inventory_from_store`` for an agent that reads the inventory on
+    every policy pass: one read of every record at one store revision, and a
+    record whose revision is the one already decoded keeps its decoded
+    object (a pod, namespace or policy object stays the same object while
+    its records are unchanged). Decoding was most of a pass at scale (2,000
+    pods and 500 policies: ~150 ms of ~160 ms); ``policy.incremental`` then
+    tells an unchanged object by identity. A bad record is decoded (and
+    reported) again on every read."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, tuple[int, Any, Any]] = {}  # key -> (revision, extra, decoded)
+        self._pods: dict[tuple[str, str], tuple[Allocation, PodInfo | None, PodInfo]] = {}
+
+    def load(
+        self, store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None
+    ) -> tuple[list[PodInfo], list[NamespaceInfo], list[NetworkPolicy]]:
+        """(pods, namespaces, policies) as ``inventory_from_store`` has them."""
+        prefixes = [nodeblocks_prefix(cluster), ips_prefix(cluster), pods_prefix(cluster)]
+        prefixes += [namespaces_prefix(cluster), policies_prefix(cluster)]
+        snap = store.read([config_key(cluster)], prefixes)
+        if snap.get(config_key(cluster)) is None:
+            raise not_found(cluster)
+        by_prefix: dict[str, list[KV]] = {p: [] for p in prefixes}
+        for kv in snap.kvs:
+            for p in prefixes:
+                if kv.key.startswith(p):
+                    by_prefix[p].append(kv)
+                    break
+        seen: dict[str, tuple[int, Any, Any]] = {}
+
+        def decoded(kvs: list[KV], decode: Callable[[KV, Any], Any], extra: Callable[[KV], Any] = lambda kv: None) -> list:
+            out = []
+            for kv in kvs:
+                x = extra(kv)
+                hit = self._records.get(kv.key)
+                if hit is not None and hit[0] == kv.revision and hit[1] is x:
+                    obj = hit[2]
+                else:
+                    got = decode_all([kv], functools.partial(_with, decode, extra=x), on_bad=on_bad)
+                    if not got:
+                        continue
+                    obj = got[0]
+                seen[kv.key] = (kv.revision, x, obj)
+                out.append(obj)
+            return out
+
+        blocks = {c.node: c.block for c in decoded(by_prefix[prefixes[0]], lambda kv, _: decode_block(kv))}
+        base = prefixes[1]
+        allocations = decoded(
+            by_prefix[base],
+            lambda kv, block: decode_allocation(kv, block=block),
+            lambda kv: blocks.get(kv.key[len(base) :].partition("/")[0]),
+        )
+        pod_records = decoded(by_prefix[prefixes[2]], lambda kv, _: decode_pod(kv))
+        ns_records = decoded(by_prefix[prefixes[3]], lambda kv, _: decode_namespace(kv))
+        policies = decoded(by_prefix[prefixes[4]], lambda kv, _: decode_policy(kv))
+        self._records = seen
+        return self._join(allocations, pod_records, ns_records) + (policies,)
+
+    def _join(
+        self, allocations: list[Allocation], pod_records: list[PodInfo], ns_records: list[NamespaceInfo]
+    ) -> tuple[list[PodInfo], list[NamespaceInfo]]:
+        """``join_inventory``, each pod joined again only when its allocation or record changed."""
+        records = {(r.namespace, r.name): r for r in pod_records}
+        pods: list[PodInfo] = []
+        kept: dict[tuple[str, str], tuple[Allocation, PodInfo | None, PodInfo]] = {}
+        for a in sorted(allocations, key=lambda a: (a.node, int(a.ip))):
+            who = (a.pod_namespace or "", a.pod_name or "")
+            rec = records.get(who)
+            hit = self._pods.get(who)
+            if hit is not None and hit[0] is a and hit[1] is rec:
+                pod = hit[2]
+            else:
+                joined, _ = join_inventory([a], [rec] if rec is not None else [], [])
+                if not joined:
+                    continue
+                pod = joined[0]
+            kept[who] = (a, rec, pod)
+            pods.append(pod)
+        self._pods = kept
+        _, namespaces = join_inventory([], [], ns_records)
+        names = {n.name for n in namespaces}
+        namespaces += [NamespaceInfo(ns, {}) for ns in dict.fromkeys(p.namespace for p in pods) if ns not in names]
+        return pods, namespaces
+
+
+def _with(decode: Callable[[KV, Any], Any], kv: KV, *, extra: Any) -> Any:
+    return decode(kv, extra)
