@@ -405,7 +405,12 @@ def test_controller_passes_follow_the_change():
     del inv["pol"][extra.key]
     pass_is("rules")
     assert ctl.passes == {"none": 1, "elements": 2, "rules": 2, "full": 1}
+    held = ctl.state
     assert ctl.sync(full=True) == "full"  # the periodic pass replaces the table
+    assert ctl.state is held  # and keeps the state, which followed the inventory
+    same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))
+    inv["pods"]["x/a"] = pod
+    pass_is("elements")
 
 
 def test_controller_renders_whole_when_the_kernel_refuses_or_addresses_repeat():
