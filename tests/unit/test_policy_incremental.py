@@ -22,7 +22,8 @@ from overlaycni.agent.policy import PolicyController
 from overlaycni.dataplane.fake import FakeKernel, FakeNft, FakeNftTable, _nft_apply
 from overlaycni.dataplane.policytable import FAMILY, TABLE, PolicyTableSync
 from overlaycni.errors import DataplaneError
-from overlaycni.policy import parse_policies
+from overlaycni.policy import flowlog, parse_policies
+from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.incremental import NodePolicy
 from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
 from overlaycni.policy.render import _digest, render_node
@@ -63,7 +64,7 @@ def check_view(state: NodePolicy, table: FakeNftTable) -> None:
     """The state's own view (chains, sets) is the kernel's table."""
     base = {n: r for n, r in table.chains.items() if n not in ("egress", "ingress")}
     assert {n: list(r) for n, r in state.chains.items()} == base
-    assert {n: e for n, (_, e) in state.sets().items()} == table.sets
+    assert {n: e for n, (_, e) in state.sets().items()} == {n: e for n, e in table.sets.items() if n != flowlog.RATE_SET}
 
 
 # ----- strategies -------------------------------------------------------------------------
@@ -211,6 +212,13 @@ def empty() -> dict:
 @given(steps=st.lists(changes, max_size=25))
 def test_incremental_equals_full_from_empty(steps):
     run(empty(), steps)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(changes, max_size=25))
+def test_incremental_equals_full_with_flow_logs(steps):
+    """Flow logs on: a log chain per allowing rule, deny by goto, every local pod in the verdict maps."""
+    run(empty(), steps, flow_log=FlowLogSpec())
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -368,7 +376,7 @@ def test_fake_refuses_deleting_a_referenced_set_or_chain():
 class Controller(PolicyController):
     """The agent's controller with the inventory held here instead of a datastore."""
 
-    def __init__(self, inv: dict, kernel: FakeKernel) -> None:
+    def __init__(self, inv: dict, kernel: FakeKernel, flow_log: FlowLogSpec | None = None) -> None:
         super().__init__(
             None,  # type: ignore[arg-type]
             cluster="c1",
@@ -376,6 +384,7 @@ class Controller(PolicyController):
             stop=threading.Event(),
             table=PolicyTableSync(FakeNft(kernel, family=FAMILY, table=TABLE)),
             on_bad=lambda *a: None,
+            flow_log=flow_log,
         )
         self.inv = inv
 
@@ -383,14 +392,15 @@ class Controller(PolicyController):
         return list(self.inv["pods"].values()), list(self.inv["ns"].values()), list(self.inv["pol"].values())
 
 
-def test_controller_passes_follow_the_change():
+@pytest.mark.parametrize("flow_log", [None, FlowLogSpec()], ids=["plain", "flow-logs"])
+def test_controller_passes_follow_the_change(flow_log):
     inv = conformance("stacked-policies")
     k = FakeKernel()
-    ctl = Controller(inv, k)
+    ctl = Controller(inv, k, flow_log)
 
     def pass_is(how: str) -> None:
         assert ctl.sync() == how
-        same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))
+        same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv, flow_log=flow_log)))
 
     pass_is("full")  # the first pass renders whole
     pass_is("none")
@@ -408,7 +418,7 @@ def test_controller_passes_follow_the_change():
     held = ctl.state
     assert ctl.sync(full=True) == "full"  # the periodic pass replaces the table
     assert ctl.state is held  # and keeps the state, which followed the inventory
-    same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))
+    same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv, flow_log=flow_log)))
     inv["pods"]["x/a"] = pod
     pass_is("elements")
 

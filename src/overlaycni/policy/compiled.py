@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dataplane import nftables as nft
+from . import flowlog
 from .engine import Cluster
+from .flowlog import FlowLogSpec
 from .model import NetworkPolicy
 from .render import _DIR, Selection, _addr, _Builder, _digest
 
@@ -37,6 +39,7 @@ class Part:
     sides: dict[str, Side]  # direction -> side, for the directions it affects
     sets: dict[str, Selection]  # set name (of its IPv4 set) -> selection
     named_ports: frozenset[tuple[str, str]]  # (proto, name)
+    log_chains: dict[str, tuple[dict, ...]]  # flow logs: the log chain of each of its allowing rules
 
 
 def policy_chain(key: str, direction: str) -> str:
@@ -48,10 +51,12 @@ def namespace_chain(namespace: str, direction: str) -> str:
     return f"{_DIR[direction][0]}-ns-{namespace}"
 
 
-def compile_policy(pol: NetworkPolicy) -> Part:
-    """The render's compile of one policy (same builder, same order)."""
+def compile_policy(pol: NetworkPolicy, flow_log: FlowLogSpec | None = None) -> Part:
+    """The render's compile of one policy (same builder, same order); with
+    ``flow_log``, its rules end in their log chains, which it brings along."""
     b = _Builder(Cluster.of((), ()), [])
     sides = {}
+    allows: list[flowlog.RuleRef] = []
     for direction, (_, own_field, peer_field, _) in _DIR.items():
         if not pol.affects(direction):
             continue
@@ -60,10 +65,15 @@ def compile_policy(pol: NetworkPolicy) -> Part:
         body = []
         for i, rule in enumerate(pol.rules(direction)):
             comment = f"{pol.key} {direction.lower()}[{i}]"
+            ref = flowlog.RuleRef(pol.key, direction, i)
+            verdict: dict = {"accept": None} if flow_log is None else {"goto": {"target": ref.chain}}
             for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
-                body.append({"expr": exprs + [{"accept": None}], "comment": comment})
+                body.append({"expr": exprs + [verdict], "comment": comment})
+                if flow_log is not None and (not allows or allows[-1] != ref):
+                    allows.append(ref)
         jumps: tuple[dict, ...] = ()
         if body:
             jumps = ({"expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(chain)], "comment": pol.key},)
         sides[direction] = Side(target, chain, tuple(body), jumps)
-    return Part(sides, dict(b.sets), frozenset(b.named_ports))
+    logs = {} if flow_log is None else {ref.chain: tuple(flowlog.log_chains(flow_log, [ref])[ref.chain]) for ref in allows}
+    return Part(sides, dict(b.sets), frozenset(b.named_ports), logs)

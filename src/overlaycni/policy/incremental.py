@@ -58,8 +58,10 @@ from typing import Any
 from ..cidr import IPAddress
 from ..dataplane import nftables as nft
 from ..families import IPFamily
+from . import flowlog
 from .compiled import Part, compile_policy, namespace_chain, policy_chain
 from .delta import Delta
+from .flowlog import FlowLogSpec
 from .model import NAMESPACE_NAME_LABEL, NamespaceInfo, NetworkPolicy, PodInfo
 from .render import _DIR, Selection
 from .selectors import LabelSelector
@@ -82,9 +84,17 @@ class NodePolicy:
     pods, namespaces and policies, take the nftables commands of each change."""
 
     def __init__(
-        self, node: str, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
+        self,
+        node: str,
+        *,
+        pods: Iterable[PodInfo],
+        namespaces: Iterable[NamespaceInfo],
+        policies: Iterable[NetworkPolicy],
+        flow_log: FlowLogSpec | None = None,
     ) -> None:
+        """``flow_log``: the table of ``render_node(..., flow_log=...)``."""
         self.node = node
+        self.flow_log = flow_log
         self.families: tuple[IPFamily, ...] = (IPFamily.ipv4,)
         self.pods: dict[str, PodInfo] = {}
         self.namespaces: dict[str, NamespaceInfo] = {}
@@ -111,6 +121,9 @@ class NodePolicy:
         self._ns_pols: dict[tuple[str, str], set[str]] = defaultdict(set)  # (direction, ns) -> policy keys
         self.chains: dict[str, tuple[dict, ...]] = {}
         self._isolated: dict[str, dict[str, str]] = {d: {} for d in _DIR}  # direction -> local pod key -> ns chain
+        self._logs: dict[str, set[str]] = {}  # policy key -> its log chains (flow logs)
+        if flow_log is not None:  # the deny and default log chains: always there, never changed
+            self.chains.update({n: tuple(r) for n, r in flowlog.log_chains(flow_log, []).items()})
         for direction, (_, _, _, base) in _DIR.items():
             for f in self.families:
                 self._reg[f"{base}-pods{_SUFFIX[f]}"] = ("map", direction, f)
@@ -133,9 +146,7 @@ class NodePolicy:
                 self._isolate(key)
         self.mark_applied()
 
-    def update(
-        self, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]
-    ) -> None:
+    def update(self, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]) -> None:
         """Bring the state to a whole inventory (what a caller that reloads
         everything has): only what differs from the held one is changed."""
         new_ns = {n.name: n for n in namespaces}
@@ -279,6 +290,8 @@ class NodePolicy:
             want = None
             if pod is not None and any(self._targets[direction][s] for s in sels):
                 want = namespace_chain(pod.namespace, direction)
+            elif pod is not None and self.flow_log is not None:
+                want = flowlog.default_chain(direction)  # logged, then allowed
             if was == want:
                 continue
             if was is not None:
@@ -343,7 +356,7 @@ class NodePolicy:
         old = self.policies.get(pol.key)
         if old == pol:
             return
-        part = compile_policy(pol)
+        part = compile_policy(pol, self.flow_log)
         self._use(part, 1)  # the new uses first, so that shared selections never drop to zero
         if old is not None:
             self._use(self._parts[pol.key], -1)
@@ -361,6 +374,13 @@ class NodePolicy:
         """The policy's own chains, its namespace's chains, and the verdict map
         entries of the namespace's local pods."""
         part = self._parts.get(key)
+        logs = part.log_chains if part is not None else {}
+        for name in self._logs.pop(key, set()) - set(logs):
+            self._set_chain(name, None)
+        for name, rules in logs.items():
+            self._set_chain(name, rules)
+        if logs:
+            self._logs[key] = set(logs)
         for direction in _DIR:
             side = part.sides.get(direction) if part is not None else None
             self._set_chain(policy_chain(key, direction), side.body if side is not None and side.body else None)
@@ -381,7 +401,8 @@ class NodePolicy:
             self._set_chain(name, None)
             return
         jumps = [j for k in keys for j in self._parts[k].sides[direction].jumps]
-        deny = {"expr": [{"drop": None}], "comment": f"default deny: isolated for {direction.lower()}"}
+        verdict: dict = {"drop": None} if self.flow_log is None else {"goto": {"target": flowlog.deny_chain(direction)}}
+        deny = {"expr": [verdict], "comment": f"default deny: isolated for {direction.lower()}"}
         self._set_chain(name, (*jumps, deny))
 
     def _use(self, part: Part, delta: int) -> None:
