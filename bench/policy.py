@@ -134,7 +134,7 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | None) -> dict:
+def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | None, flow_log: FlowLogSpec | None = None) -> dict:
     """Every figure of one size: {name: [seconds of each run]} plus counts."""
     namespaces, pod_list, text = cluster(pods, policies, nodes)
     pols = parse_policies(text)
@@ -145,7 +145,7 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
     def add(name: str, seconds: float) -> None:
         out.setdefault(name, []).append(seconds)
 
-    doc = render_node(node, pods=pod_list, namespaces=namespaces, policies=pols)
+    doc = render_node(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)
     rules, elements = counts(doc)
     # the three changes, each with its undo
     idx = next(i for i, p in enumerate(pod_list) if p.node == node and p.labels["app"] == "app0")
@@ -173,9 +173,9 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
         "policy": ((pod, ns_old, pol_old), (pod, ns_old, pol_new), lambda st, inv: st.set_policy(inv[2][pol_i])),
     }
     for _ in range(runs):
-        add("full render", _timed(lambda: render_node(node, pods=pod_list, namespaces=namespaces, policies=pols)))
+        add("full render", _timed(lambda: render_node(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)))
         t0 = time.perf_counter()
-        state = NodePolicy(node, pods=pod_list, namespaces=namespaces, policies=pols)
+        state = NodePolicy(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)
         add("incremental build", time.perf_counter() - t0)
         if netns:
             add("full apply", _timed(lambda: kernel(doc)))
@@ -187,7 +187,7 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
                 ps, nss, qs = inventory(*target)
 
                 def whole(ps=ps, nss=nss, qs=qs, applied=applied) -> dict:
-                    new = render_node(node, pods=ps, namespaces=nss, policies=qs)
+                    new = render_node(node, pods=ps, namespaces=nss, policies=qs, flow_log=flow_log)
                     update = diff_render(applied, new)
                     kernel(new if update is None else update)
                     return new
@@ -377,6 +377,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="datapath rounds, each table once per round (median reported)")
     ap.add_argument("--datapath-only", action="store_true", help="only the pod-to-pod throughput and connection rate")
     ap.add_argument("--scale-only", action="store_true", help="only the render and change costs at scale")
+    ap.add_argument("--flow-logs", action="store_true", help="the scale part's tables with flow log rules (the agents' default)")
     args = ap.parse_args()
     netns = None
     if os.geteuid() == 0:
@@ -386,7 +387,8 @@ def main() -> None:
     try:
         if not args.datapath_only:
             sizes = [int(n) for n in args.sizes.split(",")]
-            results = [measure(n, n // 4, nodes=args.nodes, runs=args.runs, netns=netns) for n in sizes]
+            spec = FlowLogSpec() if args.flow_logs else None
+            results = [measure(n, n // 4, nodes=args.nodes, runs=args.runs, netns=netns, flow_log=spec) for n in sizes]
         paths = None
         if netns and shutil.which("iperf3") and not args.scale_only:
             paths = datapath(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
@@ -403,6 +405,7 @@ def main() -> None:
 
 def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) -> None:
     where = "end to end into a scratch namespace's kernel" if kernel else "pure part only (not root: nothing applied)"
+    where += ", flow log rules on" if args.flow_logs else ""
     print(f"NetworkPolicy at scale: node-0's table of {args.nodes} nodes; {where}; median of {args.runs} runs (min-max), ms")
     head = "".join(f"{r['pods']:>7d}/{r['policies']:<5d}{'':12}" for r in results)
     print(f"{'':30}{head}")
