@@ -201,6 +201,7 @@ def run(start: dict, steps: list[tuple], *, inexact_ok: bool = False, **opts) ->
         table = kernel({"nftables": state.take_changes()}, table)
         same(table, kernel(full(NODE, inv, **opts)))
         check_view(state, table)
+        assert state.describes(full(NODE, inv, **opts)) is None
         assert state.take_changes() == []  # taken once
 
 
@@ -443,3 +444,35 @@ def test_controller_renders_whole_when_the_kernel_refuses_or_addresses_repeat():
     inv["pods"]["x/twin"] = replace(pod, name="twin")
     assert ctl.sync() == "full"
     same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv)))
+
+
+def test_describes_names_what_differs():
+    inv = conformance("stacked-policies")
+    state = build(inv)
+    doc = full(NODE, inv)
+    assert state.describes(doc) is None
+    extra = {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "unknown"}}}
+    assert "chains differ" in state.describes({"nftables": [*doc["nftables"], extra]})
+    name = next(n for n in state.set_names() if n.startswith("sel-"))
+    more = {"add": {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": ["10.9.9.9"]}}}
+    assert name in state.describes({"nftables": [*doc["nftables"], more]})
+
+
+def test_controller_renders_whole_when_the_state_does_not_describe_the_render(monkeypatch):
+    """A render feature the incremental state does not follow (here: one more
+    chain) turns incremental updates off at the first whole render; every
+    pass is then a whole render, and the table is always the render."""
+    import overlaycni.agent.policy as agent_policy
+
+    def render_more(*args, **kwargs):
+        doc = render_node(*args, **kwargs)
+        return {"nftables": [*doc["nftables"], {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "new-feature"}}}]}
+
+    monkeypatch.setattr(agent_policy, "render_node", render_more)
+    inv = conformance("stacked-policies")
+    k = FakeKernel()
+    ctl = Controller(inv, k)
+    assert ctl.sync() == "full" and "chains differ" in (ctl.incremental_off or "")
+    inv["pods"]["x/a"] = replace(inv["pods"]["x/a"], labels={"pod": "c"})
+    assert ctl.sync() == "full"
+    assert "new-feature" in k.nft_table(FAMILY, TABLE).chains

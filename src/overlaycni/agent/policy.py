@@ -100,6 +100,7 @@ class PolicyController:
         self.last_error: str | None = None
         self.passes = {"none": 0, "elements": 0, "rules": 0, "full": 0}
         self.state: NodePolicy | None = None  # the table as the kernel holds it (None: unknown)
+        self.incremental_off: str | None = None  # why incremental updates are off (a whole render disagreed)
         self._inventory = InventoryCache()
         self._last_full = 0.0
         # pass numbering for programmed(): started, last applied, last failed (+ why)
@@ -124,7 +125,7 @@ class PolicyController:
         if state is not None:
             state.update(pods=pods, namespaces=namespaces, policies=policies)  # the state follows every pass
         how = None
-        if not full and state is not None and state.exact:
+        if not full and state is not None and state.exact and self.incremental_off is None:
             how = self._incremental(state, lambda: self._render(pods, namespaces, policies))
         if how is None:
             self.state = None  # until the kernel took the whole table
@@ -137,6 +138,9 @@ class PolicyController:
                 state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
             state.mark_applied()
             self.state = state
+            if state.exact and self.incremental_off is None and (why := state.describes(doc)) is not None:
+                self.incremental_off = why  # never program a table the render would not: whole renders from now on
+                log.error("policy: the incremental table differs from the render (%s); rendering whole from now on", why)
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":

@@ -194,6 +194,34 @@ class NodePolicy:
         entries = (e for k in self._isolated[what] for n, e in self._map_entries(what, k) if n == name)
         return "verdict", frozenset(entries)
 
+    def describes(self, render: dict) -> str | None:
+        """Why this state is not the table ``render`` holds (its regular
+        chains and their rules, its sets and maps and their elements;
+        sets the kernel fills itself aside), or None when it is. The agent
+        checks every whole render this way: a render feature this state
+        does not follow turns incremental updates off instead of
+        programming a table the render would not."""
+        chains: dict[str, list[dict]] = {}
+        for cmd in render["nftables"]:
+            body = cmd.get("add", {})
+            if "chain" in body and "hook" not in body["chain"]:
+                chains.setdefault(body["chain"]["name"], [])
+            elif "rule" in body and body["rule"]["chain"] in chains:
+                chains[body["rule"]["chain"]].append({"expr": body["rule"]["expr"], "comment": body["rule"]["comment"]})
+        mine = {n: [{"expr": r["expr"], "comment": r["comment"][:128]} for r in rules] for n, rules in self.chains.items()}
+        if mine != chains:
+            return f"chains differ: {sorted(set(mine) ^ set(chains))[:3] or 'rules'}"
+        dynamic = set()  # filled by the packet path (flow logs' per-source rate set)
+        for cmd in render["nftables"]:
+            decl = cmd.get("add", {}).get("set")
+            if decl is not None and "timeout" in (decl.get("flags") or ()):
+                dynamic.add(decl["name"])
+        want = {n: e for n, e in nft.image(render).sets.items() if n not in dynamic}
+        have = {n: e for n, (_, e) in self.sets().items()}
+        if have != want:
+            return f"sets differ: {sorted(n for n in set(have) | set(want) if have.get(n) != want.get(n))[:3]}"
+        return None
+
     def sets(self) -> dict[str, tuple[Any, frozenset]]:
         """Every set and map: name -> (declared type, elements)."""
         return {name: view for name in self.set_names() if (view := self.set_view(name)) is not None}
