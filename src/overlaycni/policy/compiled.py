@@ -19,7 +19,7 @@ from . import flowlog
 from .engine import Cluster
 from .flowlog import FlowLogSpec
 from .model import NetworkPolicy
-from .render import _DIR, Selection, _addr, _Builder, _digest
+from .render import _DIR, Selection, _addr, _Builder, _digest, policy_rules
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,7 @@ def compile_policy(pol: NetworkPolicy, flow_log: FlowLogSpec | None = None) -> P
             continue
         target = Selection(pol.namespace, None, pol.pod_selector)
         chain = policy_chain(pol.key, direction)
-        body = []
-        for i, rule in enumerate(pol.rules(direction)):
-            comment = f"{pol.key} {direction.lower()}[{i}]"
-            ref = flowlog.RuleRef(pol.key, direction, i)
-            verdict: dict = {"accept": None} if flow_log is None else {"goto": {"target": ref.chain}}
-            for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
-                body.append({"expr": exprs + [verdict], "comment": comment})
-                if flow_log is not None and (not allows or allows[-1] != ref):
-                    allows.append(ref)
+        body = policy_rules(b, pol, direction, peer_field, flow_log=flow_log, allows=allows)
         jumps: tuple[dict, ...] = ()
         if body:
             jumps = ({"expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(chain)], "comment": pol.key},)

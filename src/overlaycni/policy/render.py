@@ -204,6 +204,30 @@ class _Builder:
         return [pe + po for pe in peers for po in ports]
 
 
+def policy_rules(
+    b: _Builder,
+    pol: NetworkPolicy,
+    direction: str,
+    peer_field: str,
+    *,
+    flow_log: FlowLogSpec | None,
+    allows: list[flowlog.RuleRef],
+) -> list[dict]:
+    """The body of a policy's chain in one direction: one rule per peer
+    alternative, each accepting (or, with flow logs, going to its rule's log
+    chain, appended to ``allows``)."""
+    body: list[dict] = []
+    for i, rule in enumerate(pol.rules(direction)):
+        comment = f"{pol.key} {direction.lower()}[{i}]"
+        ref = flowlog.RuleRef(pol.key, direction, i)
+        verdict: dict = {"accept": None} if flow_log is None else {"goto": {"target": ref.chain}}
+        for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
+            body.append({"expr": exprs + [verdict], "comment": comment})
+            if flow_log is not None and (not allows or allows[-1] != ref):
+                allows.append(ref)
+    return body
+
+
 def render_node(
     node: str,
     *,
@@ -233,15 +257,7 @@ def render_node(
                 if pod.node == node:
                     isolated[direction][str(pod.ip)] = ns_chain
             pol_chain = f"{tag}-{_digest(pol.key)}"
-            body = []
-            for i, rule in enumerate(pol.rules(direction)):
-                comment = f"{pol.key} {direction.lower()}[{i}]"
-                ref = flowlog.RuleRef(pol.key, direction, i)
-                verdict: dict = {"accept": None} if flow_log is None else {"goto": {"target": ref.chain}}
-                for exprs in b.rule_exprs(rule, pol.namespace, peer_field):
-                    body.append({"expr": exprs + [verdict], "comment": comment})
-                    if flow_log is not None and (not allows or allows[-1] != ref):
-                        allows.append(ref)
+            body = policy_rules(b, pol, direction, peer_field, flow_log=flow_log, allows=allows)
             if body:
                 b.chains[pol_chain] = body
                 ns_rules.append(
