@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -50,6 +51,14 @@ def ask(path, payload: bytes, timeout=5.0):
     return json.loads(data)
 
 
+def wait_open(server, n: int, timeout: float = 10.0) -> None:
+    """Until the server counts ``n`` open connections (accepted or being served)."""
+    end = time.monotonic() + timeout
+    while server._open() != n:  # noqa: SLF001 - the count the cap is checked against
+        assert time.monotonic() < end, f"server counts {server._open()} open connections, not {n}"  # noqa: SLF001
+        time.sleep(0.01)
+
+
 STATUS = json.dumps({"command": "STATUS", "config": {}}).encode() + b"\n"
 
 
@@ -72,9 +81,13 @@ def test_idle_connections_do_not_block_a_request_and_the_cap_answers_11(patient_
         idle.append(s)
     try:
         assert ask(server.path, STATUS) == {"result": {"echo": "STATUS"}}  # 16th connection: served
+        # The client sees EOF a moment before the server stops counting the
+        # served connection; and accepting is asynchronous: wait for both.
+        wait_open(server, 15)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(server.path)
         idle.append(s)  # the cap is reached: the next one is turned away at once
+        wait_open(server, 16)
         assert ask(server.path, STATUS)["error"]["code"] == 11
     finally:
         for s in idle:
