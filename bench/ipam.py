@@ -1,7 +1,7 @@
 """IPAM benchmark: allocation latency and throughput per datastore, against
 that store's raw compare-and-swap latency measured in the same run.
 
-    .venv/bin/python bench/ipam.py [--stores sqlite,etcd] [--allocs 300] [--nodes 5000]
+    .venv/bin/python bench/ipam.py [--stores sqlite,etcd] [--allocs 300] [--nodes 5000] [--ip-families ipv4,ipv6]
 
 For each store (sqlite in a temp dir; etcd: Debian's /usr/bin/etcd started on
 127.0.0.1 with random ports and a temp data dir, stopped at the end):
@@ -11,7 +11,10 @@ For each store (sqlite in a temp dir; etcd: Debian's /usr/bin/etcd started on
   node: p50/p99 latency, allocations/s, store round trips per allocation;
 * the ratio allocation p50 / baseline p50 (the figure to watch; the design
   aims at <= 2 round trips per allocation);
-* the time to claim blocks for ``--nodes`` nodes (one process, sequential).
+* the time to claim blocks for ``--nodes`` nodes (one process, sequential);
+* with ``--ip-families ipv4,ipv6``: the same allocations in a dual-stack
+  cluster (an IPv4 and an IPv6 address per attachment, one transaction),
+  and their p50 as a ratio of the single-stack p50 of the same run.
 
 Everything stays on 127.0.0.1 and a temp directory.
 """
@@ -75,7 +78,7 @@ def _allocator(url: str, cluster: str, node: str, prefix: str, n: int, barrier, 
 def bench_alloc(url: str, cluster: str, workers: int, per_worker: int) -> tuple[list[float], float, float]:
     """Returns (latencies, wall seconds, round trips per allocation)."""
     store = open_datastore(url)
-    ipam.register_node(store, cluster, f"bench-{workers}", IPv4Address("10.224.0.9"))
+    ipam.register_node(store, cluster, f"bench-{workers}", IPv4Address(f"10.224.0.{9 + workers}"))
     store.close()
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(workers + 1), ctx.Queue()
@@ -118,6 +121,9 @@ def run_store(name: str, url: str, args: argparse.Namespace) -> None:
     store = open_datastore(url)
     net = parse_network({"network-plugin": "azure", "network-plugin-mode": "overlay", "node-cidr-size": 20})
     ipam.create_cluster(store, "bench", net)
+    dual = args.ip_families == "ipv4,ipv6"
+    if dual:
+        ipam.create_cluster(store, "bench6", parse_network({**net.to_dict(), "ip-families": "ipv4,ipv6"}))
     store.close()
     cas = bench_cas(url, args.allocs)
     cas50, cas99 = pct(cas, 0.5) * 1e3, pct(cas, 0.99) * 1e3
@@ -132,6 +138,14 @@ def run_store(name: str, url: str, args: argparse.Namespace) -> None:
             f"{len(lat) / wall:8.0f} allocs/s  {rts:.2f} round trips/alloc  "
             f"p50 ratio to CAS {p50 / cas50:5.2f}x"
         )
+        if dual:
+            lat6, wall6, rts6 = bench_alloc(url, "bench6", workers, per)
+            d50, d99 = pct(lat6, 0.5) * 1e3, pct(lat6, 0.99) * 1e3
+            print(
+                f"    dual-stack x{workers}:         p50 {d50:7.2f} ms  p99 {d99:7.2f} ms  "
+                f"{len(lat6) / wall6:8.0f} allocs/s  {rts6:.2f} round trips/alloc  "
+                f"p50 ratio to single-stack {d50 / p50:5.2f}x"
+            )
     if args.nodes:
         wall = bench_nodes(url, args.nodes)
         print(f"  claim blocks for {args.nodes} nodes: {wall:6.2f} s ({args.nodes / wall:.0f} nodes/s, "
@@ -143,6 +157,8 @@ def main() -> None:
     parser.add_argument("--stores", default="sqlite,etcd")
     parser.add_argument("--allocs", type=int, default=300, help="allocations per run (8 workers: half each)")
     parser.add_argument("--nodes", type=int, default=5000, help="nodes to register (0 to skip)")
+    parser.add_argument("--ip-families", default="ipv4", choices=("ipv4", "ipv4,ipv6"),
+                        help="ipv4,ipv6: also allocate in a dual-stack cluster, as a ratio of single-stack")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ocni-bench-"))
     try:

@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from overlaycni.dataplane.linux import LinuxDataplane  # noqa: E402
 from overlaycni.dataplane.model import VXLAN_IFNAME, NodeState, Peer, peer_objects, vtep_mac  # noqa: E402
+from overlaycni.families import PodAddress
 
 POD_CIDR = IPv4Network("10.64.0.0/10")  # room for 16k /24 blocks
 NODE_IP = IPv4Address("10.224.0.1")
@@ -86,8 +87,8 @@ def batches(ps: tuple[Peer, ...], verb: str) -> tuple[str, str, str]:
     neigh, fdb, route = [], [], []
     for p in ps:
         o = peer_objects(p, backend="vxlan")
-        n, f, r = o.neighbour, o.fdb, o.route
-        assert n and f
+        (n,), f, (r,) = o.neighbours, o.fdb, o.routes
+        assert f
         if verb == "replace":
             neigh.append(f"neigh replace {n.ip} lladdr {n.mac} dev {VXLAN_IFNAME} nud permanent")
             fdb.append(f"fdb replace {f.mac} dev {VXLAN_IFNAME} dst {f.dst} self permanent")
@@ -181,13 +182,13 @@ def kernel_side(args: argparse.Namespace) -> None:
 
                 def port_apply(delete: bool) -> None:
                     if delete:
-                        ports.routes.apply_routes(delete=[o.route for o in objs])
+                        ports.routes.apply_routes(delete=[r for o in objs for r in o.routes])
                         ports.fdb.apply_fdb(delete=[o.fdb for o in objs])  # type: ignore[misc]
-                        ports.neighbours.apply_neighbours(delete=[o.neighbour for o in objs])  # type: ignore[misc]
+                        ports.neighbours.apply_neighbours(delete=[n for o in objs for n in o.neighbours])
                     else:
-                        ports.neighbours.apply_neighbours(replace=[o.neighbour for o in objs])  # type: ignore[misc]
+                        ports.neighbours.apply_neighbours(replace=[n for o in objs for n in o.neighbours])
                         ports.fdb.apply_fdb(replace=[o.fdb for o in objs])  # type: ignore[misc]
-                        ports.routes.apply_routes(replace=[o.route for o in objs])
+                        ports.routes.apply_routes(replace=[r for o in objs for r in o.routes])
 
                 for key, delete in (("port_add", False), ("port_del", True)):
                     t0 = time.perf_counter()
@@ -208,12 +209,12 @@ def kernel_side(args: argparse.Namespace) -> None:
             inc_del.append(time.perf_counter() - t0)
         for p in extra[:10]:
             o = peer_objects(p, backend="vxlan")
+            (n,), (r,) = o.neighbours, o.routes
             t0 = time.perf_counter()
-            sh("ip", "-n", ns, "neigh", "replace", str(o.neighbour.ip), "lladdr", o.neighbour.mac,  # type: ignore[union-attr]
-               "dev", VXLAN_IFNAME, "nud", "permanent")
+            sh("ip", "-n", ns, "neigh", "replace", str(n.ip), "lladdr", n.mac, "dev", VXLAN_IFNAME, "nud", "permanent")
             sh("bridge", "-n", ns, "fdb", "replace", o.fdb.mac, "dev", VXLAN_IFNAME, "dst", str(o.fdb.dst),  # type: ignore[union-attr]
                "self", "permanent")
-            sh("ip", "-n", ns, "route", "replace", str(o.route.dst), "via", str(o.route.gateway), "dev", VXLAN_IFNAME,
+            sh("ip", "-n", ns, "route", "replace", str(r.dst), "via", str(r.gateway), "dev", VXLAN_IFNAME,
                "onlink", "proto", "119")
             fork_add.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -276,7 +277,7 @@ def bench_pods(*, ns_prefix: str, rounds: int) -> dict[str, tuple[float, float]]
                 for i in range(rounds):
                     t0 = time.perf_counter()
                     dp.attach_pod(container_id=f"c{i}", ifname="eth0", netns_path=f"/var/run/netns/{pod}",
-                                  ip=IPv4Interface("10.244.1.5/24"), gateway=IPv4Address("10.244.1.1"), mtu=1450)
+                                  addresses=(PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1")),), mtu=1450)
                     adds.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     dp.detach_pod(container_id=f"c{i}", ifname="eth0", netns_path=f"/var/run/netns/{pod}")

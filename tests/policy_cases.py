@@ -17,14 +17,23 @@ namespace (upstream ignores loopback for the same reason).
 Policies may name pod IPs as ``{ip:y/b}`` and the pod CIDR as ``{pod_cidr}``;
 ``Case.manifest(model, pod_cidr=...)`` fills them in, so a lab with other
 addresses can reuse the cases unchanged (``build_model(ips=..., nodes=...)``).
+
+Dual-stack: ``build_model(dual=True)`` gives every pod an IPv6 address as
+well, its IPv4 address's twin (``ipv6_twin``: the IPv4 address in the low 32
+bits of ``fd12:3456:789a::/96``, so an IPv4 CIDR /n has the twin /96+n), and
+``with_ipv6_twins`` adds to every IPv4 ipBlock peer of a policy its IPv6
+twin. The hand-written tables then hold over IPv6 as they do over IPv4 (an
+ipBlock only matches its own family, so without the twins they need not).
+Policies may name a pod's IPv6 address as ``{ip6:y/b}``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from overlaycni.policy.model import NamedPort, NamespaceInfo, PodInfo
+from overlaycni.policy.model import IPBlock, NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, PolicyPeer, Rule
 
 NAMESPACES = ("x", "y", "z")
 POD_NAMES = ("a", "b", "c")
@@ -49,16 +58,49 @@ def default_ip(ns_index: int, pod_index: int) -> IPv4Address:
     return IPv4Address(f"10.244.{node + 1}.{10 * (ns_index + 1) + pod_index}")
 
 
+TWIN_PREFIX = IPv6Network("fd12:3456:789a::/96")
+
+
+def ipv6_twin(ip: IPv4Address) -> IPv6Address:
+    """The IPv6 address the dual-stack model gives the pod with IPv4 ``ip``."""
+    return IPv6Address(int(TWIN_PREFIX.network_address) + int(ip))
+
+
+def ipv6_twin_net(net: IPv4Network) -> IPv6Network:
+    return IPv6Network((int(TWIN_PREFIX.network_address) + int(net.network_address), 96 + net.prefixlen))
+
+
+def with_ipv6_twins(policies: Iterable[NetworkPolicy]) -> list[NetworkPolicy]:
+    """``policies`` with each IPv4 ipBlock peer followed by its IPv6 twin."""
+
+    def peers(ps: tuple[PolicyPeer, ...]) -> tuple[PolicyPeer, ...]:
+        out: list[PolicyPeer] = []
+        for p in ps:
+            out.append(p)
+            b = p.ip_block
+            if b is not None and isinstance(b.cidr, IPv4Network):
+                twin = IPBlock(ipv6_twin_net(b.cidr), tuple(ipv6_twin_net(e) for e in b.except_))
+                out.append(PolicyPeer(ip_block=twin))
+        return tuple(out)
+
+    def rules(rs: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        return tuple(replace(r, peers=peers(r.peers)) for r in rs)
+
+    return [replace(p, ingress=rules(p.ingress), egress=rules(p.egress)) for p in policies]
+
+
 def build_model(
     *,
     ips: dict[str, IPv4Address] | None = None,
     nodes: dict[str, str] | None = None,
     pod_labels: dict[str, dict[str, str]] | None = None,
     namespace_labels: dict[str, dict[str, str]] | None = None,
+    dual: bool = False,
 ) -> Model:
     """The x/y/z x a/b/c model. Pods spread over three nodes so that every
     namespace has pods on every node; ``ips``/``nodes`` override placement
-    (keys ``ns/pod``); ``pod_labels``/``namespace_labels`` replace labels."""
+    (keys ``ns/pod``); ``pod_labels``/``namespace_labels`` replace labels;
+    ``dual`` gives every pod the IPv6 twin of its IPv4 address too."""
     ips, nodes = ips or {}, nodes or {}
     pod_labels, namespace_labels = pod_labels or {}, namespace_labels or {}
     namespaces = tuple(NamespaceInfo(ns, namespace_labels.get(ns, {"ns": ns})) for ns in NAMESPACES)
@@ -66,14 +108,16 @@ def build_model(
     for i, ns in enumerate(NAMESPACES):
         for j, name in enumerate(POD_NAMES):
             key = f"{ns}/{name}"
+            ip = ips.get(key, default_ip(i, j))
             pods.append(
                 PodInfo(
                     ns,
                     name,
-                    ips.get(key, default_ip(i, j)),
+                    ip,
                     nodes.get(key, NODES[(i + j) % 3]),
                     pod_labels.get(key, {"pod": name}),
                     NAMED_PORTS,
+                    ip_v6=ipv6_twin(ip) if dual else None,
                 )
             )
     return Model(namespaces, tuple(pods))
@@ -99,6 +143,8 @@ class Case:
         text = self.policy.replace("{pod_cidr}", pod_cidr)
         for p in model.pods:
             text = text.replace("{ip:" + p.key + "}", str(p.ip))
+            if p.ip_v6 is not None:
+                text = text.replace("{ip6:" + p.key + "}", str(p.ip_v6))
         return text
 
     def expected(self) -> dict[tuple[str, str], bool]:

@@ -28,14 +28,19 @@ families' block counts (``ClusterNetwork.max_nodes``).
 Addresses of a block no pod gets: IPv4 reserves the network address, the
 gateway (``.1``) and the broadcast address; IPv6 has no broadcast, so it
 reserves the first address (the subnet-router anycast address, RFC 4291
-section 2.6.1) and the gateway (``::1``).
+section 2.6.1) and ``::1``, kept for the node (as ``.1`` is in IPv4).
+
+The pods' gateway (``pod_gateway``): ``<block>.1`` in IPv4, a local
+address of the node answered on each host veth by proxy ARP; in IPv6 the
+link-local ``fe80::1``, which the node holds on each host veth, as Calico
+and Cilium give pods a link-local gateway (why: ``dataplane/linux/pods.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 from .cidr import IPAddress, IPNetwork, count_blocks
 
@@ -78,6 +83,58 @@ class IPFamily(StrEnum):
     def of(cls, value: IPAddress | IPNetwork | IPv4Interface | IPv6Interface) -> IPFamily:
         """The family of an address, network or interface."""
         return cls.ipv4 if value.version == 4 else cls.ipv6
+
+
+# The IPv6 gateway of every pod: link-local, held by the node on each host veth.
+POD_GATEWAY_V6 = IPv6Address("fe80::1")
+
+
+def pod_gateway(block: IPNetwork) -> IPAddress:
+    """The gateway of the pods of node block ``block``: its ``.1`` (IPv4),
+    ``fe80::1`` (IPv6; see the module note)."""
+    return block.network_address + 1 if block.version == 4 else POD_GATEWAY_V6
+
+
+def is_reserved(ip: IPAddress, block: IPNetwork) -> bool:
+    """Whether ``ip`` is one of node block ``block``'s addresses no pod gets
+    (see the module note)."""
+    reserved: tuple[IPAddress, ...] = (block.network_address, block.network_address + 1)
+    if block.version == 4:
+        reserved += (block.broadcast_address,)
+    return ip in reserved
+
+
+def pod_range(block: IPNetwork) -> tuple[IPAddress, IPAddress]:
+    """The first and last address a pod in node block ``block`` may get."""
+    last = block.broadcast_address - (1 if block.version == 4 else 0)
+    return block.network_address + 2, last
+
+
+@dataclass(frozen=True)
+class PodAddress:
+    """One of a pod's addresses (with its node block's prefix length) and
+    the gateway it routes through; a pod has one per family, IPv4 first."""
+
+    ip: IPv4Interface | IPv6Interface
+    gateway: IPAddress
+
+    @property
+    def family(self) -> IPFamily:
+        return IPFamily.of(self.ip)
+
+    @property
+    def default_route(self) -> IPNetwork:
+        return self.family.default_route
+
+    @property
+    def gateway_on_host_veth(self) -> bool:
+        """Whether the node holds the gateway on the pod's host veth (a
+        link-local gateway: IPv6's ``fe80::1``) rather than as a node
+        address answered by proxy ARP (IPv4's ``<block>.1``)."""
+        return self.gateway.is_link_local
+
+    def __str__(self) -> str:
+        return f"{self.ip} via {self.gateway}"
 
 
 SINGLE_STACK = (IPFamily.ipv4,)
@@ -147,17 +204,13 @@ class FamilyNetwork:
         return type(self.pod_cidr)((int(ip), self.node_cidr_size), strict=False)
 
     def gateway(self, block: IPNetwork) -> IPAddress:
-        """The pods' gateway in ``block``: its first address after the network."""
-        return block.network_address + 1
+        """The gateway of the pods in ``block`` (``pod_gateway``)."""
+        return pod_gateway(block)
 
     def is_reserved(self, ip: IPAddress, block: IPNetwork) -> bool:
         """Whether ``ip`` is one of ``block``'s addresses no pod gets."""
-        reserved: tuple[IPAddress, ...] = (block.network_address, self.gateway(block))
-        if self.family is IPFamily.ipv4:
-            reserved += (block.broadcast_address,)
-        return ip in reserved
+        return is_reserved(ip, block)
 
     def pod_range(self, block: IPNetwork) -> tuple[IPAddress, IPAddress]:
         """The first and last address a pod in ``block`` may get."""
-        last = block.broadcast_address - (1 if self.family is IPFamily.ipv4 else 0)
-        return block.network_address + 2, last
+        return pod_range(block)

@@ -63,6 +63,20 @@ def allocate_many(url: str, cluster: str, node: str, prefix: str, count: int) ->
         store.close()
 
 
+def allocate_pairs(url: str, cluster: str, node: str, prefix: str, count: int) -> list[tuple[str, str, str]]:
+    """Dual-stack: (container ID, IPv4, IPv6) per allocation."""
+    store = open_datastore(url)
+    try:
+        out = []
+        for i in range(count):
+            cid = f"{prefix}-{i}"
+            a = ipam.allocate(store, cluster, node, cid, "eth0")
+            out.append((cid, str(a.ip.ip), str(a.ip_v6.ip) if a.ip_v6 else ""))
+        return out
+    finally:
+        store.close()
+
+
 def main(argv: list[str]) -> None:
     if argv[0] == "alloc":
         url, cluster, node, prefix, count = argv[1:6]

@@ -9,7 +9,7 @@ from overlaycni import ipam
 from overlaycni.config import parse_network
 from overlaycni.datastore import open_datastore
 
-from ._worker import allocate_many, register_one, run_processes
+from ._worker import allocate_many, allocate_pairs, register_one, run_processes
 
 
 def _net(**extra):
@@ -47,4 +47,28 @@ def test_8_processes_x_50_allocations_on_one_node(store_url):
     assert ipam.list_allocations(store, "c", node="n1") == []
     assert store.list("/overlaycni/clusters/c/handles/") == []
     assert ipam.check(store, "c").ok
+    store.close()
+
+
+def test_4_processes_x_25_dual_stack_allocations(store_url):
+    """Racing allocators in a dual-stack cluster: each attachment gets one
+    address of each family, none twice, and releasing frees both."""
+    from ipaddress import IPv6Address
+
+    store = open_datastore(store_url)
+    ipam.create_cluster(store, "c", _net(**{"ip-families": "ipv4,ipv6"}))
+    node = ipam.register_node(store, "c", "n1", IPv4Address("10.224.0.4"))
+    results = run_processes(allocate_pairs, [(store_url, "c", "n1", f"w{w}", 25) for w in range(4)])
+    triples = [t for r in results for t in r]
+    v4 = [IPv4Address(ip) for _, ip, _ in triples]
+    v6 = [IPv6Address(ip) for _, _, ip in triples]
+    assert len(triples) == 100 and len(set(v4)) == 100 and len(set(v6)) == 100
+    assert all(ip in node.block_v6 and ip not in (node.block_v6.network_address, node.block_v6.network_address + 1)
+               for ip in v6)  # fmt: skip
+    report = ipam.check(store, "c", valid=[(cid, "eth0") for cid, _, _ in triples])
+    assert report.ok, report.problems
+    assert report.allocations == 100
+    for cid, _, _ in triples:
+        assert ipam.release(store, "c", cid, "eth0") is not None
+    assert store.list("/overlaycni/clusters/c/ips/") == [] and store.list("/overlaycni/clusters/c/handles/") == []
     store.close()

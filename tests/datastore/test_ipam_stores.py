@@ -52,3 +52,27 @@ def test_node_lease_expiry_and_watch(store):
             break
     assert [e.kind for e in events] == ["put", "delete"]
     assert ipam.list_blocks(store, "c") == {"n1": rec.block}  # the claim outlives the lease
+
+
+def test_dual_stack_allocations(store):
+    """Both families in one transaction on every store: exploded IPv6 keys,
+    the failed attempt's windows, release and node delete."""
+    from ipaddress import IPv6Address
+
+    ipam.create_cluster(store, "c", _net(**{"ip-families": "ipv4,ipv6"}))
+    n1 = ipam.register_node(store, "c", "n1", IPv4Address("10.224.0.4"))
+    assert str(n1.block_v6) == "fd12:3456:789a::/80"
+    first = ipam.allocate(store, "c", "n1", "p0", "eth0")
+    taken = first.ip_v6.ip + 1  # held by someone the cursor does not know
+    store.put(f"/overlaycni/clusters/c/ips/n1/{taken.exploded}", '{"container_id": "x", "ifname": "eth0"}')
+    allocs = [first] + [ipam.allocate(store, "c", "n1", f"p{i}", "eth0") for i in range(1, 5)]
+    assert [a.ip_v6.ip for a in allocs] == [IPv6Address("fd12:3456:789a::2"), *(IPv6Address(f"fd12:3456:789a::{i}")
+                                                                            for i in range(4, 8))]  # fmt: skip
+    store.delete(f"/overlaycni/clusters/c/ips/n1/{taken.exploded}")
+    assert ipam.list_allocations(store, "c") == allocs
+    assert ipam.check(store, "c").ok
+    assert ipam.release(store, "c", "p0", "eth0") == first
+    ipam.delete_node(store, "c", "n1")
+    assert store.list("/overlaycni/clusters/c/ips/") == [] and store.list("/overlaycni/clusters/c/handles/") == []
+    assert store.list("/overlaycni/clusters/c/blocks/") == []
+    assert ipam.check(store, "c").ok

@@ -3,12 +3,12 @@ the Linux adapters inside a fresh namespace."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
 import pytest
 
-from overlaycni.dataplane import nftables, nftmodel, podguard
+from overlaycni.dataplane import nftables, nftmodel, nftmodel6, podguard
 from overlaycni.dataplane.engine import Ports
 from overlaycni.dataplane.fake import FakeKernel, FakePodNetns, fake_ports
 from overlaycni.dataplane.linux import LinuxDataplane
@@ -23,6 +23,7 @@ from overlaycni.dataplane.model import (
 )
 from overlaycni.dataplane.policytable import PolicyTableSync
 from overlaycni.errors import DataplaneError, InterfaceExists, NetnsNotFound
+from overlaycni.families import PodAddress
 from overlaycni.policy import parse_policies
 from overlaycni.policy.render import render_node
 from tests.policy_cases import build_model, case
@@ -175,10 +176,10 @@ def test_nft_peer_sets_counters_and_pod_guards(env):
     arp = podguard.arp_table_for(IPv4Network("10.244.1.0/24"), pod_endpoints=[])
     ports.nft.apply(nftmodel.render_table(table))
     ports.arp_nft.apply(arp.layout().render(arp.sets()))
-    ports.ip6_nft.apply(podguard.ip6_table_for().layout().render({}))
+    ports.ip6_nft.apply(nftmodel6.Ip6Table().layout().render({}))
     assert ports.nft.get_table().sets == table.sets()
     assert ports.nft.counters() == dict.fromkeys(nftmodel.DROP_RULES, 0)
-    assert ports.ip6_nft.counters() == dict.fromkeys(podguard.IP6_DROP_RULES, 0)
+    assert ports.ip6_nft.counters() == dict.fromkeys(nftmodel6.SINGLE_STACK_DROP_RULES, 0)
     pod = ("oc0000000000001", IPv4Address("10.244.1.5"))
     ports.nft.apply(nftables.element_commands("add", "ip", "overlaycni", "pod_endpoints", [pod])
                     + nftables.element_commands("add", "arp", "overlaycni", "pod_endpoints", [pod]))
@@ -232,8 +233,9 @@ def test_sysctls(env):
 def test_pod_links(env):
     ports, pod = env
     ip, gw = IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1")
-    res = ports.pods.setup_pod_link(host_veth="oc0000000000001", ifname="eth0", netns_path=pod, ip=ip, gateway=gw, mtu=1400)
-    assert (res.ifname, res.mtu, res.host_veth, res.ip, res.gateway) == ("eth0", 1400, "oc0000000000001", ip, gw)
+    addrs = (PodAddress(ip, gw),)
+    res = ports.pods.setup_pod_link(host_veth="oc0000000000001", ifname="eth0", netns_path=pod, addresses=addrs, mtu=1400)
+    assert (res.ifname, res.mtu, res.host_veth, res.addresses) == ("eth0", 1400, "oc0000000000001", addrs)
     host = ports.links.get_link("oc0000000000001")
     assert host is not None and host.up and host.mac == res.host_mac
     view = ports.pods.inspect_pod(netns_path=pod, ifname="eth0")
@@ -241,15 +243,15 @@ def test_pod_links(env):
     assert Route(dst=IPv4Network("0.0.0.0/0"), dev="eth0", gateway=gw) in view.routes
     assert Route(dst=IPv4Network("10.244.1.1/32"), dev="eth0", scope_link=True) in view.routes
     with pytest.raises(InterfaceExists, match="eth0"):
-        ports.pods.setup_pod_link(host_veth="oc0000000000002", ifname="eth0", netns_path=pod, ip=ip, gateway=gw, mtu=1400)
+        ports.pods.setup_pod_link(host_veth="oc0000000000002", ifname="eth0", netns_path=pod, addresses=addrs, mtu=1400)
     assert ports.links.get_link("oc0000000000002") is None
     ports.pods.teardown_pod_link(host_veth="oc0000000000001")
     ports.pods.teardown_pod_link(host_veth="oc0000000000001")
     assert ports.pods.inspect_pod(netns_path=pod, ifname="eth0") is None
     assert ports.links.get_link("oc0000000000001") is None
     with pytest.raises(NetnsNotFound):
-        ports.pods.setup_pod_link(host_veth="oc0000000000003", ifname="eth0", netns_path=MISSING_NETNS, ip=ip,
-                                  gateway=gw, mtu=1400)
+        ports.pods.setup_pod_link(host_veth="oc0000000000003", ifname="eth0", netns_path=MISSING_NETNS, addresses=addrs,
+                                  mtu=1400)
     assert ports.pods.inspect_pod(netns_path=MISSING_NETNS, ifname="eth0") is None
 
 
@@ -283,8 +285,8 @@ def test_pod_links_batch(batch_env):
 
     ports, (a, b, c, d) = batch_env
     gw = IPv4Address("10.244.1.1")
-    ports.pods.setup_pod_link(host_veth="oc00000000000c0", ifname="eth0", netns_path=c, ip=IPv4Interface("10.244.1.9/24"),
-                              gateway=gw, mtu=1400)  # c already has its eth0
+    ports.pods.setup_pod_link(host_veth="oc00000000000c0", ifname="eth0", netns_path=c,
+                              addresses=(PodAddress(IPv4Interface("10.244.1.9/24"), gw),), mtu=1400)  # c already has its eth0
     pods = [PodAttachment(f"cid{i}", "eth0", p, IPv4Interface(f"10.244.1.{20 + i}/24"), gw, 1400)
             for i, p in enumerate([a, b, c, MISSING_NETNS])]
     pods.append(PodAttachment("cid0", "eth0", d, IPv4Interface("10.244.1.30/24"), gw, 1400))  # cid0's veth: a's
@@ -306,3 +308,37 @@ def test_pod_links_batch(batch_env):
         assert ports.links.get_link(host) is None and ports.pods.inspect_pod(netns_path=path, ifname="eth0") is None
     assert ports.links.get_link("oc00000000000c0") is not None  # control: c's pod is untouched
     assert ports.pods.inspect_pod(netns_path=c, ifname="eth0") is not None
+
+
+def test_pod_links_dual_stack(env):
+    """A dual-stack pod: both addresses usable (none tentative), a default
+    route per family, the link-local gateway on the host veth; the routes and
+    addresses ports speak IPv6 (an IPv6 device route reads back as written)."""
+    ports, pod = env
+    v4 = PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))
+    v6 = PodAddress(IPv6Interface("fd12:3456:789a:0:1::5/80"), IPv6Address("fe80::1"))
+    res = ports.pods.setup_pod_link(host_veth="oc0000000000004", ifname="eth0", netns_path=pod, addresses=(v4, v6),
+                                    mtu=1400)  # fmt: skip
+    assert res.addresses == (v4, v6)
+    view = ports.pods.inspect_pod(netns_path=pod, ifname="eth0")
+    # usable on return; the pod's own link-local address comes (and may be tentative for a moment) when
+    # the kernel sees the carrier, which it may do after ADD returned: not ours to wait for
+    assert v4.ip in view.addresses and v6.ip in view.addresses and v6.ip not in view.tentative
+    assert Route(dst=IPv6Network("::/0"), dev="eth0", gateway=v6.gateway) in view.routes
+    assert Route(dst=IPv4Network("0.0.0.0/0"), dev="eth0", gateway=v4.gateway) in view.routes
+    assert not any(r.dst == IPv6Network("fd12:3456:789a:0:1::/80") for r in view.routes)  # noprefixroute
+    assert IPv6Interface("fe80::1/64") in ports.addresses.list_addresses("oc0000000000004", version=6)
+    assert all(a.version == 4 for a in ports.addresses.list_addresses("oc0000000000004"))
+    route = Route(dst=IPv6Network("fd12:3456:789a:0:1::5/128"), dev="oc0000000000004", scope_link=True)
+    ports.routes.apply_routes(replace=[route])
+    assert route in ports.routes.list_routes()
+    ports.routes.apply_routes(replace=[route])  # idempotent
+    assert [r for r in ports.routes.list_routes() if r.dst.version == 6] == [route]
+    ports.routes.apply_routes(delete=[route, route])
+    assert route not in ports.routes.list_routes()
+    assert ports.addresses.ensure_address("oc0000000000004", IPv6Interface("fd00::9/64"))
+    assert not ports.addresses.ensure_address("oc0000000000004", IPv6Interface("fd00::9/64"))
+    assert IPv6Interface("fd00::9/64") in ports.addresses.list_addresses("oc0000000000004", version=6)
+    assert ports.addresses.delete_address("oc0000000000004", IPv6Interface("fd00::9/64"))
+    ports.pods.teardown_pod_link(host_veth="oc0000000000004")
+    assert ports.pods.inspect_pod(netns_path=pod, ifname="eth0") is None

@@ -10,6 +10,7 @@ import pytest
 from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.dataplane.model import NodeState, Peer, PodEndpoint, host_veth_name, vtep_mac
 from overlaycni.errors import ConfigError, DataplaneError, InterfaceExists, NetnsNotFound, PeerNotAdjacent
+from overlaycni.families import PodAddress
 from tests.kernel.topology import ip_json, run
 
 pytestmark = pytest.mark.kernel
@@ -147,7 +148,7 @@ def test_direct_backend_and_non_adjacent_peer(node):
 
 
 def attach(dp, path, cid="c1", ifname="eth0", ip="10.244.1.5/24"):
-    return dp.attach_pod(container_id=cid, ifname=ifname, netns_path=path, ip=IPv4Interface(ip), gateway=GW, mtu=1450)
+    return dp.attach_pod(container_id=cid, ifname=ifname, netns_path=path, addresses=(PodAddress(IPv4Interface(ip), GW),), mtu=1450)
 
 
 def pod_veths(ns: str) -> list[str]:
@@ -171,9 +172,9 @@ def test_attach_detach_check(node):
     assert topo.exec(ns, "sysctl", "-n", f"net.ipv4.conf.{host}.proxy_arp").stdout.strip() == "1"
     elems = json.loads(topo.exec(ns, "nft", "-j", "list", "set", "ip", "overlaycni", "pod_endpoints").stdout)
     assert {"concat": [host, "10.244.1.5"]} in next(i["set"] for i in elems["nftables"] if "set" in i)["elem"]
-    assert dp.check_pod(container_id="c1", ifname="eth0", netns_path=path, ip=IPv4Interface("10.244.1.5/24"), gateway=GW) == []
+    assert dp.check_pod(container_id="c1", ifname="eth0", netns_path=path, addresses=(PodAddress(IPv4Interface("10.244.1.5/24"), GW),)) == []
     run("ip", "-n", pod_ns, "route", "del", "default")
-    problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path=path, ip=IPv4Interface("10.244.1.5/24"), gateway=GW)
+    problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path=path, addresses=(PodAddress(IPv4Interface("10.244.1.5/24"), GW),))
     assert any("default route" in p for p in problems)
     with pytest.raises(InterfaceExists, match="eth0"):
         attach(dp, path, cid="c2")

@@ -8,6 +8,14 @@ default route via a link-local gateway on the node's host veth). Every pod
 serves TCP and UDP on 80 and 81. For each case the renders of both nodes are
 applied inside the node namespaces and all 81 ordered pairs are probed; the
 result must equal the engine's verdicts and the hand-written table.
+
+Every pod is dual-stack as well: its IPv6 address (the model's twin of its
+IPv4 one, ``policy_cases.ipv6_twin``) as a /128 on ``eth0`` with a default
+route via ``fe80::1`` on the host veth, routed like the IPv4 /32 (the
+underlay carries fd00:224::1 / ::2); the servers listen on both families.
+The single-stack cases render IPv4 only (their models have no IPv6 address),
+so IPv6 passes unjudged there; the dual-stack tests at the end render both
+families and probe both.
 """
 
 from __future__ import annotations
@@ -22,14 +30,17 @@ from dataclasses import dataclass
 
 import pytest
 
+from overlaycni.dataplane import nftables
 from overlaycni.dataplane.linux import LinuxDataplane
+from overlaycni.families import IPFamily
 from overlaycni.policy import matrix, parse_policies
 from overlaycni.policy.render import diff_render, render_node
-from tests.policy_cases import CASES, ORDER, Model, build_model, case
+from tests.policy_cases import CASES, ORDER, Model, build_model, case, np, with_ipv6_twins
 
 pytestmark = pytest.mark.kernel
 
 NODES = {"node-1": "10.224.0.1", "node-2": "10.224.0.2"}
+NODES_V6 = {"node-1": "fd00:224::1", "node-2": "fd00:224::2"}
 # node-3 of the model is folded into node-2: cross-node and same-node pairs both remain
 PLACEMENT = {"x/a": "node-1", "x/b": "node-2", "x/c": "node-2", "y/a": "node-2", "y/b": "node-2",
              "y/c": "node-1", "z/a": "node-2", "z/b": "node-1", "z/c": "node-2"}
@@ -38,9 +49,14 @@ SERVER = r"""
 import selectors, socket
 sel = selectors.DefaultSelector()
 for port in (80, 81):
-    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind(("0.0.0.0", port)); t.listen(128); t.setblocking(False); sel.register(t, selectors.EVENT_READ, "tcp")
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port)); sel.register(u, selectors.EVENT_READ, "udp")
+    for fam, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        t = socket.socket(fam); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        u = socket.socket(fam, socket.SOCK_DGRAM)
+        if fam == socket.AF_INET6:
+            for x in (t, u):
+                x.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        t.bind((any_addr, port)); t.listen(128); t.setblocking(False); sel.register(t, selectors.EVENT_READ, "tcp")
+        u.bind((any_addr, port)); sel.register(u, selectors.EVENT_READ, "udp")
 print("ready", flush=True)
 while True:
     for key, _ in sel.select():
@@ -73,7 +89,7 @@ def tcp(ip):
     except OSError:
         return False
 def udp(ip):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.7)
         for _ in range(3):
             try:
@@ -117,28 +133,36 @@ class Lab:
         return {n: render_node(n, pods=model.pods, namespaces=model.namespaces, policies=policies) for n in NODES}
 
     def probe(
-        self, port: int, protocol: str, *, expect: dict[tuple[str, str], bool] | None = None
+        self,
+        port: int,
+        protocol: str,
+        *,
+        expect: dict[tuple[str, str], bool] | None = None,
+        family: IPFamily = IPFamily.ipv4,
     ) -> dict[tuple[str, str], bool]:
-        """Probe all 81 ordered pairs with real packets. On a loaded machine a
-        probe can time out; pairs that ``expect`` says are allowed but came
-        back blocked are probed again (twice at most). A pair that connected
-        is never probed again, so a wrongly allowed pair is always reported."""
-        out = self._probe_pairs([(s, d) for s in ORDER for d in ORDER], port, protocol)
+        """Probe all 81 ordered pairs with real packets over ``family``. On a
+        loaded machine a probe can time out; pairs that ``expect`` says are
+        allowed but came back blocked are probed again (twice at most). A
+        pair that connected is never probed again, so a wrongly allowed pair
+        is always reported."""
+        out = self._probe_pairs([(s, d) for s in ORDER for d in ORDER], port, protocol, family)
         for _ in range(2):
             again = [k for k, ok in out.items() if expect and expect[k] and not ok]
             if not again:
                 break
-            out.update(self._probe_pairs(again, port, protocol))
+            out.update(self._probe_pairs(again, port, protocol, family))
         return out
 
-    def _probe_pairs(self, pairs: list[tuple[str, str]], port: int, protocol: str) -> dict[tuple[str, str], bool]:
+    def _probe_pairs(
+        self, pairs: list[tuple[str, str]], port: int, protocol: str, family: IPFamily = IPFamily.ipv4
+    ) -> dict[tuple[str, str], bool]:
         by_src: dict[str, list[str]] = {}
         for src, dst in pairs:
             by_src.setdefault(src, []).append(dst)
         procs = {
             src: subprocess.Popen(
                 ["ip", "netns", "exec", self.pod_ns[src], sys.executable, "-c", PROBE, protocol, str(port),
-                 *[str(self.model.pod(d).ip) for d in dsts]],
+                 *[str(self.model.pod(d).address(family)) for d in dsts]],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
             for src, dsts in by_src.items()
@@ -152,16 +176,20 @@ class Lab:
         return out
 
     def wait_ready(self) -> None:
-        """Every pod reaches every pod before any test runs (no table yet)."""
+        """Every pod reaches every pod over both families before any test
+        runs (no table yet)."""
         for key in ORDER:
             sh("ip", "netns", "exec", self.pod_ns[key], "ping", "-c1", "-W2", "169.254.1.1", check=False)
+            sh("ip", "netns", "exec", self.pod_ns[key], "ping", "-6", "-c1", "-W2", "fe80::1%eth0", check=False)
         everything = {(s, d): True for s in ORDER for d in ORDER}
-        for _ in range(10):
-            got = self.probe(80, "TCP", expect=everything)
-            if all(got.values()):
-                return
-            time.sleep(1)
-        raise RuntimeError("the test topology never became fully connected:\n" + _table(got))
+        for family in IPFamily:
+            for _ in range(10):
+                got = self.probe(80, "TCP", expect=everything, family=family)
+                if all(got.values()):
+                    break
+                time.sleep(1)
+            else:
+                raise RuntimeError(f"the test topology never became fully connected over {family}:\n" + _table(got))
 
     def nft_json(self, node: str, *what: str) -> dict:
         return json.loads(sh("ip", "netns", "exec", self.node_ns[node], "nft", "-j", "list", *what).stdout)
@@ -170,7 +198,7 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab():
     prefix = "oct-" + secrets.token_hex(3)
-    model = build_model(nodes=PLACEMENT)
+    model = build_model(nodes=PLACEMENT, dual=True)
     node_ns = {n: f"{prefix}-{n}" for n in NODES}
     pod_ns = {k: f"{prefix}-{k.replace('/', '')}" for k in ORDER}
     made: list[str] = []
@@ -185,25 +213,32 @@ def lab():
         for node, dev, _peer in (("node-1", "u1", "node-2"), ("node-2", "u2", "node-1")):
             ns = node_ns[node]
             sh("ip", "-n", ns, "addr", "add", f"{NODES[node]}/24", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{NODES_V6[node]}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         for key in ORDER:
             pod = model.pod(key)
             node, pns = node_ns[pod.node], pod_ns[key]
             host = "h" + key.replace("/", "")
             sh("ip", "-n", node, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", pns)
             sh("ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", host)
+            sh("ip", "-n", node, "addr", "add", "fe80::1/64", "dev", host, "nodad")
             sh("ip", "-n", node, "link", "set", host, "up")
             sh("ip", "-n", node, "route", "add", f"{pod.ip}/32", "dev", host)
+            sh("ip", "-n", node, "-6", "route", "add", f"{pod.ip_v6}/128", "dev", host)
             other = "node-2" if pod.node == "node-1" else "node-1"
             sh("ip", "-n", node_ns[other], "route", "add", f"{pod.ip}/32", "via", NODES[pod.node])
+            sh("ip", "-n", node_ns[other], "-6", "route", "add", f"{pod.ip_v6}/128", "via", NODES_V6[pod.node])
             sh("ip", "-n", pns, "link", "set", "lo", "up")
             sh("ip", "-n", pns, "addr", "add", f"{pod.ip}/32", "dev", "eth0")
+            sh("ip", "-n", pns, "addr", "add", f"{pod.ip_v6}/128", "dev", "eth0", "nodad")
             sh("ip", "-n", pns, "link", "set", "eth0", "up")
             sh("ip", "-n", pns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
             sh("ip", "-n", pns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+            sh("ip", "-n", pns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", pns, sys.executable, "-c", SERVER],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -351,14 +386,18 @@ def _rule_handles(doc: dict) -> list[tuple[str, int]]:
 
 
 def test_every_case_render_is_accepted_by_nft(lab):
-    """All cases (SCTP included), both nodes: nft accepts each table."""
+    """All cases (SCTP included), both nodes, single- and dual-stack (every
+    ipBlock with its IPv6 twin): nft accepts each table."""
     for c in CASES:
-        model = c.model(nodes=PLACEMENT)
-        for node in NODES:
-            doc = render_node(node, pods=model.pods, namespaces=model.namespaces, policies=parse_policies(c.manifest(model)))
-            lab.replace(node, doc)
-        listed = lab.nft_json("node-1", "table", "inet", "overlaycni")["nftables"]
-        assert any(o.get("chain", {}).get("hook") == "forward" for o in listed)
+        for dual in (False, True):
+            model = c.model(nodes=PLACEMENT, dual=dual)
+            pols = parse_policies(c.manifest(model))
+            for node in NODES:
+                doc = render_node(node, pods=model.pods, namespaces=model.namespaces, policies=with_ipv6_twins(pols) if dual else pols)
+                lab.replace(node, doc)
+            listed = lab.nft_json("node-1", "table", "inet", "overlaycni")["nftables"]
+            assert any(o.get("chain", {}).get("hook") == "forward" for o in listed)
+            assert any(o.get("map", {}).get("name") == "ingress-pods-v6" for o in listed) is dual
 
 
 @pytest.fixture
@@ -438,3 +477,79 @@ def test_node_policy_table_sync(scratch_ns):
         assert "table ip overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout
         table.remove()
     assert "overlaycni" not in sh("ip", "netns", "exec", scratch_ns, "nft", "list", "ruleset").stdout
+
+
+# ----- dual stack: both families judged by real packets -----------------------------------------
+
+
+def _everyone_but(dst: str, allowed_srcs: set[str]) -> dict[tuple[str, str], bool]:
+    """Every pair connects, except into ``dst`` from anyone not in ``allowed_srcs`` (nor itself)."""
+    return {(s, d): d != dst or s == dst or s in allowed_srcs for s in ORDER for d in ORDER}
+
+
+def _check_both_families(lab, policies, want: dict[IPFamily, dict[tuple[str, str], bool]], port=80, protocol="TCP"):
+    for family, expected in want.items():
+        engine = matrix(list(lab.model.pods), port=port, protocol=protocol, namespaces=lab.model.namespaces,
+                        policies=policies, family=family)
+        assert engine == expected, f"engine over {family}:\n{_table(engine)}"
+        got = lab.probe(port, protocol, expect=expected, family=family)
+        assert got == expected, f"probed over {family}:\n{_table(got)}\nexpected:\n{_table(expected)}"
+
+
+def test_ipv6_ipblock_128_lets_exactly_that_pod_in(lab):
+    """Ingress to x/a (node-1) from an IPv6 ipBlock /128 of y/b (node-2):
+    over IPv6 TCP exactly y/b gets in; another pod's IPv6 is refused (z/b,
+    on x/a's own node, and every other); over IPv4 nobody gets in, y/b
+    included: the IPv6 block opens nothing of the other family."""
+    yb = lab.model.pod("y/b")
+    spec = f"  podSelector:\n    matchLabels: {{pod: a}}\n  ingress:\n  - from:\n    - ipBlock: {{cidr: '{yb.ip_v6}/128'}}\n"
+    pols = parse_policies(np("x", "x-a-from-y-b-v6", spec))
+    lab.apply(lab.renders(lab.model, pols))
+    _check_both_families(lab, pols, {IPFamily.ipv6: _everyone_but("x/a", {"y/b"}), IPFamily.ipv4: _everyone_but("x/a", set())})
+
+
+def test_ipv6_ipblock_except_on_egress(lab):
+    """Egress of x/a to the IPv6 pod range except z/c's /128: over IPv6
+    x/a reaches everyone but z/c; over IPv4 (no IPv4 rule) nobody."""
+    zc = lab.model.pod("z/c")
+    spec = (f"  podSelector:\n    matchLabels: {{pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n"
+            f"    - ipBlock: {{cidr: 'fd12:3456:789a::/64', except: ['{zc.ip_v6}/128']}}\n")
+    pols = parse_policies(np("x", "x-a-to-v6-but-z-c", spec))
+    lab.apply(lab.renders(lab.model, pols))
+    v6 = {(s, d): s != "x/a" or d != "z/c" for s in ORDER for d in ORDER}
+    v4 = {(s, d): s != "x/a" or d == "x/a" for s in ORDER for d in ORDER}
+    _check_both_families(lab, pols, {IPFamily.ipv6: v6, IPFamily.ipv4: v4})
+
+
+@pytest.mark.parametrize("name", ["pod-and-namespace", "named-port-from-namespace", "ingress-and-egress-together"])
+def test_pod_selector_policy_applies_to_both_families(lab, name):
+    """Selector policies (and named ports) hold over IPv4 and IPv6 alike:
+    the hand-written table, probed with real TCP over each family."""
+    c = case(name)
+    model = c.model(nodes=PLACEMENT, dual=True)
+    pols = parse_policies(c.manifest(model))
+    lab.apply(lab.renders(model, pols))
+    _check_both_families(lab, pols, {f: c.expected() for f in IPFamily}, c.port, c.protocol)
+
+
+def test_dual_stack_elements_reach_the_kernel_and_list_back(scratch_ns):
+    """A label change on a dual-stack render is an element update of both
+    families' sets; what the kernel lists back decodes to exactly the
+    render's elements (IPv6 sets, ``ipv6_addr . inet_service`` sets and
+    IPv6 verdict maps included)."""
+    c = case("updated-pod-labels")
+    before, after = build_model(dual=True), c.model(dual=True)
+    pols = parse_policies(c.manifest(after) + "---\n" + case("named-port-from-namespace").manifest(after))
+    old = render_node("node-1", pods=before.pods, namespaces=before.namespaces, policies=pols)
+    new = render_node("node-1", pods=after.pods, namespaces=after.namespaces, policies=pols)
+    with LinuxDataplane(scratch_ns) as dp:
+        table = dp.policy_table
+        assert table.sync(old) == "full"
+        assert table.sync(new) == "elements"
+        listing = json.loads(sh("ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "table", "inet", "overlaycni").stdout)
+        want = nftables.image(new).sets
+        assert nftables.parse_listing(listing).sets == want
+        assert any(name.endswith("-v6") and after.pod("x/b").ip_v6 in elems for name, elems in want.items())
+        assert {n for n in want if n.startswith("np-") and n.endswith("-v6")}
+        assert table.sync(old) == "elements"
+        table.remove()

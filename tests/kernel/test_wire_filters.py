@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from overlaycni.dataplane import nftmodel, podguard
+from overlaycni.dataplane import nftmodel, nftmodel6, podguard
 from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.dataplane.model import NodeState, Peer
 from tests.kernel.datapath import B2, N1, N2, POD_A, POD_B, Cluster, capture, drop_count, two_node_cluster
@@ -174,9 +174,9 @@ def test_pod_ipv6_to_the_node_link_local_gets_no_answer(cluster: Cluster):
     ping6 = lambda: cluster.topo.exec(cluster.pa, "ping", "-6", "-n", "-c", "2", "-i", "0.2", "-W", "1",  # noqa: E731
                                       f"{node_ll}%eth0", check=False).returncode == 0
     try:
-        before = drop_count(cluster.n1, podguard.POD_IPV6, family="ip6")
+        before = drop_count(cluster.n1, nftmodel6.POD_IPV6, family="ip6")
         assert not ping6()
-        assert drop_count(cluster.n1, podguard.POD_IPV6, family="ip6") >= before + 2
+        assert drop_count(cluster.n1, nftmodel6.POD_IPV6, family="ip6") >= before + 2
         # Control: without the filter the node answers; the reconcile puts the filter back.
         run("ip", "netns", "exec", cluster.n1, "nft", "delete", "table", "ip6", "overlaycni")
         assert ping6()
@@ -263,7 +263,7 @@ def test_node_tables_list_back_as_rendered(node_ns, backend: str):
     with LinuxDataplane(node.ns) as dp:
         assert dp.reconcile(state).errors == []
         tables = [nftmodel.table_for(state, pod_endpoints=[]), podguard.arp_table_for(state.block, pod_endpoints=[]),
-                  podguard.ip6_table_for()]
+                  nftmodel6.Ip6Table()]
         for table in tables:
             layout = table.layout()
             doc = json.loads(run("ip", "netns", "exec", node.ns, "nft", "-j", "list", "table", layout.family, "overlaycni").stdout)
@@ -274,7 +274,7 @@ def test_node_tables_list_back_as_rendered(node_ns, backend: str):
             have = dp.run(port.get_table)
             assert have is not None and have.fingerprint == layout.fingerprint() and have.sets == table.sets()
         counts = dp.drop_counters()
-        assert set(counts) == {*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *podguard.IP6_DROP_RULES}
+        assert set(counts) == {*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *nftmodel6.SINGLE_STACK_DROP_RULES}
         # a peer that moves to another block: one transaction deletes the old range and adds the new
         moved = Peer("n2", N2, IPv4Network("10.244.9.0/24"), "02:00:00:00:00:02")
         dp.delete_peer(state, state.peers[0])

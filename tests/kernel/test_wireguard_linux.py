@@ -15,13 +15,14 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
 
 from overlaycni.dataplane.linux import LinuxDataplane, WireGuardSettings
 from overlaycni.dataplane.model import NodeState, Peer, PodEndpoint, vtep_mac
 from overlaycni.dataplane.wgmodel import WG_IFNAME, PrivateKey
+from overlaycni.families import PodAddress
 from tests.kernel.topology import Topology, ip_json, run
 
 pytestmark = pytest.mark.kernel
@@ -88,8 +89,8 @@ def cluster():
         p2 = Peer("n2", N2, B2, vtep_mac(N2), k2.public)
         mtu = d1.node_info(N1, backend="wireguard", mtu=None).pod_mtu
         assert mtu == 1440
-        a = d1.attach_pod(container_id="ca", ifname="eth0", netns_path=pa, ip=POD_A, gateway=IPv4Address("10.244.1.1"), mtu=mtu)
-        b = d2.attach_pod(container_id="cb", ifname="eth0", netns_path=pb, ip=POD_B, gateway=IPv4Address("10.244.2.1"), mtu=mtu)
+        a = d1.attach_pod(container_id="ca", ifname="eth0", netns_path=pa, addresses=(PodAddress(POD_A, IPv4Address("10.244.1.1")),), mtu=mtu)
+        b = d2.attach_pod(container_id="cb", ifname="eth0", netns_path=pb, addresses=(PodAddress(POD_B, IPv4Address("10.244.2.1")),), mtu=mtu)
         common = dict(pod_cidr=POD_CIDR, backend="wireguard")
         s1 = NodeState(node_ip=N1, block=B1, peers=(p2,), pods=(PodEndpoint(POD_A.ip, a.host_veth),), wireguard_key=k1, **common)
         s2 = NodeState(node_ip=N2, block=B2, peers=(p1,), pods=(PodEndpoint(POD_B.ip, b.host_veth),), wireguard_key=k2, **common)
@@ -164,6 +165,44 @@ def test_pods_talk_encrypted_and_no_pod_address_is_on_the_wire(cluster: Cluster)
     assert "10.244." not in out, out
     assert topo.ping(cluster.pb, str(POD_A.ip))
     assert topo.ping(cluster.pa, "10.244.2.1")  # node 2's gateway address, through the tunnel
+
+
+def test_dual_stack_pods_talk_over_ipv6_through_the_same_tunnel(cluster: Cluster):
+    """The same two nodes turned dual-stack: each WireGuard peer's allowed IPs are both of
+    its blocks, both blocks are routed into ocni.wg, and IPv6 pods on the two nodes reach
+    each other through the tunnel over the IPv4 underlay, nothing of them in clear."""
+    b1_6, b2_6 = IPv6Network("fd12:3456:789a:0:1::/80"), IPv6Network("fd12:3456:789a:0:2::/80")
+    a6, b6 = IPv6Interface("fd12:3456:789a:0:1::6/80"), IPv6Interface("fd12:3456:789a:0:2::6/80")
+    p1 = replace(cluster.s2.peers[0], block_v6=b1_6)
+    p2 = replace(cluster.s1.peers[0], block_v6=b2_6)
+    pa6, pb6 = cluster.topo.add_netns("pa6"), cluster.topo.add_netns("pb6")
+    mtu = cluster.d1.node_info(N1, backend="wireguard", mtu=None).pod_mtu
+
+    def addrs(v4: str, gw: str, v6: IPv6Interface) -> tuple[PodAddress, ...]:
+        return PodAddress(IPv4Interface(v4), IPv4Address(gw)), PodAddress(v6, IPv6Address("fe80::1"))
+
+    try:
+        a = cluster.d1.attach_pod(container_id="ca6", ifname="eth0", netns_path=pa6, addresses=addrs("10.244.1.6/24", "10.244.1.1", a6), mtu=mtu)
+        b = cluster.d2.attach_pod(container_id="cb6", ifname="eth0", netns_path=pb6, addresses=addrs("10.244.2.6/24", "10.244.2.1", b6), mtu=mtu)
+        six = dict(pod_cidr_v6=IPv6Network("fd12:3456:789a::/64"))
+        s1 = replace(cluster.s1, block_v6=b1_6, peers=(p2,), pods=(*cluster.s1.pods, PodEndpoint(IPv4Address("10.244.1.6"), a.host_veth, ip_v6=a6.ip)), **six)
+        s2 = replace(cluster.s2, block_v6=b2_6, peers=(p1,), pods=(*cluster.s2.pods, PodEndpoint(IPv4Address("10.244.2.6"), b.host_veth, ip_v6=b6.ip)), **six)
+        for d, s in ((cluster.d1, s1), (cluster.d2, s2)):
+            assert d.reconcile(s).errors == []
+        allowed = wg_show(cluster.dirs[0], "allowed-ips").split()
+        assert allowed[1:] == ["10.244.2.0/24", str(b2_6)], allowed
+        routes = {r["dst"]: r for r in ip_json(cluster.n1, "-6", "route", "show", "proto", "119")}
+        assert routes[str(b2_6)]["dev"] == WG_IFNAME and routes["fd12:3456:789a::/64"]["type"] == "unreachable"
+        answered: list[bool] = []
+        out = capture(cluster.topo, cluster.n1, "not arp and not icmp6",
+                      lambda: answered.append(cluster.topo.ping(cluster.topo.ns_name("pa6"), str(b6.ip))))
+        assert answered == [True] and cluster.topo.ping(cluster.topo.ns_name("pb6"), str(a6.ip))
+        assert "10.224.0.1.51820 > 10.224.0.2.51820: UDP" in out and "fd12:3456:789a" not in out, out
+    finally:
+        for d, s in ((cluster.d1, cluster.s1), (cluster.d2, cluster.s2)):
+            for cid in ("ca6", "cb6"):
+                d.detach_pod(container_id=cid, ifname="eth0", netns_path=None)
+            assert d.reconcile(s).errors == []
 
 
 def test_a_new_data_plane_adopts_the_running_wireguard_go(cluster: Cluster):

@@ -11,6 +11,7 @@ from overlaycni.dataplane import FakeDataplane, host_veth_name
 from overlaycni.dataplane.fake import FakeKernel
 from overlaycni.dataplane.model import VXLAN_IFNAME, NodeState, Peer, PodEndpoint, Route, vtep_mac
 from overlaycni.errors import ConfigError, DataplaneError, InterfaceExists, NetnsNotFound, PeerNotAdjacent, UnderlayNotFound
+from overlaycni.families import PodAddress
 
 ME = IPv4Address("10.224.0.1")
 GW = IPv4Address("10.244.1.1")
@@ -105,7 +106,7 @@ def test_node_info_errors():
 
 
 def attach(dp, cid="c1", ifname="eth0", path="/var/run/netns/p1", ip="10.244.1.5/24", **kw):
-    return dp.attach_pod(container_id=cid, ifname=ifname, netns_path=path, ip=IPv4Interface(ip), gateway=GW,
+    return dp.attach_pod(container_id=cid, ifname=ifname, netns_path=path, addresses=(PodAddress(IPv4Interface(ip), GW),),
                          mtu=kw.get("mtu", 1450))
 
 
@@ -118,18 +119,18 @@ def test_attach_check_detach(dp):
     assert dp.kernel.sysctls[f"net/ipv4/conf/{host}/proxy_arp"] == "1"
     assert (host, IPv4Address("10.244.1.5")) in dp.kernel.nft.sets["pod_endpoints"]
     assert dp.check_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1",
-                        ip=IPv4Interface("10.244.1.5/24"), gateway=GW) == []
+                        addresses=(PodAddress(IPv4Interface("10.244.1.5/24"), GW),)) == []
     assert dp.list_pod_veths() == [host]
     dp.kernel.nft.sets["pod_endpoints"] = frozenset()
     problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1",
-                            ip=IPv4Interface("10.244.1.5/24"), gateway=GW)
+                            addresses=(PodAddress(IPv4Interface("10.244.1.5/24"), GW),))
     assert len(problems) == 1 and "anti-spoofing" in problems[0]
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1")
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path=None)
     assert dp.list_pod_veths() == [] and IPv4Network("10.244.1.5/32") not in dp.kernel.routes
     assert dp.kernel.nft.sets["pod_endpoints"] == frozenset()
     problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path="/var/run/netns/p1",
-                            ip=IPv4Interface("10.244.1.5/24"), gateway=GW)
+                            addresses=(PodAddress(IPv4Interface("10.244.1.5/24"), GW),))
     assert any("missing" in p for p in problems)
 
 

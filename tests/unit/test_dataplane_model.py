@@ -76,16 +76,16 @@ def _peer(i: int, **kw) -> Peer:
 def test_peer_objects_vxlan_in_flannel_order():
     p = _peer(2)
     objs = peer_objects(p, backend="vxlan")
-    assert objs.neighbour == Neighbour(VXLAN_IFNAME, IPv4Address("10.244.2.0"), p.vtep_mac)
+    assert objs.neighbours == (Neighbour(VXLAN_IFNAME, IPv4Address("10.244.2.0"), p.vtep_mac),)
     assert objs.fdb == FdbEntry(VXLAN_IFNAME, p.vtep_mac, IPv4Address("10.224.0.2"))
-    assert objs.route == Route(dst=p.block, dev=VXLAN_IFNAME, gateway=IPv4Address("10.244.2.0"), onlink=True)
-    assert str(objs.route) == "10.244.2.0/24 via 10.244.2.0 dev ocni.vxlan onlink"
+    assert objs.routes == (Route(dst=p.block, dev=VXLAN_IFNAME, gateway=IPv4Address("10.244.2.0"), onlink=True),)
+    assert str(objs.routes[0]) == "10.244.2.0/24 via 10.244.2.0 dev ocni.vxlan onlink"
 
 
 def test_peer_objects_direct_is_one_route_via_the_node():
     objs = peer_objects(_peer(3), backend="direct")
-    assert objs.neighbour is None and objs.fdb is None
-    assert objs.route == Route(dst=IPv4Network("10.244.3.0/24"), gateway=IPv4Address("10.224.0.3"))
+    assert objs.neighbours == () and objs.fdb is None
+    assert objs.routes == (Route(dst=IPv4Network("10.244.3.0/24"), gateway=IPv4Address("10.224.0.3")),)
 
 
 def test_valid_state_passes():

@@ -88,7 +88,7 @@ def test_block_index_and_block_of_invert_block_at():
 def test_reserved_addresses_and_gateway_per_family():
     v4, v6 = parse_network(DUAL).families
     b4, b6 = v4.block_at(1), v6.block_at(1)
-    assert str(v4.gateway(b4)) == "10.244.1.1" and str(v6.gateway(b6)) == "fd12:3456:789a:0:1::1"
+    assert str(v4.gateway(b4)) == "10.244.1.1" and str(v6.gateway(b6)) == "fe80::1"
     assert [v4.is_reserved(IPv4Address(a), b4) for a in ("10.244.1.0", "10.244.1.1", "10.244.1.2", "10.244.1.255")] == [
         True, True, False, True]
     last6 = b6.broadcast_address

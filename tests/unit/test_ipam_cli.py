@@ -61,18 +61,22 @@ def test_invalid_network_flags_are_rejected(cli):
 def test_nodes_and_addresses(cli, tmp_path):
     cli("cluster", "create", "--name", "dev", *NET)
     node = js(cli("node", "register", "--cluster", "dev", "--name", "n1", "--node-ip", "10.224.0.4", "-o", "json"))
-    assert node == {"name": "n1", "node_ip": "10.224.0.4", "block": "10.244.0.0/24"}
-    assert js(cli("node", "list", "--cluster", "dev", "-o", "json"))[0]["block"] == "10.244.0.0/24"
+    assert node == {"name": "n1", "node_ip": "10.224.0.4", "block": "10.244.0.0/24", "block_v6": None}
+    listed = js(cli("node", "list", "--cluster", "dev", "-o", "json"))[0]
+    assert listed["block"] == "10.244.0.0/24" and listed["block_v6"] is None
     args = ["ipam", "allocate", "--cluster", "dev", "--node", "n1", "--ifname", "eth0", "-o", "json"]
     assert js(cli(*args, "--container-id", "abc", "--pod", "default/web-0")) == {
         "ip": "10.244.0.2/24",
         "gateway": "10.244.0.1",
+        "ip_v6": None,
+        "gateway_v6": None,
     }
     assert js(cli(*args, "--container-id", "abc"))["ip"] == "10.244.0.2/24"
     assert js(cli(*args, "--container-id", "def"))["ip"] == "10.244.0.3/24"
     show = js(cli("ipam", "show", "--cluster", "dev", "-o", "json"))
     # registered by hand, no agent holds its lease: not live
-    assert show["nodes"] == [{"node": "n1", "block": "10.244.0.0/24", "live": False, "used": 2, "free": 251}]
+    assert show["nodes"] == [{"node": "n1", "block": "10.244.0.0/24", "live": False, "used": 2, "free": 251,
+                              "block_v6": None, "used_v6": None, "free_v6": None}]
     assert js(cli("ipam", "check", "--cluster", "dev", "-o", "json"))["ok"] is True
     valid = tmp_path / "valid.json"
     valid.write_text(json.dumps({"cni.dev/valid-attachments": [{"containerID": "abc", "ifname": "eth0"}]}))
@@ -81,10 +85,35 @@ def test_nodes_and_addresses(cli, tmp_path):
     assert [r["container_id"] for r in released] == ["def"]
     cli("ipam", "check", "--cluster", "dev", "--valid", str(valid))
     res = js(cli("ipam", "release", "--cluster", "dev", "--container-id", "abc", "--ifname", "eth0", "-o", "json"))
-    assert res == {"released": "10.244.0.2/24"}
+    assert res == {"released": "10.244.0.2/24", "released_v6": None}
     cli("ipam", "release", "--cluster", "dev", "--container-id", "abc", "--ifname", "eth0")
     cli("node", "delete", "--cluster", "dev", "--name", "n1")
     assert js(cli("node", "list", "--cluster", "dev", "-o", "json")) == []
+
+
+def test_dual_stack_nodes_and_addresses(cli, tmp_path):
+    cli("cluster", "create", "--name", "ds", *NET, "--ip-families", "ipv4,ipv6")
+    node = js(cli("node", "register", "--cluster", "ds", "--name", "n1", "--node-ip", "10.224.0.4", "-o", "json"))
+    assert node == {"name": "n1", "node_ip": "10.224.0.4", "block": "10.244.0.0/24", "block_v6": "fd12:3456:789a::/80"}
+    assert js(cli("node", "list", "--cluster", "ds", "-o", "json"))[0]["block_v6"] == "fd12:3456:789a::/80"
+    assert "IPv6 block" in cli("node", "list", "--cluster", "ds").output
+    args = ["ipam", "allocate", "--cluster", "ds", "--node", "n1", "-o", "json"]
+    assert js(cli(*args, "--container-id", "abc")) == {
+        "ip": "10.244.0.2/24", "gateway": "10.244.0.1", "ip_v6": "fd12:3456:789a::2/80", "gateway_v6": "fe80::1"}
+    got = js(cli(*args, "--container-id", "def", "--ip", "fd12:3456:789a::99", "--ip", "10.244.0.99"))
+    assert (got["ip"], got["ip_v6"]) == ("10.244.0.99/24", "fd12:3456:789a::99/80")
+    res = cli(*args, "--container-id", "x", "--ip", "10.244.0.5", "--ip", "10.244.0.6", code=2)
+    assert "one address per family" in said(res)
+    show = js(cli("ipam", "show", "--cluster", "ds", "-o", "json"))["nodes"][0]
+    assert (show["used"], show["free"], show["block_v6"], show["used_v6"]) == (2, 251, "fd12:3456:789a::/80", 2)
+    assert show["free_v6"] == 2**48 - 2 - 2
+    assert js(cli("ipam", "check", "--cluster", "ds", "-o", "json"))["allocations"] == 2
+    res = js(cli("ipam", "release", "--cluster", "ds", "--container-id", "abc", "--ifname", "eth0", "-o", "json"))
+    assert res == {"released": "10.244.0.2/24", "released_v6": "fd12:3456:789a::2/80"}
+    valid = tmp_path / "valid.txt"
+    valid.write_text("")
+    released = js(cli("ipam", "gc", "--cluster", "ds", "--valid", str(valid), "-o", "json"))["released"]
+    assert [(r["ip"], r["ip_v6"]) for r in released] == [("10.244.0.99/24", "fd12:3456:789a::99/80")]
 
 
 def test_listings_skip_a_malformed_node_record_and_say_so(cli, tmp_path):

@@ -15,13 +15,13 @@ from tests.policy_cases import case
 runner = CliRunner()
 
 
-def inventory_file(tmp_path, name):
+def inventory_file(tmp_path, name, *, dual=False, extra_policy=""):
     c = case(name)
-    m = c.model()
+    m = c.model(dual=dual)
     data = {
         "namespaces": [namespace_to_dict(n) for n in m.namespaces],
         "pods": [pod_to_dict(p) for p in m.pods],
-        "policies": list(yaml.safe_load_all(c.manifest(m))),
+        "policies": list(yaml.safe_load_all(c.manifest(m) + extra_policy)),
     }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -180,3 +180,88 @@ def test_bare_pod_names_resolve_only_when_unambiguous(tmp_path):
     assert verdict.allowed and data["src"] == data["dst"] == "x/web"
     with pytest.raises(ConfigError):  # without bare_names (--from, --cluster) a NAME is not an endpoint
         explain(one, src="web", dst="x/web", port="80")
+
+
+# ----- dual stack ----------------------------------------------------------------------------
+
+V6_ONLY_FROM_YB = """---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: x-a-from-y-b-v6, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 'fd12:3456:789a::af4:315/128'}
+"""
+
+
+def test_explain_ipv6_addresses_and_family(tmp_path):
+    """An IPv6 address names its pod and makes the connection IPv6; an
+    IPv6 ipBlock decides over IPv6 only; the JSON says which family."""
+    path, m = inventory_file(tmp_path, "no-policies", dual=True, extra_policy=V6_ONLY_FROM_YB)
+    yb, xa = m.pod("y/b"), m.pod("x/a")
+    assert str(yb.ip_v6) == "fd12:3456:789a::af4:315"
+    res = runner.invoke(app, ["policy", "explain", str(yb.ip_v6), str(xa.ip_v6), "80/TCP", "--from", path, "-o", "json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["src"], out["dst"], out["family"], out["policy"], out["rule"]) == ("y/b", "x/a", "ipv6", "x/x-a-from-y-b-v6", "ingress[0]")
+    # the same pods by name: IPv4 by default (denied: the block is IPv6), IPv6 with --family
+    res = runner.invoke(app, ["policy", "explain", "y/b", "x/a", "80", "--from", path, "-o", "json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["family"] == "ipv4"
+    res = runner.invoke(app, ["policy", "explain", "y/b", "x/a", "80", "--from", path, "--family", "ipv6"])
+    assert res.exit_code == 0 and "ALLOW y/b -> x/a 80/TCP over IPv6" in res.stdout
+    # another pod's IPv6 address is refused (the control), and a name with an IPv6 address is IPv6
+    res = runner.invoke(app, ["policy", "explain", "z/b", str(xa.ip_v6), "80", "--from", path, "-o", "json"])
+    out = json.loads(res.stdout)
+    assert res.exit_code == 1 and out["family"] == "ipv6" and out["ingress"]["policies"] == ["x/x-a-from-y-b-v6"]
+    res = runner.invoke(app, ["policy", "explain", "fd00::7", "x/a", "80", "--from", path, "-o", "json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["src"] == "fd00::7"
+
+
+@pytest.mark.parametrize(
+    "args, field, words",
+    [
+        (["10.244.2.11", "fd12:3456:789a::af4:10a", "80"], "dst", "IPv4 or IPv6, not both"),
+        (["10.244.2.11", "x/a", "80", "--family", "ipv6"], "family", "ipv6 contradicts src 10.244.2.11"),
+        (["x/a", "x/b", "80", "--family", "ipv7"], "family", "expected ipv4 or ipv6"),
+        (["fe80::1%eth0", "x/b", "80"], "src", "neither NAMESPACE/POD nor an IPv4 or IPv6 address"),
+    ],
+)
+def test_explain_family_errors(tmp_path, args, field, words):
+    path, _ = inventory_file(tmp_path, "no-policies", dual=True)
+    res = runner.invoke(app, ["policy", "explain", *args, "--from", path, "-o", "json"])
+    assert res.exit_code == 2, res.output
+    (err,) = json.loads(res.stdout)["errors"]
+    assert err["field"] == field and words in err["message"]
+
+
+def test_explain_ipv6_of_a_single_stack_pod_is_an_error(tmp_path):
+    path, _ = inventory_file(tmp_path, "no-policies")
+    res = runner.invoke(app, ["policy", "explain", "x/a", "y/b", "80", "--family", "ipv6", "--from", path, "-o", "json"])
+    assert res.exit_code == 2
+    (err,) = json.loads(res.stdout)["errors"]
+    assert err["field"] == "src" and "x/a has no IPv6 address" in err["message"]
+    res = runner.invoke(app, ["policy", "explain", "x/a", "y/b", "80", "--from", path, "-o", "json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["family"] == "ipv4"
+
+
+def test_inventory_rejects_a_shared_ipv6_address(tmp_path):
+    f = tmp_path / "inv.yaml"
+    f.write_text(yaml.safe_dump({"pods": [
+        {"namespace": "x", "name": "a", "ip": "10.0.0.1", "ipv6": "fd00::1"},
+        {"namespace": "x", "name": "b", "ip": "10.0.0.2", "ipv6": "fd00:0::1"},
+        {"namespace": "x", "name": "c", "ip": "10.0.0.3", "ipv6": "10.0.0.4"},
+    ]}))
+    res = runner.invoke(app, ["policy", "explain", "x/a", "x/a", "80", "--from", str(f), "-o", "json"])
+    assert res.exit_code == 2
+    errs = {e["field"]: e["message"] for e in json.loads(res.stdout)["errors"]}
+    assert errs == {"pods[1].ipv6": "fd00::1 is already the address of x/a", "pods[2].ipv6": "'10.0.0.4' is not an IPv6 address (without a zone)"}
+
+
+def test_render_of_a_dual_stack_inventory_has_both_families(tmp_path):
+    path, _ = inventory_file(tmp_path, "default-deny-all", dual=True)
+    res = runner.invoke(app, ["policy", "render", "--node", "node-1", "--from", path])
+    assert res.exit_code == 0
+    names = {c["add"]["map"]["name"] for c in json.loads(res.stdout)["nftables"] if "map" in c.get("add", {})}
+    assert names == {"ingress-pods", "egress-pods", "ingress-pods-v6", "egress-pods-v6"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import pytest
 import yaml
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from overlaycni.datastore import KV
 from overlaycni.datastore.keys import pod_key, policy_key
 from overlaycni.errors import BadRecord, ConfigError
+from overlaycni.families import IPFamily
 from overlaycni.policy import parse_policies, policy_to_dict
 from overlaycni.policy.model import IPBlock, NamespaceInfo, PodInfo, PolicyPort
 from overlaycni.policy.records import (
@@ -83,6 +84,16 @@ def test_multi_document_and_list_kind():
         ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}\n", "spec.egress[0].to[0].ipBlock.except[0]", "strict subset"),
         ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}\n", "spec.egress[0].to[0].ipBlock.except[0]", "strict subset"),
         ("  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8}\n      podSelector: {}\n", "spec.egress[0].to[0].ipBlock", "may not be combined"),
+        # IPv6 ipBlocks: the same rules, and the family of except
+        ("  ingress:\n  - from:\n    - ipBlock: {cidr: 'fd00::/129'}\n", "spec.ingress[0].from[0].ipBlock.cidr", "not a valid CIDR"),
+        ("  ingress:\n  - from:\n    - ipBlock: {cidr: 'fd00::1'}\n", "spec.ingress[0].from[0].ipBlock.cidr", "not a CIDR"),
+        ("  ingress:\n  - from:\n    - ipBlock: {cidr: 'fd00::/64', except: ['fd01::/80']}\n", "spec.ingress[0].from[0].ipBlock.except[0]", "strict subset"),
+        ("  ingress:\n  - from:\n    - ipBlock: {cidr: 'fd00::/64', except: ['fd00::/64']}\n", "spec.ingress[0].from[0].ipBlock.except[0]", "strict subset"),
+        ("  ingress:\n  - from:\n    - ipBlock: {cidr: 'fd00::/64', except: ['fd00::/96', 10.0.0.0/8]}\n", "spec.ingress[0].from[0].ipBlock.except[1]", "IPv4 but cidr fd00::/64 is IPv6"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 0.0.0.0/0, except: ['::/0']}\n", "spec.egress[0].to[0].ipBlock.except[0]", "except must be of the cidr's family"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 'fe80::%eth0/64'}\n", "spec.egress[0].to[0].ipBlock.cidr", "zone"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: '::ffff:10.0.0.0/104'}\n", "spec.egress[0].to[0].ipBlock.cidr", "IPv4-mapped IPv6 CIDR, which no packet carries: write 10.0.0.0/8"),
+        ("  egress:\n  - to:\n    - ipBlock: {cidr: 'fd00::/64', except: ['::ffff:10.0.0.0/104']}\n", "spec.egress[0].to[0].ipBlock.except[0]", "IPv4-mapped"),
         ("  ingress:\n  - from:\n    - {}\n", "spec.ingress[0].from[0]", "must set"),
         ("  podSelector:\n    matchExpressions:\n    - {key: a, operator: Equals, values: [b]}\n", "spec.podSelector.matchExpressions[0].operator", "not one of"),
         ("  podSelector:\n    matchExpressions:\n    - {key: a, operator: In}\n", "spec.podSelector.matchExpressions[0].values", "non-empty"),
@@ -127,11 +138,75 @@ def test_ipblock_host_bits_are_masked_like_the_api_server():
     assert p.egress[0].peers[0].ip_block == IPBlock(ip_network("10.1.0.0/16"), (ip_network("10.1.2.0/24"),))
 
 
+def test_ipv6_ipblock_parses_masks_host_bits_and_round_trips():
+    (p,) = parse_policies(
+        HEAD + "spec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 'FD12:3456:789A::5/64', except: ['fd12:3456:789a::5/128']}\n"
+        "    - ipBlock: {cidr: 10.244.0.0/16}\n"
+    )
+    v6, v4 = (peer.ip_block for peer in p.ingress[0].peers)
+    assert v6 == IPBlock(ip_network("fd12:3456:789a::/64"), (ip_network("fd12:3456:789a::5/128"),))
+    assert (v6.family, v4.family) == (IPFamily.ipv6, IPFamily.ipv4)
+    assert policy_to_dict(p)["spec"]["ingress"][0]["from"][0] == {
+        "ipBlock": {"cidr": "fd12:3456:789a::/64", "except": ["fd12:3456:789a::5/128"]}
+    }
+    assert decode_policy(_stored(policy_to_dict(p))) == p
+    # a block matches its own family only: the IPv6 one never an IPv4 address, and the other way round
+    assert v6.contains(ip_address("fd12:3456:789a::6")) and not v6.contains(ip_address("fd12:3456:789a::5"))
+    assert not v6.contains(ip_address("10.244.0.5")) and not v4.contains(ip_address("fd12:3456:789a::6"))
+    assert not v6.contains(None)
+
+
+def _net(version, addr, plen):
+    kind, bits = (IPv4Network, 32) if version == 4 else (IPv6Network, 128)
+    return kind((addr % (1 << bits), min(plen, bits)), strict=False)
+
+
+# both families, with prefixes near each other's so that subsets, equal and disjoint pairs all occur
+nets = st.one_of(
+    st.builds(_net, st.sampled_from([4, 6]), st.integers(0, (1 << 128) - 1), st.integers(0, 128)),
+    st.builds(lambda v, plen: _net(v, 0xFD12 << 112 if v == 6 else 10 << 24, plen), st.sampled_from([4, 6]), st.integers(0, 128)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cidr=nets, excepts=st.lists(nets, max_size=3), probe=st.integers(0, (1 << 128) - 1))
+def test_ipblock_pairs_accepted_exactly_when_except_is_a_strict_subset_of_the_same_family(cidr, excepts, probe):
+    """Hypothesis over CIDR pairs of both families: an except entry is
+    accepted iff it is of cidr's family and a strict subset of it; every
+    other entry is an error naming its index; an accepted block contains an
+    address iff ipaddress says it is in cidr and in no except."""
+    spec = {"egress": [{"to": [{"ipBlock": {"cidr": str(cidr), "except": [str(e) for e in excepts]}}]}]}
+    doc = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "p"}, "spec": spec}
+    good = [e.version == cidr.version and e.subnet_of(cidr) and e.prefixlen > cidr.prefixlen for e in excepts]
+    mapped = [n.version == 6 and n.prefixlen >= 96 and n.network_address.ipv4_mapped is not None for n in (cidr, *excepts)]
+    try:
+        (p,) = parse_policies(yaml.safe_dump(doc))
+    except ConfigError as exc:
+        fields = {e.field for e in exc.errors}
+        path = "spec.egress[0].to[0].ipBlock"
+        if mapped[0]:
+            assert fields == {f"{path}.cidr"}
+            return
+        assert fields == {f"{path}.except[{i}]" for i, ok in enumerate(good) if not ok or mapped[i + 1]}
+        return
+    assert all(good) and not any(mapped)
+    block = p.egress[0].peers[0].ip_block
+    assert block.cidr == cidr and block.except_ == tuple(excepts)
+    same, other = (IPv4Address, IPv6Address) if cidr.version == 4 else (IPv6Address, IPv4Address)
+    for ip in (cidr.network_address, cidr.broadcast_address, same(probe % (1 << (32 if cidr.version == 4 else 128)))):
+        expect = ip in cidr and not any(ip in e for e in excepts)
+        assert block.contains(ip) is expect
+        assert block.contains(other(int(ip) % (1 << 32))) is False  # the other family: never
+
+
 @pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
 def test_round_trip_through_dict_and_json(c):
-    from tests.policy_cases import build_model
+    from tests.policy_cases import build_model, with_ipv6_twins
 
     for p in parse_policies(c.manifest(build_model())):
+        again = decode_policy(_stored(policy_to_dict(p)))
+        assert again == p
+    for p in with_ipv6_twins(parse_policies(c.manifest(build_model(dual=True)))):  # the IPv6 twins of every ipBlock
         again = decode_policy(_stored(policy_to_dict(p)))
         assert again == p
 
@@ -154,6 +229,27 @@ def test_pod_and_namespace_codec():
     with pytest.raises(BadRecord) as bad:
         decode_pod(_stored({"namespace": "x", "name": "a", "ip": "10.0.0.300"}))
     assert bad.value.kind == "pod" and "pod.ip" in bad.value.problem
+
+
+def test_dual_stack_pod_codec():
+    """A dual-stack pod's record carries ``ipv6``; a single-stack one stays
+    what it always was (no ``ipv6`` key)."""
+    single = PodInfo("x", "a", IPv4Address("10.244.1.5"), "n1", {"pod": "a"})
+    assert "ipv6" not in pod_to_dict(single) and single.ips == (IPv4Address("10.244.1.5"),)
+    assert single.address(IPFamily.ipv6) is None
+    dual = PodInfo("x", "a", IPv4Address("10.244.1.5"), "n1", {"pod": "a"}, ip_v6=IPv6Address("fd12:3456:789a:0:1::5"))
+    assert pod_to_dict(dual)["ipv6"] == "fd12:3456:789a:0:1::5"
+    assert decode_pod(_stored(pod_to_dict(dual))) == dual
+    assert dual.ips == (IPv4Address("10.244.1.5"), IPv6Address("fd12:3456:789a:0:1::5"))
+    assert dual.address(IPFamily.ipv6) == IPv6Address("fd12:3456:789a:0:1::5")
+    for bad in ("10.244.1.6", "fe80::1%eth0", "fd00::/64", "nope"):
+        with pytest.raises(ConfigError) as info:
+            pod_from_dict({"namespace": "x", "name": "a", "ip": "10.244.1.5", "ipv6": bad})
+        (e,) = info.value.errors
+        assert e.field == "pod.ipv6" and "not an IPv6 address" in e.message, bad
+    with pytest.raises(ConfigError) as info:  # an IPv6 address is not an ip
+        pod_from_dict({"namespace": "x", "name": "a", "ip": "fd00::5"})
+    assert [e.field for e in info.value.errors] == ["pod.ip"]
 
 
 # ----- matchExpressions against a straightforward reference --------------------------------

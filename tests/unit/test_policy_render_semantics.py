@@ -7,19 +7,29 @@ connection through the source node's table and then the destination node's
 table. Hypothesis generates policies and labels over the x/y/z model; every
 ordered pair must get the engine's verdict. The kernel test checks the same
 renders with real packets; this one explores many more policies.
+
+Families: a packet is IPv4 or IPv6, and as in the kernel's ``inet`` table an
+``ip`` header match never matches an IPv6 packet (nor ``ip6`` an IPv4 one):
+the rule does not apply. Dual-stack renders are judged over both families
+against the engine's verdict for that family.
 """
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import ip_address, ip_network
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from overlaycni.families import IPFamily
 from overlaycni.policy import matrix, parse_policies
 from overlaycni.policy.render import render_node
-from tests.policy_cases import build_model, case
+from tests.policy_cases import build_model, case, with_ipv6_twins
+from tests.policy_strategies import ns_tiers, policies, policies_strategy, tiers
+
+FAMILIES = (IPFamily.ipv4, IPFamily.ipv6)
+_HEADER = {"ip": 4, "ip6": 6}
 
 
 class Table:
@@ -50,8 +60,9 @@ class Table:
     def value(self, left: dict, pkt: dict):
         if "payload" in left:
             p = left["payload"]
-            if p["protocol"] == "ip":
-                return pkt[p["field"]]
+            if p["protocol"] in _HEADER:  # the address of the packet's own family only
+                return pkt[p["field"]] if pkt["family"] == _HEADER[p["protocol"]] else None
+            assert p["protocol"] in ("tcp", "udp", "sctp"), p
             return pkt["dport"] if pkt["proto"] == p["protocol"] else None
         if "meta" in left:
             return pkt["proto"]
@@ -68,8 +79,8 @@ class Table:
         if isinstance(right, dict) and "set" in right:
             return any(self.contains(item, v) for item in right["set"])
         if isinstance(right, dict) and "prefix" in right:
-            net = IPv4Network(f"{right['prefix']['addr']}/{right['prefix']['len']}")
-            return IPv4Address(v) in net
+            net = ip_network(f"{right['prefix']['addr']}/{right['prefix']['len']}")
+            return ip_address(v) in net  # an address of the other family is in no network
         if isinstance(right, dict) and "range" in right:
             lo, hi = right["range"]
             return lo <= v <= hi
@@ -102,7 +113,10 @@ class Table:
                     if verdict:
                         return verdict
                 elif "vmap" in e:
-                    target = self.maps[e["vmap"]["data"][1:]].get(self.value(e["vmap"]["key"], pkt))
+                    key = self.value(e["vmap"]["key"], pkt)
+                    if key is None:  # the key's header is not the packet's: the rule does not apply
+                        break
+                    target = self.maps[e["vmap"]["data"][1:]].get(key)
                     if target:
                         verdict = self.run(target, pkt)
                         if verdict:
@@ -115,21 +129,29 @@ class Table:
         return all((self.run(name, pkt) or policy) != "drop" for _, name, policy in self.base)
 
 
-def rendered_matrix(model, policies, port: int, protocol: str) -> dict[tuple[str, str], bool]:
-    tables = {
-        n: Table(render_node(n, pods=model.pods, namespaces=model.namespaces, policies=policies))
-        for n in {p.node for p in model.pods}
-    }
+def rendered_matrix(
+    model, policies, port: int, protocol: str, family: IPFamily = IPFamily.ipv4, *, tables: dict | None = None
+) -> dict[tuple[str, str], bool]:
+    """Every ordered pair over ``family`` through the nodes' rendered tables."""
+    tables = tables or render_tables(model, policies)
     out = {}
     for s in model.pods:
         for d in model.pods:
-            if s.ip == d.ip:
+            if s.key == d.key:
                 out[(s.key, d.key)] = True  # loopback never reaches the node
                 continue
-            pkt = {"saddr": str(s.ip), "daddr": str(d.ip), "proto": protocol.lower(), "dport": port}
+            pkt = {"family": family.version, "saddr": str(s.address(family)), "daddr": str(d.address(family)),
+                   "proto": protocol.lower(), "dport": port}
             nodes = [s.node] if s.node == d.node else [s.node, d.node]
             out[(s.key, d.key)] = all(tables[n].passes(pkt) for n in nodes)
     return out
+
+
+def render_tables(model, policies) -> dict[str, Table]:
+    return {
+        n: Table(render_node(n, pods=model.pods, namespaces=model.namespaces, policies=policies))
+        for n in {p.node for p in model.pods}
+    }
 
 
 def test_evaluator_agrees_with_hand_written_tables():
@@ -140,77 +162,24 @@ def test_evaluator_agrees_with_hand_written_tables():
         assert rendered_matrix(m, parse_policies(c.manifest(m)), c.port, c.protocol) == c.expected(), name
 
 
+def test_evaluator_agrees_with_hand_written_tables_over_both_families():
+    """A dual-stack model (every ipBlock with its IPv6 twin): the tables hold
+    over IPv4 and over IPv6 alike. Without the twins the IPv4 blocks admit
+    nothing over IPv6 (the control: the evaluator tells the families apart)."""
+    for name in ("pod-and-namespace", "egress-cidr-except", "named-port-from-namespace", "ingress-and-egress-together",
+                 "egress-to-cidr", "cidr-and-except-overlap-allowed"):
+        c = case(name)
+        m = c.model(dual=True)
+        pols = parse_policies(c.manifest(m))
+        tables = render_tables(m, with_ipv6_twins(pols))
+        for family in FAMILIES:
+            assert rendered_matrix(m, pols, c.port, c.protocol, family, tables=tables) == c.expected(), (name, family)
+        if name == "egress-to-cidr":  # x/a may only reach y/b, by an IPv4 block: over IPv6 it reaches nobody
+            v6 = rendered_matrix(m, pols, c.port, c.protocol, IPFamily.ipv6)
+            assert not v6[("x/a", "y/b")] and rendered_matrix(m, pols, c.port, c.protocol)[("x/a", "y/b")]
+
+
 # ----- random policies -------------------------------------------------------------------
-
-MODEL = build_model()
-LABEL_VALUES = {"pod": ["a", "b", "c"], "ns": ["x", "y", "z"], "tier": ["web", "db"]}
-
-
-def requirement(keys):
-    return st.one_of(
-        st.builds(lambda k, vs: {"key": k, "operator": "In", "values": vs}, st.sampled_from(keys), st.lists(st.sampled_from(["a", "b", "c", "x", "y", "web"]), min_size=1, max_size=2, unique=True)),
-        st.builds(lambda k, vs: {"key": k, "operator": "NotIn", "values": vs}, st.sampled_from(keys), st.lists(st.sampled_from(["a", "b", "c", "x", "y", "db"]), min_size=1, max_size=2, unique=True)),
-        st.builds(lambda k: {"key": k, "operator": "Exists"}, st.sampled_from(keys)),
-        st.builds(lambda k: {"key": k, "operator": "DoesNotExist"}, st.sampled_from(keys)),
-    )
-
-
-def selector(key):
-    keys = [key, "tier"]
-    return st.one_of(
-        st.just({}),
-        st.builds(lambda v: {"matchLabels": {key: v}}, st.sampled_from(LABEL_VALUES[key])),
-        st.builds(lambda r: {"matchExpressions": r}, st.lists(requirement(keys), min_size=1, max_size=2)),
-    )
-
-
-pod_ips = [str(p.ip) for p in MODEL.pods]
-ip_block = st.one_of(
-    st.builds(lambda ip: {"cidr": f"{ip}/32"}, st.sampled_from(pod_ips)),
-    st.builds(lambda ip: {"cidr": "10.244.0.0/16", "except": [f"{ip}/32"]}, st.sampled_from(pod_ips)),
-    st.builds(lambda ip: {"cidr": "0.0.0.0/0", "except": [ip.rsplit(".", 2)[0] + ".0.0/16"]}, st.sampled_from(pod_ips)),
-    st.just({"cidr": "10.244.2.0/24"}),
-)
-peer = st.one_of(
-    st.builds(lambda s: {"podSelector": s}, selector("pod")),
-    st.builds(lambda s: {"namespaceSelector": s}, selector("ns")),
-    st.builds(lambda p, n: {"podSelector": p, "namespaceSelector": n}, selector("pod"), selector("ns")),
-    st.builds(lambda b: {"ipBlock": b}, ip_block),
-)
-port = st.one_of(
-    st.builds(lambda p, proto: {"port": p, "protocol": proto}, st.sampled_from([80, 81]), st.sampled_from(["TCP", "UDP"])),
-    st.builds(lambda proto: {"protocol": proto}, st.sampled_from(["TCP", "UDP", "SCTP"])),
-    st.builds(lambda n, proto: {"port": n, "protocol": proto}, st.sampled_from(["serve-80-tcp", "serve-81-udp", "serve-80-udp"]), st.sampled_from(["TCP", "UDP"])),
-    st.just({"port": 79, "endPort": 80}),
-)
-rule = st.fixed_dictionaries({}, optional={"ports": st.lists(port, max_size=2), "peers": st.lists(peer, max_size=2)})
-
-
-def policy(i):
-    return st.builds(
-        lambda ns, sel, types, ing, eg: {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": f"p{i}", "namespace": ns},
-            "spec": {
-                "podSelector": sel,
-                **({"policyTypes": types} if types else {}),
-                "ingress": [{**({"ports": r["ports"]} if "ports" in r else {}), **({"from": r["peers"]} if "peers" in r else {})} for r in ing],
-                "egress": [{**({"ports": r["ports"]} if "ports" in r else {}), **({"to": r["peers"]} if "peers" in r else {})} for r in eg],
-            },
-        },
-        st.sampled_from(["x", "y", "z"]),
-        selector("pod"),
-        st.sampled_from([None, ["Ingress"], ["Egress"], ["Ingress", "Egress"]]),
-        st.lists(rule, max_size=2),
-        st.lists(rule, max_size=2),
-    )
-
-
-policies = st.integers(1, 3).flatmap(lambda n: st.tuples(*[policy(i) for i in range(n)]))
-tiers = st.dictionaries(st.sampled_from([p.key for p in MODEL.pods]), st.sampled_from(["web", "db"]), max_size=4)
-ns_tiers = st.dictionaries(st.sampled_from(["x", "y", "z"]), st.sampled_from(["web", "db"]), max_size=2)
-
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(docs=policies, tiers=tiers, ns_tiers=ns_tiers, probe=st.sampled_from([(80, "TCP"), (81, "UDP"), (80, "UDP"), (81, "SCTP")]))
@@ -223,3 +192,18 @@ def test_render_agrees_with_engine_on_random_policies(docs, tiers, ns_tiers, pro
     port, protocol = probe
     engine = matrix(list(model.pods), port=port, protocol=protocol, namespaces=model.namespaces, policies=pols)
     assert rendered_matrix(model, pols, port, protocol) == engine
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=policies_strategy(ipv6=True), tiers=tiers)
+def test_dual_stack_render_agrees_with_engine_over_each_family(docs, tiers):
+    """Random policies with IPv4 and IPv6 ipBlocks over a dual-stack model:
+    the dual-stack render gives every pair, over each family and probe, the
+    engine's verdict for that family."""
+    model = build_model(pod_labels={k: {"pod": k[-1], "tier": t} for k, t in tiers.items()}, dual=True)
+    pols = parse_policies(yaml.safe_dump_all(list(docs)))
+    tables = render_tables(model, pols)
+    for port, protocol in ((80, "TCP"), (81, "UDP"), (80, "UDP"), (81, "SCTP")):
+        for family in FAMILIES:
+            engine = matrix(list(model.pods), port=port, protocol=protocol, namespaces=model.namespaces, policies=pols, family=family)
+            assert rendered_matrix(model, pols, port, protocol, family, tables=tables) == engine, (port, protocol, family)

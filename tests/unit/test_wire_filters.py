@@ -9,15 +9,20 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 
 from overlaycni.agent.metrics import AgentMetrics
-from overlaycni.dataplane import FakeDataplane, host_veth_name, nftables, nftmodel, nfttext, podguard
+from overlaycni.dataplane import FakeDataplane, host_veth_name, nftables, nftmodel, nftmodel6, nfttext, podguard
 from overlaycni.dataplane.fake import FakeKernel
 from overlaycni.dataplane.model import VXLAN_IFNAME, NodeState, Peer, vtep_mac
 from overlaycni.errors import DataplaneError
+from overlaycni.families import PodAddress
 
 ME = IPv4Address("10.224.0.1")
 BLOCK = IPv4Network("10.244.1.0/24")
 POD_CIDR = IPv4Network("10.244.0.0/16")
 
+
+
+def pod_address(ip: str) -> tuple[PodAddress, ...]:
+    return (PodAddress(IPv4Interface(ip), IPv4Address("10.244.1.1")),)
 
 def peer(i: int, mac: str | None = None) -> Peer:
     ip = IPv4Address(f"10.224.0.{i}")
@@ -92,7 +97,7 @@ def test_direct_table_accepts_a_peers_block_from_its_mac_only():
 
 def test_every_drop_rule_has_its_own_named_counter():
     for table in (nftmodel.table_for(state(peer(2), backend="direct"), pod_endpoints=[]),
-                  podguard.arp_table_for(BLOCK, pod_endpoints=[]), podguard.ip6_table_for()):
+                  podguard.arp_table_for(BLOCK, pod_endpoints=[]), nftmodel6.Ip6Table()):
         layout = table.layout()
         drops = [r for _, rules in layout.chains for r in rules if r[-1] == {"drop": None}]
         names = [r[-2]["counter"] for r in drops]
@@ -117,7 +122,7 @@ def test_arp_guard_checks_sender_and_target():
 
 
 def test_ipv6_guard_drops_everything_from_pods_in_two_counts():
-    layout = podguard.ip6_table_for().layout()
+    layout = nftmodel6.Ip6Table().layout()
     multicast, rest = chain(layout, "from_pod")
     assert multicast[0] == nftables.match(nftables.payload("ip6", "daddr"), {"prefix": {"addr": "ff02::", "len": 16}})
     assert multicast[-2:] == [{"counter": "pod_ipv6_multicast"}, {"drop": None}]
@@ -176,8 +181,7 @@ def test_reconcile_builds_three_tables_and_sets_no_global_rp_filter():
         assert k.nft_table(family, "overlaycni") is not None, family
     assert not [key for key in k.sysctls if key.startswith(("net/ipv4/conf/all/", "net/ipv4/conf/default/"))]
     assert k.sysctls[f"net/ipv4/conf/{VXLAN_IFNAME}/rp_filter"] == "1"
-    pod = dp.attach_pod(container_id="c1", ifname="eth0", netns_path="/p1", ip=IPv4Interface("10.244.1.5/24"),
-                        gateway=IPv4Address("10.244.1.1"), mtu=1450)
+    pod = dp.attach_pod(container_id="c1", ifname="eth0", netns_path="/p1", addresses=pod_address("10.244.1.5/24"), mtu=1450)
     assert k.sysctls[f"net/ipv4/conf/{pod.host_veth}/rp_filter"] == "1"
     assert dp.reconcile(state(peer(2))).changes == []
 
@@ -186,13 +190,11 @@ def test_pod_elements_go_to_the_ip_and_arp_tables_and_leave_with_the_pod():
     dp = FakeDataplane()
     dp.reconcile(state())
     k = dp.kernel
-    dp.attach_pod(container_id="c1", ifname="eth0", netns_path="/p1", ip=IPv4Interface("10.244.1.5/24"),
-                  gateway=IPv4Address("10.244.1.1"), mtu=1450)
+    dp.attach_pod(container_id="c1", ifname="eth0", netns_path="/p1", addresses=pod_address("10.244.1.5/24"), mtu=1450)
     elem = (host_veth_name("c1", "eth0"), IPv4Address("10.244.1.5"))
     assert elem in k.nft.sets["pod_endpoints"] and elem in k.nft_table("arp", "overlaycni").sets["pod_endpoints"]
     k.nft_table("arp", "overlaycni").sets["pod_endpoints"] = frozenset()  # drift
-    problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path="/p1", ip=IPv4Interface("10.244.1.5/24"),
-                            gateway=IPv4Address("10.244.1.1"))
+    problems = dp.check_pod(container_id="c1", ifname="eth0", netns_path="/p1", addresses=pod_address("10.244.1.5/24"))
     assert problems == [f"anti-spoofing element {elem[0]} . {elem[1]} is missing from arp pod_endpoints"]
     dp.detach_pod(container_id="c1", ifname="eth0", netns_path="/p1")
     assert elem not in k.nft.sets["pod_endpoints"]
@@ -200,19 +202,16 @@ def test_pod_elements_go_to_the_ip_and_arp_tables_and_leave_with_the_pod():
 
 def test_attach_before_the_first_reconcile_and_with_one_table_missing():
     dp = FakeDataplane()
-    dp.attach_pod(container_id="c0", ifname="eth0", netns_path="/p0", ip=IPv4Interface("10.244.1.4/24"),
-                  gateway=IPv4Address("10.244.1.1"), mtu=1450)  # no table yet: nothing to add to
+    dp.attach_pod(container_id="c0", ifname="eth0", netns_path="/p0", addresses=pod_address("10.244.1.4/24"), mtu=1450)  # no table yet: nothing to add to
     dp.reconcile(state())
     dp.kernel.nft_tables.pop(("arp", "overlaycni"))
-    dp.attach_pod(container_id="c1", ifname="eth0", netns_path="/p1", ip=IPv4Interface("10.244.1.5/24"),
-                  gateway=IPv4Address("10.244.1.1"), mtu=1450)
+    dp.attach_pod(container_id="c1", ifname="eth0", netns_path="/p1", addresses=pod_address("10.244.1.5/24"), mtu=1450)
     assert (host_veth_name("c1", "eth0"), IPv4Address("10.244.1.5")) in dp.kernel.nft.sets["pod_endpoints"]
     report = dp.reconcile(state())
     assert report.errors == [] and "nftables table arp overlaycni replaced" in report.changes
     dp.kernel.fail_next["nft"] = DataplaneError("nftables: boom")  # every table there: a real failure
     with pytest.raises(DataplaneError):
-        dp.attach_pod(container_id="c2", ifname="eth0", netns_path="/p2", ip=IPv4Interface("10.244.1.6/24"),
-                      gateway=IPv4Address("10.244.1.1"), mtu=1450)
+        dp.attach_pod(container_id="c2", ifname="eth0", netns_path="/p2", addresses=pod_address("10.244.1.6/24"), mtu=1450)
 
 
 def test_peer_events_keep_the_peer_sets():
@@ -237,7 +236,7 @@ def test_drop_counters_name_every_rule():
     assert dp.drop_counters() == {}
     dp.reconcile(state())
     counts = dp.drop_counters()
-    assert set(counts) == {*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *podguard.IP6_DROP_RULES}
+    assert set(counts) == {*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *nftmodel6.SINGLE_STACK_DROP_RULES}
     assert set(counts.values()) == {0}
 
 

@@ -36,10 +36,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from typing import Any
 
 from .. import deadline, trace
+from ..cidr import IPAddress
 from ..dataplane import PodInterface
 from ..errors import DeadlineExceeded
 from ..ipam import Allocation
@@ -70,7 +70,7 @@ class Job:
     netns: str = ""
     netns_fd: int | None = None  # ADD: owned by the job, closed when it settles
     pod: tuple[str, str] | None = None
-    requested_ip: IPv4Address | None = None
+    requested_ips: tuple[IPAddress, ...] = ()  # the ips capability: at most one per family
     mtu: int = 0
     undo: Added | None = None  # UNDO: what to undo
     end: float | None = None  # the caller's deadline (monotonic)

@@ -2,22 +2,22 @@
 
 ADD:   check CNI_NETNS (``Dataplane.open_pod_netns``: an nsfs network
        namespace that is neither the node's own nor the host's; a bad one
-       is refused before anything else) -> reserve the address (IPAM,
-       idempotent per containerID+ifname; it says whether this ADD made the
-       reservation) -> attach the pod through the checked descriptor (veth,
-       address, routes, anti-spoofing element) -> with NetworkPolicy in the
-       cluster, wait until a policy pass holding the new address reached the
-       kernel -> result. A failure undoes exactly what this ADD made: the
-       veth if it may have made one, the address if it reserved it. An
-       attachment that existed before (a repeated ADD) keeps its address,
-       veth and routes: the same netns gives "interface exists", another
-       netns is refused.
+       is refused before anything else) -> reserve the addresses (IPAM,
+       idempotent per containerID+ifname, one per family of the cluster;
+       it says whether this ADD made the reservation) -> attach the pod
+       through the checked descriptor (veth, addresses, routes, anti-spoofing
+       element) -> with NetworkPolicy in the cluster, wait until a policy
+       pass holding the new address reached the kernel -> result. A failure
+       undoes exactly what this ADD made: the veth if it may have made one,
+       the addresses if it reserved them. An attachment that existed before
+       (a repeated ADD) keeps its addresses, veth and routes: the same netns
+       gives "interface exists", another netns is refused.
 DEL:   remove the host veth (a missing netns or veth is fine) -> flush the
-       address's conntrack entries -> release the address, but only one held
-       by *this* node. A cluster, allocation or veth that is already gone is
-       success with nothing to do.
-CHECK: the allocation still exists and matches prevResult; the pod's
-       interface, address and routes are as ADD left them.
+       addresses' conntrack entries -> release the addresses, but only ones
+       held by *this* node. A cluster, allocation or veth that is already
+       gone is success with nothing to do.
+CHECK: the allocation still exists and matches prevResult (every family);
+       the pod's interface, addresses and routes are as ADD left them.
 GC:    with the node lock (no request in flight): release every allocation
        of this node not in the valid attachments, remove their veths and
        conntrack entries, and remove project-owned host veths that no
@@ -62,7 +62,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import deadline, ipam, trace
-from ..cni.protocol import CNIRequest, add_result, prev_result_ip
+from ..cidr import IPAddress
+from ..cni.protocol import CNIRequest, add_result, prev_result_problems
 from ..config import ClusterNetwork
 from ..dataplane import Dataplane, host_veth_name
 from ..datastore import Store
@@ -175,7 +176,7 @@ class CNIOps:
         with trace.phase("netns"), self.dp.open_pod_netns(req.netns) as netns_fd:
             owned = os.dup(netns_fd) if netns_fd is not None else None  # the job's own: the batcher may outlive us
         job = Job("ADD", req.container_id, req.ifname, key, netns=req.netns, netns_fd=owned, pod=req.pod,
-                  requested_ip=req.requested_ip, mtu=self.ctx.pod_mtu)
+                  requested_ips=self._requested_ips(req), mtu=self.ctx.pod_mtu)
         jobs.append(job)
         added: Added = self.batcher.run(job)
         if self.policy_programmed is not None and req.pod is not None:  # policies select Kubernetes pods only
@@ -204,14 +205,23 @@ class CNIOps:
             mac=pod_if.mac,
             mtu=pod_if.mtu,
             sandbox=pod_if.sandbox,
-            ip=pod_if.ip,
-            gateway=pod_if.gateway,
+            addresses=pod_if.addresses,
             dns=dns,
         )
         t = trace.request()
         if t is not None and trace.wants_debug(req.args):
             result["debug"] = t.to_debug()
         return result
+
+    def _requested_ips(self, req: CNIRequest) -> tuple[IPAddress, ...]:
+        """The ``ips`` capability's addresses, one per family the cluster has."""
+        ips = req.requested_ips
+        for ip in ips:
+            try:
+                self.ctx.network.family_of(ip)
+            except ValueError as exc:
+                raise CNIError(CNI_INVALID_CONFIG, f"runtimeConfig.ips: {exc}") from None
+        return ips
 
     # ----- DEL ----------------------------------------------------------------
     def delete(self, req: CNIRequest, jobs: list[Job]) -> None:
@@ -239,20 +249,16 @@ class CNIOps:
                 CNI_UNKNOWN_CONTAINER,
                 f"no IP is reserved for container {req.container_id} interface {req.ifname}",
             )
-        expected = prev_result_ip(prev)
-        if expected is None or expected[0] != alloc.ip:
-            raise CNIError(
-                CNI_CHECK_FAILED,
-                f"prevResult address {expected[0] if expected else None} does not match the reservation {alloc.ip}",
-            )
+        mismatch = prev_result_problems(prev, alloc.addresses)
+        if mismatch:
+            raise CNIError(CNI_CHECK_FAILED, "; ".join(mismatch))
         with self.dp.open_pod_netns(req.netns) as netns_fd:
             problems = self.dp.check_pod(
                 container_id=req.container_id,
                 ifname=req.ifname,
                 netns_path=req.netns,
                 netns_fd=netns_fd,
-                ip=alloc.ip,
-                gateway=alloc.gateway,
+                addresses=alloc.addresses,
             )
         for iface in prev.get("interfaces") or []:
             if iface.get("sandbox") and iface.get("name") != req.ifname:

@@ -99,7 +99,7 @@ class Commit:
         with self._step(adds, "ipam"):
             try:
                 got = ipam.reserve_many(self.store, self.cluster, self.node, [
-                    ipam.Reservation(j.container_id, j.ifname, j.pod, j.requested_ip) for j in adds])
+                    ipam.Reservation(j.container_id, j.ifname, j.pod, requested_ips=j.requested_ips) for j in adds])
             except OverlayCNIError as exc:
                 got = [exc] * len(adds)
         reserved: list[tuple[Job, Allocation, bool]] = []
@@ -136,7 +136,8 @@ class Commit:
 
     def _attach(self, reserved: list[tuple[Job, Allocation, bool]]) -> list[PodInterface | Exception]:
         def specs(items: Sequence[tuple[Job, Allocation, bool]]) -> list[PodAttachment]:
-            return [PodAttachment(j.container_id, j.ifname, j.netns, a.ip, a.gateway, j.mtu, j.netns_fd) for j, a, _ in items]
+            return [PodAttachment(j.container_id, j.ifname, j.netns, a.ip, a.gateway, j.mtu, j.netns_fd,
+                                  ip6=a.addresses[1] if a.ip_v6 is not None else None) for j, a, _ in items]
 
         results = self.dp.attach_pods(specs(reserved))
         # A fresh reservation whose veth exists: no allocation accounted for that veth (a crash between
@@ -226,11 +227,12 @@ class Commit:
         failed: dict[int, Exception] = {}
         with self._step([j for j, _ in items], "conntrack"):
             try:
-                self.dp.flush_conntrack_many([a.ip.ip for _, a in items])
+                self.dp.flush_conntrack_many([ip for _, a in items for ip in a.ips])  # both families
             except OverlayCNIError:
                 for job, alloc in items:  # one at a time, to charge the failure to its own address
                     try:
-                        self.dp.flush_conntrack(alloc.ip.ip)
+                        for ip in alloc.ips:
+                            self.dp.flush_conntrack(ip)
                     except OverlayCNIError as exc:
                         failed[id(job)] = exc
         return failed

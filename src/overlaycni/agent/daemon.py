@@ -33,10 +33,11 @@ import signal
 import sys
 import threading
 import time
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
 from .. import ipam
+from ..config import ClusterNetwork, IPFamily
 from ..dataplane import Dataplane, NodeState
 from ..datastore import Store, open_datastore
 from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError, OverlayCNIError
@@ -111,6 +112,7 @@ class Agent:
 
             self._dp = LinuxDataplane(wireguard=WireGuardSettings(mode=o.wireguard_mode, socket_dir=o.wireguard_socket_dir))
         info = self._dp.node_info(o.node_ip, backend=net.backend, mtu=net.mtu)
+        node_ip_v6 = self._node_ip_v6(net)
         self.metrics.watch_drops(self._dp.drop_counters)
         # Pods of an earlier run use the block on the kernel's gateway address:
         # claim exactly that one again (never a new block under live pods).
@@ -119,7 +121,7 @@ class Agent:
         try:
             record = ipam.register_node(
                 store, o.cluster, o.node, o.node_ip, vtep_mac=info.vtep_mac, lease=lease, mtu=info.underlay_mtu,
-                block=used, **record_identity(wg_key, net.wireguard_port),
+                block=used, node_ip_v6=node_ip_v6, **record_identity(wg_key, net.wireguard_port),
             )
         except OverlayCNIError:
             with contextlib.suppress(OverlayCNIError):
@@ -161,7 +163,9 @@ class Agent:
             "node": o.node,
             "cluster": o.cluster,
             "node_ip": str(o.node_ip),
+            "node_ip_v6": str(record.node_ip_v6) if record.node_ip_v6 else None,
             "block": str(record.block),
+            "block_v6": str(record.block_v6) if record.block_v6 else None,
             "vtep_mac": info.vtep_mac,
             "backend": net.backend,
             "pod_mtu": node.ctx.pod_mtu,
@@ -171,6 +175,21 @@ class Agent:
             "metrics": self._metrics_url(),
             "pid": os.getpid(),
         }
+
+    def _node_ip_v6(self, net: ClusterNetwork) -> IPv6Address | None:
+        """Dual-stack: ``--node-ip-v6``, else the underlay's address in the IPv6
+        node subnet. Without one, IPv6 pod traffic to other nodes still rides
+        VXLAN or WireGuard (over IPv4), but the direct backend cannot route
+        this node's IPv6 block and IPv6 egress has no source to take."""
+        v6 = net.family(IPFamily.ipv6)
+        if v6 is None:
+            return None
+        assert self._dp is not None
+        found = self.opts.node_ip_v6 or self._dp.find_node_ip_v6(self.opts.node_ip, subnet=IPv6Network(v6.node_subnet_cidr))
+        if found is None:
+            log.warning("dual-stack: no IPv6 address in %s on the underlay (--node-ip-v6 to give one): "
+                        "IPv6 egress and backend direct need it", v6.node_subnet_cidr)
+        return found
 
     def _metrics_url(self) -> str | None:
         if self._http is None:
@@ -192,10 +211,11 @@ class Agent:
             ips = result.get("ips") or [{}]
             with contextlib.suppress(KeyError, ValueError, TypeError):
                 ip = IPv4Interface(ips[0]["address"])
+                v6 = next((IPv6Interface(e["address"]) for e in ips[1:] if ":" in str(e.get("address", ""))), None)
                 ns, name = req.pod if req.pod else (None, None)
                 node.attached(ipam.Allocation(
                     ip=ip, gateway=IPv4Address(ips[0]["gateway"]), container_id=req.container_id, ifname=req.ifname,
-                    node=node.ctx.record.name, pod_namespace=ns, pod_name=name,
+                    node=node.ctx.record.name, pod_namespace=ns, pod_name=name, ip_v6=v6,
                 ))
         elif req.command == "DEL":
             node.detached(req.container_id, req.ifname)
@@ -233,6 +253,7 @@ class Agent:
             "cluster": self.opts.cluster,
             "node_ip": str(self.opts.node_ip),
             "block": str(n.ctx.record.block) if n else None,
+            "block_v6": str(n.ctx.record.block_v6) if n and n.ctx.record.block_v6 else None,
             "backend": n.ctx.network.backend if n else None,
             "peers": len(n.state.peers) if n else 0,
             "peers_not_live": list(n.not_live) if n else [],

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network
+from ipaddress import IPv6Network
 
-from ..config import ClusterNetwork
+from ..cidr import IPNetwork
+from ..config import ClusterNetwork, IPFamily
 from ..dataplane import NodeState, Peer, PeerProblem, PodEndpoint, admit_peers, backend_overhead, host_veth_name, vtep_mac
 from ..dataplane.wgmodel import PrivateKey
 from ..ipam import Allocation, NodeRecord
@@ -42,6 +43,8 @@ def peer_of(record: NodeRecord) -> Peer:
         vtep_mac=record.vtep_mac or vtep_mac(record.node_ip),
         wg_public_key=record.wireguard_public_key,
         wg_port=record.wireguard_port,
+        block_v6=record.block_v6,
+        node_ip_v6=record.node_ip_v6,
     )
 
 
@@ -65,7 +68,7 @@ def select_peers(
     records: Iterable[NodeRecord],
     *,
     live: Iterable[str] | None = None,
-    claims: Mapping[IPv4Network, str] | None = None,
+    claims: Mapping[IPNetwork, str] | None = None,
 ) -> PeerSelection:
     """The peers of node ``me`` among ``records`` (see the module note).
     ``live``: names of live nodes (None: all count as live); ``claims``: block
@@ -76,10 +79,12 @@ def select_peers(
     for r in records:
         if r.name == me.name:
             continue
-        if claims is not None and claims.get(r.block) != r.name:
-            holder = claims.get(r.block)
+        unclaimed = next((b for b in r.blocks if claims is not None and claims.get(b) != r.name), None)
+        if claims is not None and unclaimed is not None:
+            holder = claims.get(unclaimed)
             why = f"is claimed by node {holder}" if holder is not None else "is not claimed by it (no block claim)"
-            problems.append(PeerProblem(r.name, f"peer {r.name}: block {r.block} {why}", holder))
+            what = "IPv6 block" if unclaimed.version == 6 else "block"
+            problems.append(PeerProblem(r.name, f"peer {r.name}: {what} {unclaimed} {why}", holder))
             continue
         if net.mtu is None and r.mtu is not None and r.mtu - backend_overhead(net.backend) < MIN_POD_MTU:
             problems.append(PeerProblem(
@@ -89,10 +94,13 @@ def select_peers(
         candidates.append(r)
     candidates.sort(key=lambda r: (live_set is not None and r.name not in live_set, r.name))
     by_name = {r.name: r for r in candidates}
+    v6 = net.family(IPFamily.ipv6)  # None: single-stack
     probe = NodeState(
         node_ip=me.node_ip, block=me.block, pod_cidr=net.pod_cidr, backend=net.backend,
         peers=tuple(peer_of(r) for r in candidates),
-    )
+        block_v6=me.block_v6, node_ip_v6=me.node_ip_v6,
+        pod_cidr_v6=IPv6Network(v6.pod_cidr) if v6 is not None and me.block_v6 is not None else None,
+    )  # fmt: skip
     admitted, collisions = admit_peers(probe)
     chosen = tuple(sorted((by_name[p.name] for p in admitted), key=lambda r: r.name))
     not_live = tuple(r.name for r in chosen if live_set is not None and r.name not in live_set)
@@ -123,6 +131,7 @@ def node_state(
     veth is not in ``present_veths`` (an ADD in flight, or a leak for GC to
     clear) are left out so that reconcile never routes to a missing device."""
     present = set(present_veths) if present_veths is not None else None
+    v6 = net.family(IPFamily.ipv6)  # None: single-stack
     peer_records = list(peers)
     pods = []
     for a in allocations:
@@ -131,10 +140,11 @@ def node_state(
         veth = host_veth_name(a.container_id, a.ifname)
         if present is not None and veth not in present:
             continue
-        pods.append(PodEndpoint(ip=a.ip.ip, host_veth=veth))
+        pods.append(PodEndpoint(ip=a.ip.ip, host_veth=veth, ip_v6=a.ip_v6.ip if a.ip_v6 is not None else None))
     return NodeState(
         node_ip=me.node_ip,
         block=me.block,
+        block_v6=me.block_v6,
         pod_cidr=net.pod_cidr,
         backend=net.backend,
         vni=net.vni,
@@ -145,6 +155,9 @@ def node_state(
         non_masquerade_cidrs=net.non_masquerade_cidrs,
         wireguard_port=net.wireguard_port,
         wireguard_key=wireguard_key,
+        pod_cidr_v6=IPv6Network(v6.pod_cidr) if v6 is not None and me.block_v6 is not None else None,
+        node_ip_v6=me.node_ip_v6,
+        non_masquerade_cidrs_v6=net.non_masquerade_cidrs_v6,
     )
 
 

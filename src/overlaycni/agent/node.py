@@ -49,11 +49,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from .. import ipam
-from ..dataplane import Dataplane, NodeState, host_veth_name
+from ..dataplane import Dataplane, NodeState, Peer, host_veth_name
 from ..datastore import EtcdCredentials, Event, Store
 from ..datastore.keys import block_key, lease_key, nodes_prefix, split_key
 from ..datastore.watch import watch_loop
@@ -79,6 +79,7 @@ class AgentOptions:
     cluster: str
     node: str
     node_ip: IPv4Address
+    node_ip_v6: IPv6Address | None = None  # dual-stack: None finds it on the underlay (``Agent.start``)
     datastore: str | None = None
     etcd: EtcdCredentials | None = None  # etcds:// TLS files and etcd user (None: the environment)
     socket: str = DEFAULT_SOCKET
@@ -157,6 +158,7 @@ class RunningNode:
             flow_log=self.flows.options.spec if self.flows else None,
             on_inventory=self.flows.update if self.flows else None,
             before_apply=self.flows.before_apply if self.flows else None,
+            families=ctx.network.ip_families,
         )  # fmt: skip
         self.ops = CNIOps(
             store, dp, ctx, kernel_lock=self.kernel_lock, policy_programmed=self.policy.programmed,
@@ -268,7 +270,7 @@ class RunningNode:
         try:
             new = ipam.register_node(
                 self.store, c.cluster, rec.name, rec.node_ip, vtep_mac=rec.vtep_mac, lease=self.lease, mtu=rec.mtu,
-                block=rec.block, **record_identity(self.wg_key, c.network.wireguard_port),
+                block=rec.block, node_ip_v6=rec.node_ip_v6, **record_identity(self.wg_key, c.network.wireguard_port),
             )
         except NodeConflict:
             try:
@@ -276,7 +278,7 @@ class RunningNode:
                     raise
                 new = ipam.register_node(  # nothing uses the old block: a new one is fine
                     self.store, c.cluster, rec.name, rec.node_ip, vtep_mac=rec.vtep_mac, lease=self.lease, mtu=rec.mtu,
-                    **record_identity(self.wg_key, c.network.wireguard_port),
+                    node_ip_v6=rec.node_ip_v6, **record_identity(self.wg_key, c.network.wireguard_port),
                 )
             except NodeConflict as exc2:
                 self._set_conflict("record", f"{exc2.message} ({exc2.details})" if exc2.details else exc2.message)
@@ -316,7 +318,8 @@ class RunningNode:
                 continue
             pod = (a.pod_namespace, a.pod_name) if a.pod_namespace and a.pod_name else None
             try:
-                ipam.allocate(self.store, c.cluster, c.record.name, a.container_id, a.ifname, pod=pod, requested_ip=a.ip.ip)
+                ipam.allocate(self.store, c.cluster, c.record.name, a.container_id, a.ifname, pod=pod,
+                              requested_ips=[x.ip for x in (a.ip, a.ip_v6) if x is not None])  # fmt: skip
             except OverlayCNIError as exc:
                 log.warning("pod %s %s keeps %s, but its reservation could not be restored: %s",
                             a.container_id, a.ifname, a.ip.ip, exc)
@@ -411,13 +414,14 @@ class RunningNode:
                 self.safe_resync("own record changed")
             return
         claims, live = dict(self.view.claims), dict(self.view.live)
-        if record is not None:  # who claims its block now (records and claims change in one transaction), is it live
-            snap = self.store.read([block_key(c.cluster, record.block), lease_key(c.cluster, name)])
-            kv = snap.get(block_key(c.cluster, record.block))
-            if kv is None:
-                claims.pop(record.block, None)
-            else:
-                claims[record.block] = kv.value
+        if record is not None:  # who claims its block(s) now (records and claims change in one transaction), is it live
+            snap = self.store.read([*(block_key(c.cluster, b) for b in record.blocks), lease_key(c.cluster, name)])
+            for block in record.blocks:
+                kv = snap.get(block_key(c.cluster, block))
+                if kv is None:
+                    claims.pop(block, None)
+                else:
+                    claims[block] = kv.value
             lv = snap.get(lease_key(c.cluster, name))
             live.pop(name, None)
             if lv is not None:
@@ -440,7 +444,7 @@ class RunningNode:
             changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
             for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
                 before, after = old.get(peer_name), new.get(peer_name)
-                if before is not None and (after is None or (before.block, before.node_ip) != (after.block, after.node_ip)):
+                if before is not None and (after is None or _where(before) != _where(after)):
                     self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
                     self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
             for peer_name in changed:
@@ -453,6 +457,11 @@ class RunningNode:
                 else:
                     log.info("peer %s removed", peer_name)
         self._note(selection)
+
+
+def _where(peer: Peer) -> tuple[object, ...]:
+    """What a peer's routes lead to: a change here replaces the peer (delete, then ensure)."""
+    return peer.blocks, peer.node_ip, peer.node_ip_v6
 
 
 __all__ = ["AgentOptions", "BadRecords", "RunningNode", "peer_of"]

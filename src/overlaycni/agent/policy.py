@@ -49,6 +49,7 @@ from ..datastore import Event, Store
 from ..datastore.keys import BadRecordHandler, cluster_root, ips_prefix, namespaces_prefix, pods_prefix, policies_prefix
 from ..datastore.watch import watch_loop
 from ..errors import DataplaneError, DeadlineExceeded, OverlayCNIError, PolicyApplyError
+from ..families import IPFamily
 from ..policy import NamespaceInfo, NetworkPolicy, PodInfo, render_node
 from ..policy.flowlog import FlowLogSpec
 from ..policy.incremental import NodePolicy
@@ -73,6 +74,7 @@ class PolicyController:
         flow_log: FlowLogSpec | None = None,
         on_inventory: InventoryListener | None = None,
         before_apply: Callable[[], None] | None = None,
+        families: tuple[IPFamily, ...] | None = None,
     ):
         """``table`` is the node's ``inet overlaycni`` (the data plane's port);
         ``on_bad`` hears of every record skipped because it does not decode.
@@ -80,8 +82,11 @@ class PolicyController:
         ``on_inventory`` hears every inventory a pass loaded (the flow log
         resolves addresses against it); ``before_apply`` runs right before a
         render goes to the kernel (the flow log reads its counter, which a
-        whole-table replace restarts)."""
+        whole-table replace restarts). ``families`` are the cluster's (a
+        dual-stack table holds its IPv6 sets and rules before the first pod
+        has an IPv6 address)."""
         self.store = store
+        self.families = families
         self.table = table
         self.cluster = cluster
         self.node = node
@@ -101,6 +106,11 @@ class PolicyController:
         self.passes = {"none": 0, "elements": 0, "rules": 0, "full": 0}
         self.state: NodePolicy | None = None  # the table as the kernel holds it (None: unknown)
         self.incremental_off: str | None = None  # why incremental updates are off (a whole render disagreed)
+        # Dual-stack: the incremental state (policy.incremental) keeps IPv4 only, so a dual-stack
+        # cluster's table is rendered whole on every pass (both families' sets and rules).
+        self.dual_stack = families is not None and any(f.version == 6 for f in families)
+        if self.dual_stack:
+            self.incremental_off = "dual-stack cluster: incremental policy updates are IPv4-only"
         self._inventory = InventoryCache()
         self._last_full = 0.0
         # pass numbering for programmed(): started, last applied, last failed (+ why)
@@ -134,13 +144,16 @@ class PolicyController:
             if self.before_apply is not None:
                 self.before_apply()  # a whole-table replace restarts the flow log's counter
             how = self.table.sync(doc)
-            if state is None or not state.exact:
-                state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
-            state.mark_applied()
-            self.state = state
-            if state.exact and self.incremental_off is None and (why := state.describes(doc)) is not None:
-                self.incremental_off = why  # never program a table the render would not: whole renders from now on
-                log.error("policy: the incremental table differs from the render (%s); rendering whole from now on", why)
+            if not self.dual_stack:  # dual-stack: whole renders only, no incremental state (see __init__)
+                if state is None or not state.exact:
+                    state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies,
+                                       flow_log=self.flow_log)  # fmt: skip
+                state.mark_applied()
+                self.state = state
+                if state.exact and self.incremental_off is None and (why := state.describes(doc)) is not None:
+                    self.incremental_off = why  # never program a table the render would not: whole renders from now on
+                    log.error("policy: the incremental table differs from the render (%s); rendering whole from now on",
+                              why)  # fmt: skip
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":
@@ -148,7 +161,8 @@ class PolicyController:
         return how
 
     def _render(self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[NetworkPolicy]) -> dict:
-        return render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log)
+        return render_node(self.node, pods=pods, namespaces=namespaces, policies=policies, flow_log=self.flow_log,
+                           families=self.families)  # fmt: skip
 
     def _incremental(self, state: NodePolicy, render: Callable[[], dict]) -> str | None:
         """Apply only what changed since the last pass; None: render whole instead."""

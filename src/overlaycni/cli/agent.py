@@ -48,6 +48,9 @@ def agent(
     cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster name (created with `cluster create`).")] = None,
     node: Annotated[str | None, typer.Option("--node", help="This node's name (re-claims its block on restart).")] = None,
     node_ip: Annotated[str | None, typer.Option("--node-ip", help="This node's underlay (VNet) IP.")] = None,
+    node_ip_v6: Annotated[str | None, typer.Option(
+        "--node-ip-v6", help="Dual-stack: this node's IPv6 underlay address (default: the address in the cluster's "
+        "IPv6 node subnet on the device holding --node-ip).")] = None,
     socket: SocketOpt = DEFAULT_SOCKET,
     metrics_addr: Annotated[
         str, typer.Option("--metrics-addr", help="host:port for /metrics and /healthz ('' to disable; port 0 picks one).")
@@ -103,6 +106,10 @@ def agent(
         ip = ipaddress.IPv4Address(node_ip)
     except ValueError:
         raise UsageError(f"{node_ip!r} is not an IPv4 address", field="node-ip") from None
+    try:
+        ip6 = ipaddress.IPv6Address(node_ip_v6) if node_ip_v6 else None
+    except ValueError:
+        raise UsageError(f"{node_ip_v6!r} is not an IPv6 address", field="node-ip-v6") from None
     from ..agent.daemon import AgentOptions, run_agent  # heavy (pyroute2): only when running
     from ..agent.flowlog import FlowLogOptions
     from ..policy.flowlog import FlowLogSpec
@@ -112,6 +119,7 @@ def agent(
         cluster=cluster,  # type: ignore[arg-type]
         node=node,  # type: ignore[arg-type]
         node_ip=ip,
+        node_ip_v6=ip6,
         datastore=datastore_url(ctx),
         etcd=etcd_credentials(ctx),
         socket=socket,

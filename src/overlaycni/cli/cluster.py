@@ -4,7 +4,7 @@ node blocks in the datastore."""
 from __future__ import annotations
 
 import time
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .. import ipam
 from ..config import ClusterNetwork, load_file, merge_settings, parse_network
+from ..errors import ConfigError, FieldError
 from ..ipam.model import parse_ip
 from .common import (
     ClusterNameOpt,
@@ -158,18 +159,28 @@ def node_register(
     name: NodeNameOpt,
     node_ip: Annotated[str, typer.Option("--node-ip", help="The node's underlay (VNet) IP.")],
     vtep_mac: Annotated[str | None, typer.Option("--vtep-mac", help="VXLAN device MAC (the agent sets it).")] = None,
+    node_ip_v6: Annotated[str | None, typer.Option(
+        "--node-ip-v6", help="Dual-stack: the node's IPv6 underlay address (the agent finds or takes it).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Claim a pod CIDR block for a node (the same block again for a known name).
 
     Refused when another live node holds --node-ip, or the name is live on another node IP."""
     ip: IPv4Address = parse_ip("node-ip", node_ip)
+    try:
+        ip6 = IPv6Address(node_ip_v6) if node_ip_v6 else None
+    except ValueError:
+        raise ConfigError(FieldError("node-ip-v6", f"{node_ip_v6!r} is not a valid IPv6 address")) from None
     with open_store(ctx) as store:
-        rec = ipam.register_node(store, cluster, name, ip, vtep_mac=vtep_mac)
+        rec = ipam.register_node(store, cluster, name, ip, vtep_mac=vtep_mac, node_ip_v6=ip6)
     if output is Output.json:
-        print_json({"name": rec.name, "node_ip": str(rec.node_ip), "block": str(rec.block)})
+        out = {"name": rec.name, "node_ip": str(rec.node_ip), "block": str(rec.block),
+               "block_v6": str(rec.block_v6) if rec.block_v6 else None}  # fmt: skip
+        if rec.node_ip_v6 is not None:  # dual-stack, given: its IPv6 underlay address too
+            out["node_ip_v6"] = str(rec.node_ip_v6)
+        print_json(out)
     else:
-        console.print(f"node {rec.name} ({rec.node_ip}): block {rec.block}", highlight=False)
+        console.print(f"node {rec.name} ({rec.node_ip}): block {' and '.join(map(str, rec.blocks))}", highlight=False)
 
 
 @node_app.command("list", epilog="Example: overlaycni node list --cluster dev -o json")
@@ -191,11 +202,16 @@ def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
         print_json([{**n.to_dict(), "live": n.name in view.live} for n in view.records])
         return
     wg = any(n.wireguard_public_key for n in view.records)
-    table = Table("name", "node IP", "block", "VTEP MAC", *(["WireGuard public key", "endpoint"] if wg else []), "MTU", "live")
+    dual = any(n.block_v6 for n in view.records)
+    ip6 = any(n.node_ip_v6 for n in view.records)
+    table = Table("name", "node IP", *(["node IPv6"] if ip6 else []), "block", *(["IPv6 block"] if dual else []),
+                  "VTEP MAC", *(["WireGuard public key", "endpoint"] if wg else []), "MTU", "live")  # fmt: skip
     for n in view.records:
         extra = [n.wireguard_public_key or "-", n.wireguard_endpoint or "-"] if wg else []
+        v6 = [str(n.block_v6) if n.block_v6 else "-"] if dual else []
         live = "yes" if n.name in view.live else "no"
-        table.add_row(n.name, str(n.node_ip), str(n.block), n.vtep_mac or "-", *extra, str(n.mtu or "-"), live)
+        table.add_row(n.name, str(n.node_ip), *([str(n.node_ip_v6 or "-")] if ip6 else []), str(n.block), *v6,
+                      n.vtep_mac or "-", *extra, str(n.mtu or "-"), live)  # fmt: skip
     console.print(table)
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from .. import ipam
 from ..errors import ConfigError, FieldError
 from ..ipam import addresses
-from ..ipam.model import parse_ip, parse_pod
+from ..ipam.model import parse_any_ip, parse_pod
 from .common import ClusterOpt, Output, OutputOpt, SkippedRecords, console, open_store, print_json
 
 ipam_app = typer.Typer(
@@ -89,18 +89,27 @@ def ipam_allocate(
     container_id: CidOpt,
     ifname: IfOpt = "eth0",
     pod: Annotated[str | None, typer.Option("--pod", help="NAMESPACE/NAME of the pod (recorded).")] = None,
-    ip: Annotated[str | None, typer.Option("--ip", help="Ask for this address (must be free, in the block).")] = None,
+    ip: Annotated[
+        list[str] | None,
+        typer.Option("--ip", help="Ask for this address (must be free, in the node's block); "
+                     "dual-stack: once per family (--ip 10.244.1.9 --ip fd12:3456:789a:0:1::9)."),
+    ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Allocate an address for a pod interface (the same one again for the same container ID and ifname)."""
+    """Allocate addresses for a pod interface (the same ones again for the same container ID and ifname):
+    one IPv4 address, and in a dual-stack cluster one IPv6 address too."""
     pod_ref = parse_pod(pod)
-    requested = parse_ip("ip", ip) if ip is not None else None
+    requested = [parse_any_ip("ip", one) for one in ip or []]
     with open_store(ctx) as store:
-        alloc = ipam.allocate(store, cluster, node, container_id, ifname, pod=pod_ref, requested_ip=requested)
+        alloc = ipam.allocate(store, cluster, node, container_id, ifname, pod=pod_ref, requested_ips=requested)
     if output is Output.json:
-        print_json({"ip": str(alloc.ip), "gateway": str(alloc.gateway)})
+        print_json({
+            "ip": str(alloc.ip), "gateway": str(alloc.gateway),
+            "ip_v6": str(alloc.ip_v6) if alloc.ip_v6 else None, "gateway_v6": str(alloc.gateway_v6) if alloc.gateway_v6 else None,
+        })  # fmt: skip
     else:
-        console.print(f"{alloc.ip} gateway {alloc.gateway} (node {alloc.node})", highlight=False)
+        shown = ", ".join(f"{a.ip} gateway {a.gateway}" for a in alloc.addresses)
+        console.print(f"{shown} (node {alloc.node})", highlight=False)
 
 
 @ipam_app.command("release", epilog="Example: overlaycni ipam release --cluster dev --container-id abc123 --ifname eth0")
@@ -111,42 +120,48 @@ def ipam_release(
     with open_store(ctx) as store:
         alloc = ipam.release(store, cluster, container_id, ifname)
     if output is Output.json:
-        print_json({"released": str(alloc.ip) if alloc else None})
+        print_json({"released": str(alloc.ip) if alloc else None,
+                    "released_v6": str(alloc.ip_v6) if alloc and alloc.ip_v6 else None})  # fmt: skip
     else:
-        console.print(f"released {alloc.ip}" if alloc else "nothing to release", highlight=False)
+        shown = " and ".join(str(a.ip) for a in alloc.addresses) if alloc else ""
+        console.print(f"released {shown}" if alloc else "nothing to release", highlight=False)
 
 
 @ipam_app.command("show", epilog="Example: overlaycni ipam show --cluster dev")
 def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Output.table) -> None:
-    """Per node: its block, whether it is live, addresses used and free.
+    """Per node: its block of each family, whether it is live, addresses used and free.
 
-    A record that does not decode is skipped with a warning on stderr (the
-    agents skip it too) and listed under "skipped" ({key, kind, reason})
-    with -o json; `ipam check` reports it as a problem."""
+    JSON per node: node, block, live, used, free, and block_v6, used_v6,
+    free_v6 (null in a single-stack cluster). A record that does not decode
+    is skipped with a warning on stderr (the agents skip it too) and listed
+    under "skipped" ({key, kind, reason}) with -o json; `ipam check` reports
+    it as a problem."""
     skipped = SkippedRecords()
     with open_store(ctx) as store:
-        blocks = ipam.list_blocks(store, cluster, on_bad=skipped)
+        claims = ipam.list_claims(store, cluster, on_bad=skipped)
         live = set(ipam.cluster_nodes(store, cluster, on_bad=skipped).live)
-        used: dict[str, int] = {}
+        used: dict[tuple[str, int], int] = {}
         for a in ipam.list_allocations(store, cluster, on_bad=skipped):
-            used[a.node] = used.get(a.node, 0) + 1
-    rows: list[dict[str, Any]] = [
-        {
-            "node": name,
-            "block": str(block),
-            "live": name in live,
-            "used": used.get(name, 0),
-            "free": addresses.capacity(block) - used.get(name, 0),
-        }
-        for name, block in sorted(blocks.items(), key=lambda item: int(item[1].network_address))
-    ]
+            for ip in a.ips:
+                used[a.node, ip.version] = used.get((a.node, ip.version), 0) + 1
+    rows: list[dict[str, Any]] = []
+    for name, claim in sorted(claims.items(), key=lambda item: int(item[1].block.network_address)):
+        row: dict[str, Any] = {"node": name, "block": str(claim.block), "live": name in live}
+        for suffix, block in (("", claim.block), ("_v6", claim.block_v6)):
+            n = used.get((name, 6 if suffix else 4), 0)
+            row |= {f"block{suffix}": str(block) if block else None, f"used{suffix}": n if block else None,
+                    f"free{suffix}": addresses.capacity(block) - n if block else None}  # fmt: skip
+        rows.append(row)
     skipped.warn()
     if output is Output.json:
         print_json({"cluster": cluster, "nodes": rows, "skipped": skipped.to_json()})
         return
-    table = Table("node", "block", "live", "used", "free")
+    dual = any(r["block_v6"] for r in rows)
+    # an IPv6 block's free count (2^48 for a /80) is in the JSON; the table stays narrow
+    table = Table("node", "block", "live", "used", "free", *(["IPv6 block", "used"] if dual else []))
     for r in rows:
-        table.add_row(r["node"], r["block"], "yes" if r["live"] else "no", str(r["used"]), str(r["free"]))
+        v6 = [r["block_v6"] or "-", str(r["used_v6"] or 0)] if dual else []
+        table.add_row(r["node"], r["block"], "yes" if r["live"] else "no", str(r["used"]), str(r["free"]), *v6)
     console.print(table)
 
 

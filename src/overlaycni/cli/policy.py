@@ -137,13 +137,17 @@ def validate_cmd(file: FileOpt, output: OutputOpt = Output.table) -> None:
 
 @policy_app.command("explain", epilog=EPILOG)
 def explain_cmd(
-    src: Annotated[str, typer.Argument(help="Source: NAMESPACE/POD or an IPv4 address (with --lab also POD alone, if unambiguous).")],
-    dst: Annotated[str, typer.Argument(help="Destination: NAMESPACE/POD or an IPv4 address (with --lab also POD alone).")],
+    src: Annotated[str, typer.Argument(help="Source: NAMESPACE/POD or an IPv4 or IPv6 address (with --lab also POD alone, if unambiguous).")],
+    dst: Annotated[str, typer.Argument(help="Destination: NAMESPACE/POD or an IPv4 or IPv6 address (with --lab also POD alone).")],
     port: Annotated[str, typer.Argument(help="PORT/PROTOCOL, e.g. 80/TCP (protocol defaults to TCP).")],
     ctx: typer.Context,
     from_file: FromOpt = None,
     cluster: TargetClusterOpt = None,
     lab: LabOpt = None,
+    family: Annotated[
+        str | None,
+        typer.Option("--family", help="ipv4 or ipv6: the connection's family when SRC and DST are both pods (default ipv4; an address decides it)."),
+    ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Explain whether SRC may connect to DST on PORT/PROTOCOL.
@@ -152,12 +156,15 @@ def explain_cmd(
     default (allow when neither end is isolated, deny when one is).
     The pods, namespaces and policies come from --from FILE, or from the
     datastore of --cluster C / --lab N (pod IPs and nodes from IPAM).
+    In a dual-stack cluster a pod is found by either address; an ipBlock
+    only matches addresses of its own family, so the verdict can differ
+    between IPv4 and IPv6 (--family, or give an address).
 
     Exit status: 0 allowed, 1 denied, 2 bad input.
     """
     try:
         inv = load_any_inventory(ctx, from_file=from_file, cluster=cluster, lab=lab)
-        _, data = explain(inv, src=src, dst=dst, port=port, bare_names=lab is not None)
+        _, data = explain(inv, src=src, dst=dst, port=port, bare_names=lab is not None, family=family)
     except ConfigError as exc:
         _reraise(output, exc)
     if output is Output.json:
@@ -274,7 +281,8 @@ def list_cmd(ctx: typer.Context, cluster: TargetClusterOpt = None, lab: LabOpt =
 
 def _print_verdict(data: dict[str, Any]) -> None:
     word = "[bold green]ALLOW[/]" if data["allowed"] else "[bold red]DENY[/]"
-    console.print(f"{word} {data['src']} -> {data['dst']} {data['port']}/{data['protocol']}", highlight=False)
+    over = " over IPv6" if data.get("family") == "ipv6" else ""
+    console.print(f"{word} {data['src']} -> {data['dst']} {data['port']}/{data['protocol']}{over}", highlight=False)
     if data["policy"]:
         decided = f"{data['policy']} {data['rule']}"
     elif data["allowed"]:

@@ -5,18 +5,27 @@ again into a typed ``CNIRequest`` (it must not trust its socket blindly) and
 renders results in the cniVersion the runtime asked for:
 
 * 1.0.0 / 1.1.0: ``ips[]`` without ``version``; 1.1.0 interfaces carry ``mtu``.
-* 0.3.x / 0.4.0: ``ips[]`` entries carry ``"version": "4"``.
+* 0.3.x / 0.4.0: ``ips[]`` entries carry ``"version": "4"`` (or ``"6"``).
+
+A pod has one address per family of its cluster: ``ips[]`` lists them
+IPv4 first, each with its gateway, and ``routes[]`` holds one default route
+per family (``0.0.0.0/0``, ``::/0``; CNI spec, "Success" result:
+https://github.com/containernetworking/cni/blob/main/SPEC.md). The ``ips``
+capability (``runtimeConfig.ips``, CONVENTIONS.md) asks for at most one
+address per family.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface
 from typing import Any
 
+from ..cidr import IPAddress
 from ..errors import CNI_INVALID_CONFIG, CNI_INVALID_ENV, CNIError
+from ..families import IPFamily, PodAddress
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "AGENT_STATUS")
@@ -38,21 +47,36 @@ class CNIRequest:
         return (ns, name) if ns and name else None
 
     @property
-    def requested_ip(self) -> IPv4Address | None:
-        """The CNI ``ips`` capability: ``runtimeConfig.ips`` (first IPv4), or
-        the legacy ``CNI_ARGS`` ``IP=``."""
+    def requested_ips(self) -> tuple[IPAddress, ...]:
+        """The CNI ``ips`` capability: ``runtimeConfig.ips``, and the legacy
+        ``CNI_ARGS`` ``IP=``; at most one address per family (IPv4 first).
+        Whether the cluster has the family is the agent's to check."""
         runtime = self.config.get("runtimeConfig") or {}
-        candidates = list(runtime.get("ips") or []) if isinstance(runtime, Mapping) else []
+        raw_ips = runtime.get("ips") if isinstance(runtime, Mapping) else None
+        if raw_ips is not None and not isinstance(raw_ips, list):
+            raise CNIError(CNI_INVALID_CONFIG, f"runtimeConfig.ips: {raw_ips!r} is not a list of IP addresses")
+        candidates = [("runtimeConfig.ips", raw) for raw in raw_ips or []]
         if self.args.get("IP"):
-            candidates.append(self.args["IP"])
-        for raw in candidates:
+            candidates += [("CNI_ARGS IP", raw) for raw in self.args["IP"].split(",")]
+        found: dict[int, IPAddress] = {}
+        for where, raw in candidates:
             try:
-                ip = ipaddress.ip_interface(str(raw)).ip
+                ip = ipaddress.ip_interface(str(raw).strip()).ip
             except ValueError:
-                raise CNIError(CNI_INVALID_CONFIG, f"runtimeConfig.ips: {raw!r} is not an IP address") from None
-            if ip.version == 4:
-                return ip
-        return None
+                raise CNIError(CNI_INVALID_CONFIG, f"{where}: {raw!r} is not an IP address") from None
+            if ip.version in found and found[ip.version] != ip:
+                raise CNIError(
+                    CNI_INVALID_CONFIG,
+                    f"{where}: {found[ip.version]} and {ip} are both {IPFamily.of(ip).label} addresses; "
+                    "ask for at most one address per family",
+                )
+            found[ip.version] = ip
+        return tuple(found[v] for v in sorted(found))
+
+    @property
+    def requested_ip(self) -> IPv4Address | None:
+        """The requested IPv4 address, if any (``requested_ips`` has every family)."""
+        return next((ip for ip in self.requested_ips if isinstance(ip, IPv4Address)), None)
 
     @property
     def prev_result(self) -> Mapping[str, Any] | None:
@@ -113,38 +137,58 @@ def add_result(
     mac: str,
     mtu: int,
     sandbox: str,
-    ip: IPv4Interface,
-    gateway: IPv4Address,
+    addresses: Sequence[PodAddress],
     dns: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ADD result in the requested version."""
+    """The ADD result in the requested version: one ``ips`` entry and one
+    default route per address (IPv4 first)."""
     legacy = not version.startswith("1.")
     host: dict[str, Any] = {"name": host_veth, "mac": host_mac}
     pod: dict[str, Any] = {"name": ifname, "mac": mac, "sandbox": sandbox}
     if version == "1.1.0":
         host["mtu"] = mtu
         pod["mtu"] = mtu
-    ip_entry: dict[str, Any] = {"address": str(ip), "gateway": str(gateway), "interface": 1}
-    if legacy:
-        ip_entry = {"version": "4", **ip_entry}
+    ips: list[dict[str, Any]] = []
+    for a in addresses:
+        entry: dict[str, Any] = {"address": str(a.ip), "gateway": str(a.gateway), "interface": 1}
+        ips.append({"version": str(a.ip.version), **entry} if legacy else entry)
     result: dict[str, Any] = {
         "cniVersion": version,
         "interfaces": [host, pod],
-        "ips": [ip_entry],
-        "routes": [{"dst": "0.0.0.0/0", "gw": str(gateway)}],
+        "ips": ips,
+        "routes": [{"dst": str(a.default_route), "gw": str(a.gateway)} for a in addresses],
         "dns": dict(dns or {}),
     }
     return result
 
 
-def prev_result_ip(prev: Mapping[str, Any]) -> tuple[IPv4Interface, IPv4Address | None] | None:
-    """The first IPv4 address (and gateway) of a prevResult, or None."""
+def prev_result_ips(prev: Mapping[str, Any]) -> list[tuple[IPv4Interface | IPv6Interface, IPAddress | None]]:
+    """The addresses (and gateways) of a prevResult, in its order; entries
+    that do not parse are left out (the comparison then finds them missing)."""
+    out: list[tuple[IPv4Interface | IPv6Interface, IPAddress | None]] = []
     for entry in prev.get("ips") or []:
         try:
             ip = ipaddress.ip_interface(entry["address"])
+            gw = entry.get("gateway")
+            out.append((ip, ipaddress.ip_address(gw) if gw else None))
         except (KeyError, TypeError, ValueError):
             continue
-        if ip.version == 4:
-            gw = entry.get("gateway")
-            return ip, (ipaddress.IPv4Address(gw) if gw else None)
-    return None
+    return out
+
+
+def prev_result_problems(prev: Mapping[str, Any], addresses: Sequence[PodAddress]) -> list[str]:
+    """How a prevResult's ``ips`` differ from the attachment's addresses (one
+    per family): a missing, changed or extra address, or another gateway."""
+    have = prev_result_ips(prev)
+    problems: list[str] = []
+    for a in addresses:
+        same = [(ip, gw) for ip, gw in have if ip.version == a.ip.version]
+        if not same:
+            problems.append(f"prevResult has no {a.family.label} address; the reservation is {a.ip}")
+        elif same[0][0] != a.ip:
+            problems.append(f"prevResult address {same[0][0]} does not match the reservation {a.ip}")
+        elif same[0][1] is not None and same[0][1] != a.gateway:
+            problems.append(f"prevResult gateway {same[0][1]} of {a.ip} is not {a.gateway}")
+    families = {a.ip.version for a in addresses}
+    problems += [f"prevResult address {ip} is not one of this attachment's" for ip, _ in have if ip.version not in families]
+    return problems

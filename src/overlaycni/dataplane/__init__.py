@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..families import PodAddress
 from .model import (
     VXLAN_IFNAME,
     NodeInfo,
@@ -32,6 +33,7 @@ __all__ = [
     "NodeState",
     "Peer",
     "PeerProblem",
+    "PodAddress",
     "PodEndpoint",
     "PodAttachment",
     "PodInterface",

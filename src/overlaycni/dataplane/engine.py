@@ -13,12 +13,26 @@ set elements are only removed when their host veth is gone: a CNI ADD that
 raced with a reconcile computed from an older pod list must not lose its
 route (leaked veths are found by ``list_pod_veths`` and removed by GC).
 
-The node's nftables tables (``ip overlaycni``, and the pods' guards ``arp``
-and ``ip6 overlaycni``) are reconciled alike: replaced whole when their
+The node's nftables tables (``ip``, ``ip6`` and ``arp overlaycni``,
+``nodetables``) are reconciled alike: replaced whole when their
 fingerprint differs, else brought to the desired elements. A pod ADD/DEL
 adds/removes its ``ifname . ip`` element in the ``ip`` and ``arp`` tables
-in one transaction; a peer event its ``node_ips``/``peer_blocks`` (and, on
-``direct``, ``peer_macs``) elements.
+(and ``ifname . ipv6`` in the ``ip6`` one) in one transaction; a peer event
+its ``node_ips``/``peer_blocks`` (and, on ``direct``, ``peer_macs``)
+elements.
+
+Dual-stack (``NodeState.families``): every per-block object exists once
+per family, and nothing here asks which family it holds. Per peer a route
+per block (VXLAN: and a neighbour per block, one FDB entry for both;
+``model.peer_objects``); the tunnel device holds the first address of each
+of the node's blocks; this node's blocks are unreachable routes (a free
+address never loops back out), and so is the IPv6 pod CIDR (a packet for an
+IPv6 block no peer routes is refused instead of leaving by a default
+route). IPv4 keeps that catch-all on ``wireguard`` only, as before. On
+``direct`` a peer that published no IPv6 address gets its IPv4 route and a
+report error for its IPv6 block. IPv6 forwarding is switched on in the node
+namespace only when the node has an IPv6 block; IPv6 has no ``rp_filter``
+(the ``ip6`` table checks sources exactly).
 
 Sysctls: only what the data path needs, on the devices it owns. The
 ``all``/``default`` settings and the underlay's are the operator's. Per
@@ -37,9 +51,10 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
+from ..cidr import IPAddress
 from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, UnderlayNotFound
 from .model import (
     GATEWAY_LABEL,
@@ -53,15 +68,16 @@ from .model import (
     VxlanSpec,
     admit_peers,
     backend_overhead,
+    direct_unroutable,
     gateway_of,
     is_pod_veth,
     peer_objects,
-    pod_route,
+    pod_routes,
     validate_state,
     vtep_mac,
 )
 from .nodetables import NodeTables
-from .podops import PodOps, pod_veth_sysctls
+from .podops import NODE_SYSCTLS_V6, PodOps, pod_veth_sysctls
 from .policytable import PolicyTableSync
 from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls, WireGuard
 from .wgmodel import WG_IFNAME, WgDevice
@@ -128,6 +144,15 @@ class NodeDataplane(PodOps):
             vtep_mac=vtep_mac(node_ip) if backend == "vxlan" else (link.mac or None) if backend == "direct" else None,
         )
 
+    def find_node_ip_v6(self, node_ip: IPv4Address, *, subnet: IPv6Network) -> IPv6Address | None:
+        """The node's IPv6 underlay address: the first address inside ``subnet``
+        on the device that holds ``node_ip`` (None: it has none)."""
+        link = self.p.links.link_with_address(node_ip)
+        if link is None:
+            raise UnderlayNotFound(f"node_ip: no interface in the node's network namespace has the address {node_ip}")
+        found = sorted(a.ip for a in self.p.addresses.list_addresses(link.name, version=6) if a.ip in subnet)
+        return IPv6Address(found[0]) if found else None
+
     def reconcile(self, state: NodeState) -> ReconcileReport:
         """Bring the kernel to ``state``. A peer the kernel cannot take (see
         ``admit_peers``) is left out and named in the report's errors; every
@@ -153,7 +178,7 @@ class NodeDataplane(PodOps):
             return report
 
     def _sysctls(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
-        wanted = dict(NODE_SYSCTLS)
+        wanted = dict(NODE_SYSCTLS) | (NODE_SYSCTLS_V6 if state.block_v6 is not None else {})
         for link in self.p.links.list_links():
             if is_pod_veth(link.name):
                 wanted.update(pod_veth_sysctls(link.name))
@@ -175,7 +200,7 @@ class NodeDataplane(PodOps):
                 self._wg.setup_device(state, info, report)
                 if self.p.links.get_link(WG_IFNAME) is not None:
                     self._ensure_sysctls(tunnel_sysctls(WG_IFNAME), report)
-                self._only_address(WG_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), label=None, report=report)
+                self._tunnel_addresses(WG_IFNAME, state, report)
             return
         spec = VxlanSpec(
             name=VXLAN_IFNAME,
@@ -188,16 +213,26 @@ class NodeDataplane(PodOps):
         )
         report.changes.extend(self.p.links.ensure_vxlan(spec))
         self._ensure_sysctls(tunnel_sysctls(VXLAN_IFNAME), report)
-        self._only_address(VXLAN_IFNAME, IPv4Interface(f"{state.block.network_address}/32"), label=None, report=report)
+        self._tunnel_addresses(VXLAN_IFNAME, state, report)
+
+    def _tunnel_addresses(self, dev: str, state: NodeState, report: ReconcileReport) -> None:
+        """The tunnel device holds its block's first address of each family
+        (``NodeFamily.tunnel_address``); an IPv6 address of a single-stack
+        node goes (the kernel's own link-local stays)."""
+        for version in (4, 6):
+            fam = state.family(version)
+            self._only_address(dev, fam.tunnel_address if fam else None, version=version, label=None, report=report)
 
     def _gateway(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
-        self._only_address("lo", IPv4Interface(f"{gateway_of(state.block)}/32"), label=GATEWAY_LABEL, report=report)
+        self._only_address("lo", IPv4Interface(f"{gateway_of(state.block)}/32"), version=4, label=GATEWAY_LABEL, report=report)
 
-    def _only_address(self, dev: str, addr: IPv4Interface, *, label: str | None, report: ReconcileReport) -> None:
-        for have in self.p.addresses.list_addresses(dev, label=label):
-            if have != addr and self.p.addresses.delete_address(dev, have):
+    def _only_address(self, dev: str, addr: IPv4Interface | IPv6Interface | None, *, version: int, label: str | None,
+                      report: ReconcileReport) -> None:
+        """``dev``'s only address of family ``version`` (None: none), link-local ones aside."""
+        for have in self.p.addresses.list_addresses(dev, label=label, version=version):
+            if have != addr and not have.ip.is_link_local and self.p.addresses.delete_address(dev, have):
                 report.changes.append(f"address {have} deleted from {dev}")
-        if self.p.addresses.ensure_address(dev, addr, label=label):
+        if addr is not None and self.p.addresses.ensure_address(dev, addr, label=label):
             report.changes.append(f"address {addr} added to {dev}")
 
     def _reachable_peers(self, state: NodeState, report: ReconcileReport | None) -> list[Peer]:
@@ -214,32 +249,42 @@ class NodeDataplane(PodOps):
                 if report is None:
                     raise
                 report.errors.append(exc.message)
+                continue
+            if report is not None and state.family(6) is not None and peer.block_v6 is not None:
+                for block in direct_unroutable(peer):  # its IPv4 block is routed all the same
+                    report.errors.append(f"peer {peer.name}: no IPv6 node address in its node record, so its IPv6 block "
+                                         f"{block} is not routed (the direct backend routes it via that address)")
         return ok
 
     def _check_adjacent(self, peer: Peer) -> None:
-        gateway, dev = self.p.routes.lookup_gateway(peer.node_ip)
-        if dev is None or gateway is not None:
-            how = f"via gateway {gateway}" if gateway is not None else "unreachable"
-            raise PeerNotAdjacent(
-                f"peer {peer.name}: node IP {peer.node_ip} is not on this node's L2 segment ({how}); "
-                "the direct backend needs all nodes in one subnet (use backend vxlan)"
-            )
+        """Each underlay address of the peer (one per family) is on a link of this node."""
+        for node_ip in (peer.node_ip, peer.node_ip_v6):
+            if node_ip is None:
+                continue
+            gateway, dev = self.p.routes.lookup_gateway(node_ip)
+            if dev is None or gateway is not None:
+                how = f"via gateway {gateway}" if gateway is not None else "unreachable"
+                raise PeerNotAdjacent(
+                    f"peer {peer.name}: node IP {node_ip} is not on this node's L2 segment ({how}); "
+                    "the direct backend needs all nodes in one subnet (use backend vxlan)"
+                )
 
     def _peers_and_routes(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
         peers = self._reachable_peers(state, report)
         objs = [peer_objects(p, backend=state.backend) for p in peers]
         live = {link.name for link in self.p.links.list_links()}
-        want_routes = {r.dst: r for r in [o.route for o in objs]}
-        # Catch-alls (more specific routes win): the pod CIDR, so a packet to a
-        # block no (admitted) node owns, or to a peer without a tunnel yet, is
-        # refused here instead of leaving by the default route in clear; and
-        # this node's block, so a packet to a free address of it never loops
-        # back out.
-        want_routes[state.pod_cidr] = Route(dst=state.pod_cidr, unreachable=True)
-        want_routes[state.block] = Route(dst=state.block, unreachable=True)
+        want_routes = {r.dst: r for o in objs for r in o.routes}
+        # Catch-alls, per family (more specific routes win): the pod CIDR, so a
+        # packet to a block no (admitted) node owns, or to a peer without a
+        # tunnel yet, is refused here instead of leaving by the default route
+        # in clear; and this node's block, so a packet to a free address of it
+        # never loops back out.
+        for fam in state.families:
+            want_routes[fam.pod_cidr] = Route(dst=fam.pod_cidr, unreachable=True)
+            want_routes[fam.block] = Route(dst=fam.block, unreachable=True)
         for pod in state.pods:
             if pod.host_veth in live:
-                want_routes[IPv4Network(f"{pod.ip}/32")] = pod_route(pod)
+                want_routes.update((r.dst, r) for r in pod_routes(pod))
         listed = self.p.routes.list_routes()
         self._pod_routes = [r for r in listed if r.dev is not None and is_pod_veth(r.dev)]
         have_routes = {r.dst: r for r in listed}
@@ -248,7 +293,7 @@ class NodeDataplane(PodOps):
             if dst not in want_routes and not (r.dev is not None and is_pod_veth(r.dev) and r.dev in live)
         ]
         if state.backend == "vxlan":
-            want_n = {o.neighbour.ip: o.neighbour for o in objs if o.neighbour}
+            want_n = {n.ip: n for o in objs for n in o.neighbours}
             want_f = {o.fdb.mac: o.fdb for o in objs if o.fdb}
         else:
             want_n, want_f = {}, {}
@@ -288,15 +333,15 @@ class NodeDataplane(PodOps):
                 else:
                     report.changes.extend(f"{kind} {o} {verb}" for o in objs)
 
-    def _pod_endpoints(self, state: NodeState) -> set[tuple[str, IPv4Address]]:
-        """The state's pods, plus live pod veths the state does not know yet (a racing ADD),
-        whose IP the kernel's /32 route tells."""
-        wanted = {(p.host_veth, p.ip) for p in state.pods}
+    def _pod_endpoints(self, state: NodeState) -> set[tuple[str, IPAddress]]:
+        """The state's pods (an element per address, both families), plus live pod veths the
+        state does not know yet (a racing ADD), whose addresses the kernel's /32 and /128 routes tell."""
+        wanted: set[tuple[str, IPAddress]] = {(p.host_veth, ip) for p in state.pods for ip in p.ips}
         named = {p.host_veth for p in state.pods}
         live = {link.name for link in self.p.links.list_links()}
         routes = self._pod_routes if self._pod_routes is not None else self.p.routes.list_routes()
         for r in routes:
-            if r.dev in live and r.dev not in named and is_pod_veth(r.dev) and r.dst.prefixlen == 32:
+            if r.dev in live and r.dev not in named and is_pod_veth(r.dev) and r.dst.prefixlen == r.dst.max_prefixlen:
                 wanted.add((r.dev, r.dst.network_address))
         return wanted
 
@@ -319,13 +364,13 @@ class NodeDataplane(PodOps):
             old = None
             if state.backend == "wireguard":
                 self._wg.ensure_peer(state, peer)
-            elif objs.neighbour is not None:
-                old = self.p.neighbours.get_neighbour(VXLAN_IFNAME, objs.neighbour.ip)
-                self.p.neighbours.apply_neighbours(replace=[objs.neighbour])
-                self.p.fdb.apply_fdb(replace=[objs.fdb])  # type: ignore[list-item]
+            elif objs.fdb is not None:
+                old = self.p.neighbours.get_neighbour(VXLAN_IFNAME, objs.neighbours[0].ip)
+                self.p.neighbours.apply_neighbours(replace=objs.neighbours)
+                self.p.fdb.apply_fdb(replace=[objs.fdb])
             else:
                 self._check_adjacent(peer)
-            self.p.routes.apply_routes(replace=[objs.route])
+            self.p.routes.apply_routes(replace=objs.routes)
             if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
                 self.p.fdb.apply_fdb(delete=[FdbEntry(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
             self.tables.add_peer(state, peer)
@@ -340,10 +385,10 @@ class NodeDataplane(PodOps):
     def delete_peer(self, state: NodeState, peer: Peer) -> None:
         with self._lock:
             objs = peer_objects(peer, backend=state.backend)
-            self.p.routes.apply_routes(delete=[objs.route])
-            if objs.neighbour is not None and self.p.links.get_link(VXLAN_IFNAME) is not None:
-                self.p.fdb.apply_fdb(delete=[objs.fdb])  # type: ignore[list-item]
-                self.p.neighbours.apply_neighbours(delete=[objs.neighbour])
+            self.p.routes.apply_routes(delete=objs.routes)
+            if objs.fdb is not None and self.p.links.get_link(VXLAN_IFNAME) is not None:
+                self.p.fdb.apply_fdb(delete=[objs.fdb])
+                self.p.neighbours.apply_neighbours(delete=objs.neighbours)
             if state.backend == "wireguard":
                 self._wg.delete_peer(peer)
             self.tables.remove_peer(state, peer)
@@ -357,6 +402,7 @@ class NodeDataplane(PodOps):
         """Packets dropped so far by each filter rule of the node's tables."""
         with self._lock:
             return self.tables.drop_counters()
+
     def adopted_block(self, prefixlen: int) -> IPv4Network | None:
         """The /``prefixlen`` block whose gateway (``<block>.1`` on ``lo:ocni``)
         the kernel holds: the block of an earlier run's pods (None: none)."""

@@ -15,11 +15,13 @@ import queue
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface, ip_network
 from typing import TYPE_CHECKING, Any
 
+from ..cidr import IPAddress, IPNetwork
 from ..errors import AttachmentConflict, DataplaneError, InterfaceExists, NetnsNotFound, NetnsRefused
-from . import nftables, nftmodel, podguard, policytable, ports
+from ..families import PodAddress
+from . import nftables, nftmodel, nftmodel6, podguard, policytable, ports
 from .engine import NodeDataplane, Ports
 from .model import FdbEntry, Link, Neighbour, PodAttachment, PodInterface, PodView, Route, VxlanSpec, vtep_mac
 from .nflog_fake import FakeVerdictLog
@@ -47,9 +49,9 @@ class FakeKernel:
     vxlan: dict[str, VxlanSpec] = field(default_factory=dict)
     wireguard: dict[str, FakeWgDevice] = field(default_factory=dict)
     wireguard_starts: int = 0  # devices created (userspace: wireguard-go starts)
-    addresses: dict[str, dict[IPv4Interface, str | None]] = field(default_factory=dict)  # dev -> addr -> label
-    routes: dict[IPv4Network, Route] = field(default_factory=dict)  # owned routes only
-    neighbours: dict[tuple[str, IPv4Address], Neighbour] = field(default_factory=dict)
+    addresses: dict[str, dict[IPv4Interface | IPv6Interface, str | None]] = field(default_factory=dict)  # dev -> addr -> label
+    routes: dict[IPNetwork, Route] = field(default_factory=dict)  # owned routes only
+    neighbours: dict[tuple[str, IPAddress], Neighbour] = field(default_factory=dict)
     fdb: dict[tuple[str, str], FdbEntry] = field(default_factory=dict)
     nft_tables: dict[tuple[str, str], FakeNftTable] = field(default_factory=dict)  # (family, name) -> table
     sysctls: dict[str, str] = field(default_factory=dict)
@@ -208,10 +210,11 @@ class FakeAddresses:
         k.links.setdefault("lo", Link("lo", 1, "loopback", "00:00:00:00:00:00", 65536, True))
         k.addresses.setdefault("lo", {IPv4Interface("127.0.0.1/8"): "lo"})
 
-    def list_addresses(self, dev: str, *, label: str | None = None) -> list[IPv4Interface]:
-        return [a for a, lab in self.k.addresses.get(dev, {}).items() if label is None or lab == label]
+    def list_addresses(self, dev: str, *, label: str | None = None, version: int = 4) -> list[IPv4Interface | IPv6Interface]:
+        return [a for a, lab in self.k.addresses.get(dev, {}).items()
+                if a.version == version and (label is None or lab == label)]  # fmt: skip
 
-    def ensure_address(self, dev: str, addr: IPv4Interface, *, label: str | None = None) -> bool:
+    def ensure_address(self, dev: str, addr: IPv4Interface | IPv6Interface, *, label: str | None = None) -> bool:
         if dev not in self.k.links:
             raise DataplaneError(f"dev: no link named {dev}")
         addrs = self.k.addresses.setdefault(dev, {})
@@ -220,7 +223,7 @@ class FakeAddresses:
         addrs[addr] = label or dev
         return True
 
-    def delete_address(self, dev: str, addr: IPv4Interface) -> bool:
+    def delete_address(self, dev: str, addr: IPv4Interface | IPv6Interface) -> bool:
         return self.k.addresses.get(dev, {}).pop(addr, "missing") != "missing"
 
 
@@ -243,13 +246,14 @@ class FakeRoutes:
         for r in replace:
             self.k.routes[r.dst] = r
 
-    def lookup_gateway(self, dst: IPv4Address) -> tuple[IPv4Address | None, str | None]:
+    def lookup_gateway(self, dst: IPAddress) -> tuple[IPAddress | None, str | None]:
         for dev, addrs in self.k.addresses.items():
             if dev != "lo" and any(dst in a.network for a in addrs):
                 return None, dev
-        if self.k.auto_underlay and not self.k.default_gateway:
+        gateway = self.k.default_gateway if dst.version == 4 else None
+        if self.k.auto_underlay and not gateway:
             return None, "eth0"
-        return (self.k.default_gateway, "eth0") if self.k.default_gateway else (None, None)
+        return (gateway, "eth0") if gateway else (None, None)
 
 
 class FakeNeighbours:
@@ -259,7 +263,7 @@ class FakeNeighbours:
     def list_neighbours(self, dev: str) -> list[Neighbour]:
         return [n for n in self.k.neighbours.values() if n.dev == dev]
 
-    def get_neighbour(self, dev: str, ip: IPv4Address) -> Neighbour | None:
+    def get_neighbour(self, dev: str, ip: IPAddress) -> Neighbour | None:
         return self.k.neighbours.get((dev, ip))
 
     def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None:
@@ -444,7 +448,7 @@ class FakePodLinks:
         return self.k.netns.setdefault(path, FakePodNetns())
 
     def setup_pod_link(
-        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        self, *, host_veth: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,
     ) -> PodInterface:
         ns = self._ns(netns_path)
@@ -454,19 +458,23 @@ class FakePodLinks:
             raise AttachmentConflict(f"CNI_NETNS {netns_path}: {ifname} is already attached elsewhere (host veth {host_veth})")
         self.k.maybe_fail("setup_pod_link")
         host = self.k.add_link(host_veth, kind="veth", mtu=mtu)
-        mac = vtep_mac(ip.ip)
+        v4 = next(a.ip for a in addresses if isinstance(a.ip, IPv4Interface))
+        mac = vtep_mac(v4.ip)
+        routes: list[Route] = []
+        for a in addresses:  # as linux/pods.py: a host route to an on-link gateway, then the default route
+            if a.gateway_on_host_veth:
+                self.k.addresses[host_veth][ip_interface(f"{a.gateway}/64")] = None  # link-local: a /64
+            else:
+                routes.append(Route(dst=ip_network((a.gateway, a.gateway.max_prefixlen)), dev=ifname, scope_link=True))
+            routes.append(Route(dst=a.default_route, dev=ifname, gateway=a.gateway))
         ns.links[ifname] = PodView(
-            ifname=ifname, mac=mac, mtu=mtu, up=True, addresses=(ip,),
-            routes=(
-                Route(dst=IPv4Network(f"{gateway}/32"), dev=ifname, scope_link=True),
-                Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway),
-            ),
+            ifname=ifname, mac=mac, mtu=mtu, up=True, addresses=tuple(a.ip for a in addresses), routes=tuple(routes),
         )
         self.k.netns.setdefault("__peers__", FakePodNetns()).links[host_veth] = PodView(
             ifname=f"{netns_path}|{ifname}", mac="", mtu=0, up=True, addresses=(), routes=()
         )
         return PodInterface(ifname=ifname, mac=mac, mtu=mtu, sandbox=netns_path, host_veth=host_veth,
-                            host_mac=host.mac, ip=ip, gateway=gateway)
+                            host_mac=host.mac, addresses=tuple(addresses))
 
     def setup_pod_links(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]:
         """One pod at a time (a failure is that pod's answer), as the Linux batch answers."""
@@ -474,8 +482,8 @@ class FakePodLinks:
         out: list[PodInterface | Exception] = []
         for p in pods:
             try:
-                out.append(self.setup_pod_link(host_veth=p.host_veth, ifname=p.ifname, netns_path=p.netns_path, ip=p.ip,
-                                               gateway=p.gateway, mtu=p.mtu, netns_fd=p.netns_fd))
+                out.append(self.setup_pod_link(host_veth=p.host_veth, ifname=p.ifname, netns_path=p.netns_path,
+                                               addresses=p.addresses, mtu=p.mtu, netns_fd=p.netns_fd))
             except Exception as exc:  # noqa: BLE001 - that pod's answer
                 out.append(exc)
         return out
@@ -504,12 +512,12 @@ class FakeConntrack:
     def __init__(self, k: FakeKernel) -> None:
         self.k = k
 
-    def flush_address(self, ip: IPv4Address) -> int:
+    def flush_address(self, ip: IPv4Address | IPv6Address) -> int:
         gone = {e for e in self.k.conntrack if ip in e}
         self.k.conntrack -= gone
         return len(gone)
 
-    def flush_addresses(self, ips: Sequence[IPv4Address]) -> int:
+    def flush_addresses(self, ips: Sequence[IPv4Address | IPv6Address]) -> int:
         self.k.batches.append(("flush_addresses", len(ips)))
         wanted = set(ips)
         gone = {e for e in self.k.conntrack if wanted & set(e)}
@@ -524,7 +532,7 @@ def fake_ports(kernel: FakeKernel) -> Ports:
         sysctls=FakeSysctls(kernel), pods=FakePodLinks(kernel), wireguard=FakeWireGuard(kernel),
         policy_nft=FakeNft(kernel, family=policytable.FAMILY, table=policytable.TABLE),
         arp_nft=FakeNft(kernel, family=podguard.ARP_FAMILY, table=podguard.TABLE),
-        ip6_nft=FakeNft(kernel, family=podguard.IP6_FAMILY, table=podguard.TABLE),
+        ip6_nft=FakeNft(kernel, family=nftmodel6.FAMILY, table=nftmodel6.TABLE),
     )
 
 
@@ -567,7 +575,7 @@ class FakeDataplane(NodeDataplane):
             raise NetnsRefused(f"CNI_NETNS {path}: {self.kernel.refused_netns[path]}")
         yield None
 
-    def flush_conntrack(self, ip: IPv4Address) -> int:
+    def flush_conntrack(self, ip: IPv4Address | IPv6Address) -> int:
         return FakeConntrack(self.kernel).flush_address(ip)
     def kernel_events(self) -> FakeKernelEvents:
         events = FakeKernelEvents()
@@ -583,7 +591,7 @@ class FakeDataplane(NodeDataplane):
         self.kernel.verdict_logs[group] = FakeVerdictLog()
         return self.kernel.verdict_logs[group]
 
-    def flush_conntrack_many(self, ips: Sequence[IPv4Address]) -> int:
+    def flush_conntrack_many(self, ips: Sequence[IPv4Address | IPv6Address]) -> int:
         return FakeConntrack(self.kernel).flush_addresses(ips)
 
     def remove_netns(self, path: str) -> None:

@@ -1,9 +1,18 @@
 """Pure value types of the data plane and the names of the kernel objects it owns.
 
 Nothing here touches the kernel: the agent, the fake and the Linux adapter
-all exchange these frozen dataclasses. ``desired_peer_objects`` turns a
-``NodeState`` into the exact per-peer kernel objects (neighbour, FDB entry,
-route) so that the fake and the Linux implementation program the same thing.
+all exchange these frozen dataclasses. ``peer_objects`` turns a peer into
+the exact kernel objects (neighbours, FDB entry, routes) so that the fake
+and the Linux implementation program the same thing.
+
+Dual-stack: a node and each peer have a block of each family of the
+cluster (``NodeState.families``, ``Peer.blocks``), and the per-peer objects
+are made once per block. With VXLAN one device carries both families over
+the IPv4 underlay (why: ``linux/links.py``): per peer block one permanent
+neighbour ``<block's first address> -> <peer VTEP MAC>`` and one ``onlink``
+route via it, and one FDB entry ``<VTEP MAC> -> <peer node IP>`` shared by
+both. ``direct`` routes each block via the peer's underlay address of the
+same family; ``wireguard`` routes both blocks into the tunnel.
 """
 
 from __future__ import annotations
@@ -11,9 +20,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface, ip_network
 
+from ..cidr import IPAddress, IPNetwork
 from ..errors import ConfigError, FieldError
+from ..families import IPFamily, PodAddress
 from .wgmodel import DEFAULT_WIREGUARD_PORT, WG_IFNAME, WIREGUARD_OVERHEAD, PrivateKey
 
 VXLAN_IFNAME = "ocni.vxlan"
@@ -64,12 +75,32 @@ class Peer:
     vtep_mac: str  # the MAC its pod traffic comes from: its VTEP's (vxlan), its underlay's (direct)
     wg_public_key: str | None = None  # wireguard backend: the peer's published public key
     wg_port: int | None = None  # its WireGuard UDP port (None: the cluster's)
+    block_v6: IPv6Network | None = None  # dual-stack: its IPv6 block
+    node_ip_v6: IPv6Address | None = None  # dual-stack: its IPv6 underlay address (direct routes via it)
+
+    @property
+    def blocks(self) -> tuple[IPNetwork, ...]:
+        """Its blocks, IPv4 first."""
+        return (self.block,) if self.block_v6 is None else (self.block, self.block_v6)
+
+    def node_ip_of(self, version: int) -> IPAddress | None:
+        """Its underlay address of one family (None: it published none)."""
+        return self.node_ip if version == 4 else self.node_ip_v6
 
 
 @dataclass(frozen=True)
 class PodEndpoint:
+    """A local pod: its host veth and its address of each family (``ip_v6``
+    in a dual-stack cluster: the hook for IPv6 anti-spoofing and routes)."""
+
     ip: IPv4Address
     host_veth: str
+    ip_v6: IPv6Address | None = None
+
+    @property
+    def ips(self) -> tuple[IPAddress, ...]:
+        """Its addresses, IPv4 first."""
+        return (self.ip,) if self.ip_v6 is None else (self.ip, self.ip_v6)
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,7 @@ class NodeState:
     block: IPv4Network
     pod_cidr: IPv4Network
     backend: str = "vxlan"
+    block_v6: IPv6Network | None = None  # dual-stack: this node's IPv6 block (its pods' IPv6 addresses)
     vni: int = 4096
     vxlan_port: int = 4789
     mtu: int | None = None  # None = auto from the underlay
@@ -88,6 +120,41 @@ class NodeState:
     non_masquerade_cidrs: tuple[IPv4Network, ...] = ()
     wireguard_port: int = DEFAULT_WIREGUARD_PORT
     wireguard_key: PrivateKey | None = field(default=None, repr=False)  # stays on the node
+    # dual-stack: the IPv6 side (None / empty when single-stack; block_v6 is above)
+    pod_cidr_v6: IPv6Network | None = None
+    node_ip_v6: IPv6Address | None = None  # the node's IPv6 underlay address (None: it has none)
+    non_masquerade_cidrs_v6: tuple[IPv6Network, ...] = ()
+
+    @property
+    def families(self) -> tuple[NodeFamily, ...]:
+        """One ``NodeFamily`` per family this node runs, IPv4 first (IPv6
+        when it has an IPv6 pod CIDR and block)."""
+        v4 = NodeFamily(IPFamily.ipv4, self.block, self.pod_cidr, self.node_ip, self.non_masquerade_cidrs)
+        if self.pod_cidr_v6 is None or self.block_v6 is None:
+            return (v4,)
+        return v4, NodeFamily(IPFamily.ipv6, self.block_v6, self.pod_cidr_v6, self.node_ip_v6, self.non_masquerade_cidrs_v6)
+
+    def family(self, version: int) -> NodeFamily | None:
+        return next((f for f in self.families if f.family.version == version), None)
+
+
+@dataclass(frozen=True)
+class NodeFamily:
+    """One family's side of a node's desired state."""
+
+    family: IPFamily
+    block: IPNetwork
+    pod_cidr: IPNetwork
+    node_ip: IPAddress | None  # the node's underlay address of this family
+    non_masquerade_cidrs: tuple[IPNetwork, ...] = ()
+
+    @property
+    def tunnel_address(self) -> IPv4Interface | IPv6Interface:
+        """The node's address on its tunnel device (``ocni.vxlan``, ``ocni.wg``):
+        its block's first address, the source of what the node itself sends
+        to peers' pods (so that it passes their inner-source checks), and the
+        gateway peers' routes to this block point at (VXLAN)."""
+        return ip_interface((self.block.network_address, self.block.max_prefixlen))
 
 
 @dataclass(frozen=True)
@@ -106,8 +173,16 @@ class PodInterface:
     sandbox: str
     host_veth: str
     host_mac: str
-    ip: IPv4Interface
-    gateway: IPv4Address
+    addresses: tuple[PodAddress, ...]  # one per family, IPv4 first
+
+    @property
+    def ip(self) -> IPv4Interface | IPv6Interface:
+        """Its IPv4 address (the first)."""
+        return self.addresses[0].ip
+
+    @property
+    def gateway(self) -> IPAddress:
+        return self.addresses[0].gateway
 
 
 @dataclass(frozen=True)
@@ -123,10 +198,17 @@ class PodAttachment:
     gateway: IPv4Address
     mtu: int
     netns_fd: int | None = None
+    ip6: PodAddress | None = None  # dual-stack: the pod's IPv6 address and gateway
 
     @property
     def host_veth(self) -> str:
         return host_veth_name(self.container_id, self.ifname)
+
+    @property
+    def addresses(self) -> tuple[PodAddress, ...]:
+        """The pod's addresses, IPv4 first."""
+        v4 = PodAddress(self.ip, self.gateway)
+        return (v4,) if self.ip6 is None else (v4, self.ip6)
 
 
 @dataclass
@@ -161,11 +243,14 @@ class VxlanSpec:
 
 @dataclass(frozen=True)
 class Route:
-    """A route in the main table; ``gateway`` None means a device route."""
+    """A route in the main table; ``gateway`` None means a device route.
+    Either family: IPv6 has no route scope, so the Linux adapter reports
+    an IPv6 device route (no gateway) as ``scope_link``, which is what it
+    means, and both families compare alike."""
 
-    dst: IPv4Network
+    dst: IPNetwork
     dev: str | None = None
-    gateway: IPv4Address | None = None
+    gateway: IPAddress | None = None
     onlink: bool = False
     scope_link: bool = False
     unreachable: bool = False
@@ -180,7 +265,7 @@ class Route:
 @dataclass(frozen=True)
 class Neighbour:
     dev: str
-    ip: IPv4Address
+    ip: IPAddress
     mac: str
 
     def __str__(self) -> str:
@@ -205,15 +290,19 @@ class PodView:
     mac: str
     mtu: int
     up: bool
-    addresses: tuple[IPv4Interface, ...]
+    addresses: tuple[IPv4Interface | IPv6Interface, ...]  # both families (IPv6: global ones, not tentative)
     routes: tuple[Route, ...]
+    tentative: tuple[IPv6Interface, ...] = ()  # IPv6 addresses still in duplicate address detection
 
 
 @dataclass(frozen=True)
 class PeerObjects:
-    neighbour: Neighbour | None
+    """One peer's kernel objects: a neighbour and a route per block (the
+    neighbours on VXLAN only), and the FDB entry its blocks share."""
+
+    neighbours: tuple[Neighbour, ...]
     fdb: FdbEntry | None
-    route: Route
+    routes: tuple[Route, ...]
 
 
 def validate_state(state: NodeState) -> None:
@@ -235,9 +324,17 @@ def validate_state(state: NodeState) -> None:
         errors.append(FieldError("wireguard-port", f"{state.wireguard_port} is outside 1..65535"))
     if state.mtu is not None and not 576 <= state.mtu <= 65535:
         errors.append(FieldError("mtu", f"{state.mtu} is outside 576..65535"))
+    if (state.block_v6 is None) != (state.pod_cidr_v6 is None):
+        errors.append(FieldError("block_v6", "an IPv6 block and an IPv6 pod CIDR go together (dual-stack): "
+                                 f"block_v6 {state.block_v6}, pod_cidr_v6 {state.pod_cidr_v6}"))  # fmt: skip
+    elif state.block_v6 is not None and state.pod_cidr_v6 is not None and not state.block_v6.subnet_of(state.pod_cidr_v6):
+        errors.append(FieldError("block_v6", f"{state.block_v6} is not inside the IPv6 pod CIDR {state.pod_cidr_v6}"))
     for pod in state.pods:
         if pod.ip not in state.block:
             errors.append(FieldError("pods", f"pod {pod.ip} ({pod.host_veth}) is outside the block {state.block}"))
+        if pod.ip_v6 is not None and (state.block_v6 is None or pod.ip_v6 not in state.block_v6):
+            where = f"the IPv6 block {state.block_v6}" if state.block_v6 else "this node's blocks (no IPv6 block)"
+            errors.append(FieldError("pods", f"pod {pod.ip_v6} ({pod.host_veth}) is outside {where}"))
     if errors:
         raise ConfigError(errors)
 
@@ -265,7 +362,7 @@ def _mac_problem(mac: str) -> str | None:
 
 
 class _Blocks:
-    """Blocks admitted so far, for overlap tests in O(log n) on integers.
+    """Blocks of one family admitted so far, for overlap tests in O(log n) on integers.
     Admitted blocks never overlap one another (an overlapping one is not
     admitted), so they are disjoint intervals sorted by first address; and
     CIDR blocks overlap only when one contains the other. A block overlaps
@@ -275,15 +372,15 @@ class _Blocks:
 
     def __init__(self) -> None:
         self.firsts: list[int] = []
-        self.entries: list[tuple[int, IPv4Network, str]] = []  # (last address, block, owner), by first address
+        self.entries: list[tuple[int, IPNetwork, str]] = []  # (last address, block, owner), by first address
 
-    def add(self, block: IPv4Network, owner: str) -> None:
+    def add(self, block: IPNetwork, owner: str) -> None:
         first = int(block.network_address)
         i = bisect.bisect_right(self.firsts, first)
         self.firsts.insert(i, first)
         self.entries.insert(i, (int(block.broadcast_address), block, owner))
 
-    def overlap(self, block: IPv4Network) -> tuple[IPv4Network, str] | None:
+    def overlap(self, block: IPNetwork) -> tuple[IPNetwork, str] | None:
         first, last = int(block.network_address), int(block.broadcast_address)
         i = bisect.bisect_right(self.firsts, first) - 1  # a block containing it (or the same block)
         if i >= 0 and self.entries[i][0] >= first:
@@ -299,10 +396,18 @@ def admit_peers(state: NodeState) -> tuple[tuple[Peer, ...], tuple[PeerProblem, 
     each one left out. A peer is left out when its block is outside the pod
     CIDR, its VTEP MAC is not a unicast MAC (VXLAN), or it collides with this
     node or an admitted peer: the same node IP, the same VTEP MAC (VXLAN) or
-    WireGuard public key (WireGuard), an overlapping block. Deterministic, so every node leaves out the same ones."""
-    blocks = _Blocks()
+    WireGuard public key (WireGuard), an overlapping block. Deterministic, so every node leaves out the same ones.
+    Dual-stack, the same holds for a peer's IPv6 block (inside the IPv6 pod
+    CIDR, overlapping no admitted one) and IPv6 node address; a peer with an
+    IPv6 block next to a single-stack node is left out (the families of a
+    cluster are one setting). A peer without an IPv6 block (registered by an
+    older agent) is reached over IPv4 only."""
+    blocks, blocks6 = _Blocks(), _Blocks()
     blocks.add(state.block, "this node")
+    if state.block_v6 is not None:
+        blocks6.add(state.block_v6, "this node")
     ips: dict[IPv4Address, str] = {state.node_ip: "this node"}
+    ips6: dict[IPv6Address, str] = {state.node_ip_v6: "this node"} if state.node_ip_v6 is not None else {}
     macs: dict[str, str] = {vtep_mac(state.node_ip): "this node"}
     wg_keys: dict[str, str] = {state.wireguard_key.public: "this node"} if state.wireguard_key is not None else {}
     ok: list[Peer] = []
@@ -323,6 +428,9 @@ def admit_peers(state: NodeState) -> tuple[tuple[Peer, ...], tuple[PeerProblem, 
         if peer.node_ip in ips:
             other = other or ips[peer.node_ip]
             why.append(f"node IP {peer.node_ip} is {ips[peer.node_ip]}'s")
+        why6, other6 = _ipv6_problems(state, peer, blocks6, ips6)
+        why += why6
+        other = other or other6
         if state.backend == "vxlan":
             bad_mac = _mac_problem(peer.vtep_mac)
             if bad_mac is not None:
@@ -341,11 +449,35 @@ def admit_peers(state: NodeState) -> tuple[tuple[Peer, ...], tuple[PeerProblem, 
         ok.append(peer)
         blocks.add(peer.block, f"peer {peer.name}")
         ips[peer.node_ip] = f"peer {peer.name}"
+        if peer.block_v6 is not None:
+            blocks6.add(peer.block_v6, f"peer {peer.name}")
+        if peer.node_ip_v6 is not None:
+            ips6[peer.node_ip_v6] = f"peer {peer.name}"
         if mac is not None:
             macs[mac] = f"peer {peer.name}"
         if peer.wg_public_key:
             wg_keys[peer.wg_public_key] = f"peer {peer.name}"
     return tuple(ok), tuple(problems)
+
+
+def _ipv6_problems(
+    state: NodeState, peer: Peer, blocks6: _Blocks, ips6: dict[IPv6Address, str]
+) -> tuple[list[str], str | None]:
+    """Why ``peer``'s IPv6 side keeps it out (``admit_peers``), and whom it collides with."""
+    why: list[str] = []
+    other: str | None = None
+    if peer.block_v6 is not None:
+        if state.block_v6 is None or state.pod_cidr_v6 is None:
+            why.append(f"IPv6 block {peer.block_v6}, and this node is single-stack")
+        elif not peer.block_v6.subnet_of(state.pod_cidr_v6):
+            why.append(f"IPv6 block {peer.block_v6} is outside the IPv6 pod CIDR {state.pod_cidr_v6}")
+        elif (hit := blocks6.overlap(peer.block_v6)) is not None:
+            other = hit[1]
+            why.append(f"IPv6 block {peer.block_v6} overlaps {hit[1]}'s IPv6 block {hit[0]}")
+    if peer.node_ip_v6 is not None and peer.node_ip_v6 in ips6:
+        other = other or ips6[peer.node_ip_v6]
+        why.append(f"node IPv6 address {peer.node_ip_v6} is {ips6[peer.node_ip_v6]}'s")
+    return why, other
 
 
 def backend_overhead(backend: str) -> int:
@@ -358,19 +490,33 @@ def gateway_of(block: IPv4Network) -> IPv4Address:
 
 
 def peer_objects(peer: Peer, *, backend: str) -> PeerObjects:
-    """The kernel objects for one peer, in programming order."""
+    """The kernel objects for one peer, in programming order. On ``direct``
+    a block whose family the peer has no underlay address for gets no route
+    (``direct_unroutable`` names it; the pod CIDR's catch-all refuses it)."""
     if backend == "direct":
-        return PeerObjects(None, None, Route(dst=peer.block, gateway=peer.node_ip))
+        routes = [Route(dst=b, gateway=gw) for b in peer.blocks if (gw := peer.node_ip_of(b.version)) is not None]
+        return PeerObjects((), None, tuple(routes))
     if backend == "wireguard":  # the WireGuard peer itself is programmed by dataplane/wireguard.py
-        return PeerObjects(None, None, Route(dst=peer.block, dev=WG_IFNAME, scope_link=True))
-    vtep_ip = peer.block.network_address
+        return PeerObjects((), None, tuple(Route(dst=b, dev=WG_IFNAME, scope_link=True) for b in peer.blocks))
     mac = normalize_mac(peer.vtep_mac)
     return PeerObjects(
-        Neighbour(dev=VXLAN_IFNAME, ip=vtep_ip, mac=mac),
+        tuple(Neighbour(dev=VXLAN_IFNAME, ip=b.network_address, mac=mac) for b in peer.blocks),
         FdbEntry(dev=VXLAN_IFNAME, mac=mac, dst=peer.node_ip),
-        Route(dst=peer.block, dev=VXLAN_IFNAME, gateway=vtep_ip, onlink=True),
+        tuple(Route(dst=b, dev=VXLAN_IFNAME, gateway=b.network_address, onlink=True) for b in peer.blocks),
     )
 
 
-def pod_route(pod: PodEndpoint) -> Route:
-    return Route(dst=IPv4Network(f"{pod.ip}/32"), dev=pod.host_veth, scope_link=True)
+def direct_unroutable(peer: Peer) -> tuple[IPNetwork, ...]:
+    """The blocks of ``peer`` the direct backend cannot route: those of a
+    family it published no underlay address for."""
+    return tuple(b for b in peer.blocks if peer.node_ip_of(b.version) is None)
+
+
+def host_route(ip: IPAddress, host_veth: str) -> Route:
+    """``<ip>/32`` (or ``/128``) ``dev <host veth> scope link``: how the node reaches a local pod."""
+    return Route(dst=ip_network((ip, ip.max_prefixlen)), dev=host_veth, scope_link=True)
+
+
+def pod_routes(pod: PodEndpoint) -> tuple[Route, ...]:
+    """The node's routes to a local pod, one per address."""
+    return tuple(host_route(ip, pod.host_veth) for ip in pod.ips)

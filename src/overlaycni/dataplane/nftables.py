@@ -24,7 +24,10 @@ table, a kernel listing and a diff compare the same things:
 ``Jump(chain)``                   the verdict ``{"jump": {"target": chain}}``
 ``RawRange(lo, hi)``              ``{"range": [lo, hi]}``: a range of a raw
                                   payload field (``@th,336,32``), which nft
-                                  can only type as an integer
+                                  can only type as an integer; a value past
+                                  64 bits (an IPv6 block, ``@th,304,128``) as
+                                  a hex string, as nft lists it (its JSON
+                                  parser reads no wider numbers)
 ================================  =============================================
 
 Decoding goes by the declared type of the set or map (``SetDecl``), taken
@@ -158,7 +161,7 @@ def encode(elem: Element) -> Any:
     if isinstance(elem, Jump):
         return jump(elem.target)
     if isinstance(elem, RawRange):
-        return {"range": [elem.lo, elem.hi]}
+        return {"range": [_raw_int(elem.lo), _raw_int(elem.hi)]}
     if isinstance(elem, tuple):
         return {"concat": [encode(x) for x in elem]}
     return elem
@@ -241,13 +244,22 @@ def decode_value(kind: str, raw: Any, *, interval: bool = False) -> list[Any]:
         return [net_t(raw)] if interval else [addr_t(raw)]
     if kind == "inet_service":
         return [int(raw)]
-    if kind == "integer" and interval:  # a raw payload field in an interval set
+    if kind == "integer" and interval:  # a raw payload field in an interval set (wide values are hex strings)
         if isinstance(raw, dict) and "range" in raw:
-            return [RawRange(int(raw["range"][0]), int(raw["range"][1]))]
-        return [RawRange(int(raw), int(raw))]
+            return [RawRange(_int(raw["range"][0]), _int(raw["range"][1]))]
+        return [RawRange(_int(raw), _int(raw))]
     if kind == "verdict" and isinstance(raw, dict) and "jump" in raw:
         return [Jump(raw["jump"]["target"])]
     return [raw]
+
+
+def _raw_int(value: int) -> int | str:
+    """A raw field's value as nft's JSON takes it: a number up to 63 bits, a hex string past that."""
+    return value if value < 1 << 63 else hex(value)
+
+
+def _int(raw: Any) -> int:
+    return int(raw, 0) if isinstance(raw, str) else int(raw)
 
 
 def decode(decl: SetDecl, raw: Any) -> list[Element]:

@@ -36,7 +36,11 @@ Chains:
   from a source not in ``@node_ips`` (``vxlan_unknown_node``), and unless
   the inner frame is IPv4 and ``outer saddr . inner saddr`` is in
   ``@peer_blocks`` (``vxlan_inner_source``): a node speaks for its own
-  block only.
+  block only. In a dual-stack cluster the same device carries IPv6 pod
+  packets over the IPv4 underlay, and an inner IPv6 frame passes when
+  ``outer saddr . inner IPv6 saddr`` is in ``@peer_blocks6`` (the sender's
+  IPv6 block); the drop is the same rule for both. A single-stack table has
+  neither the set nor the rule (it is what it always was).
 * ``forward`` (filter): VXLAN from a pod source to a node IP
   (``vxlan_pod_to_node``; it would otherwise be SNATed to a node IP and
   accepted by the peer).
@@ -68,7 +72,11 @@ at ``@th,224,16``) whatever the outer header's options. nft 1.0.6 (Debian
 12) can neither type that raw field (so ``@peer_blocks`` is declared with
 ``typeof ip saddr . @th,336,32`` and holds each block as a range of
 integers, ``nftables.RawRange``) nor parse the inner headers itself (``vxlan
-ip saddr`` needs nft 1.0.7). Checked on this project's kernel (6.x) and nft
+ip saddr`` needs nft 1.0.7). The inner IPv6 source is ``@th,304,128`` (UDP 8
++ VXLAN 8 + Ethernet 14 + 8 bytes into the IPv6 header), its ethertype
+0x86dd at the same ``@th,224,16``; ``@peer_blocks6`` is ``typeof ip saddr .
+@th,304,128`` with each IPv6 block a range of 128-bit integers (written as
+hex strings: nft's JSON reads no wider number than 64 bits). Checked on this project's kernel (6.x) and nft
 1.0.6: a set typed ``ipv4_addr . ipv4_addr`` is refused for the raw field
 ("datatype mismatch"), and nft's JSON parser knows no ``typeof`` and cannot
 size ``integer`` ("variable sized data types"), so the table's full
@@ -100,7 +108,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, collapse_addresses
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, collapse_addresses
 from typing import Any
 
 from . import nftables as nft
@@ -115,6 +123,7 @@ SET_POD_ENDPOINTS = "pod_endpoints"
 SET_NON_MASQ = "non_masq"
 SET_PEER_BLOCKS = "peer_blocks"
 SET_PEER_MACS = "peer_macs"
+SET_PEER_BLOCKS6 = "peer_blocks6"  # dual-stack: node IP . IPv6 block
 MULTICAST = IPv4Network("224.0.0.0/4")
 
 # Named counters, one per drop rule (the ``rule`` label of overlaycni_dropped_packets_total).
@@ -130,7 +139,9 @@ DROP_RULES = (POD_SOURCE_SPOOFED, UNDERLAY_POD_SOURCE, VXLAN_FROM_POD, VXLAN_UNK
 # The outer UDP header is the transport header (@th); offsets in bits.
 INNER_ETHERTYPE = nft.payload_raw("th", 224, 16)  # UDP 8 + VXLAN 8 + dst, src MAC 12 bytes
 INNER_SADDR = nft.payload_raw("th", 336, 32)  # ... + ethertype 2 + IPv4 saddr offset 12 bytes
+INNER_SADDR6 = nft.payload_raw("th", 304, 128)  # ... + ethertype 2 + IPv6 saddr offset 8 bytes
 ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
 
 Element = Any  # an IPv4Address, IPv4Network or a tuple (concatenation) of those, str and RawRange
 
@@ -147,30 +158,43 @@ class NftTable:
     peer_macs: frozenset[tuple[str, IPv4Network]] = frozenset()  # direct: underlay MAC . block
     direct: bool = False  # backend direct: plain pod packets from peers' MACs are accepted
     notrack_vxlan: bool = False  # backend vxlan: the outer flow between node IPs skips conntrack
+    peer_blocks6: frozenset[tuple[IPv4Address, IPv6Network]] | None = None  # dual-stack: node IP . IPv6 block
 
     def sets(self) -> dict[str, frozenset]:
-        return {
+        sets = {
             SET_NODE_IPS: self.node_ips,
             SET_POD_ENDPOINTS: self.pod_endpoints,
             SET_NON_MASQ: self.non_masquerade,
             SET_PEER_BLOCKS: frozenset(peer_block_element(ip, block) for ip, block in self.peer_blocks),
             SET_PEER_MACS: self.peer_macs,
         }
+        if self.peer_blocks6 is not None:
+            sets[SET_PEER_BLOCKS6] = frozenset(peer_block_element(ip, block) for ip, block in self.peer_blocks6)
+        return sets
 
     def layout(self) -> TableLayout:
-        return TableLayout(FAMILY, TABLE, DROP_RULES, _SET_DEFS, _chains(self))
+        defs = _SET_DEFS if self.peer_blocks6 is not None else {k: v for k, v in _SET_DEFS.items() if k != SET_PEER_BLOCKS6}
+        return TableLayout(FAMILY, TABLE, DROP_RULES, defs, _chains(self))
 
 
-def peer_block_element(node_ip: IPv4Address, block: IPv4Network) -> tuple[IPv4Address, RawRange]:
+def peer_block_element(node_ip: IPv4Address, block: IPv4Network | IPv6Network) -> tuple[IPv4Address, RawRange]:
     return (node_ip, RawRange.of(block))
 
 
-def peer_elements(peer: Peer, *, backend: str) -> dict[str, list[Element]]:
+def peer_elements(peer: Peer, *, backend: str, dual_stack: bool = False) -> dict[str, list[Element]]:
     """The set elements one peer contributes (``node_ips`` aside: a node IP may be shared in passing)."""
     out: dict[str, list[Element]] = {SET_PEER_BLOCKS: [peer_block_element(peer.node_ip, peer.block)]}
     if backend == "direct":
         out[SET_PEER_MACS] = [(normalize_mac(peer.vtep_mac), peer.block)]
+    if dual_stack:
+        out[SET_PEER_BLOCKS6] = [peer_block_element(peer.node_ip, peer.block_v6)] if peer.block_v6 is not None else []
     return out
+
+
+def endpoint_elements(host_veth: str, ips: Iterable[IPv4Address | IPv6Address]) -> list[tuple[str, IPv4Address]]:
+    """A pod's ``pod_endpoints`` elements: this ``ip`` table checks IPv4
+    sources only (a pod's IPv6 addresses are the IPv6 anti-spoofing's)."""
+    return [(host_veth, ip) for ip in ips if isinstance(ip, IPv4Address)]
 
 
 def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Address]]) -> NftTable:
@@ -186,6 +210,8 @@ def table_for(state: NodeState, *, pod_endpoints: Iterable[tuple[str, IPv4Addres
         peer_macs=frozenset((normalize_mac(p.vtep_mac), p.block) for p in state.peers) if direct else frozenset(),
         direct=direct,
         notrack_vxlan=state.backend == "vxlan",
+        peer_blocks6=frozenset((p.node_ip, p.block_v6) for p in state.peers if p.block_v6 is not None)
+        if state.family(6) is not None else None,
     )
 
 
@@ -241,6 +267,11 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
                     nft.match({"concat": [SADDR, INNER_SADDR]}, "@" + SET_PEER_BLOCKS),
                     {"return": None},
                 ],
+                *([[
+                    nft.match(INNER_ETHERTYPE, ETHERTYPE_IPV6),
+                    nft.match({"concat": [SADDR, INNER_SADDR6]}, "@" + SET_PEER_BLOCKS6),
+                    {"return": None},
+                ]] if t.peer_blocks6 is not None else []),
                 _drop(VXLAN_INNER_SOURCE),
             ],
         ),
@@ -272,6 +303,7 @@ _SET_DEFS: dict[str, dict[str, Any]] = {
     # typeof ip saddr . @th,336,32 (rendered as text, see nfttext); nft lists it by "type"
     SET_PEER_BLOCKS: {"type": ["ipv4_addr", "integer"], "flags": ["interval"], "typeof": {"concat": [SADDR, INNER_SADDR]}},
     SET_PEER_MACS: {"type": ["ether_addr", "ipv4_addr"], "flags": ["interval"]},
+    SET_PEER_BLOCKS6: {"type": ["ipv4_addr", "integer"], "flags": ["interval"], "typeof": {"concat": [SADDR, INNER_SADDR6]}},
 }
 
 

@@ -1,10 +1,12 @@
 """The node's own nftables tables, kept on their ports (no kernel access here).
 
 Three tables, one per family the node filters: ``ip overlaycni``
-(``nftmodel``: anti-spoofing, underlay and VXLAN source validation, SNAT)
-and the pods' guards ``arp overlaycni`` and ``ip6 overlaycni``
-(``podguard``). The NetworkPolicy table ``inet overlaycni`` is
-``policytable``'s.
+(``nftmodel``: anti-spoofing, underlay and VXLAN source validation, SNAT),
+``ip6 overlaycni`` (``nftmodel6``: a single-stack node drops every IPv6
+packet from its pods; a dual-stack one checks their IPv6 sources, the
+underlay's IPv6 pod sources and masquerades IPv6 egress) and the pods' ARP
+guard ``arp overlaycni`` (``podguard``). The NetworkPolicy table ``inet
+overlaycni`` is ``policytable``'s.
 
 * Reconcile: per table, a fingerprint that differs (or no table) replaces
   the table whole in one transaction; a matching one gets the element
@@ -15,9 +17,10 @@ and the pods' guards ``arp overlaycni`` and ``ip6 overlaycni``
   differs from the one listed right after our last full apply, and it is
   replaced too. A table found at start is adopted with its structure.
 * Events: a pod's ``ifname . ip`` goes into the ``ip`` and ``arp``
-  ``pod_endpoints`` sets in one transaction (the ports' ``apply`` runs any
-  table's commands); a peer's ``node_ips``, ``peer_blocks`` and (``direct``)
-  ``peer_macs`` elements likewise. Before the first reconcile a table may
+  ``pod_endpoints`` sets, and its ``ifname . ipv6`` into the ``ip6`` one, in
+  one transaction (the ports' ``apply`` runs any table's commands); a
+  peer's ``node_ips``, ``peer_blocks`` (``peer_blocks6``) and (``direct``)
+  ``peer_macs`` elements of both families likewise. Before the first reconcile a table may
   be missing: the sets that exist are updated, the reconcile adds the rest.
   Removals delete only the elements the kernel lists (a delete of an
   absent element would fail the whole transaction).
@@ -29,11 +32,12 @@ and the pods' guards ``arp overlaycni`` and ``ip6 overlaycni``
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
 
+from ..cidr import IPAddress
 from ..errors import DataplaneError
-from . import nftables, nftmodel, podguard
+from . import nftables, nftmodel, nftmodel6, podguard
 from .model import NodeState, Peer, ReconcileReport
 from .nftables import TableLayout
 from .ports import NftRuleset
@@ -42,7 +46,13 @@ SUMMARY_OVER = 20  # elements shown per change line
 SetKey = tuple[str, str]  # (family, set name); every table is named "overlaycni"
 IP_PODS: SetKey = (nftmodel.FAMILY, nftmodel.SET_POD_ENDPOINTS)
 ARP_PODS: SetKey = (podguard.ARP_FAMILY, podguard.SET_POD_ENDPOINTS)
-DROP_RULES = (*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *podguard.IP6_DROP_RULES)
+IP6_PODS: SetKey = (nftmodel6.FAMILY, nftmodel6.SET_POD_ENDPOINTS)
+DROP_RULES = (*nftmodel.DROP_RULES, *podguard.ARP_DROP_RULES, *nftmodel6.DROP_RULES)
+
+
+def _pod_sets(ip: IPAddress) -> tuple[SetKey, ...]:
+    """The sets that hold a pod's address: IPv4 in the ``ip`` and ``arp`` tables, IPv6 in the ``ip6`` table."""
+    return (IP_PODS, ARP_PODS) if isinstance(ip, IPv4Address) else (IP6_PODS,)
 
 
 class Table(Protocol):
@@ -52,20 +62,25 @@ class Table(Protocol):
 
 class NodeTables:
     def __init__(self, *, ip: NftRuleset, arp: NftRuleset, ip6: NftRuleset) -> None:
-        self.ports = {nftmodel.FAMILY: ip, podguard.ARP_FAMILY: arp, podguard.IP6_FAMILY: ip6}
+        self.ports = {nftmodel.FAMILY: ip, podguard.ARP_FAMILY: arp, nftmodel6.FAMILY: ip6}
         self.digests: dict[str, str | None] = {}  # family -> structure as listed after our last full apply
 
     # --- reconcile -----------------------------------------------------------------
 
-    def desired(self, state: NodeState, pod_endpoints: Iterable[tuple[str, IPv4Address]]) -> list[Table]:
-        endpoints = frozenset(pod_endpoints)
+    def desired(self, state: NodeState, pod_endpoints: Iterable[tuple[str, IPAddress]]) -> list[Table]:
+        v4: set[tuple[str, IPv4Address]] = set()
+        v6: set[tuple[str, IPv6Address]] = set()
+        for veth, ip in pod_endpoints:
+            v4.add((veth, ip)) if isinstance(ip, IPv4Address) else v6.add((veth, ip))
         return [
-            nftmodel.table_for(state, pod_endpoints=endpoints),
-            podguard.arp_table_for(state.block, pod_endpoints=endpoints),
-            podguard.ip6_table_for(),
+            nftmodel.table_for(state, pod_endpoints=v4),
+            podguard.arp_table_for(state.block, pod_endpoints=v4),
+            nftmodel6.table_for(state, pod_endpoints=v6),
         ]
 
-    def reconcile(self, state: NodeState, pod_endpoints: Iterable[tuple[str, IPv4Address]], report: ReconcileReport) -> None:
+    def reconcile(
+        self, state: NodeState, pod_endpoints: Iterable[tuple[str, IPv4Address | IPv6Address]], report: ReconcileReport
+    ) -> None:
         for table in self.desired(state, pod_endpoints):
             layout = table.layout()
             try:
@@ -137,55 +152,57 @@ class NodeTables:
                 raise  # every set is there: a real failure
         runner.apply(commands(present_keys))
 
-    def add_pod(self, host_veth: str, ip: IPv4Address) -> None:
-        self.add_pods([(host_veth, ip)])
+    def add_pod(self, host_veth: str, *ips: IPv4Address | IPv6Address) -> None:
+        """A pod's elements: its IPv4 address in the ``ip`` and ``arp`` sets,
+        its IPv6 address in the ``ip6`` set (a single-stack node has none)."""
+        self.add_pods((host_veth, ip) for ip in ips)
 
-    def add_pods(self, pods: Iterable[tuple[str, IPv4Address]]) -> None:
-        """Several pods' elements in one transaction (a batch of ADDs)."""
+    def add_pods(self, pods: Iterable[tuple[str, IPv4Address | IPv6Address]]) -> None:
+        """Several pods' elements in one transaction (a batch of ADDs); a
+        dual-stack pod gives one ``(veth, ip)`` per family."""
         elems = list(pods)
-        self.update(add={IP_PODS: elems, ARP_PODS: elems})
+        v4 = [e for e in elems if isinstance(e[1], IPv4Address)]
+        add: dict[SetKey, list[Any]] = {IP_PODS: v4, ARP_PODS: v4}
+        v6 = [e for e in elems if not isinstance(e[1], IPv4Address)]
+        if v6:
+            add[IP6_PODS] = v6
+        self.update(add=add)
 
-    def remove_pod(self, host_veth: str, ip: IPv4Address | None = None) -> None:
+    def remove_pod(self, host_veth: str, ip: IPv4Address | IPv6Address | None = None) -> None:
         """Remove the pod's elements (``ip`` None: every element of ``host_veth``)."""
         self.remove_pods({host_veth: ip})
 
-    def remove_pods(self, pods: Mapping[str, IPv4Address | None]) -> None:
+    def remove_pods(self, pods: Mapping[str, IPv4Address | IPv6Address | None]) -> None:
         """Several pods' elements (host veth -> its ip, or None: all of that veth) in one transaction
         (each set listed once)."""
         remove: dict[SetKey, list[Any]] = {}
-        for key in (IP_PODS, ARP_PODS):
+        for key in (IP_PODS, ARP_PODS, IP6_PODS):
             present = self.list_set(key) or frozenset()
             remove[key] = [e for e in present if e[0] in pods and (pods[e[0]] is None or e[1] == pods[e[0]])]
         self._apply({}, remove)
 
-    def missing_pod_elements(self, host_veth: str, ip: IPv4Address) -> list[str]:
+    def missing_pod_elements(self, host_veth: str, ip: IPv4Address | IPv6Address) -> list[str]:
         problems = []
-        for family, name in (IP_PODS, ARP_PODS):
+        for family, name in _pod_sets(ip):
             present = self.list_set((family, name))
             if present is not None and (host_veth, ip) not in present:
                 problems.append(f"anti-spoofing element {host_veth} . {ip} is missing from {family} {name}")
         return problems
 
     def add_peer(self, state: NodeState, peer: Peer) -> None:
-        add: dict[SetKey, list[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): [peer.node_ip]}
-        for name, elems in nftmodel.peer_elements(peer, backend=state.backend).items():
-            add[(nftmodel.FAMILY, name)] = elems
-        self.update(add=add)
+        self.update(add=_peer_elements(state, peer))
 
     def remove_peer(self, state: NodeState, peer: Peer) -> None:
         self.update(remove=self._peer_only(state, peer))
 
     def _peer_only(self, state: NodeState, peer: Peer) -> dict[SetKey, list[Any]]:
         """The elements of ``peer`` that no other peer of ``state`` (nor this node) also needs."""
-        others = [p for p in state.peers if p.name != peer.name]
-        keep: dict[str, set[Any]] = {nftmodel.SET_NODE_IPS: {state.node_ip, *(p.node_ip for p in others)}}
-        for p in others:
-            for name, elems in nftmodel.peer_elements(p, backend=state.backend).items():
-                keep.setdefault(name, set()).update(elems)
-        out: dict[SetKey, list[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): [peer.node_ip]}
-        for name, elems in nftmodel.peer_elements(peer, backend=state.backend).items():
-            out[(nftmodel.FAMILY, name)] = elems
-        return {key: [e for e in elems if e not in keep.get(key[1], set())] for key, elems in out.items()}
+        keep: dict[SetKey, set[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): {state.node_ip}}
+        for p in state.peers:
+            if p.name != peer.name:
+                for key, elems in _peer_elements(state, p).items():
+                    keep.setdefault(key, set()).update(elems)
+        return {key: [e for e in elems if e not in keep.get(key, set())] for key, elems in _peer_elements(state, peer).items()}
 
     # --- counters ---------------------------------------------------------------------
 
@@ -194,3 +211,14 @@ class NodeTables:
         for port in self.ports.values():
             counts.update({k: v for k, v in port.counters().items() if k in DROP_RULES})
         return counts
+
+
+def _peer_elements(state: NodeState, peer: Peer) -> dict[SetKey, list[Any]]:
+    """Every set element ``peer`` contributes to the node's tables."""
+    dual = state.family(6) is not None
+    out: dict[SetKey, list[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): [peer.node_ip]}
+    for name, elems in nftmodel.peer_elements(peer, backend=state.backend, dual_stack=dual).items():
+        out[(nftmodel.FAMILY, name)] = elems
+    for name, elems in (nftmodel6.peer_elements(peer, backend=state.backend) if dual else {}).items():
+        out[(nftmodel6.FAMILY, name)] = elems
+    return out

@@ -1,13 +1,14 @@
-"""What a pod may send besides IPv4: the ``arp overlaycni`` and ``ip6
-overlaycni`` tables, rendered from a model (pure).
+"""What a pod may send over ARP: the ``arp overlaycni`` table, rendered
+from a model (pure).
 
 The ``ip overlaycni`` table (``nftmodel``) checks a pod's IPv4 source; it
-sees neither ARP nor IPv6, which the kernel handles on other paths. These
-two tables close them, with the same static-chains / dynamic-sets layout,
-fingerprint chain and element diff (``nftables.TableLayout``), reconciled
-with the node table and updated in the same transaction on pod ADD/DEL.
-Both match packets from a pod's host veth: ``oc*`` but not the tunnel
-device, exactly as the IPv4 anti-spoofing rule does.
+does not see ARP, which the kernel handles on another path. This table
+closes it, with the same static-chains / dynamic-sets layout, fingerprint
+chain and element diff (``nftables.TableLayout``), reconciled with the node
+table and updated in the same transaction on pod ADD/DEL. It matches
+packets from a pod's host veth: ``oc*`` but not the tunnel device, exactly
+as the IPv4 anti-spoofing rule does. (What a pod may send over IPv6 is the
+``ip6 overlaycni`` table's, ``nftmodel6``.)
 
 ``arp overlaycni`` (hook input: every ARP packet the node receives):
 
@@ -24,33 +25,15 @@ device, exactly as the IPv4 anti-spoofing rule does.
 
 ARP replies from the pod (answers to the node's own requests) need only a
 true sender. The node's replies and requests leave by the output hook and
-are not filtered.
-
-``ip6 overlaycni`` (hook prerouting, priority raw, before conntrack and
-routing, so nothing a pod sends over IPv6 is forwarded or delivered):
-IPv4-only clusters give pods no IPv6 address, and the pod keeps the
-link-local address its kernel makes (disabling IPv6 inside the pod is the
-pod's own setting, which a pod with NET_ADMIN could undo; disabling it on
-the host veth would drop packets before any counter sees them). Everything
-from a pod is dropped, counted in two parts: ``pod_ipv6_multicast`` for
-link-scope multicast (``ff02::/16``: the pod kernel's own duplicate address
-detection, router and neighbour solicitations and MLD reports, a few per
-pod start), and ``pod_ipv6`` for the rest (what reaching a node or another
-host takes).
-
-Dual-stack growth: a ``pod_endpoints6`` set (``ifname . ipv6_addr``) and,
-before the drops, ``iifname . ip6 saddr @pod_endpoints6 return`` plus a
-rule returning neighbour discovery from the pod's link-local address
-(``ip6 saddr fe80::/64 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert,
-nd-router-solicit }``), so that ``pod_ipv6`` becomes the IPv6 anti-spoofing
-rule; the ARP table is IPv4's and stays as it is.
+are not filtered. The table is IPv4's and stays the same in a dual-stack
+cluster (IPv6 finds its neighbours with ICMPv6, ``nftmodel6``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from . import nftables as nft
@@ -59,16 +42,11 @@ from .nftables import TableLayout
 
 TABLE = "overlaycni"
 ARP_FAMILY = "arp"
-IP6_FAMILY = "ip6"
 SET_POD_ENDPOINTS = "pod_endpoints"
-LINK_SCOPE_MULTICAST = IPv6Network("ff02::/16")
 
 POD_ARP_SENDER = "pod_arp_sender"
 POD_ARP_TARGET = "pod_arp_target"
-POD_IPV6_MULTICAST = "pod_ipv6_multicast"
-POD_IPV6 = "pod_ipv6"
 ARP_DROP_RULES = (POD_ARP_SENDER, POD_ARP_TARGET)
-IP6_DROP_RULES = (POD_IPV6_MULTICAST, POD_IPV6)
 
 IIFNAME = nft.meta("iifname")
 ARP_SENDER_IP = nft.payload("arp", "saddr ip")
@@ -117,39 +95,9 @@ class ArpTable:
         return TableLayout(ARP_FAMILY, TABLE, ARP_DROP_RULES, _ARP_SETS, chains)
 
 
-@dataclass(frozen=True)
-class Ip6Table:
-    tunnel_ifname: str = VXLAN_IFNAME
-
-    family = IP6_FAMILY
-
-    def sets(self) -> dict[str, frozenset]:
-        return {}
-
-    def layout(self) -> TableLayout:
-        chains: list[tuple[dict[str, Any], list[list[dict[str, Any]]]]] = [
-            (
-                {"name": "prerouting", "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"},
-                [_from_pod(self.tunnel_ifname)],
-            ),
-            (
-                {"name": "from_pod"},
-                [
-                    [nft.match(nft.payload("ip6", "daddr"), nft.prefix(LINK_SCOPE_MULTICAST)), *_drop(POD_IPV6_MULTICAST)],
-                    _drop(POD_IPV6),
-                ],
-            ),
-        ]
-        return TableLayout(IP6_FAMILY, TABLE, IP6_DROP_RULES, {}, chains)
-
-
 _ARP_SETS: dict[str, dict[str, Any]] = {SET_POD_ENDPOINTS: {"type": ["ifname", "ipv4_addr"]}}
 ARP_SET_DECLS = {name: nft.SetDecl.of(spec) for name, spec in _ARP_SETS.items()}
 
 
 def arp_table_for(block: IPv4Network, *, pod_endpoints: Iterable[tuple[str, IPv4Address]]) -> ArpTable:
     return ArpTable(gateway=gateway_of(block), pod_endpoints=frozenset(pod_endpoints))
-
-
-def ip6_table_for() -> Ip6Table:
-    return Ip6Table()

@@ -16,18 +16,25 @@ exists) gets its own error and nothing of it is left, the others go on. A
 shared step that fails is retried pod by pod (``_each``), so a refused route
 or element is charged to its own pod only; that path is rare and costs one
 more round per pod. The single-pod calls are batches of one.
+
+Dual-stack: a pod with an IPv6 address (``PodAttachment.ip6``) gets, in the
+same steps, its ``<ipv6>/128`` route, its ``ip6`` ``pod_endpoints`` element
+and IPv6 forwarding on the node (``NODE_SYSCTLS_V6``, before the first
+reconcile has written it); the pod side is ``PodLinks``'. A single-stack
+batch runs exactly the single-stack steps.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING
 
 from .. import trace
+from ..cidr import IPAddress
 from ..errors import AttachmentConflict, ConfigError, DataplaneError, FieldError
-from .model import PodAttachment, PodEndpoint, PodInterface, Route, host_veth_name, is_pod_veth, pod_route
+from ..families import PodAddress
+from .model import PodAttachment, PodInterface, Route, host_route, host_veth_name, is_pod_veth
 
 if TYPE_CHECKING:
     from .engine import Ports
@@ -45,6 +52,30 @@ def pod_veth_sysctls(host_veth: str) -> dict[str, str]:
     }
 
 
+# A node with IPv6 pods (a dual-stack cluster) routes IPv6 too: in the node's
+# namespace only, never on a single-stack node (forwarding also turns off the
+# node's own router-advertisement autoconfiguration, RFC 4861 section 6.2.1).
+# Written by the reconcile, and by the first dual-stack ADD if it comes first.
+NODE_SYSCTLS_V6 = {"net/ipv6/conf/all/forwarding": "1"}
+
+
+def _check_addresses(addresses: tuple[PodAddress, ...]) -> None:
+    """One address per family, IPv4 first; each gateway another address of
+    its network, or a link-local address (the node holds it on the veth)."""
+    errors = []
+    versions = [a.ip.version for a in addresses]
+    if not addresses or versions[0] != 4 or len(set(versions)) != len(versions):
+        errors.append(FieldError("addresses", f"{', '.join(map(str, addresses)) or 'none'}: "
+                                 "need one IPv4 address, and at most one IPv6 address after it"))
+    for a in addresses:
+        on_link = a.gateway.version == a.ip.version and (a.gateway.is_link_local or a.gateway in a.ip.network)
+        if a.gateway == a.ip.ip or not on_link:
+            errors.append(FieldError("gateway", f"{a.gateway} is not another address inside {a.ip.network}, "
+                                     "nor a link-local address"))
+    if errors:
+        raise ConfigError(errors)
+
+
 def _check_ifname(name: str, field: str) -> None:
     if not name or len(name) > 15 or any(c in name for c in "/ \t\n:") or name in (".", ".."):
         raise ConfigError(FieldError(field, f"{name!r} is not a valid interface name (1-15 chars, no '/', ':' or spaces)"))
@@ -54,10 +85,18 @@ def _check_attachment(pod: PodAttachment) -> None:
     if not pod.container_id:
         raise ConfigError(FieldError("container_id", "must not be empty"))
     _check_ifname(pod.ifname, "ifname")
-    if pod.gateway not in pod.ip.network or pod.gateway == pod.ip.ip:
-        raise ConfigError(FieldError("gateway", f"{pod.gateway} is not another address inside {pod.ip.network}"))
+    if pod.ip6 is None:
+        if pod.gateway not in pod.ip.network or pod.gateway == pod.ip.ip:
+            raise ConfigError(FieldError("gateway", f"{pod.gateway} is not another address inside {pod.ip.network}"))
+    else:
+        _check_addresses(pod.addresses)
     if not 576 <= pod.mtu <= 65535:
         raise ConfigError(FieldError("mtu", f"{pod.mtu} is outside 576..65535"))
+
+
+def _elements(pod: PodAttachment) -> list[tuple[str, IPAddress]]:
+    """``(host veth, address)`` per address of the pod, IPv4 first."""
+    return [(pod.host_veth, a.ip.ip) for a in pod.addresses]
 
 
 def _each(todo: list[int], failed: dict[int, Exception], step: Callable[[list[int]], None]) -> None:
@@ -89,10 +128,15 @@ class PodOps:
 
 
     def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,
     ) -> PodInterface:
-        (res,) = self.attach_pods([PodAttachment(container_id, ifname, netns_path, ip, gateway, mtu, netns_fd)])
+        addresses = tuple(addresses)
+        _check_addresses(addresses)
+        first, *more = addresses
+        pod = PodAttachment(container_id, ifname, netns_path, first.ip, first.gateway, mtu, netns_fd,  # type: ignore[arg-type]
+                            ip6=more[0] if more else None)
+        (res,) = self.attach_pods([pod])
         if isinstance(res, Exception):
             raise res
         return res
@@ -128,29 +172,38 @@ class PodOps:
                     made.append(i)
             failed: dict[int, Exception] = {}
             with trace.phase("sysctl"):
+                node_v6 = {}
+                if any(pods[i].ip6 is not None for i in made):  # before the first ADD's reconcile, too
+                    node_v6 = {k: v for k, v in NODE_SYSCTLS_V6.items() if self.p.sysctls.read(k) != v}
                 for i in made:
                     try:
-                        for key, value in pod_veth_sysctls(pods[i].host_veth).items():
+                        wanted = pod_veth_sysctls(pods[i].host_veth)
+                        if pods[i].ip6 is not None:
+                            wanted |= node_v6
+                        for key, value in wanted.items():
                             self.p.sysctls.write(key, value)
                     except Exception as exc:  # noqa: BLE001
                         failed[i] = exc
             with trace.phase("route"):
                 _each([i for i in made if i not in failed], failed, lambda idx: self.p.routes.apply_routes(
-                    replace=[pod_route(PodEndpoint(pods[i].ip.ip, pods[i].host_veth)) for i in idx]))
+                    replace=[host_route(ip, host) for i in idx for host, ip in _elements(pods[i])]))
             with trace.phase("nft"):
                 _each([i for i in made if i not in failed], failed, lambda idx: self.tables.add_pods(
-                    [(pods[i].host_veth, pods[i].ip.ip) for i in idx]))
+                    [e for i in idx for e in _elements(pods[i])]))
             if failed:
-                self._undo_attach([(pods[i].host_veth, pods[i].ip.ip) for i in failed])
+                self._undo_attach([e for i in failed for e in _elements(pods[i])])
                 for i, err in failed.items():
                     out[i] = err
         return [r if r is not None else DataplaneError("not attempted") for r in out]
 
-    def _undo_attach(self, pods: list[tuple[str, IPv4Address]]) -> None:
+    def _undo_attach(self, pods: list[tuple[str, IPAddress]]) -> None:
         try:
-            self.p.pods.teardown_pod_links([host for host, _ in pods])
-            self.p.routes.apply_routes(delete=[pod_route(PodEndpoint(ip, host)) for host, ip in pods])
-            self.tables.remove_pods(dict(pods))
+            self.p.pods.teardown_pod_links(list(dict.fromkeys(host for host, _ in pods)))
+            self.p.routes.apply_routes(delete=[host_route(ip, host) for host, ip in pods])
+            per_host: dict[str, IPAddress | None] = {}
+            for host, ip in pods:  # one address: that element; both of a dual-stack pod: all of its veth
+                per_host[host] = ip if host not in per_host else None
+            self.tables.remove_pods(per_host)
         except DataplaneError:
             pass  # best effort: the original error is the one to report
 
@@ -193,9 +246,13 @@ class PodOps:
         return out
 
     def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress],
         netns_fd: int | None = None,
     ) -> list[str]:
+        """What differs from what ``attach_pod`` made, per address: the node's
+        route to it, its anti-spoofing element, the address in the pod (usable,
+        not tentative), the pod's default route via the gateway, and a
+        gateway the host veth holds."""
         host = host_veth_name(container_id, ifname)
         problems: list[str] = []
         with self._lock:
@@ -204,19 +261,29 @@ class PodOps:
                 problems.append(f"host veth {host} is missing")
             elif not link.up:
                 problems.append(f"host veth {host} is down")
-            if pod_route(PodEndpoint(ip.ip, host)) not in self.p.routes.list_routes():
-                problems.append(f"node route {ip.ip}/32 dev {host} is missing")
-            problems += self.tables.missing_pod_elements(host, ip.ip)
+            routes = self.p.routes.list_routes()
+            for a in addresses:
+                if host_route(a.ip.ip, host) not in routes:
+                    problems.append(f"node route {host_route(a.ip.ip, host).dst} dev {host} is missing")
+                problems += self.tables.missing_pod_elements(host, a.ip.ip)
+                if a.gateway_on_host_veth and link is not None:
+                    held = self.p.addresses.list_addresses(host, version=a.ip.version)
+                    if not any(h.ip == a.gateway for h in held):
+                        problems.append(f"gateway {a.gateway} is missing on host veth {host}")
             view = self.p.pods.inspect_pod(netns_path=netns_path, ifname=ifname, netns_fd=netns_fd)
             if view is None:
                 problems.append(f"interface {ifname} is missing in {netns_path}")
                 return problems
-            if ip not in view.addresses:
-                problems.append(f"{ifname} lacks address {ip} (has {', '.join(map(str, view.addresses)) or 'none'})")
             if not view.up:
                 problems.append(f"{ifname} is down")
-            if Route(dst=IPv4Network("0.0.0.0/0"), dev=ifname, gateway=gateway) not in view.routes:
-                problems.append(f"default route via {gateway} dev {ifname} is missing")
+            for a in addresses:
+                if a.ip in view.tentative:
+                    problems.append(f"{ifname} address {a.ip} is tentative (duplicate address detection)")
+                elif a.ip not in view.addresses:
+                    have = ", ".join(str(x) for x in view.addresses if x.version == a.ip.version) or "none"
+                    problems.append(f"{ifname} lacks address {a.ip} (has {have})")
+                if Route(dst=a.default_route, dev=ifname, gateway=a.gateway) not in view.routes:
+                    problems.append(f"default route {a.default_route} via {a.gateway} dev {ifname} is missing")
         return problems
 
     def list_pod_veths(self) -> list[str]:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any, Protocol
 
+from ..cidr import IPAddress
+from ..families import PodAddress
 from .model import (
     FdbEntry,
     Link,
@@ -46,20 +48,23 @@ class Links(Protocol):
 
 
 class Addresses(Protocol):
-    def list_addresses(self, dev: str, *, label: str | None = None) -> list[IPv4Interface]: ...
-    def ensure_address(self, dev: str, addr: IPv4Interface, *, label: str | None = None) -> bool: ...
-    def delete_address(self, dev: str, addr: IPv4Interface) -> bool: ...
+    """Addresses of one family at a time (``version``); IPv6 addresses are
+    added without duplicate address detection (``nodad``), never tentative."""
+
+    def list_addresses(self, dev: str, *, label: str | None = None, version: int = 4) -> list[IPv4Interface | IPv6Interface]: ...
+    def ensure_address(self, dev: str, addr: IPv4Interface | IPv6Interface, *, label: str | None = None) -> bool: ...
+    def delete_address(self, dev: str, addr: IPv4Interface | IPv6Interface) -> bool: ...
 
 
 class Routes(Protocol):
     def list_routes(self) -> list[Route]: ...  # owned routes in the main table
     def apply_routes(self, *, replace: Sequence[Route] = (), delete: Sequence[Route] = ()) -> None: ...
-    def lookup_gateway(self, dst: IPv4Address) -> tuple[IPv4Address | None, str | None]: ...  # (gateway, dev)
+    def lookup_gateway(self, dst: IPAddress) -> tuple[IPAddress | None, str | None]: ...  # (gateway, dev); either family
 
 
 class Neighbours(Protocol):
-    def list_neighbours(self, dev: str) -> list[Neighbour]: ...  # permanent entries
-    def get_neighbour(self, dev: str, ip: IPv4Address) -> Neighbour | None: ...
+    def list_neighbours(self, dev: str) -> list[Neighbour]: ...  # permanent entries, both families
+    def get_neighbour(self, dev: str, ip: IPAddress) -> Neighbour | None: ...
     def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None: ...
 
 
@@ -130,9 +135,9 @@ class PodLinks(Protocol):
     leaves nothing of that pod and does not stop the others."""
 
     def setup_pod_link(
-        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        self, *, host_veth: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,
-    ) -> PodInterface: ...  # veth pair, pod side configured, host side up; rolls back on failure
+    ) -> PodInterface: ...  # veth pair, pod side configured (every address usable), host side up; rolls back on failure
     def setup_pod_links(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]: ...
     def teardown_pod_link(self, *, host_veth: str) -> None: ...
     def teardown_pod_links(self, host_veths: Sequence[str]) -> None: ...  # raises DataplaneError naming each failure
@@ -142,8 +147,8 @@ class PodLinks(Protocol):
 class Conntrack(Protocol):
     """The node namespace's connection tracking table."""
 
-    def flush_address(self, ip: IPv4Address) -> int: ...  # entries whose original tuple names ip; returns how many
-    def flush_addresses(self, ips: Sequence[IPv4Address]) -> int: ...  # the same for several, walking the table once
+    def flush_address(self, ip: IPv4Address | IPv6Address) -> int: ...  # entries whose original tuple names ip; returns how many
+    def flush_addresses(self, ips: Sequence[IPv4Address | IPv6Address]) -> int: ...  # the same for several, walking the table once
 
 
 class Dataplane(Protocol):
@@ -153,29 +158,30 @@ class Dataplane(Protocol):
     def policy_table(self) -> PolicyTable: ...  # the node's NetworkPolicy table
 
     def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo: ...
+    def find_node_ip_v6(self, node_ip: IPv4Address, *, subnet: IPv6Network) -> IPv6Address | None: ...  # on node_ip's device
     def open_pod_netns(self, path: str) -> AbstractContextManager[int | None]: ...  # validated fd, in the caller's thread
     def reconcile(self, state: NodeState) -> ReconcileReport: ...
     def ensure_peer(self, state: NodeState, peer: Peer) -> None: ...
     def delete_peer(self, state: NodeState, peer: Peer) -> None: ...
     def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,
-    ) -> PodInterface: ...
+    ) -> PodInterface: ...  # ``addresses``: one per family, IPv4 first
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None: ...
     # group commit: one pass for many pods, answered per pod in order (an error only fails its own pod)
     def attach_pods(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]: ...
     def detach_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]: ...  # (container_id, ifname)
     def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress],
         netns_fd: int | None = None,
     ) -> list[str]: ...
     def list_pod_veths(self) -> list[str]: ...
     def wireguard_device(self) -> WgDevice | None: ...
     def delete_pod_veth(self, host_veth: str) -> None: ...
-    def flush_conntrack(self, ip: IPv4Address) -> int: ...  # a released pod address's flows
+    def flush_conntrack(self, ip: IPv4Address | IPv6Address) -> int: ...  # a released pod address's flows
     def drop_counters(self) -> dict[str, int]: ...  # packets dropped per filter rule (the node's tables)
     def adopted_block(self, prefixlen: int) -> IPv4Network | None: ...  # the block of the pods already here
     def kernel_events(self) -> KernelEvents: ...  # a new watcher of foreign changes
     def open_verdict_log(self, *, group: int) -> VerdictLog: ...  # binds the NFLOG group (flow logs)
-    def flush_conntrack_many(self, ips: Sequence[IPv4Address]) -> int: ...  # several, in one walk of the table
+    def flush_conntrack_many(self, ips: Sequence[IPv4Address | IPv6Address]) -> int: ...  # several, in one walk of the table
     def close(self) -> None: ...

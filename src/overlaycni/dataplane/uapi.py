@@ -23,8 +23,9 @@ import errno as errno_mod
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Address, ip_address, ip_network
 
+from ..cidr import IPNetwork
 from ..errors import DataplaneError
 from .wgmodel import PrivateKey, WgDevice, WgPeer, WgPeerStatus, b64_to_hex, hex_to_b64
 
@@ -108,7 +109,7 @@ def check_errno(text: str) -> None:
 class _PeerBuilder:
     public_key: str
     endpoint: tuple[IPv4Address, int] | None = None
-    allowed: tuple[IPv4Network, ...] = ()
+    allowed: tuple[IPNetwork, ...] = ()
     hs_sec: int = 0
     hs_nsec: int = 0
     rx: int = 0
@@ -151,9 +152,7 @@ def decode_get(text: str, *, name: str) -> WgDevice:
                 if key == "endpoint":
                     p.endpoint = _endpoint(value)
                 elif key == "allowed_ip":
-                    net = ip_network(value, strict=False)
-                    if net.version == 4:
-                        p.allowed += (net,)
+                    p.allowed += (ip_network(value, strict=False),)
                 elif key == "last_handshake_time_sec":
                     p.hs_sec = int(value)
                 elif key == "last_handshake_time_nsec":

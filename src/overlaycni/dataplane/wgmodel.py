@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
+from ..cidr import IPNetwork
 from ..errors import ConfigError, FieldError
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class WgPeer:
 
     public_key: str
     endpoint: tuple[IPv4Address, int] | None
-    allowed_ips: tuple[IPv4Network, ...]
+    allowed_ips: tuple[IPNetwork, ...]  # the peer's blocks, IPv4 first (IPv6 too in a dual-stack cluster)
 
     def __str__(self) -> str:
         where = f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else "(no endpoint)"

@@ -5,8 +5,10 @@ when ``state.backend == "wireguard"``; the generic steps (sysctls, gateway,
 pod routes, nftables) stay in the engine and run unchanged on top.
 
 Per peer node there are two objects: the WireGuard peer (public key,
-endpoint ``<node IP>:<port>``, allowed IPs = the peer's block) and the route
-``<peer block> dev ocni.wg scope link proto 119``. Adding a peer programs
+endpoint ``<node IP>:<port>``, allowed IPs = the peer's block, both blocks
+in a dual-stack cluster) and the route ``<peer block> dev ocni.wg scope
+link proto 119`` (one per block). The tunnel runs over the IPv4 underlay
+for both families, as VXLAN does (one pod MTU; ``linux/links.py``). Adding a peer programs
 the WireGuard peer first and the route last (the route never points into
 the tunnel before the tunnel knows where to send); removal runs in
 reverse. WireGuard's cryptokey routing then does the rest: a packet from
@@ -47,7 +49,7 @@ def wg_peer(peer: Peer, *, port: int) -> WgPeer:
     return WgPeer(
         public_key=check_public_key(peer.wg_public_key, field_name=f"peer {peer.name} wireguard-public-key"),
         endpoint=(peer.node_ip, peer.wg_port or port),
-        allowed_ips=(peer.block,),
+        allowed_ips=peer.blocks,
     )
 
 

@@ -6,25 +6,34 @@ Everything lives under ``ROOT``. Per cluster ``C``:
 ``/overlaycni/index/clusters/C``                        (empty) lists clusters without reading them
 ``/overlaycni/clusters/C/config``                       the ClusterNetwork (JSON, flag names as keys)
 ``.../C/blocks/10.244.3.0-24``                          block claim -> node name (until node delete)
-``.../C/nodeblocks/<node>``                             node -> its block (same transaction as the claim)
+``.../C/blocks/fd12:3456:789a:0:3::-80``                an IPv6 block claim (dual-stack) -> node name
+``.../C/nodeblocks/<node>``                             node -> its block(s), ``v4[,v6]`` (same transaction)
 ``.../C/blockcursor``                                   the block claimed last (claims move forward)
 ``.../C/nodes/<node>``                                  node record (JSON): IP, block, VTEP MAC, MTU (until node delete)
 ``.../C/leases/<node>``                                 liveness (JSON: the node IP), under the agent's lease
 ``.../C/ips/<node>/010.244.003.002``                    pod address -> {container_id, ifname, pod}
-``.../C/handles/<cid>/<ifname>``                        (containerID, ifname) -> {node, ip, block, pod}
-``.../C/cursor/<node>``                                 the address allocated last on that node
+``.../C/ips/<node>/fd12:3456:789a:0000:0003:...:0002``  its IPv6 address (dual-stack; exploded), same value
+``.../C/handles/<cid>/<ifname>``                        (containerID, ifname) -> {node, ip, block, pod, ip_v6, block_v6}
+``.../C/cursor/<node>``                                 the IPv4 address allocated last on that node
+``.../C/cursor6/<node>``                                the IPv6 address allocated last on that node
 ``.../C/wgrotate/<node>``                               key rotation request (wireguard)
 ``.../C/policies/<ns>/<name>``                          a NetworkPolicy (defaulted manifest, JSON)
 ``.../C/pods/<ns>/<name>``                              pod labels and named ports (JSON)
 ``.../C/namespaces/<ns>``                               namespace labels (JSON)
 =====================================================  =============================================
 
-Addresses in keys are zero-padded (``010.244.003.002``) so that key order is
-address order. The decoders of the records sit beside their models
-(``ipam.records``: cluster, node, block, allocation; ``policy.records``:
-pod, namespace, policy); each raises ``BadRecord`` naming the key, the kind
-of record and the problem, and ``decode_all`` lets a caller skip and report
-a bad record instead of failing on it.
+Addresses in keys are zero-padded so that key order is address order:
+IPv4 as ``010.244.003.002``, IPv6 fully exploded (32 hex digits in 8
+groups, ``fd12:3456:789a:0000:0003:0000:0000:0002``; 128-bit keys, never
+compressed). Both families share ``ips/<node>/`` without interleaving: an
+IPv4 key has ``.`` as its fourth character, an IPv6 key a hex digit, so a
+range scan between two keys of one family never meets the other's.
+
+The decoders of the records sit beside their models (``ipam.records``:
+cluster, node, block, allocation; ``policy.records``: pod, namespace,
+policy); each raises ``BadRecord`` naming the key, the kind of record and
+the problem, and ``decode_all`` lets a caller skip and report a bad record
+instead of failing on it.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Protocol, TypeVar
 
 from ..errors import BadRecord
@@ -54,6 +63,7 @@ _KIND_OF_PART = {
     "ips": "allocation",
     "handles": "allocation",
     "cursor": "allocation",
+    "cursor6": "allocation",
     "wgrotate": "node",
     "policies": "policy",
     "pods": "pod",
@@ -95,7 +105,7 @@ def blocks_prefix(cluster: str) -> str:
     return cluster_root(cluster) + "blocks/"
 
 
-def block_key(cluster: str, block: IPv4Network) -> str:
+def block_key(cluster: str, block: IPv4Network | IPv6Network) -> str:
     return blocks_prefix(cluster) + f"{block.network_address}-{block.prefixlen}"
 
 
@@ -115,14 +125,26 @@ def ips_prefix(cluster: str, node: str | None = None) -> str:
     return cluster_root(cluster) + "ips/" + (f"{node}/" if node is not None else "")
 
 
-def ip_part(ip: IPv4Address | int) -> str:
-    """An address as a key part that sorts in address order."""
+def ip_part(ip: IPv4Address | IPv6Address | int) -> str:
+    """An address as a key part that sorts in address order (an ``int`` is
+    an IPv4 address)."""
+    if isinstance(ip, IPv6Address):
+        return ip.exploded
     n = int(ip)
     return f"{n >> 24:03d}.{(n >> 16) & 255:03d}.{(n >> 8) & 255:03d}.{n & 255:03d}"
 
 
-def ip_from_part(text: str) -> IPv4Address:
-    """Inverse of ``ip_part`` (ValueError when ``text`` is not one)."""
+_HEX = frozenset("0123456789abcdef")
+
+
+def ip_from_part(text: str) -> IPv4Address | IPv6Address:
+    """Inverse of ``ip_part`` (ValueError when ``text`` is not one: only the
+    exact form ``ip_part`` writes, so one address has one key)."""
+    if ":" in text:
+        groups = text.split(":")
+        if len(groups) != 8 or not all(len(g) == 4 and set(g) <= _HEX for g in groups):
+            raise ValueError(f"{text!r} is not an address key part (e.g. fd12:3456:789a:0000:0003:0000:0000:0002)")
+        return IPv6Address(text)
     parts = text.split(".")
     if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
         raise ValueError(f"{text!r} is not an address key part (e.g. 010.244.003.002)")
@@ -130,7 +152,7 @@ def ip_from_part(text: str) -> IPv4Address:
     return IPv4Address((a << 24) | (b << 16) | (c << 8) | d)
 
 
-def ip_key(cluster: str, node: str, ip: IPv4Address | int) -> str:
+def ip_key(cluster: str, node: str, ip: IPv4Address | IPv6Address | int) -> str:
     return ips_prefix(cluster, node) + ip_part(ip)
 
 
@@ -142,8 +164,10 @@ def handle_key(cluster: str, container_id: str, ifname: str) -> str:
     return handles_prefix(cluster) + f"{container_id}/{ifname}"
 
 
-def cursor_key(cluster: str, node: str) -> str:
-    return cluster_root(cluster) + "cursor/" + node
+def cursor_key(cluster: str, node: str, *, version: int = 4) -> str:
+    """The allocation cursor of ``node`` for one IP version (IPv4 ``cursor/``,
+    IPv6 ``cursor6/``: the families move independently)."""
+    return cluster_root(cluster) + ("cursor/" if version == 4 else "cursor6/") + node
 
 
 def wgrotate_key(cluster: str, node: str) -> str:
@@ -181,7 +205,7 @@ class KeyParts:
     ``KeyParts("c1", "nodes", ("n1",))``."""
 
     cluster: str
-    part: str  # config, nodes, leases, blocks, nodeblocks, blockcursor, ips, handles, cursor, policies, pods, namespaces
+    part: str  # config, nodes, leases, blocks, nodeblocks, blockcursor, ips, handles, cursor(6), policies, pods, namespaces
     rest: tuple[str, ...]
 
     @property

@@ -12,14 +12,24 @@ from ..datastore.keys import nodes_prefix
 from .check import CheckReport, Problem, check
 from .clusters import create_cluster, delete_cluster, expand_pod_cidr, get_cluster, list_clusters
 from .model import Allocation, ClusterNodes, Liveness, NodeRecord, parse_pod
-from .nodes import cluster_nodes, delete_node, get_node, list_blocks, list_nodes, register_node, renew_liveness
+from .nodes import cluster_nodes, delete_node, get_node, list_blocks, list_claims, list_nodes, register_node, renew_liveness
 from .podbatch import Reservation, get_allocations, release_many, reserve_many
 from .pods import allocate, gc, get_allocation, list_allocations, release, reserve
-from .records import BlockClaim, decode_allocation, decode_block, decode_cluster, decode_liveness, decode_node
+from .records import (
+    AddressRecord,
+    BlockClaim,
+    decode_address,
+    decode_allocation,
+    decode_block,
+    decode_cluster,
+    decode_liveness,
+    decode_node,
+)
 
 node_from_kv = decode_node  # the old name (callers outside ipam may still use it)
 
 __all__ = [
+    "AddressRecord",
     "Allocation",
     "BlockClaim",
     "CheckReport",
@@ -32,6 +42,7 @@ __all__ = [
     "check",
     "cluster_nodes",
     "create_cluster",
+    "decode_address",
     "decode_allocation",
     "decode_block",
     "decode_cluster",
@@ -47,6 +58,7 @@ __all__ = [
     "get_node",
     "list_allocations",
     "list_blocks",
+    "list_claims",
     "list_clusters",
     "list_nodes",
     "node_from_kv",

@@ -6,18 +6,27 @@ why claims and cursors are stored as CIDRs, never as numbers, and a pod CIDR
 expansion (a superset) leaves every existing claim valid.
 
 In a node block the network address, the gateway (network + 1) and the
-broadcast address are never handed to pods.
+broadcast address are never handed to pods (IPv6: the first address and
+``::1``; the model, ``families``, says which). The address functions work
+on either family: IPv6 blocks are up to 2^80 addresses, so nothing here
+takes ``len()`` of a block's range or walks it whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
+
+from .. import families
+from ..cidr import IPAddress, IPNetwork
 
 
 def ip_to_int(text: str) -> int:
-    """Dotted quad to integer, for keys this module wrote (10x faster than
-    ``IPv4Address``, which matters when a block holds hundreds of pods)."""
+    """An address key part (``datastore.keys.ip_part``: a zero-padded dotted
+    quad, or an exploded IPv6 address) to an integer (10x faster than
+    ``ipaddress``, which matters when a block holds hundreds of pods)."""
+    if ":" in text:
+        return int(text.replace(":", ""), 16)
     a, b, c, d = text.split(".")
     return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
 
@@ -59,48 +68,49 @@ def next_block(pod_cidr: IPv4Network, prefixlen: int, after: IPv4Network | None,
     return block_at(pod_cidr, prefixlen, (start + skip) % count)
 
 
-def gateway(block: IPv4Network) -> IPv4Address:
-    return block.network_address + 1
+def gateway(block: IPNetwork) -> IPAddress:
+    """The pods' gateway of ``block`` (``families.pod_gateway``)."""
+    return families.pod_gateway(block)
 
 
-def usable_range(block: IPv4Network) -> range:
-    """Integer addresses pods may get: network + 2 .. broadcast - 1."""
-    first = int(block.network_address) + 2
-    last = int(block.broadcast_address) - 1
+def usable_range(block: IPNetwork) -> range:
+    """Integer addresses pods may get (IPv4: network + 2 .. broadcast - 1).
+    Fine to iterate or test membership in; ``capacity`` counts it."""
+    first, last = (int(a) for a in families.pod_range(block))
     return range(first, max(first, last + 1))
 
 
-def capacity(block: IPv4Network) -> int:
-    return len(usable_range(block))
+def capacity(block: IPNetwork) -> int:
+    first, last = (int(a) for a in families.pod_range(block))
+    return max(0, last - first + 1)
 
 
-def is_reserved(block: IPv4Network, ip: IPv4Address) -> bool:
-    """Network, gateway or broadcast address of ``block``."""
-    return ip in (block.network_address, gateway(block), block.broadcast_address)
+def is_reserved(block: IPNetwork, ip: IPAddress) -> bool:
+    """Network, gateway or broadcast address of ``block`` (IPv6: its first
+    address or ``::1``)."""
+    return families.is_reserved(ip, block)
 
 
-def next_free(
-    block: IPv4Network, used: Collection[int], after: IPv4Address | None, *, skip: int = 0
-) -> IPv4Address | None:
+def next_free(block: IPNetwork, used: Collection[int], after: IPAddress | None, *, skip: int = 0) -> IPAddress | None:
     """The first usable address of ``block`` after ``after`` that is not in
     ``used`` (integers), wrapping around once; with ``skip`` > 0 the
     ``skip``-th such address instead (fewer free: the last one found). None
-    when the block is full."""
-    usable = usable_range(block)
-    n = len(usable)
-    if n == 0:
+    when the block is full. Costs O(used + skip), whatever the block size."""
+    first, last = (int(a) for a in families.pod_range(block))
+    n = last - first + 1
+    if n <= 0:
         return None
     start = 0
-    if after is not None and int(after) in usable:
-        start = (int(after) - usable.start + 1) % n
+    if after is not None and after.version == block.version and first <= int(after) <= last:
+        start = (int(after) - first + 1) % n
     found: int | None = None
     remaining = skip
-    for i in range(n):
-        candidate = usable.start + (start + i) % n
+    for i in range(min(n, len(used) + skip + 1)):
+        candidate = first + (start + i) % n
         if candidate in used:
             continue
         found = candidate
         if remaining == 0:
             break
         remaining -= 1
-    return None if found is None else IPv4Address(found)
+    return None if found is None else type(block.network_address)(found)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address
 
+from ..cidr import IPNetwork
 from ..errors import ConfigError, FieldError
+from ..families import PodAddress, pod_gateway
 
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,1023}$")
@@ -34,18 +36,32 @@ class NodeRecord:
     wireguard_public_key: str | None = None  # backend wireguard: published by the node's agent
     wireguard_endpoint: str | None = None  # "<node IP>:<port>"
     mtu: int | None = None  # the node's underlay MTU (None: not published, an older agent)
+    block_v6: IPv6Network | None = None  # dual-stack: the IPv6 block (same index as ``block``)
+    node_ip_v6: IPv6Address | None = None  # dual-stack: the node's IPv6 underlay address (if it has one)
+
+    @property
+    def blocks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """The node's blocks, one per family of the cluster, IPv4 first."""
+        return (self.block,) if self.block_v6 is None else (self.block, self.block_v6)
 
     def to_json(self) -> str:
         """The value of its ``nodes/<name>`` record (records of other backends
-        carry no WireGuard keys at all)."""
+        carry no WireGuard keys at all, single-stack ones no ``block_v6``
+        nor ``node_ip_v6``: they stay what older versions wrote)."""
         data = self.to_dict()
         if self.wireguard_public_key is None:
             del data["wireguard_public_key"], data["wireguard_endpoint"]
+        if self.block_v6 is None:
+            del data["block_v6"]
+        if self.node_ip_v6 is None:
+            del data["node_ip_v6"]
         return json.dumps(data, sort_keys=True)
 
     def to_dict(self) -> dict[str, str | int | None]:
         return {
-            "name": self.name, "node_ip": str(self.node_ip), "block": str(self.block), "vtep_mac": self.vtep_mac,
+            "name": self.name, "node_ip": str(self.node_ip), "block": str(self.block),
+            "block_v6": str(self.block_v6) if self.block_v6 is not None else None,
+            "node_ip_v6": str(self.node_ip_v6) if self.node_ip_v6 is not None else None, "vtep_mac": self.vtep_mac,
             "wireguard_public_key": self.wireguard_public_key, "wireguard_endpoint": self.wireguard_endpoint,
             "mtu": self.mtu,
         }  # fmt: skip
@@ -79,7 +95,7 @@ class ClusterNodes:
 
     records: tuple[NodeRecord, ...]
     live: dict[str, Liveness]  # node name -> its liveness record
-    claims: dict[IPv4Network, str]  # block -> the node that claimed it
+    claims: dict[IPNetwork, str]  # block (of either family) -> the node that claimed it
     revision: int = 0
 
     def record(self, name: str) -> NodeRecord | None:
@@ -88,6 +104,11 @@ class ClusterNodes:
 
 @dataclass(frozen=True)
 class Allocation:
+    """The addresses of one attachment (containerID, ifname): its IPv4
+    address, and in a dual-stack cluster its IPv6 address, both from the
+    node's blocks and written in one transaction (``addresses`` iterates
+    over them, IPv4 first)."""
+
     ip: IPv4Interface
     gateway: IPv4Address
     container_id: str
@@ -95,11 +116,28 @@ class Allocation:
     node: str
     pod_namespace: str | None = None
     pod_name: str | None = None
+    ip_v6: IPv6Interface | None = None
+    gateway_v6: IPv6Address | None = None
+
+    @property
+    def addresses(self) -> tuple[PodAddress, ...]:
+        """One ``PodAddress`` per family, IPv4 first."""
+        v4 = PodAddress(self.ip, self.gateway)
+        if self.ip_v6 is None:
+            return (v4,)
+        return v4, PodAddress(self.ip_v6, self.gateway_v6 or pod_gateway(self.ip_v6.network))
+
+    @property
+    def ips(self) -> tuple[IPv4Address | IPv6Address, ...]:
+        """The bare addresses, IPv4 first."""
+        return tuple(a.ip.ip for a in self.addresses)
 
     def to_dict(self) -> dict[str, str | None]:
         return {
             "ip": str(self.ip),
             "gateway": str(self.gateway),
+            "ip_v6": str(self.ip_v6) if self.ip_v6 is not None else None,
+            "gateway_v6": str(self.gateway_v6) if self.gateway_v6 is not None else None,
             "container_id": self.container_id,
             "ifname": self.ifname,
             "node": self.node,
@@ -172,3 +210,13 @@ def parse_ip(field: str, value: object) -> IPv4Address:
         return IPv4Address(str(value).strip())
     except ValueError:
         raise ConfigError(FieldError(field, f"{value!r} is not a valid IPv4 address")) from None
+
+
+def parse_any_ip(field: str, value: object) -> IPv4Address | IPv6Address:
+    """An IPv4 or IPv6 address (a requested pod address)."""
+    if isinstance(value, IPv4Address | IPv6Address):
+        return value
+    try:
+        return ip_address(str(value).strip())
+    except ValueError:
+        raise ConfigError(FieldError(field, f"{value!r} is not a valid IP address")) from None

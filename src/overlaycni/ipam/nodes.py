@@ -19,15 +19,29 @@ lease: when the lease lapses the node shows as not live (``node list``,
 refuses a node name that is live from another node IP (two machines with one
 name) and a node IP that another live node holds; ``delete_node`` refuses a
 live node unless forced.
+
+Dual-stack: a node claims its IPv6 block in the same transaction as its
+IPv4 block, at the same index of the IPv6 pod CIDR (node ``i`` owns the
+``i``-th block of each, as AKS does; ``families``), under its own claim
+key ``blocks/<IPv6 block>``; the reverse index ``nodeblocks/<node>`` then
+holds both (``<IPv4 block>,<IPv6 block>``), so an allocation that compares
+it sees one claim for both families. The IPv6 block is taken by index
+rather than trusted to be free: an IPv4 pod CIDR expanded downwards
+renumbers the IPv4 blocks, and the IPv6 block at a new node's index may
+then be an older node's. When it is taken (or the IPv6 pod CIDR has fewer
+blocks), the node gets the first free IPv6 block after it. A node that
+claimed an IPv4 block only (registered by an older agent into a dual-stack
+cluster) gains its IPv6 block when it registers again. Single-stack claims
+and records are written exactly as before.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from ..config import ClusterNetwork
+from ..config import ClusterNetwork, FamilyNetwork, IPFamily
 from ..dataplane.wgmodel import check_public_key
 from ..datastore import KV, Snapshot, Store
 from ..datastore.keys import (
@@ -52,7 +66,16 @@ from ..errors import BadRecord, ConfigError, Conflict, FieldError, NodeConflict,
 from . import addresses
 from .clusters import not_found
 from .model import ClusterNodes, Liveness, NodeRecord, check_mac, check_mtu, check_name, parse_ip
-from .records import decode_allocation, decode_block, decode_cluster, decode_cursor, decode_liveness, decode_node
+from .records import (
+    BlockClaim,
+    decode_address,
+    decode_block,
+    decode_cluster,
+    decode_cursor,
+    decode_liveness,
+    decode_node,
+    nodeblock_value,
+)
 
 log = logging.getLogger(__name__)
 _ATTEMPTS = 200
@@ -74,6 +97,25 @@ def _check_node_ip(net: ClusterNetwork, node_ip: IPv4Address) -> None:
         problem = f"lies inside the service CIDR {net.service_cidr}"
     if problem:
         raise ConfigError(FieldError("node-ip", f"{node_ip} {problem}"))
+
+
+def _check_node_ip_v6(v6: FamilyNetwork | None, node_ip_v6: IPv6Address | None) -> None:
+    """A node's IPv6 underlay address: only in a dual-stack cluster, a unicast
+    address that is not link-local (peers route to it), outside the IPv6 pod
+    and service CIDRs (as ``_check_node_ip`` for IPv4)."""
+    if node_ip_v6 is None:
+        return
+    problem = None
+    if v6 is None:
+        problem = "is an IPv6 address, and the cluster is IPv4 single-stack"
+    elif node_ip_v6.is_unspecified or node_ip_v6.is_multicast or node_ip_v6.is_loopback or node_ip_v6.is_link_local:
+        problem = "is not a routable unicast address (link-local, multicast, loopback or unspecified)"
+    elif node_ip_v6 in v6.pod_cidr:
+        problem = f"lies inside the IPv6 pod CIDR {v6.pod_cidr}"
+    elif node_ip_v6 in v6.service_cidr:
+        problem = f"lies inside the IPv6 service CIDR {v6.service_cidr}"
+    if problem:
+        raise ConfigError(FieldError("node-ip-v6", f"{node_ip_v6} {problem}"))
 
 
 def _wireguard_identity(node_ip: IPv4Address, public_key: str | None, port: int | None) -> tuple[str | None, str | None]:
@@ -130,6 +172,7 @@ def register_node(
     lease: int | None = None,
     mtu: int | None = None,
     block: IPv4Network | None = None,
+    node_ip_v6: IPv6Address | None = None,
 ) -> NodeRecord:
     """Claim (or re-claim: same name, same block) a block for node ``name``
     and write its node record; with ``lease``, also its liveness record under
@@ -138,7 +181,11 @@ def register_node(
     claimed again, and ``NodeConflict`` names whoever holds it now. Raises
     ``NodeConflict`` for a name live on another node IP or a node IP another
     live node holds. With the wireguard backend the record carries the
-    node's public key and its endpoint ``<node IP>:<wireguard_port>``."""
+    node's public key and its endpoint ``<node IP>:<wireguard_port>``; in a
+    dual-stack cluster the node claims its IPv6 block in the same
+    transaction (see the module note) and the record carries the node's
+    IPv6 underlay address ``node_ip_v6`` when it has one (the direct
+    backend routes IPv6 blocks via it)."""
     check_name("cluster", cluster)
     check_name("name", name)
     node_ip = parse_ip("node-ip", node_ip)
@@ -151,12 +198,14 @@ def register_node(
     snap = store.read(keys, prefixes)
     taken_in_row = 0
     skip = 0
+    moved6: dict[IPv4Network, IPv6Network] = {}  # IPv4 candidate -> IPv6 block, when the same index was taken
 
-    def record(block: IPv4Network) -> NodeRecord:
-        return NodeRecord(name, node_ip, block, vtep_mac, wireguard_public_key=wg_key, wireguard_endpoint=wg_endpoint, mtu=mtu)
+    def record(block: IPv4Network, block_v6: IPv6Network | None = None) -> NodeRecord:
+        return NodeRecord(name, node_ip, block, vtep_mac, wireguard_public_key=wg_key, wireguard_endpoint=wg_endpoint, mtu=mtu,
+                          block_v6=block_v6, node_ip_v6=node_ip_v6)  # fmt: skip
 
-    def puts(block: IPv4Network) -> list[tuple[str, str, int | None]]:
-        out: list[tuple[str, str, int | None]] = [(node_key(cluster, name), record(block).to_json(), None)]
+    def puts(block: IPv4Network, block_v6: IPv6Network | None = None) -> list[tuple[str, str, int | None]]:
+        out: list[tuple[str, str, int | None]] = [(node_key(cluster, name), record(block, block_v6).to_json(), None)]
         if lease is not None:
             out.append((lv_k, Liveness(name, node_ip).to_json(), lease))
         return out
@@ -167,21 +216,33 @@ def register_node(
             raise not_found(cluster)
         net = decode_cluster(cfg)
         _check_node_ip(net, node_ip)
+        v6 = net.family(IPFamily.ipv6)  # None: single-stack
+        _check_node_ip_v6(v6, node_ip_v6)
         _check_free(snap, cluster, name, node_ip, lease)
         lv = snap.get(lv_k)
         fresh = [(lv_k, lv.revision if lv is not None else 0)]
         claimed = snap.get(nb_k)
-        if claimed is not None:  # re-register: keep the block, refresh the record
-            have = decode_block(claimed).block
+        if claimed is not None:  # re-register: keep the block(s), refresh the record
+            claim = decode_block(claimed)
+            have, block_v6 = claim.block_v4, claim.block_v6
             if block is not None and have != block:
                 raise NodeConflict(f"node {name!r} now holds block {have}, but its pods use {block}")
+            claim6: list[tuple[str, str, int | None]] = []
+            if v6 is not None and block_v6 is None:  # claimed by an older agent: add the IPv6 block now
+                block_v6 = moved6.get(have) or _v6_block(store, cluster, net, v6, have)
+                claim6 = [(block_key(cluster, block_v6), name, None), (nb_k, nodeblock_value(have, block_v6), None)]
             result = store.transact(
-                compare=[(nb_k, claimed.revision), *fresh], put=puts(have), read_keys=keys, read_prefixes=prefixes
+                compare=[(nb_k, claimed.revision), *fresh, *((k, 0) for k, _, _ in claim6[:1])],
+                put=[*puts(have, block_v6), *claim6],
+                read_keys=[*keys, *(k for k, _, _ in claim6[:1])],
+                read_prefixes=prefixes,
             )
             if result.succeeded:
-                log.debug("node %s re-registered with its block %s", name, have)
-                return record(have)
+                log.debug("node %s re-registered with its block(s) %s %s", name, have, block_v6 or "")
+                return record(have, block_v6)
             snap = result.snapshot()
+            if claim6 and v6 is not None and snap.get(claim6[0][0]) is not None:
+                moved6[have] = _free_v6_block(store, cluster, v6, after=block_v6)
             continue
         cursor_kv = snap.get(cur_k)
         found = decode_cursor(cursor_kv)
@@ -194,17 +255,29 @@ def register_node(
         else:
             candidate = addresses.next_block(net.pod_cidr, net.node_cidr_size, cursor, skip=skip)
         b_k = block_key(cluster, candidate)
+        cand6 = (moved6.get(candidate) or _v6_block(store, cluster, net, v6, candidate)) if v6 is not None else None
+        b6_keys = [block_key(cluster, cand6)] if cand6 is not None else []
         result = store.transact(
-            compare=[(b_k, 0), (nb_k, 0), (cfg_k, cfg.revision), *fresh],
-            put=[(b_k, name, None), (nb_k, str(candidate), None), (cur_k, str(candidate), None), *puts(candidate)],
-            read_keys=[*keys, b_k],
+            compare=[(b_k, 0), (nb_k, 0), (cfg_k, cfg.revision), *fresh, *((k, 0) for k in b6_keys)],
+            put=[
+                (b_k, name, None),
+                *((k, name, None) for k in b6_keys),
+                (nb_k, nodeblock_value(candidate, cand6), None),
+                (cur_k, str(candidate), None),
+                *puts(candidate, cand6),
+            ],
+            read_keys=[*keys, b_k, *b6_keys],
             read_prefixes=prefixes,
         )
         if result.succeeded:
-            log.debug("node %s claimed block %s (attempt %d)", name, candidate, attempt + 1)
-            return record(candidate)
+            log.debug("node %s claimed block(s) %s %s (attempt %d)", name, candidate, cand6 or "", attempt + 1)
+            return record(candidate, cand6)
         snap = result.snapshot()
         holder = snap.get(b_k)
+        if holder is None and cand6 is not None and v6 is not None and snap.get(b6_keys[0]) is not None:
+            # the IPv4 block is free but the IPv6 block at its index is not (see the module note)
+            moved6[candidate] = _free_v6_block(store, cluster, v6, after=cand6)
+            continue
         if holder is not None and block is not None and snap.get(nb_k) is None:
             raise NodeConflict(
                 f"node {name!r}: its block {block} was claimed by node {holder.value!r} while {name} was deleted; "
@@ -219,6 +292,36 @@ def register_node(
                 snap = _with_cursor(snap, cur_k, str(candidate))
             skip = random.randrange(min(attempt + 1, 8))
     raise Conflict(f"node {name!r}: could not claim a block after {_ATTEMPTS} attempts (heavy contention); try again")
+
+
+def _v6_block(store: Store, cluster: str, net: ClusterNetwork, v6: FamilyNetwork, block: IPv4Network) -> IPv6Network:
+    """The IPv6 block that goes with IPv4 block ``block``: the one at its
+    index, or (none there) the first free one."""
+    index = net.families[0].block_index(block)
+    if index is not None and index < v6.block_count:
+        return IPv6Network(v6.block_at(index))
+    return _free_v6_block(store, cluster, v6, after=None)
+
+
+def _free_v6_block(store: Store, cluster: str, v6: FamilyNetwork, *, after: IPv6Network | None) -> IPv6Network:
+    """The first IPv6 block after ``after`` (wrapping) that no node claims.
+    Walks at most one block past the claimed ones (never the whole CIDR:
+    a /48 of /124 blocks has 2^76)."""
+    taken = {c.block for c in decode_all(store.list(blocks_prefix(cluster)), decode_block, on_bad=_skip)
+             if c.block.version == 6}  # fmt: skip
+    count = v6.block_count
+    if len(taken) < count:
+        start = v6.block_index(after) if after is not None else None
+        first = 0 if start is None else start + 1
+        for i in range(len(taken) + 1):
+            block = IPv6Network(v6.block_at((first + i) % count))
+            if block not in taken:
+                return block
+    raise PoolExhausted(
+        f"cluster {cluster!r}: no free /{v6.node_cidr_size} block left in IPv6 pod CIDR {v6.pod_cidr} "
+        f"({count} blocks, all claimed)",
+        details="delete unused nodes",
+    )
 
 
 def renew_liveness(store: Store, cluster: str, name: str, node_ip: IPv4Address, lease: int) -> None:
@@ -296,13 +399,18 @@ def list_nodes(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = 
 
 
 def list_blocks(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> dict[str, IPv4Network]:
-    """Every claimed block by node name, live or not."""
+    """Every claimed IPv4 block by node name, live or not."""
+    return {node: claim.block_v4 for node, claim in list_claims(store, cluster, on_bad=on_bad).items()}
+
+
+def list_claims(store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None) -> dict[str, BlockClaim]:
+    """Every node's claim (its block of each family) by node name, live or not."""
     check_name("cluster", cluster)
     snap = store.read([config_key(cluster)], [nodeblocks_prefix(cluster)])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
     claims = decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block, on_bad=on_bad)
-    return {c.node: c.block for c in claims}
+    return {c.node: c for c in claims}
 
 
 def delete_node(store: Store, cluster: str, name: str, *, force: bool = False) -> None:
@@ -313,7 +421,8 @@ def delete_node(store: Store, cluster: str, name: str, *, force: bool = False) -
     check_name("cluster", cluster)
     check_name("name", name)
     nb_k, lv_k = nodeblock_key(cluster, name), lease_key(cluster, name)
-    node_keys = [node_key(cluster, name), cursor_key(cluster, name), wgrotate_key(cluster, name), lv_k]
+    node_keys = [node_key(cluster, name), cursor_key(cluster, name), cursor_key(cluster, name, version=6),
+                 wgrotate_key(cluster, name), lv_k]  # fmt: skip
     snap = store.read([config_key(cluster), nb_k, lv_k])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
@@ -331,33 +440,34 @@ def delete_node(store: Store, cluster: str, name: str, *, force: bool = False) -
         log.debug("node %s: %s", name, exc)
         claim = None
     if claim is not None and claimed is not None:
-        b_k = block_key(cluster, claim.block)
+        b_keys = [block_key(cluster, b) for b in claim.blocks]
         ok = store.txn(
-            compare=[(nb_k, claimed.revision), (b_k, claimed.revision)],
-            delete=[nb_k, b_k, *node_keys],
+            compare=[(nb_k, claimed.revision), *((k, claimed.revision) for k in b_keys)],
+            delete=[nb_k, *b_keys, *node_keys],
         )
-        if not ok:  # half-written claim (should not happen): delete what is ours
-            kv = store.get(b_k)
+        if not ok:  # half-written claim, or an IPv6 block claimed later: delete what is ours
+            kvs = [store.get(k) for k in b_keys]
             store.txn(compare=[], delete=[nb_k, *node_keys])
-            if kv is not None and kv.value == name:
-                store.txn(compare=[(b_k, kv.revision)], delete=[b_k])
+            for k, kv in zip(b_keys, kvs, strict=True):
+                if kv is not None and kv.value == name:
+                    store.txn(compare=[(k, kv.revision)], delete=[k])
     else:
         store.txn(compare=[], delete=[nb_k, *node_keys])
-    # 2. the handles of its addresses (each written with its address, same revision)
+    # 2. the handles of its addresses (each written with its addresses, same revision)
     ips = store.list(ips_prefix(cluster, name))  # after step 1: nothing can be added now
 
     for i in range(0, len(ips), _TXN_CHUNK):
         chunk = ips[i : i + _TXN_CHUNK]
-        handles = []
+        handles: dict[str, int] = {}  # one handle for both addresses of an attachment
         for kv in chunk:
             try:
-                a = decode_allocation(kv)
+                a = decode_address(kv)
             except BadRecord as exc:  # no handle to find: the address goes in step 3
                 _skip(exc)
                 continue
-            handles.append((handle_key(cluster, a.container_id, a.ifname), kv.revision))
-        if not store.txn(compare=handles, delete=[k for k, _ in handles]):
-            for k, rev in handles:
+            handles[handle_key(cluster, a.container_id, a.ifname)] = kv.revision
+        if not store.txn(compare=list(handles.items()), delete=list(handles)):
+            for k, rev in handles.items():
                 store.txn(compare=[(k, rev)], delete=[k])
     # 3. the addresses themselves
     store.delete_prefix(ips_prefix(cluster, name))

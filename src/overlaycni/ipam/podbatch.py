@@ -24,6 +24,13 @@ forward), in the same number of round trips as one:
   ``pods.release``, which knows that case.
 * ``get_allocations``: the handles, one read.
 
+Dual-stack (the node's claim names an IPv6 block too, or an attachment asks
+for an IPv6 address): each attachment gets one address per family in one
+transaction, as ``pods.reserve`` does. For now a dual-stack batch does that
+attachment by attachment (``pods.reserve``: two round trips each); a
+single-stack batch is unchanged. ``release_many`` deletes every address
+the handle names (both families) in its one transaction.
+
 Every answer is per attachment, in order: an allocation (and whether this
 call made it), or the error of that attachment alone. A datastore failure
 (unreachable, the deadline) is the answer of every attachment of that
@@ -44,13 +51,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from ..cidr import IPAddress
 from ..datastore import Snapshot, Store
 from ..datastore.keys import config_key, cursor_key, handle_key, ip_key, ips_prefix, nodeblock_key
 from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError, PoolExhausted
 from . import addresses
 from .clusters import get_cluster, not_found
 from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_ip
-from .pods import _allocation, release
+from .pods import _allocation, release, reserve
 from .records import address_value, decode_allocation, decode_block, decode_cursor, handle_value
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,7 @@ class Reservation:
     ifname: str
     pod: tuple[str, str] | None = None
     requested_ip: IPv4Address | None = None
+    requested_ips: tuple[IPAddress, ...] = ()  # the ips capability: at most one per family (dual-stack)
 
 
 Reserved = tuple[Allocation, bool]  # (the allocation, True when this call made it)
@@ -84,8 +93,10 @@ def reserve_many(store: Store, cluster: str, node: str, wanted: Sequence[Reserva
         try:
             check_container_id(w.container_id)
             check_ifname(w.ifname)
+            v4 = w.requested_ip if w.requested_ip is not None else next(
+                (ip for ip in w.requested_ips if isinstance(ip, IPv4Address)), None)
             w = Reservation(w.container_id, w.ifname, check_pod(w.pod),
-                            parse_ip("ip", w.requested_ip) if w.requested_ip is not None else None)
+                            parse_ip("ip", v4) if v4 is not None else None, tuple(w.requested_ips))
         except OverlayCNIError as exc:
             out[i] = exc
             continue
@@ -143,7 +154,11 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
         if claim is None:
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
-        block = decode_block(claim).block
+        claimed = decode_block(claim)
+        if claimed.block_v6 is not None or any(ip.version == 6 for i in pending for ip in wanted[i].requested_ips):
+            _reserve_each(store, cluster, node, wanted, pending, out)  # dual-stack: see the design note
+            break
+        block = claimed.block_v4
         used.update(addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix))
         chosen: dict[int, IPv4Address] = {}
         for i in pending:
@@ -171,7 +186,7 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
         for i in pending:
             if out[i] is not None or wanted[i].requested_ip is not None:
                 continue
-            ip = addresses.next_free(block, taken, after, skip=skip)
+            ip = addresses.next_free(block, taken, after, skip=skip)  # type: ignore[assignment]  # IPv4 block: IPv4
             skip = 0
             if ip is None:
                 short.append(i)
@@ -197,7 +212,7 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
         if result is None:
             for i, ip in chosen.items():
                 w = wanted[i]
-                out[i] = (_allocation(node, ip, block, w.container_id, w.ifname, w.pod), True)
+                out[i] = (_allocation(node, [(block, ip)], w.container_id, w.ifname, w.pod), True)
             log.debug("allocated %d addresses on %s in one transaction (attempt %d)", len(chosen), node, attempt + 1)
             continue
         snap = result
@@ -206,6 +221,18 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
             if out[i] is None:
                 out[i] = Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
     return [r if r is not None else Conflict("not allocated") for r in out]
+
+
+def _reserve_each(store: Store, cluster: str, node: str, wanted: list[Reservation], pending: list[int],
+                  out: list[Reserved | OverlayCNIError | None]) -> None:
+    """``pods.reserve`` (both families in one transaction) for each pending attachment."""
+    for i in pending:
+        w = wanted[i]
+        try:
+            out[i] = reserve(store, cluster, node, w.container_id, w.ifname, pod=w.pod,
+                             requested_ips=w.requested_ips or ((w.requested_ip,) if w.requested_ip else ()))
+        except OverlayCNIError as exc:
+            out[i] = exc
 
 
 def _commit(
@@ -308,10 +335,11 @@ def _release(
             todo.append((a, held, handle.revision))
         if not todo:
             return out
-        i_ks = {a: ip_key(cluster, held.node, held.ip.ip) for a, held, _ in todo}
-        compare = [pair for a, _, rev in todo for pair in ((h_ks[a], rev), (i_ks[a], rev))]
-        result = store.transact(compare=compare, delete=[k for a, _, _ in todo for k in (h_ks[a], i_ks[a])],
-                                read_keys=[k for a, _, _ in todo for k in (h_ks[a], i_ks[a])])
+        # every address the handle names (dual-stack: both families), written in the handle's transaction
+        i_ks = {a: [ip_key(cluster, held.node, ip) for ip in held.ips] for a, held, _ in todo}
+        compare = [pair for a, _, rev in todo for pair in ((h_ks[a], rev), *((k, rev) for k in i_ks[a]))]
+        result = store.transact(compare=compare, delete=[k for a, _, _ in todo for k in (h_ks[a], *i_ks[a])],
+                                read_keys=[k for a, _, _ in todo for k in (h_ks[a], *i_ks[a])])
         if result.succeeded:
             out.update({a: held for a, held, _ in todo})
             log.debug("released %d addresses in one transaction", len(todo))

@@ -17,6 +17,16 @@ read before ``PoolExhausted``). Losers of a race with another allocator
 Addresses move forward and wrap, so a just-released address is not handed
 out again at once. Rejected: reading the whole used set each time (payload
 grows with the block; 4x slower on etcd with 8 allocators).
+
+Dual-stack: the node's claim names a block per family, and one transaction
+writes an address key per family (``ips/<node>/<ipv4>`` and
+``ips/<node>/<ipv6, exploded>``), the handle naming both, and each
+family's cursor (``cursor/<node>``, ``cursor6/<node>``): an attachment
+holds both addresses or neither, and release deletes all three keys at
+once. Still two round trips: the first read takes both cursors, a failed
+attempt returns a window per family, and each family skips what it saw.
+IPv6 blocks hold up to 2^80 addresses, so the arithmetic never walks a
+block (``addresses.next_free``).
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from ..datastore import KV, Store
+from ..cidr import IPAddress, IPNetwork
+from ..datastore import Store
 from ..datastore.keys import (
     BadRecordHandler,
     Record,
@@ -40,11 +52,31 @@ from ..datastore.keys import (
     nodeblock_key,
     nodeblocks_prefix,
 )
-from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError, PoolExhausted
+from ..errors import (
+    AddressUnavailable,
+    BadRecord,
+    ConfigError,
+    Conflict,
+    FieldError,
+    NotFound,
+    OverlayCNIError,
+    PoolExhausted,
+)
+from ..families import IPFamily, pod_range
 from . import addresses
 from .clusters import get_cluster, not_found
-from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_ip
-from .records import address_value, decode_allocation, decode_block, decode_cursor, handle_value
+from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_any_ip
+from .records import (
+    AddressRecord,
+    address_value,
+    allocation_of,
+    build_allocation,
+    decode_address,
+    decode_allocation,
+    decode_block,
+    decode_cursor,
+    handle_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +92,16 @@ def allocate(
     ifname: str,
     *,
     pod: tuple[str, str] | None = None,
-    requested_ip: IPv4Address | None = None,
+    requested_ip: IPAddress | None = None,
+    requested_ips: Iterable[IPAddress] = (),
 ) -> Allocation:
-    """An address from ``node``'s block for (container_id, ifname); the same
-    one again when that attachment already has one."""
-    return reserve(store, cluster, node, container_id, ifname, pod=pod, requested_ip=requested_ip)[0]
+    """Addresses from ``node``'s blocks for (container_id, ifname), one per
+    family of the node's claim (IPv4, and IPv6 in a dual-stack cluster), in
+    one transaction; the same ones again when that attachment already has
+    them. ``requested_ip(s)``: at most one address per family to use
+    instead of the next free one."""
+    return reserve(store, cluster, node, container_id, ifname, pod=pod, requested_ip=requested_ip,
+                   requested_ips=requested_ips)[0]
 
 
 def reserve(
@@ -75,7 +112,8 @@ def reserve(
     ifname: str,
     *,
     pod: tuple[str, str] | None = None,
-    requested_ip: IPv4Address | None = None,
+    requested_ip: IPAddress | None = None,
+    requested_ips: Iterable[IPAddress] = (),
 ) -> tuple[Allocation, bool]:
     """``allocate``, and whether this call made the allocation (True) or
     found the attachment's existing one (False): only the first may be
@@ -85,15 +123,16 @@ def reserve(
     check_container_id(container_id)
     check_ifname(ifname)
     pod = check_pod(pod)
-    if requested_ip is not None:
-        requested_ip = parse_ip("ip", requested_ip)
-    h_k, nb_k, cur_k = handle_key(cluster, container_id, ifname), nodeblock_key(cluster, node), cursor_key(cluster, node)
+    wanted = _requested([*requested_ips, *([requested_ip] if requested_ip is not None else [])])
+    h_k, nb_k = handle_key(cluster, container_id, ifname), nodeblock_key(cluster, node)
+    cur_ks = {v: cursor_key(cluster, node, version=v) for v in (4, 6)}
     used_prefix = ips_prefix(cluster, node)
-    snap = store.read([h_k, nb_k, cur_k])
-    used: set[int] = set()  # addresses seen taken during this call (may go stale: only used to skip)
+    snap = store.read([h_k, nb_k, *cur_ks.values()])
+    # addresses seen taken during this call, per IP version (may go stale: only used to skip)
+    used: dict[int, set[int]] = {4: set(), 6: set()}
     confirmed_full = False
-    races = 0  # failed attempts where another allocator moved the cursor meanwhile
-    last_cursor: str | None = None
+    races = 0  # failed attempts where another allocator moved a cursor meanwhile
+    last_cursors: tuple[str | None, ...] | None = None
     for attempt in range(_ATTEMPTS):
         handle = snap.get(h_k)
         claim = snap.get(nb_k)
@@ -109,64 +148,112 @@ def reserve(
         if claim is None:
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
-        block = decode_block(claim).block
-        used.update(addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix))
-        if requested_ip is not None:
-            if requested_ip not in block or addresses.is_reserved(block, requested_ip):
-                raise AddressUnavailable(
-                    f"requested IP {requested_ip} is not a usable address of node {node!r}'s block {block} "
-                    f"(usable: {block.network_address + 2} - {block.broadcast_address - 1})"
+        blocks = decode_block(claim).blocks  # one per family, IPv4 first
+        _check_families(wanted, blocks, node)
+        for kv in snap.prefixed(used_prefix):
+            part = kv.key[len(used_prefix):]
+            used[6 if ":" in part else 4].add(addresses.ip_to_int(part))
+        cursors = tuple(c.value if (c := snap.get(cur_ks[b.version])) else None for b in blocks)
+        if attempt and cursors != last_cursors:
+            races += 1
+        last_cursors = cursors
+        # losers of a race spread out over the next few free addresses
+        skip = random.randrange(min(1 << races, 16)) if races else 0
+        chosen: list[tuple[IPNetwork, IPAddress]] = []
+        full: IPNetwork | None = None
+        for block in blocks:
+            ip = wanted.get(block.version)
+            if ip is not None:
+                _check_requested(ip, block, node)
+                if attempt and snap.get(ip_key(cluster, node, ip)) is not None:
+                    raise AddressUnavailable(f"requested IP {ip} is already in use on node {node!r}")
+            else:
+                after = decode_cursor(snap.get(cur_ks[block.version]))
+                ip = addresses.next_free(block, used[block.version], after if not isinstance(after, IPv4Network) else None,
+                                         skip=skip)  # fmt: skip
+                if ip is None:
+                    full = block
+                    break
+            chosen.append((block, ip))
+        if full is not None:
+            if confirmed_full:
+                raise PoolExhausted(
+                    f"node {node!r} (cluster {cluster!r}): block {full} is full "
+                    f"({addresses.capacity(full)} addresses in use)",
+                    details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
                 )
-            if attempt and snap.get(ip_key(cluster, node, requested_ip)) is not None:
-                raise AddressUnavailable(f"requested IP {requested_ip} is already in use on node {node!r}")
-            ip = requested_ip
-        else:
-            cursor = snap.get(cur_k)
-            found = decode_cursor(cursor)
-            after = found if isinstance(found, IPv4Address) else None
-            if attempt and cursor is not None and cursor.value != last_cursor:
-                races += 1
-            last_cursor = cursor.value if cursor else None
-            # losers of a race spread out over the next few free addresses
-            skip = random.randrange(min(1 << races, 16)) if races else 0
-            found = addresses.next_free(block, used, after, skip=skip)
-            if found is None:
-                if confirmed_full:
-                    raise PoolExhausted(
-                        f"node {node!r} (cluster {cluster!r}): block {block} is full "
-                        f"({addresses.capacity(block)} addresses in use)",
-                        details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
-                    )
-                # what this call saw says full; check against a fresh, complete read
-                snap = store.read([h_k, nb_k, cur_k], [used_prefix], keys_only=True)
-                used.clear()
-                confirmed_full = True
-                continue
-            ip = found
+            # what this call saw says full; check against a fresh, complete read
+            snap = store.read([h_k, nb_k, *cur_ks.values()], [used_prefix], keys_only=True)
+            used = {4: set(), 6: set()}
+            confirmed_full = True
+            continue
         confirmed_full = False
-        i_k = ip_key(cluster, node, ip)
-        compare = [(h_k, handle.revision if handle else 0), (i_k, 0), (nb_k, claim.revision)]
-        put = [(i_k, address_value(container_id, ifname, pod), None), (h_k, handle_value(node, ip, block, pod), None)]
-        if requested_ip is None:
-            put.append((cur_k, str(ip), None))
-        # if it fails: the keys, and the next WINDOW used addresses from the candidate on
-        window = (i_k, ip_key(cluster, node, block.broadcast_address), _WINDOW)
+        alloc = _allocation(node, chosen, container_id, ifname, pod)
+        i_ks = [ip_key(cluster, node, ip) for _, ip in chosen]
+        compare = [(h_k, handle.revision if handle else 0), *((k, 0) for k in i_ks), (nb_k, claim.revision)]
+        put = [(k, address_value(container_id, ifname, pod), None) for k in i_ks]
+        put.append((h_k, _handle(alloc, pod), None))
+        put += [(cur_ks[ip.version], str(ip), None) for _, ip in chosen if ip.version not in wanted]
+        # if it fails: the keys, and per family the next WINDOW used addresses from the candidate on
+        windows = [(k, ip_key(cluster, node, block.broadcast_address), _WINDOW) for k, (block, _) in zip(i_ks, chosen, strict=True)]
         result = store.transact(
-            compare=compare, put=put, read_keys=[h_k, nb_k, cur_k], read_ranges=[window], keys_only=True
+            compare=compare, put=put, read_keys=[h_k, nb_k, *cur_ks.values()], read_ranges=windows, keys_only=True
         )
         if result.succeeded:
-            log.debug("allocated %s to %s %s on %s (attempt %d)", ip, container_id, ifname, node, attempt + 1)
-            return _allocation(node, ip, block, container_id, ifname, pod), True
+            log.debug("allocated %s to %s %s on %s (attempt %d)", " ".join(str(ip) for _, ip in chosen),
+                      container_id, ifname, node, attempt + 1)  # fmt: skip
+            return alloc, True
         snap = result.snapshot()
     raise Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
 
 
+def _requested(ips: Iterable[IPAddress]) -> dict[int, IPAddress]:
+    """The requested addresses by IP version: at most one per family."""
+    out: dict[int, IPAddress] = {}
+    for raw in ips:
+        ip = parse_any_ip("ip", raw)
+        if ip.version in out and out[ip.version] != ip:
+            raise ConfigError(FieldError(
+                "ip", f"{out[ip.version]} and {ip} are both {IPFamily.of(ip).label}: ask for one address per family"))
+        out[ip.version] = ip
+    return out
+
+
+def _check_families(wanted: dict[int, IPAddress], blocks: tuple[IPNetwork, ...], node: str) -> None:
+    have = {b.version for b in blocks}
+    for version, ip in wanted.items():
+        if version not in have:
+            raise ConfigError(FieldError(
+                "ip", f"requested IP {ip} is {IPFamily.of(ip).label}, and node {node!r} has no "
+                f"{IPFamily.of(ip).label} block (an IPv4 single-stack cluster)"))
+
+
+def _check_requested(ip: IPAddress, block: IPNetwork, node: str) -> None:
+    if ip not in block or addresses.is_reserved(block, ip):
+        first, last = pod_range(block)
+        raise AddressUnavailable(
+            f"requested IP {ip} is not a usable address of node {node!r}'s block {block} (usable: {first} - {last})"
+        )
+
+
 def _allocation(
-    node: str, ip: IPv4Address, block: IPv4Network, container_id: str, ifname: str, pod: tuple[str, str] | None
+    node: str, chosen: list[tuple[IPNetwork, IPAddress]], container_id: str, ifname: str, pod: tuple[str, str] | None
 ) -> Allocation:
-    ns, name = pod if pod else (None, None)
-    return Allocation(IPv4Interface(f"{ip}/{block.prefixlen}"), block.network_address + 1, container_id, ifname,
-                      node, ns, name)
+    (block, ip), *rest = chosen
+    v6 = rest[0] if rest else None
+    return build_allocation(
+        node, IPv4Address(ip), IPv4Network(block), container_id=container_id, ifname=ifname,
+        pod=pod if pod else (None, None), ip_v6=IPv6Address(v6[1]) if v6 else None,
+        block_v6=IPv6Network(v6[0]) if v6 else None,
+    )
+
+
+def _handle(alloc: Allocation, pod: tuple[str, str] | None) -> str:
+    return handle_value(
+        alloc.node, alloc.ip.ip, alloc.ip.network, pod,
+        ip_v6=alloc.ip_v6.ip if alloc.ip_v6 is not None else None,
+        block_v6=alloc.ip_v6.network if alloc.ip_v6 is not None else None,
+    )
 
 
 def get_allocation(store: Store, cluster: str, container_id: str, ifname: str) -> Allocation | None:
@@ -181,9 +268,10 @@ def get_allocation(store: Store, cluster: str, container_id: str, ifname: str) -
 def release(
     store: Store, cluster: str, container_id: str, ifname: str, *, node: str | None = None
 ) -> Allocation | None:
-    """Release the attachment's address; returns what was released (None when
-    there was nothing). Idempotent. With ``node``, only an allocation on that
-    node is released (one held on another node is left alone: None)."""
+    """Release the attachment's addresses (every family, in one
+    transaction); returns what was released (None when there was nothing).
+    Idempotent. With ``node``, only an allocation on that node is released
+    (one held on another node is left alone: None)."""
     check_name("cluster", cluster)
     check_container_id(container_id)
     check_ifname(ifname)
@@ -201,41 +289,45 @@ def release(
             log.debug("not releasing %s of %s %s: it is held on node %s, not %s", held.ip.ip, container_id, ifname,
                       held.node, owner)
             return None
-        node, ip = held.node, held.ip.ip
-        i_k = ip_key(cluster, node, ip)
-        # the address key was written in the handle's transaction: same revision
+        node = held.node
+        i_ks = [ip_key(cluster, node, ip) for ip in held.ips]
+        # the address keys were written in the handle's transaction: same revision
         result = store.transact(
-            compare=[(h_k, handle.revision), (i_k, handle.revision)],
-            delete=[h_k, i_k],
-            read_keys=[h_k, i_k],
+            compare=[(h_k, handle.revision), *((k, handle.revision) for k in i_ks)],
+            delete=[h_k, *i_ks],
+            read_keys=[h_k, *i_ks],
         )
         if result.succeeded:
-            log.debug("released %s of %s %s on %s", ip, container_id, ifname, node)
+            log.debug("released %s of %s %s on %s", " ".join(map(str, held.ips)), container_id, ifname, node)
             return held
         snap = result.snapshot()
-        ip_kv, handle_now = snap.get(i_k), snap.get(h_k)
+        handle_now = snap.get(h_k)
         if handle_now is not None and handle_now.revision == handle.revision:
-            # half-written pair: drop the handle, and the address only if it is ours
+            # half-written set: drop the handle, and each address only if it is ours
             store.txn(compare=[(h_k, handle.revision)], delete=[h_k])
-            if ip_kv is not None and _held_by(ip_kv, container_id, ifname):
-                store.txn(compare=[(i_k, ip_kv.revision)], delete=[i_k])
-            return Allocation(held.ip, held.gateway, container_id, ifname, node)
+            for k in i_ks:
+                ip_kv = snap.get(k)
+                if ip_kv is not None and _held_by(ip_kv, container_id, ifname):
+                    store.txn(compare=[(k, ip_kv.revision)], delete=[k])
+            return replace(held, pod_namespace=None, pod_name=None)
     raise Conflict(f"release of {container_id} {ifname}: too many concurrent changes, try again")
 
 
 def _held_by(kv: Record, container_id: str, ifname: str) -> bool:
     try:
-        a = decode_allocation(kv)
+        a = decode_address(kv)
     except BadRecord:
         return False
-    return (a.container_id, a.ifname) == (container_id, ifname)
+    return a.attachment == (container_id, ifname)
 
 
 def list_allocations(
     store: Store, cluster: str, *, node: str | None = None, on_bad: BadRecordHandler | None = None
 ) -> list[Allocation]:
-    """The allocations (of ``node``, if given). A bad record raises
-    ``BadRecord``, or with ``on_bad`` is reported and skipped."""
+    """The allocations (of ``node``, if given), one per attachment with its
+    address of each family. A bad record raises ``BadRecord``, or with
+    ``on_bad`` is reported and skipped; so is an IPv6 address whose
+    attachment has no IPv4 address (half an allocation: ``ipam check``)."""
     check_name("cluster", cluster)
     if node is not None:
         check_name("node", node)
@@ -243,15 +335,29 @@ def list_allocations(
     snap = store.read([config_key(cluster)], [nodeblocks_prefix(cluster), prefix])
     if snap.get(config_key(cluster)) is None:
         raise not_found(cluster)
-    claims = decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block, on_bad=on_bad)
-    blocks = {c.node: c.block for c in claims}
-    base = ips_prefix(cluster)
-
-    def decode(kv: KV) -> Allocation:
-        owner = kv.key[len(base):].partition("/")[0]
-        return decode_allocation(kv, block=blocks.get(owner))
-
-    out = decode_all(snap.prefixed(prefix), decode, on_bad=on_bad)
+    claims = {c.node: c for c in decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block, on_bad=on_bad)}
+    kvs = snap.prefixed(prefix)
+    records = decode_all(kvs, decode_address, on_bad=on_bad)
+    by_key = {kv.key: kv for kv in kvs}
+    v4: dict[tuple[str, str, str], AddressRecord] = {}
+    v6: dict[tuple[str, str, str], AddressRecord] = {}
+    for rec in records:
+        (v4 if rec.ip.version == 4 else v6)[(rec.node, *rec.attachment)] = rec
+    out = []
+    for key, rec in v4.items():
+        claim = claims.get(rec.node)
+        out.append(allocation_of(rec, v6.get(key), block=claim.block_v4 if claim else None,
+                                 block_v6=claim.block_v6 if claim else None))  # fmt: skip
+    for key, rec in v6.items():
+        if key not in v4:
+            exc = BadRecord(
+                key=ip_key(cluster, rec.node, rec.ip), kind="allocation",
+                problem=f"IPv6 address {rec.ip} of {rec.container_id} {rec.ifname} has no IPv4 address beside it",
+                revision=by_key[ip_key(cluster, rec.node, rec.ip)].revision,
+            )
+            if on_bad is None:
+                raise exc
+            on_bad(exc)
     return sorted(out, key=lambda a: (a.node, int(a.ip)))
 
 
@@ -259,26 +365,41 @@ def gc(
     store: Store, cluster: str, valid: Iterable[tuple[str, str]], *, node: str | None = None
 ) -> list[Allocation]:
     """Release every allocation whose (container_id, ifname) is not in
-    ``valid`` (on ``node`` only, if given), and drop dangling handles. Keeps
-    going past errors; returns what was released."""
+    ``valid`` (on ``node`` only, if given), and drop dangling handles and
+    addresses of either family. Keeps going past errors; returns what was
+    released."""
     keep = {(c, i) for c, i in valid}
     released: list[Allocation] = []
     errors: list[str] = []
-    for alloc in list_allocations(store, cluster, node=node, on_bad=lambda exc: errors.append(str(exc))):
-        if (alloc.container_id, alloc.ifname) in keep:
+    check_name("cluster", cluster)
+    if node is not None:
+        check_name("node", node)
+    snap = store.read([config_key(cluster)], [nodeblocks_prefix(cluster), ips_prefix(cluster, node)])
+    if snap.get(config_key(cluster)) is None:
+        raise not_found(cluster)
+    claims = {c.node: c for c in decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block,
+                                            on_bad=lambda exc: errors.append(str(exc)))}  # fmt: skip
+    for kv in snap.prefixed(ips_prefix(cluster, node)):
+        try:
+            rec = decode_address(kv)
+        except BadRecord as exc:
+            errors.append(str(exc))
+            continue
+        if rec.attachment in keep:
             continue
         try:
-            if release(store, cluster, alloc.container_id, alloc.ifname) is None:
-                # an address without its handle (a leak): delete the address itself
-                i_k = ip_key(cluster, alloc.node, alloc.ip.ip)
-                kv = store.get(i_k)
-                if kv is not None and store.txn(compare=[(i_k, kv.revision)], delete=[i_k]):
-                    released.append(alloc)
-            else:
+            alloc = release(store, cluster, rec.container_id, rec.ifname)
+            if alloc is not None:
                 released.append(alloc)
+            elif store.txn(compare=[(kv.key, kv.revision)], delete=[kv.key]):
+                # an address without its handle (a leak): delete the address itself
+                log.info("gc: deleted %s of %s %s on %s (no handle)", rec.ip, rec.container_id, rec.ifname, rec.node)
+                if isinstance(rec.ip, IPv4Address):
+                    claim = claims.get(rec.node)
+                    released.append(allocation_of(rec, block=claim.block_v4 if claim else None))
         except OverlayCNIError as exc:
-            errors.append(f"{alloc.container_id} {alloc.ifname}: {exc}")
-    # handles whose address is gone
+            errors.append(f"{rec.container_id} {rec.ifname}: {exc}")
+    # handles whose addresses are gone
     for kv in store.list(handles_prefix(cluster)):
         try:
             h = decode_allocation(kv)
@@ -287,7 +408,7 @@ def gc(
             continue
         if (h.container_id, h.ifname) in keep or (node is not None and h.node != node):
             continue
-        if store.get(ip_key(cluster, h.node, h.ip.ip)) is None:
+        if all(store.get(ip_key(cluster, h.node, ip)) is None for ip in h.ips):
             try:
                 store.txn(compare=[(kv.key, kv.revision)], delete=[kv.key])
             except OverlayCNIError as exc:

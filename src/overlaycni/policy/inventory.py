@@ -8,22 +8,26 @@ by tests) before a datastore is involved::
     pods:
     - {namespace: x, name: a, ip: 10.244.1.10, node: node-1, labels: {pod: a},
        ports: [serve-80-tcp=80/TCP]}
+    - {namespace: x, name: b, ip: 10.244.1.11, ipv6: 'fd12:3456:789a:0:1::b',
+       node: node-1}
     policies:
     - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, ...}
 
 Namespaces that pods or policies use but the file does not list exist with
-only their ``kubernetes.io/metadata.name`` label.
+only their ``kubernetes.io/metadata.name`` label. ``ipv6`` is a dual-stack
+pod's IPv6 address; no two pods may share an address of either family.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from typing import Any
 
 import yaml
 
+from ..cidr import IPAddress
 from ..errors import ConfigError, PolicyFieldError
 from .model import NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
 from .records import namespace_from_dict, pod_from_dict
@@ -35,19 +39,28 @@ class Inventory:
     pods: tuple[PodInfo, ...]
     policies: tuple[NetworkPolicy, ...]
 
-    def endpoint(self, text: str, *, field: str) -> PodInfo | IPv4Address:
-        """``ns/pod`` or an IPv4 address (a pod's address means that pod)."""
+    def endpoint(self, text: str, *, field: str) -> PodInfo | IPAddress:
+        """``ns/pod`` or an IPv4 or IPv6 address (either address of a pod
+        means that pod)."""
         if "/" in text:
             for p in self.pods:
                 if p.key == text:
                     return p
             known = ", ".join(p.key for p in self.pods[:8]) or "none"
             raise ConfigError(PolicyFieldError(field, f"no pod {text!r} in the inventory (pods: {known})"))
-        try:
-            ip = IPv4Address(text)
-        except ValueError:
-            raise ConfigError(PolicyFieldError(field, f"{text!r} is neither NAMESPACE/POD nor an IPv4 address")) from None
-        return next((p for p in self.pods if p.ip == ip), ip)
+        ip = parse_address(text)
+        if ip is None:
+            raise ConfigError(PolicyFieldError(field, f"{text!r} is neither NAMESPACE/POD nor an IPv4 or IPv6 address"))
+        return next((p for p in self.pods if ip in p.ips), ip)
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """An IPv4 or IPv6 address (without a zone); None when ``text`` is not one."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return None if getattr(ip, "scope_id", None) is not None else ip
 
 
 def load_inventory(text: str) -> Inventory:
@@ -81,11 +94,12 @@ def load_inventory(text: str) -> Inventory:
             pods.append(pod_from_dict(raw, path=f"pods[{i}]"))
         except ConfigError as exc:
             errors.extend(exc.errors)  # type: ignore[arg-type]
-    seen_ips: dict[IPv4Address, str] = {}
+    seen_ips: dict[IPAddress, str] = {}
     for i, p in enumerate(pods):
-        if p.ip in seen_ips:
-            errors.append(PolicyFieldError(f"pods[{i}].ip", f"{p.ip} is already the address of {seen_ips[p.ip]}"))
-        seen_ips[p.ip] = p.key
+        for key, ip in zip(("ip", "ipv6"), p.ips, strict=False):
+            if ip in seen_ips:
+                errors.append(PolicyFieldError(f"pods[{i}].{key}", f"{ip} is already the address of {seen_ips[ip]}"))
+            seen_ips[ip] = p.key
     policies: list[NetworkPolicy] = []
     for i, raw in enumerate(sections["policies"]):
         perrs: list[PolicyFieldError] = []

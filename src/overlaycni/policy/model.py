@@ -9,6 +9,17 @@ absent ``podSelector`` is the empty selector (all pods of the namespace).
 Validation errors carry the JSON path of the offending field
 (``spec.ingress[0].ports[1].endPort``); unknown fields are errors too (kubectl
 validates strictly by default), so a typo cannot silently widen a policy.
+
+Families: an ``ipBlock`` is IPv4 or IPv6 (its ``except`` entries must be of
+the same family and strict subsets of ``cidr``, as the API server requires)
+and matches addresses of its own family only, as in Kubernetes. A pod has an
+IPv4 address and, in a dual-stack cluster, an IPv6 one (``PodInfo.ips``,
+IPv4 first); pod selectors select both. Two spellings the API server's
+parser may let through are refused here because they cannot mean what they
+say: a zone (``fe80::%eth0/64``: nftables matches addresses, not zones) and
+an IPv4-mapped IPv6 CIDR (``::ffff:10.0.0.0/104``: a packet of either family
+never carries such an address, so the peer would silently match nothing);
+the error names the IPv4 CIDR to write instead.
 """
 
 from __future__ import annotations
@@ -17,13 +28,15 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 from typing import Any
 
 import yaml
 
+from ..cidr import IPAddress
 from ..errors import ConfigError, PolicyFieldError
+from ..families import IPFamily
 from .selectors import EVERYTHING, LabelSelector, parse_selector
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -55,12 +68,16 @@ class NamedPort:
 
 @dataclass(frozen=True)
 class PodInfo:
+    """A pod as policy sees it: its addresses (``ip``, and ``ip_v6`` in a
+    dual-stack cluster), its node, labels and named container ports."""
+
     namespace: str
     name: str
     ip: IPv4Address
     node: str
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     ports: tuple[NamedPort, ...] = ()
+    ip_v6: IPv6Address | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen_labels(self.labels))
@@ -69,6 +86,15 @@ class PodInfo:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def ips(self) -> tuple[IPAddress, ...]:
+        """The pod's addresses, IPv4 first."""
+        return (self.ip,) if self.ip_v6 is None else (self.ip, self.ip_v6)
+
+    def address(self, family: IPFamily) -> IPAddress | None:
+        """The pod's address of ``family`` (None: the pod has none)."""
+        return self.ip if family is IPFamily.ipv4 else self.ip_v6
 
     def named_port(self, name: str, protocol: str) -> int | None:
         """The number of the container port called ``name`` with ``protocol``."""
@@ -100,8 +126,14 @@ class IPBlock:
     cidr: IPv4Network | IPv6Network
     except_: tuple[IPv4Network | IPv6Network, ...] = ()
 
-    def contains(self, ip: IPv4Address) -> bool:
-        if ip.version != self.cidr.version or ip not in self.cidr:
+    @property
+    def family(self) -> IPFamily:
+        return IPFamily.of(self.cidr)
+
+    def contains(self, ip: IPAddress | None) -> bool:
+        """Whether ``ip`` is in the block: an address of the other family
+        (or none) never is."""
+        if ip is None or ip.version != self.cidr.version or ip not in self.cidr:
             return False
         return not any(ip in e for e in self.except_)
 
@@ -370,15 +402,28 @@ def _parse_peers(raw: Any, path: str, errors: list[PolicyFieldError]) -> tuple[P
     return tuple(out)
 
 
+_CIDR_EXAMPLE = "expected e.g. 10.0.0.0/8 or fd00::/64"
+
+
 def _cidr(text: Any, path: str, errors: list[PolicyFieldError]) -> IPv4Network | IPv6Network | None:
     if not isinstance(text, str) or "/" not in text:
-        errors.append(PolicyFieldError(path, f"{text!r} is not a CIDR (expected e.g. 10.0.0.0/8)"))
+        errors.append(PolicyFieldError(path, f"{text!r} is not a CIDR ({_CIDR_EXAMPLE})"))
+        return None
+    if "%" in text:
+        errors.append(PolicyFieldError(path, f"{text!r}: a CIDR may not carry a zone (%...) ({_CIDR_EXAMPLE})"))
         return None
     try:
-        return ipaddress.ip_network(text, strict=False)  # the API server masks host bits too
+        net = ipaddress.ip_network(text, strict=False)  # the API server masks host bits too
     except ValueError:
-        errors.append(PolicyFieldError(path, f"{text!r} is not a valid CIDR (expected e.g. 10.0.0.0/8)"))
+        errors.append(PolicyFieldError(path, f"{text!r} is not a valid CIDR ({_CIDR_EXAMPLE})"))
         return None
+    if isinstance(net, IPv6Network) and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        v4 = IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+        errors.append(
+            PolicyFieldError(path, f"{text!r} is an IPv4-mapped IPv6 CIDR, which no packet carries: write {v4}")
+        )
+        return None
+    return net
 
 
 def _parse_ip_block(raw: Any, path: str, errors: list[PolicyFieldError]) -> IPBlock | None:
@@ -400,7 +445,13 @@ def _parse_ip_block(raw: Any, path: str, errors: list[PolicyFieldError]) -> IPBl
         net = _cidr(text, ep, errors)
         if net is None or cidr is None:
             continue
-        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:  # type: ignore[arg-type]
+        if net.version != cidr.version:
+            errors.append(
+                PolicyFieldError(ep, f"{text} is {IPFamily.of(net).label} but cidr {cidr} is {IPFamily.of(cidr).label}: "
+                                 "except must be of the cidr's family")
+            )
+            continue
+        if not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:  # type: ignore[arg-type]
             errors.append(PolicyFieldError(ep, f"{text} must be a strict subset of cidr {cidr}"))
             continue
         excepts.append(net)

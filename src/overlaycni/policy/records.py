@@ -129,8 +129,13 @@ def validate_labels(labels: Any, path: str) -> list[PolicyFieldError]:
 # ----- pods and namespaces -----------------------------------------------------------
 
 
+_POD_FIELDS = ("namespace", "name", "ip", "ipv6", "node", "labels", "ports")
+
+
 def pod_to_dict(pod: PodInfo) -> dict[str, Any]:
-    return {
+    """The stored/declared form; ``ipv6`` only for a dual-stack pod, so a
+    single-stack record stays what it always was."""
+    out: dict[str, Any] = {
         "namespace": pod.namespace,
         "name": pod.name,
         "ip": str(pod.ip),
@@ -138,16 +143,20 @@ def pod_to_dict(pod: PodInfo) -> dict[str, Any]:
         "labels": dict(pod.labels),
         "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in pod.ports],
     }
+    if pod.ip_v6 is not None:
+        out["ipv6"] = str(pod.ip_v6)
+    return out
 
 
 def pod_from_dict(data: Mapping[str, Any], *, path: str = "pod") -> PodInfo:
-    """A PodInfo from its stored/declared form; ConfigError naming the field."""
+    """A PodInfo from its stored/declared form (``ip`` IPv4, ``ipv6``
+    optional); ConfigError naming the field."""
     errors: list[PolicyFieldError] = []
     if not isinstance(data, Mapping):
         raise ConfigError(PolicyFieldError(path, "must be an object"))
     for key in data:
-        if key not in ("namespace", "name", "ip", "node", "labels", "ports"):
-            errors.append(PolicyFieldError(f"{path}.{key}", "unknown field (expected namespace, name, ip, node, labels, ports)"))
+        if key not in _POD_FIELDS:
+            errors.append(PolicyFieldError(f"{path}.{key}", f"unknown field (expected {', '.join(_POD_FIELDS)})"))
     for key in ("namespace", "name"):
         if not isinstance(data.get(key), str) or not data.get(key):
             errors.append(PolicyFieldError(f"{path}.{key}", "required"))
@@ -156,6 +165,15 @@ def pod_from_dict(data: Mapping[str, Any], *, path: str = "pod") -> PodInfo:
         ip = ipaddress.IPv4Address(str(data.get("ip")))
     except ValueError:
         errors.append(PolicyFieldError(f"{path}.ip", f"{data.get('ip')!r} is not an IPv4 address"))
+    ip_v6 = None
+    if data.get("ipv6") is not None:
+        try:
+            ip_v6 = ipaddress.IPv6Address(str(data["ipv6"]))
+            if ip_v6.scope_id is not None:
+                raise ValueError
+        except ValueError:
+            ip_v6 = None
+            errors.append(PolicyFieldError(f"{path}.ipv6", f"{data['ipv6']!r} is not an IPv6 address (without a zone)"))
     labels = data.get("labels") or {}
     errors.extend(validate_labels(labels, f"{path}.labels"))
     ports: list[NamedPort] = []
@@ -187,7 +205,7 @@ def pod_from_dict(data: Mapping[str, Any], *, path: str = "pod") -> PodInfo:
             ports.append(NamedPort(p["name"], port, proto))
     if errors or ip is None:  # a bad ip is among the errors
         raise ConfigError(errors)
-    return PodInfo(data["namespace"], data["name"], ip, str(data.get("node") or ""), labels, tuple(ports))
+    return PodInfo(data["namespace"], data["name"], ip, str(data.get("node") or ""), labels, tuple(ports), ip_v6=ip_v6)
 
 
 def parse_named_port(text: str) -> NamedPort:

@@ -39,6 +39,22 @@ new pod or a label change only adds or deletes set / map elements
 connection costs its first packet one map lookup plus, per policy of the
 namespace, one set lookup; later packets stop at the conntrack rule.
 
+Families. The ``inet`` table sees IPv4 and IPv6 packets alike; what is
+per family is the address match. A dual-stack render (``families`` IPv4 and
+IPv6) keeps every IPv4 object above and adds its IPv6 twin beside it, named
+with ``-v6``: ``sel-<hash>-v6`` (``ipv6_addr``), ``np-<proto>-<name>-v6``
+(``ipv6_addr . inet_service``) and the maps ``egress-pods-v6`` /
+``ingress-pods-v6``, which hold the IPv6 address of each isolated local pod
+and jump to the same namespace chain as its IPv4 address. Every rule that
+matches an address is rendered once per family (``ip saddr @sel-X`` and
+``ip6 saddr @sel-X-v6``); a rule without one (ports only, or no
+conditions) once, for both. An ipBlock is one family's, as in Kubernetes:
+an IPv6 block (with its ``except``) becomes ``ip6`` matches only, and an
+IPv4 block never admits IPv6 traffic. An IPv4-only render (``families``
+IPv4, or not given and no pod has an IPv6 address) is exactly the
+table above, without a single IPv6 object; IPv6 packets then meet no
+verdict map and pass (single-stack pods send none beyond their link).
+
 Flow logs (``flow_log``, off by default): each decision ends in a log
 chain instead of its bare verdict, and the verdict maps also send this
 node's non-isolated pods to a logging chain; ``policy.flowlog`` has the
@@ -46,8 +62,9 @@ design. Without ``flow_log`` the table is exactly the one described above.
 
 Rejected: per-pod chains (pods x policies jumps); one chain per node walked
 by every packet (cost grows with all policies); iptables-style
-interface matches (VXLAN and direct backends arrive on different devices).
-IPv6 ipBlocks are not rendered: pod addresses are IPv4.
+interface matches (VXLAN and direct backends arrive on different devices);
+one set of both families (an nft set has one key type; ``inet`` sets do not
+mix ``ipv4_addr`` and ``ipv6_addr``).
 """
 
 from __future__ import annotations
@@ -59,8 +76,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..cidr import IPAddress
 from ..dataplane import nftables as nft
 from ..dataplane.policytable import FAMILY, TABLE
+from ..families import SINGLE_STACK, IPFamily
 from . import flowlog
 from .engine import Cluster
 from .flowlog import FlowLogSpec
@@ -71,6 +90,12 @@ EGRESS_PRIORITY = 0
 INGRESS_PRIORITY = 1
 _T = {"family": FAMILY, "table": TABLE}
 _DIR = {"Ingress": ("in", "daddr", "saddr", "ingress"), "Egress": ("eg", "saddr", "daddr", "egress")}
+# per family: the nft payload protocol of its header, its address type, the suffix of its objects' names
+_PROTO = {IPFamily.ipv4: "ip", IPFamily.ipv6: "ip6"}
+_ADDR_TYPE = {IPFamily.ipv4: "ipv4_addr", IPFamily.ipv6: "ipv6_addr"}
+_SUFFIX = {IPFamily.ipv4: "", IPFamily.ipv6: "-v6"}
+
+Alternative = tuple[IPFamily | None, list[dict]]  # the family it is for (None: both) and its matches
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,7 @@ class Selection:
 
     @property
     def set_name(self) -> str:
+        """The name of its IPv4 set (``set_name + "-v6"``: the IPv6 set)."""
         return "sel-" + _digest(repr(self))
 
     def describe(self) -> str:
@@ -95,14 +121,15 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _addr(field: str) -> dict:
-    return nft.payload("ip", field)
+def _addr(field: str, family: IPFamily = IPFamily.ipv4) -> dict:
+    return nft.payload(_PROTO[family], field)
 
 
 class _Builder:
-    def __init__(self, cluster: Cluster, pods: list[PodInfo]) -> None:
+    def __init__(self, cluster: Cluster, pods: list[PodInfo], families: tuple[IPFamily, ...]) -> None:
         self.cluster = cluster
         self.pods = pods
+        self.families = families
         self.sets: dict[str, Selection] = {}
         self.named_ports: set[tuple[str, str]] = set()
         self.chains: dict[str, list[dict]] = {}
@@ -113,9 +140,9 @@ class _Builder:
         self._spaces: dict[LabelSelector, list[str]] = {}  # namespaceSelector -> namespaces with pods it matches
         self._by_label: dict[tuple[str, str], list[str]] | None = None  # label pair -> namespaces with pods
 
-    def selection_set(self, sel: Selection) -> str:
+    def selection_set(self, sel: Selection, family: IPFamily = IPFamily.ipv4) -> str:
         self.sets.setdefault(sel.set_name, sel)
-        return "@" + sel.set_name
+        return "@" + sel.set_name + _SUFFIX[family]
 
     def members(self, sel: Selection) -> list[PodInfo]:
         if sel not in self._members:
@@ -148,23 +175,24 @@ class _Builder:
             candidates = [p for ns in self._namespaces(sel.namespace_selector) for p in self.by_ns[ns]]  # type: ignore[arg-type]
         return [p for p in candidates if sel.pod_selector.matches(p.labels)]
 
-    def peer_alternatives(self, peer: PolicyPeer, policy_ns: str, field: str) -> list[list[dict]]:
+    def peer_alternatives(self, peer: PolicyPeer, policy_ns: str, field: str) -> list[Alternative]:
         if peer.ip_block is not None:
             block = peer.ip_block
-            if block.cidr.version != 4:
+            fam = block.family
+            if fam not in self.families:
                 return []
-            exprs = [nft.match(_addr(field), nft.prefix(block.cidr))]
+            exprs = [nft.match(_addr(field, fam), nft.prefix(block.cidr))]
             if block.except_:
-                exprs.append(nft.match(_addr(field), {"set": [nft.prefix(e) for e in block.except_]}, "!="))
-            return [exprs]
+                exprs.append(nft.match(_addr(field, fam), {"set": [nft.prefix(e) for e in block.except_]}, "!="))
+            return [(fam, exprs)]
         pods = peer.pod_selector if peer.pod_selector is not None else EVERYTHING
         if peer.namespace_selector is None:
             sel = Selection(policy_ns, None, pods)
         else:
             sel = Selection(None, peer.namespace_selector, pods)
-        return [[nft.match(_addr(field), self.selection_set(sel))]]
+        return [(f, [nft.match(_addr(field, f), self.selection_set(sel, f))]) for f in self.families]
 
-    def port_alternatives(self, ports: tuple[PolicyPort, ...]) -> list[list[dict]]:
+    def port_alternatives(self, ports: tuple[PolicyPort, ...]) -> list[Alternative]:
         whole: set[str] = set()
         numbers: dict[str, list[Any]] = defaultdict(list)
         named: list[tuple[str, str]] = []
@@ -178,30 +206,42 @@ class _Builder:
                 numbers[proto].append({"range": [pp.port, pp.end_port]})
             else:
                 numbers[proto].append(pp.port)
-        out = []
+        out: list[Alternative] = []
         for proto in sorted(set(numbers) | whole):
             if proto in whole:
-                out.append([nft.match(nft.meta("l4proto"), proto)])
+                out.append((None, [nft.match(nft.meta("l4proto"), proto)]))
                 continue
             values = sorted(dict.fromkeys(json.dumps(v) for v in numbers[proto]))
             items = [json.loads(v) for v in values]
             right = items[0] if len(items) == 1 else {"set": items}
-            out.append([nft.match(nft.payload(proto, "dport"), right)])
+            out.append((None, [nft.match(nft.payload(proto, "dport"), right)]))
         for proto, name in sorted(set(named)):
             if proto in whole:
                 continue
             self.named_ports.add((proto, name))
-            left = {"concat": [_addr("daddr"), nft.payload(proto, "dport")]}
-            out.append([nft.match(left, f"@np-{proto}-{name}")])
+            for f in self.families:  # a name resolves on the destination's address of the packet's family
+                left = {"concat": [_addr("daddr", f), nft.payload(proto, "dport")]}
+                out.append((f, [nft.match(left, f"@np-{proto}-{name}{_SUFFIX[f]}")]))
         return out
 
     def rule_exprs(self, rule: Rule, policy_ns: str, peer_field: str) -> list[list[dict]]:
+        """One list of matches per alternative of ``rule``: each peer
+        alternative with each port alternative of a compatible family (an
+        IPv6 peer never pairs with an IPv4 named-port set)."""
         if rule.peers:
             peers = [alt for p in rule.peers for alt in self.peer_alternatives(p, policy_ns, peer_field)]
         else:
-            peers = [[]]
-        ports = self.port_alternatives(rule.ports) if rule.ports else [[]]
-        return [pe + po for pe in peers for po in ports]
+            peers = [(None, [])]
+        ports = self.port_alternatives(rule.ports) if rule.ports else [(None, [])]
+        return [pe + po for pf, pe in peers for qf, po in ports if pf is None or qf is None or pf is qf]
+
+
+def render_families(pods: Iterable[PodInfo], families: Iterable[IPFamily] | None = None) -> tuple[IPFamily, ...]:
+    """The families a render covers: ``families`` (the cluster's, IPv4
+    first) when given, else IPv4 plus IPv6 when any pod has an IPv6 address."""
+    if families is not None:
+        return tuple(f for f in (IPFamily.ipv4, IPFamily.ipv6) if f in tuple(families))
+    return SINGLE_STACK + ((IPFamily.ipv6,) if any(p.ip_v6 is not None for p in pods) else ())
 
 
 def policy_rules(
@@ -235,16 +275,19 @@ def render_node(
     namespaces: Iterable[NamespaceInfo],
     policies: Iterable[NetworkPolicy],
     flow_log: FlowLogSpec | None = None,
+    families: Iterable[IPFamily] | None = None,
 ) -> dict:
     """The whole ``inet overlaycni`` table for ``node`` as one atomic
     ``nft -j`` transaction (add + delete + add the table, then its content).
     ``flow_log``: add the log rules (``policy.flowlog``); None renders the
-    table without them."""
+    table without them. ``families``: the cluster's IP families
+    (``render_families``)."""
     pods = sorted(pods, key=lambda p: (p.namespace, p.name))
+    fams = render_families(pods, families)
     cluster = Cluster.of(pods, namespaces)
     policies = sorted(policies, key=lambda p: p.key)
-    b = _Builder(cluster, pods)
-    isolated: dict[str, dict[str, str]] = {"Ingress": {}, "Egress": {}}  # pod ip -> namespace (or flow log) chain
+    b = _Builder(cluster, pods, fams)
+    isolated: dict[str, dict[IPAddress, str]] = {"Ingress": {}, "Egress": {}}  # pod address -> namespace (or flow log) chain
     ns_chains: dict[str, list[dict]] = {}
     allows: list[flowlog.RuleRef] = []  # the rules with an allow rendered
 
@@ -255,17 +298,19 @@ def render_node(
             target = Selection(pol.namespace, None, pol.pod_selector)
             for pod in b.members(target):
                 if pod.node == node:
-                    isolated[direction][str(pod.ip)] = ns_chain
+                    for ip in pod.ips:
+                        isolated[direction][ip] = ns_chain
             pol_chain = f"{tag}-{_digest(pol.key)}"
             body = policy_rules(b, pol, direction, peer_field, flow_log=flow_log, allows=allows)
             if body:
                 b.chains[pol_chain] = body
-                ns_rules.append(
-                    {
-                        "expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(pol_chain)],
-                        "comment": pol.key,
-                    }
-                )
+                for f in fams:
+                    ns_rules.append(
+                        {
+                            "expr": [nft.match(_addr(own_field, f), b.selection_set(target, f)), nft.jump(pol_chain)],
+                            "comment": pol.key,
+                        }
+                    )
     for name, rules in ns_chains.items():
         direction = "ingress" if name.startswith("in-") else "egress"
         deny: dict = {"drop": None}
@@ -278,7 +323,9 @@ def render_node(
         for direction in ("Ingress", "Egress"):  # local pods not isolated: logged, then allowed
             for p in pods:
                 if p.node == node:
-                    isolated[direction].setdefault(str(p.ip), flowlog.default_chain(direction))
+                    for ip in p.ips:
+                        if any(ip.version == f.version for f in fams):
+                            isolated[direction].setdefault(ip, flowlog.default_chain(direction))
 
     cmds: list[dict] = nft.replace_table(FAMILY, TABLE)
     for direction, prio in (("Egress", EGRESS_PRIORITY), ("Ingress", INGRESS_PRIORITY)):
@@ -291,35 +338,51 @@ def render_node(
     for name in sorted(b.chains):
         cmds.append({"add": {"chain": {**_T, "name": name}}})
     for name in sorted(b.sets):
-        elem = sorted({str(p.ip) for p in b.members(b.sets[name])}, key=_ip_key)
-        cmds.append({"add": {"set": _with_elem({**_T, "name": name, "type": "ipv4_addr"}, elem)}})
+        members = b.members(b.sets[name])
+        for f in fams:
+            elem = [str(a) for a in _addresses(members, f)]
+            cmds.append({"add": {"set": _with_elem({**_T, "name": name + _SUFFIX[f], "type": _ADDR_TYPE[f]}, elem)}})
     for proto, pname in sorted(b.named_ports):
-        ports_elem = sorted(
-            {(str(p.ip), n) for p in pods if (n := p.named_port(pname, proto.upper())) is not None},
-            key=lambda e: (_ip_key(e[0]), e[1]),
-        )
-        cmds.append(
-            {
-                "add": {
-                    "set": _with_elem(
-                        {**_T, "name": f"np-{proto}-{pname}", "type": ["ipv4_addr", "inet_service"]},
-                        [{"concat": [ip, n]} for ip, n in ports_elem],
-                    )
+        for f in fams:
+            ports_elem = sorted(
+                {
+                    (a, n)
+                    for p in pods
+                    if (n := p.named_port(pname, proto.upper())) is not None and (a := p.address(f)) is not None
                 }
-            }
-        )
+            )
+            cmds.append(
+                {
+                    "add": {
+                        "set": _with_elem(
+                            {**_T, "name": f"np-{proto}-{pname}{_SUFFIX[f]}", "type": [_ADDR_TYPE[f], "inet_service"]},
+                            [{"concat": [str(a), n]} for a, n in ports_elem],
+                        )
+                    }
+                }
+            )
     for direction in ("Egress", "Ingress"):
         base = _DIR[direction][3]
-        map_elem = [[ip, nft.jump(chain)] for ip, chain in sorted(isolated[direction].items(), key=lambda e: _ip_key(e[0]))]
-        cmds.append({"add": {"map": _with_elem({**_T, "name": f"{base}-pods", "type": "ipv4_addr", "map": "verdict"}, map_elem)}})
+        for f in fams:
+            chosen = sorted((ip, chain) for ip, chain in isolated[direction].items() if ip.version == f.version)
+            map_elem = [[str(ip), nft.jump(chain)] for ip, chain in chosen]
+            spec = {**_T, "name": f"{base}-pods{_SUFFIX[f]}", "type": _ADDR_TYPE[f], "map": "verdict"}
+            cmds.append({"add": {"map": _with_elem(spec, map_elem)}})
     for direction in ("Egress", "Ingress"):
         _, own_field, _, base = _DIR[direction]
         cmds.append(_rule(base, [nft.match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}], "replies of allowed connections"))
-        cmds.append(_rule(base, [{"vmap": {"key": _addr(own_field), "data": f"@{base}-pods"}}], f"this node's pods isolated for {base}"))
+        for f in fams:
+            vmap = {"vmap": {"key": _addr(own_field, f), "data": f"@{base}-pods{_SUFFIX[f]}"}}
+            cmds.append(_rule(base, [vmap], f"this node's pods isolated for {base}"))
     for name in sorted(b.chains):
         for r in b.chains[name]:
             cmds.append(_rule(name, r["expr"], r["comment"]))
     return {"nftables": cmds}
+
+
+def _addresses(pods: Iterable[PodInfo], family: IPFamily) -> list[IPAddress]:
+    """The pods' addresses of ``family``, in numeric order."""
+    return sorted({a for p in pods if (a := p.address(family)) is not None})
 
 
 def _rule(chain: str, expr: list[dict], comment: str) -> dict:
@@ -330,10 +393,6 @@ def _with_elem(obj: dict, elem: list) -> dict:
     if elem:
         obj["elem"] = elem
     return obj
-
-
-def _ip_key(ip: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in ip.split("."))
 
 
 # ----- incremental updates and counts ------------------------------------------------------

@@ -1,9 +1,10 @@
 """The policy inventory of a stored cluster, as the agents see it.
 
-Pods come from the IPAM allocations (IP and node: the truth for addresses,
-so a pod counts even before, or without, a metadata record) joined with the
-pod records (labels, named ports); namespaces from their records plus every
-namespace a pod uses. The agents render their tables from this join
+Pods come from the IPAM allocations (addresses, both families of a
+dual-stack attachment, and node: the truth for addresses, so a pod counts
+even before, or without, a metadata record) joined with the pod records
+(labels, named ports); namespaces from their records plus every namespace a
+pod uses. The agents render their tables from this join
 (``agent.policy``); ``policy explain/render --cluster/--lab`` read it the
 same way, so what they print is what the agents enforce.
 """
@@ -36,7 +37,7 @@ from .records import decode_namespace, decode_pod, decode_policy, load_namespace
 def join_inventory(
     allocations: Iterable[Allocation], pod_records: Iterable[PodInfo], ns_records: Iterable[NamespaceInfo]
 ) -> tuple[list[PodInfo], list[NamespaceInfo]]:
-    """Join allocations (IP, node) with pod metadata (labels, ports) (pure)."""
+    """Join allocations (addresses, node) with pod metadata (labels, ports) (pure)."""
     meta: dict[tuple[str, str], tuple[dict[str, str], tuple[NamedPort, ...]]] = {}
     for rec in pod_records:
         meta[(rec.namespace, rec.name)] = (dict(rec.labels), rec.ports)
@@ -45,7 +46,8 @@ def join_inventory(
         if not a.pod_namespace or not a.pod_name:
             continue  # not a Kubernetes pod (no K8S_POD_* args): no policy applies
         labels, ports = meta.get((a.pod_namespace, a.pod_name), ({}, ()))
-        pods.append(PodInfo(a.pod_namespace, a.pod_name, a.ip.ip, a.node, labels, ports))
+        v6 = getattr(a, "ip_v6", None)  # a dual-stack allocation's IPv6 interface (None: single-stack)
+        pods.append(PodInfo(a.pod_namespace, a.pod_name, a.ip.ip, a.node, labels, ports, ip_v6=v6.ip if v6 else None))
     namespaces = {ns.name: ns for ns in ns_records}
     for p in pods:
         namespaces.setdefault(p.namespace, NamespaceInfo(p.namespace, {}))

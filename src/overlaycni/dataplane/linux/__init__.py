@@ -35,13 +35,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
 from ...errors import DataplaneError, PolicyApplyError
-from .. import nftmodel, podguard, policytable, ports
+from ...families import PodAddress
+from .. import nftmodel, nftmodel6, podguard, policytable, ports
 from ..engine import NodeDataplane, Ports
 from ..model import NodeInfo, NodeState, Peer, PodAttachment, PodInterface, ReconcileReport
 from ..ports import KernelEvents
@@ -79,7 +80,7 @@ def linux_ports(
         sysctls=LinuxSysctls(), pods=LinuxPodLinks(ipr, nl),
         policy_nft=LinuxNft(runner, family=policytable.FAMILY, table=policytable.TABLE, error=PolicyApplyError, direct_elements=True),
         arp_nft=LinuxNft(runner, family=podguard.ARP_FAMILY, table=podguard.TABLE, decls=podguard.ARP_SET_DECLS),
-        ip6_nft=LinuxNft(runner, family=podguard.IP6_FAMILY, table=podguard.TABLE),
+        ip6_nft=LinuxNft(runner, family=nftmodel6.FAMILY, table=nftmodel6.TABLE, decls=nftmodel6.SET_DECLS),
         wireguard=wg,
     )
     return ports, [wg, ipr, nl, runner]
@@ -166,6 +167,9 @@ class LinuxDataplane:
     def node_info(self, node_ip: IPv4Address, *, backend: str, mtu: int | None) -> NodeInfo:
         return self._worker.call(lambda: self._engine.node_info(node_ip, backend=backend, mtu=mtu))
 
+    def find_node_ip_v6(self, node_ip: IPv4Address, *, subnet: IPv6Network) -> IPv6Address | None:
+        return self._worker.call(lambda: self._engine.find_node_ip_v6(node_ip, subnet=subnet))
+
     @contextmanager
     def open_pod_netns(self, path: str) -> Iterator[int | None]:
         """CNI_NETNS validated and opened (``netnscheck``) in the caller's
@@ -186,11 +190,11 @@ class LinuxDataplane:
         self._worker.call(lambda: self._engine.delete_peer(state, peer))
 
     def attach_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,
     ) -> PodInterface:
         return self._worker.call(lambda: self._engine.attach_pod(
-            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, mtu=mtu,
+            container_id=container_id, ifname=ifname, netns_path=netns_path, addresses=addresses, mtu=mtu,
             netns_fd=netns_fd))
 
     def attach_pods(self, pods: Sequence[PodAttachment]) -> list[PodInterface | Exception]:
@@ -203,11 +207,11 @@ class LinuxDataplane:
         self._worker.call(lambda: self._engine.detach_pod(container_id=container_id, ifname=ifname, netns_path=netns_path))
 
     def check_pod(
-        self, *, container_id: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address,
+        self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress],
         netns_fd: int | None = None,
     ) -> list[str]:
         return self._worker.call(lambda: self._engine.check_pod(
-            container_id=container_id, ifname=ifname, netns_path=netns_path, ip=ip, gateway=gateway, netns_fd=netns_fd))
+            container_id=container_id, ifname=ifname, netns_path=netns_path, addresses=addresses, netns_fd=netns_fd))
 
     def wireguard_device(self) -> WgDevice | None:
         return self._worker.call(self._engine.wireguard_device)
@@ -218,7 +222,7 @@ class LinuxDataplane:
     def delete_pod_veth(self, host_veth: str) -> None:
         self._worker.call(lambda: self._engine.delete_pod_veth(host_veth))
 
-    def flush_conntrack(self, ip: IPv4Address) -> int:
+    def flush_conntrack(self, ip: IPv4Address | IPv6Address) -> int:
         return self._conntrack.flush_address(ip)  # the caller's thread: see the design note
 
     def drop_counters(self) -> dict[str, int]:
@@ -255,7 +259,7 @@ class LinuxDataplane:
             use_nft_library=self._use_nft_library,
         )  # fmt: skip
 
-    def flush_conntrack_many(self, ips: Sequence[IPv4Address]) -> int:
+    def flush_conntrack_many(self, ips: Sequence[IPv4Address | IPv6Address]) -> int:
         return self._conntrack.flush_addresses(ips)
 
     def close(self) -> None:

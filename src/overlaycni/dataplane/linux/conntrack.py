@@ -6,7 +6,9 @@ inherits the old pod's flows (an ``established`` entry lets its packets past
 the NetworkPolicy table's ``ct state established,related accept``, and a
 NAT binding sends them to the wrong place). Entries live in the namespace
 whose hooks saw the packets: for a pod, its node's namespace, where every
-one of its packets is forwarded. ``flush_address(ip)`` removes every entry
+one of its packets is forwarded (either family: a dual-stack pod's IPv6
+address is flushed too, by walks of the ``AF_INET6`` table, the kernel
+keeping each family's entries apart in its dumps and deletes). ``flush_address(ip)`` removes every entry
 whose original tuple has ``ip`` as source (the pod's own connections, SNATed
 or not) or destination (connections to the pod), then deletes each by its
 original tuple (and zone). An entry that expired meanwhile (``ENOENT``)
@@ -39,7 +41,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from ...errors import DataplaneError, PermissionDenied
 from .rtnl import ERR, HDR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, _attr, _attrs
@@ -51,6 +53,7 @@ NLA_F_NESTED = 0x8000
 CTA_TUPLE_ORIG, CTA_ZONE, CTA_FILTER = 1, 18, 25
 CTA_TUPLE_IP = 1
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+CTA_IP_V6_SRC, CTA_IP_V6_DST = 3, 4
 CTA_FILTER_ORIG_FLAGS = 1
 FILTER_IP_SRC, FILTER_IP_DST = 1 << 0, 1 << 1
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, 0)
@@ -65,12 +68,12 @@ def _nested(kind: int, *children: bytes) -> bytes:
 
 
 def _addresses(orig: bytes) -> tuple[bytes | None, bytes | None]:
-    """(source, destination) of a CTA_TUPLE_ORIG payload, as 4 raw bytes each."""
+    """(source, destination) of a CTA_TUPLE_ORIG payload, as raw bytes (4 or 16) each."""
     ip = _attrs(orig, 0).get(CTA_TUPLE_IP)
     if ip is None:
         return None, None
     fields = _attrs(ip, 0)
-    return fields.get(CTA_IP_V4_SRC), fields.get(CTA_IP_V4_DST)
+    return fields.get(CTA_IP_V4_SRC, fields.get(CTA_IP_V6_SRC)), fields.get(CTA_IP_V4_DST, fields.get(CTA_IP_V6_DST))
 
 
 class LinuxConntrack:
@@ -113,10 +116,10 @@ class LinuxConntrack:
         except (OSError, ValueError):
             return None
 
-    def _header(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
+    def _header(self, kind: int, flags: int, body: bytes, *, family: int = socket.AF_INET) -> tuple[int, bytes]:
         self.seq = (self.seq + 1) & 0x7FFFFFFF
         msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | kind
-        payload = NFGENMSG.pack(socket.AF_INET, 0, 0) + body
+        payload = NFGENMSG.pack(family, 0, 0) + body
         return self.seq, HDR.pack(HDR.size + len(payload), msg_type, flags, self.seq, 0) + payload
 
     def _messages(self, seq: int) -> Iterator[tuple[int, bytes]]:
@@ -142,7 +145,7 @@ class LinuxConntrack:
                     return
                 yield msg_type, body[NFGENMSG.size :]
 
-    def _dump(self, ips: frozenset[bytes], flag: int) -> list[bytes]:
+    def _dump(self, ips: frozenset[bytes], flag: int, *, family: int = socket.AF_INET) -> list[bytes]:
         """The delete keys (original tuple, zone) of the entries whose original
         source (``FILTER_IP_SRC``), destination (``FILTER_IP_DST``) or either
         (0: an unfiltered dump) is one of ``ips`` (4 raw bytes each; a
@@ -150,10 +153,11 @@ class LinuxConntrack:
         body = b""
         if flag:
             (ip,) = ips
-            field = CTA_IP_V4_SRC if flag == FILTER_IP_SRC else CTA_IP_V4_DST
+            v6 = family == socket.AF_INET6
+            field = (CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC) if flag == FILTER_IP_SRC else (CTA_IP_V6_DST if v6 else CTA_IP_V4_DST)
             body = _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, _attr(field, ip)))
             body += _nested(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
-        seq, msg = self._header(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, body)
+        seq, msg = self._header(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, body, family=family)
         assert self.sock is not None
         self.sock.sendall(msg)
         out = []
@@ -169,8 +173,8 @@ class LinuxConntrack:
             out.append(_nested(CTA_TUPLE_ORIG, orig) + (_attr(CTA_ZONE, zone) if zone is not None else b""))
         return out
 
-    def _delete(self, entry: bytes) -> bool:
-        seq, msg = self._header(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, entry)
+    def _delete(self, entry: bytes, *, family: int = socket.AF_INET) -> bool:
+        seq, msg = self._header(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, entry, family=family)
         assert self.sock is not None
         self.sock.sendall(msg)
         try:
@@ -182,16 +186,16 @@ class LinuxConntrack:
             raise
         return True
 
-    def flush_address(self, ip: IPv4Address) -> int:
+    def flush_address(self, ip: IPv4Address | IPv6Address) -> int:
         """Delete every entry whose original tuple names ``ip``; the number deleted."""
         return self.flush_addresses([ip])
 
-    def flush_addresses(self, ips: Sequence[IPv4Address]) -> int:
+    def flush_addresses(self, ips: Sequence[IPv4Address | IPv6Address]) -> int:
         """``flush_address`` for several addresses (a batch of DELs): one
         unfiltered walk matches them all while the namespace's table is
         small (up to ``SMALL_TABLE`` entries per address); a larger table
         gets two filtered walks per address."""
-        wanted = sorted(set(ips))
+        wanted = sorted(set(ips), key=lambda ip: (ip.version, int(ip)))
         if self.sock is None or not wanted:
             return 0
         count = self.count()
@@ -200,12 +204,18 @@ class LinuxConntrack:
         what = ", ".join(map(str, wanted[:5])) + (", ..." if len(wanted) > 5 else "")
         with self._lock:
             try:
-                if count is not None and count <= SMALL_TABLE * len(wanted):
-                    found = self._dump(frozenset(ip.packed for ip in wanted), 0)
-                else:
-                    found = [e for ip in wanted for flag in (FILTER_IP_SRC, FILTER_IP_DST)
-                             for e in self._dump(frozenset([ip.packed]), flag)]
-                return sum(self._delete(e) for e in dict.fromkeys(found))
+                deleted = 0
+                for family, same in ((socket.AF_INET, [ip for ip in wanted if ip.version == 4]),
+                                     (socket.AF_INET6, [ip for ip in wanted if ip.version == 6])):
+                    if not same:
+                        continue  # a single-stack batch walks the IPv4 table only, as before
+                    if count is not None and count <= SMALL_TABLE * len(wanted):
+                        found = self._dump(frozenset(ip.packed for ip in same), 0, family=family)
+                    else:
+                        found = [e for ip in same for flag in (FILTER_IP_SRC, FILTER_IP_DST)
+                                 for e in self._dump(frozenset([ip.packed]), flag, family=family)]
+                    deleted += sum(self._delete(e, family=family) for e in dict.fromkeys(found))
+                return deleted
             except TimeoutError:
                 raise DataplaneError(f"conntrack entries of {what}: the kernel did not answer in {TIMEOUT:.0f} s") from None
             except OSError as exc:

@@ -16,6 +16,40 @@ moves with the pod lifecycle) and proxy ARP alone (answers for .1 only when
 the node happens to have a route for it). Which sysctls the data path sets
 (and why no ``rp_filter=0``) is in ``engine``'s design note.
 
+Dual-stack: the same ``ocni.vxlan`` carries IPv6 pod traffic too, over the
+IPv4 underlay (an IPv6 pod packet in an Ethernet frame in VXLAN between the
+two node IPs); it also holds ``<IPv6 block>::/128``, the first address of
+the node's IPv6 block (``nodad``), the source of what the node itself sends
+to peers' IPv6 pods, as ``<block>.0/32`` is for IPv4. Per peer that is one
+more permanent neighbour (``<peer IPv6 block>:: -> <peer VTEP MAC>``) and
+one more ``onlink`` route (``<peer IPv6 block> via <peer IPv6 block>::``);
+the FDB entry ``<peer VTEP MAC> -> <peer node IP>`` serves both (``model``).
+Why one device over IPv4 rather than a second one over the IPv6 underlay,
+as flannel (``flannel-v6.1``, ``flannel-wg-v6``) and Calico
+(``vxlan-v6.calico``) do:
+
+* One pod MTU. VXLAN over IPv4 costs 50 bytes for an inner packet of either
+  family; over IPv6 it costs 70 (the outer IPv6 header is 40 bytes, RFC
+  8200, against 20; RFC 7348 for the rest). A pod has one interface MTU,
+  so with a second device over IPv6 either every packet of either family
+  gives up 20 bytes (the pod MTU fitted to the larger overhead) or every
+  pod needs a per-route MTU for IPv6.
+* AKS offers dual-stack only next to IPv4 (IPv6-only is not supported), so
+  every node has an IPv4 node IP and the IPv4 underlay always exists;
+  flannel and Calico need a device over IPv6 for IPv6-only clusters.
+* Half the per-peer state it would need: one FDB entry per peer instead of
+  two, one VXLAN socket and one firewall rule for UDP 4789; the input
+  filter that binds a decapsulated packet's inner source to the outer node
+  (``nftmodel``, ``vxlan_in``) keeps one outer family and checks the inner
+  IPv6 source at a fixed offset next to the IPv4 one.
+* The node's IPv6 underlay address is needed only by the direct backend
+  (IPv6 blocks are routed via it) and for IPv6 egress (masquerade); VXLAN
+  and WireGuard (``ocni.wg``, the same choice) work without one.
+
+The cost: IPv6 pod traffic between nodes depends on the IPv4 underlay,
+which a dual-stack AKS cluster always has. Rejected as well: a second
+device over IPv4 for IPv6 (no gain over one, twice the objects).
+
 ``ensure_vxlan`` reuses a compatible device (same kind, VNI, port, local,
 underlay, learning off) and only fixes MAC/MTU/up state in place; an
 incompatible one is deleted and recreated (its neighbours and FDB entries
@@ -29,7 +63,7 @@ from __future__ import annotations
 
 import errno
 import os
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_interface
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -38,6 +72,8 @@ from ...errors import DataplaneError, PermissionDenied
 from ..model import Link, VxlanSpec
 
 IFF_UP = 0x1
+AF_INET, AF_INET6 = 2, 10
+IFA_F_NODAD = 0x02
 
 
 def nl_error(what: str, exc: NetlinkError) -> DataplaneError | PermissionDenied:
@@ -155,23 +191,27 @@ class LinuxAddresses:
         msg = get_link_msg(self.ipr, dev)
         return msg["index"] if msg is not None else None
 
-    def list_addresses(self, dev: str, *, label: str | None = None) -> list[IPv4Interface]:
+    def list_addresses(self, dev: str, *, label: str | None = None, version: int = 4) -> list[IPv4Interface | IPv6Interface]:
+        """``dev``'s addresses of one family (IPv6 has no labels: ``label`` matches IPv4 only)."""
         idx = self._index(dev)
         if idx is None:
             return []
+        family = AF_INET if version == 4 else AF_INET6
         return [
-            IPv4Interface(f"{m.get_attr('IFA_LOCAL')}/{m['prefixlen']}")
-            for m in self.ipr.get_addr(family=2, index=idx)
+            ip_interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
+            for m in self.ipr.get_addr(family=family, index=idx)
             if label is None or m.get_attr("IFA_LABEL") == label
         ]
 
-    def ensure_address(self, dev: str, addr: IPv4Interface, *, label: str | None = None) -> bool:
+    def ensure_address(self, dev: str, addr: IPv4Interface | IPv6Interface, *, label: str | None = None) -> bool:
         idx = self._index(dev)
         if idx is None:
             raise DataplaneError(f"dev: no link named {dev}")
-        if addr in self.list_addresses(dev, label=label):
+        if addr in self.list_addresses(dev, label=label, version=addr.version):
             return False
-        extra = {"label": label} if label else {}
+        extra: dict[str, object] = {"label": label} if label else {}
+        if addr.version == 6:
+            extra = {"flags": IFA_F_NODAD}  # a node address: usable at once, never tentative
         try:
             self.ipr.addr("add", index=idx, address=str(addr.ip), prefixlen=addr.network.prefixlen, **extra)
         except NetlinkError as exc:
@@ -182,7 +222,7 @@ class LinuxAddresses:
                 raise nl_error(f"address {addr} on {dev}", exc) from None
         return True
 
-    def delete_address(self, dev: str, addr: IPv4Interface) -> bool:
+    def delete_address(self, dev: str, addr: IPv4Interface | IPv6Interface) -> bool:
         idx = self._index(dev)
         if idx is None:
             return False

@@ -2,12 +2,16 @@
 
 Design note. These three ports carry everything that grows with the
 cluster: one neighbour + one FDB entry + one route per peer (VXLAN), one
-route per peer (direct), one /32 route per local pod. Each ``apply_*`` call
+route per peer (direct), one /32 route per local pod (in a dual-stack
+cluster also one neighbour and one route per peer's IPv6 block, the FDB
+entry shared, and one /128 per IPv6 pod address). Each ``apply_*`` call
 becomes one batched netlink transaction (see ``rtnl``), so a full
 reconcile of 5,000 peers is three transactions of 5,000 messages and an
 incremental peer change is three single-message ones. ``list_*`` return
-only what the project owns (proto 119 routes in the main table; permanent
-entries on the VXLAN device). Deletes of absent objects, or of objects on a
+only what the project owns (proto 119 routes of both families in the main
+table; IPv6 routes carry no scope, so an IPv6 device route is reported as
+``scope_link``, which it means, and compares like its IPv4 twin; permanent
+entries on the VXLAN device, neighbours of both families). Deletes of absent objects, or of objects on a
 device that is already gone, are success. Errors are collected per object
 and raised once as ``DataplaneError`` naming each object and the errno.
 """
@@ -16,8 +20,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address
 
+from ...cidr import IPAddress
 from ...errors import DataplaneError
 from ..model import RT_PROTO, FdbEntry, Neighbour, Route
 from . import rtnl as r
@@ -39,31 +44,35 @@ class LinuxRoutes:
 
     def list_routes(self) -> list[Route]:
         out = []
-        for msg in self.nl.dump(r.RTM_GETROUTE, r.RTMSG.pack(r.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
-            fam, dst_len, _src, _tos, table, proto, scope, rtype, flags = r.RTMSG.unpack_from(msg, 16)
-            if proto != RT_PROTO:
-                continue
-            a = r._attrs(msg, 16 + r.RTMSG.size)
-            if RTA_TABLE_of(a, table) != r.RT_TABLE_MAIN:
-                continue
-            dst = int.from_bytes(a.get(r.RTA_DST, b"\0\0\0\0"), "big")
-            oif = int.from_bytes(a[r.RTA_OIF], "little") if r.RTA_OIF in a else None
-            gw = IPv4Address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
-            out.append(Route(
-                dst=IPv4Network((dst, dst_len)),
-                dev=self.nl.name_of(oif) if oif else None,
-                gateway=gw,
-                onlink=bool(flags & r.RTNH_F_ONLINK),
-                scope_link=scope == r.RT_SCOPE_LINK,
-                unreachable=rtype == r.RTN_UNREACHABLE,
-            ))
+        for family in (r.AF_INET, r.AF_INET6):
+            for msg in self.nl.dump(r.RTM_GETROUTE, r.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+                fam, dst_len, _src, _tos, table, proto, scope, rtype, flags = r.RTMSG.unpack_from(msg, 16)
+                if proto != RT_PROTO or fam != family:
+                    continue
+                a = r._attrs(msg, 16 + r.RTMSG.size)
+                if RTA_TABLE_of(a, table) != r.RT_TABLE_MAIN:
+                    continue
+                v6 = family == r.AF_INET6
+                dst = int.from_bytes(a.get(r.RTA_DST, b""), "big")
+                oif = int.from_bytes(a[r.RTA_OIF], "little") if r.RTA_OIF in a else None
+                gw = ip_address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
+                unreachable = rtype == r.RTN_UNREACHABLE
+                out.append(Route(
+                    dst=IPv6Network((dst, dst_len)) if v6 else IPv4Network((dst, dst_len)),
+                    dev=self.nl.name_of(oif) if oif and not (v6 and unreachable) else None,  # IPv6 says "dev lo"
+                    gateway=gw,
+                    onlink=bool(flags & r.RTNH_F_ONLINK),
+                    scope_link=(gw is None and not unreachable) if v6 else scope == r.RT_SCOPE_LINK,
+                    unreachable=unreachable,
+                ))
         return out
 
     def _msg(self, route: Route, *, delete: bool) -> tuple[int, int, bytes] | None:
         rtype = r.RTN_UNREACHABLE if route.unreachable else r.RTN_UNICAST
-        scope = r.RT_SCOPE_NOWHERE if delete else (r.RT_SCOPE_LINK if route.scope_link else r.RT_SCOPE_UNIVERSE)
-        body = r.RTMSG.pack(r.AF_INET, route.dst.prefixlen, 0, 0, r.RT_TABLE_MAIN, RT_PROTO, scope, rtype,
-                            r.RTNH_F_ONLINK if route.onlink and not delete else 0)
+        v6 = route.dst.version == 6
+        scope = r.RT_SCOPE_NOWHERE if delete else (r.RT_SCOPE_LINK if route.scope_link and not v6 else r.RT_SCOPE_UNIVERSE)
+        body = r.RTMSG.pack(r.AF_INET6 if v6 else r.AF_INET, route.dst.prefixlen, 0, 0, r.RT_TABLE_MAIN, RT_PROTO,
+                            scope, rtype, r.RTNH_F_ONLINK if route.onlink and not delete else 0)
         body += r._attr(r.RTA_DST, route.dst.network_address.packed)
         if route.gateway is not None and not delete:
             body += r._attr(r.RTA_GATEWAY, route.gateway.packed)
@@ -101,8 +110,9 @@ class LinuxRoutes:
         if missing:
             raise DataplaneError("route: " + "; ".join(missing))
 
-    def lookup_gateway(self, dst: IPv4Address) -> tuple[IPv4Address | None, str | None]:
-        body = r.RTMSG.pack(r.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + r._attr(r.RTA_DST, dst.packed)
+    def lookup_gateway(self, dst: IPAddress) -> tuple[IPAddress | None, str | None]:
+        family = r.AF_INET if dst.version == 4 else r.AF_INET6
+        body = r.RTMSG.pack(family, dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + r._attr(r.RTA_DST, dst.packed)
         msg = self.nl.request(r.RTM_GETROUTE, body)
         if msg is None:
             return None, None
@@ -110,7 +120,7 @@ class LinuxRoutes:
         a = r._attrs(msg, 16 + r.RTMSG.size)
         if rtype != r.RTN_UNICAST or r.RTA_OIF not in a:
             return None, None
-        gw = IPv4Address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
+        gw = ip_address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
         return gw, self.nl.name_of(int.from_bytes(a[r.RTA_OIF], "little"))
 
 
@@ -137,20 +147,22 @@ class LinuxNeighbours:
         if idx is None:
             return []
         out = []
-        for msg in self.nl.dump(r.RTM_GETNEIGH, r.NDMSG.pack(r.AF_INET, 0, 0, 0, 0)):
-            fam, ifindex, state, _flags, _type = r.NDMSG.unpack_from(msg, 16)
-            if ifindex != idx or not state & r.NUD_PERMANENT:
-                continue
-            a = r._attrs(msg, 16 + r.NDMSG.size)
-            if r.NDA_DST in a and r.NDA_LLADDR in a:
-                out.append(Neighbour(dev=dev, ip=IPv4Address(a[r.NDA_DST]), mac=r._mac_str(a[r.NDA_LLADDR])))
+        for family in (r.AF_INET, r.AF_INET6):
+            for msg in self.nl.dump(r.RTM_GETNEIGH, r.NDMSG.pack(family, 0, 0, 0, 0)):
+                fam, ifindex, state, _flags, _type = r.NDMSG.unpack_from(msg, 16)
+                if ifindex != idx or fam != family or not state & r.NUD_PERMANENT:
+                    continue
+                a = r._attrs(msg, 16 + r.NDMSG.size)
+                if r.NDA_DST in a and r.NDA_LLADDR in a:
+                    out.append(Neighbour(dev=dev, ip=ip_address(a[r.NDA_DST]), mac=r._mac_str(a[r.NDA_LLADDR])))
         return out
 
-    def get_neighbour(self, dev: str, ip: IPv4Address) -> Neighbour | None:
+    def get_neighbour(self, dev: str, ip: IPAddress) -> Neighbour | None:
         idx = self.nl.index_of(dev)
         if idx is None:
             return None
-        msg = self.nl.request(r.RTM_GETNEIGH, r.NDMSG.pack(r.AF_INET, idx, 0, 0, 0) + r._attr(r.NDA_DST, ip.packed))
+        family = r.AF_INET if ip.version == 4 else r.AF_INET6
+        msg = self.nl.request(r.RTM_GETNEIGH, r.NDMSG.pack(family, idx, 0, 0, 0) + r._attr(r.NDA_DST, ip.packed))
         if msg is None:
             return None
         a = r._attrs(msg, 16 + r.NDMSG.size)
@@ -167,7 +179,8 @@ class LinuxNeighbours:
                 if i >= len(delete):
                     missing.append(f"{n}: device {n.dev} not found")
                 continue
-            body = r.NDMSG.pack(r.AF_INET, idx, r.NUD_PERMANENT, 0, 0) + r._attr(r.NDA_DST, n.ip.packed)
+            family = r.AF_INET if n.ip.version == 4 else r.AF_INET6
+            body = r.NDMSG.pack(family, idx, r.NUD_PERMANENT, 0, 0) + r._attr(r.NDA_DST, n.ip.packed)
             if i < len(delete):
                 msgs.append((r.RTM_DELNEIGH, 0, body))
             else:

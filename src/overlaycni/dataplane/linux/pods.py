@@ -50,6 +50,43 @@ chained plugin may hold it).
 The pod's namespace arrives as a descriptor the agent has validated
 (``netns_fd``, see ``netnscheck``); without one the path is validated here
 the same way, never opened blindly.
+
+IPv6 (dual-stack clusters). The pod also gets ``<ipv6>/<block prefix>``
+(``nodad noprefixroute``) and ``default via fe80::1 dev <ifname>``; the
+host veth holds ``fe80::1/64`` (``nodad``); the engine adds ``<ipv6>/128
+dev <host veth> proto 119`` and IPv6 forwarding in the node namespace. The
+gateway is link-local, as Calico and Cilium give their pods (and Azure CNI
+a link-local IPv6 gateway too). Rejected: ``<block_v6>::1`` on the node's
+``lo`` like IPv4's ``<block>.1``. Linux answers a neighbour solicitation
+only for an address on the interface it arrives on (unlike ARP, which
+answers for any local address), and IPv6 has no per-interface "proxy all"
+like proxy_arp: every pod would need a proxy NDP entry ``<block_v6>::1
+proxy dev <host veth>`` besides ``proxy_ndp=1``, one more kernel object per
+pod to create, check and leak. A link-local gateway on the veth is
+answered by the veth itself, cannot be reached from another link, and
+leaves the pod one neighbour entry whatever the number of pods, as in
+IPv4. ``::1`` of the block stays reserved for the node (``families``).
+
+No SLAAC or DAD delays: before the pod interface comes up it gets
+``accept_ra=0``, ``autoconf=0`` (no router discovery or addresses of its
+own beyond the link-local one), ``accept_dad=0`` (its link-local address,
+made when the kernel sees the carrier, possibly after ADD returned, needs
+no detection either) and ``disable_ipv6=0`` (as the reference plugins'
+``ConfigureIface`` does); the pod and gateway addresses are ``nodad``.
+The kernel still clears an address's tentative flag from a work queue, so
+ADD returns only once both are no longer tentative (a bounded wait, which
+with ``nodad`` ends at once; the pod's address is sent from until its
+link-local one exists, so nothing waits for that). These sysctls are per
+namespace: they are written while the worker thread is inside the pod's
+namespace.
+
+
+Batched, a dual-stack pod adds to the pod side's one ``send`` its IPv6
+address and default route (the sysctls are files, written first), and to
+the node side one ``send`` of the link-local gateway addresses before the
+host ends come up (their indexes come from one ``RTM_GETLINK`` batch); the
+tentative checks are one ``RTM_GETADDR`` request per address. A
+single-stack batch sends exactly what it did before.
 """
 
 from __future__ import annotations
@@ -59,14 +96,17 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+import time
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_interface, ip_network
 
 from pyroute2 import IPRoute
 
+from ...cidr import IPAddress, IPNetwork
 from ...errors import AttachmentConflict, DataplaneError, InterfaceExists, OverlayCNIError, PermissionDenied
+from ...families import PodAddress
 from ..model import PodAttachment, PodInterface, PodView, Route
-from .links import get_link_msg, to_link
+from .links import AF_INET, AF_INET6, IFA_F_NODAD, LinuxSysctls, get_link_msg, to_link
 from .netns import forbidden_namespaces, pod_netns
 from .netnscheck import Identity, open_pod_netns
 from .rtnl import HDR, IFINFO, NLM_F_CREATE, RTM_GETLINK, RTM_NEWLINK, RTM_NEWROUTE, RTMSG, Rtnl, _attr, _attrs
@@ -79,6 +119,10 @@ RT_SCOPE_LINK = 253
 # shared by every namespace on a machine, and a 20-node lab with 10 pods per
 # node overflowed it with per-peer entries.
 IFA_F_NOPREFIXROUTE = 0x200
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
+# The pod interface's IPv6 settings (see the design note).
+POD_IPV6_SYSCTLS = {"disable_ipv6": "0", "accept_ra": "0", "autoconf": "0", "accept_dad": "0"}
+USABLE_WAIT = 1.0  # seconds an address may stay tentative before ADD fails (nodad: none)
 
 RTM_DELLINK, RTM_NEWADDR = 17, 20
 NLM_F_EXCL = 0x200
@@ -115,15 +159,22 @@ def up_request(*, index: int = 0, name: str | None = None) -> tuple[int, int, by
     return RTM_NEWLINK, 0, IFINFO.pack(0, 0, index, IFF_UP, IFF_UP) + (_name(name) if name else b"")
 
 
-def address_request(index: int, ip: IPv4Interface) -> tuple[int, int, bytes]:
+def address_request(index: int, ip: IPv4Interface | IPv6Interface, *, flags: int = IFA_F_NOPREFIXROUTE) -> tuple[int, int, bytes]:
+    """RTM_NEWADDR; IPv6 addresses are always ``nodad`` (usable at once, see the design note)."""
+    if ip.version == 6:
+        flags |= IFA_F_NODAD
+        body = IFADDRMSG.pack(socket.AF_INET6, ip.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+        body += _attr(IFA_ADDRESS, ip.ip.packed) + _attr(IFA_FLAGS, _u32(flags))
+        return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
     body = IFADDRMSG.pack(socket.AF_INET, ip.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-    body += _attr(IFA_LOCAL, ip.ip.packed) + _attr(IFA_ADDRESS, ip.ip.packed) + _attr(IFA_FLAGS, _u32(IFA_F_NOPREFIXROUTE))
+    body += _attr(IFA_LOCAL, ip.ip.packed) + _attr(IFA_ADDRESS, ip.ip.packed) + _attr(IFA_FLAGS, _u32(flags))
     return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
 
 
-def route_request(dst: IPv4Network, *, oif: int, gateway: IPv4Address | None = None) -> tuple[int, int, bytes]:
+def route_request(dst: IPNetwork, *, oif: int, gateway: IPAddress | None = None) -> tuple[int, int, bytes]:
     scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
-    body = RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, scope, RTN_UNICAST, 0)
+    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+    body = RTMSG.pack(family, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, scope, RTN_UNICAST, 0)
     if dst.prefixlen:
         body += _attr(RTA_DST, dst.network_address.packed)
     if gateway is not None:
@@ -170,10 +221,13 @@ class LinuxPodLinks:
 
     # ----- setup ---------------------------------------------------------------------
     def setup_pod_link(
-        self, *, host_veth: str, ifname: str, netns_path: str, ip: IPv4Interface, gateway: IPv4Address, mtu: int,
+        self, *, host_veth: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,
     ) -> PodInterface:
-        (res,) = self._setup([(host_veth, PodAttachment("", ifname, netns_path, ip, gateway, mtu, netns_fd))])
+        first, *more = addresses
+        ip6 = more[0] if more else None
+        (res,) = self._setup([(host_veth, PodAttachment("", ifname, netns_path, first.ip, first.gateway, mtu,  # type: ignore[arg-type]
+                                                        netns_fd, ip6=ip6))])
         if isinstance(res, Exception):
             raise res
         return res
@@ -230,7 +284,8 @@ class LinuxPodLinks:
                 pod_side[i] = self._configure(p, fds[i])
             except OverlayCNIError as exc:
                 out[i] = exc
-        ready = list(pod_side)  # host ends up only once every pod side is configured
+        self._host_gateways(pods, pod_side, out)
+        ready = [i for i in pod_side if out[i] is None]  # host ends up only once every pod side is configured
         refused = dict(self.nl.transact([up_request(name=pods[i][0]) for i in ready]))
         answers = self.nl.get_many(RTM_GETLINK, [IFINFO.pack(0, 0, 0, 0, 0) + _name(pods[i][0]) for i in ready])
         for n, i in enumerate(ready):
@@ -239,16 +294,48 @@ class LinuxPodLinks:
             if n in refused or isinstance(answer, int):
                 out[i] = _error(f"veth {host}", refused.get(n) or int(answer))
                 continue
-            _index, host_mac, _group = _link_of(answer)
+            host_index, host_mac, _group = _link_of(answer)
             mac = pod_side[i][1]
+            try:
+                gateways = [a.gateway for a in p.addresses if a.gateway_on_host_veth]
+                if gateways:
+                    _wait_usable(self._host_flags(host_index), gateways, where=f"host veth {host}")
+            except OverlayCNIError as exc:
+                out[i] = exc
+                continue
             out[i] = PodInterface(ifname=p.ifname, mac=mac, mtu=p.mtu, sandbox=p.netns_path, host_veth=host,
-                                  host_mac=host_mac, ip=p.ip, gateway=p.gateway)
+                                  host_mac=host_mac, addresses=p.addresses)
         undo = [pods[i][0] for i in made if not isinstance(out[i], PodInterface)]
         if undo:
             try:
                 self.teardown_pod_links(undo)
             except DataplaneError:
                 pass  # best effort: the pod's own error is the one to report
+
+    def _host_flags(self, index: int) -> Callable[[IPAddress], int | None]:
+        return lambda ip: self.nl.address_flags(index, ip.packed)
+
+    def _host_gateways(self, pods: Sequence[tuple[str, PodAttachment]], pod_side: dict[int, tuple[int, str]],
+                       out: list[Result | None]) -> None:
+        """Dual-stack: the link-local gateway (``fe80::1/64``, ``nodad``) on
+        each host veth that needs one, while it is still down. Single-stack
+        batches send nothing here."""
+        need = [i for i in pod_side if any(a.gateway_on_host_veth for a in pods[i][1].addresses)]
+        if not need:
+            return
+        found = self.nl.get_many(RTM_GETLINK, [IFINFO.pack(0, 0, 0, 0, 0) + _name(pods[i][0]) for i in need])
+        steps, whose = [], []
+        for i, answer in zip(need, found, strict=True):
+            if isinstance(answer, int):
+                out[i] = _error(f"veth {pods[i][0]}", answer)
+                continue
+            index = _link_of(answer)[0]
+            for a in pods[i][1].addresses:
+                if a.gateway_on_host_veth:
+                    steps.append(address_request(index, ip_interface(f"{a.gateway}/64"), flags=0))
+                    whose.append(i)
+        for n, code in self.nl.transact(steps):
+            out[whose[n]] = _error(f"gateway on host veth {pods[whose[n]][0]}", code)
 
     def _conflict(self, host: str, p: PodAttachment, fd: int) -> OverlayCNIError:
         """The host veth exists: the pod already has the interface, or another namespace holds this attachment."""
@@ -268,24 +355,33 @@ class LinuxPodLinks:
         )
 
     def _configure(self, p: PodAttachment, fd: int) -> tuple[int, str]:
-        """The pod side: lo up, address, link up, routes. Returns (index, MAC) of the pod interface."""
+        """The pod side: (dual-stack: IPv6 sysctls) lo up, addresses, link up,
+        routes. Returns (index, MAC) of the pod interface."""
         what = f"pod interface {p.ifname} in {p.netns_path}"
+        v6 = [a for a in p.addresses if a.ip.version == 6]
+        if v6:  # before the interface comes up: no router discovery, SLAAC or DAD on it
+            with pod_netns(p.netns_path, fd=fd, forbidden=self.forbidden):
+                sysctls = LinuxSysctls()
+                for key, value in POD_IPV6_SYSCTLS.items():
+                    sysctls.write(f"net/ipv6/conf/{p.ifname}/{key}", value)
         pod = self._pod_rtnl(p.netns_path, fd)
         try:
             answer = pod.get_many(RTM_GETLINK, [IFINFO.pack(0, 0, 0, 0, 0) + _name(p.ifname)])[0]
             if isinstance(answer, int):
                 raise _error(what, answer)
             index, mac, _group = _link_of(answer)
-            steps = [
-                up_request(index=LOOPBACK_IFINDEX),
-                address_request(index, p.ip),
-                up_request(index=index),
-                route_request(IPv4Network(f"{p.gateway}/32"), oif=index),
-                route_request(IPv4Network("0.0.0.0/0"), oif=index, gateway=p.gateway),
-            ]
+            steps = [up_request(index=LOOPBACK_IFINDEX)]
+            steps += [address_request(index, a.ip) for a in p.addresses]
+            steps.append(up_request(index=index))
+            for a in p.addresses:
+                if not a.gateway_on_host_veth:  # a node address: on-link through this interface
+                    steps.append(route_request(ip_network(f"{a.gateway}/{a.gateway.max_prefixlen}"), oif=index))
+                steps.append(route_request(a.default_route, oif=index, gateway=a.gateway))
             failed = pod.transact(steps)
             if failed:
                 raise _error(what, failed[0][1])
+            if v6:
+                _wait_usable(lambda ip: pod.address_flags(index, ip.packed), [a.ip.ip for a in v6], where=what)
             return index, mac
         finally:
             pod.close()
@@ -334,19 +430,55 @@ class LinuxPodLinks:
             if msg is None:
                 return None
             link = to_link(msg)
-            addrs = tuple(
-                IPv4Interface(f"{m.get_attr('IFA_LOCAL')}/{m['prefixlen']}")
-                for m in pod.get_addr(family=2, index=link.index)
-            )
+            addrs: list[IPv4Interface | IPv6Interface] = []
+            tentative: list[IPv6Interface] = []
+            for family in (AF_INET, AF_INET6):
+                for m in pod.get_addr(family=family, index=link.index):
+                    iface = ip_interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
+                    if isinstance(iface, IPv6Interface) and _flags(m) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                        tentative.append(iface)
+                    else:
+                        addrs.append(iface)
             routes = []
-            for m in pod.get_routes(family=2, table=254):
-                if m.get_attr("RTA_OIF") != link.index:
-                    continue
-                dst = m.get_attr("RTA_DST") or "0.0.0.0"
-                gw = m.get_attr("RTA_GATEWAY")
-                routes.append(Route(dst=IPv4Network(f"{dst}/{m['dst_len']}"), dev=ifname,
-                                    gateway=IPv4Address(gw) if gw else None,
-                                    scope_link=m["scope"] == RT_SCOPE_LINK and not gw))
-            return PodView(ifname=ifname, mac=link.mac, mtu=link.mtu, up=link.up, addresses=addrs, routes=tuple(routes))
+            for family in (AF_INET, AF_INET6):
+                for m in pod.get_routes(family=family, table=254):
+                    if m.get_attr("RTA_OIF") != link.index:
+                        continue
+                    dst = m.get_attr("RTA_DST") or ("::" if family == AF_INET6 else "0.0.0.0")
+                    gw = m.get_attr("RTA_GATEWAY")
+                    device_route = not gw and m["type"] == 1
+                    scope_link = device_route if family == AF_INET6 else (m["scope"] == RT_SCOPE_LINK and not gw)
+                    routes.append(Route(dst=ip_network(f"{dst}/{m['dst_len']}"), dev=ifname,
+                                        gateway=ip_address(gw) if gw else None, scope_link=scope_link))
+            return PodView(ifname=ifname, mac=link.mac, mtu=link.mtu, up=link.up, addresses=tuple(addrs),
+                           routes=tuple(routes), tentative=tuple(tentative))
         finally:
             pod.close()
+
+
+def _flags(msg) -> int:
+    """An address's flags (IFA_FLAGS has all 32 bits, ifa_flags the low 8)."""
+    return msg.get_attr("IFA_FLAGS") or msg["flags"]
+
+
+def _wait_usable(flags_of: Callable[[IPAddress], int | None], want: Sequence[IPAddress], *, where: str) -> None:
+    """Return once none of ``want`` is tentative (duplicate address detection
+    done, or skipped: ``nodad``); fail after ``USABLE_WAIT``."""
+    deadline = time.monotonic() + USABLE_WAIT
+    pause = 0.0005
+    while True:
+        state = {a: flags_of(a) for a in want}
+        failed = [a for a, f in state.items() if f is not None and f & IFA_F_DADFAILED]
+        if failed:
+            raise DataplaneError(f"{where}: duplicate address detection failed for {', '.join(map(str, failed))}")
+        missing = [a for a, f in state.items() if f is None]
+        if missing:
+            raise DataplaneError(f"{where}: address {', '.join(map(str, missing))} vanished while it came up")
+        pending = [a for a, f in state.items() if f is not None and f & IFA_F_TENTATIVE]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise DataplaneError(f"{where}: address {', '.join(map(str, pending))} is still tentative after "
+                                 f"{USABLE_WAIT:g} s")  # fmt: skip
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)

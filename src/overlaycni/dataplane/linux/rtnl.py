@@ -41,12 +41,14 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
 RTM_NEWLINK, RTM_GETLINK = 16, 18
+RTM_GETADDR = 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-AF_INET, AF_BRIDGE = 2, 7
+AF_INET, AF_BRIDGE, AF_INET6 = 2, 7, 10
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT, NTF_SELF = 0x80, 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+IFA_ADDRESS, IFA_FLAGS = 1, 8
 IFLA_IFNAME = 3
 RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
@@ -58,6 +60,7 @@ HDR = struct.Struct("=IHHII")
 NDMSG = struct.Struct("=BxxxiHBB")
 RTMSG = struct.Struct("=BBBBBBBBI")
 IFINFO = struct.Struct("=BxHiII")
+IFADDRMSG = struct.Struct("=BBBBI")
 RTA = struct.Struct("=HH")
 ERR = struct.Struct("=i")
 NOT_FOUND = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
@@ -147,8 +150,9 @@ class Rtnl:
                     raise DataplaneError(f"netlink dump {kind} failed: {os.strerror(code)}")
                 out.append(msg)
 
-    def request(self, kind: int, body: bytes) -> bytes | None:
-        """One non-dump request expecting one reply; None if the kernel says ENOENT/ESRCH/ENETUNREACH."""
+    def request(self, kind: int, body: bytes, *, absent: tuple[int, ...] = ()) -> bytes | None:
+        """One non-dump request expecting one reply; None if the kernel says
+        ENOENT/ESRCH/ENETUNREACH (or one of ``absent``)."""
         seq = self._next_seq()
         self.sock.send(HDR.pack(16 + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
         while True:
@@ -157,7 +161,7 @@ class Rtnl:
                     continue
                 if mtype == NLMSG_ERROR:
                     code = -ERR.unpack_from(msg, 16)[0]
-                    if code in NOT_FOUND or code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
+                    if code in NOT_FOUND or code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL) or code in absent:
                         return None
                     raise DataplaneError(f"netlink request {kind} failed: {os.strerror(code)}")
                 return msg
@@ -180,6 +184,20 @@ class Rtnl:
                     out[start + mseq - first] = -ERR.unpack_from(msg, 16)[0] if mtype == NLMSG_ERROR else msg
                     pending -= 1
         return out
+
+    def address_flags(self, index: int, address: bytes) -> int | None:
+        """The flags (``IFA_F_*``) of one IPv6 address on link ``index``; None
+        when it is not there. One request, whatever the number of addresses
+        in the namespace (the kernel answers RTM_GETADDR for IPv6 without a
+        dump)."""
+        body = IFADDRMSG.pack(AF_INET6, 128, 0, 0, index) + _attr(IFA_ADDRESS, address)
+        msg = self.request(RTM_GETADDR, body, absent=(errno.EADDRNOTAVAIL,))
+        if msg is None:
+            return None
+        attrs = _attrs(msg, 16 + IFADDRMSG.size)
+        if IFA_FLAGS in attrs:
+            return int.from_bytes(attrs[IFA_FLAGS][:4], "little")
+        return IFADDRMSG.unpack_from(msg, 16)[2]
 
     def transact(self, msgs: Sequence[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
         """Send (type, flags, body) requests in chunks; return [(index, errno)] of failures.

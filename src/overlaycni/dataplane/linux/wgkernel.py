@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 from base64 import b64encode
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, ip_network
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -90,8 +90,7 @@ class KernelWireGuard:
                 endpoint = (IPv4Address(ep["addr"]), int(ep["port"])) if ep and "." in str(ep.get("addr", "")) else None
                 nets = tuple(ip_network(a["addr"]) for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or [] if "addr" in a)
                 hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-                peer = WgPeer(_text(p.get_attr("WGPEER_A_PUBLIC_KEY")), endpoint,
-                              tuple(n for n in nets if isinstance(n, IPv4Network)))  # fmt: skip
+                peer = WgPeer(_text(p.get_attr("WGPEER_A_PUBLIC_KEY")), endpoint, nets)
                 peers.append(WgPeerStatus(peer, float(hs["tv_sec"]) if hs and hs["tv_sec"] else None,
                                           p.get_attr("WGPEER_A_RX_BYTES") or 0, p.get_attr("WGPEER_A_TX_BYTES") or 0))  # fmt: skip
         return WgDevice(name, public, port, tuple(peers), implementation=self.implementation)
