@@ -49,7 +49,8 @@ def test_status_shape_and_addresses(vx: Lab):
     blocks = [ipaddress.ip_network(n["block"]) for n in s["nodes"]]
     assert len(set(blocks)) == 3 and all(b.subnet_of(POD_CIDR) and b.prefixlen == 24 for b in blocks)
     assert all(pid_alive(n["agent_pid"]) for n in s["nodes"])
-    assert len(s["pods"]) == 6 and set(s["external"]) == {"netns", "ip"}
+    assert len(s["pods"]) == 6 and s["external"]["ipv6"] is None and set(s["external"]) == {"netns", "ip", "ipv6"}
+    assert all(n["ipv6"] is None and n["block_v6"] is None for n in s["nodes"]) and all(p["ipv6"] is None for p in s["pods"])
     # every namespace the status names exists
     for ns in [n["netns"] for n in s["nodes"]] + [p["netns"] for p in s["pods"]] + [s["external"]["netns"]]:
         assert ns in lab_namespaces(vx.name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from pathlib import Path
 
 import pytest
@@ -135,12 +135,14 @@ def test_state_round_trip_and_status_json(tmp_path):
     assert st.from_json(st.to_json(s)) == s
     j = s.status_json()
     assert set(j) >= {"name", "backend", "pod_cidr", "nodes", "pods", "external"}
-    assert j["nodes"][0] == {"name": "node1", "netns": "ocl-t.node1", "ip": "10.224.0.4", "block": "10.244.0.0/24", "agent_pid": 42}
+    # single-stack: the dual-stack keys (issue 12) are there, null
+    assert j["nodes"][0] == {"name": "node1", "netns": "ocl-t.node1", "ip": "10.224.0.4", "block": "10.244.0.0/24",
+                             "ipv6": None, "block_v6": None, "agent_pid": 42}  # fmt: skip
     assert j["pods"][0] == {
         "name": "p1", "namespace": "default", "node": "node1", "netns": "ocl-t.pod.default.p1", "ip": "10.244.0.2",
-        "labels": {"app": "web"}, "ports": [],
+        "ipv6": None, "labels": {"app": "web"}, "ports": [],
     }  # fmt: skip
-    assert j["external"] == {"netns": "ocl-t.ext", "ip": "10.224.255.253"}
+    assert j["external"] == {"netns": "ocl-t.ext", "ip": "10.224.255.253", "ipv6": None}
     assert j["pod_cidr"] == "10.244.0.0/16"
 
 
@@ -221,12 +223,33 @@ IP 10.244.5.2 > 10.244.4.2: ICMP echo reply, id 7399, seq 1, length 85
 
 def test_parse_tcpdump_vxlan_and_plain():
     pk = parse_tcpdump(VXLAN_TEXT)
-    assert len(pk) == 3
-    req, rep, plain = pk
+    assert len(pk) == 4
+    req, rep, mld, plain = pk
+    assert mld.version == 6 and mld.dst == ip_address("ff02::16") and not (mld.icmp_request or mld.icmp_reply)
     assert (req.outer_src, req.outer_dst, req.vni) == (IPv4Address("10.224.0.4"), IPv4Address("10.224.0.5"), 4096)
     assert (req.src, req.dst, req.icmp_request, req.length) == (IPv4Address("10.244.4.2"), IPv4Address("10.244.5.2"), True, 85)
     assert rep.icmp_reply and rep.outer_src == IPv4Address("10.224.0.5")
     assert plain.vni is None and plain.src == IPv4Address("10.224.0.4") and plain.length == 108
+
+
+VXLAN_TEXT_V6 = """\
+10:13:44.622698 IP 10.224.0.4.44879 > 10.224.0.5.4789: VXLAN, flags [I] (0x08), vni 4096
+IP6 fd12:3456:789a::2 > fd12:3456:789a:0:1::2: ICMP6, echo request, id 4431, seq 1, length 568
+10:13:44.622837 IP 10.224.0.5.44879 > 10.224.0.4.4789: VXLAN, flags [I] (0x08), vni 4096
+IP6 fd12:3456:789a:0:1::2 > fd12:3456:789a::2: ICMP6, echo reply, id 4431, seq 1, length 568
+10:13:44.9 IP6 fd00:10:224::4 > fd00:10:224::fffe: ICMP6, echo request, id 89, seq 1, length 453
+10:13:45.1 IP6 fd00:10:224::4.40000 > fd00:10:224::5.80: Flags [S], seq 1, win 64800, length 0
+"""
+
+
+def test_parse_tcpdump_ipv6_inside_vxlan_and_plain():
+    req, rep, plain, tcp = parse_tcpdump(VXLAN_TEXT_V6)
+    assert (req.outer_src, req.outer_dst, req.vni) == (IPv4Address("10.224.0.4"), IPv4Address("10.224.0.5"), 4096)
+    assert (req.src, req.dst, req.icmp_request, req.length, req.version) == (
+        ip_address("fd12:3456:789a::2"), ip_address("fd12:3456:789a:0:1::2"), True, 568, 6)  # fmt: skip
+    assert rep.icmp_reply and not rep.icmp_request and rep.outer_src == IPv4Address("10.224.0.5")
+    assert plain.vni is None and plain.src == ip_address("fd00:10:224::4") and plain.icmp_request and plain.length == 453
+    assert (tcp.src, tcp.dst, tcp.icmp_request) == (ip_address("fd00:10:224::4"), ip_address("fd00:10:224::5"), False)
 
 
 # --- the runtime (libcni emulation) with stand-in plugins ----------------------------------------

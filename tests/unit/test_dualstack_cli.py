@@ -30,19 +30,13 @@ def help_text(*command: str) -> str:
     return flat(result.stdout)
 
 
-@pytest.mark.parametrize("command", [("plan",), ("cluster", "create")])
+@pytest.mark.parametrize("command", [("plan",), ("cluster", "create"), ("lab", "up")])
 def test_help_teaches_the_dual_stack_flags(command):
     text = help_text(*command)
     assert "Dual-stack (AKS flags)" in text
     for flag in DUAL_FLAGS:
         assert flag in text, flag
     assert "ipv4 (default) or ipv4,ipv6" in text and "fd12:3456:789a::/64" in text and "IPv6 /108 or smaller" in text
-
-
-def test_lab_up_does_not_offer_dual_stack_yet():
-    """The lab builds IPv4 only until its IPv6 data plane lands; it must not
-    accept --ip-families and then build a half dual-stack lab."""
-    assert "--ip-families" not in help_text("lab", "up")
 
 
 def test_dual_stack_plan_exits_0_with_ipv6_capacity():

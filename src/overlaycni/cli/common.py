@@ -148,7 +148,7 @@ _NETWORK_FLAGS: list[tuple[str, str, str]] = [
 ]
 
 
-# Dual-stack (``plan`` and ``cluster create``; the lab takes them once it builds IPv6).
+# Dual-stack (``plan``, ``cluster create`` and ``lab up``).
 _DUAL_STACK_FLAGS: list[tuple[str, str, str]] = [
     ("ip_families", "--ip-families", "ipv4 (default) or ipv4,ipv6: every pod and node gets an address of each family."),
     ("vnet_cidrs", "--vnet-cidrs", "VNet ranges, one per family, IPv4 first (default 10.224.0.0/12,fd00:10:224::/48)."),

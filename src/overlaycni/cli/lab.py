@@ -18,7 +18,7 @@ from ..lab import state as lab_state
 from ..lab import trace as lab_trace
 from ..lab.policy import format_labels
 from ..lab.topology import parse_labels
-from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_network_flags
+from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
 
 lab_app = typer.Typer(
     help="A whole overlay cluster on this machine: a VNet, nodes with the real agent, pods through the real plugin.",
@@ -48,29 +48,35 @@ def _next_steps(name: str, pod: str | None, other: str | None) -> list[str]:
 
 
 def render_status(state: lab_state.LabState) -> None:
+    dual = state.dual_stack
+    cidrs = ",".join(str(state.pod_cidr(v)) for v in state.versions)
+    ext = ", ".join(str(state.external_address(v)) for v in state.versions)
     console.print(
         f"lab [bold]{state.name}[/]: backend [bold]{state.backend}[/], store {state.store} ({state.datastore}), "
-        f"pod CIDR {state.network.get('pod-cidr')}, external host {state.external_ip.ip}",
+        f"pod CIDR{'s' if dual else ''} {cidrs}, external host {ext}",
         highlight=False,
     )
     nodes = Table(title="nodes", title_justify="left")
-    for col in ("node", "IP", "block", "agent pid", "netns"):
+    for col in ("node", "IP", *(("IPv6",) if dual else ()), "block", *(("IPv6 block",) if dual else ()), "agent pid", "netns"):
         nodes.add_column(col)
     for n in state.nodes:
         alive = members.agent_alive(n)
         pid = f"{n.agent.pid}" if n.agent else "-"
-        nodes.add_row(n.name, str(n.ip.ip), str(n.block or "-"), pid if alive else f"[red]{pid} (down)[/]", n.netns)
+        v6 = (str(n.ip_v6.ip) if n.ip_v6 else "-",) if dual else ()
+        block_v6 = (str(n.block_v6 or "-"),) if dual else ()
+        nodes.add_row(n.name, str(n.ip.ip), *v6, str(n.block or "-"), *block_v6, pid if alive else f"[red]{pid} (down)[/]", n.netns)
     console.print(nodes)
     pods = Table(title="pods", title_justify="left")
-    for col in ("pod", "namespace", "node", "IP", "labels", "netns"):
+    for col in ("pod", "namespace", "node", "IP", *(("IPv6",) if dual else ()), "labels", "netns"):
         pods.add_column(col)
     for p in state.pods:
-        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", format_labels(p.labels), p.netns)
+        v6 = (str(p.ip_v6.ip) if p.ip_v6 else "-",) if dual else ()
+        pods.add_row(p.name, p.namespace, p.node, str(p.ip.ip) if p.ip else "-", *v6, format_labels(p.labels), p.netns)
     console.print(pods)
 
 
 @lab_app.command("up")
-@with_network_flags
+@with_dual_stack_network_flags
 def up(
     name: LabNameOpt = "demo",
     nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes.")] = 3,
@@ -92,6 +98,10 @@ def up(
     """Bring up a lab: VNet, nodes with agents, an external host, pods.
 
     Example: overlaycni lab up --nodes 3 --pods-per-node 2 --backend vxlan
+
+    Dual-stack, as AKS offers it: overlaycni lab up --ip-families ipv4,ipv6
+    (the VNet gets an IPv6 ULA range, every node and the external host an
+    IPv6 address, every pod both families).
     """
     if etcd_tls not in ("on", "off"):
         raise UsageError(f"--etcd-tls {etcd_tls!r}: expected on or off")
@@ -281,6 +291,9 @@ def agent_kill(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = No
 def check(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Ping every ordered pod pair and the external host; verify VXLAN/direct and SNAT on the wire.
 
+    A dual-stack lab is checked over both families (IPv6: ICMPv6, IPv6 inside
+    VXLAN between the node IPs, SNAT66 to the node's IPv6 address).
+
     Exit status: 0 all green, 1 any failure.
     """
     state = members.open_lab(name, lab_dir)
@@ -334,27 +347,36 @@ def render_check(rep: lab_check.ConnectivityReport, node_of: dict[str, str] | No
         render_node_matrix(rep, node_of)
         _render_verdict(rep)
         return
-    cells = {(p.src, p.dst): p for p in rep.pairs}
-    table = Table(title=f"lab {rep.lab}: ping matrix (rows ping columns)", title_justify="left")
+    cells: dict[tuple[str, str], list[lab_check.PairResult]] = {}
+    for p in rep.pairs:  # dual-stack: one cell holds both families
+        cells.setdefault((p.src, p.dst), []).append(p)
+    dual = any(p.version == 6 for p in rep.pairs)
+    families = " over IPv4 and IPv6" if dual else ""
+    table = Table(title=f"lab {rep.lab}: ping matrix{families} (rows ping columns)", title_justify="left")
     table.add_column("src \\ dst")
     for d in rep.pods:
         table.add_column(d, justify="center")
     table.add_column("external", justify="center")
-    ext = {e.pod: e for e in rep.external}
+    ext: dict[str, list[lab_check.ExternalResult]] = {}
+    for e in rep.external:
+        ext.setdefault(e.pod, []).append(e)
     for s in rep.pods:
         row = [s]
         for d in rep.pods:
-            p = cells.get((s, d))
-            if p is None:
+            ps = cells.get((s, d))
+            if not ps:
                 row.append("·")
-            elif not p.ok:
-                row.append("[red]✗[/]")
+            elif not all(p.ok for p in ps):
+                bad = "".join(str(p.version) for p in ps if not p.ok) if dual else ""
+                row.append(f"[red]✗{bad}[/]")
             else:
-                row.append("[green]✓[/]" if p.same_node else f"[green]✓{mark}[/]")
-        e = ext.get(s)
-        row.append("-" if e is None else ("[green]✓ SNAT[/]" if e.ok else "[red]✗[/]"))
+                row.append("[green]✓[/]" if ps[0].same_node else f"[green]✓{mark}[/]")
+        es = ext.get(s)
+        row.append("-" if not es else ("[green]✓ SNAT[/]" if all(e.ok for e in es) else "[red]✗[/]"))
         table.add_row(*row)
     console.print(table)
+    if dual:
+        console.print("each cell: IPv4 and IPv6 (✗4 / ✗6: that family failed); SNAT: to the node's IPv4 and IPv6 address (SNAT66)")
     legend = {
         "V": "VXLAN between the node IPs seen on the underlay",
         "W": "WireGuard UDP between the node IPs on the underlay, no pod address in clear",
@@ -377,14 +399,22 @@ def _render_verdict(rep: lab_check.ConnectivityReport) -> None:
 @lab_app.command("trace")
 def trace(
     src: Annotated[str, typer.Argument(help="Source pod: NAMESPACE/NAME, or NAME if unambiguous.")],
-    dst: Annotated[str, typer.Argument(help="Destination pod (as SRC), IP, or 'external'.")],
+    dst: Annotated[str, typer.Argument(help="Destination pod (as SRC), IPv4 or IPv6 address, or 'external'.")],
     name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
+    family: Annotated[
+        str | None,
+        typer.Option("--family", help="ipv4 or ipv6: which address of a pod or of 'external' DST means "
+                     "(dual-stack labs; default ipv4; an address DST is its own family).", show_default=False),
+    ] = None,
 ) -> None:
-    """Send one packet from SRC to DST and show its path, captured from the kernel."""
+    """Send one packet from SRC to DST and show its path, captured from the kernel.
+
+    Dual-stack: overlaycni lab trace pod-1-1 pod-2-1 --family ipv6, or an IPv6 address as DST.
+    """
     state = members.open_lab(name, lab_dir)
-    t = lab_trace.run_trace(state, src, dst)
+    t = lab_trace.run_trace(state, src, dst, family=family)
     if output is Output.json:
         print_json(t.to_json())
     else:

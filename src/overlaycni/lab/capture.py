@@ -8,6 +8,9 @@ parser is pure: tcpdump prints a VXLAN packet as the outer line followed by
 the inner packet on the next line without a timestamp. With ``vxlan=True``
 the file is read with ``-T vxlan``: tcpdump otherwise picks a decoder by
 port, and an outer source port such as 49152 is taken for another protocol.
+IPv6 packets (``IP6`` lines, ``ICMP6, echo request``) parse alike, inside
+VXLAN too (the outer header stays IPv4: one VXLAN device carries both
+families over the IPv4 underlay).
 """
 
 from __future__ import annotations
@@ -18,38 +21,45 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 from ..errors import DataplaneError
 from . import netns
 
 _TS = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d+ ")
-_IP = re.compile(r"^IP (\S+) > (\S+?): (.*)$")
+_IP = re.compile(r"^IP6? (\S+) > (\S+?): (.*)$")
 _VNI = re.compile(r"VXLAN, flags \[I\] \(0x08\), vni (\d+)")
 _LEN = re.compile(r"length (\d+)\s*$")
 
 
+IPAddress = IPv4Address | IPv6Address
+
+
 @dataclass(frozen=True)
 class Packet:
-    """One captured IPv4 packet; for VXLAN, ``outer_*`` and ``vni`` are set
-    and ``src``/``dst``/``what`` describe the inner packet."""
+    """One captured IP packet (IPv4 or IPv6); for VXLAN, ``outer_*`` and
+    ``vni`` are set and ``src``/``dst``/``what`` describe the inner packet."""
 
-    src: IPv4Address
-    dst: IPv4Address
-    what: str  # e.g. "ICMP echo request, id 7, seq 1, length 85"
-    outer_src: IPv4Address | None = None
-    outer_dst: IPv4Address | None = None
+    src: IPAddress
+    dst: IPAddress
+    what: str  # e.g. "ICMP echo request, id 7, seq 1, length 85" or "ICMP6, echo request, id 7, seq 1, length 85"
+    outer_src: IPAddress | None = None
+    outer_dst: IPAddress | None = None
     vni: int | None = None
     text: str = ""
 
     @property
+    def version(self) -> int:
+        return self.src.version
+
+    @property
     def icmp_request(self) -> bool:
-        return self.what.startswith("ICMP echo request")
+        return self.what.startswith(("ICMP echo request", "ICMP6, echo request"))
 
     @property
     def icmp_reply(self) -> bool:
-        return self.what.startswith("ICMP echo reply")
+        return self.what.startswith(("ICMP echo reply", "ICMP6, echo reply"))
 
     @property
     def length(self) -> int | None:
@@ -57,19 +67,18 @@ class Packet:
         return int(m.group(1)) if m else None
 
 
-def _addr(text: str) -> IPv4Address | None:
-    """``10.0.0.1`` or ``10.0.0.1.4789`` (address + port)."""
-    parts = text.split(".")
-    if len(parts) == 5:
-        parts = parts[:4]
-    try:
-        a = ip_address(".".join(parts))
-    except ValueError:
-        return None
-    return a if a.version == 4 else None
+def _addr(text: str) -> IPAddress | None:
+    """``10.0.0.1``, ``fd00::4``, or either with ``.PORT`` (tcpdump's
+    address + port)."""
+    for candidate in (text, text.rpartition(".")[0]):
+        try:
+            return ip_address(candidate)
+        except ValueError:
+            continue
+    return None
 
 
-def _ip_line(line: str) -> tuple[IPv4Address, IPv4Address, str] | None:
+def _ip_line(line: str) -> tuple[IPAddress, IPAddress, str] | None:
     m = _IP.match(line)
     if not m:
         return None

@@ -26,7 +26,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TypeVar
 
@@ -174,6 +174,8 @@ def start_agent(state: LabState, node: LabNode) -> LabNode:
         "--lease-ttl", str(state.lease_ttl),
         "--resync-interval", str(RESYNC_INTERVAL),
     ]  # fmt: skip
+    if node.ip_v6 is not None:  # dual-stack: the node's IPv6 address, as the lab gave it
+        argv += ["--node-ip-v6", str(node.ip_v6.ip)]
     if state.backend == "wireguard":  # the key and wireguard-go's socket live in the node's dir
         argv += ["--wireguard-key", str(d / "wireguard.key"), "--wireguard-socket-dir", str(d)]
     proc = procs.spawn(node.netns, argv, log=d / "agent.log", out=out)
@@ -185,8 +187,12 @@ def wait_agent(state: LabState, node: LabNode, *, timeout: float = AGENT_READY_T
     assert node.agent is not None
     d = node_dir(state, node.name)
     ready = procs.wait_for_json_event(d / "agent.out", "ready", proc=node.agent, timeout=timeout, log=d / "agent.log")
-    block = ready.get("block")
-    return replace(node, block=IPv4Network(block) if block else node.block)
+    block, block_v6 = ready.get("block"), ready.get("block_v6")
+    return replace(
+        node,
+        block=IPv4Network(block) if block else node.block,
+        block_v6=IPv6Network(block_v6) if block_v6 else node.block_v6,
+    )
 
 
 # --- pods through the real plugin -----------------------------------------------------------
@@ -220,7 +226,7 @@ def cni_add(state: LabState, node: LabNode, pod: LabPod, *, ip: IPv4Address | No
     f = _result_file(state, pod)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(result.raw))
-    return replace(pod, ip=result.ip)
+    return replace(pod, ip=result.ip, ip_v6=result.ip_v6)
 
 
 def cni_del(state: LabState, node: LabNode | None, pod: LabPod, *, best_effort: bool = False) -> None:

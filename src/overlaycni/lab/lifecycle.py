@@ -4,7 +4,8 @@ Up, in order: validate everything (name, network like ``plan``, capacity,
 privileges) before touching the kernel -> lab dir + state file -> VNet
 bridge -> external host -> control plane (etcd, with ``--store etcd``) ->
 the cluster network (in-process, ``control.create_cluster``) -> per node:
-namespace, underlay veth, node IP, the plugin's files, agent (all agents
+namespace, underlay veth, node IP (and IPv6 address: ``--ip-families
+ipv4,ipv6``), the plugin's files, agent (all agents
 start at once, then we wait for each ready line) -> pods through the real
 plugin (a small thread pool). The state file is saved after every step,
 and any failure runs ``down``: a failed ``up`` leaves nothing behind.
@@ -103,6 +104,7 @@ def up(req: UpRequest, *, report: Reporter = _quiet) -> LabState:
         vnet_netns=topology.vnet_netns(lab),
         external_netns=topology.ext_netns(lab),
         external_ip=addr.external_ip,
+        external_ip_v6=addr.v6_of(addr.external_ip),
         control_netns=topology.ctl_netns(lab) if req.store == "etcd" else None,
         control_ip=addr.control_ip if req.store == "etcd" else None,
         lease_ttl=req.lease_ttl,
@@ -128,7 +130,8 @@ def _build(state: LabState, req: UpRequest, net: ClusterNetwork, report: Reporte
     report("vnet", 1, steps)
     state = state.with_namespace(state.external_netns)
     st.save(state)
-    netns.setup_vm(state.vnet_netns, state.external_netns, port=topology.EXT_PORT, address=state.external_ip, forwarding=False)
+    netns.setup_vm(state.vnet_netns, state.external_netns, port=topology.EXT_PORT, address=state.external_ip, forwarding=False,
+                   address_v6=state.external_ip_v6)  # fmt: skip
     report("vnet", 2, steps)
     if req.store == "etcd":
         ctl_netns, ctl_ip = state.control_netns, state.control_ip
@@ -171,11 +174,14 @@ def new_node(state: LabState, index: int, name: str) -> LabNode:
     d = control.node_dir(state, name)
     socket = str(d / "agent.sock")
     control.check_socket_path(socket)
+    addr = topology.addressing(net)
+    ip = addr.node_ip(index)
     return LabNode(
         name=name,
         index=index,
         netns=topology.node_netns(state.name, name),
-        ip=topology.addressing(net).node_ip(index),
+        ip=ip,
+        ip_v6=addr.v6_of(ip),
         socket=socket,
         conf_dir=str(d / "net.d"),
     )
@@ -185,7 +191,8 @@ def setup_node(state: LabState, node: LabNode) -> None:
     """The node VM: namespace, underlay on the VNet, the plugin's files."""
     from ..cni.install import install_cni
 
-    netns.setup_vm(state.vnet_netns, node.netns, port=topology.node_port(node.name), address=node.ip, forwarding=True)
+    netns.setup_vm(state.vnet_netns, node.netns, port=topology.node_port(node.name), address=node.ip, forwarding=True,
+                   address_v6=node.ip_v6)  # fmt: skip
     control.node_dir(state, node.name).mkdir(parents=True, exist_ok=True)
     install_cni(cluster=state.name, bin_dir=str(control.cni_bin_dir(state)), conf_dir=node.conf_dir, socket=node.socket)
 

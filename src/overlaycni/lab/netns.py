@@ -10,6 +10,13 @@ Every function takes the namespace explicitly and refuses an empty one: the
 root namespace is never a target. Deleting a VM namespace deletes its veth
 pair (the kernel removes both ends).
 
+Dual-stack, a VM also gets its IPv6 address on ``eth0``, ``nodad``: the
+VNet is the lab's own bridge, nothing else can hold the address, and
+duplicate address detection would only delay the first packet by a second
+or more (RFC 4862 section 5.4). Router advertisements are not accepted
+(``accept_ra=0``): the lab's VNet has no router, and a VM's addresses and
+routes are exactly what the lab configured.
+
 Rejected: pyroute2 here. The lab's own plumbing is a handful of links per
 node; ``ip`` is what a reader would type by hand, and the commands double as
 documentation in the tour.
@@ -20,7 +27,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Sequence
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 
 from ..errors import DataplaneError, PermissionDenied
 from .topology import BRIDGE, NETNS_PREFIX, UNDERLAY_IF
@@ -133,14 +140,21 @@ def setup_vnet(ns: str) -> None:
     ip(ns, "link", "set", BRIDGE, "up")
 
 
-def setup_vm(vnet_ns: str, vm_ns: str, *, port: str, address: IPv4Interface, forwarding: bool) -> None:
+def setup_vm(
+    vnet_ns: str, vm_ns: str, *, port: str, address: IPv4Interface, forwarding: bool, address_v6: IPv6Interface | None = None
+) -> None:
     """A VM on the VNet: its namespace, a veth pair (``port`` on the bridge,
-    ``eth0`` in the VM) and the VM's address. Idempotent."""
+    ``eth0`` in the VM) and the VM's address (and IPv6 address, when
+    dual-stack). Idempotent."""
     ensure_netns(vm_ns)
+    if address_v6 is not None:  # before eth0 exists: the new link inherits "default"
+        sysctl(vm_ns, "net.ipv6.conf.default.accept_ra", "0")
+        sysctl(vm_ns, "net.ipv6.conf.all.accept_ra", "0")
     if ip(vm_ns, "link", "show", UNDERLAY_IF, check=False).returncode != 0:
         ip(vnet_ns, "link", "del", port, check=False)  # a half-made pair from an earlier try
         ip(vnet_ns, "link", "add", port, "type", "veth", "peer", "name", UNDERLAY_IF, "netns", vm_ns)
     ip_batch(vnet_ns, [f"link set {port} master {BRIDGE}", f"link set {port} up"])
-    ip_batch(vm_ns, [f"addr replace {address} dev {UNDERLAY_IF}", f"link set {UNDERLAY_IF} up"])
+    v6 = [f"addr replace {address_v6} dev {UNDERLAY_IF} nodad"] if address_v6 is not None else []
+    ip_batch(vm_ns, [f"addr replace {address} dev {UNDERLAY_IF}", *v6, f"link set {UNDERLAY_IF} up"])
     if forwarding:
         sysctl(vm_ns, "net.ipv4.ip_forward", "1")

@@ -103,7 +103,7 @@ def open_lab_state(name: str, root: str | None = None) -> LabState:
 def pod_info(pod: LabPod) -> PodInfo:
     assert pod.ip is not None
     ports = tuple(records.parse_named_port(p) for p in pod.ports)
-    return PodInfo(pod.namespace, pod.name, pod.ip.ip, pod.node, dict(pod.labels), ports)
+    return PodInfo(pod.namespace, pod.name, pod.ip.ip, pod.node, dict(pod.labels), ports, ip_v6=pod.ip_v6.ip if pod.ip_v6 else None)
 
 
 def load_namespaces(state: LabState) -> dict[str, dict[str, str]]:

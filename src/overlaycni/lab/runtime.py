@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address, ip_interface
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,11 @@ class AddResult:
     ips: tuple[IPv4Interface, ...]
     gateway: IPv4Address | None
     raw: dict[str, Any]
+    ips_v6: tuple[IPv6Interface, ...] = ()  # a dual-stack result's IPv6 entries
+
+    @property
+    def ip_v6(self) -> IPv6Interface | None:
+        return self.ips_v6[0] if self.ips_v6 else None
 
     @property
     def ip(self) -> IPv4Interface:
@@ -147,14 +152,17 @@ def invoke(
 
 def parse_result(raw: dict[str, Any]) -> AddResult:
     ips: list[IPv4Interface] = []
+    ips_v6: list[IPv6Interface] = []
     gateway = None
     for entry in raw.get("ips", []):
         iface = ip_interface(entry["address"])
-        if iface.version == 4:
-            ips.append(iface)
-            if gateway is None and entry.get("gateway"):
-                gateway = ip_address(entry["gateway"])
-    return AddResult(ips=tuple(ips), gateway=gateway, raw=raw)  # type: ignore[arg-type]
+        if isinstance(iface, IPv6Interface):
+            ips_v6.append(iface)
+            continue
+        ips.append(iface)
+        if gateway is None and entry.get("gateway"):
+            gateway = ip_address(entry["gateway"])
+    return AddResult(ips=tuple(ips), gateway=gateway, raw=raw, ips_v6=tuple(ips_v6))  # type: ignore[arg-type]
 
 
 ADD_ATTEMPTS = 4  # kubelet, too, retries a sandbox whose network setup failed

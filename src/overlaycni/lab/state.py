@@ -35,7 +35,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ class LabNode:
     agent: Proc | None = None
     socket: str = ""
     conf_dir: str = ""
+    ip_v6: IPv6Interface | None = None  # dual-stack: the node's IPv6 address on the VNet
+    block_v6: IPv6Network | None = None  # dual-stack: its IPv6 block (from the agent's ready line)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,12 @@ class LabPod:
     ip: IPv4Interface | None = None
     labels: tuple[tuple[str, str], ...] = ()
     ports: tuple[str, ...] = ()  # named container ports, NAME=PORT/PROTO
+    ip_v6: IPv6Interface | None = None  # dual-stack: the pod's IPv6 address (from the CNI result)
+
+    def address(self, version: int) -> IPv4Address | IPv6Address | None:
+        """The pod's address of IP version 4 or 6 (None: it has none)."""
+        iface = self.ip if version == 4 else self.ip_v6
+        return iface.ip if iface is not None else None
 
     @property
     def key(self) -> str:
@@ -110,6 +118,27 @@ class LabState:
     nodes: tuple[LabNode, ...] = ()
     pods: tuple[LabPod, ...] = ()
     namespaces: tuple[str, ...] = field(default_factory=tuple)  # every netns made, in order
+    external_ip_v6: IPv6Interface | None = None  # dual-stack: the external host's IPv6 address on the VNet
+
+    @property
+    def dual_stack(self) -> bool:
+        return self.external_ip_v6 is not None
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The lab's IP versions, IPv4 first: (4,) or (4, 6)."""
+        return (4, 6) if self.dual_stack else (4,)
+
+    def external_address(self, version: int) -> IPv4Address | IPv6Address | None:
+        iface = self.external_ip if version == 4 else self.external_ip_v6
+        return iface.ip if iface is not None else None
+
+    def pod_cidr(self, version: int) -> IPv4Network | IPv6Network | None:
+        """The pod CIDR of IP version 4 or 6 (None: the lab has no such family)."""
+        if version == 4:
+            return IPv4Network(self.network["pod-cidr"])
+        cidrs = self.network.get("pod-cidrs") or []
+        return IPv6Network(cidrs[1]) if self.dual_stack and len(cidrs) > 1 else None
 
     # --- lookups -----------------------------------------------------------
     def node(self, name: str) -> LabNode:
@@ -190,6 +219,8 @@ class LabState:
                     "netns": n.netns,
                     "ip": str(n.ip.ip),
                     "block": str(n.block) if n.block else None,
+                    "ipv6": str(n.ip_v6.ip) if n.ip_v6 else None,
+                    "block_v6": str(n.block_v6) if n.block_v6 else None,
                     "agent_pid": n.agent.pid if n.agent else None,
                 }
                 for n in self.nodes
@@ -201,12 +232,17 @@ class LabState:
                     "node": p.node,
                     "netns": p.netns,
                     "ip": str(p.ip.ip) if p.ip else None,
+                    "ipv6": str(p.ip_v6.ip) if p.ip_v6 else None,
                     "labels": dict(p.labels),
                     "ports": list(p.ports),
                 }
                 for p in self.pods
             ],
-            "external": {"netns": self.external_netns, "ip": str(self.external_ip.ip)},
+            "external": {
+                "netns": self.external_netns,
+                "ip": str(self.external_ip.ip),
+                "ipv6": str(self.external_ip_v6.ip) if self.external_ip_v6 else None,
+            },
         }
 
 
@@ -214,7 +250,7 @@ class LabState:
 
 
 def _enc(v: Any) -> Any:
-    if isinstance(v, (IPv4Address, IPv4Interface, IPv4Network)):
+    if isinstance(v, (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network)):
         return str(v)
     if isinstance(v, dict):
         return {k: _enc(x) for k, x in v.items()}
@@ -253,6 +289,8 @@ def from_json(text: str) -> LabState:
             agent=_proc(n.get("agent")),
             socket=n.get("socket", ""),
             conf_dir=n.get("conf_dir", ""),
+            ip_v6=IPv6Interface(n["ip_v6"]) if n.get("ip_v6") else None,
+            block_v6=IPv6Network(n["block_v6"]) if n.get("block_v6") else None,
         )
         for n in d.get("nodes", [])
     )
@@ -266,6 +304,7 @@ def from_json(text: str) -> LabState:
             ip=IPv4Interface(p["ip"]) if p.get("ip") else None,
             labels=tuple(tuple(x) for x in p.get("labels", [])),
             ports=tuple(p.get("ports", [])),
+            ip_v6=IPv6Interface(p["ip_v6"]) if p.get("ip_v6") else None,
         )
         for p in d.get("pods", [])
     )
@@ -286,6 +325,7 @@ def from_json(text: str) -> LabState:
         nodes=nodes,
         pods=pods,
         namespaces=tuple(d.get("namespaces", [])),
+        external_ip_v6=IPv6Interface(d["external_ip_v6"]) if d.get("external_ip_v6") else None,
     )
 
 

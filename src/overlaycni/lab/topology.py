@@ -24,6 +24,15 @@ Addresses come from the node subnet the way Azure hands them out: the first
 four and the broadcast address are reserved, so node ``i`` (1-based) gets
 ``network + 3 + i`` (``.4`` first). The external host takes the last usable
 address, the control plane the one before it.
+
+Dual-stack (``--ip-families ipv4,ipv6``): Azure gives each VM an IPv6 address
+of the subnet's IPv6 range as well (a /64, ``--node-subnet-cidrs``; default
+the ULA ``fd00:10:224::/64``, RFC 4193). The lab keeps one host number per
+VM for both families: the VM whose IPv4 address is ``network + k`` gets
+IPv6 ``network_v6 + k`` (node 1: ``10.224.0.4`` and ``fd00:10:224::4``; the
+external host ``10.224.255.254`` and ``fd00:10:224::fffe``), so the two
+addresses of one VM read alike. Every lab address stays inside the lab's
+own namespaces; nothing of it is routed in the root namespace.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from ..config import ClusterNetwork
 from ..errors import UsageError
@@ -148,9 +157,11 @@ def container_id(lab: str, namespace: str, pod: str) -> str:
 
 @dataclass(frozen=True)
 class Addressing:
-    """Where the lab's VMs sit on the node subnet."""
+    """Where the lab's VMs sit on the node subnet (and, dual-stack, on its
+    IPv6 range ``subnet_v6``)."""
 
     subnet: IPv4Network
+    subnet_v6: IPv6Network | None = None
 
     @property
     def max_nodes(self) -> int:
@@ -174,9 +185,16 @@ class Addressing:
     def control_ip(self) -> IPv4Interface:
         return IPv4Interface(f"{self.subnet.broadcast_address - 2}/{self.subnet.prefixlen}")
 
+    def v6_of(self, ip: IPv4Interface) -> IPv6Interface | None:
+        """The IPv6 address with ``ip``'s host number (None: single-stack)."""
+        if self.subnet_v6 is None:
+            return None
+        host = int(ip.ip) - int(self.subnet.network_address)
+        return IPv6Interface(f"{self.subnet_v6.network_address + host}/{self.subnet_v6.prefixlen}")
+
 
 def addressing(net: ClusterNetwork) -> Addressing:
-    return Addressing(net.node_subnet_cidr)
+    return Addressing(net.node_subnet_cidr, net.node_subnet_cidr_v6 if net.is_dual_stack else None)
 
 
 def check_capacity(net: ClusterNetwork, *, nodes: int, pods_per_node: int) -> None:

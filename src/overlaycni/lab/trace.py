@@ -10,6 +10,13 @@ CIDR the source before (in the pod) and after SNAT (on the wire). With the
 wireguard backend the packet is also caught entering ``ocni.wg``; on the
 underlay it is encrypted (no size to match), so the hop shows the WireGuard
 UDP packet between the two node IPs, or any pod packet seen in clear.
+
+In a dual-stack lab DST may be an IPv6 address (a pod's, the external
+host's, any other), or a pod or ``external`` with ``--family ipv6``: the
+packet is then an ICMPv6 echo request, followed the same way (inside the
+same VXLAN device over the IPv4 underlay, or plain on the underlay with
+``direct``), and for the external host the source after SNAT66 is the
+node's IPv6 address.
 """
 
 from __future__ import annotations
@@ -17,15 +24,15 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
 from ..dataplane.wgmodel import WG_IFNAME as WG_DEV
 from ..errors import NotFound, UsageError
 from . import netns
-from .capture import Capture, Packet
-from .check import ICMP_HEADER, ping, udp_ports, underlay_filter, wireguard_port
+from .capture import Capture, IPAddress, Packet
+from .check import FAMILY, ICMP_HEADER, ping, udp_ports, underlay_filter, wireguard_port
 from .state import LabPod, LabState
 
 
@@ -56,18 +63,19 @@ class Hop:
 class Trace:
     src: str
     dst: str
-    dst_ip: IPv4Address
+    dst_ip: IPAddress
     replied: bool
     pod_route: dict[str, Any]
     node_route: dict[str, Any]
     hops: tuple[Hop, ...]
-    snat: tuple[IPv4Address, IPv4Address] | None  # (inner source before, after)
+    snat: tuple[IPAddress, IPAddress] | None  # (inner source before, after)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "src": self.src,
             "dst": self.dst,
             "dst_ip": str(self.dst_ip),
+            "family": FAMILY[self.dst_ip.version],
             "replied": self.replied,
             "pod_route": self.pod_route,
             "node_route": self.node_route,
@@ -76,7 +84,7 @@ class Trace:
         }
 
 
-def route_get(ns: str, dst: IPv4Address) -> dict[str, Any]:
+def route_get(ns: str, dst: IPAddress) -> dict[str, Any]:
     proc = netns.run(["ip", "-n", ns, "-j", "route", "get", str(dst)], check=False)
     try:
         routes = json.loads(proc.stdout or "[]")
@@ -85,37 +93,60 @@ def route_get(ns: str, dst: IPv4Address) -> dict[str, Any]:
     return routes[0] if routes else {"error": proc.stderr.strip()}
 
 
-def resolve_dst(state: LabState, dst: str) -> tuple[IPv4Address, LabPod | None, bool]:
+def parse_family(family: str | None, state: LabState) -> int | None:
+    """``--family``: ipv4 or ipv6 (None: not given); ipv6 needs a dual-stack lab."""
+    if family is None:
+        return None
+    if family not in FAMILY.values():
+        raise UsageError(f"{family!r} is not one of: ipv4, ipv6", field="family")
+    version = 4 if family == "ipv4" else 6
+    if version not in state.versions:
+        raise UsageError(f"lab {state.name} is single-stack (IPv4); bring one up with --ip-families ipv4,ipv6", field="family")
+    return version
+
+
+def resolve_dst(state: LabState, dst: str, version: int | None = None) -> tuple[IPAddress, LabPod | None, bool]:
     """(address, pod or None, is the external host). DST is ``external``,
-    a pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``) or an address."""
+    a pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``), each of them by
+    its address of IP ``version`` (default IPv4), or an IPv4 or IPv6
+    address."""
     if dst in ("external", "ext"):
-        return state.external_ip.ip, None, True
+        ext = state.external_address(version or 4)
+        assert ext is not None  # parse_family refused IPv6 in a single-stack lab
+        return ext, None, True
     found = state.find_pod(dst, field="DST")
-    if found is not None and found.ip:
-        return found.ip.ip, found, False
+    if found is not None and found.address(version or 4) is not None:
+        return found.address(version or 4), found, False  # type: ignore[return-value]
     try:
         ip = ip_address(dst)
     except ValueError:
-        raise NotFound(f"DST: {dst!r} is neither a pod of lab {state.name}, an IPv4 address, nor 'external'") from None
-    if ip.version != 4:
-        raise UsageError(f"DST: {dst} is IPv6; the lab is IPv4")
-    pod = next((p for p in state.pods if p.ip and p.ip.ip == ip), None)
-    return ip, pod, ip == state.external_ip.ip
+        raise NotFound(f"DST: {dst!r} is neither a pod of lab {state.name}, an IP address, nor 'external'") from None
+    if version is not None and ip.version != version:
+        raise UsageError(f"DST: {dst} is IPv{ip.version} but --family is {FAMILY[version]}")
+    if ip.version not in state.versions:
+        raise UsageError(f"DST: {dst} is IPv6; lab {state.name} is single-stack (IPv4): bring one up with --ip-families ipv4,ipv6")
+    pod = next((p for p in state.pods if p.address(ip.version) == ip), None)
+    return ip, pod, ip == state.external_address(ip.version)
 
 
 def _match(packets: list[Packet], length: int) -> Packet | None:
     return next((p for p in packets if p.icmp_request and p.length == length), None)
 
 
-IP_HEADER = 20
+IP_HEADER = {4: 20, 6: 40}
 
 
-def run_trace(state: LabState, src: str, dst: str) -> Trace:
-    """SRC is a pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``); DST as ``resolve_dst``."""
+def run_trace(state: LabState, src: str, dst: str, *, family: str | None = None) -> Trace:
+    """SRC is a pod (``NAMESPACE/NAME`` or an unambiguous ``NAME``); DST as
+    ``resolve_dst``; ``family`` (ipv4/ipv6) picks a pod's or the external
+    host's address."""
     a = state.pod(src, field="SRC")
     if a.ip is None:
         raise NotFound(f"SRC: pod {a.key} has no IP")
-    dst_ip, b, is_ext = resolve_dst(state, dst)
+    dst_ip, b, is_ext = resolve_dst(state, dst, parse_family(family, state))
+    version = dst_ip.version
+    if a.address(version) is None:
+        raise NotFound(f"SRC: pod {a.key} has no IPv{version} address")
     na = state.node(a.node)
     nb = state.node(b.node) if b else None
     pod_route = route_get(a.netns, dst_ip)
@@ -124,19 +155,20 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
     workdir = Path(state.lab_dir) / "captures"
     vx = state.backend == "vxlan"
     wg = state.backend == "wireguard"
-    underlay = f"({underlay_filter(state)}) or icmp" if vx or wg else "icmp"
+    icmp = "icmp6" if version == 6 else "icmp"
+    underlay = f"( {underlay_filter(state)} ) or {icmp}" if vx or wg else icmp
     ref = state.refs()
-    points: list[tuple[str, str, Capture]] = [(f"{ref[a.key]} eth0", a.netns, Capture(a.netns, "eth0", "icmp", workdir=workdir))]
+    points: list[tuple[str, str, Capture]] = [(f"{ref[a.key]} eth0", a.netns, Capture(a.netns, "eth0", icmp, workdir=workdir))]
     if wg and nb and nb.name != na.name:  # the pod packet enters the tunnel on the source node
-        points.append((f"{na.name} {WG_DEV} (tunnel)", na.netns, Capture(na.netns, WG_DEV, "icmp", workdir=workdir)))
+        points.append((f"{na.name} {WG_DEV} (tunnel)", na.netns, Capture(na.netns, WG_DEV, icmp, workdir=workdir)))
     points.append((f"{na.name} underlay eth0 ({na.ip.ip})", na.netns, Capture(na.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if nb and nb.name != na.name:
         points.append((f"{nb.name} underlay eth0 ({nb.ip.ip})", nb.netns, Capture(nb.netns, "eth0", underlay, workdir=workdir, vxlan=vx)))
     if b:
-        points.append((f"{ref[b.key]} eth0", b.netns, Capture(b.netns, "eth0", "icmp", workdir=workdir)))
+        points.append((f"{ref[b.key]} eth0", b.netns, Capture(b.netns, "eth0", icmp, workdir=workdir)))
     elif is_ext:
-        points.append((f"external host eth0 ({state.external_ip.ip})", state.external_netns,
-                       Capture(state.external_netns, "eth0", "icmp", workdir=workdir)))  # fmt: skip
+        points.append((f"external host eth0 ({dst_ip})", state.external_netns,
+                       Capture(state.external_netns, "eth0", icmp, workdir=workdir)))  # fmt: skip
     started = []
     try:
         for _, _, cap in points:
@@ -148,17 +180,18 @@ def run_trace(state: LabState, src: str, dst: str) -> Trace:
     hops = []
     for where, ns, cap in points:
         if wg and nb is not None and nb.name != na.name and "underlay" in where:  # encrypted: no size to match
-            pkt, note = _wireguard_hop(state, cap.packets, na.ip.ip, nb.ip.ip, inner=size + ICMP_HEADER + IP_HEADER)
+            pkt, note = _wireguard_hop(state, cap.packets, na.ip.ip, nb.ip.ip, inner=size + ICMP_HEADER + IP_HEADER[version])
             hops.append(Hop(where, ns, pkt, note))
             continue
         pkt = _match(cap.packets, size + ICMP_HEADER)
         hops.append(Hop(where, ns, pkt, _note(state, pkt)))
     snat = None
-    pod_cidr = IPv4Network(state.network["pod-cidr"])
+    pod_cidr = state.pod_cidr(version)
+    assert pod_cidr is not None
     if dst_ip not in pod_cidr:
-        before = hops[0].packet.src if hops[0].packet else a.ip.ip
+        before = hops[0].packet.src if hops[0].packet else a.address(version)
         after = next((h.packet.src for h in hops[1:] if h.packet and h.packet.vni is None), None)
-        if after is not None:
+        if after is not None and before is not None:
             snat = (before, after)
     return Trace(ref[a.key], dst, dst_ip, replied, pod_route, node_route, tuple(hops), snat)
 
@@ -169,15 +202,13 @@ def wireguard_length(inner: int) -> int:
     return 16 + -(-inner // 16) * 16 + 16
 
 
-def _wireguard_hop(
-    state: LabState, packets: list[Packet], src: IPv4Address, dst: IPv4Address, *, inner: int
-) -> tuple[Packet | None, str]:
+def _wireguard_hop(state: LabState, packets: list[Packet], src: IPAddress, dst: IPAddress, *, inner: int) -> tuple[Packet | None, str]:
     """On the underlay the pod packet is encrypted: show the WireGuard packet
     from ``src`` to ``dst`` whose length fits the traced packet (else any
-    between the two nodes), or any pod packet seen in clear."""
-    pod_cidr = IPv4Network(state.network["pod-cidr"])
+    between the two nodes), or any pod packet (of either family) seen in clear."""
+    cidrs = [c for v in state.versions if (c := state.pod_cidr(v)) is not None]
     port = wireguard_port(state)
-    clear = [p for p in packets if p.src in pod_cidr or p.dst in pod_cidr]
+    clear = [p for p in packets if any(p.src in c or p.dst in c for c in cidrs)]
     if clear:
         return clear[0], f"pod packet IN CLEAR on the underlay: {clear[0].src} -> {clear[0].dst}"
     wire = [p for p in packets if {p.src, p.dst} == {src, dst} and port in (udp_ports(p) or ())]
