@@ -117,6 +117,7 @@ def probe(
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a probe counts as blocked.")] = 2.0,
     retries: Annotated[int, typer.Option("--retries", help="Probe a blocked pair again up to this often (a busy machine can lose a first packet).")] = 1,
+    family: Annotated[str, typer.Option("--family", help="ipv4, or ipv6 in a dual-stack lab: which pod addresses to connect to.")] = "ipv4",
     name: LabNameOpt = "demo",
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
@@ -137,13 +138,17 @@ def probe(
         raise ConfigError(PolicyFieldError("--timeout", f"{timeout} is out of range (0.1-30 seconds)"))
     if not 0 <= retries <= 5:
         raise ConfigError(PolicyFieldError("--retries", f"{retries} is out of range (0-5)"))
+    if family not in ("ipv4", "ipv6"):
+        raise ConfigError(PolicyFieldError("--family", f"{family!r} is not one of: ipv4, ipv6"))
+    version = 6 if family == "ipv6" else 4
     chosen = [p.strip() for p in pods.split(",") if p.strip()] if pods else None
     with console.status(f"probing {protocol.upper()}/{port} between {len(chosen or state.pods)} pods ..."):
-        rep = lab_probe.probe_matrix(state, port=port, protocol=protocol, pods=chosen, retries=retries, timeout=timeout)
+        rep = lab_probe.probe_matrix(state, port=port, protocol=protocol, pods=chosen, retries=retries, timeout=timeout, family=version)
     if output is Output.json:
         print_json(rep.to_json())
         return
-    table = Table(title=f"{rep.protocol}/{rep.port}, rows → columns", title_justify="left")
+    over = " over IPv6" if rep.family == 6 else ""
+    table = Table(title=f"{rep.protocol}/{rep.port}{over}, rows → columns", title_justify="left")
     table.add_column("src \\ dst")
     for k in rep.keys:
         table.add_column(k, justify="center")

@@ -1,8 +1,11 @@
 """Probe servers and probes for ``lab probe`` (stdlib only, run inside pods).
 
 ``python3 -I -S netprobe.py serve PORT...`` serves TCP and UDP on every PORT
-of the pod (all addresses): a TCP client gets ``ok`` on connect, a UDP
-datagram gets ``ok`` back, so a probe can tell "connected" from "dropped".
+of the pod (all addresses, both families: one IPv6 socket per port and
+protocol with ``IPV6_V6ONLY`` off takes IPv4 too, as IPv4-mapped addresses,
+RFC 3493 section 5.3; IPv4 only where the pod has no IPv6): a TCP client
+gets ``ok`` on connect, a UDP datagram gets ``ok`` back, so a probe can tell
+"connected" from "dropped". Probes take IPv4 and IPv6 addresses.
 It prints ``{"event": "ready"}`` once every socket is bound.
 
 ``python3 -I -S netprobe.py probe --protocol tcp|udp --port N [--timeout S]
@@ -25,17 +28,30 @@ import sys
 import time
 
 
+def listen(kind: int, port: int) -> socket.socket:
+    """A socket bound to every address of both families on ``port`` (IPv4
+    only if IPv6 is not available)."""
+    try:
+        s = socket.socket(socket.AF_INET6, kind)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address: tuple[str, int] = ("::", port)
+    except OSError:
+        s = socket.socket(socket.AF_INET, kind)
+        address = ("0.0.0.0", port)
+    if kind == socket.SOCK_STREAM:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(address)
+    return s
+
+
 def serve(ports: list[int]) -> None:
     sel = selectors.DefaultSelector()
     for port in ports:
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        t.bind(("0.0.0.0", port))
+        t = listen(socket.SOCK_STREAM, port)
         t.listen(256)
         t.setblocking(False)
         sel.register(t, selectors.EVENT_READ, "tcp")
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("0.0.0.0", port))
+        u = listen(socket.SOCK_DGRAM, port)
         u.setblocking(False)
         sel.register(u, selectors.EVENT_READ, "udp")
     print(json.dumps({"event": "ready", "ports": ports}), flush=True)
@@ -78,7 +94,7 @@ def probe_tcp(ip: str, port: int, timeout: float) -> bool:
 
 
 def probe_udp(ip: str, port: int, timeout: float) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout / 3)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -8,7 +8,8 @@ what still runs in the lab's namespaces, ``lab pod delete`` and ``lab node
 delete`` what runs in the pod's. A matrix runs one ``netprobe.py probe`` per
 source pod, all at once, each probing every destination in parallel
 (threads). A blocked pair costs one timeout, so a matrix takes about one
-timeout however many pods there are.
+timeout however many pods there are. In a dual-stack lab ``family=6``
+probes the pods' IPv6 addresses (the servers listen on both families).
 """
 
 from __future__ import annotations
@@ -104,12 +105,14 @@ class ProbeReport:
     keys: tuple[str, ...]  # NAMESPACE/POD of each
     connected: Mapping[tuple[str, str], bool]  # (src pod, dst pod), by ``pods`` names
     retried: int = 0
+    family: int = 4  # the IP version probed
 
     def to_json(self) -> dict[str, Any]:
         return {
             "lab": self.lab,
             "port": self.port,
             "protocol": self.protocol,
+            "family": "ipv6" if self.family == 6 else "ipv4",
             "pods": [{"name": p, "pod": k} for p, k in zip(self.pods, self.keys, strict=True)],
             "matrix": {s: {d: self.connected[(s, d)] for d in self.pods} for s in self.pods},
             "connected": sum(self.connected.values()),
@@ -123,7 +126,7 @@ class ProbeReport:
 
 
 def _probe_round(
-    state: LabState, pairs: Sequence[tuple[LabPod, LabPod]], *, port: int, protocol: str, timeout: float
+    state: LabState, pairs: Sequence[tuple[LabPod, LabPod]], *, port: int, protocol: str, timeout: float, family: int = 4
 ) -> dict[tuple[str, str], bool]:
     """(src key, dst key) -> connected, one prober process per source."""
     by_src: dict[str, list[LabPod]] = {}
@@ -135,7 +138,7 @@ def _probe_round(
         key: netns.in_ns(
             src_of[key].netns,
             [_python(), "-I", "-S", NETPROBE, "probe", "--protocol", protocol.lower(), "--port", str(port),
-             "--timeout", str(timeout), *[str(d.ip.ip) for d in dsts if d.ip is not None]],
+             "--timeout", str(timeout), *[str(d.address(family)) for d in dsts if d.address(family) is not None]],
         )
         for key, dsts in by_src.items()
     }  # fmt: skip
@@ -164,6 +167,7 @@ def probe_matrix(
     retries: int = 2,
     timeout: float = 2.0,
     start_servers: bool = True,
+    family: int = 4,
 ) -> ProbeReport:
     """Probe every ordered pair of ``pods`` (``NAMESPACE/NAME`` or an
     unambiguous ``NAME``; default: all pods with an IP) on PORT/PROTOCOL
@@ -185,20 +189,25 @@ def probe_matrix(
     missing_ip = [ref[p.key] for p in chosen if p.ip is None]
     if missing_ip:
         raise UsageError(f"pods without an IP cannot be probed: {', '.join(missing_ip)}")
+    if family == 6:
+        no_v6 = [ref[p.key] for p in chosen if p.ip_v6 is None]
+        if no_v6:
+            raise UsageError(f"pods without an IPv6 address cannot be probed over IPv6: {', '.join(no_v6)} "
+                             "(a dual-stack lab: lab up --ip-families ipv4,ipv6)", field="family")  # fmt: skip
     if start_servers:
         ensure_servers(state, ports=sorted({*DEFAULT_PORTS, port}), pods=chosen)
     want = None  # (src key, dst key) -> expected to connect
     if expect is not None:
         want = {(s.key, d.key): expect.get((ref[s.key], ref[d.key]), False) for s in chosen for d in chosen}
     pairs = [(s, d) for s in chosen for d in chosen]
-    got = _probe_round(state, pairs, port=port, protocol=protocol, timeout=timeout)
+    got = _probe_round(state, pairs, port=port, protocol=protocol, timeout=timeout, family=family)
     retried = 0
     for _ in range(retries):
         again = [(s, d) for s, d in pairs if not got[(s.key, d.key)] and (want is None or want[(s.key, d.key)])]
         if not again:
             break
         retried += len(again)
-        got.update(_probe_round(state, again, port=port, protocol=protocol, timeout=timeout))
+        got.update(_probe_round(state, again, port=port, protocol=protocol, timeout=timeout, family=family))
     return ProbeReport(
         lab=state.name,
         port=port,
@@ -207,4 +216,5 @@ def probe_matrix(
         keys=tuple(p.key for p in chosen),
         connected={(ref[s], ref[d]): ok for (s, d), ok in got.items()},
         retried=retried,
+        family=family,
     )
