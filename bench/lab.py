@@ -23,9 +23,15 @@
    an existing node's underlay, and to the first handshake response (the
    tunnel is up); the pings lost while a node's key is rotated under a 10 ms
    ping. Medians of ``--repeats`` with the spread (min-max).
+5. Dual-stack: in a dual-stack lab (``--ip-families ipv4,ipv6``) per backend
+   (vxlan, direct), cross-node pod-to-pod TCP throughput over IPv6 as a
+   ratio of the same pods' IPv4 throughput, runs alternating (IPv4, IPv6,
+   IPv4, ...; the order flips every run); the ratio is taken per run, then
+   the median and spread of ``--repeats`` runs (aim >= 0.95: IPv6 inside the
+   same VXLAN device costs 20 more header bytes per packet, nothing else).
 
 Usage: .venv/bin/python bench/lab.py [--sizes 3,10,20] [--seconds 5] [--repeats 3] [--streams 1,4]
-       [--skip-throughput] [--only-throughput] [--bare-notrack] [--only-wireguard]
+       [--skip-throughput] [--only-throughput] [--bare-notrack] [--only-wireguard] [--only-dual-stack]
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from overlaycni.config import parse_network
 from overlaycni.lab import lifecycle, members, topology
 
 
-def up(name: str, root: str, *, nodes: int, pods: int, backend: str = "vxlan") -> tuple[float, object]:
+def up(name: str, root: str, *, nodes: int, pods: int, backend: str = "vxlan", dual: bool = False) -> tuple[float, object]:
     t0 = time.perf_counter()
-    state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=nodes, pods_per_node=pods, network={"backend": backend}, root=root))
+    network = {"backend": backend, **({"ip-families": "ipv4,ipv6"} if dual else {})}
+    state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=nodes, pods_per_node=pods, network=network, root=root))
     return time.perf_counter() - t0, state
 
 
@@ -276,6 +283,28 @@ def wireguard_throughput(root: str, seconds: int, repeats: int) -> None:
             lifecycle.down(name, root=root)
 
 
+def dual_stack_throughput(root: str, backend: str, seconds: int, repeats: int) -> None:
+    """IPv6 / IPv4 pod-to-pod in one dual-stack lab, the same two pods, runs
+    alternating (the family that goes first flips every run)."""
+    name = f"bd{os.getpid() % 1000}{backend[0]}"
+    try:
+        _, state = up(name, root, nodes=2, pods=1, backend=backend, dual=True)
+        n1, n2 = state.nodes  # type: ignore[attr-defined]
+        p1 = next(p for p in state.pods if p.node == n1.name)  # type: ignore[attr-defined]
+        p2 = next(p for p in state.pods if p.node == n2.name)  # type: ignore[attr-defined]
+        v4: list[float] = []
+        v6: list[float] = []
+        for i in range(repeats):
+            runs = [(v4, p2.ip.ip), (v6, p2.ip_v6.ip)]
+            for out, dst in runs if i % 2 == 0 else runs[::-1]:
+                out.append(iperf(p2.netns, p1.netns, str(dst), seconds))
+        ratios = [b / a for a, b in zip(v4, v6, strict=True)]
+        print(f"  {backend:6s}: IPv4 pods {spread(v4)} Gbit/s; IPv6 pods {spread(v6)} Gbit/s; "
+              f"IPv6 / IPv4 (per run) {spread(ratios)} (aim >= 0.95)")  # fmt: skip
+    finally:
+        lifecycle.down(name, root=root)
+
+
 def first_packets(path: str, new_ip: str) -> tuple[float | None, float | None]:
     """(first WireGuard packet to or from ``new_ip``, first handshake response) from ``tcpdump -tt`` text."""
     first = response = None
@@ -368,6 +397,7 @@ def main() -> int:
     ap.add_argument("--only-throughput", action="store_true", help="only the throughput against the kernel's VXLAN (3.)")
     ap.add_argument("--streams", default="1,4", help="iperf3 -P values for 3. (comma-separated)")
     ap.add_argument("--bare-notrack", action="store_true", help="3.: exempt the bare VXLAN's outer flow from conntrack too")
+    ap.add_argument("--only-dual-stack", action="store_true", help="only the dual-stack throughput (5.)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/lab.py needs root (network namespaces)", file=sys.stderr)
@@ -375,6 +405,12 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="ocl-bench-")
     sizes = [int(s) for s in args.sizes.split(",")]
     try:
+        if args.only_dual_stack:
+            print(f"== dual-stack: cross-node pod-to-pod TCP throughput over IPv6 / IPv4 (iperf3, {args.seconds} s, one stream, "
+                  f"{args.repeats} alternating runs)")  # fmt: skip
+            for backend in ("vxlan", "direct"):
+                dual_stack_throughput(root, backend, args.seconds, args.repeats)
+            return 0
         if args.only_wireguard or args.only_throughput:
             sizes = []
         else:
@@ -405,6 +441,11 @@ def main() -> int:
         if not args.skip_throughput:
             print("== wireguard pod-to-pod throughput against the same run's vxlan")
             wireguard_throughput(root, args.seconds, args.repeats)
+            if not args.only_wireguard:
+                print(f"== dual-stack: cross-node pod-to-pod TCP throughput over IPv6 / IPv4 (iperf3, {args.seconds} s, "
+                      f"{args.repeats} alternating runs)")  # fmt: skip
+                for backend in ("vxlan", "direct"):
+                    dual_stack_throughput(root, backend, args.seconds, args.repeats)
         print("== wireguard: a node joins; its first encrypted packet on an existing node's underlay")
         join_to_first_packet(root, args.repeats)
         print("== wireguard: key rotation under load")
