@@ -393,7 +393,12 @@ def _render_verdict(rep: lab_check.ConnectivityReport) -> None:
         if len(fails) > 50:
             err_console.print(f"... and {len(fails) - 50} more (see --output json)", highlight=False)
     else:
-        console.print(f"[bold green]all {len(rep.pairs)} pod pairs and {len(rep.external)} external paths OK[/]")
+        if any(p.version == 6 for p in rep.pairs):
+            pairs = len({(p.src, p.dst) for p in rep.pairs})
+            console.print(f"[bold green]all {pairs} pod pairs over IPv4 and IPv6 ({len(rep.pairs)} paths) "
+                          f"and {len(rep.external)} external paths OK[/]")  # fmt: skip
+        else:
+            console.print(f"[bold green]all {len(rep.pairs)} pod pairs and {len(rep.external)} external paths OK[/]")
 
 
 @lab_app.command("trace")

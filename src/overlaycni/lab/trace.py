@@ -273,4 +273,23 @@ def run_tour(state: LabState) -> list[TourStep]:
     if t.snat:
         text += f"\nSNAT: source {t.snat[0]} -> {t.snat[1]} (the node IP of {p.node})"
     steps.append(TourStep("the SNAT seen at the external host", f"overlaycni lab trace --name {state.name} {name} external", text))
+    if state.dual_stack:
+        steps.append(_ipv6_step(state, p, other))
     return steps
+
+
+def _ipv6_step(state: LabState, p: LabPod, other: LabPod | None) -> TourStep:
+    """Dual-stack: one IPv6 packet to another node's pod (inside the same
+    VXLAN device, or plain with direct) and to the external host (SNAT66)."""
+    ref = state.refs()
+    name = ref[p.key]
+    lines = []
+    if other is not None:
+        t = run_trace(state, p.key, other.key, family="ipv6")
+        wire = next((h for h in t.hops if "underlay" in h.where and h.packet), None)
+        seen = f"{wire.where}:\n{wire.packet.text}" if wire and wire.packet else "the underlay: (not captured)"
+        lines.append(f"{name} -> {ref[other.key]} ({t.dst_ip}) on {seen}")
+    t = run_trace(state, p.key, "external", family="ipv6")
+    if t.snat:
+        lines.append(f"SNAT66: source {t.snat[0]} -> {t.snat[1]} (the IPv6 address of {p.node})")
+    return TourStep("dual-stack: the same over IPv6", f"overlaycni lab trace --name {state.name} {name} external --family ipv6", "\n".join(lines))
