@@ -209,6 +209,28 @@ def test_an_ipv6_ipblock_slash_128_lets_exactly_that_pod_in_over_tcp(dual: Lab, 
     assert wait_for(lambda: into_web(probe("ipv6")) == everyone, 30)
 
 
+def test_a_node_added_later_is_dual_stack_and_peers_route_its_ipv6_block(dual: Lab):
+    """lab node add: the new node gets the next IPv6 address and an IPv6 block,
+    every peer routes that block, a pod on it gets both families and is
+    reached over IPv6; node delete takes its IPv6 routes away again."""
+    added = dual.json("node", "add")
+    nodes, _ = by_name(dual.status())
+    n4 = nodes[added["name"]]
+    assert n4["ipv6"] == "fd00:10:224::7" and ipaddress.ip_network(n4["block_v6"]).subnet_of(POD_CIDR_V6)
+
+    def routed(block: str) -> list[str]:
+        return [n["name"] for n in nodes.values() if n["name"] != n4["name"]
+                and any(r.get("dst") == block for r in dual.ip_j(n["netns"], "-6", "route", "show"))]  # fmt: skip
+
+    assert wait_for(lambda: len(routed(n4["block_v6"])) == 3, 30)
+    pod = dual.json("pod", "add", "late", "--node", n4["name"])
+    assert ipaddress.ip_address(pod["ipv6"]) in ipaddress.ip_network(n4["block_v6"])
+    _, pods = by_name(dual.status())
+    assert dual.pings(pods["pod-1-1"]["netns"], pod["ipv6"])
+    dual.oc("node", "delete", n4["name"])
+    assert wait_for(lambda: routed(n4["block_v6"]) == [], 30)
+
+
 def test_down_leaves_nothing(dual: Lab):
     pids = [n["agent_pid"] for n in dual.status()["nodes"]]
     dual.oc("down")

@@ -239,9 +239,10 @@ def pod_add(
         name, pod, namespace=namespace, node=node, labels=parse_labels(labels), ports=tuple(port or ()), ip=ip, root=lab_dir
     )
     if output is Output.json:
-        print_json({"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns, "ip": str(p.ip.ip) if p.ip else None})
+        print_json({"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns, "ip": str(p.ip.ip) if p.ip else None,
+                    "ipv6": str(p.ip_v6.ip) if p.ip_v6 else None})  # fmt: skip
     else:
-        console.print(f"pod {p.key} on {p.node}: {p.ip}", highlight=False)
+        console.print(f"pod {p.key} on {p.node}: {p.ip}{f', {p.ip_v6}' if p.ip_v6 else ''}", highlight=False)
 
 
 @pod_app.command("delete")
@@ -261,9 +262,12 @@ def node_add(
     """Add a node VM and start its agent; peers program it."""
     n = members.add_node(name, node, root=lab_dir)
     if output is Output.json:
-        print_json({"name": n.name, "netns": n.netns, "ip": str(n.ip.ip), "block": str(n.block), "agent_pid": n.agent.pid if n.agent else None})
+        print_json({"name": n.name, "netns": n.netns, "ip": str(n.ip.ip), "block": str(n.block),
+                    "ipv6": str(n.ip_v6.ip) if n.ip_v6 else None, "block_v6": str(n.block_v6) if n.block_v6 else None,
+                    "agent_pid": n.agent.pid if n.agent else None})  # fmt: skip
     else:
-        console.print(f"node {n.name}: IP {n.ip.ip}, block {n.block}, agent pid {n.agent.pid if n.agent else '-'}", highlight=False)
+        v6 = f", IPv6 {n.ip_v6.ip}, IPv6 block {n.block_v6}" if n.ip_v6 else ""
+        console.print(f"node {n.name}: IP {n.ip.ip}, block {n.block}{v6}, agent pid {n.agent.pid if n.agent else '-'}", highlight=False)
 
 
 @node_app.command("delete")

@@ -12,6 +12,9 @@ output names a pod the same way (``LabState.ref``: the bare name unless
 another namespace has a pod of that name). State files written before pods
 were keyed by namespace (version 1, no ``version`` key) are not read: take
 such a lab down with ``lab down`` (which finds it by its namespaces).
+A dual-stack lab's IPv6 side (``ip_v6``/``block_v6`` of nodes, ``ip_v6``
+of pods, ``external_ip_v6``) adds optional keys to version 2: a file
+without them is a single-stack lab, and ``lab status`` shows them as null.
 
 The lab directory is private and marked. ``lab up`` makes it (0700) and
 writes ``.overlaycni-lab`` into it; every later read or write goes through
