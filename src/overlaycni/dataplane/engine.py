@@ -26,9 +26,9 @@ per family, and nothing here asks which family it holds. Per peer a route
 per block (VXLAN: and a neighbour per block, one FDB entry for both;
 ``model.peer_objects``); the tunnel device holds the first address of each
 of the node's blocks; this node's blocks are unreachable routes (a free
-address never loops back out), and so is the IPv6 pod CIDR (a packet for an
-IPv6 block no peer routes is refused instead of leaving by a default
-route). IPv4 keeps that catch-all on ``wireguard`` only, as before. On
+address never loops back out), and so is each family's pod CIDR (a packet
+for a block no admitted peer routes is refused instead of leaving by a
+default route), on every backend. On
 ``direct`` a peer that published no IPv6 address gets its IPv4 route and a
 report error for its IPv6 block. IPv6 forwarding is switched on in the node
 namespace only when the node has an IPv6 block; IPv6 has no ``rp_filter``
