@@ -153,3 +153,24 @@ def test_node_register_takes_the_ipv6_node_address(tmp_path, monkeypatch):
                               "--node-ip-v6", "fe80::5"])
     assert bad.exit_code == 2 and "--node-ip-v6" in bad.output and "routable" in " ".join(bad.output.split())
     assert [n["name"] for n in json.loads(runner.invoke(app, [*base, "node", "list", "--cluster", "ds", "-o", "json"]).stdout)] == ["n1"]
+
+
+def test_a_peer_whose_ipv6_block_another_node_claims_is_left_out_alone(store):
+    """Peers are chosen one by one over both families: n2's record names n3's
+    IPv6 block (claimed by n3), so n2 is left out with a problem naming n3;
+    n3 stays. Control: with the claims as stored, both are peers."""
+    from dataclasses import replace
+
+    from overlaycni.agent.desired import select_peers
+
+    ipam.create_cluster(store, "dual", parse_network(DUAL))
+    me, n2, n3 = (ipam.register_node(store, "dual", n, ip) for n, ip in
+                  (("n1", N1), ("n2", N2), ("n3", IPv4Address("10.224.0.6"))))  # fmt: skip
+    net = ipam.get_cluster(store, "dual")
+    claims = ipam.cluster_nodes(store, "dual").claims
+    assert n2.block_v6 in claims and [r.name for r in select_peers(net, me, [n2, n3], claims=claims).records] == ["n2", "n3"]
+    forged = replace(n2, block_v6=n3.block_v6)
+    sel = select_peers(net, me, [forged, n3], claims=claims)
+    assert [r.name for r in sel.records] == ["n3"]
+    assert len(sel.problems) == 1 and sel.problems[0].other == "n3"
+    assert f"IPv6 block {n3.block_v6} is claimed by node n3" in sel.problems[0].message
