@@ -25,11 +25,12 @@ forward), in the same number of round trips as one:
 * ``get_allocations``: the handles, one read.
 
 Dual-stack (the node's claim names an IPv6 block too, or an attachment asks
-for an IPv6 address): each attachment gets one address per family in one
-transaction, as ``pods.reserve`` does. For now a dual-stack batch does that
-attachment by attachment (``pods.reserve``: two round trips each); a
-single-stack batch is unchanged. ``release_many`` deletes every address
-the handle names (both families) in its one transaction.
+for an IPv6 address): ``podbatch6`` gives each attachment one address per
+family, the whole batch in one transaction as here (after the first read
+showed the claim's two blocks, it reads both cursors: one round trip more
+than a single-stack batch). A single-stack batch is unchanged.
+``release_many`` deletes every address the handle names (both families)
+in its one transaction.
 
 Every answer is per attachment, in order: an allocation (and whether this
 call made it), or the error of that attachment alone. A datastore failure
@@ -58,7 +59,8 @@ from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayC
 from . import addresses
 from .clusters import get_cluster, not_found
 from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_ip
-from .pods import _allocation, release, reserve
+from .podbatch6 import reserve_dual
+from .pods import _allocation, release
 from .records import address_value, decode_allocation, decode_block, decode_cursor, handle_value
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
         claimed = decode_block(claim)
         if claimed.block_v6 is not None or any(ip.version == 6 for i in pending for ip in wanted[i].requested_ips):
-            _reserve_each(store, cluster, node, wanted, pending, out)  # dual-stack: see the design note
+            reserve_dual(store, cluster, node, wanted, pending, out)  # dual-stack: see the design note
             break
         block = claimed.block_v4
         used.update(addresses.ip_to_int(kv.key[len(used_prefix):]) for kv in snap.prefixed(used_prefix))
@@ -221,18 +223,6 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
             if out[i] is None:
                 out[i] = Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
     return [r if r is not None else Conflict("not allocated") for r in out]
-
-
-def _reserve_each(store: Store, cluster: str, node: str, wanted: list[Reservation], pending: list[int],
-                  out: list[Reserved | OverlayCNIError | None]) -> None:
-    """``pods.reserve`` (both families in one transaction) for each pending attachment."""
-    for i in pending:
-        w = wanted[i]
-        try:
-            out[i] = reserve(store, cluster, node, w.container_id, w.ifname, pod=w.pod,
-                             requested_ips=w.requested_ips or ((w.requested_ip,) if w.requested_ip else ()))
-        except OverlayCNIError as exc:
-            out[i] = exc
 
 
 def _commit(
