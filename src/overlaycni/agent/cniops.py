@@ -232,7 +232,8 @@ class CNIOps:
 
     def _forget(self, alloc: Allocation) -> Allocation | None:
         """The kernel side is gone: flush the address's flows, then release it here."""
-        self.dp.flush_conntrack(alloc.ip.ip)
+        for ip in alloc.ips:  # every family of the attachment
+            self.dp.flush_conntrack(ip)
         try:
             return ipam.release(self.store, self.ctx.cluster, alloc.container_id, alloc.ifname, node=self.node)
         except NotFound:
@@ -296,7 +297,8 @@ class CNIOps:
                         errors.append(str(exc))
             for a in released:
                 try:
-                    self.dp.flush_conntrack(a.ip.ip)
+                    for ip in a.ips:
+                        self.dp.flush_conntrack(ip)
                 except OverlayCNIError as exc:
                     errors.append(str(exc))
         if errors:
