@@ -9,7 +9,7 @@ A batch, in order, each step once for the whole batch:
    nftables transaction); the ADDs that succeeded are answered now (their
    callers wait for the NetworkPolicy pass in their own threads); then
    ``detach_pods`` for the DELs and for what must be undone;
-3. conntrack: every released address flushed in one walk;
+3. conntrack: every released address flushed in one walk (per family);
 4. IPAM: ``release_many`` (one read and one transaction); the DELs and the
    failed ADDs are answered.
 
@@ -22,6 +22,13 @@ reservation whose veth already exists (a leftover no allocation accounted
 for) has it removed and is attached again. A job whose caller gave up while
 the batch ran is undone like a failed ADD. Each step's time goes to the
 trace of every job it served (``overlaycni.trace``).
+
+Dual-stack: each ADD's allocation has an address per family (``reserve_many``
+writes both in the batch's transaction, ``ipam.podbatch6``), its
+``PodAttachment`` carries the IPv6 one (``ip6``) into the same
+``attach_pods`` steps, the conntrack walk takes every address of every
+released allocation (IPv6 ones in the ``AF_INET6`` table) and
+``release_many`` deletes both. A single-stack batch is as it was.
 
 Deadlines: the steps of the jobs' own work wait no longer than the latest
 deadline among them; undoing gets ``ROLLBACK_SECONDS`` of its own. A
