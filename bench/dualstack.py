@@ -67,8 +67,8 @@ class Pair(Bench):
 def round_trip(b: Pair, node_ns: str, name: str, pods: list[str]) -> dict[str, float]:
     conf = {"cniVersion": "1.0.0", "name": "overlaycni", "type": "overlaycni", "socket": b.socks[name]}
     plugin = str(b.tmp / "bin/overlaycni")
-    add = [b.run_plugin(node_ns, plugin, "ADD", p, conf) for p in pods]
-    dele = [b.run_plugin(node_ns, plugin, "DEL", p, conf) for p in pods]
+    add = [b.run_plugin(node_ns, plugin, "ADD", p, conf, ours=False) for p in pods]
+    dele = [b.run_plugin(node_ns, plugin, "DEL", p, conf, ours=False) for p in pods]
     return {"add_p50": pct(add, .5), "add_p99": pct(add, .99), "del_p50": pct(dele, .5), "del_p99": pct(dele, .99)}
 
 

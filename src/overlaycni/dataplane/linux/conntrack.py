@@ -7,9 +7,8 @@ the NetworkPolicy table's ``ct state established,related accept``, and a
 NAT binding sends them to the wrong place). Entries live in the namespace
 whose hooks saw the packets: for a pod, its node's namespace, where every
 one of its packets is forwarded (either family: a dual-stack pod's IPv6
-address is flushed too, by walks of the ``AF_INET6`` table, the kernel
-keeping each family's entries apart in its dumps and deletes; IPv6 always
-takes the unfiltered walk, see ``flush_addresses``). ``flush_address(ip)`` removes every entry
+address is flushed too, in one walk of both families' entries, each deleted
+with its own family; see ``flush_addresses``). ``flush_address(ip)`` removes every entry
 whose original tuple has ``ip`` as source (the pod's own connections, SNATed
 or not) or destination (connections to the pod), then deletes each by its
 original tuple (and zone). An entry that expired meanwhile (``ENOENT``)
@@ -146,22 +145,22 @@ class LinuxConntrack:
                     return
                 yield msg_type, body[NFGENMSG.size :]
 
-    def _dump(self, ips: frozenset[bytes], flag: int, *, family: int = socket.AF_INET) -> list[bytes]:
+    def _dump(self, ips: frozenset[bytes], flag: int, *, family: int = socket.AF_INET) -> list[tuple[bytes, int]]:
         """The delete keys (original tuple, zone) of the entries whose original
         source (``FILTER_IP_SRC``), destination (``FILTER_IP_DST``) or either
-        (0: an unfiltered dump) is one of ``ips`` (4 raw bytes each; a
-        filtered dump takes exactly one)."""
+        (0: an unfiltered dump) is one of ``ips`` (4 or 16 raw bytes each; a
+        filtered dump takes exactly one, IPv4), each with its entry's family.
+        ``family`` AF_UNSPEC: the entries of both families in one walk."""
         body = b""
         if flag:
             (ip,) = ips
-            v6 = family == socket.AF_INET6
-            field = (CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC) if flag == FILTER_IP_SRC else (CTA_IP_V6_DST if v6 else CTA_IP_V4_DST)
+            field = CTA_IP_V4_SRC if flag == FILTER_IP_SRC else CTA_IP_V4_DST  # IPv4 only (see flush_addresses)
             body = _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, _attr(field, ip)))
             body += _nested(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
         seq, msg = self._header(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, body, family=family)
         assert self.sock is not None
         self.sock.sendall(msg)
-        out = []
+        out: list[tuple[bytes, int]] = []
         for _type, payload in self._messages(seq):
             attrs = _attrs(payload, 0)
             orig = attrs.get(CTA_TUPLE_ORIG)
@@ -171,7 +170,8 @@ class LinuxConntrack:
             if not ((src in ips and flag != FILTER_IP_DST) or (dst in ips and flag != FILTER_IP_SRC)):
                 continue  # unfiltered, or a kernel that ignores the filter (older than 5.8)
             zone = attrs.get(CTA_ZONE)
-            out.append(_nested(CTA_TUPLE_ORIG, orig) + (_attr(CTA_ZONE, zone) if zone is not None else b""))
+            entry_family = socket.AF_INET6 if len(src or dst or b"") == 16 else socket.AF_INET
+            out.append((_nested(CTA_TUPLE_ORIG, orig) + (_attr(CTA_ZONE, zone) if zone is not None else b""), entry_family))
         return out
 
     def _delete(self, entry: bytes, *, family: int = socket.AF_INET) -> bool:
@@ -195,7 +195,13 @@ class LinuxConntrack:
         """``flush_address`` for several addresses (a batch of DELs): one
         unfiltered walk matches them all while the namespace's table is
         small (up to ``SMALL_TABLE`` entries per address); a larger table
-        gets two filtered walks per address."""
+        gets two filtered walks per address. With any IPv6 address (a
+        dual-stack batch): one unfiltered walk of both families' entries
+        (``AF_UNSPEC``), whatever the table's size, each entry deleted with
+        its own family: a CTA_FILTER dump of ``AF_INET6`` with an address
+        answered no entry on Linux 6.18 (tests/kernel/test_cni_dual_batch.py),
+        so a large table costs a dual-stack DEL one full walk parsed here,
+        more than the filtered walks of IPv4 alone."""
         wanted = sorted(set(ips), key=lambda ip: (ip.version, int(ip)))
         if self.sock is None or not wanted:
             return 0
@@ -205,20 +211,14 @@ class LinuxConntrack:
         what = ", ".join(map(str, wanted[:5])) + (", ..." if len(wanted) > 5 else "")
         with self._lock:
             try:
-                deleted = 0
-                for family, same in ((socket.AF_INET, [ip for ip in wanted if ip.version == 4]),
-                                     (socket.AF_INET6, [ip for ip in wanted if ip.version == 6])):
-                    if not same:
-                        continue  # a single-stack batch walks the IPv4 table only, as before
-                    # IPv6: always one unfiltered walk, parsed here: a CTA_FILTER dump of AF_INET6 with an
-                    # address answered no entry on Linux 6.18 (tests/kernel/test_cni_dual_batch.py)
-                    if family == socket.AF_INET6 or (count is not None and count <= SMALL_TABLE * len(wanted)):
-                        found = self._dump(frozenset(ip.packed for ip in same), 0, family=family)
-                    else:
-                        found = [e for ip in same for flag in (FILTER_IP_SRC, FILTER_IP_DST)
-                                 for e in self._dump(frozenset([ip.packed]), flag, family=family)]
-                    deleted += sum(self._delete(e, family=family) for e in dict.fromkeys(found))
-                return deleted
+                dual = any(ip.version == 6 for ip in wanted)
+                if dual or (count is not None and count <= SMALL_TABLE * len(wanted)):
+                    found = self._dump(frozenset(ip.packed for ip in wanted), 0,
+                                       family=socket.AF_UNSPEC if dual else socket.AF_INET)  # fmt: skip
+                else:
+                    found = [e for ip in wanted for flag in (FILTER_IP_SRC, FILTER_IP_DST)
+                             for e in self._dump(frozenset([ip.packed]), flag)]
+                return sum(self._delete(e, family=family) for e, family in dict.fromkeys(found))
             except TimeoutError:
                 raise DataplaneError(f"conntrack entries of {what}: the kernel did not answer in {TIMEOUT:.0f} s") from None
             except OSError as exc:
