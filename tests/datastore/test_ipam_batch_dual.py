@@ -2,7 +2,9 @@
 each attachment of a batch gets one IPv4 and one IPv6 address from its
 node's blocks, the whole batch in one transaction; release frees both; a
 requested address of either family that is taken, outside the block or of
-a family the cluster lacks fails that attachment alone."""
+a family the cluster lacks fails that attachment alone; a conflicting write
+between the read and the transaction is retried from the windows of used
+addresses the failed transaction returned."""
 
 from __future__ import annotations
 
@@ -103,3 +105,38 @@ def test_a_full_block_fails_the_attachments_past_it(store):
     assert len(ok) == 13 and all(r[0].ip_v6 is not None for r in ok)
     assert all("is full" in str(r) for r in got if not isinstance(r, tuple))
     assert len(ipam.list_allocations(store, "t")) == 13 and ipam.check(store, "t").ok
+
+
+def test_a_conflicting_write_in_a_dual_stack_batch_is_retried(store):
+    """Between the batch's read and its transaction another writer gives "x"
+    a pair on node n2 and takes the batch's first candidates of both
+    families on n1: the transaction fails, the retry (from the window of
+    used addresses per family it returned) answers "x" alone with its
+    conflict and allocates the others past the taken pair."""
+    _dual(store)
+    taken: list = []
+
+    def meanwhile():
+        ipam.allocate(store, "d", "n2", "x", "eth0")
+        taken.extend(ipam.allocate(store, "d", "n1", "intruder", "eth0").ips)
+
+    spy = Spy(store, before_txn=meanwhile)
+    got = ipam.reserve_many(spy, "d", "n1", [Reservation(c, "eth0") for c in ("a", "x", "b")])
+    assert spy.txns == 2  # the first transaction failed on the conflicts, the second is the retry
+    assert isinstance(got[1], AddressUnavailable) and "'n2'" in str(got[1])
+    mine = [ip for i in (0, 2) for ip in got[i][0].ips]
+    assert len(set(mine)) == 4 and not set(mine) & set(taken) and all(got[i][1] for i in (0, 2))
+    assert ipam.get_allocation(store, "d", "x", "eth0").node == "n2"  # the other writer's is untouched
+    assert ipam.check(store, "d").ok
+
+
+def test_a_requested_ipv6_address_taken_meanwhile_fails_alone(store):
+    n1 = _dual(store)
+    want6 = IPv6Address(int(n1.block_v6.network_address) + 500)
+    spy = Spy(store, before_txn=lambda: ipam.allocate(store, "d", "n1", "thief", "eth0", requested_ips=(want6,)))
+    got = ipam.reserve_many(spy, "d", "n1", [Reservation("want", "eth0", requested_ips=(want6,)),
+                                             Reservation("other", "eth0")])
+    assert spy.txns == 2
+    assert isinstance(got[0], AddressUnavailable) and "already in use" in str(got[0])
+    assert got[1][1] and want6 not in got[1][0].ips
+    assert store.get(handle_key("d", "want", "eth0")) is None and ipam.check(store, "d").ok

@@ -189,7 +189,9 @@ class PodInterface:
 class PodAttachment:
     """One pod for ``Dataplane.attach_pods``: what ``attach_pod`` takes.
     ``netns_fd``: the pod namespace, opened and validated by the caller (kept
-    open until the call returns); None: ``netns_path`` is validated here."""
+    open until the call returns); None: ``netns_path`` is validated here.
+    ``ip6``: a dual-stack pod's IPv6 address and gateway (``addresses``
+    lists both, IPv4 first)."""
 
     container_id: str
     ifname: str
