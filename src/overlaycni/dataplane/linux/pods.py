@@ -40,7 +40,7 @@ such as a physical NIC).
 Messages are packed with ``struct`` (``rtnl``'s codec): pyroute2 costs
 ~1 ms per request here (its socket setup and asyncio round trip), about
 5 ms per pod for the ten requests of an attach; raw, the kernel's own work
-(~0.4 ms per pair) dominates. ``inspect_pod`` (CHECK, not on the ADD path)
+(~0.4 ms per pair) dominates. ``inspect_pod`` (CHECK, not on the ADD path: ``podview``)
 still uses pyroute2. Rejected: creating the pair in the node namespace and
 moving the peer (an extra request, and a temporary name that could
 collide), ``ip netns exec`` (a fork per command), choosing the pod
@@ -96,22 +96,21 @@ import os
 import secrets
 import socket
 import struct
-import time
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_interface, ip_network
+from ipaddress import IPv4Interface, IPv6Interface, ip_interface, ip_network
 
 from pyroute2 import IPRoute
 
 from ...cidr import IPAddress, IPNetwork
 from ...errors import AttachmentConflict, DataplaneError, InterfaceExists, OverlayCNIError, PermissionDenied
 from ...families import PodAddress
-from ..model import PodAttachment, PodInterface, PodView, Route
-from .links import AF_INET, AF_INET6, IFA_F_NODAD, LinuxSysctls, get_link_msg, to_link
+from ..model import PodAttachment, PodInterface, PodView
+from .links import IFA_F_NODAD, LinuxSysctls
 from .netns import forbidden_namespaces, pod_netns
 from .netnscheck import Identity, open_pod_netns
+from .podview import RT_SCOPE_LINK, inspect, wait_usable
 from .rtnl import HDR, IFINFO, NLM_F_CREATE, RTM_GETLINK, RTM_NEWLINK, RTM_NEWROUTE, RTMSG, Rtnl, _attr, _attrs
 
-RT_SCOPE_LINK = 253
 # The pod keeps <ip>/<block prefix> but no connected <block> route: every
 # packet, even to a pod on the same node, goes to the gateway. The pod's ARP
 # table then holds one entry (the gateway) instead of one per same-node
@@ -119,10 +118,8 @@ RT_SCOPE_LINK = 253
 # shared by every namespace on a machine, and a 20-node lab with 10 pods per
 # node overflowed it with per-peer entries.
 IFA_F_NOPREFIXROUTE = 0x200
-IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 # The pod interface's IPv6 settings (see the design note).
 POD_IPV6_SYSCTLS = {"disable_ipv6": "0", "accept_ra": "0", "autoconf": "0", "accept_dad": "0"}
-USABLE_WAIT = 1.0  # seconds an address may stay tentative before ADD fails (nodad: none)
 
 RTM_DELLINK, RTM_NEWADDR = 17, 20
 NLM_F_EXCL = 0x200
@@ -299,7 +296,7 @@ class LinuxPodLinks:
             try:
                 gateways = [a.gateway for a in p.addresses if a.gateway_on_host_veth]
                 if gateways:
-                    _wait_usable(self._host_flags(host_index), gateways, where=f"host veth {host}")
+                    wait_usable(self._host_flags(host_index), gateways, where=f"host veth {host}")
             except OverlayCNIError as exc:
                 out[i] = exc
                 continue
@@ -381,7 +378,7 @@ class LinuxPodLinks:
             if failed:
                 raise _error(what, failed[0][1])
             if v6:
-                _wait_usable(lambda ip: pod.address_flags(index, ip.packed), [a.ip.ip for a in v6], where=what)
+                wait_usable(lambda ip: pod.address_flags(index, ip.packed), [a.ip.ip for a in v6], where=what)
             return index, mac
         finally:
             pod.close()
@@ -426,59 +423,6 @@ class LinuxPodLinks:
         except DataplaneError:
             return None
         try:
-            msg = get_link_msg(pod, ifname)
-            if msg is None:
-                return None
-            link = to_link(msg)
-            addrs: list[IPv4Interface | IPv6Interface] = []
-            tentative: list[IPv6Interface] = []
-            for family in (AF_INET, AF_INET6):
-                for m in pod.get_addr(family=family, index=link.index):
-                    iface = ip_interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
-                    if isinstance(iface, IPv6Interface) and _flags(m) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
-                        tentative.append(iface)
-                    else:
-                        addrs.append(iface)
-            routes = []
-            for family in (AF_INET, AF_INET6):
-                for m in pod.get_routes(family=family, table=254):
-                    if m.get_attr("RTA_OIF") != link.index:
-                        continue
-                    dst = m.get_attr("RTA_DST") or ("::" if family == AF_INET6 else "0.0.0.0")
-                    gw = m.get_attr("RTA_GATEWAY")
-                    device_route = not gw and m["type"] == 1
-                    scope_link = device_route if family == AF_INET6 else (m["scope"] == RT_SCOPE_LINK and not gw)
-                    routes.append(Route(dst=ip_network(f"{dst}/{m['dst_len']}"), dev=ifname,
-                                        gateway=ip_address(gw) if gw else None, scope_link=scope_link))
-            return PodView(ifname=ifname, mac=link.mac, mtu=link.mtu, up=link.up, addresses=tuple(addrs),
-                           routes=tuple(routes), tentative=tuple(tentative))
+            return inspect(pod, ifname)
         finally:
             pod.close()
-
-
-def _flags(msg) -> int:
-    """An address's flags (IFA_FLAGS has all 32 bits, ifa_flags the low 8)."""
-    return msg.get_attr("IFA_FLAGS") or msg["flags"]
-
-
-def _wait_usable(flags_of: Callable[[IPAddress], int | None], want: Sequence[IPAddress], *, where: str) -> None:
-    """Return once none of ``want`` is tentative (duplicate address detection
-    done, or skipped: ``nodad``); fail after ``USABLE_WAIT``."""
-    deadline = time.monotonic() + USABLE_WAIT
-    pause = 0.0005
-    while True:
-        state = {a: flags_of(a) for a in want}
-        failed = [a for a, f in state.items() if f is not None and f & IFA_F_DADFAILED]
-        if failed:
-            raise DataplaneError(f"{where}: duplicate address detection failed for {', '.join(map(str, failed))}")
-        missing = [a for a, f in state.items() if f is None]
-        if missing:
-            raise DataplaneError(f"{where}: address {', '.join(map(str, missing))} vanished while it came up")
-        pending = [a for a, f in state.items() if f is not None and f & IFA_F_TENTATIVE]
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise DataplaneError(f"{where}: address {', '.join(map(str, pending))} is still tentative after "
-                                 f"{USABLE_WAIT:g} s")  # fmt: skip
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
