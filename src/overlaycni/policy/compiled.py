@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dataplane import nftables as nft
+from ..families import SINGLE_STACK
 from . import flowlog
 from .engine import Cluster
 from .flowlog import FlowLogSpec
@@ -54,7 +55,7 @@ def namespace_chain(namespace: str, direction: str) -> str:
 def compile_policy(pol: NetworkPolicy, flow_log: FlowLogSpec | None = None) -> Part:
     """The render's compile of one policy (same builder, same order); with
     ``flow_log``, its rules end in their log chains, which it brings along."""
-    b = _Builder(Cluster.of((), ()), [])
+    b = _Builder(Cluster.of((), ()), [], SINGLE_STACK)  # the incremental state is IPv4-only (agent.policy)
     sides = {}
     allows: list[flowlog.RuleRef] = []
     for direction, (_, own_field, peer_field, _) in _DIR.items():
