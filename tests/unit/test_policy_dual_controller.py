@@ -1,7 +1,8 @@
 """The agent's policy controller in a dual-stack cluster: the incremental
-state (``policy.incremental``) keeps IPv4 only, so every pass renders the
-whole table with both families' sets and rules; the IPv4 controller keeps
-its incremental passes (control)."""
+state (``policy.incremental``) covers both families, so after the first
+whole render a pod label change is an element-only update of the IPv4 and
+IPv6 sets; the table stays the whole render's at every pass. Control: the
+same state built for IPv4 only would not describe the dual-stack render."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from ipaddress import IPv6Address
 from overlaycni.agent.policy import PolicyController
 from overlaycni.dataplane.fake import FakeKernel, FakeNft
 from overlaycni.dataplane.policytable import FAMILY, TABLE, PolicyTableSync
-from overlaycni.families import DUAL_STACK
+from overlaycni.families import DUAL_STACK, SINGLE_STACK
+from overlaycni.policy.incremental import NodePolicy
 
 from .test_policy_incremental import NODE, conformance, full, kernel, same
 
@@ -38,22 +40,23 @@ def dual_inventory() -> dict:
     return inv
 
 
-def test_a_dual_stack_controller_renders_whole_with_both_families():
+def test_a_dual_stack_controller_updates_both_families_incrementally():
     inv = dual_inventory()
     k = FakeKernel()
     ctl = Controller(inv, k, DUAL_STACK)
-    assert ctl.sync() == "full" and ctl.state is None and "IPv4-only" in (ctl.incremental_off or "")
-    want = full(NODE, inv, families=DUAL_STACK)
-    same(k.nft_table(FAMILY, TABLE), kernel(want))
+    assert ctl.sync() == "full" and ctl.state is not None and ctl.incremental_off is None
+    same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv, families=DUAL_STACK)))
     assert any(name.endswith("-v6") for name in k.nft_table(FAMILY, TABLE).sets)  # IPv6 sets are there
     pod = inv["pods"]["x/a"]
     inv["pods"]["x/a"] = replace(pod, labels={"pod": "c"})
-    assert ctl.sync() in ("elements", "full") and ctl.state is None  # a whole render, applied as its diff
+    assert ctl.sync() == "elements"
     same(k.nft_table(FAMILY, TABLE), kernel(full(NODE, inv, families=DUAL_STACK)))
-    assert ctl.passes["rules"] == 0
+    assert ctl.passes["full"] == 1 and ctl.incremental_off is None
 
 
-def test_control_the_ipv4_controller_keeps_its_incremental_state():
-    inv = conformance("stacked-policies")
-    ctl = Controller(inv, FakeKernel())
-    assert ctl.sync() == "full" and ctl.state is not None and ctl.incremental_off is None
+def test_control_an_ipv4_only_state_does_not_describe_the_dual_stack_render():
+    inv = dual_inventory()
+    pods, nss, pols = inv["pods"].values(), inv["ns"].values(), inv["pol"].values()
+    render = full(NODE, inv, families=DUAL_STACK)
+    assert NodePolicy(NODE, pods=pods, namespaces=nss, policies=pols, families=DUAL_STACK).describes(render) is None
+    assert NodePolicy(NODE, pods=pods, namespaces=nss, policies=pols, families=SINGLE_STACK).describes(render) is not None

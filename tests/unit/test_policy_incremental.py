@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +22,7 @@ from overlaycni.agent.policy import PolicyController
 from overlaycni.dataplane.fake import FakeKernel, FakeNft, FakeNftTable, _nft_apply
 from overlaycni.dataplane.policytable import FAMILY, TABLE, PolicyTableSync
 from overlaycni.errors import DataplaneError
+from overlaycni.families import DUAL_STACK
 from overlaycni.policy import flowlog, parse_policies
 from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.incremental import NodePolicy
@@ -135,23 +136,31 @@ def policies(draw) -> NetworkPolicy:
 
 
 @st.composite
-def pods(draw) -> PodInfo:
+def pods(draw, *, dual: bool = False) -> PodInfo:
+    """A pod; ``dual``: maybe with an IPv6 address too (derived from the IPv4 one, so unique with it)."""
     ns = draw(st.sampled_from(NAMESPACES))
     name = draw(st.sampled_from(("a", "b", "c", "d")))
-    ip = IPv4Address(int(IPv4Address("10.244.1.0")) + draw(st.integers(2, 40)))
+    n = draw(st.integers(2, 40))
+    ip = IPv4Address(int(IPv4Address("10.244.1.0")) + n)
+    ip_v6 = IPv6Address(f"fd12:3456:789a:0:1::{n:x}") if dual and draw(st.booleans()) else None
     node = draw(st.sampled_from((NODE, "node-2")))
-    return PodInfo(ns, name, ip, node, draw(labels), tuple(draw(st.lists(st.sampled_from(PORTS), max_size=3, unique=True))))
+    ports = tuple(draw(st.lists(st.sampled_from(PORTS), max_size=3, unique=True)))
+    return PodInfo(ns, name, ip, node, draw(labels), ports, ip_v6=ip_v6)
 
 
-changes = st.one_of(
-    st.tuples(st.just("pod"), pods()),
-    st.tuples(st.just("pod-"), st.sampled_from(NAMESPACES), st.sampled_from(("a", "b", "c", "d"))),
-    st.tuples(st.just("ns"), st.sampled_from(NAMESPACES), labels),
-    st.tuples(st.just("ns-"), st.sampled_from(NAMESPACES)),
-    st.tuples(st.just("pol"), policies()),
-    st.tuples(st.just("pol-"), st.sampled_from(NAMESPACES), st.sampled_from(("p1", "p2", "p3", "p4"))),
-    st.tuples(st.just("take")),
-)
+def change_kinds(*, dual: bool = False):
+    return st.one_of(
+        st.tuples(st.just("pod"), pods(dual=dual)),
+        st.tuples(st.just("pod-"), st.sampled_from(NAMESPACES), st.sampled_from(("a", "b", "c", "d"))),
+        st.tuples(st.just("ns"), st.sampled_from(NAMESPACES), labels),
+        st.tuples(st.just("ns-"), st.sampled_from(NAMESPACES)),
+        st.tuples(st.just("pol"), policies()),
+        st.tuples(st.just("pol-"), st.sampled_from(NAMESPACES), st.sampled_from(("p1", "p2", "p3", "p4"))),
+        st.tuples(st.just("take")),
+    )
+
+
+changes = change_kinds()
 
 
 def apply_change(state: NodePolicy, inv: dict, change: tuple) -> None:
@@ -220,6 +229,27 @@ def test_incremental_equals_full_from_empty(steps):
 def test_incremental_equals_full_with_flow_logs(steps):
     """Flow logs on: a log chain per allowing rule, deny by goto, every local pod in the verdict maps."""
     run(empty(), steps, flow_log=FlowLogSpec())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(change_kinds(dual=True), max_size=25))
+def test_incremental_equals_full_dual_stack(steps):
+    """A dual-stack cluster: every set, named-port set and verdict map has its IPv6 twin, every address rule its ip6 twin."""
+    run(empty(), steps, families=DUAL_STACK)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(change_kinds(dual=True), max_size=25))
+def test_incremental_equals_full_dual_stack_with_flow_logs(steps):
+    """Dual-stack with flow logs on (the agents' default)."""
+    run(empty(), steps, families=DUAL_STACK, flow_log=FlowLogSpec())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(change_kinds(dual=True), max_size=25))
+def test_incremental_equals_full_families_from_the_pods(steps):
+    """Families derived from the pods: the first IPv6 pod (or the last one gone) makes the state inexact."""
+    run(empty(), steps, inexact_ok=True)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -106,11 +106,6 @@ class PolicyController:
         self.passes = {"none": 0, "elements": 0, "rules": 0, "full": 0}
         self.state: NodePolicy | None = None  # the table as the kernel holds it (None: unknown)
         self.incremental_off: str | None = None  # why incremental updates are off (a whole render disagreed)
-        # Dual-stack: the incremental state (policy.incremental) keeps IPv4 only, so a dual-stack
-        # cluster's table is rendered whole on every pass (both families' sets and rules).
-        self.dual_stack = families is not None and any(f.version == 6 for f in families)
-        if self.dual_stack:
-            self.incremental_off = "dual-stack cluster: incremental policy updates are IPv4-only"
         self._inventory = InventoryCache()
         self._last_full = 0.0
         # pass numbering for programmed(): started, last applied, last failed (+ why)
@@ -144,16 +139,15 @@ class PolicyController:
             if self.before_apply is not None:
                 self.before_apply()  # a whole-table replace restarts the flow log's counter
             how = self.table.sync(doc)
-            if not self.dual_stack:  # dual-stack: whole renders only, no incremental state (see __init__)
-                if state is None or not state.exact:
-                    state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies,
-                                       flow_log=self.flow_log)  # fmt: skip
-                state.mark_applied()
-                self.state = state
-                if state.exact and self.incremental_off is None and (why := state.describes(doc)) is not None:
-                    self.incremental_off = why  # never program a table the render would not: whole renders from now on
-                    log.error("policy: the incremental table differs from the render (%s); rendering whole from now on",
-                              why)  # fmt: skip
+            if state is None or not state.exact:
+                state = NodePolicy(self.node, pods=pods, namespaces=namespaces, policies=policies,
+                                   flow_log=self.flow_log, families=self.families)  # fmt: skip
+            state.mark_applied()
+            self.state = state
+            if state.exact and self.incremental_off is None and (why := state.describes(doc)) is not None:
+                self.incremental_off = why  # never program a table the render would not: whole renders from now on
+                log.error("policy: the incremental table differs from the render (%s); rendering whole from now on",
+                          why)  # fmt: skip
         self.passes[how] += 1
         self.has_policies = bool(policies)
         if how != "none":

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dataplane import nftables as nft
-from ..families import SINGLE_STACK
+from ..families import SINGLE_STACK, IPFamily
 from . import flowlog
 from .engine import Cluster
 from .flowlog import FlowLogSpec
@@ -52,10 +52,13 @@ def namespace_chain(namespace: str, direction: str) -> str:
     return f"{_DIR[direction][0]}-ns-{namespace}"
 
 
-def compile_policy(pol: NetworkPolicy, flow_log: FlowLogSpec | None = None) -> Part:
-    """The render's compile of one policy (same builder, same order); with
-    ``flow_log``, its rules end in their log chains, which it brings along."""
-    b = _Builder(Cluster.of((), ()), [], SINGLE_STACK)  # the incremental state is IPv4-only (agent.policy)
+def compile_policy(
+    pol: NetworkPolicy, flow_log: FlowLogSpec | None = None, families: tuple[IPFamily, ...] = SINGLE_STACK
+) -> Part:
+    """The render's compile of one policy for a table of ``families`` (same
+    builder, same order); with ``flow_log``, its rules end in their log
+    chains, which it brings along."""
+    b = _Builder(Cluster.of((), ()), [], families)
     sides = {}
     allows: list[flowlog.RuleRef] = []
     for direction, (_, own_field, peer_field, _) in _DIR.items():
@@ -66,7 +69,10 @@ def compile_policy(pol: NetworkPolicy, flow_log: FlowLogSpec | None = None) -> P
         body = policy_rules(b, pol, direction, peer_field, flow_log=flow_log, allows=allows)
         jumps: tuple[dict, ...] = ()
         if body:
-            jumps = ({"expr": [nft.match(_addr(own_field), b.selection_set(target)), nft.jump(chain)], "comment": pol.key},)
+            jumps = tuple(
+                {"expr": [nft.match(_addr(own_field, f), b.selection_set(target, f)), nft.jump(chain)], "comment": pol.key}
+                for f in families
+            )
         sides[direction] = Side(target, chain, tuple(body), jumps)
     logs = {} if flow_log is None else {ref.chain: tuple(flowlog.log_chains(flow_log, [ref])[ref.chain]) for ref in allows}
     return Part(sides, dict(b.sets), frozenset(b.named_ports), logs)

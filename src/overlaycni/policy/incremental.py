@@ -63,7 +63,7 @@ from .compiled import Part, compile_policy, namespace_chain, policy_chain
 from .delta import Delta
 from .flowlog import FlowLogSpec
 from .model import NAMESPACE_NAME_LABEL, NamespaceInfo, NetworkPolicy, PodInfo
-from .render import _DIR, Selection
+from .render import _DIR, Selection, render_families
 from .selectors import LabelSelector
 
 # per family: the suffix of its objects' names and its address type (the render's naming)
@@ -91,11 +91,17 @@ class NodePolicy:
         namespaces: Iterable[NamespaceInfo],
         policies: Iterable[NetworkPolicy],
         flow_log: FlowLogSpec | None = None,
+        families: Iterable[IPFamily] | None = None,
     ) -> None:
-        """``flow_log``: the table of ``render_node(..., flow_log=...)``."""
+        """``flow_log``: the table of ``render_node(..., flow_log=...)``;
+        ``families``: the cluster's, as for ``render_node`` (None: IPv6 too
+        when a pod has an IPv6 address, which the table then keeps)."""
+        pods = list(pods)
         self.node = node
         self.flow_log = flow_log
-        self.families: tuple[IPFamily, ...] = (IPFamily.ipv4,)
+        self.families = render_families(pods, families)
+        self._derived_families = families is None
+        self._v6_pods = 0
         self.pods: dict[str, PodInfo] = {}
         self.namespaces: dict[str, NamespaceInfo] = {}
         self.policies: dict[str, NetworkPolicy] = {}
@@ -175,7 +181,10 @@ class NodePolicy:
     @property
     def exact(self) -> bool:
         """False when the inventory has what this model does not follow the
-        render in (two pods of one address): render the table whole."""
+        render in (two pods of one address; with families derived from the
+        pods, the first IPv6 pod or the last one gone): render the table whole."""
+        if self._derived_families and (self._v6_pods > 0) != (IPFamily.ipv6 in self.families):
+            return False  # the render would now cover other families: another table
         return all(n == 1 for n in self._ip_pods.values())
 
     def set_names(self) -> list[str]:
@@ -228,7 +237,7 @@ class NodePolicy:
 
     def _addresses(self, pod: PodInfo) -> tuple[IPAddress, ...]:
         """The pod's addresses of the table's families."""
-        return (pod.ip,)
+        return tuple(a for f in self.families if (a := pod.address(f)) is not None)
 
     def _map_entries(self, direction: str, key: str) -> list[tuple[str, nft.MapEntry]]:
         base, chain = _DIR[direction][3], nft.Jump(self._isolated[direction][key])
@@ -347,6 +356,7 @@ class NodePolicy:
         key = pod.key
         self.pods[key] = pod
         self._ip_pods.update(self._addresses(pod))
+        self._v6_pods += pod.ip_v6 is not None
         self._pods_by_ns[pod.namespace].add(key)
         for sel in self._selections_of(pod):
             self._place(key, pod, sel, True)
@@ -369,6 +379,7 @@ class NodePolicy:
                 del self._isolated[direction][key]
         del self.pods[key]
         self._pod_sels.pop(key, None)
+        self._v6_pods -= pod.ip_v6 is not None
         for a in self._addresses(pod):
             self._ip_pods[a] -= 1
             if not self._ip_pods[a]:
@@ -384,7 +395,7 @@ class NodePolicy:
         old = self.policies.get(pol.key)
         if old == pol:
             return
-        part = compile_policy(pol, self.flow_log)
+        part = compile_policy(pol, self.flow_log, self.families)
         self._use(part, 1)  # the new uses first, so that shared selections never drop to zero
         if old is not None:
             self._use(self._parts[pol.key], -1)
