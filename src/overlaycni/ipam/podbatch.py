@@ -60,7 +60,7 @@ from . import addresses
 from .clusters import get_cluster, not_found
 from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_ip
 from .podbatch6 import reserve_dual
-from .pods import _allocation, release
+from .pods import _allocation, held_here, release
 from .records import address_value, decode_allocation, decode_block, decode_cursor, handle_value
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,11 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
             if handle is None:
                 continue
             try:
-                held = decode_allocation(handle)
-            except BadRecord as exc:
+                held = held_here(handle, node, w.container_id, w.ifname)
+            except (BadRecord, AddressUnavailable) as exc:
                 out[i] = exc
                 continue
-            if held.node != node:
-                out[i] = AddressUnavailable(
-                    f"container {w.container_id} {w.ifname} already has address {held.ip.ip} on node {held.node!r}, "
-                    f"not on {node!r}; release it first"
-                )
-            elif claim is not None:
+            if claim is not None:
                 out[i] = (held, False)
         pending = [i for i in range(n) if out[i] is None]
         if not pending:

@@ -19,7 +19,6 @@ never walks one.
 
 from __future__ import annotations
 
-import random
 from ipaddress import IPv4Address, IPv6Address
 
 from ..cidr import IPAddress, IPNetwork
@@ -29,8 +28,8 @@ from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayC
 from . import addresses
 from .clusters import get_cluster
 from .model import Allocation
-from .pods import _allocation, _check_families, _check_requested, _handle, _requested
-from .records import address_value, decode_allocation, decode_block, decode_cursor
+from .pods import _allocation, _check_families, _check_requested, _handle, _requested, held_here, scan
+from .records import address_value, decode_block, decode_cursor
 
 _ATTEMPTS = 64
 _WINDOW = 64
@@ -81,15 +80,9 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list, idx: list[int]
                 continue
             if handle is not None:
                 try:
-                    held = decode_allocation(handle)
-                except BadRecord as exc:
+                    held = held_here(handle, node, wanted[i].container_id, wanted[i].ifname)
+                except (BadRecord, AddressUnavailable) as exc:
                     out[i] = exc
-                    continue
-                if held.node != node:
-                    out[i] = AddressUnavailable(
-                        f"container {wanted[i].container_id} {wanted[i].ifname} already has address {held.ip.ip} "
-                        f"on node {held.node!r}, not on {node!r}; release it first"
-                    )
                     continue
                 if claim is not None:
                     out[i] = (held, False)
@@ -101,14 +94,7 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list, idx: list[int]
             get_cluster(store, cluster)  # raises NotFound for an unknown cluster
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
         blocks = decode_block(claim).blocks
-        for kv in snap.prefixed(used_prefix):
-            part = kv.key[len(used_prefix):]
-            used[6 if ":" in part else 4].add(addresses.ip_to_int(part))
-        cursors = tuple(c.value if (c := snap.get(cur_ks[b.version])) else None for b in blocks)
-        if attempt and cursors != last_cursors:
-            races += 1
-        last_cursors = cursors
-        skip = random.randrange(min(1 << races, 16)) if races else 0  # losers of a race spread out
+        last_cursors, races, skip = scan(snap, used_prefix, used, cur_ks, blocks, last_cursors, attempt=attempt, races=races)
         taken = {v: set(s) for v, s in used.items()}
         for i in todo:  # requested addresses first: no free pick may take one
             try:

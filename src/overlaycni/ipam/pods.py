@@ -38,7 +38,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from ..cidr import IPAddress, IPNetwork
-from ..datastore import Store
+from ..datastore import KV, Snapshot, Store
 from ..datastore.keys import (
     BadRecordHandler,
     Record,
@@ -137,12 +137,7 @@ def reserve(
         handle = snap.get(h_k)
         claim = snap.get(nb_k)
         if handle is not None:
-            held = decode_allocation(handle)
-            if held.node != node:
-                raise AddressUnavailable(
-                    f"container {container_id} {ifname} already has address {held.ip.ip} on node {held.node!r}, "
-                    f"not on {node!r}; release it first"
-                )
+            held = held_here(handle, node, container_id, ifname)
             if claim is not None:
                 return held, False
         if claim is None:
@@ -150,15 +145,7 @@ def reserve(
             raise NotFound(f"node {node!r} has no block in cluster {cluster!r}; register it first")
         blocks = decode_block(claim).blocks  # one per family, IPv4 first
         _check_families(wanted, blocks, node)
-        for kv in snap.prefixed(used_prefix):
-            part = kv.key[len(used_prefix):]
-            used[6 if ":" in part else 4].add(addresses.ip_to_int(part))
-        cursors = tuple(c.value if (c := snap.get(cur_ks[b.version])) else None for b in blocks)
-        if attempt and cursors != last_cursors:
-            races += 1
-        last_cursors = cursors
-        # losers of a race spread out over the next few free addresses
-        skip = random.randrange(min(1 << races, 16)) if races else 0
+        last_cursors, races, skip = scan(snap, used_prefix, used, cur_ks, blocks, last_cursors, attempt=attempt, races=races)
         chosen: list[tuple[IPNetwork, IPAddress]] = []
         full: IPNetwork | None = None
         for block in blocks:
@@ -205,6 +192,36 @@ def reserve(
             return alloc, True
         snap = result.snapshot()
     raise Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
+
+
+def held_here(handle: KV, node: str, container_id: str, ifname: str) -> Allocation:
+    """The allocation an attachment's handle names, which must be on ``node``
+    (raises ``BadRecord`` or ``AddressUnavailable``)."""
+    held = decode_allocation(handle)
+    if held.node != node:
+        raise AddressUnavailable(
+            f"container {container_id} {ifname} already has address {held.ip.ip} on node {held.node!r}, "
+            f"not on {node!r}; release it first"
+        )
+    return held
+
+
+def scan(
+    snap: Snapshot, used_prefix: str, used: dict[int, set[int]], cur_ks: dict[int, str], blocks: tuple[IPNetwork, ...],
+    last_cursors: tuple[str | None, ...] | None, *, attempt: int, races: int,
+) -> tuple[tuple[str | None, ...], int, int]:
+    """Attempt ``attempt``'s reading of ``snap``: the used addresses it shows
+    go into ``used`` (per IP version); returns the cursors (one per block),
+    the races so far (a cursor moved since the last attempt: another
+    allocator won) and how many free addresses to skip (losers of a race
+    spread out over the next few)."""
+    for kv in snap.prefixed(used_prefix):
+        part = kv.key[len(used_prefix):]
+        used[6 if ":" in part else 4].add(addresses.ip_to_int(part))
+    cursors = tuple(c.value if (c := snap.get(cur_ks[b.version])) else None for b in blocks)
+    if attempt and cursors != last_cursors:
+        races += 1
+    return cursors, races, random.randrange(min(1 << races, 16)) if races else 0
 
 
 def _requested(ips: Iterable[IPAddress]) -> dict[int, IPAddress]:
