@@ -223,6 +223,25 @@ DADDR = nft.payload("ip", "daddr")
 COUNTER = {"counter": None}
 
 
+def snat_chain(protocol: str, pod: Any, multicast: IPv4Network | IPv6Network) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
+    """The family's (``protocol`` "ip" or "ip6") SNAT chain: traffic from the
+    pod CIDR ``pod`` leaving it is masqueraded to the node's address (fully
+    random ports), except kube-proxy's marked packets (it masquerades them
+    itself), pod-to-pod, the non-masquerade destinations and multicast."""
+    saddr, daddr = nft.payload(protocol, "saddr"), nft.payload(protocol, "daddr")
+    return (
+        {"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
+        [
+            [nft.match({"&": [nft.meta("mark"), KUBE_PROXY_MASQ_MARK]}, KUBE_PROXY_MASQ_MARK), {"return": None}],
+            [nft.match(saddr, pod, "!="), {"return": None}],
+            [nft.match(daddr, pod), {"return": None}],
+            [nft.match(daddr, "@" + SET_NON_MASQ), {"return": None}],
+            [nft.match(daddr, nft.prefix(multicast)), {"return": None}],
+            [COUNTER, {"masquerade": {"flags": ["fully-random"]}}],
+        ],
+    )
+
+
 def _drop(name: str) -> list[dict[str, Any]]:
     return [{"counter": name}, {"drop": None}]
 
@@ -279,17 +298,7 @@ def _chains(t: NftTable) -> list[tuple[dict[str, Any], list[list[dict[str, Any]]
             {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
             [[nft.match(SADDR, pod), vx, nft.match(DADDR, "@" + SET_NODE_IPS), *_drop(VXLAN_POD_TO_NODE)]],
         ),
-        (
-            {"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
-            [
-                [nft.match({"&": [nft.meta("mark"), KUBE_PROXY_MASQ_MARK]}, KUBE_PROXY_MASQ_MARK), {"return": None}],
-                [nft.match(SADDR, pod, "!="), {"return": None}],
-                [nft.match(DADDR, pod), {"return": None}],
-                [nft.match(DADDR, "@" + SET_NON_MASQ), {"return": None}],
-                [nft.match(DADDR, nft.prefix(MULTICAST)), {"return": None}],
-                [COUNTER, {"masquerade": {"flags": ["fully-random"]}}],
-            ],
-        ),
+        snat_chain("ip", pod, MULTICAST),
     ]
     if t.notrack_vxlan:
         chains.append(({"name": "output", "type": "filter", "hook": "output", "prio": -300, "policy": "accept"}, [notrack]))

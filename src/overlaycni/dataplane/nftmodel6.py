@@ -61,8 +61,9 @@ from ipaddress import IPv6Address, IPv6Network, collapse_addresses
 from typing import Any
 
 from . import nftables as nft
-from .model import KUBE_PROXY_MASQ_MARK, VETH_PREFIX, VXLAN_IFNAME, NodeState, Peer, normalize_mac
+from .model import VETH_PREFIX, VXLAN_IFNAME, NodeState, Peer, normalize_mac
 from .nftables import TableLayout
+from .nftmodel import snat_chain
 from .wgmodel import WG_IFNAME
 
 FAMILY = "ip6"
@@ -152,17 +153,7 @@ def _dual_stack_chains(t: Ip6Table, pod_cidr: IPv6Network) -> list[tuple[dict[st
         _prerouting([_from_pod(t.tunnel_ifname), underlay]),
         ({"name": "from_pod"}, [own, nd, *_pod_drops()]),
         ({"name": "underlay_in"}, [*([from_peer] if t.direct else []), _drop(UNDERLAY_POD_SOURCE_V6)]),
-        (
-            {"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
-            [
-                [nft.match({"&": [nft.meta("mark"), KUBE_PROXY_MASQ_MARK]}, KUBE_PROXY_MASQ_MARK), {"return": None}],
-                [nft.match(SADDR, pod, "!="), {"return": None}],
-                [nft.match(DADDR, pod), {"return": None}],
-                [nft.match(DADDR, "@" + SET_NON_MASQ), {"return": None}],
-                [nft.match(DADDR, nft.prefix(MULTICAST)), {"return": None}],
-                [COUNTER, {"masquerade": {"flags": ["fully-random"]}}],
-            ],
-        ),
+        snat_chain("ip6", pod, MULTICAST),
     ]
 
 
