@@ -86,7 +86,6 @@ DROP_RULES = (*SINGLE_STACK_DROP_RULES, UNDERLAY_POD_SOURCE_V6)
 IIFNAME = nft.meta("iifname")
 SADDR = nft.payload("ip6", "saddr")
 DADDR = nft.payload("ip6", "daddr")
-COUNTER = {"counter": None}
 
 Rules = list[list[dict[str, Any]]]
 
