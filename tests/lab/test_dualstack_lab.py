@@ -203,6 +203,11 @@ def test_an_ipv6_ipblock_slash_128_lets_exactly_that_pod_in_over_tcp(dual: Lab, 
         only = {"pod-1-1": True, "pod-1-2": False, "pod-2-1": False}
         assert wait_for(lambda: into_web(probe("ipv6")) == only, 30), probe("ipv6")
         assert into_web(probe("ipv4")) == {"pod-1-1": False, "pod-1-2": False, "pod-2-1": False}
+        # the flow log names both pods of a denied IPv6 connection and the isolating policy
+        denied = dual.json("flows", "--verdict", "deny", "--pod", "default/pod-3-1")["flows"]
+        six = [f for f in denied if f["src"]["ip"] == pods["pod-1-2"]["ipv6"] and f["dst"]["ip"] == pods["pod-3-1"]["ipv6"]]
+        assert six and all((f["src"]["pod"], f["dst"]["pod"]) == ("pod-1-2", "pod-3-1") for f in six), denied
+        assert all(f["policies"] == ["default/web6-from-one"] and f["dport"] == 80 for f in six)
     finally:
         subprocess.run([OC, "policy", "delete", "default/web6-from-one", "--lab", dual.name], env=dual.env, capture_output=True)
         dual.oc("pod", "label", "pod-3-1", "app-", check=False)

@@ -139,3 +139,24 @@ def test_prefixes_round_trip_and_foreign_ones_are_refused():
     # a digest depends on the policy, direction and rule only
     assert RuleRef("x/p", "Ingress", 0).digest == RuleRef("x/p", "Ingress", 0).digest != RuleRef("x/p", "Ingress", 1).digest
     assert RuleRef("x/p", "Egress", 2).name == "egress[2]"
+
+
+def test_dual_stack_ipv6_sources_have_their_own_rate_set():
+    """In a table of both families, an IPv6 source is rate limited in its own
+    set (an ``ip saddr`` update does not match an IPv6 packet); a single-stack
+    table has no such set (control)."""
+    from overlaycni.families import DUAL_STACK, SINGLE_STACK
+
+    def render(families):
+        return render_node("node-1", pods=(), namespaces=(), policies=(), flow_log=FlowLogSpec(), families=families)
+
+    def rate_sets(doc):
+        return {c["add"]["set"]["name"]: c["add"]["set"]["type"] for c in doc["nftables"]
+                if "set" in c.get("add", {}) and "timeout" in (c["add"]["set"].get("flags") or ())}  # fmt: skip
+
+    assert rate_sets(render(DUAL_STACK)) == {"flowlog-rl": "ipv4_addr", "flowlog-rl6": "ipv6_addr"}
+    assert rate_sets(render(SINGLE_STACK)) == {"flowlog-rl": "ipv4_addr"}
+    deny = [c["add"]["rule"] for c in render(DUAL_STACK)["nftables"]
+            if c.get("add", {}).get("rule", {}).get("chain") == "fl-in-deny"]  # fmt: skip
+    updates = [e["set"] for r in deny for e in r["expr"] if "set" in e]
+    assert [(u["set"], u["elem"]["payload"]["protocol"]) for u in updates] == [("@flowlog-rl", "ip"), ("@flowlog-rl6", "ip6")]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
-from ipaddress import IPv4Address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from typer.testing import CliRunner
@@ -146,6 +147,19 @@ def test_records_name_pods_and_deciding_policies():
     # egress deny: the policies isolating the source for egress (none here: not isolated)
     eg = c.record(pkt("ocni:deny:eg", src="10.244.0.2", dst="10.244.1.2"), now=1.0)
     assert eg is not None and eg.direction == "egress" and eg.policies == ()
+
+
+def test_a_dual_stack_pods_ipv6_flows_name_it():
+    """A dual-stack pod's IPv6 address names the pod and finds its isolating
+    policies, as its IPv4 address does (control: an address of no pod)."""
+    c, _, _ = collector()
+    web6, client6 = IPv6Address("fd12:3456:789a::2"), IPv6Address("fd12:3456:789a:0:1::2")
+    c.update([replace(WEB, ip_v6=web6), replace(CLIENT, ip_v6=client6)], [], POLICIES)
+    deny = c.record(LoggedPacket("ocni:deny:in", client6, web6, "TCP", 80, None), now=1.0)
+    assert deny is not None and deny.src == FlowEndpoint(str(client6), "client", "y")
+    assert deny.dst == FlowEndpoint(str(web6), "web", "x") and deny.policies == ("x/deny-all", "x/web-from-y")
+    other = c.record(LoggedPacket("ocni:deny:in", IPv6Address("fd12::9"), web6, "TCP", 80, None), now=1.0)
+    assert other is not None and other.src == FlowEndpoint("fd12::9", None, None)
 
 
 def test_rules_of_the_previous_inventory_still_resolve():

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from overlaycni.agent.policy import PolicyController
 from overlaycni.dataplane.fake import FakeKernel, FakeNft, FakeNftTable, _nft_apply
-from overlaycni.dataplane.policytable import FAMILY, TABLE, PolicyTableSync
+from overlaycni.dataplane.policytable import FAMILY, PACKET_PATH_SETS, TABLE, PolicyTableSync
 from overlaycni.errors import DataplaneError
 from overlaycni.families import DUAL_STACK
-from overlaycni.policy import flowlog, parse_policies
+from overlaycni.policy import parse_policies
 from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.incremental import NodePolicy
 from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
@@ -65,7 +65,7 @@ def check_view(state: NodePolicy, table: FakeNftTable) -> None:
     """The state's own view (chains, sets) is the kernel's table."""
     base = {n: r for n, r in table.chains.items() if n not in ("egress", "ingress")}
     assert {n: list(r) for n, r in state.chains.items()} == base
-    assert {n: e for n, (_, e) in state.sets().items()} == {n: e for n, e in table.sets.items() if n != flowlog.RATE_SET}
+    assert {n: e for n, (_, e) in state.sets().items()} == {n: e for n, e in table.sets.items() if n not in PACKET_PATH_SETS}
 
 
 # ----- strategies -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from overlaycni import ipam
 from overlaycni.config import parse_network
 from overlaycni.datastore import open_datastore
-from overlaycni.datastore.keys import namespace_key, pod_key, policy_key
+from overlaycni.datastore.keys import ips_prefix, namespace_key, pod_key, policy_key
 from overlaycni.errors import NotFound
 from overlaycni.policy import parse_policies, records
 from overlaycni.policy.stored import InventoryCache, inventory_from_store
@@ -81,3 +81,29 @@ def test_bad_records_reported_on_every_read(store):
 def test_unknown_cluster(store):
     with pytest.raises(NotFound):
         InventoryCache().load(store, "nope")
+
+
+def test_a_dual_stack_cluster_gives_each_pod_both_addresses(tmp_path):
+    """Dual-stack: an attachment's IPv4 and IPv6 address records are one pod
+    with ``ip`` and ``ip_v6`` (as ``inventory_from_store`` pairs them), kept
+    as the same object while unchanged; a lone IPv6 record (half an
+    allocation) is reported and left out. Control: the pods carry IPv6."""
+    s = open_datastore(f"sqlite://{tmp_path}/state.db")
+    net = {"network-plugin": "azure", "network-plugin-mode": "overlay", "ip-families": "ipv4,ipv6"}
+    ipam.create_cluster(s, "c1", parse_network(net))
+    ipam.register_node(s, "c1", "n1", IPv4Address("10.224.0.4"))
+    allocs = [ipam.allocate(s, "c1", "n1", f"cid{i}", "eth0", pod=("x", name)) for i, name in enumerate("ab")]
+    cache, seen = InventoryCache(), []
+    first = cache.load(s, "c1", on_bad=seen.append)
+    assert first == reference(s) and not seen
+    assert sorted((p.name, p.ip, p.ip_v6) for p in first[0]) == [
+        (name, a.ip.ip, a.ip_v6.ip) for name, a in zip("ab", allocs, strict=True) if a.ip_v6 is not None
+    ]
+    assert all(p.ip_v6 is not None for p in first[0])
+    again = cache.load(s, "c1", on_bad=seen.append)
+    assert all(a is b for a, b in zip(again[0], first[0], strict=True)) and not seen
+    ipv4_key = next(kv.key for kv in s.read([], [ips_prefix("c1", "n1")]).kvs if ":" not in kv.key.rpartition("/")[2])
+    s.delete(ipv4_key)  # half of one attachment's pair is gone
+    third = cache.load(s, "c1", on_bad=seen.append)
+    assert len(third[0]) == 1 and [e.kind for e in seen] == ["allocation"]
+    s.close()

@@ -47,7 +47,6 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from typing import Any
 
 from ..dataplane.nflog import CaptureStats, LoggedPacket
@@ -78,7 +77,7 @@ class _View:
     """One inventory, with what records derive from it memoised (a view is
     replaced whole, never edited, so the memos stay true)."""
 
-    pods: dict[IPv4Address, PodInfo]
+    pods: dict[Any, PodInfo]  # both families' addresses
     policies: tuple[NetworkPolicy, ...]
     rules: dict[str, RuleRef]
     endpoints: dict[Any, FlowEndpoint] = field(default_factory=dict)
@@ -131,7 +130,12 @@ class FlowCollector:
         del namespaces  # not needed: isolation depends on the pod's namespace name only
         pols = tuple(policies)
         current = rule_index(pols)
-        self._view = _View({p.ip: p for p in pods}, pols, {**self._previous_rules, **current})
+        by_ip: dict[Any, PodInfo] = {}
+        for p in pods:  # both addresses of a dual-stack pod name it
+            by_ip[p.ip] = p
+            if p.ip_v6 is not None:
+                by_ip[p.ip_v6] = p
+        self._view = _View(by_ip, pols, {**self._previous_rules, **current})
         self._previous_rules = current
 
     # ----- one packet -> one record -------------------------------------------------------

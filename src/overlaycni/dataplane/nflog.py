@@ -63,6 +63,7 @@ RATELIMITED_COUNTER = "flowlog-ratelimited"
 # Its per-source rate set: the packet path adds and times out its elements
 # (``update @flowlog-rl``), so they are never drift (``policytable.repair``).
 RATE_SET = "flowlog-rl"
+RATE_SET_V6 = "flowlog-rl6"  # IPv6 sources, in a dual-stack cluster
 
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 _PORTS = {6, 17, 132}  # TCP, UDP, SCTP: source and destination port are the first 4 bytes

@@ -44,13 +44,13 @@ from typing import Any
 
 from ..errors import DataplaneError
 from . import nftables
-from .nflog import RATE_SET
+from .nflog import RATE_SET, RATE_SET_V6
 from .nftables import NftState
 from .ports import NftRuleset
 
 FAMILY = "inet"
 TABLE = "overlaycni"
-PACKET_PATH_SETS = frozenset({RATE_SET})  # elements the rules themselves add (flow logs' per-source rates)
+PACKET_PATH_SETS = frozenset({RATE_SET, RATE_SET_V6})  # elements the rules themselves add (flow logs' per-source rates)
 
 log = logging.getLogger(__name__)
 

@@ -354,28 +354,37 @@ def list_allocations(
         raise not_found(cluster)
     claims = {c.node: c for c in decode_all(snap.prefixed(nodeblocks_prefix(cluster)), decode_block, on_bad=on_bad)}
     kvs = snap.prefixed(prefix)
-    records = decode_all(kvs, decode_address, on_bad=on_bad)
-    by_key = {kv.key: kv for kv in kvs}
+    revisions = {kv.key: kv.revision for kv in kvs}
+    out = []
+    for v4, v6 in pair_addresses(cluster, decode_all(kvs, decode_address, on_bad=on_bad), revisions, on_bad=on_bad):
+        claim = claims.get(v4.node)
+        out.append(allocation_of(v4, v6, block=claim.block_v4 if claim else None,
+                                 block_v6=claim.block_v6 if claim else None))  # fmt: skip
+    return sorted(out, key=lambda a: (a.node, int(a.ip)))
+
+
+def pair_addresses(
+    cluster: str, records: Iterable[AddressRecord], revisions: dict[str, int], *, on_bad: BadRecordHandler | None
+) -> list[tuple[AddressRecord, AddressRecord | None]]:
+    """The address records of each attachment: (IPv4, IPv6 or None). An IPv6
+    address whose attachment has no IPv4 address is half an allocation: it
+    raises ``BadRecord``, or with ``on_bad`` is reported and left out
+    (``revisions``: each record key's, for the report)."""
     v4: dict[tuple[str, str, str], AddressRecord] = {}
     v6: dict[tuple[str, str, str], AddressRecord] = {}
     for rec in records:
         (v4 if rec.ip.version == 4 else v6)[(rec.node, *rec.attachment)] = rec
-    out = []
-    for key, rec in v4.items():
-        claim = claims.get(rec.node)
-        out.append(allocation_of(rec, v6.get(key), block=claim.block_v4 if claim else None,
-                                 block_v6=claim.block_v6 if claim else None))  # fmt: skip
     for key, rec in v6.items():
         if key not in v4:
+            k = ip_key(cluster, rec.node, rec.ip)
             exc = BadRecord(
-                key=ip_key(cluster, rec.node, rec.ip), kind="allocation",
+                key=k, kind="allocation", revision=revisions.get(k, 0),
                 problem=f"IPv6 address {rec.ip} of {rec.container_id} {rec.ifname} has no IPv4 address beside it",
-                revision=by_key[ip_key(cluster, rec.node, rec.ip)].revision,
             )
             if on_bad is None:
                 raise exc
             on_bad(exc)
-    return sorted(out, key=lambda a: (a.node, int(a.ip)))
+    return [(rec, v6.get(key)) for key, rec in v4.items()]
 
 
 def gc(

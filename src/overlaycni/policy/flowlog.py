@@ -57,11 +57,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..dataplane import nftables as nft
-from ..dataplane.nflog import RATE_SET, RATELIMITED_COUNTER
+from ..dataplane.nflog import RATE_SET, RATE_SET_V6, RATELIMITED_COUNTER
+from ..families import IPFamily
 from .model import NetworkPolicy
 
 PREFIX = "ocni"
@@ -86,6 +87,13 @@ class FlowLogSpec:
     source_timeout: int = 60  # seconds a quiet source stays in the rate set
     mark_ingress: int = 0x00100000
     mark_egress: int = 0x00200000
+    ipv6: bool = False  # a table of both families: IPv6 sources get their own rate set (``for_families``)
+
+    def for_families(self, families: Iterable[IPFamily]) -> FlowLogSpec:
+        """This spec for a table of ``families`` (the render and the
+        incremental state both take it this way, so they agree)."""
+        ipv6 = IPFamily.ipv6 in tuple(families)
+        return self if ipv6 == self.ipv6 else replace(self, ipv6=ipv6)
 
     def mark(self, direction: str) -> int:
         return self.mark_ingress if direction == "Ingress" else self.mark_egress
@@ -170,9 +178,15 @@ def objects(spec: FlowLogSpec, t: dict[str, str]) -> list[dict[str, Any]]:
         {"add": {"counter": {**t, "name": RATELIMITED_COUNTER}}},
         {"add": {"limit": {**t, "name": CAP_LIMIT, "rate": spec.cap, "per": "second", "burst": spec.cap,
                            "unit": "packets", "inv": True}}},
-        {"add": {"set": {**t, "name": RATE_SET, "type": "ipv4_addr", "flags": ["timeout"],
-                         "timeout": spec.source_timeout, "size": spec.sources}}},
+        *({"add": {"set": {**t, "name": name, "type": kind, "flags": ["timeout"],
+                           "timeout": spec.source_timeout, "size": spec.sources}}}
+          for name, kind, _ in _rate_sets(spec)),
     ]  # fmt: skip
+
+
+def _rate_sets(spec: FlowLogSpec) -> list[tuple[str, str, str]]:
+    """(set, element type, payload protocol) of each per-source rate set."""
+    return [(RATE_SET, "ipv4_addr", "ip"), *([(RATE_SET_V6, "ipv6_addr", "ip6")] if spec.ipv6 else [])]
 
 
 def log_chains(spec: FlowLogSpec, allows: Iterable[RuleRef]) -> dict[str, list[dict[str, Any]]]:
@@ -199,8 +213,9 @@ def log_chain(spec: FlowLogSpec, prefix: str, *, verdict: str, mark: int | None,
     if mark is not None:
         rules.append({"expr": [nft.match({"&": [ct_mark, mark]}, 0, "!="), v], "comment": "flow already logged"})
     limit = {"limit": {"rate": spec.rate, "burst": spec.burst, "per": "second", "inv": True}}
-    update = {"set": {"op": "update", "elem": nft.payload("ip", "saddr"), "set": f"@{RATE_SET}", "stmt": [limit]}}
-    rules.append({"expr": [update, {"counter": RATELIMITED_COUNTER}, v], "comment": "source over its log rate"})
+    for name, _, protocol in _rate_sets(spec):  # a packet of the other family does not match
+        update = {"set": {"op": "update", "elem": nft.payload(protocol, "saddr"), "set": f"@{name}", "stmt": [limit]}}
+        rules.append({"expr": [update, {"counter": RATELIMITED_COUNTER}, v], "comment": "source over its log rate"})
     rules.append({"expr": [{"limit": CAP_LIMIT}, {"counter": RATELIMITED_COUNTER}, v], "comment": "node over its log cap"})
     last: list[dict[str, Any]] = []
     if mark is not None:

@@ -98,8 +98,8 @@ class NodePolicy:
         when a pod has an IPv6 address, which the table then keeps)."""
         pods = list(pods)
         self.node = node
-        self.flow_log = flow_log
         self.families = render_families(pods, families)
+        self.flow_log = flow_log.for_families(self.families) if flow_log is not None else None
         self._derived_families = families is None
         self._v6_pods = 0
         self.pods: dict[str, PodInfo] = {}
@@ -128,8 +128,8 @@ class NodePolicy:
         self.chains: dict[str, tuple[dict, ...]] = {}
         self._isolated: dict[str, dict[str, str]] = {d: {} for d in _DIR}  # direction -> local pod key -> ns chain
         self._logs: dict[str, set[str]] = {}  # policy key -> its log chains (flow logs)
-        if flow_log is not None:  # the deny and default log chains: always there, never changed
-            self.chains.update({n: tuple(r) for n, r in flowlog.log_chains(flow_log, []).items()})
+        if self.flow_log is not None:  # the deny and default log chains: always there, never changed
+            self.chains.update({n: tuple(r) for n, r in flowlog.log_chains(self.flow_log, []).items()})
         for direction, (_, _, _, base) in _DIR.items():
             for f in self.families:
                 self._reg[f"{base}-pods{_SUFFIX[f]}"] = ("map", direction, f)

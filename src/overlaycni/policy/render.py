@@ -284,6 +284,8 @@ def render_node(
     (``render_families``)."""
     pods = sorted(pods, key=lambda p: (p.namespace, p.name))
     fams = render_families(pods, families)
+    if flow_log is not None:
+        flow_log = flow_log.for_families(fams)
     cluster = Cluster.of(pods, namespaces)
     policies = sorted(policies, key=lambda p: p.key)
     b = _Builder(cluster, pods, fams)

@@ -28,7 +28,8 @@ from ..datastore.keys import (
 )
 from ..ipam import Allocation, list_allocations
 from ..ipam.clusters import not_found
-from ..ipam.records import decode_allocation, decode_block
+from ..ipam.pods import pair_addresses
+from ..ipam.records import AddressRecord, BlockClaim, allocation_of, decode_address, decode_block
 from .inventory import Inventory
 from .model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo
 from .records import decode_namespace, decode_pod, decode_policy, load_namespaces, load_pods, load_policies
@@ -77,6 +78,7 @@ class InventoryCache:
     def __init__(self) -> None:
         self._records: dict[str, tuple[int, Any, Any]] = {}  # key -> (revision, extra, decoded)
         self._pods: dict[tuple[str, str], tuple[Allocation, PodInfo | None, PodInfo]] = {}
+        self._allocs: dict[tuple[str, str, str], tuple[AddressRecord, AddressRecord | None, Any, Allocation]] = {}
 
     def load(
         self, store: Store, cluster: str, *, on_bad: BadRecordHandler | None = None
@@ -111,18 +113,36 @@ class InventoryCache:
                 out.append(obj)
             return out
 
-        blocks = {c.node: c.block for c in decoded(by_prefix[prefixes[0]], lambda kv, _: decode_block(kv))}
-        base = prefixes[1]
-        allocations = decoded(
-            by_prefix[base],
-            lambda kv, block: decode_allocation(kv, block=block),
-            lambda kv: blocks.get(kv.key[len(base) :].partition("/")[0]),
-        )
+        claims = {c.node: c for c in decoded(by_prefix[prefixes[0]], lambda kv, _: decode_block(kv))}
+        addresses = decoded(by_prefix[prefixes[1]], lambda kv, _: decode_address(kv))
+        revisions = {kv.key: kv.revision for kv in by_prefix[prefixes[1]]}
+        allocations = self._allocations(pair_addresses(cluster, addresses, revisions, on_bad=on_bad), claims)
         pod_records = decoded(by_prefix[prefixes[2]], lambda kv, _: decode_pod(kv))
         ns_records = decoded(by_prefix[prefixes[3]], lambda kv, _: decode_namespace(kv))
         policies = decoded(by_prefix[prefixes[4]], lambda kv, _: decode_policy(kv))
         self._records = seen
         return self._join(allocations, pod_records, ns_records) + (policies,)
+
+    def _allocations(
+        self, pairs: list[tuple[AddressRecord, AddressRecord | None]], claims: dict[str, BlockClaim]
+    ) -> list[Allocation]:
+        """An allocation per attachment (its IPv4 and IPv6 address records, its
+        node's claim), the same object while those are the same objects."""
+        kept: dict[tuple[str, str, str], tuple[AddressRecord, AddressRecord | None, Any, Allocation]] = {}
+        out = []
+        for v4, v6 in pairs:
+            key = (v4.node, *v4.attachment)
+            claim = claims.get(v4.node)
+            hit = self._allocs.get(key)
+            if hit is not None and hit[0] is v4 and hit[1] is v6 and hit[2] is claim:
+                alloc = hit[3]
+            else:
+                alloc = allocation_of(v4, v6, block=claim.block_v4 if claim else None,
+                                      block_v6=claim.block_v6 if claim else None)  # fmt: skip
+            kept[key] = (v4, v6, claim, alloc)
+            out.append(alloc)
+        self._allocs = kept
+        return out
 
     def _join(
         self, allocations: list[Allocation], pod_records: list[PodInfo], ns_records: list[NamespaceInfo]
