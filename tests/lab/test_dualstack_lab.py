@@ -236,6 +236,22 @@ def test_a_node_added_later_is_dual_stack_and_peers_route_its_ipv6_block(dual: L
     assert wait_for(lambda: routed(n4["block_v6"]) == [], 30)
 
 
+def test_pod_add_takes_one_requested_address_per_family(dual: Lab):
+    """lab pod add --ip IPV6 --ip IPV4: the pod gets exactly those (the CNI
+    ips capability, one per family), on the node whose block holds the
+    IPv4 one; two of one family is refused naming --ip (control: nothing added)."""
+    nodes, _ = by_name(dual.status())
+    n2 = nodes["node2"]
+    v4 = ipaddress.ip_network(n2["block"]).network_address + 200
+    v6 = ipaddress.ip_network(n2["block_v6"]).network_address + 0xBEEF
+    got = dual.json("pod", "add", "asked", "--ip", str(v6), "--ip", str(v4))
+    assert (got["node"], got["ip"], got["ipv6"]) == ("node2", str(v4), str(v6))
+    bad = dual.oc("pod", "add", "twice", "--ip", str(v4 + 1), "--ip", str(v4 + 2), check=False)
+    assert bad.returncode == 2 and "--ip" in bad.stderr and "one address per family" in bad.stderr
+    assert "twice" not in by_name(dual.status())[1]
+    dual.oc("pod", "delete", "asked")
+
+
 def test_down_leaves_nothing(dual: Lab):
     pids = [n["agent_pid"] for n in dual.status()["nodes"]]
     dual.oc("down")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address
 
 import pytest
 
@@ -43,10 +43,14 @@ def test_ports_are_normalised_and_checked():
 
 
 def test_ip_flag():
-    assert lab_policy.parse_ip(None) is None
-    assert lab_policy.parse_ip("10.244.1.5") == IPv4Address("10.244.1.5")
-    with pytest.raises(UsageError, match="--ip: '10.244.1.999' is not an IPv4 address"):
-        lab_policy.parse_ip("10.244.1.999")
+    assert lab_policy.parse_ips(()) == ()
+    assert lab_policy.parse_ips(["10.244.1.5"]) == (IPv4Address("10.244.1.5"),)
+    v6 = IPv6Address("fd12:3456:789a::5")
+    assert lab_policy.parse_ips([str(v6), "10.244.1.5"]) == (IPv4Address("10.244.1.5"), v6)  # IPv4 first
+    with pytest.raises(UsageError, match="--ip: '10.244.1.999' is not an IP address"):
+        lab_policy.parse_ips(["10.244.1.999"])
+    with pytest.raises(UsageError, match="--ip: 10.244.1.5, 10.244.1.6: at most one address per family"):
+        lab_policy.parse_ips(["10.244.1.5", "10.244.1.6"])
 
 
 def _state(tmp_path) -> LabState:

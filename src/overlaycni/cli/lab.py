@@ -222,8 +222,9 @@ def pod_add(
         typer.Option("--port", help="A named container port NAME=PORT/PROTO, e.g. serve-80-tcp=80/TCP (repeatable; NetworkPolicy can name it)."),
     ] = None,
     ip: Annotated[
-        str | None,
-        typer.Option("--ip", help="Request this address (CNI runtimeConfig.ips): free and inside the node's block, else an error."),
+        list[str] | None,
+        typer.Option("--ip", help="Request this address (CNI runtimeConfig.ips): free and inside the node's block, else an "
+                                 "error. Repeat it for one address per family in a dual-stack lab."),
     ] = None,
     output: OutputOpt = Output.table,
     lab_dir: LabDirOpt = None,
@@ -236,7 +237,7 @@ def pod_add(
     --namespace x --labels app=web --port http=80/TCP --ip 10.244.1.50
     """
     p = members.add_pod(
-        name, pod, namespace=namespace, node=node, labels=parse_labels(labels), ports=tuple(port or ()), ip=ip, root=lab_dir
+        name, pod, namespace=namespace, node=node, labels=parse_labels(labels), ports=tuple(port or ()), ips=tuple(ip or ()), root=lab_dir
     )
     if output is Output.json:
         print_json({"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns, "ip": str(p.ip.ip) if p.ip else None,

@@ -26,10 +26,11 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TypeVar
 
+from ..cidr import IPAddress
 from ..config import ClusterNetwork
 from ..datastore import Store, open_datastore
 from ..errors import CNIError, DataplaneError, DatastoreUnavailable, UsageError
@@ -198,14 +199,14 @@ def wait_agent(state: LabState, node: LabNode, *, timeout: float = AGENT_READY_T
 # --- pods through the real plugin -----------------------------------------------------------
 
 
-def _attachment(pod: LabPod, ip: IPv4Address | None = None) -> runtime.Attachment:
+def _attachment(pod: LabPod, ips: tuple[IPAddress, ...] = ()) -> runtime.Attachment:
     return runtime.Attachment(
         container_id=pod.container_id,
         netns=runtime.netns_path(pod.netns),
         ifname="eth0",
         pod_namespace=pod.namespace,
         pod_name=pod.name,
-        capability_args={"ips": [str(ip)]} if ip is not None else {},
+        capability_args={"ips": [str(ip) for ip in ips]} if ips else {},
     )
 
 
@@ -217,12 +218,12 @@ def _result_file(state: LabState, pod: LabPod) -> Path:
     return Path(state.lab_dir) / "pods" / pod.namespace / f"{pod.name}.json"
 
 
-def cni_add(state: LabState, node: LabNode, pod: LabPod, *, ip: IPv4Address | None = None) -> LabPod:
+def cni_add(state: LabState, node: LabNode, pod: LabPod, *, ips: tuple[IPAddress, ...] = ()) -> LabPod:
     """Create the pod's namespace and ADD it like a container runtime
-    (``ip``: a requested address, passed as ``runtimeConfig.ips``)."""
+    (``ips``: requested addresses, one per family, passed as ``runtimeConfig.ips``)."""
     netns.ensure_netns(pod.netns)
     conf = runtime.load_conflist(node.conf_dir)
-    result = runtime.add(conf, _attachment(pod, ip), cni_path=_cni_path(state))
+    result = runtime.add(conf, _attachment(pod, ips), cni_path=_cni_path(state))
     f = _result_file(state, pod)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(result.raw))

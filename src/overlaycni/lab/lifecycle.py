@@ -30,9 +30,9 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
 from typing import Any
 
+from ..cidr import IPAddress
 from ..config import ClusterNetwork, parse_network
 from ..errors import AlreadyExists, UsageError
 from . import control, etcdtls, netns, procs, topology
@@ -214,7 +214,7 @@ def add_pods(
     pods: list[LabPod],
     *,
     report: Reporter = _quiet,
-    ips: dict[str, IPv4Address] | None = None,
+    ips: dict[str, tuple[IPAddress, ...]] | None = None,
 ) -> LabState:
     """ADD ``pods`` in parallel; save each. ``ips``: requested addresses
     by pod key (NAMESPACE/NAME), passed with the CNI ``ips`` capability."""
@@ -224,7 +224,7 @@ def add_pods(
     report("pods", 0, len(pods))
     done = 0
     with ThreadPoolExecutor(max_workers=POD_WORKERS) as pool:
-        futures = [pool.submit(control.cni_add, state, state.node(p.node), p, ip=(ips or {}).get(p.key)) for p in pods]
+        futures = [pool.submit(control.cni_add, state, state.node(p.node), p, ips=(ips or {}).get(p.key, ())) for p in pods]
         try:
             for fut in futures:
                 state = state.with_pod(fut.result())

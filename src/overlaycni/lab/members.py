@@ -44,35 +44,36 @@ def add_pod(
     node: str | None = None,
     labels: tuple[tuple[str, str], ...] = (),
     ports: tuple[str, ...] = (),
-    ip: str | None = None,
+    ips: tuple[str, ...] = (),
     root: str | None = None,
 ) -> LabPod:
     """ADD one pod: ``pod`` is ``NAME`` (in ``namespace``, default
     ``default``) or ``NAMESPACE/NAME``; ``ports`` are its named ports
-    (NAME=PORT/PROTO), ``ip`` a requested address (CNI
-    ``runtimeConfig.ips``). The pod's record (labels, ports, IP, node) is
+    (NAME=PORT/PROTO), ``ips`` requested addresses, at most one per family
+    (CNI ``runtimeConfig.ips``). The pod's record (labels, ports, IP, node) is
     published to the datastore for policy."""
     netns.require_privileges()
     state = open_lab(name, root)
     namespace, pod = split_pod_ref(pod, namespace)
     ports = lab_policy.parse_ports(ports)
-    wanted_ip = lab_policy.parse_ip(ip)
+    wanted = lab_policy.parse_ips(ips)
     lab_policy.check_labels(dict(labels), field="--labels")
     if any(p.name == pod and p.namespace == namespace for p in state.pods):
         raise AlreadyExists(f"lab {name}: pod {namespace}/{pod} already exists")
     if not state.nodes:
         raise UsageError(f"lab {name} has no nodes; add one with `overlaycni lab node add --name {name}`")
-    if node is None and wanted_ip is not None:  # the node whose block holds the requested address
-        node = next((n.name for n in state.nodes if n.block and wanted_ip in n.block), None)
+    if node is None and wanted:  # the node whose block holds the (first) requested address
+        first = wanted[0]
+        node = next((n.name for n in state.nodes if any(b and first in b for b in (n.block, n.block_v6))), None)
         if node is None:
-            blocks = ", ".join(f"{n.name} {n.block}" for n in state.nodes if n.block) or "none yet"
-            raise UsageError(f"{wanted_ip} is in no node's block (blocks: {blocks})", field="ip")
+            blocks = ", ".join(f"{n.name} {n.block}{f' {n.block_v6}' if n.block_v6 else ''}" for n in state.nodes if n.block)
+            raise UsageError(f"{first} is in no node's block (blocks: {blocks or 'none yet'})", field="ip")
     if node is None:  # the node with the fewest pods, like a naive scheduler
         node = min(state.nodes, key=lambda n: (len(state.pods_on(n.name)), n.index)).name
     state.node(node)  # raises NotFound naming the nodes
     p = new_pod(state, pod, namespace=namespace, node=node, labels=labels)
     try:
-        added = add_pods(state, [p], ips={p.key: wanted_ip} if wanted_ip else None)
+        added = add_pods(state, [p], ips={p.key: wanted} if wanted else None)
         result = replace(added.pod(p.key), ports=ports)
         lab_policy.publish_pod(added, result)
     except BaseException:

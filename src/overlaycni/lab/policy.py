@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 from ..datastore import Store, keys
@@ -78,13 +78,17 @@ def parse_ports(items: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_ip(text: str | None) -> IPv4Address | None:
-    if text is None:
-        return None
-    try:
-        return IPv4Address(text.strip())
-    except ValueError:
-        raise UsageError(f"{text!r} is not an IPv4 address", field="ip") from None
+def parse_ips(texts: Sequence[str]) -> tuple[IPv4Address | IPv6Address, ...]:
+    """``--ip`` (repeatable): at most one address per family, IPv4 first."""
+    out: list[IPv4Address | IPv6Address] = []
+    for text in texts:
+        try:
+            out.append(ip_address(text.strip()))
+        except ValueError:
+            raise UsageError(f"{text!r} is not an IP address", field="ip") from None
+    if len({a.version for a in out}) != len(out):
+        raise UsageError(f"{', '.join(texts)}: at most one address per family", field="ip")
+    return tuple(sorted(out, key=lambda a: a.version))
 
 
 def open_lab_state(name: str, root: str | None = None) -> LabState:
