@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from overlaycni.dataplane import nflog
 from overlaycni.dataplane.nflog import LoggedPacket, SeqTracker
+from overlaycni.dataplane.nlcodec import attributes, iter_messages
 
 
 def ipv4(src: str, dst: str, proto: int, *, sport: int = 40000, dport: int = 80, ihl: int = 5, frag: int = 0) -> bytes:
@@ -35,7 +36,7 @@ def test_bind_request_matches_the_uapi_layout():
 
 def test_mode_and_batching_attributes_are_big_endian():
     msg = nflog.config_request(5, seq=1, copy_range=128, qthresh=64, timeout_cs=10, nlbufsiz=65536, flags=1)
-    attrs = nflog.attributes(msg, 20)
+    attrs = attributes(msg, 20)
     assert attrs[nflog.NFULA_CFG_MODE] == struct.pack(">IBx", 128, nflog.NFULNL_COPY_PACKET)
     assert attrs[nflog.NFULA_CFG_QTHRESH] == struct.pack(">I", 64)
     assert attrs[nflog.NFULA_CFG_TIMEOUT] == struct.pack(">I", 10)
@@ -48,7 +49,7 @@ def test_mode_and_batching_attributes_are_big_endian():
 def test_packet_decodes():
     raw = nflog.packet_message(161, prefix="ocni:deny:in", payload=ipv4("10.244.1.2", "10.244.0.2", 6, dport=8080),
                                seq=41, timestamp=1700000000.25)  # fmt: skip
-    ((kind, _, msg),) = list(nflog.iter_messages(raw))
+    ((kind, _, msg),) = list(iter_messages(raw))
     assert kind == nflog.MSG_PACKET
     assert nflog.decode_packet(msg) == LoggedPacket(
         "ocni:deny:in", IPv4Address("10.244.1.2"), IPv4Address("10.244.0.2"), "TCP", 8080, 1700000000.25, 41
@@ -72,21 +73,21 @@ def test_protocols_options_fragments_and_ipv6():
 def test_bad_payloads_are_refused(payload):
     assert nflog.decode_ip(payload) is None
     raw = nflog.packet_message(1, prefix="x", payload=payload)
-    assert nflog.decode_packet(next(nflog.iter_messages(raw))[2]) is None
+    assert nflog.decode_packet(next(iter_messages(raw))[2]) is None
 
 
 @given(st.binary(max_size=400))
 def test_garbage_never_raises(data):
-    for _kind, _seq, msg in nflog.iter_messages(data):
+    for _kind, _seq, msg in iter_messages(data):
         nflog.decode_packet(msg)
 
 
 def test_batches_hold_several_messages():
     a = nflog.packet_message(1, prefix="ocni:deny:in", payload=ipv4("10.0.0.1", "10.0.0.2", 6), seq=1)
     b = nflog.packet_message(1, prefix="ocni:deny:eg", payload=ipv4("10.0.0.3", "10.0.0.4", 17), seq=2)
-    got = [nflog.decode_packet(m) for _, _, m in nflog.iter_messages(a + b)]
+    got = [nflog.decode_packet(m) for _, _, m in iter_messages(a + b)]
     assert [(p.prefix, p.seq) for p in got if p] == [("ocni:deny:in", 1), ("ocni:deny:eg", 2)]
-    assert list(nflog.iter_messages((a + b)[: len(a) + 10])) == list(nflog.iter_messages(a))  # a cut message is dropped
+    assert list(iter_messages((a + b)[: len(a) + 10])) == list(iter_messages(a))  # a cut message is dropped
 
 
 def test_sequence_gaps_count_lost_messages():

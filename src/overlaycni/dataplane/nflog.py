@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+
+from .nlcodec import HDR, attributes
+from .nlcodec import attr as _attr
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -51,10 +53,7 @@ NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
 NFULNL_COPY_PACKET = 0x02
 NFULNL_CFG_F_SEQ = 0x0001
 
-HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian, packed by hand)
-NLA = struct.Struct("=HH")
-ERR = struct.Struct("=i")
 TIMESTAMP = struct.Struct(">QQ")  # nfulnl_msg_packet_timestamp: sec, usec
 
 # The policy table's named counter of packets its log rules decided without
@@ -97,11 +96,6 @@ class CaptureStats:
 
 
 # ----- building ---------------------------------------------------------------------
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = NLA.size + len(payload)
-    return NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
 
 
 def config_request(
@@ -153,34 +147,6 @@ def packet_message(
 
 
 # ----- parsing ----------------------------------------------------------------------
-
-
-def iter_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, nlmsg seq, message) of each netlink message in one datagram."""
-    off, end = 0, len(data)
-    while off + HDR.size <= end:
-        length, kind, _flags, seq, _pid = HDR.unpack_from(data, off)
-        if length < HDR.size or off + length > end:
-            return  # truncated: the kernel never sends this; a broken datagram ends here
-        yield kind, seq, data[off : off + length]
-        off += (length + 3) & ~3
-
-
-def error_code(msg: bytes) -> int:
-    """The errno of an ``NLMSG_ERROR`` message (0: an ACK)."""
-    return -ERR.unpack_from(msg, HDR.size)[0]
-
-
-def attributes(msg: bytes, off: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    end = len(msg)
-    while off + NLA.size <= end:
-        length, kind = NLA.unpack_from(msg, off)
-        if length < NLA.size or off + length > end:
-            break
-        out[kind & 0x3FFF] = msg[off + NLA.size : off + length]
-        off += (length + 3) & ~3
-    return out
 
 
 def decode_packet(msg: bytes) -> LoggedPacket | None:

@@ -44,7 +44,9 @@ from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from ...errors import DataplaneError, PermissionDenied
-from .rtnl import ERR, HDR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, _attr, _attrs
+from ..nlcodec import attr as _attr
+from ..nlcodec import attributes as _attrs
+from .rtnl import ERR, HDR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1

@@ -51,6 +51,7 @@ import socket
 import struct
 
 from ..model import GATEWAY_LABEL, VXLAN_IFNAME
+from ..nlcodec import HDR, attributes
 from ..wgmodel import WG_IFNAME
 
 TUNNELS = (VXLAN_IFNAME, WG_IFNAME)  # the node's tunnel device, whichever the backend
@@ -71,19 +72,6 @@ TABLE = "overlaycni"
 CALIBRATION_SET = "ocni_calibrate"
 FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 
-HDR = struct.Struct("=IHHII")
-NLA = struct.Struct("=HH")
-
-
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + 4 <= end:
-        length, kind = NLA.unpack_from(buf, off)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = buf[off + 4 : off + length]
-        off += (length + 3) & ~3
-    return out
 
 
 def _text(raw: bytes | None) -> str:
@@ -188,7 +176,7 @@ class KernelMonitor:
         verb = "deleted" if kind in (RTM_DELLINK, RTM_DELADDR, RTM_DELROUTE, RTM_DELNEIGH) else "changed"
         if kind in (RTM_NEWLINK, RTM_DELLINK):
             index, flags = struct.unpack_from("=iI", buf, body + 4)
-            attrs = _attrs(buf, body + 16, end)
+            attrs = attributes(buf, body + 16, end)
             name = _text(attrs.get(IFLA_IFNAME))
             if name not in TUNNELS:
                 return None
@@ -210,13 +198,13 @@ class KernelMonitor:
             return None
         if kind in (RTM_NEWADDR, RTM_DELADDR):
             (index,) = struct.unpack_from("=I", buf, body + 4)
-            label = _text(_attrs(buf, body + 8, end).get(IFA_LABEL))
+            label = _text(attributes(buf, body + 8, end).get(IFA_LABEL))
             tunnel = self._tunnel(index)
             if label == GATEWAY_LABEL or tunnel:
                 return f"address on {label or tunnel} {verb} by {_who(pid)}"
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
             family, dst_len, _s, _t, table = struct.unpack_from("=BBBBB", buf, body)
-            attrs = _attrs(buf, body + 12, end)
+            attrs = attributes(buf, body + 12, end)
             if RTA_TABLE in attrs:
                 (table,) = struct.unpack("=I", attrs[RTA_TABLE][:4])
             if family == socket.AF_INET and table == RT_TABLE_MAIN:
@@ -249,7 +237,7 @@ class KernelMonitor:
 
     def _nft_msg(self, msg: int, buf: bytes, body: int, end: int) -> str | None:
         family = FAMILIES.get(buf[body], str(buf[body]))
-        attrs = _attrs(buf, body + 4, end)  # after struct nfgenmsg
+        attrs = attributes(buf, body + 4, end)  # after struct nfgenmsg
         if msg != NFT_MSG_NEWGEN:
             if _text(attrs.get(1)) == TABLE:  # attribute 1 names the table in every object message
                 self._touched.add(f"{family} {TABLE}")

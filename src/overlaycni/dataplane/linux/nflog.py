@@ -62,6 +62,7 @@ import time
 from ...errors import DataplaneError, PermissionDenied
 from .. import nflog
 from ..nflog import CaptureStats, LoggedPacket, SeqTracker
+from ..nlcodec import HDR, error_code, iter_messages
 from .netns import NetnsWorker
 from .nft import NftRunner
 
@@ -108,14 +109,14 @@ class NflogSocket:
 
     def _request(self, msg: bytes, what: str) -> None:
         self.sock.send(msg)
-        seq = nflog.HDR.unpack_from(msg)[3]
+        seq = HDR.unpack_from(msg)[3]
         self.sock.settimeout(5.0)
         while True:
             data = self.sock.recv(65536)
-            for kind, mseq, reply in nflog.iter_messages(data):
+            for kind, mseq, reply in iter_messages(data):
                 if kind != nflog.NLMSG_ERROR or mseq != seq:
                     continue
-                code = nflog.error_code(reply)
+                code = error_code(reply)
                 if code == 0:
                     return
                 if code == errno.EPERM and os.geteuid() != 0:
@@ -149,7 +150,7 @@ class NflogSocket:
                 if exc.errno == errno.EBADF:
                     break
                 raise DataplaneError(f"NFLOG group {self.group}: receive failed: {exc.strerror}") from None
-            for kind, _seq, msg in nflog.iter_messages(bytes(self.buf[:n])):
+            for kind, _seq, msg in iter_messages(bytes(self.buf[:n])):
                 if kind != nflog.MSG_PACKET:
                     continue
                 pkt = nflog.decode_packet(msg)

@@ -33,6 +33,8 @@ import struct
 from ipaddress import ip_address
 from typing import Any
 
+from ..nlcodec import attr, nested
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -40,7 +42,6 @@ NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 0x2
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
-NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA = 1, 2
@@ -54,17 +55,8 @@ _CHUNK = 256  # elements per message, well under a page each
 Batch = list[tuple[int, int, str, str, list[bytes]]]  # (msg type, nfproto, table, set, encoded elements)
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    head = struct.pack("=HH", 4 + len(payload), kind)
-    return head + payload + b"\0" * (-len(payload) % 4)
-
-
-def _nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
-
-
 def _string(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
+    return attr(kind, text.encode() + b"\0")
 
 
 def _address(value: Any) -> bytes | None:
@@ -95,20 +87,20 @@ def _element(value: Any, *, delete: bool) -> bytes | None:
         if packed is None:
             return None
         if delete:
-            return _nested(NFTA_LIST_ELEM, _nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, packed)))
+            return nested(NFTA_LIST_ELEM, nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, packed)))
         target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) and set(verdict) == {"jump"} else None
         if not isinstance(target, str):
             return None
-        data = _nested(
-            NFTA_DATA_VERDICT, _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)), _string(NFTA_VERDICT_CHAIN, target)
+        data = nested(
+            NFTA_DATA_VERDICT, attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)), _string(NFTA_VERDICT_CHAIN, target)
         )
-        return _nested(
-            NFTA_LIST_ELEM, _nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, packed)), _nested(NFTA_SET_ELEM_DATA, data)
+        return nested(
+            NFTA_LIST_ELEM, nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, packed)), nested(NFTA_SET_ELEM_DATA, data)
         )
     packed = _key(value)
     if packed is None:
         return None
-    return _nested(NFTA_LIST_ELEM, _nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, packed)))
+    return nested(NFTA_LIST_ELEM, nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, packed)))
 
 
 def encode(commands: list[dict[str, Any]]) -> Batch | None:
@@ -170,7 +162,7 @@ class NftElements:
                 payload = (
                     _string(NFTA_SET_ELEM_LIST_TABLE, table)
                     + _string(NFTA_SET_ELEM_LIST_SET, name)
-                    + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elems[i : i + _CHUNK])
+                    + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elems[i : i + _CHUNK])
                 )
                 msgs.append(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, self.seq, family, 0, payload))
                 acks += 1

@@ -49,7 +49,7 @@ class LinuxRoutes:
                 fam, dst_len, _src, _tos, table, proto, scope, rtype, flags = r.RTMSG.unpack_from(msg, 16)
                 if proto != RT_PROTO or fam != family:
                     continue
-                a = r._attrs(msg, 16 + r.RTMSG.size)
+                a = r.attributes(msg, 16 + r.RTMSG.size)
                 if RTA_TABLE_of(a, table) != r.RT_TABLE_MAIN:
                     continue
                 v6 = family == r.AF_INET6
@@ -73,14 +73,14 @@ class LinuxRoutes:
         scope = r.RT_SCOPE_NOWHERE if delete else (r.RT_SCOPE_LINK if route.scope_link and not v6 else r.RT_SCOPE_UNIVERSE)
         body = r.RTMSG.pack(r.AF_INET6 if v6 else r.AF_INET, route.dst.prefixlen, 0, 0, r.RT_TABLE_MAIN, RT_PROTO,
                             scope, rtype, r.RTNH_F_ONLINK if route.onlink and not delete else 0)
-        body += r._attr(r.RTA_DST, route.dst.network_address.packed)
+        body += r.attr(r.RTA_DST, route.dst.network_address.packed)
         if route.gateway is not None and not delete:
-            body += r._attr(r.RTA_GATEWAY, route.gateway.packed)
+            body += r.attr(r.RTA_GATEWAY, route.gateway.packed)
         if route.dev is not None:
             idx = self.nl.index_of(route.dev)
             if idx is None:
                 return None
-            body += r._attr(r.RTA_OIF, idx.to_bytes(4, "little"))
+            body += r.attr(r.RTA_OIF, idx.to_bytes(4, "little"))
         if delete:
             return (r.RTM_DELROUTE, 0, body)
         return (r.RTM_NEWROUTE, r.NLM_F_CREATE | r.NLM_F_REPLACE, body)
@@ -112,12 +112,12 @@ class LinuxRoutes:
 
     def lookup_gateway(self, dst: IPAddress) -> tuple[IPAddress | None, str | None]:
         family = r.AF_INET if dst.version == 4 else r.AF_INET6
-        body = r.RTMSG.pack(family, dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + r._attr(r.RTA_DST, dst.packed)
+        body = r.RTMSG.pack(family, dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + r.attr(r.RTA_DST, dst.packed)
         msg = self.nl.request(r.RTM_GETROUTE, body)
         if msg is None:
             return None, None
         _f, _d, _s, _t, _table, _p, _scope, rtype, _fl = r.RTMSG.unpack_from(msg, 16)
-        a = r._attrs(msg, 16 + r.RTMSG.size)
+        a = r.attributes(msg, 16 + r.RTMSG.size)
         if rtype != r.RTN_UNICAST or r.RTA_OIF not in a:
             return None, None
         gw = ip_address(a[r.RTA_GATEWAY]) if r.RTA_GATEWAY in a else None
@@ -152,7 +152,7 @@ class LinuxNeighbours:
                 fam, ifindex, state, _flags, _type = r.NDMSG.unpack_from(msg, 16)
                 if ifindex != idx or fam != family or not state & r.NUD_PERMANENT:
                     continue
-                a = r._attrs(msg, 16 + r.NDMSG.size)
+                a = r.attributes(msg, 16 + r.NDMSG.size)
                 if r.NDA_DST in a and r.NDA_LLADDR in a:
                     out.append(Neighbour(dev=dev, ip=ip_address(a[r.NDA_DST]), mac=r._mac_str(a[r.NDA_LLADDR])))
         return out
@@ -162,10 +162,10 @@ class LinuxNeighbours:
         if idx is None:
             return None
         family = r.AF_INET if ip.version == 4 else r.AF_INET6
-        msg = self.nl.request(r.RTM_GETNEIGH, r.NDMSG.pack(family, idx, 0, 0, 0) + r._attr(r.NDA_DST, ip.packed))
+        msg = self.nl.request(r.RTM_GETNEIGH, r.NDMSG.pack(family, idx, 0, 0, 0) + r.attr(r.NDA_DST, ip.packed))
         if msg is None:
             return None
-        a = r._attrs(msg, 16 + r.NDMSG.size)
+        a = r.attributes(msg, 16 + r.NDMSG.size)
         return Neighbour(dev=dev, ip=ip, mac=r._mac_str(a[r.NDA_LLADDR])) if r.NDA_LLADDR in a else None
 
     def apply_neighbours(self, *, replace: Sequence[Neighbour] = (), delete: Sequence[Neighbour] = ()) -> None:
@@ -180,11 +180,11 @@ class LinuxNeighbours:
                     missing.append(f"{n}: device {n.dev} not found")
                 continue
             family = r.AF_INET if n.ip.version == 4 else r.AF_INET6
-            body = r.NDMSG.pack(family, idx, r.NUD_PERMANENT, 0, 0) + r._attr(r.NDA_DST, n.ip.packed)
+            body = r.NDMSG.pack(family, idx, r.NUD_PERMANENT, 0, 0) + r.attr(r.NDA_DST, n.ip.packed)
             if i < len(delete):
                 msgs.append((r.RTM_DELNEIGH, 0, body))
             else:
-                msgs.append((r.RTM_NEWNEIGH, r.NLM_F_CREATE | r.NLM_F_REPLACE, body + r._attr(r.NDA_LLADDR, r._mac_bytes(n.mac))))
+                msgs.append((r.RTM_NEWNEIGH, r.NLM_F_CREATE | r.NLM_F_REPLACE, body + r.attr(r.NDA_LLADDR, r._mac_bytes(n.mac))))
             objs.append((i < len(delete), n))
         failures = self.nl.transact(msgs)
         _raise_failures("neighbour", failures, objs=[o for _, o in objs], deleting=sum(1 for d, _ in objs if d))
@@ -205,7 +205,7 @@ class LinuxFdb:
             fam, ifindex, state, _flags, _type = r.NDMSG.unpack_from(msg, 16)
             if ifindex != idx or not state & r.NUD_PERMANENT:
                 continue
-            a = r._attrs(msg, 16 + r.NDMSG.size)
+            a = r.attributes(msg, 16 + r.NDMSG.size)
             if r.NDA_DST in a and r.NDA_LLADDR in a and len(a[r.NDA_DST]) == 4:
                 out.append(FdbEntry(dev=dev, mac=r._mac_str(a[r.NDA_LLADDR]), dst=IPv4Address(a[r.NDA_DST])))
         return out
@@ -221,11 +221,11 @@ class LinuxFdb:
                 if i >= len(delete):
                     missing.append(f"{f}: device {f.dev} not found")
                 continue
-            body = r.NDMSG.pack(r.AF_BRIDGE, idx, r.NUD_PERMANENT, r.NTF_SELF, 0) + r._attr(r.NDA_LLADDR, r._mac_bytes(f.mac))
+            body = r.NDMSG.pack(r.AF_BRIDGE, idx, r.NUD_PERMANENT, r.NTF_SELF, 0) + r.attr(r.NDA_LLADDR, r._mac_bytes(f.mac))
             if i < len(delete):  # no NDA_DST: remove the whole entry for this MAC
                 msgs.append((r.RTM_DELNEIGH, 0, body))
             else:
-                msgs.append((r.RTM_NEWNEIGH, r.NLM_F_CREATE | r.NLM_F_REPLACE, body + r._attr(r.NDA_DST, f.dst.packed)))
+                msgs.append((r.RTM_NEWNEIGH, r.NLM_F_CREATE | r.NLM_F_REPLACE, body + r.attr(r.NDA_DST, f.dst.packed)))
             objs.append((i < len(delete), f))
         failures = self.nl.transact(msgs)
         _raise_failures("fdb", failures, objs=[o for _, o in objs], deleting=sum(1 for d, _ in objs if d))

@@ -105,11 +105,12 @@ from ...cidr import IPAddress, IPNetwork
 from ...errors import AttachmentConflict, DataplaneError, InterfaceExists, OverlayCNIError, PermissionDenied
 from ...families import PodAddress
 from ..model import PodAttachment, PodInterface, PodView
+from ..nlcodec import attr, attributes
 from .links import IFA_F_NODAD, LinuxSysctls
 from .netns import forbidden_namespaces, pod_netns
 from .netnscheck import Identity, open_pod_netns
 from .podview import RT_SCOPE_LINK, inspect, wait_usable
-from .rtnl import HDR, IFINFO, NLM_F_CREATE, RTM_GETLINK, RTM_NEWLINK, RTM_NEWROUTE, RTMSG, Rtnl, _attr, _attrs
+from .rtnl import HDR, IFINFO, NLM_F_CREATE, RTM_GETLINK, RTM_NEWLINK, RTM_NEWROUTE, RTMSG, Rtnl
 
 # The pod keeps <ip>/<block prefix> but no connected <block> route: every
 # packet, even to a pod on the same node, goes to the gateway. The pod's ARP
@@ -141,14 +142,14 @@ def _u32(value: int) -> bytes:
 
 
 def _name(name: str) -> bytes:
-    return _attr(IFLA_IFNAME, name.encode() + b"\0")
+    return attr(IFLA_IFNAME, name.encode() + b"\0")
 
 
 def veth_request(host: str, ifname: str, netns_fd: int, mtu: int) -> tuple[int, int, bytes]:
     """RTM_NEWLINK: the pair ``host`` (here, down) / ``ifname`` (in ``netns_fd``)."""
-    peer = IFINFO.pack(0, 0, 0, 0, 0) + _name(ifname) + _attr(IFLA_MTU, _u32(mtu)) + _attr(IFLA_NET_NS_FD, _u32(netns_fd))
-    info = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER | NLA_F_NESTED, peer))
-    body = IFINFO.pack(0, 0, 0, 0, 0) + _name(host) + _attr(IFLA_MTU, _u32(mtu)) + _attr(IFLA_LINKINFO | NLA_F_NESTED, info)
+    peer = IFINFO.pack(0, 0, 0, 0, 0) + _name(ifname) + attr(IFLA_MTU, _u32(mtu)) + attr(IFLA_NET_NS_FD, _u32(netns_fd))
+    info = attr(IFLA_INFO_KIND, b"veth\0") + attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER | NLA_F_NESTED, peer))
+    body = IFINFO.pack(0, 0, 0, 0, 0) + _name(host) + attr(IFLA_MTU, _u32(mtu)) + attr(IFLA_LINKINFO | NLA_F_NESTED, info)
     return RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body
 
 
@@ -161,10 +162,10 @@ def address_request(index: int, ip: IPv4Interface | IPv6Interface, *, flags: int
     if ip.version == 6:
         flags |= IFA_F_NODAD
         body = IFADDRMSG.pack(socket.AF_INET6, ip.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-        body += _attr(IFA_ADDRESS, ip.ip.packed) + _attr(IFA_FLAGS, _u32(flags))
+        body += attr(IFA_ADDRESS, ip.ip.packed) + attr(IFA_FLAGS, _u32(flags))
         return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
     body = IFADDRMSG.pack(socket.AF_INET, ip.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-    body += _attr(IFA_LOCAL, ip.ip.packed) + _attr(IFA_ADDRESS, ip.ip.packed) + _attr(IFA_FLAGS, _u32(flags))
+    body += attr(IFA_LOCAL, ip.ip.packed) + attr(IFA_ADDRESS, ip.ip.packed) + attr(IFA_FLAGS, _u32(flags))
     return RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body
 
 
@@ -173,16 +174,16 @@ def route_request(dst: IPNetwork, *, oif: int, gateway: IPAddress | None = None)
     family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
     body = RTMSG.pack(family, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, scope, RTN_UNICAST, 0)
     if dst.prefixlen:
-        body += _attr(RTA_DST, dst.network_address.packed)
+        body += attr(RTA_DST, dst.network_address.packed)
     if gateway is not None:
-        body += _attr(RTA_GATEWAY, gateway.packed)
-    return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body + _attr(RTA_OIF, _u32(oif))
+        body += attr(RTA_GATEWAY, gateway.packed)
+    return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body + attr(RTA_OIF, _u32(oif))
 
 
 def _link_of(msg: bytes) -> tuple[int, str, int]:
     """(index, MAC, group) of an RTM_NEWLINK answer."""
     _fam, _type, index, _flags, _change = IFINFO.unpack_from(msg, HDR.size)
-    attrs = _attrs(msg, HDR.size + IFINFO.size)
+    attrs = attributes(msg, HDR.size + IFINFO.size)
     group = struct.unpack("=I", attrs[IFLA_GROUP])[0] if IFLA_GROUP in attrs else 0
     return index, attrs.get(IFLA_ADDRESS, b"").hex(":"), group
 
@@ -212,7 +213,7 @@ class LinuxPodLinks:
         """name -> (index, MAC, group) of every link in the node namespace (one dump)."""
         out = {}
         for msg in self.nl.dump(RTM_GETLINK, IFINFO.pack(0, 0, 0, 0, 0)):
-            name = _attrs(msg, HDR.size + IFINFO.size).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
+            name = attributes(msg, HDR.size + IFINFO.size).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
             out[name] = _link_of(msg)
         return out
 
@@ -408,10 +409,10 @@ class LinuxPodLinks:
         group = 0
         while group in taken or group == 0:
             group = secrets.randbits(32)
-        failed = dict(self.nl.transact([(RTM_NEWLINK, 0, IFINFO.pack(0, 0, 0, 0, 0) + _name(n) + _attr(IFLA_GROUP, _u32(group)))
+        failed = dict(self.nl.transact([(RTM_NEWLINK, 0, IFINFO.pack(0, 0, 0, 0, 0) + _name(n) + attr(IFLA_GROUP, _u32(group)))
                                         for n in names]))
         errors = [(names[i], code) for i, code in failed.items() if code not in GONE]
-        dropped = self.nl.transact([(RTM_DELLINK, 0, IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_GROUP, _u32(group)))])
+        dropped = self.nl.transact([(RTM_DELLINK, 0, IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_GROUP, _u32(group)))])
         if dropped and dropped[0][1] not in GONE:
             errors += [(n, dropped[0][1]) for n in names if n not in {e[0] for e in errors}]
         return errors

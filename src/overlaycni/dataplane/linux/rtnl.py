@@ -35,6 +35,7 @@ import struct
 from collections.abc import Iterator, Sequence
 
 from ...errors import DataplaneError, PermissionDenied
+from ..nlcodec import ERR, HDR, attr, attributes
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -56,33 +57,12 @@ RTN_UNICAST, RTN_UNREACHABLE = 1, 7
 RTNH_F_ONLINK = 4
 CHUNK = 256
 
-HDR = struct.Struct("=IHHII")
 NDMSG = struct.Struct("=BxxxiHBB")
 RTMSG = struct.Struct("=BBBBBBBBI")
 IFINFO = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBI")
-RTA = struct.Struct("=HH")
-ERR = struct.Struct("=i")
 NOT_FOUND = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 log = logging.getLogger(__name__)
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return RTA.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _attrs(buf: bytes, off: int) -> dict[int, bytes]:
-    """The rtattrs of one message ``buf`` from ``off`` to its end, by type."""
-    end = len(buf)
-    out: dict[int, bytes] = {}
-    while off + 4 <= end:
-        length, kind = RTA.unpack_from(buf, off)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = buf[off + 4 : off + length]
-        off += (length + 3) & ~3
-    return out
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -190,11 +170,11 @@ class Rtnl:
         when it is not there. One request, whatever the number of addresses
         in the namespace (the kernel answers RTM_GETADDR for IPv6 without a
         dump)."""
-        body = IFADDRMSG.pack(AF_INET6, 128, 0, 0, index) + _attr(IFA_ADDRESS, address)
+        body = IFADDRMSG.pack(AF_INET6, 128, 0, 0, index) + attr(IFA_ADDRESS, address)
         msg = self.request(RTM_GETADDR, body, absent=(errno.EADDRNOTAVAIL,))
         if msg is None:
             return None
-        attrs = _attrs(msg, 16 + IFADDRMSG.size)
+        attrs = attributes(msg, 16 + IFADDRMSG.size)
         if IFA_FLAGS in attrs:
             return int.from_bytes(attrs[IFA_FLAGS][:4], "little")
         return IFADDRMSG.unpack_from(msg, 16)[2]
@@ -237,7 +217,7 @@ class Rtnl:
         index: dict[str, int] = {}
         for msg in self.dump(RTM_GETLINK, IFINFO.pack(0, 0, 0, 0, 0)):
             _fam, _type, idx, _flags, _change = IFINFO.unpack_from(msg, 16)
-            name = _attrs(msg, 16 + IFINFO.size).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
+            name = attributes(msg, 16 + IFINFO.size).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
             index[name] = idx
         self._index = index
         self._names = {v: k for k, v in index.items()}
