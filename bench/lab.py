@@ -292,15 +292,20 @@ def dual_stack_throughput(root: str, backend: str, seconds: int, repeats: int) -
         n1, n2 = state.nodes  # type: ignore[attr-defined]
         p1 = next(p for p in state.pods if p.node == n1.name)  # type: ignore[attr-defined]
         p2 = next(p for p in state.pods if p.node == n2.name)  # type: ignore[attr-defined]
-        v4: list[float] = []
-        v6: list[float] = []
+        v4: list[tuple[float, float]] = []  # (Gbit/s, Gbit per CPU-second) per run
+        v6: list[tuple[float, float]] = []
+        runner = Iperf()
+        runner.serve(p2.netns)
         for i in range(repeats):
             runs = [(v4, p2.ip.ip), (v6, p2.ip_v6.ip)]
             for out, dst in runs if i % 2 == 0 else runs[::-1]:
-                out.append(iperf(p2.netns, p1.netns, str(dst), seconds))
-        ratios = [b / a for a, b in zip(v4, v6, strict=True)]
-        print(f"  {backend:6s}: IPv4 pods {spread(v4)} Gbit/s; IPv6 pods {spread(v6)} Gbit/s; "
-              f"IPv6 / IPv4 (per run) {spread(ratios)} (aim >= 0.95)")  # fmt: skip
+                out.append(runner.measure(p1.netns, str(dst), seconds=seconds))
+        runner.close()
+        ratios = [b[0] / a[0] for a, b in zip(v4, v6, strict=True)]
+        per_cpu = [b[1] / a[1] for a, b in zip(v4, v6, strict=True)]
+        print(f"  {backend:6s}: IPv4 pods {spread([g for g, _ in v4])} Gbit/s; IPv6 pods {spread([g for g, _ in v6])} Gbit/s; "
+              f"IPv6 / IPv4 (per run) {spread(ratios)}, per CPU-second {spread(per_cpu)} (aim >= 0.95; "
+              f"load {os.getloadavg()[0]:.1f})")  # fmt: skip
     finally:
         lifecycle.down(name, root=root)
 
