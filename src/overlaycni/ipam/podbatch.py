@@ -55,12 +55,12 @@ from ipaddress import IPv4Address, IPv4Network
 from ..cidr import IPAddress
 from ..datastore import Snapshot, Store
 from ..datastore.keys import config_key, cursor_key, handle_key, ip_key, ips_prefix, nodeblock_key
-from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError, PoolExhausted
+from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError
 from . import addresses
 from .clusters import get_cluster, not_found
 from .model import Allocation, check_container_id, check_ifname, check_name, check_pod, parse_ip
 from .podbatch6 import reserve_dual
-from .pods import _allocation, held_here, release
+from .pods import _allocation, held_here, pool_full, release
 from .records import address_value, decode_allocation, decode_block, decode_cursor, handle_value
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,7 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list[Reservation]) -
             confirmed_full = True
             continue
         for i in short:
-            out[i] = PoolExhausted(
-                f"node {node!r} (cluster {cluster!r}): block {block} is full ({addresses.capacity(block)} addresses in use)",
-                details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
-            )
+            out[i] = pool_full(cluster, node, block)
         if not chosen:
             continue  # every pending attachment was answered: the loop ends at the top
         confirmed_full = False

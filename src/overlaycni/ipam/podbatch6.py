@@ -24,11 +24,11 @@ from ipaddress import IPv4Address, IPv6Address
 from ..cidr import IPAddress, IPNetwork
 from ..datastore import Snapshot, Store
 from ..datastore.keys import cursor_key, handle_key, ip_key, ips_prefix, nodeblock_key
-from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError, PoolExhausted
+from ..errors import AddressUnavailable, BadRecord, Conflict, NotFound, OverlayCNIError
 from . import addresses
 from .clusters import get_cluster
 from .model import Allocation
-from .pods import _allocation, _check_families, _check_requested, _handle, _requested, held_here, scan
+from .pods import _allocation, _check_families, _check_requested, _handle, _requested, held_here, pool_full, scan
 from .records import address_value, decode_block, decode_cursor
 
 _ATTEMPTS = 64
@@ -148,10 +148,7 @@ def _reserve(store: Store, cluster: str, node: str, wanted: list, idx: list[int]
         for i in short:
             full = next((b for b in blocks if req[i].get(b.version) is None
                          and addresses.next_free(b, used[b.version], None) is None), blocks[0])  # fmt: skip
-            out[i] = PoolExhausted(
-                f"node {node!r} (cluster {cluster!r}): block {full} is full ({addresses.capacity(full)} addresses in use)",
-                details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
-            )
+            out[i] = pool_full(cluster, node, full)
         if not chosen:
             continue  # every pending attachment was answered: the loop ends at the top
         confirmed_full = False

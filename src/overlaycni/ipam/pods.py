@@ -164,11 +164,7 @@ def reserve(
             chosen.append((block, ip))
         if full is not None:
             if confirmed_full:
-                raise PoolExhausted(
-                    f"node {node!r} (cluster {cluster!r}): block {full} is full "
-                    f"({addresses.capacity(full)} addresses in use)",
-                    details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
-                )
+                raise pool_full(cluster, node, full)
             # what this call saw says full; check against a fresh, complete read
             snap = store.read([h_k, nb_k, *cur_ks.values()], [used_prefix], keys_only=True)
             used = {4: set(), 6: set()}
@@ -192,6 +188,14 @@ def reserve(
             return alloc, True
         snap = result.snapshot()
     raise Conflict(f"node {node!r}: could not allocate after {_ATTEMPTS} attempts (heavy contention); try again")
+
+
+def pool_full(cluster: str, node: str, block: IPNetwork) -> PoolExhausted:
+    """The error of a full block, and what to do about it."""
+    return PoolExhausted(
+        f"node {node!r} (cluster {cluster!r}): block {block} is full ({addresses.capacity(block)} addresses in use)",
+        details="release unused addresses (`overlaycni ipam gc`) or use a larger --node-cidr-size block",
+    )
 
 
 def held_here(handle: KV, node: str, container_id: str, ifname: str) -> Allocation:
