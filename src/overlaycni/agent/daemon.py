@@ -138,6 +138,7 @@ class Agent:
         if o.metrics_addr:
             self._http = serve_http(o.metrics_addr, self.metrics, self.health, flows=node.flows.buffer if node.flows else None)
         self._spawn("lease", node.lease_loop)
+        self._spawn("peers", node.peer_selection.loop)
         self._spawn("watch", node.watch_loop, start_rev)
         self._spawn("resync", node.resync_loop)
         self._spawn("policy", node.policy.run)

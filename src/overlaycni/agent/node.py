@@ -8,10 +8,13 @@ work of every loop and of CNI requests shares ``kernel_lock``):
   expired it while we could not reach it) is replaced and the liveness
   record ``leases/<node>`` written again. The node record itself stays
   (peers keep this node's routes through an outage of the control plane);
-* node watch (``datastore.watch``): a put or delete of a node record
-  re-selects the peers (``desired.select_peers``) and programs only the
-  difference (``ensure_peer`` / ``delete_peer``); a compacted or broken
-  watch, or a failed event, falls back to a full resync and resumes;
+* node watch (``datastore.watch``): a put or delete of a node record is
+  folded into the node view and asks the peer selection thread
+  (``coalesce.Coalescer``) to re-select the peers (``desired.select_peers``)
+  and program only the difference (``ensure_peer`` / ``delete_peer``): the
+  events of a burst that arrive while a selection runs share the next one.
+  A compacted or broken watch, or a failed event, falls back to a full
+  resync and resumes; so does a failed selection;
 * resync: every ``resync_interval`` seconds the full desired state is
   recomputed from the datastore and the kernel reconciled to it (Calico
   style), which also catches anything an event missed, and refreshes which
@@ -53,12 +56,14 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from .. import ipam
+from ..cidr import IPNetwork
 from ..dataplane import Dataplane, NodeState, Peer, host_veth_name
 from ..datastore import EtcdCredentials, Event, Store
 from ..datastore.keys import block_key, lease_key, nodes_prefix, split_key
 from ..datastore.watch import watch_loop
 from ..errors import BadRecord, DatastoreError, NodeConflict, NotFound, OverlayCNIError
 from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
+from .coalesce import Coalescer
 from .desired import PeerSelection, node_state, peer_of, pod_mtu, select_peers, with_peers
 from .flowlog import FlowCollector, FlowLogOptions
 from .flows import FlowBuffer
@@ -146,6 +151,8 @@ class RunningNode:
         self.disabled: dict[str, str] = {}  # peer -> why it is not programmed
         self.not_live: tuple[str, ...] = ()
         self.view = ipam.ClusterNodes(records=(ctx.record,), live={}, claims={})
+        self._view_lock = threading.Lock()  # the watch folds events into ``view``; a resync replaces it
+        self.peer_selection = Coalescer(self.select_peers, stop=stop, name="peer selection")
         # this node's allocations as last read, and since then as ADD and DEL left them
         # (what ``node delete`` released under a running agent is restored from here)
         self.allocations: dict[tuple[str, str], ipam.Allocation] = {}
@@ -210,7 +217,9 @@ class RunningNode:
                 wireguard_key=self.wg_key.key if self.wg_key else None,
             )
             report = self.dp.reconcile(state)
-            self.state, self.view = state, view
+            self.state = state
+            with self._view_lock:
+                self.view = view
             self.allocations = {(a.container_id, a.ifname): a for a in allocations}
             self._set_mtu(state)
         self.last_resync = time.time()
@@ -413,50 +422,61 @@ class RunningNode:
             if record != c.record:
                 self.safe_resync("own record changed")
             return
-        claims, live = dict(self.view.claims), dict(self.view.live)
+        block_claims: dict[IPNetwork, str | None] = {}  # this record's blocks: who claims each now (None: nobody)
+        liveness = None
         if record is not None:  # who claims its block(s) now (records and claims change in one transaction), is it live
             snap = self.store.read([*(block_key(c.cluster, b) for b in record.blocks), lease_key(c.cluster, name)])
             for block in record.blocks:
                 kv = snap.get(block_key(c.cluster, block))
-                if kv is None:
-                    claims.pop(block, None)
-                else:
-                    claims[block] = kv.value
+                block_claims[block] = None if kv is None else kv.value
             lv = snap.get(lease_key(c.cluster, name))
-            live.pop(name, None)
             if lv is not None:
                 try:
-                    live[name] = ipam.decode_liveness(lv)
+                    liveness = ipam.decode_liveness(lv)
                 except BadRecord as exc:
                     self.bad.report(exc)
-        else:
-            live.pop(name, None)
-        records = [r for r in self.view.records if r.name != name] + ([record] if record is not None else [])
-        view = replace(self.view, records=tuple(records), claims=claims, live=live)
-        selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
-        if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
-            self.safe_resync(f"pod MTU changed with node {name}")  # the VXLAN device and new pods follow
-            return
-        with self.kernel_lock:
-            self.view = view
-            old = {p.name: p for p in self.state.peers}
-            new = {p.name: p for p in selection.peers}
-            changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
-            for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
-                before, after = old.get(peer_name), new.get(peer_name)
-                if before is not None and (after is None or _where(before) != _where(after)):
-                    self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
-                    self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
-            for peer_name in changed:
-                after = new.get(peer_name)
-                if after is not None:
-                    self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name != peer_name), after))
-                    self.dp.ensure_peer(self.state, after)
-                    how = "updated" if peer_name in old else "added"
-                    log.info("peer %s %s (%s, block %s)", peer_name, how, after.node_ip, after.block)
-                else:
-                    log.info("peer %s removed", peer_name)
-        self._note(selection)
+        with self._view_lock:  # folded into the latest view (a resync may have replaced it meanwhile)
+            v = self.view
+            records = [r for r in v.records if r.name != name] + ([record] if record is not None else [])
+            claims = {b: h for b, h in {**v.claims, **block_claims}.items() if h is not None}
+            live = {k: x for k, x in v.live.items() if k != name} | ({name: liveness} if liveness is not None else {})
+            self.view = replace(v, records=tuple(records), claims=claims, live=live)
+        self.peer_selection.request()  # a burst of events: one selection (``coalesce``)
+
+    def select_peers(self) -> None:
+        """Choose the peers from the latest view and program the difference
+        (the ``Coalescer``'s function: once per burst of node events). A
+        failure falls back to a full resync, as a failed event did."""
+        c = self.ctx
+        try:
+            with self._view_lock:
+                view = self.view
+            selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
+            if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
+                self.safe_resync("pod MTU changed with the node records")  # the VXLAN device and new pods follow
+                return
+            with self.kernel_lock:
+                old = {p.name: p for p in self.state.peers}
+                new = {p.name: p for p in selection.peers}
+                changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+                for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
+                    before, after = old.get(peer_name), new.get(peer_name)
+                    if before is not None and (after is None or _where(before) != _where(after)):
+                        self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
+                        self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
+                for peer_name in changed:
+                    after = new.get(peer_name)
+                    if after is not None:
+                        self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name != peer_name), after))
+                        self.dp.ensure_peer(self.state, after)
+                        how = "updated" if peer_name in old else "added"
+                        log.info("peer %s %s (%s, block %s)", peer_name, how, after.node_ip, after.block)
+                    else:
+                        log.info("peer %s removed", peer_name)
+            self._note(selection)
+        except OverlayCNIError as exc:
+            self._failed("peer selection", exc)
+            self.safe_resync("peer selection failed")
 
 
 def _where(peer: Peer) -> tuple[object, ...]:
