@@ -67,7 +67,7 @@ def normalize_mac(mac: str, *, field_name: str = "vtep_mac") -> str:
 # --- the facade's value types --------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class Peer:
     name: str
     node_ip: IPv4Address
@@ -88,7 +88,7 @@ class Peer:
         return self.node_ip if version == 4 else self.node_ip_v6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class PodEndpoint:
     """A local pod: its host veth and its address of each family (``ip_v6``
     in a dual-stack cluster: the hook for IPv6 anti-spoofing and routes)."""
@@ -243,7 +243,7 @@ class VxlanSpec:
     mtu: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class Route:
     """A route in the main table; ``gateway`` None means a device route.
     Either family: IPv6 has no route scope, so the Linux adapter reports
@@ -264,7 +264,7 @@ class Route:
         return " ".join(p for p in parts if p)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class Neighbour:
     dev: str
     ip: IPAddress
@@ -274,7 +274,7 @@ class Neighbour:
         return f"{self.ip} lladdr {self.mac} dev {self.dev}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class FdbEntry:
     dev: str
     mac: str
@@ -297,7 +297,7 @@ class PodView:
     tentative: tuple[IPv6Interface, ...] = ()  # IPv6 addresses still in duplicate address detection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class PeerObjects:
     """One peer's kernel objects: a neighbour and a route per block (the
     neighbours on VXLAN only), and the FDB entry its blocks share."""

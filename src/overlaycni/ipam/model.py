@@ -24,7 +24,7 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MIN_MTU, MAX_MTU = 576, 65535  # IPv4's minimum datagram a host must accept (RFC 791); the largest IPv4 packet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class NodeRecord:
     """A node as every peer sees it (``nodes/<name>``): it stays until ``node
     delete``, whether or not the node's agent is live (``leases/<name>``)."""
@@ -75,7 +75,7 @@ class NodeRecord:
         return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class Liveness:
     """``leases/<name>``: the node's agent holds a lease (it renewed it within
     the TTL), from the machine with ``node_ip``."""
@@ -102,7 +102,7 @@ class ClusterNodes:
         return next((r for r in self.records if r.name == name), None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer (or pod): thousands
 class Allocation:
     """The addresses of one attachment (containerID, ifname): its IPv4
     address, and in a dual-stack cluster its IPv6 address, both from the
