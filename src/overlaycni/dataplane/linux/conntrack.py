@@ -206,10 +206,13 @@ class LinuxConntrack:
         gets two filtered walks per address. With any IPv6 address (a
         dual-stack batch): one unfiltered walk of both families' entries
         (``AF_UNSPEC``), whatever the table's size, each entry deleted with
-        its own family: a CTA_FILTER dump of ``AF_INET6`` with an address
-        answered no entry on Linux 6.18 (tests/kernel/test_cni_dual_batch.py),
-        so a large table costs a dual-stack DEL one full walk parsed here,
-        more than the filtered walks of IPv4 alone."""
+        its own family: the kernel's IPv6 address filter is inverted on
+        Linux 6.18 (measured: a ``CTA_FILTER`` dump of ``AF_INET6`` with
+        source ``a`` answers every entry whose source is *not* ``a``, and
+        one for an address nobody uses answers them all; IPv4 filters
+        match), so a large table costs a dual-stack DEL one full walk
+        parsed here, more than the filtered walks of IPv4 alone. (Taking
+        the complement would be wrong on a kernel that fixes the filter.)"""
         wanted = sorted(set(ips), key=lambda ip: (ip.version, int(ip)))
         if self.sock is None or not wanted:
             return 0
