@@ -25,8 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from ..cidr import IPAddress
 from ..errors import ConfigError, PolicyFieldError
 from .model import NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
@@ -64,6 +62,8 @@ def parse_address(text: str) -> IPAddress | None:
 
 
 def load_inventory(text: str) -> Inventory:
+    import yaml  # local: the agent builds its inventory from records, never from YAML
+
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

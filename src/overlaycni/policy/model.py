@@ -32,8 +32,6 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from ..cidr import IPAddress
 from ..errors import ConfigError, PolicyFieldError
 from ..families import IPFamily
@@ -43,7 +41,6 @@ PROTOCOLS = ("TCP", "UDP", "SCTP")
 POLICY_TYPES = ("Ingress", "Egress")
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 API_VERSION = "networking.k8s.io/v1"
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -192,8 +189,11 @@ class NetworkPolicy:
 def parse_policies(text: str) -> list[NetworkPolicy]:
     """Parse one or many YAML documents (``kind: NetworkPolicy`` or
     ``kind: List`` of them). Raises ConfigError listing every problem."""
+    import yaml  # local: the agent reads stored policies (JSON), never YAML (less for it to keep resident)
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=loader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
