@@ -152,6 +152,7 @@ class RunningNode:
         self.not_live: tuple[str, ...] = ()
         self.view = ipam.ClusterNodes(records=(ctx.record,), live={}, claims={})
         self._view_lock = threading.Lock()  # the watch folds events into ``view``; a resync replaces it
+        self.view_epoch = 0  # full reconciles so far (each replaced ``view`` with a fresh listing)
         self.peer_selection = Coalescer(self.select_peers, stop=stop, name="peer selection")
         # this node's allocations as last read, and since then as ADD and DEL left them
         # (what ``node delete`` released under a running agent is restored from here)
@@ -220,6 +221,7 @@ class RunningNode:
             self.state = state
             with self._view_lock:
                 self.view = view
+                self.view_epoch += 1  # a selection from an older listing must not undo this one
             self.allocations = {(a.container_id, a.ifname): a for a in allocations}
             self._set_mtu(state)
         self.last_resync = time.time()
@@ -450,12 +452,14 @@ class RunningNode:
         c = self.ctx
         try:
             with self._view_lock:
-                view = self.view
+                view, epoch = self.view, self.view_epoch
             selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
             if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
                 self.safe_resync("pod MTU changed with the node records")  # the VXLAN device and new pods follow
                 return
             with self.kernel_lock:
+                if self.view_epoch != epoch:
+                    return  # a full reconcile ran meanwhile from a newer listing; later events asked for their own run
                 old = {p.name: p for p in self.state.peers}
                 new = {p.name: p for p in selection.peers}
                 changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
