@@ -10,7 +10,9 @@ peers and 250 pods, 102 MiB once the free pages are handed back.
 ``malloc_trim(3)`` (glibc 2.8+: every arena, free pages in the middle of a
 heap too) does that; it is called from the resync loop, outside the node's
 locks, once per periodic reconcile. On a C library without it (musl) this
-is a no-op.
+is a no-op. Measured and rejected: fewer malloc arenas (``mallopt
+(M_ARENA_MAX, 2)``, as ``MALLOC_ARENA_MAX=2``): an in-process agent with
+2,000 peers ended at 45.8 MiB with it, 45.6 without.
 """
 
 from __future__ import annotations

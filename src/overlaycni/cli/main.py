@@ -4,9 +4,9 @@ The tree is built on first use (``app``), with every command group. A node
 agent (``overlaycni agent ...``, ``install-cni``) gets a tree of its own
 group only (``main``): the other groups import the lab, the policy CLI, the
 certificate tools and their libraries (``cryptography``, ``ssl``, YAML),
-which a long-running agent would keep resident for nothing (~12 MiB of its
-RSS, measured by ``bench/peers.py``; issue 14). The root options and the
-agent's commands, help and errors are the same in both trees.
+which a long-running agent would keep resident for nothing (an idle lab
+agent: VmRSS 75.5 -> 62.9 MiB, medians of 3; issue 14). The root options and
+the agent's commands, help and errors are the same in both trees.
 """
 
 from __future__ import annotations
