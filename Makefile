@@ -3,6 +3,10 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# `make test` runs the suite on PYTEST_JOBS pytest-xdist workers (more than the 2 cores:
+# lab and kernel tests mostly wait), then the tests marked serial alone
+# (tests/conftest.py says why). PYTEST_JOBS=0 runs everything in one serial pytest.
+PYTEST_JOBS ?= 4
 LAB_ARGS ?=
 # The native CNI plugin (src/overlaycni/cni/shim.c, the C twin of shim.py):
 # built here with Debian's gcc, installed by `overlaycni install-cni`.
@@ -47,7 +51,14 @@ lint: deps
 	$(BIN)/mypy
 
 test: deps
+ifeq ($(PYTEST_JOBS),0)
 	$(BIN)/pytest $(PYTEST_ARGS)
+else
+	@set -x; $(BIN)/pytest -n $(PYTEST_JOBS) --dist loadgroup --no-loadscope-reorder --serial skip $(PYTEST_ARGS); a=$$?; \
+	$(BIN)/pytest --serial only $(PYTEST_ARGS); b=$$?; set +x; \
+	case "$$a$$b" in 00|05|50) exit 0;; 55) exit 5;; esac; \
+	[ $$a -ne 0 ] && [ $$a -ne 5 ] && exit $$a; exit $$b
+endif
 
 unit: deps
 	$(BIN)/pytest -m "not kernel and not etcd and not lab" $(PYTEST_ARGS)

@@ -1,5 +1,23 @@
 """Shared test configuration. Kernel and lab tests need root (CI runs as
-root); without it they are skipped with a clear reason."""
+root); without it they are skipped with a clear reason.
+
+Parallel runs (pytest-xdist, ``make test`` runs ``-n 4 --dist loadgroup``):
+
+* A test that uses a module-scoped fixture (a shared lab, a shared set of
+  namespaces) is put in its module's xdist group, so the module's shared
+  fixture is built once, on one worker. Every other test is scheduled alone.
+* Work is handed out heaviest directory first (lab, kernel, datastore, unit),
+  so the long lab modules start at once and the many short unit tests fill
+  the workers at the end. ``--no-loadscope-reorder`` (Makefile) keeps this
+  order; xdist's own reorder sorts by test count, not by cost.
+* ``@pytest.mark.serial`` marks a test that must not share the machine with
+  other tests (it measures a rate, or its assertion depends on the machine
+  keeping up). Under xdist those are deselected (``--serial skip``) and
+  ``make test`` runs them afterwards in a second, serial pytest
+  (``--serial only``); a plain ``pytest`` runs everything.
+* The root-namespace guard runs in every worker (the session fixture below)
+  and once more in the xdist controller around the whole run.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +25,53 @@ import os
 
 import pytest
 
+# etcd fixtures (etcd_server, etcd_url, etcd_cluster3) for every test package.
+pytest_plugins = ["tests.fixtures_etcd"]
+
+_DIR_RANK = {"lab": 0, "kernel": 1, "datastore": 2, "unit": 3}
+_SHARED_SCOPES = ("module", "class", "package")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--serial",
+        choices=("all", "skip", "only"),
+        default="all",
+        help="tests marked serial: run them with the rest (all), deselect them (skip: the parallel pass), "
+        "or run only them (only: the serial pass after it)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "serial: must not run next to other tests (see tests/conftest.py)")
+    if _is_xdist_controller(config) and os.geteuid() == 0:
+        config._ocni_root_before = _root_namespace_footprint()  # type: ignore[attr-defined]
+
+
+def _is_xdist_controller(config) -> bool:
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
+def _rank(item) -> int:
+    parts = item.nodeid.split("/")
+    return _DIR_RANK.get(parts[1], 4) if len(parts) > 2 and parts[0] == "tests" else 4
+
 
 def pytest_collection_modifyitems(config, items):
+    mode = config.getoption("--serial")
+    if mode != "all":
+        keep = [i for i in items if ("serial" in i.keywords) == (mode == "only")]
+        if len(keep) != len(items):
+            kept = {id(i) for i in keep}
+            config.hook.pytest_deselected(items=[i for i in items if id(i) not in kept])
+            items[:] = keep
+    # Heaviest directory first; sorted() is stable, so each directory keeps its order.
+    items[:] = sorted(items, key=_rank)
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(fd and fd[-1].scope in _SHARED_SCOPES for fd in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces); CI runs as root")
@@ -17,11 +80,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# etcd fixtures (etcd_server, etcd_url, etcd_cluster3) for every test package.
-pytest_plugins = ["tests.fixtures_etcd"]
+# Routes a lab or kernel test could leak: the default pod CIDR, the VNet, the
+# "internet" host's range, and the IPv6 ranges of the dual-stack labs and tests
+# (the host's own fd00::/64 is not one of them).
+_V4_PREFIXES = ("10.244.", "10.224.", "203.0.113.")
+_V6_PREFIXES = ("fd12:", "fd00:10:")
+_ROOT_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
 
 
-def _root_namespace_footprint() -> tuple[str, str]:
+def _root_namespace_footprint() -> tuple[str, str, str]:
     """What of ours could leak into the host's root namespace."""
     import subprocess
 
@@ -31,17 +98,25 @@ def _root_namespace_footprint() -> tuple[str, str]:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
+    def sysctl(key: str) -> str:
+        try:
+            with open(f"/proc/sys/{key}") as fh:
+                return f"{key}={fh.read().strip()}"
+        except OSError:
+            return f"{key}=?"
+
     tables = "\n".join(line for line in out("nft", "list", "tables").splitlines() if "overlaycni" in line)
-    routes = "\n".join(
-        line for line in out("ip", "-4", "route", "show").splitlines() if line.startswith(("10.244.", "10.224.", "203.0.113."))
-    )
-    return tables, routes
+    routes = [line for line in out("ip", "-4", "route", "show").splitlines() if line.startswith(_V4_PREFIXES)]
+    routes += [line for line in out("ip", "-6", "route", "show").splitlines() if line.startswith(_V6_PREFIXES)]
+    return tables, "\n".join(routes), " ".join(sysctl(k) for k in _ROOT_SYSCTLS)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def root_namespace_stays_clean():
     """Network safety net: nothing a test does may configure the root
-    namespace. Fails the run if an overlaycni table or a lab route appears."""
+    namespace. Fails the run if an overlaycni table, a lab route or a
+    changed forwarding sysctl appears (in every xdist worker: each checks
+    around its own share of the tests)."""
     if os.geteuid() != 0:
         yield
         return
@@ -49,3 +124,15 @@ def root_namespace_stays_clean():
     yield
     after = _root_namespace_footprint()
     assert after == before, f"tests left state in the root namespace: {after}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The xdist controller's own check around the whole run (its workers
+    have stopped by now)."""
+    before = getattr(session.config, "_ocni_root_before", None)
+    if before is None:
+        return
+    after = _root_namespace_footprint()
+    if after != before:
+        session.config.get_terminal_writer().line(f"FAILED: tests left state in the root namespace: {after}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -120,6 +120,12 @@ def test_rotated_client_certificate_is_used_without_reopening(etcd_tls_server, e
     watcher.start()
     try:
         store.put("/t/rot/1", "before")
+        # the watch is live (it delivered the first event) before the rotation: on a loaded machine the
+        # thread could otherwise open its first stream only after the revocation, with the revoked certificate
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == ["/t/rot/1"]
         serial = store.tls_status()["serial"]
         renewed = pki.renew(mine.dir, nodes=["rot"])
         # the etcd's CRL (in the shared PKI) now revokes the old certificate

@@ -75,10 +75,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def make_lab(tmp_path_factory) -> Iterator[Any]:
-    """``make_lab(tag, *up_args)`` brings a lab up; every lab made is torn
-    down at the end of the module, even on failure."""
+def _lab_maker(tmp_path_factory) -> Iterator[Any]:
     made: list[Lab] = []
 
     def _make(tag: str, *up_args: str) -> Lab:
@@ -92,3 +89,20 @@ def make_lab(tmp_path_factory) -> Iterator[Any]:
     finally:
         for lab in made:
             subprocess.run([OC, "lab", "down", "--name", lab.name], env=lab.env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def make_lab(tmp_path_factory) -> Iterator[Any]:
+    """``make_lab(tag, *up_args)`` brings a lab up; every lab made is torn
+    down at the end of the module, even on failure. For a lab the module's
+    tests share (under xdist the module's users of it run on one worker:
+    tests/conftest.py)."""
+    yield from _lab_maker(tmp_path_factory)
+
+
+@pytest.fixture
+def new_lab(tmp_path_factory) -> Iterator[Any]:
+    """``new_lab(tag, *up_args)``: like ``make_lab``, for a lab that only
+    this test uses; torn down at the end of the test, even on failure (so
+    such tests run on any xdist worker and hold no lab while others run)."""
+    yield from _lab_maker(tmp_path_factory)

@@ -272,8 +272,8 @@ def test_down_leaves_nothing(dual: Lab):
         pytest.param("wireguard", "etcd", marks=pytest.mark.etcd),
     ],
 )
-def test_dual_stack_combination_up_check_trace_down(make_lab, backend, store):
-    lab = make_lab(f"d{backend[0]}{store[0]}", "--nodes", "3", "--pods-per-node", "2", "--backend", backend, "--store", store, *DUAL)
+def test_dual_stack_combination_up_check_trace_down(new_lab, backend, store):
+    lab = new_lab(f"d{backend[0]}{store[0]}", "--nodes", "3", "--pods-per-node", "2", "--backend", backend, "--store", store, *DUAL)
     try:
         s = lab.status()
         assert (s["backend"], s["store"]) == (backend, store)

@@ -269,8 +269,8 @@ def test_down_leaves_nothing(vx: Lab):
     "backend, store",
     [("direct", "sqlite"), pytest.param("vxlan", "etcd", marks=pytest.mark.etcd), pytest.param("direct", "etcd", marks=pytest.mark.etcd)],
 )
-def test_combination_up_check_down(make_lab, backend, store):
-    lab = make_lab(backend[0] + store[0], "--nodes", "3", "--pods-per-node", "2", "--backend", backend, "--store", store)
+def test_combination_up_check_down(new_lab, backend, store):
+    lab = new_lab(backend[0] + store[0], "--nodes", "3", "--pods-per-node", "2", "--backend", backend, "--store", store)
     try:
         s = lab.status()
         assert s["backend"] == backend and len(s["pods"]) == 6

@@ -437,12 +437,12 @@ def _cli_matrix(lab: Lab, port: int, *, until: dict[str, dict[str, bool]], timeo
         time.sleep(0.5)
 
 
-def test_etcd_lab_metadata_policy_and_probe(make_lab):
+def test_etcd_lab_metadata_policy_and_probe(new_lab):
     """With --store etcd every metadata write, ``policy apply/explain/delete
     --lab`` and the agents go through the etcd inside the lab (the CLI runs
     inside the lab's control namespace); a named port and a label change
     are enforced."""
-    lab = make_lab("npe", "--nodes", "2", "--pods-per-node", "0", "--store", "etcd")
+    lab = new_lab("npe", "--nodes", "2", "--pods-per-node", "0", "--store", "etcd")
     lab.oc("namespace", "add", "x", "--labels", "ns=x")
     lab.oc("pod", "add", "web", "--namespace", "x", "--node", "node1", "--labels", "app=web", "--port", "http=80/TCP")
     lab.oc("pod", "add", "cli", "--namespace", "x", "--node", "node2", "--labels", "app=cli")
