@@ -6,9 +6,14 @@ Parallel runs (pytest-xdist, ``make test`` runs ``-n 4 --dist loadgroup``):
 * A test that uses a module-scoped fixture (a shared lab, a shared set of
   namespaces) is put in its module's xdist group, so the module's shared
   fixture is built once, on one worker. Every other test is scheduled alone.
-* Work is handed out heaviest directory first (lab, kernel, datastore, unit),
-  so the long lab modules start at once and the many short unit tests fill
-  the workers at the end. ``--no-loadscope-reorder`` (Makefile) keeps this
+  A module whose shared-fixture tests are long and independent of each
+  other can set ``XDIST_SHARDS = N``: its tests are dealt round-robin (each
+  shard keeps the module's order) into N groups, and each group's worker
+  builds its own copy of the fixture.
+* Work is handed out longest first: tests marked ``heavy`` (one long test,
+  or a module whose shared lab holds a minute or more of tests), then by
+  directory (lab, kernel, datastore, unit), so the long lab work starts at
+  once and the many short unit tests fill the workers at the end. ``--no-loadscope-reorder`` (Makefile) keeps this
   order; xdist's own reorder sorts by test count, not by cost.
 * ``@pytest.mark.serial`` marks a test that must not share the machine with
   other tests (it measures a rate, or its assertion depends on the machine
@@ -28,6 +33,12 @@ import pytest
 # etcd fixtures (etcd_server, etcd_url, etcd_cluster3) for every test package.
 pytest_plugins = ["tests.fixtures_etcd"]
 
+# rich wraps the CLI's messages at the console width, which it takes from COLUMNS or else
+# from whichever of stdin/stdout/stderr is a terminal: 80 in an xdist worker (pipes), wider
+# in a serial run from a terminal. Tests assert on whole messages (with paths that are longer
+# under xdist's popen-gwN/ temp dirs), so every run gets the same, wide console.
+os.environ["COLUMNS"] = "200"
+
 _DIR_RANK = {"lab": 0, "kernel": 1, "datastore": 2, "unit": 3}
 _SHARED_SCOPES = ("module", "class", "package")
 
@@ -44,6 +55,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "serial: must not run next to other tests (see tests/conftest.py)")
+    config.addinivalue_line("markers", "heavy: a minute or more of work in one test or xdist group: handed out first")
     if _is_xdist_controller(config) and os.geteuid() == 0:
         config._ocni_root_before = _root_namespace_footprint()  # type: ignore[attr-defined]
 
@@ -65,13 +77,18 @@ def pytest_collection_modifyitems(config, items):
             kept = {id(i) for i in keep}
             config.hook.pytest_deselected(items=[i for i in items if id(i) not in kept])
             items[:] = keep
-    # Heaviest directory first; sorted() is stable, so each directory keeps its order.
-    items[:] = sorted(items, key=_rank)
+    # Tests marked heavy first, then the heaviest directory first; sorted() is stable,
+    # so each directory keeps its order.
+    items[:] = sorted(items, key=lambda i: ("heavy" not in i.keywords, _rank(i)))
+    shared: dict[str, int] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(fd and fd[-1].scope in _SHARED_SCOPES for fd in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+            module = item.nodeid.split("::", 1)[0]
+            n = shared[module] = shared.get(module, -1) + 1
+            shards = getattr(item.module, "XDIST_SHARDS", 1)
+            item.add_marker(pytest.mark.xdist_group(module if shards == 1 else f"{module}#{n % shards}"))
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces); CI runs as root")

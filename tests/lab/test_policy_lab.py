@@ -43,11 +43,14 @@ from tests.policy_cases import CASES, NAMED_PORTS, NAMESPACES, ORDER, POD_NAMES,
 
 from .conftest import Lab, lab_namespaces
 
-pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(900), pytest.mark.heavy]  # heavy: the longest module
 
 PORT_FLAGS = [f for p in NAMED_PORTS for f in ("--port", f"{p.name}={p.port}/{p.protocol}")]
 PROBED = [c for c in CASES if c.probe]
 APPLY_TIMEOUT = 60.0
+# Two workers, two labs (tests/conftest.py): every case restores its labels and deletes its
+# policies, so the cases do not depend on each other; ~30 cases of 5-8 s each per lab.
+XDIST_SHARDS = 2
 
 
 def _node_of(i: int, j: int) -> str:
