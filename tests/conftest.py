@@ -1,7 +1,9 @@
 """Shared test configuration. Kernel and lab tests need root (CI runs as
 root); without it they are skipped with a clear reason.
 
-Parallel runs (pytest-xdist, ``make test`` runs ``-n 4 --dist loadgroup``):
+Parallel runs (pytest-xdist, ``make test`` runs ``-n 4 --dist loadgroup``; the
+groups reach xdist's scheduler through ``pytest_xdist_make_scheduler`` below,
+as xdist 3.8's own way does not work with pytest 9):
 
 * A test that uses a module-scoped fixture (a shared lab, a shared set of
   namespaces) is put in its module's xdist group, so the module's shared
@@ -26,7 +28,10 @@ Parallel runs (pytest-xdist, ``make test`` runs ``-n 4 --dist loadgroup``):
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import tempfile
 
 import pytest
 
@@ -56,8 +61,14 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "serial: must not run next to other tests (see tests/conftest.py)")
     config.addinivalue_line("markers", "heavy: a minute or more of work in one test or xdist group: handed out first")
-    if _is_xdist_controller(config) and os.geteuid() == 0:
-        config._ocni_root_before = _root_namespace_footprint()  # type: ignore[attr-defined]
+    if _is_xdist_controller(config):
+        if os.geteuid() == 0:
+            config._ocni_root_before = _root_namespace_footprint()  # type: ignore[attr-defined]
+        # where the workers leave their test -> group map (see _GroupMapScheduling); the
+        # workers inherit the environment when the controller starts them, after this hook
+        fd, path = tempfile.mkstemp(prefix="ocni-xdist-groups-", suffix=".json")
+        os.close(fd)
+        os.environ[_GROUP_MAP_ENV] = config._ocni_group_map = path  # type: ignore[attr-defined]
 
 
 def _is_xdist_controller(config) -> bool:
@@ -69,6 +80,9 @@ def _rank(item) -> int:
     return _DIR_RANK.get(parts[1], 4) if len(parts) > 2 and parts[0] == "tests" else 4
 
 
+# tryfirst: xdist's own hook (--dist loadgroup) reads the xdist_group markers to name each
+# test's group; it must see the markers added here.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     mode = config.getoption("--serial")
     if mode != "all":
@@ -89,12 +103,57 @@ def pytest_collection_modifyitems(config, items):
             n = shared[module] = shared.get(module, -1) + 1
             shards = getattr(item.module, "XDIST_SHARDS", 1)
             item.add_marker(pytest.mark.xdist_group(module if shards == 1 else f"{module}#{n % shards}"))
+    _write_group_map(config, items)
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces); CI runs as root")
     for item in items:
         if "kernel" in item.keywords or "lab" in item.keywords:
             item.add_marker(skip)
+
+
+_GROUP_MAP_ENV = "OVERLAYCNI_TEST_XDIST_GROUPS"
+
+
+def _write_group_map(config, items) -> None:
+    """In an xdist worker: write {test id: group} for the controller's scheduler.
+
+    xdist 3.8's own loadgroup appends "@group" to ``item._nodeid``, which pytest 9
+    no longer reads (``nodeid`` comes from ``item._id``), so its groups never reach
+    the controller and ``--dist loadgroup`` degrades to ``--dist load`` (a shared
+    lab built once per worker). Every worker collects the same tests; the last
+    writer wins, atomically."""
+    path = os.environ.get(_GROUP_MAP_ENV)
+    if not path or not hasattr(config, "workerinput"):
+        return
+    groups = {}
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if names:
+            groups[item.nodeid] = "_".join(names)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(groups, fh)
+    os.replace(tmp, path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups the workers wrote (_write_group_map)."""
+    if config.getvalue("dist") != "loadgroup" or not getattr(config, "_ocni_group_map", None):
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class _GroupMapScheduling(LoadGroupScheduling):
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:  # read once, after every worker has collected
+                with open(config._ocni_group_map) as fh:
+                    self._groups = json.load(fh)
+            group = self._groups.get(nodeid)
+            return group if group is not None else super()._split_scope(nodeid)  # an xdist that works alone
+
+    return _GroupMapScheduling(config, log)
 
 
 # Routes a lab or kernel test could leak: the default pod CIDR, the VNet, the
@@ -146,6 +205,10 @@ def root_namespace_stays_clean():
 def pytest_sessionfinish(session, exitstatus):
     """The xdist controller's own check around the whole run (its workers
     have stopped by now)."""
+    group_map = getattr(session.config, "_ocni_group_map", None)
+    if group_map:
+        with contextlib.suppress(OSError):
+            os.unlink(group_map)
     before = getattr(session.config, "_ocni_root_before", None)
     if before is None:
         return
