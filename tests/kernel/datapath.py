@@ -147,3 +147,15 @@ def drop_count(ns: str, rule: str, *, family: str = "ip") -> int:
     """Packets counted so far by the drop rule ``rule`` (a named counter of ``<family> overlaycni``)."""
     doc = json.loads(run("ip", "netns", "exec", ns, "nft", "-j", "list", "counter", family, "overlaycni", rule).stdout)
     return next(int(i["counter"]["packets"]) for i in doc["nftables"] if "counter" in i)
+
+
+def normal_rule(expr: list[dict]) -> list[dict]:
+    """A rendered or listed rule, minus what nft adds when listing (anonymous counter values)."""
+    out = []
+    for e in expr:
+        if "counter" in e and isinstance(e["counter"], dict):
+            e = {"counter": None}
+        if "masquerade" in e and isinstance(e["masquerade"].get("flags"), str):
+            e = {"masquerade": {"flags": [e["masquerade"]["flags"]]}}
+        out.append(e)
+    return out

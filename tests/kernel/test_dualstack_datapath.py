@@ -34,6 +34,7 @@ from tests.kernel.datapath import (
     Cluster,
     capture,
     drop_count,
+    normal_rule,
     two_node_cluster,
 )
 from tests.kernel.topology import ip_json, run
@@ -218,18 +219,6 @@ def test_neighbour_discovery_only_from_the_pods_link_local(cluster: Cluster):
         assert cluster.d1.reconcile(cluster.s1).errors == []
 
 
-def _normal(expr: list[dict]) -> list[dict]:
-    """A rendered or listed rule, minus what nft adds when listing (anonymous counter values)."""
-    out = []
-    for e in expr:
-        if "counter" in e and isinstance(e["counter"], dict):
-            e = {"counter": None}
-        if "masquerade" in e and isinstance(e["masquerade"].get("flags"), str):
-            e = {"masquerade": {"flags": [e["masquerade"]["flags"]]}}
-        out.append(e)
-    return out
-
-
 def test_dual_stack_tables_list_back_as_rendered(cluster: Cluster):
     """The kernel holds exactly the rules rendered (the ip table as native text, the
     ip6 table as JSON); the sets, 128-bit ranges included, read back through the ports."""
@@ -240,8 +229,8 @@ def test_dual_stack_tables_list_back_as_rendered(cluster: Cluster):
     for table in tables:
         layout = table.layout()
         doc = json.loads(run("ip", "netns", "exec", cluster.n1, "nft", "-j", "list", "table", layout.family, "overlaycni").stdout)
-        listed = [(i["rule"]["chain"], _normal(i["rule"]["expr"])) for i in doc["nftables"] if "rule" in i]
-        assert listed == [(c["name"], _normal(r)) for c, rules in layout.chains for r in rules], layout.family
+        listed = [(i["rule"]["chain"], normal_rule(i["rule"]["expr"])) for i in doc["nftables"] if "rule" in i]
+        assert listed == [(c["name"], normal_rule(r)) for c, rules in layout.chains for r in rules], layout.family
         port = {"ip": cluster.d1.ports.nft, "ip6": cluster.d1.ports.ip6_nft}[layout.family]
         have = cluster.d1.run(port.get_table)
         assert have is not None and have.fingerprint == layout.fingerprint() and have.sets == table.sets(), layout.family

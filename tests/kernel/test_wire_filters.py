@@ -23,7 +23,7 @@ import pytest
 from overlaycni.dataplane import nftmodel, nftmodel6, podguard
 from overlaycni.dataplane.linux import LinuxDataplane
 from overlaycni.dataplane.model import NodeState, Peer
-from tests.kernel.datapath import B2, N1, N2, POD_A, POD_B, Cluster, capture, drop_count, two_node_cluster
+from tests.kernel.datapath import B2, N1, N2, POD_A, POD_B, Cluster, capture, drop_count, normal_rule, two_node_cluster
 from tests.kernel.topology import ip_json, run
 
 pytestmark = pytest.mark.kernel
@@ -241,18 +241,6 @@ def test_pod_arp_for_another_address_changes_no_neighbour(cluster: Cluster):
 # --- the tables themselves --------------------------------------------------------------------
 
 
-def _normal(expr: list[dict]) -> list[dict]:
-    """A rendered or listed rule, minus what nft adds when listing (anonymous counter values)."""
-    out = []
-    for e in expr:
-        if "counter" in e and isinstance(e["counter"], dict):
-            e = {"counter": None}
-        if "masquerade" in e and isinstance(e["masquerade"].get("flags"), str):
-            e = {"masquerade": {"flags": [e["masquerade"]["flags"]]}}
-        out.append(e)
-    return out
-
-
 @pytest.mark.parametrize("backend", ["vxlan", "direct"])
 def test_node_tables_list_back_as_rendered(node_ns, backend: str):
     """The kernel holds exactly the rules rendered, including the ``ip`` table that goes in as
@@ -267,8 +255,8 @@ def test_node_tables_list_back_as_rendered(node_ns, backend: str):
         for table in tables:
             layout = table.layout()
             doc = json.loads(run("ip", "netns", "exec", node.ns, "nft", "-j", "list", "table", layout.family, "overlaycni").stdout)
-            listed = [(i["rule"]["chain"], _normal(i["rule"]["expr"])) for i in doc["nftables"] if "rule" in i]
-            rendered = [(c["name"], _normal(r)) for c, rules in layout.chains for r in rules]
+            listed = [(i["rule"]["chain"], normal_rule(i["rule"]["expr"])) for i in doc["nftables"] if "rule" in i]
+            rendered = [(c["name"], normal_rule(r)) for c, rules in layout.chains for r in rules]
             assert listed == rendered, layout.family
             port = {"ip": dp.ports.nft, "arp": dp.ports.arp_nft, "ip6": dp.ports.ip6_nft}[layout.family]
             have = dp.run(port.get_table)
