@@ -56,6 +56,12 @@ def cni(agent, command, cid="cid1", ifname="eth0", version="1.1.0", **conf):
     return shim.run(env, json.dumps(config))
 
 
+def drained(agent, timeout=10.0):
+    """Wait until the node's DEL quarantine is empty: every DELeted address
+    flushed and released (the batcher does it once it is idle)."""
+    return wait_for(lambda: len(agent.node.ops.quarantine) == 0, timeout)
+
+
 def wait_for(pred, timeout=10.0):
     ev = threading.Event()
     for _ in range(int(timeout / 0.05)):
@@ -90,6 +96,7 @@ def test_add_check_del_every_version(cluster, tmp_path, version):
         assert (code, out) == (0, None)
         code, out = cni(agent, "DEL", version=version)  # repeated DEL succeeds
         assert (code, out) == (0, None)
+        assert drained(agent)  # released once its conntrack entries are flushed (the quarantine)
         assert ipam.get_allocation(store, "c1", "cid1", "eth0") is None
         assert dp.list_pod_veths() == []
     finally:

@@ -16,7 +16,7 @@ from overlaycni.agent.daemon import Agent, AgentOptions
 from overlaycni.dataplane import host_veth_name
 from overlaycni.datastore import open_datastore
 from overlaycni.errors import CNI_IP_UNAVAILABLE
-from tests.unit.test_agent import cluster, wait_for  # noqa: F401 (cluster is a fixture)
+from tests.unit.test_agent import cluster, drained, wait_for  # noqa: F401 (cluster is a fixture)
 from tests.unit.test_agent_cniops import WorkerFake, agent1, block_attach, cni, start, used  # noqa: F401
 
 
@@ -93,6 +93,7 @@ def test_one_batch_one_failure_the_others_succeed(cluster, tmp_path):  # noqa: F
         release.set()
         burst.join()
         assert all(burst.results[f"del-{c}"] == (0, None) for c in good - {"first"})
+        assert drained(agent)  # the quarantine: their addresses flushed together, then released
         assert ("teardown_pod_links", 6) in dp.kernel.batches and ("flush_addresses", 6) in dp.kernel.batches
         assert set(used(store)) == {"first", "blocker"} and ipam.check(store, "c1").ok
     finally:
@@ -113,6 +114,7 @@ def test_add_then_del_of_one_attachment_in_one_window(cluster, tmp_path):  # noq
         burst.join()
         assert burst.order.index("add") < burst.order.index("del")
         assert burst.results["add"][0] == 0 and burst.results["del"] == (0, None)
+        assert drained(agent)
         assert "x" not in used(store) and host_veth_name("x", "eth0") not in dp.list_pod_veths()  # ADD, then DEL
         # control: the other order ends with the pod attached
         burst, release = held(agent, dp, "blocker")

@@ -21,7 +21,7 @@ from overlaycni.dataplane.linux.netns import NetnsWorker
 from overlaycni.datastore import open_datastore
 from overlaycni.errors import PolicyApplyError
 from overlaycni.policy import parse_policies, records
-from tests.unit.test_agent import cluster, isolated, wait_for  # noqa: F401 (cluster is a fixture)
+from tests.unit.test_agent import cluster, drained, isolated, wait_for  # noqa: F401 (cluster is a fixture)
 
 
 class WorkerFake(FakeDataplane):
@@ -171,6 +171,7 @@ def test_del_releases_only_this_nodes_allocation_and_flushes_conntrack(cluster, 
         other = IPv4Address("10.224.9.9")
         dp2.kernel.conntrack |= {(ip_p, other), (other, ip_p), (other, IPv4Address("10.244.200.2"))}
         assert cni(a2, "DEL", "p") == (0, None)  # control: its own node releases it
+        assert drained(a2)
         assert used(store, "n2") == {} and dp2.kernel.conntrack == {(other, IPv4Address("10.244.200.2"))}
         assert cni(a1, "DEL", "q") == (0, None)
     finally:

@@ -18,7 +18,7 @@ from overlaycni.dataplane.model import NodeState, PodEndpoint, Route, validate_s
 from overlaycni.errors import CNIError, ConfigError
 from overlaycni.families import PodAddress
 
-from .test_agent import cni, start_agent
+from .test_agent import cni, drained, start_agent
 
 V4 = PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))
 V6 = PodAddress(IPv6Interface("fd12:3456:789a:0:1::5/80"), IPv6Address("fe80::1"))
@@ -192,6 +192,7 @@ def test_agent_add_check_del_in_a_dual_stack_cluster(dual, tmp_path):
         code, out = cni(agent, "ADD", cid="x", runtimeConfig={"ips": ["10.244.0.9", "10.244.0.10"]})
         assert code != 0 and out["code"] == 7
         assert cni(agent, "DEL") == (0, None)
+        assert drained(agent)
         assert ipam.list_allocations(store, "c1") == [] and dp.list_pod_veths() == []
     finally:
         agent.shutdown()

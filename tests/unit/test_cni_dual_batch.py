@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_interface
 
 from overlaycni import ipam
 
-from .test_agent import cni, start_agent
+from .test_agent import cni, drained, start_agent
 from .test_cni_dual import dual  # noqa: F401 - the dual-stack cluster fixture
 
 
@@ -53,9 +53,11 @@ def test_concurrent_adds_get_distinct_pairs_and_del_flushes_both_families(dual, 
         keep = {(other4, pairs["p1"][0]), (other6, pairs["p1"][1])}  # control: another pod's flows
         dp.kernel.conntrack |= {(v4, other4), (other4, v4), (v6, other6), (other6, v6)} | keep
         assert cni(agent, "DEL", cid="p0") == (0, None)
+        assert drained(agent)  # the quarantine: flushed before the address is released
         assert dp.kernel.conntrack == keep
         for i in range(1, n):
             assert cni(agent, "DEL", cid=f"p{i}") == (0, None)
+        assert drained(agent)
         assert ipam.list_allocations(store, "c1") == [] and dp.list_pod_veths() == [] and ipam.check(store, "c1").ok
     finally:
         agent.shutdown()

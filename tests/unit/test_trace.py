@@ -73,6 +73,6 @@ def test_add_answers_its_trace_when_asked_and_the_agent_keeps_histograms(agent1)
     assert debug["batch"] == 1 and debug["answered"] >= debug["accepted"]
     assert cni(agent, "DEL", "dbg") == (0, None)
     text = agent.metrics.exposition().decode()
-    for command, phase in (("ADD", "ipam"), ("ADD", "veth"), ("ADD", "reply"), ("DEL", "kernel"), ("DEL", "conntrack")):
+    for command, phase in (("ADD", "ipam"), ("ADD", "veth"), ("ADD", "reply"), ("DEL", "kernel")):
         assert f'overlaycni_cni_phase_seconds_count{{command="{command}",phase="{phase}"}}' in text, (command, phase)
     assert 'overlaycni_cni_batch_size_count{command="ADD"} 2.0' in text

@@ -25,6 +25,11 @@ job settles, not when the caller leaves, so the next request on that
 attachment finds a settled state. A job owns a duplicate of its pod's
 namespace descriptor, closed when it settles: the batcher may use it after
 the caller has gone.
+
+Idle work (``idle``, the DELs' quarantine, ``agent.quarantine``): when
+nothing is queued and the idle work is due, the batcher thread runs it;
+requests that arrive meanwhile form the next batch once it is done. On
+``close`` it runs once more (a clean stop leaves nothing quarantined).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .. import deadline, trace
 from ..cidr import IPAddress
@@ -131,12 +136,21 @@ class Job:
         fn()
 
 
+class IdleWork(Protocol):
+    def due(self) -> float | None:
+        """Seconds until it should run (0: now); None: nothing to do."""
+
+    def drain(self) -> None: ...
+
+
 class Batcher:
     """One thread applying batches of jobs with ``apply`` (``commit.Commit``):
-    everything queued when it is free is the next batch."""
+    everything queued when it is free is the next batch; ``idle`` runs when nothing is."""
 
-    def __init__(self, apply: Callable[[list[Job]], None], *, max_batch: int = MAX_BATCH) -> None:
-        self.apply, self.max_batch = apply, max_batch
+    def __init__(
+        self, apply: Callable[[list[Job]], None], *, max_batch: int = MAX_BATCH, idle: IdleWork | None = None
+    ) -> None:
+        self.apply, self.max_batch, self.idle = apply, max_batch, idle
         self.batches = 0
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -187,9 +201,13 @@ class Batcher:
 
     # ----- the batcher thread -----------------------------------------------------------
     def _take(self) -> list[Job] | None:
+        """The next batch; [] when the idle work is due; None once closed."""
         with self._cond:
             while not self._queue and not self._closed:
-                self._cond.wait()
+                wait = self.idle.due() if self.idle is not None else None
+                if wait is not None and wait <= 0:
+                    return []
+                self._cond.wait(wait)
             if not self._queue:
                 return None
             batch: list[Job] = []
@@ -204,6 +222,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            if not batch:
+                self._idle()
+                continue
             started = time.monotonic()
             for job in batch:
                 job.record(Phases({"batch": started - job.submitted}), batch=len(batch))
@@ -217,6 +238,15 @@ class Batcher:
                 for job in batch:
                     job.settle()
             self.batches += 1
+        if self.idle is not None and self.idle.due() is not None:
+            self._idle()  # a clean stop: nothing left quarantined (best effort)
+
+    def _idle(self) -> None:
+        assert self.idle is not None
+        try:
+            self.idle.drain()
+        except BaseException:  # noqa: BLE001 - a bug must not stop the node's CNI requests
+            log.exception("the batcher's idle work failed")
 
 
 def _deadline_end() -> float | None:

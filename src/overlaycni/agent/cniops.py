@@ -12,10 +12,12 @@ ADD:   check CNI_NETNS (``Dataplane.open_pod_netns``: an nsfs network
        the addresses if it reserved them. An attachment that existed before
        (a repeated ADD) keeps its addresses, veth and routes: the same netns
        gives "interface exists", another netns is refused.
-DEL:   remove the host veth (a missing netns or veth is fine) -> flush the
-       addresses' conntrack entries -> release the addresses, but only ones
-       held by *this* node. A cluster, allocation or veth that is already
-       gone is success with nothing to do.
+DEL:   remove the host veth (a missing netns or veth is fine) -> answer;
+       the addresses stay quarantined (``agent.quarantine``: allocated,
+       never handed out) until their conntrack entries are flushed, then
+       they are released, but only ones held by *this* node. A cluster,
+       allocation or veth that is already gone is success with nothing to
+       do.
 CHECK: the allocation still exists and matches prevResult (every family);
        the pod's interface, addresses and routes are as ADD left them.
 GC:    with the node lock (no request in flight): release every allocation
@@ -30,8 +32,8 @@ ADD and DEL go through the node's batcher (``agent.batch`` and
 ``agent.commit``, group commit):
 this module checks each request in its own thread (the attachment lock,
 CNI_NETNS), hands it over as a ``Job``, and waits for its answer; the
-reservation, the attachment, the conntrack flush and the release happen
-there, for every request that arrived together at once, with the rules
+reservation, the attachment, the quarantine, the conntrack flush and the
+release happen there, for every request that arrived together at once, with the rules
 above applied per request. The policy wait runs here, in the request's
 thread (one policy pass serves every ADD waiting); if it fails, the ADD's
 rollback goes through the batcher as an ``UNDO`` job.
@@ -122,8 +124,10 @@ class CNIOps:
         self.request_deadline = request_deadline
         self.on_bad = on_bad
         self.locks = AttachmentLocks()
-        self.batcher = Batcher(Commit(store, dataplane, cluster=ctx.cluster, node=ctx.record.name,
-                                      kernel_lock=kernel_lock, on_bad=self.report_bad, on_batch=on_batch))
+        commit = Commit(store, dataplane, cluster=ctx.cluster, node=ctx.record.name, kernel_lock=kernel_lock,
+                        on_bad=self.report_bad, on_batch=on_batch)
+        self.quarantine = commit.quarantine
+        self.batcher = Batcher(commit, idle=commit.quarantine)
 
     @property
     def node(self) -> str:

@@ -9,15 +9,24 @@ A batch, in order, each step once for the whole batch:
    nftables transaction); the ADDs that succeeded are answered now (their
    callers wait for the NetworkPolicy pass in their own threads); then
    ``detach_pods`` for the DELs and for what must be undone;
-3. conntrack: every released address flushed in one walk (per family);
-4. IPAM: ``release_many`` (one read and one transaction); the DELs and the
-   failed ADDs are answered.
+3. the DELs whose veth is gone are answered, their allocations
+   quarantined (``agent.quarantine``: held until one coalesced conntrack
+   walk and one release transaction, run when the batcher is idle);
+4. for the failed ADDs: conntrack flushed in one walk (per family), then
+   IPAM ``release_many`` (one read and one transaction); they are answered.
+
+Before step 1, the quarantine is drained at once when an ADD of the batch
+needs it: the same attachment quarantined, a requested address
+quarantined; and after step 1, the ADDs the pool turned away
+(``PoolExhausted``) while addresses were quarantined are reserved again
+after a drain.
 
 Every answer is per job, with the rules of a request alone (``cniops``): a
 failed ADD undoes what it made (its veth if it may have made one, its
 address if it reserved it) and is answered once that is done; a repeated
 ADD never takes back a live pod's veth; a DEL releases only this node's
-allocation, after its veth and its conntrack entries are gone; a fresh
+allocation, after its veth is gone, and only after its conntrack entries
+are (the quarantine); a fresh
 reservation whose veth already exists (a leftover no allocation accounted
 for) has it removed and is attached again. A job whose caller gave up while
 the batch ran is undone like a failed ADD. Each step's time goes to the
@@ -49,11 +58,12 @@ from dataclasses import dataclass
 from .. import deadline, ipam, trace
 from ..dataplane import Dataplane, PodAttachment, PodInterface
 from ..datastore import Store
-from ..errors import AttachmentConflict, BadRecord, DeadlineExceeded, NotFound, OverlayCNIError
+from ..errors import AttachmentConflict, BadRecord, DeadlineExceeded, NotFound, OverlayCNIError, PoolExhausted
 from ..ipam import Allocation
 from ..trace import Phases
 from .batch import ROLLBACK_SECONDS, Added, Job
 from .locks import kernel_lock_within_deadline
+from .quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +88,10 @@ class Commit:
     ) -> None:
         self.store, self.dp, self.cluster, self.node = store, dp, cluster, node
         self.kernel_lock, self.on_bad, self.on_batch = kernel_lock, on_bad, on_batch
+        self.quarantine = Quarantine(store, dp, cluster=cluster, node=node, on_bad=on_bad)
 
     def __call__(self, batch: list[Job]) -> None:
+        self.quarantine.busy()
         live = [j for j in batch if j.kind == "UNDO" or not j.cancelled]  # given up before the start: skipped
         adds = [j for j in live if j.kind == "ADD"]
         dels = [j for j in live if j.kind == "DEL"]
@@ -103,12 +115,16 @@ class Commit:
     def _reserve_and_attach(self, adds: list[Job], undo: list[_Undo]) -> list[tuple[Job, Added]]:
         if not adds:
             return []
-        with self._step(adds, "ipam"):
-            try:
-                got = ipam.reserve_many(self.store, self.cluster, self.node, [
-                    ipam.Reservation(j.container_id, j.ifname, j.pod, requested_ips=j.requested_ips) for j in adds])
-            except OverlayCNIError as exc:
-                got = [exc] * len(adds)
+        if any(self.quarantine.needed_by((j.container_id, j.ifname), j.requested_ips) for j in adds):
+            with self._step(adds, "quarantine"):
+                self.quarantine.drain()
+        got = self._reserve(adds)
+        full = [n for n, res in enumerate(got) if isinstance(res, PoolExhausted)]
+        if full and len(self.quarantine):  # quarantined addresses would make room: drain, then try those again
+            with self._step([adds[n] for n in full], "quarantine"):
+                self.quarantine.drain()
+            for n, res in zip(full, self._reserve([adds[n] for n in full]), strict=True):
+                got[n] = res
         reserved: list[tuple[Job, Allocation, bool]] = []
         for job, res in zip(adds, got, strict=True):
             if isinstance(res, OverlayCNIError):
@@ -140,6 +156,14 @@ class Commit:
             undo.append(_Undo(job, alloc, detach=ours and not isinstance(attached, AttachmentConflict), release=fresh,
                               error=attached))
         return out
+
+    def _reserve(self, adds: list[Job]) -> list[tuple[Allocation, bool] | OverlayCNIError]:
+        with self._step(adds, "ipam"):
+            try:
+                return ipam.reserve_many(self.store, self.cluster, self.node, [
+                    ipam.Reservation(j.container_id, j.ifname, j.pod, requested_ips=j.requested_ips) for j in adds])
+            except OverlayCNIError as exc:
+                return [exc] * len(adds)
 
     def _attach(self, reserved: list[tuple[Job, Allocation, bool]]) -> list[PodInterface | Exception]:
         def specs(items: Sequence[tuple[Job, Allocation, bool]]) -> list[PodAttachment]:
@@ -198,7 +222,8 @@ class Commit:
 
     def _forget(self, dels: list[Job], allocs: list[Allocation | None], detached: dict[int, Exception | None],
                 undo: list[_Undo]) -> None:
-        """Flush and release what is gone from the kernel, then answer the DELs."""
+        """Answer the DELs whose veth is gone and quarantine their addresses;
+        flush and release what the undone ADDs reserved, then answer them."""
         release: list[tuple[Job, Allocation]] = []
         for job, alloc in zip(dels, allocs, strict=True):
             err = detached.get(id(job))
@@ -212,15 +237,17 @@ class Commit:
                 job.deliver(None)
             else:
                 release.append((job, alloc))
-        flush = release + [(u.job, u.alloc) for u in undo if u.detach and u.alloc is not None and detached.get(id(u.job)) is None]
-        free = release + [(u.job, u.alloc) for u in undo if u.release and u.alloc is not None
-                          and (not u.detach or detached.get(id(u.job)) is None)]
+        self.quarantine.put(a for _, a in release)  # before the answer: a next ADD of it finds it quarantined
+        for job, _alloc in release:
+            job.deliver(None)
+        if not undo:
+            return
+        flush = [(u.job, u.alloc) for u in undo if u.detach and u.alloc is not None and detached.get(id(u.job)) is None]
+        free = [(u.job, u.alloc) for u in undo if u.release and u.alloc is not None
+                and (not u.detach or detached.get(id(u.job)) is None)]
         failed = self._flush(flush)
         free = [(j, a) for j, a in free if id(j) not in failed]
         released = self._release(free)
-        for job, _alloc in release:
-            err = failed.get(id(job)) or released.get(id(job))
-            job.deliver(error=err) if err is not None else job.deliver(None)
         for u in undo:
             err = failed.get(id(u.job)) or released.get(id(u.job)) or (detached.get(id(u.job)) if u.detach else None)
             if err is not None:

@@ -273,6 +273,7 @@ class Agent:
             "last_repair": self.repair.last_repair if self.repair else None,
             "wireguard": self._wg_health(),
             "reaped": n.reaper.status() if n else None,
+            "quarantine": n.ops.quarantine.status() if n else None,
             "flow_log": n.flow_log_status() if n else None,
             "pid": os.getpid(),
         }
