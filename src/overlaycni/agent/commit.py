@@ -58,7 +58,15 @@ from dataclasses import dataclass
 from .. import deadline, ipam, trace
 from ..dataplane import Dataplane, PodAttachment, PodInterface
 from ..datastore import Store
-from ..errors import AttachmentConflict, BadRecord, DeadlineExceeded, NotFound, OverlayCNIError, PoolExhausted
+from ..errors import (
+    AttachmentConflict,
+    BadRecord,
+    Conflict,
+    DeadlineExceeded,
+    NotFound,
+    OverlayCNIError,
+    PoolExhausted,
+)
 from ..ipam import Allocation
 from ..trace import Phases
 from .batch import ROLLBACK_SECONDS, Added, Job
@@ -118,6 +126,16 @@ class Commit:
         if any(self.quarantine.needed_by((j.container_id, j.ifname), j.requested_ips) for j in adds):
             with self._step(adds, "quarantine"):
                 self.quarantine.drain()
+            # still quarantined (the drain failed): reserving would hand its old, unflushed allocation back
+            waiting = [j for j in adds if self.quarantine.needed_by((j.container_id, j.ifname))]
+            for job in waiting:
+                job.deliver(error=Conflict(
+                    f"ADD {job.container_id} {job.ifname}: the addresses of its previous attachment are still being "
+                    "released (their conntrack entries are not flushed yet); try again",
+                    details=self.quarantine.last_error or ""))
+            adds = [j for j in adds if j not in waiting]
+            if not adds:
+                return []
         got = self._reserve(adds)
         full = [n for n, res in enumerate(got) if isinstance(res, PoolExhausted)]
         if full and len(self.quarantine):  # quarantined addresses would make room: drain, then try those again

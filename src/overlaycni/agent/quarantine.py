@@ -154,6 +154,7 @@ class Quarantine:
             else:
                 ours.append(cur)
         if not ours:
+            self._retry_at = 0.0
             return gone
         self.dp.flush_conntrack_many([ip for a in ours for ip in a.ips])  # one walk (per family); raises: all stay
         try:
@@ -164,8 +165,7 @@ class Quarantine:
         for a, err in failed:
             self.last_error = f"{a.ip.ip} ({a.container_id} {a.ifname}): {err}"
             log.warning("quarantine: could not release %s; retrying", self.last_error)
-        if failed:
-            self._retry_at = self.clock() + RETRY_SECONDS
+        self._retry_at = self.clock() + RETRY_SECONDS if failed else 0.0
         self.released += len(ours) - len(failed)
         failed_keys = {(a.container_id, a.ifname) for a, _ in failed}
         return gone + [(a.container_id, a.ifname) for a in ours if (a.container_id, a.ifname) not in failed_keys]
