@@ -117,6 +117,18 @@ class Cluster:
         a.proc.wait(5)
         self.topo.processes.remove(a.proc)
 
+    def drained(self, name: str, timeout: float = 20.0) -> None:
+        """Wait until the agent's DEL quarantine is empty (``agent status``): every
+        DELeted address's conntrack entries flushed and the address released."""
+        end = time.monotonic() + timeout
+        while True:
+            got = self.cli("agent", "status", "--socket", self.agents[name].socket, "--output", "json", check=False)
+            held = json.loads(got.stdout)["quarantine"]["held"] if got.stdout.strip() else None
+            if held == 0:
+                return
+            assert time.monotonic() < end, f"agent {name}: quarantine still holds {held} addresses: {got.stdout}"
+            time.sleep(0.05)
+
     def conf(self, name: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
         return {"cniVersion": version, "name": "overlaycni", "type": "overlaycni",
                 "socket": self.agents[name].socket, **extra}

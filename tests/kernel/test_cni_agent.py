@@ -89,6 +89,7 @@ def test_add_on_existing_interface_is_an_error_and_del_after_netns_is_gone(clust
     c.topo.namespaces.remove(ns)
     code, out, _ = c.plugin("n1", "DEL", ns, c.conf("n1"))
     assert (code, out) == (0, None)
+    c.drained("n1")
     state = json.loads(c.cli("ipam", "show", "--cluster", "t", "--output", "json").stdout)
     assert [n["used"] for n in state["nodes"]] == [0], state
 

@@ -197,6 +197,7 @@ def test_del_removes_both_and_add_del_add_leaves_no_ipv6_behind(pair):
         assert host not in {link["ifname"] for link in ip_json(node, "link", "show")}
         assert not any(link["ifname"] == "eth0" for link in ip_json(ns, "link", "show"))
         assert (owned_v6_routes(node), {link["ifname"] for link in ip_json(node, "link", "show")}) == before
+    c.drained("d1")
     (row,) = json.loads(c.cli("ipam", "show", "--cluster", "t", "--output", "json").stdout)["nodes"]
     assert (row["used"], row["used_v6"]) == (0, 0) and row["block_v6"] == str(V6_BLOCK)
     assert c.cli("ipam", "check", "--cluster", "t", check=False).returncode == 0

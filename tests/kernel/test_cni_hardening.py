@@ -101,6 +101,7 @@ def test_bad_cni_netns_is_refused_at_once_and_the_node_keeps_serving(c, tmp_path
     ns, ip = pod(c, "n1", "good")  # control: the same agent serves ADD and DEL
     assert c.topo.ping(c.agents["n1"].node.ns, ip)
     assert c.plugin("n1", "DEL", ns, c.conf("n1"))[0] == 0
+    c.drained("n1")
     assert used(c) == before_used
 
 
@@ -134,6 +135,7 @@ def test_del_on_another_node_releases_nothing(c):
     assert used(c) == before and ip in allocated_ips(c)
     assert c.topo.ping(c.agents["n2"].node.ns, ip)  # the pod on n2 still has its address and route
     assert c.plugin("n2", "DEL", ns, c.conf("n2"))[0] == 0  # control: its own node releases it
+    c.drained("n2")
     assert used(c)["n2"] == before["n2"] - 1 and ip not in allocated_ips(c)
 
 
@@ -158,6 +160,7 @@ def test_del_flushes_the_released_address_from_conntrack(c):
     lines = conntrack_lines(c, "n1")
     assert names(lines, gone) and names(lines, kept), lines  # the flows are tracked on the node
     assert c.plugin("n1", "DEL", gone_ns, c.conf("n1"))[0] == 0
+    c.drained("n1")  # flushed once the quarantine drains (before the address can be handed out again)
     lines = conntrack_lines(c, "n1")
     assert names(lines, gone) == [], lines
     assert names(lines, kept), lines  # control: another pod's flow survives

@@ -127,6 +127,7 @@ def test_the_agent_never_replaces_what_is_not_its_stale_socket(c, tmp_path):
 
 def test_a_stalled_datastore_answers_11_and_leaves_nothing(c):
     ns = os.path.basename(c.topo.add_netns("stall"))
+    c.drained("n1")  # an earlier test's DEL, released
     before = used(c)
     db = sqlite3.connect(str(c.workdir / "state.db"), timeout=0, isolation_level=None)
     db.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held as another writer would hold it
