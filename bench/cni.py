@@ -28,7 +28,10 @@ connection; ``nsenter`` included, as for the reference) and "reply + exit"
 (the agent built the answer -> the plugin exited) come apart from the
 agent's own phases. A ``VERSION`` call (no agent) shows the bare process
 start + exit. DEL phases are read from the agent's
-``overlaycni_cni_phase_seconds`` histograms (means).
+``overlaycni_cni_phase_seconds`` histograms (means); a DEL's conntrack
+walk is no longer among them (the agent answers once the veth is gone and
+flushes the quarantined addresses together when idle, ``agent.quarantine``):
+the summary says how many drains released how many addresses.
 
 ``--policy`` measures overlaycni once more with a NetworkPolicy in the
 cluster (deny-all ingress for the pods' namespace): an ADD then returns
@@ -62,8 +65,8 @@ OVERLAYCNI = str(ROOT / ".venv/bin/overlaycni")
 PYTHON = str(ROOT / ".venv/bin/python")
 REF_PATH = "/usr/lib/cni"
 RETRIES = 8
-AGENT_PHASES = ("read", "queue", "lock", "netns", "batch", "ipam", "kernel", "veth", "sysctl", "route", "nft",
-                "conntrack", "policy")
+AGENT_PHASES = ("read", "queue", "lock", "netns", "batch", "quarantine", "ipam", "kernel", "veth", "sysctl", "route",
+                "nft", "conntrack", "policy")
 SUB_KERNEL = ("veth", "sysctl", "route", "nft")
 
 
@@ -142,6 +145,11 @@ class Bench:
                 kind, command, phase, value = m.groups()
                 out.setdefault((command, phase), [0.0, 0.0])[kind == "count"] = float(value)
         return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def quarantine(self) -> dict[str, Any]:
+        """The agent's DEL quarantine (``agent status``): its drains and the addresses they released."""
+        got = sh(OVERLAYCNI, "agent", "status", "--socket", self.sock, "--output", "json", check=False)
+        return (json.loads(got.stdout) if got.stdout.strip() else {}).get("quarantine") or {}
 
     def deny_all(self) -> None:
         """A deny-all ingress NetworkPolicy for the pods' namespace ("bench"); waits until the node has it."""
@@ -341,6 +349,7 @@ def main() -> int:
                 for n in bursts:
                     res_p.update(ours.burst(pods[:n]))
                 policy_rounds.append(res_p)
+        quarantine = b.quarantine()
     finally:
         b.cleanup()
     keys = list(rounds[0]["ours"])
@@ -365,6 +374,9 @@ def main() -> int:
     for n, rows in burst_traces.items():
         print()
         print("\n".join(breakdown(rows, f"where an ADD of a {n}-pod burst goes")))
+    if quarantine:
+        print(f"\nDEL quarantine: {quarantine.get('released')} addresses released by {quarantine.get('drains')} drains"
+              " (one conntrack walk and one release transaction each, after the DELs were answered)")
     del_phases = {what: {k: v[0] / v[1] for k, v in sums.items() if v[1]} for what, sums in del_sums.items()}
     for what, phases in del_phases.items():
         print()

@@ -17,7 +17,10 @@ veth, and a pod a runtime is still setting up. Each release is logged
 (address, container, interface, pod, how long it was missing), counted
 (``overlaycni_reaped_total``) and kept in ``recent`` for ``agent status``.
 Notes live in memory: a restarted agent starts every grace period anew
-(late, never early). Rejected: checking the pod namespace paths (the
+(late, never early). An allocation the DEL quarantine holds
+(``agent.quarantine``) is the batcher's to release and is skipped; one
+whose quarantine a crash lost is an allocation without a veth like any
+other, and this is what releases it. Rejected: checking the pod namespace paths (the
 datastore does not hold them, and a runtime may move or bind-mount them).
 """
 
@@ -78,7 +81,7 @@ class Reaper:
         out: list[Reaped] = []
         for a in allocations:
             key = (a.container_id, a.ifname)
-            if host_veth_name(*key) in live:
+            if host_veth_name(*key) in live or ops.quarantine.needed_by(key):
                 continue
             seen.add(key)
             first = self._missing.setdefault(key, now)
