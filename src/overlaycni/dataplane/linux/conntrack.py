@@ -37,6 +37,10 @@ kernel's own (the same with or without ``CTA_FILTER``, from a kept-open
 socket: socket and namespace cost nothing), during which RCU grace periods
 cannot end, and a veth delete is a series of grace periods: overlapped, the
 delete took 32 ms instead of 14 (the walk still 9), so a DEL got slower.
+What the agent does instead: a DEL is answered once the veth is gone and
+its address is held back until one walk flushes every address DELeted
+meanwhile, run when the agent is idle or before an ADD needs the address
+(``agent.quarantine``).
 """
 
 from __future__ import annotations
