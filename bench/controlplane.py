@@ -23,6 +23,9 @@ from ipaddress import IPv4Address, IPv4Network
 from overlaycni import ipam
 from overlaycni.dataplane.model import vtep_mac
 from overlaycni.datastore import Store
+from overlaycni.datastore.keys import block_key, blockcursor_key, blocks_prefix, config_key, node_key, nodeblock_key
+from overlaycni.ipam import addresses
+from overlaycni.ipam.records import decode_cursor, nodeblock_value
 from overlaycni.lab import control, lifecycle
 from overlaycni.lab.state import LabState
 
@@ -147,14 +150,71 @@ def _routes(netns: str) -> int:
     return out.count("\n")
 
 
-def _register_many(store: Store, cluster: str, count: int) -> None:
-    for i in range(count):
-        ip = IPv4Address(int(SYNTHETIC_BASE) + i)
-        ipam.register_node(store, cluster, f"zz-peer-{i}", ip, vtep_mac=vtep_mac(ip))
+def _register_many(store: Store, cluster: str, count: int, *, chunk: int = 500) -> None:
+    """Register ``count`` synthetic nodes in transactions of ``chunk`` nodes.
+
+    Each transaction writes what ``ipam.register_node`` writes for a new node
+    (the block claim, the node's reverse claim, its record, and the block
+    cursor once), with the same guard: every claim key absent. One claim per
+    call of ``register_node`` reads every node record to check the IP, so
+    5,000 of them took 20-27 minutes on a loaded machine, and the agent's
+    memory depended on how its reconciles interleaved with the writes; a
+    few large transactions make the run short and repeatable."""
+    cfg = store.get(config_key(cluster))
+    assert cfg is not None, f"cluster {cluster!r} has no config"
+    net = ipam.decode_cluster(cfg)
+    taken = {kv.key for kv in store.list(blocks_prefix(cluster))}
+    cursor = decode_cursor(store.get(blockcursor_key(cluster)))
+    block = cursor if isinstance(cursor, IPv4Network) else None
+    i = 0
+    while i < count:
+        put: list[tuple[str, str, int | None]] = []
+        compare: list[tuple[str, int]] = []
+        while i < count and len(put) < 3 * chunk:
+            block = addresses.next_block(net.pod_cidr, net.node_cidr_size, block)
+            b_k = block_key(cluster, block)
+            if b_k in taken:
+                continue
+            ip = IPv4Address(int(SYNTHETIC_BASE) + i)
+            name = f"zz-peer-{i}"
+            record = ipam.NodeRecord(name, ip, block, vtep_mac(ip))
+            compare += [(b_k, 0), (nodeblock_key(cluster, name), 0)]
+            put += [(b_k, name, None), (nodeblock_key(cluster, name), nodeblock_value(block), None),
+                    (node_key(cluster, name), record.to_json(), None)]  # fmt: skip
+            taken.add(b_k)
+            i += 1
+        put.append((blockcursor_key(cluster), str(block), None))
+        if not store.transact(compare=compare, put=put).succeeded:
+            raise SystemExit("synthetic node records: a block or name was claimed meanwhile (is another bench running?)")
 
 
-def one_memory_run(name: str, root: str, *, peers: int, pods: int) -> dict[str, float]:
-    state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=1, pods_per_node=0, root=root, lease_ttl=30, network=MEMORY_NETWORK))
+def _settle(pid: int, *, period: float, tolerance: float = 0.01, limit: float = 120.0) -> dict[str, int]:
+    """``/proc/<pid>/status`` once VmRSS has moved less than ``tolerance``
+    (relative) over ``period`` seconds (at least one full resync), or after
+    ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    before = _status(pid)
+    while True:
+        time.sleep(period)
+        now = _status(pid)
+        if abs(now["VmRSS"] - before["VmRSS"]) <= tolerance * before["VmRSS"] or time.monotonic() > deadline:
+            return now
+        before = now
+
+
+def one_memory_run(name: str, root: str, *, peers: int, pods: int, src: str | None = None) -> dict[str, float]:
+    """One agent's memory; ``src``: run the agent from that source tree (a baseline) instead of this one."""
+    saved = os.environ.get("PYTHONPATH")
+    if src is not None:  # the agent inherits the environment: that tree's package comes first on its path
+        os.environ["PYTHONPATH"] = src
+    try:
+        state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=1, pods_per_node=0, root=root, lease_ttl=30,
+                                                 network=MEMORY_NETWORK))  # fmt: skip
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     node = state.nodes[0]
     assert node.agent is not None
     pid = node.agent.pid
@@ -166,33 +226,55 @@ def one_memory_run(name: str, root: str, *, peers: int, pods: int) -> dict[str, 
     out["pods"] = _status(pid)["VmRSS"] / 1024
     t0 = time.monotonic()
     control.with_store(state, lambda store: _register_many(store, state.name, peers))
+    out["write"] = time.monotonic() - t0
     want = peers + 1 + pods  # peers' blocks, the own block's unreachable route, one /32 per pod
     wait(lambda: _routes(node.netns) >= want, timeout=600, what=f"{peers} peer routes", interval=1.0)
     out["program"] = time.monotonic() - t0
-    time.sleep(2 * control.RESYNC_INTERVAL + 1)  # at least one full resync with every peer
-    st = _status(pid)
+    time.sleep(control.RESYNC_INTERVAL + 1)  # at least one full resync with every peer
+    st = _settle(pid, period=control.RESYNC_INTERVAL + 1)
     out.update(peers=st["VmRSS"] / 1024, hwm=st["VmHWM"] / 1024, anon=st["RssAnon"] / 1024)
-    print(f"  {name}: VmRSS {st['VmRSS'] / 1024:.1f} MiB (VmHWM {st['VmHWM'] / 1024:.1f}, RssAnon {st['RssAnon'] / 1024:.1f}, "
-          f"RssFile {st['RssFile'] / 1024:.1f}, {st['Threads']} threads)")  # fmt: skip
+    print(f"  {name}{' (baseline)' if src else ''}: VmRSS {st['VmRSS'] / 1024:.1f} MiB (VmHWM {st['VmHWM'] / 1024:.1f}, "
+          f"RssAnon {st['RssAnon'] / 1024:.1f}, RssFile {st['RssFile'] / 1024:.1f}, {st['Threads']} threads); "
+          f"records written in {out['write']:.1f} s, programmed in {out['program']:.1f} s; load {_load()}")  # fmt: skip
     return out
 
 
-def agent_memory(*, peers: int, pods: int, rounds: int) -> None:
-    print(f"== one agent's memory with {peers} peers and {pods} pods (sqlite; {rounds} runs)")
+def _load() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def agent_memory(*, peers: int, pods: int, rounds: int, baseline_src: str | None = None) -> None:
+    """``rounds`` runs; with ``baseline_src`` (a source tree, e.g. ``git archive main src``) each round
+    also runs that tree's agent, alternating which goes first, and prints the ratio."""
+    print(f"== one agent's memory with {peers} peers and {pods} pods (sqlite; {rounds} runs; load {_load()})")
     root = tempfile.mkdtemp(prefix="ocl-bench-")
-    rows: dict[str, list[float]] = {"idle": [], "pods": [], "peers": [], "hwm": [], "anon": [], "program": []}
+    keys = ("idle", "pods", "peers", "hwm", "anon", "write", "program")
+    rows: dict[str | None, dict[str, list[float]]] = {None: {k: [] for k in keys}}
+    if baseline_src is not None:
+        rows[baseline_src] = {k: [] for k in keys}
     try:
         for r in range(rounds):
-            name = f"bm{os.getpid() % 1000}r{r}"
-            try:
-                for key, value in one_memory_run(name, root, peers=peers, pods=pods).items():
-                    rows[key].append(value)
-            finally:
-                lifecycle.down(name, root=root)
-        print(f"  idle agent (1 node, 0 pods):         VmRSS {spread(rows['idle'], '{:.1f}')} MiB")
-        print(f"  + {pods} pods:                        VmRSS {spread(rows['pods'], '{:.1f}')} MiB")
-        print(f"  + {peers} peers (after a resync):   VmRSS {spread(rows['peers'], '{:.1f}')} MiB "
-              f"(aim <= 100); VmHWM {spread(rows['hwm'], '{:.1f}')}; RssAnon {spread(rows['anon'], '{:.1f}')}")  # fmt: skip
-        print(f"  {peers} node records written and programmed in {spread(rows['program'], '{:.1f}')} s")
+            order = list(rows) if r % 2 == 0 else list(reversed(rows))
+            for src in order:
+                name = f"bm{os.getpid() % 1000}r{r}{'b' if src else ''}"
+                try:
+                    for key, value in one_memory_run(name, root, peers=peers, pods=pods, src=src).items():
+                        rows[src][key].append(value)
+                finally:
+                    lifecycle.down(name, root=root)
+        for src, row in rows.items():
+            print(f" {'baseline ' + src if src else 'this tree'}:")
+            print(f"  idle agent (1 node, 0 pods):         VmRSS {spread(row['idle'], '{:.1f}')} MiB")
+            print(f"  + {pods} pods:                        VmRSS {spread(row['pods'], '{:.1f}')} MiB")
+            print(f"  + {peers} peers (settled):          VmRSS {spread(row['peers'], '{:.1f}')} MiB "
+                  f"(aim <= 100); VmHWM {spread(row['hwm'], '{:.1f}')}; RssAnon {spread(row['anon'], '{:.1f}')}")  # fmt: skip
+            print(f"  {peers} node records written in {spread(row['write'], '{:.1f}')} s, "
+                  f"programmed in {spread(row['program'], '{:.1f}')} s")  # fmt: skip
+        if baseline_src is not None:
+            ours, base = rows[None], rows[baseline_src]
+            ratios = [a / b for a, b in zip(ours["peers"], base["peers"], strict=True)]
+            hwm = [a / b for a, b in zip(ours["hwm"], base["hwm"], strict=True)]
+            print(f"  this tree / baseline: VmRSS {spread(ratios)}; VmHWM {spread(hwm)}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

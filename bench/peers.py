@@ -28,9 +28,14 @@ Control plane (issue 14), in labs (real agents in their node namespaces):
   ``--learn-repeats`` joins with the spread, per N, and t(N)/t(first N).
 * ``--memory-rounds 3``: one agent (a one-node lab) with ``--memory-pods``
   pods added through the real plugin and ``--memory-peers`` synthetic node
-  records written into its datastore; once it has programmed every peer and
-  run a full resync, its RSS from ``/proc/<pid>/status`` (VmRSS, VmHWM,
-  RssAnon). Aim: VmRSS <= 100 MiB at 5,000 peers and 250 pods.
+  records written into its datastore in transactions of 500 nodes (seconds,
+  not the 20+ minutes of one ``register_node`` each, and the same
+  interleaving of writes and reconciles every run); once it has programmed
+  every peer, run a full resync and its VmRSS has settled (moved < 1% over a
+  resync interval), its RSS from ``/proc/<pid>/status`` (VmRSS, VmHWM,
+  RssAnon). Aim: VmRSS <= 100 MiB at 5,000 peers and 250 pods. With
+  ``--memory-baseline SRC`` every round also runs the agent from another
+  source tree (alternating which goes first) and prints the ratio.
 
 Prints ratios against the baseline. Usage (root)::
 
@@ -135,6 +140,9 @@ def main() -> None:
     ap.add_argument("--memory-rounds", type=int, default=3, help="agent memory runs (0 skips)")
     ap.add_argument("--memory-peers", type=int, default=5000)
     ap.add_argument("--memory-pods", type=int, default=250)
+    ap.add_argument("--memory-baseline", metavar="SRC", default=None,
+                    help="also run the agent from this source tree (e.g. `git archive main src | tar -x -C /tmp/base`, "
+                         "then /tmp/base/src) in every memory round, alternating, and print the ratio")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates a network namespace)")
@@ -145,7 +153,8 @@ def main() -> None:
     if args.learn_sizes:
         controlplane.learn_time([int(x) for x in args.learn_sizes.split(",")], repeats=args.learn_repeats)
     if args.memory_rounds:
-        controlplane.agent_memory(peers=args.memory_peers, pods=args.memory_pods, rounds=args.memory_rounds)
+        controlplane.agent_memory(peers=args.memory_peers, pods=args.memory_pods, rounds=args.memory_rounds,
+                                  baseline_src=args.memory_baseline)
 
 
 def kernel_side(args: argparse.Namespace) -> None:

@@ -62,6 +62,7 @@ from . import flowlog
 from .compiled import Part, compile_policy, namespace_chain, policy_chain
 from .delta import Delta
 from .flowlog import FlowLogSpec
+from .gcpause import collector_held
 from .model import NAMESPACE_NAME_LABEL, NamespaceInfo, NetworkPolicy, PodInfo
 from .render import _DIR, Selection, render_families
 from .selectors import LabelSelector
@@ -137,20 +138,21 @@ class NodePolicy:
         # Policies first (no pods: nothing to scan), then namespaces and pods
         # (each finds its selections through the indexes), then the chains
         # of each namespace and the verdict maps once.
-        self._building = True
-        for pol in policies:
-            self.set_policy(pol)
-        for ns in namespaces:
-            self.set_namespace(ns)
-        for pod in pods:
-            self.set_pod(pod)
-        self._building = False
-        for direction, namespace in list(self._ns_pols):
-            self._ns_chain(direction, namespace)
-        for key, pod in self.pods.items():
-            if pod.node == node:
-                self._isolate(key)
-        self.mark_applied()
+        with collector_held():  # a whole build, like a whole render (``gcpause``)
+            self._building = True
+            for pol in policies:
+                self.set_policy(pol)
+            for ns in namespaces:
+                self.set_namespace(ns)
+            for pod in pods:
+                self.set_pod(pod)
+            self._building = False
+            for direction, namespace in list(self._ns_pols):
+                self._ns_chain(direction, namespace)
+            for key, pod in self.pods.items():
+                if pod.node == node:
+                    self._isolate(key)
+            self.mark_applied()
 
     def update(self, *, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[NetworkPolicy]) -> None:
         """Bring the state to a whole inventory (what a caller that reloads

@@ -83,6 +83,7 @@ from ..families import SINGLE_STACK, IPFamily
 from . import flowlog
 from .engine import Cluster
 from .flowlog import FlowLogSpec
+from .gcpause import collector_held
 from .model import NamespaceInfo, NetworkPolicy, PodInfo, PolicyPeer, PolicyPort, Rule
 from .selectors import EVERYTHING, LabelSelector
 
@@ -281,7 +282,22 @@ def render_node(
     ``nft -j`` transaction (add + delete + add the table, then its content).
     ``flow_log``: add the log rules (``policy.flowlog``); None renders the
     table without them. ``families``: the cluster's IP families
-    (``render_families``)."""
+    (``render_families``). The cyclic collector is held meanwhile
+    (``gcpause``: it made the render quadratic)."""
+    with collector_held():
+        return _render_node(node, pods=pods, namespaces=namespaces, policies=policies, flow_log=flow_log,
+                            families=families)  # fmt: skip
+
+
+def _render_node(
+    node: str,
+    *,
+    pods: Iterable[PodInfo],
+    namespaces: Iterable[NamespaceInfo],
+    policies: Iterable[NetworkPolicy],
+    flow_log: FlowLogSpec | None,
+    families: Iterable[IPFamily] | None,
+) -> dict:
     pods = sorted(pods, key=lambda p: (p.namespace, p.name))
     fams = render_families(pods, families)
     if flow_log is not None:
