@@ -145,6 +145,27 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
+def _anon_regions(pid: int) -> dict[str, float]:
+    """Resident anonymous memory of ``pid`` in MiB by kind of mapping
+    (``/proc/<pid>/smaps``): the main heap (brk: glibc's main arena),
+    mappings of 64 MiB and less that are not stacks (glibc's thread arenas,
+    CPython's 1 MiB object arenas, large blocks), and the rest."""
+    out = {"brk heap": 0.0, "other anon": 0.0}
+    name, anon = "", 0
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):
+                parts = line.split()
+                name = parts[5] if len(parts) > 5 else ""
+            elif first == "Anonymous:":
+                anon = int(line.split()[1])
+                key = "brk heap" if name == "[heap]" else "other anon" if not name else None
+                if key:
+                    out[key] += anon / 1024
+    return out
+
+
 def _routes(netns: str) -> int:
     out = subprocess.run(["ip", "-n", netns, "route", "show", "proto", "119"], capture_output=True, text=True).stdout
     return out.count("\n")
@@ -202,19 +223,23 @@ def _settle(pid: int, *, period: float, tolerance: float = 0.01, limit: float = 
         before = now
 
 
-def one_memory_run(name: str, root: str, *, peers: int, pods: int, src: str | None = None) -> dict[str, float]:
-    """One agent's memory; ``src``: run the agent from that source tree (a baseline) instead of this one."""
-    saved = os.environ.get("PYTHONPATH")
-    if src is not None:  # the agent inherits the environment: that tree's package comes first on its path
-        os.environ["PYTHONPATH"] = src
+def one_memory_run(
+    name: str, root: str, *, peers: int, pods: int, src: str | None = None, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """One agent's memory; ``src``: run the agent from that source tree (a baseline) instead of this one;
+    ``env``: more environment for the agent (an experiment: ``MALLOC_ARENA_MAX=2``)."""
+    extra = {**(env or {}), **({"PYTHONPATH": src} if src is not None else {})}
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)  # the agent inherits the environment: that tree's package comes first on its path
     try:
         state = lifecycle.up(lifecycle.UpRequest(name=name, nodes=1, pods_per_node=0, root=root, lease_ttl=30,
                                                  network=MEMORY_NETWORK))  # fmt: skip
     finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     node = state.nodes[0]
     assert node.agent is not None
     pid = node.agent.pid
@@ -233,8 +258,10 @@ def one_memory_run(name: str, root: str, *, peers: int, pods: int, src: str | No
     time.sleep(control.RESYNC_INTERVAL + 1)  # at least one full resync with every peer
     st = _settle(pid, period=control.RESYNC_INTERVAL + 1)
     out.update(peers=st["VmRSS"] / 1024, hwm=st["VmHWM"] / 1024, anon=st["RssAnon"] / 1024)
+    regions = _anon_regions(pid)
     print(f"  {name}{' (baseline)' if src else ''}: VmRSS {st['VmRSS'] / 1024:.1f} MiB (VmHWM {st['VmHWM'] / 1024:.1f}, "
-          f"RssAnon {st['RssAnon'] / 1024:.1f}, RssFile {st['RssFile'] / 1024:.1f}, {st['Threads']} threads); "
+          f"RssAnon {st['RssAnon'] / 1024:.1f} = brk heap {regions['brk heap']:.1f} + other {regions['other anon']:.1f}, "
+          f"RssFile {st['RssFile'] / 1024:.1f}, {st['Threads']} threads); "
           f"records written in {out['write']:.1f} s, programmed in {out['program']:.1f} s; load {_load()}")  # fmt: skip
     return out
 
@@ -244,9 +271,12 @@ def _load() -> str:
         return " ".join(fh.read().split()[:3])
 
 
-def agent_memory(*, peers: int, pods: int, rounds: int, baseline_src: str | None = None) -> None:
+def agent_memory(
+    *, peers: int, pods: int, rounds: int, baseline_src: str | None = None, env: dict[str, str] | None = None
+) -> None:
     """``rounds`` runs; with ``baseline_src`` (a source tree, e.g. ``git archive main src``) each round
-    also runs that tree's agent, alternating which goes first, and prints the ratio."""
+    also runs that tree's agent, alternating which goes first, and prints the ratio; ``env``: more
+    environment for this tree's agent only."""
     print(f"== one agent's memory with {peers} peers and {pods} pods (sqlite; {rounds} runs; load {_load()})")
     root = tempfile.mkdtemp(prefix="ocl-bench-")
     keys = ("idle", "pods", "peers", "hwm", "anon", "write", "program")
@@ -259,12 +289,12 @@ def agent_memory(*, peers: int, pods: int, rounds: int, baseline_src: str | None
             for src in order:
                 name = f"bm{os.getpid() % 1000}r{r}{'b' if src else ''}"
                 try:
-                    for key, value in one_memory_run(name, root, peers=peers, pods=pods, src=src).items():
+                    for key, value in one_memory_run(name, root, peers=peers, pods=pods, src=src, env=None if src else env).items():
                         rows[src][key].append(value)
                 finally:
                     lifecycle.down(name, root=root)
         for src, row in rows.items():
-            print(f" {'baseline ' + src if src else 'this tree'}:")
+            print(f" {'baseline ' + src if src else 'this tree'}{' ' + str(env) if env and not src else ''}:")
             print(f"  idle agent (1 node, 0 pods):         VmRSS {spread(row['idle'], '{:.1f}')} MiB")
             print(f"  + {pods} pods:                        VmRSS {spread(row['pods'], '{:.1f}')} MiB")
             print(f"  + {peers} peers (settled):          VmRSS {spread(row['peers'], '{:.1f}')} MiB "

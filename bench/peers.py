@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--memory-baseline", metavar="SRC", default=None,
                     help="also run the agent from this source tree (e.g. `git archive main src | tar -x -C /tmp/base`, "
                          "then /tmp/base/src) in every memory round, alternating, and print the ratio")
+    ap.add_argument("--memory-env", metavar="KEY=VALUE", action="append", default=[],
+                    help="more environment for this tree's agent only (an experiment against --memory-baseline)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates a network namespace)")
@@ -154,7 +156,8 @@ def main() -> None:
         controlplane.learn_time([int(x) for x in args.learn_sizes.split(",")], repeats=args.learn_repeats)
     if args.memory_rounds:
         controlplane.agent_memory(peers=args.memory_peers, pods=args.memory_pods, rounds=args.memory_rounds,
-                                  baseline_src=args.memory_baseline)
+                                  baseline_src=args.memory_baseline,
+                                  env=dict(kv.split("=", 1) for kv in args.memory_env))
 
 
 def kernel_side(args: argparse.Namespace) -> None:

@@ -5,8 +5,12 @@ Synthetic clusters of 40 pods and 10 policies per namespace, from 1,000
 pods / 250 policies to 10,000 / 2,500, spread over ``--nodes`` nodes; the
 table is node-0's. For each size, in the same run:
 
-* full render: ``render_node`` of the whole inventory (compile + render), and
+* full render: ``render_node`` of the whole inventory (compile + render),
+  the same render with the cyclic garbage collector running throughout (as
+  it was before ``policy.gcpause``: the baseline of the full render), and
   building the incremental state (``NodePolicy``) from the same inventory;
+  the growth of each per size step over the growth of the size (1.00:
+  linear);
 * a pod label change (app0 -> app1, the pod moves between selector sets),
   a namespace label change (tier, which namespaceSelectors pick) and a
   policy change (one port more in one policy's ingress rule), each
@@ -60,7 +64,7 @@ from overlaycni.policy import allowed, parse_policies
 from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.incremental import NodePolicy
 from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, PolicyPort
-from overlaycni.policy.render import counts, diff_render, render_node
+from overlaycni.policy.render import _render_node, counts, diff_render, render_node
 
 PODS_PER_NS = 40
 POLICIES_PER_NS = 10
@@ -174,6 +178,9 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
     }
     for _ in range(runs):
         add("full render", _timed(lambda: render_node(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)))
+        # the same render with the cyclic collector running throughout (what it was before ``gcpause``)
+        add("full render, collector on", _timed(lambda: _render_node(node, pods=pod_list, namespaces=namespaces, policies=pols,
+                                                                     flow_log=flow_log, families=None)))  # fmt: skip
         t0 = time.perf_counter()
         state = NodePolicy(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)
         add("incremental build", time.perf_counter() - t0)
@@ -425,6 +432,7 @@ def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) 
         print(f"{label:30}" + "".join(cells))
 
     row("full render (compile+render)", "full render")
+    row("  collector on (before)", "full render, collector on", ratio_to="full render")
     row("incremental build", "incremental build", ratio_to="full render")
     row("full table apply", "full apply")
     for change in ("pod label", "namespace label", "policy"):
@@ -438,6 +446,12 @@ def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) 
                 "namespace label: incremental", "policy: re-render", "policy: incremental"):  # fmt: skip
         a, b = statistics.median(first["times"][key]), statistics.median(last["times"][key])
         print(f"  {key:32} {b / a:6.2f}")
+    for key in ("full render", "full render, collector on", "incremental build"):
+        steps = []
+        for a, b in zip(results, results[1:]):
+            growth = statistics.median(b["times"][key]) / statistics.median(a["times"][key])
+            steps.append(f"{a['pods']}->{b['pods']}: {growth / (b['pods'] / a['pods']):.2f}")
+        print(f"  {key:32} per step, time growth / size growth (1.00 = linear): {'; '.join(steps)}")
     print("(x: the median as a ratio of the same change's baseline median at the same size, same run)")
 
 

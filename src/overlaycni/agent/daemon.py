@@ -43,6 +43,7 @@ from ..datastore import Store, open_datastore
 from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError, OverlayCNIError
 from ..trace import RequestTrace
 from .cniops import NodeContext
+from .imports import lean_pyroute2
 from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
 from .repair import NoEvents, Repairer
@@ -108,6 +109,7 @@ class Agent:
         net = ipam.get_cluster(store, o.cluster)
         wg_key = NodeKey(o.wireguard_key) if net.backend == "wireguard" else None
         if self._dp is None:
+            lean_pyroute2()  # before the data plane imports it: only the netlink parts it uses (``imports``)
             from ..dataplane.linux import LinuxDataplane, WireGuardSettings
 
             self._dp = LinuxDataplane(wireguard=WireGuardSettings(mode=o.wireguard_mode, socket_dir=o.wireguard_socket_dir))
