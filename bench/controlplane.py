@@ -248,13 +248,14 @@ def one_memory_run(
     out["idle"] = _status(pid)["VmRSS"] / 1024
     state = lifecycle.add_pods(state, [lifecycle.new_pod(state, f"m{i}", namespace="default", node=node.name) for i in range(pods)])
     assert len(state.pods) == pods
-    out["pods"] = _status(pid)["VmRSS"] / 1024
+    out["pods"] = _settle(pid, period=control.RESYNC_INTERVAL + 1)["VmRSS"] / 1024
     t0 = time.monotonic()
     control.with_store(state, lambda store: _register_many(store, state.name, peers))
     out["write"] = time.monotonic() - t0
     want = peers + 1 + pods  # peers' blocks, the own block's unreachable route, one /32 per pod
     wait(lambda: _routes(node.netns) >= want, timeout=600, what=f"{peers} peer routes", interval=1.0)
     out["program"] = time.monotonic() - t0
+    out["programmed"] = _status(pid)["VmRSS"] / 1024  # after the watch's burst, before a full resync with them all
     time.sleep(control.RESYNC_INTERVAL + 1)  # at least one full resync with every peer
     st = _settle(pid, period=control.RESYNC_INTERVAL + 1)
     out.update(peers=st["VmRSS"] / 1024, hwm=st["VmHWM"] / 1024, anon=st["RssAnon"] / 1024)
@@ -279,7 +280,7 @@ def agent_memory(
     environment for this tree's agent only."""
     print(f"== one agent's memory with {peers} peers and {pods} pods (sqlite; {rounds} runs; load {_load()})")
     root = tempfile.mkdtemp(prefix="ocl-bench-")
-    keys = ("idle", "pods", "peers", "hwm", "anon", "write", "program")
+    keys = ("idle", "pods", "programmed", "peers", "hwm", "anon", "write", "program")
     rows: dict[str | None, dict[str, list[float]]] = {None: {k: [] for k in keys}}
     if baseline_src is not None:
         rows[baseline_src] = {k: [] for k in keys}
@@ -296,7 +297,8 @@ def agent_memory(
         for src, row in rows.items():
             print(f" {'baseline ' + src if src else 'this tree'}{' ' + str(env) if env and not src else ''}:")
             print(f"  idle agent (1 node, 0 pods):         VmRSS {spread(row['idle'], '{:.1f}')} MiB")
-            print(f"  + {pods} pods:                        VmRSS {spread(row['pods'], '{:.1f}')} MiB")
+            print(f"  + {pods} pods (settled):              VmRSS {spread(row['pods'], '{:.1f}')} MiB")
+            print(f"  + {peers} peers, just programmed:     VmRSS {spread(row['programmed'], '{:.1f}')} MiB")
             print(f"  + {peers} peers (settled):          VmRSS {spread(row['peers'], '{:.1f}')} MiB "
                   f"(aim <= 100); VmHWM {spread(row['hwm'], '{:.1f}')}; RssAnon {spread(row['anon'], '{:.1f}')}")  # fmt: skip
             print(f"  {peers} node records written in {spread(row['write'], '{:.1f}')} s, "

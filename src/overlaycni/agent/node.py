@@ -75,6 +75,7 @@ from .wireguard import DEFAULT_KEY_FILE, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
+TRIM_AFTER_PEERS = 64  # a peer selection that changed this many peers gives the freed heap back (heap.py)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class RunningNode:
         self.allocations: dict[tuple[str, str], ipam.Allocation] = {}
         self.state = NodeState(node_ip=ctx.record.node_ip, block=ctx.record.block, pod_cidr=ctx.network.pod_cidr)
         self.state = self._reconcile()
+        release_free_memory()  # the first full reconcile's transient structures (heap.py)
         self.flow_log_error: str | None = None
         self.flows = self._open_flow_log()
         self.policy = PolicyController(
@@ -478,6 +480,8 @@ class RunningNode:
                     else:
                         log.info("peer %s removed", peer_name)
             self._note(selection)
+            if len(changed) >= TRIM_AFTER_PEERS:
+                release_free_memory()  # a burst's transient structures (heap.py), outside the kernel lock
         except OverlayCNIError as exc:
             self._failed("peer selection", exc)
             self.safe_resync("peer selection failed")
