@@ -32,8 +32,10 @@ Control plane (issue 14), in labs (real agents in their node namespaces):
   not the 20+ minutes of one ``register_node`` each, and the same
   interleaving of writes and reconciles every run); once it has programmed
   every peer, run a full resync and its VmRSS has settled (moved < 1% over a
-  resync interval), its RSS from ``/proc/<pid>/status`` (VmRSS, VmHWM,
-  RssAnon). Aim: VmRSS <= 100 MiB at 5,000 peers and 250 pods. With
+  resync interval), its RSS from ``/proc/<pid>/status`` sampled every 0.2 s
+  over two resync intervals: the floor (what stays resident between full
+  resyncs, which lift it while they run), the time median, and VmHWM.
+  Aim: VmRSS <= 100 MiB at 5,000 peers and 250 pods. With
   ``--memory-baseline SRC`` every round also runs the agent from another
   source tree (alternating which goes first) and prints the ratio.
 

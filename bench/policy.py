@@ -448,7 +448,7 @@ def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) 
         print(f"  {key:32} {b / a:6.2f}")
     for key in ("full render", "full render, collector on", "incremental build"):
         steps = []
-        for a, b in zip(results, results[1:]):
+        for a, b in zip(results, results[1:], strict=False):
             growth = statistics.median(b["times"][key]) / statistics.median(a["times"][key])
             steps.append(f"{a['pods']}->{b['pods']}: {growth / (b['pods'] / a['pods']):.2f}")
         print(f"  {key:32} per step, time growth / size growth (1.00 = linear): {'; '.join(steps)}")

@@ -212,6 +212,7 @@ class RunningNode:
                 return self.state  # a conflict: keep the kernel as it is, say so in /healthz
             view = ipam.cluster_nodes(self.store, c.cluster, on_bad=self.bad.report)
         self._ensure_live(view)
+        view = keep_view(self.view, view)  # the held objects where nothing changed
         allocations = ipam.list_allocations(self.store, c.cluster, node=c.record.name, on_bad=self.bad.report)
         selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
         with self.kernel_lock:
@@ -219,6 +220,7 @@ class RunningNode:
                 c.network, c.record, selection.records, allocations, present_veths=self.dp.list_pod_veths(),
                 wireguard_key=self.wg_key.key if self.wg_key else None,
             )
+            state = keep_peers(self.state, state)
             report = self.dp.reconcile(state)
             self.state = state
             with self._view_lock:
@@ -485,6 +487,38 @@ class RunningNode:
         except OverlayCNIError as exc:
             self._failed("peer selection", exc)
             self.safe_resync("peer selection failed")
+
+
+def keep_view(old: ipam.ClusterNodes, new: ipam.ClusterNodes) -> ipam.ClusterNodes:
+    """``new`` with every record, and the liveness and claim maps, that equal
+    ``old``'s replaced by ``old``'s objects.
+
+    A periodic resync decodes every node record again; without this its
+    thousands of fresh objects replace the held ones, so each resync moves
+    the agent's long-lived data into memory it allocated among that
+    resync's transient objects, and CPython's allocator (1 MiB arenas, freed
+    only when empty) keeps arenas alive that would otherwise empty. Kept,
+    the long-lived objects stay where the first listing put them and a
+    resync's own objects all die together (``bench/peers.py`` memory)."""
+    held = {r.name: r for r in old.records}
+    records = tuple(r if (h := held.get(r.name)) is None or h != r else h for r in new.records)
+    if len(records) == len(old.records) and all(a is b for a, b in zip(records, old.records, strict=True)):
+        records = old.records
+    return replace(
+        new,
+        records=records,
+        live=old.live if new.live == old.live else new.live,
+        claims=old.claims if new.claims == old.claims else new.claims,
+    )
+
+
+def keep_peers(old: NodeState, new: NodeState) -> NodeState:
+    """``new`` with the peers that equal ``old``'s as ``old``'s objects (see ``keep_view``)."""
+    held = {p.name: p for p in old.peers}
+    peers = tuple(p if (h := held.get(p.name)) is None or h != p else h for p in new.peers)
+    if len(peers) == len(old.peers) and all(a is b for a, b in zip(peers, old.peers, strict=True)):
+        peers = old.peers
+    return replace(new, peers=peers)
 
 
 def _where(peer: Peer) -> tuple[object, ...]:
