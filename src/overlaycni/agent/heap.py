@@ -8,9 +8,13 @@ mapped, so the agent's RSS stays at the reconcile's high-water mark:
 measured by ``bench/peers.py`` (issue 14 item 6), about 116 MiB at 5,000
 peers and 250 pods, 102 MiB once the free pages are handed back.
 ``malloc_trim(3)`` (glibc 2.8+: every arena, free pages in the middle of a
-heap too) does that; it is called from the resync loop, outside the node's
-locks, once per periodic reconcile. On a C library without it (musl) this
-is a no-op. Measured and rejected: fewer malloc arenas (``mallopt
+heap too) does that; it is called outside the node's locks after the first
+reconcile, once per periodic reconcile, and after a peer selection that
+changed ``node.TRIM_AFTER_PEERS`` peers or more (a burst of joins programs
+them one by one, each with its own transient copies). On a C library
+without it (musl) this is a no-op. It cannot return CPython's own object
+arenas (1 MiB each, given back only when empty): what keeps those low is
+allocating fewer long-lived objects among transient ones (``node.keep_view``). Measured and rejected: fewer malloc arenas (``mallopt
 (M_ARENA_MAX, 2)``, as ``MALLOC_ARENA_MAX=2``): an in-process agent with
 2,000 peers ended at 45.8 MiB with it, 45.6 without.
 """
