@@ -36,7 +36,10 @@ flow logged, while the agent's flow log collector reads the NFLOG group.
 Rounds alternate the tables; medians, per-round ratio spreads, and the
 on/off ratios (aims: throughput >= 0.95, connections >= 0.9) are printed.
 
-    .venv/bin/python bench/policy.py [--nodes 10] [--runs 3] [--sizes 1000,2000,5000,10000]
+``--render-only``: the whole renders (CPU time too, which a loaded machine
+skews least) and incremental builds only, nothing applied.
+
+    .venv/bin/python bench/policy.py [--nodes 10] [--runs 3] [--sizes 1000,2000,5000,10000] [--render-only]
 """
 
 from __future__ import annotations
@@ -138,7 +141,17 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | None, flow_log: FlowLogSpec | None = None) -> dict:
+def _timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn``: CPU time is what a loaded machine skews least."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(
+    pods: int, policies: int, *, nodes: int, runs: int, netns: str | None, flow_log: FlowLogSpec | None = None,
+    render_only: bool = False,
+) -> dict:
     """Every figure of one size: {name: [seconds of each run]} plus counts."""
     namespaces, pod_list, text = cluster(pods, policies, nodes)
     pols = parse_policies(text)
@@ -176,14 +189,20 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
         "namespace label": ((pod, ns_old, pol_old), (pod, ns_new, pol_old), lambda st, inv: st.set_namespace(inv[1][ns_i])),
         "policy": ((pod, ns_old, pol_old), (pod, ns_old, pol_new), lambda st, inv: st.set_policy(inv[2][pol_i])),
     }
-    for _ in range(runs):
-        add("full render", _timed(lambda: render_node(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)))
-        # the same render with the cyclic collector running throughout (what it was before ``gcpause``)
-        add("full render, collector on", _timed(lambda: _render_node(node, pods=pod_list, namespaces=namespaces, policies=pols,
-                                                                     flow_log=flow_log, families=None)))  # fmt: skip
+    for r in range(runs):
+        # the render as it is, and with the cyclic collector running throughout (before ``gcpause``), alternating
+        held = ("full render", lambda: render_node(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log))
+        running = ("full render, collector on", lambda: _render_node(node, pods=pod_list, namespaces=namespaces, policies=pols,
+                                                                     flow_log=flow_log, families=None))  # fmt: skip
+        for name, fn in (held, running) if r % 2 == 0 else (running, held):
+            wall, cpu = _timed_cpu(fn)
+            add(name, wall)
+            add(name + " (CPU)", cpu)
         t0 = time.perf_counter()
         state = NodePolicy(node, pods=pod_list, namespaces=namespaces, policies=pols, flow_log=flow_log)
         add("incremental build", time.perf_counter() - t0)
+        if render_only:
+            continue
         if netns:
             add("full apply", _timed(lambda: kernel(doc)))
         for name, (before, after, tell) in changes.items():
@@ -214,7 +233,7 @@ def measure(pods: int, policies: int, *, nodes: int, runs: int, netns: str | Non
                 samples.append(time.perf_counter() - t0)
             add(f"{name}: incremental", statistics.median(samples))
             add(f"{name}: commands", float(len(cmds)))
-    if netns:
+    if netns and not render_only:
         listed = subprocess.run(
             ["ip", "netns", "exec", netns, "nft", "list", "table", "inet", "overlaycni"], capture_output=True, text=True, check=True
         ).stdout
@@ -385,6 +404,8 @@ def main() -> None:
     ap.add_argument("--datapath-only", action="store_true", help="only the pod-to-pod throughput and connection rate")
     ap.add_argument("--scale-only", action="store_true", help="only the render and change costs at scale")
     ap.add_argument("--flow-logs", action="store_true", help="the scale part's tables with flow log rules (the agents' default)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="the scale part's whole renders and incremental builds only (no changes, nothing applied)")
     args = ap.parse_args()
     netns = None
     if os.geteuid() == 0:
@@ -395,7 +416,8 @@ def main() -> None:
         if not args.datapath_only:
             sizes = [int(n) for n in args.sizes.split(",")]
             spec = FlowLogSpec() if args.flow_logs else None
-            results = [measure(n, n // 4, nodes=args.nodes, runs=args.runs, netns=netns, flow_log=spec) for n in sizes]
+            results = [measure(n, n // 4, nodes=args.nodes, runs=args.runs, netns=netns, flow_log=spec,
+                               render_only=args.render_only) for n in sizes]  # fmt: skip
         paths = None
         if netns and shutil.which("iperf3") and not args.scale_only:
             paths = datapath(netns, nodes=args.nodes, seconds=args.seconds, rounds=args.rounds)
@@ -425,7 +447,7 @@ def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) 
             if not t:
                 return
             med, lo, hi = _spread(t)
-            cell = f"{med * scale:.{digits}f} ({lo * scale:.{digits}f}-{hi * scale:.{digits}f})"
+            cell = f" {med * scale:.{digits}f} ({lo * scale:.{digits}f}-{hi * scale:.{digits}f})"
             if ratio_to:
                 cell += f" {med / statistics.median(r['times'][ratio_to]):.3f}x"
             cells.append(f"{cell:>24}")
@@ -433,6 +455,8 @@ def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) 
 
     row("full render (compile+render)", "full render")
     row("  collector on (before)", "full render, collector on", ratio_to="full render")
+    row("full render, CPU", "full render (CPU)")
+    row("  collector on (before), CPU", "full render, collector on (CPU)", ratio_to="full render (CPU)")
     row("incremental build", "incremental build", ratio_to="full render")
     row("full table apply", "full apply")
     for change in ("pod label", "namespace label", "policy"):
@@ -442,11 +466,15 @@ def print_scale(results: list[dict], args: argparse.Namespace, *, kernel: bool) 
     first, last = results[0], results[-1]
     grow = last["pods"] / first["pods"]
     print(f"growth from {first['pods']} to {last['pods']} pods ({grow:.0f}x; linear = {grow:.2f}):")
-    for key in ("full render", "incremental build", "pod label: re-render", "pod label: incremental",
-                "namespace label: incremental", "policy: re-render", "policy: incremental"):  # fmt: skip
+    for key in ("full render", "full render (CPU)", "full render, collector on (CPU)", "incremental build",
+                "pod label: re-render", "pod label: incremental", "namespace label: incremental", "policy: re-render",
+                "policy: incremental"):  # fmt: skip
+        if key not in first["times"]:
+            continue
         a, b = statistics.median(first["times"][key]), statistics.median(last["times"][key])
         print(f"  {key:32} {b / a:6.2f}")
-    for key in ("full render", "full render, collector on", "incremental build"):
+    for key in ("full render", "full render, collector on", "full render (CPU)", "full render, collector on (CPU)",
+                "incremental build"):  # fmt: skip
         steps = []
         for a, b in zip(results, results[1:], strict=False):
             growth = statistics.median(b["times"][key]) / statistics.median(a["times"][key])
