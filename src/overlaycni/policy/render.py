@@ -345,6 +345,14 @@ def _render_node(
                         if any(ip.version == f.version for f in fams):
                             isolated[direction].setdefault(ip, flowlog.default_chain(direction))
 
+    texts: dict[IPAddress, str] = {}  # each address is written once, however many sets hold it
+
+    def text(ip: IPAddress) -> str:
+        out = texts.get(ip)
+        if out is None:
+            out = texts[ip] = str(ip)
+        return out
+
     cmds: list[dict] = nft.replace_table(FAMILY, TABLE)
     for direction, prio in (("Egress", EGRESS_PRIORITY), ("Ingress", INGRESS_PRIORITY)):
         base = _DIR[direction][3]
@@ -358,7 +366,7 @@ def _render_node(
     for name in sorted(b.sets):
         members = b.members(b.sets[name])
         for f in fams:
-            elem = [str(a) for a in _addresses(members, f)]
+            elem = [text(a) for a in _addresses(members, f)]
             cmds.append({"add": {"set": _with_elem({**_T, "name": name + _SUFFIX[f], "type": _ADDR_TYPE[f]}, elem)}})
     for proto, pname in sorted(b.named_ports):
         for f in fams:
@@ -367,14 +375,15 @@ def _render_node(
                     (a, n)
                     for p in pods
                     if (n := p.named_port(pname, proto.upper())) is not None and (a := p.address(f)) is not None
-                }
+                },
+                key=_numeric_pair,
             )
             cmds.append(
                 {
                     "add": {
                         "set": _with_elem(
                             {**_T, "name": f"np-{proto}-{pname}{_SUFFIX[f]}", "type": [_ADDR_TYPE[f], "inet_service"]},
-                            [{"concat": [str(a), n]} for a, n in ports_elem],
+                            [{"concat": [text(a), n]} for a, n in ports_elem],
                         )
                     }
                 }
@@ -382,8 +391,9 @@ def _render_node(
     for direction in ("Egress", "Ingress"):
         base = _DIR[direction][3]
         for f in fams:
-            chosen = sorted((ip, chain) for ip, chain in isolated[direction].items() if ip.version == f.version)
-            map_elem = [[str(ip), nft.jump(chain)] for ip, chain in chosen]
+            chosen = sorted(((ip, chain) for ip, chain in isolated[direction].items() if ip.version == f.version),
+                            key=_numeric_pair)  # fmt: skip
+            map_elem = [[text(ip), nft.jump(chain)] for ip, chain in chosen]
             spec = {**_T, "name": f"{base}-pods{_SUFFIX[f]}", "type": _ADDR_TYPE[f], "map": "verdict"}
             cmds.append({"add": {"map": _with_elem(spec, map_elem)}})
     for direction in ("Egress", "Ingress"):
@@ -399,8 +409,16 @@ def _render_node(
 
 
 def _addresses(pods: Iterable[PodInfo], family: IPFamily) -> list[IPAddress]:
-    """The pods' addresses of ``family``, in numeric order."""
-    return sorted({a for p in pods if (a := p.address(family)) is not None})
+    """The pods' addresses of ``family``, in numeric order (by their
+    integers: the same order as comparing the addresses of one family, in C
+    rather than through ``ipaddress``'s Python comparisons)."""
+    return sorted({a for p in pods if (a := p.address(family)) is not None}, key=int)
+
+
+def _numeric_pair(item: tuple[IPAddress, Any]) -> tuple[int, Any]:
+    """Sort key of (address, port or chain) pairs of one family: the
+    address's integer, then the second item (what comparing the tuples does)."""
+    return int(item[0]), item[1]
 
 
 def _rule(chain: str, expr: list[dict], comment: str) -> dict:
