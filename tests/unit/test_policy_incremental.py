@@ -26,7 +26,7 @@ from overlaycni.families import DUAL_STACK
 from overlaycni.policy import parse_policies
 from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.incremental import NodePolicy
-from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, policy_from_manifest
+from overlaycni.policy.model import NamedPort, NamespaceInfo, NetworkPolicy, PodInfo, Rule, policy_from_manifest
 from overlaycni.policy.render import _digest, render_node
 from overlaycni.policy.selectors import LabelSelector
 from tests.policy_cases import CASES, build_model
@@ -222,6 +222,18 @@ def empty() -> dict:
 @given(steps=st.lists(changes, max_size=25))
 def test_incremental_equals_full_from_empty(steps):
     run(empty(), steps)
+
+
+def test_a_set_that_goes_and_comes_back_in_one_transaction_is_not_deleted_under_its_rules():
+    """Found by the property above: a policy's selector changes and changes
+    back before the kernel takes the changes, so its target set goes and
+    comes back and the namespace chain naming it is the same again; the set
+    is deleted and added whole, so that chain must be flushed first (the
+    kernel refuses to delete a set a rule names: EBUSY)."""
+    pod = PodInfo("x", "a", IPv4Address("10.244.1.2"), "node-1", {})
+    isolating = NetworkPolicy("x", "p1", LabelSelector((("app", "a"),)), ("Ingress",), ingress=(Rule((), ()),))
+    bare = NetworkPolicy("x", "p1", LabelSelector(), ("Ingress",))
+    run(empty(), [("pod", pod), ("pol", isolating), ("take",), ("pod", pod), ("pol", bare), ("pol", isolating)])
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

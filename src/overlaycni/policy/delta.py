@@ -12,7 +12,9 @@ to sets and chains), delete elements (verdict map entries jumping to a
 chain that goes among them), delete the chains and sets that go, add the
 sets (whole) and chains that come, add the rules of the chains that come or
 change, add elements. A set that went and came back within one transaction
-is deleted and added again whole.
+is deleted and added again whole, and the chains whose rules name it are
+flushed and filled again even when their rules are the same (the kernel
+refuses to delete a set that a rule still names: EBUSY).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class Delta:
         changed = sorted(n for n in self._chains if n in chains and n in self.chains and chains[n] != self.chains[n])
         sets_gone = sorted(n for n in self._sets if n in self.sets and (n not in current or n in self._remade))
         sets_new = sorted(n for n in self._sets if n in current and (n not in self.sets or n in self._remade))
+        remade = {n for n in sets_gone if n in current}
+        if remade:  # the kernel refuses to delete a set a rule still names: flush and refill those chains too
+            held = {n for n in self.chains if n in chains and n not in changed and _names_any(self.chains[n], remade)}
+            changed = sorted({*changed, *held})
         cmds: list[dict] = [{"flush": o("chain", name=n)} for n in changed + gone]
         for name in sorted(self._dels):
             cmds += nft.element_commands("delete", FAMILY, TABLE, name, self._dels[name])
@@ -102,6 +108,22 @@ class Delta:
             (self.sets.add if n in current else self.sets.discard)(n)
         self.applied(self.chains, self.sets)
         return cmds
+
+
+def _names_any(rules: Iterable[dict], sets: set[str]) -> bool:
+    """Whether any of ``rules`` refers to one of ``sets`` (``@<name>`` anywhere in its expression)."""
+    refs = {"@" + n for n in sets}
+
+    def walk(x: Any) -> bool:
+        if isinstance(x, str):
+            return x in refs
+        if isinstance(x, dict):
+            return any(walk(v) for v in x.values())
+        if isinstance(x, list | tuple):
+            return any(walk(v) for v in x)
+        return False
+
+    return any(walk(r.get("expr")) for r in rules)
 
 
 def _rule(chain: str, rule: dict) -> dict:
