@@ -43,6 +43,7 @@ from ..datastore import Store, open_datastore
 from ..errors import DatastoreCredentialsError, DatastoreError, DatastoreURLError, OverlayCNIError
 from ..trace import RequestTrace
 from .cniops import NodeContext
+from .heap import limit_arenas
 from .imports import lean_pyroute2
 from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
@@ -344,6 +345,7 @@ def run_agent(opts: AgentOptions) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s overlaycni-agent[" + opts.node + "] %(message)s",
     )
+    limit_arenas()  # before any thread (heap.py)
     agent = Agent(opts)
     agent.handle_signals()
     try:
