@@ -16,7 +16,16 @@
    value; ratios are taken per round, then the median and spread (min-max)
    over ``--repeats`` rounds, with the load average. Besides Gbit/s, Gbit per
    CPU-second (iperf3's own client + server CPU accounting) is printed: on a
-   shared, loaded machine it moves less than throughput.
+   shared, loaded machine it moves less than throughput. ``--ablate`` adds
+   two paths that take the pod path apart: the same pods with every node
+   table of their lab replaced by a stand-in that keeps conntrack on (and,
+   on vxlan, the outer flow untracked) but has no rule and no NAT hook
+   (``ABLATED``; the agents are paused with SIGSTOP for the whole
+   measurement, so they do not repair the tables, and the tables are put
+   back before each other path runs). "pods / pods without rules" is what
+   every nftables rule of the pod path costs; the rest of the gap to the
+   bare link is the path itself (the extra veth hop and IP forwarding on
+   each node).
 4. WireGuard: pod-to-pod throughput as a ratio of the same run's vxlan (a
    vxlan and a wireguard lab side by side, runs alternating); the time from
    a node joining (``lab node add`` called) to its first WireGuard packet on
@@ -31,7 +40,7 @@
    same VXLAN device costs 20 more header bytes per packet, nothing else).
 
 Usage: .venv/bin/python bench/lab.py [--sizes 3,10,20] [--seconds 5] [--repeats 3] [--streams 1,4]
-       [--skip-throughput] [--only-throughput] [--bare-notrack] [--only-wireguard] [--only-dual-stack]
+       [--skip-throughput] [--only-throughput] [--bare-notrack] [--ablate] [--only-wireguard] [--only-dual-stack]
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +58,7 @@ import tempfile
 import time
 
 from overlaycni.config import parse_network
-from overlaycni.lab import lifecycle, members, topology
+from overlaycni.lab import lifecycle, members, procs, topology
 
 
 def up(name: str, root: str, *, nodes: int, pods: int, backend: str = "vxlan", dual: bool = False) -> tuple[float, object]:
@@ -194,6 +204,61 @@ def apply_policy(name: str, root: str, state) -> None:
             time.sleep(0.1)
 
 
+# --ablate: a node table with no rule and no NAT hook; conntrack stays on (the ``ct``
+# expression registers it) and the outer VXLAN flow stays untracked, as with the real tables
+ABLATED = """table ip ocbench {
+  chain pre {
+    type filter hook prerouting priority raw; policy accept;
+    udp dport 4789 notrack
+    ct state invalid counter
+  }
+  chain out {
+    type filter hook output priority raw; policy accept;
+    udp dport 4789 notrack
+  }
+}
+"""
+
+
+class Ablation:
+    """The node tables of one lab swapped for ``ABLATED`` and back; the
+    lab's agents are paused (SIGSTOP) from ``pause`` to ``close``."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.saved: dict[str, str] = {}
+        self.paused: list = []
+
+    def pause(self) -> None:
+        for node in self.state.nodes:
+            if node.agent is not None and procs.alive(node.agent):
+                os.kill(node.agent.pid, signal.SIGSTOP)
+                self.paused.append(node.agent)
+        self.saved = {n.netns: ns_run(n.netns, "nft", "list", "ruleset") for n in self.state.nodes}
+
+    def _load(self, netns: str, text: str) -> None:
+        ns_run(netns, "nft", "flush", "ruleset")
+        out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=text, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{netns}: nft -f: {out.stderr.strip()}")
+
+    def strip(self) -> None:
+        for netns in self.saved:
+            self._load(netns, ABLATED)
+
+    def restore(self) -> None:
+        for netns, text in self.saved.items():
+            self._load(netns, text)
+
+    def close(self) -> None:
+        if self.saved:
+            self.restore()
+        for proc in self.paused:
+            if procs.alive(proc):
+                os.kill(proc.pid, signal.SIGCONT)
+        self.paused.clear()
+
+
 def pod_pair(state):
     n1, n2 = state.nodes
     return next(p for p in state.pods if p.node == n1.name), next(p for p in state.pods if p.node == n2.name)
@@ -204,12 +269,15 @@ def ratio_line(label: str, num: list[float], den: list[float], aim: float | None
     return f"    {label:28s} {spread(r, '{:.3f}')}" + (f"  (aim >= {aim})" if aim else "")
 
 
-def vs_kernel_vxlan(root: str, *, seconds: float, rounds: int, streams: tuple[int, ...], bare_notrack: bool) -> None:
+def vs_kernel_vxlan(root: str, *, seconds: float, rounds: int, streams: tuple[int, ...], bare_notrack: bool,
+                    ablate: bool = False) -> None:
     """Underlay, bare kernel VXLAN and overlaycni pods (vxlan lab); underlay and pods (direct
-    lab): every path once per round, the order rotating each round; ratios per round."""
+    lab): every path once per round, the order rotating each round; ratios per round. With
+    ``ablate``, the pods of each lab once more without their node tables (``Ablation``)."""
     tag = os.getpid() % 1000
     names = {"vxlan": f"bx{tag}", "direct": f"bd{tag}"}
     runner = Iperf()
+    ablations: dict[str, Ablation] = {}
     try:
         states = {}
         for backend, name in names.items():
@@ -226,6 +294,13 @@ def vs_kernel_vxlan(root: str, *, seconds: float, rounds: int, streams: tuple[in
             "underlay (direct lab)": (di.nodes[0].netns, di.nodes[1].netns, str(di.nodes[1].ip.ip)),
             "pods direct": (dp1.netns, dp2.netns, str(dp2.ip.ip)),
         }
+        stripped = {}  # path: the lab whose tables it runs without
+        if ablate:
+            ablations = {"vxlan": Ablation(vx), "direct": Ablation(di)}
+            for backend, path in (("vxlan", "pods vxlan"), ("direct", "pods direct")):
+                ablations[backend].pause()
+                paths[f"{path}, no rules"] = paths[path]
+                stripped[f"{path}, no rules"] = ablations[backend]
         for _, server_ns, _ in paths.values():
             runner.serve(server_ns)
         order = list(paths)
@@ -237,7 +312,13 @@ def vs_kernel_vxlan(root: str, *, seconds: float, rounds: int, streams: tuple[in
                 loads.append(os.getloadavg()[0])
                 for k in order[r % len(order):] + order[: r % len(order)]:
                     client, _, ip = paths[k]
-                    g, e = runner.measure(client, ip, seconds=seconds, streams=p)
+                    if k in stripped:
+                        stripped[k].strip()
+                    try:
+                        g, e = runner.measure(client, ip, seconds=seconds, streams=p)
+                    finally:
+                        if k in stripped:
+                            stripped[k].restore()
                     gbit[k].append(g)
                     eff[k].append(e)
             print(f"  {p} stream{'s' if p > 1 else ''}, {rounds} rounds of {seconds:g} s, load average {spread(loads, '{:.1f}')}")
@@ -249,8 +330,15 @@ def vs_kernel_vxlan(root: str, *, seconds: float, rounds: int, streams: tuple[in
                 print(ratio_line("pods vxlan / underlay", d["pods vxlan"], d["underlay"]))
                 print(ratio_line("bare vxlan / underlay", d["bare vxlan"], d["underlay"]))
                 print(ratio_line("pods direct / underlay", d["pods direct"], d["underlay (direct lab)"], 0.95 if p == 1 else None))
+                for path in stripped:  # "pods vxlan, no rules": what the rules cost, and the path without them
+                    pods, backend = path.split(",")[0], path.split()[1]
+                    base = "bare vxlan" if backend == "vxlan" else "underlay (direct lab)"
+                    print(ratio_line(f"{pods} / no rules", d[pods], d[path]))
+                    print(ratio_line(f"no rules {backend} / {base.split(' (')[0]}", d[path], d[base]))
     finally:
         runner.close()
+        for ablation in ablations.values():
+            ablation.close()
         for name in names.values():
             lifecycle.down(name, root=root)
 
@@ -402,6 +490,7 @@ def main() -> int:
     ap.add_argument("--only-throughput", action="store_true", help="only the throughput against the kernel's VXLAN (3.)")
     ap.add_argument("--streams", default="1,4", help="iperf3 -P values for 3. (comma-separated)")
     ap.add_argument("--bare-notrack", action="store_true", help="3.: exempt the bare VXLAN's outer flow from conntrack too")
+    ap.add_argument("--ablate", action="store_true", help="3.: the pods once more without their node tables (agents paused)")
     ap.add_argument("--only-dual-stack", action="store_true", help="only the dual-stack throughput (5.)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -440,7 +529,7 @@ def main() -> int:
             print(f"== TCP throughput against the kernel's own VXLAN (iperf3, one NetworkPolicy applied, "
                   f"bare VXLAN outer flow {'untracked' if args.bare_notrack else 'tracked'})")  # fmt: skip
             vs_kernel_vxlan(root, seconds=args.seconds, rounds=args.repeats, streams=tuple(int(x) for x in args.streams.split(",")),
-                            bare_notrack=args.bare_notrack)  # fmt: skip
+                            bare_notrack=args.bare_notrack, ablate=args.ablate)  # fmt: skip
         if args.only_throughput:
             return 0
         if not args.skip_throughput:
