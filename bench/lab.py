@@ -331,7 +331,8 @@ def vs_kernel_vxlan(root: str, *, seconds: float, rounds: int, streams: tuple[in
                 print(ratio_line("bare vxlan / underlay", d["bare vxlan"], d["underlay"]))
                 print(ratio_line("pods direct / underlay", d["pods direct"], d["underlay (direct lab)"], 0.95 if p == 1 else None))
                 for path in stripped:  # "pods vxlan, no rules": what the rules cost, and the path without them
-                    pods, backend = path.split(",")[0], path.split()[1]
+                    pods = path.split(",")[0]
+                    backend = pods.split()[1]
                     base = "bare vxlan" if backend == "vxlan" else "underlay (direct lab)"
                     print(ratio_line(f"{pods} / no rules", d[pods], d[path]))
                     print(ratio_line(f"no rules {backend} / {base.split(' (')[0]}", d[path], d[base]))
