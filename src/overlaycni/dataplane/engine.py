@@ -43,6 +43,32 @@ and proxy ARP (see ``pod_veth_sysctls``); on the tunnel device
 packet's source lies in a peer's block, routed back through the device). The kernel applies the larger of
 ``all`` and the device's value, so a host that sets ``all`` to 2 (loose)
 keeps loose checks there; none of the data path needs ``rp_filter=0``.
+
+Throughput (issue 14; ``bench/lab.py --ablate``). Over the kernel's own
+VXLAN link between the same nodes, a pod's packet pays one veth hop into
+its node and one out of the peer, IP forwarding on both nodes (a route
+lookup, plus ``rp_filter``'s), and the nodes' nftables hooks (the
+anti-spoofing rules, the policy table's ``ct state established`` rules,
+NAT's hooks; the outer VXLAN flow is untracked, see ``nftmodel``). TCP
+sends ~56 KB GSO packets that cross the veths, the VXLAN device and the
+underlay unsegmented (TSO, GSO and checksum offload are on by default on
+veth and VXLAN devices; the average packet size on every link's counters
+shows it), so per-packet work is paid once per ~40 MTU-sized segments and
+neither the MTU nor segmentation offload settings change anything.
+Swapping every node table for a stand-in without rules (conntrack kept)
+moves pods / bare VXLAN by less than the run-to-run spread on the shared
+test machine. Not adopted: an nftables flowtable (``flow add``, kernel
+docs networking/nf_flowtable.rst), which would let established flows skip
+forwarding and the hooks, needs ``CONFIG_NF_FLOW_TABLE``, which the test
+kernel does not have (nor modules); using it where it exists means
+proving the guarantees again (the tuple's input interface keeps spoofed
+sources out, but on ``direct`` an offloaded reply from the underlay would
+skip ``underlay_in``'s MAC check, so the underlay device would have to
+stay out of the flowtable). GRO on the pod veth pair (the veth's NAPI
+mode): per CPU-second up and throughput down in the same runs, which
+says the receive work moved out of what iperf3 counts rather than
+shrank. ``rp_filter=0``: within the spread, and the kernel's check would
+no longer back the anti-spoofing rule.
 """
 
 from __future__ import annotations
