@@ -65,10 +65,10 @@ proving the guarantees again (the tuple's input interface keeps spoofed
 sources out, but on ``direct`` an offloaded reply from the underlay would
 skip ``underlay_in``'s MAC check, so the underlay device would have to
 stay out of the flowtable). GRO on both ends of the pod veth pair (the
-veth's NAPI mode): per CPU-second 5-10% up but throughput slightly down in
-the same A/B runs, too unclear on a loaded machine to pay two more
-feature requests per ADD. ``rp_filter=0``: within the spread, and the
-kernel's check would no longer back the anti-spoofing rule.
+veth's NAPI mode): nothing for one stream, a few percent for four, inside
+the spread of interleaved runs; not worth two more feature requests per
+ADD. ``rp_filter=0``: within the spread, and the kernel's check would no
+longer back the anti-spoofing rule.
 """
 
 from __future__ import annotations
