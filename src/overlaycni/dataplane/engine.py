@@ -55,9 +55,10 @@ underlay unsegmented (TSO, GSO and checksum offload are on by default on
 veth and VXLAN devices; the average packet size on every link's counters
 shows it), so per-packet work is paid once per ~40 MTU-sized segments and
 neither the MTU nor segmentation offload settings change anything.
-Swapping every node table for a stand-in without rules (conntrack kept)
-moves pods / bare VXLAN by less than the run-to-run spread on the shared
-test machine. Not adopted: an nftables flowtable (``flow add``, kernel
+Swapping every node table for a stand-in without rules or NAT hooks
+(conntrack kept) gains 2-8% per CPU-second (medians of three runs, each
+inside its spread): about half of what separates the pods from the bare
+link; the rest is the path itself. Not adopted: an nftables flowtable (``flow add``, kernel
 docs networking/nf_flowtable.rst), which would let established flows skip
 forwarding and the hooks, needs ``CONFIG_NF_FLOW_TABLE``, which the test
 kernel does not have (nor modules); using it where it exists means
