@@ -11,7 +11,9 @@ backend's device and peers are a strategy (``wireguard.py``) called at the
 same points: WireGuard peer before route, removal in reverse. Pod routes and pod
 set elements are only removed when their host veth is gone: a CNI ADD that
 raced with a reconcile computed from an older pod list must not lose its
-route (leaked veths are found by ``list_pod_veths`` and removed by GC).
+route (leaked veths are found by ``list_pod_veths`` and removed by GC); and
+only programmed while it lives: a pod of an older list whose veth is gone
+(a DEL since) gets neither back.
 
 The node's nftables tables (``ip``, ``ip6`` and ``arp overlaycni``,
 ``nodetables``) are reconciled alike: replaced whole when their
@@ -361,11 +363,14 @@ class NodeDataplane(PodOps):
                     report.changes.extend(f"{kind} {o} {verb}" for o in objs)
 
     def _pod_endpoints(self, state: NodeState) -> set[tuple[str, IPAddress]]:
-        """The state's pods (an element per address, both families), plus live pod veths the
-        state does not know yet (a racing ADD), whose addresses the kernel's /32 and /128 routes tell."""
-        wanted: set[tuple[str, IPAddress]] = {(p.host_veth, ip) for p in state.pods for ip in p.ips}
-        named = {p.host_veth for p in state.pods}
+        """The state's pods whose host veth is live (an element per address, both families), plus
+        live pod veths the state does not know yet (a racing ADD), whose addresses the kernel's /32
+        and /128 routes tell. A pod of the state whose veth is gone (a DEL since the state was
+        computed: the repairer reconciles to the last resync's state) gets no element, as it gets
+        no route: its element must not outlive it (a re-ADD of the same veth name would inherit it)."""
         live = {link.name for link in self.p.links.list_links()}
+        wanted: set[tuple[str, IPAddress]] = {(p.host_veth, ip) for p in state.pods if p.host_veth in live for ip in p.ips}
+        named = {p.host_veth for p in state.pods}
         routes = self._pod_routes if self._pod_routes is not None else self.p.routes.list_routes()
         for r in routes:
             if r.dev in live and r.dev not in named and is_pod_veth(r.dev) and r.dst.prefixlen == r.dst.max_prefixlen:

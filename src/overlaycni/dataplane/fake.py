@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import queue
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class FakeKernel:
     fail_next: dict[str, Exception] = field(default_factory=dict)  # port method -> error (tests)
     watchers: list[FakeKernelEvents] = field(default_factory=list)
     batches: list[tuple[str, int]] = field(default_factory=list)  # (batch call, pods in it), in order (tests)
+    # nftables transactions run one at a time, as the kernel's commit does (see ``FakeNft.apply``)
+    nft_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def notify(self, reason: str) -> None:
         """A test changed the fake kernel as another process would: tell the watchers."""
@@ -315,12 +318,19 @@ def _elem_key(elem: Any) -> Any:
     return elem.key if isinstance(elem, nftables.MapEntry) else elem
 
 
+def _table_of(cmd: dict[str, Any]) -> tuple[str, str]:
+    """The (family, table) one nftables command acts on."""
+    (_verb, body), = cmd.items()
+    (kind, obj), = body.items()
+    return obj["family"], obj["name"] if kind == "table" else obj["table"]
+
+
 def _nft_apply(tables: dict[tuple[str, str], FakeNftTable], commands: list[dict[str, Any]]) -> None:
-    """Run one transaction on ``tables`` (a copy: the caller keeps it only on success)."""
+    """Run one transaction on ``tables`` (copies: the caller keeps them only on success)."""
     for cmd in commands:
         (verb, body), = cmd.items()
         (kind, obj), = body.items()
-        key = (obj["family"], obj["name"] if kind == "table" else obj["table"])
+        key = _table_of(cmd)
         if kind == "table":
             if verb == "add":
                 tables.setdefault(key, FakeNftTable())
@@ -415,11 +425,23 @@ class FakeNft:
         return {} if t is None else dict(t.counters)
 
     def apply(self, commands: list[dict[str, Any]]) -> None:
+        """One all-or-nothing transaction. Like the kernel's, it changes only
+        the tables its commands name, and transactions do not overlap: the
+        policy controller's ``inet`` table is applied outside the agent's
+        kernel lock, concurrently with the ADDs' ``pod_endpoints`` elements,
+        and must not put back a copy of their tables taken before they
+        committed (a lost update the kernel never has)."""
         self.k.maybe_fail("nft")
-        tables = copy.deepcopy(self.k.nft_tables)
-        _nft_apply(tables, commands)
-        self.k.nft_tables = tables
-        self.transactions += 1
+        with self.k.nft_lock:
+            touched = {_table_of(cmd) for cmd in commands}
+            tables = {key: copy.deepcopy(t) for key, t in self.k.nft_tables.items() if key in touched}
+            _nft_apply(tables, commands)
+            for key in touched:
+                if key in tables:
+                    self.k.nft_tables[key] = tables[key]
+                else:
+                    self.k.nft_tables.pop(key, None)
+            self.transactions += 1
 
 
 class FakeSysctls:
