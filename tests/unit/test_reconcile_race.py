@@ -110,3 +110,119 @@ def test_a_stale_reconcile_does_not_restore_a_deleted_pods_elements():
     for family in ("ip", "arp", "ip6"):
         assert k.nft_table(family, "overlaycni").sets["pod_endpoints"] == frozenset(), family
     assert not [r for r in k.routes.values() if r.dev == HOST]
+
+
+# ----- the agent: a stale pod list must not undo a re-ADD of the same attachment --------------
+#
+# A DEL then an ADD of the same attachment (same container ID and ifname: the
+# same host veth name) with another address. A reconcile whose pod list was
+# read before them names the veth with its *old* address: without the
+# attachments the CNI batches made since, it removes the new address's
+# anti-spoofing element (the pod's traffic is dropped until the next resync)
+# and routes the old address (perhaps another pod's by now) into this pod.
+
+
+@pytest.fixture()
+def agent(tmp_path):
+    from overlaycni import ipam
+    from overlaycni.config import parse_network
+    from overlaycni.datastore import open_datastore
+
+    from .test_agent import start_agent
+
+    url = f"sqlite://{tmp_path}/state.db"
+    store = open_datastore(url)
+    ipam.create_cluster(store, "c1", parse_network({"pod-cidr": "10.244.0.0/16", "network-plugin": "azure",
+                                                     "network-plugin-mode": "overlay"}))
+    agent, dp = start_agent(url, tmp_path, "n1", "10.224.0.4")
+    yield agent, dp, ipam.get_node(store, "c1", "n1").block
+    agent.shutdown()
+    store.close()
+
+
+def _readd(agent, block, last: int) -> dict:
+    """DEL pod p, then ADD it again asking for ``block``'s address ``.last``."""
+    from .test_agent import cni, drained
+
+    assert cni(agent, "DEL", cid="p") == (0, None)
+    assert drained(agent)
+    code, res = cni(agent, "ADD", cid="p", runtimeConfig={"ips": [str(block.network_address + last)]})
+    assert code == 0, res
+    return res
+
+
+def _only_new_address(agent, dp, block, res) -> None:
+    from .test_agent import cni
+
+    assert cni(agent, "CHECK", cid="p", prevResult=res) == (0, None)
+    veth = host_veth_name("p", "eth0")
+    on_veth = sorted(str(r.dst) for r in dp.kernel.routes.values() if r.dev == veth)
+    assert on_veth == [f"{block.network_address + 9}/32"]
+    assert {e for e in dp.kernel.nft.sets["pod_endpoints"] if e[0] == veth} == {(veth, block.network_address + 9)}
+
+
+@pytest.mark.parametrize("readd", [False, True], ids=["control", "re-add"])
+def test_a_repair_from_the_last_resync_keeps_a_re_added_pod(agent, readd):
+    from .test_agent import cni
+
+    agent, dp, block = agent
+    code, res = cni(agent, "ADD", cid="p", runtimeConfig={"ips": [str(block.network_address + 9 - readd)]})
+    assert code == 0, res
+    agent.node.resync()  # the state the repairer reconciles to now names p
+    if readd:
+        res = _readd(agent, block, 9)
+    agent.repair.check()
+    _only_new_address(agent, dp, block, res)
+    agent.node.resync()  # the next resync reads the new allocation itself: the log is empty again
+    _only_new_address(agent, dp, block, res)
+    assert len(agent.node.podlog) == 0
+
+
+@pytest.mark.parametrize("readd", [False, True], ids=["control", "re-add"])
+def test_a_resync_listed_before_a_re_add_keeps_it(agent, monkeypatch, readd):
+    """The resync reads the allocations, then (the hook) the pod is deleted
+    and added again, then the resync takes the kernel lock and programs what it read."""
+    from overlaycni import ipam
+
+    from .test_agent import cni
+
+    agent, dp, block = agent
+    code, res = cni(agent, "ADD", cid="p", runtimeConfig={"ips": [str(block.network_address + 9 - readd)]})
+    assert code == 0, res
+    real = ipam.list_allocations
+    done: list[dict] = []
+
+    def listed_then_readd(*args, **kw):
+        got = real(*args, **kw)
+        if readd and not done:
+            done.append(_readd(agent, block, 9))
+        return got
+
+    monkeypatch.setattr(ipam, "list_allocations", listed_then_readd)
+    agent.node.resync()
+    _only_new_address(agent, dp, block, done[0] if done else res)
+    assert len(agent.node.podlog) == 0
+
+
+def test_the_pod_log_keeps_an_attachment_while_a_reconcile_that_read_before_it_runs():
+    from overlaycni.agent.podlog import PodLog
+    from overlaycni.ipam import Allocation
+
+    def alloc(cid: str, last: int) -> Allocation:
+        return Allocation(container_id=cid, ifname="eth0", ip=IPv4Interface(f"10.244.0.{last}/24"),
+                          gateway=IPv4Address("10.244.0.1"), node="n1")
+
+    log = PodLog()
+    log.attached([])
+    assert len(log) == 0  # an empty batch logs nothing
+    with log.reading() as early:
+        log.attached([alloc("a", 5)])
+        with log.reading() as late:
+            log.attached([alloc("a", 9), alloc("b", 6)])  # a again: the latest wins
+            log.settled()  # a reconcile that read later settled: the early one still needs both entries
+            assert len(log) == 2
+            assert [str(a.ip) for a in log.merge([alloc("a", 7), alloc("c", 8)], early)] == [
+                "10.244.0.8/24", "10.244.0.9/24", "10.244.0.6/24"]
+            assert log.since(late) == log.since(early)
+        assert len(log) == 2
+    assert len(log) == 0 and log.since(0) == {}  # nobody needs them any more

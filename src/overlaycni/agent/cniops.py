@@ -112,10 +112,13 @@ class CNIOps:
         request_deadline: float = REQUEST_DEADLINE,
         on_bad: Callable[[BadRecord], None] | None = None,
         on_batch: Callable[[str, int], None] | None = None,
+        on_attached: Callable[[list[Allocation]], None] | None = None,
     ) -> None:
         """``policy_programmed``: blocks until the node's NetworkPolicy table
         holds every allocation made so far (``PolicyController.programmed``);
-        ``on_batch(command, size)`` hears of every batch the batcher applies."""
+        ``on_batch(command, size)`` hears of every batch the batcher applies;
+        ``on_attached`` of the pods each batch attached, under the kernel lock
+        (``agent.podlog``)."""
         self.store = store
         self.dp = dataplane
         self.ctx = ctx
@@ -125,7 +128,7 @@ class CNIOps:
         self.on_bad = on_bad
         self.locks = AttachmentLocks()
         commit = Commit(store, dataplane, cluster=ctx.cluster, node=ctx.record.name, kernel_lock=kernel_lock,
-                        on_bad=self.report_bad, on_batch=on_batch)
+                        on_bad=self.report_bad, on_batch=on_batch, on_attached=on_attached)
         self.quarantine = commit.quarantine
         self.batcher = Batcher(commit, idle=commit.quarantine)
 

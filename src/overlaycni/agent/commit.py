@@ -93,9 +93,14 @@ class Commit:
     def __init__(
         self, store: Store, dp: Dataplane, *, cluster: str, node: str, kernel_lock: threading.RLock,
         on_bad: Callable[[BadRecord], None], on_batch: Callable[[str, int], None] | None = None,
+        on_attached: Callable[[list[Allocation]], None] | None = None,
     ) -> None:
+        """``on_attached``: told of the pods each batch attached while it still
+        holds the kernel lock (``agent.podlog``: a reconcile that read the
+        allocations before must not program older addresses over them)."""
         self.store, self.dp, self.cluster, self.node = store, dp, cluster, node
         self.kernel_lock, self.on_bad, self.on_batch = kernel_lock, on_bad, on_batch
+        self.on_attached = on_attached
         self.quarantine = Quarantine(store, dp, cluster=cluster, node=node, on_bad=on_bad)
 
     def __call__(self, batch: list[Job]) -> None:
@@ -162,6 +167,9 @@ class Commit:
                     veths = None
                     veths = set(self.dp.list_pod_veths())
                 results = self._attach(reserved)
+                if self.on_attached is not None:
+                    self.on_attached([a for (_j, a, _f), res in zip(reserved, results, strict=True)
+                                      if isinstance(res, PodInterface)])
         except Exception as exc:  # noqa: BLE001 - the kernel lock, the worker, a bug: every job of the step, undone
             results = [exc] * len(reserved)
         for (job, alloc, fresh), attached in zip(reserved, results, strict=True):

@@ -18,7 +18,9 @@ work of every loop and of CNI requests shares ``kernel_lock``):
 * resync: every ``resync_interval`` seconds the full desired state is
   recomputed from the datastore and the kernel reconciled to it (Calico
   style), which also catches anything an event missed, and refreshes which
-  peers are live;
+  peers are live. The pods a CNI batch attached after the allocations were
+  read are laid over them under the kernel lock (``podlog``: a re-ADD's new
+  address must not lose its element to a listing older than it);
 * repair (``agent.repair``): kernel events about our objects trigger a
   reconcile from the last desired state, without the datastore;
 * the policy controller (``agent.policy``);
@@ -57,7 +59,7 @@ from typing import Any
 
 from .. import ipam
 from ..cidr import IPNetwork
-from ..dataplane import Dataplane, NodeState, Peer, host_veth_name
+from ..dataplane import Dataplane, NodeState, Peer, PodEndpoint, ReconcileReport, host_veth_name
 from ..datastore import EtcdCredentials, Event, Store
 from ..datastore.keys import block_key, lease_key, nodes_prefix, split_key
 from ..datastore.watch import watch_loop
@@ -69,6 +71,7 @@ from .flowlog import FlowCollector, FlowLogOptions
 from .flows import FlowBuffer
 from .heap import release_free_memory
 from .metrics import AgentMetrics
+from .podlog import PodLog
 from .policy import PolicyController
 from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
 from .wireguard import DEFAULT_KEY_FILE, NodeKey, record_identity
@@ -158,6 +161,7 @@ class RunningNode:
         # this node's allocations as last read, and since then as ADD and DEL left them
         # (what ``node delete`` released under a running agent is restored from here)
         self.allocations: dict[tuple[str, str], ipam.Allocation] = {}
+        self.podlog = PodLog()  # what the CNI batches attached, for reconciles that read before (``podlog``)
         self.state = NodeState(node_ip=ctx.record.node_ip, block=ctx.record.block, pod_cidr=ctx.network.pod_cidr)
         self.state = self._reconcile()
         release_free_memory()  # the first full reconcile's transient structures (heap.py)
@@ -174,6 +178,7 @@ class RunningNode:
             store, dp, ctx, kernel_lock=self.kernel_lock, policy_programmed=self.policy.programmed,
             request_deadline=opts.request_deadline, on_bad=self.bad.report,
             on_batch=lambda command, size: metrics.batch_size.labels(command).observe(size),
+            on_attached=self.podlog.attached,
         )
         self.reaper = Reaper(self.ops, grace=opts.reap_grace, on_reaped=lambda _r: metrics.reaped.inc())
 
@@ -213,21 +218,12 @@ class RunningNode:
             view = ipam.cluster_nodes(self.store, c.cluster, on_bad=self.bad.report)
         self._ensure_live(view)
         view = keep_view(self.view, view)  # the held objects where nothing changed
-        allocations = ipam.list_allocations(self.store, c.cluster, node=c.record.name, on_bad=self.bad.report)
-        selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
-        with self.kernel_lock:
-            state = node_state(
-                c.network, c.record, selection.records, allocations, present_veths=self.dp.list_pod_veths(),
-                wireguard_key=self.wg_key.key if self.wg_key else None,
-            )
-            state = keep_peers(self.state, state)
-            report = self.dp.reconcile(state)
-            self.state = state
-            with self._view_lock:
-                self.view = view
-                self.view_epoch += 1  # a selection from an older listing must not undo this one
-            self.allocations = {(a.container_id, a.ifname): a for a in allocations}
-            self._set_mtu(state)
+        with self.podlog.reading() as mark:  # before the read: what a batch attaches after it is laid over it
+            allocations = ipam.list_allocations(self.store, c.cluster, node=c.record.name, on_bad=self.bad.report)
+            selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
+            with self.kernel_lock:
+                allocations = self.podlog.merge(allocations, mark)
+                state, report = self._program(view, selection, allocations)
         self.last_resync = time.time()
         self.datastore_ok = True
         self._note(selection)
@@ -242,6 +238,38 @@ class RunningNode:
             self.last_error = "; ".join(report.errors[:3])
             log.warning("reconcile errors: %s", self.last_error)
         return state
+
+    def _program(
+        self, view: ipam.ClusterNodes, selection: PeerSelection, allocations: list[ipam.Allocation]
+    ) -> tuple[NodeState, ReconcileReport]:
+        """The full reconcile's kernel step (under the kernel lock)."""
+        c = self.ctx
+        state = node_state(
+            c.network, c.record, selection.records, allocations, present_veths=self.dp.list_pod_veths(),
+            wireguard_key=self.wg_key.key if self.wg_key else None,
+        )
+        state = keep_peers(self.state, state)
+        report = self.dp.reconcile(state)
+        self.state = state
+        self.podlog.settled()  # the state holds every attachment so far (the batches wait for this lock)
+        with self._view_lock:
+            self.view = view
+            self.view_epoch += 1  # a selection from an older listing must not undo this one
+        self.allocations = {(a.container_id, a.ifname): a for a in allocations}
+        self._set_mtu(state)
+        return state, report
+
+    def current_state(self) -> NodeState:
+        """The last full reconcile's state with the pods attached since laid over it (under the
+        kernel lock): what the repairer reconciles to (``podlog``)."""
+        newer = self.podlog.since(self.podlog.settled_mark)
+        if not newer:
+            return self.state
+        pods = [p for p in self.state.pods if p.host_veth not in newer] + [
+            PodEndpoint(ip=a.ip.ip, host_veth=veth, ip_v6=a.ip_v6.ip if a.ip_v6 is not None else None)
+            for veth, a in newer.items()
+        ]
+        return replace(self.state, pods=tuple(sorted(pods, key=lambda p: int(p.ip))))
 
     def _set_mtu(self, state: NodeState) -> None:
         self.ctx.pod_mtu = state.mtu if state.mtu is not None else self.local_pod_mtu

@@ -10,7 +10,8 @@ of them can be removed or edited by another process (``nft flush ruleset``,
 ``Repairer`` reads the data plane's ``KernelEvents`` (netlink notifications
 of changes made by other processes: ``dataplane.linux.monitor``). On one it
 waits ``DEBOUNCE`` for the rest of a burst, then reconciles the kernel to
-the node's last desired state and re-applies the last NetworkPolicy render
+the node's last desired state (the last full resync's, with the pods the CNI
+batches attached since laid over it: ``podlog``) and re-applies the last NetworkPolicy render
 if that table drifted (``PolicyTable.repair``). Neither step needs the
 datastore, so a node repairs itself during an outage of the control plane
 too. Without events it checks every ``REPAIR_INTERVAL`` seconds anyway (a
@@ -96,7 +97,7 @@ class Repairer:
             self.missing = [f"changed behind our back: {r}" for r in list(dict.fromkeys(reasons))[:3]]
         try:
             with n.kernel_lock:
-                report = n.dp.reconcile(n.state)
+                report = n.dp.reconcile(n.current_state())  # with the pods attached since the last resync
                 policy = n.dp.policy_table.repair()
         except OverlayCNIError as exc:
             self.missing = [f"repair failed: {exc}"]
