@@ -10,6 +10,7 @@ assertions against these ports and the Linux ones.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import queue
 import threading
@@ -24,7 +25,19 @@ from ..errors import AttachmentConflict, DataplaneError, InterfaceExists, NetnsN
 from ..families import PodAddress
 from . import nftables, nftmodel, nftmodel6, podguard, policytable, ports
 from .engine import NodeDataplane, Ports
-from .model import FdbEntry, Link, Neighbour, PodAttachment, PodInterface, PodView, Route, VxlanSpec, vtep_mac
+from .model import (
+    PARK_GROUP,
+    FdbEntry,
+    Link,
+    Neighbour,
+    PodAttachment,
+    PodInterface,
+    PodView,
+    Route,
+    VxlanSpec,
+    parked_veth_name,
+    vtep_mac,
+)
 from .nflog_fake import FakeVerdictLog
 from .wgmodel import WgDevice, WgPeer, WgPeerStatus, WireGuardSpec
 
@@ -67,6 +80,7 @@ class FakeKernel:
     fail_next: dict[str, Exception] = field(default_factory=dict)  # port method -> error (tests)
     watchers: list[FakeKernelEvents] = field(default_factory=list)
     batches: list[tuple[str, int]] = field(default_factory=list)  # (batch call, pods in it), in order (tests)
+    groups: dict[str, int] = field(default_factory=dict)  # link name -> link group (IFLA_GROUP), when not 0
     # nftables transactions run one at a time, as the kernel's commit does (see ``FakeNft.apply``)
     nft_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -136,6 +150,7 @@ class FakeLinks:
         if link is None:
             return False
         self.k.vxlan.pop(name, None)
+        self.k.groups.pop(name, None)
         self.k.wireguard.pop(name, None)
         self.k.addresses.pop(name, None)
         self.k.routes = {d: r for d, r in self.k.routes.items() if r.dev != name}
@@ -515,6 +530,30 @@ class FakePodLinks:
         self.k.maybe_fail("teardown_pod_links")
         for host in host_veths:
             self.teardown_pod_link(host_veth=host)
+
+    def park_pod_links(self, host_veths: Sequence[str]) -> None:
+        """As the kernel: down (its routes go, IPv4 and IPv6), renamed, in ``PARK_GROUP``; one gone is success."""
+        self.k.batches.append(("park_pod_links", len(host_veths)))
+        self.k.maybe_fail("park_pod_links")
+        peers = self.k.netns.setdefault("__peers__", FakePodNetns()).links
+        for host in host_veths:
+            link = self.k.links.pop(host, None)
+            if link is None:
+                continue
+            name = parked_veth_name(host)
+            self.k.links[name] = dataclasses.replace(link, name=name, up=False)
+            self.k.addresses[name] = {a: lbl for a, lbl in self.k.addresses.pop(host, {}).items() if a.version == 4}
+            self.k.routes = {d: r for d, r in self.k.routes.items() if r.dev != host}
+            self.k.groups[name] = PARK_GROUP
+            if host in peers:
+                peers[name] = peers.pop(host)
+
+    def delete_parked_links(self) -> None:
+        """One RTM_DELLINK for ``PARK_GROUP``: every link in it, with its pod end."""
+        self.k.batches.append(("delete_parked_links", sum(g == PARK_GROUP for g in self.k.groups.values())))
+        self.k.maybe_fail("delete_parked_links")
+        for name in [n for n, g in self.k.groups.items() if g == PARK_GROUP]:
+            self.teardown_pod_link(host_veth=name)
 
     def teardown_pod_link(self, *, host_veth: str) -> None:
         FakeLinks(self.k).delete_link(host_veth)

@@ -57,6 +57,26 @@ def is_pod_veth(ifname: str) -> bool:
     return ifname.startswith(VETH_PREFIX) and len(rest) == 13 and all(c in "0123456789abcdef" for c in rest)
 
 
+# A DEL parks its host veth rather than deleting it (``agent.quarantine``): one
+# RTM_NEWLINK sets it down, renames it ``oz`` + the same 13 hex digits (15
+# characters: IFNAMSIZ is 16 with the NUL; ``is_pod_veth`` does not match it,
+# nor does the ``oc*`` of the pod rules) and puts it in link group
+# ``PARK_GROUP``, which one RTM_DELLINK empties later. Nothing else of the
+# project uses the prefix or the group ("ocz1" in ASCII).
+PARKED_PREFIX = "oz"
+PARK_GROUP = 0x6F637A31
+
+
+def parked_veth_name(host_veth: str) -> str:
+    """The parked name of pod veth ``host_veth``."""
+    return PARKED_PREFIX + host_veth[len(VETH_PREFIX):]
+
+
+def is_parked_veth(ifname: str) -> bool:
+    rest = ifname[len(PARKED_PREFIX):]
+    return ifname.startswith(PARKED_PREFIX) and len(rest) == 13 and all(c in "0123456789abcdef" for c in rest)
+
+
 def normalize_mac(mac: str, *, field_name: str = "vtep_mac") -> str:
     parts = mac.lower().replace("-", ":").split(":")
     if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):

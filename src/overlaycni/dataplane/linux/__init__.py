@@ -203,6 +203,15 @@ class LinuxDataplane:
     def detach_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]:
         return self._worker.call(lambda: self._engine.detach_pods(pods))
 
+    def park_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]:
+        return self._worker.call(lambda: self._engine.park_pods(pods))
+
+    def delete_parked_veths(self) -> None:
+        self._worker.call(self._engine.delete_parked_veths)
+
+    def list_parked_veths(self) -> list[str]:
+        return self._worker.call(self._engine.list_parked_veths)
+
     def detach_pod(self, *, container_id: str, ifname: str, netns_path: str | None) -> None:
         self._worker.call(lambda: self._engine.detach_pod(container_id=container_id, ifname=ifname, netns_path=netns_path))
 

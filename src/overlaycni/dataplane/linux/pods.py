@@ -104,7 +104,7 @@ from pyroute2 import IPRoute
 from ...cidr import IPAddress, IPNetwork
 from ...errors import AttachmentConflict, DataplaneError, InterfaceExists, OverlayCNIError, PermissionDenied
 from ...families import PodAddress
-from ..model import PodAttachment, PodInterface, PodView
+from ..model import PARK_GROUP, PodAttachment, PodInterface, PodView, parked_veth_name
 from ..nlcodec import attr, attributes
 from .links import IFA_F_NODAD, LinuxSysctls
 from .netns import forbidden_namespaces, pod_netns
@@ -400,6 +400,26 @@ class LinuxPodLinks:
         if errors:
             raise DataplaneError("; ".join(str(_error(f"veth {name}", code)) for name, code in errors))
 
+    def park_pod_links(self, host_veths: Sequence[str]) -> None:
+        """DEL: each host veth down, renamed, in ``PARK_GROUP``: one RTM_NEWLINK each
+        (by index: a rename needs it), all in one ``send``; one gone is success."""
+        names = list(dict.fromkeys(host_veths))
+        found = self.nl.get_many(RTM_GETLINK, [IFINFO.pack(0, 0, 0, 0, 0) + _name(n) for n in names])
+        errors = [(n, got) for n, got in zip(names, found, strict=True) if isinstance(got, int) and got not in GONE]
+        there = [(n, _link_of(got)[0]) for n, got in zip(names, found, strict=True) if not isinstance(got, int)]
+        failed = self.nl.transact([(RTM_NEWLINK, 0, IFINFO.pack(0, 0, index, 0, IFF_UP) + _name(parked_veth_name(n))
+                                    + attr(IFLA_GROUP, _u32(PARK_GROUP))) for n, index in there])
+        errors += [(there[i][0], code) for i, code in failed if code not in GONE]
+        if errors:
+            raise DataplaneError("; ".join(str(_error(f"veth {name}", code)) for name, code in errors))
+
+    def delete_parked_links(self) -> None:
+        """One RTM_DELLINK for ``PARK_GROUP``: the kernel unregisters every parked veth together."""
+        failed = self.nl.transact([(RTM_DELLINK, 0, IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_GROUP, _u32(PARK_GROUP)))])
+        errors = [code for _, code in failed if code not in GONE]
+        if errors:
+            raise _error("parked veths", errors[0])
+
     def _delete_group(self, names: list[str]) -> list[tuple[str, int]]:
         links = self._node_links()
         names = [n for n in names if n in links]
@@ -407,7 +427,7 @@ class LinuxPodLinks:
             return []
         taken = {group for _i, _m, group in links.values()}
         group = 0
-        while group in taken or group == 0:
+        while group in taken or group in (0, PARK_GROUP):
             group = secrets.randbits(32)
         failed = dict(self.nl.transact([(RTM_NEWLINK, 0, IFINFO.pack(0, 0, 0, 0, 0) + _name(n) + attr(IFLA_GROUP, _u32(group)))
                                         for n in names]))
