@@ -84,7 +84,7 @@ def test_one_batch_one_failure_the_others_succeed(cluster, tmp_path):  # noqa: F
         assert set(dp.list_pod_veths()) == {host_veth_name(c, "eth0") for c in good}
         assert ipam.check(store, "c1").ok
         assert not agent.node.ops.locks.busy(host_veth_name("vanishes", "eth0"))
-        # DELs together: one teardown, one conntrack walk, one release
+        # DELs together: one park, then (the drain) one delete of the parked veths, one conntrack walk, one release
         burst, release = held(agent, dp, "blocker")
         for c in sorted(good - {"first"}):
             burst.send(f"del-{c}", "DEL", c)
@@ -93,7 +93,10 @@ def test_one_batch_one_failure_the_others_succeed(cluster, tmp_path):  # noqa: F
         burst.join()
         assert all(burst.results[f"del-{c}"] == (0, None) for c in good - {"first"})
         assert drained(agent)  # the quarantine: their addresses flushed together, then released
-        assert ("teardown_pod_links", 6) in dp.kernel.batches and ("flush_addresses", 6) in dp.kernel.batches
+        ops = dp.kernel.batches
+        assert ("park_pod_links", 6) in ops
+        assert ops.index(("park_pod_links", 6)) < ops.index(("delete_parked_links", 6)) < ops.index(("flush_addresses", 6))
+        assert not dp.list_parked_veths() and agent.node.ops.quarantine.status()["parked"] == 0
         assert set(used(store)) == {"first", "blocker"} and ipam.check(store, "c1").ok
     finally:
         agent.shutdown()

@@ -48,6 +48,12 @@ class WorkerFake(FakeDataplane):
     def list_pod_veths(self):
         return self.worker.call(lambda: super(WorkerFake, self).list_pod_veths())
 
+    def park_pods(self, pods):
+        return self.worker.call(lambda: super(WorkerFake, self).park_pods(pods))
+
+    def delete_parked_veths(self):
+        return self.worker.call(lambda: super(WorkerFake, self).delete_parked_veths())
+
     def close(self):
         self.worker.close()
 

@@ -302,6 +302,10 @@ class CNIOps:
                         self.dp.delete_pod_veth(veth)
                     except OverlayCNIError as exc:
                         errors.append(str(exc))
+                try:  # the parked veths of answered DELs (``agent.quarantine``): no pod's any more
+                    self.quarantine.delete_parked()
+                except OverlayCNIError as exc:
+                    errors.append(str(exc))
             for a in released:
                 try:
                     for ip in a.ips:

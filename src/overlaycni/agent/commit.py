@@ -8,8 +8,10 @@ A batch, in order, each step once for the whole batch:
    call: one netlink batch for the veth pairs, one route batch, one
    nftables transaction); the ADDs that succeeded are answered now (their
    callers wait for the NetworkPolicy pass in their own threads); then
-   ``detach_pods`` for the DELs and for what must be undone;
-3. the DELs whose veth is gone are answered, their allocations
+   ``park_pods`` for the DELs (their host veths down, renamed, left for
+   the drain to delete: ``agent.quarantine``) and ``detach_pods`` for what
+   must be undone;
+3. the DELs whose veth is parked (or gone) are answered, their allocations
    quarantined (``agent.quarantine``: held until one coalesced conntrack
    walk and one release transaction, run when the batcher is idle);
 4. for the failed ADDs: conntrack flushed in one walk (per family), then
@@ -63,6 +65,7 @@ from ..errors import (
     BadRecord,
     Conflict,
     DeadlineExceeded,
+    InterfaceExists,
     NotFound,
     OverlayCNIError,
     PoolExhausted,
@@ -197,6 +200,18 @@ class Commit:
                                   ip6=a.addresses[1] if a.ip_v6 is not None else None) for j, a, _ in items]
 
         results = self.dp.attach_pods(specs(reserved))
+        # The pod's interface exists while parked veths do: maybe a parked pod end in the same namespace
+        # (a DEL, then an ADD of another container ID into it): delete the parked veths, try once more.
+        held = [n for n, res in enumerate(results) if isinstance(res, InterfaceExists)]
+        if held and self.quarantine.parked_count:
+            try:
+                with self._step([reserved[n][0] for n in held], "quarantine"):
+                    self.quarantine.delete_parked()
+            except OverlayCNIError as exc:
+                log.warning("ADD: deleting the parked veths failed (%s)", exc)
+            else:
+                for n, res in zip(held, self.dp.attach_pods(specs([reserved[n] for n in held])), strict=True):
+                    results[n] = res
         # A fresh reservation whose veth exists: no allocation accounted for that veth (a crash between
         # release and cleanup): a leftover, removed before attaching again.
         again = [n for n, ((_j, _a, fresh), res) in enumerate(zip(reserved, results, strict=True))
@@ -232,18 +247,25 @@ class Commit:
 
     def _detach(self, dels: list[Job], undo: list[_Undo]) -> dict[int, Exception | None]:
         """Remove the veths of the DELs and of the undone ADDs; the error of each (by id of its job)."""
-        jobs = dels + [u.job for u in undo if u.detach]
+        gone = [u.job for u in undo if u.detach]  # deleted now: their addresses are flushed in this batch
+        jobs = dels + gone
         if not jobs:
             return {}
+        errs: list[Exception | None] = []
         try:
             with self._step(jobs, "kernel"), self._kernel():
                 try:
-                    errs = self.dp.detach_pods([(j.container_id, j.ifname) for j in jobs])
+                    errs = self.dp.park_pods([(j.container_id, j.ifname) for j in dels]) if dels else []
                 except DeadlineExceeded as exc:
                     # queued behind the attach on the worker: it runs in order, before any later attach
-                    errs = [exc if j.kind == "DEL" else None for j in jobs]
+                    errs = [exc] * len(dels)
+                self.quarantine.parked(sum(e is None for e in errs))  # an upper bound: some were gone already
+                try:
+                    errs += self.dp.detach_pods([(j.container_id, j.ifname) for j in gone]) if gone else []
+                except DeadlineExceeded:
+                    errs += [None] * len(gone)
         except Exception as exc:  # noqa: BLE001 - the kernel lock, or the data plane as a whole
-            errs = [exc] * len(jobs)
+            errs = errs + [exc] * (len(jobs) - len(errs))
         return {id(j): e for j, e in zip(jobs, errs, strict=True)}
 
     def _forget(self, dels: list[Job], allocs: list[Allocation | None], detached: dict[int, Exception | None],

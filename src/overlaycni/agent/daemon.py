@@ -115,6 +115,9 @@ class Agent:
 
             self._dp = LinuxDataplane(wireguard=WireGuardSettings(mode=o.wireguard_mode, socket_dir=o.wireguard_socket_dir))
         info = self._dp.node_info(o.node_ip, backend=net.backend, mtu=net.mtu)
+        # Host veths a DEL parked before a crash (``agent.quarantine``): their pods are deleted; the
+        # reaper releases their allocations (no pod veth) once they are gone.
+        self._dp.delete_parked_veths()
         node_ip_v6 = self._node_ip_v6(net)
         self.metrics.watch_drops(self._dp.drop_counters)
         # Pods of an earlier run use the block on the kernel's gateway address:

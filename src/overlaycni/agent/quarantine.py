@@ -23,6 +23,25 @@ before an ADD that needs a quarantined address: the same attachment again
 with a clean address), an ADD asking for a quarantined address (the ``ips``
 capability), or ADDs the pool turned away while addresses were quarantined.
 
+Parked veths. Deleting the host veth is most of a DEL (the kernel's
+unregistration waits for several RCU grace periods, ~15-20 ms), so a DEL
+*parks* it instead (``PodOps.park_pods``: one RTM_NEWLINK sets it down,
+renames it out of the pod veth names and puts it in ``model.PARK_GROUP``;
+its routes go with the carrier, its elements in the same step): no packet
+of the pod reaches the node and none reaches the pod, so the DEL is
+answered. The drain then deletes every parked veth with one RTM_DELLINK by
+group (one set of grace periods for all of them), *then* walks conntrack,
+then releases: veth gone -> walk -> release, the order that keeps the
+release exact. A DEL with nothing to release (no allocation, another
+node's) parks too: the drain runs for parked veths alone as well. An ADD
+of the same attachment drains first (its pod end still exists until then);
+an ADD into a namespace whose interface a parked veth still holds gets
+``InterfaceExists``, and the batch deletes the parked veths and retries it
+once (``commit``). After a SIGKILL the parked veths are left: the agent
+deletes them at start, before its first reconcile, the reaper's sweep and
+CNI GC delete any they find while nothing is parked (no one else uses the
+prefix or the group), and the reaper releases the allocations as below.
+
 The address is never handed out before its flush: it stays allocated (its
 handle and address keys untouched) until the drain's transaction deletes
 them, and that runs only after the walk succeeded. The drain first reads
@@ -74,6 +93,7 @@ class Quarantine:
     ) -> None:
         self.store, self.dp, self.cluster, self.node, self.on_bad, self.clock = store, dp, cluster, node, on_bad, clock
         self._held: dict[tuple[str, str], Allocation] = {}
+        self._parked = 0  # host veths parked since the last drain deleted them
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self._busy_at = -QUIET_SECONDS  # the last batch's start
@@ -89,6 +109,30 @@ class Quarantine:
                 if self._oldest is None:
                     self._oldest = self.clock()
 
+    def parked(self, count: int) -> None:
+        """``count`` host veths were parked: the next drain deletes them first."""
+        if count <= 0:
+            return
+        with self._lock:
+            self._parked += count
+            if self._oldest is None:
+                self._oldest = self.clock()
+
+    @property
+    def parked_count(self) -> int:
+        with self._lock:
+            return self._parked
+
+    def delete_parked(self) -> None:
+        """Delete every parked veth now (one batch); raises, and they stay counted, on failure."""
+        with self._lock:
+            count = self._parked
+        self.dp.delete_parked_veths()
+        with self._lock:
+            self._parked -= min(count, self._parked)
+            if not self._held and not self._parked:
+                self._oldest = None
+
     def busy(self) -> None:
         """A batch starts: the drain waits for a quiet moment after it."""
         self._busy_at = self.clock()
@@ -100,7 +144,7 @@ class Quarantine:
     def due(self) -> float | None:
         """Seconds until the next drain should run (0: now); None when nothing is held."""
         with self._lock:
-            if not self._held or self._oldest is None:
+            if (not self._held and not self._parked) or self._oldest is None:
                 return None
             oldest = self._oldest
         at = max(self._retry_at, min(self._busy_at + QUIET_SECONDS, oldest + MAX_AGE_SECONDS))
@@ -118,10 +162,12 @@ class Quarantine:
         """Flush and release everything quarantined now; on failure all of it stays (retried later)."""
         with self._lock:
             items = dict(self._held)
-        if not items:
+            parked = self._parked
+        if not items and not parked:
             return
         try:
-            done = self._drain(list(items.values()))
+            self.delete_parked()  # first: no veth of a pod may be left when its flows are walked
+            done = self._drain(list(items.values())) if items else []
         except Exception as exc:  # noqa: BLE001 - the datastore, the kernel, a bug: all of it stays, retried
             self.last_error = str(exc)
             self._retry_at = self.clock() + RETRY_SECONDS
@@ -132,7 +178,7 @@ class Quarantine:
             for key in done:
                 if self._held.get(key) is items[key]:
                     del self._held[key]
-            if not self._held:
+            if not self._held and not self._parked:
                 self._oldest = None
         self.drains += 1
 
@@ -173,5 +219,5 @@ class Quarantine:
     def status(self) -> dict[str, Any]:
         with self._lock:
             held = list(self._held.values())
-        return {"held": len(held), "addresses": [str(ip) for a in held[:SHOWN] for ip in a.ips],
+        return {"held": len(held), "parked": self.parked_count, "addresses": [str(ip) for a in held[:SHOWN] for ip in a.ips],
                 "drains": self.drains, "released": self.released, "last_error": self.last_error}

@@ -75,6 +75,8 @@ class Reaper:
         """One pass; returns what it released."""
         ops = self.ops
         allocations = ipam.list_allocations(ops.store, ops.ctx.cluster, node=ops.node, on_bad=ops.report_bad)
+        if not ops.quarantine.parked_count and ops.dp.list_parked_veths():
+            ops.dp.delete_parked_veths()  # left by a crash (the quarantine drains its own): see ``agent.quarantine``
         live = set(ops.dp.list_pod_veths())
         now = self.clock()
         seen: set[tuple[str, str]] = set()
