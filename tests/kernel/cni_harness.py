@@ -123,7 +123,8 @@ class Cluster:
         end = time.monotonic() + timeout
         while True:
             got = self.cli("agent", "status", "--socket", self.agents[name].socket, "--output", "json", check=False)
-            held = json.loads(got.stdout)["quarantine"]["held"] if got.stdout.strip() else None
+            q = json.loads(got.stdout)["quarantine"] if got.stdout.strip() else None
+            held = q["held"] + q.get("parked", 0) if q else None  # parked: DELs' veths the drain deletes first
             if held == 0:
                 return
             assert time.monotonic() < end, f"agent {name}: quarantine still holds {held} addresses: {got.stdout}"

@@ -51,6 +51,14 @@ def pod_veths(c: Cluster) -> set[str]:
             if link["ifname"].startswith("oc") and link["ifname"] != "ocni.vxlan"}
 
 
+def parked_veths(c: Cluster) -> set[str]:
+    """Host veths a DEL parked (``agent.quarantine``): ``oz`` + 13 hex, down."""
+    links = ip_json(c.agents["n1"].node.ns, "link", "show")
+    found = {link["ifname"] for link in links if link["ifname"].startswith("oz")}
+    assert all("UP" not in link["flags"] for link in links if link["ifname"] in found)
+    return found
+
+
 def ipam_state(c: Cluster) -> tuple[int, bool]:
     shown = json.loads(c.cli("ipam", "show", "--cluster", "t", "--output", "json").stdout)
     check = c.cli("ipam", "check", "--cluster", "t", "--output", "json", check=False)
@@ -140,6 +148,7 @@ def test_add_and_del_of_one_attachment_at_once_end_in_order(c):
     last = {ns: command for ns, command in finished}
     attached = {n for n in names if last[n] == "ADD"}
     assert pod_veths(c) == {host_veth(n) for n in attached}
+    c.drained("n1")  # a DEL's parked veth, and so the pod's eth0, goes with the drain (``agent.quarantine``)
     for n in names:
         links = {link["ifname"] for link in ip_json(n, "link", "show")}
         assert ("eth0" in links) == (n in attached), (n, last[n])
@@ -299,8 +308,10 @@ def test_addresses_quarantined_at_a_sigkill_are_flushed_and_released_after_resta
     assert caught is not None, "the drain always ran before the kill"
     ns, ip = caught
     assert host_veth(ns) not in pod_veths(c) and tracked(c, ip)  # quarantined at the kill: veth gone, flows not
+    assert parked_veths(c) == {"oz" + host_veth(ns)[2:]}  # parked by the DEL, not yet deleted by a drain
     assert ipam_state(c)[1]  # consistent, and the address held (never handed out)
     c.start_agent("n1", c.agents["n1"].node, *REAP_FLAGS)  # reaper: every 1 s, 2 s of grace
+    assert parked_veths(c) == set()  # deleted at start, before the first reconcile
     deadline = time.monotonic() + 30
     while (ns, "eth0") in allocated_attachments(c) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -310,3 +321,23 @@ def test_addresses_quarantined_at_a_sigkill_are_flushed_and_released_after_resta
     assert c.plugin("n1", "DEL", client, c.conf("n1"))[0] == 0
     c.drained("n1")
     assert pod_veths(c) == set() and ipam_state(c) == (0, True)
+
+
+def test_a_deleted_pod_can_send_nothing_once_its_del_is_answered(c):
+    """Right after the DEL's answer (its veth parked, or already deleted by
+    the drain) nothing of the pod gets out: a ping from the pod's namespace
+    to another pod and to its gateway fails. The control: the same pings
+    before the DEL succeed. Then the drain leaves no parked veth."""
+    peer_ns, peer = c.pod("n1", "spanswer")
+    ns, res = c.pod("n1", "sgone")
+    gateway = res["ips"][0]["gateway"]
+    for dst in (address(peer), gateway):
+        assert c.topo.ping(ns, dst), dst
+    assert c.plugin("n1", "DEL", ns, c.conf("n1"))[0] == 0
+    for dst in (address(peer), gateway):
+        assert not c.topo.ping(ns, dst, attempts=1, wait=1), dst
+    assert host_veth(ns) not in pod_veths(c)
+    assert c.plugin("n1", "DEL", ns, c.conf("n1"))[0] == 0  # again: nothing to do
+    assert c.plugin("n1", "DEL", peer_ns, c.conf("n1"))[0] == 0
+    c.drained("n1")
+    assert parked_veths(c) == set() and pod_veths(c) == set() and ipam_state(c) == (0, True)

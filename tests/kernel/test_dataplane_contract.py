@@ -342,3 +342,35 @@ def test_pod_links_dual_stack(env):
     assert ports.addresses.delete_address("oc0000000000004", IPv6Interface("fd00::9/64"))
     ports.pods.teardown_pod_link(host_veth="oc0000000000004")
     assert ports.pods.inspect_pod(netns_path=pod, ifname="eth0") is None
+
+
+def test_pod_links_park(env):
+    """A DEL's park: the host veth down, renamed, in the park group, its
+    routes (both families) gone, its pod end still there (the pod's
+    interface name is taken: the control for an ADD's drain first); one
+    delete of the park group removes it and its pod end, and nothing else."""
+    from overlaycni.dataplane.model import parked_veth_name
+
+    ports, pod = env
+    v4 = PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))
+    v6 = PodAddress(IPv6Interface("fd12:3456:789a:0:1::5/80"), IPv6Address("fe80::1"))
+    host, parked = "oc0000000000005", parked_veth_name("oc0000000000005")
+    ports.pods.setup_pod_link(host_veth=host, ifname="eth0", netns_path=pod, addresses=(v4, v6), mtu=1400)
+    routes = [Route(dst=IPv4Network("10.244.1.5/32"), dev=host, scope_link=True),
+              Route(dst=IPv6Network("fd12:3456:789a:0:1::5/128"), dev=host)]
+    ports.routes.apply_routes(replace=routes)
+    assert {r.dst for r in ports.routes.list_routes() if r.dev == host} == {r.dst for r in routes}  # control
+    ports.pods.park_pod_links([host, "oc00000000dead0"])  # one that does not exist: success
+    link = ports.links.get_link(parked)
+    assert ports.links.get_link(host) is None and link is not None and not link.up
+    assert not [r for r in ports.routes.list_routes() if r.dev in (host, parked)]
+    assert ports.pods.inspect_pod(netns_path=pod, ifname="eth0") is not None
+    with pytest.raises(InterfaceExists):
+        ports.pods.setup_pod_link(host_veth="oc0000000000006", ifname="eth0", netns_path=pod, addresses=(v4,), mtu=1400)
+    ports.pods.park_pod_links([host])  # a second DEL: nothing to do
+    ports.pods.delete_parked_links()
+    assert ports.links.get_link(parked) is None and ports.pods.inspect_pod(netns_path=pod, ifname="eth0") is None
+    assert ports.links.get_link("eth0") is not None  # control: the node's own link stays
+    ports.pods.delete_parked_links()  # none left: success
+    ports.pods.setup_pod_link(host_veth="oc0000000000006", ifname="eth0", netns_path=pod, addresses=(v4,), mtu=1400)
+    ports.pods.teardown_pod_link(host_veth="oc0000000000006")
