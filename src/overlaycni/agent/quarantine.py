@@ -6,7 +6,7 @@ costs ~9-10 ms of the kernel's own whatever the namespace holds (the hash is
 shared by every namespace), after the ~14 ms veth delete that the reference
 plugin pays too. What the flush protects is the *next* holder of the
 address, not the DEL's caller: so a DEL is answered once the pod's veth is
-gone (no packet of the pod can reach the node any more), and its allocation
+parked (below: no packet of the pod can reach the node any more), and its allocation
 stays held in the datastore, *quarantined*, until one coalesced walk flushes
 every quarantined address and one transaction releases them all. The drain
 runs on the batcher's thread when it has had nothing to do for
