@@ -194,7 +194,8 @@ def test_del_removes_both_and_add_del_add_leaves_no_ipv6_behind(pair):
         assert ip_json(node, "-6", "route", "show", f"{six}/128") == []
         assert ip_json(node, "route", "show", res["ips"][0]["address"].split("/")[0]) == []
         assert not any(n.get("dst") == str(six) for n in ip_json(node, "-6", "neigh", "show"))
-        assert host not in {link["ifname"] for link in ip_json(node, "link", "show")}
+        assert host not in {link["ifname"] for link in ip_json(node, "link", "show")}  # parked, then deleted
+        c.drained("d1")  # the parked veth and so the pod's eth0 go with the drain (``agent.quarantine``)
         assert not any(link["ifname"] == "eth0" for link in ip_json(ns, "link", "show"))
         assert (owned_v6_routes(node), {link["ifname"] for link in ip_json(node, "link", "show")}) == before
     c.drained("d1")
