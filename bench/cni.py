@@ -29,8 +29,9 @@ connection; ``nsenter`` included, as for the reference) and "reply + exit"
 agent's own phases. A ``VERSION`` call (no agent) shows the bare process
 start + exit. DEL phases are read from the agent's
 ``overlaycni_cni_phase_seconds`` histograms (means); a DEL's conntrack
-walk is no longer among them (the agent answers once the veth is gone and
-flushes the quarantined addresses together when idle, ``agent.quarantine``):
+walk and its veth delete are no longer among them (the agent answers once
+the veth is parked, and deletes the parked veths then flushes the
+quarantined addresses together when idle, ``agent.quarantine``):
 the summary says how many drains released how many addresses.
 
 ``--policy`` measures overlaycni once more with a NetworkPolicy in the
