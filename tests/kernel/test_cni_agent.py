@@ -114,6 +114,7 @@ def test_status_version_and_gc(cluster):
 def test_add_del_add_100_pods_leaves_nothing_behind(cluster):
     c = started(cluster, ("n1", "10.224.0.4"))
     node = c.agents["n1"].node.ns
+    c.drained("n1")  # an earlier test's DELs: their parked veths gone first
     before_links = {link["ifname"] for link in ip_json(node, "link", "show")}
     before_routes = ip_json(node, "route", "show")
     pods = [c.topo.add_netns(f"q{i}").rsplit("/", 1)[1] for i in range(100)]

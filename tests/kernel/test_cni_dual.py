@@ -184,6 +184,7 @@ def test_check_catches_a_removed_ipv6_address_and_route(pair):
 def test_del_removes_both_and_add_del_add_leaves_no_ipv6_behind(pair):
     c = pair.dual
     node = c.agents["d1"].node.ns
+    c.drained("d1")  # an earlier test's DELs: their parked veths gone first
     before = (owned_v6_routes(node), {link["ifname"] for link in ip_json(node, "link", "show")})
     for _round in range(2):
         ns, res = pair.add(c, "d1")
