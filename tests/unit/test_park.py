@@ -16,6 +16,7 @@ from overlaycni.cni import shim
 from overlaycni.dataplane import FakeDataplane, host_veth_name
 from overlaycni.dataplane.model import PARK_GROUP, NodeState, PodEndpoint, parked_veth_name
 from overlaycni.families import PodAddress
+from tests.unit.test_agent import cluster, start_agent  # noqa: F401 (cluster is a fixture)
 
 ME = IPv4Address("10.224.0.4")
 V4 = PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))
@@ -81,20 +82,11 @@ def test_a_stale_reconcile_gives_a_parked_veth_no_route_nor_element(parked):
 
 
 @pytest.fixture()
-def agent(tmp_path):
-    from overlaycni.config import parse_network
-    from overlaycni.datastore import open_datastore
-
-    from .test_agent import start_agent
-
-    url = f"sqlite://{tmp_path}/state.db"
-    store = open_datastore(url)
-    ipam.create_cluster(store, "c1", parse_network({"pod-cidr": "10.244.0.0/16", "network-plugin": "azure",
-                                                     "network-plugin-mode": "overlay"}))
+def agent(cluster, tmp_path):  # noqa: F811 - the fixture imported above
+    url, store = cluster
     agent, dp = start_agent(url, tmp_path, "n1", "10.224.0.4")
     yield agent, dp, store, url
     agent.shutdown()
-    store.close()
 
 
 def cni(agent, command: str, cid: str, netns: str) -> tuple[int, dict | None]:

@@ -23,6 +23,7 @@ import pytest
 from overlaycni.dataplane import FakeDataplane, fake, host_veth_name, policytable
 from overlaycni.dataplane.model import NodeState, PodEndpoint
 from overlaycni.families import PodAddress
+from tests.unit.test_agent import cluster, start_agent  # noqa: F401 (cluster is a fixture)
 
 ME = IPv4Address("10.224.0.4")
 V4 = PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))
@@ -123,21 +124,13 @@ def test_a_stale_reconcile_does_not_restore_a_deleted_pods_elements():
 
 
 @pytest.fixture()
-def agent(tmp_path):
+def agent(cluster, tmp_path):  # noqa: F811 - the fixture imported above
     from overlaycni import ipam
-    from overlaycni.config import parse_network
-    from overlaycni.datastore import open_datastore
 
-    from .test_agent import start_agent
-
-    url = f"sqlite://{tmp_path}/state.db"
-    store = open_datastore(url)
-    ipam.create_cluster(store, "c1", parse_network({"pod-cidr": "10.244.0.0/16", "network-plugin": "azure",
-                                                     "network-plugin-mode": "overlay"}))
+    url, store = cluster
     agent, dp = start_agent(url, tmp_path, "n1", "10.224.0.4")
     yield agent, dp, ipam.get_node(store, "c1", "n1").block
     agent.shutdown()
-    store.close()
 
 
 def _readd(agent, block, last: int) -> dict:
