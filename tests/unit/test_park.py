@@ -7,35 +7,22 @@ and the leftovers of a crash (``agent.quarantine``)."""
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
 
 from overlaycni import ipam
 from overlaycni.cni import shim
 from overlaycni.dataplane import FakeDataplane, host_veth_name
-from overlaycni.dataplane.model import PARK_GROUP, NodeState, PodEndpoint, parked_veth_name
-from overlaycni.families import PodAddress
+from overlaycni.dataplane.model import PARK_GROUP, PodEndpoint, parked_veth_name
 from tests.unit.test_agent import cluster, start_agent  # noqa: F401 (cluster is a fixture)
+from tests.unit.test_reconcile_race import HOST, NETNS, V4, V6, attach, node, ready  # the same node and pod
 
-ME = IPv4Address("10.224.0.4")
-V4 = PodAddress(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))
-V6 = PodAddress(IPv6Interface("fd12:3456:789a:0:1::5/80"), IPv6Address("fe80::1"))
-BLOCK6 = IPv6Network("fd12:3456:789a:0:1::/80")
-NETNS = "/var/run/netns/p1"
-HOST = host_veth_name("c1", "eth0")
 PARKED = parked_veth_name(HOST)
 
 
-def node(*pods: PodEndpoint) -> NodeState:
-    return NodeState(node_ip=ME, block=V4.ip.network, pod_cidr=V4.ip.network.supernet(8), block_v6=BLOCK6,
-                     pod_cidr_v6=BLOCK6.supernet(16), pods=pods)
-
-
 def attached() -> FakeDataplane:
-    dp = FakeDataplane(underlay_ip=ME)
-    assert not dp.reconcile(node()).errors
-    dp.attach_pod(container_id="c1", ifname="eth0", netns_path=NETNS, addresses=(V4, V6), mtu=1450)
+    dp = ready()
+    attach(dp)
     return dp
 
 

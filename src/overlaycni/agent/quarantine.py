@@ -166,7 +166,8 @@ class Quarantine:
         if not items and not parked:
             return
         try:
-            self.delete_parked()  # first: no veth of a pod may be left when its flows are walked
+            if parked:  # first: no veth of a pod may be left when its flows are walked
+                self.delete_parked()
             done = self._drain(list(items.values())) if items else []
         except Exception as exc:  # noqa: BLE001 - the datastore, the kernel, a bug: all of it stays, retried
             self.last_error = str(exc)
