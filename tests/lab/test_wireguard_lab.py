@@ -263,9 +263,15 @@ def test_node_add_then_delete_removes_the_peer_everywhere(wg: Lab):
     for peer in others:
         assert wait_for(lambda peer=peer: key in wg_show(wg, peer["name"], "peers"), 30), peer["name"]
         assert wait_for(lambda peer=peer: _route_to(wg, peer["netns"], n["block"]), 30)
+        # and the other way: node4's agent programs its peers in the same way, asynchronously
+        # (``node add`` returns once the agent serves ADD, not once every peer converged)
+        assert wait_for(lambda peer=peer: _route_to(wg, n["netns"], peer["block"]), 30), peer["name"]
     wg.oc("pod", "add", "late", "--node", "node4")
     late = pods(wg)["late"]
-    assert wg.pings(pods(wg)["pod-1-1"]["netns"], late["ip"])
+    # the first packets wait for a WireGuard handshake (wireguard-go, userspace): under CI's
+    # load that took longer than one ping's 2 s, so connectivity is awaited, not sampled once
+    src = pods(wg)["pod-1-1"]["netns"]
+    assert wait_for(lambda: wg.pings(src, late["ip"]), 30)
     pid = wg_pid(wg, "node4")
     wg.oc("node", "delete", "node4")
     for peer in others:
