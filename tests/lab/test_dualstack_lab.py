@@ -231,7 +231,9 @@ def test_a_node_added_later_is_dual_stack_and_peers_route_its_ipv6_block(dual: L
     pod = dual.json("pod", "add", "late", "--node", n4["name"])
     assert ipaddress.ip_address(pod["ipv6"]) in ipaddress.ip_network(n4["block_v6"])
     _, pods = by_name(dual.status())
-    assert dual.pings(pods["pod-1-1"]["netns"], pod["ipv6"])
+    # the peers learn node4 asynchronously (route, then its node address in their VXLAN filter):
+    # connectivity is awaited, not sampled once
+    assert wait_for(lambda: dual.pings(pods["pod-1-1"]["netns"], pod["ipv6"]), 30)
     dual.oc("node", "delete", n4["name"])
     assert wait_for(lambda: routed(n4["block_v6"]) == [], 30)
 
