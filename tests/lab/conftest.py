@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,16 @@ class Lab:
 
     def pings(self, src_netns: str, dst_ip: str) -> bool:
         return self.ns(src_netns, "ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", dst_ip, check=False).returncode == 0
+
+
+def wait_for(check, timeout: float, interval: float = 0.25) -> bool:
+    """Poll ``check`` until it holds or ``timeout`` seconds pass (then one last try)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
 
 
 def lab_namespaces(name: str) -> list[str]:

@@ -19,8 +19,7 @@ import subprocess
 
 import pytest
 
-from .conftest import OC, Lab, lab_namespaces, pid_alive
-from .test_lab import wait_for
+from .conftest import OC, Lab, lab_namespaces, pid_alive, wait_for
 from .test_wire_lab import Capture, dropped, forge
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]

@@ -21,20 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import OC, Lab, lab_namespaces, pid_alive
+from .conftest import OC, Lab, lab_namespaces, pid_alive, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
 POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
-
-
-def wait_for(check, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(interval)
-    return check()
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import OC, Lab, lab_namespaces, pid_alive
+from .conftest import OC, Lab, lab_namespaces, pid_alive, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
 FORGE = str(Path(__file__).with_name("forge.py"))
 REKEY_TIMEOUT = 5.0  # seconds before WireGuard retries a handshake (whitepaper, section 6.1)
-
-
-def wait_for(check, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(interval)
-    return check()
 
 
 @pytest.fixture(scope="module")
