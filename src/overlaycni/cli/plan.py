@@ -119,3 +119,7 @@ def render_plan(p: Plan, out: Console | None = None) -> None:
             highlight=False,
         )
     out.print(f"[bold]Verdict:[/] {p.verdict()}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan", epilog=EPILOG)(plan)
