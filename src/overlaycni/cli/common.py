@@ -3,7 +3,6 @@ several command groups take, the network flags, the datastore."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import json
@@ -18,10 +17,13 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import BadRecord, ConfigError, OverlayCNIError
+from . import coerce
 
 if TYPE_CHECKING:
     from ..datastore import Store
     from ..datastore.tls import EtcdCredentials
+
+coerce.install()  # plain option values are coerced without importing pydantic
 
 console = Console()
 err_console = Console(stderr=True)
@@ -288,20 +290,13 @@ def with_datastore_options(func: F) -> F:
             if given["datastore"] is not None:
                 obj["datastore"] = given.pop("datastore")
             given.pop("datastore", None)
-            creds = obj.get("etcd") or _credentials_type()()
             changes = {name[5:]: value for name, value in given.items() if value is not None}
-            obj["etcd"] = dataclasses.replace(creds, **changes)
+            obj["etcd"] = {**(obj.get("etcd") or {}), **changes}
             root.obj = obj
         return func(*args, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
-
-
-def _credentials_type() -> type[EtcdCredentials]:
-    from ..datastore.tls import EtcdCredentials
-
-    return EtcdCredentials
 
 
 def datastore_url(ctx: typer.Context) -> str | None:
@@ -316,8 +311,7 @@ def etcd_credentials(ctx: typer.Context) -> EtcdCredentials:
     from ..datastore.tls import EtcdCredentials
 
     obj = ctx.find_root().obj or {}
-    creds: EtcdCredentials = obj.get("etcd") or EtcdCredentials()
-    return creds
+    return EtcdCredentials(**(obj.get("etcd") or {}))
 
 
 def warn_plain_etcd(url: str | None) -> None:

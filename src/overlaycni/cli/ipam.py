@@ -10,10 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .. import ipam
 from ..errors import ConfigError, FieldError
-from ..ipam import addresses
-from ..ipam.model import parse_any_ip, parse_pod
 from .common import ClusterOpt, Output, OutputOpt, SkippedRecords, console, open_store, print_json
 
 ipam_app = typer.Typer(
@@ -98,6 +95,9 @@ def ipam_allocate(
 ) -> None:
     """Allocate addresses for a pod interface (the same ones again for the same container ID and ifname):
     one IPv4 address, and in a dual-stack cluster one IPv6 address too."""
+    from .. import ipam
+    from ..ipam.model import parse_any_ip, parse_pod
+
     pod_ref = parse_pod(pod)
     requested = [parse_any_ip("ip", one) for one in ip or []]
     with open_store(ctx) as store:
@@ -117,6 +117,8 @@ def ipam_release(
     ctx: typer.Context, cluster: ClusterOpt, container_id: CidOpt, ifname: IfOpt = "eth0", output: OutputOpt = Output.table
 ) -> None:
     """Release a pod interface's address (releasing twice is fine)."""
+    from .. import ipam
+
     with open_store(ctx) as store:
         alloc = ipam.release(store, cluster, container_id, ifname)
     if output is Output.json:
@@ -136,6 +138,9 @@ def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
     is skipped with a warning on stderr (the agents skip it too) and listed
     under "skipped" ({key, kind, reason}) with -o json; `ipam check` reports
     it as a problem."""
+    from .. import ipam
+    from ..ipam import addresses
+
     skipped = SkippedRecords()
     with open_store(ctx) as store:
         claims = ipam.list_claims(store, cluster, on_bad=skipped)
@@ -177,6 +182,8 @@ def ipam_check(
     """Check the cluster's IPAM records: duplicates, leaks, addresses outside their node's block.
 
     Exit 0 when consistent, 1 when not."""
+    from .. import ipam
+
     attachments = _read_valid(valid) if valid is not None else None
     with open_store(ctx) as store:
         report = ipam.check(store, cluster, valid=attachments)
@@ -203,6 +210,8 @@ def ipam_gc(
     output: OutputOpt = Output.table,
 ) -> None:
     """Release every address whose (container ID, ifname) is not in --valid."""
+    from .. import ipam
+
     attachments = _read_valid(valid)
     with open_store(ctx) as store:
         released = ipam.gc(store, cluster, attachments, node=node)

@@ -120,10 +120,11 @@ def root(
     etcd_user: EtcdUserOpt = None,
     etcd_password_file: EtcdPasswordFileOpt = None,
 ) -> None:
-    from ..datastore.tls import EtcdCredentials
-
-    creds = EtcdCredentials(ca=etcd_ca, cert=etcd_cert, key=etcd_key, user=etcd_user, password_file=etcd_password_file)
-    ctx.obj = {"datastore": datastore, "etcd": creds}
+    # the --etcd-* values as given: ``etcd_credentials`` makes them an
+    # EtcdCredentials when a command opens the store (the datastore package
+    # is not imported for a command that has none)
+    etcd = {"ca": etcd_ca, "cert": etcd_cert, "key": etcd_key, "user": etcd_user, "password_file": etcd_password_file}
+    ctx.obj = {"datastore": datastore, "etcd": etcd}
 
 
 def _register(tree: typer.Typer, module: str) -> None:
