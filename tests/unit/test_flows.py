@@ -241,7 +241,7 @@ def test_follow_streams_json_lines(monkeypatch):
             return [rec(1, verdict="deny")], 2
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_flows, "read_flows", fake_read)
+    monkeypatch.setattr("overlaycni.agent.flows.read_flows", fake_read)  # cli.flows imports it when it runs
     out = CliRunner().invoke(app, ["flows", "--follow", "--output", "json"])
     assert out.exit_code == 0, out.output
     lines = [json.loads(x) for x in out.stdout.splitlines()]

@@ -6,15 +6,12 @@ from __future__ import annotations
 import time
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .. import ipam
-from ..config import ClusterNetwork, load_file, merge_settings, parse_network
 from ..errors import ConfigError, FieldError
-from ..ipam.model import parse_ip
 from .common import (
     ClusterNameOpt,
     ClusterOpt,
@@ -27,6 +24,9 @@ from .common import (
     print_warning,
     with_dual_stack_network_flags,
 )
+
+if TYPE_CHECKING:
+    from ..config import ClusterNetwork
 
 cluster_app = typer.Typer(
     help="Cluster networks in the datastore. Example: overlaycni --datastore sqlite:///tmp/s.db "
@@ -82,6 +82,9 @@ def cluster_create(
     """Create a cluster network (validated like AKS).
 
     Creating it again with the same settings is a no-op; with different settings it is an error."""
+    from .. import ipam
+    from ..config import load_file, merge_settings, parse_network
+
     net = parse_network(merge_settings(load_file(file) if file is not None else None, network))
     for w in net.warnings:
         print_warning(str(w))
@@ -93,6 +96,8 @@ def cluster_create(
 @cluster_app.command("show", epilog="Example: overlaycni cluster show --name dev -o json")
 def cluster_show(ctx: typer.Context, name: ClusterNameOpt, output: OutputOpt = Output.table) -> None:
     """Show a cluster's network settings."""
+    from .. import ipam
+
     with open_store(ctx) as store:
         net = ipam.get_cluster(store, name)
     _emit_network(name, net, output)
@@ -101,6 +106,8 @@ def cluster_show(ctx: typer.Context, name: ClusterNameOpt, output: OutputOpt = O
 @cluster_app.command("list", epilog="Example: overlaycni --datastore etcd://127.0.0.1:2379 cluster list")
 def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
     """List the clusters in the datastore."""
+    from .. import ipam
+
     with open_store(ctx) as store:
         clusters = ipam.list_clusters(store)
     if output is Output.json:
@@ -124,6 +131,8 @@ def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
 @cluster_app.command("delete", epilog="Example: overlaycni cluster delete --name dev")
 def cluster_delete(ctx: typer.Context, name: ClusterNameOpt, output: OutputOpt = Output.table) -> None:
     """Delete a cluster and all its nodes, blocks and addresses (not-found is success)."""
+    from .. import ipam
+
     with open_store(ctx) as store:
         ipam.delete_cluster(store, name)
     if output is Output.json:
@@ -142,6 +151,8 @@ def cluster_expand(
     output: OutputOpt = Output.table,
 ) -> None:
     """Grow the pod CIDR to a range that contains it; every existing block keeps its place."""
+    from .. import ipam
+
     with open_store(ctx) as store:
         net = ipam.expand_pod_cidr(store, name, pod_cidr)
     _emit_network(name, net, output)
@@ -166,6 +177,9 @@ def node_register(
     """Claim a pod CIDR block for a node (the same block again for a known name).
 
     Refused when another live node holds --node-ip, or the name is live on another node IP."""
+    from .. import ipam
+    from ..ipam.model import parse_ip
+
     ip: IPv4Address = parse_ip("node-ip", node_ip)
     try:
         ip6 = IPv6Address(node_ip_v6) if node_ip_v6 else None
@@ -194,6 +208,8 @@ def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
     A record that does not decode is skipped with a warning on stderr (the
     agents skip it too); `ipam check` lists every such record. With -o json
     the list of nodes on stdout keeps its shape."""
+    from .. import ipam
+
     skipped = SkippedRecords()
     with open_store(ctx) as store:
         view = ipam.cluster_nodes(store, cluster, on_bad=skipped)
@@ -236,6 +252,7 @@ def node_rotate_key(
     record; every peer then switches to it (about one handshake of loss).
     Exit status 1 if the agent did not act within --wait (the request stays
     pending and is acted on when the agent runs)."""
+    from .. import ipam
     from ..ipam.rotation import pending_key_rotation, request_key_rotation
 
     with open_store(ctx) as store:
@@ -276,6 +293,8 @@ def node_delete(
     """Delete a node: free its block and release its pod addresses; peers drop its routes (not-found is success).
 
     A live node is refused: stop its agent first (it gives its lease up) or use --force."""
+    from .. import ipam
+
     with open_store(ctx) as store:
         ipam.delete_node(store, cluster, name, force=force)
     if output is Output.json:

@@ -13,13 +13,15 @@ import sys
 import time
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
-from ..agent.flows import FlowEndpoint, FlowFilter, FlowRecord, read_flows
 from .common import Output, OutputOpt, console, print_json
+
+if TYPE_CHECKING:
+    from ..agent.flows import FlowEndpoint, FlowFilter, FlowRecord
 
 DEFAULT_AGENT = "http://127.0.0.1:9161"
 FOLLOW_WAIT = 10.0
@@ -38,6 +40,8 @@ FollowOpt = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing n
 
 def flow_filter(*, verdict: str | None, pod: str | None, since: float | None) -> FlowFilter:
     """The filter of the common options (``--since`` counts back from now)."""
+    from ..agent.flows import FlowFilter
+
     return FlowFilter(since=time.time() - since if since is not None else None, verdict=verdict, pod=pod)
 
 
@@ -94,6 +98,8 @@ def flows(
 
     Example: overlaycni flows --agent http://127.0.0.1:9161 --verdict deny --pod x/web --follow
     """
+    from ..agent.flows import read_flows
+
     flt = flow_filter(verdict=verdict, pod=pod, since=since)
     records, cursor = read_flows(agent, flt)
     if not follow:

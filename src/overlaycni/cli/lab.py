@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -12,13 +12,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import NotFound, UsageError
-from ..lab import check as lab_check
-from ..lab import lifecycle, members
-from ..lab import state as lab_state
-from ..lab import trace as lab_trace
-from ..lab.policy import format_labels
-from ..lab.topology import parse_labels
 from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
+
+if TYPE_CHECKING:
+    from ..lab import check as lab_check
+    from ..lab import state as lab_state
+    from ..lab import trace as lab_trace
+
+# lab.lifecycle.DEFAULT_LEASE_TTL, written here so that `lab --help` need not import
+# the lab (tests/unit/test_cli_lazy.py checks that the two agree)
+LAB_LEASE_TTL = 6
 
 lab_app = typer.Typer(
     help="A whole overlay cluster on this machine: a VNet, nodes with the real agent, pods through the real plugin.",
@@ -48,6 +51,9 @@ def _next_steps(name: str, pod: str | None, other: str | None) -> list[str]:
 
 
 def render_status(state: lab_state.LabState) -> None:
+    from ..lab import members
+    from ..lab.policy import format_labels
+
     dual = state.dual_stack
     cidrs = ",".join(str(state.pod_cidr(v)) for v in state.versions)
     ext = ", ".join(str(state.external_address(v)) for v in state.versions)
@@ -82,7 +88,7 @@ def up(
     nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes.")] = 3,
     pods_per_node: Annotated[int, typer.Option("--pods-per-node", help="Pods per node (0 allowed).")] = 2,
     store: Annotated[str, typer.Option("--store", help="sqlite (a file in the lab dir) or etcd (runs inside the lab).")] = "sqlite",
-    lease_ttl: Annotated[int, typer.Option("--lease-ttl", help="Seconds before peers drop a silent node.")] = lifecycle.DEFAULT_LEASE_TTL,
+    lease_ttl: Annotated[int, typer.Option("--lease-ttl", help="Seconds before peers drop a silent node.")] = LAB_LEASE_TTL,
     etcd_tls: Annotated[
         str,
         typer.Option(
@@ -103,6 +109,8 @@ def up(
     (the VNet gets an IPv6 ULA range, every node and the external host an
     IPv6 address, every pod both families).
     """
+    from ..lab import lifecycle
+
     if etcd_tls not in ("on", "off"):
         raise UsageError(f"--etcd-tls {etcd_tls!r}: expected on or off")
     req = lifecycle.UpRequest(
@@ -138,6 +146,8 @@ def up(
 @lab_app.command("down")
 def down(name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Stop the lab's processes and delete its namespaces and files (safe to repeat)."""
+    from ..lab import lifecycle
+
     rep = lifecycle.down(name, root=lab_dir)
     if not rep.found_anything:
         console.print(f"lab {name}: nothing to remove", highlight=False)
@@ -152,6 +162,8 @@ def down(name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
 @lab_app.command("status")
 def status(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Nodes (IP, block, agent) and pods (node, IP) of a lab."""
+    from ..lab import members
+
     state = members.open_lab(name, lab_dir)
     if output is Output.json:
         data = state.status_json()
@@ -165,6 +177,8 @@ def status(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir:
 @lab_app.command("list")
 def list_(output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Every lab on this machine."""
+    from ..lab import lifecycle
+
     found = lifecycle.labs(lab_dir)
     rows: list[dict[str, Any]] = [
         {"name": n, "backend": s.backend if s else None, "store": s.store if s else None,
@@ -193,6 +207,8 @@ def exec_(
     lab_dir: LabDirOpt = None,
 ) -> None:
     """Run a command inside a pod, like kubectl exec: lab exec POD -- CMD..."""
+    from ..lab import members
+
     state = members.open_lab(name, lab_dir)
     if not cmd:
         raise UsageError("give the command after --, e.g. lab exec pod-1-1 -- ip addr", field="CMD")
@@ -236,6 +252,9 @@ def pod_add(
     datastore for NetworkPolicy. Example: overlaycni lab pod add web
     --namespace x --labels app=web --port http=80/TCP --ip 10.244.1.50
     """
+    from ..lab import members
+    from ..lab.topology import parse_labels
+
     p = members.add_pod(
         name, pod, namespace=namespace, node=node, labels=parse_labels(labels), ports=tuple(port or ()), ips=tuple(ip or ()), root=lab_dir
     )
@@ -249,6 +268,8 @@ def pod_add(
 @pod_app.command("delete")
 def pod_delete(pod: PodArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Delete a pod (CNI DEL, then its namespace)."""
+    from ..lab import members
+
     p = members.delete_pod(name, pod, root=lab_dir)
     console.print(f"pod {p.key} deleted", highlight=False)
 
@@ -261,6 +282,8 @@ def node_add(
     lab_dir: LabDirOpt = None,
 ) -> None:
     """Add a node VM and start its agent; peers program it."""
+    from ..lab import members
+
     n = members.add_node(name, node, root=lab_dir)
     if output is Output.json:
         print_json({"name": n.name, "netns": n.netns, "ip": str(n.ip.ip), "block": str(n.block),
@@ -274,6 +297,8 @@ def node_add(
 @node_app.command("delete")
 def node_delete(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Delete a node: its pods, its agent, its VM; peers drop it."""
+    from ..lab import members
+
     n = members.delete_node(name, node, root=lab_dir)
     console.print(f"node {n.name} deleted", highlight=False)
 
@@ -281,6 +306,8 @@ def node_delete(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = N
 @agent_app.command("restart")
 def agent_restart(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """Restart a node's agent (existing pods keep working)."""
+    from ..lab import members
+
     n = members.restart_agent(name, node, root=lab_dir)
     console.print(f"node {n.name}: agent restarted, pid {n.agent.pid if n.agent else '-'}", highlight=False)
 
@@ -288,6 +315,8 @@ def agent_restart(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt =
 @agent_app.command("kill")
 def agent_kill(node: NodeArg, name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """SIGKILL a node's agent (see what a crash does; `lab agent restart` brings it back)."""
+    from ..lab import members
+
     n = members.kill_agent(name, node, root=lab_dir)
     console.print(f"node {n.name}: agent {n.agent.pid if n.agent else '-'} killed", highlight=False)
 
@@ -301,6 +330,9 @@ def check(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: 
 
     Exit status: 0 all green, 1 any failure.
     """
+    from ..lab import check as lab_check
+    from ..lab import members
+
     state = members.open_lab(name, lab_dir)
     from ..lab.netns import require_privileges
 
@@ -347,6 +379,7 @@ def render_node_matrix(rep: lab_check.ConnectivityReport, node_of: dict[str, str
 
 
 def render_check(rep: lab_check.ConnectivityReport, node_of: dict[str, str] | None = None) -> None:
+
     mark = {"vxlan": "V", "wireguard": "W"}.get(rep.backend, "D")
     if node_of and len(rep.pods) > MAX_POD_MATRIX:
         render_node_matrix(rep, node_of)
@@ -423,6 +456,9 @@ def trace(
 
     Dual-stack: overlaycni lab trace pod-1-1 pod-2-1 --family ipv6, or an IPv6 address as DST.
     """
+    from ..lab import members
+    from ..lab import trace as lab_trace
+
     state = members.open_lab(name, lab_dir)
     t = lab_trace.run_trace(state, src, dst, family=family)
     if output is Output.json:
@@ -454,6 +490,9 @@ def render_trace(t: lab_trace.Trace) -> None:
 @lab_app.command("tour")
 def tour(name: LabNameOpt = "demo", lab_dir: LabDirOpt = None) -> None:
     """A short tour of a running lab, from real output."""
+    from ..lab import members
+    from ..lab import trace as lab_trace
+
     state = members.open_lab(name, lab_dir)
     for i, step in enumerate(lab_trace.run_tour(state), 1):
         console.print(f"\n[bold]{i}. {step.title}[/]", highlight=False)

@@ -12,8 +12,6 @@ from typing import Annotated
 import typer
 
 from ..errors import AgentUnavailable
-from ..lab import members
-from ..lab.flows import LabFlows
 from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, print_warning
 from .flows import FollowOpt, PodOpt, SinceOpt, VerdictOpt, flow_filter, print_flows
 from .lab import lab_app
@@ -47,6 +45,8 @@ def lab_flows(
 
     Example: overlaycni lab flows --verdict deny --pod x/web --since 60
     """
+    from ..lab import members
+    from ..lab.flows import LabFlows
     from ..lab.netns import require_privileges
 
     state = members.open_lab(name, lab_dir)

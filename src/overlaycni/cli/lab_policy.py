@@ -14,11 +14,6 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError, PolicyFieldError
-from ..lab import members
-from ..lab import policy as lab_policy
-from ..lab import probe as lab_probe
-from ..lab.policy import format_labels
-from ..policy.model import NAMESPACE_NAME_LABEL
 from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, print_json
 from .lab import PodArg, lab_app, pod_app
 
@@ -42,6 +37,8 @@ def namespace_add(
 
     Example: overlaycni lab namespace add x --labels ns=x
     """
+    from ..lab import policy as lab_policy
+
     got = lab_policy.add_namespace(name, namespace, [labels] if labels else [], root=lab_dir)
     _print_ns(namespace, dict(got), output, "created")
 
@@ -58,11 +55,15 @@ def namespace_label(
 
     Example: overlaycni lab namespace label y team=blue env-
     """
+    from ..lab import policy as lab_policy
+
     got = lab_policy.label_namespace(name, namespace, labels, root=lab_dir)
     _print_ns(namespace, dict(got), output, "labelled")
 
 
 def _print_ns(namespace: str, labels: dict[str, str], output: Output, verb: str) -> None:
+    from ..lab.policy import format_labels
+
     if output is Output.json:
         print_json({"namespace": namespace, "labels": labels})
     else:
@@ -72,6 +73,11 @@ def _print_ns(namespace: str, labels: dict[str, str], output: Output, verb: str)
 @ns_app.command("list")
 def namespace_list(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """The lab's namespaces, their labels and pods."""
+    from ..lab import members
+    from ..lab import policy as lab_policy
+    from ..lab.policy import format_labels
+    from ..policy.model import NAMESPACE_NAME_LABEL
+
     state = members.open_lab(name, lab_dir)
     known = lab_policy.load_namespaces(state)
     rows: list[dict[str, Any]] = [
@@ -101,6 +107,9 @@ def pod_label(
 
     Example: overlaycni lab pod label x/web tier=frontend old-
     """
+    from ..lab import policy as lab_policy
+    from ..lab.policy import format_labels
+
     p = lab_policy.label_pod(name, pod, labels, root=lab_dir)
     if output is Output.json:
         print_json({"pod": p.name, "namespace": p.namespace, "labels": dict(p.labels)})
@@ -130,6 +139,8 @@ def probe(
 
     Example: overlaycni lab probe --port 81 --protocol udp -o json
     """
+    from ..lab import members
+    from ..lab import probe as lab_probe
     from ..lab.netns import require_privileges
 
     state = members.open_lab(name, lab_dir)

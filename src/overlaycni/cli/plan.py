@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import check_network, load_file, merge_settings
 from ..errors import ConfigError, FieldError
-from ..plan import Plan, make_plan, plan_json
 from .common import Output, OutputOpt, console, err_console, print_error, print_json, print_warning, with_dual_stack_network_flags
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 EPILOG = (
     "Example (the AKS overlay default): overlaycni plan --network-plugin azure "
@@ -44,6 +45,9 @@ def plan(
 
     Exit status: 0 valid, 2 invalid configuration or usage.
     """
+    from ..config import check_network, load_file, merge_settings
+    from ..plan import make_plan, plan_json
+
     try:
         settings = merge_settings(load_file(file) if file is not None else None, network)
     except ConfigError as exc:

@@ -16,22 +16,18 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-import yaml
 from rich.table import Table
 
-from ..datastore import Store
-from ..datastore.keys import BadRecordHandler
 from ..errors import BadRecord, ConfigError, NotFound, PolicyFieldError
-from ..policy.explain import explain
-from ..policy.inventory import Inventory, load_inventory
-from ..policy.model import parse_policies
-from ..policy.records import delete_policy, load_policies, policy_to_dict, save_policies
-from ..policy.render import counts, render_node
-from ..policy.stored import inventory_from_store
 from .common import FromOpt, LabOpt, Output, OutputOpt, TargetClusterOpt, console, open_store, print_json, print_warning
+
+if TYPE_CHECKING:
+    from ..datastore import Store
+    from ..datastore.keys import BadRecordHandler
+    from ..policy.inventory import Inventory
 
 T = TypeVar("T")
 
@@ -71,6 +67,9 @@ def on_store(ctx: typer.Context, *, cluster: str | None, lab: str | None, use: C
 
 def load_any_inventory(ctx: typer.Context, *, from_file: str | None, cluster: str | None, lab: str | None) -> Inventory:
     """The inventory of ``--from FILE``, or of the datastore of ``--cluster`` / ``--lab``."""
+    from ..policy.inventory import load_inventory
+    from ..policy.stored import inventory_from_store
+
     if from_file is not None:
         if cluster or lab:
             raise ConfigError(PolicyFieldError("--from", "give --from FILE or --cluster/--lab, not both"))
@@ -124,6 +123,11 @@ def validate_cmd(file: FileOpt, output: OutputOpt = Output.table) -> None:
 
     Exit status: 0 valid, 2 invalid (each error names the field path).
     """
+    import yaml
+
+    from ..policy.model import parse_policies
+    from ..policy.records import policy_to_dict
+
     try:
         policies = parse_policies(read_text(file))
     except ConfigError as exc:
@@ -162,6 +166,8 @@ def explain_cmd(
 
     Exit status: 0 allowed, 1 denied, 2 bad input.
     """
+    from ..policy.explain import explain
+
     try:
         inv = load_any_inventory(ctx, from_file=from_file, cluster=cluster, lab=lab)
         _, data = explain(inv, src=src, dst=dst, port=port, bare_names=lab is not None, family=family)
@@ -193,6 +199,7 @@ def render_cmd(
     --lab (what the node's agent renders). With --output table, print
     its size (rules and set elements)."""
     from ..policy.flowlog import FlowLogSpec
+    from ..policy.render import counts, render_node
 
     inv = load_any_inventory(ctx, from_file=from_file, cluster=cluster, lab=lab)
     doc = render_node(
@@ -219,6 +226,8 @@ def apply_cmd(
     stored, 2 invalid input or unknown cluster.
     """
     from ..ipam import get_cluster
+    from ..policy.model import parse_policies
+    from ..policy.records import load_policies, save_policies
 
     def store_all(store: Store, name: str) -> tuple[str, set[str]]:
         get_cluster(store, name)  # NotFound for an unknown cluster
@@ -248,6 +257,8 @@ def delete_cmd(
     lab: LabOpt = None,
 ) -> None:
     """Delete one policy. Exit status: 0 deleted, 2 not found."""
+    from ..policy.records import delete_policy
+
     namespace, sep, name = ref.partition("/")
     if not sep or not namespace or not name:
         raise ConfigError(PolicyFieldError("policy", f"{ref!r}: expected NAMESPACE/NAME, e.g. x/deny-all"))
@@ -263,6 +274,8 @@ def delete_cmd(
 @policy_app.command("list", epilog="Example: overlaycni policy list --cluster dev -o json")
 def list_cmd(ctx: typer.Context, cluster: TargetClusterOpt = None, lab: LabOpt = None, output: OutputOpt = Output.table) -> None:
     """List the cluster's policies."""
+    from ..policy.records import load_policies, policy_to_dict
+
     with skipped_records() as on_bad:
         cluster, policies = on_store(
             ctx, cluster=cluster, lab=lab, use=lambda store, name: (name, load_policies(store, name, on_bad=on_bad))
