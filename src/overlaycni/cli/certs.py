@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .common import Output, OutputOpt, console, print_json
 
@@ -72,6 +71,8 @@ to every member and the revoked certificates are refused from then on
 
 
 def _emit(directory: str, files: list, output: Output, *, title: str) -> None:
+    from rich.table import Table
+
     if output is Output.json:
         print_json({"dir": directory, "files": [f.to_dict() for f in files]})
         return

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError, FieldError
 from .common import (
@@ -54,6 +53,8 @@ def _emit_network(name: str, net: Any, output: Output) -> None:
 
 
 def _render_network(name: str, net: ClusterNetwork) -> None:
+    from rich.table import Table
+
     table = Table(title=f"cluster {name}", show_header=False)
     for key, value in _network_json(name, net).items():
         if key != "name":
@@ -106,6 +107,8 @@ def cluster_show(ctx: typer.Context, name: ClusterNameOpt, output: OutputOpt = O
 @cluster_app.command("list", epilog="Example: overlaycni --datastore etcd://127.0.0.1:2379 cluster list")
 def cluster_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
     """List the clusters in the datastore."""
+    from rich.table import Table
+
     from .. import ipam
 
     with open_store(ctx) as store:
@@ -208,6 +211,8 @@ def node_list(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
     A record that does not decode is skipped with a warning on stderr (the
     agents skip it too); `ipam check` lists every such record. With -o json
     the list of nodes on stdout keeps its shape."""
+    from rich.table import Table
+
     from .. import ipam
 
     skipped = SkippedRecords()

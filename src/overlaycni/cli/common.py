@@ -9,10 +9,9 @@ import json
 import sys
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
@@ -20,13 +19,32 @@ from ..errors import BadRecord, ConfigError, OverlayCNIError
 from . import coerce
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ..datastore import Store
     from ..datastore.tls import EtcdCredentials
 
 coerce.install()  # plain option values are coerced without importing pydantic
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _LazyConsole:
+    """A rich ``Console``, made (and rich.console imported, ~20 ms) when a
+    command first prints through it: ``-o json`` and the agent never do."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console = cast("Console", _LazyConsole())
+err_console = cast("Console", _LazyConsole(stderr=True))
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.table import Table
 
 from ..datastore import Store
 from ..datastore import backup as bk
@@ -80,6 +79,8 @@ def get_cmd(
     JSON (-o json): a list of {key, value}, in key order. A single KEY
     that does not exist is an error (exit 2); a prefix may match nothing.
     """
+    from rich.table import Table
+
     _check_key(key)
     snap = on_store(ctx, lab, lab_dir, lambda store: store.read(prefixes=[key]) if prefix else store.read(keys=[key]))
     if not prefix and not snap.kvs:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError, FieldError
 from .common import ClusterOpt, Output, OutputOpt, SkippedRecords, console, open_store, print_json
@@ -138,6 +137,8 @@ def ipam_show(ctx: typer.Context, cluster: ClusterOpt, output: OutputOpt = Outpu
     is skipped with a warning on stderr (the agents skip it too) and listed
     under "skipped" ({key, kind, reason}) with -o json; `ipam check` reports
     it as a problem."""
+    from rich.table import Table
+
     from .. import ipam
     from ..ipam import addresses
 

@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ..errors import NotFound, UsageError
 from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
@@ -51,6 +49,8 @@ def _next_steps(name: str, pod: str | None, other: str | None) -> list[str]:
 
 
 def render_status(state: lab_state.LabState) -> None:
+    from rich.table import Table
+
     from ..lab import members
     from ..lab.policy import format_labels
 
@@ -109,6 +109,8 @@ def up(
     (the VNet gets an IPv6 ULA range, every node and the external host an
     IPv6 address, every pod both families).
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from ..lab import lifecycle
 
     if etcd_tls not in ("on", "off"):
@@ -177,6 +179,8 @@ def status(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir:
 @lab_app.command("list")
 def list_(output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """Every lab on this machine."""
+    from rich.table import Table
+
     from ..lab import lifecycle
 
     found = lifecycle.labs(lab_dir)
@@ -354,6 +358,8 @@ MAX_POD_MATRIX = 12  # beyond this many pods the matrix is summarised per node p
 def render_node_matrix(rep: lab_check.ConnectivityReport, node_of: dict[str, str]) -> None:
     """Large labs: one cell per (source node, destination node): ✓ when every
     pod pair between them is OK, else OK/pairs in red. Columns by node number."""
+    from rich.table import Table
+
     nodes = sorted(set(node_of.values()), key=lambda n: (len(n), n))
     ok: dict[tuple[str, str], list[int]] = {}
     for p in rep.pairs:
@@ -379,6 +385,7 @@ def render_node_matrix(rep: lab_check.ConnectivityReport, node_of: dict[str, str
 
 
 def render_check(rep: lab_check.ConnectivityReport, node_of: dict[str, str] | None = None) -> None:
+    from rich.table import Table
 
     mark = {"vxlan": "V", "wireguard": "W"}.get(rep.backend, "D")
     if node_of and len(rep.pods) > MAX_POD_MATRIX:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError, PolicyFieldError
 from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, print_json
@@ -73,6 +72,8 @@ def _print_ns(namespace: str, labels: dict[str, str], output: Output, verb: str)
 @ns_app.command("list")
 def namespace_list(name: LabNameOpt = "demo", output: OutputOpt = Output.table, lab_dir: LabDirOpt = None) -> None:
     """The lab's namespaces, their labels and pods."""
+    from rich.table import Table
+
     from ..lab import members
     from ..lab import policy as lab_policy
     from ..lab.policy import format_labels
@@ -139,6 +140,8 @@ def probe(
 
     Example: overlaycni lab probe --port 81 --protocol udp -o json
     """
+    from rich.table import Table
+
     from ..lab import members
     from ..lab import probe as lab_probe
     from ..lab.netns import require_privileges

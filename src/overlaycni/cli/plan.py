@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..errors import ConfigError, FieldError
 from .common import Output, OutputOpt, console, err_console, print_error, print_json, print_warning, with_dual_stack_network_flags
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ..plan import Plan
 
 EPILOG = (
@@ -75,6 +75,8 @@ def error_line(e: FieldError) -> str:
 
 def render_plan(p: Plan, out: Console | None = None) -> None:
     """Print the capacity table and the verdict (fits in 100 columns)."""
+    from rich.table import Table
+
     out = out or console
     n = p.network
     for f in n.families:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.table import Table
 
 from ..errors import BadRecord, ConfigError, NotFound, PolicyFieldError
 from .common import FromOpt, LabOpt, Output, OutputOpt, TargetClusterOpt, console, open_store, print_json, print_warning
@@ -274,6 +273,8 @@ def delete_cmd(
 @policy_app.command("list", epilog="Example: overlaycni policy list --cluster dev -o json")
 def list_cmd(ctx: typer.Context, cluster: TargetClusterOpt = None, lab: LabOpt = None, output: OutputOpt = Output.table) -> None:
     """List the cluster's policies."""
+    from rich.table import Table
+
     from ..policy.records import load_policies, policy_to_dict
 
     with skipped_records() as on_bad:
@@ -293,6 +294,8 @@ def list_cmd(ctx: typer.Context, cluster: TargetClusterOpt = None, lab: LabOpt =
 
 
 def _print_verdict(data: dict[str, Any]) -> None:
+    from rich.table import Table
+
     word = "[bold green]ALLOW[/]" if data["allowed"] else "[bold red]DENY[/]"
     over = " over IPv6" if data.get("family") == "ipv6" else ""
     console.print(f"{word} {data['src']} -> {data['dst']} {data['port']}/{data['protocol']}{over}", highlight=False)
