@@ -16,7 +16,7 @@ same output (checked once per case, before timing).
 ``agent status`` talks to a stand-in agent: a Unix socket in a temporary
 directory that answers AGENT_STATUS as the agent's CNI socket does.
 
-    .venv/bin/python bench/cli.py [--runs 7] [--base main]
+    .venv/bin/python bench/cli.py [--runs 7] [--base main] [--case 'agent status' ...]
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="runs per case and side (median, min-max)")
     ap.add_argument("--base", default="main", help="git revision of the baseline (its src/)")
+    ap.add_argument("--case", action="append", help="only this case (repeatable), e.g. 'agent status'")
     opts = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="overlaycni-bench-cli-") as tmp:
@@ -106,6 +107,8 @@ def main() -> int:
         print(f"bench/cli.py: base {opts.base} vs this tree; {opts.runs} runs each, interleaved; load {loadavg()}")
         print(f"{'case':14} {'base s (min-max)':>24} {'cand s (min-max)':>24} {'ratio':>6} {'base MiB':>9} {'cand MiB':>9}")
         for name, args in cases.items():
+            if opts.case and name not in opts.case:
+                continue
             firsts = {side: run_once(src, args) for side, src in sides.items()}
             if firsts["base"][2:] != firsts["cand"][2:]:
                 print(f"{name}: base and candidate differ (exit {firsts['base'][2]} vs {firsts['cand'][2]})", file=sys.stderr)

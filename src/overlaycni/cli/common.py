@@ -12,7 +12,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
-from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import BadRecord, ConfigError, OverlayCNIError
@@ -92,6 +91,8 @@ def print_error(message: str, *, details: str | None = None, out: Console | None
     """``error: MESSAGE`` on stderr (or ``out``). The text is printed
     literally: user input inside it (a name, a flag value) is never read as
     rich markup."""
+    from rich.markup import escape
+
     out = out or err_console
     out.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if details:
@@ -99,6 +100,8 @@ def print_error(message: str, *, details: str | None = None, out: Console | None
 
 
 def print_warning(message: str, *, out: Console | None = None) -> None:
+    from rich.markup import escape
+
     (out or err_console).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 

@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from .common import Output, OutputOpt, console, print_json
 
@@ -51,6 +50,8 @@ def _end(e: FlowEndpoint) -> str:
 
 def flow_line(r: FlowRecord) -> str:
     """One flow for people (rich markup; names escaped)."""
+    from rich.markup import escape
+
     when = datetime.fromtimestamp(r.time).strftime("%H:%M:%S.%f")[:-3]
     port = f":{r.dport}" if r.dport is not None else ""
     if r.verdict == "deny":

@@ -6,8 +6,6 @@ import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.markup import escape
 
 from ..errors import NotFound, UsageError
 from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
@@ -358,6 +356,7 @@ MAX_POD_MATRIX = 12  # beyond this many pods the matrix is summarised per node p
 def render_node_matrix(rep: lab_check.ConnectivityReport, node_of: dict[str, str]) -> None:
     """Large labs: one cell per (source node, destination node): ✓ when every
     pod pair between them is OK, else OK/pairs in red. Columns by node number."""
+    from rich import box
     from rich.table import Table
 
     nodes = sorted(set(node_of.values()), key=lambda n: (len(n), n))
@@ -431,6 +430,8 @@ def render_check(rep: lab_check.ConnectivityReport, node_of: dict[str, str] | No
 
 
 def _render_verdict(rep: lab_check.ConnectivityReport) -> None:
+    from rich.markup import escape
+
     fails = rep.failures()
     if fails:
         for f in fails[:50]:
