@@ -1,15 +1,11 @@
-"""The console script builds the agent's commands alone for ``overlaycni
-agent`` / ``install-cni`` (what the other groups import stays out of a
-long-running agent), and the whole tree for everything else."""
+"""``build(groups)``, the eager tree, holds only the groups asked for (what
+the other groups import stays out); the console script's lazy tree is
+tested in test_cli_lazy.py."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-
-import pytest
-
-from overlaycni.cli.main import AGENT_COMMANDS, command_of
 
 PROBE = """
 import sys
@@ -19,20 +15,6 @@ heavy = sorted(m for m in ("overlaycni.cli.lab", "overlaycni.cli.policy", "overl
                if m in sys.modules)
 print(",".join(heavy) or "-")
 """
-
-
-@pytest.mark.parametrize(("argv", "command"), [
-    (["agent", "--cluster", "c"], "agent"),
-    (["--datastore", "sqlite:///x.db", "agent", "--node", "n"], "agent"),
-    (["--datastore=sqlite:///x.db", "--etcd-ca", "/ca.pem", "install-cni", "--cluster", "c"], "install-cni"),
-    (["--", "agent"], "agent"),
-    (["--datastore", "agent"], None),  # "agent" is the option's value here
-    (["lab", "up"], "lab"),
-    (["--help"], None),
-    ([], None),
-])
-def test_command_of(argv, command):
-    assert command_of(argv) == command
 
 
 def _heavy(groups: str) -> str:
@@ -46,7 +28,7 @@ def test_the_agents_tree_leaves_the_other_groups_out():
 
 
 def test_the_agent_commands_keep_their_help():
-    for command in AGENT_COMMANDS:
+    for command in ("agent", "install-cni"):
         out = subprocess.run([sys.executable, "-m", "overlaycni.cli.main", command, "--help"], capture_output=True,
                              text=True, check=True)
         assert "Usage:" in out.stdout and command in out.stdout

@@ -25,7 +25,6 @@ import typer.main
 from typer.core import TyperCommand
 
 from .common import (
-    _DATASTORE_OPTIONS,
     DatastoreOpt,
     EtcdCaOpt,
     EtcdCertOpt,
@@ -36,8 +35,6 @@ from .common import (
 )
 
 GROUPS = ("cluster", "ipam", "agent", "flows", "lab", "lab_policy", "lab_flows", "policy", "certs", "datastore")
-AGENT_COMMANDS = ("agent", "install-cni")  # registered by cli.agent alone
-_ROOT_VALUE_FLAGS = frozenset(flag for _, flag, _, _ in _DATASTORE_OPTIONS)
 
 
 class LazyCommand(NamedTuple):
@@ -221,19 +218,6 @@ def lazy_app() -> typer.Typer:
     tree = _new_app(LazyGroup)
     tree.callback()(root)
     return tree
-
-
-def command_of(argv: list[str]) -> str | None:
-    """The command named by ``argv`` (past the root options and their values), if any."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--":
-            return next(args, None)
-        if not arg.startswith("-"):
-            return arg
-        if arg in _ROOT_VALUE_FLAGS:
-            next(args, None)  # its value
-    return None
 
 
 app = lazy_app()
