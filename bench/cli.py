@@ -15,6 +15,8 @@ same output (checked once per case, before timing).
 
 ``agent status`` talks to a stand-in agent: a Unix socket in a temporary
 directory that answers AGENT_STATUS as the agent's CNI socket does.
+``agent args`` parses a node agent's command line (what the agent process
+pays, and keeps resident, before it starts its work).
 
     .venv/bin/python bench/cli.py [--runs 7] [--base main] [--case 'agent status' ...]
 """
@@ -103,6 +105,8 @@ def main() -> int:
             "lab --help": ["lab", "--help"],
             "agent status": ["agent", "status", "--socket", sock, "-o", "json"],
             "plan -o json": ["plan", "--output", "json"],
+            # the agent's arguments, parsed in full; then --node-ip is refused (exit 2) before the agent starts
+            "agent args": ["agent", "--cluster", "c", "--node", "n", "--node-ip", "bad", "--lease-ttl", "20", "--no-flow-logs"],
         }
         print(f"bench/cli.py: base {opts.base} vs this tree; {opts.runs} runs each, interleaved; load {loadavg()}")
         print(f"{'case':14} {'base s (min-max)':>24} {'cand s (min-max)':>24} {'ratio':>6} {'base MiB':>9} {'cand MiB':>9}")

@@ -110,6 +110,10 @@ def test_light_commands_import_what_they_use_only(agent_socket):
     plan = probe(["plan", "--output", "json"], allowed=("overlaycni.config", "overlaycni.plan"))
     assert plan["code"] in (0, None) and json.loads(plan["out"])
     assert plan["heavy"] == []
+    # the agent's whole argument list is parsed (then --node-ip is refused, before the agent starts)
+    agent = probe(["agent", "--cluster", "c", "--node", "n", "--node-ip", "not-an-ip", "--lease-ttl", "20",
+                   "--resync-interval", "2.5", "--wireguard-mode", "kernel", "--no-flow-logs", "--flow-log-rate", "50"])
+    assert agent["code"] == 2 and agent["heavy"] == []
     # control: typer's own coercion of the same options imports pydantic
     control = probe(["agent", "status", "--socket", agent_socket, "-o", "json"], mode="typer-coercion")
     assert control["code"] in (0, None) and "pydantic" in control["heavy"]
@@ -276,3 +280,25 @@ def test_typer_still_coerces_through_get_runtime_param():
         _TyperParameter.get_runtime_param = original
     assert "output" in calls
 
+
+
+def test_the_lazy_console_serves_rich_as_a_console():
+    """The consoles are made on first use; rich's own objects (a progress
+    bar, a status spinner, ``with console:``) work on them as on a Console."""
+    import io
+
+    from rich.progress import Progress
+
+    from overlaycni.cli.common import _LazyConsole, rich_console
+
+    out = io.StringIO()
+    lazy = _LazyConsole(file=out, width=60)
+    assert lazy._console is None  # nothing made yet
+    with lazy:
+        lazy.print("one")
+    with lazy.status("working"):
+        lazy.print("two")
+    with Progress(console=rich_console(lazy), transient=False) as bar:
+        bar.add_task("three", total=1, completed=1)
+    text = out.getvalue()
+    assert "one" in text and "two" in text and "three" in text

@@ -34,12 +34,27 @@ class _LazyConsole:
         self._options = options
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._options)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    # special methods are looked up on the type, not through __getattr__
+    def __enter__(self) -> Console:
+        return self.real().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.real().__exit__(*exc)
+
+
+def rich_console(out: Console) -> Console:
+    """The rich ``Console`` itself, for rich objects that keep one (``Progress(console=...)``)."""
+    return out.real() if isinstance(out, _LazyConsole) else out
 
 
 console = cast("Console", _LazyConsole())

@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import NotFound, UsageError
-from .common import LabDirOpt, LabNameOpt, Output, OutputOpt, console, err_console, print_json, with_dual_stack_network_flags
+from .common import (
+    LabDirOpt,
+    LabNameOpt,
+    Output,
+    OutputOpt,
+    console,
+    err_console,
+    print_json,
+    rich_console,
+    with_dual_stack_network_flags,
+)
 
 if TYPE_CHECKING:
     from ..lab import check as lab_check
@@ -125,7 +135,7 @@ def up(
     )
     lifecycle.validate(req)  # clear errors before any progress display
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=rich_console(err_console), transient=False
     ) as progress:
         tasks: dict[str, Any] = {}
 
