@@ -302,3 +302,14 @@ def test_the_lazy_console_serves_rich_as_a_console():
         bar.add_task("three", total=1, completed=1)
     text = out.getvalue()
     assert "one" in text and "two" in text and "three" in text
+
+
+def test_shell_completion_answers_as_before():
+    """The app offers no completion (add_completion=False): the lazy tree
+    answers typer's completion variable as the eager one does."""
+    runner = CliRunner()
+    env = {"_OVERLAYCNI_COMPLETE": "complete_bash", "COMP_WORDS": "overlaycni ip", "COMP_CWORD": "1"}
+    lazy = runner.invoke(main.lazy_app(), [], prog_name="overlaycni", env=env)
+    eager = runner.invoke(build(), [], prog_name="overlaycni", env=env)
+    assert (lazy.exit_code, lazy.output) == (eager.exit_code, eager.output)
+    assert "not supported" in eager.output  # control: the variable is read (no completion offered)
