@@ -88,7 +88,6 @@ from ..errors import ConfigError, DataplaneError, FieldError, PeerNotAdjacent, U
 from .model import (
     GATEWAY_LABEL,
     VXLAN_IFNAME,
-    FdbEntry,
     NodeInfo,
     NodeState,
     Peer,
@@ -106,6 +105,7 @@ from .model import (
     vtep_mac,
 )
 from .nodetables import NodeTables
+from .peerops import PeerOps
 from .podops import NODE_SYSCTLS_V6, PodOps, pod_veth_sysctls
 from .policytable import PolicyTableSync
 from .ports import Addresses, Fdb, Links, Neighbours, NftRuleset, PodLinks, Routes, Sysctls, WireGuard
@@ -144,7 +144,7 @@ def _same_route(want: Route, have: Route | None) -> bool:
     return have is not None and (want == have or (want.dev is None and replace(have, dev=None) == want))
 
 
-class NodeDataplane(PodOps):
+class NodeDataplane(PodOps, PeerOps):
     def __init__(self, ports: Ports) -> None:
         self.p = ports
         self.policy_table = PolicyTableSync(ports.policy_nft)
@@ -380,51 +380,7 @@ class NodeDataplane(PodOps):
     def _nft(self, state: NodeState, info: NodeInfo, report: ReconcileReport) -> None:
         self.tables.reconcile(state, self._pod_endpoints(state), report)
 
-    # --- peers (incremental) ------------------------------------------------------
-
-    def ensure_peer(self, state: NodeState, peer: Peer) -> None:
-        """Program one peer of ``state`` (which lists it); ``ConfigError`` if the
-        kernel cannot take it next to the others (``admit_peers``)."""
-        validate_state(replace(state, pods=()))
-        others = tuple(p for p in state.peers if p.name != peer.name)
-        _, problems = admit_peers(replace(state, peers=(*others, peer), pods=()))
-        mine = [p for p in problems if p.peer == peer.name]
-        if mine:
-            raise ConfigError(FieldError("peers", mine[0].message))
-        with self._lock:
-            objs = peer_objects(peer, backend=state.backend)
-            old = None
-            if state.backend == "wireguard":
-                self._wg.ensure_peer(state, peer)
-            elif objs.fdb is not None:
-                old = self.p.neighbours.get_neighbour(VXLAN_IFNAME, objs.neighbours[0].ip)
-                self.p.neighbours.apply_neighbours(replace=objs.neighbours)
-                self.p.fdb.apply_fdb(replace=[objs.fdb])
-            else:
-                self._check_adjacent(peer)
-            self.p.routes.apply_routes(replace=objs.routes)
-            if old is not None and objs.fdb is not None and old.mac != objs.fdb.mac:
-                self.p.fdb.apply_fdb(delete=[FdbEntry(dev=VXLAN_IFNAME, mac=old.mac, dst=peer.node_ip)])
-            self.tables.add_peer(state, peer)
-            self._remember(state, peer, keep=True)
-
-    def _remember(self, state: NodeState, peer: Peer, *, keep: bool) -> None:
-        """Keep ``last_state`` current across incremental peer changes."""
-        base = self.last_state if self.last_state is not None else state
-        peers = tuple(p for p in base.peers if p.name != peer.name) + ((peer,) if keep else ())
-        self.last_state = replace(base, peers=tuple(sorted(peers, key=lambda p: p.name)))
-
-    def delete_peer(self, state: NodeState, peer: Peer) -> None:
-        with self._lock:
-            objs = peer_objects(peer, backend=state.backend)
-            self.p.routes.apply_routes(delete=objs.routes)
-            if objs.fdb is not None and self.p.links.get_link(VXLAN_IFNAME) is not None:
-                self.p.fdb.apply_fdb(delete=[objs.fdb])
-                self.p.neighbours.apply_neighbours(delete=objs.neighbours)
-            if state.backend == "wireguard":
-                self._wg.delete_peer(peer)
-            self.tables.remove_peer(state, peer)
-            self._remember(state, peer, keep=False)
+    # --- peers (incremental): ``peerops.PeerOps`` ---------------------------------------
 
     def wireguard_device(self) -> WgDevice | None:
         """The node's WireGuard device as it reports itself (None: no device or no port)."""

@@ -190,19 +190,27 @@ class NodeTables:
         return problems
 
     def add_peer(self, state: NodeState, peer: Peer) -> None:
-        self.update(add=_peer_elements(state, peer))
+        self.add_peers(state, [peer])
+
+    def add_peers(self, state: NodeState, peers: Iterable[Peer]) -> None:
+        """Several peers' elements in one transaction."""
+        self.update(add=_merged(_peer_elements(state, p) for p in peers))
 
     def remove_peer(self, state: NodeState, peer: Peer) -> None:
-        self.update(remove=self._peer_only(state, peer))
+        self.remove_peers(state, [peer])
 
-    def _peer_only(self, state: NodeState, peer: Peer) -> dict[SetKey, list[Any]]:
-        """The elements of ``peer`` that no other peer of ``state`` (nor this node) also needs."""
-        keep: dict[SetKey, set[Any]] = {(nftmodel.FAMILY, nftmodel.SET_NODE_IPS): {state.node_ip}}
-        for p in state.peers:
-            if p.name != peer.name:
-                for key, elems in _peer_elements(state, p).items():
-                    keep.setdefault(key, set()).update(elems)
-        return {key: [e for e in elems if e not in keep.get(key, set())] for key, elems in _peer_elements(state, peer).items()}
+    def remove_peers(self, state: NodeState, peers: Iterable[Peer]) -> None:
+        """Several peers' elements in one transaction (those no other peer of ``state`` needs)."""
+        self.update(remove=self._peers_only(state, list(peers)))
+
+    def _peers_only(self, state: NodeState, peers: list[Peer]) -> dict[SetKey, list[Any]]:
+        """The elements of ``peers`` that no other peer of ``state`` (nor this node) also needs."""
+        names = {p.name for p in peers}
+        keep = _merged(_peer_elements(state, p) for p in state.peers if p.name not in names)
+        keep.setdefault((nftmodel.FAMILY, nftmodel.SET_NODE_IPS), []).append(state.node_ip)
+        kept = {key: set(elems) for key, elems in keep.items()}
+        gone = _merged(_peer_elements(state, p) for p in peers)
+        return {key: [e for e in elems if e not in kept.get(key, set())] for key, elems in gone.items()}
 
     # --- counters ---------------------------------------------------------------------
 
@@ -211,6 +219,14 @@ class NodeTables:
         for port in self.ports.values():
             counts.update({k: v for k, v in port.counters().items() if k in DROP_RULES})
         return counts
+
+
+def _merged(parts: Iterable[dict[SetKey, list[Any]]]) -> dict[SetKey, list[Any]]:
+    out: dict[SetKey, list[Any]] = {}
+    for part in parts:
+        for key, elems in part.items():
+            out.setdefault(key, []).extend(elems)
+    return out
 
 
 def _peer_elements(state: NodeState, peer: Peer) -> dict[SetKey, list[Any]]:

@@ -19,6 +19,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from typing import Any, Protocol
 
 from ..cidr import IPAddress
+from ..errors import OverlayCNIError
 from ..families import PodAddress
 from .model import (
     FdbEntry,
@@ -166,6 +167,9 @@ class Dataplane(Protocol):
     def reconcile(self, state: NodeState) -> ReconcileReport: ...
     def ensure_peer(self, state: NodeState, peer: Peer) -> None: ...
     def delete_peer(self, state: NodeState, peer: Peer) -> None: ...
+    # one pass for the peers of a selection; ensure returns the peers skipped (name -> why), the others programmed
+    def ensure_peers(self, state: NodeState, peers: Sequence[Peer]) -> dict[str, OverlayCNIError]: ...
+    def delete_peers(self, state: NodeState, peers: Sequence[Peer]) -> None: ...
     def attach_pod(
         self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
         netns_fd: int | None = None,

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, DataplaneError
+from ..cidr import IPNetwork
+from ..errors import ConfigError, DataplaneError, OverlayCNIError
 from .model import NodeInfo, NodeState, Peer, ReconcileReport
 from .wgmodel import WG_IFNAME, WIREGUARD_OVERHEAD, WgPeer, WireGuardSpec, check_public_key
 
@@ -127,28 +128,60 @@ class WireGuardBackend:
     def ensure_peer(self, state: NodeState, peer: Peer) -> None:
         """One peer, incrementally: a peer whose block is served by another key
         (a rotated key) is replaced in the same transaction."""
+        failed = self.ensure_peers(state, [peer])
+        if failed:
+            raise failed[peer.name]
+
+    def ensure_peers(self, state: NodeState, peers: Sequence[Peer]) -> dict[str, OverlayCNIError]:
+        """Several peers in one UAPI transaction (the device read once); each
+        one whose block another key serves replaces that key. A peer without
+        a valid public key is skipped and returned (name -> why)."""
         port = self._port()
-        self.usable_peers(replace(state, peers=(peer,)), None)
-        want = wg_peer(peer, port=state.wireguard_port)
+        failed: dict[str, OverlayCNIError] = {}
+        wants: list[tuple[Peer, WgPeer]] = []
+        for peer in peers:
+            try:
+                self.usable_peers(replace(state, peers=(peer,)), None)
+                wants.append((peer, wg_peer(peer, port=state.wireguard_port)))
+            except (DataplaneError, ConfigError) as exc:
+                failed[peer.name] = exc
+        if not wants:
+            return failed
         device = port.get_device(WG_IFNAME)
         if device is None:
             raise DataplaneError(f"wireguard: device {WG_IFNAME} is missing")
-        replaced = [
-            s.peer.public_key for s in device.peers
-            if s.peer.public_key != want.public_key and peer.block in s.peer.allowed_ips
-        ]  # fmt: skip
-        have = device.peer(want.public_key)
-        if replaced or have is None or have.peer != want:
-            port.apply_peers(WG_IFNAME, replace=[want], remove=replaced)
-            port.start_handshakes(WG_IFNAME, [want.public_key])
+        have = {s.peer.public_key: s.peer for s in device.peers}
+        serving: dict[IPNetwork, list[str]] = {}  # allowed IP -> the keys that list it
+        for s in device.peers:
+            for net in s.peer.allowed_ips:
+                serving.setdefault(net, []).append(s.peer.public_key)
+        wanted_keys = {w.public_key for _, w in wants}
+        changed: list[WgPeer] = []
+        replaced: dict[str, None] = {}  # in order, once each
+        for peer, want in wants:
+            others = [k for k in serving.get(peer.block, ()) if k not in wanted_keys]
+            if others or have.get(want.public_key) != want:
+                changed.append(want)
+                replaced.update(dict.fromkeys(others))
+        if changed:
+            port.apply_peers(WG_IFNAME, replace=changed, remove=list(replaced))
+            port.start_handshakes(WG_IFNAME, [w.public_key for w in changed])
+        return failed
 
     def delete_peer(self, peer: Peer) -> None:
         """Remove the WireGuard peer(s) serving ``peer``'s block (after its route is gone)."""
+        self.delete_peers([peer])
+
+    def delete_peers(self, peers: Sequence[Peer]) -> None:
+        """Remove the WireGuard peers serving these peers' blocks, or holding their keys, in one transaction."""
         port = self._port()
         device = port.get_device(WG_IFNAME)
         if device is None:
             return
-        keys = [s.peer.public_key for s in device.peers if peer.block in s.peer.allowed_ips or s.peer.public_key == peer.wg_public_key]
+        blocks = {p.block for p in peers}
+        held = {p.wg_public_key for p in peers if p.wg_public_key}
+        keys = [s.peer.public_key for s in device.peers
+                if s.peer.public_key in held or any(a in blocks for a in s.peer.allowed_ips)]  # fmt: skip
         if keys:
             port.apply_peers(WG_IFNAME, remove=keys)
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
-from ...errors import DataplaneError, PolicyApplyError
+from ...errors import DataplaneError, OverlayCNIError, PolicyApplyError
 from ...families import PodAddress
 from .. import nftmodel, nftmodel6, podguard, policytable, ports
 from ..engine import NodeDataplane, Ports
@@ -188,6 +188,12 @@ class LinuxDataplane:
 
     def delete_peer(self, state: NodeState, peer: Peer) -> None:
         self._worker.call(lambda: self._engine.delete_peer(state, peer))
+
+    def ensure_peers(self, state: NodeState, peers: Sequence[Peer]) -> dict[str, OverlayCNIError]:
+        return self._worker.call(lambda: self._engine.ensure_peers(state, peers))
+
+    def delete_peers(self, state: NodeState, peers: Sequence[Peer]) -> None:
+        self._worker.call(lambda: self._engine.delete_peers(state, peers))
 
     def attach_pod(
         self, *, container_id: str, ifname: str, netns_path: str, addresses: Sequence[PodAddress], mtu: int,
