@@ -99,12 +99,12 @@ def test_a_large_burst_gives_the_heap_back_once_a_lone_node_does_not(cluster, tm
     """A selection that changed ``TRIM_AFTER_PEERS`` peers or more ends with
     ``malloc_trim`` (``heap.release_free_memory``); one that changed one
     peer does not (control)."""
-    from overlaycni.agent import node as node_mod
+    from overlaycni.agent import peers as peers_mod
 
     url, store = cluster
     agent, _dp = start_agent(url, tmp_path, "n1", "10.224.0.4")
     trims: list[int] = []
-    monkeypatch.setattr(node_mod, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(peers_mod, "release_free_memory", lambda: trims.append(1) or True)
     node = agent.node
     sel = node.peer_selection
     try:
@@ -112,7 +112,7 @@ def test_a_large_burst_gives_the_heap_back_once_a_lone_node_does_not(cluster, tm
         ipam.register_node(store, "c1", "lone", IPv4Address("10.224.3.1"), vtep_mac=vtep_mac(IPv4Address("10.224.3.1")))
         assert wait_for(lambda: "lone" in {p.name for p in agent.state.peers}) and sel.idle(10)
         assert trims == []
-        burst = 2 * node_mod.TRIM_AFTER_PEERS  # two selections at most (the one waiting on the lock, then the rest)
+        burst = 2 * peers_mod.TRIM_AFTER_PEERS  # two selections at most (the one waiting on the lock, then the rest)
         with node.kernel_lock:  # the burst's events wait for one selection
             for i in range(burst):
                 ip = IPv4Address(int(IPv4Address("10.224.4.1")) + i)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..errors import OverlayCNIError
+from ..errors import BadRecord, OverlayCNIError
 
 if TYPE_CHECKING:
     from .flows import FlowBuffer
@@ -114,6 +114,26 @@ class AgentMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BadRecords:
+    """Records skipped because they do not decode: logged and counted once
+    per (key, revision), however many loops meet them."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+        self.counts: dict[str, int] = {}  # kind -> records skipped
+        self._seen: dict[str, int] = {}  # key -> revision last reported
+        self._lock = threading.Lock()
+
+    def report(self, exc: BadRecord) -> None:
+        with self._lock:
+            if self._seen.get(exc.key) == exc.revision:
+                return
+            self._seen[exc.key] = exc.revision
+            self.counts[exc.kind] = self.counts.get(exc.kind, 0) + 1
+        log.warning("skipping %s", exc)
+        self.metrics.bad_records.labels(exc.kind).inc()
 
 
 class _DropCollector:

@@ -9,12 +9,9 @@ work of every loop and of CNI requests shares ``kernel_lock``):
   record ``leases/<node>`` written again. The node record itself stays
   (peers keep this node's routes through an outage of the control plane);
 * node watch (``datastore.watch``): a put or delete of a node record is
-  folded into the node view and asks the peer selection thread
-  (``coalesce.Coalescer``) to re-select the peers (``desired.select_peers``)
-  and program only the difference (``ensure_peer`` / ``delete_peer``): the
-  events of a burst that arrive while a selection runs share the next one.
-  A compacted or broken watch, or a failed event, falls back to a full
-  resync and resumes; so does a failed selection;
+  folded into the node view, and the peer selection thread re-selects the
+  peers and programs the difference (``agent.peers``). A compacted or broken
+  watch, or a failed event, falls back to a full resync and resumes;
 * resync: every ``resync_interval`` seconds the full desired state is
   recomputed from the datastore and the kernel reconciled to it (Calico
   style), which also catches anything an event missed, and refreshes which
@@ -58,19 +55,19 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from .. import ipam
-from ..cidr import IPNetwork
-from ..dataplane import Dataplane, NodeState, Peer, PodEndpoint, ReconcileReport, host_veth_name
-from ..datastore import EtcdCredentials, Event, Store
-from ..datastore.keys import block_key, lease_key, nodes_prefix, split_key
+from ..dataplane import Dataplane, NodeState, PodEndpoint, ReconcileReport, host_veth_name
+from ..datastore import EtcdCredentials, Store
+from ..datastore.keys import nodes_prefix
 from ..datastore.watch import watch_loop
-from ..errors import BadRecord, DatastoreError, NodeConflict, NotFound, OverlayCNIError
+from ..errors import DatastoreError, NodeConflict, NotFound, OverlayCNIError
 from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
 from .coalesce import Coalescer
-from .desired import PeerSelection, node_state, peer_of, pod_mtu, select_peers, with_peers
+from .desired import PeerSelection, node_state, peer_of, select_peers
 from .flowlog import FlowCollector, FlowLogOptions
 from .flows import FlowBuffer
 from .heap import release_free_memory
-from .metrics import AgentMetrics
+from .metrics import AgentMetrics, BadRecords
+from .peers import PeerSelector, keep_peers, keep_view
 from .podlog import PodLog
 from .policy import PolicyController
 from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
@@ -78,7 +75,6 @@ from .wireguard import DEFAULT_KEY_FILE, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/overlaycni/agent.sock"
-TRIM_AFTER_PEERS = 64  # a peer selection that changed this many peers gives the freed heap back (heap.py)
 
 
 @dataclass(frozen=True)
@@ -105,27 +101,7 @@ class AgentOptions:
     flow_log: FlowLogOptions | None = field(default_factory=FlowLogOptions)  # None: flow logs off
 
 
-class BadRecords:
-    """Records skipped because they do not decode: logged and counted once
-    per (key, revision), however many loops meet them."""
-
-    def __init__(self, metrics: AgentMetrics) -> None:
-        self.metrics = metrics
-        self.counts: dict[str, int] = {}  # kind -> records skipped
-        self._seen: dict[str, int] = {}  # key -> revision last reported
-        self._lock = threading.Lock()
-
-    def report(self, exc: BadRecord) -> None:
-        with self._lock:
-            if self._seen.get(exc.key) == exc.revision:
-                return
-            self._seen[exc.key] = exc.revision
-            self.counts[exc.kind] = self.counts.get(exc.kind, 0) + 1
-        log.warning("skipping %s", exc)
-        self.metrics.bad_records.labels(exc.kind).inc()
-
-
-class RunningNode:
+class RunningNode(PeerSelector):
     def __init__(
         self,
         opts: AgentOptions,
@@ -273,22 +249,6 @@ class RunningNode:
 
     def _set_mtu(self, state: NodeState) -> None:
         self.ctx.pod_mtu = state.mtu if state.mtu is not None else self.local_pod_mtu
-
-    def _note(self, selection: PeerSelection) -> None:
-        """Log and count each newly disabled peer once; keep the gauges current."""
-        now = {p.peer: p.message for p in selection.problems}
-        for peer, message in sorted(now.items()):
-            if self.disabled.get(peer) != message:
-                log.warning("%s: not programmed", message)
-                self.metrics.peer_conflicts.inc()
-        for peer in sorted(self.disabled.keys() - now.keys()):
-            log.info("peer %s: no longer in conflict", peer)
-        self.disabled = now
-        self.not_live = selection.not_live
-        m = self.metrics
-        m.peers.set(len(selection.records))
-        m.peers_disabled.set(len(now))
-        m.peers_not_live.set(len(selection.not_live))
 
     def safe_resync(self, why: str) -> bool:
         try:
@@ -441,117 +401,4 @@ class RunningNode:
             on_error=lambda exc: self._failed("node watch", exc),
         )
 
-    def on_node_event(self, ev: Event) -> None:
-        c = self.ctx
-        me = c.record.name
-        parts = split_key(ev.key)
-        name = parts.rest[0] if parts is not None and parts.rest else ev.key
-        record = None
-        if ev.kind == "put":
-            try:
-                record = ipam.decode_node(ev)
-            except BadRecord as exc:
-                self.bad.report(exc)  # and the node counts as absent, as in a resync
-        if name == me:
-            if record != c.record:
-                self.safe_resync("own record changed")
-            return
-        block_claims: dict[IPNetwork, str | None] = {}  # this record's blocks: who claims each now (None: nobody)
-        liveness = None
-        if record is not None:  # who claims its block(s) now (records and claims change in one transaction), is it live
-            snap = self.store.read([*(block_key(c.cluster, b) for b in record.blocks), lease_key(c.cluster, name)])
-            for block in record.blocks:
-                kv = snap.get(block_key(c.cluster, block))
-                block_claims[block] = None if kv is None else kv.value
-            lv = snap.get(lease_key(c.cluster, name))
-            if lv is not None:
-                try:
-                    liveness = ipam.decode_liveness(lv)
-                except BadRecord as exc:
-                    self.bad.report(exc)
-        with self._view_lock:  # folded into the latest view (a resync may have replaced it meanwhile)
-            v = self.view
-            records = [r for r in v.records if r.name != name] + ([record] if record is not None else [])
-            claims = {b: h for b, h in {**v.claims, **block_claims}.items() if h is not None}
-            live = {k: x for k, x in v.live.items() if k != name} | ({name: liveness} if liveness is not None else {})
-            self.view = replace(v, records=tuple(records), claims=claims, live=live)
-        self.peer_selection.request()  # a burst of events: one selection (``coalesce``)
-
-    def select_peers(self) -> None:
-        """Choose the peers from the latest view and program the difference
-        (the ``Coalescer``'s function: once per burst of node events). A
-        failure falls back to a full resync, as a failed event did."""
-        c = self.ctx
-        try:
-            with self._view_lock:
-                view, epoch = self.view, self.view_epoch
-            selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
-            if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
-                self.safe_resync("pod MTU changed with the node records")  # the VXLAN device and new pods follow
-                return
-            with self.kernel_lock:
-                if self.view_epoch != epoch:
-                    return  # a full reconcile ran meanwhile from a newer listing; later events asked for their own run
-                old = {p.name: p for p in self.state.peers}
-                new = {p.name: p for p in selection.peers}
-                changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
-                for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
-                    before, after = old.get(peer_name), new.get(peer_name)
-                    if before is not None and (after is None or _where(before) != _where(after)):
-                        self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
-                        self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
-                for peer_name in changed:
-                    after = new.get(peer_name)
-                    if after is not None:
-                        self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name != peer_name), after))
-                        self.dp.ensure_peer(self.state, after)
-                        how = "updated" if peer_name in old else "added"
-                        log.info("peer %s %s (%s, block %s)", peer_name, how, after.node_ip, after.block)
-                    else:
-                        log.info("peer %s removed", peer_name)
-            self._note(selection)
-            if len(changed) >= TRIM_AFTER_PEERS:
-                release_free_memory()  # a burst's transient structures (heap.py), outside the kernel lock
-        except OverlayCNIError as exc:
-            self._failed("peer selection", exc)
-            self.safe_resync("peer selection failed")
-
-
-def keep_view(old: ipam.ClusterNodes, new: ipam.ClusterNodes) -> ipam.ClusterNodes:
-    """``new`` with every record, and the liveness and claim maps, that equal
-    ``old``'s replaced by ``old``'s objects.
-
-    A periodic resync decodes every node record again; without this its
-    thousands of fresh objects replace the held ones, so each resync moves
-    the agent's long-lived data into memory it allocated among that
-    resync's transient objects, and CPython's allocator (1 MiB arenas, freed
-    only when empty) keeps arenas alive that would otherwise empty. Kept,
-    the long-lived objects stay where the first listing put them and a
-    resync's own objects all die together (``bench/peers.py`` memory)."""
-    held = {r.name: r for r in old.records}
-    records = tuple(r if (h := held.get(r.name)) is None or h != r else h for r in new.records)
-    if len(records) == len(old.records) and all(a is b for a, b in zip(records, old.records, strict=True)):
-        records = old.records
-    return replace(
-        new,
-        records=records,
-        live=old.live if new.live == old.live else new.live,
-        claims=old.claims if new.claims == old.claims else new.claims,
-    )
-
-
-def keep_peers(old: NodeState, new: NodeState) -> NodeState:
-    """``new`` with the peers that equal ``old``'s as ``old``'s objects (see ``keep_view``)."""
-    held = {p.name: p for p in old.peers}
-    peers = tuple(p if (h := held.get(p.name)) is None or h != p else h for p in new.peers)
-    if len(peers) == len(old.peers) and all(a is b for a, b in zip(peers, old.peers, strict=True)):
-        peers = old.peers
-    return replace(new, peers=peers)
-
-
-def _where(peer: Peer) -> tuple[object, ...]:
-    """What a peer's routes lead to: a change here replaces the peer (delete, then ensure)."""
-    return peer.blocks, peer.node_ip, peer.node_ip_v6
-
-
-__all__ = ["AgentOptions", "BadRecords", "RunningNode", "peer_of"]
+__all__ = ["AgentOptions", "BadRecords", "RunningNode", "keep_peers", "keep_view", "peer_of"]

@@ -1,0 +1,198 @@
+"""The node's peers: the node view the watch folds events into, and the
+peer selection that programs the difference (``RunningNode`` takes these
+methods from ``PeerSelector``; ``node`` holds the loops).
+
+Design note. The node watch (``RunningNode.watch_loop``) hands over one
+node record at a time. ``on_node_event`` reads what the record needs (its
+block claims, its liveness record: records and claims change in one
+transaction), folds it into ``view`` under ``_view_lock`` and asks the
+peer selection thread (``coalesce.Coalescer``) for a run: the events of a
+burst that arrive while a selection runs share the next one.
+``select_peers`` chooses the peers from the latest view
+(``desired.select_peers``) and programs only the difference: removals first
+(a peer taking over an IP or block never meets its old holder), then the
+additions and changes. A full reconcile (``node._reconcile``) replaces the
+view with a fresh listing and bumps ``view_epoch``; a selection computed
+from an older view never programs over it (the epoch guard), later events
+ask for their own run. A failed selection falls back to a full resync.
+
+``keep_view`` / ``keep_peers``: a full resync keeps the held objects where
+nothing changed (see their notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+
+from .. import ipam
+from ..cidr import IPNetwork
+from ..dataplane import Dataplane, NodeState, Peer
+from ..datastore import Event, Store
+from ..datastore.keys import block_key, lease_key, split_key
+from ..errors import BadRecord, OverlayCNIError
+from .cniops import NodeContext
+from .coalesce import Coalescer
+from .desired import PeerSelection, pod_mtu, select_peers, with_peers
+from .heap import release_free_memory
+from .metrics import AgentMetrics, BadRecords
+
+log = logging.getLogger(__name__)
+TRIM_AFTER_PEERS = 64  # a peer selection that changed this many peers gives the freed heap back (heap.py)
+
+
+class PeerSelector:
+    """The peer methods of ``RunningNode`` (a mixin: the node brings what is declared here)."""
+
+    ctx: NodeContext
+    store: Store
+    dp: Dataplane
+    metrics: AgentMetrics
+    state: NodeState
+    kernel_lock: threading.RLock
+    view: ipam.ClusterNodes
+    _view_lock: threading.Lock
+    view_epoch: int
+    peer_selection: Coalescer
+    disabled: dict[str, str]
+    not_live: tuple[str, ...]
+
+    bad: BadRecords
+
+    def safe_resync(self, why: str) -> bool:
+        raise NotImplementedError  # the node's
+
+    def _failed(self, what: str, exc: OverlayCNIError) -> None:
+        raise NotImplementedError  # the node's
+
+    def _note(self, selection: PeerSelection) -> None:
+        """Log and count each newly disabled peer once; keep the gauges current."""
+        now = {p.peer: p.message for p in selection.problems}
+        for peer, message in sorted(now.items()):
+            if self.disabled.get(peer) != message:
+                log.warning("%s: not programmed", message)
+                self.metrics.peer_conflicts.inc()
+        for peer in sorted(self.disabled.keys() - now.keys()):
+            log.info("peer %s: no longer in conflict", peer)
+        self.disabled = now
+        self.not_live = selection.not_live
+        m = self.metrics
+        m.peers.set(len(selection.records))
+        m.peers_disabled.set(len(now))
+        m.peers_not_live.set(len(selection.not_live))
+
+    def on_node_event(self, ev: Event) -> None:
+        c = self.ctx
+        me = c.record.name
+        parts = split_key(ev.key)
+        name = parts.rest[0] if parts is not None and parts.rest else ev.key
+        record = None
+        if ev.kind == "put":
+            try:
+                record = ipam.decode_node(ev)
+            except BadRecord as exc:
+                self.bad.report(exc)  # and the node counts as absent, as in a resync
+        if name == me:
+            if record != c.record:
+                self.safe_resync("own record changed")
+            return
+        block_claims: dict[IPNetwork, str | None] = {}  # this record's blocks: who claims each now (None: nobody)
+        liveness = None
+        if record is not None:  # who claims its block(s) now (records and claims change in one transaction), is it live
+            snap = self.store.read([*(block_key(c.cluster, b) for b in record.blocks), lease_key(c.cluster, name)])
+            for block in record.blocks:
+                kv = snap.get(block_key(c.cluster, block))
+                block_claims[block] = None if kv is None else kv.value
+            lv = snap.get(lease_key(c.cluster, name))
+            if lv is not None:
+                try:
+                    liveness = ipam.decode_liveness(lv)
+                except BadRecord as exc:
+                    self.bad.report(exc)
+        with self._view_lock:  # folded into the latest view (a resync may have replaced it meanwhile)
+            v = self.view
+            records = [r for r in v.records if r.name != name] + ([record] if record is not None else [])
+            claims = {b: h for b, h in {**v.claims, **block_claims}.items() if h is not None}
+            live = {k: x for k, x in v.live.items() if k != name} | ({name: liveness} if liveness is not None else {})
+            self.view = replace(v, records=tuple(records), claims=claims, live=live)
+        self.peer_selection.request()  # a burst of events: one selection (``coalesce``)
+
+    def select_peers(self) -> None:
+        """Choose the peers from the latest view and program the difference
+        (the ``Coalescer``'s function: once per burst of node events). A
+        failure falls back to a full resync, as a failed event did."""
+        c = self.ctx
+        try:
+            with self._view_lock:
+                view, epoch = self.view, self.view_epoch
+            selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
+            if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
+                self.safe_resync("pod MTU changed with the node records")  # the VXLAN device and new pods follow
+                return
+            with self.kernel_lock:
+                if self.view_epoch != epoch:
+                    return  # a full reconcile ran meanwhile from a newer listing; later events asked for their own run
+                old = {p.name: p for p in self.state.peers}
+                new = {p.name: p for p in selection.peers}
+                changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+                for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
+                    before, after = old.get(peer_name), new.get(peer_name)
+                    if before is not None and (after is None or _where(before) != _where(after)):
+                        self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
+                        self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
+                for peer_name in changed:
+                    after = new.get(peer_name)
+                    if after is not None:
+                        self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name != peer_name), after))
+                        self.dp.ensure_peer(self.state, after)
+                        how = "updated" if peer_name in old else "added"
+                        log.info("peer %s %s (%s, block %s)", peer_name, how, after.node_ip, after.block)
+                    else:
+                        log.info("peer %s removed", peer_name)
+            self._note(selection)
+            if len(changed) >= TRIM_AFTER_PEERS:
+                release_free_memory()  # a burst's transient structures (heap.py), outside the kernel lock
+        except OverlayCNIError as exc:
+            self._failed("peer selection", exc)
+            self.safe_resync("peer selection failed")
+
+
+
+def keep_view(old: ipam.ClusterNodes, new: ipam.ClusterNodes) -> ipam.ClusterNodes:
+    """``new`` with every record, and the liveness and claim maps, that equal
+    ``old``'s replaced by ``old``'s objects.
+
+    A periodic resync decodes every node record again; without this its
+    thousands of fresh objects replace the held ones, so each resync moves
+    the agent's long-lived data into memory it allocated among that
+    resync's transient objects, and CPython's allocator (1 MiB arenas, freed
+    only when empty) keeps arenas alive that would otherwise empty. Kept,
+    the long-lived objects stay where the first listing put them and a
+    resync's own objects all die together (``bench/peers.py`` memory)."""
+    held = {r.name: r for r in old.records}
+    records = tuple(r if (h := held.get(r.name)) is None or h != r else h for r in new.records)
+    if len(records) == len(old.records) and all(a is b for a, b in zip(records, old.records, strict=True)):
+        records = old.records
+    return replace(
+        new,
+        records=records,
+        live=old.live if new.live == old.live else new.live,
+        claims=old.claims if new.claims == old.claims else new.claims,
+    )
+
+
+def keep_peers(old: NodeState, new: NodeState) -> NodeState:
+    """``new`` with the peers that equal ``old``'s as ``old``'s objects (see ``keep_view``)."""
+    held = {p.name: p for p in old.peers}
+    peers = tuple(p if (h := held.get(p.name)) is None or h != p else h for p in new.peers)
+    if len(peers) == len(old.peers) and all(a is b for a, b in zip(peers, old.peers, strict=True)):
+        peers = old.peers
+    return replace(new, peers=peers)
+
+
+def _where(peer: Peer) -> tuple[object, ...]:
+    """What a peer's routes lead to: a change here replaces the peer (delete, then ensure)."""
+    return peer.blocks, peer.node_ip, peer.node_ip_v6
+
+
