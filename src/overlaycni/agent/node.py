@@ -67,7 +67,7 @@ from .flowlog import FlowCollector, FlowLogOptions
 from .flows import FlowBuffer
 from .heap import release_free_memory
 from .metrics import AgentMetrics, BadRecords
-from .peers import PeerSelector, keep_peers, keep_view
+from .peers import NodeView, PeerSelector, keep_peers, keep_view
 from .podlog import PodLog
 from .policy import PolicyController
 from .reaper import DEFAULT_GRACE, DEFAULT_INTERVAL, Reaper
@@ -130,7 +130,7 @@ class RunningNode(PeerSelector):
         self.conflicts: dict[str, str] = {}  # "name" | "record" -> held by another node (why)
         self.disabled: dict[str, str] = {}  # peer -> why it is not programmed
         self.not_live: tuple[str, ...] = ()
-        self.view = ipam.ClusterNodes(records=(ctx.record,), live={}, claims={})
+        self.view = NodeView(ipam.ClusterNodes(records=(ctx.record,), live={}, claims={}))
         self._view_lock = threading.Lock()  # the watch folds events into ``view``; a resync replaces it
         self.view_epoch = 0  # full reconciles so far (each replaced ``view`` with a fresh listing)
         self.peer_selection = Coalescer(self.select_peers, stop=stop, name="peer selection")
@@ -193,7 +193,9 @@ class RunningNode(PeerSelector):
                 return self.state  # a conflict: keep the kernel as it is, say so in /healthz
             view = ipam.cluster_nodes(self.store, c.cluster, on_bad=self.bad.report)
         self._ensure_live(view)
-        view = keep_view(self.view, view)  # the held objects where nothing changed
+        with self._view_lock:
+            held = self.view.snapshot()
+        view = keep_view(held, view)  # the held objects where nothing changed
         with self.podlog.reading() as mark:  # before the read: what a batch attaches after it is laid over it
             allocations = ipam.list_allocations(self.store, c.cluster, node=c.record.name, on_bad=self.bad.report)
             selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
@@ -229,7 +231,7 @@ class RunningNode(PeerSelector):
         self.state = state
         self.podlog.settled()  # the state holds every attachment so far (the batches wait for this lock)
         with self._view_lock:
-            self.view = view
+            self.view = NodeView(view)
             self.view_epoch += 1  # a selection from an older listing must not undo this one
         self.allocations = {(a.container_id, a.ifname): a for a in allocations}
         self._set_mtu(state)

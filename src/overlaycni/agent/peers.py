@@ -51,7 +51,7 @@ class PeerSelector:
     metrics: AgentMetrics
     state: NodeState
     kernel_lock: threading.RLock
-    view: ipam.ClusterNodes
+    view: NodeView
     _view_lock: threading.Lock
     view_epoch: int
     peer_selection: Coalescer
@@ -111,11 +111,7 @@ class PeerSelector:
                 except BadRecord as exc:
                     self.bad.report(exc)
         with self._view_lock:  # folded into the latest view (a resync may have replaced it meanwhile)
-            v = self.view
-            records = [r for r in v.records if r.name != name] + ([record] if record is not None else [])
-            claims = {b: h for b, h in {**v.claims, **block_claims}.items() if h is not None}
-            live = {k: x for k, x in v.live.items() if k != name} | ({name: liveness} if liveness is not None else {})
-            self.view = replace(v, records=tuple(records), claims=claims, live=live)
+            self.view.fold(name, record, block_claims=block_claims, liveness=liveness)
         self.peer_selection.request()  # a burst of events: one selection (``coalesce``)
 
     def select_peers(self) -> None:
@@ -125,7 +121,7 @@ class PeerSelector:
         c = self.ctx
         try:
             with self._view_lock:
-                view, epoch = self.view, self.view_epoch
+                view, epoch = self.view.snapshot(), self.view_epoch
             selection = select_peers(c.network, c.record, view.records, live=view.live, claims=view.claims)
             if pod_mtu(c.network, c.record, selection.records) != self.state.mtu:
                 self.safe_resync("pod MTU changed with the node records")  # the VXLAN device and new pods follow
@@ -133,23 +129,7 @@ class PeerSelector:
             with self.kernel_lock:
                 if self.view_epoch != epoch:
                     return  # a full reconcile ran meanwhile from a newer listing; later events asked for their own run
-                old = {p.name: p for p in self.state.peers}
-                new = {p.name: p for p in selection.peers}
-                changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
-                for peer_name in changed:  # removals first: a peer taking over an IP or block never meets its old holder
-                    before, after = old.get(peer_name), new.get(peer_name)
-                    if before is not None and (after is None or _where(before) != _where(after)):
-                        self.dp.delete_peer(self.state, before)  # a changed MAC or WireGuard key is updated in place
-                        self.state = with_peers(self.state, (p for p in self.state.peers if p.name != peer_name))
-                for peer_name in changed:
-                    after = new.get(peer_name)
-                    if after is not None:
-                        self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name != peer_name), after))
-                        self.dp.ensure_peer(self.state, after)
-                        how = "updated" if peer_name in old else "added"
-                        log.info("peer %s %s (%s, block %s)", peer_name, how, after.node_ip, after.block)
-                    else:
-                        log.info("peer %s removed", peer_name)
+                changed = self._program_difference(selection)
             self._note(selection)
             if len(changed) >= TRIM_AFTER_PEERS:
                 release_free_memory()  # a burst's transient structures (heap.py), outside the kernel lock
@@ -157,6 +137,82 @@ class PeerSelector:
             self._failed("peer selection", exc)
             self.safe_resync("peer selection failed")
 
+    def _program_difference(self, selection: PeerSelection) -> list[str]:
+        """Bring the kernel from ``state``'s peers to the selection's, in one
+        batch each way (under the kernel lock): removals first (a peer taking
+        over an IP or block never meets its old holder; a changed MAC or
+        WireGuard key is updated in place), then additions and changes. A
+        peer the data plane skips is logged and raised after the others are
+        programmed (the caller falls back to a full resync, which reports
+        it). Returns the names of the peers that changed."""
+        old = {p.name: p for p in self.state.peers}
+        new = {p.name: p for p in selection.peers}
+        changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+        gone = [old[n] for n in changed if n in old and (n not in new or _where(old[n]) != _where(new[n]))]
+        if gone:
+            self.dp.delete_peers(self.state, gone)
+            names = {p.name for p in gone}
+            self.state = replace(self.state, peers=tuple(p for p in self.state.peers if p.name not in names))
+        came = [new[n] for n in changed if n in new]
+        failed: dict[str, OverlayCNIError] = {}
+        if came:
+            names = {p.name for p in came}
+            self.state = with_peers(self.state, (*(p for p in self.state.peers if p.name not in names), *came))
+            failed = self.dp.ensure_peers(self.state, came)
+        for name in changed:
+            if name in failed:
+                log.warning("peer %s: not programmed: %s", name, failed[name])
+            elif (after := new.get(name)) is not None:
+                log.info("peer %s %s (%s, block %s)", name, "updated" if name in old else "added", after.node_ip, after.block)
+            else:
+                log.info("peer %s removed", name)
+        if failed:
+            raise next(iter(failed.values()))
+        return changed
+
+
+class NodeView:
+    """Every node record, the live ones and the block claims, as dicts keyed
+    by name (block): an event folds in at O(1) (``fold``), a selection takes
+    a copy (``snapshot``), a full resync replaces the whole view (a new
+    ``NodeView``). Not locked: the node holds ``_view_lock`` around each use."""
+
+    def __init__(self, view: ipam.ClusterNodes) -> None:
+        self._records = {r.name: r for r in view.records}
+        self.live = dict(view.live)
+        self.claims = dict(view.claims)
+        self.revision = view.revision
+
+    @property
+    def records(self) -> tuple[ipam.NodeRecord, ...]:
+        return tuple(self._records.values())
+
+    def record(self, name: str) -> ipam.NodeRecord | None:
+        return self._records.get(name)
+
+    def fold(
+        self, name: str, record: ipam.NodeRecord | None, *, block_claims: dict[IPNetwork, str | None],
+        liveness: ipam.Liveness | None,
+    ) -> None:
+        """Node ``name``'s record (None: deleted or undecodable), who claims its blocks now (None: nobody)
+        and its liveness record (None: not live)."""
+        if record is None:
+            self._records.pop(name, None)
+        else:
+            self._records[name] = record
+        for block, holder in block_claims.items():
+            if holder is None:
+                self.claims.pop(block, None)
+            else:
+                self.claims[block] = holder
+        if liveness is None:
+            self.live.pop(name, None)
+        else:
+            self.live[name] = liveness
+
+    def snapshot(self) -> ipam.ClusterNodes:
+        """A copy that later folds do not change."""
+        return ipam.ClusterNodes(records=self.records, live=dict(self.live), claims=dict(self.claims), revision=self.revision)
 
 
 def keep_view(old: ipam.ClusterNodes, new: ipam.ClusterNodes) -> ipam.ClusterNodes:
