@@ -121,6 +121,31 @@ def test_incremental_peer_add_and_remove(node):
     assert all(n[0] != "10.244.5.0" for n in view["neigh"])
 
 
+def test_peer_batch_skips_a_bad_peer_and_programs_the_others(node):
+    """``ensure_peers`` / ``delete_peers`` on Linux: one pass for the batch; a
+    peer whose node IP another peer holds is returned, not programmed; the
+    others are (control: each of them is in the kernel, the bad one not)."""
+    topo, ns, dp = node
+    s0 = state(peer(2))
+    dp.reconcile(s0)
+    bad = peer(6, ip="10.224.0.2")  # n2's node IP
+    batch = [peer(3), bad, peer(4)]
+    s = state(peer(2), *batch)
+    failed = dp.ensure_peers(s, batch)
+    assert list(failed) == ["n6"] and isinstance(failed["n6"], ConfigError) and "peer n2's" in str(failed["n6"])
+    view = kernel_view(ns)
+    assert {r[0] for r in view["routes"]} == {"10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24", "10.244.1.0/24",
+                                              "10.244.0.0/16"}
+    assert view["fdb"] == {(peer(i).vtep_mac, f"10.224.0.{i}") for i in (2, 3, 4)}
+    assert view["neigh"] == {(f"10.244.{i}.0", peer(i).vtep_mac) for i in (2, 3, 4)}
+    assert view["node_ips"] == {"10.224.0.1", "10.224.0.2", "10.224.0.3", "10.224.0.4"}
+    dp.delete_peers(state(peer(2), peer(3), peer(4)), [peer(2), peer(4)])  # the programmed peers before
+    view = kernel_view(ns)
+    assert {r[0] for r in view["routes"]} == {"10.244.3.0/24", "10.244.1.0/24", "10.244.0.0/16"}
+    assert view["fdb"] == {(peer(3).vtep_mac, "10.224.0.3")} and view["node_ips"] == {"10.224.0.1", "10.224.0.3"}
+    assert dp.reconcile(state(peer(3))).changes == []  # the batches left exactly what a reconcile wants
+
+
 def test_incompatible_vxlan_device_is_rebuilt(node):
     topo, ns, dp = node
     run("ip", "-n", ns, "link", "add", "ocni.vxlan", "type", "vxlan", "id", "77", "dstport", "4789", "local", "10.224.0.1",
