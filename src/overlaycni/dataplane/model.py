@@ -18,6 +18,7 @@ same family; ``wireguard`` routes both blocks into the tunnel.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface, ip_network
@@ -77,6 +78,7 @@ def is_parked_veth(ifname: str) -> bool:
     return ifname.startswith(PARKED_PREFIX) and len(rest) == 13 and all(c in "0123456789abcdef" for c in rest)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # admit_peers reads every peer's MAC on every selection: thousands, rarely new
 def normalize_mac(mac: str, *, field_name: str = "vtep_mac") -> str:
     parts = mac.lower().replace("-", ":").split(":")
     if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
