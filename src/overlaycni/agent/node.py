@@ -57,8 +57,6 @@ from typing import Any
 from .. import ipam
 from ..dataplane import Dataplane, NodeState, PodEndpoint, ReconcileReport, host_veth_name
 from ..datastore import EtcdCredentials, Store
-from ..datastore.keys import nodes_prefix
-from ..datastore.watch import watch_loop
 from ..errors import DatastoreError, NodeConflict, NotFound, OverlayCNIError
 from .cniops import REQUEST_DEADLINE, CNIOps, NodeContext
 from .coalesce import Coalescer
@@ -391,16 +389,5 @@ class RunningNode(PeerSelector):
                 self.reaper.last_error = str(exc)
                 log.warning("reaper pass failed: %s", exc)
 
-    def watch_loop(self, start_revision: int) -> None:
-        """Node records: the peers re-selected per event; a full resync whenever the watch re-lists."""
-        watch_loop(
-            self.store,
-            nodes_prefix(self.ctx.cluster),
-            stop=self.stop,
-            on_event=self.on_node_event,
-            on_relist=self.resync,
-            start_revision=start_revision,
-            on_error=lambda exc: self._failed("node watch", exc),
-        )
 
 __all__ = ["AgentOptions", "BadRecords", "RunningNode", "keep_peers", "keep_view", "peer_of"]
