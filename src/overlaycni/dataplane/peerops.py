@@ -11,9 +11,10 @@ to n peers costs O(n + k) here, not O(k * n): the state is validated once
 and the peers admitted once (``admit_peers`` over the other peers of the
 state followed by the batch, in its order: each new peer is checked against
 every other peer and the batch's peers before it, as k single calls in a
-row would), then one neighbour batch, one FDB batch, one route batch (in
-flannel's order, as the reconcile does), one WireGuard transaction and one
-nftables transaction for the set elements. Removal runs in reverse (routes,
+row would), then one WireGuard transaction, one nftables transaction for the set
+elements (before any route: the filters accept a peer before a route leads
+to it), one neighbour batch, one FDB batch and one route batch (in
+flannel's order, as the reconcile does). Removal runs in reverse (routes,
 FDB, neighbours, WireGuard peers, elements), and keeps the elements some
 peer left in the state still needs.
 
@@ -87,6 +88,10 @@ class PeerOps:
             todo = [p for p in todo if p.name not in failed]
             if not todo:
                 return failed
+            # the node's filters accept a peer (its node address, its blocks) before a route leads to it:
+            # once a route is there, the replies it brings back are already let in (a peer that saw this
+            # node's route appear and sent at once had its VXLAN packets dropped until the elements came)
+            self.tables.add_peers(state, todo)
             objs = [(peer, peer_objects(peer, backend=state.backend)) for peer in todo]
             stale: list[FdbEntry] = []
             if state.backend == "vxlan":
@@ -99,7 +104,6 @@ class PeerOps:
             self.p.routes.apply_routes(replace=[r for _, o in objs for r in o.routes])
             if stale:
                 self.p.fdb.apply_fdb(delete=stale)
-            self.tables.add_peers(state, todo)
             self._remember(state, todo, keep=True)
         return failed
 
