@@ -29,7 +29,9 @@ the caller has gone.
 Idle work (``idle``, the DELs' quarantine, ``agent.quarantine``): when
 nothing is queued and the idle work is due, the batcher thread runs it;
 requests that arrive meanwhile form the next batch once it is done. On
-``close`` it runs once more (a clean stop leaves nothing quarantined).
+``close`` the jobs queued and the batch in flight are applied and answered,
+later jobs are refused (11, "try again"), and the idle work runs once more
+(a clean stop leaves nothing quarantined).
 """
 
 from __future__ import annotations
@@ -193,11 +195,15 @@ class Batcher:
         with self._cond:
             return len(self._queue)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> bool:
+        """Refuse new jobs, finish the batch in flight (and the idle work),
+        and wait up to ``timeout`` seconds for the thread to end; False if it
+        has not (idempotent)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     # ----- the batcher thread -----------------------------------------------------------
     def _take(self) -> list[Job] | None:

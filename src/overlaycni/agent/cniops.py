@@ -136,8 +136,9 @@ class CNIOps:
     def node(self) -> str:
         return self.ctx.record.name
 
-    def close(self) -> None:
-        self.batcher.close()
+    def close(self, timeout: float = 5.0) -> bool:
+        """Finish the batch in flight (``Batcher.close``); False if it took longer than ``timeout``."""
+        return self.batcher.close(timeout)
 
     # ----- dispatch -----------------------------------------------------------
     def handle(self, req: CNIRequest) -> dict[str, Any] | None:

@@ -37,6 +37,11 @@ class Coalescer:
             self._pending += 1
             self._cond.notify_all()
 
+    def wake(self) -> None:
+        """``stop`` was set: the loop ends now, not at its next poll."""
+        with self._cond:
+            self._cond.notify_all()
+
     def idle(self, timeout: float) -> bool:
         """Wait until no request is pending or running; False on timeout."""
         with self._cond:
@@ -48,8 +53,10 @@ class Coalescer:
         the loop goes on."""
         while not self.stop.is_set():
             with self._cond:
-                if not self._cond.wait_for(lambda: self._pending > 0, timeout=0.5):
+                if not self._cond.wait_for(lambda: self._pending > 0 or self.stop.is_set(), timeout=0.5):
                     continue
+                if self.stop.is_set():
+                    break
                 served, self._pending = self._pending, 0
                 self._running = True
             try:

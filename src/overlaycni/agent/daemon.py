@@ -11,11 +11,31 @@ Running: the loops of ``RunningNode``, the repair loop (``repair.Repairer``:
 kernel events about our objects changed by others) and the CNI socket server
 (one thread per request).
 
-Stop (SIGTERM/SIGINT): the loops end, the socket goes away, the kernel state
-stays: pods keep working, and a restarted agent adopts what is there. The
-lease is revoked (best effort), so the node shows as not live at once and
-``node delete`` needs no ``--force``; peers keep its routes (its node record
-and block stay), so a restart is invisible to the data path.
+Stop (SIGTERM/SIGINT, ``shutdown``), in this order, bounded whatever the
+machine's load beyond the work itself:
+
+1. the CNI socket stops taking requests at once and its file is removed;
+2. every loop is woken: each waits on ``stop_event`` or on a handle that is
+   closed now (kernel events, the flow log's NFLOG socket, the metrics
+   server), so none waits out a poll; no loop starts new work after this
+   (no resync, repair, policy pass or peer selection), except a policy
+   pass an ADD in flight waits for;
+3. the batch in flight is applied and answered, and every request already
+   read is answered (11, "try again", if it was not started);
+4. the loops are joined, all against one deadline (``STOP_SECONDS`` from
+   step 1, steps 3 and 4 included), not a timeout each in turn; a thread
+   still running then is named in a warning;
+5. the lease is revoked (within ``REVOKE_SECONDS``), so the node shows as
+   not live at once and ``node delete`` needs no ``--force``; peers keep its
+   routes (its node record and block stay), so a restart is invisible to
+   the data path;
+6. the data plane (its kernel handles and worker thread) and the store are
+   closed: nothing touches the kernel after "agent stopped" is logged, with
+   the time each step took.
+
+The kernel state stays: pods keep working, and a restarted agent adopts
+what is there. systemd's ``TimeoutStopSec`` (deploy/overlaycni-agent.service)
+is well above the sum of the bounds.
 
 Health (``/healthz``, ``agent status``): ready only while the datastore
 answers, this node's name and block are its own (``conflicts``) and its
@@ -33,10 +53,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
-from .. import ipam
+from .. import deadline, ipam
 from ..config import ClusterNetwork, IPFamily
 from ..dataplane import Dataplane, NodeState
 from ..datastore import Store, open_datastore
@@ -53,6 +74,8 @@ from .wireguard import KeyRotator, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
 LOG_LEVEL_ENV = "OVERLAYCNI_LOG_LEVEL"  # DEBUG shows datastore fail-over, lock waits and data-plane batches
+STOP_SECONDS = 4.0  # stop -> the batch in flight answered and every loop joined (one deadline for all)
+REVOKE_SECONDS = 2.0  # then the lease revoke (a stalled store must not hold the stop)
 
 
 class Agent:
@@ -77,6 +100,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self._http: Any = None
+        self._stopped = False
+        self.stragglers: list[str] = []  # after ``shutdown``: threads that did not stop in time
+        self.stop_phases: dict[str, float] = {}  # after ``shutdown``: seconds per step
 
     @property
     def state(self) -> NodeState | None:
@@ -317,29 +343,80 @@ class Agent:
         self.shutdown()
 
     def shutdown(self) -> None:
+        """Stop cleanly and promptly (the module note's steps); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        started = time.monotonic()
+        end = started + STOP_SECONDS
+        phases: dict[str, float] = {}
         self.stop_event.set()
         self.metrics.ready.set(0)
-        if self._server is not None:
-            self._server.shutdown()  # removes the socket file
-        if self.node is not None:
-            self.node.ops.close()  # the batch in flight finishes
-        if self._http is not None:
-            self._http.shutdown()
-        for t in self._threads:
-            t.join(timeout=2.0)
+        n = self.node
+        with _timed(phases, "socket"):
+            if self._server is not None:
+                self._server.shutdown(timeout=_left(end))  # no new requests; the socket file is gone
+        with _timed(phases, "wake"):
+            self._wake_loops()
+        with _timed(phases, "batch"):
+            if n is not None and not n.ops.close(timeout=_left(end)):  # the batch in flight is answered
+                self.stragglers.append("cni-batch")
+            if self._server is not None and not self._server.wait_idle(_left(end)):
+                self.stragglers.append("cni-request")
+        with _timed(phases, "threads"):
+            for t in self._threads:
+                t.join(timeout=_left(end))
+        self.stragglers += [t.name for t in self._threads if t.is_alive()]
+        if self.stragglers:
+            log.warning("stop: %s still running after %.1f s; stopping without them (the data plane is closed under them)",
+                        ", ".join(self.stragglers), STOP_SECONDS)
+        with _timed(phases, "lease"):
+            self._revoke()
+        with _timed(phases, "close"):
+            if self._dp is not None:
+                self._dp.close()
+            if self._store is not None:
+                self._store.close()
+        self.stop_phases = phases
+        log.info("agent stopped in %.2f s (%s); pods keep their network", time.monotonic() - started,
+                 ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+
+    def _wake_loops(self) -> None:
+        """Close what loops block on (each then returns at once) and wake those waiting on a condition."""
         if self._events is not None:
             self._events.close()
         n = self.node
-        if n is not None and n.datastore_ok and self._store is not None:
-            try:  # not live from now on; the node record (and peers' routes) stay
+        if n is not None:
+            if n.flows is not None:
+                n.flows.close()
+            n.policy.wake()
+            n.peer_selection.wake()
+        if self._http is not None:
+            self._http.shutdown(timeout=1.0)
+            self._http.server_close()
+
+    def _revoke(self) -> None:
+        n = self.node
+        if n is None or not n.datastore_ok or self._store is None:
+            return
+        try:  # not live from now on; the node record (and peers' routes) stay
+            with deadline.within(REVOKE_SECONDS):
                 self._store.revoke_lease(n.lease)
-            except OverlayCNIError as exc:
-                log.debug("lease not revoked: %s", exc)
-        if self._dp is not None:
-            self._dp.close()
-        if self._store is not None:
-            self._store.close()
-        log.info("agent stopped; pods keep their network")
+        except OverlayCNIError as exc:
+            log.warning("stop: lease not revoked (%s); peers see this node as not live once its TTL passes", exc)
+
+
+def _left(end: float) -> float:
+    return max(0.0, end - time.monotonic())
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[name] = time.monotonic() - t0
 
 
 def run_agent(opts: AgentOptions) -> int:
@@ -360,4 +437,9 @@ def run_agent(opts: AgentOptions) -> int:
     sys.stdout.flush()
     log.info("ready: node %s ip %s block %s", opts.node, opts.node_ip, ready["block"])
     agent.run_forever()
+    if agent.stragglers:  # named in a warning; they must not hold the exit (a request thread is not a daemon)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -214,11 +214,18 @@ class FlowCollector:
             self.dropped[reason] += n
             self.metrics.flow_log_dropped.labels(reason).inc(n)
 
+    def close(self) -> None:
+        """``stop`` was set: wake ``run`` (the capture socket is closed, so
+        its receive returns at once) and give the NFLOG group back."""
+        self.source.close()
+
     def run(self) -> None:
         next_stats = 0.0
         while not self.stop.is_set():
             try:
                 packets = self.source.receive(0.5)
+                if self.stop.is_set():
+                    break
                 now = time.time()
                 self.handle(packets, now=now)
                 if time.monotonic() >= next_stats:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import selectors
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,7 +162,7 @@ class _DropCollector:
 
 def serve_http(
     addr: str, metrics: AgentMetrics, health: Callable[[], dict[str, Any]], *, flows: FlowBuffer | None = None
-) -> ThreadingHTTPServer:
+) -> AgentHTTPServer:
     """Serve /metrics, /healthz and /flows on ``host:port`` (port 0: pick one)."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -196,7 +198,50 @@ def serve_http(
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, int(port or 0)), Handler)
-    server.daemon_threads = True
+    server = AgentHTTPServer((host, int(port or 0)), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+class AgentHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` whose ``shutdown`` returns at once. The base
+    class's ``serve_forever`` looks for a shutdown request every
+    ``poll_interval`` (0.5 s), which the agent's stop would wait out; here
+    ``shutdown`` wakes the loop through a socket pair instead (the agent's
+    unix socket server does the same)."""
+
+    daemon_threads = True  # a request in flight (a /flows long poll) does not hold the agent's exit
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        del poll_interval  # woken by ``shutdown`` instead of polling
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)
+                sel.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    for key, _ in sel.select():
+                        if key.fileobj is self and not self._stopping.is_set():
+                            self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop ``serve_forever`` and wait for it (at most ``timeout`` seconds)."""
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # closed already: the loop has ended
+        self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()

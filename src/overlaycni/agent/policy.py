@@ -194,8 +194,10 @@ class PolicyController:
                 self._waiters -= 1
 
     def run(self) -> None:
-        """Watch the inputs in one thread, apply in this one."""
-        threading.Thread(target=self._watch, name="policy-watch", daemon=True).start()
+        """Watch the inputs in one thread, apply in this one, until ``stop``
+        (then ``wake``); returns once the watch thread has ended too."""
+        watcher = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
+        watcher.start()
         self.dirty.set()
         while not self.stop.is_set():
             full = time.monotonic() - self._last_full > self.full_every
@@ -203,6 +205,8 @@ class PolicyController:
                 continue
             if not self._waiters:
                 self.stop.wait(DEBOUNCE)  # let a burst of events collapse into one pass
+            if self.stop.is_set() and not self._waiters:
+                break  # no pass after the stop unless an ADD in flight waits for it (its answer needs it)
             self.dirty.clear()
             with self._passes:
                 self._started += 1
@@ -223,6 +227,11 @@ class PolicyController:
                 log.warning("policy pass failed (%s); retrying", exc)
                 self.stop.wait(1.0)
                 self.dirty.set()
+        watcher.join()  # it ends within its store's watch poll (``datastore.watch``)
+
+    def wake(self) -> None:
+        """``stop`` was set: ``run`` ends now, not at its next poll."""
+        self.dirty.set()
 
     def _on_event(self, ev: Event) -> None:
         every = self.has_policies or self.flow_log is not None

@@ -14,7 +14,8 @@ the node's last desired state (the last full resync's, with the pods the CNI
 batches attached since laid over it: ``podlog``) and re-applies the last NetworkPolicy render
 if that table drifted (``PolicyTable.repair``). Neither step needs the
 datastore, so a node repairs itself during an outage of the control plane
-too. Without events it checks every ``REPAIR_INTERVAL`` seconds anyway (a
+too. The agent's stop closes the events first, which wakes ``run`` at once;
+no repair starts after the stop. Without events it checks every ``REPAIR_INTERVAL`` seconds anyway (a
 lost event, an overflowed socket). Each change seen counts in
 ``overlaycni_foreign_changes_total``, each object restored once in
 ``overlaycni_repairs_total{object}`` (the periodic resync may restore one
@@ -78,9 +79,13 @@ class Repairer:
                 log.warning("kernel events unreadable (%s); checking every %.0f s", exc, self.interval)
                 reasons = []
                 stop.wait(1.0)
+            if stop.is_set():
+                break  # no repair after the stop (``events.close`` woke us): the agent is closing its kernel handles
             if reasons:
                 stop.wait(DEBOUNCE)  # let a burst (a flushed table is many messages) become one repair
                 reasons += self.events.wait(0)
+                if stop.is_set():
+                    break
             elif time.monotonic() - last < self.interval or time.time() - self.node.last_resync < self.interval * 1.5:
                 continue  # nothing heard, and the periodic resync covers a missed event
             last = time.monotonic()

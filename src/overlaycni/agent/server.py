@@ -29,6 +29,13 @@ input, with limits (``SocketLimits``):
 * Each request's trace (``overlaycni.trace``) starts when its connection is
   accepted; ``on_trace`` hears of it once the answer is written.
 
+Stop (``shutdown``): the accept loop is woken at once (a socket pair in its
+selector, not its poll timeout), the listening socket is closed and its file
+removed, connections not yet read whole are closed; requests already read
+and waiting for a pool thread are answered 11 ("the agent is stopping; try
+again"), and those in flight finish (``wait_idle``: the node's batcher
+answers the batch it is applying).
+
 Startup never removes what it does not own: a ``--socket`` path that exists
 and is not a socket (a file, a directory, a symlink) is refused; a socket
 that a live agent still answers on is refused; a stale socket (nobody
@@ -190,8 +197,13 @@ class CNISocketServer:
         self._conns: dict[int, _Conn] = {}
         self._serving = 0  # connections handed to the pool, not yet answered
         self._count_lock = threading.Lock()
+        self._idle = threading.Condition(self._count_lock)  # notified when ``_serving`` drops to 0
         self._stop = threading.Event()
+        self._closed = False
         self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()  # ``shutdown`` wakes the accept loop through it
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
         self._pool = ThreadPoolExecutor(max_workers=self.limits.workers, thread_name_prefix="cni-request")
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
         claim_socket_path(path)
@@ -213,6 +225,8 @@ class CNISocketServer:
         while not self._stop.is_set():
             try:
                 for key, _ in self._sel.select(timeout=0.2):
+                    if key.fileobj is self._wake_r:
+                        continue  # ``shutdown``: the loop's condition ends it
                     if key.fileobj is self._listener:
                         self._accept()
                     elif key.fd in self._conns:
@@ -323,7 +337,9 @@ class CNISocketServer:
     def _serve(self, sock: socket.socket, line: bytes, trace: RequestTrace) -> None:
         try:
             doc, answer = decode(line, self.limits)
-            if answer is None:
+            if answer is None and self._stop.is_set():  # queued before the stop: not started, so not taken
+                answer = _error(CNI_TRY_AGAIN_LATER, "the agent is stopping; try again")
+            elif answer is None:
                 trace.command = str(doc.get("command", "?")) if isinstance(doc, dict) else "?"
                 with serving(trace):
                     answer = answer_for(doc, self.handle, self.observe)
@@ -341,20 +357,44 @@ class CNISocketServer:
             sock.close()
             with self._count_lock:
                 self._serving -= 1
+                if not self._serving:
+                    self._idle.notify_all()
 
     # ----- stop --------------------------------------------------------------------
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Stop taking requests at once: the socket file is gone when this
+        returns (idempotent). Requests already read are still answered
+        (``wait_idle``). ``timeout``: for the accept loop to end."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
-        self._thread.join(timeout=2.0)
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=timeout)
         for conn in list(self._conns.values()):
             self._drop(conn, None)
         self._sel.close()
         self._listener.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._wake_r.close()
+        self._wake_w.close()
+        self._pool.shutdown(wait=False)  # queued requests are answered 11 (``_serve``), in-flight ones finish
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+    def wait_idle(self, timeout: float) -> bool:
+        """After ``shutdown``: wait until every request read is answered (at
+        most ``timeout`` seconds), then for the pool's threads to end. False
+        when some are still being served."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._serving == 0, timeout):
+                return False
+        self._pool.shutdown(wait=True)  # idle workers: each ends as soon as it sees the pool closed
+        return True
 
     def server_close(self) -> None:
         """socketserver's name, for callers written against it: ``shutdown`` already closed everything."""

@@ -161,6 +161,8 @@ class KeyRotator:
                 rev = self.store.revision()
                 self.check()
                 for ev in self.store.watch(key, start_revision=rev + 1, stop=self._stop):
+                    if self._stop.is_set():
+                        return  # no rotation after the stop: the agent is closing its kernel handles
                     if ev.key == key and ev.kind == "put":
                         self.check()
             except OverlayCNIError as exc:

@@ -610,19 +610,26 @@ class FakeKernelEvents:
     """The ``KernelEvents`` port of the fake: what ``FakeKernel.notify`` says."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[str] = queue.Queue()
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.closed = False
 
     def wait(self, timeout: float) -> list[str]:
+        if self.closed:
+            return []
         try:
             out = [self.queue.get(timeout=timeout)]
         except queue.Empty:
             return []
         while not self.queue.empty():
             out.append(self.queue.get_nowait())
-        return out
+        if self.closed:
+            return []
+        return [r for r in out if r is not None]
 
     def close(self) -> None:
-        pass
+        """Wakes a ``wait`` at once (the kernel's port does the same)."""
+        self.closed = True
+        self.queue.put(None)
 
 
 class FakeDataplane(NodeDataplane):

@@ -12,7 +12,7 @@ class FakeVerdictLog:
     would have logged, ``lose`` messages and ``ratelimit`` flows."""
 
     def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[LoggedPacket] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[LoggedPacket | None] = queue.SimpleQueue()  # None: ``close`` woke the reader
         self.counts = {"received": 0, "lost": 0, "malformed": 0, "ratelimited": 0, "overruns": 0}
         self.closed = False
 
@@ -28,15 +28,23 @@ class FakeVerdictLog:
         self.counts["ratelimited"] += n
 
     def receive(self, timeout: float) -> list[LoggedPacket]:
+        if self.closed:
+            return []
         try:
-            out = [self.queue.get(timeout=timeout)]
+            first = self.queue.get(timeout=timeout)
         except queue.Empty:
             return []
+        if first is None:
+            return []
+        out = [first]
         while len(out) < 256:
             try:
-                out.append(self.queue.get_nowait())
+                more = self.queue.get_nowait()
             except queue.Empty:
                 break
+            if more is None:
+                break
+            out.append(more)
         self.counts["received"] += len(out)
         return out
 
@@ -44,4 +52,6 @@ class FakeVerdictLog:
         return CaptureStats(**self.counts)
 
     def close(self) -> None:
+        """Wakes a ``receive`` at once (the kernel's port does the same)."""
         self.closed = True
+        self.queue.put(None)

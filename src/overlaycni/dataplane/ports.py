@@ -101,7 +101,7 @@ class KernelEvents(Protocol):
     addresses, routes, neighbours, FDB entries, nftables tables)."""
 
     def wait(self, timeout: float) -> list[str]: ...  # what changed, in words; [] after ``timeout`` s of quiet
-    def close(self) -> None: ...
+    def close(self) -> None: ...  # from any thread: a ``wait`` returns [] at once, now and from then on
 
 
 class VerdictLog(Protocol):
@@ -110,7 +110,7 @@ class VerdictLog(Protocol):
 
     def receive(self, timeout: float) -> list[LoggedPacket]: ...  # waits up to timeout; one bounded batch
     def stats(self) -> CaptureStats: ...  # cumulative since opened
-    def close(self) -> None: ...
+    def close(self) -> None: ...  # from any thread: a ``receive`` returns [] at once, now and from then on
 
 
 class Sysctls(Protocol):

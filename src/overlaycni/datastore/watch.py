@@ -11,7 +11,10 @@ controller) runs this loop:
    any other ``OverlayCNIError`` (connection lost, store down, a handler
    that failed): back to 1 after a backoff that doubles up to ``max_delay``
    and resets when events flow again;
-4. return when ``stop`` is set.
+4. return when ``stop`` is set: no handler is called after that (an event
+   or a listing that arrives meanwhile is dropped), and the wait for the
+   next event is the store's (``Store.watch`` checks ``stop`` at every
+   poll: SQLite every ``POLL_INTERVAL``, etcd every ``WATCH_POLL``).
 
 A caller that has just listed passes ``start_revision`` to skip the first
 listing. Rejected: resuming after an error without re-listing (an error in
@@ -50,8 +53,12 @@ def watch_loop(
         try:
             if rev is None:
                 rev = store.revision()
+                if stop.is_set():
+                    return
                 on_relist()
             for ev in store.watch(prefix, start_revision=rev + 1, stop=stop):
+                if stop.is_set():
+                    return  # no handler runs after the stop (the reader is closing what it programs)
                 rev = max(rev, ev.revision)
                 wait = delay
                 on_event(ev)

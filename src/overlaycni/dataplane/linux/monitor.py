@@ -39,20 +39,22 @@ was not made by this process:
 
 A full socket buffer (``ENOBUFS``: events were lost) is reported too. What
 the agent does with a report is its business (``agent.repair``: reconcile
-from the last desired state, re-apply the policy table).
+from the last desired state, re-apply the policy table). ``close`` from
+another thread wakes a ``wait`` at once (``wake.WaitableSockets``): the
+agent's stop does not wait out the poll.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import struct
 
 from ..model import GATEWAY_LABEL, VXLAN_IFNAME
 from ..nlcodec import HDR, attributes
 from ..wgmodel import WG_IFNAME
+from .wake import WaitableSockets
 
 TUNNELS = (VXLAN_IFNAME, WG_IFNAME)  # the node's tunnel device, whichever the backend
 
@@ -113,6 +115,7 @@ class KernelMonitor:
         except OSError:
             self.close()
             raise
+        self._sockets = WaitableSockets([self.rt, self.nf])
         for name in TUNNELS:
             try:
                 self.index[name] = socket.if_nametoindex(name)
@@ -133,28 +136,33 @@ class KernelMonitor:
         self._calibrating = True
 
     def close(self) -> None:
+        """Wakes a ``wait`` in another thread at once; idempotent."""
+        waitable = getattr(self, "_sockets", None)
+        if waitable is not None:
+            waitable.close()
+            return
         for s in (getattr(self, "rt", None), getattr(self, "nf", None)):
             if s is not None:
                 s.close()
 
     def wait(self, timeout: float) -> list[str]:
         """Foreign changes to our objects seen within ``timeout`` seconds (or
-        at once, if some are queued); [] when there were none."""
+        at once, if some are queued); [] when there were none, or once closed."""
         reasons: list[str] = []
-        ready, _, _ = select.select([self.rt, self.nf], [], [], timeout)
-        for s in ready:
-            while True:
-                try:
-                    data = s.recv(1 << 20, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        reasons.append("kernel events were lost (socket buffer full): checking everything")
-                        continue
-                    raise
-                parse = self._route if s is self.rt else self._nft
-                reasons.extend(parse(data))
+        with self._sockets.ready(timeout) as ready:
+            for s in ready:
+                while True:
+                    try:
+                        data = s.recv(1 << 20, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno == errno.ENOBUFS:
+                            reasons.append("kernel events were lost (socket buffer full): checking everything")
+                            continue
+                        raise
+                    parse = self._route if s is self.rt else self._nft
+                    reasons.extend(parse(data))
         return reasons
 
     # ----- rtnetlink ----------------------------------------------------------------

@@ -37,7 +37,8 @@ next ``recv`` fails with ENOBUFS; the sequence numbers then say exactly how
 many messages were lost. A flood therefore costs the agent at most the
 kernel cap's worth of messages per second (``policy.flowlog``), never
 memory: nothing here keeps packets, each ``receive`` returns one bounded
-batch.
+batch. ``close`` from another thread wakes a ``receive`` at once
+(``wake.WaitableSockets``): the agent's stop does not wait out the poll.
 
 Rejected: conntrack events (``NFNLGRP_CONNTRACK_NEW``, joined with the
 render): a denied packet's conntrack entry is never confirmed, so denies
@@ -55,9 +56,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import socket
-import time
 
 from ...errors import DataplaneError, PermissionDenied
 from .. import nflog
@@ -65,6 +64,7 @@ from ..nflog import CaptureStats, LoggedPacket, SeqTracker
 from ..nlcodec import HDR, error_code, iter_messages
 from .netns import NetnsWorker
 from .nft import NftRunner
+from .wake import WaitableSockets
 
 COPY_RANGE = 128  # an IPv4 header with options (60) + ports, or IPv6 (40) + ports
 QTHRESH = 64  # packets per batch
@@ -98,6 +98,7 @@ class NflogSocket:
             self.sock.close()
             raise
         self.buf = bytearray(1 << 18)
+        self._waitable = WaitableSockets([self.sock])
 
     def _configure(self) -> None:
         self._request(nflog.config_request(self.group, seq=1, command=nflog.NFULNL_CFG_CMD_BIND), "binding")
@@ -132,12 +133,13 @@ class NflogSocket:
         """The packets that arrive within ``timeout`` seconds (at most
         ``MAX_DATAGRAMS`` batches); lost and malformed ones are counted."""
         out: list[LoggedPacket] = []
-        try:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
-        except (OSError, ValueError):  # closed under us
-            return out
-        if not ready:
-            return out
+        with self._waitable.ready(timeout) as ready:
+            if ready:
+                self._read(out, seqs, stats)
+        stats["received"] += len(out)
+        return out
+
+    def _read(self, out: list[LoggedPacket], seqs: SeqTracker, stats: dict[str, int]) -> None:
         for _ in range(MAX_DATAGRAMS):
             try:
                 n = self.sock.recv_into(self.buf)
@@ -159,11 +161,10 @@ class NflogSocket:
                     continue
                 seqs.see(pkt.seq)
                 out.append(pkt)
-        stats["received"] += len(out)
-        return out
 
     def close(self) -> None:
-        self.sock.close()
+        """Wakes a ``receive`` in another thread at once; idempotent."""
+        self._waitable.close()
 
 
 class LinuxVerdictLog:
@@ -181,9 +182,8 @@ class LinuxVerdictLog:
         log.debug("NFLOG group %d bound", group)
 
     def receive(self, timeout: float) -> list[LoggedPacket]:
-        if self._closed:
-            time.sleep(timeout)
-            return []
+        """Packets within ``timeout`` seconds; [] at once when closed (also by
+        ``close`` from another thread while this one waits)."""
         return self._sock.receive(timeout, self._seqs, self._stats)
 
     def stats(self) -> CaptureStats:
