@@ -227,7 +227,7 @@ class AgentHTTPServer(ThreadingHTTPServer):
                 while not self._stopping.is_set():
                     for key, _ in sel.select():
                         if key.fileobj is self and not self._stopping.is_set():
-                            self._handle_request_noblock()
+                            self._handle_request_noblock()  # type: ignore[attr-defined]  # what serve_forever calls
                     self.service_actions()
         finally:
             self._stopped.set()

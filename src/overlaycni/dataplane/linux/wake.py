@@ -27,6 +27,7 @@ from contextlib import contextmanager
 class WaitableSockets:
     def __init__(self, socks: Sequence[socket.socket]) -> None:
         self.socks = tuple(socks)
+        self._by_fd = {s.fileno(): s for s in self.socks}
         self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._lock = threading.Lock()
         self._waiters = 0
@@ -47,8 +48,8 @@ class WaitableSockets:
             yield []
             return
         try:
-            readable, _, _ = select.select([*self.socks, self._r], [], [], timeout)
-            yield [] if self.closed else [s for s in readable if s is not self._r]
+            readable, _, _ = select.select([*self._by_fd, self._r], [], [], timeout)
+            yield [] if self.closed else [self._by_fd[fd] for fd in readable if fd != self._r]
         finally:
             with self._lock:
                 self._waiters -= 1
