@@ -21,8 +21,9 @@ Per phase: the agent runs under this script's probe (``python stop.py
 of ``Agent.shutdown`` and every ``Thread.join`` and prints one JSON line on
 stderr with CLOCK_MONOTONIC stamps (the same clock as this script's):
 signal -> handler, handler -> ``shutdown`` starts, each step's seconds,
-``shutdown`` returns -> the interpreter is done (non-daemon threads joined),
-and -> the process is reaped. Both trees run under the same probe.
+``shutdown`` returns -> the interpreter is done (non-daemon threads joined,
+or ``os._exit``), and -> the process is reaped (the interpreter's teardown,
+unless the agent skips it). Both trees run under the same probe.
 
 Printed: per combination, the median SIGTERM -> exit of each tree with
 min-max, the ratio candidate / baseline (below 1: faster), the load average,
@@ -126,6 +127,7 @@ def _probe(argv: list[str]) -> int:
         ("overlaycni.agent.server", "CNISocketServer.shutdown", "cni socket"),
         ("overlaycni.agent.batch", "Batcher.close", "batcher"),
         ("socketserver", "BaseServer.shutdown", "http"),
+        ("overlaycni.agent.metrics", "AgentHTTPServer.shutdown", "http"),
         ("overlaycni.dataplane.linux.monitor", "KernelMonitor.close", "kernel events"),
         ("overlaycni.datastore.sqlite", "SQLiteStore.revoke_lease", "lease revoke"),
         ("overlaycni.datastore.etcd", "EtcdStore.revoke_lease", "lease revoke"),
@@ -135,13 +137,22 @@ def _probe(argv: list[str]) -> int:
     ):
         _wrap(module, path, label)
 
-    def report() -> None:  # atexit: after threading's own shutdown (non-daemon threads joined)
+    def report() -> None:  # atexit (after non-daemon threads are joined), or the agent's own os._exit
+        if "exit" in _marks:
+            return
         _marks["exit"] = time.monotonic()
         _marks["alive"] = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
         sys.stderr.write(PROBE_TAG + json.dumps(_marks) + "\n")
         sys.stderr.flush()
 
     atexit.register(report)
+    real_exit = os._exit
+
+    def _exit(code: int) -> None:
+        report()
+        real_exit(code)
+
+    os._exit = _exit  # type: ignore[assignment]
     from overlaycni.cli.main import main as cli_main
 
     sys.argv = ["overlaycni", *argv]
@@ -276,13 +287,12 @@ class Bench:
             raise SystemExit(f"{which} agent did not start: {err_path.read_text()[-3000:]}")
         time.sleep(self.args.settle)
         signalled = time.monotonic()
+        watchdog = threading.Timer(120, proc.kill)  # a blocking wait (waitpid) stamps the exit exactly
+        watchdog.start()
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.wait()
         reaped = time.monotonic()
+        watchdog.cancel()
         self.procs.remove(proc)
         text = err_path.read_text()
         found = [ln for ln in text.splitlines() if ln.startswith(PROBE_TAG)]
