@@ -34,6 +34,11 @@ share the next one (one pass serves a burst). A pass that fails makes the
 waiting ADDs fail (the CNI layer rolls them back); the wait is bounded by
 the request's deadline. With no policy in the cluster ``programmed()``
 returns at once: a table without policies lets every pod through anyway.
+
+Stop: once ``stop`` is set the loop runs no pass but those ADDs wait for,
+and ends when none waits; an ADD that needs a pass after that (its batch
+was in flight when the agent stopped) runs the pass in its own thread, one
+at a time, so the batch in flight is answered as it would have been.
 """
 
 from __future__ import annotations
@@ -113,6 +118,8 @@ class PolicyController:
         self._started = self._applied = self._failed = 0
         self._failure = ""
         self._waiters = 0
+        self._ended = False  # the loop has ended (the agent stops): ``programmed`` runs its pass itself
+        self._inline = threading.Lock()  # one such pass at a time
         self._inputs = (policies_prefix(cluster), pods_prefix(cluster), namespaces_prefix(cluster), ips_prefix(cluster))
 
     def load(self) -> tuple[list[PodInfo], list[NamespaceInfo], list[NetworkPolicy]]:
@@ -179,8 +186,13 @@ class PolicyController:
         if not self.has_policies:
             return
         with self._passes:
-            target = self._started + 1
-            self._waiters += 1
+            inline = self._ended
+            if not inline:
+                target = self._started + 1
+                self._waiters += 1
+        if inline:
+            self._pass_here()
+            return
         self.dirty.set()
         try:
             with self._passes:
@@ -192,6 +204,26 @@ class PolicyController:
         finally:
             with self._passes:
                 self._waiters -= 1
+            if self.stop.is_set():
+                self.dirty.set()  # the loop ends once no ADD waits: let it look now
+
+    def _pass_here(self) -> None:
+        """The pass an ADD needs once the loop has ended (the agent stops)."""
+        with self._inline:
+            try:
+                self.sync()
+            except OverlayCNIError as exc:
+                raise PolicyApplyError(f"NetworkPolicy for the new pod could not be programmed: {exc}") from None
+
+    def _ending(self) -> bool:
+        """Stopped, and no ADD waits for a pass: the loop ends (later ADDs run their pass themselves)."""
+        if not self.stop.is_set():
+            return False
+        with self._passes:
+            if self._waiters:
+                return False
+            self._ended = True
+            return True
 
     def run(self) -> None:
         """Watch the inputs in one thread, apply in this one, until ``stop``
@@ -199,13 +231,13 @@ class PolicyController:
         watcher = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
         watcher.start()
         self.dirty.set()
-        while not self.stop.is_set():
+        while not self._ending():
             full = time.monotonic() - self._last_full > self.full_every
             if not self.dirty.wait(timeout=1.0) and not full:
                 continue
             if not self._waiters:
                 self.stop.wait(DEBOUNCE)  # let a burst of events collapse into one pass
-            if self.stop.is_set() and not self._waiters:
+            if self._ending():
                 break  # no pass after the stop unless an ADD in flight waits for it (its answer needs it)
             self.dirty.clear()
             with self._passes:
