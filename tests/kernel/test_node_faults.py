@@ -13,6 +13,7 @@ last. Everything is checked with independent tools (ping, tcpdump, ``ip
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -307,6 +308,27 @@ def test_a_deleted_vxlan_device_is_restored_and_cross_node_traffic_resumes(env):
 
 def _exists(ns: str) -> bool:
     return run("ip", "-n", ns, "link", "show", "ocni.vxlan", check=False).returncode == 0
+
+
+# ----- the stop: SIGTERM while the repair thread waits on kernel events and the watch on etcd ----------------------
+
+
+def test_sigterm_stops_the_agent_cleanly_and_its_pods_keep_their_network(env):
+    c, a = env.c, env.c.agents["n2"]
+    assert env.ping("n1", env.ip("n2")) and env.ping("n2", env.ip("n1"))  # control: before the stop
+    assert {n["name"]: n["live"] for n in env.cli_json("node", "list", "--cluster", "t")}["n2"] is True
+    logged = len((c.workdir / "n2.log").read_text())
+    a.proc.send_signal(signal.SIGTERM)  # its loops are idle: repair in its netlink wait, the watches in etcd's long poll
+    assert a.proc.wait(60) == 0
+    c.topo.processes.remove(a.proc)
+    log = (c.workdir / "n2.log").read_text()[logged:]
+    assert "agent stopped in" in log and "still running" not in log and "Traceback" not in log, log[-3000:]
+    assert not os.path.exists(a.socket)
+    # the lease was given up: not live at once (a killed agent stays live until its TTL passes: the next test)
+    assert {n["name"]: n["live"] for n in env.cli_json("node", "list", "--cluster", "t")}["n2"] is False
+    assert env.ping("n1", env.ip("n2")) and env.ping("n2", env.ip("n1"))  # the kernel state stays: pods keep working
+    c.start_agent("n2", a.node)  # the next test needs n2's agent (a restart adopts the node as it is)
+    assert wait_for(lambda: {n["name"]: n["live"] for n in env.cli_json("node", "list", "--cluster", "t")}["n2"] is True)
 
 
 # ----- item 12 (and 3's control): a dead agent is not live, its routes stay until node delete ---------------------
