@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import faulthandler
 import functools
 import importlib
 import json
@@ -89,6 +90,7 @@ def _wrap(module: str, path: str, label: str) -> None:
 
 
 def _probe(argv: list[str]) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the bench's watchdog asks for every stack first
     real_join = threading.Thread.join
 
     def join(self: threading.Thread, timeout: float | None = None) -> None:
@@ -287,7 +289,12 @@ class Bench:
             raise SystemExit(f"{which} agent did not start: {err_path.read_text()[-3000:]}")
         time.sleep(self.args.settle)
         signalled = time.monotonic()
-        watchdog = threading.Timer(120, proc.kill)  # a blocking wait (waitpid) stamps the exit exactly
+        def hung() -> None:
+            proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
+            time.sleep(1)
+            proc.kill()
+
+        watchdog = threading.Timer(self.args.timeout, hung)  # a blocking wait (waitpid) stamps the exit exactly
         watchdog.start()
         proc.send_signal(signal.SIGTERM)
         proc.wait()
@@ -297,7 +304,7 @@ class Bench:
         text = err_path.read_text()
         found = [ln for ln in text.splitlines() if ln.startswith(PROBE_TAG)]
         if proc.returncode != 0 or not found:
-            raise SystemExit(f"{which} agent: exit {proc.returncode}: {text[-3000:]}")
+            raise SystemExit(f"{which} agent: exit {proc.returncode}: {text[-12000:]}")
         probe = json.loads(found[-1][len(PROBE_TAG):])
         if probe["alive"]:
             print(f"  {which}: threads alive at exit: {', '.join(probe['alive'])}", flush=True)
@@ -338,6 +345,7 @@ def main() -> int:
     ap.add_argument("--load", action="store_true", help="two busy-loop processes for the whole run")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds between ready and SIGTERM")
     ap.add_argument("--base-ref", default="main")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds after SIGTERM before the stacks are dumped and the agent killed")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (network namespaces)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 from ipaddress import IPv4Address
@@ -26,12 +27,14 @@ from overlaycni.errors import NotFound
 from tests.unit.test_agent import cluster, cni, wait_for  # noqa: F401 (cluster is a fixture)
 
 
-def start(url, tmp_path, name="n1", ip="10.224.0.4"):
+def start(url, tmp_path, name="n1", ip="10.224.0.4", *, signals=False):
     opts = AgentOptions(
         cluster="c1", node=name, node_ip=IPv4Address(ip), datastore=url, socket=str(tmp_path / f"{name}.sock"),
         metrics_addr="127.0.0.1:0", lease_ttl=5, resync_interval=60, flow_log=FlowLogOptions(),
     )  # fmt: skip
     agent = Agent(opts, store=open_datastore(url), dataplane=FakeDataplane(underlay_ip=IPv4Address(ip)))
+    if signals:
+        agent.handle_signals()
     agent.start()
     return agent
 
@@ -59,6 +62,26 @@ def test_every_thread_the_agent_started_has_ended_when_shutdown_returns(cluster,
         store.refresh_lease(lease)  # given up: peers see the node as not live at once
     assert set(agent.stop_phases) == {"socket", "wake", "batch", "threads", "lease", "close"}
     agent.shutdown()  # a second stop (a signal during the first, a test's finally) does nothing
+
+
+def test_sigterm_reaches_the_agent_through_its_relay_thread(cluster, tmp_path):  # noqa: F811
+    """The handler only writes to a pipe (a lock taken in a handler can deadlock
+    the main thread); the relay thread sets the stop, and ends with the agent."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = set(threading.enumerate())
+    try:
+        agent = start(url := cluster[0], tmp_path, signals=True)
+        assert "signals" in started_since(before) and not agent.stop_event.is_set()  # control: nothing yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert agent.stop_event.wait(10)
+        agent.shutdown()
+        assert started_since(before) == [] and agent.stragglers == []
+        quiet = start(url, tmp_path, name="n2", ip="10.224.0.5", signals=True)
+        quiet.shutdown()  # a stop without a signal ends the relay thread too
+        assert started_since(before) == [] and quiet.stragglers == []
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def test_a_loop_that_ignores_the_stop_is_named_and_does_not_hold_the_stop(cluster, tmp_path, monkeypatch, caplog):  # noqa: F811

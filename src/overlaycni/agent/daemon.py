@@ -101,6 +101,7 @@ class Agent:
         self._server: Any = None
         self._http: Any = None
         self._stopped = False
+        self._signal_pipe: int | None = None  # ``handle_signals``: the write end its thread waits on
         self.stragglers: list[str] = []  # after ``shutdown``: threads that did not stop in time
         self.stop_phases: dict[str, float] = {}  # after ``shutdown``: seconds per step
 
@@ -333,9 +334,31 @@ class Agent:
     # ----- stop -----------------------------------------------------------------
     def handle_signals(self) -> None:
         """SIGTERM and SIGINT stop the agent cleanly (its lease given up). Installed
-        before ``start``: a runtime may stop the agent as soon as it reads "ready"."""
+        before ``start``: a runtime may stop the agent as soon as it reads "ready".
+
+        The handler only writes a byte to a pipe; a thread reads it and sets
+        ``stop_event``. Python runs a handler in the main thread between any
+        two bytecodes, also while that thread holds a lock, so a handler that
+        takes one (``Event.set`` takes the event's) can deadlock the main
+        thread for good (the ``signal`` module's documentation, "Note on
+        Signal Handlers and Exceptions" and its warning on synchronization
+        primitives). The pipe stays open for the process's life: a late
+        signal must never write into a reused descriptor."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(w, False)
+        self._signal_pipe = w
+
+        def on_signal(*_: object) -> None:
+            with contextlib.suppress(OSError):  # full: a stop is pending already
+                os.write(w, b"s")
+
+        def relay() -> None:
+            os.read(r, 1)  # a signal, or ``shutdown`` waking this thread
+            self.stop_event.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(sig, on_signal)
+        self._spawn("signals", relay)
 
     def run_forever(self) -> None:
         while not self.stop_event.wait(1.0):
@@ -352,6 +375,9 @@ class Agent:
         phases: dict[str, float] = {}
         self.stop_event.set()
         self.metrics.ready.set(0)
+        if self._signal_pipe is not None:  # a stop not from a signal: the relay thread ends too
+            with contextlib.suppress(OSError):
+                os.write(self._signal_pipe, b"x")
         n = self.node
         with _timed(phases, "socket"):
             if self._server is not None:
