@@ -225,6 +225,13 @@ def test_hardening(unit):
         assert "%" not in one(service, key)
 
 
+def test_systemd_waits_for_the_agents_own_stop_bound(unit):
+    from overlaycni.agent import daemon
+
+    bound = daemon.STOP_SECONDS + daemon.REVOKE_SECONDS  # the agent's stop, before it closes its handles
+    assert 2 * bound <= int(one(unit["Service"], "TimeoutStopSec")) <= 30  # margin for load; a hung agent is killed
+
+
 def _verify(unit_text: str, tmp_path: Path) -> str:
     """``systemd-analyze verify`` in a throwaway root holding the unit, a
     stand-in for the overlaycni executable and the system's own units;
