@@ -411,6 +411,9 @@ class Agent:
         """Close what loops block on (each then returns at once) and wake those waiting on a condition."""
         if self._events is not None:
             self._events.close()
+        wake_watches = getattr(self._store, "wake_watches", None)  # etcd: its watches poll otherwise (SQLite's wait on the stop)
+        if wake_watches is not None:
+            wake_watches()
         n = self.node
         if n is not None:
             if n.flows is not None:

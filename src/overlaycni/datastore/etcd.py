@@ -34,7 +34,8 @@ Design note.
   two threads at once and short-lived threads leave nothing behind.
 * Watch: our own streaming reader (etcd3gw's ``Watcher`` hides errors and
   compaction). A daemon thread reads the chunked JSON stream into a queue;
-  the generator polls the queue every 0.25 s so ``stop`` is honoured. On a
+  the generator polls the queue every 0.25 s so ``stop`` is honoured (and
+  ``wake_watches``, the agent's stop, wakes it at once). On a
   broken stream it reconnects (next endpoint) from the last revision seen + 1;
   a compacted start revision raises ``WatchCompacted``; no endpoint for
   ``RETRY_WINDOW`` seconds raises ``DatastoreUnavailable``.
@@ -94,6 +95,8 @@ class EtcdStore(TransactMixin, ClosingMixin):
         credentials: EtcdCredentials | None = None,
     ) -> None:
         self._t = Transport(endpoints, url=url, tls=tls, credentials=credentials)
+        self._watches: list[list[queue.Queue]] = []  # each open watch's current queue (``wake_watches``)
+        self._watches_lock = threading.Lock()
         self.url = self._t.url
         self._post = self._t.post
         try:
@@ -256,12 +259,18 @@ class EtcdStore(TransactMixin, ClosingMixin):
             }
         }
         resp, q, gen, where = self._t.open_stream("/watch", request)
+        mine = [q]
+        with self._watches_lock:
+            self._watches.append(mine)
         lost_since: float | None = None
         heard = probed = time.monotonic()  # the stream's last message; the last probe of its endpoint
         try:
             while stop is None or not stop.is_set():
+                mine[0] = q
                 try:
                     kind, msg = q.get(timeout=WATCH_POLL)
+                    if kind == "wake":
+                        continue  # ``wake_watches``: the loop's condition looks at ``stop`` now
                 except queue.Empty:
                     now = time.monotonic()
                     if gen is not None and self._t.generation() is not gen:
@@ -326,7 +335,17 @@ class EtcdStore(TransactMixin, ClosingMixin):
                 resp, q, gen, where = self._t.open_stream("/watch", request)
                 heard = probed = time.monotonic()
         finally:
+            with self._watches_lock:
+                self._watches.remove(mine)
             _close(resp)
+
+    def wake_watches(self) -> None:
+        """Wake every open watch now: one whose ``stop`` is set returns at
+        once instead of at its next poll (``WATCH_POLL``); the others go on."""
+        with self._watches_lock:
+            queues = [w[0] for w in self._watches]
+        for q in queues:
+            q.put(("wake", None))
 
     def close(self) -> None:
         self._t.close()
