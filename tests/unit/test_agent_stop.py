@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from overlaycni.agent import daemon
+from overlaycni.agent import stopping
 from overlaycni.agent.daemon import Agent, AgentOptions
 from overlaycni.agent.flowlog import FlowLogOptions
 from overlaycni.dataplane.fake import FakeDataplane, FakeKernelEvents
@@ -86,7 +86,7 @@ def test_sigterm_reaches_the_agent_through_its_relay_thread(cluster, tmp_path): 
 
 def test_a_loop_that_ignores_the_stop_is_named_and_does_not_hold_the_stop(cluster, tmp_path, monkeypatch, caplog):  # noqa: F811
     url, store = cluster
-    monkeypatch.setattr(daemon, "STOP_SECONDS", 0.5)
+    monkeypatch.setattr(stopping, "STOP_SECONDS", 0.5)
     release = threading.Event()
     before = set(threading.enumerate())
     agent = start(url, tmp_path)

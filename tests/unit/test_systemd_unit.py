@@ -226,9 +226,9 @@ def test_hardening(unit):
 
 
 def test_systemd_waits_for_the_agents_own_stop_bound(unit):
-    from overlaycni.agent import daemon
+    from overlaycni.agent import stopping
 
-    bound = daemon.STOP_SECONDS + daemon.REVOKE_SECONDS  # the agent's stop, before it closes its handles
+    bound = stopping.STOP_SECONDS + stopping.REVOKE_SECONDS  # the agent's stop, before it closes its handles
     assert 2 * bound <= int(one(unit["Service"], "TimeoutStopSec")) <= 30  # margin for load; a hung agent is killed
 
 

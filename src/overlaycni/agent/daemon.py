@@ -11,31 +11,11 @@ Running: the loops of ``RunningNode``, the repair loop (``repair.Repairer``:
 kernel events about our objects changed by others) and the CNI socket server
 (one thread per request).
 
-Stop (SIGTERM/SIGINT, ``shutdown``), in this order, bounded whatever the
-machine's load beyond the work itself:
-
-1. the CNI socket stops taking requests at once and its file is removed;
-2. every loop is woken: each waits on ``stop_event`` or on a handle that is
-   closed now (kernel events, the flow log's NFLOG socket, the metrics
-   server), so none waits out a poll; no loop starts new work after this
-   (no resync, repair, policy pass or peer selection), except a policy
-   pass an ADD in flight waits for;
-3. the batch in flight is applied and answered, and every request already
-   read is answered (11, "try again", if it was not started);
-4. the loops are joined, all against one deadline (``STOP_SECONDS`` from
-   step 1, steps 3 and 4 included), not a timeout each in turn; a thread
-   still running then is named in a warning;
-5. the lease is revoked (within ``REVOKE_SECONDS``), so the node shows as
-   not live at once and ``node delete`` needs no ``--force``; peers keep its
-   routes (its node record and block stay), so a restart is invisible to
-   the data path;
-6. the data plane (its kernel handles and worker thread) and the store are
-   closed: nothing touches the kernel after "agent stopped" is logged, with
-   the time each step took.
-
-The kernel state stays: pods keep working, and a restarted agent adopts
-what is there. systemd's ``TimeoutStopSec`` (deploy/overlaycni-agent.service)
-is well above the sum of the bounds.
+Stop (SIGTERM/SIGINT, ``shutdown``): prompt, bounded and clean
+(``agent.stopping``): no new requests, the batch in flight answered, every
+loop woken and joined against one deadline, the lease given up, the kernel
+handles closed. The kernel state stays: pods keep working, and a restarted
+agent adopts what is there.
 
 Health (``/healthz``, ``agent status``): ready only while the datastore
 answers, this node's name and block are its own (``conflicts``) and its
@@ -49,15 +29,13 @@ import functools
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
-from .. import deadline, ipam
+from .. import ipam
 from ..config import ClusterNetwork, IPFamily
 from ..dataplane import Dataplane, NodeState
 from ..datastore import Store, open_datastore
@@ -70,12 +48,11 @@ from .metrics import AgentMetrics, serve_http
 from .node import AgentOptions, RunningNode
 from .repair import NoEvents, Repairer
 from .server import claim_socket_path, serve_unix
+from .stopping import SignalRelay, StopClock, revoke_lease
 from .wireguard import KeyRotator, NodeKey, record_identity
 
 log = logging.getLogger(__name__)
 LOG_LEVEL_ENV = "OVERLAYCNI_LOG_LEVEL"  # DEBUG shows datastore fail-over, lock waits and data-plane batches
-STOP_SECONDS = 4.0  # stop -> the batch in flight answered and every loop joined (one deadline for all)
-REVOKE_SECONDS = 2.0  # then the lease revoke (a stalled store must not hold the stop)
 
 
 class Agent:
@@ -101,7 +78,7 @@ class Agent:
         self._server: Any = None
         self._http: Any = None
         self._stopped = False
-        self._signal_pipe: int | None = None  # ``handle_signals``: the write end its thread waits on
+        self._signals: SignalRelay | None = None  # ``handle_signals``
         self.stragglers: list[str] = []  # after ``shutdown``: threads that did not stop in time
         self.stop_phases: dict[str, float] = {}  # after ``shutdown``: seconds per step
 
@@ -335,30 +312,10 @@ class Agent:
     def handle_signals(self) -> None:
         """SIGTERM and SIGINT stop the agent cleanly (its lease given up). Installed
         before ``start``: a runtime may stop the agent as soon as it reads "ready".
-
-        The handler only writes a byte to a pipe; a thread reads it and sets
-        ``stop_event``. Python runs a handler in the main thread between any
-        two bytecodes, also while that thread holds a lock, so a handler that
-        takes one (``Event.set`` takes the event's) can deadlock the main
-        thread for good (the ``signal`` module's documentation, "Note on
-        Signal Handlers and Exceptions" and its warning on synchronization
-        primitives). The pipe stays open for the process's life: a late
-        signal must never write into a reused descriptor."""
-        r, w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(w, False)
-        self._signal_pipe = w
-
-        def on_signal(*_: object) -> None:
-            with contextlib.suppress(OSError):  # full: a stop is pending already
-                os.write(w, b"s")
-
-        def relay() -> None:
-            os.read(r, 1)  # a signal, or ``shutdown`` waking this thread
-            self.stop_event.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
-        self._spawn("signals", relay)
+        The handler never takes a lock (``stopping.SignalRelay``)."""
+        self._signals = SignalRelay(self.stop_event)
+        self._signals.install()
+        self._spawn("signals", self._signals.run)
 
     def run_forever(self) -> None:
         while not self.stop_event.wait(1.0):
@@ -366,52 +323,49 @@ class Agent:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop cleanly and promptly (the module note's steps); idempotent."""
+        """Stop cleanly and promptly, in ``agent.stopping``'s order; idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        started = time.monotonic()
-        end = started + STOP_SECONDS
-        phases: dict[str, float] = {}
+        clock = StopClock()
         self.stop_event.set()
         self.metrics.ready.set(0)
-        if self._signal_pipe is not None:  # a stop not from a signal: the relay thread ends too
-            with contextlib.suppress(OSError):
-                os.write(self._signal_pipe, b"x")
+        if self._signals is not None:
+            self._signals.wake()  # a stop that is not a signal ends the relay thread too
         n = self.node
-        with _timed(phases, "socket"):
+        with clock.step("socket"):
             if self._server is not None:
-                self._server.shutdown(timeout=_left(end))  # no new requests; the socket file is gone
-        with _timed(phases, "wake"):
+                self._server.shutdown(timeout=clock.left())  # no new requests; the socket file is gone
+        with clock.step("wake"):
             self._wake_loops()
-        with _timed(phases, "batch"):
-            if n is not None and not n.ops.close(timeout=_left(end)):  # the batch in flight is answered
+        with clock.step("batch"):
+            if n is not None and not n.ops.close(timeout=clock.left()):  # the batch in flight is answered
                 self.stragglers.append("cni-batch")
-            if self._server is not None and not self._server.wait_idle(_left(end)):
+            if self._server is not None and not self._server.wait_idle(clock.left()):
                 self.stragglers.append("cni-request")
-        with _timed(phases, "threads"):
+        with clock.step("threads"):
             for t in self._threads:
-                t.join(timeout=_left(end))
+                t.join(timeout=clock.left())
         self.stragglers += [t.name for t in self._threads if t.is_alive()]
         if self.stragglers:
             log.warning("stop: %s still running after %.1f s; stopping without them (the data plane is closed under them)",
-                        ", ".join(self.stragglers), STOP_SECONDS)
-        with _timed(phases, "lease"):
-            self._revoke()
-        with _timed(phases, "close"):
+                        ", ".join(self.stragglers), clock.seconds)
+        with clock.step("lease"):
+            if n is not None and n.datastore_ok and self._store is not None:
+                revoke_lease(self._store, n.lease)
+        with clock.step("close"):
             if self._dp is not None:
                 self._dp.close()
             if self._store is not None:
                 self._store.close()
-        self.stop_phases = phases
-        log.info("agent stopped in %.2f s (%s); pods keep their network", time.monotonic() - started,
-                 ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        self.stop_phases = clock.phases
+        log.info("agent stopped in %s; pods keep their network", clock.summary())
 
     def _wake_loops(self) -> None:
         """Close what loops block on (each then returns at once) and wake those waiting on a condition."""
         if self._events is not None:
             self._events.close()
-        wake_watches = getattr(self._store, "wake_watches", None)  # etcd: its watches poll otherwise (SQLite's wait on the stop)
+        wake_watches = getattr(self._store, "wake_watches", None)  # etcd (SQLite's watches wait on the stop itself)
         if wake_watches is not None:
             wake_watches()
         n = self.node
@@ -423,29 +377,6 @@ class Agent:
         if self._http is not None:
             self._http.shutdown(timeout=1.0)
             self._http.server_close()
-
-    def _revoke(self) -> None:
-        n = self.node
-        if n is None or not n.datastore_ok or self._store is None:
-            return
-        try:  # not live from now on; the node record (and peers' routes) stay
-            with deadline.within(REVOKE_SECONDS):
-                self._store.revoke_lease(n.lease)
-        except OverlayCNIError as exc:
-            log.warning("stop: lease not revoked (%s); peers see this node as not live once its TTL passes", exc)
-
-
-def _left(end: float) -> float:
-    return max(0.0, end - time.monotonic())
-
-
-@contextlib.contextmanager
-def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
-    t0 = time.monotonic()
-    try:
-        yield
-    finally:
-        phases[name] = time.monotonic() - t0
 
 
 def run_agent(opts: AgentOptions) -> int:
