@@ -426,3 +426,55 @@ def test_errors_print_user_input_literally(tmp_path):
     res = CliRunner().invoke(app, ["lab", "status", "--name", "[bold]x"], env={"OVERLAYCNI_LAB_DIR": str(tmp_path), "COLUMNS": "200"})
     assert res.exit_code == 2, res.output
     assert "error: --name: '[bold]x' may only hold" in res.output and "Traceback" not in res.output
+
+
+# --- concurrent `lab pod add` (found by bench/soak.py, seed 1: a burst lost pods) -------------
+
+
+def test_concurrent_pod_adds_keep_each_others_records(tmp_path, monkeypatch):
+    """Two `lab pod add`s at once: the slower one's ADD finishing last must not
+    write back a state file that drops the faster one's pod (it did: its pod
+    then leaked, with an allocation, a veth and a namespace the lab no longer
+    knew). Control: the adds really overlapped, and the same pod added twice
+    at once is refused, not recorded twice."""
+    import threading
+    from dataclasses import replace
+
+    from overlaycni.errors import AlreadyExists
+    from overlaycni.lab import members
+
+    st.create_lab_dir("t", str(tmp_path))
+    st.save(_state(tmp_path))
+    slow_in, fast_done = threading.Event(), threading.Event()
+    ips = iter(range(10, 20))
+
+    def fake_add(state, node, pod, *, ips_=(), **_kw):
+        if pod.name == "slow":
+            slow_in.set()
+            assert fast_done.wait(10)
+        return replace(pod, ip=IPv4Interface(f"10.244.0.{next(ips)}/24"))
+
+    monkeypatch.setattr(members.control, "cni_add", fake_add)
+    monkeypatch.setattr(members.lab_policy, "publish_pod", lambda *_a: None)
+    monkeypatch.setattr(members.netns, "require_privileges", lambda: None)
+    errors: list[BaseException] = []
+
+    def slow() -> None:
+        try:
+            members.add_pod("t", "slow", node="node1", root=str(tmp_path))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    assert slow_in.wait(10)  # control: "slow" is inside its ADD while "fast" runs
+    members.add_pod("t", "fast", node="node1", root=str(tmp_path))
+    with pytest.raises(AlreadyExists, match="default/slow already exists"):  # claimed, under the lock, before its ADD
+        members.add_pod("t", "slow", node="node1", root=str(tmp_path))
+    fast_done.set()
+    t.join(10)
+    assert not errors
+    pods = {p.key: p for p in st.load("t", str(tmp_path)).pods}
+    assert sorted(pods) == ["default/fast", "default/p1", "default/slow"]
+    assert all(p.ip is not None for p in pods.values()), pods
+    assert {"ocl-t.pod.default.fast", "ocl-t.pod.default.slow"} <= set(st.load("t", str(tmp_path)).namespaces)

@@ -17,7 +17,7 @@ from ..errors import AlreadyExists, OverlayCNIError, UsageError
 from . import control, netns, procs, topology
 from . import policy as lab_policy
 from . import state as st
-from .lifecycle import add_pods, new_node, new_pod, setup_node
+from .lifecycle import new_node, new_pod, setup_node
 from .state import LabNode, LabPod, LabState
 
 
@@ -58,8 +58,6 @@ def add_pod(
     ports = lab_policy.parse_ports(ports)
     wanted = lab_policy.parse_ips(ips)
     lab_policy.check_labels(dict(labels), field="--labels")
-    if any(p.name == pod and p.namespace == namespace for p in state.pods):
-        raise AlreadyExists(f"lab {name}: pod {namespace}/{pod} already exists")
     if not state.nodes:
         raise UsageError(f"lab {name} has no nodes; add one with `overlaycni lab node add --name {name}`")
     if node is None and wanted:  # the node whose block holds the (first) requested address
@@ -72,10 +70,20 @@ def add_pod(
         node = min(state.nodes, key=lambda n: (len(state.pods_on(n.name)), n.index)).name
     state.node(node)  # raises NotFound naming the nodes
     p = new_pod(state, pod, namespace=namespace, node=node, labels=labels)
+
+    def claim(s: LabState) -> LabState:  # under the lab's lock: a concurrent `pod add` of the same pod loses here
+        if s.find_pod(p.key) is not None:
+            raise AlreadyExists(f"lab {name}: pod {p.key} already exists")
+        return s.with_namespace(p.netns).with_pod(p)
+
+    # Every write of the state file is a locked read-change-write (``_update``):
+    # saving the state read above would drop the records that concurrent
+    # commands wrote meanwhile (their pods would leak: no `pod delete`, no
+    # `lab check` for them).
+    state = _update(name, root, claim)
     try:
-        added = add_pods(state, [p], ips={p.key: wanted} if wanted else None)
-        result = replace(added.pod(p.key), ports=ports)
-        lab_policy.publish_pod(added, result)
+        result = replace(control.cni_add(state, state.node(node), p, ips=wanted), ports=ports)
+        lab_policy.publish_pod(state.with_pod(result), result)
     except BaseException:
         control.cni_del(state, state.node(node), p, best_effort=True)
         _update(name, root, lambda s: s.without_pod(p).without_namespace(p.netns))

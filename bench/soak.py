@@ -1,0 +1,467 @@
+"""Soak: a seeded random sequence of operations against one lab, then every invariant.
+
+A dev tool (root; every packet stays inside the lab's own namespaces, as in
+any lab). It brings up its own lab (``sk<random>``, in a temporary lab
+directory), runs ``--steps`` operations chosen by a seeded RNG (the seed is
+printed first: ``--seed N`` replays a run exactly, as far as the kernel's
+timing lets it), and after every ``--check-every`` steps and at the end
+checks every invariant; it stops at the first violation, printing the seed,
+the step log and the evidence. The lab is taken down at the end, pass or
+fail, unless ``--keep``.
+
+Operations: pod add (random node, namespace, labels), pod delete, pod label
+change, node add, node delete (never below 2 nodes), agent SIGKILL then
+restart, agent SIGTERM then restart, a burst of pod adds at once (threads
+calling ``lab pod add``'s own code at the same time, as shells would), and
+a NetworkPolicy apply/delete that selects some pods but allows all traffic
+(so it exercises the agents' policy path without changing what ``lab
+check`` expects).
+
+Invariants (``violations``, pure over the ``Facts`` gathered from the
+kernel, the datastore and the agents):
+
+- ``lab check``: every pair and every external path (a bounded convergence
+  wait: several checks, never a single sample);
+- ``ipam check`` clean; every allocation belongs to a pod of the lab on
+  that pod's node with that pod's addresses, every lab pod has exactly one
+  (no leak, no double hand-out);
+- no host veth (``oc…``) without a pod, no parked veth (``oz…``) once idle,
+  no pod namespace without a pod, every pod's namespace exists;
+- every agent ready, without ``last_error``, its quarantine empty once idle;
+- the datastore's node records are the lab's nodes, with their blocks.
+
+Usage: .venv/bin/python bench/soak.py [--seed N] [--steps 40] [--check-every 10]
+       [--backend vxlan|direct|wireguard] [--store sqlite|etcd] [--ip-families ipv4,ipv6] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OC = str(Path(sys.executable).parent / "overlaycni")
+NAMESPACES = ("default", "ns-a", "ns-b")
+APPS = ("web", "db", "api")
+WEIGHTS = {
+    "pod_add": 6, "pod_del": 4, "pod_label": 2, "node_add": 1, "node_del": 1,
+    "agent_kill": 1, "agent_term": 1, "burst": 1, "policy": 1,
+}  # fmt: skip
+MAX_PODS = 14  # lab check pings every pair: keep it affordable
+MAX_NODES = 5
+SETTLE = 45.0  # seconds the invariants may take to converge (agent resync 5 s, quarantine drain when idle)
+
+
+# --- the invariants (pure) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodFact:
+    key: str  # NAMESPACE/NAME
+    node: str
+    container_id: str
+    netns: str
+    ips: tuple[str, ...]  # as the CNI result gave them
+
+
+@dataclass(frozen=True)
+class AllocFact:
+    container_id: str
+    ifname: str
+    node: str
+    ips: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the lab looks like, from every side."""
+
+    pods: tuple[PodFact, ...]
+    allocations: tuple[AllocFact, ...]
+    ipam_problems: tuple[str, ...]
+    veths: dict[str, tuple[str, ...]]  # node -> host links named oc…/oz…
+    pod_netns: tuple[str, ...]  # the lab's pod namespaces that exist
+    agents: dict[str, dict[str, Any]]  # node -> agent status (or {"error": ...})
+    lab_nodes: dict[str, str]  # node -> block, as the lab recorded it
+    store_nodes: dict[str, str]  # node -> block, as the datastore's node records say
+    connectivity: tuple[str, ...] = ()  # lab check failures (empty: ok, or not run)
+
+
+def host_veth(container_id: str) -> str:
+    from overlaycni.dataplane.model import host_veth_name
+
+    return host_veth_name(container_id, "eth0")
+
+
+def violations(f: Facts, *, idle: bool = True) -> list[str]:
+    """Every broken invariant, one line each (empty: all hold). ``idle``:
+    nothing is in flight, so quarantines and parked veths must be empty."""
+    out = [f"ipam check: {p}" for p in f.ipam_problems]
+    by_cid: dict[str, list[AllocFact]] = {}
+    for a in f.allocations:
+        by_cid.setdefault(a.container_id, []).append(a)
+    pods = {p.container_id: p for p in f.pods}
+    for cid, allocs in sorted(by_cid.items()):
+        p = pods.get(cid)
+        if p is None:
+            out += [f"leak: allocation {a.ips} on {a.node} ({cid} {a.ifname}) belongs to no pod of the lab" for a in allocs]
+            continue
+        if len(allocs) > 1:
+            out.append(f"double: pod {p.key} holds {len(allocs)} allocations: {[a.ips for a in allocs]}")
+        for a in allocs:
+            if a.node != p.node or sorted(a.ips) != sorted(p.ips) or a.ifname != "eth0":
+                out.append(f"mismatch: pod {p.key} on {p.node} has {p.ips}, its allocation is {a.ips} {a.ifname} on {a.node}")
+    owners: dict[str, list[str]] = {}
+    for a in f.allocations:
+        for ip in a.ips:
+            owners.setdefault(ip, []).append(a.container_id)
+    out += [f"double hand-out: {ip} is allocated to {cids}" for ip, cids in sorted(owners.items()) if len(cids) > 1]
+    given: dict[str, list[str]] = {}
+    for p in f.pods:
+        if p.container_id not in by_cid:
+            out.append(f"lost: pod {p.key} on {p.node} ({', '.join(p.ips) or 'no IP'}) has no allocation")
+        for ip in p.ips:
+            given.setdefault(ip, []).append(p.key)
+    out += [f"double hand-out: pods {keys} all have {ip}" for ip, keys in sorted(given.items()) if len(keys) > 1]
+
+    for node, links in sorted(f.veths.items()):
+        want = {host_veth(p.container_id) for p in f.pods if p.node == node}
+        have = {x for x in links if x.startswith("oc")}
+        out += [f"leftover veth {x} on {node}: no pod of the lab" for x in sorted(have - want)]
+        out += [f"missing veth {x} on {node} (pod {next(p.key for p in f.pods if host_veth(p.container_id) == x)})"
+                for x in sorted(want - have)]  # fmt: skip
+        if idle:
+            out += [f"parked veth {x} on {node} still there once idle" for x in sorted(links) if x.startswith("oz")]
+    want_ns = {p.netns for p in f.pods}
+    out += [f"leftover pod namespace {ns}" for ns in sorted(set(f.pod_netns) - want_ns)]
+    out += [f"pod {p.key}: its namespace {p.netns} is gone" for p in f.pods if p.netns not in f.pod_netns]
+
+    for node, h in sorted(f.agents.items()):
+        if "error" in h:
+            out.append(f"agent {node}: {h['error']}")
+            continue
+        if not h.get("ready"):
+            out.append(f"agent {node} not ready: {h.get('reasons')}")
+        if h.get("last_error"):
+            out.append(f"agent {node} last_error: {h['last_error']}")
+        q = h.get("quarantine") or {}
+        if idle and q.get("held"):
+            out.append(f"agent {node} quarantine holds {q.get('held')} once idle: {q.get('addresses')}")
+        pods_here = sum(1 for p in f.pods if p.node == node)
+        if h.get("pods") is not None and h.get("pods") != pods_here:
+            out.append(f"agent {node} knows {h.get('pods')} pods, the lab has {pods_here} there")
+    if f.lab_nodes != f.store_nodes:
+        out.append(f"node records: the datastore has {f.store_nodes}, the lab {f.lab_nodes}")
+    out += [f"lab check: {x}" for x in f.connectivity]
+    return out
+
+
+# --- gathering the facts ------------------------------------------------------------------------
+
+
+def gather(name: str, root: str, *, connectivity: bool) -> Facts:
+    from overlaycni import ipam
+    from overlaycni.cli.agent import query_agent
+    from overlaycni.datastore.keys import cluster_root
+    from overlaycni.lab import check, control, netns, topology
+    from overlaycni.lab import state as st
+
+    s = st.load(name, root)
+
+    def read(store: Any) -> tuple[Any, list[AllocFact], dict[str, str]]:
+        rep = ipam.check(store, name)
+        allocs = []
+        for kv in store.list(cluster_root(name) + "handles/"):
+            a = ipam.decode_allocation(kv)
+            allocs.append(AllocFact(a.container_id, a.ifname, a.node, tuple(str(x) for x in a.ips)))
+        nodes = {n.name: str(n.block) for n in ipam.list_nodes(store, name)}
+        return rep, allocs, nodes
+
+    rep, allocs, store_nodes = control.with_store(s, read)
+    veths = {}
+    for n in s.nodes:
+        links = json.loads(netns.ip(n.netns, "-j", "link", "show").stdout or "[]")
+        veths[n.name] = tuple(x["ifname"] for x in links if x["ifname"].startswith(("oc", "oz")) and not x["ifname"].startswith("ocni"))
+    agents: dict[str, dict[str, Any]] = {}
+    for n in s.nodes:
+        try:
+            agents[n.name] = query_agent(n.socket)
+        except Exception as exc:  # noqa: BLE001 - the evidence is the point
+            agents[n.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    pods = tuple(
+        PodFact(p.key, p.node, p.container_id, p.netns, tuple(str(i.ip) for i in (p.ip, p.ip_v6) if i is not None)) for p in s.pods
+    )
+    failures: tuple[str, ...] = ()
+    if connectivity:
+        failures = tuple(check.run_check(s).failures())
+    return Facts(
+        pods=pods,
+        allocations=tuple(allocs),
+        ipam_problems=tuple(f"{p.kind}: {p.message}" for p in rep.problems),
+        veths=veths,
+        pod_netns=tuple(netns.list_netns(topology.netns_prefix(name) + "pod.")),
+        agents=agents,
+        lab_nodes={n.name: str(n.block) for n in s.nodes},
+        store_nodes=store_nodes,
+        connectivity=failures,
+    )
+
+
+def settle(name: str, root: str, *, timeout: float = SETTLE, checks: int = 3) -> tuple[Facts, list[str]]:
+    """Gather until the invariants hold or ``timeout`` passes (state only),
+    then ``lab check`` up to ``checks`` times, a few seconds apart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        facts = gather(name, root, connectivity=False)
+        bad = violations(facts)
+        if not bad or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if bad:
+        return facts, bad
+    for attempt in range(checks):
+        facts = gather(name, root, connectivity=True)
+        bad = violations(facts)
+        if not bad:
+            break
+        if attempt + 1 < checks:
+            time.sleep(5.0)
+    return facts, bad
+
+
+# --- the operations -----------------------------------------------------------------------------
+
+
+@dataclass
+class Soak:
+    name: str
+    root: str
+    rng: random.Random
+    burst: int = 5
+    log: list[str] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    serial: int = 0
+
+    def state(self) -> Any:
+        from overlaycni.lab import state as st
+
+        return st.load(self.name, self.root)
+
+    def _pod_name(self) -> str:
+        self.serial += 1
+        return f"s{self.serial}"
+
+    def _labels(self) -> tuple[tuple[str, str], ...]:
+        return (("app", self.rng.choice(APPS)),) if self.rng.random() < 0.8 else ()
+
+    def pick(self) -> str:
+        s = self.state()
+        ok = [k for k in WEIGHTS if self.possible(k, s)]
+        return self.rng.choices(ok, weights=[WEIGHTS[k] for k in ok])[0]
+
+    @staticmethod
+    def possible(kind: str, s: Any) -> bool:
+        if kind in ("pod_add", "burst"):
+            return len(s.pods) < MAX_PODS
+        if kind in ("pod_del", "pod_label"):
+            return bool(s.pods)
+        if kind == "node_add":
+            return len(s.nodes) < MAX_NODES
+        if kind == "node_del":
+            return len(s.nodes) > 2
+        return True
+
+    def run(self, kind: str) -> str:
+        self.counts[kind] += 1
+        return getattr(self, f"op_{kind}")(self.state())
+
+    def _add(self, s: Any) -> Callable[[], str]:
+        from overlaycni.lab import members
+
+        pod, ns, node, labels = self._pod_name(), self.rng.choice(NAMESPACES), self.rng.choice(s.nodes).name, self._labels()
+
+        def go() -> str:
+            p = members.add_pod(self.name, pod, namespace=ns, node=node, labels=labels, root=self.root)
+            return f"{p.key} on {node} {dict(labels)} -> {p.ip.ip if p.ip else None}{f' {p.ip_v6.ip}' if p.ip_v6 else ''}"
+
+        return go
+
+    def op_pod_add(self, s: Any) -> str:
+        return "pod add " + self._add(s)()
+
+    def op_burst(self, s: Any) -> str:
+        k = min(self.burst, MAX_PODS - len(s.pods))
+        jobs = [self._add(s) for _ in range(k)]
+        with ThreadPoolExecutor(max_workers=k) as pool:
+            futures = [pool.submit(j) for j in jobs]
+            done = [f.result() for f in futures]
+        return f"burst of {k}: " + "; ".join(done)
+
+    def op_pod_del(self, s: Any) -> str:
+        from overlaycni.lab import members
+
+        p = self.rng.choice(s.pods)
+        members.delete_pod(self.name, p.key, root=self.root)
+        return f"pod delete {p.key} (on {p.node}, {p.ip.ip if p.ip else None})"
+
+    def op_pod_label(self, s: Any) -> str:
+        from overlaycni.lab import policy as lab_policy
+
+        p = self.rng.choice(s.pods)
+        edit = f"app={self.rng.choice(APPS)}" if self.rng.random() < 0.7 else "app-"
+        lab_policy.label_pod(self.name, p.key, [edit], root=self.root)
+        return f"pod label {p.key} {edit}"
+
+    def op_node_add(self, s: Any) -> str:
+        from overlaycni.lab import members
+
+        n = members.add_node(self.name, root=self.root)
+        return f"node add {n.name} {n.block}"
+
+    def op_node_del(self, s: Any) -> str:
+        from overlaycni.lab import members
+
+        n = self.rng.choice(s.nodes)
+        members.delete_node(self.name, n.name, root=self.root)
+        return f"node delete {n.name} (with {len(s.pods_on(n.name))} pods)"
+
+    def _restart(self, s: Any, sig: int) -> str:
+        from overlaycni.lab import members, procs
+
+        n = self.rng.choice(s.nodes)
+        procs.kill(n.agent, sig)
+        if not procs.wait_until(lambda: not procs.alive(n.agent), timeout=30):
+            raise RuntimeError(f"agent of {n.name} (pid {n.agent.pid}) still runs 30 s after {signal.Signals(sig).name}")
+        new = members.restart_agent(self.name, n.name, root=self.root)
+        return f"agent {signal.Signals(sig).name} + restart on {n.name}: pid {n.agent.pid} -> {new.agent.pid if new.agent else None}"
+
+    def op_agent_kill(self, s: Any) -> str:
+        return self._restart(s, signal.SIGKILL)
+
+    def op_agent_term(self, s: Any) -> str:
+        return self._restart(s, signal.SIGTERM)
+
+    def op_policy(self, s: Any) -> str:
+        """Apply (or delete) a policy that selects pods by app but allows all
+        ingress and egress: the agents render it, connectivity is unchanged."""
+        from overlaycni.lab import control
+        from overlaycni.policy.model import parse_policies
+        from overlaycni.policy.records import delete_policy, save_policies
+
+        ns, app = self.rng.choice(NAMESPACES), self.rng.choice(APPS)
+        if self.rng.random() < 0.4:
+            gone = control.with_store(s, lambda store: delete_policy(store, self.name, namespace=ns, name=f"soak-{app}"))
+            return f"policy delete {ns}/soak-{app} ({'deleted' if gone else 'was not there'})"
+        doc = {
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"soak-{app}", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": app}}, "policyTypes": ["Ingress", "Egress"],
+                     "ingress": [{}], "egress": [{}]},
+        }  # fmt: skip
+        policies = parse_policies(json.dumps(doc))
+        control.with_store(s, lambda store: save_policies(store, self.name, policies=policies))
+        return f"policy apply {ns}/soak-{app} (selects app={app}, allows all)"
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    seed: int
+    steps: int
+    log: list[str]
+    counts: Counter[str]
+    evidence: list[str]
+    seconds: float
+    checks: int
+
+
+def run(
+    *, seed: int, steps: int, check_every: int, up_args: list[str], root: str, name: str, keep: bool = False,
+    say: Callable[[str], None] = print,
+) -> Outcome:  # fmt: skip
+    from overlaycni.lab import lifecycle
+
+    env = {**os.environ, "OVERLAYCNI_LAB_DIR": root}
+    rng = random.Random(seed)
+    soak = Soak(name, root, rng)
+    t0 = time.monotonic()
+    evidence: list[str] = []
+    checks = 0
+    done = 0
+    try:
+        argv = [OC, "lab", "up", "--name", name, "--nodes", "3", "--pods-per-node", "1", *up_args]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            return Outcome(False, seed, 0, [], Counter(), [f"lab up failed: {proc.stderr[-2000:]}"], time.monotonic() - t0, 0)
+        for step in range(1, steps + 1):
+            kind = soak.pick()
+            try:
+                line = f"{step:3}: {soak.run(kind)}"
+            except Exception as exc:  # noqa: BLE001 - an operation that fails is a finding
+                line = f"{step:3}: {kind} FAILED: {type(exc).__name__}: {exc}"
+                soak.log.append(line)
+                say(line)
+                evidence = [line, *(str(getattr(exc, "details", "")) or "").splitlines()]
+                break
+            soak.log.append(line)
+            say(line)
+            done = step
+            if step % check_every == 0 or step == steps:
+                checks += 1
+                _, bad = settle(name, root)
+                say(f"     check after step {step}: {'ok' if not bad else f'{len(bad)} violation(s)'}")
+                if bad:
+                    evidence = bad
+                    break
+    finally:
+        if not keep:
+            lifecycle.down(name, root=root)
+    return Outcome(not evidence, seed, done, soak.log, soak.counts, evidence, time.monotonic() - t0, checks)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--check-every", type=int, default=10)
+    ap.add_argument("--backend", default="vxlan")
+    ap.add_argument("--store", default="sqlite")
+    ap.add_argument("--ip-families", default=None)
+    ap.add_argument("--keep", action="store_true", help="leave the lab up (take it down with `overlaycni lab down`)")
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    up = ["--backend", args.backend, "--store", args.store, *(["--ip-families", args.ip_families] if args.ip_families else [])]
+    name = f"sk{secrets.token_hex(3)}"
+    root = tempfile.mkdtemp(prefix="soak-")
+    print(f"soak seed={seed} steps={args.steps} lab={name} root={root} up={' '.join(up)}", flush=True)
+    out = run(seed=seed, steps=args.steps, check_every=args.check_every, up_args=up, root=root, name=name, keep=args.keep,
+              say=lambda s: print(s, flush=True))  # fmt: skip
+    if not args.keep:
+        os.rmdir(root) if os.path.isdir(root) and not os.listdir(root) else None
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(out.counts.items()))
+    print(f"soak seed={seed}: {'PASS' if out.ok else 'FAIL'} after {out.steps} steps, {out.checks} checks, {out.seconds:.0f} s; {ops}")
+    if not out.ok:
+        print("step log:\n  " + "\n  ".join(out.log))
+        print("evidence:\n  " + "\n  ".join(out.evidence))
+        print(f"replay: .venv/bin/python bench/soak.py --seed {seed} --steps {args.steps} --check-every {args.check_every} {' '.join(up)}")
+    return 0 if out.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
