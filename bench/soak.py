@@ -3,8 +3,10 @@
 A dev tool (root; every packet stays inside the lab's own namespaces, as in
 any lab). It brings up its own lab (``sk<random>``, in a temporary lab
 directory), runs ``--steps`` operations chosen by a seeded RNG (the seed is
-printed first: ``--seed N`` replays a run exactly, as far as the kernel's
-timing lets it), and after every ``--check-every`` steps and at the end
+printed first: ``--seed N`` replays the same operations; pods and nodes
+are chosen from lists sorted by name, so a burst's completion order does
+not change later choices; the kernel's timing, which the seed does not
+fix, can), and after every ``--check-every`` steps and at the end
 checks every invariant; it stops at the first violation, printing the seed,
 the step log and the evidence. The lab is taken down at the end, pass or
 fail, unless ``--keep``.
@@ -291,7 +293,7 @@ class Soak:
     def _add(self, s: Any) -> Callable[[], str]:
         from overlaycni.lab import members
 
-        pod, ns, node, labels = self._pod_name(), self.rng.choice(NAMESPACES), self.rng.choice(s.nodes).name, self._labels()
+        pod, ns, node, labels = self._pod_name(), self.rng.choice(NAMESPACES), self.rng.choice(sorted(s.nodes, key=lambda n: n.name)).name, self._labels()
 
         def go() -> str:
             p = members.add_pod(self.name, pod, namespace=ns, node=node, labels=labels, root=self.root)
@@ -313,15 +315,15 @@ class Soak:
     def op_pod_del(self, s: Any) -> str:
         from overlaycni.lab import members
 
-        p = self.rng.choice(s.pods)
+        p = self.rng.choice(sorted(s.pods, key=lambda p: p.key))
         members.delete_pod(self.name, p.key, root=self.root)
         return f"pod delete {p.key} (on {p.node}, {p.ip.ip if p.ip else None})"
 
     def op_pod_label(self, s: Any) -> str:
         from overlaycni.lab import policy as lab_policy
 
-        p = self.rng.choice(s.pods)
-        edit = f"app={self.rng.choice(APPS)}" if self.rng.random() < 0.7 else "app-"
+        p = self.rng.choice(sorted(s.pods, key=lambda p: p.key))
+        edit = "app-" if self.rng.random() < 0.3 and "app" in dict(p.labels) else f"app={self.rng.choice(APPS)}"
         lab_policy.label_pod(self.name, p.key, [edit], root=self.root)
         return f"pod label {p.key} {edit}"
 
@@ -334,14 +336,14 @@ class Soak:
     def op_node_del(self, s: Any) -> str:
         from overlaycni.lab import members
 
-        n = self.rng.choice(s.nodes)
+        n = self.rng.choice(sorted(s.nodes, key=lambda n: n.name))
         members.delete_node(self.name, n.name, root=self.root)
         return f"node delete {n.name} (with {len(s.pods_on(n.name))} pods)"
 
     def _restart(self, s: Any, sig: int) -> str:
         from overlaycni.lab import members, procs
 
-        n = self.rng.choice(s.nodes)
+        n = self.rng.choice(sorted(s.nodes, key=lambda n: n.name))
         procs.kill(n.agent, sig)
         if not procs.wait_until(lambda: not procs.alive(n.agent), timeout=30):
             raise RuntimeError(f"agent of {n.name} (pid {n.agent.pid}) still runs 30 s after {signal.Signals(sig).name}")
