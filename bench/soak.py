@@ -276,6 +276,7 @@ class Soak:
     serial: int = 0
     deleted: list[tuple[float, str, str, str]] = field(default_factory=list)  # (when, node, container ID, pod)
     excused: dict[str, str] = field(default_factory=dict)  # container ID -> node: see ``violations``
+    leaked: set[str] = field(default_factory=set)  # the excused seen still allocated at a check
 
     def state(self) -> Any:
         from overlaycni.lab import state as st
@@ -423,6 +424,7 @@ class Outcome:
     seconds: float
     checks: int
     excused: dict[str, str] = field(default_factory=dict)
+    leaked: set[str] = field(default_factory=set)
 
 
 def run(
@@ -458,7 +460,9 @@ def run(
             done = step
             if step % check_every == 0 or step == steps:
                 checks += 1
-                _, bad = settle(name, root, excused=soak.excused)
+                facts, bad = settle(name, root, excused=soak.excused)
+                held = {a.container_id for a in facts.allocations}
+                soak.leaked |= {cid for cid in soak.excused if cid in held}
                 say(f"     check after step {step}: {'ok' if not bad else f'{len(bad)} violation(s)'}")
                 if bad:
                     evidence = bad
@@ -466,7 +470,9 @@ def run(
     finally:
         if not keep:
             lifecycle.down(name, root=root)
-    return Outcome(not evidence, seed, done, soak.log, soak.counts, evidence, time.monotonic() - t0, checks, soak.excused)
+    return Outcome(
+        not evidence, seed, done, soak.log, soak.counts, evidence, time.monotonic() - t0, checks, soak.excused, soak.leaked
+    )
 
 
 def main() -> int:
@@ -495,7 +501,9 @@ def main() -> int:
     if out.excused:
         print(
             f"excused (deleted < {KILL_WINDOW:.0f} s before their agent's SIGKILL; the reaper's to release): "
-            + ", ".join(f"{cid[:12]} on {node}" for cid, node in out.excused.items())
+            + ", ".join(
+                f"{cid[:12]} on {node}{' (held at a check)' if cid in out.leaked else ''}" for cid, node in out.excused.items()
+            )
         )
     if not out.ok:
         print("step log:\n  " + "\n  ".join(out.log))
