@@ -11,8 +11,9 @@ checks every invariant; it stops at the first violation, printing the seed,
 the step log and the evidence. The lab is taken down at the end, pass or
 fail, unless ``--keep``.
 
-Operations: pod add (random node, namespace, labels), pod delete, pod label
-change, node add, node delete (never below 2 nodes), agent SIGKILL then
+Operations: pod add (random node, namespace, labels), pod delete, pod
+delete + re-add of the same pod at once (the same attachment), pod delete +
+a new pod asking for its address (``ips``), pod label change, node add, node delete (never below 2 nodes), agent SIGKILL then
 restart, agent SIGTERM then restart, a burst of pod adds at once (threads
 calling ``lab pod add``'s own code at the same time, as shells would), and
 a NetworkPolicy apply/delete that selects some pods but allows all traffic
@@ -60,7 +61,7 @@ NAMESPACES = ("default", "ns-a", "ns-b")
 APPS = ("web", "db", "api")
 WEIGHTS = {
     "pod_add": 6, "pod_del": 4, "pod_label": 2, "node_add": 1, "node_del": 1,
-    "agent_kill": 1, "agent_term": 1, "burst": 1, "policy": 1,
+    "agent_kill": 1, "agent_term": 1, "burst": 1, "policy": 1, "pod_readd": 1, "pod_reuse_ip": 1,
 }  # fmt: skip
 MAX_PODS = 14  # lab check pings every pair: keep it affordable
 MAX_NODES = 5
@@ -299,7 +300,7 @@ class Soak:
     def possible(kind: str, s: Any) -> bool:
         if kind in ("pod_add", "burst"):
             return len(s.pods) < MAX_PODS
-        if kind in ("pod_del", "pod_label"):
+        if kind in ("pod_del", "pod_label", "pod_readd", "pod_reuse_ip"):
             return bool(s.pods)
         if kind == "node_add":
             return len(s.nodes) < MAX_NODES
@@ -345,6 +346,33 @@ class Soak:
         members.delete_pod(self.name, p.key, root=self.root)
         self.deleted.append((time.monotonic(), p.node, p.container_id, p.key))
         return f"pod delete {p.key} (on {p.node}, {p.ip.ip if p.ip else None})"
+
+    def op_pod_readd(self, s: Any) -> str:
+        """DEL a pod and ADD it again at once, same name and node: the same
+        container ID (the lab derives it from the name), so the same
+        attachment, while its first allocation is quarantined."""
+        from overlaycni.lab import members
+
+        p = self.rng.choice(sorted(s.pods, key=lambda p: p.key))
+        members.delete_pod(self.name, p.key, root=self.root)
+        self.deleted.append((time.monotonic(), p.node, p.container_id, p.key))
+        q = members.add_pod(self.name, p.name, namespace=p.namespace, node=p.node, labels=p.labels, root=self.root)
+        return f"pod re-add {p.key} on {p.node}: {p.ip.ip if p.ip else None} -> {q.ip.ip if q.ip else None}"
+
+    def op_pod_reuse_ip(self, s: Any) -> str:
+        """DEL a pod and ADD a new one on its node asking for its address
+        (the CNI ``ips`` capability) while that address is quarantined."""
+        from overlaycni.lab import members
+
+        p = self.rng.choice(sorted(s.pods, key=lambda p: p.key))
+        members.delete_pod(self.name, p.key, root=self.root)
+        self.deleted.append((time.monotonic(), p.node, p.container_id, p.key))
+        ips = tuple(str(i.ip) for i in (p.ip, p.ip_v6) if i is not None)
+        q = members.add_pod(self.name, self._pod_name(), namespace=p.namespace, node=p.node, ips=ips, root=self.root)
+        got = tuple(str(i.ip) for i in (q.ip, q.ip_v6) if i is not None)
+        if got != ips:
+            raise RuntimeError(f"{q.key} asked for {ips}, got {got}")
+        return f"pod delete {p.key} + add {q.key} asking for its {', '.join(ips)}"
 
     def op_pod_label(self, s: Any) -> str:
         from overlaycni.lab import policy as lab_policy
