@@ -14,7 +14,8 @@ fail, unless ``--keep``.
 Operations: pod add (random node, namespace, labels), pod delete, pod
 delete + re-add of the same pod at once (the same attachment), pod delete +
 a new pod asking for its address (``ips``), pod label change, node add, node delete (never below 2 nodes), agent SIGKILL then
-restart, agent SIGTERM then restart, a burst of pod adds at once (threads
+restart, agent SIGTERM then restart, agent SIGKILL left dead past its
+lease (peers drop the node) then restart, a burst of pod adds at once (threads
 calling ``lab pod add``'s own code at the same time, as shells would), and
 a NetworkPolicy apply/delete that selects some pods but allows all traffic
 (so it exercises the agents' policy path without changing what ``lab
@@ -62,6 +63,7 @@ APPS = ("web", "db", "api")
 WEIGHTS = {
     "pod_add": 6, "pod_del": 4, "pod_label": 2, "node_add": 1, "node_del": 1,
     "agent_kill": 1, "agent_term": 1, "burst": 1, "policy": 1, "pod_readd": 1, "pod_reuse_ip": 1,
+    "agent_down": 1,
 }  # fmt: skip
 MAX_PODS = 14  # lab check pings every pair: keep it affordable
 MAX_NODES = 5
@@ -415,6 +417,20 @@ class Soak:
 
     def op_agent_term(self, s: Any) -> str:
         return self._restart(s, signal.SIGTERM)
+
+    def op_agent_down(self, s: Any) -> str:
+        """SIGKILL an agent and leave it dead past its lease (the peers drop
+        the node), then restart it (they take it back)."""
+        from overlaycni.lab import members, procs
+
+        n = self.rng.choice(sorted(s.nodes, key=lambda n: n.name))
+        now = time.monotonic()
+        procs.kill(n.agent, signal.SIGKILL)
+        late = [(cid, key) for t, node, cid, key in self.deleted if node == n.name and now - t < KILL_WINDOW]
+        self.excused |= {cid: n.name for cid, _ in late}
+        time.sleep(s.lease_ttl + 2)
+        new = members.restart_agent(self.name, n.name, root=self.root)
+        return f"agent SIGKILL on {n.name}, down {s.lease_ttl + 2} s (past its lease), restart: pid {new.agent.pid if new.agent else None}"
 
     def op_policy(self, s: Any) -> str:
         """Apply (or delete) a policy that selects pods by app but allows all
