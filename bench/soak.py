@@ -394,8 +394,14 @@ class Soak:
         from overlaycni.lab import members
 
         n = self.rng.choice(sorted(s.nodes, key=lambda n: n.name))
+        dead = self.rng.random() < 0.5  # a VM that died: its agent is gone before the node is removed
+        if dead:
+            from overlaycni.lab import procs
+
+            procs.kill(n.agent, signal.SIGKILL)
+            procs.wait_until(lambda: not procs.alive(n.agent), timeout=30)
         members.delete_node(self.name, n.name, root=self.root)
-        return f"node delete {n.name} (with {len(s.pods_on(n.name))} pods)"
+        return f"node delete {n.name} (with {len(s.pods_on(n.name))} pods{', its agent SIGKILLed first' if dead else ''})"
 
     def _restart(self, s: Any, sig: int) -> str:
         from overlaycni.lab import members, procs
