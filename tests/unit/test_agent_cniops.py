@@ -12,6 +12,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from overlaycni import ipam
+from overlaycni.agent import reaper as reaper_mod
 from overlaycni.agent.daemon import Agent, AgentOptions
 from overlaycni.agent.reaper import Reaper
 from overlaycni.cni import shim
@@ -75,7 +76,7 @@ def start(url, tmp_path, name="n1", ip="10.224.0.4", **opts):
     dp = WorkerFake(underlay_ip=IPv4Address(ip))
     o = AgentOptions(cluster="c1", node=name, node_ip=IPv4Address(ip), datastore=url,
                      socket=str(tmp_path / f"{name}.sock"), metrics_addr=None, lease_ttl=5, resync_interval=60,
-                     reap_interval=0, **opts)
+                     **{"reap_interval": 0, **opts})
     agent = Agent(o, store=open_datastore(url), dataplane=dp)
     agent.start()
     return agent, dp
@@ -195,6 +196,51 @@ def test_del_after_cluster_delete_succeeds(agent1):
 
 
 # ----- item 8 and locks: reaper, GC ---------------------------------------------------------
+
+
+def test_reaper_waits_for_the_first_grace_to_end_not_a_whole_interval(cluster, tmp_path):  # noqa: F811
+    url, _ = cluster
+    agent, dp = start(url, tmp_path)
+    now = [1000.0]
+    reaper = Reaper(agent.node.ops, grace=30, clock=lambda: now[0])
+    try:
+        assert reaper.next_wait(120) == 120  # control: nothing noted, the interval
+        assert cni(agent, "ADD", "gone", netns="/var/run/netns/G")[0] == 0
+        dp.remove_netns("/var/run/netns/G")
+        assert reaper.sweep() == [] and reaper.status()["pending"] == 1
+        assert reaper.next_wait(120) == 30  # its grace ends first
+        assert reaper.next_wait(10) == 10  # the interval when that is sooner
+        now[0] += 29.9
+        assert reaper.next_wait(120) == reaper_mod.MIN_WAIT  # never a tight loop
+        now[0] += 0.2
+        assert [r.container_id for r in reaper.sweep()] == ["gone"] and reaper.next_wait(120) == 120
+    finally:
+        agent.shutdown()
+
+
+@pytest.mark.parametrize("grace", [0.2, 3600.0], ids=["released", "noted-within-grace"])
+def test_an_agent_passes_its_reaper_at_start(cluster, tmp_path, grace):  # noqa: F811
+    """What a crash left (an allocation without a veth: the DEL quarantine is
+    memory) is noted by the reaper's pass at start, not a whole interval
+    later, and released once its grace ends (soak: a SIGKILL right after a
+    DEL held the address for interval + grace, 4 minutes by default)."""
+    url, store = cluster
+    agent, _ = start(url, tmp_path)
+    try:
+        assert cni(agent, "ADD", "gone")[0] == 0
+    finally:
+        agent.shutdown()
+    agent, dp = start(url, tmp_path, reap_interval=3600, reap_grace=grace)  # a new kernel: its veth is gone
+    try:
+        assert host_veth_name("gone", "eth0") not in dp.list_pod_veths()
+        if grace < 1:
+            assert wait_for(lambda: "gone" not in used(store))
+            assert agent.node.reaper.status()["total"] == 1
+        else:
+            assert wait_for(lambda: agent.node.reaper.status()["pending"] == 1)  # noted at once
+            assert "gone" in used(store)  # and held within its grace
+    finally:
+        agent.shutdown()
 
 
 def test_reaper_releases_a_vanished_pod_after_grace_never_an_add_in_flight(cluster, tmp_path):  # noqa: F811

@@ -21,9 +21,9 @@ work of every loop and of CNI requests shares ``kernel_lock``):
 * repair (``agent.repair``): kernel events about our objects trigger a
   reconcile from the last desired state, without the datastore;
 * the policy controller (``agent.policy``);
-* the leak reaper: every ``reap_interval`` seconds, releases this node's
-  addresses whose pod veth has been gone for ``reap_grace`` seconds
-  (``agent.reaper``).
+* the leak reaper: at start and every ``reap_interval`` seconds (sooner
+  when a noted address's grace ends first), releases this node's addresses
+  whose pod veth has been gone for ``reap_grace`` seconds (``agent.reaper``).
 * the flow log collector (``agent.flowlog``), when flow logs are on and the
   node's NFLOG group could be bound (otherwise the policy table is rendered
   without log rules and ``/healthz`` says why).
@@ -382,12 +382,14 @@ class RunningNode(PeerSelector):
     def reap_loop(self) -> None:
         if self.opts.reap_interval <= 0:
             return
-        while not self.stop.wait(self.opts.reap_interval):
+        wait = 0.0  # a pass at start: what a crash left (the DEL quarantine is memory) is noted at once
+        while not self.stop.wait(wait):
             try:
                 self.reaper.sweep()
             except OverlayCNIError as exc:
                 self.reaper.last_error = str(exc)
                 log.warning("reaper pass failed: %s", exc)
+            wait = self.reaper.next_wait(self.opts.reap_interval)
 
 
 __all__ = ["AgentOptions", "BadRecords", "RunningNode", "keep_peers", "keep_view", "peer_of"]

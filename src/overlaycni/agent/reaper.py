@@ -5,8 +5,14 @@ runtime crash, ``ip netns del`` behind the runtime's back, an agent killed
 in the middle of an ADD's rollback). The pod's veth pair dies with its
 namespace, so "this node's allocation has no host veth" is the sign.
 
-Every ``interval`` seconds the reaper lists this node's allocations and its
-pod veths. An allocation without a veth is noted with the time it was first
+The reaper passes once at agent start and then every ``interval`` seconds, or
+sooner when a noted allocation's grace ends first (``next_wait``): a leak is
+released about ``grace`` after it is first seen, not up to ``interval``
+later. The pass at start matters after a crash: a DEL's quarantine is kept
+in memory, so a SIGKILL right after a DEL leaves its allocation without a
+veth, released ``grace`` after the restart (it was ``interval + grace``,
+4 minutes with the defaults; found by ``bench/soak.py``). A pass lists this
+node's allocations and its pod veths. An allocation without a veth is noted with the time it was first
 seen so; one still without a veth ``grace`` seconds later is released the
 way DEL releases (conntrack entries flushed, then the address, only if it is
 held by this node), through ``CNIOps.reap``: under the attachment's lock,
@@ -41,6 +47,7 @@ from .cniops import CNIOps
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 120.0
 DEFAULT_GRACE = 60.0
+MIN_WAIT = 1.0  # seconds: the shortest wait between two passes that ``next_wait`` gives
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,15 @@ class Reaper:
             out.append(r)
         self._missing = {k: v for k, v in self._missing.items() if k in seen}
         return out
+
+    def next_wait(self, interval: float) -> float:
+        """Seconds until the next pass: ``interval``, or sooner when a noted
+        allocation's grace ends first (never sooner than ``MIN_WAIT``, so a
+        release that keeps failing is not retried in a tight loop)."""
+        if not self._missing:
+            return interval
+        due = min(self._missing.values()) + self.grace - self.clock()
+        return min(interval, max(due, MIN_WAIT))
 
     def status(self) -> dict[str, Any]:
         return {"total": self.total, "pending": len(self._missing), "recent": [r.to_dict() for r in self.recent],

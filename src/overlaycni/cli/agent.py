@@ -69,7 +69,8 @@ def agent(
     ] = WireGuardMode.auto,
     reap_interval: Annotated[float, typer.Option(
         "--reap-interval", min=0,
-        help="Seconds between leak-reaper passes, which release addresses whose pod veth is gone (0: off).")] = 120.0,
+        help="Seconds between leak-reaper passes, which release addresses whose pod veth is gone (0: off); "
+        "it also passes at start, and early when a noted address's grace ends first.")] = 120.0,
     reap_grace: Annotated[float, typer.Option(
         "--reap-grace", min=0, help="Seconds a pod's veth must stay gone before the reaper releases its address.")] = 60.0,
     flow_logs: Annotated[
