@@ -21,6 +21,19 @@ a NetworkPolicy apply/delete that selects some pods but allows all traffic
 (so it exercises the agents' policy path without changing what ``lab
 check`` expects).
 
+Faults added later (``--faults``, all by default; the CI test's fixed seed
+runs without them, so its operations stay the same): ``inflight`` SIGKILLs
+a node's agent while ADDs and DELs on that node are in flight, restarts it,
+and does the runtime's part (a DEL of each failed ADD's attachment, as the
+CNI spec asks, maybe a fresh ADD; a failed DEL again); ``etcd_pause``
+(``--store etcd`` only) SIGSTOPs etcd for a few seconds while adds and
+deletes run (an ADD refused with a CNI error meanwhile is allowed and
+listed); ``traffic`` pings between two pods on different nodes while one
+of their agents restarts (SIGTERM or SIGKILL) and lists the packets lost
+(never asserted: the data path should not depend on the agent, ~0 lost).
+The lab cannot pass agent flags (a short ``--reap-grace``), so a DEL that
+completed just before a SIGKILL is excused and listed, as for ``agent_kill``.
+
 Invariants (``violations``, pure over the ``Facts`` gathered from the
 kernel, the datastore and the agents):
 
@@ -36,6 +49,7 @@ kernel, the datastore and the agents):
 
 Usage: .venv/bin/python bench/soak.py [--seed N] [--steps 40] [--check-every 10]
        [--backend vxlan|direct|wireguard] [--store sqlite|etcd] [--ip-families ipv4,ipv6] [--keep]
+       [--faults inflight,etcd_pause,traffic]
 """
 
 from __future__ import annotations
@@ -65,6 +79,13 @@ WEIGHTS = {
     "agent_kill": 1, "agent_term": 1, "burst": 1, "policy": 1, "pod_readd": 1, "pod_reuse_ip": 1,
     "agent_down": 1,
 }  # fmt: skip
+# Faults added later, opt-in (``run(faults=...)``, the CLI's ``--faults``, all by default there) so the
+# operations an existing seed chose, and the CI test's fixed seed, stay the same.
+FAULTS = {"inflight": 2, "etcd_pause": 2, "traffic": 1}
+FAULT_NAMES = tuple(FAULTS)
+INFLIGHT_DELAY = (0.05, 0.6)  # seconds between starting the requests and the SIGKILL (the shim starts in ~10-50 ms)
+ETCD_PAUSE = (2.0, 8.0)  # seconds etcd is stopped (SIGSTOP) while operations run
+PING_INTERVAL = 0.05  # seconds between two echo requests of the traffic operation
 MAX_PODS = 14  # lab check pings every pair: keep it affordable
 MAX_NODES = 5
 KILL_WINDOW = 2.0  # a DEL this close before its agent's SIGKILL may still be quarantined (agent.quarantine: <= 1 s)
@@ -280,6 +301,10 @@ class Soak:
     deleted: list[tuple[float, str, str, str]] = field(default_factory=list)  # (when, node, container ID, pod)
     excused: dict[str, str] = field(default_factory=dict)  # container ID -> node: see ``violations``
     leaked: set[str] = field(default_factory=set)  # the excused seen still allocated at a check
+    faults: tuple[str, ...] = ()  # the opt-in operations of ``FAULTS`` this run may pick
+    store: str = "sqlite"
+    refused: list[str] = field(default_factory=list)  # ADDs refused while etcd was away (allowed, recorded)
+    traffic: list[str] = field(default_factory=list)  # per traffic op: lost/sent during the restart
 
     def state(self) -> Any:
         from overlaycni.lab import state as st
@@ -295,11 +320,14 @@ class Soak:
 
     def pick(self) -> str:
         s = self.state()
-        ok = [k for k in WEIGHTS if self.possible(k, s)]
-        return self.rng.choices(ok, weights=[WEIGHTS[k] for k in ok])[0]
+        weights = {**WEIGHTS, **{k: FAULTS[k] for k in self.faults if k != "etcd_pause" or self.store == "etcd"}}
+        ok = [k for k in weights if self.possible(k, s)]
+        return self.rng.choices(ok, weights=[weights[k] for k in ok])[0]
 
     @staticmethod
     def possible(kind: str, s: Any) -> bool:
+        if kind == "traffic":
+            return len({p.node for p in s.pods}) >= 2
         if kind in ("pod_add", "burst"):
             return len(s.pods) < MAX_PODS
         if kind in ("pod_del", "pod_label", "pod_readd", "pod_reuse_ip"):
@@ -403,10 +431,10 @@ class Soak:
         members.delete_node(self.name, n.name, root=self.root)
         return f"node delete {n.name} (with {len(s.pods_on(n.name))} pods{', its agent SIGKILLed first' if dead else ''})"
 
-    def _restart(self, s: Any, sig: int) -> str:
+    def _restart(self, s: Any, sig: int, node: Any = None) -> str:
         from overlaycni.lab import members, procs
 
-        n = self.rng.choice(sorted(s.nodes, key=lambda n: n.name))
+        n = node if node is not None else self.rng.choice(sorted(s.nodes, key=lambda n: n.name))
         now = time.monotonic()
         procs.kill(n.agent, sig)
         late = [(cid, key) for t, node, cid, key in self.deleted if node == n.name and now - t < KILL_WINDOW]
@@ -438,6 +466,148 @@ class Soak:
         new = members.restart_agent(self.name, n.name, root=self.root)
         return f"agent SIGKILL on {n.name}, down {s.lease_ttl + 2} s (past its lease), restart: pid {new.agent.pid if new.agent else None}"
 
+    def op_inflight(self, s: Any) -> str:
+        """SIGKILL a node's agent while ADDs and DELs on that node are in
+        flight (threads calling ``lab pod add``/``pod delete``'s own code),
+        then restart it. The runtime's side, as the CNI spec asks of it: an
+        ADD that failed is followed by a DEL of the same attachment (the lab's
+        ``pod add`` tries one at once, best effort, while the agent may still
+        be dead; the DEL is repeated here once the agent is back, as kubelet
+        retries a sandbox's teardown), then maybe a fresh ADD of the pod; a
+        DEL that failed is repeated. A DEL that completed before the restart
+        may have been quarantined in memory: excused, as ``_restart`` does."""
+        from overlaycni.lab import control, lifecycle, members, procs
+
+        room = len(s.pods) < MAX_PODS
+        n = self.rng.choice(sorted((n for n in s.nodes if room or s.pods_on(n.name)), key=lambda n: n.name))
+        here = sorted(s.pods_on(n.name), key=lambda p: p.key)
+        k_add = self.rng.randint(1, min(3, MAX_PODS - len(s.pods))) if room else 0
+        dels = self.rng.sample(here, self.rng.randint(0 if k_add else 1, min(2, len(here)))) if here else []
+        adds = [(self._pod_name(), self.rng.choice(NAMESPACES), self._labels()) for _ in range(k_add)]
+        delay = self.rng.uniform(*INFLIGHT_DELAY)
+        redo = self.rng.random() < 0.5  # a fresh ADD of each pod whose ADD failed
+        finished: dict[str, float] = {}
+
+        def add(pod: str, ns: str, labels: tuple[tuple[str, str], ...]) -> Any:
+            return members.add_pod(self.name, pod, namespace=ns, node=n.name, labels=labels, root=self.root)
+
+        def delete(key: str) -> Any:
+            out = members.delete_pod(self.name, key, root=self.root)
+            finished[key] = time.monotonic()
+            return out
+
+        with ThreadPoolExecutor(max_workers=len(adds) + len(dels)) as pool:
+            fa = [pool.submit(add, *a) for a in adds]
+            fd = [pool.submit(delete, p.key) for p in dels]
+            time.sleep(delay)
+            procs.kill(n.agent, signal.SIGKILL)
+            killed = time.monotonic()
+            if not procs.wait_until(lambda: not procs.alive(n.agent), timeout=30):
+                raise RuntimeError(f"agent of {n.name} (pid {n.agent.pid}) still runs 30 s after SIGKILL")
+            late = [(cid, key) for t, node, cid, key in self.deleted if node == n.name and killed - t < KILL_WINDOW]
+            self.excused |= {cid: n.name for cid, _ in late}
+            restart = time.monotonic()
+            members.restart_agent(self.name, n.name, root=self.root)
+            add_out = [(a, f.exception()) for a, f in zip(adds, fa, strict=True)]
+            del_out = [(p, f.exception()) for p, f in zip(dels, fd, strict=True)]
+        done: list[str] = []
+        for (pod, ns, labels), exc in add_out:
+            if exc is None:
+                done.append(f"ADD {ns}/{pod} ok")
+                continue
+            # the runtime's DEL of the failed ADD's attachment, now that the agent is back
+            q = lifecycle.new_pod(self.state(), pod, namespace=ns, node=n.name, labels=labels)
+            control.cni_del(self.state(), self.state().node(n.name), q)
+            note = f"ADD {ns}/{pod} failed ({type(exc).__name__}: {str(exc)[:80]}), DEL ok"
+            if redo:
+                r = add(pod, ns, labels)
+                note += f", ADD again -> {r.ip.ip if r.ip else None}"
+            done.append(note)
+        for p, exc in del_out:
+            if exc is None:
+                if finished[p.key] < restart:  # its quarantine may have died with the agent
+                    self.excused[p.container_id] = n.name
+                self.deleted.append((finished[p.key], n.name, p.container_id, p.key))
+                done.append(f"DEL {p.key} ok")
+                continue
+            members.delete_pod(self.name, p.key, root=self.root)  # the runtime retries the teardown
+            self.deleted.append((time.monotonic(), n.name, p.container_id, p.key))
+            done.append(f"DEL {p.key} failed ({type(exc).__name__}), DEL again ok")
+        return f"in flight on {n.name}: SIGKILL after {delay:.2f} s, restart; " + "; ".join(done)
+
+    def op_etcd_pause(self, s: Any) -> str:
+        """Stop etcd (SIGSTOP) for a few seconds while pod adds and deletes
+        run, then let it go on (SIGCONT). An ADD may fail with a clear CNI
+        error while etcd is away (allowed, recorded, then cleaned up by the
+        lab's own DEL); a DEL must not be lost: one that failed is repeated
+        once etcd is back, as a runtime would."""
+        from overlaycni.errors import OverlayCNIError
+        from overlaycni.lab import members, procs
+
+        if s.etcd is None or not procs.alive(s.etcd):
+            raise RuntimeError("etcd_pause: the lab's etcd is not running")
+        pause = self.rng.uniform(*ETCD_PAUSE)
+        k_add = self.rng.randint(0, min(2, MAX_PODS - len(s.pods)))
+        dels = self.rng.sample(sorted(s.pods, key=lambda p: p.key), self.rng.randint(0, min(2, len(s.pods))))
+        adds = [self._add(s) for _ in range(k_add)]
+        procs.kill(s.etcd, signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, len(adds) + len(dels))) as pool:
+                fa = [pool.submit(a) for a in adds]
+                fd = [pool.submit(members.delete_pod, self.name, p.key, root=self.root) for p in dels]
+                time.sleep(pause)
+        finally:
+            procs.kill(s.etcd, signal.SIGCONT)
+        done: list[str] = []
+        for f in fa:
+            exc = f.exception()
+            if exc is None:
+                done.append(f"ADD {f.result()}")
+            elif isinstance(exc, OverlayCNIError):
+                line = f"ADD refused: {type(exc).__name__}: {exc}"
+                self.refused.append(line)
+                done.append(line)
+            else:
+                raise exc
+        for p, f in zip(dels, fd, strict=True):
+            exc = f.exception()
+            if exc is not None:
+                if not isinstance(exc, OverlayCNIError):
+                    raise exc
+                members.delete_pod(self.name, p.key, root=self.root)
+                done.append(f"DEL {p.key} failed ({type(exc).__name__}: {str(exc)[:80]}), DEL again ok")
+            else:
+                done.append(f"DEL {p.key} ok")
+            self.deleted.append((time.monotonic(), p.node, p.container_id, p.key))
+        return f"etcd SIGSTOP {pause:.1f} s: " + ("; ".join(done) or "nothing in flight")
+
+    def op_traffic(self, s: Any) -> str:
+        """A continuous ping between two pods on different nodes while one
+        of their nodes' agents restarts (SIGTERM or SIGKILL). The pods' data
+        path must not depend on the agent: the losses are recorded (and
+        printed), never asserted."""
+        from overlaycni.lab import netns
+
+        pods = sorted(s.pods, key=lambda p: p.key)
+        a = self.rng.choice(pods)
+        b = self.rng.choice([p for p in pods if p.node != a.node])
+        node = s.node(self.rng.choice([a.node, b.node]))
+        sig = self.rng.choice([signal.SIGTERM, signal.SIGKILL])
+        assert b.ip is not None
+        argv = netns.in_ns(a.netns, ["ping", "-n", "-q", "-i", str(PING_INTERVAL), str(b.ip.ip)])
+        ping = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(1.0)
+            what = self._restart(s, sig, node)
+            time.sleep(1.0)
+        finally:
+            ping.send_signal(signal.SIGINT)
+            out, _ = ping.communicate(timeout=30)
+        sent, got = _ping_counts(out)
+        line = f"{a.key} -> {b.key} ({b.ip.ip}) during {signal.Signals(sig).name} of {node.name}'s agent: {sent - got}/{sent} lost"
+        self.traffic.append(line)
+        return f"traffic {line}; {what}"
+
     def op_policy(self, s: Any) -> str:
         """Apply (or delete) a policy that selects pods by app but allows all
         ingress and egress: the agents render it, connectivity is unchanged."""
@@ -460,6 +630,16 @@ class Soak:
         return f"policy apply {ns}/soak-{app} (selects app={app}, allows all)"
 
 
+def _ping_counts(out: str) -> tuple[int, int]:
+    """(transmitted, received) from iputils ping's summary line."""
+    import re
+
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", out)
+    if m is None:
+        raise RuntimeError(f"ping printed no summary: {out[-300:]}")
+    return int(m.group(1)), int(m.group(2))
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -475,17 +655,20 @@ class Outcome:
     checks: int
     excused: dict[str, str] = field(default_factory=dict)
     leaked: set[str] = field(default_factory=set)
+    refused: list[str] = field(default_factory=list)
+    traffic: list[str] = field(default_factory=list)
 
 
 def run(
     *, seed: int, steps: int, check_every: int, up_args: list[str], root: str, name: str, keep: bool = False,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = print, faults: tuple[str, ...] = (),
 ) -> Outcome:  # fmt: skip
     from overlaycni.lab import lifecycle
 
     env = {**os.environ, "OVERLAYCNI_LAB_DIR": root}
     rng = random.Random(seed)
-    soak = Soak(name, root, rng)
+    store = up_args[up_args.index("--store") + 1] if "--store" in up_args else "sqlite"
+    soak = Soak(name, root, rng, faults=faults, store=store)
     t0 = time.monotonic()
     evidence: list[str] = []
     checks = 0
@@ -521,7 +704,8 @@ def run(
         if not keep:
             lifecycle.down(name, root=root)
     return Outcome(
-        not evidence, seed, done, soak.log, soak.counts, evidence, time.monotonic() - t0, checks, soak.excused, soak.leaked
+        not evidence, seed, done, soak.log, soak.counts, evidence, time.monotonic() - t0, checks, soak.excused, soak.leaked,
+        soak.refused, soak.traffic,
     )
 
 
@@ -534,14 +718,20 @@ def main() -> int:
     ap.add_argument("--store", default="sqlite")
     ap.add_argument("--ip-families", default=None)
     ap.add_argument("--keep", action="store_true", help="leave the lab up (take it down with `overlaycni lab down`)")
+    ap.add_argument("--faults", default=",".join(FAULT_NAMES),
+                    help=f"the later faults this run may pick, comma-separated, from {','.join(FAULT_NAMES)} ('' for none: "
+                         "the operations of seeds replayed from before they existed; etcd_pause only with --store etcd)")
     args = ap.parse_args()
+    faults = tuple(f for f in args.faults.split(",") if f)
+    if bad := [f for f in faults if f not in FAULTS]:
+        ap.error(f"--faults: unknown {', '.join(bad)} (known: {', '.join(FAULT_NAMES)})")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     up = ["--backend", args.backend, "--store", args.store, *(["--ip-families", args.ip_families] if args.ip_families else [])]
     name = f"sk{secrets.token_hex(3)}"
     root = tempfile.mkdtemp(prefix="soak-")
     print(f"soak seed={seed} steps={args.steps} lab={name} root={root} up={' '.join(up)}", flush=True)
     out = run(seed=seed, steps=args.steps, check_every=args.check_every, up_args=up, root=root, name=name, keep=args.keep,
-              say=lambda s: print(s, flush=True))  # fmt: skip
+              say=lambda s: print(s, flush=True), faults=faults)  # fmt: skip
     if not args.keep:
         os.rmdir(root) if os.path.isdir(root) and not os.listdir(root) else None
     ops = ", ".join(f"{k} {v}" for k, v in sorted(out.counts.items()))
@@ -555,11 +745,16 @@ def main() -> int:
                 f"{cid[:12]} on {node}{' (held at a check)' if cid in out.leaked else ''}" for cid, node in out.excused.items()
             )
         )
+    for line in out.refused:
+        print(f"refused while etcd was stopped (allowed): {line}")
+    for line in out.traffic:
+        print(f"traffic: {line}")
     if not out.ok:
         print("step log:\n  " + "\n  ".join(out.log))
         print("evidence:\n  " + "\n  ".join(out.evidence))
         print(
-            f"replay: .venv/bin/python bench/soak.py --seed {seed} --steps {args.steps} --check-every {args.check_every} {' '.join(up)}"
+            f"replay: .venv/bin/python bench/soak.py --seed {seed} --steps {args.steps} --check-every {args.check_every} "
+            f"{' '.join(up)} --faults '{','.join(faults)}'"
         )
     return 0 if out.ok else 1
 
