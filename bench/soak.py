@@ -83,7 +83,7 @@ WEIGHTS = {
 # operations an existing seed chose, and the CI test's fixed seed, stay the same.
 FAULTS = {"inflight": 2, "etcd_pause": 2, "traffic": 1}
 FAULT_NAMES = tuple(FAULTS)
-INFLIGHT_DELAY = (0.05, 0.6)  # seconds between starting the requests and the SIGKILL (the shim starts in ~10-50 ms)
+INFLIGHT_DELAY = (0.02, 0.35)  # seconds between starting the requests and the SIGKILL (the shim starts in ~10-50 ms)
 ETCD_PAUSE = (2.0, 8.0)  # seconds etcd is stopped (SIGSTOP) while operations run
 PING_INTERVAL = 0.05  # seconds between two echo requests of the traffic operation
 MAX_PODS = 14  # lab check pings every pair: keep it affordable

@@ -6,6 +6,7 @@ every 10 steps and at the end."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from bench import soak
@@ -78,6 +79,38 @@ def test_a_pod_deleted_just_before_its_agents_sigkill_is_excused_only_on_its_nod
 def test_parked_veths_are_allowed_only_while_busy():
     f = replace(clean(), veths={**clean().veths, "node1": (*clean().veths["node1"], "oz0123456789abc")})
     assert violations(f, idle=False) == [] and violations(f, idle=True)
+
+
+PING_SUMMARY = """--- 10.244.1.6 ping statistics ---
+52 packets transmitted, 49 received, 5.76923% packet loss, time 2553ms
+rtt min/avg/max/mdev = 0.041/0.090/0.236/0.035 ms
+"""
+
+
+def test_the_traffic_operation_reads_pings_summary():
+    assert soak._ping_counts(PING_SUMMARY) == (52, 49)
+    with pytest.raises(RuntimeError, match="no summary"):  # control: a ping that printed no summary is not "0 lost"
+        soak._ping_counts("ping: connect: Network is unreachable\n")
+
+
+def _fake_state():
+    pod = SimpleNamespace(node="node1"), SimpleNamespace(node="node2")
+    return SimpleNamespace(pods=pod, nodes=(SimpleNamespace(name="node1"), SimpleNamespace(name="node2")))
+
+
+@pytest.mark.parametrize("store", ["sqlite", "etcd"])
+def test_later_faults_are_picked_only_when_asked_for_and_etcd_pause_only_with_etcd(monkeypatch, store):
+    import random
+
+    def picks(faults):
+        sk = soak.Soak("t", "/nonexistent", random.Random(7), faults=faults, store=store)
+        monkeypatch.setattr(sk, "state", _fake_state)
+        return {sk.pick() for _ in range(2000)}
+
+    old = picks(())
+    assert old == set(soak.WEIGHTS) - {"node_del"}  # two nodes: never below 2
+    new = picks(soak.FAULT_NAMES)
+    assert new - old == ({"inflight", "traffic", "etcd_pause"} if store == "etcd" else {"inflight", "traffic"})
 
 
 @pytest.mark.lab
