@@ -489,7 +489,9 @@ class Soak:
         finished: dict[str, float] = {}
 
         def add(pod: str, ns: str, labels: tuple[tuple[str, str], ...]) -> Any:
-            return members.add_pod(self.name, pod, namespace=ns, node=n.name, labels=labels, root=self.root)
+            out = members.add_pod(self.name, pod, namespace=ns, node=n.name, labels=labels, root=self.root)
+            finished[f"{ns}/{pod}"] = time.monotonic()
+            return out
 
         def delete(key: str) -> Any:
             out = members.delete_pod(self.name, key, root=self.root)
@@ -513,7 +515,8 @@ class Soak:
         done: list[str] = []
         for (pod, ns, labels), exc in add_out:
             if exc is None:
-                done.append(f"ADD {ns}/{pod} ok")
+                t = finished[f"{ns}/{pod}"]
+                done.append(f"ADD {ns}/{pod} ok {'before the kill' if t < killed else 'after the restart (retried)'}")
                 continue
             # the runtime's DEL of the failed ADD's attachment, now that the agent is back
             q = lifecycle.new_pod(self.state(), pod, namespace=ns, node=n.name, labels=labels)
@@ -528,7 +531,7 @@ class Soak:
                 if finished[p.key] < restart:  # its quarantine may have died with the agent
                     self.excused[p.container_id] = n.name
                 self.deleted.append((finished[p.key], n.name, p.container_id, p.key))
-                done.append(f"DEL {p.key} ok")
+                done.append(f"DEL {p.key} ok {'before the kill' if finished[p.key] < killed else 'after the kill'}")
                 continue
             members.delete_pod(self.name, p.key, root=self.root)  # the runtime retries the teardown
             self.deleted.append((time.monotonic(), n.name, p.container_id, p.key))
