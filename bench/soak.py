@@ -553,19 +553,20 @@ class Soak:
         k_add = self.rng.randint(0, min(2, MAX_PODS - len(s.pods)))
         dels = self.rng.sample(sorted(s.pods, key=lambda p: p.key), self.rng.randint(0, min(2, len(s.pods))))
         adds = [self._add(s) for _ in range(k_add)]
+        pool = ThreadPoolExecutor(max_workers=max(1, len(adds) + len(dels)))
         procs.kill(s.etcd, signal.SIGSTOP)
         try:
-            with ThreadPoolExecutor(max_workers=max(1, len(adds) + len(dels))) as pool:
-                fa = [pool.submit(a) for a in adds]
-                fd = [pool.submit(members.delete_pod, self.name, p.key, root=self.root) for p in dels]
-                time.sleep(pause)
+            fa = [pool.submit(a) for a in adds]
+            fd = [pool.submit(members.delete_pod, self.name, p.key, root=self.root) for p in dels]
+            time.sleep(pause)
         finally:
-            procs.kill(s.etcd, signal.SIGCONT)
+            procs.kill(s.etcd, signal.SIGCONT)  # before waiting for the requests: they may wait for etcd
+            pool.shutdown(wait=True)
         done: list[str] = []
-        for f in fa:
-            exc = f.exception()
+        for fut in fa:
+            exc = fut.exception()
             if exc is None:
-                done.append(f"ADD {f.result()}")
+                done.append(f"ADD {fut.result()}")
             elif isinstance(exc, OverlayCNIError):
                 line = f"ADD refused: {type(exc).__name__}: {exc}"
                 self.refused.append(line)
