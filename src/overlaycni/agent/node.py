@@ -213,6 +213,8 @@ class RunningNode(PeerSelector):
             m.reconcile_errors.inc(len(report.errors))
             self.last_error = "; ".join(report.errors[:3])
             log.warning("reconcile errors: %s", self.last_error)
+        else:  # the current trouble, not history: a full, clean resync ends it (a datastore outage, say)
+            self.last_error = None
         return state
 
     def _program(
