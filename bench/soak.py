@@ -83,7 +83,8 @@ WEIGHTS = {
 # operations an existing seed chose, and the CI test's fixed seed, stay the same.
 FAULTS = {"inflight": 2, "etcd_pause": 2, "traffic": 1}
 FAULT_NAMES = tuple(FAULTS)
-INFLIGHT_DELAY = (0.02, 0.35)  # seconds between starting the requests and the SIGKILL (the shim starts in ~10-50 ms)
+INFLIGHT_DELAY = (0.0, 0.06)  # seconds from an ADD's pod namespace appearing (or the DELs' start) to the SIGKILL:
+# the lab creates the namespace just before it runs the plugin, and an agent's ADD or DEL takes some 10-50 ms
 ETCD_PAUSE = (2.0, 8.0)  # seconds etcd is stopped (SIGSTOP) while operations run
 PING_INTERVAL = 0.05  # seconds between two echo requests of the traffic operation
 MAX_PODS = 14  # lab check pings every pair: keep it affordable
@@ -476,7 +477,7 @@ class Soak:
         retries a sandbox's teardown), then maybe a fresh ADD of the pod; a
         DEL that failed is repeated. A DEL that completed before the restart
         may have been quarantined in memory: excused, as ``_restart`` does."""
-        from overlaycni.lab import control, lifecycle, members, procs
+        from overlaycni.lab import control, lifecycle, members, netns, procs
 
         room = len(s.pods) < MAX_PODS
         n = self.rng.choice(sorted((n for n in s.nodes if room or s.pods_on(n.name)), key=lambda n: n.name))
@@ -485,6 +486,7 @@ class Soak:
         dels = self.rng.sample(here, self.rng.randint(0 if k_add else 1, min(2, len(here)))) if here else []
         adds = [(self._pod_name(), self.rng.choice(NAMESPACES), self._labels()) for _ in range(k_add)]
         delay = self.rng.uniform(*INFLIGHT_DELAY)
+        target = self.rng.randrange(len(adds)) if adds else None  # the ADD whose namespace starts the clock
         redo = self.rng.random() < 0.5  # a fresh ADD of each pod whose ADD failed
         finished: dict[str, float] = {}
 
@@ -501,6 +503,10 @@ class Soak:
         with ThreadPoolExecutor(max_workers=len(adds) + len(dels)) as pool:
             fa = [pool.submit(add, *a) for a in adds]
             fd = [pool.submit(delete, p.key) for p in dels]
+            if target is not None:
+                pod, ns, _ = adds[target]
+                ns_name = lifecycle.new_pod(s, pod, namespace=ns, node=n.name).netns
+                procs.wait_until(lambda: netns.netns_exists(ns_name) or fa[target].done(), timeout=30, interval=0.002)
             time.sleep(delay)
             procs.kill(n.agent, signal.SIGKILL)
             killed = time.monotonic()
@@ -536,7 +542,8 @@ class Soak:
             members.delete_pod(self.name, p.key, root=self.root)  # the runtime retries the teardown
             self.deleted.append((time.monotonic(), n.name, p.container_id, p.key))
             done.append(f"DEL {p.key} failed ({type(exc).__name__}), DEL again ok")
-        return f"in flight on {n.name}: SIGKILL after {delay:.2f} s, restart; " + "; ".join(done)
+        trigger = f"{adds[target][1]}/{adds[target][0]}'s namespace" if target is not None else "the DELs' start"
+        return f"in flight on {n.name}: SIGKILL {delay * 1000:.0f} ms after {trigger}, restart; " + "; ".join(done)
 
     def op_etcd_pause(self, s: Any) -> str:
         """Stop etcd (SIGSTOP) for a few seconds while pod adds and deletes
