@@ -90,6 +90,7 @@ PING_INTERVAL = 0.05  # seconds between two echo requests of the traffic operati
 MAX_PODS = 14  # lab check pings every pair: keep it affordable
 MAX_NODES = 5
 KILL_WINDOW = 2.0  # a DEL this close before its agent's SIGKILL may still be quarantined (agent.quarantine: <= 1 s)
+REAP_WAIT = 90.0  # seconds the final reaper check waits: the agents' default --reap-grace (60 s) after a restart, and margin
 SETTLE = 45.0  # seconds the invariants may take to converge (agent resync 5 s, quarantine drain when idle)
 
 
@@ -679,7 +680,7 @@ class Outcome:
 
 def run(
     *, seed: int, steps: int, check_every: int, up_args: list[str], root: str, name: str, keep: bool = False,
-    say: Callable[[str], None] = print, faults: tuple[str, ...] = (),
+    say: Callable[[str], None] = print, faults: tuple[str, ...] = (), reap_check: bool = False,
 ) -> Outcome:  # fmt: skip
     from overlaycni.lab import lifecycle
 
@@ -718,6 +719,8 @@ def run(
                 if bad:
                     evidence = bad
                     break
+        if reap_check and not evidence and done == steps:
+            evidence = reaped(name, root, soak.excused, say=say)
     finally:
         if not keep:
             lifecycle.down(name, root=root)
@@ -725,6 +728,22 @@ def run(
         not evidence, seed, done, soak.log, soak.counts, evidence, time.monotonic() - t0, checks, soak.excused, soak.leaked,
         soak.refused, soak.traffic,
     )
+
+
+def reaped(name: str, root: str, excused: Mapping[str, str], *, say: Callable[[str], None]) -> list[str]:
+    """The excused are the reaper's (an allocation whose veth is gone, released ``--reap-grace``
+    after its agent's restart): wait up to ``REAP_WAIT`` for each to go; any still held is a leak."""
+    deadline = time.monotonic() + REAP_WAIT
+    while True:
+        facts = gather(name, root, connectivity=False)
+        pods = {p.container_id for p in facts.pods}
+        held = sorted({f"{a.ips} on {a.node} ({a.container_id})" for a in facts.allocations
+                       if a.container_id in excused and a.container_id not in pods})  # fmt: skip
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    say(f"     reaper check: {'every excused allocation released' if not held else f'{len(held)} still held'}")
+    return [f"not reaped within {REAP_WAIT:.0f} s: {h}" for h in held]
 
 
 def main() -> int:
@@ -739,6 +758,8 @@ def main() -> int:
     ap.add_argument("--faults", default=",".join(FAULT_NAMES),
                     help=f"the later faults this run may pick, comma-separated, from {','.join(FAULT_NAMES)} ('' for none: "
                          "the operations of seeds replayed from before they existed; etcd_pause only with --store etcd)")
+    ap.add_argument("--no-reap-check", action="store_true",
+                    help=f"skip the end's wait (up to {REAP_WAIT:.0f} s) for the reaper to release every excused allocation")
     args = ap.parse_args()
     faults = tuple(f for f in args.faults.split(",") if f)
     if bad := [f for f in faults if f not in FAULTS]:
@@ -749,7 +770,8 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="soak-")
     print(f"soak seed={seed} steps={args.steps} lab={name} root={root} up={' '.join(up)}", flush=True)
     out = run(seed=seed, steps=args.steps, check_every=args.check_every, up_args=up, root=root, name=name, keep=args.keep,
-              say=lambda s: print(s, flush=True), faults=faults)  # fmt: skip
+              say=lambda s: print(s, flush=True), faults=faults,
+              reap_check=not args.no_reap_check)  # fmt: skip
     if not args.keep:
         os.rmdir(root) if os.path.isdir(root) and not os.listdir(root) else None
     ops = ", ".join(f"{k} {v}" for k, v in sorted(out.counts.items()))
