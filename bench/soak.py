@@ -738,7 +738,8 @@ def reaped(name: str, root: str, excused: Mapping[str, str], *, say: Callable[[s
         facts = gather(name, root, connectivity=False)
         pods = {p.container_id for p in facts.pods}
         held = sorted({f"{a.ips} on {a.node} ({a.container_id})" for a in facts.allocations
-                       if a.container_id in excused and a.container_id not in pods})  # fmt: skip
+                       if a.container_id in excused and a.container_id not in pods
+                       and a.node in facts.lab_nodes})  # fmt: skip  (a deleted node's agent reaps nothing)
         if not held or time.monotonic() > deadline:
             break
         time.sleep(2.0)
