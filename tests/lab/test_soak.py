@@ -15,6 +15,7 @@ from bench.soak import AllocFact, Facts, PodFact, violations
 from .conftest import lab_namespaces, unique_name
 
 CID_A, CID_B = "a" * 32, "b" * 32
+SEED_FAULTS = 5
 
 
 def clean() -> Facts:
@@ -122,5 +123,22 @@ def test_one_seed_of_random_operations_keeps_every_invariant(tmp_path):
         assert out.ok, "\n".join(["step log:", *out.log, "evidence:", *out.evidence])
         assert out.steps == 30 and out.checks == 3
         assert len(out.counts) >= 5  # the seed reaches most kinds of operation
+    finally:
+        assert lab_namespaces(name) == []  # torn down, pass or fail
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_one_seed_with_agents_killed_mid_request_and_pinged_through_restarts(tmp_path):
+    """The later faults that need no etcd (``inflight``, ``traffic``), a short fixed seed: the
+    choices are the seed's, the kill's moment relative to the requests is the kernel's."""
+    name = unique_name("sk")
+    out = soak.run(seed=SEED_FAULTS, steps=12, check_every=6, up_args=[], root=str(tmp_path), name=name,
+                   say=lambda _s: None, faults=("inflight", "traffic"))  # fmt: skip
+    try:
+        assert out.ok, "\n".join(["step log:", *out.log, "evidence:", *out.evidence])
+        assert out.steps == 12 and out.checks == 2
+        assert out.counts["inflight"] >= 1 and out.counts["traffic"] >= 1, out.counts
+        assert len(out.traffic) == out.counts["traffic"]  # each ping's losses are recorded (never asserted)
     finally:
         assert lab_namespaces(name) == []  # torn down, pass or fail
