@@ -523,7 +523,7 @@ class Soak:
         for (pod, ns, labels), exc in add_out:
             if exc is None:
                 t = finished[f"{ns}/{pod}"]
-                done.append(f"ADD {ns}/{pod} ok {'before the kill' if t < killed else 'after the restart (retried)'}")
+                done.append(f"ADD {ns}/{pod} ok, done {'before' if t < killed else 'after'} the kill")
                 continue
             # the runtime's DEL of the failed ADD's attachment, now that the agent is back
             q = lifecycle.new_pod(self.state(), pod, namespace=ns, node=n.name, labels=labels)
@@ -540,7 +540,7 @@ class Soak:
                 # (``finished`` is no guide: the lab's own bookkeeping after the DEL ends after the restart.)
                 self.excused[p.container_id] = n.name
                 self.deleted.append((finished[p.key], n.name, p.container_id, p.key))
-                done.append(f"DEL {p.key} ok {'before the kill' if finished[p.key] < killed else 'after the kill'}")
+                done.append(f"DEL {p.key} ok, done {'before' if finished[p.key] < killed else 'after'} the kill")
                 continue
             members.delete_pod(self.name, p.key, root=self.root)  # the runtime retries the teardown
             self.deleted.append((time.monotonic(), n.name, p.container_id, p.key))
