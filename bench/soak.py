@@ -781,7 +781,7 @@ def main() -> int:
     )
     if out.excused:
         print(
-            f"excused (deleted < {KILL_WINDOW:.0f} s before their agent's SIGKILL; the reaper's to release): "
+            f"excused (a DEL answered < {KILL_WINDOW:.0f} s before its agent's SIGKILL, or by an agent killed mid-request; the reaper's to release): "
             + ", ".join(
                 f"{cid[:12]} on {node}{' (held at a check)' if cid in out.leaked else ''}" for cid, node in out.excused.items()
             )
