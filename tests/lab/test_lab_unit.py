@@ -268,6 +268,8 @@ with open(log, "a") as fh:
     fh.write(json.dumps({"type": conf["type"], "cmd": os.environ["CNI_COMMAND"], "prev": "prevResult" in conf,
         "name": conf.get("name"), "ver": conf.get("cniVersion"), "args": os.environ["CNI_ARGS"],
         "ifname": os.environ["CNI_IFNAME"]}) + "\\n")
+if os.environ["CNI_COMMAND"] == "DEL" and conf.get("fail_del"):
+    print(json.dumps({"cniVersion": "1.0.0", "code": 11, "msg": "agent gone"})); sys.exit(1)
 if os.environ["CNI_COMMAND"] == "ADD":
     res = conf.get("prevResult") or {"cniVersion": conf["cniVersion"], "ips": [{"address": "10.244.1.7/24", "gateway": "10.244.1.1"}]}
     failures = os.path.join(os.path.dirname(sys.argv[0]), "failures")
@@ -278,10 +280,10 @@ if os.environ["CNI_COMMAND"] == "ADD":
 """
 
 
-def _conflist(tmp_path: Path, *, fail_code: int = 0, fail_times: int | None = None) -> runtime.ConfList:
+def _conflist(tmp_path: Path, *, fail_code: int = 0, fail_times: int | None = None, fail_del: bool = False) -> runtime.ConfList:
     d = tmp_path / "net.d"
     d.mkdir()
-    second = {"type": "second", "fail": fail_code, "fail_times": fail_times}
+    second = {"type": "second", "fail": fail_code, "fail_times": fail_times, "fail_del": fail_del}
     doc = {"cniVersion": "1.0.0", "name": "testnet", "plugins": [{"type": "first"}, second]}
     (tmp_path / "bin").mkdir(exist_ok=True)
     (tmp_path / "bin" / "failures").write_text("")
@@ -338,6 +340,28 @@ def test_runtime_retries_try_again_later(tmp_path, monkeypatch):
     res = runtime.add(conf, att, cni_path=[str(bin_dir)])  # two "try again later", then success
     assert res.ip == IPv4Interface("10.244.1.7/24")
     assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == ONE_TRY * 2 + [("first", "ADD"), ("second", "ADD")]
+
+
+@pytest.mark.parametrize("del_fails", [True, False], ids=["teardown-failed", "control-teardown-worked"])
+def test_runtime_retries_an_add_only_once_its_del_worked(tmp_path, monkeypatch, del_fails):
+    """A "try again later" whose DEL failed too (the agent died between them)
+    is final: an ADD over the half-made attachment would meet "eth0 already
+    exists" (soak2). Control: the same failure with a DEL that works is retried."""
+    monkeypatch.setattr(runtime.time, "sleep", lambda _s: None)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for n in ("first", "second"):
+        _plugin(bin_dir, n, RECORDER)
+    conf = _conflist(tmp_path, fail_code=11, fail_times=1, fail_del=del_fails)
+    att = runtime.Attachment(container_id="c1", netns=str(tmp_path))
+    if del_fails:
+        with pytest.raises(CNIError) as e:
+            runtime.add(conf, att, cni_path=[str(bin_dir)])
+        assert e.value.cni_code == 11 and "try later" in e.value.message  # the ADD's error, not the DEL's
+        assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == ONE_TRY  # no second ADD
+    else:
+        assert runtime.add(conf, att, cni_path=[str(bin_dir)]).ip == IPv4Interface("10.244.1.7/24")
+        assert [(c["type"], c["cmd"]) for c in _calls(bin_dir)] == ONE_TRY + [("first", "ADD"), ("second", "ADD")]
 
 
 def test_runtime_gives_up_after_its_attempts(tmp_path, monkeypatch):

@@ -173,18 +173,24 @@ def add(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -> AddR
 
     A "try again later" answer (code 11: the agent's deadline passed, say on a
     loaded machine) is retried a few times after the DEL, with a growing
-    pause, as kubelet retries a pod sandbox; every other error is final."""
+    pause, as kubelet retries a pod sandbox; every other error is final. So
+    is a code 11 whose DEL failed too (the agent died in the middle, say):
+    an ADD over a half-made attachment would only meet "eth0 already
+    exists" (the spec's error for an existing interface); kubelet, too,
+    retries a sandbox only once its teardown worked."""
     for attempt in range(1, ADD_ATTEMPTS + 1):
-        try:
-            return _add_once(conflist, att, cni_path=cni_path)
-        except CNIError as exc:
-            if exc.cni_code != CNI_TRY_AGAIN_LATER or attempt == ADD_ATTEMPTS:
-                raise
-            time.sleep(0.5 * attempt)
+        result, error, undone = _add_once(conflist, att, cni_path=cni_path)
+        if error is None:
+            return result
+        if error.cni_code != CNI_TRY_AGAIN_LATER or attempt == ADD_ATTEMPTS or not undone:
+            raise error
+        time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _add_once(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -> AddResult:
+def _add_once(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -> tuple[Any, CNIError | None, bool]:
+    """One ADD through the chain: (its result, None, True), or (None, the
+    error, whether the DEL of what it added worked)."""
     if not os.path.exists(att.netns):
         raise NetnsNotFound(f"pod network namespace {att.netns} does not exist")
     prev: dict[str, Any] | None = None
@@ -192,12 +198,12 @@ def _add_once(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str]) -
         conf = conflist.plugin_config(i, prev, att.capability_args)
         try:
             prev = invoke("ADD", conf, att, cni_path=cni_path) or prev
-        except CNIError:
-            delete(conflist, att, cni_path=cni_path, prev_result=prev, upto=i + 1, best_effort=True)
-            raise
+        except CNIError as exc:
+            undone = delete(conflist, att, cni_path=cni_path, prev_result=prev, upto=i + 1, best_effort=True)
+            return None, exc, undone
     if prev is None:
         raise CNIError(CNI_INVALID_CONFIG, "the plugin chain returned no result")
-    return parse_result(prev)
+    return parse_result(prev), None, True
 
 
 def delete(
@@ -208,9 +214,9 @@ def delete(
     prev_result: dict[str, Any] | None = None,
     upto: int | None = None,
     best_effort: bool = False,
-) -> None:
+) -> bool:
     """CNI DEL in reverse order. Keeps going past errors; raises the first
-    one at the end unless ``best_effort``."""
+    one at the end unless ``best_effort`` (then: False when a DEL failed)."""
     n = len(conflist.plugins) if upto is None else upto
     first: CNIError | None = None
     for i in reversed(range(n)):
@@ -220,6 +226,7 @@ def delete(
             first = first or exc
     if first is not None and not best_effort:
         raise first
+    return first is None
 
 
 def check(conflist: ConfList, att: Attachment, *, cni_path: Sequence[str], prev_result: dict[str, Any]) -> None:
