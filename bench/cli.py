@@ -40,8 +40,9 @@ ENTRY = "import sys; from overlaycni.cli.main import main; sys.argv[0] = 'overla
 STATUS = {"ready": True, "node": "node-1", "cluster": "prod", "block": "10.244.1.0/24", "peers": 2}
 
 
-def serve_status(path: str) -> socket.socket:
-    """A stand-in agent socket: one JSON line in, the status out."""
+def serve_status(path: str, status: dict | None = None) -> socket.socket:
+    """A stand-in agent socket: one JSON line in, ``status`` (default ``STATUS``) out."""
+    answer = json.dumps({"result": STATUS if status is None else status}).encode() + b"\n"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(16)
@@ -59,7 +60,7 @@ def serve_status(path: str) -> socket.socket:
                     if not chunk:
                         break
                     buf += chunk
-                conn.sendall(json.dumps({"result": STATUS}).encode() + b"\n")
+                conn.sendall(answer)
 
     threading.Thread(target=loop, daemon=True).start()
     return srv

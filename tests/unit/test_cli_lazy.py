@@ -9,14 +9,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import typer
 import typer.main
+from bench.cli import serve_status
 from typer.testing import CliRunner
 
 from overlaycni.cli import coerce, main
@@ -82,23 +81,9 @@ def test_control_the_eager_tree_imports_them():
 
 @pytest.fixture
 def agent_socket(tmp_path):
-    """A stand-in for the agent's CNI socket: answers AGENT_STATUS."""
+    """A stand-in for the agent's CNI socket: answers AGENT_STATUS (``bench/cli.py``'s)."""
     path = str(tmp_path / "agent.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(4)
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(4096)
-                conn.sendall(json.dumps({"result": {"ready": True, "node": "n1"}}).encode() + b"\n")
-
-    threading.Thread(target=serve, daemon=True).start()
+    srv = serve_status(path, {"ready": True, "node": "n1"})
     yield path
     srv.close()
 
