@@ -99,7 +99,7 @@ def _elements(pod: PodAttachment) -> list[tuple[str, IPAddress]]:
     return [(pod.host_veth, a.ip.ip) for a in pod.addresses]
 
 
-def _each(todo: list[int], failed: dict[int, Exception], step: Callable[[list[int]], None]) -> None:
+def _each(todo: list[int], failed: dict[int, Exception], step: Callable[[list[int]], object]) -> None:
     """Run ``step`` for every index of ``todo`` at once; if it fails, again
     one index at a time, so that each failure is charged to its own pod."""
     if not todo:
@@ -232,18 +232,8 @@ class PodOps:
                 todo.append(i)
             else:
                 out[i] = ConfigError(FieldError("host_veth", f"{name!r} is not a pod veth of this project (oc + 13 hex)"))
-        if not todo:
-            return out
-        failed: dict[int, Exception] = {}
-        with self._lock:
-            with trace.phase("veth"):  # the kernel drops each pod's /32 route with its veth
-                _each(todo, failed, lambda idx: self.p.pods.teardown_pod_links([host_veths[i] for i in idx]))
-            with trace.phase("nft"):
-                _each([i for i in todo if i not in failed], failed, lambda idx: self.tables.remove_pods(
-                    dict.fromkeys(host_veths[i] for i in idx)))
-        for i, err in failed.items():
-            out[i] = err
-        return out
+        # the kernel drops each pod's /32 route with its veth
+        return self._unlink(host_veths, todo, out, self.p.pods.teardown_pod_links)
 
     def park_pods(self, pods: Sequence[tuple[str, str]]) -> list[Exception | None]:
         """A DEL without waiting for the kernel to unregister the veth: each host
@@ -253,14 +243,20 @@ class PodOps:
         pod can send nothing (its eth0 has no carrier); ``delete_parked_veths``
         deletes them later, all at once. Answers per pod, in order."""
         names = [host_veth_name(cid, ifname) for cid, ifname in pods]
-        out: list[Exception | None] = [None] * len(names)
-        failed: dict[int, Exception] = {}
-        todo = list(range(len(names)))
+        return self._unlink(names, list(range(len(names))), [None] * len(names), self.p.pods.park_pod_links)
+
+    def _unlink(
+        self, names: Sequence[str], todo: list[int], out: list[Exception | None],
+        links: Callable[[list[str]], object],
+    ) -> list[Exception | None]:
+        """The host veths ``names[i]`` (``i`` in ``todo``) through ``links`` (teardown or park: one
+        batch), then their elements out in one nftables transaction; each failure into ``out``."""
         if not todo:
             return out
+        failed: dict[int, Exception] = {}
         with self._lock:
             with trace.phase("veth"):
-                _each(todo, failed, lambda idx: self.p.pods.park_pod_links([names[i] for i in idx]))
+                _each(todo, failed, lambda idx: links([names[i] for i in idx]))
             with trace.phase("nft"):
                 _each([i for i in todo if i not in failed], failed, lambda idx: self.tables.remove_pods(
                     dict.fromkeys(names[i] for i in idx)))
