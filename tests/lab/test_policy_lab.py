@@ -41,7 +41,7 @@ from overlaycni.policy.flowlog import FlowLogSpec
 from overlaycni.policy.render import render_node
 from tests.policy_cases import CASES, NAMED_PORTS, NAMESPACES, ORDER, POD_NAMES, Case, case
 
-from .conftest import Lab, lab_namespaces
+from .conftest import Lab, lab_namespaces, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900), pytest.mark.heavy]  # heavy: the longest module
 
@@ -365,6 +365,9 @@ def test_requested_ip(np_lab: Lab):
         got2 = np_lab.json("pod", "add", "ipreq2", "--namespace", "ipt", "--ip", str(free2))
         assert got2["node"] == "node2" and got2["ip"] == str(free2)
         np_lab.oc("pod", "delete", "ipreq2")
+        # a DEL's address is released by the agent's next quarantine drain (~50 ms later): wait for it,
+        # or the drain lands inside the checks below and looks like a change they made
+        assert wait_for(lambda: free2 not in _allocations(np_lab), 30)
 
         before = _allocations(np_lab)
         for pod, args, words in (
